@@ -1,0 +1,71 @@
+"""Opening the Redis client and the Kafka producer: bounded retries that log, then raise."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def retrying(what: str, attempt: Callable[[], Awaitable[T]], tries: int = 5,
+                   delay: float = 0.5) -> T:
+    for n in range(1, tries + 1):
+        try:
+            return await attempt()
+        except Exception as exc:
+            if n == tries:
+                raise
+            log.warning("%s unavailable (%s), retry %d/%d in %.1fs", what, exc, n, tries, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+async def open_redis(settings: Settings, tries: int = 5) -> Redis:
+    client = Redis.from_url(settings.redis_url, decode_responses=True,
+                            socket_connect_timeout=2, health_check_interval=30)
+
+    async def ping() -> Redis:
+        await client.ping()
+        return client
+
+    try:
+        return await retrying("redis", ping, tries)
+    except Exception:
+        await client.aclose()
+        raise
+
+
+def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
+    """acks=all and idempotence: a record the broker acknowledged is never lost nor doubled."""
+    options: dict[str, object] = {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": 1,
+        "request_timeout_ms": 10_000,
+    }
+    options.update(overrides)
+    return AIOKafkaProducer(**options)
+
+
+async def open_producer(settings: Settings, tries: int = 5, **overrides: object) -> AIOKafkaProducer:
+    async def start() -> AIOKafkaProducer:
+        producer = make_producer(settings, **overrides)
+        try:
+            await producer.start()
+        except Exception:
+            await producer.stop()
+            raise
+        return producer
+
+    return await retrying("kafka", start, tries)

@@ -1,0 +1,55 @@
+"""Every Redis key name the project uses, built in one place.
+
+Keys that belong to one pipeline carry the hash tag `{pipeline_id}` so that the multi-key
+scripts touching them land in one slot on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+PREFIX = "dhub"
+
+# Set of every registered pipeline id (global, outside any pipeline's slot).
+PIPELINES = f"{PREFIX}:pipelines"
+# Pub/sub channel carrying the key of every batch hash that changed (cache invalidation).
+CHANGES_CHANNEL = f"{PREFIX}:changes"
+# Set with a TTL by a running consumer process; its presence means "consumers alive".
+HEARTBEAT_CONSUMERS = f"{PREFIX}:heartbeat:consumers"
+
+
+def _tag(pipeline_id: str) -> str:
+    return f"{PREFIX}:{{{pipeline_id}}}"
+
+
+def batch(pipeline_id: str, batch_id: str) -> str:
+    """Hash: the batch's fields, step states (`step:<name>`) and offsets (`off:<step>:<part>`)."""
+    return f"{_tag(pipeline_id)}:batch:{batch_id}"
+
+
+def batch_seen(pipeline_id: str, batch_id: str) -> str:
+    """Sorted set of the batch's most recent event ids, for de-duplication."""
+    return f"{_tag(pipeline_id)}:seen:{batch_id}"
+
+
+def batch_index(pipeline_id: str) -> str:
+    """Sorted set batch id -> creation sequence: latest batch and paged listing."""
+    return f"{_tag(pipeline_id)}:batches"
+
+
+def batch_seq(pipeline_id: str) -> str:
+    """Counter giving each new batch of the pipeline its creation sequence."""
+    return f"{_tag(pipeline_id)}:seq"
+
+
+def pipeline_versions(pipeline_id: str) -> str:
+    """Hash version -> canonical JSON definition."""
+    return f"{_tag(pipeline_id)}:pipeline"
+
+
+def pipeline_order(pipeline_id: str) -> str:
+    """List of versions in registration order; the last one is `latest`."""
+    return f"{_tag(pipeline_id)}:pipeline:order"
+
+
+def idempotency(key_digest: str) -> str:
+    """Idempotency-Key record; global (own slot) so a key reused on another pipeline is seen."""
+    return f"{PREFIX}:idem:{{{key_digest}}}"

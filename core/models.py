@@ -1,0 +1,99 @@
+"""Domain vocabulary: states, ids, the pipeline definition and the batch object's shape."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BATCH_STATES: Final = ("pending", "scheduled", "running", "stop")
+STEP_STATES: Final = ("none", "pending", "running", "success", "failed")
+FINAL_STEP_STATES: Final = frozenset({"success", "failed"})
+OUTCOMES: Final = ("completed", "failed", "cancelled", "crashed")
+
+ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,128}$"
+_ID_RE: Final = re.compile(ID_PATTERN)
+# Offsets travel through Lua as doubles; above 2**53 they would lose precision.
+MAX_OFFSET: Final = 2**53 - 1
+
+_CROCKFORD: Final = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def valid_id(value: str) -> bool:
+    return _ID_RE.fullmatch(value) is not None
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_batch_id() -> str:
+    """`batch-` + 26 chars: 48-bit millisecond time then 80 random bits (sortable, URL-safe)."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "batch-" + "".join(reversed(chars))
+
+
+def deployment_name(pipeline_name: str) -> str:
+    return f"run-pipeline/{pipeline_name}"
+
+
+class StepSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=ID_PATTERN)
+    uses: str = Field(min_length=1, max_length=256)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineSpec(BaseModel):
+    """One version of a pipeline, as registered with `PUT /api/v1/pipelines/{id}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=ID_PATTERN)
+    version: str = Field(pattern=ID_PATTERN)
+    steps: list[StepSpec] = Field(min_length=1, max_length=100)
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_step_names(cls, steps: list[StepSpec]) -> list[StepSpec]:
+        names = [s.name for s in steps]
+        if len(set(names)) != len(names):
+            raise ValueError("step names must be unique")
+        return steps
+
+    @property
+    def step_names(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+
+# -- how a batch is named on the Prefect side --------------------------------------------
+FLOW_NAME: Final = "run-pipeline"
+TAG_DHUB: Final = "dhub"
+TAG_BATCH_PREFIX: Final = "dhub-batch:"
+TAG_PIPELINE_PREFIX: Final = "dhub-pipeline:"
+
+
+def flow_run_tags(batch_id: str, pipeline_id: str, pipeline_version: str) -> list[str]:
+    """Tags every dhub flow run carries, so any Prefect event traces back to its batch."""
+    return [TAG_DHUB, TAG_BATCH_PREFIX + batch_id, TAG_PIPELINE_PREFIX + pipeline_id,
+            f"dhub-version:{pipeline_version}"]
+
+
+def batch_id_from_tags(tags: list[str]) -> tuple[str, str] | None:
+    """(pipeline_id, batch_id) from a flow run's tags, or None for a run that is not dhub's."""
+    batch = next((t[len(TAG_BATCH_PREFIX):] for t in tags if t.startswith(TAG_BATCH_PREFIX)), None)
+    pipeline = next(
+        (t[len(TAG_PIPELINE_PREFIX):] for t in tags if t.startswith(TAG_PIPELINE_PREFIX)), None
+    )
+    if batch is None or pipeline is None:
+        return None
+    return pipeline, batch

@@ -1,0 +1,65 @@
+"""The pipeline registry in Redis: immutable versions of each pipeline's definition."""
+
+from __future__ import annotations
+
+import enum
+from typing import cast
+
+import orjson
+from redis.asyncio import Redis
+
+from core import keys
+from core.models import PipelineSpec
+from core.scripts import Scripts
+
+
+class Registered(enum.Enum):
+    CREATED = 1
+    UNCHANGED = 0
+    CONFLICT = -1
+
+
+class PipelineRegistry:
+    def __init__(self, redis: Redis, scripts: Scripts) -> None:
+        self.redis = redis
+        self.scripts = scripts
+
+    async def register(self, pipeline_id: str, spec: PipelineSpec) -> Registered:
+        body = orjson.dumps(spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        outcome = Registered(
+            int(
+                await self.scripts.register_pipeline(
+                    keys=[keys.pipeline_versions(pipeline_id), keys.pipeline_order(pipeline_id)],
+                    args=[spec.version, body],
+                )
+            )
+        )
+        if outcome is Registered.CREATED:
+            # Outside the script: the global set lives in another cluster slot. Idempotent.
+            await self.redis.sadd(keys.PIPELINES, pipeline_id)
+        return outcome
+
+    async def latest_version(self, pipeline_id: str) -> str | None:
+        return cast(str | None, await self.redis.lindex(keys.pipeline_order(pipeline_id), -1))
+
+    async def get(self, pipeline_id: str, version: str | None = None) -> PipelineSpec | None:
+        """One version (default: the latest registered), or None when unknown."""
+        if version is None:
+            version = await self.latest_version(pipeline_id)
+            if version is None:
+                return None
+        body = cast(str | None, await self.redis.hget(keys.pipeline_versions(pipeline_id), version))
+        return PipelineSpec.model_validate_json(body) if body else None
+
+    async def versions(self, pipeline_id: str) -> list[PipelineSpec]:
+        """Every version in registration order (the last is the latest)."""
+        order = cast(list[str], await self.redis.lrange(keys.pipeline_order(pipeline_id), 0, -1))
+        if not order:
+            return []
+        bodies = cast(list[str | None],
+                      await self.redis.hmget(keys.pipeline_versions(pipeline_id), order))
+        return [PipelineSpec.model_validate_json(b) for b in bodies if b]
+
+    async def ids(self) -> list[str]:
+        members = cast(set[str], await self.redis.smembers(keys.PIPELINES))
+        return sorted(members)

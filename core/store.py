@@ -1,0 +1,213 @@
+"""The batch projection in Redis: create, read, page, hide, purge, and apply events.
+
+The API writes new batches and hides deleted ones; the consumers apply events and purge.
+Every write that touches more than one key is a script from `core.scripts` or a MULTI block.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import orjson
+from redis.asyncio import Redis
+
+from core import keys
+from core.codec import Event
+from core.models import PipelineSpec, deployment_name, now_iso
+from core.scripts import Scripts
+
+
+class BadToken(ValueError):
+    """A paging token that is malformed, forged, or belongs to another pipeline."""
+
+
+@dataclass(slots=True)
+class Page:
+    items: dict[str, dict[str, Any]]
+    token: str | None
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """`partition_10` sorts after `partition_9`."""
+    head = name.rstrip("0123456789")
+    tail = name[len(head) :]
+    return head, int(tail) if tail else -1
+
+
+def render(fields: dict[str, str]) -> dict[str, Any]:
+    """The batch object of the contract (plus extra fields beside it) from its Redis hash."""
+    steps: dict[str, dict[str, Any]] = {
+        name: {"state": fields.get("step:" + name, "none"), "offsets": {}}
+        for name in orjson.loads(fields["steps"])
+    }
+    for field_name, value in fields.items():
+        if field_name.startswith("off:"):
+            _, step, part = field_name.split(":", 2)
+            if step in steps:
+                steps[step]["offsets"][part] = int(value)
+    for entry in steps.values():
+        if len(entry["offsets"]) > 1:
+            entry["offsets"] = dict(sorted(entry["offsets"].items(), key=lambda kv: _natural(kv[0])))
+    return {
+        "id": fields["id"],
+        "name": fields["name"],
+        "deployment": fields["deployment"],
+        "state": {"state": fields["state"], "steps": steps},
+        "pipeline_id": fields["pipeline_id"],
+        "pipeline_version": fields["pipeline_version"],
+        "created_at": fields["created_at"],
+        "updated_at": fields["updated_at"],
+        "outcome": fields.get("outcome"),
+        "reason": fields.get("reason"),
+        "flow_run_id": fields.get("flow_run_id"),
+    }
+
+
+class BatchStore:
+    def __init__(self, redis: Redis, scripts: Scripts, *, token_secret: bytes,
+                 changes_channel: str = keys.CHANGES_CHANNEL, dedup_window: int = 1024) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self._token_secret = token_secret
+        self._channel = changes_channel
+        self._dedup_window = dedup_window
+
+    # -- writes from the API -------------------------------------------------------------
+
+    async def create(self, pipeline_id: str, batch_id: str, spec: PipelineSpec) -> int:
+        now = now_iso()
+        fields: list[str] = [
+            "id", batch_id,
+            "name", spec.name,
+            "deployment", deployment_name(spec.name),
+            "pipeline_id", pipeline_id,
+            "pipeline_version", spec.version,
+            "state", "pending",
+            "steps", orjson.dumps(spec.step_names).decode(),
+            "created_at", now,
+            "updated_at", now,
+            "rev", "1",
+        ]  # fmt: skip
+        for name in spec.step_names:
+            fields += ["step:" + name, "none"]
+        seq = await self.scripts.create_batch(
+            keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
+                  keys.batch_seq(pipeline_id)],
+            args=[batch_id, *fields],
+        )
+        return int(seq)
+
+    async def hide(self, pipeline_id: str, batch_id: str) -> bool:
+        hidden = await self.scripts.hide_batch(
+            keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id)],
+            args=[batch_id, now_iso(), self._channel],
+        )
+        return bool(hidden)
+
+    async def purge(self, pipeline_id: str, batch_id: str) -> None:
+        """Removes every key of the batch (after delete, or to undo a create that failed)."""
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.delete(keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id))
+            tx.zrem(keys.batch_index(pipeline_id), batch_id)
+            tx.publish(self._channel, keys.batch(pipeline_id, batch_id))
+            await tx.execute()
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def fields(self, pipeline_id: str, batch_id: str) -> dict[str, str] | None:
+        """The raw hash, deleted ones included (the consumers need them); None if absent."""
+        data = cast(dict[str, str], await self.redis.hgetall(keys.batch(pipeline_id, batch_id)))
+        return data or None
+
+    async def get(self, pipeline_id: str, batch_id: str) -> dict[str, Any] | None:
+        data = await self.fields(pipeline_id, batch_id)
+        if data is None or "deleted" in data:
+            return None
+        return render(data)
+
+    async def latest(self, pipeline_id: str) -> dict[str, Any] | None:
+        # A batch hidden between the two reads is skipped by looking one further.
+        newest = cast(list[str], await self.redis.zrevrange(keys.batch_index(pipeline_id), 0, 2))
+        for batch_id in newest:
+            batch = await self.get(pipeline_id, batch_id)
+            if batch is not None:
+                return batch
+        return None
+
+    async def page(self, pipeline_id: str, limit: int, token: str | None) -> Page:
+        """Newest first. The token holds the sequence of the last batch returned, so batches
+        created while paging (higher sequences) never shift the pages that follow."""
+        below = self._open_token(pipeline_id, token) if token else None
+        top = f"({below}" if below is not None else "+inf"
+        rows = cast(list[tuple[str, float]], await self.redis.zrevrangebyscore(
+            keys.batch_index(pipeline_id), top, "-inf", start=0, num=limit + 1, withscores=True
+        ))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id, _ in rows:
+                pipe.hgetall(keys.batch(pipeline_id, batch_id))
+            hashes: list[dict[str, str]] = await pipe.execute()
+        items = {
+            batch_id: render(data)
+            for (batch_id, _), data in zip(rows, hashes, strict=True)
+            if data and "deleted" not in data
+        }
+        next_token = self._make_token(pipeline_id, int(rows[-1][1])) if more else None
+        return Page(items=items, token=next_token)
+
+    # -- events --------------------------------------------------------------------------
+
+    async def apply(self, events: Iterable[Event]) -> dict[tuple[str, str], int]:
+        """Applies events, one script call per batch, all in one round trip.
+
+        Returns, per (pipeline_id, batch_id), how many events changed it (-1: batch unknown
+        or deleted, its events dropped)."""
+        grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for event in events:
+            grouped[(event.pipeline_id, event.batch_id)].append(event.to_script())
+        if not grouped:
+            return {}
+        now = now_iso()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for (pipeline_id, batch_id), batch_events in grouped.items():
+                await self.scripts.apply_events(
+                    keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id)],
+                    args=[now, self._dedup_window, self._channel, orjson.dumps(batch_events)],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return {key: int(n) for key, n in zip(grouped, results, strict=True)}
+
+    # -- paging tokens -------------------------------------------------------------------
+
+    def _sign(self, body: bytes) -> str:
+        mac = hmac.new(self._token_secret, body, hashlib.sha256).digest()[:12]
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def _make_token(self, pipeline_id: str, seq: int) -> str:
+        body = orjson.dumps({"p": pipeline_id, "s": seq})
+        encoded = base64.urlsafe_b64encode(body).decode().rstrip("=")
+        return f"{encoded}.{self._sign(body)}"
+
+    def _open_token(self, pipeline_id: str, token: str) -> int:
+        try:
+            encoded, signature = token.split(".", 1)
+            body = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            data = orjson.loads(body)
+        except (ValueError, orjson.JSONDecodeError):
+            raise BadToken("malformed token") from None
+        if not hmac.compare_digest(signature, self._sign(body)):
+            raise BadToken("token signature does not match")
+        if not isinstance(data, dict) or data.get("p") != pipeline_id:
+            raise BadToken("token belongs to another pipeline")
+        seq = data.get("s")
+        if not isinstance(seq, int) or seq < 1:
+            raise BadToken("malformed token")
+        return seq
