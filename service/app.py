@@ -1,0 +1,69 @@
+"""The application factory: one `cleanup_ctx` per client, typed app keys, middlewares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from core import keys
+from core.connections import open_producer, open_redis
+from core.registry import PipelineRegistry
+from core.scripts import Scripts
+from core.settings import Settings, get_settings
+from core.store import BatchStore
+from service.appkeys import CACHE, COMMANDS, PRODUCER, REDIS, REGISTRY, SETTINGS, STORE
+from service.auth import Authenticator, auth_middleware
+from service.cache import BatchCache
+from service.commands import CommandSender
+from service.errors import error_middleware
+from service.routes import setup_routes
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    redis = await open_redis(settings)
+    scripts = Scripts(redis)
+    app[REDIS] = redis
+    app[REGISTRY] = PipelineRegistry(redis, scripts)
+    app[STORE] = BatchStore(redis, scripts,
+                            token_secret=settings.token_secret.get_secret_value().encode(),
+                            dedup_window=settings.dedup_window)
+    yield
+    await redis.aclose()
+
+
+async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    producer = await open_producer(settings)
+    app[PRODUCER] = producer
+    app[COMMANDS] = CommandSender(producer, settings.topic_commands, settings.topic_events)
+    yield
+    await producer.stop()
+
+
+async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    cache = app[CACHE]
+    follower = asyncio.create_task(cache.follow(app[REDIS], keys.CHANGES_CHANNEL))
+    yield
+    follower.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await follower
+
+
+def init_app(settings: Settings | None = None) -> web.Application:
+    settings = settings or get_settings()
+    authenticator = Authenticator.from_settings(settings)
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(authenticator)],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[CACHE] = BatchCache()
+    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(kafka_ctx)
+    app.cleanup_ctx.append(cache_ctx)
+    setup_routes(app)
+    return app

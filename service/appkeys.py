@@ -1,0 +1,21 @@
+"""Typed application keys: every shared client the handlers reach through `request.app`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from core.registry import PipelineRegistry
+from core.settings import Settings
+from core.store import BatchStore
+from service.cache import BatchCache
+from service.commands import CommandSender
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", Redis)
+REGISTRY = web.AppKey("registry", PipelineRegistry)
+STORE = web.AppKey("store", BatchStore)
+CACHE = web.AppKey("cache", BatchCache)
+PRODUCER = web.AppKey("producer", AIOKafkaProducer)
+COMMANDS = web.AppKey("commands", CommandSender)

@@ -1,0 +1,95 @@
+"""One JSON error shape for every failure, and the middleware that converts errors at the edge.
+
+`{"error": {"code": "...", "message": "...", "request_id": "..."}}` — no stack trace ever
+reaches a client; unexpected errors are logged with the request id and answered 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from aiokafka.errors import KafkaError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = web.RequestKey("request_id", str)
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+# HTTP status -> stable error code, for errors raised by aiohttp itself (routing, body size).
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """A domain error with its HTTP status; raised anywhere, answered by the middleware."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def bad_request(message: str, **details: Any) -> ApiError:
+    return ApiError(400, "bad_request", message, **details)
+
+
+def not_found(message: str) -> ApiError:
+    return ApiError(404, "not_found", message)
+
+
+def error_response(status: int, code: str, message: str, request_id: str,
+                   details: dict[str, Any] | None = None) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
+    if details:
+        body["details"] = details
+    return web.Response(
+        status=status,
+        body=orjson.dumps({"error": body}),
+        content_type="application/json",
+        headers={"X-Request-Id": request_id},
+    )
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get("X-Request-Id", "")
+    request_id = incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, request_id, exc.details)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "error")
+        return error_response(exc.status, code, exc.reason, request_id)
+    except (RedisConnectionError, RedisTimeoutError, KafkaError, TimeoutError) as exc:
+        log.warning("dependency unavailable request_id=%s: %s", request_id, type(exc).__name__)
+        return error_response(503, "unavailable", "a dependency is unavailable; retry later",
+                              request_id)
+    except Exception:
+        log.exception("unexpected error request_id=%s", request_id)
+        return error_response(500, "internal", "unexpected error; quote the request id",
+                              request_id)
+    response.headers["X-Request-Id"] = request_id
+    return response

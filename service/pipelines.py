@@ -1,0 +1,70 @@
+"""The pipeline registry endpoints: immutable versions of each pipeline's definition."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from core.models import PipelineSpec, deployment_name
+from core.registry import Registered
+from service import auth
+from service.appkeys import REGISTRY
+from service.batches import json_obj, path_id
+from service.errors import ApiError, bad_request, not_found
+
+
+def _describe(pipeline_id: str, versions: list[PipelineSpec]) -> dict[str, Any]:
+    latest = versions[-1]
+    return {
+        "id": pipeline_id,
+        "name": latest.name,
+        "deployment": deployment_name(latest.name),
+        "latest": latest.version,
+        "versions": [
+            {**spec.model_dump(mode="json"), "latest": spec is latest} for spec in versions
+        ],
+    }
+
+
+async def put_pipeline(request: web.Request) -> web.Response:
+    auth.require(request, auth.PIPELINES_WRITE)
+    pipeline_id = path_id(request, "pipeline_id")
+    raw = await request.read()
+    try:
+        spec = PipelineSpec.model_validate_json(raw)
+    except ValidationError as exc:
+        problems = [
+            {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()
+        ]
+        raise bad_request("invalid pipeline definition", problems=problems) from None
+    outcome = await request.app[REGISTRY].register(pipeline_id, spec)
+    if outcome is Registered.CONFLICT:
+        raise ApiError(409, "conflict",
+                       f"version {spec.version} of {pipeline_id} exists with another definition")
+    versions = await request.app[REGISTRY].versions(pipeline_id)
+    created = outcome is Registered.CREATED
+    return json_obj({**_describe(pipeline_id, versions), "created": created},
+                    status=201 if created else 200)
+
+
+async def get_pipeline(request: web.Request) -> web.Response:
+    auth.require(request, auth.READ)
+    pipeline_id = path_id(request, "pipeline_id")
+    versions = await request.app[REGISTRY].versions(pipeline_id)
+    if not versions:
+        raise not_found(f"unknown pipeline {pipeline_id}")
+    return json_obj(_describe(pipeline_id, versions))
+
+
+async def list_pipelines(request: web.Request) -> web.Response:
+    auth.require(request, auth.READ)
+    registry = request.app[REGISTRY]
+    items: dict[str, Any] = {}
+    for pipeline_id in await registry.ids():
+        versions = await registry.versions(pipeline_id)
+        if versions:
+            items[pipeline_id] = _describe(pipeline_id, versions)
+    return web.Response(body=orjson.dumps({"items": items}), content_type="application/json")

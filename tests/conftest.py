@@ -1,0 +1,149 @@
+"""Fixtures on the real engines: Kafka, Redis and the Prefect server of the local stack.
+
+The session fixture `stack` reuses the parts that already answer (a developer's `make up`, or
+engines pointed at by DHUB_* env) and starts the missing ones with the project's own
+`deploy/local/stack.py`; it stops at the end exactly what it started.
+Isolation per test: a flushed Redis database (`DHUB_TEST_REDIS_DB`, default 15) and unique
+Kafka topic names and consumer groups.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from redis.asyncio import Redis
+
+from core.connections import open_redis
+from core.scripts import Scripts
+from core.settings import ROOT, Settings, get_settings
+
+STACK = [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")]
+ENGINE_PARTS = ("redis", "kafka", "prefect", "worker")
+
+
+def _part_ready(part: str, settings: Settings) -> bool:
+    """Cheap readiness probes, so a running stack is reused without touching it."""
+    import socket
+
+    if part == "redis":
+        port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
+        target = ("127.0.0.1", port)
+    elif part == "kafka":
+        host, port_s = settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)
+        target = (host, int(port_s))
+    elif part == "prefect":
+        try:
+            return httpx.get(settings.prefect_api_url + "/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    else:
+        # The worker has no port: ask the stack script.
+        out = subprocess.run([*STACK, "status", "--parts", part], capture_output=True, text=True)
+        return out.returncode == 0 and " up" in out.stdout
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(target) == 0
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    settings = get_settings()
+    missing = [p for p in ENGINE_PARTS if not _part_ready(p, settings)]
+    if missing:
+        started = subprocess.run([*STACK, "up", "--parts", *missing], text=True)
+        if started.returncode != 0:
+            subprocess.run([*STACK, "down", "--parts", *missing])
+            pytest.exit(f"the local stack did not start ({missing}); see .dhub/logs/", 3)
+    try:
+        yield settings
+    finally:
+        if missing:
+            subprocess.run([*STACK, "down", "--parts", *missing], check=False)
+
+
+@pytest.fixture
+def test_settings(stack: Settings) -> Settings:
+    """Settings for one test: its own Redis database, topics and consumer groups."""
+    suffix = uuid.uuid4().hex[:10]
+    db = int(os.environ.get("DHUB_TEST_REDIS_DB", "15"))
+    base_url = stack.redis_url.rsplit("/", 1)[0]
+    return stack.model_copy(
+        update={
+            "redis_url": f"{base_url}/{db}",
+            "topic_commands": f"test.{suffix}.commands",
+            "topic_events": f"test.{suffix}.events",
+            "topic_dlq": f"test.{suffix}.dlq",
+            "group_commands": f"test-{suffix}-commands",
+            "group_events": f"test-{suffix}-events",
+            "commands_partitions": 2,
+            "events_partitions": 2,
+            "api_tokens": [],
+            "api_token": None,
+        }
+    )
+
+
+@pytest.fixture
+async def redis(test_settings: Settings) -> AsyncIterator[Redis]:
+    client = await open_redis(test_settings)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.flushdb()
+        await client.aclose()
+
+
+@pytest.fixture
+def scripts(redis: Redis) -> Scripts:
+    return Scripts(redis)
+
+
+@pytest.fixture
+async def topics(test_settings: Settings) -> AsyncIterator[Settings]:
+    """Creates the test's own topics and deletes them afterwards."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=test_settings.kafka_bootstrap)
+    await admin.start()
+    names = [test_settings.topic_commands, test_settings.topic_events, test_settings.topic_dlq]
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(test_settings.topic_commands, test_settings.commands_partitions, 1),
+                NewTopic(test_settings.topic_events, test_settings.events_partitions, 1),
+                NewTopic(test_settings.topic_dlq, 1, 1),
+            ]
+        )
+        yield test_settings
+    finally:
+        try:
+            await admin.delete_topics(names)
+        finally:
+            await admin.close()
+
+
+async def eventually(check: object, timeout: float = 10.0, interval: float = 0.05) -> object:
+    """Polls `check` (a sync or async callable) until it returns a truthy value or time runs out."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()  # type: ignore[operator]
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT

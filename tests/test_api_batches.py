@@ -1,0 +1,196 @@
+"""The six batch endpoints on the real Redis and Kafka: success and error paths."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from aiokafka import AIOKafkaConsumer
+from redis.asyncio import Redis
+
+from core import keys
+from core.codec import decode_command
+from core.settings import Settings
+from service.appkeys import PRODUCER
+from tests.helpers import AUTH, api_client, api_settings, spec_body
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
+    async with api_client(api_settings(topics)) as client:
+        response = await client.put("/api/v1/pipelines/pipeline-sales", json=spec_body(), headers=AUTH)
+        assert response.status == 201
+        yield client
+
+
+async def read_commands(settings: Settings, count: int, timeout: float = 10) -> list[Any]:
+    consumer = AIOKafkaConsumer(settings.topic_commands, bootstrap_servers=settings.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while len(records) < count:
+                batch = await consumer.getmany(timeout_ms=200)
+                for part in batch.values():
+                    records.extend(part)
+    finally:
+        await consumer.stop()
+    return records
+
+
+async def run(api: Client, pipeline: str = "pipeline-sales", **params: str) -> str:
+    response = await api.post(f"/api/v1/batches/{pipeline}", params=params, headers=AUTH)
+    assert response.status == 200, await response.text()
+    body = await response.json()
+    assert set(body) == {"item"}
+    return str(body["item"])
+
+
+async def test_run_creates_a_pending_batch_and_queues_a_run_command(api: Client, topics: Settings) -> None:
+    batch_id = await run(api)
+    assert batch_id.startswith("batch-")
+
+    response = await api.get(f"/api/v1/batches/pipeline-sales/{batch_id}", headers=AUTH)
+    assert response.status == 200
+    batch = await response.json()
+    assert batch["id"] == batch_id
+    assert batch["name"] == "sales-pipeline"
+    assert batch["deployment"] == "run-pipeline/sales-pipeline"
+    assert batch["state"] == {
+        "state": "pending",
+        "steps": {s: {"state": "none", "offsets": {}} for s in ("extract", "transform", "load")},
+    }
+    assert list(batch["state"]["steps"]) == ["extract", "transform", "load"]
+    assert batch["pipeline_id"] == "pipeline-sales" and batch["pipeline_version"] == "1"
+    assert batch["created_at"] == batch["updated_at"]
+
+    [record] = await read_commands(topics, 1)
+    assert record.key == batch_id.encode()
+    command = decode_command(record.value)
+    assert (command.type, command.batch_id, command.pipeline_id, command.pipeline_version) == (
+        "run", batch_id, "pipeline-sales", "1")
+    assert orjson.loads(record.value)["schema"] == 1
+
+
+async def test_latest_is_the_newest_batch_and_404_without_any(api: Client) -> None:
+    response = await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "not_found"
+    first = await run(api)
+    second = await run(api)
+    response = await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)
+    assert (await response.json())["id"] == second != first
+
+
+async def test_pipeline_version_selects_the_steps(api: Client) -> None:
+    v2 = spec_body(version="2", steps=("extract", "load"))
+    assert (await api.put("/api/v1/pipelines/pipeline-sales", json=v2, headers=AUTH)).status == 201
+    latest = await run(api)
+    pinned = await run(api, pipeline_version="1")
+    got = await (await api.get(f"/api/v1/batches/pipeline-sales/{latest}", headers=AUTH)).json()
+    assert list(got["state"]["steps"]) == ["extract", "load"] and got["pipeline_version"] == "2"
+    got = await (await api.get(f"/api/v1/batches/pipeline-sales/{pinned}", headers=AUTH)).json()
+    assert list(got["state"]["steps"]) == ["extract", "transform", "load"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("POST", "/api/v1/batches/nope", 404, "not_found"),
+        ("POST", "/api/v1/batches/pipeline-sales?pipeline_version=9", 404, "not_found"),
+        ("POST", "/api/v1/batches/pipeline-sales?pipeline_version=a%20b", 400, "bad_request"),
+        ("POST", "/api/v1/batches/bad%20id", 400, "bad_request"),
+        ("GET", "/api/v1/batches/pipeline-sales/batch-unknown", 404, "not_found"),
+        ("GET", "/api/v1/batches/pipeline-sales/" + "x" * 129, 400, "bad_request"),
+        ("GET", "/api/v1/batches/pipeline-sales/?limit=0", 400, "bad_request"),
+        ("GET", "/api/v1/batches/pipeline-sales/?limit=1001", 400, "bad_request"),
+        ("GET", "/api/v1/batches/pipeline-sales/?limit=ten", 400, "bad_request"),
+        ("GET", "/api/v1/batches/pipeline-sales/?token=garbage", 400, "bad_request"),
+        ("PUT", "/api/v1/batches/pipeline-sales/batch-unknown/stop", 404, "not_found"),
+        ("DELETE", "/api/v1/batches/pipeline-sales/batch-unknown", 404, "not_found"),
+        ("GET", "/api/v1/nothing-here", 404, "not_found"),
+        ("PATCH", "/api/v1/batches/pipeline-sales", 405, "method_not_allowed"),
+    ],
+)
+async def test_errors_are_json_with_a_stable_shape(api: Client, redis: Redis, method: str, path: str,
+                                                   status: int, code: str) -> None:
+    before = sorted(await redis.keys("*"))
+    response = await api.request(method, path, headers=AUTH)
+    assert response.status == status
+    assert response.content_type == "application/json"
+    error = (await response.json())["error"]
+    assert error["code"] == code and error["message"] and error["request_id"]
+    assert sorted(await redis.keys("*")) == before, "a rejected request changed nothing"
+
+
+async def test_stop_queues_a_stop_command_and_is_idempotent(api: Client, topics: Settings,
+                                                            redis: Redis) -> None:
+    batch_id = await run(api)
+    for _ in range(2):
+        response = await api.put(f"/api/v1/batches/pipeline-sales/{batch_id}/stop", headers=AUTH)
+        assert response.status == 200
+        assert await response.json() == {"message": "Batch stopped successfully"}
+    records = await read_commands(topics, 3)
+    assert [decode_command(r.value).type for r in records] == ["run", "stop", "stop"]
+    # Once stopped, stopping again answers 200 and queues nothing more.
+    await redis.hset(keys.batch("pipeline-sales", batch_id), "state", "stop")
+    response = await api.put(f"/api/v1/batches/pipeline-sales/{batch_id}/stop", headers=AUTH)
+    assert response.status == 200
+    assert len(await read_commands(topics, 3)) == 3
+
+
+async def test_delete_hides_the_batch_at_once_and_queues_a_delete(api: Client, topics: Settings) -> None:
+    keep = await run(api)
+    gone = await run(api)
+    assert (await api.get(f"/api/v1/batches/pipeline-sales/{gone}", headers=AUTH)).status == 200
+    response = await api.delete(f"/api/v1/batches/pipeline-sales/{gone}", headers=AUTH)
+    assert response.status == 200
+    assert await response.json() == {"message": "Batch deleted successfully"}
+    assert (await api.get(f"/api/v1/batches/pipeline-sales/{gone}", headers=AUTH)).status == 404
+    latest = await (await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)).json()
+    assert latest["id"] == keep
+    page = await (await api.get("/api/v1/batches/pipeline-sales/", headers=AUTH)).json()
+    assert list(page["items"]) == [keep]
+    assert (await api.delete(f"/api/v1/batches/pipeline-sales/{gone}", headers=AUTH)).status == 404
+    assert (await api.put(f"/api/v1/batches/pipeline-sales/{gone}/stop", headers=AUTH)).status == 404
+    commands = [decode_command(r.value) for r in await read_commands(topics, 3)]
+    # Keyed by batch id: one batch's commands share a partition and keep their order.
+    assert [c.type for c in commands if c.batch_id == gone] == ["run", "delete"]
+    assert [c.type for c in commands if c.batch_id == keep] == ["run"]
+
+
+async def test_idempotency_key_returns_the_same_batch(api: Client, topics: Settings) -> None:
+    headers = {**AUTH, "Idempotency-Key": "order-42"}
+    first = await api.post("/api/v1/batches/pipeline-sales", headers=headers)
+    again = await api.post("/api/v1/batches/pipeline-sales?pipeline_version=1", headers=headers)
+    assert (await first.json())["item"] == (await again.json())["item"]
+    assert len((await (await api.get("/api/v1/batches/pipeline-sales/", headers=AUTH)).json())["items"]) == 1
+    assert len(await read_commands(topics, 1)) == 1
+
+    v2 = spec_body(version="2")
+    assert (await api.put("/api/v1/pipelines/pipeline-sales", json=v2, headers=AUTH)).status == 201
+    conflict = await api.post("/api/v1/batches/pipeline-sales", headers=headers)  # latest is 2 now
+    assert conflict.status == 409
+    assert (await conflict.json())["error"]["code"] == "conflict"
+    assert (await api.put("/api/v1/pipelines/other", json=spec_body(name="other"), headers=AUTH)).status == 201
+    assert (await api.post("/api/v1/batches/other", headers=headers)).status == 409
+
+
+async def test_kafka_refusing_the_run_command_answers_503_and_leaves_nothing(
+        api: Client, redis: Redis) -> None:
+    before = sorted(await redis.keys("*"))
+    await api.app[PRODUCER].stop()  # the broker connection is gone: nothing can be queued
+    response = await api.post("/api/v1/batches/pipeline-sales",
+                              headers={**AUTH, "Idempotency-Key": "k-503"})
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "unavailable"
+    after = sorted(k for k in await redis.keys("*") if not k.endswith(":seq"))
+    assert after == before
+    assert (await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)).status == 404
