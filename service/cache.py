@@ -59,14 +59,18 @@ class BatchCache:
         """Runs until cancelled: subscribes, evicts on every message, resubscribes on errors."""
         delay = 0.2
         while True:
-            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
-                self.reset(live=True)
-                delay = 0.2
                 while True:
                     message = await pubsub.get_message(timeout=None)
-                    if message is not None and message["type"] == "message":
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        # Only now is every later change certain to reach us.
+                        self.reset(live=True)
+                        delay = 0.2
+                    elif message["type"] == "message":
                         self.evict(message["data"])
             except asyncio.CancelledError:
                 raise

@@ -114,9 +114,13 @@ SCHEMAS: Final[dict[str, Any]] = {
             "created": {"type": "boolean"},
             "versions": {
                 "type": "array",
-                "items": {"allOf": [_ref("PipelineSpec"),
-                                    {"type": "object", "required": ["latest"],
-                                     "properties": {"latest": {"type": "boolean"}}}]},
+                "items": {
+                    "type": "object",
+                    "required": ["name", "version", "steps", "latest"],
+                    "properties": {"name": _ID, "version": _ID,
+                                   "steps": {"type": "array", "items": _ref("StepSpec")},
+                                   "latest": {"type": "boolean"}},
+                },
             },
         },
     },

@@ -1,0 +1,50 @@
+"""The GET cache serves repeated reads and never serves a value a change has replaced."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from core.codec import Event
+from core.settings import Settings
+from service.appkeys import CACHE, STORE
+from tests.conftest import eventually
+from tests.helpers import AUTH, api_client, api_settings, spec_body
+
+
+async def test_reads_are_cached_and_invalidated_by_changes(topics: Settings, redis: Redis) -> None:
+    async with api_client(api_settings(topics)) as api:
+        cache = api.app[CACHE]
+        await eventually(lambda: cache.live)
+        await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+        batch_id = (await (await api.post("/api/v1/batches/p", headers=AUTH)).json())["item"]
+        url = f"/api/v1/batches/p/{batch_id}"
+        first = await (await api.get(url, headers=AUTH)).read()
+        hits = cache.hits
+        assert await (await api.get(url, headers=AUTH)).read() == first
+        assert cache.hits == hits + 1
+
+        # A change made elsewhere (the events consumer's path) reaches the cache.
+        await api.app[STORE].apply([Event("batch.state", batch_id, "p", state="running")])
+
+        async def shows_running() -> bool:
+            body = await (await api.get(url, headers=AUTH)).json()
+            return bool(body["state"]["state"] == "running")
+
+        await eventually(shows_running, timeout=5)
+
+
+async def test_cache_is_off_without_its_feed(topics: Settings, redis: Redis) -> None:
+    async with api_client(api_settings(topics)) as api:
+        cache = api.app[CACHE]
+        await eventually(lambda: cache.live)
+        await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+        batch_id = (await (await api.post("/api/v1/batches/p", headers=AUTH)).json())["item"]
+        await (await api.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)).read()
+        # Cut the subscription's connection: the cache must drop out until it resubscribes.
+        key = f"dhub:{{p}}:batch:{batch_id}"
+        assert cache.get(key) is not None
+        generation = cache.generation
+        for client in await redis.client_list(_type="pubsub"):
+            await redis.client_kill_filter(_id=client["id"])
+        await eventually(lambda: cache.generation > generation and cache.live, timeout=10)
+        assert cache.get(key) is None, "entries survived a lost feed"

@@ -1,0 +1,159 @@
+"""Each Lua script on a real Redis: CREATE_BATCH, HIDE_BATCH, APPLY_EVENTS, REGISTER_PIPELINE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from core import keys
+from core.codec import Event
+from core.models import new_batch_id
+from core.registry import PipelineRegistry, Registered
+from core.scripts import Scripts
+from core.store import BatchStore
+from tests.helpers import spec
+
+P = "pipe"
+
+
+@pytest.fixture
+def store(redis: Redis, scripts: Scripts) -> BatchStore:
+    return BatchStore(redis, scripts, token_secret=b"secret", dedup_window=4)
+
+
+async def new_batch(store: BatchStore) -> str:
+    batch_id = new_batch_id()
+    await store.create(P, batch_id, spec())
+    return batch_id
+
+
+def ev(batch_id: str, kind: str, **fields: Any) -> Event:
+    return Event(kind, batch_id, P, **fields)
+
+
+async def test_create_batch_assigns_increasing_sequences_and_refuses_duplicates(
+        store: BatchStore, scripts: Scripts, redis: Redis) -> None:
+    first = await new_batch(store)
+    second = await new_batch(store)
+    assert await redis.zrange(keys.batch_index(P), 0, -1, withscores=True) == [(first, 1.0), (second, 2.0)]
+    again = await scripts.create_batch(
+        keys=[keys.batch(P, first), keys.batch_index(P), keys.batch_seq(P)], args=[first, "state", "x"])
+    assert again == 0
+    assert await redis.hget(keys.batch(P, first), "state") == "pending"
+
+
+async def test_hide_batch_removes_it_from_the_index_once(store: BatchStore, redis: Redis) -> None:
+    batch_id = await new_batch(store)
+    assert await store.hide(P, batch_id) is True
+    assert await store.hide(P, batch_id) is False
+    assert await store.hide(P, "batch-unknown") is False
+    assert await redis.zcard(keys.batch_index(P)) == 0
+    assert await redis.hget(keys.batch(P, batch_id), "deleted") == "1"
+    assert await store.get(P, batch_id) is None
+
+
+async def test_batch_state_only_moves_forward_and_first_stop_wins(store: BatchStore) -> None:
+    b = await new_batch(store)
+    assert await store.apply([ev(b, "batch.state", state="running")]) == {(P, b): 1}
+    assert await store.apply([ev(b, "batch.state", state="scheduled")]) == {(P, b): 0}
+    await store.apply([ev(b, "batch.state", state="stop", outcome="cancelled", reason="user")])
+    await store.apply([ev(b, "batch.state", state="stop", outcome="failed", reason="late")])
+    await store.apply([ev(b, "batch.state", state="running")])
+    batch = await store.get(P, b)
+    assert batch is not None
+    assert (batch["state"]["state"], batch["outcome"], batch["reason"]) == ("stop", "cancelled", "user")
+
+
+async def test_flow_run_id_is_set_once(store: BatchStore) -> None:
+    b = await new_batch(store)
+    await store.apply([ev(b, "batch.state", state="scheduled", flow_run_id="fr-1")])
+    await store.apply([ev(b, "batch.state", state="scheduled", flow_run_id="fr-2")])
+    assert (await store.fields(P, b) or {})["flow_run_id"] == "fr-1"
+
+
+async def test_step_states_are_ordered_and_final(store: BatchStore) -> None:
+    b = await new_batch(store)
+    events = [ev(b, "step.state", step="extract", state=s) for s in ("running", "pending", "success")]
+    events += [ev(b, "step.state", step="extract", state="failed"),
+               ev(b, "step.state", step="transform", state="failed"),
+               ev(b, "step.state", step="transform", state="success"),
+               ev(b, "step.state", step="nope", state="running")]
+    assert await store.apply(events) == {(P, b): 3}
+    batch = await store.get(P, b)
+    assert batch is not None
+    steps = batch["state"]["steps"]
+    assert {k: v["state"] for k, v in steps.items()} == {
+        "extract": "success", "transform": "failed", "load": "none"}
+
+
+async def test_offsets_only_grow_and_are_exact_beyond_float_digits(store: BatchStore) -> None:
+    b = await new_batch(store)
+    big = 2**53 - 1
+    await store.apply([
+        ev(b, "step.offsets", step="extract", offsets={"partition_0": 10, "partition_1": big}),
+        ev(b, "step.offsets", step="extract", offsets={"partition_0": 7}),
+        ev(b, "step.offsets", step="extract", offsets={"partition_2": 0}),
+        ev(b, "step.offsets", step="nope", offsets={"partition_0": 1}),
+    ])
+    batch = await store.get(P, b)
+    assert batch is not None
+    assert batch["state"]["steps"]["extract"]["offsets"] == {
+        "partition_0": 10, "partition_1": big, "partition_2": 0}
+    assert batch["state"]["steps"]["transform"]["offsets"] == {}
+
+
+async def test_duplicate_event_ids_are_ignored_within_a_bounded_window(store: BatchStore,
+                                                                       redis: Redis) -> None:
+    b = await new_batch(store)
+    once = ev(b, "step.state", step="extract", state="running")
+    assert await store.apply([once, once]) == {(P, b): 1}
+    # The same event id carrying a later state is still a duplicate: nothing changes.
+    replay = ev(b, "step.state", step="extract", state="success", event_id=once.event_id)
+    assert await store.apply([replay]) == {(P, b): 0}
+    await store.apply([ev(b, "step.offsets", step="load", offsets={"p": i}) for i in range(1, 11)])
+    assert await redis.zcard(keys.batch_seen(P, b)) == 4  # the window (dedup_window=4)
+
+
+async def test_events_for_deleted_or_unknown_batches_are_dropped(store: BatchStore, redis: Redis) -> None:
+    b = await new_batch(store)
+    await store.hide(P, b)
+    result = await store.apply([ev(b, "batch.state", state="running"), ev("batch-x", "batch.state", state="running")])
+    assert result == {(P, b): -1, (P, "batch-x"): -1}
+    assert await redis.hget(keys.batch(P, b), "state") == "pending"
+    assert not await redis.exists(keys.batch(P, "batch-x"))
+
+
+async def test_a_change_bumps_rev_and_publishes_the_key(store: BatchStore, redis: Redis) -> None:
+    b = await new_batch(store)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.CHANGES_CHANNEL)
+    await pubsub.get_message(timeout=5)  # the subscription's confirmation
+    try:
+        await store.apply([ev(b, "batch.state", state="running")])
+        await store.apply([ev(b, "batch.state", state="running")])  # no change, no message
+        messages = []
+        while (message := await pubsub.get_message(timeout=0.5)) is not None or not messages:
+            if message is not None:
+                messages.append(message["data"])
+        assert messages == [keys.batch(P, b)]
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    assert await redis.hget(keys.batch(P, b), "rev") == "2"
+
+
+async def test_register_pipeline_adds_versions_immutably(redis: Redis, scripts: Scripts) -> None:
+    registry = PipelineRegistry(redis, scripts)
+    assert await registry.register(P, spec()) is Registered.CREATED
+    assert await registry.register(P, spec()) is Registered.UNCHANGED
+    assert await registry.register(P, spec(steps=("a",))) is Registered.CONFLICT
+    assert await registry.register(P, spec(version="2")) is Registered.CREATED
+    assert await registry.latest_version(P) == "2"
+    assert [s.version for s in await registry.versions(P)] == ["1", "2"]
+    assert (await registry.get(P, "1")) == spec()
+    assert await registry.get(P, "3") is None
+    assert await registry.ids() == [P]
+    stored = await redis.hget(keys.pipeline_versions(P), "1")
+    assert stored is not None and orjson.loads(stored)["name"] == "sales-pipeline"
