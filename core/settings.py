@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     token_secret: SecretStr = SecretStr("dhub-local-paging")
     webhook_secret: SecretStr | None = None
     max_body_bytes: int = 1 << 20
+    # In-process cache of rendered batches, invalidated through Redis pub/sub.
+    api_cache: bool = True
     idempotency_ttl_s: int = 24 * 3600
 
     # Per batch, how many recent event ids are remembered for de-duplication.

@@ -64,6 +64,7 @@ def init_app(settings: Settings | None = None) -> web.Application:
     app[CACHE] = BatchCache()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(kafka_ctx)
-    app.cleanup_ctx.append(cache_ctx)
+    if settings.api_cache:
+        app.cleanup_ctx.append(cache_ctx)
     setup_routes(app)
     return app

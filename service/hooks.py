@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from core.prefect_events import translate
 from service.appkeys import COMMANDS, SETTINGS
 from service.batches import json_obj
 from service.errors import ApiError, bad_request
@@ -51,8 +52,6 @@ async def prefect_webhook(request: web.Request) -> web.Response:
     if not isinstance(payload, dict):
         raise bad_request("body must be a Prefect event object")
     try:
-        from core.prefect_events import translate  # TEMP-LAZY until the module lands
-
         events = translate(payload)
     except ValueError as exc:
         raise bad_request(f"not a Prefect event: {exc}") from None

@@ -1,5 +1,6 @@
 """Every route of the API, one per line. `/{pipeline_id}` and `/{pipeline_id}/` differ on purpose:
-the first is the latest batch, the second (trailing slash) the paged list."""
+the first is the latest batch, the second (trailing slash) the paged list. The patterns do not
+overlap, so order only matters for speed: aiohttp tries them in turn, the hot GET comes first."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from service import batches, docs, health, hooks, pipelines
 
 def setup_routes(app: web.Application) -> None:
     r = app.router
+    r.add_get("/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, name="get_batch")
     r.add_post("/api/v1/batches/{pipeline_id}", batches.run_batch, name="run_batch")
     r.add_get("/api/v1/batches/{pipeline_id}", batches.latest_batch, name="latest_batch")
     r.add_get("/api/v1/batches/{pipeline_id}/", batches.list_batches, name="list_batches")
-    r.add_get("/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, name="get_batch")
     r.add_put("/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, name="stop_batch")
     r.add_delete("/api/v1/batches/{pipeline_id}/{batch_id}", batches.delete_batch, name="delete_batch")
     r.add_put("/api/v1/pipelines/{pipeline_id}", pipelines.put_pipeline, name="put_pipeline")

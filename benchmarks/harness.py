@@ -1,0 +1,103 @@
+"""What the benchmarks share: the running stack, child servers, and wrk's figures."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from core.settings import ROOT
+
+STACK = [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def stack(parts: list[str]) -> Iterator[None]:
+    """Reuses the running stack; starts the missing parts and stops only those afterwards."""
+    status = subprocess.run([*STACK, "status", "--parts", *parts], capture_output=True, text=True)
+    missing = [p for p in parts if not re.search(rf"^{p}\s+up\b", status.stdout, re.M)]
+    if missing:
+        subprocess.run([*STACK, "up", "--parts", *missing], check=True)
+    try:
+        yield
+    finally:
+        if missing:
+            subprocess.run([*STACK, "down", "--parts", *missing], check=False)
+
+
+@contextmanager
+def server(args: list[str], port: int, env: dict[str, str], ready_path: str = "/healthz",
+           log: Path | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, *args], env={**os.environ, **env}, cwd=ROOT,
+                            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=1).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{args} did not come up on port {port}")
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class Load:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, *, connections: int = 32, seconds: int = 10, threads: int = 2,
+        headers: dict[str, str] | None = None, script: Path | None = None) -> Load:
+    binary = shutil.which("wrk")
+    if binary is None:
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    cmd = [binary, f"-c{connections}", f"-t{threads}", f"-d{seconds}s", "--latency"]
+    for name, value in (headers or {}).items():
+        cmd += ["-H", f"{name}: {value}"]
+    if script:
+        cmd += ["-s", str(script)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    socket_errors = re.search(r"Socket errors: .*", out)
+    errors = int(bad.group(1)) if bad else 0
+    if socket_errors:
+        errors += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(0)))
+    return Load(rps, p50, p99, errors)
