@@ -16,7 +16,8 @@ import orjson
 from core.models import BATCH_STATES, MAX_OFFSET, OUTCOMES, STEP_STATES, valid_id
 
 SCHEMA: Final = 1
-COMMAND_TYPES: Final = frozenset({"run", "stop", "delete"})
+# `deploy` concerns a pipeline version, not a batch: its batch_id is empty, its key the pipeline.
+COMMAND_TYPES: Final = frozenset({"run", "stop", "delete", "deploy"})
 EVENT_TYPES: Final = frozenset({"batch.state", "step.state", "step.offsets"})
 MAX_REASON: Final = 2000
 
@@ -33,6 +34,11 @@ class Command:
     pipeline_version: str = ""
     event_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     ts: float = field(default_factory=time.time)
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka key: one batch's (or one pipeline's) commands stay in order."""
+        return (self.batch_id or self.pipeline_id).encode()
 
     def encode(self) -> bytes:
         return orjson.dumps(
@@ -145,9 +151,11 @@ def decode_command(raw: bytes | None) -> Command:
     version = data.get("pipeline_version", "")
     if not isinstance(version, str):
         raise CodecError("invalid pipeline_version")
+    if kind == "deploy" and not valid_id(version):
+        raise CodecError("deploy needs a pipeline_version")
     return Command(
         type=kind,
-        batch_id=_id(data, "batch_id"),
+        batch_id="" if kind == "deploy" and data.get("batch_id") == "" else _id(data, "batch_id"),
         pipeline_id=_id(data, "pipeline_id"),
         pipeline_version=version,
         event_id=_id(data, "event_id"),

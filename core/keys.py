@@ -53,3 +53,9 @@ def pipeline_order(pipeline_id: str) -> str:
 def idempotency(key_digest: str) -> str:
     """Idempotency-Key record; global (own slot) so a key reused on another pipeline is seen."""
     return f"{PREFIX}:idem:{{{key_digest}}}"
+
+# Sorted set "<pipeline_id>/<batch_id>" -> last check time: batches whose flow run may be live,
+# walked by the reconciler. Global: one index over all pipelines, single-key commands only.
+ACTIVE_RUNS = f"{PREFIX}:active-runs"
+# ISO time of the newest Prefect event the bridge forwarded (where to resume after a restart).
+BRIDGE_CHECKPOINT = f"{PREFIX}:bridge:checkpoint"

@@ -22,19 +22,19 @@ class CommandSender:
         self._events_topic = events_topic
         self._timeout = timeout
 
-    async def _send(self, topic: str, key: str, value: bytes) -> None:
+    async def _send(self, topic: str, key: bytes, value: bytes) -> None:
         """Returns once the broker acknowledged the record (acks=all); 503 otherwise."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._producer.send_and_wait(topic, value=value, key=key.encode())
+                await self._producer.send_and_wait(topic, value=value, key=key)
         except (KafkaError, TimeoutError) as exc:
             log.warning("kafka did not take a record for %s: %s", topic, type(exc).__name__)
             raise ApiError(503, "unavailable", "the command queue is unavailable; retry later") \
                 from None
 
     async def command(self, command: Command) -> None:
-        await self._send(self._commands_topic, command.batch_id, command.encode())
+        await self._send(self._commands_topic, command.key, command.encode())
 
     async def events(self, events: list[Event]) -> None:
         for event in events:
-            await self._send(self._events_topic, event.batch_id, event.encode())
+            await self._send(self._events_topic, event.batch_id.encode(), event.encode())

@@ -8,10 +8,11 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered
 from service import auth
-from service.appkeys import REGISTRY
+from service.appkeys import COMMANDS, REGISTRY
 from service.batches import json_obj, path_id
 from service.errors import ApiError, bad_request, not_found
 
@@ -44,6 +45,9 @@ async def put_pipeline(request: web.Request) -> web.Response:
     if outcome is Registered.CONFLICT:
         raise ApiError(409, "conflict",
                        f"version {spec.version} of {pipeline_id} exists with another definition")
+    # The commands consumer creates or updates the Prefect deployment `run-pipeline/<name>`.
+    # Sent for an unchanged version too: a client retrying after a 503 heals the deployment.
+    await request.app[COMMANDS].command(Command("deploy", "", pipeline_id, spec.version))
     versions = await request.app[REGISTRY].versions(pipeline_id)
     created = outcome is Registered.CREATED
     return json_obj({**_describe(pipeline_id, versions), "created": created},

@@ -29,7 +29,10 @@ async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
         yield client
 
 
-async def read_commands(settings: Settings, count: int, timeout: float = 10) -> list[Any]:
+async def read_commands(settings: Settings, count: int, timeout: float = 10,
+                        types: tuple[str, ...] = ("run", "stop", "delete")) -> list[Any]:
+    """The first `count` commands of those types on the test's topic (registering a
+    pipeline queues a `deploy` command, which most tests here do not look at)."""
     consumer = AIOKafkaConsumer(settings.topic_commands, bootstrap_servers=settings.kafka_bootstrap,
                                 auto_offset_reset="earliest", enable_auto_commit=False)
     await consumer.start()
@@ -39,7 +42,7 @@ async def read_commands(settings: Settings, count: int, timeout: float = 10) -> 
             while len(records) < count:
                 batch = await consumer.getmany(timeout_ms=200)
                 for part in batch.values():
-                    records.extend(part)
+                    records.extend(r for r in part if decode_command(r.value).type in types)
     finally:
         await consumer.stop()
     return records
@@ -194,3 +197,13 @@ async def test_kafka_refusing_the_run_command_answers_503_and_leaves_nothing(
     after = sorted(k for k in await redis.keys("*") if not k.endswith(":seq"))
     assert after == before
     assert (await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)).status == 404
+
+
+async def test_registering_a_pipeline_queues_its_deployment(api: Client, topics: Settings) -> None:
+    [first] = await read_commands(topics, 1, types=("deploy",))
+    command = decode_command(first.value)
+    assert (command.pipeline_id, command.pipeline_version, command.batch_id) == ("pipeline-sales", "1", "")
+    assert first.key == b"pipeline-sales"
+    # Registering the same version again re-queues it (a retry heals a lost deployment).
+    assert (await api.put("/api/v1/pipelines/pipeline-sales", json=spec_body(), headers=AUTH)).status == 200
+    assert len(await read_commands(topics, 2, types=("deploy",))) == 2

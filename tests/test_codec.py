@@ -61,3 +61,13 @@ def test_malformed_commands_are_refused() -> None:
     good["pipeline_version"] = 3
     with pytest.raises(CodecError, match="pipeline_version"):
         decode_command(orjson.dumps(good))
+
+
+def test_deploy_commands_name_a_pipeline_version_not_a_batch() -> None:
+    command = Command("deploy", "", "pipe", pipeline_version="2")
+    assert command.key == b"pipe"
+    assert decode_command(command.encode()) == command
+    with pytest.raises(CodecError, match="pipeline_version"):
+        decode_command(Command("deploy", "", "pipe").encode())
+    with pytest.raises(CodecError, match="batch_id"):
+        decode_command(Command("run", "", "pipe").encode())

@@ -1,0 +1,178 @@
+"""The events consumer: batches of events from Kafka applied to Redis in one round trip.
+
+Each `getmany` result is decoded and applied with a single `BatchStore.apply` call (one
+script per batch, pipelined), then committed. The script enforces the state order, final
+step states, monotonic offsets and de-duplication, so a batch delivered again after a
+crash changes nothing. Malformed records go to the dead letters and the loop goes on;
+events of deleted or unknown batches are dropped by the script.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from consumers.dlq import DeadLetters
+from consumers.kafka import Record, commit_retrying, open_consumer
+from consumers.options import ConsumerOptions
+from consumers.part import Part
+from consumers.retry import Backoff, Stopping
+from core.codec import CodecError, Event, decode_event
+from core.connections import open_producer, open_redis
+from core.scripts import Scripts
+from core.settings import Settings
+from core.store import BatchStore
+
+log = logging.getLogger(__name__)
+STATS_EVERY_S = 10.0
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merges the offsets events of one poll per (batch, step), keeping each partition's
+    highest offset; other events pass through in order.
+
+    Safe because offsets only grow and are independent of every state: applying the
+    merged event leaves Redis exactly as applying each one would. It moves the cost of a
+    fast offsets stream (many updates of the same partitions) out of the Redis script,
+    which is the bottleneck. The merged event keeps the id of the last one merged; ids
+    merged away are not remembered, which is harmless for the same reason."""
+    out: list[Event] = []
+    merged: dict[tuple[str, str, str | None], Event] = {}
+    for event in events:
+        if event.type != "step.offsets":
+            out.append(event)
+            continue
+        key = (event.pipeline_id, event.batch_id, event.step)
+        into = merged.get(key)
+        if into is None:
+            merged[key] = event
+            continue
+        # The decoder guarantees offsets on this type; the dicts are this poll's own.
+        offsets: dict[str, int] = into.offsets  # type: ignore[assignment]
+        for part, value in event.offsets.items():  # type: ignore[union-attr]
+            if value > offsets.get(part, -1):
+                offsets[part] = value
+        into.event_id = event.event_id
+    out.extend(merged.values())
+    return out
+
+
+class EventsConsumer(Part):
+    name = "events"
+
+    def __init__(self, settings: Settings, options: ConsumerOptions | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.options = options or ConsumerOptions()
+        self.backoff = Backoff(self.stopping, self.options.retry_initial_s,
+                               self.options.retry_max_s)
+        self._redis: Redis | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        # Totals since start, logged every STATS_EVERY_S and read by tests and benchmarks.
+        self.applied = 0
+        self.changed = 0
+        self.dropped = 0
+        self.dead = 0
+
+    async def start(self) -> None:
+        s = self.settings
+        self._redis = redis = await open_redis(s)
+        self.store = BatchStore(redis, Scripts(redis), token_secret=s.token_secret
+                                .get_secret_value().encode(), dedup_window=s.dedup_window)
+        self._producer = await open_producer(s)
+        self.dlq = DeadLetters(self._producer, s.topic_dlq, self.name)
+        self._consumer = await open_consumer(
+            s, self.name, s.topic_events, s.group_events,
+            max_poll_records=self.options.events_max_records,
+            # Big fetches: throughput here is bounded by per-request overhead, not bytes.
+            max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
+        )
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _loop(self) -> None:
+        assert self._consumer is not None
+        last_stats, last_applied = time.monotonic(), 0
+        while not self.stopping.is_set():
+            batch = await self._consumer.getmany(timeout_ms=self.options.poll_timeout_ms,
+                                                 max_records=self.options.events_max_records)
+            if batch:
+                try:
+                    await self.process(batch)
+                except Stopping:
+                    return  # Redis or Kafka down at shutdown: left uncommitted, read again later
+            if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
+                last_stats, last_applied = time.monotonic(), self.applied
+                log.info("events: %d applied (%d changed a batch), %d dropped, %d dead-lettered",
+                         self.applied, self.changed, self.dropped, self.dead)
+
+    async def process(self, batch: dict[TopicPartition, list[Record]]) -> None:
+        """Applies one `getmany` result and commits it. Raises `Stopping`."""
+        assert self._consumer is not None
+        events: list[Event] = []
+        bad: list[tuple[Record, str]] = []
+        append = events.append
+        for records in batch.values():
+            for record in records:
+                try:
+                    append(decode_event(record.value))
+                except CodecError as exc:
+                    bad.append((record, str(exc)))
+        if events:
+            try:
+                results = await self._apply(coalesce(events))
+            except ResponseError as exc:
+                # A script error is about some batch's data, not Redis being down: apply
+                # batch by batch and dead-letter the batches that fail.
+                log.error("apply failed (%s); retrying batch by batch", exc)
+                results = await self._apply_one_by_one(batch, bad)
+            self.applied += len(events)
+            for n in results.values():
+                if n < 0:
+                    self.dropped += 1
+                else:
+                    self.changed += n
+        if bad:
+            await self.backoff.call("dead-letter", lambda: self._dead_letter(bad))
+        await commit_retrying(self._consumer,
+                              {tp: recs[-1].offset + 1 for tp, recs in batch.items()}, self.backoff)
+
+    async def _apply(self, events: list[Event]) -> dict[tuple[str, str], int]:
+        return await self.backoff.call("apply events", lambda: self.store.apply(events))
+
+    async def _dead_letter(self, bad: list[tuple[Record, str]]) -> None:
+        futures = [await self.dlq.send(record, reason) for record, reason in bad]
+        for future in futures:
+            await future
+        self.dead += len(bad)
+
+    async def _apply_one_by_one(self, batch: dict[TopicPartition, list[Record]],
+                                bad: list[tuple[Record, str]]) -> dict[tuple[str, str], int]:
+        groups: dict[tuple[str, str], list[tuple[Record, Event]]] = defaultdict(list)
+        for records in batch.values():
+            for record in records:
+                try:
+                    event = decode_event(record.value)
+                except CodecError:
+                    continue  # already in `bad`
+                groups[(event.pipeline_id, event.batch_id)].append((record, event))
+        results: dict[tuple[str, str], int] = {}
+        for key, pairs in groups.items():
+            try:
+                results.update(await self._apply([e for _, e in pairs]))
+            except ResponseError as exc:
+                bad.extend((record, f"could not apply: {exc}") for record, _ in pairs)
+                results[key] = 0
+        return results

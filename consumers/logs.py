@@ -1,0 +1,54 @@
+"""One JSON object per log line on stderr, so log collectors need no parsing rules."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
+_STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for name, value in vars(record).items():
+            if name not in _STANDARD:
+                out[name] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+def setup(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Kafka's and Prefect's clients are chatty at INFO about things that are routine here.
+    for noisy in ("aiokafka", "prefect", "httpx", "websockets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + host))

@@ -1,0 +1,45 @@
+"""Tunables of the consumers only, read from `DHUB_*` like the shared settings.
+
+Kept beside `core.settings.Settings` rather than in it: the API never reads them.
+"""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConsumerOptions(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DHUB_", extra="ignore")
+
+    # Retries of a command against an unavailable dependency: capped exponential backoff.
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
+    # How long a delete waits for a cancelled running flow run to reach a final state
+    # before it forces Cancelled and deletes it anyway.
+    delete_cancel_wait_s: float = 8.0
+    # Prefect API calls: a hung server counts as unavailable after this long.
+    prefect_timeout_s: float = 15.0
+
+    commands_max_records: int = 100
+    events_max_records: int = 20_000
+    poll_timeout_ms: int = 250
+
+    # The reconciler: how often, and how many active batches per round.
+    reconcile_interval_s: float = 10.0
+    reconcile_batch: int = 500
+    # A running flow run without a heartbeat event for this long is declared Crashed
+    # (0: never). Prefect's engine beats every PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by
+    # default, 30 s at least): keep this a few beats long.
+    zombie_after_s: float = 600.0
+    # The bridge asks Prefect to replay from its last checkpoint minus this margin (Prefect
+    # serves at most 15 min of backfill), since task-run events may arrive out of order.
+    bridge_replay_margin_s: float = 60.0
+    bridge_checkpoint_every_s: float = 2.0
+    # After each (re)connect, replay the window once more this much later: Prefect's
+    # backfill reads its database, which lags the live stream by up to the event
+    # persister's flush interval (5 s by default).
+    bridge_catchup_s: float = 10.0
+
+    heartbeat_ttl_s: int = 10
+    heartbeat_every_s: float = 3.0
+    shutdown_timeout_s: float = 30.0

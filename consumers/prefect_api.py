@@ -1,0 +1,181 @@
+"""The few Prefect API calls the consumers make, each bounded in time.
+
+A hung Prefect counts as unavailable after `prefect_timeout_s` (a `TimeoutError`, which the
+callers retry); Prefect's own client retries 429/502/503 inside that bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas import OrchestrationResult
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterTags
+from prefect.client.schemas.objects import FlowRun
+from prefect.events.filters import (
+    EventFilter,
+    EventNameFilter,
+    EventOccurredFilter,
+    EventResourceFilter,
+)
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
+from prefect.states import Cancelled, Cancelling, Crashed
+
+from core.models import TAG_BATCH_PREFIX, flow_run_tags
+from core.settings import Settings
+
+T = TypeVar("T")
+FINAL: Final = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+NOT_STARTED: Final = frozenset({"SCHEDULED", "PENDING"})
+FLOW_RUN_RESOURCE: Final = "prefect.flow-run."
+
+
+def not_found(exc: BaseException) -> bool:
+    """Prefect's client raises ObjectNotFound for some 404s and a bare status error for
+    others (creating a flow run of a missing deployment)."""
+    if isinstance(exc, ObjectNotFound):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 404
+
+
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """What the consumers need to know of a flow run."""
+
+    flow_run_id: str
+    state_type: str | None
+    state_id: str | None
+    message: str | None
+    since: datetime | None = None  # when it entered this state
+
+    @property
+    def final(self) -> bool:
+        return self.state_type in FINAL
+
+    @property
+    def started(self) -> bool:
+        return self.state_type is not None and self.state_type not in NOT_STARTED
+
+    @classmethod
+    def of(cls, run: FlowRun) -> RunState:
+        state = run.state
+        return cls(
+            flow_run_id=str(run.id),
+            state_type=state.type.value if state is not None else None,
+            state_id=str(state.id) if state is not None else None,
+            message=state.message if state is not None else None,
+            since=state.timestamp if state is not None else None,
+        )
+
+
+class PrefectGateway:
+    def __init__(self, settings: Settings, timeout: float) -> None:
+        auth = get_current_settings().api.auth_string
+        self._timeout = timeout
+        self.client = PrefectClient(
+            settings.prefect_api_url,
+            auth_string=auth.get_secret_value() if auth is not None else None,
+            httpx_settings={"timeout": httpx.Timeout(timeout)},
+        )
+
+    async def open(self) -> None:
+        await self.client.__aenter__()
+
+    async def close(self) -> None:
+        await self.client.__aexit__(None, None, None)
+
+    async def _bounded(self, call: Awaitable[T]) -> T:
+        async with asyncio.timeout(self._timeout):
+            return await call
+
+    async def create_run(self, deployment_id: UUID, batch_id: str, pipeline_id: str,
+                         pipeline_version: str) -> RunState:
+        """Idempotent by batch id: a replayed run command gets the same flow run back."""
+        run = await self._bounded(self.client.create_flow_run_from_deployment(
+            deployment_id,
+            parameters={"batch_id": batch_id, "pipeline_id": pipeline_id,
+                        "pipeline_version": pipeline_version},
+            idempotency_key=batch_id,
+            tags=flow_run_tags(batch_id, pipeline_id, pipeline_version),
+        ))  # fmt: skip
+        return RunState.of(run)
+
+    async def read(self, flow_run_ids: list[str]) -> dict[str, RunState]:
+        """The flow runs that still exist, by id (deleted ones are simply absent)."""
+        if not flow_run_ids:
+            return {}
+        runs = await self._bounded(self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids])),
+            limit=len(flow_run_ids),
+        ))  # fmt: skip
+        return {str(r.id): RunState.of(r) for r in runs}
+
+    async def of_batch(self, batch_id: str, known: str | None = None) -> list[RunState]:
+        """Every flow run of the batch: the one Redis knows plus any found by its tag (a run
+        created by a command whose effect was not recorded yet)."""
+        runs = await self._bounded(self.client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG_BATCH_PREFIX + batch_id])),
+            limit=50,
+        ))  # fmt: skip
+        found = {str(r.id): RunState.of(r) for r in runs}
+        if known and known not in found:
+            found.update(await self.read([known]))
+        return list(found.values())
+
+    async def cancel(self, run: RunState, message: str) -> RunState:
+        """A run not started yet becomes Cancelled at once (forced: a worker may be claiming
+        it; the engine then refuses to start a final run); a started one becomes Cancelling,
+        and its worker ends it and reports Cancelled."""
+        if run.final or run.state_type == "CANCELLING":
+            return run
+        state: Any = (Cancelling(message=message) if run.started
+                      else Cancelled(message=message))
+        return await self._set(run, state)
+
+    async def force_cancelled(self, run: RunState, message: str) -> RunState:
+        return await self._set(run, Cancelled(message=message))
+
+    async def _set(self, run: RunState, state: Any) -> RunState:
+        """Forced: these are decisions about the run, not proposals from its engine."""
+        result: OrchestrationResult[Any] = await self._bounded(
+            self.client.set_flow_run_state(run.flow_run_id, state, force=True)
+        )
+        new = result.state
+        if new is None:
+            return run
+        return RunState(run.flow_run_id, new.type.value, str(new.id), new.message, new.timestamp)
+
+    async def with_heartbeat(self, flow_run_ids: list[str], since: datetime) -> set[str]:
+        """Which of these flow runs emitted a heartbeat event since `since` (their engine
+        process is alive; it beats every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds)."""
+        if not flow_run_ids:
+            return set()
+        events = await self._bounded(self.client.read_events(
+            EventFilter(
+                occurred=EventOccurredFilter.model_validate(
+                    {"since": since, "until": datetime.now(UTC)}),
+                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                resource=EventResourceFilter(
+                    id=[FLOW_RUN_RESOURCE + i for i in flow_run_ids], distinct=True),
+            ),
+            limit=len(flow_run_ids),
+        ))  # fmt: skip
+        return {e.resource.id.removeprefix(FLOW_RUN_RESOURCE) for e in events.events}
+
+    async def crash(self, run: RunState, message: str) -> RunState:
+        return await self._set(run, Crashed(message=message))
+
+    async def delete(self, flow_run_id: str) -> bool:
+        """False when it was already gone."""
+        try:
+            await self._bounded(self.client.delete_flow_run(UUID(flow_run_id)))
+        except ObjectNotFound:
+            return False
+        return True

@@ -1,0 +1,176 @@
+"""The reconciler: batches Redis shows as live, checked against Prefect now and then.
+
+Events can be missed — the bridge was down longer than Prefect's backfill window, a worker
+was killed before the flow's hooks ran, a webhook was lost — and a run can die with its
+machine, leaving Prefect to believe it still runs (caught by its missing heartbeats).
+Every round takes the least recently checked batches of the active-runs index, reads their
+flow runs in one Prefect call and publishes whatever state Prefect has that Redis lacks. A
+terminal state is named after Prefect's state id, like the bridge names it, so both
+arriving is harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import UTC, datetime, timedelta
+from typing import Final
+
+from aiokafka import AIOKafkaProducer
+from redis.asyncio import Redis
+
+from consumers.active import ActiveRuns
+from consumers.emit import Emitter
+from consumers.options import ConsumerOptions
+from consumers.part import Part
+from consumers.prefect_api import PrefectGateway, RunState
+from consumers.retry import describe
+from core import keys
+from core.codec import Event
+from core.connections import open_producer, open_redis
+from core.prefect_events import FLOW_STATES, flow_state_event
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+RANK: Final = {"pending": 0, "scheduled": 1, "running": 2, "stop": 3}
+
+
+def _step_event_id(stop_id: str, step: str) -> str:
+    """Derived from the stop's id, so a repeated round names it the same (event ids have
+    at most 128 characters; a long step name is hashed)."""
+    event_id = f"{stop_id}-{step}"
+    if len(event_id) > 128:
+        event_id = f"{stop_id}-{hashlib.sha256(step.encode()).hexdigest()[:24]}"
+    return event_id
+
+
+class Reconciler(Part):
+    name = "reconciler"
+
+    def __init__(self, settings: Settings, options: ConsumerOptions | None = None) -> None:
+        super().__init__()
+        self.settings = settings
+        self.options = options or ConsumerOptions()
+        self._redis: Redis | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self.prefect: PrefectGateway | None = None
+        self.rounds = 0
+        self.published = 0
+
+    async def start(self) -> None:
+        self._redis = redis = await open_redis(self.settings)
+        self.active = ActiveRuns(redis)
+        self.prefect = PrefectGateway(self.settings, self.options.prefect_timeout_s)
+        await self.prefect.open()
+        self._producer = await open_producer(self.settings)
+        self.emitter = Emitter(self._producer, self.settings.topic_events)
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+        if self.prefect is not None:
+            await self.prefect.close()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _loop(self) -> None:
+        while not await self.sleep(self.options.reconcile_interval_s):
+            try:
+                await self.reconcile()
+            except Exception as exc:  # a dependency down: the next round tries again
+                log.warning("reconcile round failed: %s", describe(exc))
+            self.rounds += 1
+
+    async def reconcile(self) -> list[Event]:
+        """One round; returns the events it published."""
+        assert self.prefect is not None and self._redis is not None
+        due = await self.active.due(self.options.reconcile_batch)
+        if not due:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for pipeline_id, batch_id in due:
+                pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "flow_run_id", "deleted")
+            rows: list[list[str | None]] = await pipe.execute()
+        live: dict[str, tuple[str, str, str]] = {}  # flow run id -> (pipeline, batch, state)
+        for (pipeline_id, batch_id), (state, flow_run_id, deleted) in zip(due, rows, strict=True):
+            if state is None or deleted is not None or state == "stop" or flow_run_id is None:
+                await self.active.remove(pipeline_id, batch_id)
+            else:
+                live[flow_run_id] = (pipeline_id, batch_id, state)
+        runs = await self.prefect.read(list(live))
+        await self._crash_zombies(runs)
+        events: list[Event] = []
+        for flow_run_id, (pipeline_id, batch_id, state) in live.items():
+            run = runs.get(flow_run_id)
+            event: Event | None
+            if run is None:
+                event = Event(
+                    type="batch.state", batch_id=batch_id, pipeline_id=pipeline_id,
+                    event_id=f"gone-{flow_run_id}", state="stop", outcome="crashed",
+                    reason="the flow run no longer exists in Prefect", flow_run_id=flow_run_id,
+                )  # fmt: skip
+            elif run.state_type is None or run.state_id is None:
+                continue
+            else:
+                mapped = FLOW_STATES.get(run.state_type)
+                if mapped is None or RANK[mapped[0]] <= RANK.get(state, 0):
+                    continue
+                event = flow_state_event(
+                    pipeline_id=pipeline_id, batch_id=batch_id, flow_run_id=flow_run_id,
+                    state_type=run.state_type, state_id=run.state_id, message=run.message,
+                )
+            if event is not None:
+                events.append(event)
+        events = await self._with_unfinished_steps(events)
+        if events:
+            await self.emitter.publish(events)
+            self.published += len(events)
+            log.info("reconciler: published %d missed state(s): %s", len(events),
+                     ", ".join(f"{e.batch_id} {e.state}" for e in events))
+        return events
+
+    async def _with_unfinished_steps(self, events: list[Event]) -> list[Event]:
+        """Before each unsuccessful stop, `failed` for the steps still running: nothing else
+        will report them when the run died with its process (no task-run event, no hook)."""
+        assert self._redis is not None
+        stops = [e for e in events if e.state == "stop" and e.outcome != "completed"]
+        if not stops:
+            return events
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for e in stops:
+                pipe.hgetall(keys.batch(e.pipeline_id, e.batch_id))
+            hashes: list[dict[str, str]] = await pipe.execute()
+        steps: dict[str, list[Event]] = {}
+        for stop, fields in zip(stops, hashes, strict=True):
+            steps[stop.event_id] = [
+                Event(type="step.state", batch_id=stop.batch_id, pipeline_id=stop.pipeline_id,
+                      event_id=_step_event_id(stop.event_id, name[5:]), step=name[5:],
+                      state="failed")
+                for name, value in fields.items()
+                if name.startswith("step:") and value == "running"
+            ]
+        out: list[Event] = []
+        for e in events:
+            out += steps.get(e.event_id, [])
+            out.append(e)
+        return out
+
+    async def _crash_zombies(self, runs: dict[str, RunState]) -> None:
+        """A run Prefect still calls running whose engine stopped sending heartbeats (its
+        machine or worker died with it, so nobody reported the crash) is set Crashed in
+        `runs` and in Prefect, which announces it like any crash."""
+        assert self.prefect is not None
+        window = self.options.zombie_after_s
+        if window <= 0:
+            return
+        since = datetime.now(UTC) - timedelta(seconds=window)
+        suspects = [r.flow_run_id for r in runs.values()
+                    if r.state_type in ("RUNNING", "CANCELLING")
+                    and r.since is not None and r.since < since]
+        alive = await self.prefect.with_heartbeat(suspects, since)
+        for flow_run_id in suspects:
+            if flow_run_id not in alive:
+                log.warning("reconciler: flow run %s sent no heartbeat for %.0fs; crashed",
+                            flow_run_id, window)
+                runs[flow_run_id] = await self.prefect.crash(
+                    runs[flow_run_id], f"no heartbeat from the flow run for {window:.0f}s")

@@ -1,0 +1,182 @@
+"""Prefect events → the project's events: one pure translation for the bridge and the webhook.
+
+Input is a Prefect event as JSON (what `Event.model_dump(mode="json")` gives, which is also
+what an automation webhook sends with a `{{ event.model_dump_json() }}` body). Only state
+changes of dhub's own runs translate; anything else gives an empty list.
+
+A batch is found from the run's tags (`core.models.flow_run_tags`), which Prefect attaches to
+its events as related resources `prefect.tag.<tag>` — flow-run events from the server and
+task-run events from the engine alike. The project's `event_id` is derived from Prefect's
+event id, which for state changes is the id of the state itself: the bridge, a webhook and
+the reconciler all name one transition the same way, so Redis applies it once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from core.codec import MAX_REASON, Event
+from core.models import batch_id_from_tags, valid_id
+
+FLOW_RUN_PREFIX: Final = "prefect.flow-run."
+TASK_RUN_PREFIX: Final = "prefect.task-run."
+TAG_PREFIX: Final = "prefect.tag."
+EVENT_ID_PREFIX: Final = "pf-"
+
+# Prefect state type -> (batch state, outcome). By type, not name, so Late, AwaitingRetry,
+# Retrying and the like follow their type. PAUSED says nothing the batch can show.
+FLOW_STATES: Final[dict[str, tuple[str, str | None]]] = {
+    "SCHEDULED": ("scheduled", None),
+    "PENDING": ("scheduled", None),
+    "RUNNING": ("running", None),
+    "CANCELLING": ("running", None),
+    "COMPLETED": ("stop", "completed"),
+    "FAILED": ("stop", "failed"),
+    "CANCELLED": ("stop", "cancelled"),
+    "CRASHED": ("stop", "crashed"),
+}
+# Prefect state type -> step state. A SCHEDULED task run is one awaiting a retry: no change.
+TASK_STATES: Final[dict[str, str]] = {
+    "PENDING": "pending",
+    "RUNNING": "running",
+    "COMPLETED": "success",
+    "FAILED": "failed",
+    "CRASHED": "failed",
+    "CANCELLED": "failed",
+}
+
+
+class TranslateError(ValueError):
+    """The payload is not a Prefect event at all (the webhook answers 400)."""
+
+
+def event_id(prefect_event_id: str) -> str:
+    return EVENT_ID_PREFIX + prefect_event_id
+
+
+def flow_state_event(
+    *,
+    pipeline_id: str,
+    batch_id: str,
+    flow_run_id: str,
+    state_type: str,
+    state_id: str,
+    message: str | None = None,
+    ts: float | None = None,
+) -> Event | None:
+    """The batch.state event for a flow run entering a state of `state_type`, or None."""
+    mapped = FLOW_STATES.get(state_type)
+    if mapped is None:
+        return None
+    state, outcome = mapped
+    event = Event(
+        type="batch.state",
+        batch_id=batch_id,
+        pipeline_id=pipeline_id,
+        event_id=event_id(state_id),
+        state=state,
+        outcome=outcome,
+        flow_run_id=flow_run_id,
+    )
+    if ts is not None:
+        event.ts = ts
+    if outcome is not None and message:
+        event.reason = message[:MAX_REASON]
+    return event
+
+
+def _tags(related: Iterable[Any]) -> list[str]:
+    return [
+        rid[len(TAG_PREFIX):]
+        for r in related
+        if isinstance(r, dict)
+        and isinstance(rid := r.get("prefect.resource.id"), str)
+        and rid.startswith(TAG_PREFIX)
+    ]
+
+
+def _owner(tags: list[str]) -> tuple[str, str] | None:
+    owner = batch_id_from_tags(tags)
+    if owner is None or not (valid_id(owner[0]) and valid_id(owner[1])):
+        return None
+    return owner
+
+
+def _related_id(related: Iterable[Any], prefix: str) -> str | None:
+    for r in related:
+        if isinstance(r, dict):
+            rid = r.get("prefect.resource.id")
+            if isinstance(rid, str) and rid.startswith(prefix):
+                return rid[len(prefix):]
+    return None
+
+
+def _timestamp(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def translate(
+    event: dict[str, Any], flow_runs: Mapping[str, tuple[str, str]] | None = None
+) -> list[Event]:
+    """The project's events for one Prefect event (empty when it is not about a dhub run).
+
+    `flow_runs` optionally maps a flow run id to (pipeline_id, batch_id), for a task-run
+    event that arrives without its flow run's tags. Raises `TranslateError` only when the
+    payload does not have the shape of a Prefect event."""
+    name = event.get("event")
+    resource = event.get("resource")
+    prefect_id = event.get("id")
+    related = event.get("related", [])
+    if not isinstance(name, str) or not isinstance(resource, dict) or not isinstance(related, list):
+        raise TranslateError("expected an object with 'event', 'resource' and 'related'")
+    if not isinstance(prefect_id, str) or not valid_id(event_id(prefect_id)):
+        raise TranslateError("expected the event's 'id' (a UUID)")
+    resource_id = resource.get("prefect.resource.id")
+    state_type = resource.get("prefect.state-type")
+    # Heartbeats and other non-state events carry no state type.
+    if not isinstance(resource_id, str) or not isinstance(state_type, str):
+        return []
+    message = resource.get("prefect.state-message")
+    ts = _timestamp(event.get("occurred"))
+
+    if resource_id.startswith(FLOW_RUN_PREFIX):
+        flow_run_id = resource_id[len(FLOW_RUN_PREFIX):]
+        owner = _owner(_tags(related))
+        if owner is None:
+            return []
+        out = flow_state_event(
+            pipeline_id=owner[0], batch_id=owner[1], flow_run_id=flow_run_id,
+            state_type=state_type, state_id=prefect_id,
+            message=message if isinstance(message, str) else None, ts=ts,
+        )  # fmt: skip
+        return [out] if out is not None else []
+
+    if resource_id.startswith(TASK_RUN_PREFIX):
+        step_state = TASK_STATES.get(state_type)
+        step = resource.get("prefect.resource.name")
+        # A task run is named after its step only from Running on (task_run_name is
+        # rendered then); its Pending event carries the generated `<task>-<suffix>` name,
+        # which matches no step and is ignored downstream.
+        if step_state is None or not isinstance(step, str) or not valid_id(step):
+            return []
+        owner = _owner(_tags(related))
+        if owner is None and flow_runs is not None:
+            parent = _related_id(related, FLOW_RUN_PREFIX)
+            owner = flow_runs.get(parent) if parent else None
+        if owner is None:
+            return []
+        step_event = Event(
+            type="step.state", batch_id=owner[1], pipeline_id=owner[0],
+            event_id=event_id(prefect_id), step=step, state=step_state,
+        )  # fmt: skip
+        if ts is not None:
+            step_event.ts = ts
+        return [step_event]
+    return []

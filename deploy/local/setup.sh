@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Prepares a machine for the local stack: the venv, the Kafka broker jars, redis-server.
+# Idempotent and cheap when everything is already there (each step checks a stamp first).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+POM="$ROOT/deploy/local/kafka/pom.xml"
+CACHE="${DHUB_CACHE_DIR:-$HOME/.cache/dhub}"
+VENV="$ROOT/.venv"
+
+die() { echo "setup: $*" >&2; exit 1; }
+log() { echo "setup: $*"; }
+
+# --- tools the stack cannot install itself -------------------------------------------------
+command -v java >/dev/null || die "java not found: install a JDK >= 17 (Debian: apt-get install -y openjdk-17-jre-headless)"
+java_major="$(java -version 2>&1 | sed -nE '1s/.*version "([0-9]+).*/\1/p')"
+[[ "${java_major:-0}" -ge 17 ]] || die "java ${java_major:-?} found, Kafka 4 needs >= 17"
+command -v mvn >/dev/null || die "mvn not found: install Maven (Debian: apt-get install -y maven); it fetches the Kafka jars"
+
+# --- venv ------------------------------------------------------------------------------------
+if [[ ! -x "$VENV/bin/python" ]]; then
+    py="${PYTHON:-python3}"
+    command -v "$py" >/dev/null || die "$py not found: install Python >= 3.11"
+    "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "$("$py" -V 2>&1) is too old: Python >= 3.11 needed (set PYTHON=/path/to/python3.11+)"
+    log "creating $VENV"
+    "$py" -m venv "$VENV"
+fi
+stamp="$VENV/.dhub-installed"
+if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" ]]; then
+    log "installing the project into the venv (pyproject.toml changed)"
+    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e '.[dev]')
+    touch "$stamp"
+fi
+
+# --- Kafka jars from Maven Central, cached outside git -------------------------------------
+kafka_version="$(sed -nE 's:.*<kafka.version>([^<]+)</kafka.version>.*:\1:p' "$POM")"
+[[ -n "$kafka_version" ]] || die "cannot read <kafka.version> from $POM"
+kdir="$CACHE/kafka-$kafka_version"
+if [[ ! -f "$kdir/.complete" ]]; then
+    log "fetching Kafka $kafka_version jars into $kdir/libs (Maven; ~/.m2 makes repeats cheap)"
+    rm -rf "$kdir/libs.tmp"
+    mkdir -p "$kdir"
+    mvn -q -B -Dstyle.color=never -f "$POM" dependency:copy-dependencies \
+        -DincludeScope=runtime -DoutputDirectory="$kdir/libs.tmp"
+    # Swap in only a complete download, so an interrupted fetch is redone next time.
+    rm -rf "$kdir/libs"
+    mv "$kdir/libs.tmp" "$kdir/libs"
+    touch "$kdir/.complete"
+fi
+
+# --- redis-server --------------------------------------------------------------------------
+if ! command -v redis-server >/dev/null; then
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+        log "installing redis-server with apt-get"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server
+        # Debian's package may start a system-wide Redis on 6379, which would shadow the
+        # stack's own (its data dir, AOF); the stack only needs the binary.
+        if command -v systemctl >/dev/null && systemctl is-active -q redis-server 2>/dev/null; then
+            systemctl disable --now redis-server || true
+        elif command -v service >/dev/null && service redis-server status >/dev/null 2>&1; then
+            service redis-server stop || true
+        fi
+    else
+        die "redis-server not found: install it (Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y redis-server; macOS: brew install redis)"
+    fi
+fi
+
+log "ok (venv: $VENV, kafka jars: $kdir/libs, redis: $(command -v redis-server))"

@@ -1,0 +1,238 @@
+"""The commands consumer on the real Kafka, Redis and Prefect server.
+
+Deployments here live on a work pool no worker polls, so their runs stay Scheduled and a
+stop finds them "not yet running" deterministically.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from consumers import dlq
+from consumers.commands import CommandsConsumer
+from core import keys
+from core.codec import decode_event
+from core.settings import Settings
+from tests.conftest import eventually
+from tests.test_consumers_support import (
+    Deployer,
+    committed,
+    flow_runs,
+    make_spec,
+    new_batch,
+    options,
+    prefect,
+    read_topic,
+    running,
+    send,
+    send_command,
+    store_for,
+    unique,
+)
+
+
+@dataclass
+class Ctx:
+    settings: Settings
+    redis: Redis
+    deployer: Deployer
+    pipeline_id: str
+    batches: list[str] = field(default_factory=list)
+
+    async def batch(self, **spec_args: Any) -> str:
+        spec = make_spec(self.pipeline_id, **spec_args)
+        batch_id = await new_batch(self.redis, self.settings, self.pipeline_id, spec)
+        self.batches.append(batch_id)
+        return batch_id
+
+    async def fields(self, batch_id: str) -> dict[str, str]:
+        data: dict[str, str] = await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))
+        return data
+
+    def consumer(self, settings: Settings | None = None, **opts: Any) -> CommandsConsumer:
+        return CommandsConsumer(settings or self.settings, options(**opts),
+                                ensure=self.deployer.ensure)
+
+    async def processed(self, count: int) -> None:
+        """Waits until the group has committed `count` commands."""
+        async def done() -> bool:
+            s = self.settings
+            return await committed(s, s.group_commands, s.topic_commands) >= count
+        await eventually(done, timeout=20)
+
+
+@pytest.fixture
+async def ctx(topics: Settings, redis: Redis) -> AsyncIterator[Ctx]:
+    context = Ctx(topics, redis, Deployer(topics), unique("test-cmd"))
+    try:
+        yield context
+    finally:
+        await context.deployer.cleanup(context.batches)
+
+
+async def test_run_creates_one_flow_run_even_when_delivered_twice(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    async with running(ctx.consumer()):
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(2)
+    fields = await ctx.fields(batch_id)
+    assert fields["state"] == "scheduled"
+    async with prefect(ctx.settings) as client:
+        runs = await flow_runs(client, batch_id)
+    assert [str(r.id) for r in runs] == [fields["flow_run_id"]]
+    run = runs[0]
+    assert run.parameters == {"batch_id": batch_id, "pipeline_id": ctx.pipeline_id,
+                              "pipeline_version": "1"}
+    assert {"dhub", f"dhub-batch:{batch_id}", f"dhub-pipeline:{ctx.pipeline_id}",
+            "dhub-version:1"} <= set(run.tags)
+    assert run.idempotency_key == batch_id
+    assert ctx.deployer.calls == 1  # the deployment id is cached per pipeline version
+    # Both deliveries published the same scheduled event: Redis is rebuildable from the topic.
+    records = await read_topic(ctx.settings, ctx.settings.topic_events, lambda r: len(r) >= 2)
+    events = [decode_event(r.value) for r in records]
+    assert {(e.state, e.flow_run_id, e.event_id) for e in events} == {
+        ("scheduled", str(run.id), f"sched-{run.id}")}
+    assert all(r.key == batch_id.encode() for r in records)
+
+
+async def test_stop_before_running_cancels_and_a_later_run_does_nothing(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    async with running(ctx.consumer()):
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(1)
+        flow_run_id = (await ctx.fields(batch_id))["flow_run_id"]
+        await send_command(ctx.settings, "stop", ctx.pipeline_id, batch_id)
+        await ctx.processed(2)
+        fields = await ctx.fields(batch_id)
+        assert (fields["state"], fields["outcome"]) == ("stop", "cancelled")
+        async with prefect(ctx.settings) as client:
+            run = await client.read_flow_run(uuid.UUID(flow_run_id))
+            assert run.state is not None and run.state.type.value == "CANCELLED"
+            # A replayed run and a second stop change nothing.
+            await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+            await send_command(ctx.settings, "stop", ctx.pipeline_id, batch_id)
+            await ctx.processed(4)
+            runs = await flow_runs(client, batch_id)
+        assert [str(r.id) for r in runs] == [flow_run_id]
+        assert runs[0].state is not None and runs[0].state.type.value == "CANCELLED"
+        assert (await ctx.fields(batch_id))["state"] == "stop"
+
+
+async def test_stop_of_a_batch_that_never_ran_goes_straight_to_stop(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    async with running(ctx.consumer()):
+        await send_command(ctx.settings, "stop", ctx.pipeline_id, batch_id)
+        await ctx.processed(1)
+        fields = await ctx.fields(batch_id)
+        assert (fields["state"], fields["outcome"]) == ("stop", "cancelled")
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(2)
+    async with prefect(ctx.settings) as client:
+        assert await flow_runs(client, batch_id) == []
+    assert "flow_run_id" not in await ctx.fields(batch_id)
+    assert ctx.deployer.calls == 0
+
+
+async def test_delete_removes_the_flow_run_and_the_batch(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    store = store_for(ctx.redis, ctx.settings)
+    async with running(ctx.consumer()):
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(1)
+        assert await store.hide(ctx.pipeline_id, batch_id)  # what the API does first
+        await send_command(ctx.settings, "delete", ctx.pipeline_id, batch_id)
+        await ctx.processed(2)
+        assert await ctx.redis.exists(keys.batch(ctx.pipeline_id, batch_id),
+                                      keys.batch_seen(ctx.pipeline_id, batch_id)) == 0
+        async with prefect(ctx.settings) as client:
+            assert await flow_runs(client, batch_id) == []
+        # Delivered again, and a run after it: both find nothing to do.
+        await send_command(ctx.settings, "delete", ctx.pipeline_id, batch_id)
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(4)
+    async with prefect(ctx.settings) as client:
+        assert await flow_runs(client, batch_id) == []
+    assert await ctx.redis.exists(keys.batch(ctx.pipeline_id, batch_id)) == 0
+
+
+async def test_malformed_commands_are_dead_lettered_and_the_loop_goes_on(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    async with running(ctx.consumer()):
+        await send(ctx.settings, ctx.settings.topic_commands, batch_id, b"{not json")
+        await send(ctx.settings, ctx.settings.topic_commands, batch_id,
+                   orjson.dumps({"schema": 1, "type": "explode", "batch_id": batch_id}))
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(3)
+    assert (await ctx.fields(batch_id))["state"] == "scheduled"
+    dead = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 2)
+    assert [r.value for r in dead] == [
+        b"{not json", orjson.dumps({"schema": 1, "type": "explode", "batch_id": batch_id})]
+    first = dict(dead[0].headers)
+    assert first[dlq.REASON].startswith(b"malformed command: not JSON")
+    topic, partition, offset = first[dlq.SOURCE].decode().rsplit(":", 2)
+    assert (topic, offset) == (ctx.settings.topic_commands, "0") and partition.isdigit()
+    assert first[dlq.CONSUMER] == b"commands"
+    assert b"unknown command type 'explode'" in dict(dead[1].headers)[dlq.REASON]
+    assert dead[0].key == batch_id.encode()
+
+
+async def test_unknown_pipeline_version_fails_the_batch(ctx: Ctx) -> None:
+    await ctx.batch()  # registers version 1
+    spec = make_spec(ctx.pipeline_id, version="9")  # never registered
+    batch_id = "batch-unknown-version"
+    ctx.batches.append(batch_id)
+    await store_for(ctx.redis, ctx.settings).create(ctx.pipeline_id, batch_id, spec)
+    async with running(ctx.consumer()):
+        command = await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id, "9")
+        await ctx.processed(1)
+    fields = await ctx.fields(batch_id)
+    assert (fields["state"], fields["outcome"]) == ("stop", "failed")
+    assert "unknown pipeline version" in fields["reason"]
+    [dead] = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 1)
+    assert dead.value == command.encode()
+    assert b"unknown pipeline version" in dict(dead.headers)[dlq.REASON]
+
+
+async def test_deployment_missing_after_ensure_fails_the_batch(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+
+    async def ensure_nothing(spec: Any, settings: Settings) -> uuid.UUID:
+        ctx.deployer.calls += 1
+        return uuid.uuid4()  # Prefect answers 404 for it
+
+    consumer = CommandsConsumer(ctx.settings, options(), ensure=ensure_nothing)
+    async with running(consumer):
+        command = await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(1)
+    assert ctx.deployer.calls == 2  # ensured again once before giving up
+    fields = await ctx.fields(batch_id)
+    assert (fields["state"], fields["outcome"]) == ("stop", "failed")
+    assert "missing after ensure" in fields["reason"]
+    [dead] = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 1)
+    assert dead.value == command.encode()
+
+
+async def test_prefect_unreachable_keeps_the_command_until_it_is_back(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    down = ctx.settings.model_copy(update={"prefect_api_url": "http://127.0.0.1:9/api"})
+    consumer = ctx.consumer(down)
+    async with running(consumer):
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await eventually(lambda: consumer.backoff.retries >= 3, timeout=20)
+    # Shut down mid-retry: nothing committed, nothing applied, nothing dead-lettered.
+    s = ctx.settings
+    assert await committed(s, s.group_commands, s.topic_commands) == 0
+    assert (await ctx.fields(batch_id))["state"] == "pending"
+    async with running(ctx.consumer()):
+        await ctx.processed(1)
+    assert (await ctx.fields(batch_id))["state"] == "scheduled"
+    async with prefect(ctx.settings) as client:
+        assert len(await flow_runs(client, batch_id)) == 1

@@ -1,0 +1,220 @@
+"""The events consumer on the real Kafka and Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from consumers import dlq
+from consumers.events import EventsConsumer, coalesce
+from core import keys
+from core.codec import Event
+from core.connections import open_producer
+from core.settings import Settings
+from tests.conftest import eventually
+from tests.test_consumers_support import (
+    committed,
+    make_spec,
+    new_batch,
+    options,
+    read_topic,
+    running,
+    send,
+    store_for,
+    unique,
+)
+
+
+@dataclass
+class Ctx:
+    settings: Settings
+    redis: Redis
+    pipeline_id: str
+
+    async def batch(self) -> str:
+        return await new_batch(self.redis, self.settings, self.pipeline_id,
+                               make_spec(self.pipeline_id))
+
+    def event(self, batch_id: str, kind: str, **fields: Any) -> Event:
+        return Event(type=kind, batch_id=batch_id, pipeline_id=self.pipeline_id, **fields)
+
+    async def publish(self, *events: Event) -> None:
+        producer = await open_producer(self.settings)
+        try:
+            for e in events:
+                await producer.send_and_wait(self.settings.topic_events, value=e.encode(),
+                                             key=e.batch_id.encode())
+        finally:
+            await producer.stop()
+
+    async def fields(self, batch_id: str) -> dict[str, str]:
+        data: dict[str, str] = await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))
+        return data
+
+    async def processed(self, count: int) -> None:
+        async def done() -> bool:
+            s = self.settings
+            return await committed(s, s.group_events, s.topic_events) >= count
+        await eventually(done, timeout=20)
+
+
+@pytest.fixture
+async def ctx(topics: Settings, redis: Redis) -> AsyncIterator[Ctx]:
+    yield Ctx(topics, redis, unique("test-ev"))
+
+
+async def test_events_are_applied(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    async with running(EventsConsumer(ctx.settings, options())):
+        await ctx.publish(
+            ctx.event(batch_id, "batch.state", state="scheduled", flow_run_id="fr-1"),
+            ctx.event(batch_id, "batch.state", state="running"),
+            ctx.event(batch_id, "step.state", step="extract", state="running"),
+            ctx.event(batch_id, "step.offsets", step="extract",
+                      offsets={"partition_0": 10, "partition_1": 5}),
+            ctx.event(batch_id, "step.state", step="extract", state="success"),
+        )
+        await ctx.processed(5)
+    batch = await store_for(ctx.redis, ctx.settings).get(ctx.pipeline_id, batch_id)
+    assert batch is not None
+    assert batch["state"]["state"] == "running"
+    assert batch["flow_run_id"] == "fr-1"
+    assert batch["state"]["steps"]["extract"] == {
+        "state": "success", "offsets": {"partition_0": 10, "partition_1": 5}}
+    assert batch["state"]["steps"]["transform"] == {"state": "none", "offsets": {}}
+
+
+async def test_duplicates_and_older_offsets_change_nothing(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    offsets = ctx.event(batch_id, "step.offsets", step="load", offsets={"partition_0": 100})
+    stop = ctx.event(batch_id, "batch.state", state="stop", outcome="completed")
+    consumer = EventsConsumer(ctx.settings, options())
+    async with running(consumer):
+        await ctx.publish(offsets, stop)
+        await ctx.processed(2)
+        before = await ctx.fields(batch_id)
+        await ctx.publish(
+            offsets, stop,  # the same events again
+            ctx.event(batch_id, "step.offsets", step="load", offsets={"partition_0": 50}),
+            ctx.event(batch_id, "batch.state", state="running"),  # backwards
+            ctx.event(batch_id, "batch.state", state="stop", outcome="failed"),  # stop is final
+        )
+        await ctx.processed(7)
+    after = await ctx.fields(batch_id)
+    # `seen_n` counts remembered event ids (bookkeeping of the de-duplication), not state.
+    after.pop("seen_n"), before.pop("seen_n")
+    assert after == before
+    assert (before["state"], before["outcome"], before["off:load:partition_0"]) == (
+        "stop", "completed", "100")
+    assert consumer.applied == 7
+
+
+async def test_malformed_events_are_dead_lettered_and_the_loop_goes_on(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    bad = [
+        b"\xff\xfe not json",
+        orjson.dumps({"schema": 1, "type": "batch.exploded", "event_id": "e1",
+                      "batch_id": batch_id, "pipeline_id": ctx.pipeline_id, "ts": 1.0}),
+        orjson.dumps({"schema": 1, "type": "step.offsets", "event_id": "e2", "step": "load",
+                      "batch_id": batch_id, "pipeline_id": ctx.pipeline_id, "ts": 1.0,
+                      "offsets": {"partition_0": -1}}),
+    ]
+    consumer = EventsConsumer(ctx.settings, options())
+    async with running(consumer):
+        for value in bad:
+            await send(ctx.settings, ctx.settings.topic_events, batch_id, value)
+        await ctx.publish(ctx.event(batch_id, "batch.state", state="running"))
+        await ctx.processed(4)
+    assert (await ctx.fields(batch_id))["state"] == "running"
+    dead = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 3)
+    assert [r.value for r in dead] == bad
+    reasons = [dict(r.headers)[dlq.REASON].decode() for r in dead]
+    assert reasons[0].startswith("not JSON")
+    assert reasons[1] == "unknown event type 'batch.exploded'"
+    assert reasons[2] == "invalid offset for 'partition_0'"
+    assert all(dict(r.headers)[dlq.CONSUMER] == b"events" for r in dead)
+    assert consumer.dead == 3
+
+
+async def test_events_of_deleted_or_unknown_batches_are_dropped(ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    store = store_for(ctx.redis, ctx.settings)
+    assert await store.hide(ctx.pipeline_id, batch_id)
+    before = await ctx.fields(batch_id)
+    consumer = EventsConsumer(ctx.settings, options())
+    async with running(consumer):
+        await ctx.publish(
+            ctx.event(batch_id, "batch.state", state="running"),
+            ctx.event("batch-never-created", "batch.state", state="running"),
+        )
+        await ctx.processed(2)
+    assert await ctx.fields(batch_id) == before
+    assert not await ctx.redis.exists(keys.batch(ctx.pipeline_id, "batch-never-created"))
+    assert consumer.dropped == 2
+
+
+async def test_offsets_are_committed_after_the_write_and_a_restart_resumes_there(
+        ctx: Ctx) -> None:
+    batch_id = await ctx.batch()
+    first = EventsConsumer(ctx.settings, options())
+    async with running(first):
+        await ctx.publish(*(ctx.event(batch_id, "step.offsets", step="extract",
+                                      offsets={"partition_0": n}) for n in range(1, 31)))
+        await ctx.processed(30)
+    assert first.applied == 30
+    assert (await ctx.fields(batch_id))["off:extract:partition_0"] == "30"
+    # The same group again: only what came after the commit is read.
+    second = EventsConsumer(ctx.settings, options())
+    async with running(second):
+        await ctx.publish(ctx.event(batch_id, "step.offsets", step="extract",
+                                    offsets={"partition_0": 31}))
+        await ctx.processed(31)
+    assert second.applied == 1
+    assert (await ctx.fields(batch_id))["off:extract:partition_0"] == "31"
+
+
+async def test_many_batches_in_one_poll(ctx: Ctx) -> None:
+    batch_ids = [await ctx.batch() for _ in range(20)]
+    events = [ctx.event(b, "step.offsets", step="transform", offsets={"partition_0": n})
+              for n in range(1, 101) for b in batch_ids]
+    producer = await open_producer(ctx.settings, linger_ms=20)
+    try:
+        futures = [await producer.send(ctx.settings.topic_events, value=e.encode(),
+                                       key=e.batch_id.encode()) for e in events]
+        for future in futures:
+            await future
+    finally:
+        await producer.stop()
+    consumer = EventsConsumer(ctx.settings, options())
+    async with running(consumer):
+        await ctx.processed(len(events))
+    assert consumer.applied == len(events)
+    for batch_id in batch_ids:
+        assert (await ctx.fields(batch_id))["off:transform:partition_0"] == "100"
+
+
+def test_coalesce_keeps_the_highest_offset_per_partition_and_every_other_event() -> None:
+    def ev(batch: str, kind: str, **fields: Any) -> Event:
+        return Event(type=kind, batch_id=batch, pipeline_id="p", **fields)
+
+    events = [
+        ev("b1", "step.offsets", step="s", offsets={"p0": 5}, event_id="a"),
+        ev("b1", "step.state", step="s", state="running", event_id="b"),
+        ev("b1", "step.offsets", step="s", offsets={"p0": 3, "p1": 7}, event_id="c"),
+        ev("b2", "step.offsets", step="s", offsets={"p0": 1}, event_id="d"),
+        ev("b1", "step.offsets", step="t", offsets={"p0": 2}, event_id="e"),
+        ev("b1", "batch.state", state="stop", event_id="f"),
+    ]
+    out = coalesce(events)
+    assert [(e.batch_id, e.type, e.step, e.offsets, e.event_id) for e in out] == [
+        ("b1", "step.state", "s", None, "b"),
+        ("b1", "batch.state", None, None, "f"),
+        ("b1", "step.offsets", "s", {"p0": 5, "p1": 7}, "c"),
+        ("b2", "step.offsets", "s", {"p0": 1}, "d"),
+        ("b1", "step.offsets", "t", {"p0": 2}, "e"),
+    ]

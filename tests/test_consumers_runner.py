@@ -1,0 +1,95 @@
+"""`python -m consumers` as the stack runs it: heartbeat, work done, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from consumers import runner
+from consumers.options import ConsumerOptions
+from core import keys
+from core.codec import Event
+from core.settings import ROOT, Settings
+from tests.conftest import eventually
+from tests.test_consumers_support import make_spec, new_batch, send, send_command, unique
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "DHUB_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "DHUB_REDIS_URL": settings.redis_url,
+        "DHUB_PREFECT_API_URL": settings.prefect_api_url,
+        "DHUB_TOPIC_COMMANDS": settings.topic_commands,
+        "DHUB_TOPIC_EVENTS": settings.topic_events,
+        "DHUB_TOPIC_DLQ": settings.topic_dlq,
+        "DHUB_GROUP_COMMANDS": settings.group_commands,
+        "DHUB_GROUP_EVENTS": settings.group_events,
+        "DHUB_HEARTBEAT_EVERY_S": "0.5",
+        "PYTHONPATH": str(ROOT),
+    })
+    return env
+
+
+async def test_the_process_runs_every_part_and_stops_cleanly_on_sigterm(
+        topics: Settings, redis: Redis, tmp_path: Path) -> None:
+    pipeline_id = unique("test-run")
+    stopped = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
+    advanced = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
+    log_path = tmp_path / "consumers.log"
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "consumers", "all", cwd=ROOT, env=env_for(topics),
+            stdout=log, stderr=log)
+    try:
+        await eventually(lambda: redis.exists(keys.HEARTBEAT_CONSUMERS), timeout=60)
+        assert await redis.ttl(keys.HEARTBEAT_CONSUMERS) <= ConsumerOptions().heartbeat_ttl_s
+        await send_command(topics, "stop", pipeline_id, stopped)
+        event = Event(type="step.state", batch_id=advanced, pipeline_id=pipeline_id,
+                      step="extract", state="running")
+        await send(topics, topics.topic_events, advanced, event.encode())
+
+        async def both_applied() -> bool:
+            a = await redis.hget(keys.batch(pipeline_id, stopped), "state")
+            b = await redis.hget(keys.batch(pipeline_id, advanced), "step:extract")
+            return (a, b) == ("stop", "running")
+        await eventually(both_applied, timeout=30)
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 40)
+    lines = log_path.read_bytes().splitlines()
+    records = [orjson.loads(line) for line in lines if line.startswith(b"{")]
+    assert code == 0, lines[-20:]
+    assert {"ts", "level", "logger", "msg"} <= records[0].keys()
+    messages = [r["msg"] for r in records]
+    assert any(m.startswith("consumers starting: events,commands,bridge,reconciler")
+               for m in messages)
+    assert "received SIGTERM, shutting down" in messages
+    assert messages[-1] == "consumers stopped"
+    assert not [r for r in records if r["level"] in ("error", "critical")]
+
+
+def test_parts_by_name() -> None:
+    settings, options = Settings(), ConsumerOptions()
+    assert [p.name for p in runner.build("all", settings, options)] == [
+        "events", "commands", "bridge", "reconciler"]
+    assert [p.name for p in runner.build("bridge", settings, options)] == ["bridge", "reconciler"]
+    assert [p.name for p in runner.build("events", settings, options)] == ["events"]
+    with pytest.raises(ValueError, match="unknown part"):
+        runner.build("nope", settings, options)
+
+
+def test_urls_are_logged_without_passwords() -> None:
+    from consumers.logs import redact
+
+    assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert redact("redis://user:s3cret@db/0") == "redis://user:***@db/0"
+    assert redact("http://127.0.0.1:4200/api") == "http://127.0.0.1:4200/api"
