@@ -266,4 +266,9 @@ class CommandsConsumer(Part):
             now = found[run.flow_run_id]
         if not now.final:
             await self.prefect.force_cancelled(now, DELETE_MESSAGE)
+        if run.started:
+            # A run that executed has task-run events the server may not have stored yet;
+            # deleting the run under them breaks Prefect's task-run recorder (foreign keys),
+            # which then stalls every run's events. Let them settle first.
+            await asyncio.sleep(self.options.delete_settle_s)
         await self.prefect.delete(run.flow_run_id)

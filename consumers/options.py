@@ -17,6 +17,9 @@ class ConsumerOptions(BaseSettings):
     # How long a delete waits for a cancelled running flow run to reach a final state
     # before it forces Cancelled and deletes it anyway.
     delete_cancel_wait_s: float = 8.0
+    # How long a delete waits after a run that executed is final before deleting it: Prefect
+    # stores events in batches (every few seconds) and must not find their run gone.
+    delete_settle_s: float = 5.0
     # Prefect API calls: a hung server counts as unavailable after this long.
     prefect_timeout_s: float = 15.0
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered
+from pipelines.steps import known_steps
 from service import auth
 from service.appkeys import COMMANDS, REGISTRY
 from service.batches import json_obj, path_id
@@ -41,6 +42,11 @@ async def put_pipeline(request: web.Request) -> web.Response:
             {"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()
         ]
         raise bad_request("invalid pipeline definition", problems=problems) from None
+    unknown = sorted({step.uses for step in spec.steps} - known_steps())
+    if unknown:
+        # Only registered implementations run: a definition must not choose arbitrary code.
+        raise bad_request("unknown step implementation", unknown=unknown,
+                          known=sorted(known_steps()))
     outcome = await request.app[REGISTRY].register(pipeline_id, spec)
     if outcome is Registered.CONFLICT:
         raise ApiError(409, "conflict",

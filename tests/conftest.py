@@ -45,8 +45,14 @@ def _part_ready(part: str, settings: Settings) -> bool:
             return httpx.get(settings.prefect_api_url + "/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+    elif part == "api":
+        try:
+            url = f"http://{settings.api_host}:{settings.api_port}/healthz"
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
     else:
-        # The worker has no port: ask the stack script.
+        # The worker and the consumers have no port: ask the stack script.
         out = subprocess.run([*STACK, "status", "--parts", part], capture_output=True, text=True)
         return out.returncode == 0 and " up" in out.stdout
     with socket.socket() as sock:
@@ -147,3 +153,21 @@ async def eventually(check: object, timeout: float = 10.0, interval: float = 0.0
 @pytest.fixture
 def root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def live(stack: Settings) -> Iterator[Settings]:
+    """The whole stack as a user runs it: the engines plus the API and consumer processes
+    (reused when running, else started and stopped afterwards). Tests on it use the stack's
+    own settings (Redis db 0, the real topics) and unique pipeline ids."""
+    missing = [p for p in ("api", "consumers") if not _part_ready(p, stack)]
+    if missing:
+        started = subprocess.run([*STACK, "up", "--parts", *missing], text=True)
+        if started.returncode != 0:
+            subprocess.run([*STACK, "down", "--parts", *missing])
+            pytest.exit(f"the API/consumers did not start ({missing}); see .dhub/logs/", 3)
+    try:
+        yield get_settings()
+    finally:
+        if missing:
+            subprocess.run([*STACK, "down", "--parts", *missing], check=False)

@@ -46,6 +46,7 @@ async def test_unexpected_error_500_with_request_id_and_no_trace(topics: Setting
     b'{"name": "x", "version": "1", "steps": [{"name": "a", "uses": "u"}, {"name": "a", "uses": "u"}]}',
     b'{"name": "bad name", "version": "1", "steps": [{"name": "a", "uses": "u"}]}',
     b'{"name": "x", "version": "1", "steps": [{"name": "a", "uses": "u"}], "extra": 1}',
+    b'{"name": "x", "version": "1", "steps": [{"name": "a", "uses": "os.system"}]}',
 ])
 async def test_invalid_pipeline_definition_400(topics: Settings, redis: Redis, body: bytes) -> None:
     async with api_client(api_settings(topics)) as api:

@@ -63,7 +63,7 @@ async def test_real_responses_validate_against_the_document(topics: Settings, re
         await call("PUT", "/api/v1/pipelines/{pipeline_id}", "/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
         await call("PUT", "/api/v1/pipelines/{pipeline_id}", "/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
         await call("PUT", "/api/v1/pipelines/{pipeline_id}", "/api/v1/pipelines/p",
-                   json=spec_body(steps=("x",)), headers=AUTH)
+                   json=spec_body(steps=("extract", "load")), headers=AUTH)
         await call("GET", "/api/v1/pipelines/{pipeline_id}", "/api/v1/pipelines/p", headers=AUTH)
         await call("GET", "/api/v1/pipelines/{pipeline_id}", "/api/v1/pipelines/q", headers=AUTH)
         await call("GET", "/api/v1/pipelines/", "/api/v1/pipelines/", headers=AUTH)

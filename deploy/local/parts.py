@@ -376,8 +376,28 @@ def before_consumers() -> None:
     clear_heartbeat()
 
 
+def register_demo() -> None:
+    """Registers the demo `pipeline-sales` through the API's own registry endpoint, which also
+    queues its Prefect deployment. Idempotent: the same version again answers 200."""
+    from pipelines.sales import PIPELINE_ID, demo_spec
+
+    body = json.dumps(demo_spec().model_dump(mode="json")).encode()
+    req = urllib.request.Request(
+        f"http://{s().api_host}:{s().api_port}/api/v1/pipelines/{PIPELINE_ID}", body,
+        {"Content-Type": "application/json",
+         "Authorization": f"Bearer {s().static_tokens()[0]}"}, method="PUT")
+    try:
+        with _OPENER.open(req, timeout=10) as r:
+            status = int(r.status)
+    except urllib.error.HTTPError as e:
+        status = e.code
+    if status not in (200, 201):
+        raise RuntimeError(f"registering the demo pipeline answered {status}")
+
+
 BEFORE: dict[str, Callable[[], None]] = {"api": ensure_token, "consumers": before_consumers}
-AFTER: dict[str, Callable[[], None]] = {"kafka": ensure_topics, "prefect": ensure_work_pool}
+AFTER: dict[str, Callable[[], None]] = {"kafka": ensure_topics, "prefect": ensure_work_pool,
+                                        "api": register_demo}
 
 
 def urls() -> dict[str, str]:

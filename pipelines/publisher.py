@@ -1,0 +1,107 @@
+"""Publishing a batch's events to Kafka from inside a running flow.
+
+Every event of one batch is keyed by its batch id, so they share a partition and keep the
+order they were sent in. A send is awaited until the broker acknowledged it (the producer
+runs with acks=all and idempotence), and a failed send is retried with the *same* event id
+until a deadline: a retry that doubles a delivered event is dropped by the consumer's
+de-duplication, and a send that still fails is raised, never swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+import anyio
+
+from core.codec import MAX_REASON, Event
+from core.connections import open_producer
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# How long closing the producer may take when the publisher is left by an exception.
+STOP_TIMEOUT_S = 2.0
+
+
+class PublishError(RuntimeError):
+    """An event could not be delivered to Kafka before the retry deadline."""
+
+
+class Producer(Protocol):
+    """The part of `aiokafka.AIOKafkaProducer` used here (aiokafka ships no type hints)."""
+
+    async def send_and_wait(self, topic: str, value: bytes | None = None,
+                            key: bytes | None = None) -> Any: ...
+
+
+class EventPublisher:
+    """Sends one batch's events to the events topic, each awaited until acknowledged."""
+
+    def __init__(self, producer: Producer, topic: str, batch_id: str, pipeline_id: str, *,
+                 deadline_s: float = 30.0, first_backoff_s: float = 0.2) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.batch_id = batch_id
+        self.pipeline_id = pipeline_id
+        self.deadline_s = deadline_s
+        self.first_backoff_s = first_backoff_s
+        self._key = batch_id.encode()
+
+    async def publish(self, event: Event) -> None:
+        """Delivers `event`, retrying the identical message until the deadline passes."""
+        value = event.encode()
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.deadline_s
+        backoff = self.first_backoff_s
+        attempt = 1
+        while True:
+            try:
+                await self.producer.send_and_wait(self.topic, value=value, key=self._key)
+                return
+            except Exception as exc:
+                if loop.time() + backoff > give_up:
+                    raise PublishError(
+                        f"{event.type} for {self.batch_id} not delivered after {attempt} "
+                        f"attempts: {type(exc).__name__}: {exc}"
+                    ) from exc
+                log.warning("kafka send of %s failed (%s: %s), retry %d in %.1fs",
+                            event.type, type(exc).__name__, exc, attempt, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                attempt += 1
+
+    def _event(self, kind: str, **fields: Any) -> Event:
+        return Event(type=kind, batch_id=self.batch_id, pipeline_id=self.pipeline_id, **fields)
+
+    async def batch_state(self, state: str, *, outcome: str | None = None,
+                          reason: str | None = None, flow_run_id: str | None = None) -> None:
+        if reason is not None and len(reason) > MAX_REASON:
+            reason = reason[: MAX_REASON - 1] + "…"
+        await self.publish(self._event("batch.state", state=state, outcome=outcome,
+                                       reason=reason, flow_run_id=flow_run_id))
+
+    async def step_state(self, step: str, state: str) -> None:
+        await self.publish(self._event("step.state", step=step, state=state))
+
+    async def step_offsets(self, step: str, offsets: dict[str, int]) -> None:
+        await self.publish(self._event("step.offsets", step=step, offsets=dict(offsets)))
+
+
+@asynccontextmanager
+async def open_publisher(settings: Settings, batch_id: str, pipeline_id: str,
+                         **options: float) -> AsyncIterator[EventPublisher]:
+    """A publisher on its own producer; leaving the block flushes and closes the producer."""
+    producer = await open_producer(settings)
+    try:
+        yield EventPublisher(producer, settings.topic_events, batch_id, pipeline_id, **options)
+    except BaseException:
+        # Also when cancelled (a flow run being torn down, where Prefect's anyio scopes
+        # re-cancel every await): shielded, and bounded as the process is on its way out.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(STOP_TIMEOUT_S):
+            await producer.stop()
+        raise
+    await producer.stop()

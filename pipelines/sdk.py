@@ -1,0 +1,269 @@
+"""The step SDK: what a step's code sees (`StepContext`) and how its progress is published.
+
+A step is a plain function `step(ctx) -> None`, sync or async. Sync steps run in a worker
+thread, so `ctx.report()` is thread-safe and never blocks on Kafka: it only records the
+latest offset per partition. A publisher task on the event loop turns those records into
+at most one `step.offsets` event every `interval_s` (only the partitions that changed), and
+the step's end flushes the rest and waits for the broker's acknowledgement before the step
+is declared `success`, so the final offsets are never lost behind a finished step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from types import MappingProxyType
+from typing import Any, TypeAlias, cast
+
+from core.models import MAX_OFFSET, valid_id
+from core.settings import Settings
+from pipelines.publisher import EventPublisher
+
+log = logging.getLogger(__name__)
+
+# How often, at most, one step publishes its offsets (per step, all changed partitions).
+REPORT_INTERVAL_S = 0.2
+# Bound on publishing a failed step's last offsets and `failed`: the error is what matters.
+FAILED_STATE_TIMEOUT_S = 5.0
+
+
+class StepFailed(RuntimeError):
+    """Raised by step code for an expected, explained failure (bad input, `fail_at`)."""
+
+
+class StepAborted(RuntimeError):
+    """Raised by `report()` once the step was cancelled: a sync step running in a thread
+    cannot be interrupted, so it stops at its next report instead of running on unseen."""
+
+
+class OffsetBook:
+    """Latest offset and optional total per partition, with the set changed since last taken.
+
+    Written from the step's thread, read from the event loop: every access holds the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._offsets: dict[str, int] = {}
+        self._totals: dict[str, int] = {}
+        self._changed: dict[str, int] = {}
+
+    def record(self, partition: str, offset: int, total: int | None) -> bool:
+        """Stores a report; True when it is the first change since the last `take`."""
+        with self._lock:
+            first = not self._changed
+            self._offsets[partition] = offset
+            self._changed[partition] = offset
+            if total is not None:
+                self._totals[partition] = total
+            return first
+
+    def take(self) -> dict[str, int]:
+        """The partitions changed since the last take, with their latest offsets."""
+        with self._lock:
+            changed, self._changed = self._changed, {}
+            return changed
+
+    def give_back(self, taken: dict[str, int]) -> None:
+        """Re-marks partitions whose publishing failed, unless a newer report replaced them."""
+        with self._lock:
+            for partition, offset in taken.items():
+                self._changed.setdefault(partition, offset)
+
+    def offsets(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._offsets)
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._totals)
+
+
+class StepContext:
+    """What a step's code receives: its identity (`batch_id`, `pipeline_id`, `step`), its
+    read-only `config` from the pipeline definition, the process `settings`, and `report()`."""
+
+    def __init__(self, *, batch_id: str, pipeline_id: str, step: str,
+                 config: Mapping[str, Any], settings: Settings, book: OffsetBook,
+                 on_change: Callable[[], None]) -> None:
+        self.batch_id = batch_id
+        self.pipeline_id = pipeline_id
+        self.step = step
+        self.config: Mapping[str, Any] = MappingProxyType(dict(config))
+        self.settings = settings
+        self._book = book
+        self._on_change = on_change
+        self._aborted = threading.Event()
+
+    def abort(self) -> None:
+        """Makes the step's next `report()` raise `StepAborted` (called by the SDK)."""
+        self._aborted.set()
+
+    def report(self, partition: str, offset: int, total: int | None = None) -> None:
+        """Records that `offset` records of `partition` are processed (`total`: of how many).
+
+        Cheap and thread-safe: call it as often as you like; publishing is coalesced.
+        """
+        if self._aborted.is_set():
+            raise StepAborted(f"step {self.step} was cancelled")
+        if not valid_id(partition):
+            raise ValueError(f"invalid partition name {partition!r}")
+        for name, value in (("offset", offset), ("total", total)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_OFFSET):
+                raise ValueError(f"invalid {name} {value!r} for {partition!r}")
+        if self._book.record(partition, offset, total):
+            self._on_change()
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """The latest offset reported per partition (published or not yet)."""
+        return self._book.offsets()
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """The totals given to `report()`; kept here, not published (the event has no field)."""
+        return self._book.totals()
+
+
+SyncStep: TypeAlias = Callable[[StepContext], None]
+AsyncStep: TypeAlias = Callable[[StepContext], Awaitable[None]]
+StepFn: TypeAlias = SyncStep | AsyncStep
+
+
+class OffsetPump:
+    """Publishes one step's offset changes: at most one event per interval, then a flush."""
+
+    def __init__(self, events: EventPublisher, step: str, book: OffsetBook,
+                 interval_s: float = REPORT_INTERVAL_S) -> None:
+        self._events = events
+        self._step = step
+        self._book = book
+        self._interval_s = interval_s
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        """Called (from any thread) on the first report after a publish: wakes the pump."""
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def start(self) -> None:
+        self._task = self._loop.create_task(self._run(), name=f"offsets:{self._step}")
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            if self._closing.is_set():
+                return
+            self._wake.clear()
+            await self._publish_changes(final=False)
+            # The rate limit: reports arriving meanwhile wait for the next event (or the flush).
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._interval_s)
+            if self._closing.is_set():
+                return
+
+    async def _publish_changes(self, *, final: bool) -> None:
+        changed = self._book.take()
+        if not changed:
+            return
+        try:
+            await self._events.step_offsets(self._step, changed)
+        except Exception:
+            # Not delivered: the partitions stay marked and go out with the next event.
+            self._book.give_back(changed)
+            if final:
+                raise
+            log.warning("offsets of step %s not published yet; will retry", self._step,
+                        exc_info=True)
+            self._wake.set()
+        except BaseException:
+            # Cancelled mid-send: maybe not delivered, so keep them for the failure report.
+            self._book.give_back(changed)
+            raise
+
+    async def stop(self, *, graceful: bool) -> None:
+        """Ends the periodic publishing: graceful lets an in-flight event finish first."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._closing.set()
+        self._wake.set()
+        if not graceful:
+            task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+    async def flush(self) -> None:
+        """Publishes what is left and waits for Kafka's acknowledgement; raises on failure."""
+        await self.stop(graceful=True)
+        await self._publish_changes(final=True)
+
+
+async def _call(fn: StepFn, ctx: StepContext) -> None:
+    if inspect.iscoroutinefunction(fn):
+        await cast(AsyncStep, fn)(ctx)
+        return
+    # Sync step code runs in a thread so the loop stays free to publish its offsets.
+    result = await asyncio.to_thread(fn, ctx)
+    if inspect.isawaitable(result):
+        await result
+
+
+@asynccontextmanager
+async def step_scope(events: EventPublisher, step: str, config: Mapping[str, Any],
+                     settings: Settings, *,
+                     interval_s: float = REPORT_INTERVAL_S) -> AsyncIterator[StepContext]:
+    """`running` on entry; on exit the final offsets, then `success` or `failed`.
+
+    An error (the step's, or a final flush that could not be delivered) publishes `failed`
+    and propagates, so the step and the flow fail visibly instead of losing progress.
+    """
+    book = OffsetBook()
+    pump = OffsetPump(events, step, book, interval_s)
+    ctx = StepContext(batch_id=events.batch_id, pipeline_id=events.pipeline_id, step=step,
+                      config=config, settings=settings, book=book, on_change=pump.notify)
+    await events.step_state(step, "running")
+    pump.start()
+    try:
+        yield ctx
+        await pump.flush()
+    except Exception:
+        ctx.abort()
+        await _report_failure(events, step, book, pump)
+        raise
+    except BaseException:
+        # Cancelled: when Prefect cancels a flow run the process is being torn down and the
+        # producer's own tasks are cancelled too, so nothing can be sent from here. The
+        # flow's cancellation hook reports the step as failed (see `pipelines.hooks`).
+        ctx.abort()
+        raise
+    await events.step_state(step, "success")
+
+
+async def _report_failure(events: EventPublisher, step: str, book: OffsetBook,
+                          pump: OffsetPump) -> None:
+    """Best effort and bounded: the offsets reached so far, then `failed`."""
+    try:
+        async with asyncio.timeout(FAILED_STATE_TIMEOUT_S):
+            await pump.stop(graceful=False)
+            changed = book.take()
+            if changed:
+                await events.step_offsets(step, changed)
+            await events.step_state(step, "failed")
+    except Exception:
+        log.warning("could not publish the failure of step %s", step, exc_info=True)
+
+
+async def run_step(fn: StepFn, events: EventPublisher, step: str, config: Mapping[str, Any],
+                   settings: Settings, *, interval_s: float = REPORT_INTERVAL_S) -> StepContext:
+    """Runs one step's code inside its scope; returns the context (offsets, totals) after."""
+    async with step_scope(events, step, config, settings, interval_s=interval_s) as ctx:
+        await _call(fn, ctx)
+    return ctx

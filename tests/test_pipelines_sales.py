@@ -1,0 +1,201 @@
+"""The sales pipeline's steps on small real data: files, validation, aggregates, SQLite.
+
+The steps are called directly with a context whose reports are only recorded (no Kafka):
+these tests are about the data; the SDK's publishing is tested in test_pipelines_sdk.py.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from contextlib import closing
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from core.settings import Settings
+from pipelines.sales import PIPELINE_ID, PIPELINE_NAME, demo_spec
+from pipelines.sales.records import Invalid, partition_sizes, validate
+from pipelines.sales.steps import extract, load, transform
+from pipelines.sdk import OffsetBook, StepContext, StepFailed
+from pipelines.steps import UnknownStep, known_steps, resolve
+
+BATCH = "batch-sales-test"
+
+
+def context(tmp_path: Path, step: str, **config: Any) -> StepContext:
+    return StepContext(batch_id=BATCH, pipeline_id=PIPELINE_ID, step=step,
+                       config={"data_dir": str(tmp_path), **config},
+                       settings=Settings(state_dir=tmp_path / "state"), book=OffsetBook(),
+                       on_change=lambda: None)
+
+
+def run_all(tmp_path: Path, **config: Any) -> dict[str, StepContext]:
+    done = {}
+    fns: dict[str, Callable[[StepContext], None]] = {
+        "extract": extract, "transform": transform, "load": load}
+    for name, fn in fns.items():
+        ctx = context(tmp_path, name, **config)
+        fn(ctx)
+        done[name] = ctx
+    return done
+
+
+def expected_from_source(root: Path) -> dict[tuple[str, str], tuple[int, int, int]]:
+    """(region, day) -> (revenue cents, orders, units), computed independently of the steps."""
+    sums: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for path in sorted((root / "source").glob("*.jsonl")):
+        for line in path.read_bytes().splitlines():
+            rec = orjson.loads(line)
+            try:
+                validate(line)
+            except Invalid:
+                continue
+            key = (rec["region"], rec["ts"][:10])
+            cents = int(Decimal(rec["unit_price"]) * 100)
+            sums[key][0] += rec["quantity"] * cents
+            sums[key][1] += 1
+            sums[key][2] += rec["quantity"]
+    return {k: (v[0], v[1], v[2]) for k, v in sums.items()}
+
+
+def table(db: Path) -> dict[tuple[str, str], tuple[int, int, int]]:
+    with closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute("SELECT region, day, revenue_cents, orders, units "
+                            "FROM daily_revenue WHERE batch_id = ?", (BATCH,)).fetchall()
+    return {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
+
+
+def test_partition_sizes_cover_every_row() -> None:
+    assert partition_sizes(10, 4) == [3, 3, 2, 2]
+    assert partition_sizes(3, 4) == [1, 1, 1, 0]
+    assert sum(partition_sizes(20_000, 7)) == 20_000
+
+
+def test_generator_is_seeded(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for root, seed in ((a, 1), (b, 1), (c, 2)):
+        extract(context(root, "extract", rows=300, partitions=2, seed=seed))
+    src = Path(BATCH) / "source" / "partition_1.jsonl"
+    assert (a / src).read_bytes() == (b / src).read_bytes()
+    assert (a / src).read_bytes() != (c / src).read_bytes()
+
+
+def test_pipeline_totals_in_sqlite_match_generated_records(tmp_path: Path) -> None:
+    ctxs = run_all(tmp_path, rows=1_003, partitions=3, seed=7)
+    root = tmp_path / BATCH
+    sizes = dict(zip(["partition_0", "partition_1", "partition_2"],
+                     partition_sizes(1_003, 3), strict=True))
+    # offsets: records processed per partition, equal to the partition sizes for every step
+    for name, ctx in ctxs.items():
+        assert ctx.offsets == sizes, name
+        assert ctx.totals == sizes, name
+    expected = expected_from_source(root)
+    loaded = table(root / "sales.db")
+    assert loaded == expected
+    assert sum(v[1] for v in loaded.values()) == 1_003
+
+
+def test_extract_rejects_invalid_records_with_reasons(tmp_path: Path) -> None:
+    ctxs = run_all(tmp_path, rows=2_000, partitions=2, seed=3, invalid_rate=0.05)
+    root = tmp_path / BATCH
+    rejects = [orjson.loads(line) for p in sorted((root / "rejects").glob("*.jsonl"))
+               for line in p.read_bytes().splitlines()]
+    staged = sum(len(p.read_bytes().splitlines()) for p in (root / "staging").glob("*.jsonl"))
+    assert 40 < len(rejects) < 200
+    assert staged + len(rejects) == 2_000
+    reasons = Counter(r["reason"].split(" ")[0] for r in rejects)
+    assert set(reasons) <= {"quantity", "unknown", "unit_price", "ts"}
+    # extract processed every record; transform and load only the valid ones
+    assert sum(ctxs["extract"].offsets.values()) == 2_000
+    assert sum(ctxs["transform"].offsets.values()) == staged
+    assert sum(ctxs["load"].offsets.values()) == staged
+    assert table(root / "sales.db") == expected_from_source(root)
+
+
+@pytest.mark.parametrize(("line", "reason"), [
+    (b'{"order_id": "x", "ts": "2024-01-02T00:00:00Z", "region": "emea", "product": "p",'
+     b' "quantity": 2, "unit_price": "1.005"}', "not an amount in cents"),
+    (b'{"order_id": "x", "ts": "2024-01-02T00:00:00", "region": "emea", "product": "p",'
+     b' "quantity": 2, "unit_price": "1.00"}', "no time zone"),
+    (b'{"order_id": "x", "ts": "2024-01-02T00:00:00Z", "region": "emea", "product": "p",'
+     b' "quantity": true, "unit_price": "1.00"}', "quantity"),
+    (b"[1, 2]", "not a JSON object"),
+    (b"{oops", "not JSON"),
+])
+def test_validate_explains_what_is_wrong(line: bytes, reason: str) -> None:
+    with pytest.raises(Invalid, match=reason):
+        validate(line)
+
+
+def test_validate_normalises_a_good_record() -> None:
+    sale = validate(b'{"order_id": "o1", "ts": "2024-01-02T23:30:00-02:00", "region": "apac",'
+                    b' "product": "dock", "quantity": 3, "unit_price": "19.99"}')
+    assert (sale.day, sale.price_cents, sale.revenue_cents) == ("2024-01-03", 1999, 5997)
+
+
+def test_load_replaces_the_batch_rows_on_rerun(tmp_path: Path) -> None:
+    run_all(tmp_path, rows=500, partitions=2)
+    load(context(tmp_path, "load", rows=500, partitions=2))
+    root = tmp_path / BATCH
+    assert table(root / "sales.db") == expected_from_source(root)
+
+
+@pytest.mark.parametrize("step", ["extract", "transform", "load"])
+def test_fail_at_fails_that_step_half_way(tmp_path: Path, step: str) -> None:
+    config = {"rows": 400, "partitions": 2, "fail_at": step}
+    fns: dict[str, Callable[[StepContext], None]] = {
+        "extract": extract, "transform": transform, "load": load}
+    for name, fn in fns.items():
+        ctx = context(tmp_path, name, **config)
+        if name != step:
+            fn(ctx)
+            continue
+        with pytest.raises(StepFailed, match="on purpose"):
+            fn(ctx)
+        assert 0 < sum(ctx.offsets.values()) <= 200
+        break
+    root = tmp_path / BATCH
+    if step == "extract":
+        assert not (root / "staging").exists()
+    if step == "load":
+        assert table(root / "sales.db") == {}
+
+
+def test_transform_without_extract_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(StepFailed, match="did the previous step run"):
+        transform(context(tmp_path, "transform"))
+
+
+def test_bad_config_is_a_step_failure(tmp_path: Path) -> None:
+    with pytest.raises(StepFailed, match="invalid sales step config"):
+        extract(context(tmp_path, "extract", rows=-1))
+    with pytest.raises(StepFailed, match="invalid sales step config"):
+        extract(context(tmp_path, "extract", colour="blue"))
+
+
+def test_default_data_dir_is_per_batch_under_the_state_dir(tmp_path: Path) -> None:
+    ctx = StepContext(batch_id=BATCH, pipeline_id=PIPELINE_ID, step="extract",
+                      config={"rows": 10, "partitions": 1},
+                      settings=Settings(state_dir=tmp_path), book=OffsetBook(),
+                      on_change=lambda: None)
+    extract(ctx)
+    assert (tmp_path / "data" / BATCH / "staging" / "partition_0.jsonl").exists()
+
+
+def test_demo_spec_and_step_registry() -> None:
+    spec = demo_spec()
+    assert (PIPELINE_ID, spec.name, spec.version) == ("pipeline-sales", PIPELINE_NAME, "1")
+    assert spec.step_names == ["extract", "transform", "load"]
+    assert [s.uses for s in spec.steps] == ["sales.extract", "sales.transform", "sales.load"]
+    assert spec.steps[0].config["rows"] == 20_000
+    assert demo_spec(rows=10, throttle=None, fail_at="load").steps[2].config == {
+        "rows": 10, "partitions": 4, "seed": 42, "throttle": None, "fail_at": "load"}
+    assert {s.uses for s in spec.steps} <= known_steps()
+    assert resolve("sales.load") is load
+    with pytest.raises(UnknownStep, match="no step implementation"):
+        resolve("os.system")
