@@ -31,6 +31,7 @@ from core import keys
 from core.codec import Event
 from core.connections import open_redis
 from core.models import FLOW_NAME, PipelineSpec, flow_run_tags, new_batch_id
+from core.prefect_events import EVENT_ID_PREFIX
 from core.registry import PipelineRegistry, Registered
 from core.scripts import Scripts
 from core.settings import ROOT, Settings
@@ -105,9 +106,13 @@ class Harness:
         await eventually(check, timeout=15, interval=0.1)
 
     async def events(self, batch_id: str) -> list[Event]:
-        """Every event of the batch (the tail keeps what it read before), up to its stop."""
-        return await self.tail.until(batch_id, lambda evs: any(
-            e.type == "batch.state" and e.state == "stop" for e in evs), timeout=30)
+        """Every event the flow published for the batch (the tail keeps what it read before),
+        up to its stop. Events the Prefect bridge forwards (when the stack's consumers run)
+        carry ids derived from Prefect's and are not the flow's: they are left out."""
+        events = await self.tail.until(batch_id, lambda evs: any(
+            e.type == "batch.state" and e.state == "stop" and not _bridged(e) for e in evs),
+            timeout=30)
+        return [e for e in events if not _bridged(e)]
 
     async def project(self, batch_id: str) -> dict[str, Any]:
         """Applies the events read so far to the batch's hash; the batch as GET shows it."""
@@ -151,6 +156,10 @@ async def harness(stack: Settings) -> AsyncIterator[Harness]:
 
 def states(events: list[Event], step: str) -> list[str | None]:
     return [e.state for e in events if e.type == "step.state" and e.step == step]
+
+
+def _bridged(event: Event) -> bool:
+    return event.event_id.startswith(EVENT_ID_PREFIX)
 
 
 def step_offsets(events: list[Event], step: str) -> dict[str, int]:
