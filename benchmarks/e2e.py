@@ -1,0 +1,259 @@
+"""`make bench-e2e`: latency of the whole loop on the running stack, and the events consumer's
+sustained apply rate next to a raw aiokafka read of the same messages.
+
+1. POST -> `scheduled` and POST -> `running` over N batches of a small sales pipeline
+   (one at a time, each waited to `stop`, so the runs do not queue behind each other).
+2. With ~10k offset events/s flowing from another process, event produced -> visible in GET,
+   by probe events on a batch of their own.
+3. 200k offset events applied by one `EventsConsumer` (own topic, own Redis database), next
+   to a group-less aiokafka read of the same records: the anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from benchmarks.harness import stack
+from consumers.events import EventsConsumer
+from core.codec import Event
+from core.connections import open_producer, open_redis
+from core.models import PipelineSpec, StepSpec, new_batch_id
+from core.registry import PipelineRegistry
+from core.scripts import Scripts
+from core.settings import Settings, get_settings
+from core.store import BatchStore
+
+ALL_PARTS = ["redis", "kafka", "prefect", "worker", "api", "consumers"]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def _state(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
+    async with session.get(url) as response:
+        response.raise_for_status()
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+# -- 1. POST -> scheduled / running ---------------------------------------------------------
+
+async def start_latency(api: str, session: aiohttp.ClientSession, batches: int) -> dict[str, list[float]]:
+    spec = {"name": "bench-e2e", "version": "1",
+            "steps": [{"name": s, "uses": f"sales.{s}", "config": {"rows": 400, "partitions": 2}}
+                      for s in ("extract", "transform", "load")]}
+    async with session.put(f"{api}/api/v1/pipelines/bench-e2e", json=spec) as response:
+        response.raise_for_status()
+    order = ["pending", "scheduled", "running", "stop"]
+    out: dict[str, list[float]] = {"scheduled": [], "running": [], "stop": []}
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        async with session.post(f"{api}/api/v1/batches/bench-e2e") as response:
+            response.raise_for_status()
+            batch_id = (await response.json())["item"]
+        url = f"{api}/api/v1/batches/bench-e2e/{batch_id}"
+        seen: dict[str, float] = {}
+        deadline = t0 + 120
+        while "stop" not in seen and time.perf_counter() < deadline:
+            state = (await _state(session, url))["state"]["state"]
+            now = time.perf_counter() - t0
+            for name in order[1:order.index(state) + 1]:
+                seen.setdefault(name, now)
+            await asyncio.sleep(0.01)
+        for name in out:
+            if name in seen:
+                out[name].append(seen[name])
+    return out
+
+
+# -- 2. event -> visible under load ---------------------------------------------------------
+
+def _load_process(settings: Settings, targets: list[tuple[str, str]], rate: int, seconds: float,
+                  sent: Any) -> None:
+    async def main() -> None:
+        producer = await open_producer(settings, linger_ms=5)
+        per_tick = max(1, rate // 100)
+        n, start = 0, time.perf_counter()
+        try:
+            while time.perf_counter() - start < seconds:
+                futures = []
+                for _ in range(per_tick):
+                    pipeline_id, batch_id = targets[n % len(targets)]
+                    event = Event("step.offsets", batch_id, pipeline_id, step="load",
+                                  offsets={f"partition_{n % 4}": n})
+                    futures.append(await producer.send(settings.topic_events, event.encode(),
+                                                       key=batch_id.encode()))
+                    n += 1
+                await asyncio.gather(*futures)
+                # Pace to the rate: sleep until this tick's share of time is used up.
+                ahead = n / rate - (time.perf_counter() - start)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        finally:
+            await producer.stop()
+        sent.value = n / (time.perf_counter() - start)
+
+    asyncio.run(main())
+
+
+async def visible_latency(api: str, session: aiohttp.ClientSession, settings: Settings,
+                          rate: int, seconds: float) -> tuple[list[float], float]:
+    redis = await open_redis(settings)
+    scripts = Scripts(redis)
+    store = BatchStore(redis, scripts, token_secret=b"unused")
+    pipeline_id = "bench-visible"
+    spec = PipelineSpec(name="bench-visible", version="1",
+                        steps=[StepSpec(name="load", uses="sales.load")])
+    await PipelineRegistry(redis, scripts).register(pipeline_id, spec)
+    # Batches written straight to Redis: the API serves them, but no flow run starts.
+    targets = [(pipeline_id, new_batch_id()) for _ in range(101)]
+    for pid, bid in targets:
+        await store.create(pid, bid, spec)
+    probe_pid, probe_bid = targets.pop()
+    ctx = multiprocessing.get_context("spawn")
+    achieved = ctx.Value("d", 0.0)
+    loader = ctx.Process(target=_load_process, args=(settings, targets, rate, seconds, achieved))
+    loader.start()
+    producer = await open_producer(settings)
+    latencies: list[float] = []
+    url = f"{api}/api/v1/batches/{pipeline_id}/{probe_bid}"
+    try:
+        await asyncio.sleep(1.0)  # let the load reach its rate
+        k = 0
+        end = time.perf_counter() + seconds - 2
+        while time.perf_counter() < end:
+            k += 1
+            event = Event("step.offsets", probe_bid, probe_pid, step="load", offsets={"probe": k})
+            t0 = time.perf_counter()
+            await producer.send(settings.topic_events, event.encode(), key=probe_bid.encode())
+            while True:
+                body = await _state(session, url)
+                if body["state"]["steps"]["load"]["offsets"].get("probe", 0) >= k:
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                    break
+                if time.perf_counter() - t0 > 10:
+                    raise RuntimeError("a probe event never became visible")
+            await asyncio.sleep(0.02)
+    finally:
+        await producer.stop()
+        loader.join()
+        for pid, bid in [*targets, (probe_pid, probe_bid)]:
+            await store.purge(pid, bid)
+        await redis.aclose()
+    return latencies, achieved.value
+
+
+# -- 3. apply rate --------------------------------------------------------------------------
+
+async def apply_rate(settings: Settings, total: int, redis_db: int) -> tuple[float, float]:
+    base = settings.redis_url.rsplit("/", 1)[0]
+    topic = f"bench.{uuid.uuid4().hex[:8]}.events"
+    bench = settings.model_copy(update={"redis_url": f"{base}/{redis_db}", "topic_events": topic,
+                                        "group_events": f"bench-{uuid.uuid4().hex[:8]}"})
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    await admin.create_topics([NewTopic(topic, 6, 1)])
+    redis = await open_redis(bench)
+    await redis.flushdb()
+    store = BatchStore(redis, Scripts(redis), token_secret=b"unused")
+    spec = PipelineSpec(name="bench-apply", version="1",
+                        steps=[StepSpec(name=s, uses="sales." + s) for s in ("extract", "transform", "load")])
+    batches = [new_batch_id() for _ in range(1000)]
+    for batch_id in batches:
+        await store.create("bench-apply", batch_id, spec)
+    producer = await open_producer(bench, linger_ms=20, max_batch_size=1 << 20)
+    try:
+        futures = []
+        for n in range(total):
+            batch_id = batches[n % len(batches)]
+            event = Event("step.offsets", batch_id, "bench-apply", step=spec.steps[n % 3].name,
+                          offsets={f"partition_{n % 4}": n})
+            futures.append(await producer.send(topic, event.encode(), key=batch_id.encode()))
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    try:
+        raw = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
+                               auto_offset_reset="earliest", enable_auto_commit=False,
+                               max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+        t0 = time.perf_counter()
+        await raw.start()
+        seen = 0
+        while seen < total:
+            for records in (await raw.getmany(timeout_ms=200, max_records=20_000)).values():
+                seen += len(records)
+        raw_rate = total / (time.perf_counter() - t0)
+        await raw.stop()
+
+        consumer = EventsConsumer(bench)
+        t0 = time.perf_counter()
+        await consumer.start()
+        task = asyncio.create_task(consumer.run())
+        while consumer.applied + consumer.dropped + consumer.dead < total:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.005)
+        apply = total / (time.perf_counter() - t0)
+        await consumer.stop()
+        await task
+    finally:
+        await redis.flushdb()
+        await redis.aclose()
+        await admin.delete_topics([topic])
+        await admin.close()
+    return apply, raw_rate
+
+
+async def run(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    token = settings.static_tokens()[0]
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+        starts = await start_latency(api, session, args.batches)
+        latencies, achieved = await visible_latency(api, session, settings, args.rate, args.seconds)
+    apply, raw = await apply_rate(settings, args.events, args.redis_db)
+
+    print("\n| what | p50 | p95 | p99 | n |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("scheduled", "running", "stop"):
+        values = starts[name]
+        if values:
+            print(f"| POST -> {name} (s) | {pct(values, .5):.2f} | {pct(values, .95):.2f} | "
+                  f"{pct(values, .99):.2f} | {len(values)} |")
+    print(f"| event produced -> visible in GET (ms), {achieved:,.0f} events/s flowing | "
+          f"{pct(latencies, .5):.1f} | {pct(latencies, .95):.1f} | {pct(latencies, .99):.1f} | "
+          f"{len(latencies)} |")
+    print(f"\nevents consumer: {apply:,.0f} events/s applied ({args.events:,} offset events, "
+          f"1000 batches) vs raw aiokafka read {raw:,.0f} events/s = {apply / raw:.0%} of raw")
+    running = starts["running"]
+    print(f"targets: POST->running p95 < 3 s: {'PASS' if running and pct(running, .95) < 3 else 'MISS'}; "
+          f"visible p99 < 100 ms: {'PASS' if pct(latencies, .99) < 100 else 'MISS'}; "
+          f"apply >= 50k/s: {'PASS' if apply >= 50_000 else 'MISS'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--rate", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--redis-db", type=int, default=12)
+    args = parser.parse_args()
+    with stack(ALL_PARTS):
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
