@@ -33,6 +33,10 @@ class Settings(BaseSettings):
 
     prefect_api_url: str = "http://127.0.0.1:4200/api"
     prefect_port: int = 4200
+    # The Prefect server's database. Unset: the local stack's PostgreSQL on postgres_port
+    # (5433, beside any system PostgreSQL on 5432).
+    prefect_db_url: str | None = None
+    postgres_port: int = 5433
     work_pool: str = "dhub-local"
 
     api_host: str = "127.0.0.1"

@@ -27,7 +27,7 @@ from core.scripts import Scripts
 from core.settings import ROOT, Settings, get_settings
 
 STACK = [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")]
-ENGINE_PARTS = ("redis", "kafka", "prefect", "worker")
+ENGINE_PARTS = ("redis", "kafka", "postgres", "prefect", "worker")
 
 
 def _part_ready(part: str, settings: Settings) -> bool:
@@ -40,6 +40,8 @@ def _part_ready(part: str, settings: Settings) -> bool:
     elif part == "kafka":
         host, port_s = settings.kafka_bootstrap.split(",")[0].rsplit(":", 1)
         target = (host, int(port_s))
+    elif part == "postgres":
+        target = ("127.0.0.1", settings.postgres_port)
     elif part == "prefect":
         try:
             return httpx.get(settings.prefect_api_url + "/health", timeout=2).status_code == 200

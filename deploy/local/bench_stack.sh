@@ -14,11 +14,12 @@ off="${DHUB_BENCH_PORT_OFFSET:-10000}"
 sample_s="${DHUB_BENCH_SAMPLE_S:-10}"
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/dhub-bench.XXXXXX")"
+chmod 755 "$work"  # the postgres user (the server will not run as root) must reach its data
 export DHUB_STATE_DIR="$work/state" DHUB_CACHE_DIR="$work/cache"
 export DHUB_REDIS_PORT=$((6379 + off)) DHUB_REDIS_URL="redis://127.0.0.1:$((6379 + off))/0"
 export DHUB_KAFKA_BOOTSTRAP="127.0.0.1:$((9092 + off))"
 export DHUB_PREFECT_PORT=$((4200 + off)) DHUB_PREFECT_API_URL="http://127.0.0.1:$((4200 + off))/api"
-export DHUB_API_PORT=$((8080 + off))
+export DHUB_API_PORT=$((8080 + off)) DHUB_POSTGRES_PORT=$((5433 + off))
 unset DHUB_STACK_PARTS  # the whole stack
 
 cleanup() {
@@ -28,7 +29,8 @@ cleanup() {
 trap cleanup EXIT
 
 # Kafka's controller listens on the broker port + 1.
-for port in "$DHUB_REDIS_PORT" $((9092 + off)) $((9093 + off)) "$DHUB_PREFECT_PORT" "$DHUB_API_PORT"; do
+for port in "$DHUB_REDIS_PORT" $((9092 + off)) $((9093 + off)) "$DHUB_PREFECT_PORT" "$DHUB_API_PORT" \
+        "$DHUB_POSTGRES_PORT"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "bench: port $port is in use; set DHUB_BENCH_PORT_OFFSET to another offset" >&2
         exit 1

@@ -67,4 +67,17 @@ if ! command -v redis-server >/dev/null; then
     fi
 fi
 
-log "ok (venv: $VENV, kafka jars: $kdir/libs, redis: $(command -v redis-server))"
+# --- PostgreSQL server (Prefect's database) --------------------------------------------------
+pg_initdb() { ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true; }
+if [[ -z "$(pg_initdb)" ]] && ! command -v initdb >/dev/null; then
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+        log "installing postgresql with apt-get"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
+    else
+        die "PostgreSQL server not found: install it (Debian/Ubuntu: sudo apt-get install -y postgresql; macOS: brew install postgresql)"
+    fi
+fi
+
+pg="$(pg_initdb)"; pg="${pg:-$(command -v initdb)}"
+log "ok (venv: $VENV, kafka jars: $kdir/libs, redis: $(command -v redis-server), postgres: $(dirname "$pg"))"
