@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import jwt
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import AIOKafkaConsumer
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
@@ -70,3 +72,20 @@ async def api_client(settings: Settings) -> AsyncIterator[TestClient[Any, Any]]:
         yield client
     finally:
         await client.close()
+
+
+async def read_topic(settings: Settings, topic: str, until: Callable[[list[Any]], bool],
+                     timeout: float = 20.0) -> list[Any]:
+    """Every record of `topic` from the start, once `until(records)` holds."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    records: list[Any] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while not until(records):
+                for part in (await consumer.getmany(timeout_ms=200)).values():
+                    records.extend(part)
+    finally:
+        await consumer.stop()
+    return records

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
-from aiokafka import AIOKafkaConsumer
 from redis.asyncio import Redis
 
 from core import keys
 from core.codec import decode_command
 from core.settings import Settings
 from service.appkeys import PRODUCER
-from tests.helpers import AUTH, api_client, api_settings, spec_body
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 
 Client = TestClient[Any, Any]
 
@@ -33,19 +31,12 @@ async def read_commands(settings: Settings, count: int, timeout: float = 10,
                         types: tuple[str, ...] = ("run", "stop", "delete")) -> list[Any]:
     """The first `count` commands of those types on the test's topic (registering a
     pipeline queues a `deploy` command, which most tests here do not look at)."""
-    consumer = AIOKafkaConsumer(settings.topic_commands, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(records) < count:
-                batch = await consumer.getmany(timeout_ms=200)
-                for part in batch.values():
-                    records.extend(r for r in part if decode_command(r.value).type in types)
-    finally:
-        await consumer.stop()
-    return records
+    def wanted(records: list[Any]) -> list[Any]:
+        return [r for r in records if decode_command(r.value).type in types]
+
+    records = await read_topic(settings, settings.topic_commands,
+                               lambda rs: len(wanted(rs)) >= count, timeout)
+    return wanted(records)[:count]
 
 
 async def run(api: Client, pipeline: str = "pipeline-sales", **params: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from pathlib import Path
@@ -10,14 +9,13 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from core.codec import decode_event
 from core.settings import Settings
 from service.hooks import signature
-from tests.helpers import api_client, api_settings
+from tests.helpers import api_client, api_settings, read_topic
 
 SECRET = "webhook-secret-for-tests"
 CAPTURED = json.loads((Path(__file__).parent / "data" / "prefect_events.json").read_text())
@@ -30,18 +28,7 @@ def signed(body: bytes, secret: str = SECRET, at: float | None = None) -> dict[s
 
 
 async def read_events(settings: Settings, count: int, timeout: float = 10) -> list[Any]:
-    consumer = AIOKafkaConsumer(settings.topic_events, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while len(records) < count:
-                for part in (await consumer.getmany(timeout_ms=200)).values():
-                    records.extend(part)
-    finally:
-        await consumer.stop()
-    return records
+    return await read_topic(settings, settings.topic_events, lambda rs: len(rs) >= count, timeout)
 
 
 async def test_a_signed_prefect_event_is_forwarded(topics: Settings, redis: Redis) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,12 @@ from core import keys
 from core.codec import Event, decode_event
 from core.settings import Settings
 from tests.conftest import eventually
+from tests.helpers import read_topic
 from tests.test_consumers_support import (
     Deployer,
-    make_spec,
-    new_batch,
+    PipelineCtx,
     options,
     prefect,
-    read_topic,
     running,
     send,
     send_command,
@@ -40,24 +38,7 @@ from tests.test_consumers_support import (
 )
 
 
-@dataclass
-class Ctx:
-    settings: Settings
-    redis: Redis
-    deployer: Deployer
-    pipeline_id: str
-    batches: list[str] = field(default_factory=list)
-
-    async def batch(self) -> str:
-        batch_id = await new_batch(self.redis, self.settings, self.pipeline_id,
-                                   make_spec(self.pipeline_id))
-        self.batches.append(batch_id)
-        return batch_id
-
-    async def fields(self, batch_id: str) -> dict[str, str]:
-        data: dict[str, str] = await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))
-        return data
-
+class Ctx(PipelineCtx):
     async def reaches(self, batch_id: str, state: str, timeout: float = 60) -> dict[str, str]:
         async def check() -> dict[str, str] | None:
             fields = await self.fields(batch_id)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -21,15 +20,15 @@ from core import keys
 from core.codec import decode_event
 from core.settings import Settings
 from tests.conftest import eventually
+from tests.helpers import read_topic
 from tests.test_consumers_support import (
     Deployer,
+    PipelineCtx,
     committed,
     flow_runs,
     make_spec,
-    new_batch,
     options,
     prefect,
-    read_topic,
     running,
     send,
     send_command,
@@ -38,24 +37,7 @@ from tests.test_consumers_support import (
 )
 
 
-@dataclass
-class Ctx:
-    settings: Settings
-    redis: Redis
-    deployer: Deployer
-    pipeline_id: str
-    batches: list[str] = field(default_factory=list)
-
-    async def batch(self, **spec_args: Any) -> str:
-        spec = make_spec(self.pipeline_id, **spec_args)
-        batch_id = await new_batch(self.redis, self.settings, self.pipeline_id, spec)
-        self.batches.append(batch_id)
-        return batch_id
-
-    async def fields(self, batch_id: str) -> dict[str, str]:
-        data: dict[str, str] = await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))
-        return data
-
+class Ctx(PipelineCtx):
     def consumer(self, settings: Settings | None = None, **opts: Any) -> CommandsConsumer:
         return CommandsConsumer(settings or self.settings, options(**opts),
                                 ensure=self.deployer.ensure)

@@ -17,12 +17,12 @@ from core.codec import Event
 from core.connections import open_producer
 from core.settings import Settings
 from tests.conftest import eventually
+from tests.helpers import read_topic
 from tests.test_consumers_support import (
     committed,
     make_spec,
     new_batch,
     options,
-    read_topic,
     running,
     send,
     store_for,

@@ -7,12 +7,12 @@ import asyncio
 import contextlib
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate
@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 
 from consumers.options import ConsumerOptions
 from consumers.part import Part
+from core import keys
 from core.codec import Command
 from core.connections import open_producer
 from core.models import TAG_BATCH_PREFIX, PipelineSpec, new_batch_id
@@ -97,23 +98,6 @@ async def send_command(settings: Settings, kind: str, pipeline_id: str, batch_id
                       pipeline_version=version)
     await send(settings, settings.topic_commands, batch_id, command.encode())
     return command
-
-
-async def read_topic(settings: Settings, topic: str, until: Callable[[list[Any]], bool],
-                     timeout: float = 20.0) -> list[Any]:
-    """Every record of `topic` from the start, once `until(records)` holds."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
-    await consumer.start()
-    records: list[Any] = []
-    try:
-        async with asyncio.timeout(timeout):
-            while not until(records):
-                for part in (await consumer.getmany(timeout_ms=200)).values():
-                    records.extend(part)
-    finally:
-        await consumer.stop()
-    return records
 
 
 @contextlib.asynccontextmanager
@@ -198,3 +182,24 @@ async def committed(settings: Settings, group: str, topic: str) -> int:
 
 def options(**overrides: Any) -> ConsumerOptions:
     return FAST.model_copy(update=overrides)
+
+
+@dataclass
+class PipelineCtx:
+    """One test's pipeline on the real stack: its batches, created the way the API does."""
+
+    settings: Settings
+    redis: Redis
+    deployer: Deployer
+    pipeline_id: str
+    batches: list[str] = field(default_factory=list)
+
+    async def batch(self, **spec_args: Any) -> str:
+        spec = make_spec(self.pipeline_id, **spec_args)
+        batch_id = await new_batch(self.redis, self.settings, self.pipeline_id, spec)
+        self.batches.append(batch_id)
+        return batch_id
+
+    async def fields(self, batch_id: str) -> dict[str, str]:
+        data: dict[str, str] = await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))
+        return data
