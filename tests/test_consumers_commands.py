@@ -218,3 +218,19 @@ async def test_prefect_unreachable_keeps_the_command_until_it_is_back(ctx: Ctx) 
     assert (await ctx.fields(batch_id))["state"] == "scheduled"
     async with prefect(ctx.settings) as client:
         assert len(await flow_runs(client, batch_id)) == 1
+
+
+async def test_deploy_creates_the_deployment_and_an_unknown_version_is_dead_lettered(ctx: Ctx) -> None:
+    await ctx.batch()  # registers version 1 of the test's pipeline, as PUT /pipelines does
+    async with running(ctx.consumer()):
+        await send_command(ctx.settings, "deploy", ctx.pipeline_id, "")
+        await send_command(ctx.settings, "deploy", ctx.pipeline_id, "", version="9")
+        await ctx.processed(2)
+    assert ctx.deployer.calls == 1
+    async with prefect(ctx.settings) as client:
+        deployment = await client.read_deployment_by_name(f"run-pipeline/{ctx.pipeline_id}")
+    assert deployment.id == ctx.deployer.ids[0]
+    [dead] = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 1)
+    headers = dict(dead.headers)
+    assert headers[dlq.REASON].startswith(b"deploy failed: unknown pipeline version")
+    assert dead.key == ctx.pipeline_id.encode()

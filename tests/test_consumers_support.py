@@ -96,7 +96,7 @@ async def send_command(settings: Settings, kind: str, pipeline_id: str, batch_id
                        version: str = "1") -> Command:
     command = Command(type=kind, batch_id=batch_id, pipeline_id=pipeline_id,
                       pipeline_version=version)
-    await send(settings, settings.topic_commands, batch_id, command.encode())
+    await send(settings, settings.topic_commands, command.key.decode(), command.encode())
     return command
 
 
