@@ -61,10 +61,14 @@ echo "bench: state and jar cache in $work, ports +$off; Maven ~/.m2 cache: $m2" 
 echo "cold up:" >&2
 cold="$(timed_up)"
 read -r cold_setup cold_up <<<"$cold"
+# What must survive a down/up: a Redis key (AOF), the topics (Kafka's log dirs), Prefect's
+# rows (its PostgreSQL database): the work pool keeps its id.
+"$PY" "$ROOT/deploy/local/survival.py" mark "$work/marker"
 echo "warm up (after down):" >&2
 "${STACK[@]}" down >/dev/null
 warm="$(timed_up)"
 read -r warm_setup warm_up <<<"$warm"
+survived="$("$PY" "$ROOT/deploy/local/survival.py" check "$work/marker")"
 
 # Memory at rest: sum of RSS of every process of every part (children included), sampled.
 "$PY" - "$ROOT/deploy/local/stack.py" "$sample_s" "$work/pids" <<'EOF' >"$work/mem"
@@ -113,6 +117,11 @@ awk -v s="$cold_setup" -v u="$cold_up" 'BEGIN { printf "%-26s %7.1fs %7.1fs %7.1
 awk -v s="$warm_setup" -v u="$warm_up" 'BEGIN { printf "%-26s %7.1fs %7.1fs %7.1fs\n", "warm (down, then up)", s, u, s + u }'
 printf '%-26s %s (peak of %s samples over %ss; MiB per part: %s)\n' "memory at rest" "$mem_total" "$mem_samples" "$sample_s" "$mem_parts"
 printf '%-26s %s\n' "Maven ~/.m2" "$m2"
+printf '%-26s %s\n' "data survived down/up" "$survived"
+if [[ "$survived" != yes* ]]; then
+    echo "bench: data did not survive down/up: $survived" >&2
+    exit 1
+fi
 if [[ -n "$left" ]]; then
     echo "bench: processes left after down:$left" >&2
     exit 1
