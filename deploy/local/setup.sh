@@ -74,6 +74,12 @@ if [[ -z "$(pg_initdb)" ]] && ! command -v initdb >/dev/null; then
         log "installing postgresql with apt-get"
         apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql
+        # Debian may start its default cluster on 5432; the stack runs its own instance.
+        if command -v pg_lsclusters >/dev/null; then
+            pg_lsclusters -h | awk '$4 == "online" { print $1, $2 }' | while read -r v c; do
+                pg_ctlcluster "$v" "$c" stop || true
+            done
+        fi
     else
         die "PostgreSQL server not found: install it (Debian/Ubuntu: sudo apt-get install -y postgresql; macOS: brew install postgresql)"
     fi
