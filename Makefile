@@ -29,6 +29,9 @@ lint: setup  ## ruff + mypy strict
 	@$(VENV)/bin/mypy
 
 bench-api: setup  ## GET/POST throughput of the API next to a bare aiohttp handler
+	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; } || \
+		{ echo "bench-api needs wrk: apt-get install -y wrk"; exit 1; }
 	@$(PY) -m benchmarks.api $(BENCH_ARGS)
 
 bench-e2e: setup  ## POST -> running latency, event -> visible latency, consumer apply rate
