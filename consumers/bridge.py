@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 
 from consumers.emit import Emitter
 from consumers.options import ConsumerOptions
-from consumers.part import Part
+from consumers.part import Part, close_all
 from consumers.retry import Backoff, Stopping, describe
 from core import keys
 from core.connections import open_producer, open_redis
@@ -79,10 +79,7 @@ class PrefectBridge(Part):
         if self._redis is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._save_checkpoint(force=True))
-        if self._producer is not None:
-            await self._producer.stop()
-        if self._redis is not None:
-            await self._redis.aclose()
+        await close_all(self._producer, self._redis)
 
     async def _loop(self) -> None:
         delay = self.options.retry_initial_s

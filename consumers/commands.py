@@ -22,7 +22,7 @@ from consumers.dlq import DeadLetters
 from consumers.emit import Emitter
 from consumers.kafka import Record, commit_retrying, open_consumer
 from consumers.options import ConsumerOptions
-from consumers.part import Part
+from consumers.part import Part, close_all
 from consumers.prefect_api import PrefectGateway, RunState, not_found
 from consumers.retry import Backoff, Permanent, Stopping, describe
 from core.codec import CodecError, Command, Event, decode_command
@@ -74,14 +74,7 @@ class CommandsConsumer(Part):
                                              max_poll_records=self.options.commands_max_records)
 
     async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-        if self.prefect is not None:
-            await self.prefect.close()
-        if self._redis is not None:
-            await self._redis.aclose()
+        await close_all(self._consumer, self._producer, self.prefect, self._redis)
 
     # -- the loop ------------------------------------------------------------------------
 

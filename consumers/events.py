@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from consumers.dlq import DeadLetters
 from consumers.kafka import Record, commit_retrying, open_consumer
 from consumers.options import ConsumerOptions
-from consumers.part import Part
+from consumers.part import Part, close_all
 from consumers.retry import Backoff, Stopping
 from core.codec import CodecError, Event, decode_event
 from core.connections import open_producer, open_redis
@@ -95,12 +95,7 @@ class EventsConsumer(Part):
         )
 
     async def close(self) -> None:
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-        if self._redis is not None:
-            await self._redis.aclose()
+        await close_all(self._consumer, self._producer, self._redis)
 
     async def _loop(self) -> None:
         assert self._consumer is not None

@@ -61,3 +61,19 @@ class Part(abc.ABC):
         except TimeoutError:
             return False
         return True
+
+
+async def close_all(*clients: object) -> None:
+    """Closes a part's clients in order (None: never opened) by their own verb — `aclose`
+    (redis), `stop` (aiokafka) or `close`; one that fails does not keep the others open."""
+    for client in clients:
+        if client is None:
+            continue
+        close = (getattr(client, "aclose", None) or getattr(client, "stop", None)
+                 or getattr(client, "close", None))
+        if close is None:
+            raise TypeError(f"{type(client).__name__} has no aclose, stop or close")
+        try:
+            await close()
+        except Exception:
+            log.warning("closing %s failed", type(client).__name__, exc_info=True)

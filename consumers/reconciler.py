@@ -22,7 +22,7 @@ from redis.asyncio import Redis
 from consumers.active import ActiveRuns
 from consumers.emit import Emitter
 from consumers.options import ConsumerOptions
-from consumers.part import Part
+from consumers.part import Part, close_all
 from consumers.prefect_api import PrefectGateway, RunState
 from consumers.retry import describe
 from core import keys
@@ -66,12 +66,7 @@ class Reconciler(Part):
         self.emitter = Emitter(self._producer, self.settings.topic_events)
 
     async def close(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-        if self.prefect is not None:
-            await self.prefect.close()
-        if self._redis is not None:
-            await self._redis.aclose()
+        await close_all(self._producer, self.prefect, self._redis)
 
     async def _loop(self) -> None:
         while not await self.sleep(self.options.reconcile_interval_s):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,20 +63,27 @@ def _part_ready(part: str, settings: Settings) -> bool:
         return sock.connect_ex(target) == 0
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator[Settings]:
-    settings = get_settings()
-    missing = [p for p in ENGINE_PARTS if not _part_ready(p, settings)]
+@contextmanager
+def _parts_up(parts: tuple[str, ...], settings: Settings) -> Iterator[None]:
+    """Reuses the parts that answer; starts the others and stops exactly those afterwards."""
+    missing = [p for p in parts if not _part_ready(p, settings)]
     if missing:
         started = subprocess.run([*STACK, "up", "--parts", *missing], text=True)
         if started.returncode != 0:
             subprocess.run([*STACK, "down", "--parts", *missing])
             pytest.exit(f"the local stack did not start ({missing}); see .dhub/logs/", 3)
     try:
-        yield settings
+        yield
     finally:
         if missing:
             subprocess.run([*STACK, "down", "--parts", *missing], check=False)
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    settings = get_settings()
+    with _parts_up(ENGINE_PARTS, settings):
+        yield settings
 
 
 @pytest.fixture
@@ -162,14 +170,5 @@ def live(stack: Settings) -> Iterator[Settings]:
     """The whole stack as a user runs it: the engines plus the API and consumer processes
     (reused when running, else started and stopped afterwards). Tests on it use the stack's
     own settings (Redis db 0, the real topics) and unique pipeline ids."""
-    missing = [p for p in ("api", "consumers") if not _part_ready(p, stack)]
-    if missing:
-        started = subprocess.run([*STACK, "up", "--parts", *missing], text=True)
-        if started.returncode != 0:
-            subprocess.run([*STACK, "down", "--parts", *missing])
-            pytest.exit(f"the API/consumers did not start ({missing}); see .dhub/logs/", 3)
-    try:
-        yield get_settings()
-    finally:
-        if missing:
-            subprocess.run([*STACK, "down", "--parts", *missing], check=False)
+    with _parts_up(("api", "consumers"), stack):
+        yield stack
