@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import tempfile
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -41,38 +43,41 @@ async def _topics(create: bool, names: list[str]) -> None:
         await admin.close()
 
 
-async def _flush(redis_url: str) -> None:
+@asynccontextmanager
+async def _store_at(redis_url: str) -> AsyncIterator[BatchStore]:
+    """A batch store on the benchmark's own Redis database."""
     redis = await open_redis(get_settings().model_copy(update={"redis_url": redis_url}))
-    await redis.flushdb()
-    await redis.aclose()
+    try:
+        yield BatchStore(redis, Scripts(redis), token_secret=b"bench")
+    finally:
+        await redis.aclose()
+
+
+async def _flush(redis_url: str) -> None:
+    async with _store_at(redis_url) as store:
+        await store.redis.flushdb()
 
 
 async def _progress(redis_url: str, batch_id: str) -> None:
     """Gives the batch a realistic body: running, offsets on four partitions per step."""
-    settings = get_settings().model_copy(update={"redis_url": redis_url})
-    redis = await open_redis(settings)
-    store = BatchStore(redis, Scripts(redis), token_secret=b"bench")
     events = [Event("batch.state", batch_id, PIPELINE, state="running")]
     for n, step in enumerate(STEPS):
         events.append(Event("step.state", batch_id, PIPELINE, step=step,
                             state=("success", "running", "pending")[n]))
         events.append(Event("step.offsets", batch_id, PIPELINE, step=step,
                             offsets={f"partition_{p}": 25_000 - n * 5_000 for p in range(4)}))
-    await store.apply(events)
-    await redis.aclose()
+    async with _store_at(redis_url) as store:
+        await store.apply(events)
 
 
 async def _history(redis_url: str, pipeline_id: str, count: int) -> None:
     """`count` batches of a pipeline written straight to Redis (no run commands)."""
-    settings = get_settings().model_copy(update={"redis_url": redis_url})
-    redis = await open_redis(settings)
-    store = BatchStore(redis, Scripts(redis), token_secret=b"bench")
     spec = PipelineSpec(name=pipeline_id, version="1",
                         steps=[StepSpec(name=s, uses="sales." + s) for s in STEPS])
-    for start in range(0, count, 50):
-        await asyncio.gather(*(store.create(pipeline_id, new_batch_id(), spec)
-                               for _ in range(min(50, count - start))))
-    await redis.aclose()
+    async with _store_at(redis_url) as store:
+        for start in range(0, count, 50):
+            await asyncio.gather(*(store.create(pipeline_id, new_batch_id(), spec)
+                                   for _ in range(min(50, count - start))))
 
 
 def row(name: str, load: Load, anchor: float) -> str:

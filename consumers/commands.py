@@ -60,8 +60,7 @@ class CommandsConsumer(Part):
         ensure = self._ensure or default_ensure()
         self._redis = redis = await open_redis(s)
         scripts = Scripts(redis)
-        self.store = BatchStore(redis, scripts, token_secret=s.token_secret
-                                .get_secret_value().encode(), dedup_window=s.dedup_window)
+        self.store = BatchStore.from_settings(redis, s, scripts)
         self.registry = PipelineRegistry(redis, scripts)
         self.active = ActiveRuns(redis)
         self.deployments = Deployments(s, ensure)

@@ -24,7 +24,6 @@ from consumers.part import Part, close_all
 from consumers.retry import Backoff, Stopping
 from core.codec import CodecError, Event, decode_event
 from core.connections import open_producer, open_redis
-from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
 
@@ -83,8 +82,7 @@ class EventsConsumer(Part):
     async def start(self) -> None:
         s = self.settings
         self._redis = redis = await open_redis(s)
-        self.store = BatchStore(redis, Scripts(redis), token_secret=s.token_secret
-                                .get_secret_value().encode(), dedup_window=s.dedup_window)
+        self.store = BatchStore.from_settings(redis, s)
         self._producer = await open_producer(s)
         self.dlq = DeadLetters(self._producer, s.topic_dlq, self.name)
         self._consumer = await open_consumer(

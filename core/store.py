@@ -21,6 +21,7 @@ from core import keys
 from core.codec import Event
 from core.models import PipelineSpec, deployment_name, now_iso
 from core.scripts import Scripts
+from core.settings import Settings
 
 
 class BadToken(ValueError):
@@ -77,6 +78,14 @@ class BatchStore:
         self._token_secret = token_secret
         self._channel = changes_channel
         self._dedup_window = dedup_window
+
+    @classmethod
+    def from_settings(cls, redis: Redis, settings: Settings,
+                      scripts: Scripts | None = None) -> BatchStore:
+        """The store as every process of the project configures it."""
+        return cls(redis, scripts or Scripts(redis),
+                   token_secret=settings.token_secret.get_secret_value().encode(),
+                   dedup_window=settings.dedup_window)
 
     # -- writes from the API -------------------------------------------------------------
 

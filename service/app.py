@@ -28,9 +28,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     scripts = Scripts(redis)
     app[REDIS] = redis
     app[REGISTRY] = PipelineRegistry(redis, scripts)
-    app[STORE] = BatchStore(redis, scripts,
-                            token_secret=settings.token_secret.get_secret_value().encode(),
-                            dedup_window=settings.dedup_window)
+    app[STORE] = BatchStore.from_settings(redis, settings, scripts)
     yield
     await redis.aclose()
 

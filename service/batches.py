@@ -47,14 +47,17 @@ async def _resolve(request: web.Request, pipeline_id: str, version: str | None) 
     return spec
 
 
-async def _claim_idempotency_key(request: web.Request, key: str, pipeline_id: str,
+def _idempotency_record(key: str) -> str:
+    if not 1 <= len(key) <= 256:
+        raise bad_request("Idempotency-Key must be 1 to 256 characters")
+    return keys.idempotency(hashlib.sha256(key.encode()).hexdigest())
+
+
+async def _claim_idempotency_key(request: web.Request, record_key: str, pipeline_id: str,
                                  version: str, batch_id: str) -> str | None:
     """Records key -> batch for 24 h. Returns the earlier batch id when the key was used
     before for the same pipeline and version; 409 when it was used for another."""
-    if not 1 <= len(key) <= 256:
-        raise bad_request("Idempotency-Key must be 1 to 256 characters")
     redis = request.app[REDIS]
-    record_key = keys.idempotency(hashlib.sha256(key.encode()).hexdigest())
     record = orjson.dumps({"p": pipeline_id, "v": version, "b": batch_id})
     ttl = request.app[SETTINGS].idempotency_ttl_s
     if await redis.set(record_key, record, nx=True, ex=ttl):
@@ -78,11 +81,11 @@ async def run_batch(request: web.Request) -> web.Response:
     idem_key = request.headers.get("Idempotency-Key")
     idem_record: str | None = None
     if idem_key is not None:
-        earlier = await _claim_idempotency_key(request, idem_key, pipeline_id, spec.version,
+        idem_record = _idempotency_record(idem_key)
+        earlier = await _claim_idempotency_key(request, idem_record, pipeline_id, spec.version,
                                                batch_id)
         if earlier is not None:
             return json_obj({"item": earlier})
-        idem_record = keys.idempotency(hashlib.sha256(idem_key.encode()).hexdigest())
     store = request.app[STORE]
     await store.create(pipeline_id, batch_id, spec)
     try:

@@ -72,15 +72,13 @@ class BatchCache:
                         delay = 0.2
                     elif message["type"] == "message":
                         self.evict(message["data"])
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.warning("cache invalidation feed lost (%s); cache off until resubscribed",
                             type(exc).__name__)
-                self.reset(live=False)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
             finally:
                 self.reset(live=False)
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+            # Only a lost feed gets here (cancellation propagates out of the loop).
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

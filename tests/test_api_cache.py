@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import Redis
 
 from core.codec import Event
@@ -11,12 +13,17 @@ from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, spec_body
 
 
+async def _batch_with_live_cache(api: Any) -> str:
+    """Once the cache follows its feed: a new batch of pipeline `p`, through the API."""
+    await eventually(lambda: api.app[CACHE].live)
+    await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+    return str((await (await api.post("/api/v1/batches/p", headers=AUTH)).json())["item"])
+
+
 async def test_reads_are_cached_and_invalidated_by_changes(topics: Settings, redis: Redis) -> None:
     async with api_client(api_settings(topics)) as api:
         cache = api.app[CACHE]
-        await eventually(lambda: cache.live)
-        await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
-        batch_id = (await (await api.post("/api/v1/batches/p", headers=AUTH)).json())["item"]
+        batch_id = await _batch_with_live_cache(api)
         url = f"/api/v1/batches/p/{batch_id}"
         first = await (await api.get(url, headers=AUTH)).read()
         hits = cache.hits
@@ -36,9 +43,7 @@ async def test_reads_are_cached_and_invalidated_by_changes(topics: Settings, red
 async def test_cache_is_off_without_its_feed(topics: Settings, redis: Redis) -> None:
     async with api_client(api_settings(topics)) as api:
         cache = api.app[CACHE]
-        await eventually(lambda: cache.live)
-        await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
-        batch_id = (await (await api.post("/api/v1/batches/p", headers=AUTH)).json())["item"]
+        batch_id = await _batch_with_live_cache(api)
         await (await api.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)).read()
         # Cut the subscription's connection: the cache must drop out until it resubscribes.
         key = f"dhub:{{p}}:batch:{batch_id}"

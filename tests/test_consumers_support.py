@@ -71,8 +71,7 @@ def unique(prefix: str) -> str:
 
 
 def store_for(redis: Redis, settings: Settings) -> BatchStore:
-    return BatchStore(redis, Scripts(redis),
-                      token_secret=settings.token_secret.get_secret_value().encode())
+    return BatchStore.from_settings(redis, settings)
 
 
 async def new_batch(redis: Redis, settings: Settings, pipeline_id: str,

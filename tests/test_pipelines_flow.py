@@ -105,6 +105,15 @@ class Harness:
 
         await eventually(check, timeout=15, interval=0.1)
 
+    async def run_inside_extract(self, data_dir: Path) -> tuple[str, Any]:
+        """A throttled run (~20 s per step), returned once `extract` has reported progress."""
+        await self.register(demo_spec(name=self.name, rows=4_000, partitions=2, throttle=200,
+                                      data_dir=str(data_dir)))
+        batch_id, flow_run = await self.run()
+        await self.tail.until(batch_id, lambda evs: sum(
+            step_offsets(evs, "extract").values()) > 0, timeout=60)
+        return batch_id, flow_run
+
     async def events(self, batch_id: str) -> list[Event]:
         """Every event the flow published for the batch (the tail keeps what it read before),
         up to its stop. Events the Prefect bridge forwards (when the stack's consumers run)
@@ -243,12 +252,7 @@ async def test_fail_at_transform_fails_the_flow_and_load_never_runs(
 async def test_cancelling_a_run_fails_its_running_step_and_stops_cancelled(
         harness: Harness, tmp_path: Path) -> None:
     # ~20 s per step: the run is surely inside `extract` when it is cancelled
-    spec = demo_spec(name=harness.name, rows=4_000, partitions=2, throttle=200,
-                     data_dir=str(tmp_path))
-    await harness.register(spec)
-    batch_id, flow_run = await harness.run()
-    await harness.tail.until(batch_id, lambda evs: sum(
-        step_offsets(evs, "extract").values()) > 0, timeout=60)
+    batch_id, flow_run = await harness.run_inside_extract(tmp_path)
     cancelled_at = time.monotonic()
     await harness.client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
     final = await harness.finished(flow_run.id, timeout=30)
@@ -278,12 +282,7 @@ def engine_pid(flow_run_id: UUID) -> int | None:
 
 async def test_a_killed_run_crashes_and_its_running_step_fails(
         harness: Harness, tmp_path: Path) -> None:
-    spec = demo_spec(name=harness.name, rows=4_000, partitions=2, throttle=200,
-                     data_dir=str(tmp_path))
-    await harness.register(spec)
-    batch_id, flow_run = await harness.run()
-    await harness.tail.until(batch_id, lambda evs: sum(
-        step_offsets(evs, "extract").values()) > 0, timeout=60)
+    batch_id, flow_run = await harness.run_inside_extract(tmp_path)
     assert (await harness.project(batch_id))["state"]["steps"]["extract"]["state"] == "running"
     pid = await eventually(lambda: engine_pid(flow_run.id))
     assert isinstance(pid, int)
