@@ -27,11 +27,11 @@ from redis.asyncio import Redis
 from consumers.emit import Emitter
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
-from consumers.retry import Backoff, Stopping, describe
 from core import keys
 from core.connections import open_producer, open_redis
 from core.models import TAG_DHUB
 from core.prefect_events import TAG_PREFIX, translate
+from core.retry import Backoff, Stopping, describe
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,7 @@ class PrefectBridge(Part):
         self.settings = settings
         self.options = options or ConsumerOptions()
         self.checkpoint_key = checkpoint_key
-        self.backoff = Backoff(self.stopping, self.options.retry_initial_s,
-                               self.options.retry_max_s)
+        self.backoff = Backoff(self.stopping, self.options.retry_policy())
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         # flow run id -> (pipeline_id, batch_id), for task-run events without tags.

@@ -24,12 +24,12 @@ from consumers.kafka import Record, commit_retrying, open_consumer
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
 from consumers.prefect_api import PrefectGateway, RunState, not_found
-from consumers.retry import Backoff, Permanent, Stopping, describe
 from core.codec import CodecError, Command, Event, decode_command
 from core.connections import open_producer, open_redis
 from core.models import PipelineSpec
 from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
+from core.retry import Backoff, Permanent, Stopping, describe
 from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
@@ -48,8 +48,7 @@ class CommandsConsumer(Part):
         self.settings = settings
         self.options = options or ConsumerOptions()
         self._ensure = ensure
-        self.backoff = Backoff(self.stopping, self.options.retry_initial_s,
-                               self.options.retry_max_s)
+        self.backoff = Backoff(self.stopping, self.options.retry_policy())
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None

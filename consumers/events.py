@@ -21,9 +21,9 @@ from consumers.dlq import DeadLetters
 from consumers.kafka import Record, commit_retrying, open_consumer
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
-from consumers.retry import Backoff, Stopping
 from core.codec import CodecError, Event, decode_event
 from core.connections import open_producer, open_redis
+from core.retry import Backoff, Stopping
 from core.settings import Settings
 from core.store import BatchStore
 
@@ -68,8 +68,7 @@ class EventsConsumer(Part):
         super().__init__()
         self.settings = settings
         self.options = options or ConsumerOptions()
-        self.backoff = Backoff(self.stopping, self.options.retry_initial_s,
-                               self.options.retry_max_s)
+        self.backoff = Backoff(self.stopping, self.options.retry_policy())
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None

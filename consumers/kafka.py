@@ -9,8 +9,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 
-from consumers.retry import Backoff
-from core.connections import retrying
+from core.retry import Backoff, retrying
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

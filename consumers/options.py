@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.retry import RetryPolicy
+
 
 class ConsumerOptions(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DHUB_", extra="ignore")
@@ -14,6 +16,10 @@ class ConsumerOptions(BaseSettings):
     # Retries of a command against an unavailable dependency: capped exponential backoff.
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
+    # Errors that may not pass (a Prefect 5xx, an OSError) are retried at most this often and
+    # this long, then the command is dead-lettered; an unavailable dependency is waited out.
+    retry_max_attempts: int = 8
+    retry_max_elapsed_s: float = 120.0
     # How long a delete waits for a cancelled running flow run to reach a final state
     # before it forces Cancelled and deletes it anyway.
     delete_cancel_wait_s: float = 8.0
@@ -46,3 +52,8 @@ class ConsumerOptions(BaseSettings):
     heartbeat_ttl_s: int = 10
     heartbeat_every_s: float = 3.0
     shutdown_timeout_s: float = 30.0
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(initial_s=self.retry_initial_s, cap_s=self.retry_max_s,
+                           max_attempts=self.retry_max_attempts,
+                           max_elapsed_s=self.retry_max_elapsed_s)

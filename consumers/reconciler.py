@@ -24,11 +24,11 @@ from consumers.emit import Emitter
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
 from consumers.prefect_api import PrefectGateway, RunState
-from consumers.retry import describe
 from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis
 from core.prefect_events import FLOW_STATES, flow_state_event
+from core.retry import describe
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
+from core.retry import retrying
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-async def retrying(what: str, attempt: Callable[[], Awaitable[T]], tries: int = 5,
-                   delay: float = 0.5) -> T:
-    for n in range(1, tries + 1):
-        try:
-            return await attempt()
-        except Exception as exc:
-            if n == tries:
-                raise
-            log.warning("%s unavailable (%s), retry %d/%d in %.1fs", what, exc, n, tries, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    raise AssertionError("unreachable")
 
 
 async def open_redis(settings: Settings, tries: int = 5) -> Redis:

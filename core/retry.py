@@ -1,0 +1,204 @@
+"""The one error policy: which failures are waited out, which are bounded, which are final;
+and the one retry primitive (capped exponential backoff with jitter) every loop uses.
+
+Three verdicts, decided once here for every caller (both consumers, the bridge, the
+reconciler, the connections, the API's cache feed, the step publisher):
+
+- `UNAVAILABLE` — a dependency is down or not serving writes: connection refused or reset,
+  timeouts, Redis READONLY / OOM / LOADING / BUSY / TRYAGAIN / MASTERDOWN / CLUSTERDOWN,
+  Kafka's retriable errors, Prefect unreachable. Retried for as long as it lasts; a message
+  that met it is never dead-lettered and never committed past.
+- `BOUNDED` — the dependency answered, but with an error that may or may not pass (an HTTP
+  5xx or 429 from Prefect, an `OSError` that is not a connection error). Retried a bounded
+  number of attempts and time, then treated as permanent: a deterministic 5xx must not hold
+  a partition forever.
+- `PERMANENT` — the message's own data is wrong (or `Permanent` was raised): no retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+import httpx
+from aiokafka import errors as kafka_errors
+from redis import exceptions as redis_errors
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Verdict(enum.Enum):
+    UNAVAILABLE = "unavailable"
+    BOUNDED = "bounded"
+    PERMANENT = "permanent"
+
+
+class Permanent(Exception):
+    """An error that no retry can fix (unknown pipeline version, missing deployment...)."""
+
+
+class Stopping(Exception):
+    """Raised out of a retry loop when the process shuts down before the effect succeeded."""
+
+
+class GaveUp(Exception):
+    """A `BOUNDED` error that outlasted its attempts or time: now final for the caller."""
+
+    def __init__(self, what: str, attempts: int, cause: BaseException) -> None:
+        super().__init__(f"{what}: gave up after {attempts} attempts: {describe(cause)}")
+        self.attempts = attempts
+
+
+# Redis error replies (first word) that say "not now", not "never": a replica after a
+# failover, a full server, a restart loading its data, a busy script, a cluster moving slots.
+REDIS_TRANSIENT_PREFIXES: Final = ("READONLY", "OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN",
+                                   "CLUSTERDOWN", "NOREPLICAS", "NOTREADY")
+_REDIS_UNAVAILABLE: Final = (
+    redis_errors.ConnectionError,  # BusyLoadingError is one
+    redis_errors.TimeoutError,
+    redis_errors.ReadOnlyError,
+    redis_errors.OutOfMemoryError,
+    redis_errors.TryAgainError,
+    redis_errors.ClusterDownError,  # MasterDownError is one
+    redis_errors.MaxConnectionsError,
+)
+_NETWORK: Final = (
+    httpx.TransportError,  # connect/read/write errors and timeouts
+    ConnectionError,  # refused, reset, aborted: the builtin OSError subclasses
+    TimeoutError,
+)
+_HTTP_BOUNDED: Final = frozenset({408, 425, 429})
+
+
+def _redis_reply_transient(exc: redis_errors.ResponseError) -> bool:
+    # Inside a script the reply is "ERR ... READONLY ..." or "READONLY ... script: ..." depending
+    # on the Redis version; the first words are enough in both cases.
+    text = str(exc).lstrip("-").upper()
+    head = text.split(" ", 2)
+    words = head[:1] + (head[1:2] if head and head[0] == "ERR" else [])
+    return any(w.startswith(REDIS_TRANSIENT_PREFIXES) for w in words)
+
+
+def classify(exc: BaseException) -> Verdict:
+    """The verdict on an exception, following its chain (Prefect's and ensure-deployment code
+    wrap transport errors in their own)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    verdict = Verdict.PERMANENT
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, Permanent | GaveUp):
+            return Verdict.PERMANENT
+        if isinstance(current, (*_REDIS_UNAVAILABLE, *_NETWORK)):
+            return Verdict.UNAVAILABLE
+        if isinstance(current, redis_errors.ResponseError) and _redis_reply_transient(current):
+            return Verdict.UNAVAILABLE
+        if isinstance(current, kafka_errors.KafkaError):
+            if getattr(current, "retriable", False) or isinstance(
+                    current, kafka_errors.KafkaConnectionError | kafka_errors.KafkaTimeoutError):
+                return Verdict.UNAVAILABLE
+            verdict = Verdict.BOUNDED
+        elif isinstance(current, httpx.HTTPStatusError):
+            status = current.response.status_code
+            if status >= 500 or status in _HTTP_BOUNDED:
+                verdict = Verdict.BOUNDED
+        elif isinstance(current, OSError) and verdict is Verdict.PERMANENT:
+            verdict = Verdict.BOUNDED
+        current = current.__cause__ or current.__context__
+    return verdict
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying at all (unavailable, or bounded and not yet exhausted)."""
+    return classify(exc) is not Verdict.PERMANENT
+
+
+def describe(exc: BaseException) -> str:
+    """The error as one line for logs and dead-letter reasons."""
+    text = str(exc) or repr(exc)
+    return text if isinstance(exc, Permanent | GaveUp) else f"{type(exc).__name__}: {text}"
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential delays with ±20% jitter. `max_attempts` and `max_elapsed_s` bound
+    `BOUNDED` errors only: an unavailable dependency is waited out however long it takes."""
+
+    initial_s: float = 0.5
+    cap_s: float = 30.0
+    max_attempts: int = 8
+    max_elapsed_s: float = 120.0
+
+    def delays(self) -> Callable[[], float]:
+        delay = self.initial_s
+
+        def next_delay() -> float:
+            nonlocal delay
+            current = delay * random.uniform(0.8, 1.2)
+            delay = min(delay * 2, self.cap_s)
+            return current
+
+        return next_delay
+
+
+class Backoff:
+    """Runs an attempt until it succeeds, under `policy`, cut short when `stopping` is set."""
+
+    def __init__(self, stopping: asyncio.Event, policy: RetryPolicy | None = None) -> None:
+        self._stopping = stopping
+        self.policy = policy or RetryPolicy()
+        self.retries = 0  # since start, for logs, metrics and tests
+
+    async def call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Returns the attempt's result. Raises a permanent error as is, `GaveUp` once a
+        bounded error outlasted the policy, `Stopping` when shutdown begins meanwhile."""
+        next_delay = self.policy.delays()
+        started = time.monotonic()
+        tries = bounded = 0
+        while True:
+            if self._stopping.is_set() and tries:
+                raise Stopping(what)
+            tries += 1
+            try:
+                return await attempt()
+            except Exception as exc:
+                verdict = classify(exc)
+                if verdict is Verdict.PERMANENT:
+                    raise
+                if verdict is Verdict.BOUNDED:
+                    bounded += 1
+                    if (bounded >= self.policy.max_attempts
+                            or time.monotonic() - started >= self.policy.max_elapsed_s):
+                        raise GaveUp(what, bounded, exc) from exc
+                self.retries += 1
+                delay = next_delay()
+                log.warning("%s: %s (%s), retry %d in %.1fs", what, verdict.value, describe(exc),
+                            tries, delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+
+async def retrying(what: str, attempt: Callable[[], Awaitable[T]], tries: int = 5,
+                   policy: RetryPolicy | None = None) -> T:
+    """Start-up connects: `tries` attempts whatever the error (logged), then the last is raised,
+    so a process whose dependency never comes up fails visibly instead of hanging."""
+    next_delay = (policy or RetryPolicy(cap_s=5.0)).delays()
+    for n in range(1, tries + 1):
+        try:
+            return await attempt()
+        except Exception as exc:
+            if n == tries:
+                raise
+            delay = next_delay()
+            log.warning("%s unavailable (%s), retry %d/%d in %.1fs", what, describe(exc), n,
+                        tries, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
