@@ -35,6 +35,14 @@ T = TypeVar("T")
 FINAL: Final = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 NOT_STARTED: Final = frozenset({"SCHEDULED", "PENDING"})
 FLOW_RUN_RESOURCE: Final = "prefect.flow-run."
+# The server refuses larger pages (422): flow-run filters by PREFECT_SERVER_API_DEFAULT_LIMIT
+# (200 by default), events by its interactive page size (50). Every read is chunked to them.
+FLOW_RUNS_PAGE: Final = 200
+EVENTS_PAGE: Final = 50
+
+
+def chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def not_found(exc: BaseException) -> bool:
@@ -109,13 +117,14 @@ class PrefectGateway:
 
     async def read(self, flow_run_ids: list[str]) -> dict[str, RunState]:
         """The flow runs that still exist, by id (deleted ones are simply absent)."""
-        if not flow_run_ids:
-            return {}
-        runs = await self._bounded(self.client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in flow_run_ids])),
-            limit=len(flow_run_ids),
-        ))  # fmt: skip
-        return {str(r.id): RunState.of(r) for r in runs}
+        found: dict[str, RunState] = {}
+        for chunk in chunks(flow_run_ids, FLOW_RUNS_PAGE):
+            runs = await self._bounded(self.client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in chunk])),
+                limit=len(chunk),
+            ))  # fmt: skip
+            found.update((str(r.id), RunState.of(r)) for r in runs)
+        return found
 
     async def of_batch(self, batch_id: str, known: str | None = None) -> list[RunState]:
         """Every flow run of the batch: the one Redis knows plus any found by its tag (a run
@@ -155,19 +164,21 @@ class PrefectGateway:
     async def with_heartbeat(self, flow_run_ids: list[str], since: datetime) -> set[str]:
         """Which of these flow runs emitted a heartbeat event since `since` (their engine
         process is alive; it beats every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds)."""
-        if not flow_run_ids:
-            return set()
-        events = await self._bounded(self.client.read_events(
-            EventFilter(
-                occurred=EventOccurredFilter.model_validate(
-                    {"since": since, "until": datetime.now(UTC)}),
-                event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
-                resource=EventResourceFilter(
-                    id=[FLOW_RUN_RESOURCE + i for i in flow_run_ids], distinct=True),
-            ),
-            limit=len(flow_run_ids),
-        ))  # fmt: skip
-        return {e.resource.id.removeprefix(FLOW_RUN_RESOURCE) for e in events.events}
+        alive: set[str] = set()
+        until = datetime.now(UTC)
+        for chunk in chunks(flow_run_ids, EVENTS_PAGE):
+            # distinct: one event per resource, so a page of EVENTS_PAGE covers the chunk.
+            events = await self._bounded(self.client.read_events(
+                EventFilter(
+                    occurred=EventOccurredFilter.model_validate({"since": since, "until": until}),
+                    event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                    resource=EventResourceFilter(
+                        id=[FLOW_RUN_RESOURCE + i for i in chunk], distinct=True),
+                ),
+                limit=len(chunk),
+            ))  # fmt: skip
+            alive.update(e.resource.id.removeprefix(FLOW_RUN_RESOURCE) for e in events.events)
+        return alive
 
     async def crash(self, run: RunState, message: str) -> RunState:
         return await self._set(run, Crashed(message=message))
