@@ -105,6 +105,8 @@ def classify(exc: BaseException) -> Verdict:
             if getattr(current, "retriable", False) or isinstance(
                     current, kafka_errors.KafkaConnectionError | kafka_errors.KafkaTimeoutError):
                 return Verdict.UNAVAILABLE
+            if isinstance(current, kafka_errors.BrokerResponseError):
+                return Verdict.PERMANENT  # the broker refused this record: too large, bad topic...
             verdict = Verdict.BOUNDED
         elif isinstance(current, httpx.HTTPStatusError):
             status = current.response.status_code

@@ -2,9 +2,11 @@
 
 Every event of one batch is keyed by its batch id, so they share a partition and keep the
 order they were sent in. A send is awaited until the broker acknowledged it (the producer
-runs with acks=all and idempotence), and a failed send is retried with the *same* event id
-until a deadline: a retry that doubles a delivered event is dropped by the consumer's
-de-duplication, and a send that still fails is raised, never swallowed.
+runs with acks=all and idempotence), and a send that failed for a reason `core.retry` calls
+worth retrying is retried with the *same* event id until a deadline: a retry that doubles a
+delivered event changes nothing (state order, final steps, max offsets), and a send that
+still fails — or fails permanently (a record the broker will never take) — is raised, never
+swallowed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import anyio
 
 from core.codec import MAX_REASON, Event
 from core.connections import open_producer
+from core.retry import RetryPolicy, Verdict, classify, describe
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,22 +59,22 @@ class EventPublisher:
         value = event.encode()
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.deadline_s
-        backoff = self.first_backoff_s
+        next_delay = RetryPolicy(initial_s=self.first_backoff_s, cap_s=5.0).delays()
         attempt = 1
         while True:
             try:
                 await self.producer.send_and_wait(self.topic, value=value, key=self._key)
                 return
             except Exception as exc:
-                if loop.time() + backoff > give_up:
+                backoff = next_delay()
+                if classify(exc) is Verdict.PERMANENT or loop.time() + backoff > give_up:
                     raise PublishError(
                         f"{event.type} for {self.batch_id} not delivered after {attempt} "
-                        f"attempts: {type(exc).__name__}: {exc}"
+                        f"attempts: {describe(exc)}"
                     ) from exc
-                log.warning("kafka send of %s failed (%s: %s), retry %d in %.1fs",
-                            event.type, type(exc).__name__, exc, attempt, backoff)
+                log.warning("kafka send of %s failed (%s), retry %d in %.1fs",
+                            event.type, describe(exc), attempt, backoff)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
                 attempt += 1
 
     def _event(self, kind: str, **fields: Any) -> Event:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 
 from core.codec import Event, decode_event
 from core.connections import open_producer
@@ -216,6 +216,27 @@ async def test_undeliverable_final_offsets_fail_the_step_loudly(topics: Settings
     with pytest.raises(PublishError, match=r"step\.offsets"):
         await run_step(step, events_out, "extract", {}, topics, interval_s=0.05)
     assert [(e.type, e.state) for e in producer.delivered] == [("step.state", "running")]
+
+
+class Refusing:
+    """A broker that will never take the record (too large): no retry can help."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def send_and_wait(self, topic: str, value: bytes | None = None,
+                            key: bytes | None = None) -> None:
+        self.calls += 1
+        raise MessageSizeTooLargeError("record too large")
+
+
+async def test_a_permanent_send_error_is_raised_without_retries() -> None:
+    producer = Refusing()
+    events_out = EventPublisher(producer, "t", BATCH, PIPELINE, deadline_s=30,
+                                first_backoff_s=0.01)
+    with pytest.raises(PublishError, match="after 1 attempts"):
+        await events_out.step_state("extract", "running")
+    assert producer.calls == 1
 
 
 async def test_reports_are_validated_and_stop_after_abort(topics: Settings) -> None:
