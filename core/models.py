@@ -6,9 +6,10 @@ import os
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import TypeAliasType
 
 BATCH_STATES: Final = ("pending", "scheduled", "running", "stop")
 STEP_STATES: Final = ("none", "pending", "running", "success", "failed")
@@ -21,6 +22,28 @@ _ID_RE: Final = re.compile(ID_PATTERN)
 MAX_OFFSET: Final = 2**53 - 1
 
 _CROCKFORD: Final = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+# A step's config travels as JSON through Redis (Lua reads numbers as doubles), Kafka and
+# Prefect: numbers beyond 2**53 would be rounded or refused (orjson stops at 64 bits), so
+# they are refused on the way in, as documented in the schema.
+MAX_CONFIG_NUMBER: Final = 2**53 - 1
+MAX_CONFIG_DEPTH: Final = 32
+
+ConfigValue = TypeAliasType(
+    "ConfigValue",
+    "bool | Annotated[int, Field(ge=-MAX_CONFIG_NUMBER, le=MAX_CONFIG_NUMBER)]"
+    " | Annotated[float, Field(ge=-MAX_CONFIG_NUMBER, le=MAX_CONFIG_NUMBER, allow_inf_nan=False)]"
+    " | str | list[ConfigValue] | dict[str, ConfigValue] | None",
+)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
 
 
 def valid_id(value: str) -> bool:
@@ -50,7 +73,14 @@ class StepSpec(BaseModel):
 
     name: str = Field(pattern=ID_PATTERN)
     uses: str = Field(min_length=1, max_length=256)
-    config: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, ConfigValue] = Field(default_factory=dict)
+
+    @field_validator("config")
+    @classmethod
+    def _shallow_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        if _depth(config) > MAX_CONFIG_DEPTH:
+            raise ValueError(f"config nests deeper than {MAX_CONFIG_DEPTH} levels")
+        return config
 
 
 class PipelineSpec(BaseModel):

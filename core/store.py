@@ -212,7 +212,8 @@ class BatchStore:
             data = orjson.loads(body)
         except (ValueError, orjson.JSONDecodeError):
             raise BadToken("malformed token") from None
-        if not hmac.compare_digest(signature, self._sign(body)):
+        # compare_digest refuses non-ASCII str; a client can send any text in the query string.
+        if not signature.isascii() or not hmac.compare_digest(signature, self._sign(body)):
             raise BadToken("token signature does not match")
         if not isinstance(data, dict) or data.get("p") != pipeline_id:
             raise BadToken("token belongs to another pipeline")

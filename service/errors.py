@@ -36,9 +36,20 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     409: "conflict",
     413: "payload_too_large",
+    414: "uri_too_long",
     415: "unsupported_media_type",
+    431: "header_too_large",
+    500: "internal",
     503: "unavailable",
+    505: "http_version_not_supported",
 }
+# Headers of aiohttp's own HTTP errors that a client needs (RFC 9110: a 405 names the methods).
+_KEPT_HEADERS = ("Allow",)
+
+
+def code_for(status: int) -> str:
+    """The stable error code of an HTTP status."""
+    return _HTTP_CODES.get(status, "error")
 
 
 class ApiError(Exception):
@@ -60,8 +71,13 @@ def not_found(message: str) -> ApiError:
     return ApiError(404, "not_found", message)
 
 
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}-{next(_ID_COUNTER):x}"
+
+
 def error_response(status: int, code: str, message: str, request_id: str,
-                   details: dict[str, Any] | None = None) -> web.Response:
+                   details: dict[str, Any] | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
     body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
     if details:
         body["details"] = details
@@ -69,15 +85,14 @@ def error_response(status: int, code: str, message: str, request_id: str,
         status=status,
         body=orjson.dumps({"error": body}),
         content_type="application/json",
-        headers={"X-Request-Id": request_id},
+        headers={**(headers or {}), "X-Request-Id": request_id},
     )
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else (
-        f"{_ID_PREFIX}-{next(_ID_COUNTER):x}")
+    request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else new_request_id()
     request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
@@ -86,8 +101,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = _HTTP_CODES.get(exc.status, "error")
-        return error_response(exc.status, code, exc.reason, request_id)
+        kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
+        return error_response(exc.status, code_for(exc.status), exc.reason, request_id,
+                              headers=kept)
     except (RedisConnectionError, RedisTimeoutError, KafkaError, TimeoutError) as exc:
         log.warning("dependency unavailable request_id=%s: %s", request_id, type(exc).__name__)
         return error_response(503, "unavailable", "a dependency is unavailable; retry later",

@@ -23,10 +23,20 @@ from service.batches import json_obj
 from service.errors import ApiError, bad_request
 
 REPLAY_WINDOW_S = 300
+# Unix seconds fit in 11 digits until the year 5138; more is not a timestamp.
+_MAX_TIMESTAMP_DIGITS = 12
 
 
 def signature(secret: bytes, timestamp: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+def _fresh(timestamp: str) -> bool:
+    # ASCII digits only: str.isdigit() also passes Unicode digits that int() rejects or reads.
+    if not (0 < len(timestamp) <= _MAX_TIMESTAMP_DIGITS and timestamp.isascii()
+            and timestamp.isdigit()):
+        return False
+    return abs(time.time() - int(timestamp)) <= REPLAY_WINDOW_S
 
 
 def _verify(request: web.Request, body: bytes) -> None:
@@ -35,10 +45,12 @@ def _verify(request: web.Request, body: bytes) -> None:
         raise ApiError(401, "unauthorized", "webhooks are disabled (DHUB_WEBHOOK_SECRET unset)")
     timestamp = request.headers.get("X-Dhub-Timestamp", "")
     given = request.headers.get("X-Dhub-Signature", "")
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > REPLAY_WINDOW_S:
+    if not _fresh(timestamp):
         raise ApiError(401, "unauthorized", "missing or stale X-Dhub-Timestamp")
     expected = signature(secret.get_secret_value().encode(), timestamp, body)
-    if not hmac.compare_digest(given.encode(), expected.encode()):
+    # A valid signature is ASCII; compare_digest refuses non-ASCII str, and .encode() fails on
+    # the surrogates aiohttp uses for header bytes that are not UTF-8.
+    if not given.isascii() or not hmac.compare_digest(given, expected):
         raise ApiError(401, "unauthorized", "bad X-Dhub-Signature")
 
 

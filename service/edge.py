@@ -1,0 +1,77 @@
+"""Serving the app so that even errors found before routing are answered in the JSON shape.
+
+aiohttp's HTTP parser refuses an oversize request line, an oversize header or a malformed
+request before any middleware runs, and its protocol answers those (and errors escaping the
+middlewares) as plain text. `ApiRunner` serves the app with a protocol whose `handle_error`
+answers with `service.errors.error_response` instead. `python -m service` should serve with
+`serve()`; tests start an `ApiRunner` on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from service.errors import code_for, error_response, new_request_id
+
+# What a request target can start with (origin, absolute or asterisk form); a header name cannot
+# start with '/' or a scheme followed by "://", so a too-long line starting so is the request line.
+_TARGET_STARTS = (b"/", b"http://", b"https://")
+
+
+def _describe(status: int, exc: BaseException | None) -> tuple[int, str]:
+    if isinstance(exc, LineTooLong):
+        line = exc.args[0] if exc.args else b""
+        if isinstance(line, bytes | bytearray) and bytes(line).startswith(_TARGET_STARTS):
+            return 414, "the request line is longer than the server accepts"
+        return 431, "a header is longer than the server accepts"
+    if isinstance(exc, BadHttpMessage):
+        return 400, "malformed HTTP request"
+    if status >= 500:
+        return status, "unexpected error; quote the request id"
+    return status, "the request could not be handled"
+
+
+class JsonErrorProtocol(RequestHandler):
+    """aiohttp's per-connection protocol, answering its own errors as JSON."""
+
+    def handle_error(self, request: BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        # The parent logs the error and refuses when a response has already begun.
+        super().handle_error(request, status, exc, message)
+        status, text = _describe(status, exc)
+        response = error_response(status, code_for(status), text, new_request_id())
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class ApiRunner(web.AppRunner):
+    """An `AppRunner` whose connections use `JsonErrorProtocol`."""
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                                handler_cancellation=plain.handler_cancellation,
+                                loop=plain._loop, **plain._kwargs)
+
+
+async def serve(app: web.Application, host: str, port: int, **runner_args: Any) -> None:
+    """Serves `app` until cancelled (Ctrl-C / SIGTERM through `asyncio.run`)."""
+    runner = ApiRunner(app, handle_signals=True, **runner_args)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
