@@ -6,7 +6,11 @@ import logging
 from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.retry import retrying
 from core.settings import Settings
@@ -15,9 +19,28 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-async def open_redis(settings: Settings, tries: int = 5) -> Redis:
-    client = Redis.from_url(settings.redis_url, decode_responses=True,
-                            socket_connect_timeout=2, health_check_interval=30)
+# Pooled connections per client. Bursts beyond it wait for a free connection (up to
+# REDIS_POOL_WAIT_S) instead of failing, and a burst cannot open thousands of sockets.
+REDIS_POOL_SIZE = 100
+REDIS_POOL_WAIT_S = 2.0
+
+
+def redis_retry() -> Retry:
+    """After a Redis restart every pooled connection is broken; without a retry each one fails
+    the next command given to it while Redis is healthy again. Retried on a fresh connection
+    twice, quickly, so a Redis that is really down still answers within a few seconds."""
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=2,
+                 supported_errors=(RedisConnectionError, RedisTimeoutError))
+
+
+async def open_redis(settings: Settings, tries: int = 5, *, pool_size: int = REDIS_POOL_SIZE,
+                     pool_wait_s: float = REDIS_POOL_WAIT_S) -> Redis:
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=pool_size, timeout=pool_wait_s,
+        decode_responses=True, socket_connect_timeout=2, health_check_interval=30,
+        retry=redis_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    client = Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
     async def ping() -> Redis:
         await client.ping()
