@@ -1,10 +1,24 @@
-"""An in-process cache of rendered batch objects, kept exact by Redis change notifications.
+"""An in-process cache of rendered batch objects, never stale beyond a bound.
 
-Every script that changes a batch hash publishes the hash's key on `keys.CHANGES_CHANNEL`; this
-cache listens and evicts. It serves only while its subscription is live: on a lost connection
-it empties itself and stays off until it has subscribed again, so it never serves a value
-whose invalidation it might have missed. A read that raced an invalidation is not stored
-(the generation counter moved while the read was in flight).
+Every script that changes a batch hash publishes the hash's key on `keys.CHANGES_CHANNEL`; the
+cache follows that channel and evicts. Three guards keep it honest:
+
+- The feed is health-checked. Its connection is the cache's own (TCP keepalive, socket
+  timeouts), and it is PINGed whenever it has been quiet for `ping_s` (on a subscribed RESP2
+  connection the answer arrives as a `pong` message, in order with the invalidations). Once
+  nothing at all has been heard for `silence_s`, a clock task independent of the feed's reads
+  turns the cache off (emptied, serving nothing) until a new subscription is confirmed. A
+  half-open connection (a NAT or load balancer that dropped the flow) therefore costs at
+  most `silence_s` (+ one `tick_s`) of staleness, never more.
+- Each entry carries a TTL (`ttl_s`): a backstop for changes made without a publish.
+- Invalidation is per key. `generation` is a sequence number that every eviction and reset
+  advances; a reader notes it before reading Redis and offers the value with it. The value is
+  refused only if THAT key was evicted (or the cache reset) since: traffic on other batches no
+  longer voids the fill. Evictions are remembered in a bounded ring; a fill older than the
+  oldest forgotten eviction is refused, which is safe (one more read of Redis later).
+
+The hot path (`get`) is a flag test, a dict lookup and a float comparison against a clock
+that the clock task updates every `tick_s`: no time call per hit.
 """
 
 from __future__ import annotations
@@ -12,73 +26,219 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import socket
+import time
 from collections import OrderedDict
 
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from core.retry import Backoff, RetryPolicy, describe
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SILENCE_S = 2.5
+DEFAULT_TTL_S = 10.0
+# Options of the API's pool that belong to that pool (or are set below), not to a connection.
+_NOT_COPIED = frozenset({
+    "maint_notifications_pool_handler", "maint_notifications_config", "himport_registry",
+    "orig_host_address", "orig_socket_timeout", "orig_socket_connect_timeout",
+    "retry", "retry_on_error", "retry_on_timeout", "health_check_interval",
+})
+
+
+class FeedSilent(TimeoutError):
+    """Nothing heard on the invalidation feed (not even a pong) within the silence bound."""
+
 
 class BatchCache:
-    def __init__(self, max_entries: int = 50_000) -> None:
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
+    def __init__(self, max_entries: int = 50_000, *, silence_s: float = DEFAULT_SILENCE_S,
+                 ttl_s: float = DEFAULT_TTL_S, ping_s: float | None = None,
+                 tick_s: float = 0.1, recent_max: int = 4096) -> None:
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._max = max_entries
+        self.silence_s = silence_s
+        self.ttl_s = ttl_s if ttl_s > 0 else math.inf
+        self.ping_s = ping_s if ping_s is not None else silence_s / 3
+        self.tick_s = tick_s
+        # key -> generation of its last eviction, oldest first; `_floor`: refuse fills that
+        # began before the newest eviction the ring has forgotten (or the last reset).
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        self._recent_max = recent_max
+        self._floor = 0
         self.generation = 0
         self.live = False
         self.hits = 0
         self.misses = 0
+        self.outages = 0  # times the cache went from serving to off
+        self._now = time.monotonic()  # the clock entries expire against
+        self._heard = self._now  # when the feed last said anything
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def remembered(self) -> int:
+        """How many evictions are kept for racing fills (bounded by `recent_max`)."""
+        return len(self._recent)
+
+    # -- the request path ------------------------------------------------------------------
 
     def get(self, key: str) -> bytes | None:
         if not self.live:
             return None
-        value = self._entries.get(key)
-        if value is None:
+        entry = self._entries.get(key)
+        if entry is None or entry[1] < self._now:
             self.misses += 1
-        else:
-            self.hits += 1
-        return value
+            return None
+        self.hits += 1
+        return entry[0]
 
     def put(self, key: str, value: bytes, generation: int) -> None:
-        """Stores a value read while `generation` was current, unless something changed since."""
-        if not self.live or generation != self.generation:
+        """Stores a value whose read began at `generation`, unless its key was evicted (or the
+        cache reset) since then."""
+        if not self.live or generation < self._floor:
             return
-        self._entries[key] = value
+        evicted = self._recent.get(key)
+        if evicted is not None and evicted > generation:
+            return
+        self._entries[key] = (value, self._now + self.ttl_s)
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
     def evict(self, key: str) -> None:
         self.generation += 1
         self._entries.pop(key, None)
+        recent = self._recent
+        recent[key] = self.generation
+        recent.move_to_end(key)
+        if len(recent) > self._recent_max:
+            _, forgotten = recent.popitem(last=False)
+            self._floor = forgotten
 
     def reset(self, live: bool) -> None:
+        if self.live and not live:
+            self.outages += 1
         self.generation += 1
+        self._floor = self.generation
         self._entries.clear()
+        self._recent.clear()
         self.live = live
 
+    # -- the invalidation feed -------------------------------------------------------------
+
     async def follow(self, redis: Redis, channel: str) -> None:
-        """Runs until cancelled: subscribes, evicts on every message, resubscribes on errors."""
-        delay = 0.2
-        while True:
-            pubsub = redis.pubsub()
-            try:
+        """Runs until cancelled: subscribes on its own connection, evicts on every message,
+        and resubscribes (with backoff) whenever the feed fails or falls silent."""
+        client = self._feed_client(redis)
+        backoff = Backoff(asyncio.Event(), RetryPolicy(initial_s=0.1, cap_s=2.0))
+        clock = asyncio.create_task(self._clock())
+        try:
+            while True:
+                try:
+                    pubsub = await backoff.call("cache invalidation feed",
+                                                lambda: self._subscribe(client, channel))
+                except Exception as exc:  # permanent (auth, ACL...): keep trying, slowly
+                    log.error("cache invalidation feed: %s; cache off", describe(exc))
+                    await asyncio.sleep(backoff.policy.cap_s)
+                    continue
+                try:
+                    await self._listen(pubsub)
+                except Exception as exc:
+                    log.warning("cache invalidation feed lost (%s); cache off until resubscribed",
+                                describe(exc))
+                finally:
+                    self.reset(live=False)
+                    await self._close(pubsub)
+        finally:
+            clock.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await clock
+            self.reset(live=False)
+            await client.aclose()
+
+    def _feed_client(self, redis: Redis) -> Redis:
+        """A client of its own for the subscription: the API's connection options, plus
+        keepalive and deadlines, without retries (a reconnect must go through a reset)."""
+        pool = redis.connection_pool
+        options = {k: v for k, v in pool.connection_kwargs.items() if k not in _NOT_COPIED}
+        options.update(decode_responses=True, health_check_interval=0,
+                       retry=Retry(NoBackoff(), 0), socket_timeout=self.silence_s,
+                       socket_connect_timeout=self.silence_s)
+        if issubclass(pool.connection_class, Connection):  # TCP or TLS, not a Unix socket
+            options.update(socket_keepalive=True,
+                           socket_keepalive_options=keepalive_options(self.silence_s))
+        return Redis.from_pool(ConnectionPool(connection_class=pool.connection_class,
+                                              max_connections=2, **options))
+
+    async def _subscribe(self, client: Redis, channel: str) -> PubSub:
+        pubsub = client.pubsub()
+        try:
+            async with asyncio.timeout(self.silence_s):
                 await pubsub.subscribe(channel)
                 while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is None:
-                        continue
-                    if message["type"] == "subscribe":
-                        # Only now is every later change certain to reach us.
-                        self.reset(live=True)
-                        delay = 0.2
-                    elif message["type"] == "message":
-                        self.evict(message["data"])
-            except Exception as exc:
-                log.warning("cache invalidation feed lost (%s); cache off until resubscribed",
-                            type(exc).__name__)
-            finally:
+                    message = await pubsub.get_message(timeout=self.silence_s)
+                    if message is not None and message["type"] == "subscribe":
+                        break
+        except BaseException:
+            await self._close(pubsub)
+            raise
+        # Only now is every later change certain to reach us.
+        self._heard = self._now = time.monotonic()
+        self.reset(live=True)
+        return pubsub
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        next_ping = 0.0
+        while True:
+            now = time.monotonic()
+            if not self.live:
+                raise FeedSilent("the cache's clock found the feed silent")
+            quiet = now - self._heard
+            if quiet > self.silence_s:
+                raise FeedSilent(f"nothing heard for {quiet:.1f}s")
+            if quiet >= self.ping_s and now >= next_ping:
+                async with asyncio.timeout(self.ping_s):
+                    await pubsub.ping()
+                next_ping = now + self.ping_s
+            wait = min(self.ping_s, self._heard + self.silence_s - now)
+            message = await pubsub.get_message(timeout=max(wait, 0.001))
+            if message is None:
+                continue
+            self._heard = time.monotonic()
+            kind = message["type"]
+            if kind == "message":
+                self.evict(message["data"])
+            elif kind == "subscribe":
+                # The client library reconnected by itself: changes may have been missed.
+                self.reset(live=True)
+            elif kind == "unsubscribe":
+                raise ConnectionError("unsubscribed from the invalidation feed")
+
+    async def _clock(self) -> None:
+        """Advances the entries' clock and enforces the silence bound, whatever the feed's
+        reads are doing."""
+        while True:
+            now = self._now = time.monotonic()
+            if self.live and now - self._heard > self.silence_s:
+                log.warning("cache invalidation feed silent for %.1fs; cache off until "
+                            "resubscribed", now - self._heard)
                 self.reset(live=False)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            # Only a lost feed gets here (cancellation propagates out of the loop).
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await asyncio.sleep(self.tick_s)
+
+    @staticmethod
+    async def _close(pubsub: PubSub) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def keepalive_options(deadline_s: float) -> dict[int, int]:
+    """Linux TCP options so the kernel, too, gives up on a dead peer within about the bound."""
+    wanted = {"TCP_KEEPIDLE": 1, "TCP_KEEPINTVL": 1, "TCP_KEEPCNT": max(1, int(deadline_s)),
+              "TCP_USER_TIMEOUT": int(deadline_s * 1000)}
+    return {getattr(socket, name): value for name, value in wanted.items()
+            if hasattr(socket, name)}

@@ -1,0 +1,152 @@
+"""The cache's invalidation feed under a silent network fault: a proxy that keeps the
+subscription's sockets open but drops its bytes (a NAT or load balancer that forgot the flow).
+GET must reflect a change within 5 s, with the cache's default settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from core.codec import Event
+from core.settings import Settings
+from tests.cache_support import (
+    PIPELINE,
+    cache_of,
+    cached_api,
+    direct_store,
+    engines,
+    get,
+    new_batches,
+    proxied,
+)
+from tests.conftest import eventually
+from tests.tcp_proxy import TcpProxy, sent
+
+BOUND_S = 5.0
+SUBSCRIPTION = sent(b"SUBSCRIBE")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    yield from engines("redis")
+
+
+async def _cached(api: TestClient[Any, Any], batch_id: str) -> dict[str, Any]:
+    """Reads the batch until the cache serves it (a hit), and returns it."""
+    cache = cache_of(api)
+
+    async def hit() -> dict[str, Any] | None:
+        hits = cache.hits
+        status, body = await get(api, batch_id)
+        assert status == 200
+        return body if cache.hits > hits else None
+
+    return await eventually(hit, timeout=5)  # type: ignore[return-value]
+
+
+async def _fresh_within(api: TestClient[Any, Any], batch_id: str, expect: Any,
+                        bound: float = BOUND_S) -> float:
+    """Polls GET until `expect((status, body))` holds; the seconds it took (fails past bound)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def ok() -> bool:
+        return bool(expect(await get(api, batch_id)))
+
+    await eventually(ok, timeout=bound, interval=0.05)
+    return loop.time() - started
+
+
+def _running(answer: tuple[int, dict[str, Any]]) -> bool:
+    status, body = answer
+    return status == 200 and body["state"]["state"] == "running"
+
+
+@contextlib.asynccontextmanager
+async def _proxied_api(settings: Settings) -> AsyncIterator[tuple[TcpProxy, TestClient[Any, Any]]]:
+    async with proxied(settings) as (proxy, through), cached_api(through) as api:
+        yield proxy, api
+
+
+async def test_change_reaches_get_within_bound_when_subscription_is_blackholed(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [batch_id] = await new_batches(store)
+    async with _proxied_api(test_settings) as (proxy, api):
+        assert (await _cached(api, batch_id))["state"]["state"] == "pending"
+        assert proxy.blackhole(SUBSCRIPTION) == 1
+        await store.apply([Event("batch.state", batch_id, PIPELINE, state="running")])
+        took = await _fresh_within(api, batch_id, _running)
+        print(f"fresh {took:.2f}s after the change, feed blackholed")
+
+        # The cache resubscribed on a new connection by itself and serves again.
+        assert (await _cached(api, batch_id))["state"]["state"] == "running"
+        assert cache_of(api).live
+
+
+async def test_stopped_and_hidden_batch_is_404_within_bound_while_every_subscription_is_dropped(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [batch_id] = await new_batches(store)
+    async with _proxied_api(test_settings) as (proxy, api):
+        cache = cache_of(api)
+        await _cached(api, batch_id)
+        proxy.blackhole(SUBSCRIPTION, sticky=True)
+        await store.apply([Event("batch.state", batch_id, PIPELINE, state="stop",
+                                 outcome="cancelled")])
+        await store.hide(PIPELINE, batch_id)
+        await _fresh_within(api, batch_id, lambda answer: answer[0] == 404)
+
+        # No subscription can be confirmed: the cache stays off and GET reads Redis.
+        [other] = await new_batches(store)
+        await store.apply([Event("batch.state", other, PIPELINE, state="running")])
+        for _ in range(3):
+            assert _running(await get(api, other))
+        assert not cache.live
+        await store.apply([Event("batch.state", other, PIPELINE, state="stop")])
+        status, body = await get(api, other)
+        assert status == 200 and body["state"]["state"] == "stop"
+
+        # The network heals: the cache comes back on its own.
+        proxy.forward()
+        await eventually(lambda: cache.live, timeout=15)
+        assert (await _cached(api, other))["state"]["state"] == "stop"
+
+
+async def test_each_of_two_api_processes_is_fresh_within_bound(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [batch_id] = await new_batches(store)
+    async with _proxied_api(test_settings) as (proxy_a, api_a), \
+            _proxied_api(test_settings) as (proxy_b, api_b):
+        for api in (api_a, api_b):
+            await _cached(api, batch_id)
+        # A's subscription goes silent for good, B's only until it resubscribes.
+        proxy_a.blackhole(SUBSCRIPTION, sticky=True)
+        proxy_b.blackhole(SUBSCRIPTION)
+        await store.apply([Event("batch.state", batch_id, PIPELINE, state="running")])
+        took = await asyncio.gather(_fresh_within(api_a, batch_id, _running),
+                                    _fresh_within(api_b, batch_id, _running))
+        print(f"fresh after {took[0]:.2f}s (A) and {took[1]:.2f}s (B)")
+
+
+async def test_a_healthy_quiet_feed_keeps_the_cache_on(test_settings: Settings,
+                                                       redis: Redis) -> None:
+    """The health check must not turn the cache off when nothing changes for a while."""
+    store = direct_store(redis, test_settings)
+    [batch_id] = await new_batches(store)
+    async with _proxied_api(test_settings) as (_proxy, api):
+        cache = cache_of(api)
+        await _cached(api, batch_id)
+        outages = cache.outages
+        await asyncio.sleep(2 * cache.silence_s)  # a quiet feed, on purpose: nothing to poll
+        assert cache.live and cache.outages == outages
+        hits = cache.hits
+        await get(api, batch_id)
+        assert cache.hits == hits + 1
