@@ -6,15 +6,18 @@ import os
 import re
 import time
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from typing_extensions import TypeAliasType
 
-BATCH_STATES: Final = ("pending", "scheduled", "running", "stop")
-STEP_STATES: Final = ("none", "pending", "running", "success", "failed")
+BatchStateName = Literal["pending", "scheduled", "running", "stop"]
+StepStateName = Literal["none", "pending", "running", "success", "failed"]
+OutcomeName = Literal["completed", "failed", "cancelled", "crashed"]
+BATCH_STATES: Final[tuple[str, ...]] = get_args(BatchStateName)
+STEP_STATES: Final[tuple[str, ...]] = get_args(StepStateName)
 FINAL_STEP_STATES: Final = frozenset({"success", "failed"})
-OUTCOMES: Final = ("completed", "failed", "cancelled", "crashed")
+OUTCOMES: Final[tuple[str, ...]] = get_args(OutcomeName)
 
 ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,128}$"
 _ID_RE: Final = re.compile(ID_PATTERN)
