@@ -30,6 +30,7 @@ import math
 import socket
 import time
 from collections import OrderedDict
+from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
@@ -165,7 +166,7 @@ class BatchCache:
         keepalive and deadlines, without retries (a reconnect must go through a reset)."""
         pool = redis.connection_pool
         options = {k: v for k, v in pool.connection_kwargs.items() if k not in _NOT_COPIED}
-        options.update(decode_responses=True, health_check_interval=0,
+        options.update(decode_responses=True, health_check_interval=0, protocol=2,
                        retry=Retry(NoBackoff(), 0), socket_timeout=self.silence_s,
                        socket_connect_timeout=self.silence_s)
         if issubclass(pool.connection_class, Connection):  # TCP or TLS, not a Unix socket
@@ -192,6 +193,11 @@ class BatchCache:
         return pubsub
 
     async def _listen(self, pubsub: PubSub) -> None:
+        # Replies are read off the connection directly, under one deadline per slice of at
+        # most `ping_s` rather than one per read: PubSub.get_message and a timer per message
+        # cost several times more, and the feed carries one message per change of any batch.
+        conn = pubsub.connection
+        assert conn is not None
         next_ping = 0.0
         while True:
             now = time.monotonic()
@@ -202,21 +208,28 @@ class BatchCache:
                 raise FeedSilent(f"nothing heard for {quiet:.1f}s")
             if quiet >= self.ping_s and now >= next_ping:
                 async with asyncio.timeout(self.ping_s):
-                    await pubsub.ping()
+                    await conn.send_command("PING", check_health=False)
                 next_ping = now + self.ping_s
-            wait = min(self.ping_s, self._heard + self.silence_s - now)
-            message = await pubsub.get_message(timeout=max(wait, 0.001))
-            if message is None:
-                continue
-            self._heard = time.monotonic()
-            kind = message["type"]
-            if kind == "message":
-                self.evict(message["data"])
-            elif kind == "subscribe":
-                # The client library reconnected by itself: changes may have been missed.
-                self.reset(live=True)
-            elif kind == "unsubscribe":
-                raise ConnectionError("unsubscribed from the invalidation feed")
+            slice_s = max(min(self.ping_s, self._heard + self.silence_s - now), 0.001)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(slice_s):
+                    while True:
+                        # math.inf: no timer of its own (the slice's deadline bounds it).
+                        reply = await conn.read_response(timeout=math.inf,
+                                                         disconnect_on_error=False)
+                        self._heard = time.monotonic()
+                        self._on_reply(reply)
+
+    def _on_reply(self, reply: Any) -> None:
+        """One RESP2 reply on a subscribed connection: [kind, channel, data] or [pong, data]."""
+        kind = reply[0] if isinstance(reply, list) and reply else None
+        if kind == "message":
+            self.evict(reply[2])
+        elif kind == "subscribe":
+            # The client library reconnected by itself: changes may have been missed.
+            self.reset(live=True)
+        elif kind != "pong":
+            raise ConnectionError(f"unexpected reply on the invalidation feed: {reply!r:.100}")
 
     async def _clock(self) -> None:
         """Advances the entries' clock and enforces the silence bound, whatever the feed's

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from core.codec import Event
 from core.settings import Settings
 from service.appkeys import CACHE, STORE
+from tests.cache_support import engines
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, spec_body
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    yield from engines("redis", "kafka")
 
 
 async def _batch_with_live_cache(api: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from redis.asyncio import Redis
 
 from core.codec import Event
 from core.settings import Settings
+from service.cache import BatchCache
 from tests.cache_support import (
     PIPELINE,
     cache_of,
@@ -136,17 +138,23 @@ async def test_each_of_two_api_processes_is_fresh_within_bound(
         print(f"fresh after {took[0]:.2f}s (A) and {took[1]:.2f}s (B)")
 
 
-async def test_a_healthy_quiet_feed_keeps_the_cache_on(test_settings: Settings,
-                                                       redis: Redis) -> None:
-    """The health check must not turn the cache off when nothing changes for a while."""
-    store = direct_store(redis, test_settings)
-    [batch_id] = await new_batches(store)
-    async with _proxied_api(test_settings) as (_proxy, api):
-        cache = cache_of(api)
-        await _cached(api, batch_id)
-        outages = cache.outages
-        await asyncio.sleep(2 * cache.silence_s)  # a quiet feed, on purpose: nothing to poll
-        assert cache.live and cache.outages == outages
-        hits = cache.hits
-        await get(api, batch_id)
-        assert cache.hits == hits + 1
+async def test_a_quiet_feed_stays_live_on_its_pongs(redis: Redis) -> None:
+    """Nothing published for several silence bounds (a channel of its own): the PINGs' answers
+    keep the cache on, and a message still evicts afterwards."""
+    cache = BatchCache(silence_s=0.6)
+    channel = f"dhub:test:quiet:{uuid.uuid4().hex}"
+    follower = asyncio.create_task(cache.follow(redis, channel))
+    try:
+        await eventually(lambda: cache.live, timeout=5)
+        await asyncio.sleep(4 * cache.silence_s)  # the point is that nothing happens meanwhile
+        assert cache.live and cache.outages == 0
+        cache.put("k", b"v", cache.generation)
+        assert cache.get("k") == b"v"
+        await redis.publish(channel, "k")
+        await eventually(lambda: cache.get("k") is None, timeout=2)
+        assert cache.live
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+    assert not cache.live
