@@ -49,9 +49,12 @@ return 1
 #   step.offsets: step, offsets = {partition: "<decimal offset>"}
 # Rules: batch state only moves forward (pending < scheduled < running < stop); the first
 # `stop` fixes outcome and reason; a step state only moves forward and success/failed are
-# final; an offset only grows; an event id seen before changes nothing; unknown steps are
-# ignored. Returns the number of events that changed the batch, or -1 when the batch is
-# unknown or deleted (its events are dropped).
+# final; an offset only grows (max by value, so offsets events need no id: re-delivered or
+# merged ones can only raise an offset, never lose one); a state event whose id was seen
+# before changes nothing; unknown steps are ignored. Once the batch is `stop` its seen ids
+# are deleted and no more are remembered: the rules above already make every later event,
+# duplicate or not, harmless. Returns the number of events that changed the batch, or -1
+# when the batch is unknown or deleted (its events are dropped).
 APPLY_EVENTS: Final = """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
   return -1
@@ -59,11 +62,13 @@ end
 local BATCH_RANK = {pending = 0, scheduled = 1, running = 2, stop = 3}
 local STEP_RANK = {none = 0, pending = 1, running = 2, success = 3, failed = 3}
 local events = cjson.decode(ARGV[4])
+local state = redis.call('HGET', KEYS[1], 'state')
+local stopped = state == 'stop'
 local changed = 0
 local remembered = false
 for _, ev in ipairs(events) do
   local fresh = true
-  if type(ev.id) == 'string' then
+  if not stopped and ev.t ~= 'step.offsets' and type(ev.id) == 'string' then
     if redis.call('ZSCORE', KEYS[2], ev.id) then
       fresh = false
     else
@@ -75,10 +80,11 @@ for _, ev in ipairs(events) do
   local did = false
   if fresh and ev.t == 'batch.state' then
     local new = BATCH_RANK[ev.state]
-    local cur = BATCH_RANK[redis.call('HGET', KEYS[1], 'state')] or 0
-    if new and new > cur then
-      redis.call('HSET', KEYS[1], 'state', ev.state)
-      if ev.state == 'stop' then
+    if new and new > (BATCH_RANK[state] or 0) then
+      state = ev.state
+      redis.call('HSET', KEYS[1], 'state', state)
+      if state == 'stop' then
+        stopped = true
         redis.call('HSET', KEYS[1], 'outcome', ev.outcome or 'completed')
         if type(ev.reason) == 'string' then redis.call('HSET', KEYS[1], 'reason', ev.reason) end
       end
@@ -92,11 +98,11 @@ for _, ev in ipairs(events) do
     local field = 'step:' .. tostring(ev.step)
     local cur = redis.call('HGET', KEYS[1], field)
     local new = STEP_RANK[ev.state]
-    if cur and new and new > STEP_RANK[cur] then
+    if cur and new and new > (STEP_RANK[cur] or 0) then
       redis.call('HSET', KEYS[1], field, ev.state)
       did = true
     end
-  elseif fresh and ev.t == 'step.offsets' and type(ev.offsets) == 'table' then
+  elseif ev.t == 'step.offsets' and type(ev.offsets) == 'table' then
     if redis.call('HEXISTS', KEYS[1], 'step:' .. tostring(ev.step)) == 1 then
       local prefix = 'off:' .. ev.step .. ':'
       for part, value in pairs(ev.offsets) do
@@ -113,7 +119,11 @@ for _, ev in ipairs(events) do
   end
   if did then changed = changed + 1 end
 end
-if remembered then
+if stopped then
+  -- No-ops (and not replicated) once done: a stopped batch keeps no dedup state.
+  redis.call('DEL', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'seen_n')
+elseif remembered then
   redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
 end
 if changed > 0 then

@@ -113,7 +113,7 @@ async def test_duplicate_event_ids_are_ignored_within_a_bounded_window(store: Ba
     # The same event id carrying a later state is still a duplicate: nothing changes.
     replay = ev(b, "step.state", step="extract", state="success", event_id=once.event_id)
     assert await store.apply([replay]) == {(P, b): 0}
-    await store.apply([ev(b, "step.offsets", step="load", offsets={"p": i}) for i in range(1, 11)])
+    await store.apply([ev(b, "step.state", step="nope", state="running") for _ in range(10)])
     assert await redis.zcard(keys.batch_seen(P, b)) == 4  # the window (dedup_window=4)
 
 
@@ -157,3 +157,64 @@ async def test_register_pipeline_adds_versions_immutably(redis: Redis, scripts: 
     assert await registry.ids() == [P]
     stored = await redis.hget(keys.pipeline_versions(P), "1")
     assert stored is not None and orjson.loads(stored)["name"] == "sales-pipeline"
+
+
+async def test_offsets_apply_by_value_whatever_their_event_id(store: BatchStore, redis: Redis) -> None:
+    """Offsets are idempotent by value (max): an offsets event is never dropped for its id,
+    so a merged event carrying a re-sent id still lands its fresh offsets."""
+    b = await new_batch(store)
+    first = ev(b, "step.offsets", step="extract", offsets={"p0": 10})
+    assert await store.apply([first]) == {(P, b): 1}
+    # The same id again, now carrying a fresh partition and a higher offset.
+    merged = ev(b, "step.offsets", step="extract", offsets={"p0": 12, "p1": 3},
+                event_id=first.event_id)
+    assert await store.apply([merged]) == {(P, b): 1}
+    assert await store.apply([first, merged]) == {(P, b): 0}  # re-delivered: nothing moves
+    batch = await store.get(P, b)
+    assert batch is not None
+    assert batch["state"]["steps"]["extract"]["offsets"] == {"p0": 12, "p1": 3}
+    # Offsets events are not remembered at all: the dedup set holds no id of theirs.
+    assert not await redis.exists(keys.batch_seen(P, b))
+
+
+async def test_coalesced_offsets_ending_with_a_resent_duplicate_keep_fresh_offsets(
+        store: BatchStore) -> None:
+    from consumers.events import coalesce
+
+    b = await new_batch(store)
+    old = ev(b, "step.offsets", step="load", offsets={"p0": 5})
+    await store.apply([old])
+    fresh = ev(b, "step.offsets", step="load", offsets={"p0": 9, "p1": 4})
+    resent = ev(b, "step.offsets", step="load", offsets={"p0": 5}, event_id=old.event_id)
+    poll = coalesce([fresh, resent])  # the last one merged is the duplicate
+    assert len(poll) == 1
+    await store.apply(poll)
+    batch = await store.get(P, b)
+    assert batch is not None
+    assert batch["state"]["steps"]["load"]["offsets"] == {"p0": 9, "p1": 4}
+
+
+async def test_dedup_ids_are_forgotten_once_the_batch_is_stop(store: BatchStore,
+                                                               redis: Redis) -> None:
+    b = await new_batch(store)
+    running = ev(b, "step.state", step="extract", state="running")
+    await store.apply([ev(b, "batch.state", state="running"), running])
+    assert await redis.zcard(keys.batch_seen(P, b)) == 2
+    stop = ev(b, "batch.state", state="stop", outcome="completed", reason="done")
+    assert await store.apply([stop]) == {(P, b): 1}
+    assert not await redis.exists(keys.batch_seen(P, b))
+    before = await redis.hgetall(keys.batch(P, b))
+    assert "seen_n" not in before
+    # Duplicates after stop change nothing, and are not remembered either.
+    assert await store.apply([running, stop, ev(b, "batch.state", state="running"),
+                              ev(b, "batch.state", state="stop", outcome="failed")]) == {(P, b): 0}
+    assert not await redis.exists(keys.batch_seen(P, b))
+    assert await redis.hgetall(keys.batch(P, b)) == before
+    # What still may move after stop does so by its own rules, not by id.
+    late = ev(b, "step.state", step="extract", state="success")
+    assert await store.apply([late, late]) == {(P, b): 1}
+    assert not await redis.exists(keys.batch_seen(P, b))
+    batch = await store.get(P, b)
+    assert batch is not None
+    assert (batch["state"]["state"], batch["outcome"], batch["reason"]) == ("stop", "completed", "done")
+    assert batch["state"]["steps"]["extract"]["state"] == "success"
