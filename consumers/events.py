@@ -2,13 +2,20 @@
 
 Each `getmany` result is decoded and applied with a single `BatchStore.apply` call (one
 script per batch, pipelined), then committed. The script enforces the state order, final
-step states, monotonic offsets and de-duplication, so a batch delivered again after a
-crash changes nothing. Malformed records go to the dead letters and the loop goes on;
-events of deleted or unknown batches are dropped by the script.
+step states, offsets by value (max) and de-duplication of state events, so a batch delivered
+again after a crash changes nothing.
+
+Errors follow `core.retry`: Redis or Kafka unavailable (down, READONLY after a failover,
+OOM, LOADING, BUSY, ...) is waited out with backoff, and the poll is neither dead-lettered
+nor committed meanwhile. Only what no retry can fix goes to the dead letters: malformed
+records, and the events of a batch whose data makes the script fail (found by applying
+batch by batch after a permanent script error). Events of deleted or unknown batches are
+dropped by the script.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import defaultdict
@@ -23,7 +30,7 @@ from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
 from core.codec import CodecError, Event, decode_event
 from core.connections import open_producer, open_redis
-from core.retry import Backoff, Stopping
+from core.retry import Backoff, Stopping, Verdict, classify
 from core.settings import Settings
 from core.store import BatchStore
 
@@ -35,13 +42,14 @@ def coalesce(events: list[Event]) -> list[Event]:
     """Merges the offsets events of one poll per (batch, step), keeping each partition's
     highest offset; other events pass through in order.
 
-    Safe because offsets only grow and are independent of every state: applying the
-    merged event leaves Redis exactly as applying each one would. It moves the cost of a
-    fast offsets stream (many updates of the same partitions) out of the Redis script,
-    which is the bottleneck. The merged event keeps the id of the last one merged; ids
-    merged away are not remembered, which is harmless for the same reason."""
+    Safe because `APPLY_EVENTS` applies offsets by value (max) and never de-duplicates them
+    by id: the merged event leaves Redis exactly as applying each one would, whichever id it
+    carries (a re-sent one included). It moves the cost of a fast offsets stream (many
+    updates of the same partitions) out of the Redis script, which is the bottleneck.
+    The events given are not modified (a merged event is a copy)."""
     out: list[Event] = []
     merged: dict[tuple[str, str, str | None], Event] = {}
+    copied: set[tuple[str, str, str | None]] = set()
     for event in events:
         if event.type != "step.offsets":
             out.append(event)
@@ -51,14 +59,25 @@ def coalesce(events: list[Event]) -> list[Event]:
         if into is None:
             merged[key] = event
             continue
-        # The decoder guarantees offsets on this type; the dicts are this poll's own.
+        if key not in copied:
+            # Copied only when a second event arrives: most polls merge nothing.
+            into = merged[key] = copy.copy(into)
+            into.offsets = dict(into.offsets)  # type: ignore[arg-type]
+            copied.add(key)
+        # The decoder guarantees offsets on this type.
         offsets: dict[str, int] = into.offsets  # type: ignore[assignment]
         for part, value in event.offsets.items():  # type: ignore[union-attr]
             if value > offsets.get(part, -1):
                 offsets[part] = value
-        into.event_id = event.event_id
     out.extend(merged.values())
     return out
+
+
+def _bad_script_data(exc: BaseException) -> bool:
+    """A script error that is about a batch's data (no retry can fix it), as opposed to
+    Redis not taking writes now (READONLY, OOM, BUSY...: `classify` says UNAVAILABLE and
+    `Backoff` waits those out, so they never reach the dead letters)."""
+    return isinstance(exc, ResponseError) and classify(exc) is Verdict.PERMANENT
 
 
 class EventsConsumer(Part):
@@ -125,9 +144,11 @@ class EventsConsumer(Part):
         if events:
             try:
                 results = await self._apply(coalesce(events))
-            except ResponseError as exc:
-                # A script error is about some batch's data, not Redis being down: apply
-                # batch by batch and dead-letter the batches that fail.
+            except Exception as exc:
+                if not _bad_script_data(exc):
+                    raise  # Stopping, or a bounded error that outlasted its retries
+                # Some batch's data breaks the script: apply batch by batch and dead-letter
+                # only the batches that fail.
                 log.error("apply failed (%s); retrying batch by batch", exc)
                 results = await self._apply_one_by_one(batch, bad)
             self.applied += len(events)
@@ -164,7 +185,9 @@ class EventsConsumer(Part):
         for key, pairs in groups.items():
             try:
                 results.update(await self._apply([e for _, e in pairs]))
-            except ResponseError as exc:
+            except Exception as exc:
+                if not _bad_script_data(exc):
+                    raise
                 bad.extend((record, f"could not apply: {exc}") for record, _ in pairs)
                 results[key] = 0
         return results

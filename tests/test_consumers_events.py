@@ -106,9 +106,10 @@ async def test_duplicates_and_older_offsets_change_nothing(ctx: Ctx) -> None:
         )
         await ctx.processed(7)
     after = await ctx.fields(batch_id)
-    # `seen_n` counts remembered event ids (bookkeeping of the de-duplication), not state.
-    after.pop("seen_n"), before.pop("seen_n")
     assert after == before
+    # A stopped batch keeps no de-duplication state: its later events are harmless by value.
+    assert "seen_n" not in after
+    assert not await ctx.redis.exists(keys.batch_seen(ctx.pipeline_id, batch_id))
     assert (before["state"], before["outcome"], before["off:load:partition_0"]) == (
         "stop", "completed", "100")
     assert consumer.applied == 7
@@ -135,8 +136,9 @@ async def test_malformed_events_are_dead_lettered_and_the_loop_goes_on(ctx: Ctx)
     assert [r.value for r in dead] == bad
     reasons = [dict(r.headers)[dlq.REASON].decode() for r in dead]
     assert reasons[0].startswith("not JSON")
-    assert reasons[1] == "unknown event type 'batch.exploded'"
-    assert reasons[2] == "invalid offset for 'partition_0'"
+    # The codec's own wording; what matters here is that the reason names the fault.
+    assert reasons[1].startswith("invalid event") and "batch.exploded" in reasons[1]
+    assert reasons[2].startswith("invalid event") and "offsets" in reasons[2]
     assert all(dict(r.headers)[dlq.CONSUMER] == b"events" for r in dead)
     assert consumer.dead == 3
 
@@ -199,6 +201,8 @@ async def test_many_batches_in_one_poll(ctx: Ctx) -> None:
 
 
 def test_coalesce_keeps_the_highest_offset_per_partition_and_every_other_event() -> None:
+    """The merged event's id does not matter: offsets apply by value, never de-duplicated
+    (tests/test_scripts.py shows a merged event carrying a re-sent id still lands)."""
     def ev(batch: str, kind: str, **fields: Any) -> Event:
         return Event(type=kind, batch_id=batch, pipeline_id="p", **fields)
 
@@ -210,11 +214,13 @@ def test_coalesce_keeps_the_highest_offset_per_partition_and_every_other_event()
         ev("b1", "step.offsets", step="t", offsets={"p0": 2}, event_id="e"),
         ev("b1", "batch.state", state="stop", event_id="f"),
     ]
+    given = [e.to_dict() for e in events]
     out = coalesce(events)
-    assert [(e.batch_id, e.type, e.step, e.offsets, e.event_id) for e in out] == [
-        ("b1", "step.state", "s", None, "b"),
-        ("b1", "batch.state", None, None, "f"),
-        ("b1", "step.offsets", "s", {"p0": 5, "p1": 7}, "c"),
-        ("b2", "step.offsets", "s", {"p0": 1}, "d"),
-        ("b1", "step.offsets", "t", {"p0": 2}, "e"),
+    assert [(e.batch_id, e.type, e.step, e.offsets) for e in out] == [
+        ("b1", "step.state", "s", None),
+        ("b1", "batch.state", None, None),
+        ("b1", "step.offsets", "s", {"p0": 5, "p1": 7}),
+        ("b2", "step.offsets", "s", {"p0": 1}),
+        ("b1", "step.offsets", "t", {"p0": 2}),
     ]
+    assert [e.to_dict() for e in events] == given  # the poll's own events are left as read

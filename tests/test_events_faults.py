@@ -1,0 +1,310 @@
+"""The events consumer against a Redis that stops taking writes for a while: a replica after a
+failover (READONLY), a full server (OOM), a long script (BUSY). Each is waited out: nothing is
+dead-lettered, nothing is committed past, and after recovery every batch reaches its final
+state. Only a permanent script error (the batch's own data) goes batch by batch to the dead
+letters. Each test runs its own redis-server (the shared one must never be broken).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from redis._parsers import _AsyncRESP2Parser
+from redis.asyncio import Redis
+
+from consumers import dlq
+from consumers.events import EventsConsumer, _bad_script_data
+from core import keys
+from core.codec import Event
+from core.connections import open_producer, open_redis
+from core.settings import Settings
+from tests.conftest import eventually
+from tests.helpers import read_topic
+from tests.test_consumers_support import committed, make_spec, new_batch, options, running, unique
+
+STEPS = ("extract", "transform", "load")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of this test only, free to be made read-only, full or busy."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[PrivateRedis]:
+    directory = Path(tempfile.mkdtemp(prefix="dhub-test-redis-"))
+    server: PrivateRedis | None = None
+    try:
+        for _ in range(5):  # a free port can be taken between the probe and the bind
+            port = free_port()
+            process = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                 str(directory), "--save", "", "--appendonly", "no",
+                 "--logfile", str(directory / "redis.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            client = Redis(port=port, socket_connect_timeout=1)
+            try:
+                async def up(c: Redis = client) -> bool:
+                    with contextlib.suppress(Exception):
+                        return bool(await c.ping())
+                    return False
+                await eventually(up, timeout=10, interval=0.05)
+                server = PrivateRedis(port, process, directory)
+                break
+            except AssertionError:
+                process.kill()
+                process.wait()
+            finally:
+                await client.aclose()
+        assert server is not None, "private redis-server did not start"
+        yield server
+    finally:
+        if server is not None:
+            server.process.terminate()
+            server.process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class Stream:
+    """Events of a few batches on the test's topics and what each batch must end as."""
+
+    settings: Settings
+    redis: Redis
+    pipeline_id: str = field(default_factory=lambda: unique("faults"))
+    batch_ids: list[str] = field(default_factory=list)
+    sent: int = 0
+
+    def event(self, batch_id: str, kind: str, **fields: Any) -> Event:
+        return Event(type=kind, batch_id=batch_id, pipeline_id=self.pipeline_id, **fields)
+
+    async def publish(self, per_batch: Callable[[str], list[Event]]) -> int:
+        events = [e for b in self.batch_ids for e in per_batch(b)]
+        producer = await open_producer(self.settings)
+        try:
+            futures = [await producer.send(self.settings.topic_events, value=e.encode(),
+                                           key=e.batch_id.encode()) for e in events]
+            await asyncio.gather(*futures)
+        finally:
+            await producer.stop()
+        self.sent += len(events)
+        return self.sent
+
+    async def committed(self) -> int:
+        return await committed(self.settings, self.settings.group_events,
+                               self.settings.topic_events)
+
+    async def all_committed(self) -> None:
+        async def done() -> bool:
+            return await self.committed() >= self.sent
+        await eventually(done, timeout=30, interval=0.1)
+
+
+async def dead_letters(settings: Settings) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        tp = TopicPartition(settings.topic_dlq, 0)
+        return int((await consumer.end_offsets([tp]))[tp])
+    finally:
+        await consumer.stop()
+
+
+async def held_while(consumer: EventsConsumer, stream: Stream, before: int,
+                     fault: str) -> None:
+    """While the fault lasts: the consumer keeps retrying the poll (it met the fault at least
+    twice), commits nothing past the events it applied before, dead-letters nothing."""
+    retries = consumer.backoff.retries
+
+    async def retried() -> bool:
+        return consumer.backoff.retries >= retries + 2
+    await eventually(retried, timeout=20)
+    assert await stream.committed() == before, f"committed past the events during {fault}"
+    assert consumer.dead == 0 and await dead_letters(stream.settings) == 0, fault
+
+
+async def wait_out(consumer: EventsConsumer, stream: Stream, fault: str,
+                   on: Callable[[], Awaitable[object]], off: Callable[[], Awaitable[object]],
+                   events: Callable[[str], list[Event]]) -> None:
+    before = stream.sent
+    await stream.all_committed()
+    await on()
+    try:
+        await stream.publish(events)
+        await held_while(consumer, stream, before, fault)
+    finally:
+        await off()
+    await stream.all_committed()
+
+
+async def test_readonly_oom_and_busy_redis_are_waited_out_with_nothing_lost(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    settings = topics.model_copy(update={"redis_url": private_redis.url})
+    admin = await open_redis(settings)
+    stream = Stream(settings, admin)
+    spec = make_spec(stream.pipeline_id)
+    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
+                        for _ in range(8)]
+    ev = stream.event
+
+    def offsets(step: str, top: int) -> Callable[[str], list[Event]]:
+        # Older offsets re-sent after newer ones, as a restarted step does.
+        return lambda b: [ev(b, "step.offsets", step=step, offsets={"p0": n, "p1": n // 2})
+                          for n in (*range(top - 20, top + 1), top - 5)]
+
+    consumer = EventsConsumer(settings, options())
+    busy = Redis(port=private_redis.port, socket_timeout=30)
+    try:
+        async with running(consumer):
+            await stream.publish(lambda b: [
+                ev(b, "batch.state", state="scheduled", flow_run_id=f"fr-{b}"),
+                ev(b, "batch.state", state="running"),
+                ev(b, "step.state", step="extract", state="running"),
+                *offsets("extract", 40)(b)])
+
+            # A failover leaves this node a replica: every write answers READONLY.
+            closed = free_port()
+            await wait_out(
+                consumer, stream, "READONLY",
+                lambda: admin.replicaof("127.0.0.1", closed),
+                lambda: admin.replicaof("NO", "ONE"),
+                lambda b: [*offsets("extract", 100)(b),
+                           ev(b, "step.state", step="extract", state="success"),
+                           ev(b, "step.state", step="transform", state="running")])
+
+            # A full server with noeviction: every write answers OOM.
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await wait_out(
+                consumer, stream, "OOM",
+                lambda: admin.config_set("maxmemory", "1"),
+                lambda: admin.config_set("maxmemory", "0"),
+                lambda b: [*offsets("transform", 70)(b),
+                           ev(b, "step.state", step="transform", state="success"),
+                           ev(b, "step.state", step="load", state="running")])
+
+            # A long script of someone else's: every call answers BUSY until it ends.
+            await admin.config_set("busy-reply-threshold", "20")
+            spin = busy.eval("local t = redis.call('TIME') "
+                             "while true do local n = redis.call('TIME') "
+                             "if (n[1] - t[1]) * 1000000 + (n[2] - t[2]) > 3000000 then "
+                             "return 1 end end", 0)
+            spinning = asyncio.ensure_future(spin)
+
+            async def spin_started() -> bool:
+                with contextlib.suppress(Exception):
+                    await admin.ping()
+                    return False
+                return True
+
+            async def spin_over() -> None:
+                await spinning
+
+            await wait_out(
+                consumer, stream, "BUSY", lambda: eventually(spin_started, timeout=5),
+                spin_over,
+                lambda b: [*offsets("load", 30)(b),
+                           ev(b, "step.state", step="load", state="success"),
+                           ev(b, "batch.state", state="stop", outcome="completed")])
+        assert consumer.dead == 0 and await dead_letters(settings) == 0
+        assert consumer.applied == stream.sent
+        for batch_id in stream.batch_ids:
+            fields = await admin.hgetall(keys.batch(stream.pipeline_id, batch_id))
+            assert (fields["state"], fields["outcome"], fields["flow_run_id"]) == (
+                "stop", "completed", f"fr-{batch_id}")
+            for step, top in zip(STEPS, (100, 70, 30), strict=True):
+                assert fields[f"step:{step}"] == "success"
+                assert (fields[f"off:{step}:p0"], fields[f"off:{step}:p1"]) == (
+                    str(top), str(top // 2))
+    finally:
+        await busy.aclose()
+        await admin.aclose()
+
+
+async def test_only_a_batch_whose_data_breaks_the_script_is_dead_lettered(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    """A permanent script error (here WRONGTYPE: the batch's dedup key is not a zset) sends the
+    poll batch by batch: that batch's records go to the dead letters with the reason, the
+    others are applied. Redis turning read-only meanwhile still only delays them all."""
+    settings = topics.model_copy(update={"redis_url": private_redis.url})
+    admin = await open_redis(settings)
+    stream = Stream(settings, admin)
+    spec = make_spec(stream.pipeline_id)
+    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
+                        for _ in range(4)]
+    broken = stream.batch_ids[1]
+    await admin.set(keys.batch_seen(stream.pipeline_id, broken), "not a zset")
+    ev = stream.event
+
+    def lifecycle(b: str) -> list[Event]:
+        return [ev(b, "batch.state", state="running"),
+                ev(b, "step.offsets", step="extract", offsets={"p0": 7}),
+                ev(b, "step.state", step="extract", state="success")]
+
+    consumer = EventsConsumer(settings, options())
+    try:
+        async with running(consumer):
+            await wait_out(
+                consumer, stream, "READONLY with a broken batch",
+                lambda: admin.replicaof("127.0.0.1", free_port()),
+                lambda: admin.replicaof("NO", "ONE"), lifecycle)
+        dead = await read_topic(settings, settings.topic_dlq, lambda r: len(r) >= 3)
+        assert len(dead) == 3 and {r.key for r in dead} == {broken.encode()}
+        reasons = {dict(r.headers)[dlq.REASON].decode() for r in dead}
+        assert len(reasons) == 1 and "WRONGTYPE" in reasons.pop()
+        assert consumer.dead == 3 and await dead_letters(settings) == 3
+        for batch_id in stream.batch_ids:
+            fields = await admin.hgetall(keys.batch(stream.pipeline_id, batch_id))
+            expected = ("pending", "none") if batch_id == broken else ("running", "success")
+            assert (fields["state"], fields["step:extract"]) == expected
+            assert fields.get("off:extract:p0") == (None if batch_id == broken else "7")
+    finally:
+        await admin.aclose()
+
+
+@pytest.mark.parametrize("reply", [
+    "READONLY You can't write against a read only replica.",
+    "OOM command not allowed when used memory > 'maxmemory'.",
+    "LOADING Redis is loading the dataset in memory",
+    "BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.",
+    "TRYAGAIN Multiple keys request during rehashing of slot",
+    "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
+    "CLUSTERDOWN The cluster is down",
+])
+def test_redis_not_taking_writes_is_never_taken_for_bad_data(reply: str) -> None:
+    """The replies the servers above sent, as redis-py raises them: none may reach the dead
+    letters (they are `UNAVAILABLE`, waited out by `Backoff`)."""
+    assert not _bad_script_data(_AsyncRESP2Parser(1 << 16).parse_error(reply))
+
+
+@pytest.mark.parametrize("reply", [
+    "WRONGTYPE Operation against a key holding the wrong kind of value",
+    "ERR user_script:40: attempt to compare nil with number script: 1234, on @user_script:40.",
+])
+def test_a_script_error_about_the_data_goes_batch_by_batch(reply: str) -> None:
+    assert _bad_script_data(_AsyncRESP2Parser(1 << 16).parse_error(reply))
