@@ -96,3 +96,53 @@ async def test_real_responses_validate_against_the_document(topics: Settings, re
         routes_hit = {(m.lower(), r) for m, r, _, _ in calls}
         documented = {(m, p) for p, ops in DOC["paths"].items() for m in ops}
         assert routes_hit == documented, documented - routes_hit
+
+
+def test_request_schemas_are_the_models_the_handlers_validate_with() -> None:
+    """No hand-kept copy: the limits of PipelineSpec are the document's."""
+    from core.models import PipelineSpec
+    from pipelines.steps import known_steps
+
+    schemas = DOC["components"]["schemas"]
+    spec = schemas["PipelineSpec"]
+    model = PipelineSpec.model_json_schema()
+    assert spec["properties"]["steps"]["maxItems"] == model["properties"]["steps"]["maxItems"] == 100
+    assert spec["properties"]["steps"]["minItems"] == 1
+    assert spec["additionalProperties"] is False
+    step = schemas[spec["properties"]["steps"]["items"]["$ref"].rsplit("/", 1)[1]]
+    assert step["properties"]["uses"]["maxLength"] == 256
+    assert step["properties"]["uses"]["enum"] == sorted(known_steps())
+    config_value = schemas[step["properties"]["config"]["additionalProperties"]["$ref"].rsplit("/", 1)[1]]
+    bounded = [s for s in config_value["anyOf"] if s.get("type") in ("integer", "number")]
+    assert bounded and all(s["maximum"] == 2**53 - 1 and s["minimum"] == -(2**53 - 1) for s in bounded)
+
+
+def test_every_operation_documents_its_error_answers() -> None:
+    for path, ops in DOC["paths"].items():
+        for method, op in ops.items():
+            responses = op["responses"]
+            expected = {"400", "405", "414", "431"}
+            if "security" in op:
+                expected |= {"401", "403", "503"}
+            creates = (method, path) == ("put", "/api/v1/pipelines/{pipeline_id}")
+            if "{pipeline_id}" in path and path != "/api/v1/batches/{pipeline_id}/" and not creates:
+                expected.add("404")
+            if "requestBody" in op:
+                expected.add("413")
+            assert expected <= set(responses), (method, path, expected - set(responses))
+            for status, response in responses.items():
+                if int(status) >= 400 and path != "/readyz":
+                    schema = response["content"]["application/json"]["schema"]
+                    assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+
+
+async def test_405_and_413_answers_validate_against_the_document(topics: Settings, redis: Redis) -> None:
+    async with api_client(api_settings(topics, max_body_bytes=64)) as api:
+        response = await api.patch("/api/v1/pipelines/p", headers=AUTH)
+        assert response.headers["Allow"]
+        _validate("/api/v1/pipelines/{pipeline_id}", "PUT", response.status, response.content_type,
+                  await response.read())
+        response = await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+        assert response.status == 413
+        _validate("/api/v1/pipelines/{pipeline_id}", "PUT", response.status, response.content_type,
+                  await response.read())
