@@ -4,9 +4,11 @@ Events can be missed — the bridge was down longer than Prefect's backfill wind
 was killed before the flow's hooks ran, a webhook was lost — and a run can die with its
 machine, leaving Prefect to believe it still runs (caught by its missing heartbeats).
 Every round takes the least recently checked batches of the active-runs index, reads their
-flow runs in one Prefect call and publishes whatever state Prefect has that Redis lacks. A
-terminal state is named after Prefect's state id, like the bridge names it, so both
-arriving is harmless.
+flow runs (chunked to Prefect's page limit) and publishes whatever state Prefect has that
+Redis lacks. A terminal state is named after Prefect's state id, like the bridge names it,
+so both arriving is harmless. A batch indexed before its run id was recorded is looked up by
+its tag. After each round, a bounded orphan sweep (`consumers.orphans`) cancels the runs
+whose batch is gone, hidden or stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from redis.asyncio import Redis
 from consumers.active import ActiveRuns
 from consumers.emit import Emitter
 from consumers.options import ConsumerOptions
+from consumers.orphans import OrphanOptions, OrphanSweep
 from consumers.part import Part, close_all
 from consumers.prefect_api import PrefectGateway, RunState
 from core import keys
@@ -33,6 +36,8 @@ from core.settings import Settings
 
 log = logging.getLogger(__name__)
 RANK: Final = {"pending": 0, "scheduled": 1, "running": 2, "stop": 3}
+# Batches looked up by tag per round (one Prefect call each); the rest wait their turn.
+UNRECORDED_PER_ROUND: Final = 50
 
 
 def _step_event_id(stop_id: str, step: str) -> str:
@@ -47,10 +52,15 @@ def _step_event_id(stop_id: str, step: str) -> str:
 class Reconciler(Part):
     name = "reconciler"
 
-    def __init__(self, settings: Settings, options: ConsumerOptions | None = None) -> None:
+    def __init__(self, settings: Settings, options: ConsumerOptions | None = None, *,
+                 orphans: OrphanOptions | None = None, orphan_scope: list[str] | None = None,
+                 ) -> None:
         super().__init__()
         self.settings = settings
         self.options = options or ConsumerOptions()
+        self.orphan_options = orphans or OrphanOptions()
+        self._orphan_scope = orphan_scope
+        self.sweep: OrphanSweep | None = None
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         self.prefect: PrefectGateway | None = None
@@ -62,6 +72,9 @@ class Reconciler(Part):
         self.active = ActiveRuns(redis)
         self.prefect = PrefectGateway(self.settings, self.options.prefect_timeout_s)
         await self.prefect.open()
+        if self.orphan_options.enabled:
+            self.sweep = OrphanSweep(redis, self.prefect, self.orphan_options,
+                                     scope=self._orphan_scope)
         self._producer = await open_producer(self.settings)
         self.emitter = Emitter(self._producer, self.settings.topic_events)
 
@@ -74,6 +87,11 @@ class Reconciler(Part):
                 await self.reconcile()
             except Exception as exc:  # a dependency down: the next round tries again
                 log.warning("reconcile round failed: %s", describe(exc))
+            if self.sweep is not None:
+                try:
+                    await self.sweep.sweep()
+                except Exception as exc:
+                    log.warning("orphan sweep failed: %s", describe(exc))
             self.rounds += 1
 
     async def reconcile(self) -> list[Event]:
@@ -87,12 +105,16 @@ class Reconciler(Part):
                 pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "flow_run_id", "deleted")
             rows: list[list[str | None]] = await pipe.execute()
         live: dict[str, tuple[str, str, str]] = {}  # flow run id -> (pipeline, batch, state)
+        unrecorded: list[tuple[str, str, str]] = []
         for (pipeline_id, batch_id), (state, flow_run_id, deleted) in zip(due, rows, strict=True):
-            if state is None or deleted is not None or state == "stop" or flow_run_id is None:
+            if state is None or deleted is not None or state == "stop":
                 await self.active.remove(pipeline_id, batch_id)
+            elif flow_run_id is None:
+                unrecorded.append((pipeline_id, batch_id, state))
             else:
                 live[flow_run_id] = (pipeline_id, batch_id, state)
         runs = await self.prefect.read(list(live))
+        runs.update(await self._find_unrecorded(unrecorded, live))
         await self._crash_zombies(runs)
         events: list[Event] = []
         for flow_run_id, (pipeline_id, batch_id, state) in live.items():
@@ -123,6 +145,22 @@ class Reconciler(Part):
             log.info("reconciler: published %d missed state(s): %s", len(events),
                      ", ".join(f"{e.batch_id} {e.state}" for e in events))
         return events
+
+    async def _find_unrecorded(self, unrecorded: list[tuple[str, str, str]],
+                               live: dict[str, tuple[str, str, str]]) -> dict[str, RunState]:
+        """The flow runs of indexed batches whose run id Redis has not recorded yet (the
+        command's event was lost), found by the batch's tag and added to `live`. A batch
+        without any run is left alone: its run may not be created yet."""
+        assert self.prefect is not None
+        found: dict[str, RunState] = {}
+        for pipeline_id, batch_id, state in unrecorded[:UNRECORDED_PER_ROUND]:
+            runs = await self.prefect.of_batch(batch_id)
+            if not runs:
+                continue
+            run = next((r for r in runs if not r.final), runs[0])
+            live[run.flow_run_id] = (pipeline_id, batch_id, state)
+            found[run.flow_run_id] = run
+        return found
 
     async def _with_unfinished_steps(self, events: list[Event]) -> list[Event]:
         """Before each unsuccessful stop, `failed` for the steps still running: nothing else

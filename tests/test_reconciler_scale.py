@@ -1,0 +1,88 @@
+"""The reconciler above Prefect's page limits: one round over 250 live batches, and an
+orphan sweep over them, on the real Prefect, Redis and Kafka of the stack."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.states import Crashed, Running
+from redis.asyncio import Redis
+
+from consumers.orphans import OrphanOptions, OrphanSweep
+from consumers.prefect_api import PrefectGateway
+from consumers.reconciler import Reconciler
+from core import keys
+from core.codec import Event, decode_event
+from core.settings import Settings
+from tests.helpers import read_topic
+from tests.test_consumers_support import options, store_for
+from tests.test_reconciler_support import idle_pool
+
+LIVE = 250  # above the flow-run filter's 200
+UNRECORDED = 10  # indexed, but the event carrying their run id was lost
+
+
+# Creating 250 flow runs takes ~40 s on the shared two-core stack under load.
+@pytest.mark.timeout(240)
+
+async def test_a_round_over_250_live_batches_reconciles_each_one(topics: Settings,
+                                                                 redis: Redis) -> None:
+    async with idle_pool(topics, redis) as pool:
+        recorded = await pool.many(LIVE - UNRECORDED)
+        unrecorded = await pool.many(UNRECORDED, record=False)
+        # What Prefect knows and Redis does not: a crash among the recorded runs (the
+        # last chunk of the read), and for half of the unrecorded ones a crash or a start.
+        crashed = recorded[-1]
+        await pool.client.set_flow_run_state(crashed[1], Crashed(message="lost"), force=True)
+        for _, flow_run_id in unrecorded[:3]:
+            await pool.client.set_flow_run_state(flow_run_id, Crashed(message="x"), force=True)
+        for _, flow_run_id in unrecorded[3:5]:
+            await pool.client.set_flow_run_state(flow_run_id, Running(), force=True)
+
+        reconciler = Reconciler(topics, options(reconcile_batch=500, zombie_after_s=0),
+                                orphans=OrphanOptions(enabled=False))
+        await reconciler.start()
+        try:
+            events = await reconciler.reconcile()
+        finally:
+            await reconciler.close()
+
+        by_batch = {e.batch_id: e for e in events if e.type == "batch.state"}
+        assert by_batch[crashed[0]].outcome == "crashed"
+        assert {b: by_batch[b].flow_run_id for b, _ in unrecorded} == dict(unrecorded)
+        assert {b for b, _ in unrecorded[:3]} == {
+            b for b, e in by_batch.items() if e.outcome == "crashed"} - {crashed[0]}
+        assert [by_batch[b].state for b, _ in unrecorded[3:]] == ["running"] * 2 + [
+            "scheduled"] * (UNRECORDED - 5)
+        assert len(by_batch) == 1 + UNRECORDED  # the other live runs are as Redis says
+        # All of it went to Kafka, and applied it records every run id.
+        records = await read_topic(topics, topics.topic_events,
+                                   lambda rs: len(rs) >= len(events))
+        assert sorted(decode_event(r.value).event_id for r in records) == sorted(
+            e.event_id for e in events)
+        await store_for(redis, topics).apply(events)
+        for batch_id, flow_run_id in unrecorded:
+            fields = await redis.hgetall(keys.batch(pool.pipeline_id, batch_id))
+            assert fields["flow_run_id"] == flow_run_id
+        # Every batch was checked this round; none was dropped from the index.
+        assert await redis.zcard(keys.ACTIVE_RUNS) == LIVE
+
+        # The orphan sweep pages through all 246 non-final runs (two pages of 200) and finds
+        # the three orphans wherever they sort.
+        store = store_for(redis, topics)
+        (gone, gone_run), (hidden, hidden_run), (stopped, stopped_run) = recorded[:3]
+        await redis.delete(keys.batch(pool.pipeline_id, gone))
+        assert await store.hide(pool.pipeline_id, hidden)
+        await store.apply([Event(type="batch.state", batch_id=stopped, pipeline_id=pool.pipeline_id,
+                                 state="stop", outcome="failed", reason="gave up")])
+        gateway = PrefectGateway(topics, 10.0)
+        await gateway.open()
+        try:
+            sweep = OrphanSweep(redis, gateway, OrphanOptions(grace_s=0), scope=pool.scope)
+            report = await sweep.sweep()
+        finally:
+            await gateway.close()
+        assert (report.examined, report.complete) == (LIVE - 4, True)
+        assert sorted(report.cancelled) == sorted([gone_run, hidden_run, stopped_run])
+        assert sorted(report.deleted) == sorted([gone_run, hidden_run])
+        assert [await pool.state_of(r) for r in (gone_run, hidden_run, stopped_run)] == [
+            None, None, "CANCELLED"]
