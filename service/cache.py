@@ -14,8 +14,9 @@ cache follows that channel and evicts. Three guards keep it honest:
 - Invalidation is per key. `generation` is a sequence number that every eviction and reset
   advances; a reader notes it before reading Redis and offers the value with it. The value is
   refused only if THAT key was evicted (or the cache reset) since: traffic on other batches no
-  longer voids the fill. Evictions are remembered in a bounded ring; a fill older than the
-  oldest forgotten eviction is refused, which is safe (one more read of Redis later).
+  longer voids the fill. Evictions are remembered in a bounded ring (`recent_max` keys); a
+  fill that began before the last eviction the ring forgot is refused, which is safe (it
+  only costs one more read of Redis later).
 
 The hot path (`get`) is a flag test, a dict lookup and a float comparison against a clock
 that the clock task updates every `tick_s`: no time call per hit.
@@ -60,6 +61,8 @@ class BatchCache:
     def __init__(self, max_entries: int = 50_000, *, silence_s: float = DEFAULT_SILENCE_S,
                  ttl_s: float = DEFAULT_TTL_S, ping_s: float | None = None,
                  tick_s: float = 0.1, recent_max: int = 4096) -> None:
+        if not 0 < tick_s < silence_s:
+            raise ValueError("the cache needs 0 < tick_s < silence_s")
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._max = max_entries
         self.silence_s = silence_s

@@ -138,6 +138,22 @@ async def test_each_of_two_api_processes_is_fresh_within_bound(
         print(f"fresh after {took[0]:.2f}s (A) and {took[1]:.2f}s (B)")
 
 
+async def test_a_cut_subscription_turns_the_cache_off_at_once_and_it_comes_back(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [batch_id] = await new_batches(store)
+    async with _proxied_api(test_settings) as (proxy, api):
+        cache = cache_of(api)
+        await _cached(api, batch_id)
+        outages = cache.outages
+        assert proxy.cut(SUBSCRIPTION) == 1
+        await eventually(lambda: cache.outages > outages, timeout=1)
+        await store.apply([Event("batch.state", batch_id, PIPELINE, state="running")])
+        await _fresh_within(api, batch_id, _running, bound=1)
+        await eventually(lambda: cache.live, timeout=5)
+        assert (await _cached(api, batch_id))["state"]["state"] == "running"
+
+
 async def test_a_quiet_feed_stays_live_on_its_pongs(redis: Redis) -> None:
     """Nothing published for several silence bounds (a channel of its own): the PINGs' answers
     keep the cache on, and a message still evicts afterwards."""
