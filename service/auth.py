@@ -20,7 +20,10 @@ ALL_SCOPES: Final = frozenset({READ, WRITE, PIPELINES_WRITE})
 
 # Routes outside /api/v1 (health, docs) and the signed webhook authenticate differently.
 PROTECTED_PREFIX: Final = "/api/v1/"
-PUBLIC_PATHS: Final = frozenset({"/api/v1/openapi.json", "/api/v1/hooks/prefect"})
+PUBLIC_PATHS: Final = frozenset({"/api/v1/openapi.json", "/api/v1/hooks/prefect",
+                                 "/api/v1/schemas"})
+# The messages' JSON Schemas describe the wire format, like the OpenAPI document.
+PUBLIC_PREFIXES: Final = ("/api/v1/schemas/",)
 SCOPE_KEY: Final = web.RequestKey("scopes", frozenset[str])
 
 
@@ -79,7 +82,8 @@ def auth_middleware(authenticator: Authenticator) -> web.middleware:  # type: ig
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        if not path.startswith(PROTECTED_PREFIX) or path in PUBLIC_PATHS:
+        if (not path.startswith(PROTECTED_PREFIX) or path in PUBLIC_PATHS
+                or path.startswith(PUBLIC_PREFIXES)):
             return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")

@@ -1,26 +1,87 @@
-"""The Kafka message codec: round trips and the reasons malformed messages are refused."""
+"""The Kafka message codec: one class per kind, round trips, and the reasons malformed
+messages are refused (each reason names the field at fault: it becomes a dead-letter reason)."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
 
-from core.codec import CodecError, Command, Event, decode_command, decode_event
+from consumers.events import coalesce
+from core.codec import (
+    BatchState,
+    CodecError,
+    Command,
+    Deploy,
+    Event,
+    Run,
+    StepOffsets,
+    StepState,
+    Stop,
+    decode_command,
+    decode_event,
+)
 
 
 def test_command_round_trip() -> None:
     command = Command("run", "batch-1", "pipe", pipeline_version="3")
+    assert type(command) is Run and command.type == "run"
     decoded = decode_command(command.encode())
-    assert decoded == command
+    assert decoded == command and type(decoded) is Run
+    assert orjson.loads(command.encode())["pipeline_version"] == "3"
+    assert command.to_dict()["type"] == "run"
+
+
+def test_each_kind_decodes_to_its_own_class() -> None:
+    kinds = {
+        BatchState: Event("batch.state", "b", "p", state="stop", outcome="failed", reason="x"),
+        StepState: Event("step.state", "b", "p", step="load", state="running"),
+        StepOffsets: Event("step.offsets", "b", "p", step="load", offsets={"p0": 1}),
+    }
+    for cls, event in kinds.items():
+        decoded = decode_event(event.encode())
+        assert type(event) is cls and type(decoded) is cls and decoded == event
+        assert isinstance(decoded, Event)
+    assert type(decode_command(Command("stop", "b", "p").encode())) is Stop
 
 
 def test_event_round_trip_keeps_only_set_fields() -> None:
     event = Event("step.offsets", "batch-1", "pipe", step="extract", offsets={"partition_0": 5})
     raw = orjson.loads(event.encode())
-    assert "state" not in raw and raw["offsets"] == {"partition_0": 5}
+    assert "state" not in raw and raw["offsets"] == {"partition_0": 5} and raw["schema"] == 1
     assert decode_event(event.encode()) == event
     assert event.to_script() == {"id": event.event_id, "t": "step.offsets", "step": "extract",
                                  "offsets": {"partition_0": "5"}}
+    # Fields of other kinds read None, so code handling every kind needs no isinstance.
+    assert (event.state, event.outcome, event.reason, event.flow_run_id) == (None,) * 4
+    state = Event(type="batch.state", batch_id="b", pipeline_id="p", state="running",
+                  outcome=None, reason=None, flow_run_id="run-1")
+    assert "outcome" not in orjson.loads(state.encode())
+    assert (state.step, state.offsets) == (None, None)
+    assert state.to_dict() == {"schema": 1, "type": "batch.state", "event_id": state.event_id,
+                               "batch_id": "b", "pipeline_id": "p", "ts": state.ts,
+                               "state": "running", "flow_run_id": "run-1"}
+
+
+def test_events_stay_mutable_for_the_callers_that_amend_them() -> None:
+    event = Event("batch.state", "b", "p", state="stop", outcome="failed")
+    event.ts, event.reason, event.event_id = 5.0, "why", "e2"
+    assert decode_event(event.encode()).reason == "why"
+    step = Event("step.state", "b", "p", step="s", state="running")
+    with pytest.raises(AttributeError, match=r"step\.state event has no reason"):
+        step.reason = "no"
+    with pytest.raises(TypeError, match="offsets"):
+        Event("step.state", "b", "p", step="s", state="running", offsets={"a": 1})
+    with pytest.raises(CodecError, match="unknown event type"):
+        Event("batch.exploded", "b", "p")
+
+
+def test_coalesce_merges_decoded_offsets() -> None:
+    raw = [Event("step.offsets", "b", "p", step="s", offsets={"a": n, "b": 10 - n}).encode()
+           for n in range(5)]
+    events = [decode_event(r) for r in raw]
+    (merged,) = coalesce(events)
+    assert type(merged) is StepOffsets and merged.offsets == {"a": 4, "b": 10}
+    assert decode_event(merged.encode()) == merged
 
 
 def _event(**changes: object) -> bytes:
@@ -31,23 +92,45 @@ def _event(**changes: object) -> bytes:
     return orjson.dumps({k: v for k, v in base.items() if v is not None})
 
 
+MALFORMED_EVENTS = [
+    (_event(schema=2), r"`\$.schema`"),
+    (_event(schema=True), r"got `bool` - at `\$.schema`"),
+    (_event(schema=None), "missing required field `schema`"),
+    (_event(type="batch.exploded"), r"'batch.exploded' - at `\$.type`"),
+    (_event(batch_id="../etc"), "invalid batch_id '../etc'"),
+    (_event(batch_id="batch-1\n"), r"invalid batch_id 'batch-1\\n'"),
+    (_event(event_id="é"), "invalid event_id"),
+    (_event(batch_id=""), r"length >= 1 - at `\$.batch_id`"),
+    (_event(pipeline_id="x" * 129), r"`\$.pipeline_id`"),
+    (_event(event_id=None), "missing required field `event_id`"),
+    (_event(ts="yesterday"), r"`\$.ts`"),
+    (_event(ts=True), r"got `bool` - at `\$.ts`"),
+    (_event(state="done"), r"'done' - at `\$.state`"),
+    (_event(state="stop", outcome="exploded"), r"`\$.outcome`"),
+    (_event(state="stop", outcome="failed", reason="x" * 2001), r"`\$.reason`"),
+    (_event(flow_run_id="x" * 257), r"`\$.flow_run_id`"),
+    (_event(type="step.state", state="running"), "missing required field `step`"),
+    (_event(type="step.state", step="extract", state="finished"), r"`\$.state`"),
+    (_event(type="step.offsets", step="extract", offsets={}), r"`\$.offsets`"),
+    (_event(type="step.offsets", step="extract", offsets={"p": -1}), r"`\$.offsets\[...\]`"),
+    (_event(type="step.offsets", step="extract", offsets={"p": 1.5}), r"`\$.offsets\[...\]`"),
+    (_event(type="step.offsets", step="extract", offsets={"p": True}), "got `bool`"),
+    (_event(type="step.offsets", step="extract", offsets={"p": 2**53}), "<= 9007199254740991"),
+    (_event(type="step.offsets", step="extract", offsets={"a b": 1}), "invalid partition name 'a b'"),
+    (_event(type="step.offsets", step="extract", offsets={"": 1}), r"at `key` in `\$.offsets`"),
+    (_event(type="step.state", step="ex/tract", state="running"), "invalid step 'ex/tract'"),
+    (b'{"schema": 1, "type": "step.offsets", "event_id": "e", "batch_id": "b", '
+     b'"pipeline_id": "p", "ts": 1, "step": "s", "offsets": {"p": 18446744073709551616}}',
+     r"`\$.offsets\[...\]`"),
+]
+
+
 @pytest.mark.parametrize(("raw", "reason"), [
     (None, "empty"),
+    (b"", "empty"),
     (b"{oops", "not JSON"),
-    (b"[1]", "not a JSON object"),
-    (_event(schema=2), "schema"),
-    (_event(type="batch.exploded"), "unknown event type"),
-    (_event(batch_id="../etc"), "batch_id"),
-    (_event(event_id=None), "event_id"),
-    (_event(ts="yesterday"), "ts"),
-    (_event(state="done"), "invalid batch state"),
-    (_event(state="stop", outcome="exploded"), "invalid outcome"),
-    (_event(type="step.state", step="extract", state="finished"), "invalid step state"),
-    (_event(type="step.offsets", step="extract", offsets={}), "non-empty"),
-    (_event(type="step.offsets", step="extract", offsets={"p": -1}), "invalid offset"),
-    (_event(type="step.offsets", step="extract", offsets={"p": 1.5}), "invalid offset"),
-    (_event(type="step.offsets", step="extract", offsets={"p": 2**53}), "invalid offset"),
-    (_event(type="step.offsets", step="extract", offsets={"a b": 1}), "partition"),
+    (b"[1]", "invalid event: Expected `object`, got `array`"),
+    *MALFORMED_EVENTS,
 ])
 def test_malformed_events_are_refused_with_a_reason(raw: bytes | None, reason: str) -> None:
     with pytest.raises(CodecError, match=reason):
@@ -55,17 +138,23 @@ def test_malformed_events_are_refused_with_a_reason(raw: bytes | None, reason: s
 
 
 def test_malformed_commands_are_refused() -> None:
-    with pytest.raises(CodecError, match="unknown command type"):
+    with pytest.raises(CodecError, match=r"invalid command: .*'explode' - at `\$.type`"):
         decode_command(orjson.dumps({"schema": 1, "type": "explode"}))
     good = orjson.loads(Command("stop", "batch-1", "pipe").encode())
     good["pipeline_version"] = 3
     with pytest.raises(CodecError, match="pipeline_version"):
         decode_command(orjson.dumps(good))
+    good["pipeline_version"] = "../2"
+    with pytest.raises(CodecError, match="pipeline_version"):
+        decode_command(orjson.dumps(good))
+    with pytest.raises(CodecError, match="unknown command type"):
+        Command("explode", "b", "p")
 
 
 def test_deploy_commands_name_a_pipeline_version_not_a_batch() -> None:
     command = Command("deploy", "", "pipe", pipeline_version="2")
-    assert command.key == b"pipe"
+    assert type(command) is Deploy and command.key == b"pipe"
+    assert Command("run", "b", "pipe").key == b"b"
     assert decode_command(command.encode()) == command
     with pytest.raises(CodecError, match="pipeline_version"):
         decode_command(Command("deploy", "", "pipe").encode())

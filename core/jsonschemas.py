@@ -1,0 +1,91 @@
+"""The JSON Schemas of the Kafka messages, generated from the classes `core.codec` decodes
+with, so what upstream services validate against is what the consumers enforce.
+
+    python -m core.jsonschemas            # rewrites schemas/*.json
+    python -m core.jsonschemas --check    # fails when a committed file differs
+
+`tests/test_codec_schemas.py` runs the check, so the committed files cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+
+from core.codec import COMMAND_KINDS, EVENT_KINDS, AnyCommand, AnyEvent
+
+SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
+DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"
+
+
+def _document(name: str, title: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"$schema": DIALECT, "$id": f"dhub-batches/{name}.json", "title": title,
+            **schema}
+
+
+def generate() -> dict[str, dict[str, Any]]:
+    """Every schema by name: `events` and `commands` (any kind, chosen by `type`), and one
+    per kind (`event.step.offsets`, `command.run`, ...)."""
+    out = {
+        "events": _document("events", "Any event of the batches.events topic",
+                            msgspec.json.schema(AnyEvent)),
+        "commands": _document("commands", "Any command of the batches.commands topic",
+                              msgspec.json.schema(AnyCommand)),
+    }
+    for tag, event in EVENT_KINDS.items():
+        out[f"event.{tag}"] = _document(f"event.{tag}", f"The {tag} event",
+                                        msgspec.json.schema(event))
+    for tag, command in COMMAND_KINDS.items():
+        out[f"command.{tag}"] = _document(f"command.{tag}", f"The {tag} command",
+                                          msgspec.json.schema(command))
+    return out
+
+
+def render(schema: dict[str, Any]) -> str:
+    return json.dumps(schema, indent=2) + "\n"
+
+
+def stale(directory: Path = SCHEMA_DIR) -> list[str]:
+    """The schema files that are missing, differ from the generated ones, or are extra."""
+    wanted = {f"{name}.json": render(schema) for name, schema in generate().items()}
+    found = {p.name for p in directory.glob("*.json")} if directory.is_dir() else set()
+    out = sorted(found - set(wanted))
+    for filename, text in wanted.items():
+        path = directory / filename
+        if not path.exists() or path.read_text() != text:
+            out.append(filename)
+    return out
+
+
+def write(directory: Path = SCHEMA_DIR) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.json"):
+        old.unlink()
+    for name, schema in generate().items():
+        (directory / f"{name}.json").write_text(render(schema))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare, do not write")
+    parser.add_argument("--dir", type=Path, default=SCHEMA_DIR)
+    args = parser.parse_args(argv)
+    if args.check:
+        bad = stale(args.dir)
+        if bad:
+            print(f"stale schemas in {args.dir}: {', '.join(bad)}; "
+                  "run `python -m core.jsonschemas`", file=sys.stderr)
+            return 1
+        return 0
+    write(args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
