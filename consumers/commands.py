@@ -1,11 +1,18 @@
 """The commands consumer: run, stop and delete commands turned into Prefect calls.
 
 Commands of one batch share a partition (keyed by batch id), so they are handled in order;
-partitions are handled concurrently. A command's offset is committed only after its
-effect; while Prefect, Redis or Kafka are unavailable the command is retried in place with
-capped backoff and stays uncommitted, so neither a crash nor a shutdown loses it. A
-command that can never succeed is dead-lettered with the reason (and a run or stop leaves
-the batch `stop`/`failed`, so nobody waits on it forever).
+partitions are handled concurrently, each by its own lane (consumers.lanes), while the poll
+loop goes on polling. A command's offset is committed only after its effect; while Prefect,
+Redis or Kafka are unavailable the command is retried in place with capped backoff and
+stays uncommitted, so neither a crash nor a shutdown loses it. A deterministic failure is
+retried a bounded number of times and time (core.retry), then dead-lettered with the
+reason; a run or stop given up leaves the batch `stop`/`failed` and every flow run of the
+batch is cancelled (consumers.cleanup), so nobody waits on it and nothing runs for it.
+
+Every command is idempotent, so a rebalance that delivers one again shows no second
+effect: a run by Prefect's idempotency key (the batch id) and event ids derived from the
+flow run or state; a stop does nothing to a stopped batch or a Cancelling run; a delete
+queues one clean-up job per batch. The slow part of a delete runs off this path.
 """
 
 from __future__ import annotations
@@ -13,14 +20,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from redis.asyncio import Redis
 
 from consumers.active import ActiveRuns
+from consumers.cleanup import Cleanup
 from consumers.deployments import Deployments, EnsureFn, default_ensure
 from consumers.dlq import DeadLetters
 from consumers.emit import Emitter
-from consumers.kafka import Record, commit_retrying, open_consumer
+from consumers.kafka import Record, open_consumer
+from consumers.lanes import Lanes
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
 from consumers.prefect_api import PrefectGateway, RunState, not_found
@@ -36,7 +45,6 @@ from core.store import BatchStore
 
 log = logging.getLogger(__name__)
 STOP_MESSAGE = "stopped through the batches API"
-DELETE_MESSAGE = "deleted through the batches API"
 
 
 class CommandsConsumer(Part):
@@ -48,7 +56,10 @@ class CommandsConsumer(Part):
         self.settings = settings
         self.options = options or ConsumerOptions()
         self._ensure = ensure
+        # Retries outside any lane (dead-lettering a malformed record); lanes have their own.
         self.backoff = Backoff(self.stopping, self.options.retry_policy())
+        self.lanes = Lanes(self.name, self.handle, self.options.retry_policy(),
+                           self.options.revoke_wait_s)
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -68,56 +79,67 @@ class CommandsConsumer(Part):
         self._producer = await open_producer(s)
         self.emitter = Emitter(self._producer, s.topic_events, self.store)
         self.dlq = DeadLetters(self._producer, s.topic_dlq, self.name)
-        self._consumer = await open_consumer(s, self.name, s.topic_commands, s.group_commands,
-                                             max_poll_records=self.options.commands_max_records)
+        self.cleanup = Cleanup(redis, self.prefect, self.store, self.active, self.options,
+                               self.stopping)
+        self._consumer = await open_consumer(
+            s, self.name, s.topic_commands, s.group_commands, listener=self.lanes,
+            max_poll_records=self.options.commands_max_records,
+            max_poll_interval_ms=self.options.commands_max_poll_interval_ms)
+        self.lanes.consumer = self._consumer
 
     async def close(self) -> None:
         await close_all(self._consumer, self._producer, self.prefect, self._redis)
 
     # -- the loop ------------------------------------------------------------------------
 
+    @property
+    def retries(self) -> int:
+        return self.backoff.retries + self.lanes.retries
+
+    def request_stop(self) -> None:
+        super().request_stop()
+        self.lanes.halt_all()
+
     async def _loop(self) -> None:
         assert self._consumer is not None
-        while not self.stopping.is_set():
-            batch = await self._consumer.getmany(timeout_ms=self.options.poll_timeout_ms,
-                                                 max_records=self.options.commands_max_records)
-            if batch:
-                await asyncio.gather(*(self._partition(tp, recs) for tp, recs in batch.items()))
+        cleanup = asyncio.create_task(self.cleanup.run(), name="commands clean-up")
+        try:
+            while not self.stopping.is_set():
+                # Partitions with a lane at work are paused: this returns the others' records
+                # and keeps the group membership alive, however long a command takes.
+                batch = await self._consumer.getmany(
+                    timeout_ms=self.options.poll_timeout_ms,
+                    max_records=self.options.commands_max_records)
+                for tp, records in batch.items():
+                    if records:
+                        self.lanes.start(tp, records)
+        finally:
+            # Shutdown finishes the commands in flight (and commits them); the rest is
+            # delivered again later.
+            self.lanes.halt_all()
+            await self.lanes.drain(self.options.shutdown_timeout_s)
+            await cleanup
 
-    async def _partition(self, tp: TopicPartition, records: list[Record]) -> None:
-        assert self._consumer is not None
-        for record in records:
-            # Shutdown finishes the command in flight; the rest is delivered again later.
-            if self.stopping.is_set():
-                return
-            try:
-                await self.handle(record)
-                done = await commit_retrying(self._consumer, {tp: record.offset + 1},
-                                             self.backoff)
-            except Stopping:
-                return
-            if not done:
-                return
-
-    async def handle(self, record: Record) -> None:
+    async def handle(self, record: Record, backoff: Backoff | None = None) -> None:
         """One command, to its durable effect or to the dead letters. Raises `Stopping`."""
+        backoff = backoff or self.backoff
         try:
             command = decode_command(record.value)
         except CodecError as exc:
             reason = f"malformed command: {exc}"
             log.warning("%s at %s:%d:%d", reason, record.topic, record.partition, record.offset)
-            await self.backoff.call("dead-letter", lambda: self.dlq.send_and_wait(record, reason))
+            await backoff.call("dead-letter", lambda: self.dlq.send_and_wait(record, reason))
             return
         what = f"{command.type} {command.pipeline_id}/{command.batch_id}"
         try:
-            await self.backoff.call(what, lambda: self.apply(command))
+            await backoff.call(what, lambda: self.apply(command))
         except Stopping:
             raise
         except Exception as exc:
             reason = f"{command.type} failed: {describe(exc)}"
             log.error("%s: permanent error, dead-lettered: %s", what, reason,
                       exc_info=not isinstance(exc, Permanent))
-            await self.backoff.call(what, lambda: self._reject(record, command, reason))
+            await backoff.call(what, lambda: self._reject(record, command, reason))
 
     async def apply(self, command: Command) -> None:
         if command.type == "run":
@@ -133,15 +155,18 @@ class CommandsConsumer(Part):
         if command.type == "deploy":
             pass  # no batch waits on it; the dead letter tells the operator
         elif command.type == "delete":
-            # The batch is already hidden; its Prefect side failed, its Redis side need not.
-            await self.active.remove(command.pipeline_id, command.batch_id)
-            await self.store.purge(command.pipeline_id, command.batch_id)
+            # Its Redis side is all this command does; the clean-up job does the rest.
+            await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
         else:
             await self.emitter.emit([Event(
                 type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
                 event_id=f"fail-{command.event_id}", state="stop", outcome="failed",
                 reason=reason,
             )])  # fmt: skip
+            # Given up, so nothing may run for it: a flow run created before the failure, or
+            # whose create is still in flight inside Prefect, is cancelled by the clean-up.
+            await self.active.remove(command.pipeline_id, command.batch_id)
+            await self.cleanup.enqueue("cancel", command.pipeline_id, command.batch_id)
         await self.dlq.send_and_wait(record, reason)
 
     # -- the commands --------------------------------------------------------------------
@@ -180,6 +205,11 @@ class CommandsConsumer(Part):
             event_id=f"sched-{run.flow_run_id}", state="scheduled", flow_run_id=run.flow_run_id,
         )])  # fmt: skip
         log.info("run %s: flow run %s (%s)", command.batch_id, run.flow_run_id, run.state_type)
+        if await self._fields(command) is None:
+            # Deleted while Prefect created the run (the delete may have looked before it
+            # existed): the clean-up removes it, so no flow run outlives its batch.
+            log.info("run %s: batch deleted meanwhile, flow run cleaned up", command.batch_id)
+            await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
 
     async def _create_run(self, command: Command, version: str, spec: PipelineSpec) -> RunState:
         assert self.prefect is not None
@@ -229,37 +259,12 @@ class CommandsConsumer(Part):
                  ", ".join(f"{r.flow_run_id} {r.state_type}" for r in runs) or "no flow run")
 
     async def _delete(self, command: Command) -> None:
-        assert self.prefect is not None
+        """Hides the batch (the API did already, unless replayed) and leaves its flow runs and
+        its purge to the clean-up, which runs off this path: the slow part of a delete
+        (waiting for a running flow to end, letting its events settle) holds up nobody."""
         fields = await self.store.fields(command.pipeline_id, command.batch_id)
         if fields is not None and "deleted" not in fields:
             await self.store.hide(command.pipeline_id, command.batch_id)
-        known = fields.get("flow_run_id") if fields else None
-        runs = await self.prefect.of_batch(command.batch_id, known)
-        for run in runs:
-            await self._cancel_and_delete(run)
         await self.active.remove(command.pipeline_id, command.batch_id)
-        if fields is not None:
-            await self.store.purge(command.pipeline_id, command.batch_id)
-        log.info("delete %s: %d flow run(s) deleted", command.batch_id, len(runs))
-
-    async def _cancel_and_delete(self, run: RunState) -> None:
-        """Cancels first so a running flow's process is ended by its worker, which needs
-        the flow run to exist; waits a bounded time for that, then deletes regardless."""
-        assert self.prefect is not None
-        now = await self.prefect.cancel(run, DELETE_MESSAGE)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.options.delete_cancel_wait_s
-        while not now.final and loop.time() < deadline:
-            await asyncio.sleep(0.25)
-            found = await self.prefect.read([run.flow_run_id])
-            if run.flow_run_id not in found:
-                return
-            now = found[run.flow_run_id]
-        if not now.final:
-            await self.prefect.force_cancelled(now, DELETE_MESSAGE)
-        if run.started:
-            # A run that executed has task-run events the server may not have stored yet;
-            # deleting the run under them breaks Prefect's task-run recorder (foreign keys),
-            # which then stalls every run's events. Let them settle first.
-            await asyncio.sleep(self.options.delete_settle_s)
-        await self.prefect.delete(run.flow_run_id)
+        await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
+        log.info("delete %s: hidden, clean-up queued", command.batch_id)

@@ -38,9 +38,11 @@ def _names(partitions: list[TopicPartition]) -> str:
 
 
 async def open_consumer(settings: Settings, part: str, topic: str, group: str,
+                        listener: ConsumerRebalanceListener | None = None,
                         **overrides: Any) -> AIOKafkaConsumer:
     """A group member that reads from the earliest uncommitted record and never commits
-    on its own: the caller commits after the effect is durable (at-least-once)."""
+    on its own: the caller commits after the effect is durable (at-least-once). `listener`
+    replaces the default one that only logs assignments."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "group_id": group,
@@ -52,7 +54,7 @@ async def open_consumer(settings: Settings, part: str, topic: str, group: str,
 
     async def start() -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(**options)
-        consumer.subscribe([topic], listener=AssignmentLog(part))
+        consumer.subscribe([topic], listener=listener or AssignmentLog(part))
         try:
             await consumer.start()
         except Exception:

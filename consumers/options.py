@@ -28,8 +28,23 @@ class ConsumerOptions(BaseSettings):
     delete_settle_s: float = 5.0
     # Prefect API calls: a hung server counts as unavailable after this long.
     prefect_timeout_s: float = 15.0
+    # A batch given up or deleted is cleaned up (its flow runs cancelled, deleted) off the
+    # commands' path, durably (a Redis queue). Its runs are looked up by tag again until this
+    # long after the clean-up began: a create that timed out on our side can still land in
+    # Prefect after the delete looked (keep it above 2 x prefect_timeout_s).
+    cleanup_recheck_s: float = 35.0
+    cleanup_poll_s: float = 0.5
+    cleanup_concurrency: int = 8
+    # A clean-up pass claimed by one process; another may take it over after this long.
+    cleanup_lease_s: float = 60.0
 
     commands_max_records: int = 100
+    # A rebalance waits this long for a revoked partition's command in flight to finish
+    # (its retries stop at once); the rest is left to the new owner, uncommitted.
+    revoke_wait_s: float = 20.0
+    # Kafka drops a member that does not poll for this long; the loop polls every
+    # poll_timeout_ms whatever its commands cost, so the default is plenty.
+    commands_max_poll_interval_ms: int = 300_000
     events_max_records: int = 20_000
     poll_timeout_ms: int = 250
 

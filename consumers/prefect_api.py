@@ -62,6 +62,7 @@ class RunState:
     state_id: str | None
     message: str | None
     since: datetime | None = None  # when it entered this state
+    ran: bool = False  # its engine started it (Prefect set a start time)
 
     @property
     def final(self) -> bool:
@@ -80,6 +81,7 @@ class RunState:
             state_id=str(state.id) if state is not None else None,
             message=state.message if state is not None else None,
             since=state.timestamp if state is not None else None,
+            ran=run.start_time is not None,
         )
 
 
@@ -139,27 +141,36 @@ class PrefectGateway:
         return list(found.values())
 
     async def cancel(self, run: RunState, message: str) -> RunState:
-        """A run not started yet becomes Cancelled at once (forced: a worker may be claiming
-        it; the engine then refuses to start a final run); a started one becomes Cancelling,
-        and its worker ends it and reports Cancelled."""
+        """Asks Prefect to cancel: proposed, never forced, so its orchestration decides on the
+        run's state as it is at that moment, atomically. A Scheduled run (no worker has it)
+        becomes Cancelled at once, and a worker's later Pending proposal is then refused; a
+        Pending or Running one becomes Cancelling, and its final state comes from the
+        engine and its worker. Forcing Cancelled onto a Pending run lost the race to the
+        engine, which may still propose Running (accepted from Cancelled) and complete."""
         if run.final or run.state_type == "CANCELLING":
             return run
-        state: Any = (Cancelling(message=message) if run.started
-                      else Cancelled(message=message))
-        return await self._set(run, state)
+        result: OrchestrationResult[Any] = await self._bounded(
+            self.client.set_flow_run_state(run.flow_run_id, Cancelling(message=message),
+                                           force=False))
+        if result.state is None:  # aborted: it was final meanwhile
+            return (await self.read([run.flow_run_id])).get(run.flow_run_id, run)
+        return self._with(run, result.state)
 
     async def force_cancelled(self, run: RunState, message: str) -> RunState:
+        """Only for a run whose batch is gone or failed already (nothing left to agree with)."""
         return await self._set(run, Cancelled(message=message))
 
     async def _set(self, run: RunState, state: Any) -> RunState:
-        """Forced: these are decisions about the run, not proposals from its engine."""
+        """Forced: a decision about a run no batch reports on any more, not a proposal."""
         result: OrchestrationResult[Any] = await self._bounded(
             self.client.set_flow_run_state(run.flow_run_id, state, force=True)
         )
-        new = result.state
-        if new is None:
-            return run
-        return RunState(run.flow_run_id, new.type.value, str(new.id), new.message, new.timestamp)
+        return run if result.state is None else self._with(run, result.state)
+
+    @staticmethod
+    def _with(run: RunState, new: Any) -> RunState:
+        return RunState(run.flow_run_id, new.type.value, str(new.id), new.message, new.timestamp,
+                        run.ran)
 
     async def with_heartbeat(self, flow_run_ids: list[str], since: datetime) -> set[str]:
         """Which of these flow runs emitted a heartbeat event since `since` (their engine

@@ -15,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from consumers import dlq
+from consumers.cleanup import CLEANUP_DUE, CLEANUP_SINCE
 from consumers.commands import CommandsConsumer
 from core import keys
 from core.codec import decode_event
@@ -126,20 +127,25 @@ async def test_stop_of_a_batch_that_never_ran_goes_straight_to_stop(ctx: Ctx) ->
 async def test_delete_removes_the_flow_run_and_the_batch(ctx: Ctx) -> None:
     batch_id = await ctx.batch()
     store = store_for(ctx.redis, ctx.settings)
-    async with running(ctx.consumer()):
+    async with running(ctx.consumer(cleanup_recheck_s=1.0)):
         await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
         await ctx.processed(1)
         assert await store.hide(ctx.pipeline_id, batch_id)  # what the API does first
         await send_command(ctx.settings, "delete", ctx.pipeline_id, batch_id)
         await ctx.processed(2)
-        assert await ctx.redis.exists(keys.batch(ctx.pipeline_id, batch_id),
-                                      keys.batch_seen(ctx.pipeline_id, batch_id)) == 0
+
+        async def purged() -> bool:
+            return await ctx.redis.exists(keys.batch(ctx.pipeline_id, batch_id),
+                                          keys.batch_seen(ctx.pipeline_id, batch_id),
+                                          CLEANUP_DUE, CLEANUP_SINCE) == 0
+        await eventually(purged, timeout=20)
         async with prefect(ctx.settings) as client:
             assert await flow_runs(client, batch_id) == []
         # Delivered again, and a run after it: both find nothing to do.
         await send_command(ctx.settings, "delete", ctx.pipeline_id, batch_id)
         await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
         await ctx.processed(4)
+        await eventually(purged, timeout=20)
     async with prefect(ctx.settings) as client:
         assert await flow_runs(client, batch_id) == []
     assert await ctx.redis.exists(keys.batch(ctx.pipeline_id, batch_id)) == 0
@@ -208,7 +214,7 @@ async def test_prefect_unreachable_keeps_the_command_until_it_is_back(ctx: Ctx) 
     consumer = ctx.consumer(down)
     async with running(consumer):
         await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
-        await eventually(lambda: consumer.backoff.retries >= 3, timeout=20)
+        await eventually(lambda: consumer.retries >= 3, timeout=20)
     # Shut down mid-retry: nothing committed, nothing applied, nothing dead-lettered.
     s = ctx.settings
     assert await committed(s, s.group_commands, s.topic_commands) == 0

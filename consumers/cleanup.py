@@ -1,0 +1,185 @@
+"""Durable clean-up of a batch's flow runs, off the commands' sequential path.
+
+A delete command, a run whose batch vanished while Prefect created its flow run, and a run or
+stop given up on each leave a job here and are committed at once; a background task does the
+slow part (waiting for a cancellation to end, letting a finished run's events settle before
+deleting it) for many batches at a time, so no other batch's command waits for it.
+
+Jobs live in Redis, so a crash or a restart resumes them:
+  CLEANUP_DUE    sorted set  "<kind>/<pipeline_id>/<batch_id>" -> next pass (unix time)
+  CLEANUP_SINCE  hash        same member -> when the clean-up began (unix time)
+Kinds: `delete` (cancel, then delete every flow run of the batch, then purge it from Redis)
+and `cancel` (cancel every flow run of a batch that stays, `stop`/`failed`).
+
+Ordering with creates: runs are found by the batch's tag, and a job is done only once a
+pass after `cleanup_recheck_s` (more than a create's time-out window) found nothing left to
+do; a flow run whose create was still in flight inside Prefect when the delete first looked
+is therefore found and removed too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Final, cast
+
+from redis.asyncio import Redis
+
+from consumers.active import ActiveRuns
+from consumers.options import ConsumerOptions
+from consumers.prefect_api import PrefectGateway, RunState
+from core import keys
+from core.retry import describe
+from core.store import BatchStore
+
+log = logging.getLogger(__name__)
+# Belong in core.keys (owned elsewhere): see the module docstring for their layout.
+CLEANUP_DUE: Final = f"{keys.PREFIX}:cleanup"
+CLEANUP_SINCE: Final = f"{keys.PREFIX}:cleanup:since"
+KINDS: Final = ("delete", "cancel")
+DELETE_MESSAGE: Final = "deleted through the batches API"
+GIVE_UP_MESSAGE: Final = "the batch failed: its command was given up"
+
+
+def member(kind: str, pipeline_id: str, batch_id: str) -> str:
+    return f"{kind}/{pipeline_id}/{batch_id}"  # ids never hold '/' (core.models.ID_PATTERN)
+
+
+class Cleanup:
+    def __init__(self, redis: Redis, prefect: PrefectGateway, store: BatchStore,
+                 active: ActiveRuns, options: ConsumerOptions, stopping: asyncio.Event) -> None:
+        self._redis = redis
+        self._prefect = prefect
+        self._store = store
+        self._active = active
+        self._options = options
+        self._stopping = stopping
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.passes = 0  # for tests and logs
+
+    async def enqueue(self, kind: str, pipeline_id: str, batch_id: str) -> None:
+        """Idempotent: a job already queued keeps its start (a re-delivered delete does
+        not push its end further away)."""
+        job = member(kind, pipeline_id, batch_id)
+        now = time.time()
+        async with self._redis.pipeline(transaction=True) as tx:
+            tx.hsetnx(CLEANUP_SINCE, job, repr(now))
+            tx.zadd(CLEANUP_DUE, {job: now}, nx=True)
+            await tx.execute()
+
+    async def pending(self) -> list[str]:
+        return cast(list[str], await self._redis.zrange(CLEANUP_DUE, 0, -1))
+
+    # -- the background task -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Until stopping: claims due jobs and runs one pass of each, concurrently."""
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._claim_due()
+                except Exception as exc:  # Redis down: the jobs wait in Redis
+                    log.warning("clean-up: jobs not read: %s", describe(exc))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self._options.cleanup_poll_s)
+        finally:
+            # A pass cut short is run again from the start, here or by another process.
+            if self._inflight:
+                await asyncio.wait(self._inflight.values(),
+                                   timeout=self._options.prefect_timeout_s)
+                for task in self._inflight.values():
+                    task.cancel()
+
+    async def _claim_due(self) -> None:
+        room = self._options.cleanup_concurrency - len(self._inflight)
+        if room <= 0:
+            return
+        now = time.time()
+        due = cast(list[str], await self._redis.zrangebyscore(
+            CLEANUP_DUE, "-inf", now, start=0, num=room + len(self._inflight)))
+        for job in due:
+            if job in self._inflight or len(self._inflight) >= self._options.cleanup_concurrency:
+                continue
+            # Claimed by moving its due time past the lease; another process reading the
+            # same entry at the same moment may run the same pass (every step is idempotent).
+            claimed = await self._redis.zadd(
+                CLEANUP_DUE, {job: now + self._options.cleanup_lease_s}, xx=True, gt=True, ch=True)
+            if claimed:
+                task = asyncio.create_task(self._job(job), name=f"cleanup {job}")
+                self._inflight[job] = task
+                task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        for job, running in list(self._inflight.items()):
+            if running is task:
+                del self._inflight[job]
+
+    async def _job(self, job: str) -> None:
+        try:
+            since_raw = await self._redis.hget(CLEANUP_SINCE, job)
+            since = float(since_raw) if since_raw is not None else time.time()
+            kind, pipeline_id, batch_id = job.split("/", 2)
+            next_due = await self.one_pass(kind, pipeline_id, batch_id, since)
+            self.passes += 1
+            if next_due is None:
+                async with self._redis.pipeline(transaction=True) as tx:
+                    tx.zrem(CLEANUP_DUE, job)
+                    tx.hdel(CLEANUP_SINCE, job)
+                    await tx.execute()
+                log.info("clean-up %s: done", job)
+            else:
+                await self._redis.zadd(CLEANUP_DUE, {job: next_due}, xx=True)
+        except Exception as exc:
+            # Retried at the next pass; a job whose data is wrong would loop, so say so.
+            log.warning("clean-up %s: pass failed (%s); retried", job, describe(exc),
+                        exc_info=not isinstance(exc, OSError | TimeoutError))
+            with contextlib.suppress(Exception):
+                await self._redis.zadd(
+                    CLEANUP_DUE, {job: time.time() + self._options.retry_max_s}, xx=True)
+
+    async def one_pass(self, kind: str, pipeline_id: str, batch_id: str,
+                       since: float) -> float | None:
+        """Does what can be done now without waiting; returns when to look again, or None
+        when the batch has no flow run left to clean and the create window is over."""
+        fields = await self._store.fields(pipeline_id, batch_id)
+        known = fields.get("flow_run_id") if fields else None
+        runs = await self._prefect.of_batch(batch_id, known)
+        now = time.time()
+        waiting = False
+        for run in runs:
+            waiting |= not await self._settle(kind, run, now - since, now)
+        if waiting:
+            return now + self._options.cleanup_poll_s
+        window_end = since + self._options.cleanup_recheck_s
+        if now < window_end:
+            return window_end
+        if kind == "delete":
+            await self._active.remove(pipeline_id, batch_id)
+            if fields is not None:
+                await self._store.purge(pipeline_id, batch_id)
+        return None
+
+    async def _settle(self, kind: str, run: RunState, age: float, now: float) -> bool:
+        """One flow run one step further; True once nothing is left to do for it."""
+        message = DELETE_MESSAGE if kind == "delete" else GIVE_UP_MESSAGE
+        if not run.final and run.state_type != "CANCELLING":
+            run = await self._prefect.cancel(run, message)
+        if not run.final:
+            if kind == "cancel":
+                return True  # Cancelling: its worker ends it; the batch already says failed
+            if age < self._options.delete_cancel_wait_s:
+                return False
+            # The worker did not end it in time: deleted anyway, Cancelled first so a
+            # worker that still holds it stops it when it next looks.
+            run = await self._prefect.force_cancelled(run, message)
+        if kind == "cancel":
+            return True
+        if run.ran and run.since is not None and \
+                now - run.since.timestamp() < self._options.delete_settle_s:
+            # A run that executed has task-run events the server may not have stored yet;
+            # deleting the run under them breaks Prefect's task-run recorder (foreign keys).
+            return False
+        await self._prefect.delete(run.flow_run_id)
+        return True
