@@ -48,6 +48,7 @@ class Poller:
     bad: list[str] = field(default_factory=list)  # status not allowed, non-JSON, transport error
     slowest = 0.0
     rounds = 0
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (monotonic end, status)
     _offsets: dict[Series, int] = field(default_factory=dict)
     _states: dict[str, int] = field(default_factory=dict)
     _task: asyncio.Task[None] | None = None
@@ -79,10 +80,12 @@ class Poller:
         except httpx.HTTPError as exc:
             self.slowest = max(self.slowest, time.monotonic() - t0)
             self.statuses[0] += 1
+            self.timeline.append((time.monotonic(), 0))
             self.bad.append(f"{batch_id}: {type(exc).__name__} after {time.monotonic() - t0:.1f}s")
             return
         self.slowest = max(self.slowest, time.monotonic() - t0)
         self.statuses[response.status_code] += 1
+        self.timeline.append((time.monotonic(), response.status_code))
         if response.status_code not in self.allowed or not is_json(response):
             self.bad.append(f"{batch_id}: {response.status_code} {response.text[:200]!r}")
             return
