@@ -15,7 +15,6 @@ build the class of that kind, so callers need not name the classes.
 from __future__ import annotations
 
 import re
-import string
 import time
 import uuid
 from collections.abc import Iterable
@@ -29,7 +28,6 @@ SCHEMA: Final = 1
 MAX_REASON: Final = 2000
 MAX_TEXT: Final = 256
 MAX_ID: Final = 128
-ID_CHARS: Final = string.ascii_letters + string.digits + "._-"
 _ONLY_ID_CHARS: Final = re.compile(r"[A-Za-z0-9._-]*").fullmatch
 # core.models.ID_PATTERN, anchored so a trailing newline fails too: JSON Schema validators
 # search with `$`, which Python's `re` also matches before a final "\n".

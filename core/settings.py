@@ -1,4 +1,9 @@
-"""Typed settings, read from `DHUB_*` environment variables; defaults point at the local stack."""
+"""Typed settings, read from `DHUB_*` environment variables; defaults point at the local stack.
+
+`DHUB_ENV` names the deployment. Only `local` (the default: the local stack) may run on the
+built-in secrets; anywhere else constructing the settings fails (`check_secure`), so neither
+the API nor the consumers start on a secret anyone can read in this repository.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,37 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+LOCAL = "local"
+DEFAULT_TOKEN_SECRET = "dhub-local-paging"  # noqa: S105 -- refused outside local
+# What JWTs minted for the local stack carry; anywhere else both must be configured.
+LOCAL_JWT_AUDIENCE = "dhub-batches"
+LOCAL_JWT_ISSUER = "dhub-local"
+MIN_SECRET_BYTES = 16
+# RFC 7518 3.2: an HS256 key of at least the hash's size.
+MIN_HS256_SECRET_BYTES = 32
+
+
+class InsecureSettings(RuntimeError):
+    """Settings that must not run outside the local stack; the text says what to set.
+    Not a ValueError on purpose: pydantic would wrap it in a ValidationError that echoes
+    every input value, secrets included."""
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DHUB_", extra="ignore")
 
+    # `local` (the local stack) or the deployment's name: outside `local`, default or short
+    # secrets are refused.
+    env: str = LOCAL
     # Where the local stack keeps its data, logs and generated secrets (ignored by git).
     state_dir: Path = ROOT / ".dhub"
+    # Where pipeline steps keep batch data on a worker, each batch under <data_dir>/<batch_id>.
+    # A server-side setting only: no value a client sends chooses a path. Unset: state_dir/data.
+    data_dir: Path | None = None
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     topic_commands: str = "batches.commands"
@@ -46,9 +71,12 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = None
     jwt_hs256_secret: SecretStr | None = None
     jwt_rs256_public_key: str | None = None
+    # Every JWT must carry `exp`, this `aud` and this `iss`. Required when JWTs are enabled
+    # (a secret or public key set); in `local` they default to dhub-batches / dhub-local.
     jwt_audience: str | None = None
+    jwt_issuer: str | None = None
     # Signs list paging tokens so a client cannot forge or reuse another pipeline's token.
-    token_secret: SecretStr = SecretStr("dhub-local-paging")
+    token_secret: SecretStr = SecretStr(DEFAULT_TOKEN_SECRET)
     webhook_secret: SecretStr | None = None
     max_body_bytes: int = 1 << 20
     # In-process cache of rendered batches, invalidated through Redis pub/sub.
@@ -64,6 +92,62 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _by_environment(self) -> Settings:
+        if self.env == LOCAL:
+            # Filled even while JWTs are off: settings copied with a key added stay valid.
+            self.jwt_audience = self.jwt_audience or LOCAL_JWT_AUDIENCE
+            self.jwt_issuer = self.jwt_issuer or LOCAL_JWT_ISSUER
+        else:
+            self.check_secure()
+        return self
+
+    @property
+    def jwt_enabled(self) -> bool:
+        return self.jwt_hs256_secret is not None or self.jwt_rs256_public_key is not None
+
+    @property
+    def data_root(self) -> Path:
+        """The directory batch data goes under (DHUB_DATA_DIR, else state_dir/data)."""
+        return self.data_dir if self.data_dir is not None else self.state_dir / "data"
+
+    def insecure(self) -> list[str]:
+        """What makes these settings unfit outside the local stack (names, never values)."""
+        problems = []
+        token_secret = self.token_secret.get_secret_value()
+        if token_secret == DEFAULT_TOKEN_SECRET:
+            problems.append("DHUB_TOKEN_SECRET is the built-in default")
+        elif len(token_secret.encode()) < MIN_SECRET_BYTES:
+            problems.append(f"DHUB_TOKEN_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+        if (self.webhook_secret is not None
+                and len(self.webhook_secret.get_secret_value().encode()) < MIN_SECRET_BYTES):
+            problems.append(f"DHUB_WEBHOOK_SECRET is shorter than {MIN_SECRET_BYTES} bytes")
+        if (self.jwt_hs256_secret is not None and len(
+                self.jwt_hs256_secret.get_secret_value().encode()) < MIN_HS256_SECRET_BYTES):
+            problems.append(
+                f"DHUB_JWT_HS256_SECRET is shorter than {MIN_HS256_SECRET_BYTES} bytes")
+        configured = [t.get_secret_value() for t in self.api_tokens]
+        if self.api_token is not None:
+            configured.append(self.api_token.get_secret_value())
+        if any(len(t.encode()) < MIN_SECRET_BYTES for t in configured):
+            problems.append(f"a static API token is shorter than {MIN_SECRET_BYTES} bytes")
+        if self.jwt_enabled and self.jwt_audience in (None, "", LOCAL_JWT_AUDIENCE):
+            problems.append("DHUB_JWT_AUDIENCE is unset or the local stack's")
+        if self.jwt_enabled and self.jwt_issuer in (None, "", LOCAL_JWT_ISSUER):
+            problems.append("DHUB_JWT_ISSUER is unset or the local stack's")
+        return problems
+
+    def check_secure(self) -> None:
+        """Raises `InsecureSettings` outside the local stack when a secret is a default or
+        too short; a no-op in `local`."""
+        if self.env == LOCAL:
+            return
+        problems = self.insecure()
+        if problems:
+            raise InsecureSettings(
+                f"DHUB_ENV={self.env!r} refuses insecure settings: {'; '.join(problems)} "
+                f"(DHUB_ENV={LOCAL} is for the local stack only)")
 
     def static_tokens(self) -> list[str]:
         """Every accepted static token: DHUB_API_TOKENS, DHUB_API_TOKEN, else the generated one."""

@@ -1,4 +1,10 @@
-"""Bearer authentication: static tokens (all scopes) and JWTs (HS256 / RS256) with scopes."""
+"""Bearer authentication: static tokens (all scopes) and JWTs (HS256 / RS256) with scopes.
+
+A JWT must carry `exp`, and `aud` and `iss` equal to DHUB_JWT_AUDIENCE / DHUB_JWT_ISSUER: a
+token minted for another service, by another issuer, or valid forever is refused. The API
+does not start with JWTs enabled but no audience or issuer, nor on insecure settings outside
+the local stack (`Settings.check_secure`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ import jwt
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from core.settings import Settings
+from core.settings import InsecureSettings, Settings
 from service.errors import ApiError
 
 READ: Final = "batches:read"
@@ -25,6 +31,11 @@ PUBLIC_PATHS: Final = frozenset({"/api/v1/openapi.json", "/api/v1/hooks/prefect"
 # The messages' JSON Schemas describe the wire format, like the OpenAPI document.
 PUBLIC_PREFIXES: Final = ("/api/v1/schemas/",)
 SCOPE_KEY: Final = web.RequestKey("scopes", frozenset[str])
+REQUIRED_CLAIMS: Final = ("exp", "aud", "iss")
+
+
+class AuthConfigError(InsecureSettings):
+    """JWTs are enabled without what a token is checked against."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,15 +44,24 @@ class Authenticator:
     hs256_secret: str | None
     rs256_public_key: str | None
     audience: str | None
+    issuer: str | None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
+        """Raises `InsecureSettings` (or its `AuthConfigError`) when the API must not start."""
+        settings.check_secure()
+        if settings.jwt_enabled and not (settings.jwt_audience and settings.jwt_issuer):
+            raise AuthConfigError(
+                "JWTs are enabled (DHUB_JWT_HS256_SECRET or DHUB_JWT_RS256_PUBLIC_KEY) but "
+                "DHUB_JWT_AUDIENCE and DHUB_JWT_ISSUER are not both set: every token must "
+                "name this API as its audience and a trusted issuer")
         return cls(
             static_tokens=tuple(t.encode() for t in settings.static_tokens()),
             hs256_secret=(settings.jwt_hs256_secret.get_secret_value()
                           if settings.jwt_hs256_secret else None),
             rs256_public_key=settings.jwt_rs256_public_key,
             audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
         )
 
     def scopes(self, token: str) -> frozenset[str]:
@@ -67,8 +87,9 @@ class Authenticator:
                 key = self.rs256_public_key
             else:
                 raise ApiError(401, "unauthorized", "unsupported token algorithm")
+            # from_settings guarantees both when a key is set.
             claims = jwt.decode(token, key, algorithms=[alg], audience=self.audience,
-                                options={"verify_aud": self.audience is not None})
+                                issuer=self.issuer, options={"require": list(REQUIRED_CLAIMS)})
         except jwt.PyJWTError as exc:
             raise ApiError(401, "unauthorized", f"invalid token: {exc}") from None
         raw = claims.get("scope", claims.get("scopes", ""))
@@ -86,6 +107,9 @@ def auth_middleware(authenticator: Authenticator) -> web.middleware:  # type: ig
                 or path.startswith(PUBLIC_PREFIXES)):
             return await handler(request)
         header = request.headers.get("Authorization", "")
+        if not header.isascii():
+            # Bytes that are not UTF-8 arrive as surrogates and break any encode() later.
+            raise ApiError(401, "unauthorized", "the Authorization header must be ASCII")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "missing bearer token")

@@ -1,7 +1,10 @@
-"""Bearer auth: static tokens and JWTs (HS256, RS256) with scopes."""
+"""Bearer auth: static tokens and JWTs (HS256, RS256) with scopes; a JWT must carry `exp`,
+the configured `aud` and `iss`; no header value gets a 500."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,10 +13,30 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core.settings import Settings
-from tests.helpers import AUTH, api_client, api_settings, bearer, hs_token, rs_token, spec_body
+from core.settings import LOCAL_JWT_AUDIENCE, LOCAL_JWT_ISSUER, Settings
+from service.app import init_app
+from service.auth import AuthConfigError, Authenticator
+from tests.helpers import AUTH, HS_SECRET, RSA_PRIVATE, api_client, api_settings, bearer, spec_body
 
 Client = TestClient[Any, Any]
+
+
+def claims(*scopes: str, ttl: float = 300, **changes: Any) -> dict[str, Any]:
+    """Valid claims for the test API (the local stack's audience and issuer); a change of
+    None removes that claim."""
+    out: dict[str, Any] = {"sub": "tester", "scope": " ".join(scopes),
+                           "exp": int(time.time() + ttl), "aud": LOCAL_JWT_AUDIENCE,
+                           "iss": LOCAL_JWT_ISSUER, **changes}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def hs_token(*scopes: str, ttl: float = 300, **changes: Any) -> str:
+    return jwt.encode(claims(*scopes, ttl=ttl, **changes), HS_SECRET, algorithm="HS256")
+
+
+def rs_token(*scopes: str, ttl: float = 300, **changes: Any) -> str:
+    payload = claims(ttl=ttl, scope=None, scopes=list(scopes), **changes)
+    return jwt.encode(payload, RSA_PRIVATE, algorithm="RS256")
 
 
 @pytest.fixture
@@ -29,7 +52,19 @@ async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
     bearer(jwt.encode({"scope": "batches:read"}, "another-secret-of-enough-length-0123456789",
                       algorithm="HS256")),
     bearer(jwt.encode({"scope": "batches:read"}, "", algorithm="none")),
-])
+    bearer(jwt.encode(claims("batches:read"), "", algorithm="none")),
+    # The claims that make a token this API's and not forever:
+    bearer(hs_token("batches:read", exp=None)),
+    bearer(rs_token("batches:read", exp=None)),
+    bearer(hs_token("batches:read", aud=None)),
+    bearer(hs_token("batches:read", aud="another-service")),
+    bearer(rs_token("batches:read", aud="another-service")),
+    bearer(hs_token("batches:read", iss=None)),
+    bearer(hs_token("batches:read", iss="someone-else")),
+    bearer(rs_token("batches:read", iss="someone-else")),
+], ids=["none", "empty-bearer", "basic", "wrong-static", "expired", "other-secret",
+        "alg-none", "alg-none-full", "hs-no-exp", "rs-no-exp", "no-aud", "hs-other-aud",
+        "rs-other-aud", "no-iss", "hs-other-iss", "rs-other-iss"])
 async def test_without_a_valid_token_401(api: Client, headers: dict[str, str]) -> None:
     response = await api.get("/api/v1/batches/p/", headers=headers)
     assert response.status == 401
@@ -72,3 +107,59 @@ async def test_health_and_docs_need_no_token(api: Client) -> None:
     assert ready.status == 200 and (await ready.json())["checks"] == {"redis": True, "kafka": True}
     assert (await api.get("/api/v1/openapi.json")).status == 200
     assert (await api.get("/docs")).status == 200
+
+
+@pytest.mark.parametrize("value", [
+    b"Bearer \x80abc", b"Bearer a.\xff\xfe.c", b"Bearer \xc3\xa9t\xc3\xa9",
+    b"Bearer \xc3\xa9.e.e", b"B\xc3\xa9arer abc",
+])
+async def test_a_non_ascii_authorization_header_is_a_401_json(api: Client, value: bytes) -> None:
+    # Raw bytes on the socket: an HTTP client would refuse to send most of these.
+    server = api.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(b"GET /api/v1/batches/p/ HTTP/1.1\r\nHost: test\r\n"
+                     b"Connection: close\r\nAuthorization: " + value + b"\r\n\r\n")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0] == b"HTTP/1.1 401 Unauthorized", raw
+    assert b"application/json" in head
+    assert b'"code":"unauthorized"' in body and b"ASCII" in body
+
+
+@pytest.mark.parametrize("missing", [{"jwt_audience": None}, {"jwt_issuer": None},
+                                     {"jwt_audience": "", "jwt_issuer": ""}])
+def test_the_api_refuses_to_start_with_jwts_but_no_audience_or_issuer(
+        missing: dict[str, Any]) -> None:
+    hs = api_settings(Settings()).model_copy(update=missing)
+    with pytest.raises(AuthConfigError, match="DHUB_JWT_AUDIENCE and DHUB_JWT_ISSUER"):
+        Authenticator.from_settings(hs)
+    with pytest.raises(AuthConfigError):
+        init_app(hs)
+    rs_only = hs.model_copy(update={"jwt_hs256_secret": None})
+    with pytest.raises(AuthConfigError):
+        Authenticator.from_settings(rs_only)
+    # Without JWTs (static tokens only) nothing is needed.
+    static_only = rs_only.model_copy(update={"jwt_rs256_public_key": None})
+    assert Authenticator.from_settings(static_only).static_tokens
+
+
+async def test_tokens_are_checked_against_the_configured_audience_and_issuer(
+        topics: Settings, redis: Redis) -> None:
+    settings = api_settings(topics, jwt_audience="batches.example", jwt_issuer="idp.example")
+    async with api_client(settings) as api:
+        ours = bearer(hs_token("batches:read", aud="batches.example", iss="idp.example"))
+        assert (await api.get("/api/v1/batches/p/", headers=ours)).status == 200
+        # A token may list several audiences; one of them must be ours.
+        several = bearer(rs_token("batches:read", aud=["other", "batches.example"],
+                                  iss="idp.example"))
+        assert (await api.get("/api/v1/batches/p/", headers=several)).status == 200
+        for changes, why in (({"iss": "idp.example"}, "audience"),
+                             ({"aud": "batches.example"}, "issuer")):
+            local = bearer(hs_token("batches:read", **changes))  # the rest: local stack's
+            refused = await api.get("/api/v1/batches/p/", headers=local)
+            assert refused.status == 401
+            assert why in (await refused.json())["error"]["message"].lower()
