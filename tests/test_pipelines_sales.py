@@ -16,9 +16,11 @@ from typing import Any
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from core.settings import Settings
 from pipelines.sales import PIPELINE_ID, PIPELINE_NAME, demo_spec
+from pipelines.sales.config import SalesConfig
 from pipelines.sales.records import Invalid, partition_sizes, validate
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import OffsetBook, StepContext, StepFailed
@@ -27,11 +29,11 @@ from pipelines.steps import UnknownStep, known_steps, resolve
 BATCH = "batch-sales-test"
 
 
-def context(tmp_path: Path, step: str, **config: Any) -> StepContext:
-    return StepContext(batch_id=BATCH, pipeline_id=PIPELINE_ID, step=step,
-                       config={"data_dir": str(tmp_path), **config},
-                       settings=Settings(state_dir=tmp_path / "state"), book=OffsetBook(),
-                       on_change=lambda: None)
+def context(tmp_path: Path, step: str, batch_id: str = BATCH, **config: Any) -> StepContext:
+    """A step of batch `batch_id` whose data goes under `tmp_path` (the DHUB_DATA_DIR)."""
+    return StepContext(batch_id=batch_id, pipeline_id=PIPELINE_ID, step=step, config=config,
+                       settings=Settings(state_dir=tmp_path / "state", data_dir=tmp_path),
+                       book=OffsetBook(), on_change=lambda: None)
 
 
 def run_all(tmp_path: Path, **config: Any) -> dict[str, StepContext]:
@@ -185,6 +187,42 @@ def test_default_data_dir_is_per_batch_under_the_state_dir(tmp_path: Path) -> No
                       on_change=lambda: None)
     extract(ctx)
     assert (tmp_path / "data" / BATCH / "staging" / "partition_0.jsonl").exists()
+
+
+@pytest.mark.parametrize("config", [
+    {"data_dir": "/etc"}, {"db_path": "/home/someone/.bashrc"},
+    {"data_dir": "relative/dir", "db_path": "x.db"}, {"data_dir": None},
+])
+def test_a_step_config_may_not_choose_a_path(tmp_path: Path, config: dict[str, Any]) -> None:
+    for fn in (extract, transform, load):
+        with pytest.raises(StepFailed, match="data locations are server settings") as refused:
+            fn(context(tmp_path, fn.__name__, rows=10, **config))
+        assert all(key in str(refused.value) for key in config)
+    with pytest.raises(ValidationError, match="may not be set in a step config"):
+        SalesConfig.model_validate(config)
+    assert list(tmp_path.iterdir()) == []  # nothing written anywhere
+
+
+def test_data_locations_are_a_server_setting(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DHUB_DATA_DIR", str(tmp_path / "from-env"))
+    settings = Settings(state_dir=tmp_path / "state")
+    assert settings.data_root == tmp_path / "from-env"
+    for fn in (extract, transform, load):
+        fn(StepContext(batch_id=BATCH, pipeline_id=PIPELINE_ID, step=fn.__name__,
+                       config={"rows": 10, "partitions": 1}, settings=settings,
+                       book=OffsetBook(), on_change=lambda: None))
+    root = tmp_path / "from-env" / BATCH
+    assert (root / "staging" / "partition_0.jsonl").exists()
+    assert table(root / "sales.db") == expected_from_source(root)
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("batch_id", ["..", ".", "", "a/b", "../escape"])
+def test_a_batch_id_cannot_leave_the_data_directory(tmp_path: Path, batch_id: str) -> None:
+    with pytest.raises(StepFailed, match="cannot name a data directory"):
+        extract(context(tmp_path / "data", "extract", batch_id=batch_id, rows=10))
+    assert not tmp_path.joinpath("source").exists() and not (tmp_path / "data").exists()
 
 
 def test_demo_spec_and_step_registry() -> None:

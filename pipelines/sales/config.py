@@ -1,15 +1,23 @@
-"""The sales pipeline's step config, and where a batch's files live."""
+"""The sales pipeline's step config, and where a batch's files live.
+
+Where is a server-side setting (DHUB_DATA_DIR, default <state_dir>/data; each batch under
+<data_dir>/<batch_id>, its SQLite file `sales.db` there): a step config comes from an API
+client, and no value a client sends may choose a path on a worker's disk.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.models import valid_id
 from pipelines.sdk import StepContext, StepFailed
+
+PATH_KEYS: Final = frozenset({"data_dir", "db_path"})
 
 
 class SalesConfig(BaseModel):
@@ -26,10 +34,20 @@ class SalesConfig(BaseModel):
     fail_at: str | None = None
     # Share of generated records made invalid on purpose, to exercise validation.
     invalid_rate: float = Field(default=0.0, ge=0.0, le=1.0)
-    # Base directory of batch data (each batch gets `<data_dir>/<batch_id>`); default
-    # `<state_dir>/data`. The SQLite file defaults to `sales.db` in the batch's directory.
-    data_dir: Path | None = None
-    db_path: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        # Named apart from other unknown keys: these were accepted once, and a client still
+        # sending one should learn why it is refused now.
+        if isinstance(data, Mapping):
+            named = sorted(PATH_KEYS & set(data))
+            if named:
+                raise ValueError(
+                    f"{', '.join(named)} may not be set in a step config: data locations are "
+                    "server settings (DHUB_DATA_DIR; each batch writes under "
+                    "<data_dir>/<batch_id>)")
+        return data
 
     @classmethod
     def of(cls, config: Mapping[str, Any]) -> SalesConfig:
@@ -63,11 +81,13 @@ class Layout:
         return self.root / "partials"
 
     @classmethod
-    def of(cls, ctx: StepContext, config: SalesConfig) -> Layout:
-        # One directory per batch, so concurrent batches never share staging files.
-        base = config.data_dir or ctx.settings.state_dir / "data"
-        root = base / ctx.batch_id
-        return cls(root=root, db=config.db_path or root / "sales.db")
+    def of(cls, ctx: StepContext) -> Layout:
+        # One directory per batch, so concurrent batches never share staging files. Batch
+        # ids are [A-Za-z0-9._-]; "." and ".." would name the data directory or its parent.
+        if not valid_id(ctx.batch_id) or ctx.batch_id in (".", ".."):
+            raise StepFailed(f"batch id {ctx.batch_id!r} cannot name a data directory")
+        root = ctx.settings.data_root / ctx.batch_id
+        return cls(root=root, db=root / "sales.db")
 
 
 def partition_name(index: int) -> str:

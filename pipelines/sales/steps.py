@@ -52,7 +52,7 @@ ON CONFLICT (batch_id, region, day) DO UPDATE SET
 
 def _setup(ctx: StepContext) -> tuple[SalesConfig, Layout]:
     config = SalesConfig.of(ctx.config)
-    return config, Layout.of(ctx, config)
+    return config, Layout.of(ctx)
 
 
 def _partitions(directory: Path, suffix: str, step: str) -> dict[str, Path]:
@@ -132,7 +132,7 @@ def load(ctx: StepContext) -> None:
     progress = Progress(ctx, {p: sum(r["orders"] for r in rows) for p, rows in partials.items()},
                         throttle=config.throttle, fail=config.fail_at == ctx.step)
     layout.db.parent.mkdir(parents=True, exist_ok=True)
-    # timeout: batches sharing one `db_path` wait for each other's transaction.
+    # timeout: a batch's steps rerun (a retry) wait for each other's transaction.
     with closing(sqlite3.connect(layout.db, timeout=30, isolation_level=None)) as db:
         db.execute(SCHEMA)
         db.execute("BEGIN IMMEDIATE")
