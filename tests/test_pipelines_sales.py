@@ -24,6 +24,7 @@ from pipelines.sales.config import SalesConfig
 from pipelines.sales.records import Invalid, partition_sizes, validate
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import OffsetBook, StepContext, StepFailed
+from pipelines.step_configs import CONFIGS, config_problems
 from pipelines.steps import UnknownStep, known_steps, resolve
 
 BATCH = "batch-sales-test"
@@ -237,3 +238,15 @@ def test_demo_spec_and_step_registry() -> None:
     assert resolve("sales.load") is load
     with pytest.raises(UnknownStep, match="no step implementation"):
         resolve("os.system")
+
+
+def test_a_definition_naming_a_path_is_refused_at_registration() -> None:
+    """What service/pipelines.py checks before registering a definition (400)."""
+    assert config_problems("sales.extract", {"rows": 10}) == []
+    assert config_problems("unknown.step", {"data_dir": "/"}) == []  # refused elsewhere
+    (problem,) = config_problems("sales.load", {"db_path": "/etc/x.db"}, "steps.2.config")
+    assert problem["loc"] == "steps.2.config"
+    assert "db_path may not be set" in problem["msg"] and "DHUB_DATA_DIR" in problem["msg"]
+    (problem,) = config_problems("sales.extract", {"rows": -1})
+    assert problem["loc"] == "config.rows"
+    assert {s.uses for s in demo_spec().steps} <= set(CONFIGS)
