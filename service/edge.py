@@ -10,6 +10,7 @@ answers with `service.errors.error_response` instead. `python -m service` should
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -67,11 +68,19 @@ class ApiRunner(web.AppRunner):
 
 
 async def serve(app: web.Application, host: str, port: int, **runner_args: Any) -> None:
-    """Serves `app` until cancelled (Ctrl-C / SIGTERM through `asyncio.run`)."""
-    runner = ApiRunner(app, handle_signals=True, **runner_args)
+    """Serves `app` until SIGINT or SIGTERM, then closes its connections and clients.
+
+    `python -m service` runs `asyncio.run(serve(init_app(settings), host, port))`."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = ApiRunner(app, **runner_args)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         await runner.cleanup()

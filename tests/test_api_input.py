@@ -8,6 +8,7 @@ would send them.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -206,3 +207,42 @@ async def test_malformed_requests_are_json_400(topics: Settings, redis: Redis,
     async with edge_server(api_settings(topics)) as port:
         error = json_error(*await raw(port, request_bytes), expected=(400, 505))
         assert error["code"] in ("bad_request", "http_version_not_supported")
+
+
+async def test_serve_answers_json_and_stops_cleanly_on_sigterm(test_settings: Settings) -> None:
+    """`service.edge.serve` as `python -m service` should run it: JSON 414 from a real process,
+    and SIGTERM closes it with exit status 0."""
+    import signal
+    import socket
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    code = ("import asyncio; from core.settings import get_settings; from service.app import init_app; "
+            "from service.edge import serve; s = get_settings(); "
+            "asyncio.run(serve(init_app(s), s.api_host, s.api_port, access_log=None))")
+    env = {**os.environ, "DHUB_API_PORT": str(port), "DHUB_REDIS_URL": test_settings.redis_url,
+           "DHUB_API_CACHE": "false"}
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env,
+                                                   stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    status, _, _ = await raw(port, http("GET", "/healthz"))
+                    if status == 200:
+                        break
+                except OSError:
+                    pass
+                await asyncio.sleep(0.2)
+        error = json_error(*await raw(port, http("GET", "/x?" + "a" * 9000)), expected=414)
+        assert error["code"] == "uri_too_long"
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
