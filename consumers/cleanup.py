@@ -8,8 +8,9 @@ deleting it) for many batches at a time, so no other batch's command waits for i
 Jobs live in Redis, so a crash or a restart resumes them:
   CLEANUP_DUE    sorted set  "<kind>/<pipeline_id>/<batch_id>" -> next pass (unix time)
   CLEANUP_SINCE  hash        same member -> when the clean-up began (unix time)
-Kinds: `delete` (cancel, then delete every flow run of the batch, then purge it from Redis)
-and `cancel` (cancel every flow run of a batch that stays, `stop`/`failed`).
+Kinds: `delete` (cancel, then delete every flow run of the batch, then purge it from Redis),
+`cancel` (cancel every flow run of a batch that stays, `stop`/`failed`) and `stop` (a stop
+that found a run Pending: cancelled once the engine runs it, see `_settle`).
 
 Ordering with creates: runs are found by the batch's tag, and a job is done only once a
 pass after `cleanup_recheck_s` (more than a create's time-out window) found nothing left to
@@ -38,9 +39,10 @@ log = logging.getLogger(__name__)
 # Belong in core.keys (owned elsewhere): see the module docstring for their layout.
 CLEANUP_DUE: Final = f"{keys.PREFIX}:cleanup"
 CLEANUP_SINCE: Final = f"{keys.PREFIX}:cleanup:since"
-KINDS: Final = ("delete", "cancel")
-DELETE_MESSAGE: Final = "deleted through the batches API"
-GIVE_UP_MESSAGE: Final = "the batch failed: its command was given up"
+KINDS: Final = ("delete", "cancel", "stop")
+MESSAGES: Final = {"delete": "deleted through the batches API",
+                   "cancel": "the batch failed: its command was given up",
+                   "stop": "stopped through the batches API"}
 
 
 def member(kind: str, pipeline_id: str, batch_id: str) -> str:
@@ -152,7 +154,8 @@ class Cleanup:
             waiting |= not await self._settle(kind, run, now - since, now)
         if waiting:
             return now + self._options.cleanup_poll_s
-        window_end = since + self._options.cleanup_recheck_s
+        # A stop's runs were all created before it (same partition, in order): no window.
+        window_end = since + (0.0 if kind == "stop" else self._options.cleanup_recheck_s)
         if now < window_end:
             return window_end
         if kind == "delete":
@@ -163,18 +166,24 @@ class Cleanup:
 
     async def _settle(self, kind: str, run: RunState, age: float, now: float) -> bool:
         """One flow run one step further; True once nothing is left to do for it."""
-        message = DELETE_MESSAGE if kind == "delete" else GIVE_UP_MESSAGE
+        message = MESSAGES[kind]
+        if kind == "stop" and run.state_type == "PENDING" \
+                and age < self._options.stop_pending_wait_s:
+            # Claimed by a worker, not started: cancelling now races the engine (the worker
+            # would mark it Cancelled without a process to end, and the engine may then
+            # still run it to Completed). Once Running, Cancelling is the engine's to end.
+            return False
         if not run.final and run.state_type != "CANCELLING":
             run = await self._prefect.cancel(run, message)
         if not run.final:
-            if kind == "cancel":
+            if kind != "delete":
                 return True  # Cancelling: its worker ends it; the batch already says failed
             if age < self._options.delete_cancel_wait_s:
                 return False
             # The worker did not end it in time: deleted anyway, Cancelled first so a
             # worker that still holds it stops it when it next looks.
             run = await self._prefect.force_cancelled(run, message)
-        if kind == "cancel":
+        if kind != "delete":
             return True
         if run.ran and run.since is not None and \
                 now - run.since.timestamp() < self._options.delete_settle_s:

@@ -115,10 +115,12 @@ class CommandsConsumer(Part):
                         self.lanes.start(tp, records)
         finally:
             # Shutdown finishes the commands in flight (and commits them); the rest is
-            # delivered again later.
+            # delivered again later. A clean-up pass cut short is resumed from Redis.
             self.lanes.halt_all()
-            await self.lanes.drain(self.options.shutdown_timeout_s)
-            await cleanup
+            if not self.stopping.is_set():  # the loop failed: the clean-up stops too
+                cleanup.cancel()
+            await asyncio.gather(self.lanes.drain(self.options.shutdown_timeout_s), cleanup,
+                                 return_exceptions=True)
 
     async def handle(self, record: Record, backoff: Backoff | None = None) -> None:
         """One command, to its durable effect or to the dead letters. Raises `Stopping`."""
@@ -241,10 +243,17 @@ class CommandsConsumer(Part):
                 event_id=f"stop-{command.batch_id}", state="stop", outcome="cancelled",
                 reason="stopped before it started",
             ))  # fmt: skip
+        claimed = False
         for run in runs:
+            if run.state_type == "PENDING":
+                # A worker is starting it: a cancellation now races the engine (the worker
+                # marks it Cancelled, the engine may still run it). It is cancelled once
+                # running instead, by the engine's own cancellation (consumers.cleanup).
+                claimed = True
+                continue
             now = await self.prefect.cancel(run, STOP_MESSAGE)
-            # A run that had not started is Cancelled now; a started one is Cancelling and
-            # its final state arrives from Prefect (bridge, hooks).
+            # A run that was Scheduled is Cancelled now; a started one is Cancelling, and
+            # its final state arrives from Prefect (bridge, hooks), whatever it is.
             if now.final and now.state_type is not None and now.state_id is not None:
                 event = flow_state_event(
                     pipeline_id=command.pipeline_id, batch_id=command.batch_id,
@@ -255,6 +264,8 @@ class CommandsConsumer(Part):
                     events.append(event)
         if events:
             await self.emitter.emit(events)
+        if claimed:
+            await self.cleanup.enqueue("stop", command.pipeline_id, command.batch_id)
         log.info("stop %s: %s", command.batch_id,
                  ", ".join(f"{r.flow_run_id} {r.state_type}" for r in runs) or "no flow run")
 

@@ -34,6 +34,9 @@ class ConsumerOptions(BaseSettings):
     # Prefect after the delete looked (keep it above 2 x prefect_timeout_s).
     cleanup_recheck_s: float = 35.0
     cleanup_poll_s: float = 0.5
+    # A stop that finds its run Pending (a worker starting it) cancels it once it runs; if it
+    # is still Pending after this long (a worker gone), it is cancelled as it is.
+    stop_pending_wait_s: float = 60.0
     cleanup_concurrency: int = 8
     # A clean-up pass claimed by one process; another may take it over after this long.
     cleanup_lease_s: float = 60.0

@@ -1,8 +1,8 @@
 """A stop racing the worker: the batch's outcome must agree with its flow run's final state.
 
-Runs of a quick pipeline on the stack's worker: half stopped the moment the worker claimed
-their flow run (Pending, not started yet), half a random moment (0-1.5 s) after it was
-created, so stops land on Scheduled, Pending and Running runs. Before the fix a stop forced Cancelled onto a Pending run; the
+Runs of a quick pipeline on the stack's worker: half stopped a random moment (0-4 s) after
+the worker claimed their flow run (Pending, while its engine starts), half a random moment
+(0-1.5 s) after it was created, so stops land on Scheduled, Pending and Running runs. Before the fix a stop forced Cancelled onto a Pending run; the
 engine then ran it anyway (Cancelled -> Running is allowed), so the batch said `cancelled`
 while Prefect held COMPLETED.
 """
@@ -78,6 +78,9 @@ async def test_stops_right_after_creation_never_contradict_the_engine(
                             state = run.state.type.value if run.state else ""
                             return state if state != "SCHEDULED" else None
                         await eventually(claimed, timeout=90, interval=0.02)
+                        # Anywhere in the worker's start-up: the engine reads the run, then
+                        # proposes Running; a stop in between is the race of the issue.
+                        await asyncio.sleep(rng.uniform(0.0, 4.0))
                     else:
                         await asyncio.sleep(rng.uniform(0.0, 1.5))  # the race itself
                     await send_command(ctx.settings, "stop", ctx.pipeline_id, batch_id)
