@@ -15,10 +15,12 @@ dropped by the script.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 import time
 from collections import defaultdict
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis.asyncio import Redis
@@ -166,9 +168,18 @@ class EventsConsumer(Part):
         return await self.backoff.call("apply events", lambda: self.store.apply(events))
 
     async def _dead_letter(self, bad: list[tuple[Record, str]]) -> None:
-        futures = [await self.dlq.send(record, reason) for record, reason in bad]
-        for future in futures:
-            await future
+        """All or nothing for `Backoff`: a Kafka error on any record fails the attempt (the
+        retry sends them all again: the dead letters are at-least-once, like the rest), and
+        every send already queued is awaited first so none is left behind unobserved."""
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            for record, reason in bad:
+                futures.append(await self.dlq.send(record, reason))
+        finally:
+            outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         self.dead += len(bad)
 
     async def _apply_one_by_one(self, batch: dict[TopicPartition, list[Record]],

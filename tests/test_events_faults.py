@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 
@@ -104,15 +104,19 @@ class Stream:
     def event(self, batch_id: str, kind: str, **fields: Any) -> Event:
         return Event(type=kind, batch_id=batch_id, pipeline_id=self.pipeline_id, **fields)
 
-    async def publish(self, per_batch: Callable[[str], list[Event]]) -> int:
+    async def publish(self, per_batch: Callable[[str], list[Event]],
+                      producer: AIOKafkaProducer | None = None) -> int:
         events = [e for b in self.batch_ids for e in per_batch(b)]
-        producer = await open_producer(self.settings)
+        own = producer is None
+        if producer is None:
+            producer = await open_producer(self.settings)
         try:
             futures = [await producer.send(self.settings.topic_events, value=e.encode(),
                                            key=e.batch_id.encode()) for e in events]
             await asyncio.gather(*futures)
         finally:
-            await producer.stop()
+            if own:
+                await producer.stop()
         self.sent += len(events)
         return self.sent
 
@@ -308,3 +312,88 @@ def test_redis_not_taking_writes_is_never_taken_for_bad_data(reply: str) -> None
 ])
 def test_a_script_error_about_the_data_goes_batch_by_batch(reply: str) -> None:
     assert _bad_script_data(_AsyncRESP2Parser(1 << 16).parse_error(reply))
+
+
+async def test_a_flowing_stream_survives_repeated_failovers_and_a_full_redis(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    """Offsets events keep arriving (with older ones re-sent after newer) while Redis flips
+    to read-only and back three times, then fills up once: each fault holds the commit where
+    it is, and at the end every batch holds the highest offsets sent, none dead-lettered."""
+    settings = topics.model_copy(update={"redis_url": private_redis.url})
+    admin = await open_redis(settings)
+    stream = Stream(settings, admin)
+    spec = make_spec(stream.pipeline_id)
+    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
+                        for _ in range(20)]
+    flowing = True
+
+    def round_of(n: int) -> Callable[[str], list[Event]]:
+        return lambda b: [stream.event(b, "step.offsets", step="extract",
+                                       offsets={"p0": n, "p1": 2 * n}),
+                          stream.event(b, "step.offsets", step="extract",
+                                       offsets={"p0": max(n - 7, 0)})]
+
+    async def produce() -> int:
+        """Rounds until the faults are over (so each lands mid-stream), then one more."""
+        producer = await open_producer(settings)
+        n = 0
+        try:
+            while flowing or n < 2:
+                n += 1
+                await stream.publish(round_of(n), producer)
+                await asyncio.sleep(0.05)
+        finally:
+            await producer.stop()
+        return n
+
+    async def hold(fault: str) -> None:
+        first = consumer.backoff.retries + 1
+
+        async def met(times: int) -> bool:
+            return consumer.backoff.retries >= first + times
+        await eventually(lambda: met(0), timeout=20)
+        held_at = await stream.committed()
+        await eventually(lambda: met(3), timeout=20)
+        assert await stream.committed() == held_at, f"committed past the events during {fault}"
+        assert consumer.dead == 0, fault
+
+    async def moving() -> None:
+        before = await stream.committed()
+
+        async def advanced() -> bool:
+            return await stream.committed() > before
+        await eventually(advanced, timeout=20)
+
+    consumer = EventsConsumer(settings, options())
+    try:
+        async with running(consumer):
+            producer = asyncio.create_task(produce())
+            try:
+                await moving()
+                for _ in range(3):
+                    await admin.replicaof("127.0.0.1", free_port())
+                    try:
+                        await hold("READONLY")
+                    finally:
+                        await admin.replicaof("NO", "ONE")
+                    await moving()
+                await admin.config_set("maxmemory-policy", "noeviction")
+                await admin.config_set("maxmemory", "1")
+                try:
+                    await hold("OOM")
+                finally:
+                    await admin.config_set("maxmemory", "0")
+                flowing = False
+                rounds = await producer
+            finally:
+                producer.cancel()
+            assert stream.sent == rounds * 2 * len(stream.batch_ids)
+            await stream.all_committed()
+        assert consumer.dead == 0 and await dead_letters(settings) == 0
+        assert consumer.applied == stream.sent
+        for batch_id in stream.batch_ids:
+            fields = await admin.hgetall(keys.batch(stream.pipeline_id, batch_id))
+            assert (fields["off:extract:p0"], fields["off:extract:p1"]) == (
+                str(rounds), str(2 * rounds))
+    finally:
+        await admin.aclose()
