@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) deploy/local/stack.py
 
-.PHONY: setup run up down status test lint bench-api bench-e2e bench-stack clean-state
+.PHONY: setup run up down status test lint bench-api bench-e2e bench-stack clean-state chaos
 
 setup:  ## venv + dependencies, Kafka jars, redis-server (idempotent, fast when done)
 	@bash deploy/local/setup.sh
@@ -39,6 +39,18 @@ bench-e2e: setup  ## POST -> running latency, event -> visible latency, consumer
 
 bench-stack: setup  ## cold and warm `make up` time, memory of the stack at rest
 	@bash deploy/local/bench_stack.sh
+
+# The chaos suite's own stack: other ports and state dir, so killing its Redis, Kafka and
+# Prefect never touches the stack of `make up`. CHAOS_KEEP=1 leaves it running afterwards.
+CHAOS_ENV := DHUB_STATE_DIR=$(CURDIR)/.dhub-chaos DHUB_REDIS_URL=redis://127.0.0.1:6380/0 \
+	DHUB_REDIS_PORT=6380 DHUB_KAFKA_BOOTSTRAP=127.0.0.1:9192 DHUB_POSTGRES_PORT=5434 \
+	DHUB_PREFECT_API_URL=http://127.0.0.1:4300/api DHUB_PREFECT_PORT=4300 DHUB_API_PORT=8180 \
+	DHUB_WORK_POOL=dhub-chaos DHUB_CHAOS=1
+
+chaos: setup  ## fault-injection suite (RELIABILITY.md) on its own stack, stopped at the end
+	@export $(CHAOS_ENV); \
+	[ -n "$(CHAOS_KEEP)" ] || trap '$(STACK) down' EXIT; \
+	$(STACK) up && $(PY) -m pytest -p no:cacheprovider -s tests/chaos $(PYTEST_ARGS)
 
 clean-state: down  ## forget all local data (Kafka, Redis, Prefect)
 	rm -rf .dhub
