@@ -132,7 +132,8 @@ class EventsConsumer(Part):
                          self.applied, self.changed, self.dropped, self.dead)
 
     async def process(self, batch: dict[TopicPartition, list[Record]]) -> None:
-        """Applies one `getmany` result and commits it. Raises `Stopping`."""
+        """Applies one `getmany` result and commits it. Raises `Stopping` (shutdown while a
+        dependency is down) or `GaveUp`; either way nothing past the last commit is lost."""
         assert self._consumer is not None
         events: list[Event] = []
         bad: list[tuple[Record, str]] = []
@@ -148,7 +149,11 @@ class EventsConsumer(Part):
                 results = await self._apply(coalesce(events))
             except Exception as exc:
                 if not _bad_script_data(exc):
-                    raise  # Stopping, or a bounded error that outlasted its retries
+                    # Stopping; or GaveUp: an error that is neither Redis unavailable nor a
+                    # batch's data (say an OSError) outlasted its retries. The part ends and
+                    # the process restarts (runner) with the poll uncommitted: re-read, not
+                    # lost, and not dead-lettered for a cause outside the events.
+                    raise
                 # Some batch's data breaks the script: apply batch by batch and dead-letter
                 # only the batches that fail.
                 log.error("apply failed (%s); retrying batch by batch", exc)
