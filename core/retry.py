@@ -79,12 +79,13 @@ _HTTP_BOUNDED: Final = frozenset({408, 425, 429})
 
 
 def _redis_reply_transient(exc: redis_errors.ResponseError) -> bool:
-    # Inside a script the reply is "ERR ... READONLY ..." or "READONLY ... script: ..." depending
-    # on the Redis version; the first words are enough in both cases.
-    text = str(exc).lstrip("-").upper()
-    head = text.split(" ", 2)
-    words = head[:1] + (head[1:2] if head and head[0] == "ERR" else [])
-    return any(w.startswith(REDIS_TRANSIENT_PREFIXES) for w in words)
+    # Outside a script the reply starts with its code; inside one, Redis 7 also starts with it
+    # ("READONLY ... script: ...") while Redis 6 wraps it ("ERR Error running script ...
+    # -READONLY ..."): the first word, or a "-CODE" anywhere, says which it is.
+    text = str(exc).upper()
+    first = text.lstrip("-").split(" ", 1)[0]
+    return first.startswith(REDIS_TRANSIENT_PREFIXES) or any(
+        f"-{code}" in text for code in REDIS_TRANSIENT_PREFIXES)
 
 
 def classify(exc: BaseException) -> Verdict:

@@ -105,6 +105,11 @@ def _status(code: int) -> httpx.HTTPStatusError:
     (OSError("disk trouble"), Verdict.BOUNDED),
     (ConnectionRefusedError(), Verdict.UNAVAILABLE),
     (ValueError("bad data"), Verdict.PERMANENT),
+    # Redis 6 wraps a refused write inside a script; Redis 7 leads with the code.
+    (ResponseError("ERR Error running script (call to f_1): @user_script:1: -READONLY You can't "
+                   "write against a read only replica."), Verdict.UNAVAILABLE),
+    (ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"),
+     Verdict.PERMANENT),
     (Permanent("unknown version"), Verdict.PERMANENT),
 ])
 def test_verdicts(error: BaseException, verdict: Verdict) -> None:
