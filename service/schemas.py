@@ -25,10 +25,10 @@ def _schemas() -> dict[str, bytes]:
 
 
 async def list_schemas(_request: web.Request) -> web.Response:
-    items: list[dict[str, Any]] = []
+    """`{"items": {"<name>": {"title": ..., "url": ...}}}`, like the API's other lists."""
+    items: dict[str, dict[str, Any]] = {}
     for name, raw in _schemas().items():
-        title = orjson.loads(raw).get("title", name)
-        items.append({"name": name, "title": title, "url": f"{PREFIX}/{name}"})
+        items[name] = {"title": orjson.loads(raw).get("title", name), "url": f"{PREFIX}/{name}"}
     return web.Response(body=orjson.dumps({"items": items}), content_type="application/json")
 
 

@@ -121,11 +121,12 @@ async def test_the_api_serves_the_schemas_without_a_token() -> None:
         index = await client.get("/api/v1/schemas")
         assert index.status == 200
         items = (await index.json())["items"]
-        assert {i["name"] for i in items} == set(SCHEMAS)
-        for item in items:
+        assert set(items) == set(SCHEMAS)
+        for name, item in items.items():
+            assert item["title"] == SCHEMAS[name]["title"]
             got = await client.get(item["url"])
             assert got.status == 200 and got.content_type == "application/schema+json"
-            assert await got.json() == SCHEMAS[item["name"]]
+            assert await got.json() == SCHEMAS[name]
         for name in ("nope", "..%2Fsettings", "events.json"):
             missing = await client.get(f"/api/v1/schemas/{name}")
             assert missing.status == 404
