@@ -142,6 +142,7 @@ class BatchCache:
         clock = asyncio.create_task(self._clock())
         try:
             while True:
+                _cancelled_meanwhile()
                 try:
                     pubsub = await backoff.call("cache invalidation feed",
                                                 lambda: self._subscribe(client, channel))
@@ -169,8 +170,10 @@ class BatchCache:
         keepalive and deadlines, without retries (a reconnect must go through a reset)."""
         pool = redis.connection_pool
         options = {k: v for k, v in pool.connection_kwargs.items() if k not in _NOT_COPIED}
+        # No socket_timeout: redis-py then sends through asyncio.wait_for, which on Python 3.11
+        # can swallow a cancellation (the app's shutdown). Every step has a deadline here.
         options.update(decode_responses=True, health_check_interval=0, protocol=2,
-                       retry=Retry(NoBackoff(), 0), socket_timeout=self.silence_s,
+                       retry=Retry(NoBackoff(), 0), socket_timeout=None,
                        socket_connect_timeout=self.silence_s)
         if issubclass(pool.connection_class, Connection):  # TCP or TLS, not a Unix socket
             options.update(socket_keepalive=True,
@@ -203,6 +206,7 @@ class BatchCache:
         assert conn is not None
         next_ping = 0.0
         while True:
+            _cancelled_meanwhile()
             now = time.monotonic()
             if not self.live:
                 raise FeedSilent("the cache's clock found the feed silent")
@@ -250,6 +254,14 @@ class BatchCache:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _cancelled_meanwhile() -> None:
+    """Raises if this task was cancelled but a library swallowed the CancelledError (seen with
+    redis-py on Python 3.11), so shutdown cannot wait on the follower forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def keepalive_options(deadline_s: float) -> dict[int, int]:

@@ -174,3 +174,17 @@ async def test_a_quiet_feed_stays_live_on_its_pongs(redis: Redis) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await follower
     assert not cache.live
+
+
+async def test_the_follower_always_stops_when_cancelled(redis: Redis) -> None:
+    """Cancelled at any point (subscribing, pinging, reading), the follower ends at once: the
+    app's shutdown awaits it. A swallowed cancellation would leave this waiting."""
+    channel = f"dhub:test:stop:{uuid.uuid4().hex}"
+    for n in range(40):
+        cache = BatchCache(silence_s=0.3, tick_s=0.05, ping_s=0.01)
+        follower = asyncio.create_task(cache.follow(redis, channel))
+        await asyncio.sleep((n % 10) * 0.005)
+        follower.cancel()
+        done, _ = await asyncio.wait([follower], timeout=2)
+        assert done, f"the follower ignored its cancellation (round {n})"
+        assert not cache.live
