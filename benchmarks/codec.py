@@ -19,7 +19,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
-from core.codec import MAX_REASON, MAX_TEXT, decode_event
+from core.codec import decode_event
+from core.messages import MAX_REASON, MAX_TEXT
 from core.models import ID_PATTERN, MAX_OFFSET
 
 # -- the pydantic contender: the same rules as core.codec -----------------------------------

@@ -1,5 +1,6 @@
 """The JSON Schemas of the Kafka messages, generated from the classes `core.codec` decodes
-with, so what upstream services validate against is what the consumers enforce.
+into (`core.messages`), so what upstream services validate against is what the consumers
+enforce.
 
     python -m core.jsonschemas            # rewrites schemas/*.json
     python -m core.jsonschemas --check    # fails when a committed file differs
@@ -17,7 +18,7 @@ from typing import Any, Final
 
 import msgspec
 
-from core.codec import COMMAND_KINDS, EVENT_KINDS, AnyCommand, AnyEvent
+from core.messages import COMMAND_KINDS, EVENT_KINDS, AnyCommand, AnyEvent
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"

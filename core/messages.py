@@ -1,0 +1,310 @@
+"""The Kafka messages: one typed class per command and per event kind (msgspec structs).
+
+Every message carries `schema` (1), `type` (the tag choosing its class), a unique
+`event_id`, `batch_id`, `pipeline_id` and `ts`. The constraints are declared on the fields
+(ids, state names, offset ranges, lengths), so one msgspec decode validates a message
+(`core.codec`) and the same declarations give the JSON Schemas published in `schemas/`
+(`core.jsonschemas`).
+
+`Event(type, batch_id, pipeline_id, ...)` and `Command(type, batch_id, pipeline_id, ...)`
+build the class of that kind, so callers need not name the classes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
+
+import msgspec
+
+from core.models import MAX_OFFSET
+
+SCHEMA: Final = 1
+MAX_REASON: Final = 2000
+MAX_TEXT: Final = 256
+MAX_ID: Final = 128
+_ONLY_ID_CHARS: Final = re.compile(r"[A-Za-z0-9._-]*").fullmatch
+# core.models.ID_PATTERN, anchored so a trailing newline fails too: JSON Schema validators
+# search with `$`, which Python's `re` also matches before a final "\n".
+ID_REGEX: Final = r"^[A-Za-z0-9._-]{1,128}$(?!\n)"
+
+# Ids are checked in two parts: the length natively by msgspec, the characters by the
+# classes' __post_init__ (one regex match over all ids of a message joined). A regex per
+# id, as msgspec's `pattern` runs it, made decoding 3-5x slower on the consumer's hot path.
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID,
+                                 extra_json_schema={"pattern": ID_REGEX})]
+# A deploy concerns a pipeline version, not a batch: its batch_id is empty.
+IdOrEmpty = Annotated[str, msgspec.Meta(
+    max_length=MAX_ID, extra_json_schema={"pattern": r"^(?:[A-Za-z0-9._-]{1,128})?$(?!\n)"})]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
+# Offsets travel through Lua as doubles: above 2**53 they would lose precision.
+Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)]
+Offsets = Annotated[dict[Id, Offset], msgspec.Meta(min_length=1)]
+BatchStateName = Literal["pending", "scheduled", "running", "stop"]
+StepStateName = Literal["none", "pending", "running", "success", "failed"]
+Outcome = Literal["completed", "failed", "cancelled", "crashed"]
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+class CodecError(ValueError):
+    """A message that cannot be applied; its text is the dead-letter reason."""
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _refuse_ids(owner: object, names: tuple[str, ...], extra: Iterable[str] = ()) -> None:
+    """Raises naming the first id with a character outside [A-Za-z0-9._-] (raised inside
+    a decode, msgspec turns it into a ValidationError with this text)."""
+    for name in names:
+        value = getattr(owner, name)
+        if not _ONLY_ID_CHARS(value):
+            raise CodecError(f"invalid {name} {value[:140]!r}: ids are [A-Za-z0-9._-]{{1,128}}")
+    for value in extra:
+        if not _ONLY_ID_CHARS(value):
+            raise CodecError(f"invalid partition name {value[:140]!r}: "
+                             "ids are [A-Za-z0-9._-]{1,128}")
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+class _EventMeta(msgspec.StructMeta):
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Event:
+            return _new_event(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+def _absent(name: str) -> property:
+    """An attribute this kind of event does not carry: reads None, refuses a value."""
+
+    def get(self: Event) -> None:
+        return None
+
+    def put(self: Event, value: object) -> None:
+        if value is not None:
+            raise AttributeError(f"a {self.type} event has no {name}")
+
+    return property(get, put)
+
+
+class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type",
+            omit_defaults=True, gc=False):
+    """A change to apply to a batch; one subclass per `type` (BatchState, StepState,
+    StepOffsets). The fields of other kinds read None here, so code that handles every
+    kind (coalescing, logging) needs no isinstance chain."""
+
+    type: ClassVar[str]
+    schema: Literal[1]
+    event_id: Id
+    batch_id: Id
+    pipeline_id: Id
+    ts: float
+
+    if TYPE_CHECKING:
+        # What `Event(...)` accepts: the class of `type` is built (see _new_event).
+        def __init__(self, type: str, batch_id: str, pipeline_id: str, *,
+                     event_id: str = ..., ts: float = ..., state: str | None = None,
+                     outcome: str | None = None, reason: str | None = None,
+                     flow_run_id: str | None = None, step: str | None = None,
+                     offsets: dict[str, int] | None = None) -> None: ...
+
+        state: str | None
+        outcome: str | None
+        reason: str | None
+        flow_run_id: str | None
+        step: str | None
+        offsets: dict[str, int] | None
+    else:
+        state = _absent("state")
+        outcome = _absent("outcome")
+        reason = _absent("reason")
+        flow_run_id = _absent("flow_run_id")
+        step = _absent("step")
+        offsets = _absent("offsets")
+
+    def __post_init__(self) -> None:
+        if not _ONLY_ID_CHARS(self.event_id + self.batch_id + self.pipeline_id):
+            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id"))
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+    def to_script(self) -> dict[str, Any]:
+        """The compact form `APPLY_EVENTS` reads (offsets as strings: Lua numbers are
+        doubles)."""
+        raise NotImplementedError
+
+
+class BatchState(Event, tag="batch.state", kw_only=True):
+    """The batch entered `state`; a stop carries its outcome (and why, when not completed)."""
+
+    type: ClassVar[str] = "batch.state"
+    state: BatchStateName
+    outcome: Outcome | None = None
+    reason: Reason | None = None
+    flow_run_id: Text | None = None
+
+    def to_script(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.event_id, "t": "batch.state", "state": self.state}
+        if self.outcome is not None:
+            out["outcome"] = self.outcome
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.flow_run_id is not None:
+            out["flow_run_id"] = self.flow_run_id
+        return out
+
+
+class StepState(Event, tag="step.state", kw_only=True):
+    """One step of the batch entered `state`."""
+
+    type: ClassVar[str] = "step.state"
+    step: Id
+    state: StepStateName
+
+    def __post_init__(self) -> None:
+        if not _ONLY_ID_CHARS(self.event_id + self.batch_id + self.pipeline_id + self.step):
+            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
+
+    def to_script(self) -> dict[str, Any]:
+        return {"id": self.event_id, "t": "step.state", "state": self.state, "step": self.step}
+
+
+class StepOffsets(Event, tag="step.offsets", kw_only=True):
+    """How far one step got: records processed per partition (they only grow)."""
+
+    type: ClassVar[str] = "step.offsets"
+    step: Id
+    offsets: Offsets
+
+    def __post_init__(self) -> None:
+        ids = "".join((self.event_id, self.batch_id, self.pipeline_id, self.step, *self.offsets))
+        if not _ONLY_ID_CHARS(ids):
+            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
+
+    def to_script(self) -> dict[str, Any]:
+        return {"id": self.event_id, "t": "step.offsets", "step": self.step,
+                "offsets": {p: str(n) for p, n in self.offsets.items()}}
+
+
+EVENT_KINDS: Final[dict[str, type[Event]]] = {
+    c.type: c for c in (BatchState, StepState, StepOffsets)}
+EVENT_TYPES: Final = frozenset(EVENT_KINDS)
+AnyEvent = BatchState | StepState | StepOffsets
+
+
+def _new_event(type: str, batch_id: str, pipeline_id: str, *,
+               event_id: str | None = None, ts: float | None = None,
+               **fields: Any) -> Event:
+    # Any: mypy would check the call against Event's facade signature, not the kind's.
+    kind: Any = EVENT_KINDS.get(type)
+    if kind is None:
+        raise CodecError(f"unknown event type {type!r}; known: {sorted(EVENT_KINDS)}")
+    # None means "not set", as for the fields a kind does not carry.
+    given = {k: v for k, v in fields.items() if v is not None}
+    event: Event = kind(schema=SCHEMA, event_id=event_id or _new_id(), batch_id=batch_id,
+                        pipeline_id=pipeline_id, ts=time.time() if ts is None else ts, **given)
+    return event
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+class _CommandMeta(msgspec.StructMeta):
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Command:
+            return _new_command(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="type"):
+    """What the API asks of the commands consumer; one subclass per `type` (Run, Stop,
+    Delete, Deploy)."""
+
+    type: ClassVar[str]
+    schema: Literal[1]
+    event_id: Id
+    batch_id: Id
+    pipeline_id: Id
+    # "" when a run, stop or delete does not name one (the batch's recorded version).
+    pipeline_version: IdOrEmpty = ""
+    ts: float
+
+    if TYPE_CHECKING:
+        def __init__(self, type: str, batch_id: str, pipeline_id: str,
+                     pipeline_version: str = "", *, event_id: str = ...,
+                     ts: float = ...) -> None: ...
+
+    def __post_init__(self) -> None:
+        ids = self.event_id + self.batch_id + self.pipeline_id + self.pipeline_version
+        if not _ONLY_ID_CHARS(ids):
+            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "pipeline_version"))
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka key: one batch's (or one pipeline's) commands stay in order."""
+        return (self.batch_id or self.pipeline_id).encode()
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+
+class Run(Command, tag="run", kw_only=True):
+    """Start the batch: create its flow run."""
+
+    type: ClassVar[str] = "run"
+
+
+class Stop(Command, tag="stop", kw_only=True):
+    """Stop the batch: cancel its flow runs."""
+
+    type: ClassVar[str] = "stop"
+
+
+class Delete(Command, tag="delete", kw_only=True):
+    """Delete the batch: cancel and delete its flow runs, purge its record."""
+
+    type: ClassVar[str] = "delete"
+
+
+class Deploy(Command, tag="deploy", kw_only=True):
+    """Creates or updates a pipeline version's deployment; keyed by the pipeline."""
+
+    type: ClassVar[str] = "deploy"
+    batch_id: IdOrEmpty = ""
+    pipeline_version: Id
+
+
+COMMAND_KINDS: Final[dict[str, type[Command]]] = {
+    c.type: c for c in (Run, Stop, Delete, Deploy)}
+COMMAND_TYPES: Final = frozenset(COMMAND_KINDS)
+AnyCommand = Run | Stop | Delete | Deploy
+
+
+def _new_command(type: str, batch_id: str, pipeline_id: str,
+                 pipeline_version: str = "", *, event_id: str | None = None,
+                 ts: float | None = None) -> Command:
+    kind: Any = COMMAND_KINDS.get(type)
+    if kind is None:
+        raise CodecError(f"unknown command type {type!r}; known: {sorted(COMMAND_KINDS)}")
+    command: Command = kind(schema=SCHEMA, event_id=event_id or _new_id(), batch_id=batch_id,
+                            pipeline_id=pipeline_id, pipeline_version=pipeline_version,
+                            ts=time.time() if ts is None else ts)
+    return command
+
