@@ -24,20 +24,23 @@ from prefect.events.clients import PrefectEventSubscriber
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from redis.asyncio import Redis
 
-from consumers.emit import Emitter
+from consumers.acks import PendingAcks
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
 from core import keys
 from core.connections import open_producer, open_redis
 from core.models import TAG_DHUB
 from core.prefect_events import TAG_PREFIX, translate
-from core.retry import Backoff, Stopping, describe
+from core.retry import describe
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 MAX_BACKFILL: Final = timedelta(minutes=15)
 KNOWN_RUNS: Final = 10_000
+# Events handed to the producer and not yet acknowledged; beyond this the stream waits.
+MAX_PENDING: Final = 5_000
+SETTLE_AT_END_S: Final = 10.0
 
 
 def event_filter() -> EventFilter:
@@ -59,20 +62,22 @@ class PrefectBridge(Part):
         self.settings = settings
         self.options = options or ConsumerOptions()
         self.checkpoint_key = checkpoint_key
-        self.backoff = Backoff(self.stopping, self.options.retry_policy())
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         # flow run id -> (pipeline_id, batch_id), for task-run events without tags.
         self._runs: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._newest: datetime | None = None
+        self._acks = PendingAcks()
+        # Settles one at a time, so a mark never moves ahead of an older batch's acks.
+        self._settling = asyncio.Lock()
+        self._newest: datetime | None = None  # the resume mark, every ack before it settled
         self._saved: datetime | None = None
         self._saved_at = 0.0
         self.forwarded = 0
+        self.sessions = 0
 
     async def start(self) -> None:
         self._redis = await open_redis(self.settings)
         self._producer = await open_producer(self.settings)
-        self.emitter = Emitter(self._producer, self.settings.topic_events)
 
     async def close(self) -> None:
         if self._redis is not None:
@@ -81,7 +86,7 @@ class PrefectBridge(Part):
         await close_all(self._producer, self._redis)
 
     async def _loop(self) -> None:
-        delay = self.options.retry_initial_s
+        next_delay = self.options.retry_policy().delays()
         catch_up = True
         while not self.stopping.is_set():
             # Right after a (re)connect, the backfill lacks what the server has not
@@ -90,44 +95,56 @@ class PrefectBridge(Part):
             limit = self.options.bridge_catchup_s if catch_up else None
             try:
                 await self._session(limit)
-            except Stopping:
-                return  # Kafka down at shutdown: the checkpoint was not moved past it
             except Exception as exc:
+                delay = next_delay()
                 log.warning("bridge: event stream lost (%s); reconnecting in %.1fs",
                             describe(exc), delay)
                 if await self.sleep(delay):
                     return
-                delay = min(delay * 2, self.options.retry_max_s)
                 catch_up = True
                 continue
-            delay = self.options.retry_initial_s
+            next_delay = self.options.retry_policy().delays()
             catch_up = False
 
     async def _session(self, limit: float | None) -> None:
         """Follows the stream until `limit` seconds passed or the part stops; raises when
-        the stream fails (the subscriber does not reconnect by itself: every reconnect
-        goes through here and gets its catch-up)."""
+        the stream or an acknowledgement fails (the subscriber does not reconnect by itself:
+        every reconnect goes through here, resumes from the settled mark and gets its
+        catch-up)."""
+        self.sessions += 1
         follow = asyncio.create_task(self._follow())
+        settler = asyncio.create_task(self._settle_every())
         stop = asyncio.create_task(self.stopping.wait())
         try:
-            await asyncio.wait({follow, stop}, timeout=limit,
+            await asyncio.wait({follow, settler, stop}, timeout=limit,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-            if not follow.done():
-                follow.cancel()
+            for task in (follow, settler):
+                if not task.done():
+                    task.cancel()
             try:
-                await follow  # re-raises what ended the stream
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # this task is being cancelled, not just the stream
+                error: Exception | None = None
+                for task in (follow, settler):
+                    try:
+                        await _ended(task)
+                    except Exception as exc:
+                        error = error or exc
+                if error is not None:
+                    raise error  # what ended the stream
+                # What was sent before the end: bounded, a broker down at shutdown must
+                # not hold the process (the checkpoint then stays behind it).
+                async with asyncio.timeout(SETTLE_AT_END_S):
+                    await self.settle()
+            except BaseException:
+                self._acks.drop()
+                raise
         await self._save_checkpoint(force=True)
 
     async def since(self) -> datetime:
-        """Where the stream should resume: the newest event forwarded (this process's, or
-        the checkpoint left by the last one) minus a margin, within the server's backfill
-        window; without either, all of that window."""
+        """Where the stream should resume: the settled mark (this process's, or the
+        checkpoint left by the last one) minus a margin, within the server's backfill
+        window; without either, all of that window. Never later than now."""
         now = datetime.now(UTC)
         earliest = now - MAX_BACKFILL
         newest = self._newest
@@ -140,6 +157,7 @@ class PrefectBridge(Part):
                 newest = datetime.fromisoformat(raw)
             except ValueError:
                 return earliest
+        newest = min(newest, now)
         return max(newest - timedelta(seconds=self.options.bridge_replay_margin_s), earliest)
 
     async def _follow(self) -> None:
@@ -154,21 +172,39 @@ class PrefectBridge(Part):
         log.info("bridge: following Prefect events since %s", since.isoformat())
         async with subscriber:
             async for event in subscriber:
-                await self.forward(event)
+                await self.forward(event, datetime.now(UTC))
         raise ConnectionError("Prefect closed the event stream")
 
-    async def forward(self, event: PrefectEvent) -> None:
+    async def forward(self, event: PrefectEvent, received: datetime | None = None) -> None:
+        """Hands the event's translation to the producer without waiting for the broker.
+        Its resume mark is when it occurred, but never later than when it was received: a
+        worker whose clock runs ahead must not move the resume point into the future."""
+        assert self._producer is not None
         events = translate(event.model_dump(mode="json"), self._runs)
+        futures = []
         for e in events:
             if e.flow_run_id is not None:
                 self._remember(e.flow_run_id, e.pipeline_id, e.batch_id)
-        if events:
-            await self.backoff.call("forward prefect event", lambda: self.emitter.publish(events))
-            self.forwarded += len(events)
-        occurred = event.occurred
-        if self._newest is None or occurred > self._newest:
-            self._newest = occurred
+            # Keyed by batch id: one batch's events stay in order on one partition.
+            futures.append(await self._producer.send(
+                self.settings.topic_events, value=e.encode(), key=e.batch_id.encode()))
+        self.forwarded += len(events)
+        self._acks.add(futures, min(event.occurred, received or datetime.now(UTC)))
+        if len(self._acks) >= MAX_PENDING:
+            await self.settle()  # the broker lags far behind: wait for it here
+
+    async def settle(self) -> None:
+        """Awaits the acks pending now; then their newest mark is the resume point."""
+        async with self._settling:
+            mark = await self._acks.settle()
+        if mark is not None and (self._newest is None or mark > self._newest):
+            self._newest = mark
         await self._save_checkpoint()
+
+    async def _settle_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.bridge_checkpoint_every_s)
+            await self.settle()
 
     def _remember(self, flow_run_id: str, pipeline_id: str, batch_id: str) -> None:
         self._runs[flow_run_id] = (pipeline_id, batch_id)
@@ -190,3 +226,14 @@ class PrefectBridge(Part):
             return
         self._saved = newest
         self._saved_at = time.monotonic()
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Awaits a task that was cancelled or ended; re-raises its error, and a cancellation
+    only when it is the current task that is being cancelled."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
