@@ -14,7 +14,7 @@ import signal
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -44,8 +44,16 @@ class JsonErrorProtocol(RequestHandler):
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        # The parent logs the error and refuses when a response has already begun.
-        super().handle_error(request, status, exc, message)
+        if isinstance(exc, HttpProcessingError) and status < 500:
+            # The client's fault: one line, and never the parser's message, which quotes the
+            # offending bytes (an oversize Authorization header would put a token in the log).
+            self.logger.info("refused a malformed request from %s: %s", request.remote,
+                             type(exc).__name__)
+            if request.writer.output_size > 0:
+                raise ConnectionError("a response has begun; cannot send the error")
+        else:
+            # The parent logs with the traceback and refuses when a response has begun.
+            super().handle_error(request, status, exc, message)
         status, text = _describe(status, exc)
         response = error_response(status, code_for(status), text, new_request_id())
         response.force_close()

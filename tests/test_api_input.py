@@ -47,7 +47,7 @@ async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     try:
         writer.write(request)
         await writer.drain()
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(20):
             data = await reader.read(-1)
     finally:
         writer.close()
@@ -246,3 +246,12 @@ async def test_serve_answers_json_and_stops_cleanly_on_sigterm(test_settings: Se
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_an_oversize_authorization_header_is_not_logged(topics: Settings, redis: Redis,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    secret = "S3CRET" * 2000
+    async with edge_server(api_settings(topics)) as port:
+        request = http("GET", "/api/v1/pipelines/", {"Authorization": f"Bearer {secret}"})
+        json_error(*await raw(port, request), expected=431)
+    assert "S3CRET" not in caplog.text
