@@ -59,3 +59,7 @@ def idempotency(key_digest: str) -> str:
 ACTIVE_RUNS = f"{PREFIX}:active-runs"
 # ISO time of the newest Prefect event the bridge forwarded (where to resume after a restart).
 BRIDGE_CHECKPOINT = f"{PREFIX}:bridge:checkpoint"
+# Sorted set JSON [pipeline_id, batch_id, version] -> time: batches the API abandoned after an
+# ambiguous run command (or delete), whose delete command is still to be queued on Kafka.
+# Global: drained by any API process, single-key commands only.
+ABANDONED = f"{PREFIX}:api:abandoned"

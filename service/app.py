@@ -9,16 +9,30 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from core import keys
+from core.api_scripts import ApiScripts
 from core.connections import open_producer, open_redis
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.settings import Settings, get_settings
 from core.store import BatchStore
-from service.appkeys import CACHE, COMMANDS, PRODUCER, REDIS, REGISTRY, SETTINGS, STORE
+from service.abandon import Abandoner
+from service.appkeys import (
+    ABANDONER,
+    API_SCRIPTS,
+    CACHE,
+    COMMANDS,
+    IDEMPOTENCY,
+    PRODUCER,
+    REDIS,
+    REGISTRY,
+    SETTINGS,
+    STORE,
+)
 from service.auth import Authenticator, auth_middleware
 from service.cache import BatchCache
 from service.commands import CommandSender
 from service.errors import error_middleware
+from service.idempotency import IdempotencyKeys
 from service.routes import setup_routes
 
 
@@ -29,6 +43,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = redis
     app[REGISTRY] = PipelineRegistry(redis, scripts)
     app[STORE] = BatchStore.from_settings(redis, settings, scripts)
+    app[API_SCRIPTS] = ApiScripts(redis)
+    app[IDEMPOTENCY] = IdempotencyKeys(redis, app[API_SCRIPTS], ttl_s=settings.idempotency_ttl_s)
     yield
     await redis.aclose()
 
@@ -37,8 +53,18 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     producer = await open_producer(settings)
     app[PRODUCER] = producer
-    app[COMMANDS] = CommandSender(producer, settings.topic_commands, settings.topic_events)
+    sender = CommandSender(producer, settings.topic_commands, settings.topic_events)
+    app[COMMANDS] = sender
+    abandoner = Abandoner(app[REDIS], app[API_SCRIPTS], sender)
+    app[ABANDONER] = abandoner
+    # Queues the deletes of batches abandoned after an ambiguous send (this process's or
+    # another's that stopped before it could).
+    drainer = asyncio.create_task(abandoner.run())
     yield
+    drainer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await drainer
+    await sender.close()
     await producer.stop()
 
 

@@ -6,11 +6,14 @@ from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
+from core.api_scripts import ApiScripts
 from core.registry import PipelineRegistry
 from core.settings import Settings
 from core.store import BatchStore
+from service.abandon import Abandoner
 from service.cache import BatchCache
 from service.commands import CommandSender
+from service.idempotency import IdempotencyKeys
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
@@ -19,3 +22,6 @@ STORE = web.AppKey("store", BatchStore)
 CACHE = web.AppKey("cache", BatchCache)
 PRODUCER = web.AppKey("producer", AIOKafkaProducer)
 COMMANDS = web.AppKey("commands", CommandSender)
+IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)
+ABANDONER = web.AppKey("abandoner", Abandoner)
+API_SCRIPTS = web.AppKey("api_scripts", ApiScripts)

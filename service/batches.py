@@ -3,7 +3,6 @@ changes are recorded in Redis and queued as commands on Kafka."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import orjson
@@ -13,9 +12,10 @@ from core import keys
 from core.codec import Command
 from core.models import PipelineSpec, new_batch_id, valid_id
 from core.store import BadToken
-from service import auth
-from service.appkeys import CACHE, COMMANDS, REDIS, REGISTRY, SETTINGS, STORE
-from service.errors import ApiError, bad_request, not_found
+from service import auth, idempotency
+from service.appkeys import ABANDONER, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
+from service.commands import Ambiguous, Refused
+from service.errors import bad_request, not_found
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -47,58 +47,52 @@ async def _resolve(request: web.Request, pipeline_id: str, version: str | None) 
     return spec
 
 
-def _idempotency_record(key: str) -> str:
-    if not 1 <= len(key) <= 256:
-        raise bad_request("Idempotency-Key must be 1 to 256 characters")
-    return keys.idempotency(hashlib.sha256(key.encode()).hexdigest())
-
-
-async def _claim_idempotency_key(request: web.Request, record_key: str, pipeline_id: str,
-                                 version: str, batch_id: str) -> str | None:
-    """Records key -> batch for 24 h. Returns the earlier batch id when the key was used
-    before for the same pipeline and version; 409 when it was used for another."""
-    redis = request.app[REDIS]
-    record = orjson.dumps({"p": pipeline_id, "v": version, "b": batch_id})
-    ttl = request.app[SETTINGS].idempotency_ttl_s
-    if await redis.set(record_key, record, nx=True, ex=ttl):
-        return None
-    existing = await redis.get(record_key)
-    if existing is None:  # expired between the two calls: claim it again
-        await redis.set(record_key, record, ex=ttl)
-        return None
-    earlier = orjson.loads(existing)
-    if earlier["p"] != pipeline_id or earlier["v"] != version:
-        raise ApiError(409, "conflict",
-                       "Idempotency-Key was already used for another pipeline or version")
-    return str(earlier["b"])
-
-
 async def run_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.WRITE)
     pipeline_id = path_id(request, "pipeline_id")
-    spec = await _resolve(request, pipeline_id, request.query.get("pipeline_version"))
+    requested = request.query.get("pipeline_version")
+    header = request.headers.get("Idempotency-Key")
+    idem_key = idempotency.record_key(header) if header is not None else None
+    spec = await _resolve(request, pipeline_id, requested)
+    sender = request.app[COMMANDS]
+    sender.check()  # Kafka known down: 503 at once, before anything is written
     batch_id = new_batch_id()
-    idem_key = request.headers.get("Idempotency-Key")
-    idem_record: str | None = None
+    keys_ = request.app[IDEMPOTENCY]
+    sent = idempotency.Sent.of(pipeline_id, requested, await request.read())
     if idem_key is not None:
-        idem_record = _idempotency_record(idem_key)
-        earlier = await _claim_idempotency_key(request, idem_record, pipeline_id, spec.version,
-                                               batch_id)
+        earlier = await keys_.claim(idem_key, sent, batch_id)
         if earlier is not None:
             return json_obj({"item": earlier})
+    try:
+        await _create_and_queue(request, pipeline_id, batch_id, spec)
+    except BaseException:
+        if idem_key is not None:
+            await keys_.release(idem_key, batch_id)
+        raise
+    if idem_key is not None:
+        await keys_.commit(idem_key, sent, batch_id)
+    return json_obj({"item": batch_id})
+
+
+async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
+                            spec: PipelineSpec) -> None:
+    """Records the batch, then queues its run command. When that fails the batch must not
+    run: refused, it is purged; ambiguous (the command may be written and even be running),
+    it is abandoned (hidden as `stop`/`failed`, its delete queued behind the run)."""
     store = request.app[STORE]
     await store.create(pipeline_id, batch_id, spec)
+    command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version)
     try:
-        await request.app[COMMANDS].command(
-            Command("run", batch_id, pipeline_id, pipeline_version=spec.version)
-        )
-    except BaseException:
-        # Kafka did not take the run command: leave nothing behind.
+        await request.app[COMMANDS].command(command)
+    except Refused:
         await store.purge(pipeline_id, batch_id)
-        if idem_record is not None:
-            await request.app[REDIS].delete(idem_record)
         raise
-    return json_obj({"item": batch_id})
+    except BaseException as exc:  # Ambiguous, or cancelled while Kafka held the record
+        cause = exc.cause if isinstance(exc, Ambiguous) else type(exc).__name__
+        reason = f"the run command was not confirmed by Kafka ({cause}); the batch will not run"
+        await request.app[ABANDONER].abandon(pipeline_id, batch_id, spec.version, reason)
+        request.app[CACHE].evict(keys.batch(pipeline_id, batch_id))
+        raise
 
 
 async def _read_batch(request: web.Request, key: str) -> bytes:
@@ -139,7 +133,8 @@ def _limit(request: web.Request) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+    # ASCII only: str.isdigit() accepts '²' and other digits int() refuses.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= MAX_LIMIT:
         raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
     return int(raw)
 
@@ -180,9 +175,15 @@ async def delete_batch(request: web.Request) -> web.Response:
     if fields is None or "deleted" in fields:
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
     # Queue the clean-up first: if Kafka refuses, the batch stays visible and nothing changed.
-    await request.app[COMMANDS].command(
-        Command("delete", batch_id, pipeline_id, pipeline_version=fields["pipeline_version"])
-    )
+    version = fields["pipeline_version"]
+    try:
+        await request.app[COMMANDS].command(Command("delete", batch_id, pipeline_id,
+                                                    pipeline_version=version))
+    except Ambiguous:
+        # The delete may be written already: the batch is hidden in any case and its delete
+        # queued again from the outbox, so the answer is the one a retry would get.
+        await request.app[ABANDONER].abandon(pipeline_id, batch_id, version,
+                                             "deleted through the batches API")
     await store.hide(pipeline_id, batch_id)
     request.app[CACHE].evict(keys.batch(pipeline_id, batch_id))
     return json_obj({"message": "Batch deleted successfully"})

@@ -1,36 +1,160 @@
-"""Producing commands and events to Kafka from the API, answering 503 when Kafka cannot take them."""
+"""Producing commands and events to Kafka from the API, answering 503 when Kafka cannot take them.
+
+Two ways a send fails, and the caller must tell them apart:
+
+- `Refused`: the record was certainly not written (Kafka known to be down, no metadata, the
+  producer refused it, or the broker rejected it). Undoing what went before is safe.
+- `Ambiguous`: the record was handed to the producer and no answer came in time (or a
+  retriable error came): the broker may have written it, and the producer may still deliver
+  it later. Whoever sent it must make its effect harmless rather than assume either way.
+
+Kafka's health is tracked: a send that met an unreachable Kafka marks it down, and while it
+is down every send is refused at once (no 5 s wait per request) until a background probe
+(a metadata fetch through the producer's own client, plus a connection to the commands
+topic's partition leaders) says it is back.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from core.codec import Command, Event
+from core.retry import Verdict, classify, describe
 from service.errors import ApiError
 
 log = logging.getLogger(__name__)
+UNAVAILABLE_MESSAGE = "the command queue is unavailable; retry later"
+
+
+class Refused(ApiError):
+    """503: the record was not written."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "unavailable", UNAVAILABLE_MESSAGE)
+
+
+class Ambiguous(ApiError):
+    """503: the record may or may not have been written."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(503, "unavailable", UNAVAILABLE_MESSAGE)
+        self.cause = cause
+
+
+def _ambiguous_error(exc: BaseException) -> bool:
+    """An error from the delivery future after the record was queued in the producer. A
+    retriable error or a timeout may follow an attempt the broker did write; any other
+    broker error (too large, not authorised...) is a definite rejection."""
+    return isinstance(exc, KafkaTimeoutError | KafkaConnectionError) or bool(
+        getattr(exc, "retriable", False))
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    # A delivery we stopped waiting for may still fail later; that is already handled.
+    if not future.cancelled():
+        future.exception()
 
 
 class CommandSender:
     def __init__(self, producer: AIOKafkaProducer, commands_topic: str, events_topic: str,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 5.0, probe_interval: float = 0.5,
+                 probe_timeout: float = 1.0) -> None:
         self._producer = producer
         self._commands_topic = commands_topic
         self._events_topic = events_topic
+        # Below a client's usual 10 s timeout, far above a healthy broker's acknowledgement.
         self._timeout = timeout
+        self._probe_interval = probe_interval
+        self._probe_timeout = probe_timeout
+        self.available = True
+        self.down_since: float | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- health --------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raises `Refused` at once while Kafka is known to be unreachable."""
+        if not self.available:
+            raise Refused()
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if classify(exc) is not Verdict.UNAVAILABLE:
+            return
+        if self.available:
+            log.warning("kafka unreachable (%s): refusing writes until it answers again",
+                        describe(exc))
+            self.available = False
+            self.down_since = time.monotonic()
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            if await self.probe():
+                break
+            await asyncio.sleep(self._probe_interval)
+        down_for = time.monotonic() - (self.down_since or time.monotonic())
+        log.info("kafka reachable again after %.1fs", down_for)
+        self.available = True
+        self.down_since = None
+
+    async def probe(self) -> bool:
+        """Kafka answers metadata and the commands topic's leaders accept a connection."""
+        client = self._producer.client
+        try:
+            async with asyncio.timeout(self._probe_timeout):
+                cluster = await client.fetch_all_metadata()
+                partitions = cluster.partitions_for_topic(self._commands_topic) or set()
+                leaders = {cluster.leader_for_partition(TopicPartition(self._commands_topic, p))
+                           for p in partitions}
+                if not partitions or None in leaders or -1 in leaders:
+                    return False
+                for node in leaders:
+                    if not await client.ready(node):
+                        return False
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    # -- sending -------------------------------------------------------------------------
 
     async def _send(self, topic: str, key: bytes, value: bytes) -> None:
-        """Returns once the broker acknowledged the record (acks=all); 503 otherwise."""
+        """Returns once the broker acknowledged the record (acks=all); `Refused` or
+        `Ambiguous` (both 503) otherwise."""
+        self.check()
+        deadline = time.monotonic() + self._timeout
         try:
             async with asyncio.timeout(self._timeout):
-                await self._producer.send_and_wait(topic, value=value, key=key)
+                # Cancelling this call leaves nothing queued: the record is not written.
+                delivery = await self._producer.send(topic, value=value, key=key)
         except (KafkaError, TimeoutError) as exc:
-            log.warning("kafka did not take a record for %s: %s", topic, type(exc).__name__)
-            raise ApiError(503, "unavailable", "the command queue is unavailable; retry later") \
-                from None
+            log.warning("kafka refused a record for %s: %s", topic, describe(exc))
+            self._mark_down(exc)
+            raise Refused() from None
+        delivery.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
+                # Shielded: the producer keeps the record either way; we only stop waiting.
+                await asyncio.shield(delivery)
+        except (KafkaError, TimeoutError) as exc:
+            self._mark_down(exc)
+            if isinstance(exc, TimeoutError) or _ambiguous_error(exc):
+                log.warning("kafka did not confirm a record for %s: %s", topic, describe(exc))
+                raise Ambiguous(describe(exc)) from None
+            log.warning("kafka rejected a record for %s: %s", topic, describe(exc))
+            raise Refused() from None
 
     async def command(self, command: Command) -> None:
         await self._send(self._commands_topic, command.key, command.encode())

@@ -1,0 +1,81 @@
+"""Lua scripts of the API's write path: the Idempotency-Key record's transitions and the
+abandoning of a batch whose run command may or may not have reached Kafka.
+
+Each names its KEYS and ARGV first. An Idempotency-Key record (`core.keys.idempotency`) is a
+JSON object: `s` state (`pending` until the run command is durably queued, then
+`committed`), `b` batch id (the attempt that owns it), `p` pipeline id, `v` the requested
+version as sent (or `latest`), `h` digest of the request body ('' for none).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from redis.asyncio import Redis
+
+# KEYS[1] idempotency record
+# ARGV[1] the new pending record (JSON), ARGV[2] its TTL in milliseconds
+# Claims the key when free. Returns nil when claimed now, else the existing record.
+CLAIM_KEY: Final = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return existing end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+# KEYS[1] idempotency record
+# ARGV[1] batch id of the attempt, ARGV[2] the committed record (JSON), ARGV[3] TTL in seconds
+# pending -> committed, only by the attempt that owns the record. Returns 1 when committed,
+# 0 when the record is not this attempt's pending one (expired, released, or another's).
+COMMIT_KEY: Final = """
+local existing = redis.call('GET', KEYS[1])
+if not existing then return 0 end
+local record = cjson.decode(existing)
+if record.s ~= 'pending' or record.b ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS[1] idempotency record
+# ARGV[1] batch id of the attempt
+# A failed attempt frees its pending record, so a retry starts afresh. A committed record
+# or another attempt's is left alone. Returns 1 when released, else 0.
+RELEASE_KEY: Final = """
+local existing = redis.call('GET', KEYS[1])
+if not existing then return 0 end
+local record = cjson.decode(existing)
+if record.s ~= 'pending' or record.b ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] batch's seen-event-ids zset
+# ARGV[1] batch id, ARGV[2] now (ISO-8601), ARGV[3] reason, ARGV[4] TTL of the hidden record
+# in seconds, ARGV[5] change channel ('' for none)
+# Makes a batch unrunnable after an ambiguous run command: `stop`/`failed` with the reason,
+# hidden (GET 404, not listed; the commands consumer skips a hidden batch's run), and
+# expiring as a backstop should the queued delete never be handled. Returns 1 when
+# abandoned now, 0 when the batch is unknown or already hidden.
+ABANDON_BATCH: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'stop', 'outcome', 'failed', 'reason', ARGV[3],
+           'deleted', '1', 'updated_at', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
+return 1
+"""
+
+
+class ApiScripts:
+    """The scripts registered once on a client; calls use EVALSHA and reload on NOSCRIPT."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.claim_key = redis.register_script(CLAIM_KEY)
+        self.commit_key = redis.register_script(COMMIT_KEY)
+        self.release_key = redis.register_script(RELEASE_KEY)
+        self.abandon_batch = redis.register_script(ABANDON_BATCH)

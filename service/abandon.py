@@ -1,0 +1,93 @@
+"""Batches the API gives up on after a command whose fate Kafka did not tell.
+
+A run command that timed out may still be written (the producer keeps retrying it), and a
+consumer may even have started its flow run already. Purging the batch would leave that run
+orphaned; keeping it would let it run after the client was told 503. Instead the batch is
+made unrunnable at once — hidden, `stop`/`failed` with the reason, with a TTL as a backstop —
+and a delete command is queued behind the run command as soon as Kafka takes it: the
+commands consumer then skips the run (hidden batch) or cancels and deletes its flow run.
+
+The deletes still to queue live in a Redis outbox (`keys.ABANDONED`), so a restart of the
+API process does not lose them; any API process drains it (a delete sent twice is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import cast
+
+import orjson
+from redis.asyncio import Redis
+
+from core import keys
+from core.api_scripts import ApiScripts
+from core.codec import Command
+from core.models import now_iso
+from core.retry import RetryPolicy, describe
+from service.commands import CommandSender
+
+log = logging.getLogger(__name__)
+ABANDONED_TTL_S = 24 * 3600
+
+
+class Abandoner:
+    def __init__(self, redis: Redis, scripts: ApiScripts, sender: CommandSender, *,
+                 ttl_s: int = ABANDONED_TTL_S, channel: str = keys.CHANGES_CHANNEL,
+                 idle_s: float = 5.0) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._sender = sender
+        self._ttl_s = ttl_s
+        self._channel = channel
+        self._idle_s = idle_s
+        self._wake = asyncio.Event()
+
+    async def abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str) -> None:
+        """Hides the batch as `stop`/`failed` and records that its delete must be queued."""
+        # The outbox entry first: should the process die between the two, a delete of a
+        # batch that was never hidden is harmless, a hidden batch nobody deletes is not.
+        member = orjson.dumps([pipeline_id, batch_id, version]).decode()
+        await self._redis.zadd(keys.ABANDONED, {member: time.time()})
+        await self._scripts.abandon_batch(
+            keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
+                  keys.batch_seen(pipeline_id, batch_id)],
+            args=[batch_id, now_iso(), reason, self._ttl_s, self._channel],
+        )
+        log.warning("batch %s/%s abandoned: %s", pipeline_id, batch_id, reason)
+        self._wake.set()
+
+    async def drain_once(self) -> int:
+        """Queues the outstanding deletes Kafka takes now. Returns how many were queued."""
+        members = cast(list[str], await self._redis.zrange(keys.ABANDONED, 0, 99))
+        done = 0
+        for member in members:
+            pipeline_id, batch_id, version = orjson.loads(member)
+            await self._sender.command(Command("delete", batch_id, pipeline_id,
+                                               pipeline_version=version))
+            await self._redis.zrem(keys.ABANDONED, member)
+            done += 1
+        return done
+
+    async def run(self) -> None:
+        """Runs until cancelled: drains the outbox whenever Kafka is reachable."""
+        next_delay = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
+        while True:
+            try:
+                if self._sender.available:
+                    await self.drain_once()
+                    next_delay = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
+                    delay = self._idle_s
+                else:
+                    delay = next_delay()
+            except Exception as exc:  # Kafka or Redis still away: retried, never dropped
+                delay = next_delay()
+                log.warning("abandoned batches: deletes not queued yet (%s), retry in %.1fs",
+                            describe(exc), delay)
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass

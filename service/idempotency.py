@@ -1,0 +1,126 @@
+"""Idempotency-Key as a protocol: one batch per key, and never an id of a batch that will not run.
+
+A key's record (`core.api_scripts`) is `pending` from the moment an attempt claims it until
+that attempt's run command is durably queued, then `committed` (kept `idempotency_ttl_s`).
+A duplicate that finds it committed gets the same batch id; one that finds it pending waits
+a bounded time for the first attempt and then answers `409 in_progress`; a failed attempt
+releases the key, so the next retry starts afresh. The request is compared as the client
+sent it — pipeline id, the version asked for (or `latest`, not the version it resolved to)
+and the body — and the same key with another request is a 409 that says what differs.
+A pending record expires on its own, so an attempt whose process died frees the key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from core import keys
+from core.api_scripts import ApiScripts
+from service.errors import ApiError, bad_request
+
+log = logging.getLogger(__name__)
+MAX_KEY_LENGTH = 256
+LATEST = "latest"
+
+
+def record_key(header: str) -> str:
+    """The Redis key of an Idempotency-Key header value; 400 unless 1-256 printable ASCII."""
+    if not 1 <= len(header) <= MAX_KEY_LENGTH or not (header.isascii() and header.isprintable()):
+        raise bad_request(
+            f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters")
+    return keys.idempotency(hashlib.sha256(header.encode()).hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """A POST as the client sent it."""
+
+    pipeline_id: str
+    version: str  # as asked for, or LATEST
+    body_digest: str  # '' for no body
+
+    @classmethod
+    def of(cls, pipeline_id: str, version: str | None, body: bytes) -> Sent:
+        digest = hashlib.sha256(body).hexdigest()[:32] if body else ""
+        return cls(pipeline_id, version if version is not None else LATEST, digest)
+
+    def record(self, state: str, batch_id: str) -> str:
+        return orjson.dumps({"s": state, "b": batch_id, "p": self.pipeline_id,
+                             "v": self.version, "h": self.body_digest}).decode()
+
+    def differences(self, earlier: dict[str, Any]) -> dict[str, dict[str, str]]:
+        pairs = {"pipeline_id": (earlier.get("p"), self.pipeline_id)}
+        if "s" in earlier:
+            pairs["pipeline_version"] = (earlier.get("v"), self.version)
+            pairs["body"] = (earlier.get("h") or "", self.body_digest)
+        # else: a record from before this protocol held the resolved version; the pipeline
+        # is all that can be compared.
+        return {name: {"earlier": str(was), "now": now}
+                for name, (was, now) in pairs.items() if was != now}
+
+
+class IdempotencyKeys:
+    def __init__(self, redis: Redis, scripts: ApiScripts, *, ttl_s: int,
+                 pending_ttl_s: float = 60.0, wait_s: float = 2.0, poll_s: float = 0.05) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._ttl_s = ttl_s
+        # Longer than any attempt (resolve, create, a send's timeout, the undo).
+        self._pending_ttl_ms = int(pending_ttl_s * 1000)
+        self._wait_s = wait_s
+        self._poll_s = poll_s
+
+    async def claim(self, key: str, sent: Sent, batch_id: str) -> str | None:
+        """None when this attempt now owns the key (pending); the earlier batch id when the key
+        was committed for the same request. 409 `conflict` for another request, 409
+        `in_progress` when the first attempt is still under way after the wait."""
+        deadline = time.monotonic() + self._wait_s
+        while True:
+            existing = await self._scripts.claim_key(
+                keys=[key], args=[sent.record("pending", batch_id), self._pending_ttl_ms])
+            if existing is None:
+                return None
+            earlier: dict[str, Any] = orjson.loads(existing)
+            differs = sent.differences(earlier)
+            if differs:
+                what = ", ".join(f"{name} (earlier {d['earlier']!r}, now {d['now']!r})"
+                                 for name, d in differs.items())
+                raise ApiError(409, "conflict",
+                               f"Idempotency-Key was already used for another request: {what}",
+                               differs=differs)
+            if earlier.get("s", "committed") == "committed":
+                return str(earlier["b"])
+            if time.monotonic() >= deadline:
+                raise ApiError(409, "in_progress",
+                               "a request with this Idempotency-Key is still in progress; "
+                               "retry later")
+            await asyncio.sleep(self._poll_s)
+
+    async def commit(self, key: str, sent: Sent, batch_id: str) -> None:
+        """pending -> committed, once the run command is durably queued. The batch will run
+        whatever happens here, so a failure is logged, not answered: the pending record
+        expires and the key frees, the one outcome a client can still live with."""
+        try:
+            done = await self._scripts.commit_key(
+                keys=[key], args=[batch_id, sent.record("committed", batch_id), self._ttl_s])
+        except Exception:
+            log.exception("Idempotency-Key of batch %s not committed", batch_id)
+            return
+        if not done:
+            log.warning("Idempotency-Key of batch %s expired before its commit", batch_id)
+
+    async def release(self, key: str, batch_id: str) -> None:
+        """Frees the key after a failed attempt (best effort: the pending record expires)."""
+        try:
+            await self._scripts.release_key(keys=[key], args=[batch_id])
+        except Exception:
+            log.warning("Idempotency-Key of batch %s not released; it expires on its own",
+                        batch_id)
