@@ -100,7 +100,17 @@ class WebhookAccepted(BaseModel):
     accepted: int = Field(ge=0, description="events forwarded")
 
 
+class MessageSchemaRef(BaseModel):
+    title: str
+    url: str = Field(examples=["/api/v1/schemas/command.run"])
+
+
+class MessageSchemaList(BaseModel):
+    items: dict[str, MessageSchemaRef] = Field(
+        description="name -> where its JSON Schema is; `commands` and `events` cover every kind")
+
+
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Error, Batch, BatchPage, RunAccepted, Message, Pipeline, PipelineList, Health, Ready,
-    WebhookAccepted,
+    WebhookAccepted, MessageSchemaList,
 )

@@ -15,6 +15,7 @@ from core.models import ID_PATTERN, PipelineSpec
 from pipelines.steps import known_steps
 from service.api_models import RESPONSE_MODELS
 from service.batches import DEFAULT_LIMIT, MAX_LIMIT
+from service.schemas import CONTENT_TYPE as SCHEMA_CONTENT_TYPE
 
 _REF_TEMPLATE: Final = "#/components/schemas/{model}"
 
@@ -175,6 +176,19 @@ def _other_paths() -> dict[str, Any]:
         "/api/v1/openapi.json": {
             "get": _op("This document", None,
                        {"200": _json({"type": "object"}, "OpenAPI 3.1")}, []),
+        },
+        "/api/v1/schemas": {
+            "get": _op("The JSON Schemas of the Kafka commands and events", None,
+                       {"200": _json(_ref("MessageSchemaList"), "the schemas")}, []),
+        },
+        "/api/v1/schemas/{name}": {
+            "get": _op(
+                "One message JSON Schema (2020-12), to validate what a service produces", None,
+                {"200": {"description": "the schema", "content": {
+                    SCHEMA_CONTENT_TYPE: {"schema": {"type": "object"}}}}},
+                [{"name": "name", "in": "path", "required": True,
+                  "schema": {"type": "string", "examples": ["command.run", "events"]}}],
+                ("404",)),
         },
         "/docs": {
             "get": _op("A page rendering this document", None,

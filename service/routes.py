@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from service import batches, docs, health, hooks, pipelines
+from service import batches, docs, health, hooks, pipelines, schemas
 
 
 def setup_routes(app: web.Application) -> None:
@@ -22,6 +22,8 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/api/v1/pipelines/", pipelines.list_pipelines, name="list_pipelines")
     r.add_post("/api/v1/hooks/prefect", hooks.prefect_webhook, name="prefect_webhook")
     r.add_get("/api/v1/openapi.json", docs.openapi_json, name="openapi")
+    r.add_get("/api/v1/schemas", schemas.list_schemas, name="message_schemas")
+    r.add_get("/api/v1/schemas/{name}", schemas.get_schema, name="message_schema")
     r.add_get("/docs", docs.docs_page, name="docs")
     r.add_get("/healthz", health.healthz, name="healthz")
     r.add_get("/readyz", health.readyz, name="readyz")

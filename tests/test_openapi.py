@@ -83,6 +83,9 @@ async def test_real_responses_validate_against_the_document(topics: Settings, re
         await call("GET", "/readyz", "/readyz")
         await call("GET", "/api/v1/openapi.json", "/api/v1/openapi.json")
         await call("GET", "/docs", "/docs")
+        await call("GET", "/api/v1/schemas", "/api/v1/schemas")
+        await call("GET", "/api/v1/schemas/{name}", "/api/v1/schemas/command.run")
+        await call("GET", "/api/v1/schemas/{name}", "/api/v1/schemas/nope")
         prefect_event = {"id": "0c6a8d9e-0000-4000-8000-000000000001", "event": "prefect.flow-run.Running",
                          "occurred": "2026-11-27T00:00:00Z",
                          "resource": {"prefect.resource.id": "prefect.flow-run.abc"}, "related": []}
