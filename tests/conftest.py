@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -67,16 +68,21 @@ def _part_ready(part: str, settings: Settings) -> bool:
 def _parts_up(parts: tuple[str, ...], settings: Settings) -> Iterator[None]:
     """Reuses the parts that answer; starts the others and stops exactly those afterwards."""
     missing = [p for p in parts if not _part_ready(p, settings)]
+    ours: list[str] = []
     if missing:
-        started = subprocess.run([*STACK, "up", "--parts", *missing], text=True)
-        if started.returncode != 0:
-            subprocess.run([*STACK, "down", "--parts", *missing])
+        up = subprocess.run([*STACK, "up", "--parts", *missing], text=True, capture_output=True)
+        sys.stdout.write(up.stdout)
+        # Only what this `up` spawned is ours to stop: a part that merely looked missing
+        # (slow to answer, or being started by a concurrent run) belongs to someone else.
+        ours = [p for p in missing if re.search(rf"^{p}\s+started in", up.stdout, re.MULTILINE)]
+        if up.returncode != 0:
+            subprocess.run([*STACK, "down", "--parts", *ours])
             pytest.exit(f"the local stack did not start ({missing}); see .dhub/logs/", 3)
     try:
         yield
     finally:
-        if missing:
-            subprocess.run([*STACK, "down", "--parts", *missing], check=False)
+        if ours:
+            subprocess.run([*STACK, "down", "--parts", *ours], check=False)
 
 
 @pytest.fixture(scope="session")

@@ -197,7 +197,9 @@ def _up(parts: Iterable[str], started: list[str]) -> bool:
             for part, pid in list(pending.items()):
                 if is_ready(part):
                     del pending[part]
-                    if not _finish(part, "started", t0[part]):
+                    # "started" only for what this call spawned: callers stop exactly those.
+                    verb = "started" if part in started else "ready (started by another up)"
+                    if not _finish(part, verb, t0[part]):
                         return False
                 elif not alive(pid):
                     return _failed(part, "exited")
