@@ -34,7 +34,7 @@ from core.models import FLOW_NAME, PipelineSpec, flow_run_tags, new_batch_id
 from core.prefect_events import EVENT_ID_PREFIX
 from core.registry import PipelineRegistry, Registered
 from core.scripts import Scripts
-from core.settings import ROOT, Settings
+from core.settings import ROOT, Settings, get_settings
 from core.store import BatchStore
 from pipelines.deploy import ENTRYPOINT, ensure_deployment, prefect_client
 from pipelines.sales import demo_spec
@@ -105,10 +105,9 @@ class Harness:
 
         await eventually(check, timeout=15, interval=0.1)
 
-    async def run_inside_extract(self, data_dir: Path) -> tuple[str, Any]:
+    async def run_inside_extract(self) -> tuple[str, Any]:
         """A throttled run (~20 s per step), returned once `extract` has reported progress."""
-        await self.register(demo_spec(name=self.name, rows=4_000, partitions=2, throttle=200,
-                                      data_dir=str(data_dir)))
+        await self.register(demo_spec(name=self.name, rows=4_000, partitions=2, throttle=200))
         batch_id, flow_run = await self.run()
         await self.tail.until(batch_id, lambda evs: sum(
             step_offsets(evs, "extract").values()) > 0, timeout=60)
@@ -175,11 +174,9 @@ def step_offsets(events: list[Event], step: str) -> dict[str, int]:
     return merged_offsets([e for e in events if e.step == step])
 
 
-async def test_a_run_completes_through_the_worker_and_reports_every_step(
-        harness: Harness, tmp_path: Path) -> None:
+async def test_a_run_completes_through_the_worker_and_reports_every_step(harness: Harness) -> None:
     rows, partitions = 3_001, 3
-    spec = demo_spec(name=harness.name, rows=rows, partitions=partitions, throttle=None,
-                     data_dir=str(tmp_path))
+    spec = demo_spec(name=harness.name, rows=rows, partitions=partitions, throttle=None)
     deployment_id = await harness.register(spec)
     batch_id, flow_run = await harness.run()
     created = time.monotonic()
@@ -215,7 +212,7 @@ async def test_a_run_completes_through_the_worker_and_reports_every_step(
         step: {"state": "success", "offsets": sizes} for step in STEPS}}
     assert (batch["outcome"], batch["flow_run_id"]) == ("completed", str(flow_run.id))
 
-    root = tmp_path / batch_id
+    root = get_settings().data_root / batch_id  # where the worker's flow runs write
     with closing(sqlite3.connect(root / "sales.db")) as db:
         loaded = {(r[0], r[1]): (r[2], r[3], r[4]) for r in db.execute(
             "SELECT region, day, revenue_cents, orders, units FROM daily_revenue "
@@ -224,10 +221,9 @@ async def test_a_run_completes_through_the_worker_and_reports_every_step(
     assert sum(v[1] for v in loaded.values()) == rows
 
 
-async def test_fail_at_transform_fails_the_flow_and_load_never_runs(
-        harness: Harness, tmp_path: Path) -> None:
+async def test_fail_at_transform_fails_the_flow_and_load_never_runs(harness: Harness) -> None:
     spec = demo_spec(name=harness.name, rows=1_000, partitions=2, throttle=None,
-                     fail_at="transform", data_dir=str(tmp_path))
+                     fail_at="transform")
     await harness.register(spec)
     batch_id, flow_run = await harness.run()
     final = await harness.finished(flow_run.id)
@@ -243,16 +239,15 @@ async def test_fail_at_transform_fails_the_flow_and_load_never_runs(
     last = events[-1]
     assert (last.type, last.state, last.outcome) == ("batch.state", "stop", "failed")
     assert last.reason is not None and "on purpose" in last.reason
-    assert not (tmp_path / batch_id / "sales.db").exists()
+    assert not (get_settings().data_root / batch_id / "sales.db").exists()
     steps = (await harness.project(batch_id))["state"]["steps"]
     assert {name: step["state"] for name, step in steps.items()} == {
         "extract": "success", "transform": "failed", "load": "pending"}
 
 
-async def test_cancelling_a_run_fails_its_running_step_and_stops_cancelled(
-        harness: Harness, tmp_path: Path) -> None:
+async def test_cancelling_a_run_fails_its_running_step_and_stops_cancelled(harness: Harness) -> None:
     # ~20 s per step: the run is surely inside `extract` when it is cancelled
-    batch_id, flow_run = await harness.run_inside_extract(tmp_path)
+    batch_id, flow_run = await harness.run_inside_extract()
     cancelled_at = time.monotonic()
     await harness.client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
     final = await harness.finished(flow_run.id, timeout=30)
@@ -280,9 +275,8 @@ def engine_pid(flow_run_id: UUID) -> int | None:
     return None
 
 
-async def test_a_killed_run_crashes_and_its_running_step_fails(
-        harness: Harness, tmp_path: Path) -> None:
-    batch_id, flow_run = await harness.run_inside_extract(tmp_path)
+async def test_a_killed_run_crashes_and_its_running_step_fails(harness: Harness) -> None:
+    batch_id, flow_run = await harness.run_inside_extract()
     assert (await harness.project(batch_id))["state"]["steps"]["extract"]["state"] == "running"
     pid = await eventually(lambda: engine_pid(flow_run.id))
     assert isinstance(pid, int)
