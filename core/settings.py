@@ -81,6 +81,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = 1 << 20
     # In-process cache of rendered batches, invalidated through Redis pub/sub.
     api_cache: bool = True
+    # The cache's staleness bound after a silent network fault is cache_silence_s + 0.1 s
+    # (keep it under 5 s); cache_ttl_s bounds a change that was made without its notification.
+    cache_silence_s: float = 2.5
+    cache_ttl_s: float = 10.0
+    cache_max_entries: int = 50_000
     idempotency_ttl_s: int = 24 * 3600
 
     # Per batch, how many recent event ids are remembered for de-duplication.

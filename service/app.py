@@ -85,7 +85,8 @@ def init_app(settings: Settings | None = None) -> web.Application:
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[CACHE] = BatchCache()
+    app[CACHE] = BatchCache(settings.cache_max_entries, silence_s=settings.cache_silence_s,
+                            ttl_s=settings.cache_ttl_s)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(kafka_ctx)
     if settings.api_cache:
