@@ -18,7 +18,9 @@ from pathlib import Path
 
 from core.settings import ROOT, Settings
 
-STACK = [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")]
+# DHUB_CHAOS_STACK: another checkout's stack.py, so that the parts the suite restarts run
+# that checkout's code (how a scenario is shown to fail on an older commit).
+STACK = [sys.executable, os.environ.get("DHUB_CHAOS_STACK") or str(ROOT / "deploy/local/stack.py")]
 # What the shared development stack (`make up`) uses: the suite must touch none of it.
 SHARED_PORTS = {6379, 9092, 9093, 5433, 4200, 8080}
 
