@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 import orjson
 from aiohttp import web
 
-from service import openapi
 
-_DOCUMENT: Final = orjson.dumps(openapi.build())
+@functools.cache
+def _document() -> bytes:
+    # Built on first use: the document reads the route table, which imports this module.
+    from service import openapi
+
+    return orjson.dumps(openapi.build())
 
 _PAGE: Final = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>dhub Batches API</title>
@@ -52,7 +57,7 @@ fetch("/api/v1/openapi.json").then(r => r.json()).then(doc => {
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.Response(body=_DOCUMENT, content_type="application/json")
+    return web.Response(body=_document(), content_type="application/json")
 
 
 async def docs_page(request: web.Request) -> web.Response:

@@ -204,6 +204,33 @@ def _other_paths() -> dict[str, Any]:
     }
 
 
+# Links let a client (and schemathesis' stateful phase) follow an answer to the next call.
+_BATCH_LINKS: Final = {
+    op: {"operationId": op, "parameters": {"pipeline_id": "$request.path.pipeline_id",
+                                           "batch_id": "$response.body#/item"}}
+    for op in ("get_batch", "stop_batch", "delete_batch")
+}
+_PIPELINE_LINKS: Final = {
+    op: {"operationId": op, "parameters": {"pipeline_id": "$request.path.pipeline_id"}}
+    for op in ("get_pipeline", "run_batch", "latest_batch", "list_batches")
+}
+
+
+def _paths() -> dict[str, Any]:
+    from service.routes import operation_ids  # the routes import service.docs, which uses us
+
+    paths = {**_batch_paths(), **_other_paths()}
+    ids = operation_ids()
+    for path, ops in paths.items():
+        for method, op in ops.items():
+            op["operationId"] = ids[(method, path)]
+    paths["/api/v1/batches/{pipeline_id}"]["post"]["responses"]["200"]["links"] = _BATCH_LINKS
+    for status in ("200", "201"):
+        paths["/api/v1/pipelines/{pipeline_id}"]["put"]["responses"][status]["links"] = (
+            _PIPELINE_LINKS)
+    return paths
+
+
 def build() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
@@ -215,5 +242,5 @@ def build() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "a static token or a JWT with scopes"}},
         },
-        "paths": {**_batch_paths(), **_other_paths()},
+        "paths": _paths(),
     }

@@ -1,29 +1,45 @@
 """Every route of the API, one per line. `/{pipeline_id}` and `/{pipeline_id}/` differ on purpose:
 the first is the latest batch, the second (trailing slash) the paged list. The patterns do not
-overlap, so order only matters for speed: aiohttp tries them in turn, the hot GET comes first."""
+overlap, so order only matters for speed: aiohttp tries them in turn, the hot GET comes first.
+The route names are the OpenAPI document's operation ids (service.openapi)."""
 
 from __future__ import annotations
 
+from typing import Final
+
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from service import batches, docs, health, hooks, pipelines, schemas
 
+ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
+    ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
+    ("POST", "/api/v1/batches/{pipeline_id}", batches.run_batch, "run_batch"),
+    ("GET", "/api/v1/batches/{pipeline_id}", batches.latest_batch, "latest_batch"),
+    ("GET", "/api/v1/batches/{pipeline_id}/", batches.list_batches, "list_batches"),
+    ("PUT", "/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, "stop_batch"),
+    ("DELETE", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.delete_batch, "delete_batch"),
+    ("PUT", "/api/v1/pipelines/{pipeline_id}", pipelines.put_pipeline, "put_pipeline"),
+    ("GET", "/api/v1/pipelines/{pipeline_id}", pipelines.get_pipeline, "get_pipeline"),
+    ("GET", "/api/v1/pipelines/", pipelines.list_pipelines, "list_pipelines"),
+    ("POST", "/api/v1/hooks/prefect", hooks.prefect_webhook, "prefect_webhook"),
+    ("GET", "/api/v1/openapi.json", docs.openapi_json, "openapi"),
+    ("GET", "/api/v1/schemas", schemas.list_schemas, "message_schemas"),
+    ("GET", "/api/v1/schemas/{name}", schemas.get_schema, "message_schema"),
+    ("GET", "/docs", docs.docs_page, "docs"),
+    ("GET", "/healthz", health.healthz, "healthz"),
+    ("GET", "/readyz", health.readyz, "readyz"),
+)
+
+
+def operation_ids() -> dict[tuple[str, str], str]:
+    """(lower-case method, path) -> route name."""
+    return {(method.lower(), path): name for method, path, _, name in ROUTES}
+
 
 def setup_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, name="get_batch")
-    r.add_post("/api/v1/batches/{pipeline_id}", batches.run_batch, name="run_batch")
-    r.add_get("/api/v1/batches/{pipeline_id}", batches.latest_batch, name="latest_batch")
-    r.add_get("/api/v1/batches/{pipeline_id}/", batches.list_batches, name="list_batches")
-    r.add_put("/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, name="stop_batch")
-    r.add_delete("/api/v1/batches/{pipeline_id}/{batch_id}", batches.delete_batch, name="delete_batch")
-    r.add_put("/api/v1/pipelines/{pipeline_id}", pipelines.put_pipeline, name="put_pipeline")
-    r.add_get("/api/v1/pipelines/{pipeline_id}", pipelines.get_pipeline, name="get_pipeline")
-    r.add_get("/api/v1/pipelines/", pipelines.list_pipelines, name="list_pipelines")
-    r.add_post("/api/v1/hooks/prefect", hooks.prefect_webhook, name="prefect_webhook")
-    r.add_get("/api/v1/openapi.json", docs.openapi_json, name="openapi")
-    r.add_get("/api/v1/schemas", schemas.list_schemas, name="message_schemas")
-    r.add_get("/api/v1/schemas/{name}", schemas.get_schema, name="message_schema")
-    r.add_get("/docs", docs.docs_page, name="docs")
-    r.add_get("/healthz", health.healthz, name="healthz")
-    r.add_get("/readyz", health.readyz, name="readyz")
+    for method, path, handler, name in ROUTES:
+        if method == "GET":  # with HEAD, as aiohttp's add_get does
+            app.router.add_get(path, handler, name=name)
+        else:
+            app.router.add_route(method, path, handler, name=name)

@@ -48,7 +48,7 @@ CONFIG = schemathesis.Config.from_dict({
                    "database": "none", "no-shrink": True, "with-security-parameters": False,
                    "allow-extra-parameters": False},
     "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True},
-               "fuzzing": {"enabled": True}, "stateful": {"enabled": False}},
+               "fuzzing": {"enabled": True}, "stateful": {"enabled": True}},
     "checks": {"enabled": True},
     # What JSON Schema cannot say, so valid-looking data the API rightly refuses with 400:
     # step names unique within a pipeline (no "unique by property" keyword), and a paging
