@@ -66,7 +66,8 @@ async def test_a_slow_delete_does_not_hold_up_the_next_batch(ctx: CommandsCtx) -
         waited = time.monotonic() - t0
         async with prefect(ctx.settings) as client:
             still = await flow_runs(client, slow)
-            assert [r.state.type.value for r in still] == ["CANCELLING"]  # delete still at work
+            # The delete is still at work (cancel asked, or about to be; nothing deleted).
+            assert [r.state.type.value for r in still] in (["RUNNING"], ["CANCELLING"])
             print(f"\nthe next batch was scheduled {waited:.2f} s after a slow delete")
             assert waited < 4.0
 

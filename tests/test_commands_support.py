@@ -52,6 +52,16 @@ class PrefectProxy:
             return response.status, await response.read(), response.content_type
 
     async def _handle(self, request: web.Request) -> web.Response:
+        try:
+            return await self._handle_one(request)
+        except aiohttp.ClientConnectionError:
+            # Prefect itself is unreachable: so is the proxy (a dropped connection, which
+            # the client sees as Prefect unavailable, not as a server error).
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+
+    async def _handle_one(self, request: web.Request) -> web.Response:
         body = await request.read()
         action = self.rule(request.method, request.path)
         self.seen.append((request.method, request.path, action))
@@ -60,7 +70,8 @@ class PrefectProxy:
         if action == "late-500":
             async def land() -> None:
                 await asyncio.sleep(self.later)
-                await self._forward(session, request, body)
+                with contextlib.suppress(aiohttp.ClientError):
+                    await self._forward(session, request, body)
             task = asyncio.create_task(land())
             self._late.add(task)
             task.add_done_callback(self._late.discard)

@@ -168,7 +168,8 @@ async def test_malformed_commands_are_dead_lettered_and_the_loop_goes_on(ctx: Ct
     topic, partition, offset = first[dlq.SOURCE].decode().rsplit(":", 2)
     assert (topic, offset) == (ctx.settings.topic_commands, "0") and partition.isdigit()
     assert first[dlq.CONSUMER] == b"commands"
-    assert b"unknown command type 'explode'" in dict(dead[1].headers)[dlq.REASON]
+    second = dict(dead[1].headers)[dlq.REASON]
+    assert second.startswith(b"malformed command") and b"'explode'" in second
     assert dead[0].key == batch_id.encode()
 
 
