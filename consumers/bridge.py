@@ -2,10 +2,14 @@
 
 Prefect's event stream (websocket `/events/out`) starts with a backfill of the events since
 a given time, capped by the server at 15 minutes (PREFECT_SERVER_EVENTS_MAXIMUM_WEBSOCKET_
-BACKFILL). The bridge keeps a checkpoint in Redis — the newest event time it has forwarded —
-and on (re)start asks to replay from a margin before it, so a restart shorter than the
-backfill window loses nothing; events forwarded twice carry the same `event_id` and Redis
-applies them once. Longer outages are the reconciler's to repair.
+BACKFILL), then follows live events. The server drops live events for a subscriber whose
+queue is full, so the bridge never relies on the live stream alone: every session ends after
+`resync_s` and the next one replays, from the server's database, all that happened since
+the previous one began (less a margin); events forwarded twice carry the same `event_id` and
+Redis applies them once. The resume point (a checkpoint in Redis, for restarts) only moves
+past events the broker acknowledged, and is bounded by when they were received, so a clock
+running fast cannot push it into the future. Outages longer than the backfill window are
+the reconciler's to repair.
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ KNOWN_RUNS: Final = 10_000
 # Events handed to the producer and not yet acknowledged; beyond this the stream waits.
 MAX_PENDING: Final = 5_000
 SETTLE_AT_END_S: Final = 10.0
+# Prefect's server drops live events for a subscriber whose queue (256) is full — which a
+# burst faster than the server's fan-out fills whatever the subscriber does (measured: a
+# subscriber doing nothing else received 260 of 1,500 events emitted in 1.6 s). The
+# persisted events are complete, so every session ends after this long and the next one
+# replays, from the database, everything since the previous session began.
+RESYNC_S: Final = 30.0
+# How long the server may take to persist an event it received (its persister flushes
+# every 5 s by default), so that a backfill started now would not find it yet.
+PERSIST_LAG: Final = timedelta(seconds=10)
 
 
 def event_filter() -> EventFilter:
@@ -57,11 +70,13 @@ class PrefectBridge(Part):
     name = "bridge"
 
     def __init__(self, settings: Settings, options: ConsumerOptions | None = None, *,
-                 checkpoint_key: str = keys.BRIDGE_CHECKPOINT) -> None:
+                 checkpoint_key: str = keys.BRIDGE_CHECKPOINT, resync_s: float = RESYNC_S,
+                 ) -> None:
         super().__init__()
         self.settings = settings
         self.options = options or ConsumerOptions()
         self.checkpoint_key = checkpoint_key
+        self.resync_s = resync_s
         self._redis: Redis | None = None
         self._producer: AIOKafkaProducer | None = None
         # flow run id -> (pipeline_id, batch_id), for task-run events without tags.
@@ -70,6 +85,7 @@ class PrefectBridge(Part):
         # Settles one at a time, so a mark never moves ahead of an older batch's acks.
         self._settling = asyncio.Lock()
         self._newest: datetime | None = None  # the resume mark, every ack before it settled
+        self._connected_at: datetime | None = None  # when the current session subscribed
         self._saved: datetime | None = None
         self._saved_at = 0.0
         self.forwarded = 0
@@ -92,7 +108,7 @@ class PrefectBridge(Part):
             # Right after a (re)connect, the backfill lacks what the server has not
             # persisted yet (its event persister flushes every 5 s): the first session is
             # cut short and the next one replays the same window again.
-            limit = self.options.bridge_catchup_s if catch_up else None
+            limit = self.options.bridge_catchup_s if catch_up else self.resync_s
             try:
                 await self._session(limit)
             except Exception as exc:
@@ -157,11 +173,12 @@ class PrefectBridge(Part):
                 newest = datetime.fromisoformat(raw)
             except ValueError:
                 return earliest
-        newest = min(newest, now)
+        newest = min(newest, now)  # a checkpoint from the future (a clock running fast)
         return max(newest - timedelta(seconds=self.options.bridge_replay_margin_s), earliest)
 
     async def _follow(self) -> None:
         since = await self.since()
+        self._connected_at = datetime.now(UTC)
         subscriber = PrefectEventSubscriber(
             api_url=self.settings.prefect_api_url, filter=event_filter(),
             reconnection_attempts=0,
@@ -194,10 +211,16 @@ class PrefectBridge(Part):
             await self.settle()  # the broker lags far behind: wait for it here
 
     async def settle(self) -> None:
-        """Awaits the acks pending now; then their newest mark is the resume point."""
+        """Awaits the acks pending now; then their newest mark is the resume point, but
+        never past this session's start (less the server's persistence lag): what the live
+        stream dropped occurred after it, and the next session's backfill must cover it."""
         async with self._settling:
             mark = await self._acks.settle()
-        if mark is not None and (self._newest is None or mark > self._newest):
+        if mark is None:
+            return
+        if self._connected_at is not None:
+            mark = min(mark, self._connected_at - PERSIST_LAG)
+        if self._newest is None or mark > self._newest:
             self._newest = mark
         await self._save_checkpoint()
 
