@@ -71,10 +71,14 @@ read -r warm_setup warm_up <<<"$warm"
 survived="$("$PY" "$ROOT/deploy/local/survival.py" check "$work/marker")"
 
 # Memory at rest: sum of RSS of every process of every part (children included), sampled.
-"$PY" - "$ROOT/deploy/local/stack.py" "$sample_s" "$work/pids" <<'EOF' >"$work/mem"
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("stack", sys.argv[1])
-stack = importlib.util.module_from_spec(spec); spec.loader.exec_module(stack)
+"$PY" - "$ROOT" "$sample_s" "$work/pids" <<'EOF' >"$work/mem"
+import sys, time
+sys.path.insert(0, sys.argv[1])  # the repository root, where the `deploy` package is
+from core.settings import get_settings
+from deploy.local.config import StackConfig
+from deploy.local.parts import NAMES
+from deploy.local.procs import members, read_pid
+config = StackConfig(get_settings())
 
 def rss_kib(pid):
     try:
@@ -89,9 +93,9 @@ peak, per_part, seen, samples = 0, {}, set(), 0
 deadline = time.monotonic() + float(sys.argv[2])
 while time.monotonic() < deadline:
     total = 0
-    for part in stack.PARTS:
-        pid = stack.read_pid(part)
-        procs = stack.members(pid) if pid else set()
+    for part in NAMES:
+        pid = read_pid(config, part)
+        procs = members(pid) if pid else set()
         kib, seen = sum(map(rss_kib, procs)), seen | procs
         per_part[part] = max(per_part.get(part, 0), kib)
         total += kib
