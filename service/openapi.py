@@ -105,7 +105,7 @@ def _batch_paths() -> dict[str, Any]:
                   "schema": {"type": "string", "minLength": 1, "maxLength": 256,
                              "pattern": _PRINTABLE_HEADER},
                   "description": "same key, pipeline and version within 24 h: same batch"}],
-                ("404", "409"),
+                ("404", "409", "413"),
             ),
             "get": _op("The pipeline's latest batch", "batches:read", batch_ok,
                        [_PIPELINE_ID], ("404",)),

@@ -9,7 +9,7 @@ from typing import Any
 import hypothesis
 
 from tests.helpers import AUTH
-from tests.test_api_fuzz import SCHEMA, SEED, fuzz_base_url  # noqa: F401  (the fixture)
+from tests.test_api_fuzz import MAX_EXAMPLES, SCHEMA, fuzz_base_url  # noqa: F401  (the fixture)
 
 STEPS = 10
 
@@ -22,5 +22,5 @@ def test_stateful_sequences(fuzz_base_url: str) -> None:  # noqa: F811
             return {"base_url": fuzz_base_url, "headers": AUTH}
 
     Workflow.run(settings=hypothesis.settings(
-        max_examples=6, stateful_step_count=STEPS, deadline=None, derandomize=True,
+        max_examples=MAX_EXAMPLES, stateful_step_count=STEPS, deadline=None, derandomize=True,
         database=None, suppress_health_check=list(hypothesis.HealthCheck)))
