@@ -1,20 +1,20 @@
-"""`python -m service`: serve the API on DHUB_API_HOST:DHUB_API_PORT."""
+"""`python -m service`: serve the API on DHUB_API_HOST:DHUB_API_PORT until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-
-from aiohttp import web
 
 from core.settings import get_settings
 from service.app import init_app
+from service.edge import serve
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
-    web.run_app(init_app(settings), host=settings.api_host, port=settings.api_port,
-                access_log=None, print=None)
+    # Through service.edge: the HTTP parser's own errors (oversize line or header) are JSON too.
+    asyncio.run(serve(init_app(settings), settings.api_host, settings.api_port, access_log=None))
 
 
 if __name__ == "__main__":

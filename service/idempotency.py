@@ -97,12 +97,22 @@ class IdempotencyKeys:
                                f"Idempotency-Key was already used for another request: {what}",
                                differs=differs)
             if earlier.get("s", "committed") == "committed":
-                return str(earlier["b"])
+                return await self._still_there(sent.pipeline_id, str(earlier["b"]))
             if time.monotonic() >= deadline:
                 raise ApiError(409, "in_progress",
                                "a request with this Idempotency-Key is still in progress; "
                                "retry later")
             await asyncio.sleep(self._poll_s)
+
+    async def _still_there(self, pipeline_id: str, batch_id: str) -> str:
+        """The earlier batch id, unless that batch was deleted since: answering an id whose
+        every GET is a 404 would look like success and be none."""
+        found, deleted = await self._redis.hmget(keys.batch(pipeline_id, batch_id), "id", "deleted")
+        if found is None or deleted is not None:
+            raise ApiError(409, "conflict",
+                           f"the batch {batch_id} created with this Idempotency-Key was deleted; "
+                           "use a new key to run the pipeline again", batch_id=batch_id)
+        return batch_id
 
     async def commit(self, key: str, sent: Sent, batch_id: str) -> None:
         """pending -> committed, once the run command is durably queued. The batch will run

@@ -139,3 +139,15 @@ async def test_a_bad_idempotency_key_is_a_400(api: Client, redis: Redis, value: 
     assert head.startswith(b"HTTP/1.1 400"), head
     assert b'"bad_request"' in body and b"Idempotency-Key" in body
     assert await redis.keys("dhub:idem:*") == []
+
+
+async def test_a_replay_after_the_batch_was_deleted_is_a_409_not_a_dead_id(api: Client) -> None:
+    status, body = await post(api)
+    assert status == 200
+    batch_id = body["item"]
+    deleted = await api.delete(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
+    assert deleted.status == 200
+    status, body = await post(api)
+    assert status == 409 and body["error"]["code"] == "conflict", body
+    assert body["error"]["details"]["batch_id"] == batch_id
+    assert not await exists(api, batch_id)
