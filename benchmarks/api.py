@@ -14,11 +14,13 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from benchmarks.harness import Load, free_port, server, stack, wrk
+from benchmarks import churn
+from benchmarks.harness import Load, free_port, machine_anchors, server, stack, wrk
 from core.codec import Event
 from core.connections import open_redis
 from core.models import PipelineSpec, StepSpec, new_batch_id
@@ -81,8 +83,24 @@ async def _history(redis_url: str, pipeline_id: str, count: int) -> None:
 
 
 def row(name: str, load: Load, anchor: float) -> str:
+    cpu = f"{load.cpu_us:,.0f}" if load.cpu_us is not None else "-"
     return (f"| {name} | {load.rps:,.0f} | {load.p50_ms:.2f} | {load.p99_ms:.2f} | "
-            f"{load.rps / anchor:.0%} | {load.errors} |")
+            f"{load.rps / anchor:.0%} | {cpu} | {load.errors} |")
+
+
+GROUPS = ("get", "churn", "post", "list")
+
+
+def _print_table(title: str, rows: list[tuple[str, Load]], anchor: float) -> None:
+    print(f"\n{title}\n")
+    print("| what | req/s | p50 ms | p99 ms | vs bare handler | server CPU µs/req | errors |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, load in rows:
+        print(row(name, load, anchor))
+
+
+def _verdict(name: str, ratio: float, target: float) -> str:
+    return f"{name} = {ratio:.0%} (target >= {target:.0%}): {'PASS' if ratio >= target else 'MISS'}"
 
 
 def main() -> None:
@@ -90,13 +108,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--redis-db", type=int, default=14)
+    parser.add_argument("--churn-batches", type=int, default=2_000)
+    parser.add_argument("--churn-rate", type=int, default=2_000, help="offset events/s")
+    parser.add_argument("--only", default=",".join(GROUPS),
+                        help=f"comma-separated groups of rows to run, of {','.join(GROUPS)}")
     args = parser.parse_args()
+    groups = set(args.only.split(","))
 
     base = get_settings().redis_url.rsplit("/", 1)[0]
     redis_url = f"{base}/{args.redis_db}"
     suffix = uuid.uuid4().hex[:8]
     topics = [f"bench.{suffix}.commands", f"bench.{suffix}.events"]
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    single: list[tuple[str, Load]] = []
+    spread_rows: list[tuple[str, Load]] = []
+    pages: dict[int, Load] = {}
+    writer_rate = 0.0
     with stack(["redis", "kafka"]), tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_flush(redis_url))
         asyncio.run(_topics(True, topics))
@@ -104,10 +131,13 @@ def main() -> None:
                "DHUB_TOPIC_COMMANDS": topics[0], "DHUB_TOPIC_EVENTS": topics[1]}
         api_port, plain_port, bare_port = free_port(), free_port(), free_port()
         try:
-            with server(["-m", "service"], api_port, {**env, "DHUB_API_PORT": str(api_port)}), \
+            with server(["-m", "service"], api_port,
+                        {**env, "DHUB_API_PORT": str(api_port)}) as api_proc, \
                  server(["-m", "service"], plain_port,
-                        {**env, "DHUB_API_PORT": str(plain_port), "DHUB_API_CACHE": "false"}):
+                        {**env, "DHUB_API_PORT": str(plain_port), "DHUB_API_CACHE": "false"}
+                        ) as plain_proc:
                 api = f"http://127.0.0.1:{api_port}"
+                plain_api = f"http://127.0.0.1:{plain_port}"
                 spec = {"name": "bench", "version": "1",
                         "steps": [{"name": s, "uses": "sales." + s} for s in STEPS]}
                 httpx.put(f"{api}/api/v1/pipelines/{PIPELINE}", json=spec, headers=auth).raise_for_status()
@@ -121,47 +151,105 @@ def main() -> None:
                 post_script.write_text('wrk.method = "POST"\n')
 
                 with server(["-m", "benchmarks.bare", str(bare_port), str(payload)], bare_port, {},
-                            ready_path="/"):
+                            ready_path="/") as bare_proc:
                     bare_url = f"http://127.0.0.1:{bare_port}{path}"
-                    opts = {"connections": args.connections, "seconds": args.seconds}
+                    opts: dict[str, Any] = {"connections": args.connections,
+                                            "seconds": args.seconds}
+                    on_api = {**opts, "headers": auth, "pid": api_proc.pid}
+                    on_plain = {**opts, "headers": auth, "pid": plain_proc.pid}
+                    on_bare = {**opts, "pid": bare_proc.pid}
                     wrk(bare_url, seconds=2)  # warm-up
                     wrk(api + path, headers=auth, seconds=2)
-                    bare1 = wrk(bare_url, **opts)
-                    cached = wrk(api + path, headers=auth, **opts)
-                    plain = wrk(f"http://127.0.0.1:{plain_port}{path}", headers=auth, **opts)
-                    bare2 = wrk(bare_url, **opts)
-                    post = wrk(f"{api}/api/v1/batches/{PIPELINE}", headers=auth, script=post_script,
-                               **opts)
-                    # A page's cost must not grow with history: the second page of 100, for a
-                    # pipeline with 200 batches and one with 20,000.
-                    pages = {}
-                    for name, count in (("bench-small", 200), ("bench-large", 20_000)):
-                        asyncio.run(_history(redis_url, name, count))
-                        first = httpx.get(f"{api}/api/v1/batches/{name}/?limit=100", headers=auth)
-                        url = f"{api}/api/v1/batches/{name}/?limit=100&token={first.json()['token']}"
-                        pages[count] = wrk(url, headers=auth, **opts)
+                    bare1 = wrk(bare_url, **on_bare)
+                    if "get" in groups:
+                        single.append(("GET by id (cache on, the default)",
+                                       wrk(api + path, **on_api)))
+                        single.append(("GET by id, cache off (HGETALL per request)",
+                                       wrk(plain_api + path, **on_plain)))
+                    if "post" in groups:
+                        single.append(("POST run (Redis script + Kafka acks=all)",
+                                       wrk(f"{api}/api/v1/batches/{PIPELINE}",
+                                           script=post_script, **on_api)))
+                    bare2 = wrk(bare_url, **on_bare)
+                    if "churn" in groups:
+                        # The dashboard's load: a random batch out of 2,000 per request while
+                        # a writer changes random ones through BatchStore.apply. Its anchor is
+                        # the bare handler under the same wrk script (the Lua costs wrk CPU).
+                        ids = asyncio.run(churn.seed(redis_url, "bench-churn",
+                                                     args.churn_batches))
+                        spread = churn.lua_script(Path(tmp) / "spread.lua", "bench-churn", ids)
+                        n = f"{args.churn_batches:,}"
+                        bare_at = f"http://127.0.0.1:{bare_port}/"
+                        # Warm-up: every batch read once (as a dashboard that has been open).
+                        wrk(api + "/", headers=auth, script=spread, seconds=3)
+                        spread_rows.append(("bare aiohttp handler, random path, nothing changing",
+                                            wrk(bare_at, script=spread, **on_bare)))
+                        spread_rows.append((f"GET random of {n}, nothing changing",
+                                            wrk(api + "/", script=spread, **on_api)))
+                        with churn.Writer(redis_url, "bench-churn", ids, args.churn_rate) as w:
+                            spread_rows.append(("bare aiohttp handler, random path, under churn "
+                                                "(anchor)",
+                                                wrk(bare_at, script=spread, **on_bare)))
+                            spread_rows.append((f"GET random of {n} under churn (cache on)",
+                                                wrk(api + "/", script=spread, **on_api)))
+                            spread_rows.append((f"GET random of {n} under churn, cache off",
+                                                wrk(plain_api + "/", script=spread, **on_plain)))
+                        writer_rate = w.rate
+                    if "list" in groups:
+                        # A page's cost must not grow with history: the second page of 100,
+                        # for a pipeline with 200 batches and one with 20,000.
+                        for name, count in (("bench-small", 200), ("bench-large", 20_000)):
+                            asyncio.run(_history(redis_url, name, count))
+                            first = httpx.get(f"{api}/api/v1/batches/{name}/?limit=100",
+                                              headers=auth)
+                            url = (f"{api}/api/v1/batches/{name}/?limit=100"
+                                   f"&token={first.json()['token']}")
+                            pages[count] = wrk(url, **on_api)
         finally:
             asyncio.run(_topics(False, topics))
             asyncio.run(_flush(redis_url))
 
+    anchors = machine_anchors()
     anchor = (bare1.rps + bare2.rps) / 2
     bare = Load(anchor, (bare1.p50_ms + bare2.p50_ms) / 2, max(bare1.p99_ms, bare2.p99_ms),
-                bare1.errors + bare2.errors)
-    print(f"\nGET {path} ({len(body)} bytes), {args.connections} connections, "
-          f"{args.seconds} s each, wrk on the same 2-core machine\n")
-    print("| what | req/s | p50 ms | p99 ms | vs bare handler | errors |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(row("bare aiohttp handler, same bytes (anchor)", bare, anchor))
-    print(row("GET by id (cache on, the default)", cached, anchor))
-    print(row("GET by id, cache off (HGETALL per request)", plain, anchor))
-    print(row("POST run (Redis script + Kafka acks=all)", post, anchor))
-    print(row("GET list page 2 (limit 100), 200 batches in history", pages[200], anchor))
-    print(row("GET list page 2 (limit 100), 20,000 batches in history", pages[20_000], anchor))
-    growth = pages[20_000].rps / pages[200].rps
-    print(f"\nlist page with 100x the history: {growth:.0%} of the throughput "
-          f"({'flat' if growth >= 0.85 else 'GROWS with history'})")
-    target = cached.rps / anchor
-    print(f"\nGET / bare = {target:.0%} (target >= 70%): {'PASS' if target >= 0.7 else 'MISS'}")
+                bare1.errors + bare2.errors, ((bare1.cpu_us or 0) + (bare2.cpu_us or 0)) / 2)
+    print(f"\n{anchors}")
+    if pages:
+        single.append(("GET list page 2 (limit 100), 200 batches in history", pages[200]))
+        single.append(("GET list page 2 (limit 100), 20,000 batches in history", pages[20_000]))
+    _print_table(f"GET {path} ({len(body)} bytes), {args.connections} connections, "
+                 f"{args.seconds} s each, wrk on the same machine; anchor: the mean of two bare "
+                 "runs (before and after the API rows)",
+                 [("bare aiohttp handler, same bytes (anchor)", bare), *single], anchor)
+    verdicts = []
+    found = dict(single)
+    if "GET by id (cache on, the default)" in found:
+        verdicts.append(_verdict("GET / bare", found["GET by id (cache on, the default)"].rps
+                                 / anchor, 0.70))
+    if "POST run (Redis script + Kafka acks=all)" in found:
+        verdicts.append(_verdict("POST / bare", found["POST run (Redis script + Kafka acks=all)"]
+                                 .rps / anchor, 0.25))
+    if spread_rows:
+        spread_anchor = spread_rows[2][1].rps
+        _print_table(f"A random batch of {args.churn_batches:,} per request (wrk Lua script). "
+                     "Churn: a writer process applied "
+                     f"{writer_rate:,.0f} changes/s (asked {args.churn_rate:,}/s) to random "
+                     "batches through BatchStore.apply, one invalidation each. Anchor: the bare "
+                     "handler under the same script while the same writer runs (it and Redis "
+                     "take their share of the cores from whichever server is measured)",
+                     spread_rows, spread_anchor)
+        verdicts.append(_verdict("GET under churn / bare under churn",
+                                 spread_rows[3][1].rps / spread_anchor, 0.70))
+        verdicts.append(_verdict("GET under churn / bare with nothing changing",
+                                 spread_rows[3][1].rps / spread_rows[0][1].rps, 0.70))
+    if pages:
+        growth = pages[20_000].rps / pages[200].rps
+        print(f"\nlist page with 100x the history: {growth:.0%} of the throughput "
+              f"({'flat' if growth >= 0.85 else 'GROWS with history'})")
+    print()
+    for line in verdicts:
+        print(line)
+    print(anchors)
 
 
 if __name__ == "__main__":

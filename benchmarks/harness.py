@@ -74,6 +74,15 @@ class Load:
     p50_ms: float
     p99_ms: float
     errors: int
+    # CPU time the server process used per request (user + system), when its pid was given:
+    # unlike req/s it hardly moves with what else the machine is running.
+    cpu_us: float | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ms(text: str) -> float:
@@ -82,7 +91,8 @@ def _ms(text: str) -> float:
 
 
 def wrk(url: str, *, connections: int = 32, seconds: int = 10, threads: int = 2,
-        headers: dict[str, str] | None = None, script: Path | None = None) -> Load:
+        headers: dict[str, str] | None = None, script: Path | None = None,
+        pid: int | None = None) -> Load:
     binary = shutil.which("wrk")
     if binary is None:
         raise SystemExit("wrk is needed: apt-get install -y wrk")
@@ -91,7 +101,9 @@ def wrk(url: str, *, connections: int = 32, seconds: int = 10, threads: int = 2,
         cmd += ["-H", f"{name}: {value}"]
     if script:
         cmd += ["-s", str(script)]
+    cpu0 = cpu_seconds(pid) if pid else 0.0
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(pid) - cpu0 if pid else None
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -100,4 +112,26 @@ def wrk(url: str, *, connections: int = 32, seconds: int = 10, threads: int = 2,
     errors = int(bad.group(1)) if bad else 0
     if socket_errors:
         errors += sum(int(n) for n in re.findall(r"\d+", socket_errors.group(0)))
-    return Load(rps, p50, p99, errors)
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return Load(rps, p50, p99, errors, cpu * 1e6 / total if cpu is not None and total else None)
+
+
+def cpu_score() -> float:
+    """A pure-Python CPU anchor: million simple loop iterations per second (best of 3), so a
+    reader can tell a slower machine (or a busy one) from a slower program."""
+    best = 0.0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i & 7
+        best = max(best, 1.0 / (time.perf_counter() - t0))
+    return best
+
+
+def machine_anchors() -> str:
+    """One line that says what machine (and how busy) the figures beside it came from."""
+    load = os.getloadavg()
+    return (f"machine: {os.cpu_count()} cores, load average {load[0]:.2f} (1 min) "
+            f"{load[1]:.2f} (5 min), Python loop {cpu_score():.1f} M iterations/s "
+            f"({sys.version.split()[0]})")

@@ -3,6 +3,7 @@ changes are recorded in Redis and queued as commands on Kafka."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import orjson
@@ -11,11 +12,13 @@ from aiohttp import web
 from core import keys
 from core.codec import Command
 from core.models import PipelineSpec, new_batch_id, valid_id
+from core.registry import PipelineRegistry
 from core.store import BadToken
 from service import auth, idempotency
 from service.appkeys import ABANDONER, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.commands import Ambiguous, Refused
 from service.errors import bad_request, not_found
+from service.fills import fills_of
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -36,12 +39,43 @@ def path_id(request: web.Request, name: str) -> str:
     return value
 
 
+# Parsed definitions by (pipeline_id, version), per registry (per app). A version is immutable
+# (registering it again with another body is refused), so once read it need not be read and
+# validated again: a POST of the latest version costs one Redis read (which version is latest)
+# instead of two and a pydantic parse.
+_SPECS: weakref.WeakKeyDictionary[PipelineRegistry, dict[tuple[str, str], PipelineSpec]] = (
+    weakref.WeakKeyDictionary())
+MAX_SPECS = 1024
+
+
+async def _spec(registry: PipelineRegistry, pipeline_id: str, version: str) -> PipelineSpec | None:
+    specs = _SPECS.get(registry)
+    if specs is None:
+        specs = _SPECS[registry] = {}
+    spec = specs.get((pipeline_id, version))
+    if spec is None:
+        spec = await registry.get(pipeline_id, version)
+        if spec is not None:
+            if len(specs) >= MAX_SPECS:
+                specs.clear()
+            specs[(pipeline_id, version)] = spec
+    return spec
+
+
 async def _resolve(request: web.Request, pipeline_id: str, version: str | None) -> PipelineSpec:
     if version is not None and not valid_id(version):
         raise bad_request("pipeline_version must match [A-Za-z0-9._-]{1,128}")
-    spec = await request.app[REGISTRY].get(pipeline_id, version)
+    registry = request.app[REGISTRY]
+    if version is None:
+        latest = await registry.latest_version(pipeline_id)
+        spec = await _spec(registry, pipeline_id, latest) if latest is not None else None
+        if spec is None:
+            raise not_found(f"unknown pipeline {pipeline_id}")
+        return spec
+    # A version asked for by name is read each time: that read is what says it exists.
+    spec = await registry.get(pipeline_id, version)
     if spec is None:
-        if version is None or await request.app[REGISTRY].latest_version(pipeline_id) is None:
+        if await registry.latest_version(pipeline_id) is None:
             raise not_found(f"unknown pipeline {pipeline_id}")
         raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
     return spec
@@ -95,28 +129,24 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
         raise
 
 
-async def _read_batch(request: web.Request, key: str) -> bytes:
-    """The batch from Redis, rendered, and kept in the cache unless it changed meanwhile."""
+async def _read_batch(request: web.Request) -> bytes:
+    """The batch from Redis, rendered, and kept in the cache unless it changed meanwhile
+    (the misses of one loop turn are read in one round trip: `service.fills`)."""
     pipeline_id = path_id(request, "pipeline_id")
     batch_id = path_id(request, "batch_id")
-    cache = request.app[CACHE]
-    generation = cache.generation
-    batch = await request.app[STORE].get(pipeline_id, batch_id)
-    if batch is None:
+    body = await fills_of(request.app[STORE], request.app[CACHE]).read(pipeline_id, batch_id)
+    if body is None:
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
-    body = orjson.dumps(batch)
-    cache.put(key, body, generation)
     return body
 
 
 async def get_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.READ)
     match = request.match_info
-    key = keys.batch(match["pipeline_id"], match["batch_id"])
     # The hot path: only ids that passed validation were ever cached, so a hit needs no check.
-    body = request.app[CACHE].get(key)
+    body = request.app[CACHE].get(keys.batch(match["pipeline_id"], match["batch_id"]))
     if body is None:
-        body = await _read_batch(request, key)
+        body = await _read_batch(request)
     return json_bytes(body)
 
 
