@@ -77,3 +77,18 @@ async def batches(http: httpx.AsyncClient, pipeline_id: str) -> dict[str, dict[s
         token = body.get("token")
         if not token:
             return found
+
+
+FINAL = frozenset(OUTCOME_OF)
+
+
+async def cancel_all(chaos: ChaosStack, tag: str) -> int:
+    """Clean-up after a failed scenario: forces every non-final run with `tag` to Cancelled
+    so a worker started later does not run them. How many it cancelled."""
+    live = [r for r in await flow_runs(chaos, tag) if state_type(r) not in FINAL]
+    async with prefect(chaos) as api:
+        for run in live:
+            await api.post(f"/flow_runs/{run['id']}/set_state", json={
+                "state": {"type": "CANCELLED", "name": "Cancelled",
+                          "message": "chaos suite clean-up"}, "force": True})
+    return len(live)

@@ -115,8 +115,10 @@ async def test_kafka_killed_during_posts(chaos: ChaosStack, http: httpx.AsyncCli
     for b in stopped:
         outcome = listed.get(b, {}).get("outcome")
         finals = [state_type(r) for r in runs_of.get(b, [])]
-        engine = OUTCOME_OF.get(finals[0]) if len(finals) == 1 else ("cancelled" if not finals else None)
-        if outcome != engine:
+        # No run at all: the stop overtook the run command, nothing ran. A run still not
+        # final (CANCELLING for ever, say) agrees with nothing.
+        engine = OUTCOME_OF.get(finals[0] or "") if len(finals) == 1 else ("cancelled" if not finals else None)
+        if engine is None or outcome != engine:
             disagree.append(f"{b}: batch says {outcome}, Prefect {finals}")
     statuses: dict[int, int] = {}
     for p in posts:
