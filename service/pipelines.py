@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered
+from pipelines.step_configs import config_problems
 from pipelines.steps import known_steps
 from service import auth
 from service.appkeys import COMMANDS, REGISTRY
@@ -47,6 +48,12 @@ async def put_pipeline(request: web.Request) -> web.Response:
         # Only registered implementations run: a definition must not choose arbitrary code.
         raise bad_request("unknown step implementation", unknown=unknown,
                           known=sorted(known_steps()))
+    # Each implementation's own config model, checked now rather than when a run starts; it
+    # also refuses any value naming a path on the worker's disk (a server-side setting).
+    problems = [problem for i, step in enumerate(spec.steps)
+                for problem in config_problems(step.uses, step.config, f"steps.{i}.config")]
+    if problems:
+        raise bad_request("invalid step config", problems=problems)
     outcome = await request.app[REGISTRY].register(pipeline_id, spec)
     if outcome is Registered.CONFLICT:
         raise ApiError(409, "conflict",

@@ -20,6 +20,7 @@ from aiohttp import web
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from core.models import PipelineSpec
 from core.settings import Settings
 from service.app import init_app
 from service.edge import ApiRunner
@@ -154,9 +155,14 @@ async def test_step_config_out_of_range_is_400(topics: Settings, redis: Redis, c
 
 
 async def test_step_config_within_range_is_accepted(topics: Settings, redis: Redis) -> None:
+    # Any JSON value within range is a valid config as far as the definition goes...
+    generic = {"n": 2**53 - 1, "m": -(2**53 - 1), "f": 1.5, "deep": _deep(20), "s": "é",
+               "l": [None, True, "x"]}
     body = spec_body()
-    body["steps"][0]["config"] = {"n": 2**53 - 1, "m": -(2**53 - 1), "f": 1.5, "deep": _deep(20),
-                                  "s": "é", "l": [None, True, "x"]}
+    body["steps"][0]["config"] = generic
+    assert PipelineSpec.model_validate(body).steps[0].config == generic
+    # ... and the API stores what the step implementation's own model accepts, exactly.
+    body["steps"][0]["config"] = {"seed": 2**53 - 1, "throttle": 1.5, "rows": 0}
     async with api_client(api_settings(topics)) as api:
         response = await api.put("/api/v1/pipelines/p", json=body, headers=AUTH)
         assert response.status == 201, await response.text()
@@ -255,3 +261,16 @@ async def test_an_oversize_authorization_header_is_not_logged(topics: Settings, 
         request = http("GET", "/api/v1/pipelines/", {"Authorization": f"Bearer {secret}"})
         json_error(*await raw(port, request), expected=431)
     assert "S3CRET" not in caplog.text
+
+
+async def test_a_step_config_naming_a_worker_path_is_refused_at_registration(
+        topics: Settings, redis: Redis) -> None:
+    body = spec_body()
+    body["steps"][2]["config"] = {"db_path": "/etc/dhub.db"}
+    async with api_client(api_settings(topics)) as api:
+        response = await api.put("/api/v1/pipelines/p", json=body, headers=AUTH)
+        assert response.status == 400, await response.text()
+        error = (await response.json())["error"]
+    assert error["message"] == "invalid step config"
+    assert [p["loc"] for p in error["details"]["problems"]] == ["steps.2.config"]
+    assert await redis.keys("*") == []  # nothing registered, nothing queued
