@@ -30,7 +30,7 @@ from consumers.dlq import DeadLetters
 from consumers.kafka import Record, commit_retrying, open_consumer
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
-from core.codec import CodecError, Event, decode_event
+from core.codec import CodecError, Event, StepOffsets, decode_event
 from core.connections import open_producer, open_redis
 from core.retry import Backoff, Stopping, Verdict, classify
 from core.settings import Settings
@@ -50,10 +50,12 @@ def coalesce(events: list[Event]) -> list[Event]:
     updates of the same partitions) out of the Redis script, which is the bottleneck.
     The events given are not modified (a merged event is a copy)."""
     out: list[Event] = []
-    merged: dict[tuple[str, str, str | None], Event] = {}
-    copied: set[tuple[str, str, str | None]] = set()
+    merged: dict[tuple[str, str, str], StepOffsets] = {}
+    copies: set[tuple[str, str, str]] = set()
     for event in events:
-        if event.type != "step.offsets":
+        # An exact class test and plain attribute reads: this loop runs once per event of a
+        # fast stream, and most of its events merge into another.
+        if type(event) is not StepOffsets:
             out.append(event)
             continue
         key = (event.pipeline_id, event.batch_id, event.step)
@@ -61,14 +63,13 @@ def coalesce(events: list[Event]) -> list[Event]:
         if into is None:
             merged[key] = event
             continue
-        if key not in copied:
+        if key not in copies:
             # Copied only when a second event arrives: most polls merge nothing.
             into = merged[key] = copy.copy(into)
-            into.offsets = dict(into.offsets)  # type: ignore[arg-type]
-            copied.add(key)
-        # The decoder guarantees offsets on this type.
-        offsets: dict[str, int] = into.offsets  # type: ignore[assignment]
-        for part, value in event.offsets.items():  # type: ignore[union-attr]
+            into.offsets = dict(into.offsets)
+            copies.add(key)
+        offsets = into.offsets
+        for part, value in event.offsets.items():
             if value > offsets.get(part, -1):
                 offsets[part] = value
     out.extend(merged.values())
@@ -138,12 +139,23 @@ class EventsConsumer(Part):
         events: list[Event] = []
         bad: list[tuple[Record, str]] = []
         append = events.append
+        # A record whose bytes equal one already decoded in this poll is the same event (same
+        # id) delivered again: applying it once more changes nothing (offsets by value, state
+        # events de-duplicated by id), so it is counted and not decoded again.
+        seen: set[bytes] = set()
+        duplicates = 0
         for records in batch.values():
             for record in records:
+                value = record.value
+                if value in seen:
+                    duplicates += 1
+                    continue
                 try:
-                    append(decode_event(record.value))
+                    append(decode_event(value))
                 except CodecError as exc:
                     bad.append((record, str(exc)))
+                else:
+                    seen.add(value)
         if events:
             try:
                 results = await self._apply(coalesce(events))
@@ -158,7 +170,7 @@ class EventsConsumer(Part):
                 # only the batches that fail.
                 log.error("apply failed (%s); retrying batch by batch", exc)
                 results = await self._apply_one_by_one(batch, bad)
-            self.applied += len(events)
+            self.applied += len(events) + duplicates
             for n in results.values():
                 if n < 0:
                     self.dropped += 1
