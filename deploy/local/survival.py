@@ -12,13 +12,13 @@ import httpx
 import redis
 from aiokafka.admin import AIOKafkaAdminClient
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 KEY = "dhub:bench:survives"
 
 
-async def _topics() -> set[str]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=get_settings().kafka_bootstrap)
+async def _topics(s: Settings) -> set[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
     await admin.start()
     try:
         return set(await admin.list_topics())
@@ -26,8 +26,7 @@ async def _topics() -> set[str]:
         await admin.close()
 
 
-def _pool_id() -> str:
-    s = get_settings()
+def _pool_id(s: Settings) -> str:
     return str(httpx.get(f"{s.prefect_api_url}/work_pools/{s.work_pool}", timeout=5).json()["id"])
 
 
@@ -37,14 +36,14 @@ def main() -> None:
     client = redis.Redis.from_url(s.redis_url)
     if action == "mark":
         client.set(KEY, "1")
-        marker.write_text(_pool_id())
+        marker.write_text(_pool_id(s))
         return
     lost = []
     if client.get(KEY) != b"1":
         lost.append("redis key")
-    if not {s.topic_commands, s.topic_events, s.topic_dlq} <= asyncio.run(_topics()):
+    if not {s.topic_commands, s.topic_events, s.topic_dlq} <= asyncio.run(_topics(s)):
         lost.append("kafka topics")
-    if _pool_id() != marker.read_text():
+    if _pool_id(s) != marker.read_text():
         lost.append("prefect rows")
     print("LOST: " + ", ".join(lost) if lost else "yes (redis key, kafka topics, prefect rows)")
 
