@@ -9,8 +9,9 @@ Jobs live in Redis, so a crash or a restart resumes them:
   CLEANUP_DUE    sorted set  "<kind>/<pipeline_id>/<batch_id>" -> next pass (unix time)
   CLEANUP_SINCE  hash        same member -> when the clean-up began (unix time)
 Kinds: `delete` (cancel, then delete every flow run of the batch, then purge it from Redis),
-`cancel` (cancel every flow run of a batch that stays, `stop`/`failed`) and `stop` (a stop
-that found a run Pending: cancelled once the engine runs it, see `_settle`).
+`cancel` (cancel every flow run of a batch that stays, `stop`/`failed`) and `stop` (a stop's
+follow-up: a run found Pending is cancelled once its engine runs it, and one left
+Cancelling with no engine to end it is ended; see `_settle`).
 
 Ordering with creates: runs are found by the batch's tag, and a job is done only once a
 pass after `cleanup_recheck_s` (more than a create's time-out window) found nothing left to
@@ -175,6 +176,15 @@ class Cleanup:
             return False
         if not run.final and run.state_type != "CANCELLING":
             run = await self._prefect.cancel(run, message)
+        if kind == "stop" and run.state_type == "CANCELLING":
+            # The worker ends a Cancelling run within seconds. One that stays Cancelling
+            # has no engine left: it finished meanwhile and Prefect refused its Completed
+            # (only Cancelled may follow Cancelling), so nobody would ever end it. Ended
+            # here, Cancelled: the batch then reports the final state Prefect holds.
+            stuck = now - run.since.timestamp() if run.since is not None else 0.0
+            if stuck < self._options.stop_cancelling_wait_s:
+                return False
+            run = await self._prefect.force_cancelled(run, message)
         if not run.final:
             if kind != "delete":
                 return True  # Cancelling: its worker ends it; the batch already says failed

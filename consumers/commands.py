@@ -243,17 +243,19 @@ class CommandsConsumer(Part):
                 event_id=f"stop-{command.batch_id}", state="stop", outcome="cancelled",
                 reason="stopped before it started",
             ))  # fmt: skip
-        claimed = False
+        follow_up = False
         for run in runs:
             if run.state_type == "PENDING":
                 # A worker is starting it: a cancellation now races the engine (the worker
                 # marks it Cancelled, the engine may still run it). It is cancelled once
                 # running instead, by the engine's own cancellation (consumers.cleanup).
-                claimed = True
+                follow_up = True
                 continue
             now = await self.prefect.cancel(run, STOP_MESSAGE)
             # A run that was Scheduled is Cancelled now; a started one is Cancelling, and
-            # its final state arrives from Prefect (bridge, hooks), whatever it is.
+            # its final state arrives from Prefect (bridge, hooks), whatever it is; the
+            # follow-up sees that it does arrive.
+            follow_up |= not now.final
             if now.final and now.state_type is not None and now.state_id is not None:
                 event = flow_state_event(
                     pipeline_id=command.pipeline_id, batch_id=command.batch_id,
@@ -264,7 +266,7 @@ class CommandsConsumer(Part):
                     events.append(event)
         if events:
             await self.emitter.emit(events)
-        if claimed:
+        if follow_up:
             await self.cleanup.enqueue("stop", command.pipeline_id, command.batch_id)
         log.info("stop %s: %s", command.batch_id,
                  ", ".join(f"{r.flow_run_id} {r.state_type}" for r in runs) or "no flow run")

@@ -48,7 +48,7 @@ async def whole_loop(ctx: PipelineCtx) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(running(EventsConsumer(ctx.settings, options())))
         await stack.enter_async_context(running(CommandsConsumer(
-            ctx.settings, options(), ensure=ctx.deployer.ensure)))
+            ctx.settings, options(stop_cancelling_wait_s=10.0), ensure=ctx.deployer.ensure)))
         await stack.enter_async_context(running(PrefectBridge(ctx.settings, options())))
         yield
 
@@ -94,23 +94,29 @@ async def test_stops_right_after_creation_never_contradict_the_engine(
                     await run_then_stop(n, batch_id)
             await asyncio.gather(*(one(n, b) for n, b in enumerate(batch_ids)))
 
-            async def settled() -> dict[str, tuple[str, str]] | None:
-                """batch -> (its outcome, its flow run's state), once all are final."""
-                out: dict[str, tuple[str, str]] = {}
+            async def snapshot() -> dict[str, tuple[str, str, str]]:
+                """batch -> (its state, its outcome, its flow run's state)."""
+                out: dict[str, tuple[str, str, str]] = {}
                 async with prefect(ctx.settings) as client:
                     for batch_id in batch_ids:
                         fields = await ctx.fields(batch_id)
-                        if fields.get("state") != "stop":
-                            return None
                         run = await client.read_flow_run(uuid.UUID(fields["flow_run_id"]))
                         state = run.state.type.value if run.state is not None else "NONE"
-                        if state not in AGREES:
-                            return None
-                        out[batch_id] = (fields["outcome"], state)
+                        out[batch_id] = (fields["state"], fields.get("outcome", ""), state)
                 return out
 
-            result: dict[str, tuple[str, str]] = await eventually(  # type: ignore[assignment]
-                settled, timeout=200, interval=1.0)
+            async def settled() -> dict[str, tuple[str, str]] | None:
+                """batch -> (its outcome, its flow run's state), once all are final."""
+                now = await snapshot()
+                if any(b != "stop" or s not in AGREES for b, _, s in now.values()):
+                    return None
+                return {k: (o, s) for k, (_, o, s) in now.items()}
+
+            try:
+                result: dict[str, tuple[str, str]] = await eventually(  # type: ignore[assignment]
+                    settled, timeout=200, interval=1.0)
+            except AssertionError:
+                raise AssertionError(f"not all final: {await snapshot()}") from None
             # Final in Prefect and in Redis; a little longer for a late contradiction (the
             # engine running a run that had been reported cancelled).
             await asyncio.sleep(3)
