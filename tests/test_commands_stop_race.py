@@ -36,7 +36,7 @@ from tests.test_consumers_support import (
     unique,
 )
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(540)
 RUNS = int(os.environ.get("DHUB_TEST_RACE_RUNS", "30"))
 # The batch outcome each final flow-run state must produce.
 AGREES = {"COMPLETED": "completed", "CANCELLED": "cancelled", "FAILED": "failed",
