@@ -4,25 +4,27 @@ Deployed once per pipeline as `run-pipeline/<pipeline name>` (see `pipelines.dep
 worker loads it from this file. It reads the pipeline version's definition from Redis, marks
 every step `pending`, then runs the steps in order, each as a task run named after the step.
 A step that fails fails the flow, and the steps after it stay `pending`.
+
+Start-up cost: Prefect's engine imports this module before it reports the run Running, so
+the module imports only Prefect and light modules; the clients (redis, aiokafka), the hooks,
+the step SDK and the step implementations are imported inside the flow and the hooks, after
+Running is on its way (that moved about a tenth of the engine's start past Running).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefect import flow, task
+from prefect import Flow, flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 
-from core.connections import open_redis
 from core.models import FLOW_NAME, PipelineSpec
-from core.registry import PipelineRegistry
-from core.scripts import Scripts
 from core.settings import Settings, get_settings
-from pipelines import hooks
-from pipelines.publisher import EventPublisher, open_publisher
-from pipelines.sdk import run_step
-from pipelines.steps import resolve
+
+if TYPE_CHECKING:
+    from pipelines.publisher import EventPublisher
 
 
 class DefinitionMissing(LookupError):
@@ -30,6 +32,10 @@ class DefinitionMissing(LookupError):
 
 
 async def load_definition(settings: Settings, pipeline_id: str, version: str) -> PipelineSpec:
+    from core.connections import open_redis
+    from core.registry import PipelineRegistry
+    from core.scripts import Scripts
+
     redis = await open_redis(settings)
     try:
         spec = await PipelineRegistry(redis, Scripts(redis)).get(pipeline_id, version)
@@ -46,19 +52,37 @@ async def load_definition(settings: Settings, pipeline_id: str, version: str) ->
 async def step_task(step: str, uses: str, config: dict[str, Any],
                     events: EventPublisher) -> dict[str, int]:
     """One step as a task run named after the step; returns its final offsets."""
+    from pipelines.sdk import run_step
+    from pipelines.steps import resolve
+
     ctx = await run_step(resolve(uses), events, step, config, get_settings())
     return ctx.offsets
+
+
+def _hook(outcome: str) -> Any:
+    """`pipelines.hooks`' stop hook for `outcome`, imported when the run ends, not before."""
+
+    async def hook(flow: Flow[Any, Any], flow_run: FlowRun, state: State) -> None:
+        from pipelines import hooks
+
+        await getattr(hooks, f"on_{outcome}")(flow, flow_run, state)
+
+    hook.__name__ = hook.__qualname__ = f"publish_stop_{outcome}"
+    return hook
 
 
 @flow(
     name=FLOW_NAME,
     persist_result=False,
-    on_completion=[hooks.on_completion],
-    on_failure=[hooks.on_failure],
-    on_cancellation=[hooks.on_cancellation],
-    on_crashed=[hooks.on_crashed],
+    on_completion=[_hook("completion")],
+    on_failure=[_hook("failure")],
+    on_cancellation=[_hook("cancellation")],
+    on_crashed=[_hook("crashed")],
 )
 async def run_pipeline(batch_id: str, pipeline_id: str, pipeline_version: str) -> None:
+    from pipelines.publisher import open_publisher
+    from pipelines.steps import resolve
+
     settings = get_settings()
     spec = await load_definition(settings, pipeline_id, pipeline_version)
     # Every `uses` resolved before anything runs: a bad definition fails with no step started.
