@@ -47,8 +47,12 @@ CHAOS_ENV := DHUB_STATE_DIR=$(CURDIR)/.dhub-chaos DHUB_REDIS_URL=redis://127.0.0
 	DHUB_PREFECT_API_URL=http://127.0.0.1:4300/api DHUB_PREFECT_PORT=4300 DHUB_API_PORT=8180 \
 	DHUB_WORK_POOL=dhub-chaos DHUB_CHAOS=1
 
+# A chaos stack that is not fully up starts from empty data (its logs kept): runs left
+# waiting by an interrupted run must not load the next one.
 chaos: setup  ## fault-injection suite (RELIABILITY.md) on its own stack, stopped at the end
 	@export $(CHAOS_ENV); \
+	if ! $(STACK) status >/dev/null 2>&1; then $(STACK) down >/dev/null; \
+		find "$$DHUB_STATE_DIR" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} + 2>/dev/null; fi; \
 	[ -n "$(CHAOS_KEEP)" ] || trap '$(STACK) down' EXIT; \
 	$(STACK) up && $(PY) -m pytest -p no:cacheprovider -s tests/chaos $(PYTEST_ARGS)
 

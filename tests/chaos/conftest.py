@@ -6,6 +6,7 @@ Without DHUB_CHAOS=1 nothing here is even collected, so `make test` does not see
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterator
 
@@ -14,6 +15,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
+from tests.chaos.engine import cancel_all
 from tests.chaos.stackctl import ChaosStack, check_isolated
 from tests.chaos.watch import client
 
@@ -37,6 +39,9 @@ def chaos() -> Iterator[ChaosStack]:
     if problem := check_isolated(settings):
         pytest.exit(problem, 3)
     stack = ChaosStack(settings)
+    # A reused chaos stack (CHAOS_KEEP=1) may hold runs an interrupted scenario left waiting.
+    if left := asyncio.run(cancel_leftovers(stack)):
+        print(f"\ncancelled {left} flow runs left non-final by an earlier run")
     yield stack
 
 
@@ -62,3 +67,7 @@ async def chaos_redis(chaos: ChaosStack) -> AsyncIterator[Redis]:
 async def http(chaos: ChaosStack) -> AsyncIterator[httpx.AsyncClient]:
     async with client(chaos.api, chaos.token) as session:
         yield session
+
+
+async def cancel_leftovers(stack: ChaosStack) -> int:
+    return await cancel_all(stack, "dhub")
