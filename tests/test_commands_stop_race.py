@@ -126,7 +126,16 @@ async def test_stops_right_after_creation_never_contradict_the_engine(
               f"{dict(Counter(o for o, _ in again.values()))}, Prefect "
               f"{dict(Counter(s for _, s in again.values()))}")
         wrong = {b: v for b, v in again.items() if AGREES[v[1]] != v[0]}
-        assert wrong == {}, f"{len(wrong)} of {RUNS} batches contradict Prefect: {wrong}"
+        if wrong:
+            history: dict[str, list[str]] = {}
+            async with prefect(ctx.settings) as client:
+                for batch_id in wrong:
+                    flow_run_id = uuid.UUID((await ctx.fields(batch_id))["flow_run_id"])
+                    states = await client.read_flow_run_states(flow_run_id)
+                    history[batch_id] = [f"{st.timestamp:%H:%M:%S.%f} {st.name} "
+                                         f"{(st.message or '')[:50]}" for st in states]
+            raise AssertionError(f"{len(wrong)} of {RUNS} batches contradict Prefect: "
+                                 f"{wrong}; histories {history}")
         assert result.keys() == again.keys()
     finally:
         await ctx.deployer.cleanup(ctx.batches)
