@@ -16,10 +16,12 @@ dropped by the script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -76,6 +78,13 @@ def coalesce(events: list[Event]) -> list[Event]:
     return out
 
 
+@dataclass(slots=True)
+class _Poll:
+    events: list[Event]
+    bad: list[tuple[Record, str]]
+    duplicates: int
+
+
 def _bad_script_data(exc: BaseException) -> bool:
     """A script error that is about a batch's data (no retry can fix it), as opposed to
     Redis not taking writes now (READONLY, OOM, BUSY...: `classify` says UNAVAILABLE and
@@ -119,29 +128,54 @@ class EventsConsumer(Part):
     async def _loop(self) -> None:
         assert self._consumer is not None
         last_stats, last_applied = time.monotonic(), 0
-        while not self.stopping.is_set():
-            batch = await self._consumer.getmany(timeout_ms=self.options.poll_timeout_ms,
-                                                 max_records=self.options.events_max_records)
-            if batch:
-                try:
-                    await self.process(batch)
-                except Stopping:
-                    return  # Redis or Kafka down at shutdown: left uncommitted, read again later
-            if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
-                last_stats, last_applied = time.monotonic(), self.applied
-                log.info("events: %d applied (%d changed a batch), %d dropped, %d dead-lettered",
-                         self.applied, self.changed, self.dropped, self.dead)
+        # The poll before this one, being applied and committed. The next poll is fetched and
+        # decoded meanwhile (Python's work overlapping Redis running the scripts), but it is
+        # applied only once that one is committed: polls still apply and commit in order,
+        # and a failure leaves the later poll neither applied nor committed.
+        applying: asyncio.Task[None] | None = None
+        try:
+            while not self.stopping.is_set():
+                batch = await self._consumer.getmany(
+                    timeout_ms=self.options.poll_timeout_ms,
+                    max_records=self.options.events_max_records)
+                if batch:
+                    prepared = self._prepare(batch)
+                    if applying is not None:
+                        await applying
+                    applying = asyncio.create_task(self._finish(batch, prepared))
+                elif applying is not None and applying.done():
+                    await applying
+                    applying = None
+                if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
+                    last_stats, last_applied = time.monotonic(), self.applied
+                    log.info("events: %d applied (%d changed a batch), %d dropped, "
+                             "%d dead-lettered", self.applied, self.changed, self.dropped,
+                             self.dead)
+            if applying is not None:
+                await applying
+        except Stopping:
+            return  # Redis or Kafka down at shutdown: left uncommitted, read again later
+        finally:
+            if applying is not None and not applying.done():
+                # Leaving on an error elsewhere: the poll in flight ends on its own terms
+                # (stopping makes its retries give up), never cut in half.
+                self.stopping.set()
+                with contextlib.suppress(Exception):
+                    await applying
 
     async def process(self, batch: dict[TopicPartition, list[Record]]) -> None:
         """Applies one `getmany` result and commits it. Raises `Stopping` (shutdown while a
         dependency is down) or `GaveUp`; either way nothing past the last commit is lost."""
-        assert self._consumer is not None
+        await self._finish(batch, self._prepare(batch))
+
+    def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> _Poll:
+        """Decodes a poll: its events, its malformed records, and how many records repeated
+        one already decoded. A record whose bytes equal an earlier one of the poll is the same
+        event (same id) delivered again: applying it once more changes nothing (offsets by
+        value, state events de-duplicated by id), so it is counted and not decoded again."""
         events: list[Event] = []
         bad: list[tuple[Record, str]] = []
         append = events.append
-        # A record whose bytes equal one already decoded in this poll is the same event (same
-        # id) delivered again: applying it once more changes nothing (offsets by value, state
-        # events de-duplicated by id), so it is counted and not decoded again.
         seen: set[bytes] = set()
         duplicates = 0
         for records in batch.values():
@@ -156,6 +190,11 @@ class EventsConsumer(Part):
                     bad.append((record, str(exc)))
                 else:
                     seen.add(value)
+        return _Poll(events, bad, duplicates)
+
+    async def _finish(self, batch: dict[TopicPartition, list[Record]], poll: _Poll) -> None:
+        assert self._consumer is not None
+        events, bad = poll.events, poll.bad
         if events:
             try:
                 results = await self._apply(coalesce(events))
@@ -170,7 +209,7 @@ class EventsConsumer(Part):
                 # only the batches that fail.
                 log.error("apply failed (%s); retrying batch by batch", exc)
                 results = await self._apply_one_by_one(batch, bad)
-            self.applied += len(events) + duplicates
+            self.applied += len(events) + poll.duplicates
             for n in results.values():
                 if n < 0:
                     self.dropped += 1
