@@ -24,7 +24,8 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from benchmarks.harness import stack
+from benchmarks.harness import machine_anchors, stack
+from benchmarks.startup import start_latency
 from consumers.events import EventsConsumer
 from core.codec import Event
 from core.connections import open_producer, open_redis
@@ -47,36 +48,6 @@ async def _state(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
         response.raise_for_status()
         body: dict[str, Any] = await response.json()
         return body
-
-
-# -- 1. POST -> scheduled / running ---------------------------------------------------------
-
-async def start_latency(api: str, session: aiohttp.ClientSession, batches: int) -> dict[str, list[float]]:
-    spec = {"name": "bench-e2e", "version": "1",
-            "steps": [{"name": s, "uses": f"sales.{s}", "config": {"rows": 400, "partitions": 2}}
-                      for s in ("extract", "transform", "load")]}
-    async with session.put(f"{api}/api/v1/pipelines/bench-e2e", json=spec) as response:
-        response.raise_for_status()
-    order = ["pending", "scheduled", "running", "stop"]
-    out: dict[str, list[float]] = {"scheduled": [], "running": [], "stop": []}
-    for _ in range(batches):
-        t0 = time.perf_counter()
-        async with session.post(f"{api}/api/v1/batches/bench-e2e") as response:
-            response.raise_for_status()
-            batch_id = (await response.json())["item"]
-        url = f"{api}/api/v1/batches/bench-e2e/{batch_id}"
-        seen: dict[str, float] = {}
-        deadline = t0 + 120
-        while "stop" not in seen and time.perf_counter() < deadline:
-            state = (await _state(session, url))["state"]["state"]
-            now = time.perf_counter() - t0
-            for name in order[1:order.index(state) + 1]:
-                seen.setdefault(name, now)
-            await asyncio.sleep(0.01)
-        for name in out:
-            if name in seen:
-                out[name].append(seen[name])
-    return out
 
 
 # -- 2. event -> visible under load ---------------------------------------------------------
@@ -271,17 +242,24 @@ async def run(args: argparse.Namespace) -> None:
     api = f"http://{settings.api_host}:{settings.api_port}"
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(headers=headers) as session:
-        starts = await start_latency(api, session, args.batches)
+        starts = await start_latency(api, session, settings, args.batches)
         latencies, achieved = await visible_latency(api, session, settings, args.rate, args.seconds)
     rates = await apply_rate(settings, args.events, args.redis_db)
     apply, raw = rates.apply, rates.raw
 
-    print("\n| what | p50 | p95 | p99 | n |")
+    print(f"\n{machine_anchors()}")
+    print(f"\nPOST -> running and its floor, alternating one run at a time ({args.batches} "
+          "each): the floor is the same deployment's flow run created straight through "
+          "Prefect's client, create -> Running (polled every 10 ms, as dhub's GET)\n")
+    print("| what | p50 | p95 | p99 | n |")
     print("|---|---:|---:|---:|---:|")
-    for name in ("scheduled", "running", "stop"):
-        values = starts[name]
+    rows = [(f"POST -> {name} (s)", starts.dhub[name]) for name in ("scheduled", "running", "stop")]
+    rows.insert(2, ("POST -> Running in Prefect's own state (s, Prefect's clock)",
+                    starts.dhub_prefect_running))
+    rows.append(("floor: Prefect client create -> Running (s) (anchor)", starts.floor))
+    for name, values in rows:
         if values:
-            print(f"| POST -> {name} (s) | {pct(values, .5):.2f} | {pct(values, .95):.2f} | "
+            print(f"| {name} | {pct(values, .5):.2f} | {pct(values, .95):.2f} | "
                   f"{pct(values, .99):.2f} | {len(values)} |")
     print(f"| event produced -> visible in GET (ms), {achieved:,.0f} events/s flowing | "
           f"{pct(latencies, .5):.1f} | {pct(latencies, .95):.1f} | {pct(latencies, .99):.1f} | "
@@ -292,10 +270,24 @@ async def run(args: argparse.Namespace) -> None:
           f"{apply / raw:.0%} of raw; CPU of this process per event: consumer "
           f"{rates.apply_cpu_us:.1f} µs, raw read {rates.raw_cpu_us:.1f} µs (the consumer also "
           "waits on Redis)")
-    running = starts["running"]
-    print(f"targets: POST->running p95 < 3 s: {'PASS' if running and pct(running, .95) < 3 else 'MISS'}; "
-          f"visible p99 < 100 ms: {'PASS' if pct(latencies, .99) < 100 else 'MISS'}; "
-          f"apply >= 50k/s: {'PASS' if apply >= 50_000 else 'MISS'}")
+    running, floor = starts.dhub["running"], starts.floor
+    verdicts = [
+        ("POST -> running p95 < 2 s", bool(running) and pct(running, .95) < 2),
+        (f"visible p99 < 50 ms at {args.rate:,} events/s",
+         pct(latencies, .99) < 50 and achieved >= 0.9 * args.rate),
+        ("events consumer >= 50% of raw", apply / raw >= 0.5),
+    ]
+    if achieved < 0.9 * args.rate:
+        print(f"NOTE: the load reached {achieved:,.0f} of {args.rate:,} events/s asked: the "
+              "machine could not produce it, so the visible-latency figure does not count")
+    if running and floor:
+        for q in (.5, .95):
+            over = pct(running, q) / pct(floor, q) - 1
+            print(f"dhub over the floor at p{round(q * 100)}: {over:+.0%} "
+                  f"({pct(running, q):.2f} s vs {pct(floor, q):.2f} s)")
+            verdicts.append((f"overhead over the floor at p{round(q * 100)} <= 10%", over <= 0.10))
+    print("\ntargets: " + "; ".join(f"{name}: {'PASS' if ok else 'MISS'}" for name, ok in verdicts))
+    print(machine_anchors())
 
 
 def main() -> None:
