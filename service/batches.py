@@ -19,6 +19,7 @@ from service.appkeys import ABANDONER, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, S
 from service.commands import Ambiguous, Refused
 from service.errors import bad_request, not_found
 from service.fills import fills_of
+from service.turns import turn_reads
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -67,7 +68,9 @@ async def _resolve(request: web.Request, pipeline_id: str, version: str | None) 
         raise bad_request("pipeline_version must match [A-Za-z0-9._-]{1,128}")
     registry = request.app[REGISTRY]
     if version is None:
-        latest = await registry.latest_version(pipeline_id)
+        # Which version is latest: read with the other POSTs of this loop turn (service.turns).
+        latest = await turn_reads(registry.redis).read(
+            "LINDEX", keys.pipeline_order(pipeline_id), "-1")
         spec = await _spec(registry, pipeline_id, latest) if latest is not None else None
         if spec is None:
             raise not_found(f"unknown pipeline {pipeline_id}")

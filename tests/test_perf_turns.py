@@ -1,0 +1,60 @@
+"""Reads of one loop turn share one pipelined round trip (service/turns.py), which POST uses to
+learn the latest version of a pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from core import keys
+from core.settings import Settings
+from service.turns import TurnReads
+from tests.cache_support import engines
+from tests.test_perf_fills import CountingPipelines
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    yield from engines("redis")
+
+
+async def test_reads_of_one_turn_share_a_round_trip_and_equal_reads_share_a_reply(
+        redis: Redis) -> None:
+    for n in range(5):
+        await redis.rpush(keys.pipeline_order(f"p{n}"), "1", str(n + 2))
+    counter = CountingPipelines(redis)
+    reads = TurnReads(redis)
+    asked = [("LINDEX", keys.pipeline_order(f"p{n % 5}"), "-1") for n in range(40)]
+    replies = await asyncio.gather(*(reads.read(*command) for command in asked))
+    assert counter.sizes == [5]
+    assert replies == [str(n % 5 + 2) for n in range(40)]
+    # A later turn reads again: a version registered meanwhile is seen.
+    await redis.rpush(keys.pipeline_order("p0"), "9")
+    assert await reads.read("LINDEX", keys.pipeline_order("p0"), "-1") == "9"
+    assert await reads.read("LINDEX", keys.pipeline_order("none"), "-1") is None
+
+
+async def test_an_error_reaches_only_its_own_reader(redis: Redis) -> None:
+    await redis.set("perf:string", "x")
+    await redis.rpush(keys.pipeline_order("p"), "1")
+    reads = TurnReads(redis)
+    wrong, right = await asyncio.gather(reads.read("LINDEX", "perf:string", "-1"),
+                                        reads.read("LINDEX", keys.pipeline_order("p"), "-1"),
+                                        return_exceptions=True)
+    assert isinstance(wrong, Exception) and "WRONGTYPE" in str(wrong)
+    assert right == "1"
+
+
+async def test_redis_unreachable_fails_every_reader_of_the_turn() -> None:
+    dead = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5,
+                          decode_responses=True)
+    try:
+        reads = TurnReads(dead)
+        outcomes = await asyncio.gather(reads.read("LINDEX", "a", "-1"),
+                                        reads.read("LINDEX", "b", "-1"), return_exceptions=True)
+        assert all(isinstance(o, Exception) for o in outcomes), outcomes
+    finally:
+        await dead.aclose()
