@@ -182,7 +182,9 @@ class Cleanup:
             # (only Cancelled may follow Cancelling), so nobody would ever end it. Ended
             # here, Cancelled: the batch then reports the final state Prefect holds.
             stuck = now - run.since.timestamp() if run.since is not None else 0.0
-            if stuck < self._options.stop_cancelling_wait_s:
+            if not run.ran or stuck < self._options.stop_cancelling_wait_s:
+                # Never started: its worker ends it (and may start it late on a busy
+                # machine: a Cancelled forced here would let the engine run it anyway).
                 return False
             run = await self._prefect.force_cancelled(run, message)
         if not run.final:
