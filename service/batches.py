@@ -13,13 +13,14 @@ from core import keys
 from core.codec import Command
 from core.models import PipelineSpec, new_batch_id, valid_id
 from core.registry import PipelineRegistry
-from core.store import BadToken
+from core.scripts import Scripts
+from core.store import BadToken, BatchStore
 from service import auth, idempotency
 from service.appkeys import ABANDONER, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.commands import Ambiguous, Refused
 from service.errors import bad_request, not_found
 from service.fills import fills_of
-from service.turns import turn_reads
+from service.turns import TurnReads, turn_reads
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -47,6 +48,33 @@ def path_id(request: web.Request, name: str) -> str:
 _SPECS: weakref.WeakKeyDictionary[PipelineRegistry, dict[tuple[str, str], PipelineSpec]] = (
     weakref.WeakKeyDictionary())
 MAX_SPECS = 1024
+
+
+class _TurnScripts(Scripts):
+    """The store's scripts, with `create_batch` sent together with the other POSTs' creates
+    of the same loop turn (service.turns). Everything else is the store's own."""
+
+    def __init__(self, scripts: Scripts, turns: TurnReads) -> None:
+        self.__dict__.update(scripts.__dict__)
+        create = scripts.create_batch
+
+        async def create_batch(keys: list[str], args: list[Any], client: Any = None) -> Any:
+            return await turns.script(create, list(keys), list(args))
+
+        self.create_batch = create_batch  # type: ignore[assignment]
+
+
+_CREATORS: weakref.WeakKeyDictionary[BatchStore, BatchStore] = weakref.WeakKeyDictionary()
+
+
+def _creator(store: BatchStore) -> BatchStore:
+    """The app's store for creating batches: `BatchStore.create` as it is (its hash layout),
+    its script call batched per loop turn."""
+    creator = _CREATORS.get(store)
+    if creator is None:
+        scripts = _TurnScripts(store.scripts, turn_reads(store.redis))
+        creator = _CREATORS[store] = BatchStore(store.redis, scripts, token_secret=b"unused")
+    return creator
 
 
 async def _spec(registry: PipelineRegistry, pipeline_id: str, version: str) -> PipelineSpec | None:
@@ -117,7 +145,7 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     run: refused, it is purged; ambiguous (the command may be written and even be running),
     it is abandoned (hidden as `stop`/`failed`, its delete queued behind the run)."""
     store = request.app[STORE]
-    await store.create(pipeline_id, batch_id, spec)
+    await _creator(store).create(pipeline_id, batch_id, spec)
     command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version)
     try:
         await request.app[COMMANDS].command(command)

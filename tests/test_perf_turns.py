@@ -4,6 +4,7 @@ learn the latest version of a pipeline."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +59,22 @@ async def test_redis_unreachable_fails_every_reader_of_the_turn() -> None:
         assert all(isinstance(o, Exception) for o in outcomes), outcomes
     finally:
         await dead.aclose()
+
+
+async def test_script_calls_of_one_turn_share_a_round_trip_and_an_unknown_script_is_loaded(
+        redis: Redis) -> None:
+    # A script body no test ran before: Redis does not know it, so EVALSHA answers NOSCRIPT
+    # and the call is made again on its own (which loads it).
+    marker = uuid.uuid4().hex
+    script = redis.register_script(
+        f"-- {marker}\nredis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]")
+    reads = TurnReads(redis)
+    counter = CountingPipelines(redis)
+    replies = await asyncio.gather(*(reads.script(script, [f"perf:{n}"], [str(n)])
+                                     for n in range(20)))
+    assert replies == [str(n) for n in range(20)]
+    assert counter.sizes[0] == 20  # one pipeline for the turn (then the reloads, one each)
+    assert [await redis.get(f"perf:{n}") for n in range(20)] == [str(n) for n in range(20)]
+    counter.sizes.clear()
+    again = await asyncio.gather(*(reads.script(script, [f"perf:{n}"], ["x"]) for n in range(5)))
+    assert again == ["x"] * 5 and counter.sizes == [5]  # known now: no reload
