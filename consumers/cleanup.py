@@ -6,8 +6,8 @@ slow part (waiting for a cancellation to end, letting a finished run's events se
 deleting it) for many batches at a time, so no other batch's command waits for it.
 
 Jobs live in Redis, so a crash or a restart resumes them:
-  CLEANUP_DUE    sorted set  "<kind>/<pipeline_id>/<batch_id>" -> next pass (unix time)
-  CLEANUP_SINCE  hash        same member -> when the clean-up began (unix time)
+  keys.CLEANUP_DUE    sorted set  "<kind>/<pipeline_id>/<batch_id>" -> next pass (unix time)
+  keys.CLEANUP_SINCE  hash        same member -> when the clean-up began (unix time)
 Kinds: `delete` (cancel, then delete every flow run of the batch, then purge it from Redis),
 `cancel` (cancel every flow run of a batch that stays, `stop`/`failed`) and `stop` (a stop's
 follow-up: a run found Pending is cancelled once its engine runs it, and one left
@@ -38,8 +38,6 @@ from core.store import BatchStore
 
 log = logging.getLogger(__name__)
 # Belong in core.keys (owned elsewhere): see the module docstring for their layout.
-CLEANUP_DUE: Final = f"{keys.PREFIX}:cleanup"
-CLEANUP_SINCE: Final = f"{keys.PREFIX}:cleanup:since"
 KINDS: Final = ("delete", "cancel", "stop")
 MESSAGES: Final = {"delete": "deleted through the batches API",
                    "cancel": "the batch failed: its command was given up",
@@ -68,12 +66,12 @@ class Cleanup:
         job = member(kind, pipeline_id, batch_id)
         now = time.time()
         async with self._redis.pipeline(transaction=True) as tx:
-            tx.hsetnx(CLEANUP_SINCE, job, repr(now))
-            tx.zadd(CLEANUP_DUE, {job: now}, nx=True)
+            tx.hsetnx(keys.CLEANUP_SINCE, job, repr(now))
+            tx.zadd(keys.CLEANUP_DUE, {job: now}, nx=True)
             await tx.execute()
 
     async def pending(self) -> list[str]:
-        return cast(list[str], await self._redis.zrange(CLEANUP_DUE, 0, -1))
+        return cast(list[str], await self._redis.zrange(keys.CLEANUP_DUE, 0, -1))
 
     # -- the background task -------------------------------------------------------------
 
@@ -101,14 +99,14 @@ class Cleanup:
             return
         now = time.time()
         due = cast(list[str], await self._redis.zrangebyscore(
-            CLEANUP_DUE, "-inf", now, start=0, num=room + len(self._inflight)))
+            keys.CLEANUP_DUE, "-inf", now, start=0, num=room + len(self._inflight)))
         for job in due:
             if job in self._inflight or len(self._inflight) >= self._options.cleanup_concurrency:
                 continue
             # Claimed by moving its due time past the lease; another process reading the
             # same entry at the same moment may run the same pass (every step is idempotent).
             claimed = await self._redis.zadd(
-                CLEANUP_DUE, {job: now + self._options.cleanup_lease_s}, xx=True, gt=True, ch=True)
+                keys.CLEANUP_DUE, {job: now + self._options.cleanup_lease_s}, xx=True, gt=True, ch=True)
             if claimed:
                 task = asyncio.create_task(self._job(job), name=f"cleanup {job}")
                 self._inflight[job] = task
@@ -121,26 +119,26 @@ class Cleanup:
 
     async def _job(self, job: str) -> None:
         try:
-            since_raw = await self._redis.hget(CLEANUP_SINCE, job)
+            since_raw = await self._redis.hget(keys.CLEANUP_SINCE, job)
             since = float(since_raw) if since_raw is not None else time.time()
             kind, pipeline_id, batch_id = job.split("/", 2)
             next_due = await self.one_pass(kind, pipeline_id, batch_id, since)
             self.passes += 1
             if next_due is None:
                 async with self._redis.pipeline(transaction=True) as tx:
-                    tx.zrem(CLEANUP_DUE, job)
-                    tx.hdel(CLEANUP_SINCE, job)
+                    tx.zrem(keys.CLEANUP_DUE, job)
+                    tx.hdel(keys.CLEANUP_SINCE, job)
                     await tx.execute()
                 log.info("clean-up %s: done", job)
             else:
-                await self._redis.zadd(CLEANUP_DUE, {job: next_due}, xx=True)
+                await self._redis.zadd(keys.CLEANUP_DUE, {job: next_due}, xx=True)
         except Exception as exc:
             # Retried at the next pass; a job whose data is wrong would loop, so say so.
             log.warning("clean-up %s: pass failed (%s); retried", job, describe(exc),
                         exc_info=not isinstance(exc, OSError | TimeoutError))
             with contextlib.suppress(Exception):
                 await self._redis.zadd(
-                    CLEANUP_DUE, {job: time.time() + self._options.retry_max_s}, xx=True)
+                    keys.CLEANUP_DUE, {job: time.time() + self._options.retry_max_s}, xx=True)
 
     async def one_pass(self, kind: str, pipeline_id: str, batch_id: str,
                        since: float) -> float | None:

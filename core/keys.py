@@ -63,3 +63,8 @@ BRIDGE_CHECKPOINT = f"{PREFIX}:bridge:checkpoint"
 # ambiguous run command (or delete), whose delete command is still to be queued on Kafka.
 # Global: drained by any API process, single-key commands only.
 ABANDONED = f"{PREFIX}:api:abandoned"
+# The commands consumer's off-path clean-ups (deletes, given-up runs, stop follow-ups):
+# sorted set "<kind>/<pipeline_id>/<batch_id>" -> next pass (unix time), and a hash of the
+# same members -> when the clean-up began. Global, single-key commands only.
+CLEANUP_DUE = f"{PREFIX}:cleanup"
+CLEANUP_SINCE = f"{PREFIX}:cleanup:since"

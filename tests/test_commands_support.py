@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from consumers.cleanup import CLEANUP_DUE, CLEANUP_SINCE
 from consumers.commands import CommandsConsumer
+from core.keys import CLEANUP_DUE, CLEANUP_SINCE
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.test_consumers_support import PipelineCtx, committed, options

@@ -15,10 +15,10 @@ import pytest
 from redis.asyncio import Redis
 
 from consumers import dlq
-from consumers.cleanup import CLEANUP_DUE, CLEANUP_SINCE
 from consumers.commands import CommandsConsumer
 from core import keys
 from core.codec import decode_event
+from core.keys import CLEANUP_DUE, CLEANUP_SINCE
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import read_topic
