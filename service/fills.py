@@ -65,10 +65,15 @@ class BatchFills:
         cache = self._cache
         generation = cache.generation
         try:
-            async with self._store.redis.pipeline(transaction=False) as pipe:
-                for key in reads:
-                    pipe.hgetall(key)
-                hashes = cast(list[dict[str, str]], await pipe.execute())
+            if len(reads) == 1:
+                # A lone miss: a pipeline's own bookkeeping would cost more than it saves.
+                [key] = reads
+                hashes = [cast(dict[str, str], await self._store.redis.hgetall(key))]
+            else:
+                async with self._store.redis.pipeline(transaction=False) as pipe:
+                    for key in reads:
+                        pipe.hgetall(key)
+                    hashes = cast(list[dict[str, str]], await pipe.execute())
         except BaseException as exc:
             for _, _, future in reads.values():
                 if future.done():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -42,9 +43,10 @@ async def test_an_error_reaches_only_its_own_reader(redis: Redis) -> None:
     await redis.set("perf:string", "x")
     await redis.rpush(keys.pipeline_order("p"), "1")
     reads = TurnReads(redis)
-    wrong, right = await asyncio.gather(reads.read("LINDEX", "perf:string", "-1"),
-                                        reads.read("LINDEX", keys.pipeline_order("p"), "-1"),
-                                        return_exceptions=True)
+    outcomes: tuple[Any, Any] = await asyncio.gather(
+        reads.read("LINDEX", "perf:string", "-1"),
+        reads.read("LINDEX", keys.pipeline_order("p"), "-1"), return_exceptions=True)
+    wrong, right = outcomes
     assert isinstance(wrong, Exception) and "WRONGTYPE" in str(wrong)
     assert right == "1"
 
