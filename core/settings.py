@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     cache_max_entries: int = 50_000
     idempotency_ttl_s: int = 24 * 3600
 
+    # How long a running flow waits a Kafka outage out (connecting, then each event) before
+    # its step fails: the events are the run's only way to report.
+    publish_deadline_s: float = 300.0
+
     # Per batch, how many recent event ids are remembered for de-duplication.
     dedup_window: int = 1024
 

@@ -40,6 +40,8 @@ class Producer(Protocol):
     async def send_and_wait(self, topic: str, value: bytes | None = None,
                             key: bytes | None = None) -> Any: ...
 
+    async def stop(self) -> None: ...
+
 
 class EventPublisher:
     """Sends one batch's events to the events topic, each awaited until acknowledged."""
@@ -94,11 +96,32 @@ class EventPublisher:
         await self.publish(self._event("step.offsets", step=step, offsets=dict(offsets)))
 
 
+async def start_producer(settings: Settings) -> Producer:
+    """The flow's producer, once Kafka takes connections: a running batch waits a Kafka
+    outage out (up to `DHUB_PUBLISH_DEADLINE_S`) rather than failing for it — its events are
+    its only way to report, and the outage says nothing about the batch's data."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + settings.publish_deadline_s
+    next_delay = RetryPolicy(initial_s=0.5, cap_s=5.0).delays()
+    while True:
+        try:
+            producer: Producer = await open_producer(settings, tries=1)
+            return producer
+        except Exception as exc:
+            delay = next_delay()
+            if classify(exc) is Verdict.PERMANENT or loop.time() + delay > give_up:
+                raise
+            log.warning("kafka not reachable for the batch's events (%s), retry in %.1fs",
+                        describe(exc), delay)
+            await asyncio.sleep(delay)
+
+
 @asynccontextmanager
 async def open_publisher(settings: Settings, batch_id: str, pipeline_id: str,
                          **options: float) -> AsyncIterator[EventPublisher]:
     """A publisher on its own producer; leaving the block flushes and closes the producer."""
-    producer = await open_producer(settings)
+    producer = await start_producer(settings)
+    options.setdefault("deadline_s", settings.publish_deadline_s)
     try:
         yield EventPublisher(producer, settings.topic_events, batch_id, pipeline_id, **options)
     except BaseException:

@@ -15,9 +15,10 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from core.codec import Event, decode_event
 from core.connections import open_producer
 from core.settings import Settings
-from pipelines.publisher import EventPublisher, PublishError
+from pipelines.publisher import EventPublisher, PublishError, start_producer
 from pipelines.sdk import REPORT_INTERVAL_S, StepAborted, StepContext, StepFailed, run_step
 from tests.conftest import eventually
+from tests.write_faults_proxy import KafkaProxy
 
 BATCH = "batch-sdk-test"
 PIPELINE = "pipeline-sdk-test"
@@ -267,3 +268,27 @@ async def test_batch_state_reason_is_bounded(topics: Settings) -> None:
         "stop", outcome="failed", reason="x" * 10_000)
     assert producer.delivered[0].reason is not None
     assert len(producer.delivered[0].reason) <= 2000
+
+
+async def test_a_running_flow_waits_a_kafka_outage_out(topics: Settings) -> None:
+    """The flow's producer starts once Kafka is back, instead of failing the run after a few
+    tries (a broker restart takes tens of seconds)."""
+    proxy = KafkaProxy(topics.kafka_bootstrap.split(",")[0])
+    await proxy.start()
+    try:
+        proxy.cut()
+        settings = topics.model_copy(update={"kafka_bootstrap": proxy.address,
+                                             "publish_deadline_s": 120.0})
+        starting = asyncio.create_task(start_producer(settings))
+        # Longer than the old five tries (~7.5 s of backoff) would have waited.
+        done, _ = await asyncio.wait({starting}, timeout=9)
+        assert not done, "the producer gave up (or connected) while Kafka was unreachable"
+        proxy.restore()
+        producer = await asyncio.wait_for(starting, 60)
+        try:
+            events_out = EventPublisher(producer, topics.topic_events, BATCH, PIPELINE)
+            await events_out.step_state("extract", "running")
+        finally:
+            await producer.stop()
+    finally:
+        await proxy.close()
