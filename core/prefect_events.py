@@ -14,7 +14,7 @@ the reconciler all name one transition the same way, so Redis applies it once.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from core.codec import MAX_REASON, Event
@@ -117,9 +117,20 @@ def _timestamp(value: Any) -> float | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
+    # Prefect writes UTC; a naive time read as local would shift by the host's offset.
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _entered(event: dict[str, Any], resource: dict[str, Any]) -> float | None:
+    """When the run entered the state: the state's own timestamp, else the event's time
+    (the server emits state events with `occurred` = the state's timestamp). The latest stop
+    decides a batch's outcome by this time, so a Completed that followed a Cancelled (Prefect
+    allows Cancelled -> Running -> Completed) wins however late either arrives."""
+    entered = _timestamp(resource.get("prefect.state-timestamp"))
+    return entered if entered is not None else _timestamp(event.get("occurred"))
 
 
 def translate(
@@ -144,7 +155,7 @@ def translate(
     if not isinstance(resource_id, str) or not isinstance(state_type, str):
         return []
     message = resource.get("prefect.state-message")
-    ts = _timestamp(event.get("occurred"))
+    ts = _entered(event, resource)
 
     if resource_id.startswith(FLOW_RUN_PREFIX):
         flow_run_id = resource_id[len(FLOW_RUN_PREFIX):]

@@ -2,7 +2,9 @@
 
 Each script names its KEYS and ARGV first. Batch hash layout (see `core.keys.batch`):
 `state`, `outcome`, `reason`, `flow_run_id`, `rev`, `updated_at`, ..., `step:<name>` -> step
-state, `off:<step>:<partition>` -> offset (a decimal string), `deleted` once hidden.
+state, `off:<step>:<partition>` -> offset (a decimal string), `stop_ts` -> the `ts` of the
+stop event that decided `outcome` and `reason` (a decimal string, seconds since the epoch;
+internal, not rendered), `deleted` once hidden.
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ return 1
 # ARGV[1] now (ISO-8601), ARGV[2] how many event ids to remember, ARGV[3] change channel
 # ('' for none), ARGV[4] JSON array of events, each an object with
 #   id (optional), t = 'batch.state' | 'step.state' | 'step.offsets', and per type:
-#   batch.state: state, outcome?, reason?, flow_run_id?   step.state: step, state
+#   batch.state: state, outcome?, reason?, flow_run_id?, ts? ("<decimal seconds>", read
+#   on stops only; absent counts as 0)   step.state: step, state
 #   step.offsets: step, offsets = {partition: "<decimal offset>"}
-# Rules: batch state only moves forward (pending < scheduled < running < stop); the first
-# `stop` fixes outcome and reason; a step state only moves forward and success/failed are
+# Rules: batch state only moves forward (pending < scheduled < running < stop); among the
+# stops applied, the one with the greatest ts decides outcome and reason (ties: the first
+# applied), because Prefect allows Cancelled -> Running -> Completed: a cancel that lost the
+# race to a starting run is followed by the run's real end, which must win whatever the
+# order of arrival; a step state only moves forward and success/failed are
 # final; an offset only grows (max by value, so offsets events need no id: re-delivered or
 # merged ones can only raise an offset, never lose one); a state event whose id was seen
 # before changes nothing; unknown steps are ignored. Once the batch is `stop` its seen ids
@@ -62,6 +68,14 @@ end
 local BATCH_RANK = {pending = 0, scheduled = 1, running = 2, stop = 3}
 local STEP_RANK = {none = 0, pending = 1, running = 2, success = 3, failed = 3}
 local events = cjson.decode(ARGV[4])
+-- A stop's ts as a number and as the string stored (the string as sent: a Lua number
+-- written back would keep only 14 digits, too few for microseconds since the epoch).
+local function stop_ts(ev)
+  local n = tonumber(ev.ts)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then return 0, '0' end
+  if type(ev.ts) == 'string' then return n, ev.ts end
+  return n, string.format('%.17g', n)
+end
 local state = redis.call('HGET', KEYS[1], 'state')
 local stopped = state == 'stop'
 local changed = 0
@@ -85,10 +99,30 @@ for _, ev in ipairs(events) do
       redis.call('HSET', KEYS[1], 'state', state)
       if state == 'stop' then
         stopped = true
-        redis.call('HSET', KEYS[1], 'outcome', ev.outcome or 'completed')
+        local _, text = stop_ts(ev)
+        redis.call('HSET', KEYS[1], 'outcome', ev.outcome or 'completed', 'stop_ts', text)
         if type(ev.reason) == 'string' then redis.call('HSET', KEYS[1], 'reason', ev.reason) end
       end
       did = true
+    elseif ev.state == 'stop' and state == 'stop' then
+      local ts, text = stop_ts(ev)
+      if ts > (tonumber(redis.call('HGET', KEYS[1], 'stop_ts')) or 0) then
+        redis.call('HSET', KEYS[1], 'stop_ts', text)
+        local outcome = ev.outcome or 'completed'
+        local reason = type(ev.reason) == 'string' and ev.reason or false
+        if redis.call('HGET', KEYS[1], 'outcome') ~= outcome then
+          redis.call('HSET', KEYS[1], 'outcome', outcome)
+          did = true
+        end
+        if redis.call('HGET', KEYS[1], 'reason') ~= reason then
+          if reason then
+            redis.call('HSET', KEYS[1], 'reason', reason)
+          else
+            redis.call('HDEL', KEYS[1], 'reason')
+          end
+          did = true
+        end
+      end
     end
     if type(ev.flow_run_id) == 'string'
         and redis.call('HSETNX', KEYS[1], 'flow_run_id', ev.flow_run_id) == 1 then

@@ -18,7 +18,7 @@ import orjson
 from redis.asyncio import Redis
 
 from core import keys
-from core.codec import Event
+from core.codec import BatchState, Event
 from core.models import PipelineSpec, deployment_name, now_iso
 from core.scripts import Scripts
 from core.settings import Settings
@@ -180,7 +180,11 @@ class BatchStore:
         or deleted, its events dropped)."""
         grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
         for event in events:
-            grouped[(event.pipeline_id, event.batch_id)].append(event.to_script())
+            script = event.to_script()
+            if event.state == "stop" and type(event) is BatchState:
+                # The latest stop decides the outcome (APPLY_EVENTS); repr keeps every digit.
+                script["ts"] = repr(event.ts)
+            grouped[(event.pipeline_id, event.batch_id)].append(script)
         if not grouped:
             return {}
         now = now_iso()

@@ -63,14 +63,41 @@ def test_terminal_states_keep_prefects_message_as_reason() -> None:
     assert running.reason is None
 
 
-def test_timestamp_is_when_prefect_says_it_occurred() -> None:
+def test_timestamp_is_when_the_run_entered_the_state() -> None:
     event = real("flow_run_completed")
     [out] = translate(event)
     occurred = datetime.fromisoformat(event["occurred"].replace("Z", "+00:00"))
     assert out.ts == pytest.approx(occurred.timestamp())
+    # The state's own timestamp first, the event's time without it (UTC when naive).
+    event["resource"]["prefect.state-timestamp"] = "2031-01-01T00:00:00+00:00"
     event["occurred"] = "2030-01-01T00:00:00Z"
     [out] = translate(event)
+    assert out.ts == 1924992000.0
+    del event["resource"]["prefect.state-timestamp"]
+    [out] = translate(event)
     assert out.ts == 1893456000.0
+    event["occurred"] = "2030-01-01T00:00:00"
+    [out] = translate(event)
+    assert out.ts == 1893456000.0
+
+
+def test_a_completed_after_a_cancelled_carries_the_later_ts() -> None:
+    """Prefect allows Cancelled -> Running -> Completed (a stop that lands while a worker
+    claims the run): the batch's outcome follows the stop with the greatest ts, so the
+    Completed state must carry the later time, whichever the bridge forwards first."""
+    cancelled = real("flow_run_cancelled")
+    completed = real("flow_run_cancelled")
+    completed["id"] = "0f0f0f0f-0000-4000-8000-000000000001"
+    completed["resource"]["prefect.state-type"] = "COMPLETED"
+    completed["resource"]["prefect.state-name"] = "Completed"
+    completed["resource"]["prefect.state-message"] = ""
+    completed["resource"]["prefect.state-timestamp"] = "2026-11-27T23:29:02.000001+00:00"
+    completed["occurred"] = "2026-11-27T23:29:02.000001Z"
+    [late] = translate(completed)
+    [early] = translate(cancelled)
+    assert (early.outcome, late.outcome) == ("cancelled", "completed")
+    assert late.ts > early.ts
+    assert late.ts == datetime.fromisoformat("2026-11-27T23:29:02.000001+00:00").timestamp()
 
 
 @pytest.mark.parametrize(

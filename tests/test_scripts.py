@@ -17,6 +17,9 @@ from core.store import BatchStore
 from tests.helpers import spec
 
 P = "pipe"
+# Prefect accepts Cancelled -> Running -> Completed: a stop that lands while a worker starts
+# the run gives a Cancelled state (t1) before the engine's Completed one (t2 > t1).
+T0 = 1_760_000_000.123456
 
 
 @pytest.fixture
@@ -55,16 +58,96 @@ async def test_hide_batch_removes_it_from_the_index_once(store: BatchStore, redi
     assert await store.get(P, batch_id) is None
 
 
-async def test_batch_state_only_moves_forward_and_first_stop_wins(store: BatchStore) -> None:
+async def test_batch_state_only_moves_forward_and_the_latest_stop_decides(
+        store: BatchStore) -> None:
     b = await new_batch(store)
     assert await store.apply([ev(b, "batch.state", state="running")]) == {(P, b): 1}
     assert await store.apply([ev(b, "batch.state", state="scheduled")]) == {(P, b): 0}
-    await store.apply([ev(b, "batch.state", state="stop", outcome="cancelled", reason="user")])
-    await store.apply([ev(b, "batch.state", state="stop", outcome="failed", reason="late")])
-    await store.apply([ev(b, "batch.state", state="running")])
+    await store.apply([ev(b, "batch.state", state="stop", outcome="cancelled", reason="user",
+                          ts=T0)])
+    await store.apply([ev(b, "batch.state", state="stop", outcome="failed", reason="late",
+                          ts=T0 + 1)])
+    await store.apply([ev(b, "batch.state", state="running", ts=T0 + 2)])
     batch = await store.get(P, b)
     assert batch is not None
-    assert (batch["state"]["state"], batch["outcome"], batch["reason"]) == ("stop", "cancelled", "user")
+    assert (batch["state"]["state"], batch["outcome"], batch["reason"]) == ("stop", "failed", "late")
+
+
+async def outcome(store: BatchStore, b: str) -> tuple[str, str | None, str | None]:
+    batch = await store.get(P, b)
+    assert batch is not None
+    return batch["state"]["state"], batch["outcome"], batch["reason"]
+
+
+async def test_a_later_completed_state_overrides_an_earlier_cancel(store: BatchStore,
+                                                                   redis: Redis) -> None:
+    b = await new_batch(store)
+    cancelled = ev(b, "batch.state", state="stop", outcome="cancelled", reason="stopped",
+                   ts=T0)
+    assert await store.apply([ev(b, "batch.state", state="running"), cancelled]) == {(P, b): 2}
+    rev = await redis.hget(keys.batch(P, b), "rev")
+    completed = ev(b, "batch.state", state="stop", outcome="completed", ts=T0 + 0.000001)
+    assert await store.apply([completed]) == {(P, b): 1}
+    assert await outcome(store, b) == ("stop", "completed", None)
+    assert int(await redis.hget(keys.batch(P, b), "rev") or 0) == int(rev or 0) + 1
+    assert await redis.hget(keys.batch(P, b), "stop_ts") == repr(T0 + 0.000001)
+    # The cancel replayed (or a stop older than the deciding one) changes nothing.
+    before = await redis.hgetall(keys.batch(P, b))
+    assert await store.apply([cancelled, ev(b, "batch.state", state="stop", outcome="failed",
+                                            ts=T0 - 5)]) == {(P, b): 0}
+    assert await redis.hgetall(keys.batch(P, b)) == before
+
+
+async def test_the_latest_stop_decides_whatever_the_order_of_arrival(store: BatchStore) -> None:
+    b = await new_batch(store)
+    completed = ev(b, "batch.state", state="stop", outcome="completed", ts=T0 + 2)
+    cancelled = ev(b, "batch.state", state="stop", outcome="cancelled", reason="stopped",
+                   ts=T0 + 1)
+    assert await store.apply([completed]) == {(P, b): 1}
+    assert await store.apply([cancelled]) == {(P, b): 0}
+    assert await outcome(store, b) == ("stop", "completed", None)
+    # In one call too, either order.
+    for events in ([completed, cancelled], [cancelled, completed]):
+        other = await new_batch(store)
+        await store.apply([Event(e.type, other, P, state=e.state, outcome=e.outcome,
+                                 reason=e.reason, ts=e.ts) for e in events])
+        assert await outcome(store, other) == ("stop", "completed", None)
+
+
+async def test_stops_with_equal_ts_keep_the_first_applied(store: BatchStore) -> None:
+    b = await new_batch(store)
+    await store.apply([ev(b, "batch.state", state="stop", outcome="cancelled", reason="a", ts=T0),
+                       ev(b, "batch.state", state="stop", outcome="completed", ts=T0)])
+    assert await outcome(store, b) == ("stop", "cancelled", "a")
+    assert await store.apply([ev(b, "batch.state", state="stop", outcome="failed", reason="b",
+                                 ts=T0)]) == {(P, b): 0}
+    assert await outcome(store, b) == ("stop", "cancelled", "a")
+
+
+async def test_a_stop_without_ts_counts_as_ts_zero(store: BatchStore, scripts: Scripts,
+                                                   redis: Redis) -> None:
+    b = await new_batch(store)
+
+    async def raw(*events: dict[str, Any]) -> int:
+        return int(await scripts.apply_events(
+            keys=[keys.batch(P, b), keys.batch_seen(P, b)],
+            args=["2030-01-01T00:00:00Z", 4, "", orjson.dumps(list(events))]))
+
+    assert await raw({"t": "batch.state", "state": "stop", "outcome": "cancelled"}) == 1
+    assert await redis.hget(keys.batch(P, b), "stop_ts") == "0"
+    assert await raw({"t": "batch.state", "state": "stop", "outcome": "failed"}) == 0
+    assert await raw({"t": "batch.state", "state": "stop", "outcome": "crashed",
+                      "ts": "1.5"}) == 1
+    assert await outcome(store, b) == ("stop", "crashed", None)
+    # The same outcome from a later stop changes nothing visible: no rev, no publish.
+    rev = await redis.hget(keys.batch(P, b), "rev")
+    assert await raw({"t": "batch.state", "state": "stop", "outcome": "crashed",
+                      "ts": "2.5"}) == 0
+    assert await redis.hget(keys.batch(P, b), "rev") == rev
+    assert await redis.hget(keys.batch(P, b), "stop_ts") == "2.5"
+    assert await raw({"t": "batch.state", "state": "stop", "outcome": "failed",
+                      "ts": "2"}) == 0
+    assert await outcome(store, b) == ("stop", "crashed", None)
 
 
 async def test_flow_run_id_is_set_once(store: BatchStore) -> None:
@@ -200,14 +283,15 @@ async def test_dedup_ids_are_forgotten_once_the_batch_is_stop(store: BatchStore,
     running = ev(b, "step.state", step="extract", state="running")
     await store.apply([ev(b, "batch.state", state="running"), running])
     assert await redis.zcard(keys.batch_seen(P, b)) == 2
-    stop = ev(b, "batch.state", state="stop", outcome="completed", reason="done")
+    stop = ev(b, "batch.state", state="stop", outcome="completed", reason="done", ts=T0)
     assert await store.apply([stop]) == {(P, b): 1}
     assert not await redis.exists(keys.batch_seen(P, b))
     before = await redis.hgetall(keys.batch(P, b))
     assert "seen_n" not in before
     # Duplicates after stop change nothing, and are not remembered either.
     assert await store.apply([running, stop, ev(b, "batch.state", state="running"),
-                              ev(b, "batch.state", state="stop", outcome="failed")]) == {(P, b): 0}
+                              ev(b, "batch.state", state="stop", outcome="failed",
+                                 ts=T0 - 1)]) == {(P, b): 0}
     assert not await redis.exists(keys.batch_seen(P, b))
     assert await redis.hgetall(keys.batch(P, b)) == before
     # What still may move after stop does so by its own rules, not by id.
