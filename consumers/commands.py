@@ -261,6 +261,9 @@ class CommandsConsumer(Part):
                     pipeline_id=command.pipeline_id, batch_id=command.batch_id,
                     flow_run_id=now.flow_run_id, state_type=now.state_type,
                     state_id=now.state_id, message=now.message,
+                    # When Prefect entered the state, not when we saw it: the latest stop
+                    # decides a batch's outcome.
+                    ts=now.since.timestamp() if now.since is not None else None,
                 )
                 if event is not None:
                     events.append(event)

@@ -102,7 +102,8 @@ async def test_duplicates_and_older_offsets_change_nothing(ctx: Ctx) -> None:
             offsets, stop,  # the same events again
             ctx.event(batch_id, "step.offsets", step="load", offsets={"partition_0": 50}),
             ctx.event(batch_id, "batch.state", state="running"),  # backwards
-            ctx.event(batch_id, "batch.state", state="stop", outcome="failed"),  # stop is final
+            # an older stop changes nothing (the latest stop decides the outcome)
+            ctx.event(batch_id, "batch.state", state="stop", outcome="failed", ts=stop.ts - 1),
         )
         await ctx.processed(7)
     after = await ctx.fields(batch_id)
