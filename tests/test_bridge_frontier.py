@@ -5,30 +5,16 @@ bridge directly, with the server receipt times the stream carries)."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 
-from prefect.events import Event as PrefectEvent
 from redis.asyncio import Redis
 
 from consumers.bridge import PrefectBridge
 from core.codec import decode_event
-from core.models import flow_run_tags
 from core.settings import Settings
 from tests.helpers import read_topic
+from tests.test_bridge_checkpoint import running_event
 from tests.test_consumers_support import options, unique
-
-
-def running_event(occurred: datetime) -> PrefectEvent:
-    return PrefectEvent.model_validate({
-        "occurred": occurred,
-        "event": "prefect.flow-run.Running",
-        "resource": {"prefect.resource.id": f"prefect.flow-run.{uuid.uuid4()}",
-                     "prefect.state-type": "RUNNING", "prefect.state-name": "Running"},
-        "related": [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
-                    for tag in flow_run_tags("batch-x", "pipe-x", "1")],
-        "id": uuid.uuid4(),
-    })
 
 
 async def test_the_resume_point_stays_behind_what_the_persister_has_not_written(
