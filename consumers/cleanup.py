@@ -180,9 +180,12 @@ class Cleanup:
             # (only Cancelled may follow Cancelling), so nobody would ever end it. Ended
             # here, Cancelled: the batch then reports the final state Prefect holds.
             stuck = now - run.since.timestamp() if run.since is not None else 0.0
-            if not run.ran or stuck < self._options.stop_cancelling_wait_s:
-                # Never started: its worker ends it (and may start it late on a busy
-                # machine: a Cancelled forced here would let the engine run it anyway).
+            # Never started: its worker ends it, so wait longer for that; past the wait no
+            # worker is coming. Forcing Cancelled may still let a late engine run it to
+            # Completed — then that later final state decides the batch's outcome too.
+            wait = (self._options.stop_cancelling_wait_s if run.ran
+                    else self._options.stop_unstarted_wait_s)
+            if stuck < wait:
                 return False
             run = await self._prefect.force_cancelled(run, message)
         if not run.final:

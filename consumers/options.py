@@ -40,6 +40,11 @@ class ConsumerOptions(BaseSettings):
     # A run a stop left Cancelling that is still Cancelling after this long has no engine to
     # end it (it finished meanwhile; Prefect refuses anything but Cancelled): ended Cancelled.
     stop_cancelling_wait_s: float = 30.0
+    # A run a stop left Cancelling before its engine ever started is the worker's to end; one
+    # still Cancelling after this long has no worker coming (it died with the claim) and is
+    # ended Cancelled. Should its engine still start it and complete, Prefect's later
+    # Completed decides the batch's outcome too (the latest stop wins), so they never disagree.
+    stop_unstarted_wait_s: float = 120.0
     cleanup_concurrency: int = 8
     # A clean-up pass claimed by one process; another may take it over after this long.
     cleanup_lease_s: float = 60.0

@@ -48,7 +48,8 @@ async def whole_loop(ctx: PipelineCtx) -> AsyncIterator[None]:
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(running(EventsConsumer(ctx.settings, options())))
         await stack.enter_async_context(running(CommandsConsumer(
-            ctx.settings, options(stop_cancelling_wait_s=30.0), ensure=ctx.deployer.ensure)))
+            ctx.settings, options(stop_cancelling_wait_s=30.0, stop_unstarted_wait_s=60.0),
+            ensure=ctx.deployer.ensure)))
         await stack.enter_async_context(running(PrefectBridge(ctx.settings, options())))
         yield
 
