@@ -10,13 +10,18 @@ Kafka topic names and consumer groups.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -34,7 +39,6 @@ ENGINE_PARTS = ("redis", "kafka", "postgres", "prefect", "worker")
 
 def _part_ready(part: str, settings: Settings) -> bool:
     """Cheap readiness probes, so a running stack is reused without touching it."""
-    import socket
 
     if part == "redis":
         port = int(settings.redis_url.rsplit(":", 1)[1].split("/")[0])
@@ -178,3 +182,59 @@ def live(stack: Settings) -> Iterator[Settings]:
     own settings (Redis db 0, the real topics) and unique pipeline ids."""
     with _parts_up(("api", "consumers"), stack):
         yield stack
+
+
+# -- a Redis of one test's own: free to be made read-only, full, busy or killed ----------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of this test only, free to be made read-only, full or busy."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    directory: Path
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@pytest.fixture
+async def private_redis() -> AsyncIterator[PrivateRedis]:
+    directory = Path(tempfile.mkdtemp(prefix="dhub-test-redis-"))
+    server: PrivateRedis | None = None
+    try:
+        for _ in range(5):  # a free port can be taken between the probe and the bind
+            port = free_port()
+            process = subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                 str(directory), "--save", "", "--appendonly", "no",
+                 "--logfile", str(directory / "redis.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            client = Redis(port=port, socket_connect_timeout=1)
+            try:
+                async def up(c: Redis = client) -> bool:
+                    with contextlib.suppress(Exception):
+                        return bool(await c.ping())
+                    return False
+                await eventually(up, timeout=10, interval=0.05)
+                server = PrivateRedis(port, process, directory)
+                break
+            except AssertionError:
+                process.kill()
+                process.wait()
+            finally:
+                await client.aclose()
+        assert server is not None, "private redis-server did not start"
+        yield server
+    finally:
+        if server is not None:
+            server.process.terminate()
+            server.process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -9,13 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import socket
-import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,66 +24,11 @@ from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis
 from core.settings import Settings
-from tests.conftest import eventually
+from tests.conftest import PrivateRedis, eventually, free_port
 from tests.helpers import read_topic
 from tests.test_consumers_support import committed, make_spec, new_batch, options, running, unique
 
 STEPS = ("extract", "transform", "load")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class PrivateRedis:
-    """A redis-server of this test only, free to be made read-only, full or busy."""
-
-    port: int
-    process: subprocess.Popen[bytes]
-    directory: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
-@pytest.fixture
-async def private_redis() -> AsyncIterator[PrivateRedis]:
-    directory = Path(tempfile.mkdtemp(prefix="dhub-test-redis-"))
-    server: PrivateRedis | None = None
-    try:
-        for _ in range(5):  # a free port can be taken between the probe and the bind
-            port = free_port()
-            process = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir",
-                 str(directory), "--save", "", "--appendonly", "no",
-                 "--logfile", str(directory / "redis.log")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            client = Redis(port=port, socket_connect_timeout=1)
-            try:
-                async def up(c: Redis = client) -> bool:
-                    with contextlib.suppress(Exception):
-                        return bool(await c.ping())
-                    return False
-                await eventually(up, timeout=10, interval=0.05)
-                server = PrivateRedis(port, process, directory)
-                break
-            except AssertionError:
-                process.kill()
-                process.wait()
-            finally:
-                await client.aclose()
-        assert server is not None, "private redis-server did not start"
-        yield server
-    finally:
-        if server is not None:
-            server.process.terminate()
-            server.process.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @dataclass

@@ -4,11 +4,7 @@ bounds."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -16,37 +12,16 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, NotL
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from core.retry import Backoff, GaveUp, Permanent, RetryPolicy, Stopping, Verdict, classify, retrying
+from core.retry import Backoff, GaveUp, Permanent, RetryPolicy, Stopping, Verdict, classify
+from tests.conftest import PrivateRedis, free_port
 
 FAST = RetryPolicy(initial_s=0.001, cap_s=0.002, max_attempts=3, max_elapsed_s=60)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def private_redis_port() -> Iterator[int]:
-    """A Redis of this test's own: it is made read-only and full, which the shared one must not."""
-    port = _free_port()
-    workdir = tempfile.mkdtemp(prefix="dhub-retry-")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", workdir],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield port
-    finally:
-        proc.kill()
-        proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.fixture
-async def private_redis(private_redis_port: int) -> AsyncIterator[Redis]:
-    client = Redis(port=private_redis_port, decode_responses=True)
-    await retrying("private redis", client.ping, tries=50, policy=RetryPolicy(0.05, 0.1))
+async def redis_alone(private_redis: PrivateRedis) -> AsyncIterator[Redis]:
+    """A client of a Redis this test may make read-only and full (the shared one must not be)."""
+    client = Redis(port=private_redis.port, decode_responses=True)
     try:
         yield client
     finally:
@@ -56,32 +31,32 @@ async def private_redis(private_redis_port: int) -> AsyncIterator[Redis]:
 WRITE_SCRIPT = "redis.call('SET', KEYS[1], ARGV[1]) return 1"
 
 
-async def test_a_read_only_replica_is_unavailable_not_bad_data(private_redis: Redis) -> None:
-    await private_redis.execute_command("REPLICAOF", "127.0.0.1", str(_free_port()))
-    for call in (private_redis.set("k", "v"), private_redis.eval(WRITE_SCRIPT, 1, "k", "v")):
+async def test_a_read_only_replica_is_unavailable_not_bad_data(redis_alone: Redis) -> None:
+    await redis_alone.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    for call in (redis_alone.set("k", "v"), redis_alone.eval(WRITE_SCRIPT, 1, "k", "v")):
         with pytest.raises(ResponseError) as caught:
             await call
         assert classify(caught.value) is Verdict.UNAVAILABLE, caught.value
 
 
-async def test_a_full_redis_is_unavailable(private_redis: Redis) -> None:
-    await private_redis.config_set("maxmemory-policy", "noeviction")
-    await private_redis.config_set("maxmemory", 1)
-    for call in (private_redis.set("k", "v"), private_redis.eval(WRITE_SCRIPT, 1, "k", "v")):
+async def test_a_full_redis_is_unavailable(redis_alone: Redis) -> None:
+    await redis_alone.config_set("maxmemory-policy", "noeviction")
+    await redis_alone.config_set("maxmemory", 1)
+    for call in (redis_alone.set("k", "v"), redis_alone.eval(WRITE_SCRIPT, 1, "k", "v")):
         with pytest.raises(ResponseError) as caught:
             await call
         assert classify(caught.value) is Verdict.UNAVAILABLE, caught.value
 
 
-async def test_a_script_error_about_the_data_is_permanent(private_redis: Redis) -> None:
-    await private_redis.set("k", "not a number")
+async def test_a_script_error_about_the_data_is_permanent(redis_alone: Redis) -> None:
+    await redis_alone.set("k", "not a number")
     with pytest.raises(ResponseError) as caught:
-        await private_redis.eval("return redis.call('INCR', KEYS[1])", 1, "k")
+        await redis_alone.eval("return redis.call('INCR', KEYS[1])", 1, "k")
     assert classify(caught.value) is Verdict.PERMANENT
 
 
 async def test_a_refused_connection_is_unavailable() -> None:
-    client = Redis(port=_free_port(), socket_connect_timeout=1)
+    client = Redis(port=free_port(), socket_connect_timeout=1)
     try:
         with pytest.raises(Exception) as caught:
             await client.ping()
