@@ -45,7 +45,8 @@ return 1
 
 # KEYS[1] batch hash, KEYS[2] batch's seen-event-ids zset
 # ARGV[1] now (ISO-8601), ARGV[2] how many event ids to remember, ARGV[3] change channel
-# ('' for none), ARGV[4] JSON array of events, each an object with
+# ('' for none; a change publishes the key and the new hash), ARGV[4] JSON array of events,
+# each an object with
 #   id (optional), t = 'batch.state' | 'step.state' | 'step.offsets', and per type:
 #   batch.state: state, outcome?, reason?, flow_run_id?, ts? ("<decimal seconds>", read
 #   on stops only; absent counts as 0)   step.state: step, state
@@ -163,7 +164,12 @@ end
 if changed > 0 then
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'rev', 1)
-  if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
+  if ARGV[3] ~= '' then
+    -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
+    -- cache then keeps serving the batch instead of every change costing it a read.
+    redis.call('PUBLISH', ARGV[3],
+               KEYS[1] .. '\\n' .. cjson.encode(redis.call('HGETALL', KEYS[1])))
+  end
 end
 return changed
 """

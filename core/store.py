@@ -41,6 +41,12 @@ def _natural(name: str) -> tuple[str, int]:
     return head, int(tail) if tail else -1
 
 
+def published_fields(payload: str) -> dict[str, str]:
+    """The hash carried by a change message after its key (`keys.CHANGES_CHANNEL`)."""
+    flat = orjson.loads(payload)
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
 def render(fields: dict[str, str]) -> dict[str, Any]:
     """The batch object of the contract (plus extra fields beside it) from its Redis hash."""
     steps: dict[str, dict[str, Any]] = {
