@@ -28,10 +28,10 @@ from service.appkeys import (
     SETTINGS,
     STORE,
 )
-from service.auth import Authenticator, auth_middleware
+from service.auth import Authenticator, authentication
 from service.cache import BatchCache
 from service.commands import CommandSender
-from service.errors import error_middleware
+from service.errors import edge_middleware
 from service.idempotency import IdempotencyKeys
 from service.routes import setup_routes
 
@@ -81,7 +81,7 @@ def init_app(settings: Settings | None = None) -> web.Application:
     settings = settings or get_settings()
     authenticator = Authenticator.from_settings(settings)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(authenticator)],
+        middlewares=[edge_middleware(authentication(authenticator))],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -9,12 +9,12 @@ the local stack (`Settings.check_secure`).
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 import jwt
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from core.settings import InsecureSettings, Settings
 from service.errors import ApiError
@@ -99,13 +99,14 @@ class Authenticator:
         return frozenset(s for s in scopes if isinstance(s, str))
 
 
-def auth_middleware(authenticator: Authenticator) -> web.middleware:  # type: ignore[valid-type]
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def authentication(authenticator: Authenticator) -> Callable[[web.Request], None]:
+    """The check the edge middleware (service.errors) runs before every handler: a protected
+    path needs a valid bearer token, whose scopes the handlers then `require`."""
+    def authenticate(request: web.Request) -> None:
         path = request.path
         if (not path.startswith(PROTECTED_PREFIX) or path in PUBLIC_PATHS
                 or path.startswith(PUBLIC_PREFIXES)):
-            return await handler(request)
+            return
         header = request.headers.get("Authorization", "")
         if not header.isascii():
             # Bytes that are not UTF-8 arrive as surrogates and break any encode() later.
@@ -114,9 +115,8 @@ def auth_middleware(authenticator: Authenticator) -> web.middleware:  # type: ig
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "missing bearer token")
         request[SCOPE_KEY] = authenticator.scopes(token.strip())
-        return await handler(request)
 
-    return middleware
+    return authenticate
 
 
 def require(request: web.Request, scope: str) -> None:

@@ -17,8 +17,8 @@ from core import jsonschemas
 from core.codec import CodecError, Command, Event, decode_command, decode_event
 from core.settings import Settings
 from service import schemas
-from service.auth import Authenticator, auth_middleware
-from service.errors import error_middleware
+from service.auth import Authenticator, authentication
+from service.errors import edge_middleware
 from tests.test_codec import MALFORMED_EVENTS, _event
 
 SCHEMAS = jsonschemas.generate()
@@ -110,10 +110,10 @@ def test_schemas_and_decoder_agree_on_commands(raw: bytes) -> None:
 
 
 async def test_the_api_serves_the_schemas_without_a_token() -> None:
-    """Behind the API's own error and auth middlewares (no engines needed)."""
+    """Behind the API's own middleware (no engines needed)."""
     settings = Settings(api_tokens="a-static-token-of-some-length")
     app = web.Application(middlewares=[
-        error_middleware, auth_middleware(Authenticator.from_settings(settings))])
+        edge_middleware(authentication(Authenticator.from_settings(settings)))])
     app.router.add_get("/api/v1/schemas", schemas.list_schemas)
     app.router.add_get("/api/v1/schemas/{name}", schemas.get_schema)
     app.router.add_get("/api/v1/batches/{pipeline_id}", schemas.list_schemas)
