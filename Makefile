@@ -24,9 +24,10 @@ status:  ## each part, up or down
 test: setup  ## the whole suite on the real Kafka, Redis and Prefect (started if not running)
 	@$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
-lint: setup  ## ruff + mypy strict
+lint: setup  ## ruff + mypy strict + the layers' import contract ([tool.importlinter])
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy
+	@$(VENV)/bin/lint-imports --no-logo
 
 bench-api: setup  ## GET/POST throughput of the API next to a bare aiohttp handler
 	@command -v wrk >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -q && \

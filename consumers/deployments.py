@@ -9,10 +9,9 @@ thread, since Prefect's sync APIs must not run on this loop). Its id is cached p
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 from core.models import PipelineSpec
@@ -22,10 +21,11 @@ EnsureFn = Callable[[PipelineSpec, Settings], "Awaitable[UUID] | UUID"]
 
 
 def default_ensure() -> EnsureFn:
-    # Imported by name at start: pipelines/ pulls in the flow code, which the API and the
-    # events consumer never need.
-    module = importlib.import_module("pipelines.deploy")
-    return cast(EnsureFn, module.ensure_deployment)
+    # Imported when the commands part starts, not with this module: it pulls in Prefect's
+    # deployment API and the flow, which the other parts of the process never need.
+    from pipelines.deploy import ensure_deployment
+
+    return ensure_deployment
 
 
 class Deployments:

@@ -1,8 +1,8 @@
-"""The registry of step implementations: a step's `uses` names one of these.
+"""The step implementations: the function each catalogued `uses` name runs.
 
-Only registered names can run: a pipeline definition comes in over the API, and letting it
-name any importable callable would let an API client choose what code the worker runs.
-This module imports no Prefect, so the API can validate `uses` cheaply.
+The names, and the config each accepts, are `core.step_catalogue`'s (what the API checks a
+definition against without importing this code); this module binds them to code, and a test
+proves both name the same steps. A name missing here can never run.
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ STEPS: Final[Mapping[str, StepFn]] = MappingProxyType({
 
 class UnknownStep(LookupError):
     """A `uses` that names no registered implementation."""
-
-
-def known_steps() -> frozenset[str]:
-    return frozenset(STEPS)
 
 
 def resolve(uses: str) -> StepFn:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from core.models import ID_PATTERN, PipelineSpec
-from pipelines.steps import known_steps
+from core.step_catalogue import known_steps
 from service.api_models import RESPONSE_MODELS
 from service.batches import DEFAULT_LIMIT, MAX_LIMIT
 from service.schemas import CONTENT_TYPE as SCHEMA_CONTENT_TYPE
@@ -55,7 +55,7 @@ def _schemas() -> dict[str, Any]:
     _, document = models_json_schema([*inputs, *outputs], ref_template=_REF_TEMPLATE)
     schemas: dict[str, Any] = document["$defs"]
     # The handler admits only registered step implementations (a definition must not choose
-    # arbitrary code); the registry is the source of the list.
+    # arbitrary code); the catalogue is the source of the list.
     step_spec = schemas["PipelineSpec"]["properties"]["steps"]["items"]["$ref"].rsplit("/", 1)[1]
     schemas[step_spec]["properties"]["uses"]["enum"] = sorted(known_steps())
     return schemas

@@ -11,8 +11,7 @@ from pydantic import ValidationError
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered
-from pipelines.step_configs import config_problems
-from pipelines.steps import known_steps
+from core.step_catalogue import config_problems, known_steps
 from service import auth
 from service.appkeys import COMMANDS, REGISTRY
 from service.batches import json_obj, path_id

@@ -104,7 +104,7 @@ async def test_real_responses_validate_against_the_document(topics: Settings, re
 def test_request_schemas_are_the_models_the_handlers_validate_with() -> None:
     """No hand-kept copy: the limits of PipelineSpec are the document's."""
     from core.models import PipelineSpec
-    from pipelines.steps import known_steps
+    from core.step_catalogue import known_steps
 
     schemas = DOC["components"]["schemas"]
     spec = schemas["PipelineSpec"]

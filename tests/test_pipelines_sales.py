@@ -19,13 +19,13 @@ import pytest
 from pydantic import ValidationError
 
 from core.settings import Settings
+from core.step_catalogue import CATALOGUE, config_problems, known_steps
 from pipelines.sales import PIPELINE_ID, PIPELINE_NAME, demo_spec
 from pipelines.sales.config import SalesConfig
 from pipelines.sales.records import Invalid, partition_sizes, validate
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import OffsetBook, StepContext, StepFailed
-from pipelines.step_configs import CONFIGS, config_problems
-from pipelines.steps import UnknownStep, known_steps, resolve
+from pipelines.steps import STEPS, UnknownStep, resolve
 
 BATCH = "batch-sales-test"
 
@@ -241,7 +241,7 @@ def test_demo_spec_and_step_registry() -> None:
 
 
 def test_a_definition_naming_a_path_is_refused_at_registration() -> None:
-    """What service/pipelines.py checks before registering a definition (400)."""
+    """What the pipeline routes check before registering a definition (400)."""
     assert config_problems("sales.extract", {"rows": 10}) == []
     assert config_problems("unknown.step", {"data_dir": "/"}) == []  # refused elsewhere
     (problem,) = config_problems("sales.load", {"db_path": "/etc/x.db"}, "steps.2.config")
@@ -249,4 +249,11 @@ def test_a_definition_naming_a_path_is_refused_at_registration() -> None:
     assert "db_path may not be set" in problem["msg"] and "DHUB_DATA_DIR" in problem["msg"]
     (problem,) = config_problems("sales.extract", {"rows": -1})
     assert problem["loc"] == "config.rows"
-    assert {s.uses for s in demo_spec().steps} <= set(CONFIGS)
+    assert {s.uses for s in demo_spec().steps} <= set(CATALOGUE)
+
+
+def test_the_catalogue_names_exactly_the_steps_that_run() -> None:
+    """The API admits what `core.step_catalogue` lists; the worker runs `pipelines.steps`."""
+    assert known_steps() == set(STEPS)
+    for uses, fn in STEPS.items():
+        assert resolve(uses) is fn

@@ -21,7 +21,7 @@ from typing import Final
 
 import orjson
 
-from pipelines.sales.config import Layout, SalesConfig, partition_name
+from pipelines.sales.config import Layout, SalesConfig, partition_name, read_config
 from pipelines.sales.files import count_lines, jsonl_lines, write_atomically
 from pipelines.sales.progress import Progress, interleave
 from pipelines.sales.records import Invalid, Sale, generate_partition, partition_sizes, validate
@@ -51,7 +51,7 @@ ON CONFLICT (batch_id, region, day) DO UPDATE SET
 
 
 def _setup(ctx: StepContext) -> tuple[SalesConfig, Layout]:
-    config = SalesConfig.of(ctx.config)
+    config = read_config(ctx.config)
     return config, Layout.of(ctx)
 
 
