@@ -1,6 +1,6 @@
 """The Prefect deployment of each pipeline version, ensured once per process.
 
-`pipelines.deploy.ensure_deployment(spec, settings) -> UUID` creates or updates deployment
+`pipelines.prefect_deployment.ensure_deployment(spec, settings) -> UUID` creates or updates deployment
 `run-pipeline/<spec.name>`; it may be a coroutine function or a plain one (then it runs in a
 thread, since Prefect's sync APIs must not run on this loop). Its id is cached per
 (pipeline, version) and forgotten when Prefect says the deployment is gone.
@@ -23,7 +23,7 @@ EnsureFn = Callable[[PipelineSpec, Settings], "Awaitable[UUID] | UUID"]
 def default_ensure() -> EnsureFn:
     # Imported when the commands part starts, not with this module: it pulls in Prefect's
     # deployment API and the flow, which the other parts of the process never need.
-    from pipelines.deploy import ensure_deployment
+    from pipelines.prefect_deployment import ensure_deployment
 
     return ensure_deployment
 

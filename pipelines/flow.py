@@ -1,6 +1,6 @@
 """The generic flow `run-pipeline`: one flow for every pipeline, its steps as tasks.
 
-Deployed once per pipeline as `run-pipeline/<pipeline name>` (see `pipelines.deploy`); the
+Deployed once per pipeline as `run-pipeline/<pipeline name>` (see `pipelines.prefect_deployment`); the
 worker loads it from this file. It reads the pipeline version's definition from Redis, marks
 every step `pending`, then runs the steps in order, each as a task run named after the step.
 A step that fails fails the flow, and the steps after it stay `pending`.
@@ -60,12 +60,12 @@ async def step_task(step: str, uses: str, config: dict[str, Any],
 
 
 def _hook(outcome: str) -> Any:
-    """`pipelines.hooks`' stop hook for `outcome`, imported when the run ends, not before."""
+    """`pipelines.state_hooks`' stop hook for `outcome`, imported when the run ends, not before."""
 
     async def hook(flow: Flow[Any, Any], flow_run: FlowRun, state: State) -> None:
-        from pipelines import hooks
+        from pipelines import state_hooks
 
-        await getattr(hooks, f"on_{outcome}")(flow, flow_run, state)
+        await getattr(state_hooks, f"on_{outcome}")(flow, flow_run, state)
 
     hook.__name__ = hook.__qualname__ = f"publish_stop_{outcome}"
     return hook

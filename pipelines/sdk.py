@@ -241,7 +241,7 @@ async def step_scope(events: EventPublisher, step: str, config: Mapping[str, Any
     except BaseException:
         # Cancelled: when Prefect cancels a flow run the process is being torn down and the
         # producer's own tasks are cancelled too, so nothing can be sent from here. The
-        # flow's cancellation hook reports the step as failed (see `pipelines.hooks`).
+        # flow's cancellation hook reports the step as failed (see `pipelines.state_hooks`).
         ctx.abort()
         raise
     await events.step_state(step, "success")

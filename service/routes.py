@@ -10,7 +10,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service import batches, docs, health, hooks, pipelines, schemas
+from service import batches, docs, health, pipeline_routes, schemas, webhook
 
 ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
@@ -19,10 +19,10 @@ ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/api/v1/batches/{pipeline_id}/", batches.list_batches, "list_batches"),
     ("PUT", "/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, "stop_batch"),
     ("DELETE", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.delete_batch, "delete_batch"),
-    ("PUT", "/api/v1/pipelines/{pipeline_id}", pipelines.put_pipeline, "put_pipeline"),
-    ("GET", "/api/v1/pipelines/{pipeline_id}", pipelines.get_pipeline, "get_pipeline"),
-    ("GET", "/api/v1/pipelines/", pipelines.list_pipelines, "list_pipelines"),
-    ("POST", "/api/v1/hooks/prefect", hooks.prefect_webhook, "prefect_webhook"),
+    ("PUT", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.put_pipeline, "put_pipeline"),
+    ("GET", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.get_pipeline, "get_pipeline"),
+    ("GET", "/api/v1/pipelines/", pipeline_routes.list_pipelines, "list_pipelines"),
+    ("POST", "/api/v1/hooks/prefect", webhook.prefect_webhook, "prefect_webhook"),
     ("GET", "/api/v1/openapi.json", docs.openapi_json, "openapi"),
     ("GET", "/api/v1/schemas", schemas.list_schemas, "message_schemas"),
     ("GET", "/api/v1/schemas/{name}", schemas.get_schema, "message_schema"),

@@ -24,7 +24,7 @@ from core.models import PipelineSpec
 from core.settings import Settings
 from service.app import init_app
 from service.edge import ApiRunner
-from service.hooks import signature
+from service.webhook import signature
 from tests.helpers import AUTH, STATIC_TOKEN, api_client, api_settings, spec_body
 
 HOOK_SECRET = "hook-secret-for-input-tests"

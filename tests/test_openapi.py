@@ -14,7 +14,7 @@ from referencing import Registry, Resource
 
 from core.settings import Settings
 from service import openapi
-from service.hooks import signature
+from service.webhook import signature
 from tests.helpers import AUTH, api_client, api_settings, spec_body
 
 DOC = openapi.build()

@@ -36,7 +36,7 @@ from core.registry import PipelineRegistry, Registered
 from core.scripts import Scripts
 from core.settings import ROOT, Settings, get_settings
 from core.store import BatchStore
-from pipelines.deploy import ENTRYPOINT, ensure_deployment, prefect_client
+from pipelines.prefect_deployment import ENTRYPOINT, ensure_deployment, prefect_client
 from pipelines.sales import demo_spec
 from pipelines.sales.records import partition_sizes
 from tests.conftest import eventually

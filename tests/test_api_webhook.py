@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from core.codec import decode_event
 from core.settings import Settings
-from service.hooks import signature
+from service.webhook import signature
 from tests.helpers import api_client, api_settings, read_topic
 
 SECRET = "webhook-secret-for-tests"
