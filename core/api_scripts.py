@@ -13,6 +13,8 @@ from typing import Final
 
 from redis.asyncio import Redis
 
+from core.scripts import CREATE_BATCH
+
 # KEYS[1] idempotency record
 # ARGV[1] the new pending record (JSON), ARGV[2] its TTL in milliseconds
 # Claims the key when free. Returns nil when claimed now, else the existing record.
@@ -70,6 +72,27 @@ if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
 return 1
 """
 
+# KEYS[1..3] as CREATE_BATCH (batch hash, pipeline's batch index, pipeline's batch sequence),
+# KEYS[4] the pipeline's version order (list, latest last)
+# ARGV[1] the version the batch records when it must be the latest ('' for no check),
+# ARGV[2] JSON array: CREATE_BATCH's ARGV (batch id, then the hash's fields and values)
+# A POST's create: CREATE_BATCH's own text, run only while ARGV[1] is still the latest
+# version, so "which version is latest" needs no round trip of its own and cannot change
+# between that read and the create. The fields travel as one JSON string: packing ~30
+# arguments is most of the client's CPU for this call. Returns CREATE_BATCH's reply (the
+# sequence, 0 when the batch exists), or {latest} (nil: the pipeline has no version) when
+# ARGV[1] is not the latest.
+CREATE_LATEST_BATCH: Final = f"""
+local function create(KEYS, ARGV)
+{CREATE_BATCH}
+end
+if ARGV[1] ~= '' then
+  local latest = redis.call('LINDEX', KEYS[4], -1)
+  if latest ~= ARGV[1] then return {{latest}} end
+end
+return create(KEYS, cjson.decode(ARGV[2]))
+"""
+
 
 class ApiScripts:
     """The scripts registered once on a client; calls use EVALSHA and reload on NOSCRIPT."""
@@ -79,3 +102,4 @@ class ApiScripts:
         self.commit_key = redis.register_script(COMMIT_KEY)
         self.release_key = redis.register_script(RELEASE_KEY)
         self.abandon_batch = redis.register_script(ABANDON_BATCH)
+        self.create_latest_batch = redis.register_script(CREATE_LATEST_BATCH)

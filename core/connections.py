@@ -54,12 +54,17 @@ async def open_redis(settings: Settings, tries: int = 5, *, pool_size: int = RED
 
 
 def make_producer(settings: Settings, **overrides: object) -> AIOKafkaProducer:
-    """acks=all and idempotence: a record the broker acknowledged is never lost nor doubled."""
+    """acks=all and idempotence: a record the broker acknowledged is never lost nor doubled.
+
+    No linger: aiokafka keeps one produce request in flight per broker, and the records queued
+    meanwhile go together in the next one, so batches form under load without waiting. A
+    linger of 1 ms left the API idle for it on every request the queue was empty for: POST
+    throughput 4.0k -> 5.1k req/s at the same CPU per request (`make bench-api`, post row)."""
     options: dict[str, object] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "acks": "all",
         "enable_idempotence": True,
-        "linger_ms": 1,
+        "linger_ms": 0,
         "request_timeout_ms": 10_000,
     }
     options.update(overrides)

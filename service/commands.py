@@ -134,27 +134,29 @@ class CommandSender:
         """Returns once the broker acknowledged the record (acks=all); `Refused` or
         `Ambiguous` (both 503) otherwise."""
         self.check()
-        deadline = time.monotonic() + self._timeout
+        # One deadline for both steps (a Timeout costs as much as the rest of this method);
+        # `delivery` says which step it ended in.
+        delivery: asyncio.Future[object] | None = None
         try:
             async with asyncio.timeout(self._timeout):
                 # Cancelling this call leaves nothing queued: the record is not written.
                 delivery = await self._producer.send(topic, value=value, key=key)
-        except (KafkaError, TimeoutError) as exc:
-            log.warning("kafka refused a record for %s: %s", topic, describe(exc))
-            self._mark_down(exc)
-            raise Refused() from None
-        delivery.add_done_callback(_retrieve)
-        try:
-            async with asyncio.timeout(max(deadline - time.monotonic(), 0.01)):
                 # Shielded: the producer keeps the record either way; we only stop waiting.
                 await asyncio.shield(delivery)
         except (KafkaError, TimeoutError) as exc:
             self._mark_down(exc)
+            if delivery is None:
+                log.warning("kafka refused a record for %s: %s", topic, describe(exc))
+                raise Refused() from None
             if isinstance(exc, TimeoutError) or _ambiguous_error(exc):
                 log.warning("kafka did not confirm a record for %s: %s", topic, describe(exc))
                 raise Ambiguous(describe(exc)) from None
             log.warning("kafka rejected a record for %s: %s", topic, describe(exc))
             raise Refused() from None
+        finally:
+            if delivery is not None and not delivery.done():
+                # No longer awaited (timed out or cancelled): its outcome is handled above.
+                delivery.add_done_callback(_retrieve)
 
     async def command(self, command: Command) -> None:
         await self._send(self._commands_topic, command.key, command.encode())
