@@ -27,6 +27,7 @@ from service.appkeys import (
     REGISTRY,
     SETTINGS,
     STORE,
+    WAITERS,
 )
 from service.auth import Authenticator, authentication
 from service.cache import BatchCache
@@ -34,6 +35,7 @@ from service.commands import CommandSender
 from service.errors import edge_middleware
 from service.idempotency import IdempotencyKeys
 from service.routes import setup_routes
+from service.waiters import ChangeWaiters
 
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -70,6 +72,7 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     cache = app[CACHE]
+    cache.on_change = app[WAITERS].changed
     follower = asyncio.create_task(cache.follow(app[REDIS], keys.CHANGES_CHANNEL))
     yield
     follower.cancel()
@@ -87,6 +90,9 @@ def init_app(settings: Settings | None = None) -> web.Application:
     app[SETTINGS] = settings
     app[CACHE] = BatchCache(settings.cache_max_entries, silence_s=settings.cache_silence_s,
                             ttl_s=settings.cache_ttl_s)
+    # Long-poll GETs wait on the cache's change feed (a test may swap the cache: see
+    # cache_ctx, which wires whichever cache the app holds when it starts).
+    app[WAITERS] = ChangeWaiters()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(kafka_ctx)
     if settings.api_cache:

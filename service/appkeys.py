@@ -14,12 +14,14 @@ from service.abandon import Abandoner
 from service.cache import BatchCache
 from service.commands import CommandSender
 from service.idempotency import IdempotencyKeys
+from service.waiters import ChangeWaiters
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
 REGISTRY = web.AppKey("registry", PipelineRegistry)
 STORE = web.AppKey("store", BatchStore)
 CACHE = web.AppKey("cache", BatchCache)
+WAITERS = web.AppKey("waiters", ChangeWaiters)
 PRODUCER = web.AppKey("producer", AIOKafkaProducer)
 COMMANDS = web.AppKey("commands", CommandSender)
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)

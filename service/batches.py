@@ -18,7 +18,7 @@ from core.models import PipelineSpec, new_batch_id, valid_id
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.store import BadToken, BatchStore
-from service import auth, idempotency
+from service import auth, conditional, idempotency
 from service.appkeys import (
     ABANDONER,
     API_SCRIPTS,
@@ -28,6 +28,7 @@ from service.appkeys import (
     REGISTRY,
     STORE,
 )
+from service.cache import etag_of
 from service.commands import Ambiguous, Refused
 from service.errors import bad_request, not_found
 from service.fills import fills_of
@@ -246,20 +247,33 @@ async def _read_batch(request: web.Request) -> bytes:
 async def get_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.READ)
     match = request.match_info
+    key = keys.batch(match["pipeline_id"], match["batch_id"])
+    if "If-None-Match" in request.headers:
+        return await conditional.answer(request, key, _read_batch)
+    if request.query_string:
+        conditional.wait_s(request)  # validated even where there is nothing to wait for
     # The hot path: only ids that passed validation were ever cached, so a hit needs no check.
-    body = request.app[CACHE].get(keys.batch(match["pipeline_id"], match["batch_id"]))
-    if body is None:
-        body = await _read_batch(request)
-    return json_bytes(body)
+    entry = request.app[CACHE].lookup(key)
+    if entry is not None:
+        return conditional.tagged(entry[0], entry[2])  # type: ignore[arg-type]
+    body = await _read_batch(request)
+    return conditional.tagged(body, etag_of(body))
 
 
 async def latest_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.READ)
     pipeline_id = path_id(request, "pipeline_id")
+    if request.query_string and "wait" in request.query:
+        raise bad_request("wait is for a batch by id: the latest batch is not held")
     batch = await request.app[STORE].latest(pipeline_id)
     if batch is None:
         raise not_found(f"pipeline {pipeline_id} has no batch")
-    return json_obj(batch)
+    body = orjson.dumps(batch)
+    etag = etag_of(body)
+    # Conditional, not held: a new batch (which changes the answer) is not on the change feed.
+    if conditional.matches(request.headers.get("If-None-Match", ""), etag):
+        return conditional.not_modified(etag)
+    return conditional.tagged(body, etag)
 
 
 def _limit(request: web.Request) -> int:

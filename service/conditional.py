@@ -1,0 +1,98 @@
+"""Conditional and long-poll GETs of a batch: `ETag`, `If-None-Match` -> 304, `?wait=`.
+
+Every batch answer carries a strong ETag of its body (`service.cache.etag_of`). With
+`If-None-Match` naming the current one the answer is 304 without a body; adding `?wait=N`
+(1-60 s) holds the request until the batch changes (200 with the new body) or the wait ends
+(304). A held request waits on the cache's change feed (`service.waiters`), not on Redis; while
+the feed is down (the cache off) it re-reads once a second instead, so it can still answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+from aiohttp import web
+
+from service.appkeys import CACHE, WAITERS
+from service.cache import etag_of
+from service.errors import bad_request
+
+MAX_WAIT_S: Final = 60.0
+MIN_WAIT_S: Final = 1.0
+# How often a held request re-reads while the change feed is down.
+DEGRADED_POLL_S: Final = 1.0
+
+
+def tagged(body: bytes, etag: str) -> web.Response:
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
+
+
+def not_modified(etag: str) -> web.Response:
+    return web.Response(status=304, headers={"ETag": etag})
+
+
+def matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110's weak comparison of If-None-Match's list against the current ETag."""
+    for candidate in if_none_match.split(","):
+        candidate = candidate.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def wait_s(request: web.Request) -> float | None:
+    """The `wait` query parameter in seconds, None when absent; 400 when not 1-60."""
+    if not request.query_string:
+        return None
+    raw = request.query.get("wait")
+    if raw is None:
+        return None
+    try:
+        value = float(raw) if raw.isascii() else None
+    except ValueError:
+        value = None
+    if value is None or not MIN_WAIT_S <= value <= MAX_WAIT_S:
+        raise bad_request(f"wait must be a number of seconds from {MIN_WAIT_S:g} to "
+                          f"{MAX_WAIT_S:g}")
+    return value
+
+
+async def answer(request: web.Request, key: str,
+                 read: Callable[[web.Request], Awaitable[bytes]]) -> web.Response:
+    """The answer to a GET of the batch cached under `key` carrying If-None-Match; `read`
+    gives the current body (404 when there is none)."""
+    if_none_match = request.headers.get("If-None-Match", "")
+    wait = wait_s(request)
+    cache = request.app[CACHE]
+
+    async def current() -> tuple[bytes, str]:
+        entry = cache.lookup(key)
+        if entry is not None:
+            return entry[0], entry[2]  # type: ignore[return-value]
+        body = await read(request)
+        return body, etag_of(body)
+
+    if wait is None:
+        body, etag = await current()
+        return not_modified(etag) if matches(if_none_match, etag) else tagged(body, etag)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    waiters = request.app[WAITERS]
+    while True:
+        # Registered before the read: a change between the read and the wait still wakes us.
+        change = waiters.register(key)
+        try:
+            body, etag = await current()
+            if not matches(if_none_match, etag):
+                return tagged(body, etag)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return not_modified(etag)
+            timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(change), timeout)
+        finally:
+            waiters.discard(key, change)
