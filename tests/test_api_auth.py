@@ -92,9 +92,11 @@ async def test_jwt_scopes(api: Client, make: Any) -> None:
     assert (await api.get("/api/v1/batches/p/", headers=admin)).status == 403
 
 
-async def test_several_static_tokens(topics: Settings, redis: Redis) -> None:
+async def test_several_static_tokens(topics: Settings, redis: Redis,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     settings = api_settings(topics)
-    settings = settings.model_copy(update={"api_tokens": Settings(api_tokens="one-token,two-token").api_tokens})
+    monkeypatch.setenv("DHUB_API_TOKENS", "one-token,two-token")  # the form a deployment sets
+    settings = settings.model_copy(update={"api_tokens": Settings().api_tokens})
     async with api_client(settings) as api:
         for token in ("one-token", "two-token"):
             assert (await api.get("/api/v1/pipelines/", headers=bearer(token))).status == 200
@@ -157,8 +159,9 @@ async def test_tokens_are_checked_against_the_configured_audience_and_issuer(
         several = bearer(rs_token("batches:read", aud=["other", "batches.example"],
                                   iss="idp.example"))
         assert (await api.get("/api/v1/batches/p/", headers=several)).status == 200
-        for changes, why in (({"iss": "idp.example"}, "audience"),
-                             ({"aud": "batches.example"}, "issuer")):
+        cases: tuple[tuple[dict[str, Any], str], ...] = (({"iss": "idp.example"}, "audience"),
+                                                         ({"aud": "batches.example"}, "issuer"))
+        for changes, why in cases:
             local = bearer(hs_token("batches:read", **changes))  # the rest: local stack's
             refused = await api.get("/api/v1/batches/p/", headers=local)
             assert refused.status == 401

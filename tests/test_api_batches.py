@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -188,7 +188,7 @@ async def test_kafka_refusing_the_run_command_answers_503_and_leaves_nothing(
                               headers={**AUTH, "Idempotency-Key": "k-503"})
     assert response.status == 503
     assert (await response.json())["error"]["code"] == "unavailable"
-    after = sorted(k for k in await redis.keys("*") if not k.endswith(":seq"))
+    after = sorted(k for k in cast(list[str], await redis.keys("*")) if not k.endswith(":seq"))
     assert after == before
     assert (await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)).status == 404
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,8 +42,9 @@ async def edge_server(settings: Settings) -> AsyncIterator[int]:
         await runner.cleanup()
 
 
-async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+async def raw(port: int | None, request: bytes) -> tuple[int, dict[str, str], bytes]:
     """One request as raw bytes; the status, headers (lower-case names) and body."""
+    assert port is not None, "the server is not listening"
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
@@ -61,7 +62,7 @@ async def raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
     return int(status_line.split()[1]), headers, body
 
 
-def http(method: str, target: str, headers: dict[str, bytes | str] | None = None,
+def http(method: str, target: str, headers: Mapping[str, bytes | str] | None = None,
          body: bytes = b"") -> bytes:
     lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close",
              f"Content-Length: {len(body)}".encode()]

@@ -13,7 +13,7 @@ from consumers.bridge import PrefectBridge
 from core.codec import decode_event
 from core.settings import Settings
 from tests.helpers import read_topic
-from tests.test_bridge_checkpoint import running_event
+from tests.test_bridge_checkpoint import running_event, saved_at
 from tests.test_consumers_support import options, unique
 
 
@@ -32,7 +32,7 @@ async def test_the_resume_point_stays_behind_what_the_persister_has_not_written(
         # even 30 s later, so the resume point stays where it was.
         await bridge.forward(running_event(subscribed), subscribed + timedelta(seconds=1))
         await bridge.settle()
-        assert datetime.fromisoformat(await redis.get(key)) == start
+        assert await saved_at(redis, key) == start
         # An event from the database (received 40 s before the session subscribed): the
         # persister has written all that was received until then, and no further.
         persisted_at = subscribed - timedelta(seconds=40)
@@ -42,10 +42,10 @@ async def test_the_resume_point_stays_behind_what_the_persister_has_not_written(
         await bridge.forward(running_event(subscribed + timedelta(seconds=3)),
                              subscribed + timedelta(seconds=3))
         await bridge.settle()
-        assert datetime.fromisoformat(await redis.get(key)) == persisted_at
+        assert await saved_at(redis, key) == persisted_at
     finally:
         await bridge.close()
-    assert datetime.fromisoformat(await redis.get(key)) == persisted_at
+    assert await saved_at(redis, key) == persisted_at
 
 
 async def test_a_replayed_event_the_broker_acknowledged_is_not_sent_again(

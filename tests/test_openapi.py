@@ -19,7 +19,7 @@ from tests.helpers import AUTH, api_client, api_settings, spec_body
 
 DOC = openapi.build()
 DOC_URI = "urn:dhub:openapi"
-REGISTRY: Registry = Registry().with_resource(DOC_URI, Resource.opaque(DOC))  # type: ignore[type-arg]
+REGISTRY: Registry[Any] = Registry().with_resource(DOC_URI, Resource.opaque(DOC))
 
 
 def _validate(route: str, method: str, status: int, content_type: str, body: bytes) -> None:

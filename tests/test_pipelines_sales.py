@@ -150,7 +150,7 @@ def test_load_replaces_the_batch_rows_on_rerun(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("step", ["extract", "transform", "load"])
 def test_fail_at_fails_that_step_half_way(tmp_path: Path, step: str) -> None:
-    config = {"rows": 400, "partitions": 2, "fail_at": step}
+    config: dict[str, Any] = {"rows": 400, "partitions": 2, "fail_at": step}
     fns: dict[str, Callable[[StepContext], None]] = {
         "extract": extract, "transform": transform, "load": load}
     for name, fn in fns.items():

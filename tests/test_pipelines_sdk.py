@@ -155,7 +155,14 @@ async def test_a_failing_step_publishes_its_progress_then_failed(
     assert merged_offsets(events) == {"partition_0": 100}
 
 
-class FlakyProducer:
+class FakeProducer:
+    """What a fake needs beyond `send_and_wait` to stand for a producer: nothing to close."""
+
+    async def stop(self) -> None:
+        return None
+
+
+class FlakyProducer(FakeProducer):
     """A real producer whose sends fail (before reaching Kafka) on the chosen attempts."""
 
     def __init__(self, inner: Any, fail_on: set[int]) -> None:
@@ -192,7 +199,7 @@ async def test_kafka_hiccups_are_retried_and_lose_nothing(
     assert len({e.event_id for e in events}) == len(events)
 
 
-class DeadAfter:
+class DeadAfter(FakeProducer):
     """Records what it delivers, then fails every send from the n-th on (Kafka down)."""
 
     def __init__(self, working_sends: int) -> None:
@@ -219,7 +226,7 @@ async def test_undeliverable_final_offsets_fail_the_step_loudly(topics: Settings
     assert [(e.type, e.state) for e in producer.delivered] == [("step.state", "running")]
 
 
-class Refusing:
+class Refusing(FakeProducer):
     """A broker that will never take the record (too large): no retry can help."""
 
     def __init__(self) -> None:

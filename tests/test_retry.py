@@ -32,7 +32,7 @@ WRITE_SCRIPT = "redis.call('SET', KEYS[1], ARGV[1]) return 1"
 
 
 async def test_a_read_only_replica_is_unavailable_not_bad_data(redis_alone: Redis) -> None:
-    await redis_alone.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+    await redis_alone.replicaof("127.0.0.1", str(free_port()))
     for call in (redis_alone.set("k", "v"), redis_alone.eval(WRITE_SCRIPT, 1, "k", "v")):
         with pytest.raises(ResponseError) as caught:
             await call

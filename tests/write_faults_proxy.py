@@ -148,5 +148,6 @@ class KafkaProxy:
         cls = _RESPONSES[version]
         response = cls.decode(frame[8:])
         response.brokers = [(b[0], "127.0.0.1", self.port, *b[3:]) for b in response.brokers]
-        body = frame[4:8] + response.encode()
+        encoded: bytes = response.encode()  # aiokafka is untyped
+        body = frame[4:8] + encoded
         return struct.pack(">i", len(body)) + body

@@ -42,12 +42,12 @@ async def test_redis_read_only_mid_stream(chaos: ChaosStack, chaos_redis: Redis,
 
     async def demote() -> None:
         await asyncio.sleep(3.0)
-        await chaos_redis.execute_command("REPLICAOF", "127.0.0.1", str(closed_port()))
+        await chaos_redis.replicaof("127.0.0.1", str(closed_port()))
         window.append(time.monotonic())
         try:
             await asyncio.sleep(READ_ONLY_S)
         finally:
-            await chaos_redis.execute_command("REPLICAOF", "NO", "ONE")
+            await chaos_redis.replicaof("NO", "ONE")
             window.append(time.monotonic())
 
     async with Poller(http, pipeline_id, batch_ids[:8]) as poller:
@@ -57,7 +57,7 @@ async def test_redis_read_only_mid_stream(chaos: ChaosStack, chaos_redis: Redis,
         finally:
             await fault
         seen, catch_up = await settle_offsets(http, pipeline_id, batch_ids, stream.expected, 60)
-    role = await chaos_redis.execute_command("ROLE")
+    role = await chaos_redis.role()
     dead = await records_since(chaos.settings, chaos.settings.topic_dlq, dlq_before)
     lost = lost_updates(stream.expected, seen)
     reasons = sorted({dict(r.headers).get("dhub-dlq-reason", b"").decode()[:120] for r in dead})

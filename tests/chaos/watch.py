@@ -100,10 +100,10 @@ class Poller:
         self._offsets.update(now)
         ranks = {batch_id: BATCH_RANK[body["state"]["state"]]}
         ranks |= {f"{batch_id}/{s}": STEP_RANK[e["state"]] for s, e in body["state"]["steps"].items()}
-        for key, rank in ranks.items():
-            if rank < self._states.get(key, -1):
-                self.regressions.append(f"{key}: state rank {self._states[key]} -> {rank}")
-            self._states[key] = max(rank, self._states.get(key, -1))
+        for name, rank in ranks.items():
+            if rank < self._states.get(name, -1):
+                self.regressions.append(f"{name}: state rank {self._states[name]} -> {rank}")
+            self._states[name] = max(rank, self._states.get(name, -1))
 
     def server_errors(self) -> int:
         """5xx answers other than the allowed ones (a 503 JSON is allowed during an outage)."""
