@@ -1,8 +1,8 @@
 """The Prefect deployment of each pipeline version, ensured once per process.
 
-`pipelines.prefect_deployment.ensure_deployment(spec, settings) -> UUID` creates or updates deployment
-`run-pipeline/<spec.name>`; it may be a coroutine function or a plain one (then it runs in a
-thread, since Prefect's sync APIs must not run on this loop). Its id is cached per
+`pipelines.prefect_deployment.ensure_deployment(spec, settings) -> UUID` creates or updates
+deployment `run-pipeline/<spec.name>`; an `EnsureFn` may be a coroutine function or a plain
+one (then it runs in a thread, since Prefect's sync APIs must not run on this loop). Its id is cached per
 (pipeline, version) and forgotten when Prefect says the deployment is gone.
 """
 
