@@ -28,6 +28,15 @@ def batch(pipeline_id: str, batch_id: str) -> str:
     return f"{_tag(pipeline_id)}:batch:{batch_id}"
 
 
+def batch_ids(key: str) -> tuple[str, str] | None:
+    """(pipeline_id, batch_id) of a `batch` key (as change messages carry), else None."""
+    head = f"{PREFIX}:{{"
+    if not key.startswith(head):
+        return None
+    pipeline_id, sep, batch_id = key[len(head):].partition("}:batch:")
+    return (pipeline_id, batch_id) if sep and pipeline_id and batch_id else None
+
+
 def batch_seen(pipeline_id: str, batch_id: str) -> str:
     """Sorted set of the batch's most recent event ids, for de-duplication."""
     return f"{_tag(pipeline_id)}:seen:{batch_id}"

@@ -18,7 +18,7 @@ from core.models import PipelineSpec, new_batch_id, valid_id
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.store import BadToken, BatchStore
-from service import auth, conditional, idempotency
+from service import auth, conditional, idempotency, streams
 from service.appkeys import (
     ABANDONER,
     API_SCRIPTS,
@@ -244,10 +244,12 @@ async def _read_batch(request: web.Request) -> bytes:
     return body
 
 
-async def get_batch(request: web.Request) -> web.Response:
+async def get_batch(request: web.Request) -> web.StreamResponse:
     auth.require(request, auth.READ)
     match = request.match_info
     key = keys.batch(match["pipeline_id"], match["batch_id"])
+    if streams.wants_stream(request):
+        return await streams.stream_batch(request, key, _read_batch)
     if "If-None-Match" in request.headers:
         return await conditional.answer(request, key, _read_batch)
     if request.query_string:
@@ -286,10 +288,12 @@ def _limit(request: web.Request) -> int:
     return int(raw)
 
 
-async def list_batches(request: web.Request) -> web.Response:
+async def list_batches(request: web.Request) -> web.StreamResponse:
     auth.require(request, auth.READ)
     pipeline_id = path_id(request, "pipeline_id")
     limit = _limit(request)
+    if streams.wants_stream(request):
+        return await streams.stream_pipeline(request, pipeline_id, limit)
     token = request.query.get("token") or None
     try:
         page = await request.app[STORE].page(pipeline_id, limit, token)

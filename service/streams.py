@@ -1,0 +1,177 @@
+"""A batch as a push stream (Server-Sent Events), in the shape of its GET.
+
+`GET /api/v1/batches/{pipeline_id}/{batch_id}` with `Accept: text/event-stream`: first the
+batch as GET returns it, then one `event: batch` per change, each with `id:` the body's ETag
+(it changes exactly when the body does; `Last-Event-ID` with the current one sends nothing
+until the next change) and `data:` exactly the GET's JSON. Once the batch is `stop` its last
+object is followed by `event: end` and the stream closes; a deleted batch sends
+`event: deleted` and closes. A comment line every `KEEPALIVE_S` keeps proxies from closing an
+idle stream.
+
+Every stream of a process waits on the cache's change feed (`service.waiters`): one Redis
+subscription per API process, never one per client, and the batch is read through the cache,
+so a change costs one read (or none) whatever the number of watchers. A client is sent the
+latest state, never a backlog: a slow one skips intermediate states, and one that does not
+take a write within `WRITE_TIMEOUT_S` is cut off, so memory does not grow with slow readers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import orjson
+from aiohttp import web
+
+from core import keys
+from service.appkeys import CACHE, STORE, WAITERS
+from service.cache import etag_of
+from service.errors import ApiError
+from service.fills import fills_of
+
+KEEPALIVE_S: Final = 15.0
+WRITE_TIMEOUT_S: Final = 10.0
+# While the change feed is down nothing wakes a stream: it re-reads this often instead.
+DEGRADED_POLL_S: Final = 1.0
+# Deleted batches a pipeline stream remembers having announced (a delete publishes twice).
+MAX_GONE: Final = 10_000
+STREAM_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                         "X-Accel-Buffering": "no"}
+
+
+def wants_stream(request: web.Request) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+def event(name: str, data: bytes, event_id: str | None = None) -> bytes:
+    head = f"event: {name}\n" + (f"id: {event_id}\n" if event_id is not None else "")
+    return head.encode() + b"data: " + data + b"\n\n"
+
+
+def _is_final(body: bytes) -> bool:
+    return bool(orjson.loads(body)["state"]["state"] == "stop")
+
+
+async def stream_batch(request: web.Request, key: str,
+                       read: Callable[[web.Request], Awaitable[bytes]]) -> web.StreamResponse:
+    """Streams the batch cached under `key`; `read` gives its current body (404 if none)."""
+    cache = request.app[CACHE]
+
+    async def current() -> tuple[bytes, str]:
+        entry = cache.lookup(key)
+        if entry is not None:
+            return entry[0], entry[2]  # type: ignore[return-value]
+        body = await read(request)
+        return body, etag_of(body)
+
+    await current()  # before any byte is sent: an unknown batch is a plain JSON 404
+    response = web.StreamResponse(headers=STREAM_HEADERS)
+    await response.prepare(request)
+    try:
+        await _follow(request, response, key, current)
+    except (ConnectionError, TimeoutError):
+        # Gone, or not taking writes (WRITE_TIMEOUT_S): cut off, nothing more to send.
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    with contextlib.suppress(ConnectionError):
+        await response.write_eof()
+    return response
+
+
+async def _follow(request: web.Request, response: web.StreamResponse, key: str,
+                  current: Callable[[], Awaitable[tuple[bytes, str]]]) -> None:
+    cache = request.app[CACHE]
+    waiters = request.app[WAITERS]
+    sent = request.headers.get("Last-Event-ID")
+    while True:
+        # Registered before the read: a change between the read and the wait still wakes us.
+        change = waiters.register(key)
+        try:
+            try:
+                body, etag = await current()
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                await _write(response, event("deleted", b"{}"))
+                return
+            if etag != sent:
+                await _write(response, event("batch", body, etag))
+                sent = etag
+            if _is_final(body):
+                await _write(response, event("end", b"{}"))
+                return
+            timeout = KEEPALIVE_S if cache.live else DEGRADED_POLL_S
+            try:
+                await asyncio.wait_for(asyncio.shield(change), timeout)
+            except TimeoutError:
+                if cache.live:
+                    await _write(response, b": keep-alive\n\n")
+        finally:
+            waiters.discard(key, change)
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    """One write, cut off when the client does not take it in time."""
+    async with asyncio.timeout(WRITE_TIMEOUT_S):
+        await response.write(data)
+
+
+async def stream_pipeline(request: web.Request, pipeline_id: str,
+                          limit: int) -> web.StreamResponse:
+    """`GET /api/v1/batches/{pipeline_id}/` with `Accept: text/event-stream`: the newest
+    `limit` batches first (as the list's first page, so nothing falls between a list read
+    and the stream), then one `event: batch` per change of any batch of the pipeline, new
+    ones included, and `event: deleted` (data `{"id": ...}`) for a deleted one. A client that
+    falls `waiters.MAX_PENDING` changed batches behind is cut off."""
+    store = request.app[STORE]
+    fills = fills_of(store, request.app[CACHE])
+    waiters = request.app[WAITERS]
+    watch = waiters.watch(pipeline_id)  # before the first read: no change falls between
+    try:
+        page = await store.page(pipeline_id, limit, None)
+        response = web.StreamResponse(headers=STREAM_HEADERS)
+        await response.prepare(request)
+        gone: set[str] = set()
+        try:
+            for obj in page.items.values():
+                body = orjson.dumps(obj)
+                await _write(response, event("batch", body, etag_of(body)))
+            while True:
+                try:
+                    async with asyncio.timeout(KEEPALIVE_S):
+                        await watch.wake.wait()
+                except TimeoutError:
+                    await _write(response, b": keep-alive\n\n")
+                    continue
+                if watch.overflow:
+                    raise TimeoutError("the client fell too far behind")
+                if watch.everything:  # changes may have been missed: the page again
+                    watch.take()
+                    page = await store.page(pipeline_id, limit, None)
+                    changed = [keys.batch(pipeline_id, b) for b in reversed(page.items)]
+                else:
+                    changed = watch.take()
+                for key in changed:
+                    ids = keys.batch_ids(key)
+                    if ids is None:
+                        continue
+                    body_or_none = await fills.read(*ids)
+                    if body_or_none is None:
+                        if ids[1] in gone:  # hidden, then purged: said once
+                            continue
+                        if len(gone) >= MAX_GONE:
+                            gone.clear()
+                        gone.add(ids[1])
+                        await _write(response, event("deleted", orjson.dumps({"id": ids[1]})))
+                    else:
+                        await _write(response, event("batch", body_or_none,
+                                                     etag_of(body_or_none)))
+        except (ConnectionError, TimeoutError):
+            if request.transport is not None:
+                request.transport.close()
+        return response
+    finally:
+        waiters.unwatch(pipeline_id, watch)
