@@ -61,9 +61,10 @@ class BatchCache:
         # key -> (the rendered body, or the published hash not rendered yet; expiry; the
         # body's ETag, None until rendered)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
-        # Called with the key of every change, or None when anything may have changed (a
-        # reset): how held long-poll requests learn of changes (service.waiters).
-        self.on_change: Callable[[str | None], None] | None = None
+        # Called with the key of every change and the hash its message carried (None if it
+        # carried none), or (None, None) when anything may have changed (a reset): how held
+        # requests and streams learn of changes (service.waiters).
+        self.on_change: Callable[[str | None, str | None], None] | None = None
         self._max = max_entries
         self.silence_s = silence_s
         self.ttl_s = ttl_s if ttl_s > 0 else math.inf
@@ -135,18 +136,18 @@ class BatchCache:
             self._entries.popitem(last=False)
 
     def evict(self, key: str) -> None:
-        self._changed(key)
+        self._changed(key, None)
         self._entries.pop(key, None)
 
     def update(self, key: str, published: str) -> None:
         """A change of `key` whose message carried the new hash: a held entry takes it."""
-        self._changed(key)
+        self._changed(key, published)
         if key in self._entries:
             self._entries[key] = (published, self.now + self.ttl_s, None)
 
-    def _changed(self, key: str) -> None:
+    def _changed(self, key: str, published: str | None) -> None:
         if self.on_change is not None:
-            self.on_change(key)
+            self.on_change(key, published)
         self.generation += 1
         recent = self._recent
         recent[key] = self.generation
@@ -159,7 +160,7 @@ class BatchCache:
         if self.live and not live:
             self.outages += 1
         if self.on_change is not None:
-            self.on_change(None)
+            self.on_change(None, None)
         self.generation += 1
         self._floor = self.generation
         self._entries.clear()

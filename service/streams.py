@@ -30,6 +30,7 @@ from service.appkeys import CACHE, STORE, WAITERS
 from service.cache import etag_of
 from service.errors import ApiError
 from service.fills import fills_of
+from service.waiters import GONE, READ, BatchFeed
 
 KEEPALIVE_S: Final = 15.0
 WRITE_TIMEOUT_S: Final = 10.0
@@ -57,60 +58,74 @@ def _is_final(body: bytes) -> bool:
 async def stream_batch(request: web.Request, key: str,
                        read: Callable[[web.Request], Awaitable[bytes]]) -> web.StreamResponse:
     """Streams the batch cached under `key`; `read` gives its current body (404 if none)."""
-    cache = request.app[CACHE]
-
-    async def current() -> tuple[bytes, str]:
-        entry = cache.lookup(key)
-        if entry is not None:
-            return entry[0], entry[2]  # type: ignore[return-value]
-        body = await read(request)
-        return body, etag_of(body)
-
-    await current()  # before any byte is sent: an unknown batch is a plain JSON 404
-    response = web.StreamResponse(headers=STREAM_HEADERS)
-    await response.prepare(request)
-    try:
-        await _follow(request, response, key, current)
-    except (ConnectionError, TimeoutError):
-        # Gone, or not taking writes (WRITE_TIMEOUT_S): cut off, nothing more to send.
-        if request.transport is not None:
-            request.transport.close()
-        return response
-    with contextlib.suppress(ConnectionError):
-        await response.write_eof()
-    return response
-
-
-async def _follow(request: web.Request, response: web.StreamResponse, key: str,
-                  current: Callable[[], Awaitable[tuple[bytes, str]]]) -> None:
-    cache = request.app[CACHE]
     waiters = request.app[WAITERS]
-    sent = request.headers.get("Last-Event-ID")
-    while True:
-        # Registered before the read: a change between the read and the wait still wakes us.
-        change = waiters.register(key)
+    feed = waiters.follow(key)  # before the first read: every later version reaches us
+    try:
+        first = await read_current(request, key, read)  # 404 before any byte is sent
+        response = web.StreamResponse(headers=STREAM_HEADERS)
+        await response.prepare(request)
         try:
-            try:
-                body, etag = await current()
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
+            await _send_versions(request, response, key, read, feed, first)
+        except (ConnectionError, TimeoutError):
+            # Gone, or not taking writes (WRITE_TIMEOUT_S): cut off, nothing more to send.
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        with contextlib.suppress(ConnectionError):
+            await response.write_eof()
+        return response
+    finally:
+        waiters.unfollow(key, feed)
+
+
+async def read_current(request: web.Request, key: str,
+                       read: Callable[[web.Request], Awaitable[bytes]]) -> bytes:
+    entry = request.app[CACHE].lookup(key)
+    if entry is not None:
+        return entry[0]  # type: ignore[return-value]
+    return await read(request)
+
+
+async def _send_versions(request: web.Request, response: web.StreamResponse, key: str,
+                         read: Callable[[web.Request], Awaitable[bytes]], feed: BatchFeed,
+                         first: bytes) -> None:
+    cache = request.app[CACHE]
+    sent = request.headers.get("Last-Event-ID")
+    pending: list[bytes | object] = [first]
+    while True:
+        for item in pending:
+            if item is READ:
+                try:
+                    item = await read_current(request, key, read)
+                except ApiError as exc:
+                    if exc.status != 404:
+                        raise
+                    item = GONE
+            if item is GONE:
                 await _write(response, event("deleted", b"{}"))
                 return
+            assert isinstance(item, bytes)
+            etag = etag_of(item)
             if etag != sent:
-                await _write(response, event("batch", body, etag))
+                await _write(response, event("batch", item, etag))
                 sent = etag
-            if _is_final(body):
+            if _is_final(item):
                 await _write(response, event("end", b"{}"))
                 return
-            timeout = KEEPALIVE_S if cache.live else DEGRADED_POLL_S
-            try:
-                await asyncio.wait_for(asyncio.shield(change), timeout)
-            except TimeoutError:
-                if cache.live:
-                    await _write(response, b": keep-alive\n\n")
-        finally:
-            waiters.discard(key, change)
+        if feed.overflow:
+            raise TimeoutError("the client fell too far behind")
+        timeout = KEEPALIVE_S if cache.live else DEGRADED_POLL_S
+        try:
+            async with asyncio.timeout(timeout):
+                await feed.wake.wait()
+        except TimeoutError:
+            if cache.live:
+                await _write(response, b": keep-alive\n\n")
+                pending = []
+            else:
+                pending = [READ]  # the feed is down: nothing wakes us, read instead
+            continue
+        pending = feed.take()
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:
@@ -151,15 +166,17 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                 if watch.everything:  # changes may have been missed: the page again
                     watch.take()
                     page = await store.page(pipeline_id, limit, None)
-                    changed = [keys.batch(pipeline_id, b) for b in reversed(page.items)]
+                    changed: list[tuple[str, bytes | object]] = [
+                        (keys.batch(pipeline_id, b), READ) for b in reversed(page.items)]
                 else:
                     changed = watch.take()
-                for key in changed:
+                for key, item in changed:
                     ids = keys.batch_ids(key)
                     if ids is None:
                         continue
-                    body_or_none = await fills.read(*ids)
-                    if body_or_none is None:
+                    if item is READ:
+                        item = await fills.read(*ids) or GONE
+                    if item is GONE:
                         if ids[1] in gone:  # hidden, then purged: said once
                             continue
                         if len(gone) >= MAX_GONE:
@@ -167,8 +184,8 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         gone.add(ids[1])
                         await _write(response, event("deleted", orjson.dumps({"id": ids[1]})))
                     else:
-                        await _write(response, event("batch", body_or_none,
-                                                     etag_of(body_or_none)))
+                        assert isinstance(item, bytes)
+                        await _write(response, event("batch", item, etag_of(item)))
         except (ConnectionError, TimeoutError):
             if request.transport is not None:
                 request.transport.close()

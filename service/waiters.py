@@ -1,47 +1,86 @@
-"""Requests held until a batch changes, woken by the cache's change feed.
+"""Requests held until a batch changes, and streams fed by every change: the cache's feed.
 
-Two kinds: a long-poll GET or a batch's stream waits on one batch key (a future per wait); a
-pipeline's stream watches every batch of its pipeline (`PipelineWatch`: the keys changed
-since it last looked). A waiter registers before it reads, so a change between its read and
-its wait still wakes it. The feed is the cache's (`BatchCache.on_change`): a held request
-costs no Redis traffic while it waits. A reset of the cache (the feed lost or resubscribed:
-changes may have been missed) wakes everyone, and each re-reads.
+Three kinds of waiter, all fed by the cache's change feed (`BatchCache.on_change`), so a held
+request or an open stream costs no Redis traffic while nothing changes:
+
+- a long-poll GET waits on one batch key (`register`: a future per wait);
+- a batch's stream takes every version of its batch in order (`follow`: a `BatchFeed`);
+- a pipeline's stream takes the latest version of each changed batch (`watch`).
+
+A change message that carries the batch's new hash is rendered once, whatever the number of
+streams, and handed to each as the GET's body; a message without one (a delete, a create)
+hands over None: read the batch. A waiter registers before it reads, so a change between its
+read and its wait still reaches it. A reset of the cache (the feed lost or resubscribed:
+changes may have been missed) wakes everyone, and each re-reads. Queues are bounded: a
+stream that falls behind is marked `overflow` and cut off by its handler.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections import deque
+from typing import TypeVar
 
 from core import keys
+from service.cache import published_body
 
-# A pipeline stream that falls this many changed batches behind is cut off (its client is
-# not reading): memory per stream stays bounded.
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A stream this many changes behind is cut off (its client is not reading): memory per
+# stream stays bounded.
 MAX_PENDING = 1000
+READ = object()  # in a feed: "read the batch" (a change that carried no hash, or a reset)
+GONE = object()  # in a feed: the batch is hidden or deleted
 
 
-class PipelineWatch:
-    """The batches of one pipeline changed since the stream last looked, bounded."""
+class BatchFeed:
+    """Every version of one batch since the stream last looked, oldest first, bounded."""
 
     def __init__(self, max_pending: int | None = None) -> None:
         self.wake = asyncio.Event()
-        self._pending: dict[str, None] = {}  # batch keys, in the order they first changed
+        self.items: deque[bytes | object] = deque()
+        self._max = max_pending if max_pending is not None else MAX_PENDING
+        self.overflow = False
+
+    def add(self, item: bytes | object) -> None:
+        if len(self.items) >= self._max:
+            self.overflow = True
+        else:
+            self.items.append(item)
+        self.wake.set()
+
+    def take(self) -> list[bytes | object]:
+        taken = list(self.items)
+        self.items.clear()
+        self.wake.clear()
+        return taken
+
+
+class PipelineWatch:
+    """The batches of one pipeline changed since the stream last looked (key -> its latest
+    body, or READ / GONE), bounded."""
+
+    def __init__(self, max_pending: int | None = None) -> None:
+        self.wake = asyncio.Event()
+        self._pending: dict[str, bytes | object] = {}  # in the order they first changed
         self._max = max_pending if max_pending is not None else MAX_PENDING
         self.overflow = False  # fell too far behind: cut off
         self.everything = False  # a reset: anything may have changed
 
-    def add(self, key: str | None) -> None:
+    def add(self, key: str | None, item: bytes | object = READ) -> None:
         if key is None:
             self.everything = True
-        elif key not in self._pending:
-            if len(self._pending) >= self._max:
-                self.overflow = True
-            else:
-                self._pending[key] = None
+        elif key in self._pending or len(self._pending) < self._max:
+            self._pending[key] = item
+        else:
+            self.overflow = True
         self.wake.set()
 
-    def take(self) -> list[str]:
-        """The changed keys, oldest first, and forgets them."""
-        taken = list(self._pending)
+    def take(self) -> list[tuple[str, bytes | object]]:
+        """The changed keys with their latest item, oldest change first; forgets them."""
+        taken = list(self._pending.items())
         self._pending.clear()
         self.everything = False
         self.wake.clear()
@@ -51,11 +90,12 @@ class PipelineWatch:
 class ChangeWaiters:
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
+        self._feeds: dict[str, set[BatchFeed]] = {}
         self._watches: dict[str, set[PipelineWatch]] = {}
 
     def __len__(self) -> int:
-        return (sum(len(futures) for futures in self._waiting.values())
-                + sum(len(watches) for watches in self._watches.values()))
+        return sum(len(group) for table in (self._waiting, self._feeds, self._watches)
+                   for group in table.values())
 
     def register(self, key: str) -> asyncio.Future[None]:
         """A future resolved at the next change of `key` (or reset); `discard` it when done."""
@@ -64,28 +104,30 @@ class ChangeWaiters:
         return future
 
     def discard(self, key: str, future: asyncio.Future[None]) -> None:
-        futures = self._waiting.get(key)
-        if futures is not None:
-            futures.discard(future)
-            if not futures:
-                del self._waiting[key]
+        _remove(self._waiting, key, future)
         future.cancel()
 
+    def follow(self, key: str) -> BatchFeed:
+        """Every later version of the batch under `key`; `unfollow` it when done."""
+        feed = BatchFeed()
+        self._feeds.setdefault(key, set()).add(feed)
+        return feed
+
+    def unfollow(self, key: str, feed: BatchFeed) -> None:
+        _remove(self._feeds, key, feed)
+
     def watch(self, pipeline_id: str) -> PipelineWatch:
-        """Collects the changes of every batch of `pipeline_id`; `unwatch` it when done."""
+        """The changes of every batch of `pipeline_id`; `unwatch` it when done."""
         watch = PipelineWatch()
         self._watches.setdefault(pipeline_id, set()).add(watch)
         return watch
 
     def unwatch(self, pipeline_id: str, watch: PipelineWatch) -> None:
-        watches = self._watches.get(pipeline_id)
-        if watches is not None:
-            watches.discard(watch)
-            if not watches:
-                del self._watches[pipeline_id]
+        _remove(self._watches, pipeline_id, watch)
 
-    def changed(self, key: str | None) -> None:
-        """The cache's `on_change`: one key changed, or (None) anything may have."""
+    def changed(self, key: str | None, published: str | None) -> None:
+        """The cache's `on_change`: `key` changed (to `published`, when the message carried
+        the hash), or (None) anything may have."""
         if self._waiting:
             if key is None:
                 woken = [f for futures in self._waiting.values() for f in futures]
@@ -95,11 +137,42 @@ class ChangeWaiters:
             for future in woken:
                 if not future.done():
                     future.set_result(None)
-        if self._watches:
-            if key is None:
-                for watches in self._watches.values():
-                    for watch in watches:
-                        watch.add(None)
-            elif (ids := keys.batch_ids(key)) is not None:
-                for watch in self._watches.get(ids[0], ()):
-                    watch.add(key)
+        if not (self._feeds or self._watches):
+            return
+        if key is None:
+            for every_feed in self._feeds.values():
+                for feed in every_feed:
+                    feed.add(READ)
+            for every_watch in self._watches.values():
+                for watch in every_watch:
+                    watch.add(None)
+            return
+        feeds = self._feeds.get(key)
+        ids = keys.batch_ids(key) if self._watches else None
+        watches = self._watches.get(ids[0]) if ids is not None else None
+        if not feeds and not watches:
+            return
+        item = _item(key, published)  # rendered once for every stream
+        for feed in feeds or ():
+            feed.add(item)
+        for watch in watches or ():
+            watch.add(key, item)
+
+
+def _item(key: str, published: str | None) -> bytes | object:
+    if published is None:
+        return READ
+    try:
+        body = published_body(published)
+    except Exception:  # malformed: the streams read the batch instead
+        log.exception("a published batch hash could not be rendered (%s)", key)
+        return READ
+    return GONE if body is None else body
+
+
+def _remove(table: dict[str, set[T]], key: str, member: T) -> None:
+    group = table.get(key)
+    if group is not None:
+        group.discard(member)
+        if not group:
+            del table[key]

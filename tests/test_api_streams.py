@@ -20,7 +20,7 @@ from core.settings import Settings
 from core.store import BatchStore
 from service import streams
 from service.appkeys import WAITERS
-from service.waiters import PipelineWatch
+from service.waiters import BatchFeed, PipelineWatch
 from tests.cache_support import PIPELINE, cached_api, direct_store, engines, new_batches
 from tests.conftest import eventually
 from tests.helpers import AUTH, spec
@@ -189,8 +189,34 @@ def test_a_pipeline_watch_that_falls_behind_is_marked_for_cut_off() -> None:
     async def run() -> None:
         watch = PipelineWatch(max_pending=2)
         for n in range(3):
-            watch.add(f"k{n}")
-        assert watch.overflow and watch.take() == ["k0", "k1"]
+            watch.add(f"k{n}", b"v")
+        watch.add("k0", b"newer")  # a batch already pending takes its newer version
+        assert watch.overflow and watch.take() == [("k0", b"newer"), ("k1", b"v")]
         watch.add(None)
         assert watch.everything and watch.wake.is_set()
+        feed = BatchFeed(max_pending=2)
+        for n in range(3):
+            feed.add(b"%d" % n)
+        assert feed.overflow and feed.take() == [b"0", b"1"]
     asyncio.run(run())
+
+
+async def test_a_stream_delivers_every_state_in_order_however_fast(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [target] = await new_batches(store)
+    async with cached_api(test_settings) as api:
+        response = await api.get(f"/api/v1/batches/{PIPELINE}/{target}", headers=SSE)
+        assert json_state(await next_event(response)) == "pending"
+        # Back to back, faster than the stream's task runs between them.
+        for state in ("scheduled", "running"):
+            await store.apply([Event("batch.state", target, PIPELINE, state=state)])
+        await store.apply([Event("batch.state", target, PIPELINE, state="stop",
+                                 outcome="completed")])
+        seen = [json_state(await next_event(response)) for _ in range(3)]
+        assert seen == ["scheduled", "running", "stop"]
+        assert (await next_event(response))["event"] == "end"
+
+
+def json_state(event: dict[str, Any]) -> str:
+    return str(orjson.loads(event["data"])["state"]["state"])
