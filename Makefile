@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) deploy/local/stack.py
 
-.PHONY: setup run up down status test lint bench-api bench-e2e bench-stack clean-state chaos
+.PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack clean-state chaos
 
 setup:  ## venv + dependencies, Kafka jars, redis-server (idempotent, fast when done)
 	@bash deploy/local/setup.sh
@@ -37,6 +37,9 @@ bench-api: setup  ## GET/POST throughput of the API next to a bare aiohttp handl
 
 bench-e2e: setup  ## POST -> running latency, event -> visible latency, consumer apply rate
 	@$(PY) -m benchmarks.e2e $(BENCH_ARGS)
+
+bench-live: setup  ## N SSE clients on one API process: change -> every client, memory per stream
+	@$(PY) -m benchmarks.live $(BENCH_ARGS)
 
 bench-stack: setup  ## cold and warm `make up` time, memory of the stack at rest
 	@bash deploy/local/bench_stack.sh
