@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import sys
 
-from consumers import logs
 from consumers.runner import CHOICES, main
+from core import logs
 
 
 def cli() -> int:

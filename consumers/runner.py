@@ -20,12 +20,12 @@ from redis.asyncio import Redis
 from consumers.bridge import PrefectBridge
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
-from consumers.logs import redact
 from consumers.options import ConsumerOptions
 from consumers.part import Part
 from consumers.reconciler import Reconciler
 from core import keys
 from core.connections import open_redis
+from core.logs import redact
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -22,6 +22,7 @@ from service.appkeys import (
     CACHE,
     COMMANDS,
     IDEMPOTENCY,
+    METRICS_REGISTRY,
     PRODUCER,
     REDIS,
     REGISTRY,
@@ -34,6 +35,7 @@ from service.cache import BatchCache
 from service.commands import CommandSender
 from service.errors import edge_middleware
 from service.idempotency import IdempotencyKeys
+from service.metrics import RequestStats, registry_for
 from service.routes import setup_routes
 from service.waiters import ChangeWaiters
 
@@ -83,8 +85,9 @@ async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
 def init_app(settings: Settings | None = None) -> web.Application:
     settings = settings or get_settings()
     authenticator = Authenticator.from_settings(settings)
+    requests = RequestStats()
     app = web.Application(
-        middlewares=[edge_middleware(authentication(authenticator))],
+        middlewares=[edge_middleware(authentication(authenticator), requests.observe)],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
@@ -93,6 +96,7 @@ def init_app(settings: Settings | None = None) -> web.Application:
     # Long-poll GETs wait on the cache's change feed (a test may swap the cache: see
     # cache_ctx, which wires whichever cache the app holds when it starts).
     app[WAITERS] = ChangeWaiters()
+    app[METRICS_REGISTRY] = registry_for(requests, app)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(kafka_ctx)
     if settings.api_cache:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from core.api_scripts import ApiScripts
@@ -22,6 +23,7 @@ REGISTRY = web.AppKey("registry", PipelineRegistry)
 STORE = web.AppKey("store", BatchStore)
 CACHE = web.AppKey("cache", BatchCache)
 WAITERS = web.AppKey("waiters", ChangeWaiters)
+METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 PRODUCER = web.AppKey("producer", AIOKafkaProducer)
 COMMANDS = web.AppKey("commands", CommandSender)
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)

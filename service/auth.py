@@ -22,10 +22,13 @@ from service.errors import ApiError
 READ: Final = "batches:read"
 WRITE: Final = "batches:write"
 PIPELINES_WRITE: Final = "pipelines:write"
-ALL_SCOPES: Final = frozenset({READ, WRITE, PIPELINES_WRITE})
+METRICS_READ: Final = "metrics:read"
+ALL_SCOPES: Final = frozenset({READ, WRITE, PIPELINES_WRITE, METRICS_READ})
 
 # Routes outside /api/v1 (health, docs) and the signed webhook authenticate differently.
 PROTECTED_PREFIX: Final = "/api/v1/"
+# Outside /api/v1 but behind a token all the same.
+PROTECTED_PATHS: Final = frozenset({"/metrics"})
 PUBLIC_PATHS: Final = frozenset({"/api/v1/openapi.json", "/api/v1/hooks/prefect",
                                  "/api/v1/schemas"})
 # The messages' JSON Schemas describe the wire format, like the OpenAPI document.
@@ -105,7 +108,7 @@ def authentication(authenticator: Authenticator) -> Callable[[web.Request], None
     def authenticate(request: web.Request) -> None:
         path = request.path
         if (not path.startswith(PROTECTED_PREFIX) or path in PUBLIC_PATHS
-                or path.startswith(PUBLIC_PREFIXES)):
+                or path.startswith(PUBLIC_PREFIXES)) and path not in PROTECTED_PATHS:
             return
         header = request.headers.get("Authorization", "")
         if not header.isascii():

@@ -10,6 +10,7 @@ import itertools
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,10 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.request_log import CURRENT_REQUEST, REQUEST_ID
+
 log = logging.getLogger(__name__)
 
-REQUEST_ID = web.RequestKey("request_id", str)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Request ids: a random per-process prefix and a counter; unique, and far cheaper than uuid4.
 _ID_PREFIX = os.urandom(6).hex()
@@ -90,36 +92,52 @@ def error_response(status: int, code: str, message: str, request_id: str,
     )
 
 
-def edge_middleware(authenticate: Callable[[web.Request], None]) -> Middleware:
-    """The API's one middleware: a request id, then `authenticate` (service.auth), then the
-    handler, with every error answered as JSON. One layer rather than one per concern:
-    aiohttp runs each middleware as its own coroutine on every request, and on a cached GET
-    that was a measurable share of the request's CPU."""
+# What the edge middleware reports for every request: route name, method, status, seconds.
+Observe = Callable[[str, str, int, float], None]
+
+
+def edge_middleware(authenticate: Callable[[web.Request], None],
+                    observe: Observe | None = None) -> Middleware:
+    """The API's one middleware: a request id (noted for the log lines: service.request_log),
+    then `authenticate` (service.auth), then the handler, with every error answered as JSON,
+    and each request reported to `observe` (service.metrics). One layer rather than one per
+    concern: aiohttp runs each middleware as its own coroutine on every request, and on a
+    cached GET that was a measurable share of the request's CPU."""
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id")
         request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else new_request_id()
         request[REQUEST_ID] = request_id
+        CURRENT_REQUEST.set(request)
+        response: web.StreamResponse
         try:
             authenticate(request)
             response = await handler(request)
+            if not response.prepared:  # a stream has sent its headers already
+                response.headers["X-Request-Id"] = request_id
         except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message, request_id, exc.details)
+            response = error_response(exc.status, exc.code, exc.message, request_id, exc.details)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
             kept = {name: exc.headers[name] for name in _KEPT_HEADERS if name in exc.headers}
-            return error_response(exc.status, code_for(exc.status), exc.reason, request_id,
-                                  headers=kept)
+            response = error_response(exc.status, code_for(exc.status), exc.reason, request_id,
+                                      headers=kept)
         except (RedisConnectionError, RedisTimeoutError, KafkaError, TimeoutError) as exc:
-            log.warning("dependency unavailable request_id=%s: %s", request_id, type(exc).__name__)
-            return error_response(503, "unavailable", "a dependency is unavailable; retry later",
-                                  request_id)
+            log.warning("dependency unavailable request_id=%s: %s", request_id,
+                        type(exc).__name__)
+            response = error_response(503, "unavailable",
+                                      "a dependency is unavailable; retry later", request_id)
         except Exception:
             log.exception("unexpected error request_id=%s", request_id)
-            return error_response(500, "internal", "unexpected error; quote the request id",
-                                  request_id)
-        response.headers["X-Request-Id"] = request_id
+            response = error_response(500, "internal", "unexpected error; quote the request id",
+                                      request_id)
+        if observe is not None:
+            route = request.match_info.route.name or "unmatched"
+            if response.__class__ is web.StreamResponse:  # a push stream: its own series
+                route += ".stream"
+            observe(route, request.method, response.status, time.perf_counter() - started)
         return response
 
     return middleware

@@ -196,6 +196,11 @@ def _other_paths() -> dict[str, Any]:
                                 "content": {"text/html": {"schema": {"type": "string"}}}}}, []),
         },
         "/healthz": {"get": _op("Alive", None, {"200": _json(_ref("Health"), "alive")}, [])},
+        "/metrics": {
+            "get": _op("Prometheus metrics (text exposition format)", "metrics:read",
+                       {"200": {"description": "the metrics", "content": {
+                           "text/plain": {"schema": {"type": "string"}}}}}, []),
+        },
         "/readyz": {
             "get": _op("Redis and Kafka reachable", None,
                        {"200": _json(_ref("Ready"), "ready"),

@@ -10,7 +10,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service import batches, docs, health, pipeline_routes, schemas, webhook
+from service import batches, docs, health, metrics, pipeline_routes, schemas, webhook
 
 ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
@@ -29,6 +29,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/docs", docs.docs_page, "docs"),
     ("GET", "/healthz", health.healthz, "healthz"),
     ("GET", "/readyz", health.readyz, "readyz"),
+    ("GET", "/metrics", metrics.metrics, "metrics"),
 )
 
 

@@ -97,6 +97,12 @@ class ChangeWaiters:
         return sum(len(group) for table in (self._waiting, self._feeds, self._watches)
                    for group in table.values())
 
+    def counts(self) -> dict[str, int]:
+        """Open waiters by kind: held long-polls, batch streams, pipeline streams."""
+        return {kind: sum(len(group) for group in table.values())
+                for kind, table in (("long_poll", self._waiting), ("batch_stream", self._feeds),
+                                    ("pipeline_stream", self._watches))}
+
     def register(self, key: str) -> asyncio.Future[None]:
         """A future resolved at the next change of `key` (or reset); `discard` it when done."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()

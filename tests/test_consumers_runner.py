@@ -88,7 +88,7 @@ def test_parts_by_name() -> None:
 
 
 def test_urls_are_logged_without_passwords() -> None:
-    from consumers.logs import redact
+    from core.logs import redact
 
     assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
     assert redact("redis://user:s3cret@db/0") == "redis://user:***@db/0"

@@ -81,6 +81,7 @@ async def test_real_responses_validate_against_the_document(topics: Settings, re
         await call("GET", one, f"/api/v1/batches/p/{batch_id}", headers=AUTH)  # 404 now
         await call("GET", "/healthz", "/healthz")
         await call("GET", "/readyz", "/readyz")
+        await call("GET", "/metrics", "/metrics", headers=AUTH)
         await call("GET", "/api/v1/openapi.json", "/api/v1/openapi.json")
         await call("GET", "/docs", "/docs")
         await call("GET", "/api/v1/schemas", "/api/v1/schemas")

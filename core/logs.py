@@ -1,4 +1,5 @@
-"""One JSON object per log line on stderr, so log collectors need no parsing rules."""
+"""One JSON object per log line on stderr, so log collectors need no parsing rules (the
+consumers' and the API's processes alike)."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def setup(level: str = "INFO") -> None:
+def setup(level: str = "INFO", *filters: logging.Filter) -> None:
+    """JSON lines on stderr; `filters` (e.g. the API's request context) see every record."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    for log_filter in filters:
+        handler.addFilter(log_filter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
