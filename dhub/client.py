@@ -1,0 +1,152 @@
+"""`DhubClient`: the Batches API from Python, typed, for the `dhub` command and upstream services.
+
+    from dhub import DhubClient
+    with DhubClient() as api:                       # DHUB_URL / DHUB_TOKEN, else the local stack
+        batch_id = api.run("pipeline-sales")
+        for update in api.watch("pipeline-sales", batch_id):
+            print(update.kind, update.batch and update.batch["state"]["state"])
+
+Synchronous (httpx): the command line needs nothing else, and a service on asyncio can run it
+in a thread. Every failure is a `dhub.errors.DhubError`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, cast
+from urllib.parse import quote
+
+import httpx
+
+from dhub import config
+from dhub.errors import ApiError, ConnectionFailed, raise_for
+from dhub.models import Batch, Page, Pipeline
+from dhub.watch import WatchEvent, follow
+
+TIMEOUT: Final = httpx.Timeout(10.0, connect=5.0)
+# A POST is retried (same Idempotency-Key, so never two batches) on these many transport
+# errors or 5xx answers.
+RUN_RETRIES: Final = 2
+USER_AGENT: Final = "dhub-cli/0.1"
+
+
+def _seg(value: str) -> str:
+    """One path segment: ids are [A-Za-z0-9._-], quoted anyway so a typo cannot change the route."""
+    return quote(value, safe="")
+
+
+class DhubClient:
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 timeout: httpx.Timeout = TIMEOUT, transport: httpx.BaseTransport | None = None) -> None:
+        """`url` and `token` default to `DHUB_URL` / `DHUB_TOKEN`, then the local stack's
+        (`dhub.config`); raises `config.ConfigError` when no token is found."""
+        if token is None:
+            target = config.resolve(url)
+            url, token = target.url, target.token
+        self.url = (url or config.DEFAULT_URL).rstrip("/")
+        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
+                                  headers={"Authorization": f"Bearer {token}",
+                                           "User-Agent": USER_AGENT})
+
+    def __enter__(self) -> DhubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    @property
+    def http(self) -> httpx.Client:
+        """The underlying client (auth header and base URL set), for `dhub.watch`."""
+        return self._http
+
+    # -- one request ---------------------------------------------------------------------
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"cannot reach the API at {self.url}: {exc}") from exc
+        raise_for(response)
+        return response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    # -- batches -------------------------------------------------------------------------
+    def run(self, pipeline_id: str, version: str | None = None, *,
+            idempotency_key: str | None = None) -> str:
+        """Starts a batch; its id. Retried on transport errors and 5xx with one
+        Idempotency-Key, so a retry never starts a second batch."""
+        key = idempotency_key or uuid.uuid4().hex
+        params = {"pipeline_version": version} if version is not None else None
+        for attempt in range(RUN_RETRIES + 1):
+            try:
+                body = self._json("POST", f"/api/v1/batches/{_seg(pipeline_id)}", params=params,
+                                  headers={"Idempotency-Key": key})
+                return str(body["item"])
+            except (ConnectionFailed, ApiError) as exc:
+                retry = isinstance(exc, ConnectionFailed) or exc.retryable
+                if not retry or attempt == RUN_RETRIES:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def get(self, pipeline_id: str, batch_id: str) -> Batch:
+        return cast(Batch, self._json("GET", f"/api/v1/batches/{_seg(pipeline_id)}/{_seg(batch_id)}"))
+
+    def latest(self, pipeline_id: str) -> Batch:
+        """The pipeline's newest batch (404 when it has none)."""
+        return cast(Batch, self._json("GET", f"/api/v1/batches/{_seg(pipeline_id)}"))
+
+    def page(self, pipeline_id: str, limit: int = 100, token: str | None = None) -> Page:
+        params: dict[str, str | int] = {"limit": limit}
+        if token is not None:
+            params["token"] = token
+        return cast(Page, self._json("GET", f"/api/v1/batches/{_seg(pipeline_id)}/", params=params))
+
+    def batches(self, pipeline_id: str, limit: int | None = None, page_size: int = 100) -> Iterator[Batch]:
+        """The pipeline's batches, newest first, at most `limit`, a page at a time."""
+        token: str | None = None
+        left = limit
+        while left is None or left > 0:
+            size = page_size if left is None else min(page_size, left)
+            page = self.page(pipeline_id, size, token)
+            yield from page["items"].values()
+            if left is not None:
+                left -= len(page["items"])
+            token = page["token"]
+            if token is None or not page["items"]:
+                return
+
+    def stop(self, pipeline_id: str, batch_id: str) -> str:
+        """Accepted once the stop is queued; the batch reaches `stop` when the engine confirms."""
+        body = self._json("PUT", f"/api/v1/batches/{_seg(pipeline_id)}/{_seg(batch_id)}/stop")
+        return str(body["message"])
+
+    def delete(self, pipeline_id: str, batch_id: str) -> str:
+        body = self._json("DELETE", f"/api/v1/batches/{_seg(pipeline_id)}/{_seg(batch_id)}")
+        return str(body["message"])
+
+    def watch(self, pipeline_id: str, batch_id: str, *, reconnect_for: float = 60.0,
+              stream: bool = True) -> Iterator[WatchEvent]:
+        """Every version of the batch until it stops or is deleted (`dhub.watch.follow`)."""
+        return follow(self, pipeline_id, batch_id, reconnect_for=reconnect_for, stream=stream)
+
+    # -- pipelines -----------------------------------------------------------------------
+    def pipelines(self) -> dict[str, Pipeline]:
+        return cast(dict[str, Pipeline], self._json("GET", "/api/v1/pipelines/")["items"])
+
+    def pipeline(self, pipeline_id: str) -> Pipeline:
+        return cast(Pipeline, self._json("GET", f"/api/v1/pipelines/{_seg(pipeline_id)}"))
+
+    def register(self, pipeline_id: str, spec: Mapping[str, Any]) -> Pipeline:
+        """Registers a version of the pipeline (`name`, `version`, `steps`); the same
+        definition again is fine, another definition under an existing version is a 409."""
+        body = json.dumps(dict(spec)).encode()
+        return cast(Pipeline, self._json("PUT", f"/api/v1/pipelines/{_seg(pipeline_id)}", content=body,
+                                         headers={"Content-Type": "application/json"}))

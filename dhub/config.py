@@ -1,0 +1,57 @@
+"""Where the API is and which token to send: `DHUB_URL` and `DHUB_TOKEN`, else the local stack's.
+
+The token, in order: `DHUB_TOKEN`; else the file the local stack generates, `api-token` in
+its state directory: `$DHUB_STATE_DIR` when set (the stack's own variable), else `.dhub/`
+of the checkout this package lives in (an editable install, or running from the repo), else
+`.dhub/` of the current directory. Deliberately not `core.settings`: the client stays a
+standalone package (httpx only) that upstream services can install without the service.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+DEFAULT_URL: Final = "http://127.0.0.1:8080"
+TOKEN_FILE: Final = "api-token"  # noqa: S105 -- a file name, not a secret
+CHECKOUT: Final = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """No usable URL or token; the text says what to set."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    url: str
+    token: str
+
+
+def token_files(env: dict[str, str] | None = None) -> list[Path]:
+    env = dict(os.environ) if env is None else env
+    state = env.get("DHUB_STATE_DIR")
+    if state:
+        return [Path(state) / TOKEN_FILE]
+    return list(dict.fromkeys([CHECKOUT / ".dhub" / TOKEN_FILE, Path.cwd() / ".dhub" / TOKEN_FILE]))
+
+
+def resolve(url: str | None = None, env: dict[str, str] | None = None) -> Target:
+    env = dict(os.environ) if env is None else env
+    base = (url or env.get("DHUB_URL") or DEFAULT_URL).rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise ConfigError(f"DHUB_URL must be an http(s) URL, not {base!r}")
+    token = env.get("DHUB_TOKEN", "").strip()
+    if token:
+        return Target(base, token)
+    candidates = token_files(env)
+    for path in candidates:
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            continue
+        if token:
+            return Target(base, token)
+    tried = ", ".join(str(p) for p in candidates)
+    raise ConfigError(f"no API token: set DHUB_TOKEN (no token file found at {tried})")
