@@ -219,7 +219,10 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     it is abandoned (hidden as `stop`/`failed`, its delete queued behind the run)."""
     store = request.app[STORE]
     spec = await _record(request, pipeline_id, batch_id, spec, latest)
-    command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version)
+    # Its id from the batch's (one run command per batch, as `stop-<batch id>` is the
+    # consumers' stop event): unique without a uuid4, whose urandom call costs a few µs.
+    command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version,
+                      event_id="run-" + batch_id)
     try:
         await request.app[COMMANDS].command(command)
     except Refused:

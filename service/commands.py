@@ -55,6 +55,10 @@ def _ambiguous_error(exc: BaseException) -> bool:
         getattr(exc, "retriable", False))
 
 
+# topic, key, value, and the future its sender awaits
+_Record = tuple[str, bytes, bytes, "asyncio.Future[None]"]
+
+
 def _retrieve(future: asyncio.Future[object]) -> None:
     # A delivery we stopped waiting for may still fail later; that is already handled.
     if not future.cancelled():
@@ -75,6 +79,9 @@ class CommandSender:
         self.available = True
         self.down_since: float | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # This loop turn's records, sent together once its callbacks have run.
+        self._queued: list[_Record] = []
+        self._turns: set[asyncio.Task[None]] = set()
 
     # -- health --------------------------------------------------------------------------
 
@@ -132,31 +139,79 @@ class CommandSender:
 
     async def _send(self, topic: str, key: bytes, value: bytes) -> None:
         """Returns once the broker acknowledged the record (acks=all); `Refused` or
-        `Ambiguous` (both 503) otherwise."""
+        `Ambiguous` (both 503) otherwise. The records of one loop turn are handed to the
+        producer together and awaited under one deadline (`_send_turn`): a deadline and a
+        shielded wait per record cost as much CPU as the producer's own work for it."""
         self.check()
-        # One deadline for both steps (a Timeout costs as much as the rest of this method);
-        # `delivery` says which step it ended in.
-        delivery: asyncio.Future[object] | None = None
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        if not self._queued:
+            loop.call_soon(self._flush)
+        self._queued.append((topic, key, value, waiter))
+        # Cancelled before the turn is sent, the record is skipped: nothing is queued.
+        await waiter
+
+    def _flush(self) -> None:
+        records, self._queued = self._queued, []
+        task = asyncio.get_running_loop().create_task(self._send_turn(records))
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
+
+    async def _send_turn(self, records: list[_Record]) -> None:
+        deliveries: list[asyncio.Future[object] | None] = [None] * len(records)
+        failure: BaseException | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                # Cancelling this call leaves nothing queued: the record is not written.
-                delivery = await self._producer.send(topic, value=value, key=key)
-                # Shielded: the producer keeps the record either way; we only stop waiting.
-                await asyncio.shield(delivery)
+                for n, (topic, key, value, waiter) in enumerate(records):
+                    if not waiter.done():  # else its request went away: nothing to queue
+                        # Cancelling this call leaves nothing queued: the record is not written.
+                        deliveries[n] = await self._producer.send(topic, value=value, key=key)
+                handed = [d for d in deliveries if d is not None]
+                if handed:
+                    # Never cancels nor raises: the producer keeps the records either way.
+                    await asyncio.wait(handed)
         except (KafkaError, TimeoutError) as exc:
+            failure = exc
             self._mark_down(exc)
-            if delivery is None:
-                log.warning("kafka refused a record for %s: %s", topic, describe(exc))
-                raise Refused() from None
-            if isinstance(exc, TimeoutError) or _ambiguous_error(exc):
-                log.warning("kafka did not confirm a record for %s: %s", topic, describe(exc))
-                raise Ambiguous(describe(exc)) from None
-            log.warning("kafka rejected a record for %s: %s", topic, describe(exc))
-            raise Refused() from None
+        except Exception as exc:
+            failure = exc
         finally:
-            if delivery is not None and not delivery.done():
-                # No longer awaited (timed out or cancelled): its outcome is handled above.
+            # Cancelled (shutdown) leaves `failure` None: the records not acknowledged are
+            # answered as for a timeout.
+            for (topic, _, _, waiter), delivery in zip(records, deliveries, strict=True):
+                self._answer(topic, waiter, delivery, failure)
+
+    def _answer(self, topic: str, waiter: asyncio.Future[None],
+                delivery: asyncio.Future[object] | None, failure: BaseException | None) -> None:
+        """Settles one request's wait from its record's fate."""
+        if delivery is not None:
+            if delivery.done():
+                _retrieve(delivery)  # read below, or its request went away
+            else:
+                # No longer awaited (timed out or cancelled): its outcome is answered below.
                 delivery.add_done_callback(_retrieve)
+        if waiter.done():
+            return  # its request went away
+        cause = describe(failure) if failure is not None else "CancelledError"
+        if delivery is None:
+            if failure is not None and not isinstance(failure, KafkaError | TimeoutError):
+                waiter.set_exception(failure)
+                return
+            log.warning("kafka refused a record for %s: %s", topic, cause)
+            waiter.set_exception(Refused())
+        elif not delivery.done() or delivery.cancelled():
+            log.warning("kafka did not confirm a record for %s: %s", topic, cause)
+            waiter.set_exception(Ambiguous(cause))
+        elif (exc := delivery.exception()) is None:
+            waiter.set_result(None)
+        else:
+            self._mark_down(exc)
+            if _ambiguous_error(exc):
+                log.warning("kafka did not confirm a record for %s: %s", topic, describe(exc))
+                waiter.set_exception(Ambiguous(describe(exc)))
+            else:
+                log.warning("kafka rejected a record for %s: %s", topic, describe(exc))
+                waiter.set_exception(Refused())
 
     async def command(self, command: Command) -> None:
         await self._send(self._commands_topic, command.key, command.encode())

@@ -23,7 +23,7 @@ from core.settings import Settings
 from core.store import BatchStore
 from service.appkeys import REDIS
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec, spec_body
-from tests.test_perf_fills import CountingPipelines
+from tests.test_perf_turns import CountingPipelines
 
 Client = TestClient[Any, Any]
 

@@ -15,7 +15,46 @@ from core import keys
 from core.settings import Settings
 from service.turns import TurnReads
 from tests.cache_support import engines
-from tests.test_perf_fills import CountingPipelines
+
+
+def _commands_in(packed: bytes) -> int:
+    """How many commands a RESP packet holds (arrays of bulk strings)."""
+    count, at = 0, 0
+    while at < len(packed):
+        end = packed.index(b"\r\n", at)
+        args = int(packed[at + 1:end])
+        at = end + 2
+        for _ in range(args):
+            end = packed.index(b"\r\n", at)
+            at = end + 2 + int(packed[at + 1:end]) + 2
+        count += 1
+    return count
+
+
+class CountingPipelines:
+    """Counts the packets a client's connections send and the commands in each: one packet
+    is one round trip."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.sizes: list[int] = []
+        pool = redis.connection_pool
+        checkout = pool.get_connection
+
+        async def get_connection(*args: Any, **kwargs: Any) -> Any:
+            conn = await checkout(*args, **kwargs)  # type: ignore[no-untyped-call]
+            if not getattr(conn, "_counted", False):
+                send = conn.send_packed_command
+
+                async def counted(command: Any, *a: Any, **k: Any) -> Any:
+                    packed = command if isinstance(command, bytes) else b"".join(command)
+                    self.sizes.append(_commands_in(packed))
+                    return await send(command, *a, **k)
+
+                conn.send_packed_command = counted
+                conn._counted = True
+            return conn
+
+        pool.get_connection = get_connection  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
@@ -80,3 +119,17 @@ async def test_script_calls_of_one_turn_share_a_round_trip_and_an_unknown_script
     counter.sizes.clear()
     again = await asyncio.gather(*(reads.script(script, [f"perf:{n}"], ["x"]) for n in range(5)))
     assert again == ["x"] * 5 and counter.sizes == [5]  # known now: no reload
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from service.turns import _pack
+
+    conn = Connection()
+    for command in [("LINDEX", "p:{x}:order", "-1"), ("EVALSHA", "ab" * 20, 4, "k", "é✓", b"\x00[1]"),
+                    ("SET", "k", 12.5), ("INCRBY", "k", -7), ("SET", "k", "")]:
+        assert _pack(command) == b"".join(conn.pack_command(*command)), command
+    with pytest.raises(DataError):
+        _pack(("SET", "k", True))
