@@ -46,7 +46,8 @@ class TurnReads:
         command = ("EVALSHA", _Call(), len(keys), *keys, *args)
         future = self._queue(command, script)
         try:
-            return await asyncio.shield(future)
+            # Not shielded: the future is this call's alone (a cancelled one is skipped).
+            return await future
         except NoScriptError:
             return await script(keys=keys, args=args)
 
