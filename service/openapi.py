@@ -195,6 +195,21 @@ def _other_paths() -> dict[str, Any]:
                        {"200": {"description": "HTML",
                                 "content": {"text/html": {"schema": {"type": "string"}}}}}, []),
         },
+        # The page at /ui/ and at /ui alike (it names its files by absolute paths).
+        **{path: {"get": _op("The live web page (its data calls carry the bearer token)", None,
+                             {"200": {"description": "the page", "content": {
+                                 "text/html": {"schema": {"type": "string"}}}},
+                              "304": {"description": "unchanged (ETag)"}}, [])}
+           for path in ("/ui/", "/ui")},
+        "/ui/{name}": {
+            "get": _op("A script or style sheet of the web page", None,
+                       {"200": {"description": "the file", "content": {
+                           "text/javascript": {"schema": {"type": "string"}},
+                           "text/css": {"schema": {"type": "string"}}}},
+                        "304": {"description": "unchanged (ETag)"}},
+                       [{"name": "name", "in": "path", "required": True,
+                         "schema": {"type": "string", "examples": ["app.js"]}}], ("404",)),
+        },
         "/healthz": {"get": _op("Alive", None, {"200": _json(_ref("Health"), "alive")}, [])},
         "/metrics": {
             "get": _op("Prometheus metrics (text exposition format)", "metrics:read",

@@ -10,7 +10,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service import batches, docs, health, metrics, pipeline_routes, schemas, webhook
+from service import batches, docs, health, metrics, pipeline_routes, schemas, ui, webhook
 
 ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
@@ -30,6 +30,9 @@ ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/healthz", health.healthz, "healthz"),
     ("GET", "/readyz", health.readyz, "readyz"),
     ("GET", "/metrics", metrics.metrics, "metrics"),
+    ("GET", "/ui/", ui.page, "ui"),
+    ("GET", "/ui/{name}", ui.page, "ui_file"),
+    ("GET", "/ui", ui.page, "ui_bare"),
 )
 
 

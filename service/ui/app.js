@@ -1,0 +1,528 @@
+// The live page of dhub batches: plain JavaScript, no build step, no dependencies.
+//
+// Views (in the URL fragment): #/ pipelines, #/p/<pipeline> its batches, #/p/<pipeline>/<batch>
+// one batch. The token is typed into the login form or given once as #token=<token>; either
+// way it is kept in sessionStorage (this tab only) and the fragment is wiped from the location
+// and the history at once. Every API call carries it in the Authorization header: the streams
+// use fetch() rather than EventSource, which cannot set headers, so the token is never in a URL.
+"use strict";
+
+(() => {
+  const API = "/api/v1";
+  const TOKEN_KEY = "dhub.token";
+  const LIST_LIMIT = 50;
+  // The server sends a keep-alive comment every 15 s: a stream silent for longer than two of
+  // them is dead even if the connection looks open (a proxy or a sleeping laptop), so reopen it.
+  const SILENT_MS = 40000;
+  const RETRY_MAX_MS = 10000;
+
+  const $ = (id) => document.getElementById(id);
+  const num = (n) => Number(n).toLocaleString("en-US");
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === undefined || value === null || value === false) continue;
+      if (key === "class") node.className = value;
+      else if (key === "dataset") Object.assign(node.dataset, value);
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return node;
+  }
+
+  function when(iso) {
+    if (!iso) return "";
+    const date = new Date(iso);
+    return isNaN(date) ? iso : date.toLocaleString();
+  }
+
+  function badge(state, extra) {
+    return el("span", { class: `badge ${state || "none"}`, dataset: { state: state || "none" } },
+      extra || state || "none");
+  }
+
+  // --- token ---------------------------------------------------------------------------------
+  const token = () => sessionStorage.getItem(TOKEN_KEY);
+
+  function takeFragmentToken() {
+    const match = /^#token=([^&]*)/.exec(location.hash);
+    if (!match) return;
+    // Off the location bar and out of the history before anything else can read it.
+    history.replaceState(null, "", location.pathname + location.search);
+    const value = decodeURIComponent(match[1]).trim();
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+  }
+
+  class SignedOut extends Error {}
+
+  function signOut(message) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    render(message);
+    return new SignedOut(message || "signed out");
+  }
+
+  // --- API calls -----------------------------------------------------------------------------
+  function headers(extra) {
+    return { Authorization: `Bearer ${token()}`, ...extra };
+  }
+
+  async function api(method, path) {
+    const response = await fetch(API + path, {
+      method, headers: headers({ Accept: "application/json" }), cache: "no-store",
+    });
+    let body = null;
+    try { body = await response.json(); } catch { /* an empty or non-JSON body */ }
+    if (response.status === 401) throw signOut("The API refused the token (401): sign in again.");
+    if (!response.ok) {
+      const message = body && body.error ? body.error.message : response.statusText;
+      throw new Error(`${method} ${path}: ${response.status} ${message}`);
+    }
+    return body;
+  }
+
+  // --- live status in the header ---------------------------------------------------------------
+  function setLive(state) {
+    const node = $("live");
+    const text = { on: "live", wait: "reconnecting…", off: "offline", done: "final" }[state];
+    node.className = `live ${state === "done" ? "off" : state}`;
+    node.textContent = text;
+  }
+
+  // A Server-Sent Events stream read with fetch(), reopened whenever it drops. `final` names
+  // the events after which the server closes the stream for good (no reconnect then).
+  // Resuming with Last-Event-ID makes the server send only what is newer than the last id.
+  function openStream(path, { onEvent, onOpen, onMissing, final = [], resume = false }) {
+    let closed = false;
+    let controller = null;
+    let retryTimer = null;
+    let silentTimer = null;
+    let attempt = 0;
+    let lastId = null;
+
+    const retry = () => {
+      if (closed) return;
+      setLive("wait");
+      const delay = Math.min(RETRY_MAX_MS, 500 * 2 ** attempt++) * (0.75 + Math.random() / 2);
+      retryTimer = setTimeout(connect, delay);
+    };
+    const armSilence = () => {
+      clearTimeout(silentTimer);
+      silentTimer = setTimeout(() => controller && controller.abort(), SILENT_MS);
+    };
+
+    async function connect() {
+      if (closed) return;
+      controller = new AbortController();
+      const extra = { Accept: "text/event-stream" };
+      if (resume && lastId) extra["Last-Event-ID"] = lastId;
+      let response;
+      try {
+        response = await fetch(API + path, { headers: headers(extra), signal: controller.signal,
+                                             cache: "no-store" });
+      } catch {
+        return retry();
+      }
+      if (closed) return;
+      if (response.status === 401) { signOut("The API refused the token (401): sign in again."); return; }
+      if (response.status === 404) { setLive("off"); if (onMissing) onMissing(); return; }
+      if (!response.ok || !response.body) return retry();
+      attempt = 0;
+      setLive("on");
+      if (onOpen) onOpen();
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      armSilence();
+      try {
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          armSilence();
+          buffer += value.replace(/\r\n?/g, "\n");
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            const message = parseEvent(block);
+            if (!message) continue;  // a comment (keep-alive)
+            if (message.id !== null) lastId = message.id;
+            if (final.includes(message.event)) closed = true;
+            onEvent(message.event, message.data);
+          }
+        }
+      } catch {
+        // Dropped, cut off by the server, or aborted by the silence timer: reopen below.
+      } finally {
+        clearTimeout(silentTimer);
+      }
+      if (closed) setLive("done"); else retry();
+    }
+
+    connect();
+    return {
+      close() {
+        closed = true;
+        clearTimeout(retryTimer);
+        clearTimeout(silentTimer);
+        if (controller) controller.abort();
+      },
+    };
+  }
+
+  function parseEvent(block) {
+    let event = "message";
+    let id = null;
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (!line || line.startsWith(":")) continue;
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let value = colon < 0 ? "" : line.slice(colon + 1);
+      if (value.startsWith(" ")) value = value.slice(1);
+      if (field === "event") event = value;
+      else if (field === "id") id = value;
+      else if (field === "data") data.push(value);
+    }
+    if (!data.length) return null;
+    let parsed;
+    try { parsed = JSON.parse(data.join("\n")); } catch { return null; }
+    return { event, id, data: parsed };
+  }
+
+  // --- flash messages ----------------------------------------------------------------------------
+  let flashTimer = null;
+  function flash(content, kind) {
+    const node = $("flash");
+    node.replaceChildren(content);
+    node.className = kind === "error" ? "error" : "";
+    node.hidden = false;
+    clearTimeout(flashTimer);
+    flashTimer = setTimeout(() => { node.hidden = true; }, kind === "error" ? 12000 : 8000);
+  }
+  const failed = (error) => {
+    if (!(error instanceof SignedOut)) flash(String(error.message || error), "error");
+  };
+
+  // --- the views ---------------------------------------------------------------------------------
+  function crumbs(pipelineId, batchId) {
+    const parts = [el("a", { href: "#/" }, "Pipelines")];
+    if (pipelineId) {
+      parts.push(el("span", { class: "sep" }, "›"),
+        el("a", { href: `#/p/${encodeURIComponent(pipelineId)}` }, pipelineId));
+    }
+    if (batchId) parts.push(el("span", { class: "sep" }, "›"), el("span", { class: "mono" }, batchId));
+    $("crumbs").replaceChildren(...parts);
+  }
+
+  function loginView(message) {
+    crumbs();
+    setLive("off");
+    $("logout").hidden = true;
+    const view = $("login-view").content.cloneNode(true);
+    const form = view.querySelector("#login-form");
+    const error = view.querySelector("#login-error");
+    if (message) { error.textContent = message; error.hidden = false; }
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const value = form.elements.token.value.trim();
+      if (!value) return;
+      sessionStorage.setItem(TOKEN_KEY, value);
+      try {
+        await api("GET", "/pipelines/");  // proves the token before leaving the form
+      } catch (err) {
+        if (!(err instanceof SignedOut)) { error.textContent = String(err.message); error.hidden = false; }
+        return;
+      }
+      render();
+    });
+    $("main").replaceChildren(view);
+    $("token").focus();
+    return () => {};
+  }
+
+  function pipelinesView() {
+    crumbs();
+    setLive("off");
+    const body = el("tbody", {}, el("tr", {}, el("td", { colspan: 4, class: "empty" }, "Loading…")));
+    const load = async () => {
+      const data = await api("GET", "/pipelines/");
+      const items = Object.values(data.items || {}).sort((a, b) => a.id.localeCompare(b.id));
+      if (!items.length) {
+        body.replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "empty" },
+          "No pipeline registered yet (PUT /api/v1/pipelines/<id>).")));
+        return;
+      }
+      body.replaceChildren(...items.map((p) => {
+        const latest = (p.versions || []).find((v) => v.latest) || (p.versions || []).at(-1) || {};
+        const href = `#/p/${encodeURIComponent(p.id)}`;
+        return el("tr", { class: "link", dataset: { pipelineId: p.id }, onclick: () => { location.hash = href; } },
+          el("td", {}, el("a", { href }, p.id)),
+          el("td", {}, p.latest || latest.version || ""),
+          el("td", {}, (latest.steps || []).map((s) => s.name).join(" → ")),
+          el("td", { class: "muted mono" }, p.deployment || ""));
+      }));
+    };
+    $("main").replaceChildren(
+      el("div", { class: "toolbar" }, el("h1", {}, "Pipelines"),
+        el("button", { type: "button", onclick: () => load().catch(failed) }, "Refresh")),
+      el("table", { id: "pipelines" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Pipeline"), el("th", {}, "Latest version"),
+          el("th", {}, "Steps"), el("th", {}, "Deployment"))),
+        body));
+    load().catch(failed);
+    return () => {};
+  }
+
+  function stepSquares(steps) {
+    return el("span", { class: "steps-mini" }, Object.entries(steps || {}).map(([name, step]) =>
+      el("span", { class: step.state, title: `${name}: ${step.state}` })));
+  }
+
+  function batchesView(pipelineId) {
+    crumbs(pipelineId);
+    const batches = new Map();
+    const body = el("tbody");
+    const enc = encodeURIComponent(pipelineId);
+    let scheduled = false;
+    const draw = () => {
+      scheduled = false;
+      const rows = [...batches.values()].sort((a, b) =>
+        String(b.created_at || "").localeCompare(String(a.created_at || "")) || b.id.localeCompare(a.id));
+      if (!rows.length) {
+        body.replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "empty" },
+          "No batch yet: press “Run batch”.")));
+        return;
+      }
+      body.replaceChildren(...rows.map((b) => {
+        const href = `#/p/${enc}/${encodeURIComponent(b.id)}`;
+        const state = b.state && b.state.state;
+        return el("tr", { class: "link", dataset: { batchId: b.id, state }, onclick: () => { location.hash = href; } },
+          el("td", {}, el("a", { href, class: "mono" }, b.id)),
+          el("td", {}, badge(state)),
+          el("td", {}, stepSquares(b.state && b.state.steps)),
+          el("td", {}, b.outcome ? badge(b.outcome) : ""),
+          el("td", { class: "muted" }, when(b.created_at)));
+      }));
+    };
+    // Changes arrive in bursts (every offset report): draw once per frame at most.
+    const redraw = () => { if (!scheduled) { scheduled = true; requestAnimationFrame(draw); } };
+
+    const run = async (button) => {
+      button.disabled = true;
+      try {
+        const answer = await api("POST", `/batches/${enc}`);
+        const id = answer.item;
+        flash(el("span", {}, "Started ",
+          el("a", { href: `#/p/${enc}/${encodeURIComponent(id)}`, class: "mono" }, id), "."));
+      } catch (err) { failed(err); } finally { button.disabled = false; }
+    };
+
+    $("main").replaceChildren(
+      el("div", { class: "toolbar" }, el("h1", {}, pipelineId),
+        el("button", { type: "button", class: "primary", id: "run",
+                       onclick: (e) => run(e.currentTarget) }, "Run batch")),
+      el("table", { id: "batches" },
+        el("thead", {}, el("tr", {}, el("th", {}, "Batch"), el("th", {}, "State"),
+          el("th", {}, "Steps"), el("th", {}, "Outcome"), el("th", {}, "Created"))),
+        body));
+    redraw();
+    const stream = openStream(`/batches/${enc}/?limit=${LIST_LIMIT}`, {
+      // Each connection starts with the newest page again: start from it, so a batch
+      // deleted while disconnected does not linger.
+      onOpen: () => { batches.clear(); redraw(); },
+      onEvent: (event, data) => {
+        if (event === "batch") {
+          batches.set(data.id, data);
+          if (batches.size > 2 * LIST_LIMIT) {  // keep the newest ones only
+            const oldest = [...batches.values()].sort((a, b) =>
+              String(a.created_at || "").localeCompare(String(b.created_at || "")))[0];
+            batches.delete(oldest.id);
+          }
+        } else if (event === "deleted") {
+          batches.delete(data.id);
+        }
+        redraw();
+      },
+    });
+    return () => stream.close();
+  }
+
+  function partitionBar(step, partition, offset, moving) {
+    const total = step.totals ? step.totals[partition] : undefined;
+    let width = null;  // null: unknown, an indeterminate bar while the step runs
+    if (typeof total === "number" && total > 0) width = Math.min(100, (100 * offset) / total);
+    else if (step.state === "success") width = 100;
+    else if (!moving) width = step.state === "failed" ? 100 : 0;
+    return { width, total };
+  }
+
+  function batchView(pipelineId, batchId) {
+    crumbs(pipelineId, batchId);
+    const enc = encodeURIComponent(pipelineId);
+    const path = `/batches/${enc}/${encodeURIComponent(batchId)}`;
+    const title = el("h1", { class: "mono" }, batchId);
+    const stateSlot = el("span");
+    const stopButton = el("button", { type: "button", id: "stop", disabled: true }, "Stop");
+    const deleteButton = el("button", { type: "button", id: "delete", class: "danger" }, "Delete");
+    const meta = el("dl", { class: "meta" });
+    const stepsBox = el("div", { id: "steps" });
+    const root = el("section", { id: "batch", dataset: { state: "" } },
+      el("div", { class: "toolbar" }, title, stateSlot, stopButton, deleteButton),
+      el("div", { class: "card" }, meta), stepsBox);
+    $("main").replaceChildren(root);
+    const stepNodes = new Map();
+
+    stopButton.addEventListener("click", async () => {
+      stopButton.disabled = true;
+      try {
+        await api("PUT", `${path}/stop`);
+        flash("Stop requested: the batch reaches “stop” once the engine confirms.");
+      } catch (err) { failed(err); stopButton.disabled = false; }
+    });
+    deleteButton.addEventListener("click", async () => {
+      if (!window.confirm(`Delete ${batchId}? A running batch is stopped first. This cannot be undone.`)) return;
+      deleteButton.disabled = true;
+      try {
+        await api("DELETE", path);
+        flash(el("span", {}, "Deleted ", el("span", { class: "mono" }, batchId), "."));
+        location.hash = `#/p/${enc}`;
+      } catch (err) { failed(err); deleteButton.disabled = false; }
+    });
+
+    const stepNode = (name) => {
+      let node = stepNodes.get(name);
+      if (node) return node;
+      const stateSlot = el("span");
+      const summary = el("span", { class: "summary" });
+      const overall = el("div", { class: "bar step-bar", hidden: true }, el("div", { class: "fill" }));
+      const parts = el("div", { class: "partitions" });
+      const card = el("section", { class: "card step", dataset: { step: name } },
+        el("div", { class: "step-head" }, el("h2", {}, name), stateSlot, summary), overall, parts);
+      stepsBox.append(card);
+      node = { card, stateSlot, summary, overall, parts, rows: new Map() };
+      stepNodes.set(name, node);
+      return node;
+    };
+
+    const partitionRow = (node, partition) => {
+      let row = node.rows.get(partition);
+      if (row) return row;
+      const fill = el("div", { class: "fill" });
+      const bar = el("div", { class: "bar", role: "progressbar" }, fill);
+      const count = el("span", { class: "count" });
+      const line = el("div", { class: "partition", dataset: { partition } },
+        el("span", { class: "mono" }, partition), bar, count);
+      // Partitions in name order (partition_2 before partition_10).
+      const after = [...node.rows.keys()].filter((p) => p.localeCompare(partition, undefined, { numeric: true }) > 0)
+        .sort((a, b) => a.localeCompare(b, undefined, { numeric: true }))[0];
+      node.parts.insertBefore(line, after ? node.rows.get(after).line : null);
+      row = { line, bar, fill, count };
+      node.rows.set(partition, row);
+      return row;
+    };
+
+    const show = (batch) => {
+      const state = batch.state ? batch.state.state : "none";
+      root.dataset.state = state;
+      stateSlot.replaceChildren(badge(state), " ", batch.outcome ? badge(batch.outcome) : "");
+      stopButton.disabled = state === "stop";
+      meta.replaceChildren(...[
+        ["Pipeline", `${batch.pipeline_id || pipelineId} (version ${batch.pipeline_version || "?"})`],
+        ["Deployment", batch.deployment], ["Created", when(batch.created_at)],
+        ["Updated", when(batch.updated_at)], ["Outcome", batch.outcome],
+        ["Reason", batch.reason], ["Flow run", batch.flow_run_id],
+      ].filter(([, v]) => v).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
+      for (const [name, step] of Object.entries((batch.state && batch.state.steps) || {})) {
+        const node = stepNode(name);
+        const moving = step.state === "running" && state !== "stop";
+        node.card.dataset.state = step.state;
+        const offsets = step.offsets || {};
+        const done = Object.values(offsets).reduce((a, b) => a + b, 0);
+        const progress = step.progress || null;
+        const stalled = progress && progress.stalled;
+        node.stateSlot.replaceChildren(badge(step.state), stalled ? " " : "", stalled ? badge("failed", "stalled") : "");
+        const bits = [`${num(done)} records`];
+        if (progress && typeof progress.percent === "number") bits.unshift(`${progress.percent.toFixed(1)}%`);
+        if (progress && typeof progress.records_per_s === "number") bits.push(`${num(Math.round(progress.records_per_s))}/s`);
+        if (progress && typeof progress.eta_s === "number" && moving) bits.push(`ETA ${Math.round(progress.eta_s)} s`);
+        node.summary.textContent = bits.join(" · ");
+        // The step's own bar, from progress.percent when the API computes it.
+        if (progress && typeof progress.percent === "number") {
+          node.overall.hidden = false;
+          node.overall.className = `bar step-bar ${step.state}`;
+          node.overall.firstChild.style.width = `${Math.min(100, progress.percent)}%`;
+        }
+        for (const [partition, offset] of Object.entries(offsets)) {
+          const row = partitionRow(node, partition);
+          const { width, total } = partitionBar(step, partition, offset, moving);
+          row.line.dataset.offset = String(offset);
+          row.bar.className = `bar ${step.state}${width === null ? " indeterminate" : ""}`;
+          row.fill.style.width = width === null ? "" : `${width}%`;
+          if (width !== null) row.bar.setAttribute("aria-valuenow", String(Math.round(width)));
+          else row.bar.removeAttribute("aria-valuenow");
+          row.count.textContent = typeof total === "number" ? `${num(offset)} / ${num(total)}` : num(offset);
+        }
+        if (!Object.keys(offsets).length && !node.parts.firstChild) {
+          node.parts.append(el("p", { class: "muted" }, step.state === "none" ? "not started" : "no records yet"));
+        } else if (Object.keys(offsets).length) {
+          node.parts.querySelectorAll("p.muted").forEach((p) => p.remove());
+        }
+      }
+    };
+
+    const stream = openStream(path, {
+      resume: true,
+      final: ["end", "deleted"],
+      onMissing: () => {
+        root.replaceChildren(el("p", { class: "card empty" }, "No such batch (deleted, or never existed). ",
+          el("a", { href: `#/p/${enc}` }, "Back to the pipeline")));
+      },
+      onEvent: (event, data) => {
+        if (event === "batch") show(data);
+        else if (event === "deleted") {
+          root.dataset.state = "deleted";
+          stopButton.disabled = true;
+          deleteButton.disabled = true;
+          flash("This batch was deleted.", "error");
+        }
+      },
+    });
+    return () => stream.close();
+  }
+
+  // --- routing -------------------------------------------------------------------------------------
+  let leave = () => {};
+
+  function render(message) {
+    leave();
+    leave = () => {};
+    if (!token()) { leave = loginView(message); return; }
+    $("logout").hidden = false;
+    const match = /^#\/p\/([^/]+)(?:\/([^/]+))?\/?$/.exec(location.hash);
+    try {
+      if (!match) leave = pipelinesView();
+      else if (!match[2]) leave = batchesView(decodeURIComponent(match[1]));
+      else leave = batchView(decodeURIComponent(match[1]), decodeURIComponent(match[2]));
+    } catch (err) { failed(err); }
+  }
+
+  function start() {
+    takeFragmentToken();
+    $("logout").addEventListener("click", () => {
+      sessionStorage.removeItem(TOKEN_KEY);
+      history.replaceState(null, "", location.pathname + location.search);  // no hashchange
+      render("Signed out.");
+    });
+    window.addEventListener("hashchange", () => {
+      if (location.hash.startsWith("#token=")) takeFragmentToken();
+      render();
+    });
+    render();
+  }
+
+  start();
+})();
