@@ -1,9 +1,9 @@
 """The events consumer: batches of events from Kafka applied to Redis in one round trip.
 
-Each `getmany` result is decoded and applied with a single `BatchStore.apply` call (one
-script per batch, pipelined), then committed. The script enforces the state order, final
-step states, offsets by value (max) and de-duplication of state events, so a batch delivered
-again after a crash changes nothing.
+Each `getmany` result is decoded and applied with a single `BatchStore.apply` call (a few
+scripts, pipelined: one per pipeline and up to 100 of its batches), then committed. The
+script enforces the state order, final step states, offsets by value (max) and
+de-duplication of state events, so a batch delivered again after a crash changes nothing.
 
 Errors follow `core.retry`: Redis or Kafka unavailable (down, READONLY after a failover,
 OOM, LOADING, BUSY, ...) is waited out with backoff, and the poll is neither dead-lettered
@@ -16,8 +16,6 @@ dropped by the script.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import copy
 import logging
 import time
 from collections import defaultdict
@@ -32,7 +30,7 @@ from consumers.dlq import DeadLetters
 from consumers.kafka import Record, commit_retrying, open_consumer
 from consumers.options import ConsumerOptions
 from consumers.part import Part, close_all
-from core.codec import CodecError, Event, StepOffsets, decode_event
+from core.codec import CodecError, Event, decode_event
 from core.connections import open_producer, open_redis
 from core.retry import Backoff, Stopping, Verdict, classify
 from core.settings import Settings
@@ -42,44 +40,9 @@ log = logging.getLogger(__name__)
 STATS_EVERY_S = 10.0
 
 
-def coalesce(events: list[Event]) -> list[Event]:
-    """Merges the offsets events of one poll per (batch, step), keeping each partition's
-    highest offset; other events pass through in order.
-
-    Safe because `APPLY_EVENTS` applies offsets by value (max) and never de-duplicates them
-    by id: the merged event leaves Redis exactly as applying each one would, whichever id it
-    carries (a re-sent one included). It moves the cost of a fast offsets stream (many
-    updates of the same partitions) out of the Redis script, which is the bottleneck.
-    The events given are not modified (a merged event is a copy)."""
-    out: list[Event] = []
-    merged: dict[tuple[str, str, str], StepOffsets] = {}
-    copies: set[tuple[str, str, str]] = set()
-    for event in events:
-        # An exact class test and plain attribute reads: this loop runs once per event of a
-        # fast stream, and most of its events merge into another.
-        if type(event) is not StepOffsets:
-            out.append(event)
-            continue
-        key = (event.pipeline_id, event.batch_id, event.step)
-        into = merged.get(key)
-        if into is None:
-            merged[key] = event
-            continue
-        if key not in copies:
-            # Copied only when a second event arrives: most polls merge nothing.
-            into = merged[key] = copy.copy(into)
-            into.offsets = dict(into.offsets)
-            copies.add(key)
-        offsets = into.offsets
-        for part, value in event.offsets.items():
-            if value > offsets.get(part, -1):
-                offsets[part] = value
-    out.extend(merged.values())
-    return out
-
-
 @dataclass(slots=True)
 class _Poll:
+    batch: dict[TopicPartition, list[Record]]
     events: list[Event]
     bad: list[tuple[Record, str]]
     duplicates: int
@@ -128,11 +91,16 @@ class EventsConsumer(Part):
     async def _loop(self) -> None:
         assert self._consumer is not None
         last_stats, last_applied = time.monotonic(), 0
-        # The poll before this one, being applied and committed. The next poll is fetched and
-        # decoded meanwhile (Python's work overlapping Redis running the scripts), but it is
-        # applied only once that one is committed: polls still apply and commit in order,
-        # and a failure leaves the later poll neither applied nor committed.
+        # Three polls can be in flight, each a stage further: the newest is fetched and
+        # decoded (Python's work) while the one before is applied (Redis's work) and the one
+        # before that is committed (Kafka's round trip, off the path to visible: a poll's
+        # events no longer wait for the previous poll's commit). Polls still apply in order
+        # and each commits after its own effect and after the poll before it; a failure
+        # leaves every later poll unapplied, or applied and uncommitted (read again later:
+        # every effect is idempotent), never committed past.
         applying: asyncio.Task[None] | None = None
+        committing: asyncio.Task[None] | None = None  # the last poll's commit
+        behind: asyncio.Task[None] | None = None  # the commit before it
         try:
             while not self.stopping.is_set():
                 batch = await self._consumer.getmany(
@@ -142,31 +110,37 @@ class EventsConsumer(Part):
                     prepared = self._prepare(batch)
                     if applying is not None:
                         await applying
-                    applying = asyncio.create_task(self._finish(batch, prepared))
-                elif applying is not None and applying.done():
-                    await applying
-                    applying = None
+                    if behind is not None:
+                        await behind  # commits lag the applies by one poll at most
+                    applying = asyncio.create_task(self._effect(prepared))
+                    behind = committing
+                    committing = asyncio.create_task(
+                        self._commit_after(applying, behind, batch))
+                elif committing is not None and committing.done():
+                    await committing  # raises what a failed apply or commit raised
+                    applying = behind = committing = None
                 if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
                     last_stats, last_applied = time.monotonic(), self.applied
                     log.info("events: %d applied (%d changed a batch), %d dropped, "
                              "%d dead-lettered", self.applied, self.changed, self.dropped,
                              self.dead)
-            if applying is not None:
-                await applying
+            if committing is not None:
+                await committing
         except Stopping:
             return  # Redis or Kafka down at shutdown: left uncommitted, read again later
         finally:
-            if applying is not None and not applying.done():
-                # Leaving on an error elsewhere: the poll in flight ends on its own terms
-                # (stopping makes its retries give up), never cut in half.
+            tasks = [t for t in (applying, behind, committing) if t is not None]
+            if not all(t.done() for t in tasks):
+                # Leaving on an error elsewhere: the polls in flight end on their own terms
+                # (stopping makes their retries give up), never cut in half.
                 self.stopping.set()
-                with contextlib.suppress(Exception):
-                    await applying
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def process(self, batch: dict[TopicPartition, list[Record]]) -> None:
         """Applies one `getmany` result and commits it. Raises `Stopping` (shutdown while a
         dependency is down) or `GaveUp`; either way nothing past the last commit is lost."""
-        await self._finish(batch, self._prepare(batch))
+        applying = asyncio.ensure_future(self._effect(self._prepare(batch)))
+        await self._commit_after(applying, None, batch)
 
     def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> _Poll:
         """Decodes a poll: its events, its malformed records, and how many records repeated
@@ -190,14 +164,14 @@ class EventsConsumer(Part):
                     bad.append((record, str(exc)))
                 else:
                     seen.add(value)
-        return _Poll(events, bad, duplicates)
+        return _Poll(batch, events, bad, duplicates)
 
-    async def _finish(self, batch: dict[TopicPartition, list[Record]], poll: _Poll) -> None:
-        assert self._consumer is not None
+    async def _effect(self, poll: _Poll) -> None:
+        """Applies a poll's events and dead-letters its malformed records."""
         events, bad = poll.events, poll.bad
         if events:
             try:
-                results = await self._apply(coalesce(events))
+                results = await self._apply(events)
             except Exception as exc:
                 if not _bad_script_data(exc):
                     # Stopping; or GaveUp: an error that is neither Redis unavailable nor a
@@ -208,7 +182,7 @@ class EventsConsumer(Part):
                 # Some batch's data breaks the script: apply batch by batch and dead-letter
                 # only the batches that fail.
                 log.error("apply failed (%s); retrying batch by batch", exc)
-                results = await self._apply_one_by_one(batch, bad)
+                results = await self._apply_one_by_one(poll.batch, bad)
             self.applied += len(events) + poll.duplicates
             for n in results.values():
                 if n < 0:
@@ -217,6 +191,16 @@ class EventsConsumer(Part):
                     self.changed += n
         if bad:
             await self.backoff.call("dead-letter", lambda: self._dead_letter(bad))
+
+    async def _commit_after(self, applying: asyncio.Future[None],
+                            previous: asyncio.Future[None] | None,
+                            batch: dict[TopicPartition, list[Record]]) -> None:
+        """Commits a poll once its effect is done and the previous poll's commit ended (raises
+        what either raised, committing nothing)."""
+        assert self._consumer is not None
+        await applying
+        if previous is not None:
+            await previous
         await commit_retrying(self._consumer,
                               {tp: recs[-1].offset + 1 for tp, recs in batch.items()}, self.backoff)
 

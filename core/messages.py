@@ -141,9 +141,9 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
         out: dict[str, Any] = msgspec.to_builtins(self)
         return out
 
-    def to_script(self) -> dict[str, Any]:
-        """The compact form `APPLY_EVENTS` reads (offsets as strings: Lua numbers are
-        doubles)."""
+    def to_script(self) -> list[Any]:
+        """The compact array `APPLY_EVENTS` reads (see there; offsets as strings: a Lua
+        number written back keeps only 14 digits)."""
         raise NotImplementedError
 
 
@@ -156,15 +156,11 @@ class BatchState(Event, tag="batch.state", kw_only=True):
     reason: Reason | None = None
     flow_run_id: Text | None = None
 
-    def to_script(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.event_id, "t": "batch.state", "state": self.state}
-        if self.outcome is not None:
-            out["outcome"] = self.outcome
-        if self.reason is not None:
-            out["reason"] = self.reason
-        if self.flow_run_id is not None:
-            out["flow_run_id"] = self.flow_run_id
-        return out
+    def to_script(self) -> list[Any]:
+        # The latest stop decides the outcome (APPLY_EVENTS): its ts goes along, as repr to
+        # keep every digit; other states do not read it.
+        ts = repr(self.ts) if self.state == "stop" else None
+        return ["b", self.event_id, self.state, self.outcome, self.reason, self.flow_run_id, ts]
 
 
 class StepState(Event, tag="step.state", kw_only=True):
@@ -178,8 +174,8 @@ class StepState(Event, tag="step.state", kw_only=True):
         if not _ONLY_ID_CHARS(self.event_id + self.batch_id + self.pipeline_id + self.step):
             _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
 
-    def to_script(self) -> dict[str, Any]:
-        return {"id": self.event_id, "t": "step.state", "state": self.state, "step": self.step}
+    def to_script(self) -> list[Any]:
+        return ["s", self.event_id, self.step, self.state]
 
 
 class StepOffsets(Event, tag="step.offsets", kw_only=True):
@@ -194,9 +190,12 @@ class StepOffsets(Event, tag="step.offsets", kw_only=True):
         if not _ONLY_ID_CHARS(ids):
             _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
 
-    def to_script(self) -> dict[str, Any]:
-        return {"id": self.event_id, "t": "step.offsets", "step": self.step,
-                "offsets": {p: str(n) for p, n in self.offsets.items()}}
+    def to_script(self) -> list[Any]:
+        # No id: offsets apply by value, never de-duplicated by id.
+        out: list[Any] = ["o", self.step]
+        for part, value in self.offsets.items():
+            out += (part, str(value))
+        return out
 
 
 EVENT_KINDS: Final[dict[str, type[Event]]] = {

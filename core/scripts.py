@@ -43,14 +43,17 @@ if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
 return 1
 """
 
-# KEYS[1] batch hash, KEYS[2] batch's seen-event-ids zset
+# KEYS: per batch, its hash and its seen-event-ids zset (KEYS[2i-1], KEYS[2i]): one call
+# applies the events of many batches of one pipeline (their keys share its hash tag), so a
+# poll costs a few calls instead of one per batch.
 # ARGV[1] now (ISO-8601), ARGV[2] how many event ids to remember, ARGV[3] change channel
-# ('' for none; a change publishes the key and the new hash), ARGV[4] JSON array of events,
-# each an object with
-#   id (optional), t = 'batch.state' | 'step.state' | 'step.offsets', and per type:
-#   batch.state: state, outcome?, reason?, flow_run_id?, ts? ("<decimal seconds>", read
-#   on stops only; absent counts as 0)   step.state: step, state
-#   step.offsets: step, offsets = {partition: "<decimal offset>"}
+# ('' for none; a change publishes the key and the new hash), ARGV[4] JSON array with, per
+# batch (in the order of KEYS), the array of its events, each an array (compact: no field
+# names to parse, no id where none is read; null = absent):
+#   ["b", id, state, outcome, reason, flow_run_id, ts]  batch.state; ts is read on stops
+#                    only ("<decimal seconds>"; absent counts as 0)
+#   ["s", id, step, state]                              step.state
+#   ["o", step, partition, "<decimal offset>", ...]     step.offsets (any number of pairs)
 # Rules: batch state only moves forward (pending < scheduled < running < stop); among the
 # stops applied, the one with the greatest ts decides outcome and reason (ties: the first
 # applied), because Prefect allows Cancelled -> Running -> Completed: a cancel that lost the
@@ -60,118 +63,135 @@ return 1
 # merged ones can only raise an offset, never lose one); a state event whose id was seen
 # before changes nothing; unknown steps are ignored. Once the batch is `stop` its seen ids
 # are deleted and no more are remembered: the rules above already make every later event,
-# duplicate or not, harmless. Returns the number of events that changed the batch, or -1
-# when the batch is unknown or deleted (its events are dropped).
+# duplicate or not, harmless. Returns, per batch, the number of its events that changed it,
+# or -1 when the batch is unknown or deleted (its events are dropped). A batch whose data
+# raises an error stops the call there: the batches before it are applied, the others not
+# (the caller applies them again one by one: every rule above is idempotent).
 APPLY_EVENTS: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
-  return -1
-end
 local BATCH_RANK = {pending = 0, scheduled = 1, running = 2, stop = 3}
 local STEP_RANK = {none = 0, pending = 1, running = 2, success = 3, failed = 3}
-local events = cjson.decode(ARGV[4])
+local now, window, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 -- A stop's ts as a number and as the string stored (the string as sent: a Lua number
 -- written back would keep only 14 digits, too few for microseconds since the epoch).
-local function stop_ts(ev)
-  local n = tonumber(ev.ts)
+local function stop_ts(ts)
+  local n = tonumber(ts)
   if n == nil or n ~= n or n == math.huge or n == -math.huge then return 0, '0' end
-  if type(ev.ts) == 'string' then return n, ev.ts end
+  if type(ts) == 'string' then return n, ts end
   return n, string.format('%.17g', n)
 end
-local state = redis.call('HGET', KEYS[1], 'state')
-local stopped = state == 'stop'
-local changed = 0
-local remembered = false
-for _, ev in ipairs(events) do
-  local fresh = true
-  if not stopped and ev.t ~= 'step.offsets' and type(ev.id) == 'string' then
-    if redis.call('ZSCORE', KEYS[2], ev.id) then
-      fresh = false
-    else
-      local n = redis.call('HINCRBY', KEYS[1], 'seen_n', 1)
-      redis.call('ZADD', KEYS[2], n, ev.id)
-      remembered = true
-    end
+local function text(value)  -- a string field of an event, or nil (absent: JSON null)
+  if type(value) == 'string' then return value end
+  return nil
+end
+
+local function apply(hash, seen, events)
+  if redis.call('EXISTS', hash) == 0 or redis.call('HEXISTS', hash, 'deleted') == 1 then
+    return -1
   end
-  local did = false
-  if fresh and ev.t == 'batch.state' then
-    local new = BATCH_RANK[ev.state]
-    if new and new > (BATCH_RANK[state] or 0) then
-      state = ev.state
-      redis.call('HSET', KEYS[1], 'state', state)
-      if state == 'stop' then
-        stopped = true
-        local _, text = stop_ts(ev)
-        redis.call('HSET', KEYS[1], 'outcome', ev.outcome or 'completed', 'stop_ts', text)
-        if type(ev.reason) == 'string' then redis.call('HSET', KEYS[1], 'reason', ev.reason) end
+  local state = redis.call('HGET', hash, 'state')
+  local stopped = state == 'stop'
+  local changed = 0
+  local remembered = false
+  for _, ev in ipairs(events) do
+    local kind = ev[1]
+    local fresh = true
+    if not stopped and kind ~= 'o' and type(ev[2]) == 'string' then
+      if redis.call('ZSCORE', seen, ev[2]) then
+        fresh = false
+      else
+        local n = redis.call('HINCRBY', hash, 'seen_n', 1)
+        redis.call('ZADD', seen, n, ev[2])
+        remembered = true
       end
-      did = true
-    elseif ev.state == 'stop' and state == 'stop' then
-      local ts, text = stop_ts(ev)
-      if ts > (tonumber(redis.call('HGET', KEYS[1], 'stop_ts')) or 0) then
-        redis.call('HSET', KEYS[1], 'stop_ts', text)
-        local outcome = ev.outcome or 'completed'
-        local reason = type(ev.reason) == 'string' and ev.reason or false
-        if redis.call('HGET', KEYS[1], 'outcome') ~= outcome then
-          redis.call('HSET', KEYS[1], 'outcome', outcome)
-          did = true
+    end
+    local did = false
+    if fresh and kind == 'b' then
+      local name, outcome, reason = ev[3], text(ev[4]) or 'completed', text(ev[5])
+      local new = BATCH_RANK[name]
+      if new and new > (BATCH_RANK[state] or 0) then
+        state = name
+        redis.call('HSET', hash, 'state', state)
+        if state == 'stop' then
+          stopped = true
+          local _, ts = stop_ts(ev[7])
+          redis.call('HSET', hash, 'outcome', outcome, 'stop_ts', ts)
+          if reason then redis.call('HSET', hash, 'reason', reason) end
         end
-        if redis.call('HGET', KEYS[1], 'reason') ~= reason then
-          if reason then
-            redis.call('HSET', KEYS[1], 'reason', reason)
-          else
-            redis.call('HDEL', KEYS[1], 'reason')
+        did = true
+      elseif name == 'stop' and state == 'stop' then
+        local ts, ts_text = stop_ts(ev[7])
+        if ts > (tonumber(redis.call('HGET', hash, 'stop_ts')) or 0) then
+          redis.call('HSET', hash, 'stop_ts', ts_text)
+          if redis.call('HGET', hash, 'outcome') ~= outcome then
+            redis.call('HSET', hash, 'outcome', outcome)
+            did = true
           end
-          did = true
-        end
-      end
-    end
-    if type(ev.flow_run_id) == 'string'
-        and redis.call('HSETNX', KEYS[1], 'flow_run_id', ev.flow_run_id) == 1 then
-      did = true
-    end
-  elseif fresh and ev.t == 'step.state' then
-    local field = 'step:' .. tostring(ev.step)
-    local cur = redis.call('HGET', KEYS[1], field)
-    local new = STEP_RANK[ev.state]
-    if cur and new and new > (STEP_RANK[cur] or 0) then
-      redis.call('HSET', KEYS[1], field, ev.state)
-      did = true
-    end
-  elseif ev.t == 'step.offsets' and type(ev.offsets) == 'table' then
-    if redis.call('HEXISTS', KEYS[1], 'step:' .. tostring(ev.step)) == 1 then
-      local prefix = 'off:' .. ev.step .. ':'
-      for part, value in pairs(ev.offsets) do
-        local n = tonumber(value)
-        if n then
-          local cur = tonumber(redis.call('HGET', KEYS[1], prefix .. part))
-          if cur == nil or n > cur then
-            redis.call('HSET', KEYS[1], prefix .. part, value)
+          if redis.call('HGET', hash, 'reason') ~= (reason or false) then
+            if reason then
+              redis.call('HSET', hash, 'reason', reason)
+            else
+              redis.call('HDEL', hash, 'reason')
+            end
             did = true
           end
         end
       end
+      local flow_run_id = text(ev[6])
+      if flow_run_id and redis.call('HSETNX', hash, 'flow_run_id', flow_run_id) == 1 then
+        did = true
+      end
+    elseif fresh and kind == 's' then
+      local field = 'step:' .. tostring(ev[3])
+      local cur = redis.call('HGET', hash, field)
+      local new = STEP_RANK[ev[4]]
+      if cur and new and new > (STEP_RANK[cur] or 0) then
+        redis.call('HSET', hash, field, ev[4])
+        did = true
+      end
+    elseif kind == 'o' then
+      local step = tostring(ev[2])
+      if redis.call('HEXISTS', hash, 'step:' .. step) == 1 then
+        local prefix = 'off:' .. step .. ':'
+        for i = 3, #ev - 1, 2 do
+          local value = ev[i + 1]
+          local n = tonumber(value)
+          if n then
+            local field = prefix .. tostring(ev[i])
+            local cur = tonumber(redis.call('HGET', hash, field))
+            if cur == nil or n > cur then
+              redis.call('HSET', hash, field, value)
+              did = true
+            end
+          end
+        end
+      end
+    end
+    if did then changed = changed + 1 end
+  end
+  if stopped then
+    -- No-ops (and not replicated) once done: a stopped batch keeps no dedup state.
+    redis.call('DEL', seen)
+    redis.call('HDEL', hash, 'seen_n')
+  elseif remembered then
+    redis.call('ZREMRANGEBYRANK', seen, 0, -(window + 1))
+  end
+  if changed > 0 then
+    redis.call('HSET', hash, 'updated_at', now)
+    redis.call('HINCRBY', hash, 'rev', 1)
+    if channel ~= '' then
+      -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
+      -- cache then keeps serving the batch instead of every change costing it a read.
+      redis.call('PUBLISH', channel, hash .. '\\n' .. cjson.encode(redis.call('HGETALL', hash)))
     end
   end
-  if did then changed = changed + 1 end
+  return changed
 end
-if stopped then
-  -- No-ops (and not replicated) once done: a stopped batch keeps no dedup state.
-  redis.call('DEL', KEYS[2])
-  redis.call('HDEL', KEYS[1], 'seen_n')
-elseif remembered then
-  redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1))
+
+local results = {}
+for i, events in ipairs(cjson.decode(ARGV[4])) do
+  results[i] = apply(KEYS[2 * i - 1], KEYS[2 * i], events)
 end
-if changed > 0 then
-  redis.call('HSET', KEYS[1], 'updated_at', ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'rev', 1)
-  if ARGV[3] ~= '' then
-    -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
-    -- cache then keeps serving the batch instead of every change costing it a read.
-    redis.call('PUBLISH', ARGV[3],
-               KEYS[1] .. '\\n' .. cjson.encode(redis.call('HGETALL', KEYS[1])))
-  end
-end
-return changed
+return results
 """
 
 # KEYS[1] pipeline's versions hash, KEYS[2] pipeline's version order list

@@ -9,19 +9,23 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
 
 from core import keys
-from core.codec import BatchState, Event
+from core.codec import Event, StepOffsets
 from core.models import PipelineSpec, deployment_name, now_iso
 from core.scripts import Scripts
 from core.settings import Settings
+
+# Batches per APPLY_EVENTS call: enough that a poll is a few calls, few enough that one call
+# holds Redis (single-threaded: every other client waits) for a millisecond or two at most.
+APPLY_CHUNK = 100
 
 
 class BadToken(ValueError):
@@ -76,14 +80,56 @@ def render(fields: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any]]]]:
+    """The events in `APPLY_EVENTS`'s form, per pipeline and batch, each batch's in order,
+    except that the offsets events of one (batch, step) become one entry holding each
+    partition's highest offset, after the batch's other events.
+
+    Safe because `APPLY_EVENTS` applies offsets by value (max) and never de-duplicates them
+    by id: the merged entry leaves Redis exactly as applying each event would, and offsets
+    commute with state events (they read only the step's existence). It moves the cost of a
+    fast offsets stream (many updates of the same partitions) out of the Redis script. The
+    events given are not modified."""
+    grouped: dict[str, dict[str, list[list[Any]]]] = {}
+    merged: dict[tuple[str, str, str], dict[str, int]] = {}
+    for event in events:
+        # An exact class test and plain attribute reads: this loop runs once per event of a
+        # fast stream, and most of its events merge into another.
+        if type(event) is StepOffsets:
+            key = (event.pipeline_id, event.batch_id, event.step)
+            into = merged.get(key)
+            if into is None:
+                merged[key] = dict(event.offsets)
+            else:
+                for part, value in event.offsets.items():
+                    if value > into.get(part, -1):
+                        into[part] = value
+            continue
+        batches = grouped.get(event.pipeline_id)
+        if batches is None:
+            batches = grouped[event.pipeline_id] = {}
+        entries = batches.get(event.batch_id)
+        if entries is None:
+            entries = batches[event.batch_id] = []
+        entries.append(event.to_script())
+    for (pipeline_id, batch_id, step), offsets in merged.items():
+        entry: list[Any] = ["o", step]
+        for part, value in offsets.items():
+            entry += (part, str(value))  # a string: a Lua number written back keeps 14 digits
+        grouped.setdefault(pipeline_id, {}).setdefault(batch_id, []).append(entry)
+    return grouped
+
+
 class BatchStore:
     def __init__(self, redis: Redis, scripts: Scripts, *, token_secret: bytes,
-                 changes_channel: str = keys.CHANGES_CHANNEL, dedup_window: int = 1024) -> None:
+                 changes_channel: str = keys.CHANGES_CHANNEL, dedup_window: int = 1024,
+                 apply_chunk: int = APPLY_CHUNK) -> None:
         self.redis = redis
         self.scripts = scripts
         self._token_secret = token_secret
         self._channel = changes_channel
         self._dedup_window = dedup_window
+        self._apply_chunk = apply_chunk
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings,
@@ -180,29 +226,34 @@ class BatchStore:
     # -- events --------------------------------------------------------------------------
 
     async def apply(self, events: Iterable[Event]) -> dict[tuple[str, str], int]:
-        """Applies events, one script call per batch, all in one round trip.
+        """Applies events in one round trip: one `APPLY_EVENTS` call per pipeline and up to
+        `apply_chunk` of its batches (a few calls per poll, not one per batch: the client's
+        cost per call was most of the consumer's). The offsets events of one (batch, step)
+        are merged first (`script_entries`).
 
         Returns, per (pipeline_id, batch_id), how many events changed it (-1: batch unknown
         or deleted, its events dropped)."""
-        grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-        for event in events:
-            script = event.to_script()
-            if event.state == "stop" and type(event) is BatchState:
-                # The latest stop decides the outcome (APPLY_EVENTS); repr keeps every digit.
-                script["ts"] = repr(event.ts)
-            grouped[(event.pipeline_id, event.batch_id)].append(script)
+        grouped = script_entries(events)
         if not grouped:
             return {}
         now = now_iso()
+        order: list[tuple[str, str]] = []
         async with self.redis.pipeline(transaction=False) as pipe:
-            for (pipeline_id, batch_id), batch_events in grouped.items():
-                await self.scripts.apply_events(
-                    keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id)],
-                    args=[now, self._dedup_window, self._channel, orjson.dumps(batch_events)],
-                    client=pipe,
-                )
-            results = await pipe.execute()
-        return {key: int(n) for key, n in zip(grouped, results, strict=True)}
+            for pipeline_id, batches in grouped.items():
+                ids = list(batches)
+                for start in range(0, len(ids), self._apply_chunk):
+                    chunk = ids[start : start + self._apply_chunk]
+                    names: list[str] = []
+                    for batch_id in chunk:
+                        names += (keys.batch(pipeline_id, batch_id),
+                                  keys.batch_seen(pipeline_id, batch_id))
+                        order.append((pipeline_id, batch_id))
+                    payload = orjson.dumps([batches[batch_id] for batch_id in chunk])
+                    await self.scripts.apply_events(
+                        keys=names, args=[now, self._dedup_window, self._channel, payload],
+                        client=pipe)
+            results: list[list[int]] = await pipe.execute()
+        return dict(zip(order, chain.from_iterable(results), strict=True))
 
     # -- paging tokens -------------------------------------------------------------------
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from consumers.events import coalesce
 from core.codec import (
     BatchState,
     CodecError,
@@ -20,6 +19,7 @@ from core.codec import (
     decode_command,
     decode_event,
 )
+from core.store import script_entries
 
 
 def test_command_round_trip() -> None:
@@ -49,8 +49,7 @@ def test_event_round_trip_keeps_only_set_fields() -> None:
     raw = orjson.loads(event.encode())
     assert "state" not in raw and raw["offsets"] == {"partition_0": 5} and raw["schema"] == 1
     assert decode_event(event.encode()) == event
-    assert event.to_script() == {"id": event.event_id, "t": "step.offsets", "step": "extract",
-                                 "offsets": {"partition_0": "5"}}
+    assert event.to_script() == ["o", "extract", "partition_0", "5"]
     # Fields of other kinds read None, so code handling every kind needs no isinstance.
     assert (event.state, event.outcome, event.reason, event.flow_run_id) == (None,) * 4
     state = Event(type="batch.state", batch_id="b", pipeline_id="p", state="running",
@@ -75,13 +74,12 @@ def test_events_stay_mutable_for_the_callers_that_amend_them() -> None:
         Event("batch.exploded", "b", "p")
 
 
-def test_coalesce_merges_decoded_offsets() -> None:
+def test_decoded_offsets_merge_into_one_script_entry() -> None:
     raw = [Event("step.offsets", "b", "p", step="s", offsets={"a": n, "b": 10 - n}).encode()
            for n in range(5)]
     events = [decode_event(r) for r in raw]
-    (merged,) = coalesce(events)
-    assert type(merged) is StepOffsets and merged.offsets == {"a": 4, "b": 10}
-    assert decode_event(merged.encode()) == merged
+    assert all(type(e) is StepOffsets for e in events)
+    assert script_entries(events) == {"p": {"b": [["o", "s", "a", "4", "b", "10"]]}}
 
 
 def _event(**changes: object) -> bytes:

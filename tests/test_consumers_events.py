@@ -11,11 +11,12 @@ import pytest
 from redis.asyncio import Redis
 
 from consumers import dlq
-from consumers.events import EventsConsumer, coalesce
+from consumers.events import EventsConsumer
 from core import keys
 from core.codec import Event
 from core.connections import open_producer
 from core.settings import Settings
+from core.store import script_entries
 from tests.conftest import eventually
 from tests.helpers import read_topic
 from tests.test_consumers_support import (
@@ -201,9 +202,10 @@ async def test_many_batches_in_one_poll(ctx: Ctx) -> None:
         assert (await ctx.fields(batch_id))["off:transform:partition_0"] == "100"
 
 
-def test_coalesce_keeps_the_highest_offset_per_partition_and_every_other_event() -> None:
-    """The merged event's id does not matter: offsets apply by value, never de-duplicated
-    (tests/test_scripts.py shows a merged event carrying a re-sent id still lands)."""
+def test_a_poll_merges_the_highest_offset_per_partition_and_keeps_every_other_event() -> None:
+    """What `BatchStore.apply` sends for a poll (`script_entries`). The merged events' ids do
+    not matter: offsets apply by value, never de-duplicated (tests/test_scripts.py shows a
+    merged event carrying a re-sent id still lands)."""
     def ev(batch: str, kind: str, **fields: Any) -> Event:
         return Event(type=kind, batch_id=batch, pipeline_id="p", **fields)
 
@@ -216,12 +218,12 @@ def test_coalesce_keeps_the_highest_offset_per_partition_and_every_other_event()
         ev("b1", "batch.state", state="stop", event_id="f"),
     ]
     given = [e.to_dict() for e in events]
-    out = coalesce(events)
-    assert [(e.batch_id, e.type, e.step, e.offsets) for e in out] == [
-        ("b1", "step.state", "s", None),
-        ("b1", "batch.state", None, None),
-        ("b1", "step.offsets", "s", {"p0": 5, "p1": 7}),
-        ("b2", "step.offsets", "s", {"p0": 1}),
-        ("b1", "step.offsets", "t", {"p0": 2}),
-    ]
+    stop_ts = repr(events[-1].ts)
+    assert script_entries(events) == {"p": {
+        "b1": [["s", "b", "s", "running"],
+               ["b", "f", "stop", None, None, None, stop_ts],
+               ["o", "s", "p0", "5", "p1", "7"],
+               ["o", "t", "p0", "2"]],
+        "b2": [["o", "s", "p0", "1"]],
+    }}
     assert [e.to_dict() for e in events] == given  # the poll's own events are left as read

@@ -11,7 +11,8 @@ What the rules of APPLY_EVENTS guarantee, and what each scenario asserts:
   maximum sent, the outcome and reason those of the stop with the greatest `ts` (racing
   stops, a user's cancel against the engine's end, included); so the rendered batch equals
   the in-order one in full.
-Each delivery goes through `coalesce` and `BatchStore.apply` per poll, as the consumer does.
+Each delivery goes through `BatchStore.apply` per poll (which merges a poll's offsets per
+batch and step), as the consumer does.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from consumers.events import coalesce
 from core.codec import Event
 from core.scripts import Scripts
 from core.store import BatchStore
@@ -138,7 +138,7 @@ def polls(rng: random.Random, stream: list[Sent]) -> list[list[Sent]]:
 async def deliver(store: BatchStore, pipeline_id: str, batch_ids: list[str],
                   rng: random.Random, stream: list[Sent]) -> dict[str, dict[str, Any]]:
     for poll in polls(rng, stream):
-        await store.apply(coalesce([s.to(pipeline_id, batch_ids) for s in poll]))
+        await store.apply([s.to(pipeline_id, batch_ids) for s in poll])
     rendered = {}
     for batch_id in batch_ids:
         batch = await store.get(pipeline_id, batch_id)

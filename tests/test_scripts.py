@@ -128,25 +128,24 @@ async def test_a_stop_without_ts_counts_as_ts_zero(store: BatchStore, scripts: S
                                                    redis: Redis) -> None:
     b = await new_batch(store)
 
-    async def raw(*events: dict[str, Any]) -> int:
-        return int(await scripts.apply_events(
+    async def raw(outcome: str, ts: str | None = None) -> int:
+        stop = ["b", None, "stop", outcome, None, None, ts]
+        [changed] = await scripts.apply_events(
             keys=[keys.batch(P, b), keys.batch_seen(P, b)],
-            args=["2030-01-01T00:00:00Z", 4, "", orjson.dumps(list(events))]))
+            args=["2030-01-01T00:00:00Z", 4, "", orjson.dumps([[stop]])])
+        return int(changed)
 
-    assert await raw({"t": "batch.state", "state": "stop", "outcome": "cancelled"}) == 1
+    assert await raw("cancelled") == 1
     assert await redis.hget(keys.batch(P, b), "stop_ts") == "0"
-    assert await raw({"t": "batch.state", "state": "stop", "outcome": "failed"}) == 0
-    assert await raw({"t": "batch.state", "state": "stop", "outcome": "crashed",
-                      "ts": "1.5"}) == 1
+    assert await raw("failed") == 0
+    assert await raw("crashed", "1.5") == 1
     assert await outcome(store, b) == ("stop", "crashed", None)
     # The same outcome from a later stop changes nothing visible: no rev, no publish.
     rev = await redis.hget(keys.batch(P, b), "rev")
-    assert await raw({"t": "batch.state", "state": "stop", "outcome": "crashed",
-                      "ts": "2.5"}) == 0
+    assert await raw("crashed", "2.5") == 0
     assert await redis.hget(keys.batch(P, b), "rev") == rev
     assert await redis.hget(keys.batch(P, b), "stop_ts") == "2.5"
-    assert await raw({"t": "batch.state", "state": "stop", "outcome": "failed",
-                      "ts": "2"}) == 0
+    assert await raw("failed", "2") == 0
     assert await outcome(store, b) == ("stop", "crashed", None)
 
 
@@ -269,16 +268,13 @@ async def test_offsets_apply_by_value_whatever_their_event_id(store: BatchStore,
 
 async def test_coalesced_offsets_ending_with_a_resent_duplicate_keep_fresh_offsets(
         store: BatchStore) -> None:
-    from consumers.events import coalesce
-
     b = await new_batch(store)
     old = ev(b, "step.offsets", step="load", offsets={"p0": 5})
     await store.apply([old])
     fresh = ev(b, "step.offsets", step="load", offsets={"p0": 9, "p1": 4})
     resent = ev(b, "step.offsets", step="load", offsets={"p0": 5}, event_id=old.event_id)
-    poll = coalesce([fresh, resent])  # the last one merged is the duplicate
-    assert len(poll) == 1
-    await store.apply(poll)
+    # One poll: merged into one entry, the last one merged being the duplicate.
+    assert await store.apply([fresh, resent]) == {(P, b): 1}
     batch = await store.get(P, b)
     assert batch is not None
     assert batch["state"]["steps"]["load"]["offsets"] == {"p0": 9, "p1": 4}
@@ -309,3 +305,38 @@ async def test_dedup_ids_are_forgotten_once_the_batch_is_stop(store: BatchStore,
     assert batch is not None
     assert (batch["state"]["state"], batch["outcome"], batch["reason"]) == ("stop", "completed", "done")
     assert batch["state"]["steps"]["extract"]["state"] == "success"
+
+
+async def test_one_apply_spans_pipelines_and_chunks_of_batches(redis: Redis, scripts: Scripts) -> None:
+    """`BatchStore.apply` sends one APPLY_EVENTS per pipeline and chunk of its batches; each
+    batch gets its own result, in whatever call it went."""
+    store = BatchStore(redis, scripts, token_secret=b"secret", apply_chunk=2)
+    batches = [await new_batch(store) for _ in range(5)]
+    elsewhere = new_batch_id()
+    await store.create("pipe-2", elsewhere, spec())
+    events = [ev(b, "step.offsets", step="extract", offsets={"p0": n})
+              for n, b in enumerate(batches, start=1)]
+    events += [Event("batch.state", elsewhere, "pipe-2", state="running"),
+               ev("batch-unknown", "batch.state", state="running"),
+               ev(batches[4], "step.offsets", step="extract", offsets={"p0": 50}),
+               ev(batches[4], "step.state", step="extract", state="running")]
+    assert await store.apply(events) == {
+        **{(P, b): 1 for b in batches[:4]}, (P, batches[4]): 2,
+        ("pipe-2", elsewhere): 1, (P, "batch-unknown"): -1}
+    for n, b in enumerate(batches, start=1):
+        fields = await store.fields(P, b) or {}
+        assert fields["off:extract:p0"] == str(50 if n == 5 else n)
+    assert (await store.fields("pipe-2", elsewhere) or {})["state"] == "running"
+
+
+async def test_a_batch_whose_data_fails_stops_the_call_there(store: BatchStore, redis: Redis) -> None:
+    """The batches before it in the call are applied, the ones after it are not (the consumer
+    then applies batch by batch: every rule is idempotent)."""
+    from redis.exceptions import ResponseError
+
+    first, broken, last = [await new_batch(store) for _ in range(3)]
+    await redis.set(keys.batch_seen(P, broken), "not a zset")
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await store.apply([ev(b, "batch.state", state="running") for b in (first, broken, last)])
+    states = [(await store.fields(P, b) or {})["state"] for b in (first, broken, last)]
+    assert states == ["running", "pending", "pending"]
