@@ -55,7 +55,8 @@ def _emit(args: argparse.Namespace, obj: Any) -> None:
 
 # -- watching ------------------------------------------------------------------------------
 def _watch(args: argparse.Namespace, api: DhubClient, console: Console, batch_id: str) -> int:
-    events = api.watch(args.pipeline, batch_id, stream=not args.no_stream)
+    events = api.watch(args.pipeline, batch_id, stream=not args.no_stream,
+                       reconnect_for=args.reconnect_for)
     if args.json:
         return _watch_json(args, events)
     view = BatchView(args.pipeline, verbose=args.verbose > 0)
@@ -244,7 +245,6 @@ def build_parser() -> Parser:
     parser = Parser(prog="dhub", parents=[common], description="The Batches API on the command line.",
                     epilog="exit codes: 0 completed, 1 failed, 2 cancelled/stopped/deleted, "
                            "3 usage/auth/connection/API errors")
-    parser.set_defaults(json=False, url=None, verbose=0)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
                                      parser_class=Parser)
 
@@ -258,11 +258,15 @@ def build_parser() -> Parser:
     run.add_argument("--version", help="the pipeline version (default: the latest)")
     run.add_argument("--watch", action="store_true", help="then watch it; exit with its outcome")
     run.add_argument("--no-stream", action="store_true", help="long-poll instead of the push stream")
+    run.add_argument("--reconnect-for", type=float, default=60.0, metavar="SECONDS",
+                        help="give up (exit 3) after the API is unreachable this long (default 60)")
 
     watch = add("watch", cmd_watch, "live progress of a batch until it stops; exit with its outcome")
     watch.add_argument("pipeline", metavar="PIPELINE")
     watch.add_argument("batch", metavar="BATCH", nargs="?", help="default: the latest batch")
     watch.add_argument("--no-stream", action="store_true", help="long-poll instead of the push stream")
+    watch.add_argument("--reconnect-for", type=float, default=60.0, metavar="SECONDS",
+                        help="give up (exit 3) after the API is unreachable this long (default 60)")
 
     ls = add("ls", cmd_ls, "the pipeline's batches, newest first")
     ls.add_argument("pipeline", metavar="PIPELINE")
@@ -299,8 +303,18 @@ def _fail(args: argparse.Namespace | None, kind: str, message: str, **extra: Any
     return EXIT_ERROR
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    # Set here, not with set_defaults: the common options' actions are shared by every
+    # subparser, and a default there would overwrite the value given before the command.
+    for name, default in (("json", False), ("url", None), ("verbose", 0)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
     console = Console(highlight=False)
     try:
         with DhubClient(args.url) as api:

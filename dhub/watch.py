@@ -109,6 +109,10 @@ class Follower:
             except (httpx.TransportError, ApiError, _Closed) as exc:
                 if isinstance(exc, ApiError) and not exc.retryable:
                     raise
+                if self.last is None and isinstance(exc, httpx.ConnectError):
+                    # Never reached: a wrong URL or a stopped API, not a link that dropped.
+                    url = self._http.base_url
+                    raise ConnectionFailed(f"cannot reach the API at {url}: {exc}") from exc
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
                 if now - failing_since > self._reconnect_for:
