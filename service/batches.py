@@ -3,22 +3,16 @@ changes are recorded in Redis and queued as commands on Kafka."""
 
 from __future__ import annotations
 
-import weakref
-from contextvars import ContextVar
 from typing import Any
 
 import orjson
 from aiohttp import web
-from redis.commands.core import AsyncScript
 
 from core import keys
-from core.api_scripts import ApiScripts
 from core.codec import Command
 from core.models import PipelineSpec, new_batch_id, valid_id
-from core.registry import PipelineRegistry
-from core.scripts import Scripts
-from core.store import BadToken, BatchStore
-from service import auth, conditional, idempotency, streams
+from core.store import BadToken
+from service import auth, conditional, creates, idempotency, streams
 from service.appkeys import (
     ABANDONER,
     API_SCRIPTS,
@@ -32,7 +26,7 @@ from service.cache import etag_of
 from service.commands import Ambiguous, Refused
 from service.errors import bad_request, not_found
 from service.fills import fills_of
-from service.turns import TurnReads, turn_reads
+from service.turns import turn_reads
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -53,111 +47,18 @@ def path_id(request: web.Request, name: str) -> str:
     return value
 
 
-# Parsed definitions by (pipeline_id, version), per registry (per app). A version is immutable
-# (registering it again with another body is refused), so once read it need not be read and
-# validated again.
-_SPECS: weakref.WeakKeyDictionary[PipelineRegistry, dict[tuple[str, str], PipelineSpec]] = (
-    weakref.WeakKeyDictionary())
-MAX_SPECS = 1024
-# The latest version last seen of each pipeline, per registry: a POST of the latest version
-# creates its batch with it, and the create script checks that it is still the latest (a
-# pipeline's versions only grow), so the POST needs no read of its own.
-_LATEST: weakref.WeakKeyDictionary[PipelineRegistry, dict[str, str]] = (
-    weakref.WeakKeyDictionary())
-MAX_LATEST = 1024
-
-# (the pipeline's version order key, the version the batch must record as latest or '') of
-# the create under way in this task, for `_TurnScripts`.
-_CHECK: ContextVar[tuple[str, str]] = ContextVar("_CHECK")
-
-
-class _Stale(Exception):
-    """The version a batch was to record is not the pipeline's latest any more."""
-
-    def __init__(self, latest: str | None) -> None:
-        super().__init__(latest)
-        self.latest = latest
-
-
-class _TurnScripts(Scripts):
-    """The store's scripts, with `create_batch` made the API's `CREATE_LATEST_BATCH` (the same
-    create, checking the latest version when asked to), sent together with the other POSTs'
-    creates of the same loop turn (service.turns). Everything else is the store's own."""
-
-    def __init__(self, scripts: Scripts, create: AsyncScript, turns: TurnReads) -> None:
-        self.__dict__.update(scripts.__dict__)
-
-        async def create_batch(keys: list[str], args: list[Any], client: Any = None) -> Any:
-            order, version = _CHECK.get()
-            reply = await turns.script(create, [*keys, order], [version, orjson.dumps(args)])
-            if isinstance(reply, list):
-                raise _Stale(reply[0])
-            return reply
-
-        self.create_batch = create_batch  # type: ignore[assignment]
-
-
-_CREATORS: weakref.WeakKeyDictionary[BatchStore, BatchStore] = weakref.WeakKeyDictionary()
-
-
-def _creator(store: BatchStore, scripts: ApiScripts) -> BatchStore:
-    """The app's store for creating batches: `BatchStore.create` as it is (its hash layout),
-    its script call the checking one, batched per loop turn."""
-    creator = _CREATORS.get(store)
-    if creator is None:
-        turn_scripts = _TurnScripts(store.scripts, scripts.create_latest_batch,
-                                    turn_reads(store.redis))
-        creator = _CREATORS[store] = BatchStore(store.redis, turn_scripts, token_secret=b"unused")
-    return creator
-
-
-async def _spec(registry: PipelineRegistry, pipeline_id: str, version: str) -> PipelineSpec | None:
-    specs = _SPECS.get(registry)
-    if specs is None:
-        specs = _SPECS[registry] = {}
-    spec = specs.get((pipeline_id, version))
-    if spec is None:
-        spec = await registry.get(pipeline_id, version)
-        if spec is not None:
-            if len(specs) >= MAX_SPECS:
-                specs.clear()
-            specs[(pipeline_id, version)] = spec
-    return spec
-
-
-def _latest(registry: PipelineRegistry) -> dict[str, str]:
-    latest = _LATEST.get(registry)
-    if latest is None:
-        latest = _LATEST[registry] = {}
-    return latest
-
-
-async def _latest_spec(registry: PipelineRegistry, pipeline_id: str,
-                       version: str | None) -> PipelineSpec:
-    """The definition of `version`, known to be (or have been) the latest; 404 for none."""
-    spec = await _spec(registry, pipeline_id, version) if version is not None else None
-    latest = _latest(registry)
-    if spec is None:
-        latest.pop(pipeline_id, None)
-        raise not_found(f"unknown pipeline {pipeline_id}")
-    if len(latest) >= MAX_LATEST:
-        latest.clear()
-    latest[pipeline_id] = spec.version
-    return spec
-
-
 async def _resolve(request: web.Request, pipeline_id: str, version: str | None) -> PipelineSpec:
     if version is not None and not valid_id(version):
         raise bad_request("pipeline_version must match [A-Za-z0-9._-]{1,128}")
     registry = request.app[REGISTRY]
     if version is None:
-        known = _latest(registry).get(pipeline_id)
+        known = creates.known_latest(registry, pipeline_id)
         if known is None:
             # Which version is latest: read with the other POSTs of this loop turn (service.turns).
             known = await turn_reads(registry.redis).read(
                 "LINDEX", keys.pipeline_order(pipeline_id), "-1")
-        # Only a guess from here: the create checks it is still the latest (`_record`).
-        return await _latest_spec(registry, pipeline_id, known)
+        # Only a guess from here: the create checks it is still the latest (service.creates).
+        return await creates.latest_spec(registry, pipeline_id, known)
     # A version asked for by name is read each time: that read is what says it exists.
     spec = await registry.get(pipeline_id, version)
     if spec is None:
@@ -194,31 +95,14 @@ async def run_batch(request: web.Request) -> web.Response:
     return json_obj({"item": batch_id})
 
 
-async def _record(request: web.Request, pipeline_id: str, batch_id: str, spec: PipelineSpec,
-                  latest: bool) -> PipelineSpec:
-    """Records the batch; with `latest`, of the pipeline's latest version at that moment
-    (`spec` is a guess: when another version is latest, the batch is recorded with that one's
-    definition). Returns the definition recorded."""
-    creator = _creator(request.app[STORE], request.app[API_SCRIPTS])
-    order = keys.pipeline_order(pipeline_id)
-    while True:
-        token = _CHECK.set((order, spec.version if latest else ""))
-        try:
-            await creator.create(pipeline_id, batch_id, spec)
-            return spec
-        except _Stale as stale:
-            spec = await _latest_spec(request.app[REGISTRY], pipeline_id, stale.latest)
-        finally:
-            _CHECK.reset(token)
-
-
 async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
                             spec: PipelineSpec, latest: bool) -> None:
     """Records the batch, then queues its run command. When that fails the batch must not
     run: refused, it is purged; ambiguous (the command may be written and even be running),
     it is abandoned (hidden as `stop`/`failed`, its delete queued behind the run)."""
     store = request.app[STORE]
-    spec = await _record(request, pipeline_id, batch_id, spec, latest)
+    spec = await creates.record(store, request.app[API_SCRIPTS], request.app[REGISTRY],
+                                pipeline_id, batch_id, spec, latest)
     # Its id from the batch's (one run command per batch, as `stop-<batch id>` is the
     # consumers' stop event): unique without a uuid4, whose urandom call costs a few µs.
     command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version,

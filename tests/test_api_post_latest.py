@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -118,3 +118,24 @@ async def test_the_script_creates_as_the_stores_own_and_refuses_a_version_not_la
             fields.pop(name)
     assert a == b
     assert await redis.zrange(keys.batch_index("p"), 0, -1) == ["batch-a", "batch-b"]
+
+
+async def test_a_posted_batch_is_recorded_as_the_stores_create_records_one(
+        api: Client, redis: Redis) -> None:
+    # The POST fills a layout captured from BatchStore.create once per definition: each
+    # batch still gets its own id and times, and every other field is the store's.
+    first, second = await post(api), await post(api)
+    await BatchStore(redis, Scripts(redis), token_secret=b"t").create(
+        "pipeline-sales", "batch-direct", spec())
+    direct, *posted = [cast(dict[str, str], await redis.hgetall(keys.batch("pipeline-sales", b)))
+                       for b in ("batch-direct", first, second)]
+    assert [p["id"] for p in posted] == [first, second]
+    assert [p["seq"] for p in [*posted, direct]] == ["1", "2", "3"]
+    for fields in posted:
+        assert fields["created_at"] == fields["updated_at"]
+        assert fields["created_at"][:4] == direct["created_at"][:4]
+        assert fields["created_at"] <= direct["created_at"]
+    for fields in (direct, *posted):
+        for name in ("id", "created_at", "updated_at", "seq"):
+            fields.pop(name)
+    assert posted == [direct, direct]
