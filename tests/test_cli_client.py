@@ -1,0 +1,202 @@
+"""The `dhub` client's own logic against scripted HTTP answers (httpx.MockTransport): the
+fallbacks of `watch` (a server without streams, without long-poll), resuming a dropped stream
+with Last-Event-ID, a batch deleted between two connections, giving up after the reconnect
+budget; exit codes; where the token comes from; the view's percent, rate and ETA."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from rich.console import Console
+
+import dhub.watch
+from dhub import DhubClient, exit_code
+from dhub.config import ConfigError, resolve
+from dhub.errors import ConnectionFailed
+from dhub.models import Batch
+from dhub.view import BatchView
+
+PATH = "/api/v1/batches/p/b"
+
+
+def batch(state: str = "running", outcome: str | None = None, **steps: dict[str, Any]) -> Batch:
+    body: dict[str, Any] = {"id": "b", "name": "p", "deployment": "run-pipeline/p",
+                            "state": {"state": state, "steps": steps or {
+                                "extract": {"state": "running", "offsets": {"partition_0": 5}}}}}
+    if outcome is not None:
+        body["outcome"] = outcome
+    return body  # type: ignore[return-value]
+
+
+def sse(*events: tuple[str, str | None, Any]) -> bytes:
+    out = b": keep-alive\n\n"
+    for name, event_id, data in events:
+        out += f"event: {name}\n".encode() + (f"id: {event_id}\n".encode() if event_id else b"")
+        out += b"data: " + json.dumps(data).encode() + b"\n\n"
+    return out
+
+
+def client(handler: Callable[[httpx.Request], httpx.Response]) -> DhubClient:
+    return DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler))
+
+
+@pytest.fixture(autouse=True)
+def no_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
+    monkeypatch.setattr(dhub.watch, "POLL_INTERVAL_S", 0.0)
+
+
+def test_a_dropped_stream_is_resumed_with_last_event_id() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        assert request.headers["Authorization"] == "Bearer t"
+        assert request.headers["Accept"] == "text/event-stream"
+        if len(seen) == 1:  # one version, then the connection ends without `end`
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=sse(("batch", '"v1"', batch())))
+        # The server skips what the client has, so only the new version and `end` follow.
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=sse(("batch", '"v2"', batch("stop", "completed")), ("end", None, {})))
+
+    events = list(client(handler).watch("p", "b"))
+    assert [e.kind for e in events] == ["batch", "reconnecting", "batch", "end"]
+    assert "Last-Event-ID" not in seen[0].headers
+    assert seen[1].headers["Last-Event-ID"] == '"v1"'
+    assert events[-1].batch is not None and exit_code(events[-1].batch) == 0
+    assert {e.via for e in events} == {"stream"}
+
+
+def test_a_server_without_streams_is_long_polled() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) == 1:  # the stream request, answered as a plain GET
+            return httpx.Response(200, json=batch(), headers={"ETag": '"v1"'})
+        if len(seen) == 2:  # the wait ends without a change
+            return httpx.Response(304, headers={"ETag": '"v1"'})
+        return httpx.Response(200, json=batch("stop", "failed"), headers={"ETag": '"v2"'})
+
+    events = list(client(handler).watch("p", "b"))
+    assert [(e.kind, e.via) for e in events] == [("batch", "poll"), ("batch", "poll"), ("end", "poll")]
+    for request in seen[1:]:
+        assert request.headers["If-None-Match"] == '"v1"'
+        assert request.url.params["wait"] == "30"
+        assert "text/event-stream" not in request.headers.get("Accept", "")
+    assert events[-1].batch is not None and exit_code(events[-1].batch) == 1
+
+
+def test_a_server_refusing_wait_is_polled_plainly() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if "wait" in request.url.params:
+            return httpx.Response(400, json={"error": {"code": "bad_request", "message": "no"}})
+        if len(seen) == 1:
+            return httpx.Response(200, json=batch(), headers={"ETag": '"v1"'})
+        if request.headers.get("If-None-Match") == '"v1"' and len(seen) < 5:
+            return httpx.Response(304)
+        return httpx.Response(200, json=batch("stop", "cancelled"), headers={"ETag": '"v2"'})
+
+    events = list(client(handler).watch("p", "b", stream=False))
+    assert [e.kind for e in events] == ["batch", "batch", "end"]
+    assert "wait" not in seen[-1].url.params  # after the 400, plain GETs
+    assert events[-1].batch is not None and exit_code(events[-1].batch) == 2
+
+
+def test_a_batch_gone_between_connections_is_deleted() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=sse(("batch", '"v1"', batch())))
+        return httpx.Response(404, json={"error": {"code": "not_found", "message": "unknown batch"}})
+
+    events = list(client(handler).watch("p", "b"))
+    assert [e.kind for e in events] == ["batch", "reconnecting", "deleted"]
+
+
+def test_the_watch_gives_up_after_its_reconnect_budget() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=sse(("batch", '"v1"', batch())))
+        raise httpx.ConnectError("refused", request=request)
+
+    events = client(handler).watch("p", "b", reconnect_for=0.0)
+    assert next(events).kind == "batch"
+    assert next(events).kind == "reconnecting"
+    with pytest.raises(ConnectionFailed, match="lost the API"):
+        list(events)
+
+
+def test_exit_codes_from_outcomes_and_steps() -> None:
+    assert exit_code(batch("running")) is None
+    assert [exit_code(batch("stop", o)) for o in ("completed", "failed", "crashed", "cancelled")] == [0, 1, 1, 2]
+    ok = {"state": "success", "offsets": {}}
+    assert exit_code(batch("stop", None, a=ok, b=ok)) == 0
+    assert exit_code(batch("stop", None, a=ok, b={"state": "failed", "offsets": {}})) == 1
+    assert exit_code(batch("stop", None, a=ok, b={"state": "none", "offsets": {}})) == 2
+
+
+def test_the_token_comes_from_dhub_token_then_the_state_dirs_file(tmp_path: Path) -> None:
+    (tmp_path / "api-token").write_text("from-file\n")
+    env = {"DHUB_STATE_DIR": str(tmp_path)}
+    assert resolve(env=env).token == "from-file"
+    assert resolve(env=env).url == "http://127.0.0.1:8080"
+    assert resolve(env={**env, "DHUB_TOKEN": "from-env", "DHUB_URL": "http://h:1/"}).token == "from-env"
+    assert resolve(env={**env, "DHUB_URL": "http://h:1/"}).url == "http://h:1"
+    assert resolve("https://x", env=env).url == "https://x"
+    with pytest.raises(ConfigError, match="no API token"):
+        resolve(env={"DHUB_STATE_DIR": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match="http"):
+        resolve(env={**env, "DHUB_URL": "ftp://h"})
+
+
+def render(view: BatchView, now: float) -> str:
+    console = Console(width=120, record=True, color_system=None, file=io.StringIO())
+    console.print(view.render(now))
+    return console.export_text()
+
+
+def test_the_view_shows_percent_rate_and_eta_when_the_step_carries_them() -> None:
+    view = BatchView("p", verbose=True)
+    view.update(batch(extract={"state": "running", "offsets": {"partition_0": 500, "partition_1": 1500},
+                               "totals": {"partition_0": 1000, "partition_1": 3000},
+                               "progress": {"percent": 50.0, "records_per_s": 2000.0, "eta_s": 65.0}},
+                      load={"state": "none", "offsets": {}}))
+    text = render(view, 0.0)
+    assert "2,000/4,000 rec" in text and "50%" in text and "2,000/s" in text and "eta 01:05" in text
+    # Per partition: percent from its own total; no ETA without a measured rate.
+    assert "500/1,000 rec" in text and "1,500/3,000 rec" in text
+    assert text.count("%") == 3  # the step and its two partitions; not load (no total)
+
+
+def test_without_totals_the_view_shows_records_and_a_measured_rate_only() -> None:
+    view = BatchView("p")
+    steps: dict[str, Any] = {"extract": {"state": "running", "offsets": {"partition_0": 100}}}
+    view.update(batch(**steps))
+    first = render(view, 0.0)
+    assert "100 rec" in first and "%" not in first and "eta" not in first
+    # A second version: the rate is measured from the offsets between them.
+    view.update(batch(extract={"state": "running", "offsets": {"partition_0": 5100}}))
+    text = render(view, time.monotonic() + 1.0)
+    assert "5,100 rec" in text and "%" not in text and "eta" not in text
+    assert "/s" in text
