@@ -61,14 +61,34 @@ def _watch(args: argparse.Namespace, api: DhubClient, console: Console, batch_id
         return _watch_json(args, events)
     view = BatchView(args.pipeline, verbose=args.verbose > 0)
     last: WatchEvent | None = None
+    if not console.is_terminal:
+        # Piped (a CI log): one line per change of the batch's or a step's state, then the view.
+        said: str | None = None
+        for event in events:
+            line = _state_line(event)
+            if line != said:
+                console.print(line, highlight=False, soft_wrap=True)
+                said = line
+            view.update(event.batch)
+            last = event
+        console.print(view)
+        return _final(console, last)
     with Live(view, console=console, refresh_per_second=8, transient=False):
         for event in events:
             note = f"reconnecting: {event.error}" if event.kind == "reconnecting" else None
             view.update(event.batch, note)
             last = event
-    if not console.is_terminal:
-        console.line()  # rich leaves a piped live view's last line open
     return _final(console, last)
+
+
+def _state_line(event: WatchEvent) -> str:
+    if event.kind == "reconnecting":
+        return f"reconnecting: {event.error}"
+    if event.batch is None:
+        return event.kind
+    state = event.batch["state"]
+    steps = " ".join(f"{name}={step['state']}" for name, step in state["steps"].items())
+    return f"{event.batch['id']} {state['state']} {steps}"
 
 
 def _watch_json(args: argparse.Namespace, events: Any) -> int:

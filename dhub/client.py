@@ -13,6 +13,7 @@ in a thread. Every failure is a `dhub.errors.DhubError`.
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -46,7 +47,7 @@ class DhubClient:
         if token is None:
             target = config.resolve(url)
             url, token = target.url, target.token
-        self.url = (url or config.DEFAULT_URL).rstrip("/")
+        self.url = (url or os.environ.get("DHUB_URL") or config.DEFAULT_URL).rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                   headers={"Authorization": f"Bearer {token}",
                                            "User-Agent": USER_AGENT})

@@ -100,6 +100,9 @@ def test_a_failing_batch_exits_1(cli: Cli, tmp_path: Path) -> None:
     assert out.returncode == 1, (out.stdout, out.stderr)
     batch_id = out.stdout.splitlines()[0]
     assert f"{batch_id} failed" in out.stdout
+    # Piped, the watch logs one line per state change instead of redrawing bars.
+    assert f"{batch_id} running extract=" in out.stdout
+    assert f"{batch_id} stop extract=success transform=failed" in out.stdout
     batch = cli.json("get", pipeline_id, batch_id)
     assert batch["outcome"] == "failed"
     assert batch["state"]["steps"]["transform"]["state"] == "failed"

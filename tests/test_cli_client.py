@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -200,3 +202,12 @@ def test_without_totals_the_view_shows_records_and_a_measured_rate_only() -> Non
     text = render(view, time.monotonic() + 1.0)
     assert "5,100 rec" in text and "%" not in text and "eta" not in text
     assert "/s" in text
+
+
+def test_the_command_line_loads_none_of_the_services_code() -> None:
+    code = ("import sys, dhub.cli\n"
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    roots = set(out.stdout.split())
+    assert {"dhub", "httpx", "rich", "yaml"} <= roots
+    assert not roots & {"core", "service", "consumers", "pipelines", "prefect", "pydantic", "redis"}, roots
