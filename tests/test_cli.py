@@ -152,7 +152,7 @@ def test_a_batch_deleted_while_watched_exits_2(cli: Cli, tmp_path: Path) -> None
 
 def test_pipelines_ls_show_register(cli: Cli, tmp_path: Path) -> None:
     pipeline_id = f"cli-{uuid.uuid4().hex[:8]}"
-    spec = {"name": pipeline_id, "version": "1",
+    spec: dict[str, Any] = {"name": pipeline_id, "version": "1",
             "steps": [{"name": "extract", "uses": "sales.extract", "config": {"rows": 10}}]}
     path = tmp_path / "p.json"
     path.write_text(json.dumps(spec))

@@ -68,7 +68,12 @@ def test_watch_reconnects_when_its_api_restarts(live: Settings, tmp_path: Path) 
         lines.until(lambda line: line["event"] == "reconnecting", timeout=30)
         with api_process(port):
             after: list[dict[str, Any]] = []
-            end = lines.until(lambda line: after.append(line) or line["event"] == "end", timeout=90)
+
+            def ended(line: dict[str, Any]) -> bool:
+                after.append(line)
+                return bool(line["event"] == "end")
+
+            end = lines.until(ended, timeout=90)
             assert lines.proc.wait(10) == 0
     assert end["exit_code"] == 0 and end["batch"]["id"] == batch_id
     versions = [line for line in after if line["event"] == "batch"]

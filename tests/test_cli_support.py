@@ -77,10 +77,10 @@ class Cli:
         env.update({"DHUB_URL": self.url, "COLUMNS": "120", **extra})
         return env
 
-    def __call__(self, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         assert DHUB.exists(), f"{DHUB} missing: `make setup` installs the console script"
         return subprocess.run([str(DHUB), *args], env=self.env(**env), capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=120)
 
     def popen(self, *args: str, **env: str) -> subprocess.Popen[str]:
         return subprocess.Popen([str(DHUB), *args], env=self.env(**env), stdout=subprocess.PIPE,
