@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepares a machine for the local stack: the venv, the Kafka broker jars, redis-server.
+# Prepares a machine for the local stack: the venv, the Kafka broker jars, redis-server,
+# PostgreSQL, and (for the web page's test) headless Chromium with its driver.
 # Idempotent and cheap when everything is already there (each step checks a stamp first).
 set -euo pipefail
 
@@ -85,5 +86,19 @@ if [[ -z "$(pg_initdb)" ]] && ! command -v initdb >/dev/null; then
     fi
 fi
 
+# --- headless Chromium and its driver (tests/test_ui.py drives the web page with them) -----
+# Only the tests need them, so without root or apt this warns instead of failing the stack.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
+        log "installing chromium and chromium-driver with apt-get (for the web page's test)"
+        apt-get update -qq
+        # No recommends: the printer, notification and portal packages a desktop wants.
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            chromium chromium-driver fonts-liberation >/dev/null
+    else
+        log "warning: chromium/chromedriver not found; tests/test_ui.py needs them (Debian/Ubuntu: sudo apt-get install -y chromium chromium-driver)" >&2
+    fi
+fi
+
 pg="$(pg_initdb)"; pg="${pg:-$(command -v initdb)}"
-log "ok (venv: $VENV, kafka jars: $kdir/libs, redis: $(command -v redis-server), postgres: $(dirname "$pg"))"
+log "ok (venv: $VENV, kafka jars: $kdir/libs, redis: $(command -v redis-server), postgres: $(dirname "$pg"), chromium: $(command -v chromium || echo none))"

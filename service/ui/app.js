@@ -282,6 +282,19 @@
       el("span", { class: step.state, title: `${name}: ${step.state}` })));
   }
 
+  // The step a batch is at (the running one, else the last one that started) and its records.
+  function progressText(batch) {
+    const steps = Object.entries((batch.state && batch.state.steps) || {});
+    const started = steps.filter(([, s]) => s.state !== "none" && s.state !== "pending");
+    const current = steps.find(([, s]) => s.state === "running") || started.at(-1);
+    if (!current) return "";
+    const [name, step] = current;
+    const done = Object.values(step.offsets || {}).reduce((a, b) => a + b, 0);
+    const percent = step.progress && typeof step.progress.percent === "number"
+      ? ` (${step.progress.percent.toFixed(0)}%)` : "";
+    return `${name}: ${num(done)} ${done === 1 ? "record" : "records"}${percent}`;
+  }
+
   function batchesView(pipelineId) {
     crumbs(pipelineId);
     const batches = new Map();
@@ -293,7 +306,7 @@
       const rows = [...batches.values()].sort((a, b) =>
         String(b.created_at || "").localeCompare(String(a.created_at || "")) || b.id.localeCompare(a.id));
       if (!rows.length) {
-        body.replaceChildren(el("tr", {}, el("td", { colspan: 5, class: "empty" },
+        body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "empty" },
           "No batch yet: press “Run batch”.")));
         return;
       }
@@ -304,6 +317,7 @@
           el("td", {}, el("a", { href, class: "mono" }, b.id)),
           el("td", {}, badge(state)),
           el("td", {}, stepSquares(b.state && b.state.steps)),
+          el("td", { class: "num" }, progressText(b)),
           el("td", {}, b.outcome ? badge(b.outcome) : ""),
           el("td", { class: "muted" }, when(b.created_at)));
       }));
@@ -327,7 +341,8 @@
                        onclick: (e) => run(e.currentTarget) }, "Run batch")),
       el("table", { id: "batches" },
         el("thead", {}, el("tr", {}, el("th", {}, "Batch"), el("th", {}, "State"),
-          el("th", {}, "Steps"), el("th", {}, "Outcome"), el("th", {}, "Created"))),
+          el("th", {}, "Steps"), el("th", {}, "Progress"), el("th", {}, "Outcome"),
+          el("th", {}, "Created"))),
         body));
     redraw();
     const stream = openStream(`/batches/${enc}/?limit=${LIST_LIMIT}`, {
@@ -400,10 +415,12 @@
       const summary = el("span", { class: "summary" });
       const overall = el("div", { class: "bar step-bar", hidden: true }, el("div", { class: "fill" }));
       const parts = el("div", { class: "partitions" });
+      const placeholder = el("p", { class: "muted" });
       const card = el("section", { class: "card step", dataset: { step: name } },
-        el("div", { class: "step-head" }, el("h2", {}, name), stateSlot, summary), overall, parts);
+        el("div", { class: "step-head" }, el("h2", {}, name), stateSlot, summary), overall, parts,
+        placeholder);
       stepsBox.append(card);
-      node = { card, stateSlot, summary, overall, parts, rows: new Map() };
+      node = { card, stateSlot, summary, overall, parts, placeholder, rows: new Map() };
       stepNodes.set(name, node);
       return node;
     };
@@ -445,7 +462,7 @@
         const progress = step.progress || null;
         const stalled = progress && progress.stalled;
         node.stateSlot.replaceChildren(badge(step.state), stalled ? " " : "", stalled ? badge("failed", "stalled") : "");
-        const bits = [`${num(done)} records`];
+        const bits = [`${num(done)} ${done === 1 ? "record" : "records"}`];
         if (progress && typeof progress.percent === "number") bits.unshift(`${progress.percent.toFixed(1)}%`);
         if (progress && typeof progress.records_per_s === "number") bits.push(`${num(Math.round(progress.records_per_s))}/s`);
         if (progress && typeof progress.eta_s === "number" && moving) bits.push(`ETA ${Math.round(progress.eta_s)} s`);
@@ -466,11 +483,10 @@
           else row.bar.removeAttribute("aria-valuenow");
           row.count.textContent = typeof total === "number" ? `${num(offset)} / ${num(total)}` : num(offset);
         }
-        if (!Object.keys(offsets).length && !node.parts.firstChild) {
-          node.parts.append(el("p", { class: "muted" }, step.state === "none" ? "not started" : "no records yet"));
-        } else if (Object.keys(offsets).length) {
-          node.parts.querySelectorAll("p.muted").forEach((p) => p.remove());
-        }
+        const waiting = !Object.keys(offsets).length;
+        node.placeholder.hidden = !waiting;
+        node.placeholder.textContent = step.state === "none" || step.state === "pending"
+          ? "not started" : "no records yet";
       }
     };
 
