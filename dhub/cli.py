@@ -6,7 +6,8 @@
     dhub pipelines ls | show PIPELINE | register FILE [--id ID]
 
 Exit codes: 0 completed (or done), 1 failed, 2 cancelled, stopped or deleted (`watch` and
-`run --watch` exit with the batch's outcome), 3 usage, auth, connection or API errors.
+`run --watch` exit with the batch's outcome), 3 usage, auth, connection or API errors; 130 when
+Ctrl-C ends a watch (the batch keeps running).
 `--json` prints machine-readable output (one JSON object; `watch` one per line, NDJSON);
 errors go to stderr (as `{"error": ...}` with `--json`). `DHUB_URL` and `DHUB_TOKEN` choose
 the API (`dhub.config`).
@@ -33,6 +34,7 @@ from dhub.models import EXIT_COMPLETED, EXIT_ERROR, EXIT_STOPPED, Batch, exit_co
 from dhub.view import BatchView
 from dhub.watch import WatchEvent
 
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 Handler = Callable[[argparse.Namespace, DhubClient, Console], int]
 
 
@@ -55,6 +57,16 @@ def _emit(args: argparse.Namespace, obj: Any) -> None:
 
 # -- watching ------------------------------------------------------------------------------
 def _watch(args: argparse.Namespace, api: DhubClient, console: Console, batch_id: str) -> int:
+    try:
+        return _follow(args, api, console, batch_id)
+    except KeyboardInterrupt:
+        # Ctrl-C leaves the watch, not the batch: it keeps running (`dhub stop` stops it).
+        sys.stderr.write(f"dhub: stopped watching; {batch_id} is not stopped "
+                         f"(dhub stop {args.pipeline} {batch_id})\n")
+        return EXIT_INTERRUPTED
+
+
+def _follow(args: argparse.Namespace, api: DhubClient, console: Console, batch_id: str) -> int:
     events = api.watch(args.pipeline, batch_id, stream=not args.no_stream,
                        reconnect_for=args.reconnect_for)
     if args.json:
@@ -351,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DhubError as exc:
         return _fail(args, "error", str(exc))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def entry() -> NoReturn:

@@ -11,10 +11,9 @@ import pytest
 
 from core.settings import Settings
 from tests.conftest import free_port
-from tests.test_cli_support import DHUB, STEPS, Cli, Lines, api_process, own_api_cli, run_in_pty
+from tests.test_cli_support import ANSI, DHUB, STEPS, Cli, Lines, api_process, own_api_cli, run_in_pty
 
 pytestmark = pytest.mark.timeout(240)
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 BAR = "━"  # rich's bar glyph
 
 
@@ -53,6 +52,18 @@ def test_watch_in_a_terminal_exits_1_for_a_failed_batch(cli: Cli, tmp_path: Path
     assert code == 1, screen
     last = frames(screen)[-1]
     assert re.search(r"load\s+failed", last) and re.search(r"batch-\S+ failed: .*fail_at", last, re.S), last
+
+
+def test_ctrl_c_leaves_the_watch_and_not_the_batch(cli: Cli, tmp_path: Path) -> None:
+    pipeline_id = cli.register(tmp_path, rows=20_000, partitions=2, throttle=500)
+    batch_id = cli("run", pipeline_id).stdout.strip()
+    code, screen = run_in_pty([str(DHUB), "watch", pipeline_id, batch_id], cli.env(),
+                              interrupt_when=re.compile(r"extract\s+running"))
+    assert code == 130, screen
+    assert "\x1b[?25h" in screen, "the cursor was not shown again"
+    assert f"{batch_id} is not stopped" in screen
+    assert cli.json("get", pipeline_id, batch_id)["state"]["state"] == "running"
+    assert cli("stop", pipeline_id, batch_id).returncode == 0
 
 
 def test_watch_reconnects_when_its_api_restarts(live: Settings, tmp_path: Path) -> None:

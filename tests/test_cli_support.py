@@ -16,6 +16,7 @@ import json
 import os
 import pty
 import queue
+import re
 import select
 import signal
 import struct
@@ -35,6 +36,7 @@ import httpx
 from core.settings import ROOT
 from tests.conftest import free_port
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 DHUB = Path(sys.executable).parent / "dhub"  # the console script, installed by `make setup`
 STEPS = ("extract", "transform", "load")
 
@@ -160,9 +162,11 @@ class Lines:
 
 
 def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 90,
-               size: tuple[int, int] = (40, 120)) -> tuple[int, str]:
+               size: tuple[int, int] = (40, 120),
+               interrupt_when: re.Pattern[str] | None = None) -> tuple[int, str]:
     """Runs `argv` with a pseudo-terminal as its stdin, stdout and stderr; its exit code and
-    everything it drew (escape sequences included)."""
+    everything it drew (escape sequences included). With `interrupt_when`, Ctrl-C (SIGINT to
+    its process group) once the output, escape sequences removed, matches it."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
     env = {k: v for k, v in env.items() if k not in ("NO_COLOR", "COLUMNS", "LINES", "TERM")}
@@ -186,6 +190,10 @@ def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 90,
             if not chunk:
                 break
             out += chunk
+            drawn = ANSI.sub("", out.decode(errors="replace"))
+            if interrupt_when is not None and interrupt_when.search(drawn):
+                os.killpg(proc.pid, signal.SIGINT)
+                interrupt_when = None
         return proc.wait(timeout=10), out.decode(errors="replace")
     finally:
         os.close(master)
