@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-from rich.console import Group, JustifyMethod, RenderableType
+from rich.console import Console, ConsoleOptions, Group, JustifyMethod, RenderableType, RenderResult
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -26,6 +26,9 @@ from dhub.models import Batch, Step, is_final
 
 RATE_WINDOW_S: Final = 10.0
 BAR_WIDTH: Final = 30
+MIN_BAR_WIDTH: Final = 8
+# What the other columns of a row take at most (label, state, records, percent, rate, ETA).
+OTHER_COLUMNS: Final = 64
 STATE_STYLES: Final = {"none": "dim", "pending": "yellow", "scheduled": "yellow", "running": "cyan",
                        "success": "green", "failed": "red", "stop": "bold"}
 OUTCOME_STYLES: Final = {"completed": "green", "failed": "red", "crashed": "red", "cancelled": "yellow"}
@@ -126,11 +129,14 @@ class BatchView:
                 for partition, value in offsets.items():
                     self._meters.setdefault((name, partition), RateMeter()).add(value, now)
 
-    def __rich__(self) -> RenderableType:
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # The bars give way on a narrow terminal, so a row never wraps (a live view that
+        # wraps cannot be redrawn in place).
+        width = max(MIN_BAR_WIDTH, min(BAR_WIDTH, options.max_width - OTHER_COLUMNS))
         with self._lock:
-            return self.render(time.monotonic())
+            yield self.render(time.monotonic(), width)
 
-    def render(self, now: float) -> RenderableType:
+    def render(self, now: float, bar_width: int = BAR_WIDTH) -> RenderableType:
         batch = self._batch
         if batch is None:
             return Text(f"{self._pipeline_id}: waiting for the batch…", style="dim")
@@ -142,13 +148,13 @@ class BatchView:
         for name, step in batch["state"]["steps"].items():
             totals = step.get("totals")
             self._row(table, name, step, step["offsets"], totals, self._meters.get((name, None)),
-                      now, final, use_progress=True)
+                      now, final, bar_width, use_progress=True)
             if self._verbose:
                 for partition in sorted(set(step["offsets"]) | set(totals or {})):
                     part_totals = {partition: totals[partition]} if totals and partition in totals else None
                     self._row(table, f"  {partition}", step, {partition: step["offsets"].get(partition, 0)},
                               part_totals, self._meters.get((name, partition)), now, final,
-                              use_progress=False)
+                              bar_width, use_progress=False)
         parts: list[RenderableType] = [self._header(batch), table]
         if self._note:
             parts.append(Text(self._note, style="yellow"))
@@ -177,18 +183,18 @@ class BatchView:
 
     def _row(self, table: Table, label: str, step: Step, offsets: dict[str, int],
              totals: dict[str, int] | None, meter: RateMeter | None, now: float, final: bool,
-             *, use_progress: bool) -> None:
+             bar_width: int, *, use_progress: bool) -> None:
         state = step["state"]
         measured = meter.rate(now) if meter is not None else None
         fig = figures(step, offsets, totals, measured, use_progress)
         style = STATE_STYLES.get(state, "")
         if fig.total is not None:
-            bar = ProgressBar(total=max(fig.total, 1), completed=fig.done, width=BAR_WIDTH)
+            bar = ProgressBar(total=max(fig.total, 1), completed=fig.done, width=bar_width)
         elif state in ("success", "failed"):
-            bar = ProgressBar(total=1, completed=1, width=BAR_WIDTH)
+            bar = ProgressBar(total=1, completed=1, width=bar_width)
         else:  # no total: a running step pulses, the others are empty
             pulse = state == "running" and not final
-            bar = ProgressBar(total=None if pulse else 1, completed=0, pulse=pulse, width=BAR_WIDTH)
+            bar = ProgressBar(total=None if pulse else 1, completed=0, pulse=pulse, width=bar_width)
         bar.complete_style = bar.finished_style = style or "bar.complete"
         stalled = step.get("stalled") or step.get("progress", {}).get("stalled")
         done = f"{fig.done:,}" + (f"/{fig.total:,}" if fig.total is not None else "") + " rec"

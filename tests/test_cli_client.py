@@ -211,3 +211,16 @@ def test_the_command_line_loads_none_of_the_services_code() -> None:
     roots = set(out.stdout.split())
     assert {"dhub", "httpx", "rich", "yaml"} <= roots
     assert not roots & {"core", "service", "consumers", "pipelines", "prefect", "pydantic", "redis"}, roots
+
+
+def test_the_bars_give_way_on_a_narrow_terminal() -> None:
+    view = BatchView("p", verbose=True)
+    view.update(batch(extract={"state": "success", "offsets": {"partition_0": 20_000},
+                               "totals": {"partition_0": 20_000}}))
+    for width, bar in ((80, 16), (120, 30)):
+        console = Console(width=width, record=True, color_system=None, file=io.StringIO())
+        console.print(view)
+        rows = console.export_text().splitlines()
+        # One line per step and partition (none wrapped); full bars, narrower on a narrow screen.
+        assert [r.split()[0] for r in rows[1:]] == ["extract", "partition_0"], rows
+        assert all("20,000/20,000 rec" in r and r.split()[2] == "━" * bar for r in rows[1:]), rows
