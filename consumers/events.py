@@ -116,6 +116,9 @@ class EventsConsumer(Part):
                     behind = committing
                     committing = asyncio.create_task(
                         self._commit_after(applying, behind, batch))
+                    # Let the apply run up to its wait for Redis (its scripts sent) before
+                    # this loop fetches and decodes the next poll: Redis works meanwhile.
+                    await asyncio.sleep(0)
                 elif committing is not None and committing.done():
                     await committing  # raises what a failed apply or commit raised
                     applying = behind = committing = None

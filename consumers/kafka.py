@@ -18,9 +18,10 @@ Record = Any
 
 
 class AssignmentLog(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Offsets are committed right after each effect, so a rebalance has nothing to flush;
-    this only records who owns which partitions, which is what one needs to read when
-    several consumers of a group are running."""
+    """Offsets are committed right after each effect (the events consumer: at most one poll
+    applied and not committed yet, whose records the new owner applies again, harmlessly), so
+    a rebalance has nothing to flush; this only records who owns which partitions, which is
+    what one needs to read when several consumers of a group are running."""
 
     def __init__(self, part: str) -> None:
         self._part = part

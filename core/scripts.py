@@ -64,9 +64,10 @@ return 1
 # before changes nothing; unknown steps are ignored. Once the batch is `stop` its seen ids
 # are deleted and no more are remembered: the rules above already make every later event,
 # duplicate or not, harmless. Returns, per batch, the number of its events that changed it,
-# or -1 when the batch is unknown or deleted (its events are dropped). A batch whose data
-# raises an error stops the call there: the batches before it are applied, the others not
-# (the caller applies them again one by one: every rule above is idempotent).
+# or -1 when the batch is unknown or deleted (its events are dropped). Each batch's hash is
+# read once and written once (what changed, in one HSET): a batch whose data raises an error
+# is left untouched and stops the call there; the batches before it are applied, the others
+# not (the caller applies them again one by one: every rule above is idempotent).
 APPLY_EVENTS: Final = """
 local BATCH_RANK = {pending = 0, scheduled = 1, running = 2, stop = 3}
 local STEP_RANK = {none = 0, pending = 1, running = 2, success = 3, failed = 3}
@@ -84,24 +85,33 @@ local function text(value)  -- a string field of an event, or nil (absent: JSON 
   return nil
 end
 
+-- One batch: its hash is read once (HGETALL) into `h`, the events are applied to `h`, and
+-- what changed is written at the end in one HSET (and the ids to remember in the zset).
+-- Reads before writes: an error (a batch's bad data) leaves that batch untouched.
 local function apply(hash, seen, events)
-  if redis.call('EXISTS', hash) == 0 or redis.call('HEXISTS', hash, 'deleted') == 1 then
-    return -1
-  end
-  local state = redis.call('HGET', hash, 'state')
+  local flat = redis.call('HGETALL', hash)
+  if #flat == 0 then return -1 end
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  if h.deleted then return -1 end
+  local set, unset = {}, {}
+  local function put(field, value) h[field] = value; set[field] = value; unset[field] = nil end
+  local function drop(field) h[field] = nil; set[field] = nil; unset[field] = true end
+  local state = h.state
   local stopped = state == 'stop'
   local changed = 0
-  local remembered = false
+  local seen_n = tonumber(h.seen_n) or 0
+  local remember = {}  -- ids to remember, in order (their scores are seen_n + position)
+  local taken = {}     -- ids met in this call
   for _, ev in ipairs(events) do
     local kind = ev[1]
     local fresh = true
     if not stopped and kind ~= 'o' and type(ev[2]) == 'string' then
-      if redis.call('ZSCORE', seen, ev[2]) then
+      if taken[ev[2]] or redis.call('ZSCORE', seen, ev[2]) then
         fresh = false
       else
-        local n = redis.call('HINCRBY', hash, 'seen_n', 1)
-        redis.call('ZADD', seen, n, ev[2])
-        remembered = true
+        taken[ev[2]] = true
+        remember[#remember + 1] = ev[2]
       end
     end
     local did = false
@@ -110,56 +120,54 @@ local function apply(hash, seen, events)
       local new = BATCH_RANK[name]
       if new and new > (BATCH_RANK[state] or 0) then
         state = name
-        redis.call('HSET', hash, 'state', state)
+        put('state', state)
         if state == 'stop' then
           stopped = true
           local _, ts = stop_ts(ev[7])
-          redis.call('HSET', hash, 'outcome', outcome, 'stop_ts', ts)
-          if reason then redis.call('HSET', hash, 'reason', reason) end
+          put('outcome', outcome)
+          put('stop_ts', ts)
+          if reason then put('reason', reason) end
         end
         did = true
       elseif name == 'stop' and state == 'stop' then
         local ts, ts_text = stop_ts(ev[7])
-        if ts > (tonumber(redis.call('HGET', hash, 'stop_ts')) or 0) then
-          redis.call('HSET', hash, 'stop_ts', ts_text)
-          if redis.call('HGET', hash, 'outcome') ~= outcome then
-            redis.call('HSET', hash, 'outcome', outcome)
+        if ts > (tonumber(h.stop_ts) or 0) then
+          put('stop_ts', ts_text)
+          if h.outcome ~= outcome then
+            put('outcome', outcome)
             did = true
           end
-          if redis.call('HGET', hash, 'reason') ~= (reason or false) then
-            if reason then
-              redis.call('HSET', hash, 'reason', reason)
-            else
-              redis.call('HDEL', hash, 'reason')
-            end
+          if (h.reason or false) ~= (reason or false) then
+            if reason then put('reason', reason) else drop('reason') end
             did = true
           end
         end
       end
       local flow_run_id = text(ev[6])
-      if flow_run_id and redis.call('HSETNX', hash, 'flow_run_id', flow_run_id) == 1 then
+      if flow_run_id and h.flow_run_id == nil then
+        put('flow_run_id', flow_run_id)
         did = true
       end
     elseif fresh and kind == 's' then
       local field = 'step:' .. tostring(ev[3])
-      local cur = redis.call('HGET', hash, field)
+      local cur = h[field]
       local new = STEP_RANK[ev[4]]
       if cur and new and new > (STEP_RANK[cur] or 0) then
-        redis.call('HSET', hash, field, ev[4])
+        put(field, ev[4])
         did = true
       end
     elseif kind == 'o' then
       local step = tostring(ev[2])
-      if redis.call('HEXISTS', hash, 'step:' .. step) == 1 then
+      if h['step:' .. step] then
         local prefix = 'off:' .. step .. ':'
         for i = 3, #ev - 1, 2 do
           local value = ev[i + 1]
           local n = tonumber(value)
           if n then
             local field = prefix .. tostring(ev[i])
-            local cur = tonumber(redis.call('HGET', hash, field))
+            local cur = tonumber(h[field])
             if cur == nil or n > cur then
-              redis.call('HSET', hash, field, value)
+              put(field, value)
               did = true
             end
           end
@@ -169,20 +177,35 @@ local function apply(hash, seen, events)
     if did then changed = changed + 1 end
   end
   if stopped then
-    -- No-ops (and not replicated) once done: a stopped batch keeps no dedup state.
+    -- A stopped batch keeps no dedup state (DEL: a no-op, not replicated, once done).
     redis.call('DEL', seen)
-    redis.call('HDEL', hash, 'seen_n')
-  elseif remembered then
+    if h.seen_n then drop('seen_n') end
+  elseif #remember > 0 then
+    for i, id in ipairs(remember) do redis.call('ZADD', seen, seen_n + i, id) end
+    put('seen_n', string.format('%d', seen_n + #remember))
     redis.call('ZREMRANGEBYRANK', seen, 0, -(window + 1))
   end
   if changed > 0 then
-    redis.call('HSET', hash, 'updated_at', now)
-    redis.call('HINCRBY', hash, 'rev', 1)
-    if channel ~= '' then
-      -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
-      -- cache then keeps serving the batch instead of every change costing it a read.
-      redis.call('PUBLISH', channel, hash .. '\\n' .. cjson.encode(redis.call('HGETALL', hash)))
+    put('updated_at', now)
+    put('rev', string.format('%d', (tonumber(h.rev) or 0) + 1))
+  end
+  local args = {}
+  for field, value in pairs(set) do
+    args[#args + 1] = field
+    args[#args + 1] = value
+    if #args >= 1000 then redis.call('HSET', hash, unpack(args)); args = {} end
+  end
+  if #args > 0 then redis.call('HSET', hash, unpack(args)) end
+  for field in pairs(unset) do redis.call('HDEL', hash, field) end
+  if changed > 0 and channel ~= '' then
+    -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
+    -- cache then keeps serving the batch instead of every change costing it a read.
+    local out = {}
+    for field, value in pairs(h) do
+      out[#out + 1] = field
+      out[#out + 1] = value
     end
+    redis.call('PUBLISH', channel, hash .. '\\n' .. cjson.encode(out))
   end
   return changed
 end

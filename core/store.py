@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from core import keys
 from core.codec import Event, StepOffsets
@@ -238,22 +239,42 @@ class BatchStore:
             return {}
         now = now_iso()
         order: list[tuple[str, str]] = []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for pipeline_id, batches in grouped.items():
-                ids = list(batches)
-                for start in range(0, len(ids), self._apply_chunk):
-                    chunk = ids[start : start + self._apply_chunk]
-                    names: list[str] = []
-                    for batch_id in chunk:
-                        names += (keys.batch(pipeline_id, batch_id),
-                                  keys.batch_seen(pipeline_id, batch_id))
-                        order.append((pipeline_id, batch_id))
-                    payload = orjson.dumps([batches[batch_id] for batch_id in chunk])
-                    await self.scripts.apply_events(
-                        keys=names, args=[now, self._dedup_window, self._channel, payload],
-                        client=pipe)
-            results: list[list[int]] = await pipe.execute()
+        calls: list[list[Any]] = []  # EVALSHA's arguments after the sha, one list per call
+        for pipeline_id, batches in grouped.items():
+            ids = list(batches)
+            for start in range(0, len(ids), self._apply_chunk):
+                chunk = ids[start : start + self._apply_chunk]
+                names: list[str] = []
+                for batch_id in chunk:
+                    names += (keys.batch(pipeline_id, batch_id),
+                              keys.batch_seen(pipeline_id, batch_id))
+                    order.append((pipeline_id, batch_id))
+                payload = orjson.dumps([batches[batch_id] for batch_id in chunk])
+                calls.append([len(names), *names, now, self._dedup_window, self._channel,
+                              payload])
+        script = self.scripts.apply_events
+        try:
+            results = await self._evalsha_all(script.sha, calls)
+        except NoScriptError:
+            # Redis lost its scripts (a restart, a failover): every call failed alike, so
+            # none ran; load the script and send them again.
+            await self.redis.script_load(script.script)
+            results = await self._evalsha_all(script.sha, calls)
         return dict(zip(order, chain.from_iterable(results), strict=True))
+
+    async def _evalsha_all(self, sha: str, calls: list[list[Any]]) -> list[list[int]]:
+        """The calls in one round trip. EVALSHA itself rather than the registered script's
+        call, which would cost every pipeline a SCRIPT EXISTS round trip first."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in calls:
+                pipe.evalsha(sha, *args)
+            results: list[list[int] | Exception] = await pipe.execute(raise_on_error=False)
+        # The first error as Redis sent it: the pipeline would prefix its text, and callers
+        # read the code it starts with (BUSY, READONLY...: `core.retry.classify`).
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return cast(list[list[int]], results)
 
     # -- paging tokens -------------------------------------------------------------------
 

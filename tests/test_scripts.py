@@ -14,6 +14,7 @@ from core.models import new_batch_id
 from core.registry import PipelineRegistry, Registered
 from core.scripts import Scripts
 from core.store import BatchStore, published_fields, render
+from tests.conftest import PrivateRedis
 from tests.helpers import spec
 
 P = "pipe"
@@ -340,3 +341,18 @@ async def test_a_batch_whose_data_fails_stops_the_call_there(store: BatchStore, 
         await store.apply([ev(b, "batch.state", state="running") for b in (first, broken, last)])
     states = [(await store.fields(P, b) or {})["state"] for b in (first, broken, last)]
     assert states == ["running", "pending", "pending"]
+
+
+async def test_apply_loads_the_script_again_after_redis_lost_it(private_redis: PrivateRedis) -> None:
+    """`apply` sends EVALSHA without asking first (no SCRIPT EXISTS round trip): after Redis
+    lost its scripts (a restart, a failover), NOSCRIPT makes it load the script and resend."""
+    redis = Redis.from_url(private_redis.url, decode_responses=True)
+    try:
+        store = BatchStore(redis, Scripts(redis), token_secret=b"secret")
+        b = await new_batch(store)
+        assert await store.apply([ev(b, "batch.state", state="scheduled")]) == {(P, b): 1}
+        await redis.script_flush()
+        assert await store.apply([ev(b, "batch.state", state="running")]) == {(P, b): 1}
+        assert (await store.fields(P, b) or {})["state"] == "running"
+    finally:
+        await redis.aclose()
