@@ -136,7 +136,8 @@ async def _template(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> 
     if templates is None:
         templates = _TEMPLATES[store] = {}
     template = templates.get((pipeline_id, spec.version))
-    if template is None or template.spec is not spec:
+    # A version named in the request is read (and parsed) again each time: equal, not the same.
+    if template is None or (template.spec is not spec and template.spec != spec):
         template = await _capture(store, pipeline_id, spec)
         _bounded(templates)[(pipeline_id, spec.version)] = template
     return template

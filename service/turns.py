@@ -33,6 +33,7 @@ class TurnReads:
         # command -> (the script for a script call, else None; the reply's future)
         self._queued: dict[Any, tuple[AsyncScript | None, asyncio.Future[Any]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._idle: Any = None  # a pooled connection kept between exchanges
 
     async def read(self, *command: str) -> Any:
         """The reply of a read-only command, e.g. `read("LINDEX", key, "-1")`."""
@@ -105,7 +106,12 @@ class TurnReads:
         """The `count` replies (an error reply as its exception) to the packed commands, with
         the client's retry policy on a broken connection, as a pipeline has."""
         pool = self._redis.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        # The connection of the last exchange is kept for the next: a checkout from the
+        # blocking pool (a lock, a timeout, a readiness probe of the socket) costs about as
+        # much as the exchange's own Python. An exchange while it is in use takes another.
+        conn, self._idle = self._idle, None
+        if conn is None:
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
 
         async def exchange() -> list[Any]:
             await conn.send_packed_command(packed)
@@ -122,14 +128,17 @@ class TurnReads:
 
         try:
             replies: list[Any] = await conn.retry.call_with_retry(exchange, broken)
-            return replies
         except BaseException:
             # Replies may be left unread: the connection must not be used again as it is.
             with contextlib.suppress(Exception):
                 await conn.disconnect()
-            raise
-        finally:
             await pool.release(conn)
+            raise
+        if self._idle is None:
+            self._idle = conn
+        else:
+            await pool.release(conn)
+        return replies
 
 
 def _pack(command: tuple[Any, ...]) -> bytes:

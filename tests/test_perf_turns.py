@@ -40,8 +40,7 @@ class CountingPipelines:
         pool = redis.connection_pool
         checkout = pool.get_connection
 
-        async def get_connection(*args: Any, **kwargs: Any) -> Any:
-            conn = await checkout(*args, **kwargs)  # type: ignore[no-untyped-call]
+        def count(conn: Any) -> Any:
             if not getattr(conn, "_counted", False):
                 send = conn.send_packed_command
 
@@ -54,7 +53,13 @@ class CountingPipelines:
                 conn._counted = True
             return conn
 
+        async def get_connection(*args: Any, **kwargs: Any) -> Any:
+            return count(await checkout(*args, **kwargs))  # type: ignore[no-untyped-call]
+
         pool.get_connection = get_connection  # type: ignore[method-assign]
+        # Connections already out (the one service.turns keeps between exchanges) or idle.
+        for conn in [*pool._in_use_connections, *pool._available_connections]:
+            count(conn)
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +138,15 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
         assert _pack(command) == b"".join(conn.pack_command(*command)), command
     with pytest.raises(DataError):
         _pack(("SET", "k", True))
+
+
+async def test_the_connection_kept_between_turns_is_replaced_once_redis_dropped_it(
+        redis: Redis) -> None:
+    await redis.rpush(keys.pipeline_order("p"), "1")
+    reads = TurnReads(redis)
+    kept = await reads.read("CLIENT", "ID")  # asked on the connection the turns keep
+    assert await reads.read("CLIENT", "ID") == kept
+    await redis.client_kill_filter(_id=str(kept))
+    # The next turn meets the closed socket and is sent again on a new connection.
+    assert await reads.read("LINDEX", keys.pipeline_order("p"), "-1") == "1"
+    assert await reads.read("CLIENT", "ID") != kept
