@@ -91,10 +91,13 @@ fi
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
     if [[ "$(id -u)" -eq 0 ]] && command -v apt-get >/dev/null; then
         log "installing chromium and chromium-driver with apt-get (for the web page's test)"
-        apt-get update -qq
-        # No recommends: the printer, notification and portal packages a desktop wants.
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            chromium chromium-driver fonts-liberation >/dev/null
+        # No recommends (the printer, notification and portal packages a desktop wants); apt's
+        # chatter goes to a file, shown only when the install fails.
+        apt_log="$(mktemp)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+            --no-install-recommends chromium chromium-driver fonts-liberation; } >"$apt_log" 2>&1 \
+            || { cat "$apt_log" >&2; rm -f "$apt_log"; die "apt-get could not install chromium"; }
+        rm -f "$apt_log"
     else
         log "warning: chromium/chromedriver not found; tests/test_ui.py needs them (Debian/Ubuntu: sudo apt-get install -y chromium chromium-driver)" >&2
     fi
