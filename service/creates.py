@@ -10,10 +10,10 @@ encoding ~30 fields again (several µs of the request's CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -87,7 +87,7 @@ _ID_MARK = "batch-" + uuid.uuid4().hex[:26].upper()
 _NOW_MARK = "now-" + uuid.uuid4().hex
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Template:
     spec: PipelineSpec
     other_keys: tuple[str, ...]  # the script's KEYS after the batch's hash
@@ -136,10 +136,15 @@ async def _template(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> 
     if templates is None:
         templates = _TEMPLATES[store] = {}
     template = templates.get((pipeline_id, spec.version))
-    # A version named in the request is read (and parsed) again each time: equal, not the same.
-    if template is None or (template.spec is not spec and template.spec != spec):
+    if template is not None and template.spec is spec:
+        return template
+    # A version named in the request is read (and parsed) again each time, and concurrent
+    # first reads of a version each parse their own: equal definitions, other objects.
+    if template is not None and template.spec == spec:
+        template = dataclasses.replace(template, spec=spec)
+    else:
         template = await _capture(store, pipeline_id, spec)
-        _bounded(templates)[(pipeline_id, spec.version)] = template
+    _bounded(templates)[(pipeline_id, spec.version)] = template
     return template
 
 
