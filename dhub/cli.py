@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -364,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, "error", str(exc))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        # A bug of ours must not exit 1, which says "the batch failed".
+        traceback.print_exc()
+        return _fail(args, "internal", f"internal error: {exc!r}")
 
 
 def entry() -> NoReturn:

@@ -70,7 +70,7 @@ class DhubClient:
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise ConnectionFailed(f"cannot reach the API at {self.url}: {exc}") from exc
         raise_for(response)
         return response

@@ -106,7 +106,8 @@ class Follower:
                     raise
                 yield WatchEvent("deleted", self.last, self.etag, via=self.mode)
                 return
-            except (httpx.TransportError, ApiError, _Closed) as exc:
+            except (httpx.RequestError, ApiError, _Closed, ValueError) as exc:
+                # ValueError: a body that is not a batch's JSON (a proxy's error page, a cut line).
                 if isinstance(exc, ApiError) and not exc.retryable:
                     raise
                 if self.last is None and isinstance(exc, httpx.ConnectError):
