@@ -46,38 +46,54 @@ T = TypeVar("T")
 SCREENSHOTS = os.environ.get("DHUB_UI_SCREENSHOTS")
 
 
-@contextlib.contextmanager
-def api_process(port: int) -> Iterator[None]:
-    """`python -m service` of this tree on `port`, ready when yielded."""
-    env = {**os.environ, "DHUB_API_PORT": str(port), "DHUB_API_HOST": "127.0.0.1"}
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+class Api:
+    """`python -m service` of this tree on one port, which the test can kill and start again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "DHUB_API_PORT": str(self.port), "DHUB_API_HOST": "127.0.0.1"}
+        self.proc = proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while True:
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
             assert proc.poll() is None, f"the API process exited with {proc.returncode}"
-            assert time.monotonic() < deadline, f"the API did not come up on port {port}"
+            assert time.monotonic() < deadline, f"the API did not come up on port {self.port}"
             time.sleep(0.05)
-        yield
-    finally:
-        proc.terminate()
+
+    def stop(self, grace_s: float = 3) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
         try:
             # A push stream whose client has gone holds the API's shutdown until its next
             # keep-alive write (15 s); this process keeps no state of its own, so kill it then.
-            proc.wait(3)
+            self.proc.wait(grace_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 @pytest.fixture(scope="module")
-def base_url(live: Settings) -> Iterator[str]:
-    port = free_port()
-    with api_process(port):
-        yield f"http://127.0.0.1:{port}"
+def api(live: Settings) -> Iterator[Api]:
+    server = Api(free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(api: Api) -> str:
+    return api.url
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +238,7 @@ def test_a_wrong_token_is_refused_and_a_fragment_token_is_taken_then_wiped(
 
 
 def test_log_in_run_a_batch_watch_its_bars_move_stop_and_delete_it(
-        browser: WebDriver, base_url: str, token: str) -> None:
+        browser: WebDriver, api: Api, base_url: str, token: str) -> None:
     # ~30 s a step (30,000 records at 1,000/s): the bars are seen moving and the batch is
     # stopped well before its first step ends.
     pipeline_id = register(base_url, token, rows=30_000, partitions=3, throttle=1_000)
@@ -263,6 +279,16 @@ def test_log_in_run_a_batch_watch_its_bars_move_stop_and_delete_it(
     later = until(browser, lambda d: more_than(d, sum(first.values())), what="the offsets growing")
     assert all(later.get(k, 0) >= v for k, v in first.items()), (first, later)
     assert browser.find_elements(By.CSS_SELECTOR, "#steps .step[data-state='running'] .bar")
+
+    # The API goes away under the page and comes back: the page says so, reconnects on its
+    # own (resuming with Last-Event-ID) and the bars keep moving.
+    api.stop(grace_s=0)
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "reconnecting…",
+          what="the page noticing the dropped stream")
+    frozen = sum(offsets(browser).values())  # nothing can move the bars while it is down
+    api.start()
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="reconnected")
+    until(browser, lambda d: more_than(d, frozen), what="offsets after reconnecting")
     if SCREENSHOTS:
         until(browser, lambda d: more_than(d, 3_000), what="a few thousand records")
     screenshot(browser, "ui-batch.png")
