@@ -27,6 +27,13 @@ MAX_REASON: Final = 2000
 MAX_TEXT: Final = 256
 MAX_ID: Final = 128
 _ONLY_ID_CHARS: Final = re.compile(r"[A-Za-z0-9._-]*").fullmatch
+_ID_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
+
+
+def _id_chars_only(text: str) -> bool:
+    """`_ONLY_ID_CHARS`, faster (C's translate instead of a regex): the check every decoded
+    message makes on its ids joined, on the events consumer's hot path."""
+    return text.isascii() and not text.encode().translate(None, _ID_CHARS)
 # core.models.ID_PATTERN, anchored so a trailing newline fails too: JSON Schema validators
 # search with `$`, which Python's `re` also matches before a final "\n".
 ID_REGEX: Final = r"^[A-Za-z0-9._-]{1,128}$(?!\n)"
@@ -131,7 +138,7 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
         offsets = _absent("offsets")
 
     def __post_init__(self) -> None:
-        if not _ONLY_ID_CHARS(self.event_id + self.batch_id + self.pipeline_id):
+        if not _id_chars_only(self.event_id + self.batch_id + self.pipeline_id):
             _refuse_ids(self, ("event_id", "batch_id", "pipeline_id"))
 
     def encode(self) -> bytes:
@@ -171,7 +178,7 @@ class StepState(Event, tag="step.state", kw_only=True):
     state: StepStateName
 
     def __post_init__(self) -> None:
-        if not _ONLY_ID_CHARS(self.event_id + self.batch_id + self.pipeline_id + self.step):
+        if not _id_chars_only(self.event_id + self.batch_id + self.pipeline_id + self.step):
             _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
 
     def to_script(self) -> list[Any]:
@@ -187,7 +194,8 @@ class StepOffsets(Event, tag="step.offsets", kw_only=True):
 
     def __post_init__(self) -> None:
         ids = "".join((self.event_id, self.batch_id, self.pipeline_id, self.step, *self.offsets))
-        if not _ONLY_ID_CHARS(ids):
+        # `_id_chars_only` inlined: most of a fast stream is these events.
+        if not ids.isascii() or ids.encode().translate(None, _ID_CHARS):
             _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
 
     def to_script(self) -> list[Any]:
