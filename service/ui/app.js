@@ -88,8 +88,10 @@
   // --- live status in the header ---------------------------------------------------------------
   function setLive(state) {
     const node = $("live");
-    const text = { on: "live", wait: "reconnecting…", off: "offline", done: "final" }[state];
-    node.className = `live ${state === "done" ? "off" : state}`;
+    node.hidden = state === "none";  // a view without a stream
+    const text = { on: "live", connecting: "connecting…", wait: "reconnecting…", off: "offline",
+                   done: "final", none: "" }[state];
+    node.className = `live ${{ done: "off", connecting: "wait" }[state] || state}`;
     node.textContent = text;
   }
 
@@ -130,6 +132,11 @@
       if (closed) return;
       if (response.status === 401) { signOut("The API refused the token (401): sign in again."); return; }
       if (response.status === 404) { setLive("off"); if (onMissing) onMissing(); return; }
+      if (response.status === 403) {  // retrying cannot help: the token lacks batches:read
+        setLive("off");
+        flash("This token may not read batches (it lacks the scope batches:read).", "error");
+        return;
+      }
       if (!response.ok || !response.body) return retry();
       attempt = 0;
       setLive("on");
@@ -162,6 +169,7 @@
       if (closed) setLive("done"); else retry();
     }
 
+    setLive("connecting");
     connect();
     return {
       close() {
@@ -220,7 +228,7 @@
 
   function loginView(message) {
     crumbs();
-    setLive("off");
+    setLive("none");
     $("logout").hidden = true;
     const view = $("login-view").content.cloneNode(true);
     const form = view.querySelector("#login-form");
@@ -246,7 +254,7 @@
 
   function pipelinesView() {
     crumbs();
-    setLive("off");
+    setLive("none");
     const body = el("tbody", {}, el("tr", {}, el("td", { colspan: 4, class: "empty" }, "Loading…")));
     const load = async () => {
       const data = await api("GET", "/pipelines/");
