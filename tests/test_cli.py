@@ -210,12 +210,12 @@ def test_usage_auth_and_connection_errors_exit_3(cli: Cli, tmp_path: Path) -> No
     assert out.returncode == 3 and "401" in out.stderr
     # The token file of DHUB_STATE_DIR when DHUB_TOKEN is unset: this one is wrong too.
     (tmp_path / "api-token").write_text("wrong-token\n")
-    out = cli("pipelines", "ls", "--json", DHUB_STATE_DIR=str(tmp_path))
+    out = cli("pipelines", "ls", "--json", DHUB_STATE_DIR=str(tmp_path), DHUB_TOKEN="")
     assert out.returncode == 3 and json.loads(out.stderr)["error"]["status"] == 401
     # No token anywhere: said so, nothing sent.
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = cli("pipelines", "ls", DHUB_STATE_DIR=str(empty))
+    out = cli("pipelines", "ls", DHUB_STATE_DIR=str(empty), DHUB_TOKEN="")
     assert out.returncode == 3 and "no API token" in out.stderr
     # Nothing listening: a connection error, for reads and for watch alike.
     dead = f"http://127.0.0.1:{free_port()}"

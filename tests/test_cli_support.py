@@ -33,7 +33,8 @@ from typing import Any
 
 import httpx
 
-from core.settings import ROOT
+from core.settings import ROOT, get_settings
+from dhub.config import ConfigError, resolve
 from tests.conftest import free_port
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -69,14 +70,19 @@ def api_process(port: int, timeout: float = 30) -> Iterator[subprocess.Popen[byt
 
 @dataclass
 class Cli:
-    """Runs `dhub` against one API URL; the token comes from the stack's token file (the
-    default lookup) unless a test sets DHUB_TOKEN."""
+    """Runs `dhub` against one API URL. The token comes from the stack's token file (the
+    default lookup) unless the API was given others (DHUB_API_TOKEN(S)) or a test sets
+    DHUB_TOKEN."""
 
     url: str
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("DHUB_TOKEN", "DHUB_URL")}
-        env.update({"DHUB_URL": self.url, "COLUMNS": "120", **extra})
+        env.update({"DHUB_URL": self.url, "COLUMNS": "120"})
+        token = get_settings().static_tokens()[0]
+        if resolve_token(env) != token:
+            env["DHUB_TOKEN"] = token
+        env.update(extra)
         return env
 
     def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -105,6 +111,13 @@ class Cli:
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith(f"registered {pipeline_id} version 1"), out.stdout
         return pipeline_id
+
+
+def resolve_token(env: dict[str, str]) -> str | None:
+    try:
+        return resolve(env=env).token
+    except ConfigError:
+        return None
 
 
 def own_api_cli() -> Iterator[Cli]:
