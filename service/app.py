@@ -82,6 +82,11 @@ async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
         await follower
 
 
+async def close_waiters(app: web.Application) -> None:
+    """Shutdown: held GETs answer and streams end now, not at their next keep-alive."""
+    app[WAITERS].close()
+
+
 def init_app(settings: Settings | None = None) -> web.Application:
     settings = settings or get_settings()
     authenticator = Authenticator.from_settings(settings)
@@ -97,6 +102,7 @@ def init_app(settings: Settings | None = None) -> web.Application:
     # cache_ctx, which wires whichever cache the app holds when it starts).
     app[WAITERS] = ChangeWaiters()
     app[METRICS_REGISTRY] = registry_for(requests, app)
+    app.on_shutdown.append(close_waiters)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(kafka_ctx)
     if settings.api_cache:

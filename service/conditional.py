@@ -89,7 +89,7 @@ async def answer(request: web.Request, key: str,
             if not matches(if_none_match, etag):
                 return tagged(body, etag)
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or waiters.closing:
                 return not_modified(etag)
             timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
             with contextlib.suppress(TimeoutError):

@@ -114,6 +114,8 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
                 return
         if feed.overflow:
             raise TimeoutError("the client fell too far behind")
+        if request.app[WAITERS].closing:
+            return  # shutting down: the client reconnects (Last-Event-ID) elsewhere
         timeout = KEEPALIVE_S if cache.live else DEGRADED_POLL_S
         try:
             async with asyncio.timeout(timeout):
@@ -163,6 +165,8 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                     continue
                 if watch.overflow:
                     raise TimeoutError("the client fell too far behind")
+                if waiters.closing:
+                    break
                 if watch.everything:  # changes may have been missed: the page again
                     watch.take()
                     page = await store.page(pipeline_id, limit, None)

@@ -92,6 +92,13 @@ class ChangeWaiters:
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
         self._feeds: dict[str, set[BatchFeed]] = {}
         self._watches: dict[str, set[PipelineWatch]] = {}
+        self.closing = False
+
+    def close(self) -> None:
+        """The app is shutting down: every held request and stream is woken to end (a stream
+        would otherwise hold the shutdown until its next write finds the client gone)."""
+        self.closing = True
+        self.changed(None, None)
 
     def __len__(self) -> int:
         return sum(len(group) for table in (self._waiting, self._feeds, self._watches)

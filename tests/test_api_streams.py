@@ -220,3 +220,18 @@ async def test_a_stream_delivers_every_state_in_order_however_fast(
 
 def json_state(event: dict[str, Any]) -> str:
     return str(orjson.loads(event["data"])["state"]["state"])
+
+
+async def test_shutting_down_ends_open_streams_at_once(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [target] = await new_batches(store)
+    async with cached_api(test_settings) as api:
+        streams_open = [await api.get(path, headers=SSE) for path in (
+            f"/api/v1/batches/{PIPELINE}/{target}", f"/api/v1/batches/{PIPELINE}/")]
+        for response in streams_open:
+            assert (await next_event(response))["event"] == "batch"
+        await api.app.shutdown()  # what the server runs first when it stops
+        for response in streams_open:
+            # Ended well before the next keep-alive (15 s) would have found out.
+            assert await next_event(response, timeout=3) == {}
