@@ -7,6 +7,10 @@ sustained apply rate next to a raw aiokafka read of the same messages.
    by probe events on a batch of their own.
 3. 200k offset events applied by one `EventsConsumer` (own topic, own Redis database), next
    to a group-less aiokafka read of the same records: the anchor.
+
+`--parts` runs some of them only (`--parts apply` needs just Redis and Kafka). `--loop own`
+measures 2. through this working tree's API and events consumer, started for the run on an
+events topic of their own, instead of the running stack's (which may run older code).
 """
 
 from __future__ import annotations
