@@ -58,13 +58,16 @@ def now_iso() -> str:
 
 
 def new_batch_id() -> str:
-    """`batch-` + 26 chars: 48-bit millisecond time then 80 random bits (sortable, URL-safe)."""
+    """`batch-` + 26 chars: 48-bit millisecond time then 80 random bits (sortable, URL-safe),
+    in lower-case Crockford base 32."""
     value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "batch-" + "".join(reversed(chars))
+    # Two digits (10 bits) per step from a table: 13 look-ups instead of 26 shifts, on every POST.
+    pairs = _DIGIT_PAIRS
+    return "batch-" + "".join([pairs[value >> shift & 1023] for shift in _PAIR_SHIFTS])
+
+
+_DIGIT_PAIRS: Final = tuple(_CROCKFORD[n >> 5] + _CROCKFORD[n & 31] for n in range(1024))
+_PAIR_SHIFTS: Final = tuple(range(120, -1, -10))
 
 
 def deployment_name(pipeline_name: str) -> str:
