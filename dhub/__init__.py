@@ -1,4 +1,5 @@
-"""The Batches API's Python client (`DhubClient`) and the `dhub` command line (`dhub.cli`).
+"""The Batches API's Python client (`DhubClient`; on asyncio `dhub.aio.AsyncDhubClient`) and the
+`dhub` command line (`dhub.cli`).
 
 Standalone on purpose: it imports httpx (and, for the command line, rich and PyYAML), never the
 service's own packages, so upstream services can use the client without the server's code.

@@ -34,7 +34,7 @@ RUN_RETRIES: Final = 2
 USER_AGENT: Final = "dhub-cli/0.1"
 
 
-def _seg(value: str) -> str:
+def seg(value: str) -> str:
     """One path segment: ids are [A-Za-z0-9._-], quoted anyway so a typo cannot change the route."""
     return quote(value, safe="")
 
@@ -87,7 +87,7 @@ class DhubClient:
         params = {"pipeline_version": version} if version is not None else None
         for attempt in range(RUN_RETRIES + 1):
             try:
-                body = self._json("POST", f"/api/v1/batches/{_seg(pipeline_id)}", params=params,
+                body = self._json("POST", f"/api/v1/batches/{seg(pipeline_id)}", params=params,
                                   headers={"Idempotency-Key": key})
                 return str(body["item"])
             except (ConnectionFailed, ApiError) as exc:
@@ -98,17 +98,17 @@ class DhubClient:
         raise AssertionError("unreachable")
 
     def get(self, pipeline_id: str, batch_id: str) -> Batch:
-        return cast(Batch, self._json("GET", f"/api/v1/batches/{_seg(pipeline_id)}/{_seg(batch_id)}"))
+        return cast(Batch, self._json("GET", f"/api/v1/batches/{seg(pipeline_id)}/{seg(batch_id)}"))
 
     def latest(self, pipeline_id: str) -> Batch:
         """The pipeline's newest batch (404 when it has none)."""
-        return cast(Batch, self._json("GET", f"/api/v1/batches/{_seg(pipeline_id)}"))
+        return cast(Batch, self._json("GET", f"/api/v1/batches/{seg(pipeline_id)}"))
 
     def page(self, pipeline_id: str, limit: int = 100, token: str | None = None) -> Page:
         params: dict[str, str | int] = {"limit": limit}
         if token is not None:
             params["token"] = token
-        return cast(Page, self._json("GET", f"/api/v1/batches/{_seg(pipeline_id)}/", params=params))
+        return cast(Page, self._json("GET", f"/api/v1/batches/{seg(pipeline_id)}/", params=params))
 
     def batches(self, pipeline_id: str, limit: int | None = None, page_size: int = 100) -> Iterator[Batch]:
         """The pipeline's batches, newest first, at most `limit`, a page at a time."""
@@ -126,11 +126,11 @@ class DhubClient:
 
     def stop(self, pipeline_id: str, batch_id: str) -> str:
         """Accepted once the stop is queued; the batch reaches `stop` when the engine confirms."""
-        body = self._json("PUT", f"/api/v1/batches/{_seg(pipeline_id)}/{_seg(batch_id)}/stop")
+        body = self._json("PUT", f"/api/v1/batches/{seg(pipeline_id)}/{seg(batch_id)}/stop")
         return str(body["message"])
 
     def delete(self, pipeline_id: str, batch_id: str) -> str:
-        body = self._json("DELETE", f"/api/v1/batches/{_seg(pipeline_id)}/{_seg(batch_id)}")
+        body = self._json("DELETE", f"/api/v1/batches/{seg(pipeline_id)}/{seg(batch_id)}")
         return str(body["message"])
 
     def watch(self, pipeline_id: str, batch_id: str, *, reconnect_for: float = 60.0,
@@ -143,11 +143,11 @@ class DhubClient:
         return cast(dict[str, Pipeline], self._json("GET", "/api/v1/pipelines/")["items"])
 
     def pipeline(self, pipeline_id: str) -> Pipeline:
-        return cast(Pipeline, self._json("GET", f"/api/v1/pipelines/{_seg(pipeline_id)}"))
+        return cast(Pipeline, self._json("GET", f"/api/v1/pipelines/{seg(pipeline_id)}"))
 
     def register(self, pipeline_id: str, spec: Mapping[str, Any]) -> Pipeline:
         """Registers a version of the pipeline (`name`, `version`, `steps`); the same
         definition again is fine, another definition under an existing version is a 409."""
         body = json.dumps(dict(spec)).encode()
-        return cast(Pipeline, self._json("PUT", f"/api/v1/pipelines/{_seg(pipeline_id)}", content=body,
+        return cast(Pipeline, self._json("PUT", f"/api/v1/pipelines/{seg(pipeline_id)}", content=body,
                                          headers={"Content-Type": "application/json"}))

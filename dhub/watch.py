@@ -8,13 +8,16 @@ A server that answers the stream request with plain JSON has no streams: then ea
 long-poll (`If-None-Match` + `?wait=`), and if `wait` is refused too, a plain GET every
 `POLL_INTERVAL_S`. Transport errors and 5xx answers are retried with backoff for
 `reconnect_for` seconds of continuous failure, then `ConnectionFailed`.
+
+`Follower` decides (which request next, what an answer means, whether to retry) without doing
+any I/O, so the blocking driver here (`follow`) and the asyncio one (`dhub.aio`) share it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, cast
 from urllib.parse import quote
@@ -50,147 +53,198 @@ class WatchEvent:
     via: Literal["stream", "poll"] = "stream"
 
 
-class _Closed(Exception):
+class Closed(Exception):
     """The stream ended without `end` or `deleted` (cut off, or the API restarted)."""
 
 
-def parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, str | None, str]]:
-    """(event, id, data) per dispatched event of a text/event-stream; comments are skipped."""
-    name, event_id, data = "message", None, list[str]()
-    for line in lines:
+# What a watch retries: the link (httpx), a 5xx, a cut stream, a body that is not a batch's
+# JSON (a proxy's error page, a cut line). Other API errors (401, 400, ...) end it.
+RETRIED: Final = (httpx.RequestError, ApiError, Closed, ValueError)
+
+
+class SseParser:
+    """A text/event-stream, a line at a time: `feed` returns (event, id, data) when a blank
+    line dispatches an event with data; comment lines (`: keep-alive`) are skipped."""
+
+    def __init__(self) -> None:
+        self._name = "message"
+        self._id: str | None = None
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> tuple[str, str | None, str] | None:
         if not line:
-            if data:
-                yield name, event_id, "\n".join(data)
-            name, event_id, data = "message", None, []
-            continue
+            event = (self._name, self._id, "\n".join(self._data)) if self._data else None
+            self._name, self._id, self._data = "message", None, []
+            return event
         if line.startswith(":"):
-            continue
+            return None
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "event":
-            name = value
+            self._name = value
         elif field == "data":
-            data.append(value)
+            self._data.append(value)
         elif field == "id":
-            event_id = value
+            self._id = value
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One request of a watch: a stream, or a (long-)poll GET."""
+
+    stream: bool
+    headers: dict[str, str]
+    params: dict[str, int]
+    timeout: httpx.Timeout
+
+
+def is_stream(response: httpx.Response) -> bool:
+    content_type: str = response.headers.get("Content-Type", "")
+    return content_type.startswith("text/event-stream")
 
 
 class Follower:
-    def __init__(self, client: DhubClient, pipeline_id: str, batch_id: str, *,
-                 reconnect_for: float, stream: bool) -> None:
-        self._http = client.http
-        self._path = f"/api/v1/batches/{quote(pipeline_id, safe='')}/{quote(batch_id, safe='')}"
+    """The decisions of a watch of `path`, without I/O. A driver loops: `next_round()`, send
+    it; a plain answer goes to `answered` (after reading its body), a stream's lines to
+    `line`, a stream that ends to `stream_ended`, an exception to `failed`; each returns the
+    events to hand out; stop once `done`, sleep `pause()` between rounds."""
+
+    def __init__(self, pipeline_id: str, batch_id: str, *, reconnect_for: float, stream: bool,
+                 url: str = "") -> None:
+        self._url = url
+        self.path = f"/api/v1/batches/{quote(pipeline_id, safe='')}/{quote(batch_id, safe='')}"
         self._reconnect_for = reconnect_for
         self.mode: Literal["stream", "poll"] = "stream" if stream else "poll"
         self._wait = True  # the server holds If-None-Match GETs (`?wait=`)
         self.etag: str | None = None
         self.last: Batch | None = None
         self._body: str | None = None
+        self.done = False
+        self._failing_since: float | None = None
+        self._delay = RECONNECT_MIN_S
+        self._paced = False  # the last round did not wait on the server
+        self._parser = SseParser()
 
-    def events(self) -> Iterator[WatchEvent]:
-        failing_since: float | None = None
-        delay = RECONNECT_MIN_S
-        while True:
-            try:
-                rounds = self._stream() if self.mode == "stream" else self._poll()
-                for event in rounds:
-                    failing_since, delay = None, RECONNECT_MIN_S
-                    yield event
-                    if event.kind in ("end", "deleted"):
-                        return
-                if self.mode == "poll":
-                    continue
-                raise _Closed("the stream closed before the batch stopped")
-            except NotFound:
-                if self.last is None:
-                    raise
-                yield WatchEvent("deleted", self.last, self.etag, via=self.mode)
-                return
-            except (httpx.RequestError, ApiError, _Closed, ValueError) as exc:
-                # ValueError: a body that is not a batch's JSON (a proxy's error page, a cut line).
-                if isinstance(exc, ApiError) and not exc.retryable:
-                    raise
-                if self.last is None and isinstance(exc, httpx.ConnectError):
-                    # Never reached: a wrong URL or a stopped API, not a link that dropped.
-                    url = self._http.base_url
-                    raise ConnectionFailed(f"cannot reach the API at {url}: {exc}") from exc
-                now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
-                if now - failing_since > self._reconnect_for:
-                    raise ConnectionFailed(
-                        f"lost the API for over {self._reconnect_for:g} s: {exc}") from exc
-                yield WatchEvent("reconnecting", self.last, self.etag, error=str(exc) or type(exc).__name__,
-                                 via=self.mode)
-                time.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX_S)
+    def next_round(self) -> Round:
+        self._parser = SseParser()
+        if self.mode == "stream":
+            headers = {"Accept": "text/event-stream"}
+            if self.etag is not None:
+                headers["Last-Event-ID"] = self.etag
+            return Round(True, headers, {}, httpx.Timeout(10.0, connect=5.0, read=STREAM_READ_S))
+        if self.etag is None:
+            return Round(False, {}, {}, httpx.Timeout(10.0, connect=5.0))
+        if not self._wait:
+            return Round(False, {"If-None-Match": self.etag}, {}, httpx.Timeout(10.0, connect=5.0))
+        return Round(False, {"If-None-Match": self.etag}, {"wait": POLL_WAIT_S},
+                     httpx.Timeout(POLL_WAIT_S + 15.0, connect=5.0))
 
-    def _version(self, data: str, etag: str | None) -> WatchEvent | None:
-        """The event for a received body; None when it is the version already seen."""
+    def pause(self) -> float:
+        """How long to wait before the next round: only plain polling is paced here."""
+        return POLL_INTERVAL_S if self._paced and not self.done else 0.0
+
+    def _alive(self) -> None:
+        self._failing_since, self._delay = None, RECONNECT_MIN_S
+
+    def _version(self, data: str, etag: str | None) -> list[WatchEvent]:
         if data == self._body or (etag is not None and etag == self.etag):
-            return None
+            return []
         self._body, self.etag = data, etag
         self.last = cast(Batch, json.loads(data))
-        return WatchEvent("batch", self.last, etag, via=self.mode)
+        return [WatchEvent("batch", self.last, etag, via=self.mode)]
 
-    def _stream(self) -> Iterator[WatchEvent]:
-        headers = {"Accept": "text/event-stream"}
-        if self.etag is not None:
-            headers["Last-Event-ID"] = self.etag
-        timeout = httpx.Timeout(10.0, connect=5.0, read=STREAM_READ_S)
-        with self._http.stream("GET", self._path, headers=headers, timeout=timeout) as response:
-            if not response.is_success:
-                response.read()
-                raise_for(response)
-            if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
-                # No streams on this server: it answered the plain GET. Long-poll from here.
-                response.read()
-                self.mode = "poll"
-                event = self._version(response.text, response.headers.get("ETag"))
-                if event is not None:
-                    yield event
-                if self.last is not None and is_final(self.last):
-                    yield WatchEvent("end", self.last, self.etag, via="poll")
-                return
-            for name, event_id, data in parse_sse(response.iter_lines()):
-                if name == "batch":
-                    event = self._version(data, event_id)
-                    if event is not None:
-                        yield event
-                elif name == "end":
-                    yield WatchEvent("end", self.last, self.etag)
-                    return
-                elif name == "deleted":
-                    yield WatchEvent("deleted", self.last, self.etag)
-                    return
+    def _finish(self, kind: Kind) -> list[WatchEvent]:
+        self.done = True
+        return [WatchEvent(kind, self.last, self.etag, via=self.mode)]
 
-    def _poll(self) -> Iterator[WatchEvent]:
-        """One round: a long-poll when there is a version to compare with, else a plain GET."""
-        headers: dict[str, str] = {}
-        params: dict[str, int] = {}
-        had_version = self.last is not None
-        timeout = httpx.Timeout(10.0, connect=5.0)
-        if self.etag is not None:
-            headers["If-None-Match"] = self.etag
-            if self._wait:
-                params["wait"] = POLL_WAIT_S
-                timeout = httpx.Timeout(POLL_WAIT_S + 15.0, connect=5.0)
-        response = self._http.get(self._path, headers=headers, params=params, timeout=timeout)
-        if response.status_code == 400 and params:
+    def answered(self, response: httpx.Response, round_: Round) -> list[WatchEvent]:
+        """A plain (read) answer: to a poll, or to a stream request on a server without streams."""
+        self._paced = False
+        if round_.params and response.status_code == 400:
             self._wait = False  # a server without long-poll: plain GETs at an interval
-            return
+            self._alive()
+            return []
         raise_for(response)
-        if response.status_code != 304:
-            event = self._version(response.text, response.headers.get("ETag"))
-            if event is not None:
-                yield event
-                if self.last is not None and is_final(self.last):
-                    yield WatchEvent("end", self.last, self.etag, via="poll")
-                    return
-        if had_version and not params:  # this round did not wait on the server: pace it
-            time.sleep(POLL_INTERVAL_S)
+        self._alive()
+        if round_.stream:
+            self.mode = "poll"  # no streams on this server: it answered the plain GET
+        self._paced = self.mode == "poll" and not round_.params and self.last is not None
+        if response.status_code == 304:
+            return []
+        events = self._version(response.text, response.headers.get("ETag"))
+        if self.last is not None and is_final(self.last):
+            events += self._finish("end")
+        return events
+
+    def line(self, line: str) -> list[WatchEvent]:
+        """One line of the stream."""
+        event = self._parser.feed(line)
+        if event is None:
+            return []
+        self._alive()
+        name, event_id, data = event
+        if name == "batch":
+            return self._version(data, event_id)
+        if name == "end":
+            return self._finish("end")
+        if name == "deleted":
+            return self._finish("deleted")
+        return []
+
+    def stream_ended(self) -> list[WatchEvent]:
+        if self.done:
+            return []
+        raise Closed("the stream closed before the batch stopped")
+
+    def failed(self, exc: BaseException) -> tuple[list[WatchEvent], float]:
+        """The events for a failed round and how long to wait before the next; raises what
+        ends the watch (an API refusal, the API never reached, the reconnect budget spent)."""
+        if isinstance(exc, NotFound):
+            if self.last is None:
+                raise exc
+            return self._finish("deleted"), 0.0  # deleted while we were reconnecting
+        if not isinstance(exc, RETRIED) or (isinstance(exc, ApiError) and not exc.retryable):
+            raise exc
+        if self.last is None and isinstance(exc, httpx.ConnectError):
+            # Never reached: a wrong URL or a stopped API, not a link that dropped.
+            raise ConnectionFailed(f"cannot reach the API at {self._url}: {exc}") from exc
+        now = time.monotonic()
+        self._failing_since = now if self._failing_since is None else self._failing_since
+        if now - self._failing_since > self._reconnect_for:
+            raise ConnectionFailed(f"lost the API for over {self._reconnect_for:g} s: {exc}") from exc
+        delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_S)
+        error = str(exc) or type(exc).__name__
+        return [WatchEvent("reconnecting", self.last, self.etag, error=error, via=self.mode)], delay
 
 
 def follow(client: DhubClient, pipeline_id: str, batch_id: str, *, reconnect_for: float = 60.0,
            stream: bool = True) -> Iterator[WatchEvent]:
-    """The batch's versions until it stops (`end`) or is deleted (`deleted`)."""
-    return Follower(client, pipeline_id, batch_id, reconnect_for=reconnect_for, stream=stream).events()
+    """The batch's versions until it stops (`end`) or is deleted (`deleted`), blocking."""
+    http = client.http
+    watch = Follower(pipeline_id, batch_id, reconnect_for=reconnect_for, stream=stream, url=client.url)
+    while not watch.done:
+        round_ = watch.next_round()
+        try:
+            if round_.stream:
+                with http.stream("GET", watch.path, headers=round_.headers,
+                                 timeout=round_.timeout) as response:
+                    if not response.is_success or not is_stream(response):
+                        response.read()
+                        yield from watch.answered(response, round_)
+                    else:
+                        for line in response.iter_lines():
+                            yield from watch.line(line)
+                            if watch.done:
+                                return
+                        yield from watch.stream_ended()
+            else:
+                response = http.get(watch.path, headers=round_.headers, params=round_.params,
+                                    timeout=round_.timeout)
+                yield from watch.answered(response, round_)
+            pause = watch.pause()
+        except RETRIED as exc:
+            events, pause = watch.failed(exc)
+            yield from events
+        if pause and not watch.done:
+            time.sleep(pause)

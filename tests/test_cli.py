@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from core.settings import Settings
+from core.settings import Settings, get_settings
+from dhub import NotFound, exit_code
+from dhub.aio import AsyncDhubClient
 from tests.conftest import free_port
 from tests.test_cli_support import DHUB, STEPS, Cli, Lines, ndjson, own_api_cli
 
@@ -223,3 +225,19 @@ def test_usage_auth_and_connection_errors_exit_3(cli: Cli, tmp_path: Path) -> No
     assert out.returncode == 3 and "cannot reach the API" in out.stderr
     out = cli("--url", dead, "watch", "p", "b", "--json")
     assert out.returncode == 3 and json.loads(out.stderr)["error"]["code"] == "connection"
+
+
+async def test_the_asyncio_client_runs_and_watches_a_batch(cli: Cli, tmp_path: Path) -> None:
+    pipeline_id = cli.register(tmp_path, rows=600, partitions=2, throttle=1200)
+    async with AsyncDhubClient(cli.url, get_settings().static_tokens()[0]) as api:
+        batch_id = await api.run(pipeline_id)
+        events = [event async for event in api.watch(pipeline_id, batch_id)]
+        assert events[-1].kind == "end" and events[-1].batch is not None
+        assert exit_code(events[-1].batch) == 0
+        assert {e.via for e in events} == {"stream"}
+        assert_in_order([e.batch["state"]["state"] for e in events if e.kind == "batch" and e.batch])
+        assert (await api.latest(pipeline_id))["id"] == batch_id
+        assert [b["id"] async for b in api.batches(pipeline_id, 5)] == [batch_id]
+        assert (await api.pipeline(pipeline_id))["latest"] == "1"
+        with pytest.raises(NotFound):
+            await api.get(pipeline_id, "batch-nosuch")

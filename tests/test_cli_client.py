@@ -1,10 +1,11 @@
 """The `dhub` client's own logic against scripted HTTP answers (httpx.MockTransport): the
 fallbacks of `watch` (a server without streams, without long-poll), resuming a dropped stream
 with Last-Event-ID, a batch deleted between two connections, giving up after the reconnect
-budget; exit codes; where the token comes from; the view's percent, rate and ETA."""
+budget (through the blocking client and the asyncio one); exit codes; where the token comes from; the view's percent, rate and ETA."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 from rich.console import Console
 
 import dhub.watch
-from dhub import DhubClient, exit_code
+from dhub import DhubClient, WatchEvent, exit_code
+from dhub.aio import AsyncDhubClient
 from dhub.config import ConfigError, resolve
 from dhub.errors import ConnectionFailed
 from dhub.models import Batch
@@ -45,8 +47,38 @@ def sse(*events: tuple[str, str | None, Any]) -> bytes:
     return out
 
 
-def client(handler: Callable[[httpx.Request], httpx.Response]) -> DhubClient:
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def client(handler: Handler) -> DhubClient:
     return DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler))
+
+
+def watch(driver: str, handler: Handler, **kwargs: Any) -> tuple[list[WatchEvent], Exception | None]:
+    """The events of a watch through the blocking client or the asyncio one, and the error
+    that ended it (None when it ended by itself)."""
+    events: list[WatchEvent] = []
+    if driver == "sync":
+        try:
+            events.extend(client(handler).watch("p", "b", **kwargs))
+        except Exception as exc:
+            return events, exc
+        return events, None
+
+    async def collect() -> Exception | None:
+        async with AsyncDhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
+            try:
+                async for event in api.watch("p", "b", **kwargs):
+                    events.append(event)
+            except Exception as exc:
+                return exc
+        return None
+
+    error = asyncio.run(collect())
+    return events, error
+
+
+DRIVERS = pytest.mark.parametrize("driver", ["sync", "async"])
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +87,8 @@ def no_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dhub.watch, "POLL_INTERVAL_S", 0.0)
 
 
-def test_a_dropped_stream_is_resumed_with_last_event_id() -> None:
+@DRIVERS
+def test_a_dropped_stream_is_resumed_with_last_event_id(driver: str) -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -69,7 +102,8 @@ def test_a_dropped_stream_is_resumed_with_last_event_id() -> None:
         return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
                               content=sse(("batch", '"v2"', batch("stop", "completed")), ("end", None, {})))
 
-    events = list(client(handler).watch("p", "b"))
+    events, error = watch(driver, handler)
+    assert error is None
     assert [e.kind for e in events] == ["batch", "reconnecting", "batch", "end"]
     assert "Last-Event-ID" not in seen[0].headers
     assert seen[1].headers["Last-Event-ID"] == '"v1"'
@@ -77,7 +111,8 @@ def test_a_dropped_stream_is_resumed_with_last_event_id() -> None:
     assert {e.via for e in events} == {"stream"}
 
 
-def test_a_server_without_streams_is_long_polled() -> None:
+@DRIVERS
+def test_a_server_without_streams_is_long_polled(driver: str) -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -88,7 +123,8 @@ def test_a_server_without_streams_is_long_polled() -> None:
             return httpx.Response(304, headers={"ETag": '"v1"'})
         return httpx.Response(200, json=batch("stop", "failed"), headers={"ETag": '"v2"'})
 
-    events = list(client(handler).watch("p", "b"))
+    events, error = watch(driver, handler)
+    assert error is None
     assert [(e.kind, e.via) for e in events] == [("batch", "poll"), ("batch", "poll"), ("end", "poll")]
     for request in seen[1:]:
         assert request.headers["If-None-Match"] == '"v1"'
@@ -97,7 +133,8 @@ def test_a_server_without_streams_is_long_polled() -> None:
     assert events[-1].batch is not None and exit_code(events[-1].batch) == 1
 
 
-def test_a_server_refusing_wait_is_polled_plainly() -> None:
+@DRIVERS
+def test_a_server_refusing_wait_is_polled_plainly(driver: str) -> None:
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -110,13 +147,15 @@ def test_a_server_refusing_wait_is_polled_plainly() -> None:
             return httpx.Response(304)
         return httpx.Response(200, json=batch("stop", "cancelled"), headers={"ETag": '"v2"'})
 
-    events = list(client(handler).watch("p", "b", stream=False))
+    events, error = watch(driver, handler, stream=False)
+    assert error is None
     assert [e.kind for e in events] == ["batch", "batch", "end"]
     assert "wait" not in seen[-1].url.params  # after the 400, plain GETs
     assert events[-1].batch is not None and exit_code(events[-1].batch) == 2
 
 
-def test_a_batch_gone_between_connections_is_deleted() -> None:
+@DRIVERS
+def test_a_batch_gone_between_connections_is_deleted(driver: str) -> None:
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -127,11 +166,13 @@ def test_a_batch_gone_between_connections_is_deleted() -> None:
                                   content=sse(("batch", '"v1"', batch())))
         return httpx.Response(404, json={"error": {"code": "not_found", "message": "unknown batch"}})
 
-    events = list(client(handler).watch("p", "b"))
+    events, error = watch(driver, handler)
+    assert error is None
     assert [e.kind for e in events] == ["batch", "reconnecting", "deleted"]
 
 
-def test_the_watch_gives_up_after_its_reconnect_budget() -> None:
+@DRIVERS
+def test_the_watch_gives_up_after_its_reconnect_budget(driver: str) -> None:
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -142,11 +183,9 @@ def test_the_watch_gives_up_after_its_reconnect_budget() -> None:
                                   content=sse(("batch", '"v1"', batch())))
         raise httpx.ConnectError("refused", request=request)
 
-    events = client(handler).watch("p", "b", reconnect_for=0.0)
-    assert next(events).kind == "batch"
-    assert next(events).kind == "reconnecting"
-    with pytest.raises(ConnectionFailed, match="lost the API"):
-        list(events)
+    events, error = watch(driver, handler, reconnect_for=0.0)
+    assert [e.kind for e in events] == ["batch", "reconnecting"]
+    assert isinstance(error, ConnectionFailed) and "lost the API" in str(error)
 
 
 def test_exit_codes_from_outcomes_and_steps() -> None:
