@@ -26,7 +26,7 @@ from core.api_scripts import ApiScripts
 from core.codec import Command
 from core.models import now_iso
 from core.retry import RetryPolicy, describe
-from service.commands import CommandSender
+from service.command_sender import CommandSender
 
 log = logging.getLogger(__name__)
 ABANDONED_TTL_S = 24 * 3600

@@ -32,7 +32,7 @@ from service.appkeys import (
 )
 from service.auth import Authenticator, authentication
 from service.cache import BatchCache
-from service.commands import CommandSender
+from service.command_sender import CommandSender
 from service.errors import edge_middleware
 from service.idempotency import IdempotencyKeys
 from service.metrics import RequestStats, registry_for

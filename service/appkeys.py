@@ -13,7 +13,7 @@ from core.settings import Settings
 from core.store import BatchStore
 from service.abandon import Abandoner
 from service.cache import BatchCache
-from service.commands import CommandSender
+from service.command_sender import CommandSender
 from service.idempotency import IdempotencyKeys
 from service.waiters import ChangeWaiters
 

@@ -23,7 +23,7 @@ from service.appkeys import (
     STORE,
 )
 from service.cache import etag_of
-from service.commands import Ambiguous, Refused
+from service.command_sender import Ambiguous, Refused
 from service.errors import bad_request, not_found
 from service.fills import fills_of
 from service.turns import turn_reads

@@ -1,5 +1,5 @@
 """The API's Kafka sends of one loop turn are handed to the producer together and awaited under
-one deadline (service/commands.py); each request still gets its own record's answer."""
+one deadline (service/command_sender.py); each request still gets its own record's answer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, RequestTimedOutError
 
 from core.codec import Command
-from service.commands import Ambiguous, CommandSender, Refused
+from service.command_sender import Ambiguous, CommandSender, Refused
 
 
 class DeadClient:
