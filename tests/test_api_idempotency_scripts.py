@@ -3,6 +3,8 @@ record's transitions and the abandoning of a batch, which the commands consumer 
 
 from __future__ import annotations
 
+from typing import cast
+
 import orjson
 from redis.asyncio import Redis
 
@@ -30,7 +32,7 @@ async def test_claim_commit_and_release_are_owned_transitions(redis: Redis) -> N
     assert await s.commit_key(keys=[KEY], args=["b2", sent.record("committed", "b2"), 100]) == 0
     assert await s.release_key(keys=[KEY], args=["b2"]) == 0
     assert await s.commit_key(keys=[KEY], args=["b1", sent.record("committed", "b1"), 100]) == 1
-    assert orjson.loads(await redis.get(KEY))["s"] == "committed"
+    assert orjson.loads(cast(str, await redis.get(KEY)))["s"] == "committed"
     assert 0 < await redis.ttl(KEY) <= 100
     # A committed record is never released.
     assert await s.release_key(keys=[KEY], args=["b1"]) == 0
@@ -46,7 +48,7 @@ async def test_an_abandoned_batch_is_hidden_failed_expiring_and_its_run_skipped(
     store = BatchStore.from_settings(redis, test_settings)
     await store.create("p", "b1", spec())
     s = ApiScripts(redis)
-    args = ["b1", "2026-01-01T00:00:00.000Z", "not confirmed", 600, ""]
+    args: list[str | int] = ["b1", "2026-01-01T00:00:00.000Z", "not confirmed", 600, ""]
     batch_keys = [keys.batch("p", "b1"), keys.batch_index("p"), keys.batch_seen("p", "b1")]
     assert await s.abandon_batch(keys=batch_keys, args=args) == 1
     assert await s.abandon_batch(keys=batch_keys, args=args) == 0

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
+from pydantic import SecretStr
 
 from core import jsonschemas
 from core.codec import CodecError, Command, Event, decode_command, decode_event
@@ -111,7 +112,7 @@ def test_schemas_and_decoder_agree_on_commands(raw: bytes) -> None:
 
 async def test_the_api_serves_the_schemas_without_a_token() -> None:
     """Behind the API's own middleware (no engines needed)."""
-    settings = Settings(api_tokens="a-static-token-of-some-length")
+    settings = Settings(api_tokens=[SecretStr("a-static-token-of-some-length")])
     app = web.Application(middlewares=[
         edge_middleware(authentication(Authenticator.from_settings(settings)))])
     app.router.add_get("/api/v1/schemas", schemas.list_schemas)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -54,8 +54,8 @@ class Ctx:
             await producer.stop()
 
     async def fields(self, batch_id: str) -> dict[str, str]:
-        data: dict[str, str] = await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))
-        return data
+        return cast(dict[str, str],
+                    await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id)))
 
     async def processed(self, count: int) -> None:
         async def done() -> bool:

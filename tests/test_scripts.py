@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -219,7 +219,7 @@ async def test_a_change_bumps_rev_and_publishes_the_key_and_new_hash(store: Batc
         await store.apply([ev(b, "batch.state", state="running")])  # no change, no message
         # The channel is server-wide (not per database): other processes' changes may pass by.
         mine = keys.batch(P, b)
-        messages = []
+        messages: list[str] = []
         while (message := await pubsub.get_message(timeout=0.5)) is not None or not messages:
             if message is not None and message["data"].partition("\n")[0] == mine:
                 messages.append(message["data"])
@@ -228,7 +228,8 @@ async def test_a_change_bumps_rev_and_publishes_the_key_and_new_hash(store: Batc
         key, _, published = message.partition("\n")
         assert key == mine
         # (Internal fields such as seen_n move without a message; the batch itself does not.)
-        assert render(published_fields(published)) == render(await redis.hgetall(mine))
+        stored = cast(dict[str, str], await redis.hgetall(mine))
+        assert render(published_fields(published)) == render(stored)
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
     assert await redis.hget(keys.batch(P, b), "rev") == "2"
