@@ -20,27 +20,27 @@ import json
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
 from dhub.client import DhubClient
+from dhub.commands import (
+    EXIT_INTERRUPTED,
+    UsageError,
+    cmd_get,
+    cmd_ls,
+    cmd_rm,
+    cmd_run,
+    cmd_stop,
+    cmd_watch,
+)
 from dhub.config import ConfigError
 from dhub.errors import ApiError, ConnectionFailed, DhubError
-from dhub.models import EXIT_COMPLETED, EXIT_ERROR, EXIT_STOPPED, Batch, exit_code
-from dhub.view import BatchView
-from dhub.watch import WatchEvent
+from dhub.models import EXIT_ERROR
+from dhub.pipeline_commands import cmd_pipelines_ls, cmd_pipelines_register, cmd_pipelines_show
 
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 Handler = Callable[[argparse.Namespace, DhubClient, Console], int]
-
-
-class UsageError(Exception):
-    pass
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,219 +49,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
-
-
-def _emit(args: argparse.Namespace, obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
-
-
-# -- watching ------------------------------------------------------------------------------
-def _watch(args: argparse.Namespace, api: DhubClient, console: Console, batch_id: str) -> int:
-    try:
-        return _follow(args, api, console, batch_id)
-    except KeyboardInterrupt:
-        # Ctrl-C leaves the watch, not the batch: it keeps running (`dhub stop` stops it).
-        sys.stderr.write(f"dhub: stopped watching; {batch_id} is not stopped "
-                         f"(dhub stop {args.pipeline} {batch_id})\n")
-        return EXIT_INTERRUPTED
-
-
-def _follow(args: argparse.Namespace, api: DhubClient, console: Console, batch_id: str) -> int:
-    events = api.watch(args.pipeline, batch_id, stream=not args.no_stream,
-                       reconnect_for=args.reconnect_for)
-    if args.json:
-        return _watch_json(args, events)
-    view = BatchView(args.pipeline, verbose=args.verbose > 0)
-    last: WatchEvent | None = None
-    if not console.is_terminal:
-        # Piped (a CI log): one line per change of the batch's or a step's state, then the view.
-        said: str | None = None
-        for event in events:
-            line = _state_line(event)
-            if line != said:
-                console.print(line, highlight=False, soft_wrap=True)
-                said = line
-            view.update(event.batch)
-            last = event
-        console.print(view)
-        return _final(console, last)
-    with Live(view, console=console, refresh_per_second=8, transient=False):
-        for event in events:
-            note = f"reconnecting: {event.error}" if event.kind == "reconnecting" else None
-            view.update(event.batch, note)
-            last = event
-    return _final(console, last)
-
-
-def _state_line(event: WatchEvent) -> str:
-    if event.kind == "reconnecting":
-        return f"reconnecting: {event.error}"
-    if event.batch is None:
-        return event.kind
-    state = event.batch["state"]
-    steps = " ".join(f"{name}={step['state']}" for name, step in state["steps"].items())
-    return f"{event.batch['id']} {state['state']} {steps}"
-
-
-def _watch_json(args: argparse.Namespace, events: Any) -> int:
-    code = EXIT_STOPPED
-    for event in events:
-        line: dict[str, Any] = {"event": event.kind, "via": event.via, "etag": event.etag,
-                                "batch": event.batch}
-        if event.kind == "reconnecting":
-            line = {"event": event.kind, "via": event.via, "error": event.error}
-        elif event.kind in ("end", "deleted"):
-            code = EXIT_STOPPED if event.kind == "deleted" or event.batch is None else (
-                exit_code(event.batch) or EXIT_COMPLETED)
-            line["exit_code"] = code
-        _emit(args, line)
-    return code
-
-
-def _final(console: Console, last: WatchEvent | None) -> int:
-    if last is None or last.batch is None:
-        return EXIT_STOPPED
-    if last.kind == "deleted":
-        console.print(f"[yellow]{last.batch['id']} was deleted[/]")
-        return EXIT_STOPPED
-    batch = last.batch
-    code = exit_code(batch)
-    code = EXIT_STOPPED if code is None else code
-    outcome = batch.get("outcome", "stopped")
-    reason = batch.get("reason")
-    style = {0: "green", 1: "red"}.get(code, "yellow")
-    console.print(f"[{style}]{batch['id']} {outcome}[/]" + (f": {reason}" if reason and code else ""))
-    return code
-
-
-def cmd_watch(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    batch_id = args.batch or api.latest(args.pipeline)["id"]
-    return _watch(args, api, console, batch_id)
-
-
-def cmd_run(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    batch_id = api.run(args.pipeline, args.version)
-    if args.json:
-        _emit(args, {"event": "created", "item": batch_id} if args.watch else {"item": batch_id})
-    else:
-        console.print(batch_id, highlight=False)
-    return _watch(args, api, console, batch_id) if args.watch else EXIT_COMPLETED
-
-
-# -- reading ---------------------------------------------------------------------------------
-def cmd_get(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    batch = api.get(args.pipeline, args.batch) if args.batch else api.latest(args.pipeline)
-    if args.json:
-        _emit(args, batch)
-        return EXIT_COMPLETED
-    view = BatchView(args.pipeline, verbose=args.verbose > 0)
-    view.update(batch)
-    console.print(view)
-    if batch.get("reason") and exit_code(batch):
-        console.print(f"reason: {batch['reason']}", highlight=False)
-    return EXIT_COMPLETED
-
-
-def _steps_summary(batch: Batch) -> str:
-    marks = {"success": "✓", "failed": "✗", "running": "▶", "pending": "…", "none": "·"}
-    return "".join(marks.get(step["state"], "?") for step in batch["state"]["steps"].values())
-
-
-def cmd_ls(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    if args.limit < 1:
-        raise UsageError("--limit must be at least 1")
-    batches = list(api.batches(args.pipeline, args.limit))
-    if args.json:
-        _emit(args, {"items": {b["id"]: b for b in batches}})
-        return EXIT_COMPLETED
-    table = Table(box=None, header_style="bold")
-    for column in ("BATCH", "STATE", "OUTCOME", "CREATED", "STEPS"):
-        table.add_column(column, no_wrap=True)
-    for b in batches:
-        created = b.get("created_at", "")[:19].replace("T", " ")
-        table.add_row(b["id"], b["state"]["state"], b.get("outcome", ""), created, _steps_summary(b))
-    console.print(table)
-    return EXIT_COMPLETED
-
-
-# -- changing --------------------------------------------------------------------------------
-def cmd_stop(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    message = api.stop(args.pipeline, args.batch)
-    if args.json:
-        _emit(args, {"message": message})
-    else:
-        console.print(message, highlight=False)
-    return EXIT_COMPLETED
-
-
-def cmd_rm(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    message = api.delete(args.pipeline, args.batch)
-    if args.json:
-        _emit(args, {"message": message})
-    else:
-        console.print(message, highlight=False)
-    return EXIT_COMPLETED
-
-
-# -- pipelines -------------------------------------------------------------------------------
-def cmd_pipelines_ls(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    items = api.pipelines()
-    if args.json:
-        _emit(args, {"items": items})
-        return EXIT_COMPLETED
-    table = Table(box=None, header_style="bold")
-    for column in ("PIPELINE", "NAME", "LATEST", "VERSIONS", "STEPS"):
-        table.add_column(column)
-    for pipeline_id, p in sorted(items.items()):
-        latest = next((v for v in p["versions"] if v["latest"]), p["versions"][-1])
-        steps = " → ".join(str(s.get("name")) for s in latest["steps"])
-        table.add_row(pipeline_id, p["name"], p["latest"], str(len(p["versions"])), steps)
-    console.print(table)
-    return EXIT_COMPLETED
-
-
-def cmd_pipelines_show(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    pipeline = api.pipeline(args.pipeline)
-    if args.json:
-        _emit(args, pipeline)
-    else:
-        console.print_json(data=pipeline)
-    return EXIT_COMPLETED
-
-
-def read_spec(path: str) -> dict[str, Any]:
-    """A pipeline definition from a YAML or JSON file (`-`: stdin); JSON is YAML too, but a
-    `.json` file is read strictly."""
-    try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        spec = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        kind = "JSON" if path.endswith(".json") else "YAML"
-        raise UsageError(f"{path} is not valid {kind}: {exc}") from None
-    if not isinstance(spec, dict):
-        raise UsageError(f"{path}: a pipeline definition is a mapping (name, version, steps)")
-    return spec
-
-
-def cmd_pipelines_register(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    spec = read_spec(args.file)
-    # The id: --id, else an `id` key of the file (not part of the definition), else its name.
-    file_id = spec.pop("id", None)
-    pipeline_id = args.id or file_id or spec.get("name")
-    if not isinstance(pipeline_id, str) or not pipeline_id:
-        raise UsageError("no pipeline id: give --id, or `id` or `name` in the file")
-    pipeline = api.register(pipeline_id, spec)
-    if args.json:
-        _emit(args, pipeline)
-    else:
-        what = "registered" if pipeline.get("created") else "unchanged:"
-        console.print(f"{what} {pipeline_id} version {spec.get('version')} "
-                      f"(latest {pipeline['latest']})", highlight=False)
-    return EXIT_COMPLETED
 
 
 # -- the parser ------------------------------------------------------------------------------
