@@ -45,6 +45,7 @@ class Batch(TypedDict):
     outcome: NotRequired[str]  # completed | failed | cancelled | crashed, once `stop`
     reason: NotRequired[str]
     flow_run_id: NotRequired[str]
+    stalled: NotRequired[bool]  # running, offsets unmoved for DHUB_STALL_AFTER_S
 
 
 class Page(TypedDict):

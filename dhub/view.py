@@ -172,7 +172,8 @@ class BatchView:
         outcome = batch.get("outcome")
         if outcome:
             text.append(f" ({outcome})", style=OUTCOME_STYLES.get(outcome, ""))
-        if batch["state"].get("stalled"):
+        # Where issue 11 part 3 puts the flag is the API's choice: the batch or its state.
+        if batch.get("stalled") or batch["state"].get("stalled"):
             text.append("  stalled", style="bold red")
         started = _when(batch.get("created_at"))
         if started is not None:

@@ -263,3 +263,17 @@ def test_the_bars_give_way_on_a_narrow_terminal() -> None:
         # One line per step and partition (none wrapped); full bars, narrower on a narrow screen.
         assert [r.split()[0] for r in rows[1:]] == ["extract", "partition_0"], rows
         assert all("20,000/20,000 rec" in r and r.split()[2] == "━" * bar for r in rows[1:]), rows
+
+
+def test_a_stalled_batch_and_step_are_flagged() -> None:
+    view = BatchView("p")
+    stalled: Any = batch(extract={"state": "running", "offsets": {"partition_0": 5},
+                                  "progress": {"percent": None, "records_per_s": 0.0, "eta_s": None,
+                                               "stalled": True}})
+    stalled["stalled"] = True
+    view.update(stalled)
+    text = render(view, 0.0)
+    assert "running  stalled" in text.splitlines()[0]
+    assert "running stalled" in text.splitlines()[1]
+    view.update(batch())
+    assert "stalled" not in render(view, 0.0)
