@@ -3,8 +3,9 @@
 `GET /api/v1/batches/{pipeline_id}/{batch_id}` with `Accept: text/event-stream`: first the
 batch as GET returns it, then one `event: batch` per change, each with `id:` the body's ETag
 (it changes exactly when the body does; `Last-Event-ID` with the current one sends nothing
-until the next change) and `data:` exactly the GET's JSON. Once the batch is `stop` its last
-object is followed by `event: end` and the stream closes; a deleted batch sends
+until the next change) and `data:` exactly the GET's JSON. Once the batch is `stop` and
+has stayed unchanged for `END_QUIET_S` (its outcome can still be settled by a later stop
+event), `event: end` follows its last object and the stream closes; a deleted batch sends
 `event: deleted` and closes. A comment line every `KEEPALIVE_S` keeps proxies from closing an
 idle stream.
 
@@ -33,6 +34,10 @@ from service.fills import fills_of
 from service.waiters import GONE, READ, BatchFeed
 
 KEEPALIVE_S: Final = 15.0
+# A stopped batch can still change (a later stop event decides its outcome and reason, the
+# run's end arrives from several sources): `end` follows the last version once the batch has
+# been quiet this long, so the stream's last object is the batch's final one.
+END_QUIET_S: Final = 2.0
 WRITE_TIMEOUT_S: Final = 10.0
 # While the change feed is down nothing wakes a stream: it re-reads this often instead.
 DEGRADED_POLL_S: Final = 1.0
@@ -92,6 +97,7 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
     cache = request.app[CACHE]
     sent = request.headers.get("Last-Event-ID")
     pending: list[bytes | object] = [first]
+    stopped = False  # the batch reached `stop`: `end` once it has been quiet for END_QUIET_S
     while True:
         for item in pending:
             if item is READ:
@@ -109,18 +115,21 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
             if etag != sent:
                 await _write(response, event("batch", item, etag))
                 sent = etag
-            if _is_final(item):
-                await _write(response, event("end", b"{}"))
-                return
+            stopped = _is_final(item)
         if feed.overflow:
             raise TimeoutError("the client fell too far behind")
         if request.app[WAITERS].closing:
             return  # shutting down: the client reconnects (Last-Event-ID) elsewhere
         timeout = KEEPALIVE_S if cache.live else DEGRADED_POLL_S
+        if stopped:
+            timeout = min(timeout, END_QUIET_S)
         try:
             async with asyncio.timeout(timeout):
                 await feed.wake.wait()
         except TimeoutError:
+            if stopped:
+                await _write(response, event("end", b"{}"))
+                return
             if cache.live:
                 await _write(response, b": keep-alive\n\n")
                 pending = []

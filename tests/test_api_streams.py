@@ -235,3 +235,23 @@ async def test_shutting_down_ends_open_streams_at_once(
         for response in streams_open:
             # Ended well before the next keep-alive (15 s) would have found out.
             assert await next_event(response, timeout=3) == {}
+
+
+async def test_end_waits_for_the_outcome_a_later_stop_settles(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [target] = await new_batches(store)
+    async with cached_api(test_settings) as api:
+        response = await api.get(f"/api/v1/batches/{PIPELINE}/{target}", headers=SSE)
+        assert json_state(await next_event(response)) == "pending"
+        await store.apply([Event("batch.state", target, PIPELINE, state="stop",
+                                 outcome="cancelled", ts=1.0)])
+        first_stop = orjson.loads((await next_event(response))["data"])
+        assert first_stop["outcome"] == "cancelled"
+        # The run's real end, stamped later, arrives after the cancel: it decides.
+        await store.apply([Event("batch.state", target, PIPELINE, state="stop",
+                                 outcome="completed", ts=2.0)])
+        settled = await next_event(response)
+        assert settled["event"] == "batch"
+        assert orjson.loads(settled["data"])["outcome"] == "completed"
+        assert (await next_event(response))["event"] == "end"
