@@ -12,7 +12,7 @@ PREFIX = "dhub"
 PIPELINES = f"{PREFIX}:pipelines"
 # Pub/sub channel carrying the key of every batch hash that changed (cache invalidation). A
 # message is the key alone, or the key, a newline and the hash as it is after the change (a
-# JSON array field, value, field, value, ...: `core.store.published_fields`), which lets a
+# JSON array field, value, field, value, ...: `core.layout.published_fields`), which lets a
 # cache that holds the batch take the new value without reading Redis.
 CHANGES_CHANNEL = f"{PREFIX}:changes"
 # Set with a TTL by a running consumer process; its presence means "consumers alive".

@@ -1,10 +1,8 @@
 """Lua scripts: every multi-step Redis write is one of these, so it is atomic.
 
-Each script names its KEYS and ARGV first. Batch hash layout (see `core.keys.batch`):
-`state`, `outcome`, `reason`, `flow_run_id`, `rev`, `updated_at`, ..., `step:<name>` -> step
-state, `off:<step>:<partition>` -> offset (a decimal string), `stop_ts` -> the `ts` of the
-stop event that decided `outcome` and `reason` (a decimal string, seconds since the epoch;
-internal, not rendered), `deleted` once hidden.
+Each script names its KEYS and ARGV first. The batch hash they write follows the layout
+`core.layout` owns (its field names and state orders: the rank tables below are generated
+from it).
 """
 
 from __future__ import annotations
@@ -12,6 +10,8 @@ from __future__ import annotations
 from typing import Final
 
 from redis.asyncio import Redis
+
+from core.layout import BATCH_RANK, STEP_RANK, lua_rank
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's sequence counter
 # ARGV[1] batch id, ARGV[2..] field, value, field, value, ... of the new hash
@@ -68,9 +68,9 @@ return 1
 # read once and written once (what changed, in one HSET): a batch whose data raises an error
 # is left untouched and stops the call there; the batches before it are applied, the others
 # not (the caller applies them again one by one: every rule above is idempotent).
-APPLY_EVENTS: Final = """
-local BATCH_RANK = {pending = 0, scheduled = 1, running = 2, stop = 3}
-local STEP_RANK = {none = 0, pending = 1, running = 2, success = 3, failed = 3}
+_APPLY_EVENTS_TEXT: Final = """
+local BATCH_RANK = BATCH_RANK_TABLE
+local STEP_RANK = STEP_RANK_TABLE
 local now, window, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 -- A stop's ts as a number and as the string stored (the string as sent: a Lua number
 -- written back would keep only 14 digits, too few for microseconds since the epoch).
@@ -216,6 +216,9 @@ for i, events in ipairs(cjson.decode(ARGV[4])) do
 end
 return results
 """
+# The state orders come from core.layout, where each is written once.
+APPLY_EVENTS: Final = _APPLY_EVENTS_TEXT.replace(
+    "BATCH_RANK_TABLE", lua_rank(BATCH_RANK)).replace("STEP_RANK_TABLE", lua_rank(STEP_RANK))
 
 # KEYS[1] pipeline's versions hash, KEYS[2] pipeline's version order list
 # ARGV[1] version, ARGV[2] canonical JSON of the definition

@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError
 
 from core import keys
 from core.codec import Event, StepOffsets
+from core.layout import is_visible, render, step_field
 from core.models import PipelineSpec, deployment_name, now_iso
 from core.scripts import Scripts
 from core.settings import Settings
@@ -37,48 +38,6 @@ class BadToken(ValueError):
 class Page:
     items: dict[str, dict[str, Any]]
     token: str | None
-
-
-def _natural(name: str) -> tuple[str, int]:
-    """`partition_10` sorts after `partition_9`."""
-    head = name.rstrip("0123456789")
-    tail = name[len(head) :]
-    return head, int(tail) if tail else -1
-
-
-def published_fields(payload: str) -> dict[str, str]:
-    """The hash carried by a change message after its key (`keys.CHANGES_CHANNEL`)."""
-    flat = orjson.loads(payload)
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def render(fields: dict[str, str]) -> dict[str, Any]:
-    """The batch object of the contract (plus extra fields beside it) from its Redis hash."""
-    steps: dict[str, dict[str, Any]] = {
-        name: {"state": fields.get("step:" + name, "none"), "offsets": {}}
-        for name in orjson.loads(fields["steps"])
-    }
-    for field_name, value in fields.items():
-        if field_name.startswith("off:"):
-            _, step, part = field_name.split(":", 2)
-            if step in steps:
-                steps[step]["offsets"][part] = int(value)
-    for entry in steps.values():
-        if len(entry["offsets"]) > 1:
-            entry["offsets"] = dict(sorted(entry["offsets"].items(), key=lambda kv: _natural(kv[0])))
-    return {
-        "id": fields["id"],
-        "name": fields["name"],
-        "deployment": fields["deployment"],
-        "state": {"state": fields["state"], "steps": steps},
-        "pipeline_id": fields["pipeline_id"],
-        "pipeline_version": fields["pipeline_version"],
-        "created_at": fields["created_at"],
-        "updated_at": fields["updated_at"],
-        "outcome": fields.get("outcome"),
-        "reason": fields.get("reason"),
-        "flow_run_id": fields.get("flow_run_id"),
-    }
 
 
 def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any]]]]:
@@ -157,7 +116,7 @@ class BatchStore:
             "rev", "1",
         ]  # fmt: skip
         for name in spec.step_names:
-            fields += ["step:" + name, "none"]
+            fields += [step_field(name), "none"]
         seq = await self.scripts.create_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
                   keys.batch_seq(pipeline_id)],
@@ -189,7 +148,7 @@ class BatchStore:
 
     async def get(self, pipeline_id: str, batch_id: str) -> dict[str, Any] | None:
         data = await self.fields(pipeline_id, batch_id)
-        if data is None or "deleted" in data:
+        if data is None or not is_visible(data):
             return None
         return render(data)
 
@@ -219,7 +178,7 @@ class BatchStore:
         items = {
             batch_id: render(data)
             for (batch_id, _), data in zip(rows, hashes, strict=True)
-            if data and "deleted" not in data
+            if is_visible(data)
         }
         next_token = self._make_token(pipeline_id, int(rows[-1][1])) if more else None
         return Page(items=items, token=next_token)

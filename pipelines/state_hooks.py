@@ -26,6 +26,7 @@ from prefect.flows import FlowStateHook
 
 from core import keys
 from core.connections import open_redis
+from core.layout import running_steps
 from core.models import valid_id
 from core.settings import Settings, get_settings
 from pipelines.publisher import open_publisher
@@ -64,8 +65,7 @@ async def projected_running(settings: Settings, pipeline_id: str, batch_id: str)
         fields = cast(dict[str, str], await redis.hgetall(keys.batch(pipeline_id, batch_id)))
     finally:
         await redis.aclose()
-    return {name[len("step:"):] for name, state in fields.items()
-            if name.startswith("step:") and state == "running"}
+    return running_steps(fields)
 
 
 async def unfinished_steps(settings: Settings, flow_run: FlowRun, pipeline_id: str,

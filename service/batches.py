@@ -10,6 +10,7 @@ from aiohttp import web
 
 from core import keys
 from core.codec import Command
+from core.layout import is_visible
 from core.models import PipelineSpec, new_batch_id, valid_id
 from core.store import BadToken
 from service import auth, conditional, creates, idempotency, streams
@@ -194,7 +195,7 @@ async def stop_batch(request: web.Request) -> web.Response:
     pipeline_id = path_id(request, "pipeline_id")
     batch_id = path_id(request, "batch_id")
     fields = await request.app[STORE].fields(pipeline_id, batch_id)
-    if fields is None or "deleted" in fields:
+    if not is_visible(fields):
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
     # Stopping a stopped batch answers 200 again without queueing anything new.
     if fields["state"] != "stop":
@@ -210,7 +211,7 @@ async def delete_batch(request: web.Request) -> web.Response:
     batch_id = path_id(request, "batch_id")
     store = request.app[STORE]
     fields = await store.fields(pipeline_id, batch_id)
-    if fields is None or "deleted" in fields:
+    if not is_visible(fields):
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
     # Queue the clean-up first: if Kafka refuses, the batch stays visible and nothing changed.
     version = fields["pipeline_version"]

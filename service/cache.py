@@ -41,7 +41,7 @@ from collections.abc import Callable
 import orjson
 from redis.asyncio import Redis
 
-from core.store import published_fields, render
+from core.layout import is_visible, published_fields, render
 from service.cache_feed import CacheFeed
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,6 @@ def etag_of(body: bytes) -> str:
 def published_body(published: str) -> bytes | None:
     """The API's body for a published batch hash; None if the batch is hidden."""
     fields = published_fields(published)
-    if "deleted" in fields:
+    if not is_visible(fields):
         return None
     return orjson.dumps(render(fields))

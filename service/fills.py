@@ -22,7 +22,8 @@ from typing import cast
 import orjson
 
 from core import keys
-from core.store import BatchStore, render
+from core.layout import is_visible, render
+from core.store import BatchStore
 from service.cache import BatchCache
 
 # A turn's queue is cut at this many reads (one pipeline each), so a burst cannot build one
@@ -90,7 +91,7 @@ class BatchFills:
         for (key, (_, _, future)), fields in zip(reads.items(), hashes, strict=True):
             if future.done():
                 continue
-            if not fields or "deleted" in fields:
+            if not is_visible(fields):
                 future.set_result(None)
                 continue
             try:

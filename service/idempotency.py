@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from core import keys
+from core import keys, layout
 from core.api_scripts import ApiScripts
 from service.errors import ApiError, bad_request
 
@@ -107,7 +107,8 @@ class IdempotencyKeys:
     async def _still_there(self, pipeline_id: str, batch_id: str) -> str:
         """The earlier batch id, unless that batch was deleted since: answering an id whose
         every GET is a 404 would look like success and be none."""
-        found, deleted = await self._redis.hmget(keys.batch(pipeline_id, batch_id), "id", "deleted")
+        found, deleted = await self._redis.hmget(keys.batch(pipeline_id, batch_id), "id",
+                                                 layout.DELETED)
         if found is None or deleted is not None:
             raise ApiError(409, "conflict",
                            f"the batch {batch_id} created with this Idempotency-Key was deleted; "

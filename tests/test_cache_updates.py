@@ -10,8 +10,8 @@ import pytest
 from redis.asyncio import Redis
 
 from core.codec import Event
+from core.layout import render
 from core.settings import Settings
-from core.store import render
 from service.cache import BatchCache
 from tests.cache_support import PIPELINE, cache_of, cached_api, direct_store, engines, get, new_batches
 from tests.conftest import eventually

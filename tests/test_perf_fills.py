@@ -13,8 +13,9 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.codec import Event
+from core.layout import render
 from core.settings import Settings
-from core.store import BatchStore, render
+from core.store import BatchStore
 from service.cache import BatchCache
 from service.fills import BatchFills
 from tests.cache_support import PIPELINE, direct_store, engines, new_batches

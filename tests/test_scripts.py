@@ -10,10 +10,11 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.codec import Event
+from core.layout import published_fields, render
 from core.models import new_batch_id
 from core.registry import PipelineRegistry, Registered
 from core.scripts import Scripts
-from core.store import BatchStore, published_fields, render
+from core.store import BatchStore
 from tests.conftest import PrivateRedis
 from tests.helpers import spec
 

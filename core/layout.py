@@ -1,0 +1,95 @@
+"""The batch hash's layout, owned here: its field names, its state orders, and how it reads.
+
+A batch is one Redis hash (`keys.batch`): the batch's own fields (`id`, `state`, `outcome`,
+`reason`, `flow_run_id`, `rev`, `updated_at`, ...), `step:<name>` -> the step's state,
+`off:<step>:<partition>` -> the step's offset there (a decimal string), `stop_ts` (the `ts` of
+the stop event that decided `outcome`), `deleted` once hidden. Code outside this module asks
+it (`is_visible`, `running_steps`, `render`) instead of parsing field names, and the Lua
+scripts get their state orders from here (`lua_rank`), so each order is written once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from typing_extensions import TypeIs
+
+from core.models import BATCH_STATES, STEP_STATES
+
+DELETED: Final = "deleted"
+STEP_PREFIX: Final = "step:"
+OFFSET_PREFIX: Final = "off:"
+
+# The order states only move forward in. Both final step states rank alike: neither replaces
+# the other.
+BATCH_RANK: Final[Mapping[str, int]] = {state: n for n, state in enumerate(BATCH_STATES)}
+STEP_RANK: Final[Mapping[str, int]] = {
+    state: min(n, STEP_STATES.index("success")) for n, state in enumerate(STEP_STATES)}
+
+
+def lua_rank(rank: Mapping[str, int]) -> str:
+    """A rank table as a Lua table constructor, for the scripts (core.scripts)."""
+    return "{" + ", ".join(f"{state} = {n}" for state, n in rank.items()) + "}"
+
+
+def step_field(step: str) -> str:
+    return STEP_PREFIX + step
+
+
+def offset_field(step: str, partition: str) -> str:
+    return f"{OFFSET_PREFIX}{step}:{partition}"
+
+
+def is_visible(fields: dict[str, str] | None) -> TypeIs[dict[str, str]]:
+    """The batch exists and is not hidden (deleted or abandoned)."""
+    return fields is not None and bool(fields) and DELETED not in fields
+
+
+def running_steps(fields: Mapping[str, str]) -> set[str]:
+    return {name[len(STEP_PREFIX):] for name, state in fields.items()
+            if name.startswith(STEP_PREFIX) and state == "running"}
+
+
+def published_fields(payload: str) -> dict[str, str]:
+    """The hash carried by a change message after its key (`keys.CHANGES_CHANNEL`)."""
+    flat = orjson.loads(payload)
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _natural(name: str) -> tuple[str, int]:
+    """`partition_10` sorts after `partition_9`."""
+    head = name.rstrip("0123456789")
+    tail = name[len(head) :]
+    return head, int(tail) if tail else -1
+
+
+def render(fields: Mapping[str, str]) -> dict[str, Any]:
+    """The batch object of the contract (plus extra fields beside it) from its Redis hash."""
+    steps: dict[str, dict[str, Any]] = {
+        name: {"state": fields.get(STEP_PREFIX + name, "none"), "offsets": {}}
+        for name in orjson.loads(fields["steps"])
+    }
+    for field_name, value in fields.items():
+        if field_name.startswith(OFFSET_PREFIX):
+            _, step, part = field_name.split(":", 2)
+            if step in steps:
+                steps[step]["offsets"][part] = int(value)
+    for entry in steps.values():
+        if len(entry["offsets"]) > 1:
+            entry["offsets"] = dict(sorted(entry["offsets"].items(),
+                                           key=lambda kv: _natural(kv[0])))
+    return {
+        "id": fields["id"],
+        "name": fields["name"],
+        "deployment": fields["deployment"],
+        "state": {"state": fields["state"], "steps": steps},
+        "pipeline_id": fields["pipeline_id"],
+        "pipeline_version": fields["pipeline_version"],
+        "created_at": fields["created_at"],
+        "updated_at": fields["updated_at"],
+        "outcome": fields.get("outcome"),
+        "reason": fields.get("reason"),
+        "flow_run_id": fields.get("flow_run_id"),
+    }
