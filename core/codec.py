@@ -12,25 +12,27 @@ from typing import Final
 
 import msgspec
 
-from core.messages import (
+from core.command_messages import (
     COMMAND_KINDS,
     COMMAND_TYPES,
+    AnyCommand,
+    Command,
+    Delete,
+    Deploy,
+    Run,
+    Stop,
+)
+from core.messages import (
     EVENT_KINDS,
     EVENT_TYPES,
     MAX_REASON,
     SCHEMA,
-    AnyCommand,
     AnyEvent,
     BatchState,
     CodecError,
-    Command,
-    Delete,
-    Deploy,
     Event,
-    Run,
     StepOffsets,
     StepState,
-    Stop,
 )
 
 __all__ = [

@@ -18,7 +18,8 @@ from typing import Any, Final
 
 import msgspec
 
-from core.messages import COMMAND_KINDS, EVENT_KINDS, AnyCommand, AnyEvent
+from core.command_messages import COMMAND_KINDS, AnyCommand
+from core.messages import EVENT_KINDS, AnyEvent
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
 DIALECT: Final = "https://json-schema.org/draft/2020-12/schema"

@@ -6,8 +6,9 @@ Every message carries `schema` (1), `type` (the tag choosing its class), a uniqu
 (`core.codec`) and the same declarations give the JSON Schemas published in `schemas/`
 (`core.jsonschemas`).
 
-`Event(type, batch_id, pipeline_id, ...)` and `Command(type, batch_id, pipeline_id, ...)`
-build the class of that kind, so callers need not name the classes.
+`Event(type, batch_id, pipeline_id, ...)` (and `Command(...)` in `core.command_messages`)
+build the class of that kind, so callers need not name the classes. This module holds the
+events and what every message shares.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
-from core.models import MAX_OFFSET
+from core.models import MAX_OFFSET, BatchStateName, OutcomeName, StepStateName
 
 SCHEMA: Final = 1
 MAX_REASON: Final = 2000
@@ -30,7 +31,7 @@ _ONLY_ID_CHARS: Final = re.compile(r"[A-Za-z0-9._-]*").fullmatch
 _ID_CHARS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 
 
-def _id_chars_only(text: str) -> bool:
+def id_chars_only(text: str) -> bool:
     """`_ONLY_ID_CHARS`, faster (C's translate instead of a regex): the check every decoded
     message makes on its ids joined, on the events consumer's hot path."""
     return text.isascii() and not text.encode().translate(None, _ID_CHARS)
@@ -51,22 +52,20 @@ Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 # Offsets travel through Lua as doubles: above 2**53 they would lose precision.
 Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)]
 Offsets = Annotated[dict[Id, Offset], msgspec.Meta(min_length=1)]
-BatchStateName = Literal["pending", "scheduled", "running", "stop"]
-StepStateName = Literal["none", "pending", "running", "success", "failed"]
-Outcome = Literal["completed", "failed", "cancelled", "crashed"]
+Outcome = OutcomeName
 
-_ENCODER: Final = msgspec.json.Encoder()
+ENCODER: Final = msgspec.json.Encoder()
 
 
 class CodecError(ValueError):
     """A message that cannot be applied; its text is the dead-letter reason."""
 
 
-def _new_id() -> str:
+def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
-def _refuse_ids(owner: object, names: tuple[str, ...], extra: Iterable[str] = ()) -> None:
+def refuse_ids(owner: object, names: tuple[str, ...], extra: Iterable[str] = ()) -> None:
     """Raises naming the first id with a character outside [A-Za-z0-9._-] (raised inside
     a decode, msgspec turns it into a ValidationError with this text)."""
     for name in names:
@@ -138,11 +137,11 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
         offsets = _absent("offsets")
 
     def __post_init__(self) -> None:
-        if not _id_chars_only(self.event_id + self.batch_id + self.pipeline_id):
-            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id"))
+        if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id):
+            refuse_ids(self, ("event_id", "batch_id", "pipeline_id"))
 
     def encode(self) -> bytes:
-        return _ENCODER.encode(self)
+        return ENCODER.encode(self)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = msgspec.to_builtins(self)
@@ -178,8 +177,8 @@ class StepState(Event, tag="step.state", kw_only=True):
     state: StepStateName
 
     def __post_init__(self) -> None:
-        if not _id_chars_only(self.event_id + self.batch_id + self.pipeline_id + self.step):
-            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
+        if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id + self.step):
+            refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
 
     def to_script(self) -> list[Any]:
         return ["s", self.event_id, self.step, self.state]
@@ -194,9 +193,9 @@ class StepOffsets(Event, tag="step.offsets", kw_only=True):
 
     def __post_init__(self) -> None:
         ids = "".join((self.event_id, self.batch_id, self.pipeline_id, self.step, *self.offsets))
-        # `_id_chars_only` inlined: most of a fast stream is these events.
+        # `id_chars_only` inlined: most of a fast stream is these events.
         if not ids.isascii() or ids.encode().translate(None, _ID_CHARS):
-            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
+            refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
 
     def to_script(self) -> list[Any]:
         # No id: offsets apply by value, never de-duplicated by id.
@@ -221,97 +220,6 @@ def _new_event(type: str, batch_id: str, pipeline_id: str, *,
         raise CodecError(f"unknown event type {type!r}; known: {sorted(EVENT_KINDS)}")
     # None means "not set", as for the fields a kind does not carry.
     given = {k: v for k, v in fields.items() if v is not None}
-    event: Event = kind(schema=SCHEMA, event_id=event_id or _new_id(), batch_id=batch_id,
+    event: Event = kind(schema=SCHEMA, event_id=event_id or new_message_id(), batch_id=batch_id,
                         pipeline_id=pipeline_id, ts=time.time() if ts is None else ts, **given)
     return event
-
-
-# -- commands ------------------------------------------------------------------------------
-
-
-class _CommandMeta(msgspec.StructMeta):
-    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
-        if cls is Command:
-            return _new_command(*args, **kwargs)
-        return super().__call__(*args, **kwargs)
-
-
-class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="type"):
-    """What the API asks of the commands consumer; one subclass per `type` (Run, Stop,
-    Delete, Deploy)."""
-
-    type: ClassVar[str]
-    schema: Literal[1]
-    event_id: Id
-    batch_id: Id
-    pipeline_id: Id
-    # "" when a run, stop or delete does not name one (the batch's recorded version).
-    pipeline_version: IdOrEmpty = ""
-    ts: float
-
-    if TYPE_CHECKING:
-        def __init__(self, type: str, batch_id: str, pipeline_id: str,
-                     pipeline_version: str = "", *, event_id: str = ...,
-                     ts: float = ...) -> None: ...
-
-    def __post_init__(self) -> None:
-        ids = self.event_id + self.batch_id + self.pipeline_id + self.pipeline_version
-        if not _ONLY_ID_CHARS(ids):
-            _refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "pipeline_version"))
-
-    @property
-    def key(self) -> bytes:
-        """The Kafka key: one batch's (or one pipeline's) commands stay in order."""
-        return (self.batch_id or self.pipeline_id).encode()
-
-    def encode(self) -> bytes:
-        return _ENCODER.encode(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = msgspec.to_builtins(self)
-        return out
-
-
-class Run(Command, tag="run", kw_only=True):
-    """Start the batch: create its flow run."""
-
-    type: ClassVar[str] = "run"
-
-
-class Stop(Command, tag="stop", kw_only=True):
-    """Stop the batch: cancel its flow runs."""
-
-    type: ClassVar[str] = "stop"
-
-
-class Delete(Command, tag="delete", kw_only=True):
-    """Delete the batch: cancel and delete its flow runs, purge its record."""
-
-    type: ClassVar[str] = "delete"
-
-
-class Deploy(Command, tag="deploy", kw_only=True):
-    """Creates or updates a pipeline version's deployment; keyed by the pipeline."""
-
-    type: ClassVar[str] = "deploy"
-    batch_id: IdOrEmpty = ""
-    pipeline_version: Id
-
-
-COMMAND_KINDS: Final[dict[str, type[Command]]] = {
-    c.type: c for c in (Run, Stop, Delete, Deploy)}
-COMMAND_TYPES: Final = frozenset(COMMAND_KINDS)
-AnyCommand = Run | Stop | Delete | Deploy
-
-
-def _new_command(type: str, batch_id: str, pipeline_id: str,
-                 pipeline_version: str = "", *, event_id: str | None = None,
-                 ts: float | None = None) -> Command:
-    kind: Any = COMMAND_KINDS.get(type)
-    if kind is None:
-        raise CodecError(f"unknown command type {type!r}; known: {sorted(COMMAND_KINDS)}")
-    command: Command = kind(schema=SCHEMA, event_id=event_id or _new_id(), batch_id=batch_id,
-                            pipeline_id=pipeline_id, pipeline_version=pipeline_version,
-                            ts=time.time() if ts is None else ts)
-    return command
-

@@ -1,0 +1,108 @@
+"""The Kafka commands: one typed class per kind (msgspec structs), as `core.messages` holds
+the events. `Command(type, batch_id, pipeline_id, ...)` builds the class of that kind."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
+
+import msgspec
+
+from core.messages import (
+    ENCODER,
+    SCHEMA,
+    CodecError,
+    Id,
+    IdOrEmpty,
+    id_chars_only,
+    new_message_id,
+    refuse_ids,
+)
+
+
+class _CommandMeta(msgspec.StructMeta):
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if cls is Command:
+            return _new_command(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
+class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="type"):
+    """What the API asks of the commands consumer; one subclass per `type` (Run, Stop,
+    Delete, Deploy)."""
+
+    type: ClassVar[str]
+    schema: Literal[1]
+    event_id: Id
+    batch_id: Id
+    pipeline_id: Id
+    # "" when a run, stop or delete does not name one (the batch's recorded version).
+    pipeline_version: IdOrEmpty = ""
+    ts: float
+
+    if TYPE_CHECKING:
+        def __init__(self, type: str, batch_id: str, pipeline_id: str,
+                     pipeline_version: str = "", *, event_id: str = ...,
+                     ts: float = ...) -> None: ...
+
+    def __post_init__(self) -> None:
+        ids = self.event_id + self.batch_id + self.pipeline_id + self.pipeline_version
+        if not id_chars_only(ids):
+            refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "pipeline_version"))
+
+    @property
+    def key(self) -> bytes:
+        """The Kafka key: one batch's (or one pipeline's) commands stay in order."""
+        return (self.batch_id or self.pipeline_id).encode()
+
+    def encode(self) -> bytes:
+        return ENCODER.encode(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = msgspec.to_builtins(self)
+        return out
+
+
+class Run(Command, tag="run", kw_only=True):
+    """Start the batch: create its flow run."""
+
+    type: ClassVar[str] = "run"
+
+
+class Stop(Command, tag="stop", kw_only=True):
+    """Stop the batch: cancel its flow runs."""
+
+    type: ClassVar[str] = "stop"
+
+
+class Delete(Command, tag="delete", kw_only=True):
+    """Delete the batch: cancel and delete its flow runs, purge its record."""
+
+    type: ClassVar[str] = "delete"
+
+
+class Deploy(Command, tag="deploy", kw_only=True):
+    """Creates or updates a pipeline version's deployment; keyed by the pipeline."""
+
+    type: ClassVar[str] = "deploy"
+    batch_id: IdOrEmpty = ""
+    pipeline_version: Id
+
+
+COMMAND_KINDS: Final[dict[str, type[Command]]] = {
+    c.type: c for c in (Run, Stop, Delete, Deploy)}
+COMMAND_TYPES: Final = frozenset(COMMAND_KINDS)
+AnyCommand = Run | Stop | Delete | Deploy
+
+
+def _new_command(type: str, batch_id: str, pipeline_id: str,
+                 pipeline_version: str = "", *, event_id: str | None = None,
+                 ts: float | None = None) -> Command:
+    kind: Any = COMMAND_KINDS.get(type)
+    if kind is None:
+        raise CodecError(f"unknown command type {type!r}; known: {sorted(COMMAND_KINDS)}")
+    command: Command = kind(schema=SCHEMA, event_id=event_id or new_message_id(), batch_id=batch_id,
+                            pipeline_id=pipeline_id, pipeline_version=pipeline_version,
+                            ts=time.time() if ts is None else ts)
+    return command
+
