@@ -20,21 +20,18 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
-import random
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from benchmarks.apply_rate import DUPLICATES, OLDER, STATES, Rates, apply_rate
 from benchmarks.harness import free_port, machine_anchors, server, stack
 from benchmarks.startup import Starts, start_latency
-from consumers.events import EventsConsumer
 from core.codec import Event
 from core.connections import open_producer, open_redis
 from core.models import PipelineSpec, StepSpec, new_batch_id
@@ -181,113 +178,6 @@ async def visible_latency(api: str, session: aiohttp.ClientSession, settings: Se
 
 
 # -- 3. apply rate --------------------------------------------------------------------------
-
-DUPLICATES = 0.10  # a record delivered again (same event id): a producer retry, a replay
-OLDER = 0.10  # an offset lower than one already sent (a step's late or re-sent progress)
-STATES = 0.02  # step state events among the offsets, duplicated like the rest
-
-
-def stream(batches: list[str], pipeline_id: str, steps: list[str], total: int) -> list[Event]:
-    """`total` events as the events topic carries them in real life: mostly rising offsets,
-    with duplicates of earlier records, older offsets and state changes mixed in (seeded, so
-    every run reads the same stream)."""
-    rng = random.Random(9)
-    out: list[Event] = []
-    step_rank = ("pending", "running", "success")
-    for n in range(total):
-        batch_id = batches[n % len(batches)]
-        roll = rng.random()
-        if out and roll < DUPLICATES:
-            out.append(out[rng.randrange(max(0, len(out) - 5_000), len(out))])
-        elif roll < DUPLICATES + OLDER:
-            out.append(Event("step.offsets", batch_id, pipeline_id, step=steps[n % 3],
-                             offsets={f"partition_{n % 4}": max(0, n - rng.randrange(1, 50_000))}))
-        elif roll < DUPLICATES + OLDER + STATES:
-            out.append(Event("step.state", batch_id, pipeline_id, step=rng.choice(steps),
-                             state=rng.choice(step_rank)))
-        else:
-            out.append(Event("step.offsets", batch_id, pipeline_id, step=steps[n % 3],
-                             offsets={f"partition_{n % 4}": n}))
-    return out
-
-@dataclass
-class Rates:
-    """Events/s of the consumer and of the raw read (steady state), and the CPU each took in
-    this process per event (µs): the CPU figures hardly move with the machine's other load."""
-
-    apply: float
-    raw: float
-    apply_cpu_us: float
-    raw_cpu_us: float
-
-
-async def apply_rate(settings: Settings, total: int, redis_db: int) -> Rates:
-    base = settings.redis_url.rsplit("/", 1)[0]
-    topic = f"bench.{uuid.uuid4().hex[:8]}.events"
-    bench = settings.model_copy(update={"redis_url": f"{base}/{redis_db}", "topic_events": topic,
-                                        "group_events": f"bench-{uuid.uuid4().hex[:8]}"})
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic(topic, 6, 1)])
-    redis = await open_redis(bench)
-    await redis.flushdb()
-    store = BatchStore(redis, Scripts(redis), token_secret=b"unused")
-    spec = PipelineSpec(name="bench-apply", version="1",
-                        steps=[StepSpec(name=s, uses="sales." + s) for s in ("extract", "transform", "load")])
-    batches = [new_batch_id() for _ in range(1000)]
-    for batch_id in batches:
-        await store.create("bench-apply", batch_id, spec)
-    producer = await open_producer(bench, linger_ms=20, max_batch_size=1 << 20)
-    try:
-        futures = []
-        for record in stream(batches, "bench-apply", [s.name for s in spec.steps], total):
-            futures.append(await producer.send(topic, record.encode(),
-                                               key=record.batch_id.encode()))
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
-    try:
-        raw = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
-                               auto_offset_reset="earliest", enable_auto_commit=False,
-                               max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
-        # Both rates are steady-state ones: from the end of the first poll that returned records
-        # to the last record (joining the group and the first fetch are start-up, not rate).
-        await raw.start()
-        seen, first = 0, None
-        while seen < total:
-            for records in (await raw.getmany(timeout_ms=200, max_records=20_000)).values():
-                seen += len(records)
-            if seen and first is None:
-                first = (time.perf_counter(), seen)
-                cpu0 = time.process_time()
-        assert first is not None
-        raw_rate = (total - first[1]) / max(time.perf_counter() - first[0], 1e-6)
-        raw_cpu = (time.process_time() - cpu0) * 1e6 / (total - first[1])
-        await raw.stop()
-
-        consumer = EventsConsumer(bench)
-        await consumer.start()
-        task = asyncio.create_task(consumer.run())
-        first = None
-        while (done := consumer.applied + consumer.dropped + consumer.dead) < total:
-            if task.done():
-                task.result()
-            if done and first is None:
-                first = (time.perf_counter(), done)
-                cpu0 = time.process_time()
-            await asyncio.sleep(0.002)
-        assert first is not None
-        apply = (total - first[1]) / max(time.perf_counter() - first[0], 1e-6)
-        apply_cpu = (time.process_time() - cpu0) * 1e6 / (total - first[1])
-        await consumer.stop()
-        await task
-    finally:
-        await redis.flushdb()
-        await redis.aclose()
-        await admin.delete_topics([topic])
-        await admin.close()
-    return Rates(apply, raw_rate, apply_cpu, raw_cpu)
-
 
 async def run(args: argparse.Namespace) -> None:
     settings = get_settings()
