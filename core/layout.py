@@ -10,7 +10,10 @@ scripts get their state orders from here (`lua_rank`), so each order is written 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, Final
 
 import orjson
@@ -21,6 +24,9 @@ from core.models import BATCH_STATES, STEP_STATES
 DELETED: Final = "deleted"
 STEP_PREFIX: Final = "step:"
 OFFSET_PREFIX: Final = "off:"
+TOTAL_PREFIX: Final = "tot:"  # tot:<step>:<partition> -> records the partition holds
+STARTED_PREFIX: Final = "started:"  # started:<step> -> when the step began running (ISO)
+MOVED_PREFIX: Final = "moved:"  # moved:<step> -> when an offset of the step last grew (ISO)
 
 # The order states only move forward in. Both final step states rank alike: neither replaces
 # the other.
@@ -71,16 +77,30 @@ def render(fields: Mapping[str, str]) -> dict[str, Any]:
         name: {"state": fields.get(STEP_PREFIX + name, "none"), "offsets": {}}
         for name in orjson.loads(fields["steps"])
     }
+    totals: dict[str, dict[str, int]] = {}
     for field_name, value in fields.items():
         if field_name.startswith(OFFSET_PREFIX):
             _, step, part = field_name.split(":", 2)
             if step in steps:
                 steps[step]["offsets"][part] = int(value)
-    for entry in steps.values():
+        elif field_name.startswith(TOTAL_PREFIX):
+            _, step, part = field_name.split(":", 2)
+            if step in steps:
+                totals.setdefault(step, {})[part] = int(value)
+    running = fields["state"] == "running"
+    stalled_any = False
+    for name, entry in steps.items():
         if len(entry["offsets"]) > 1:
-            entry["offsets"] = dict(sorted(entry["offsets"].items(),
-                                           key=lambda kv: _natural(kv[0])))
-    return {
+            entry["offsets"] = _sorted(entry["offsets"])
+        step_totals = totals.get(name)
+        if step_totals:
+            entry["totals"] = _sorted(step_totals)
+        started = fields.get(STARTED_PREFIX + name)
+        moved = fields.get(MOVED_PREFIX + name)
+        entry["progress"] = progress(entry["offsets"], step_totals, started, moved)
+        if running and entry["state"] == "running" and _stalled(moved or started):
+            entry["stalled"] = stalled_any = True
+    out: dict[str, Any] = {
         "id": fields["id"],
         "name": fields["name"],
         "deployment": fields["deployment"],
@@ -93,3 +113,49 @@ def render(fields: Mapping[str, str]) -> dict[str, Any]:
         "reason": fields.get("reason"),
         "flow_run_id": fields.get("flow_run_id"),
     }
+    if stalled_any:
+        out["stalled"] = True
+    return out
+
+
+def _sorted(by_partition: dict[str, int]) -> dict[str, int]:
+    return dict(sorted(by_partition.items(), key=lambda kv: _natural(kv[0])))
+
+
+def progress(offsets: Mapping[str, int], totals: Mapping[str, int] | None,
+             started: str | None, moved: str | None) -> dict[str, float | None]:
+    """A step's `progress`: percent of its totals done (when it reported totals), its rate
+    in records per second since it started running, and the time left at that rate."""
+    done = sum(offsets.values())
+    percent = eta = rate = None
+    if started and moved:
+        elapsed = (_when(moved) - _when(started)).total_seconds()
+        if elapsed > 0:
+            rate = round(done / elapsed, 1)
+    if totals:
+        total = sum(totals.values())
+        counted = sum(min(offsets.get(part, 0), of) for part, of in totals.items())
+        if total > 0:
+            percent = round(100 * counted / total, 1)
+            if counted >= total:
+                eta = 0.0
+            elif rate:
+                eta = round((total - counted) / rate, 1)
+    return {"percent": percent, "records_per_s": rate, "eta_s": eta}
+
+
+def _when(iso: str) -> datetime:
+    return datetime.fromisoformat(iso)
+
+
+def _stalled(since: str | None) -> bool:
+    """A running step that has not moved for `DHUB_STALL_AFTER_S` (read when rendered: a
+    cached render is re-read within the cache's TTL)."""
+    if since is None:
+        return False
+    return (datetime.now(UTC) - _when(since)).total_seconds() > stall_after_s()
+
+
+@lru_cache(maxsize=1)
+def stall_after_s() -> float:
+    return float(os.environ.get("DHUB_STALL_AFTER_S", "120"))

@@ -52,6 +52,7 @@ Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 # Offsets travel through Lua as doubles: above 2**53 they would lose precision.
 Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)]
 Offsets = Annotated[dict[Id, Offset], msgspec.Meta(min_length=1)]
+Totals = dict[Id, Offset]
 Outcome = OutcomeName
 
 ENCODER: Final = msgspec.json.Encoder()
@@ -120,7 +121,8 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
                      event_id: str = ..., ts: float = ..., state: str | None = None,
                      outcome: str | None = None, reason: str | None = None,
                      flow_run_id: str | None = None, step: str | None = None,
-                     offsets: dict[str, int] | None = None) -> None: ...
+                     offsets: dict[str, int] | None = None,
+                     totals: dict[str, int] | None = None) -> None: ...
 
         state: str | None
         outcome: str | None
@@ -128,6 +130,7 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
         flow_run_id: str | None
         step: str | None
         offsets: dict[str, int] | None
+        totals: dict[str, int] | None
     else:
         state = _absent("state")
         outcome = _absent("outcome")
@@ -135,6 +138,7 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
         flow_run_id = _absent("flow_run_id")
         step = _absent("step")
         offsets = _absent("offsets")
+        totals = _absent("totals")
 
     def __post_init__(self) -> None:
         if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id):
@@ -185,17 +189,22 @@ class StepState(Event, tag="step.state", kw_only=True):
 
 
 class StepOffsets(Event, tag="step.offsets", kw_only=True):
-    """How far one step got: records processed per partition (they only grow)."""
+    """How far one step got: records processed per partition (they only grow), and, when
+    the step knows them, how many records each of those partitions holds (`totals`: the
+    batch then shows percent and ETA)."""
 
     type: ClassVar[str] = "step.offsets"
     step: Id
     offsets: Offsets
+    totals: Totals = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ids = "".join((self.event_id, self.batch_id, self.pipeline_id, self.step, *self.offsets))
         # `id_chars_only` inlined: most of a fast stream is these events.
         if not ids.isascii() or ids.encode().translate(None, _ID_CHARS):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
+        if self.totals and not id_chars_only("".join(self.totals)):
+            refuse_ids(self, (), self.totals)
 
     def to_script(self) -> list[Any]:
         # No id: offsets apply by value, never de-duplicated by id.

@@ -54,6 +54,7 @@ return 1
 #                    only ("<decimal seconds>"; absent counts as 0)
 #   ["s", id, step, state]                              step.state
 #   ["o", step, partition, "<decimal offset>", ...]     step.offsets (any number of pairs)
+#   ["t", step, partition, "<decimal total>", ...]      the totals a step.offsets carried
 # Rules: batch state only moves forward (pending < scheduled < running < stop); among the
 # stops applied, the one with the greatest ts decides outcome and reason (ties: the first
 # applied), because Prefect allows Cancelled -> Running -> Completed: a cancel that lost the
@@ -154,6 +155,9 @@ local function apply(hash, seen, events)
       local new = STEP_RANK[ev[4]]
       if cur and new and new > (STEP_RANK[cur] or 0) then
         put(field, ev[4])
+        if ev[4] == 'running' and not h['started:' .. ev[3]] then
+          put('started:' .. ev[3], now)  -- progress: the step's rate counts from here
+        end
         did = true
       end
     elseif kind == 'o' then
@@ -168,8 +172,20 @@ local function apply(hash, seen, events)
             local cur = tonumber(h[field])
             if cur == nil or n > cur then
               put(field, value)
+              put('moved:' .. step, now)  -- progress: when the step last moved (stalls)
               did = true
             end
+          end
+        end
+      end
+    elseif kind == 't' then
+      local step = tostring(ev[2])
+      if h['step:' .. step] then
+        for i = 3, #ev - 1, 2 do
+          local field = 'tot:' .. step .. ':' .. tostring(ev[i])
+          if tonumber(ev[i + 1]) and h[field] ~= ev[i + 1] then
+            put(field, ev[i + 1])
+            did = true
           end
         end
       end

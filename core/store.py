@@ -52,11 +52,14 @@ def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any
     events given are not modified."""
     grouped: dict[str, dict[str, list[list[Any]]]] = {}
     merged: dict[tuple[str, str, str], dict[str, int]] = {}
+    totals: dict[tuple[str, str, str], dict[str, int]] = {}
     for event in events:
         # An exact class test and plain attribute reads: this loop runs once per event of a
         # fast stream, and most of its events merge into another.
         if type(event) is StepOffsets:
             key = (event.pipeline_id, event.batch_id, event.step)
+            if event.totals:  # the latest a step said of each partition
+                totals.setdefault(key, {}).update(event.totals)
             into = merged.get(key)
             if into is None:
                 merged[key] = dict(event.offsets)
@@ -76,7 +79,12 @@ def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any
         entry: list[Any] = ["o", step]
         for part, value in offsets.items():
             entry += (part, str(value))  # a string: a Lua number written back keeps 14 digits
-        grouped.setdefault(pipeline_id, {}).setdefault(batch_id, []).append(entry)
+        entries = grouped.setdefault(pipeline_id, {}).setdefault(batch_id, [])
+        entries.append(entry)
+        step_totals = totals.get((pipeline_id, batch_id, step))
+        if step_totals:
+            entries.append(["t", step, *(x for part, total in step_totals.items()
+                                         for x in (part, str(total)))])
     return grouped
 
 

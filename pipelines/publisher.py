@@ -92,8 +92,11 @@ class EventPublisher:
     async def step_state(self, step: str, state: str) -> None:
         await self.publish(self._event("step.state", step=step, state=state))
 
-    async def step_offsets(self, step: str, offsets: dict[str, int]) -> None:
-        await self.publish(self._event("step.offsets", step=step, offsets=dict(offsets)))
+    async def step_offsets(self, step: str, offsets: dict[str, int],
+                           totals: dict[str, int] | None = None) -> None:
+        """How far `step` got; `totals`: how many records those partitions hold, if known."""
+        await self.publish(self._event("step.offsets", step=step, offsets=dict(offsets),
+                                       totals=dict(totals or {})))
 
 
 async def start_producer(settings: Settings) -> Producer:

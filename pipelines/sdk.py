@@ -14,7 +14,7 @@ import asyncio
 import inspect
 import logging
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from types import MappingProxyType
 from typing import Any, TypeAlias, cast
@@ -82,6 +82,11 @@ class OffsetBook:
         with self._lock:
             return dict(self._totals)
 
+    def totals_of(self, partitions: Iterable[str]) -> dict[str, int]:
+        """The known totals of `partitions` (sent with their offsets)."""
+        with self._lock:
+            return {p: self._totals[p] for p in partitions if p in self._totals}
+
 
 class StepContext:
     """What a step's code receives: its identity (`batch_id`, `pipeline_id`, `step`), its
@@ -126,7 +131,7 @@ class StepContext:
 
     @property
     def totals(self) -> dict[str, int]:
-        """The totals given to `report()`; kept here, not published (the event has no field)."""
+        """The totals given to `report()` (published with the offsets: percent and ETA)."""
         return self._book.totals()
 
 
@@ -174,7 +179,8 @@ class OffsetPump:
         if not changed:
             return
         try:
-            await self._events.step_offsets(self._step, changed)
+            await self._events.step_offsets(self._step, changed,
+                                            self._book.totals_of(changed))
         except Exception:
             # Not delivered: the partitions stay marked and go out with the next event.
             self._book.give_back(changed)
@@ -255,7 +261,7 @@ async def _report_failure(events: EventPublisher, step: str, book: OffsetBook,
             await pump.stop(graceful=False)
             changed = book.take()
             if changed:
-                await events.step_offsets(step, changed)
+                await events.step_offsets(step, changed, book.totals_of(changed))
             await events.step_state(step, "failed")
     except Exception:
         log.warning("could not publish the failure of step %s", step, exc_info=True)

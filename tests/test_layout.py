@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from core import layout
 from core.models import BATCH_STATES, STEP_STATES
 from core.scripts import APPLY_EVENTS
@@ -24,3 +26,34 @@ def test_visibility_and_running_steps_read_the_hash() -> None:
     assert not layout.is_visible({**fields, layout.DELETED: "1"})
     assert not layout.is_visible(None) and not layout.is_visible({})
     assert layout.running_steps(fields) == {"load"}
+
+
+def test_progress_percent_rate_and_time_left() -> None:
+    started, moved = "2026-12-01T10:00:00.000Z", "2026-12-01T10:00:10.000Z"
+    assert layout.progress({"p0": 50, "p1": 50}, {"p0": 100, "p1": 300}, started, moved) == {
+        "percent": 25.0, "records_per_s": 10.0, "eta_s": 30.0}
+    # Without totals only the rate is known; without a start, nothing.
+    assert layout.progress({"p0": 50}, None, started, moved) == {
+        "percent": None, "records_per_s": 5.0, "eta_s": None}
+    assert layout.progress({"p0": 5}, None, None, moved) == {
+        "percent": None, "records_per_s": None, "eta_s": None}
+    assert layout.progress({"p0": 100}, {"p0": 100}, started, moved)["eta_s"] == 0.0
+
+
+def _running_batch(moved: str) -> dict[str, str]:
+    return {"id": "b", "name": "n", "deployment": "d", "state": "running", "pipeline_id": "p",
+            "pipeline_version": "1", "created_at": "t", "updated_at": "t",
+            "steps": '["extract"]', "step:extract": "running", "off:extract:p0": "5",
+            "started:extract": "2026-12-01T10:00:00.000Z", "moved:extract": moved}
+
+
+def test_a_running_step_that_has_not_moved_for_the_stall_time_is_stalled() -> None:
+    now = datetime.now(UTC)
+    old = (now - timedelta(seconds=layout.stall_after_s() + 5)).isoformat()
+    fresh = now.isoformat()
+    stalled = layout.render(_running_batch(old))
+    assert stalled["stalled"] is True and stalled["state"]["steps"]["extract"]["stalled"]
+    moving = layout.render(_running_batch(fresh))
+    assert "stalled" not in moving and "stalled" not in moving["state"]["steps"]["extract"]
+    stopped = layout.render({**_running_batch(old), "state": "stop"})
+    assert "stalled" not in stopped

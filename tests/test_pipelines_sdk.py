@@ -124,6 +124,11 @@ async def test_many_reports_become_few_events_with_exact_final_offsets(
     assert merged_offsets(events) == dict.fromkeys(parts, per_part)
     assert ctx.offsets == dict.fromkeys(parts, per_part)
     assert ctx.totals == dict.fromkeys(parts, per_part)
+    # The totals travel with the offsets: the batch can show percent and ETA.
+    sent_totals: dict[str, int] = {}
+    for event in offsets:
+        sent_totals.update(event.totals or {})
+    assert sent_totals == dict.fromkeys(parts, per_part)
     assert all(e.batch_id == BATCH and e.pipeline_id == PIPELINE for e in events)
 
 

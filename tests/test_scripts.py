@@ -358,3 +358,29 @@ async def test_apply_loads_the_script_again_after_redis_lost_it(private_redis: P
         assert (await store.fields(P, b) or {})["state"] == "running"
     finally:
         await redis.aclose()
+
+
+async def test_totals_and_the_times_progress_is_computed_from(
+        store: BatchStore, redis: Redis) -> None:
+    b = await new_batch(store)
+    step = "extract"
+    await store.apply([ev(b, "batch.state", state="running"),
+                       ev(b, "step.state", step=step, state="running")])
+    started = await redis.hget(keys.batch(P, b), "started:" + step)
+    assert started is not None
+    await store.apply([ev(b, "step.offsets", step=step, offsets={"p0": 10},
+                          totals={"p0": 100, "p1": 50}),
+                       ev(b, "step.offsets", step="nope", offsets={"p0": 1}, totals={"p0": 9})])
+    fields = cast(dict[str, str], await redis.hgetall(keys.batch(P, b)))
+    assert (fields["tot:extract:p0"], fields["tot:extract:p1"]) == ("100", "50")
+    assert "moved:extract" in fields and fields["started:extract"] == started
+    assert not any(name.startswith("tot:nope") for name in fields)  # unknown steps ignored
+    rendered = await store.get(P, b)
+    assert rendered is not None
+    extract = rendered["state"]["steps"][step]
+    assert extract["totals"] == {"p0": 100, "p1": 50}
+    assert extract["progress"]["percent"] == round(100 * 10 / 150, 1)
+    # The same totals again change nothing (no new revision, no message).
+    rev = fields["rev"]
+    await store.apply([ev(b, "step.offsets", step=step, offsets={"p0": 5}, totals={"p0": 100})])
+    assert await redis.hget(keys.batch(P, b), "rev") == rev
