@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from core.codec import Event
 from core.models import new_batch_id
 from core.settings import Settings, get_settings
 from core.store import BatchStore
@@ -72,6 +73,12 @@ async def new_batches(store: BatchStore, n: int = 1) -> list[str]:
 async def get(api: TestClient[Any, Any], batch_id: str) -> tuple[int, dict[str, Any]]:
     response = await api.get(f"/api/v1/batches/{PIPELINE}/{batch_id}", headers=AUTH)
     return response.status, await response.json()
+
+
+async def set_offset(store: BatchStore, batch_id: str, offset: int) -> None:
+    """A real change of the batch (through the events path), publishing its new hash."""
+    await store.apply([Event("step.offsets", batch_id, PIPELINE, step="extract",
+                             offsets={"0": offset})])
 
 
 def cache_of(api: TestClient[Any, Any]) -> BatchCache:

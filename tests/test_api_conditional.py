@@ -11,12 +11,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core.codec import Event
 from core.settings import Settings
-from core.store import BatchStore
 from service.appkeys import WAITERS
 from service.conditional import matches
-from tests.cache_support import PIPELINE, cache_of, cached_api, direct_store, engines, new_batches
+from tests.cache_support import PIPELINE, cache_of, cached_api, direct_store, engines, new_batches, set_offset
 from tests.conftest import eventually
 from tests.helpers import AUTH
 
@@ -40,10 +38,6 @@ async def _get(api: TestClient[Any, Any], path: str, **headers: str) -> tuple[in
     return response.status, body, response.headers.get("ETag", "")
 
 
-async def _offset(store: BatchStore, batch_id: str, offset: int) -> None:
-    await store.apply([Event("step.offsets", batch_id, PIPELINE, step="extract",
-                             offsets={"0": offset})])
-
 
 async def test_an_etag_that_changes_exactly_when_the_batch_does(
         test_settings: Settings, redis: Redis) -> None:
@@ -56,7 +50,7 @@ async def test_an_etag_that_changes_exactly_when_the_batch_does(
         assert (await _get(api, path))[2] == etag  # unchanged: same tag (cached or not)
         status, body304, tag304 = await _get(api, path, **{"If-None-Match": etag})
         assert (status, body304, tag304) == (304, b"", etag)
-        await _offset(store, target, 5)
+        await set_offset(store, target, 5)
 
         async def changed() -> bool:
             return (await _get(api, path, **{"If-None-Match": etag}))[0] == 200
@@ -83,7 +77,7 @@ async def test_a_held_get_answers_at_the_change_without_polling(
         await asyncio.sleep(0.5)  # held: a poller would read the batch meanwhile
         assert not held.done() and cache.hits + cache.misses - lookups <= 1
         started = time.monotonic()
-        await _offset(store, target, 7)
+        await set_offset(store, target, 7)
         status, body, new_etag = await asyncio.wait_for(held, 5)
         assert status == 200 and b'"0":7' in body and new_etag != etag
         assert time.monotonic() - started < 2

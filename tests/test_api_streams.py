@@ -17,11 +17,10 @@ from core import keys
 from core.codec import Event
 from core.models import new_batch_id
 from core.settings import Settings
-from core.store import BatchStore
 from service import streams
 from service.appkeys import WAITERS
 from service.waiters import BatchFeed, PipelineWatch
-from tests.cache_support import PIPELINE, cached_api, direct_store, engines, new_batches
+from tests.cache_support import PIPELINE, cached_api, direct_store, engines, new_batches, set_offset
 from tests.conftest import eventually
 from tests.helpers import AUTH, spec
 
@@ -55,10 +54,6 @@ async def next_event(response: ClientResponse, timeout: float = 5) -> dict[str, 
             fields[name] = value.removeprefix(" ")
 
 
-async def _offset(store: BatchStore, batch_id: str, offset: int) -> None:
-    await store.apply([Event("step.offsets", batch_id, PIPELINE, step="extract",
-                             offsets={"0": offset})])
-
 
 async def _get(api: TestClient[Any, Any], batch_id: str) -> tuple[bytes, str]:
     response = await api.get(f"/api/v1/batches/{PIPELINE}/{batch_id}", headers=AUTH)
@@ -76,7 +71,7 @@ async def test_a_stream_sends_the_batch_then_each_change_then_the_end(
         assert response.headers["Content-Type"].startswith("text/event-stream")
         first = await next_event(response)
         assert (first["event"], first["id"], first["data"].encode()) == ("batch", etag, body)
-        await _offset(store, target, 3)
+        await set_offset(store, target, 3)
         second = await next_event(response)
         assert second["event"] == "batch" and second["id"] != etag
         assert orjson.loads(second["data"])["state"]["steps"]["extract"]["offsets"] == {"0": 3}
@@ -100,7 +95,7 @@ async def test_last_event_id_resumes_without_repeating(
         response = await api.get(f"/api/v1/batches/{PIPELINE}/{target}",
                                  headers={**SSE, "Last-Event-ID": etag})
         await eventually(lambda: len(api.app[WAITERS]) == 1, timeout=5)
-        await _offset(store, target, 9)
+        await set_offset(store, target, 9)
         event = await next_event(response)  # the change, not the state it already had
         assert orjson.loads(event["data"])["state"]["steps"]["extract"]["offsets"] == {"0": 9}
         response.close()
@@ -133,7 +128,7 @@ async def test_many_streams_share_the_one_subscription(
             assert (await next_event(response))["event"] == "batch"
         [(_, during)] = await redis.pubsub_numsub(keys.CHANGES_CHANNEL)
         assert during == before
-        await _offset(store, target, 11)
+        await set_offset(store, target, 11)
         for response in responses:
             event = await next_event(response)
             assert orjson.loads(event["data"])["state"]["steps"]["extract"]["offsets"] == {"0": 11}
