@@ -37,10 +37,9 @@ from redis.asyncio import Redis
 
 from consumers.acks import PendingAcks
 from consumers.options import ConsumerOptions
-from consumers.part import Part, close_all
+from consumers.part import Clients, Part
 from consumers.prefect_stream import ReceiptSubscriber
 from core import keys
-from core.connections import open_producer, open_redis
 from core.models import TAG_DHUB
 from core.prefect_events import TAG_PREFIX, translate
 from core.retry import describe
@@ -99,15 +98,15 @@ class PrefectBridge(Part):
         self.forwarded = 0
         self.sessions = 0
 
-    async def start(self) -> None:
-        self._redis = await open_redis(self.settings)
-        self._producer = await open_producer(self.settings)
+    async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
+        self._redis = clients.redis
+        self._producer = clients.producer
+        # Closed before the clients it writes with (the scope closes in reverse).
+        scope.push_async_callback(self._last_checkpoint)
 
-    async def close(self) -> None:
-        if self._redis is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._save_checkpoint(force=True))
-        await close_all(self._producer, self._redis)
+    async def _last_checkpoint(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._save_checkpoint(force=True))
 
     async def _loop(self) -> None:
         next_delay = self.options.retry_policy().delays()

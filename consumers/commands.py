@@ -18,10 +18,10 @@ queues one clean-up job per batch. The slow part of a delete runs off this path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from redis.asyncio import Redis
+from aiokafka import AIOKafkaConsumer
 
 from consumers.active import ActiveRuns
 from consumers.cleanup import Cleanup
@@ -31,10 +31,9 @@ from consumers.emit import Emitter
 from consumers.kafka import Record, open_consumer
 from consumers.lanes import Lanes
 from consumers.options import ConsumerOptions
-from consumers.part import Part, close_all
+from consumers.part import Clients, Part
 from consumers.prefect_api import PrefectGateway, RunState, not_found
 from core.codec import CodecError, Command, Event, decode_command
-from core.connections import open_producer, open_redis
 from core.models import PipelineSpec
 from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
@@ -60,35 +59,31 @@ class CommandsConsumer(Part):
         self.backoff = Backoff(self.stopping, self.options.retry_policy())
         self.lanes = Lanes(self.name, self.handle, self.options.retry_policy(),
                            self.options.revoke_wait_s)
-        self._redis: Redis | None = None
-        self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self.prefect: PrefectGateway | None = None
 
-    async def start(self) -> None:
+    async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         s = self.settings
         ensure = self._ensure or default_ensure()
-        self._redis = redis = await open_redis(s)
+        redis = clients.redis
         scripts = Scripts(redis)
         self.store = BatchStore.from_settings(redis, s, scripts)
         self.registry = PipelineRegistry(redis, scripts)
         self.active = ActiveRuns(redis)
         self.deployments = Deployments(s, ensure)
-        self.prefect = PrefectGateway(s, self.options.prefect_timeout_s)
-        await self.prefect.open()
-        self._producer = await open_producer(s)
-        self.emitter = Emitter(self._producer, s.topic_events, self.store)
-        self.dlq = DeadLetters(self._producer, s.topic_dlq, self.name)
-        self.cleanup = Cleanup(redis, self.prefect, self.store, self.active, self.options,
+        self.prefect = prefect = PrefectGateway(s, self.options.prefect_timeout_s)
+        await prefect.open()
+        scope.push_async_callback(prefect.close)
+        self.emitter = Emitter(clients.producer, s.topic_events, self.store)
+        self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
+        self.cleanup = Cleanup(redis, prefect, self.store, self.active, self.options,
                                self.stopping)
         self._consumer = await open_consumer(
             s, self.name, s.topic_commands, s.group_commands, listener=self.lanes,
             max_poll_records=self.options.commands_max_records,
             max_poll_interval_ms=self.options.commands_max_poll_interval_ms)
+        scope.push_async_callback(self._consumer.stop)
         self.lanes.consumer = self._consumer
-
-    async def close(self) -> None:
-        await close_all(self._consumer, self._producer, self.prefect, self._redis)
 
     # -- the loop ------------------------------------------------------------------------
 

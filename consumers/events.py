@@ -16,22 +16,21 @@ dropped by the script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from redis.asyncio import Redis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import ResponseError
 
 from consumers.dlq import DeadLetters
 from consumers.kafka import Record, commit_retrying, open_consumer
 from consumers.options import ConsumerOptions
-from consumers.part import Part, close_all
+from consumers.part import Clients, Part
 from core.codec import CodecError, Event, decode_event
-from core.connections import open_producer, open_redis
 from core.retry import Backoff, Stopping, Verdict, classify
 from core.settings import Settings
 from core.store import BatchStore
@@ -63,8 +62,6 @@ class EventsConsumer(Part):
         self.settings = settings
         self.options = options or ConsumerOptions()
         self.backoff = Backoff(self.stopping, self.options.retry_policy())
-        self._redis: Redis | None = None
-        self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         # Totals since start, logged every STATS_EVERY_S and read by tests and benchmarks.
         self.applied = 0
@@ -72,21 +69,17 @@ class EventsConsumer(Part):
         self.dropped = 0
         self.dead = 0
 
-    async def start(self) -> None:
+    async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         s = self.settings
-        self._redis = redis = await open_redis(s)
-        self.store = BatchStore.from_settings(redis, s)
-        self._producer = await open_producer(s)
-        self.dlq = DeadLetters(self._producer, s.topic_dlq, self.name)
+        self.store = BatchStore.from_settings(clients.redis, s)
+        self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
         self._consumer = await open_consumer(
             s, self.name, s.topic_events, s.group_events,
             max_poll_records=self.options.events_max_records,
             # Big fetches: throughput here is bounded by per-request overhead, not bytes.
             max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
         )
-
-    async def close(self) -> None:
-        await close_all(self._consumer, self._producer, self._redis)
+        scope.push_async_callback(self._consumer.stop)
 
     async def _loop(self) -> None:
         assert self._consumer is not None

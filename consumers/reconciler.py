@@ -13,23 +13,22 @@ whose batch is gone, hidden or stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
 from consumers.active import ActiveRuns
 from consumers.emit import Emitter
 from consumers.options import ConsumerOptions
 from consumers.orphans import OrphanOptions, OrphanSweep
-from consumers.part import Part, close_all
+from consumers.part import Clients, Part
 from consumers.prefect_api import PrefectGateway, RunState
 from core import keys
 from core.codec import Event
-from core.connections import open_producer, open_redis
 from core.prefect_events import FLOW_STATES, flow_state_event
 from core.retry import describe
 from core.settings import Settings
@@ -62,24 +61,20 @@ class Reconciler(Part):
         self._orphan_scope = orphan_scope
         self.sweep: OrphanSweep | None = None
         self._redis: Redis | None = None
-        self._producer: AIOKafkaProducer | None = None
         self.prefect: PrefectGateway | None = None
         self.rounds = 0
         self.published = 0
 
-    async def start(self) -> None:
-        self._redis = redis = await open_redis(self.settings)
+    async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
+        self._redis = redis = clients.redis
         self.active = ActiveRuns(redis)
-        self.prefect = PrefectGateway(self.settings, self.options.prefect_timeout_s)
-        await self.prefect.open()
+        self.prefect = prefect = PrefectGateway(self.settings, self.options.prefect_timeout_s)
+        await prefect.open()
+        scope.push_async_callback(prefect.close)
         if self.orphan_options.enabled:
-            self.sweep = OrphanSweep(redis, self.prefect, self.orphan_options,
+            self.sweep = OrphanSweep(redis, prefect, self.orphan_options,
                                      scope=self._orphan_scope)
-        self._producer = await open_producer(self.settings)
-        self.emitter = Emitter(self._producer, self.settings.topic_events)
-
-    async def close(self) -> None:
-        await close_all(self._producer, self.prefect, self._redis)
+        self.emitter = Emitter(clients.producer, self.settings.topic_events)
 
     async def _loop(self) -> None:
         while not await self.sleep(self.options.reconcile_interval_s):

@@ -1,8 +1,10 @@
 """Runs a set of parts in one process: start, heartbeat, graceful shutdown on a signal.
 
-SIGTERM/SIGINT: every part stops fetching, finishes (and commits) what it is doing, then
-closes its clients. A part that dies takes the process down with exit code 1, so the
-supervisor restarts it rather than leaving a half-working process that looks alive.
+The parts share one Redis client and one producer, opened and closed around them by
+`consumers.scope.serving`. SIGTERM/SIGINT: every part stops fetching, finishes (and
+commits) what it is doing, then closes; the shared clients close last. A part that dies
+takes the process down with exit code 1, so the supervisor restarts it rather than
+leaving a half-working process that looks alive.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from consumers.events import EventsConsumer
 from consumers.options import ConsumerOptions
 from consumers.part import Part
 from consumers.reconciler import Reconciler
+from consumers.scope import serving
 from core import keys
-from core.connections import open_redis
 from core.logs import redact
 from core.settings import Settings
 
@@ -62,32 +64,24 @@ class Runner:
         log.info("consumers starting: %s (kafka %s, redis %s, prefect %s)", names,
                  self.settings.kafka_bootstrap, redact(self.settings.redis_url),
                  redact(self.settings.prefect_api_url))
-        started: list[Part] = []
-        redis: Redis | None = None
-        tasks: dict[asyncio.Task[None], Part] = {}
         failed = False
         try:
-            for part in self.parts:
-                started.append(part)  # closed even if its start fails half-way
-                await part.start()
-            redis = await open_redis(self.settings)
-            tasks = {asyncio.create_task(p.run(), name=p.name): p for p in self.parts}
-            heartbeat = asyncio.create_task(self._heartbeat(redis, names), name="heartbeat")
-            stop = asyncio.create_task(self._until_stopping())
-            done, _ = await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done & tasks.keys():
-                failed = True
-                log.error("part %s ended unexpectedly: %r", tasks[task].name,
-                          task.exception() if not task.cancelled() else "cancelled")
-            stop.cancel()
-            heartbeat.cancel()
+            async with serving(self.parts, self.settings,
+                               self.options.shutdown_timeout_s) as live:
+                tasks = live.tasks
+                heartbeat = asyncio.create_task(self._heartbeat(live.clients.redis, names),
+                                                name="heartbeat")
+                stop = asyncio.create_task(self._until_stopping())
+                done, _ = await asyncio.wait({*tasks, stop}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done & tasks.keys():
+                    failed = True
+                    log.error("part %s ended unexpectedly: %r", tasks[task].name,
+                              task.exception() if not task.cancelled() else "cancelled")
+                stop.cancel()
+                heartbeat.cancel()
         except Exception:
             log.exception("consumers failed to start")
             failed = True
-        finally:
-            await self._shutdown(started, tasks)
-            if redis is not None:
-                await redis.aclose()
         log.info("consumers stopped")
         return 1 if failed else 0
 
@@ -97,21 +91,6 @@ class Runner:
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s, shutting down", sig.name)
         self.stopping.set()
-
-    async def _shutdown(self, started: list[Part], tasks: dict[asyncio.Task[None], Part]) -> None:
-        for part in started:
-            part.request_stop()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=self.options.shutdown_timeout_s)
-            for task in pending:
-                log.warning("part %s did not stop in time; cancelled", tasks[task].name)
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for part in started:
-            try:
-                await asyncio.shield(part.close())
-            except Exception:
-                log.exception("closing %s failed", part.name)
 
     async def _heartbeat(self, redis: Redis, names: str) -> None:
         """A key with a TTL: present while this process (or another consumer process) is

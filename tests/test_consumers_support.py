@@ -3,7 +3,6 @@ Kafka, Redis and Prefect of the stack, and Prefect deployments made for one test
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import textwrap
 import uuid
@@ -22,6 +21,7 @@ from redis.asyncio import Redis
 
 from consumers.options import ConsumerOptions
 from consumers.part import Part
+from consumers.scope import serving
 from core import keys
 from core.codec import Command
 from core.connections import open_producer
@@ -101,18 +101,10 @@ async def send_command(settings: Settings, kind: str, pipeline_id: str, batch_id
 
 @contextlib.asynccontextmanager
 async def running(part: Part) -> AsyncIterator[Part]:
-    """The part started and running as a task; stopped the way the runner stops it."""
-    try:
-        await part.start()
-    except BaseException:
-        await part.close()
-        raise
-    task = asyncio.create_task(part.run())
-    try:
+    """The part started on clients of its own and running as a task; stopped and closed the
+    way the runner stops it (`consumers.scope.serving`)."""
+    async with serving([part], part.settings, part.options.shutdown_timeout_s):
         yield part
-    finally:
-        await part.stop()
-        await task
 
 
 @contextlib.asynccontextmanager
