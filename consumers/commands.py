@@ -61,6 +61,9 @@ class CommandsConsumer(Part):
                            self.options.revoke_wait_s)
         self._consumer: AIOKafkaConsumer | None = None
         self.prefect: PrefectGateway | None = None
+        # For the metrics: commands by (type, outcome), and their retries by type.
+        self.handled: dict[tuple[str, str], int] = {}
+        self.retried: dict[str, int] = {}
 
     async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         s = self.settings
@@ -125,11 +128,15 @@ class CommandsConsumer(Part):
         except CodecError as exc:
             reason = f"malformed command: {exc}"
             log.warning("%s at %s:%d:%d", reason, record.topic, record.partition, record.offset)
-            await backoff.call("dead-letter", lambda: self.dlq.send_and_wait(record, reason))
+            await backoff.call("dead-letter",
+                               lambda: self.dlq.send_and_wait(record, reason, "malformed"))
+            self._count("malformed", "dead_lettered")
             return
         what = f"{command.type} {command.pipeline_id}/{command.batch_id}"
+        retries = backoff.retries  # the lane's own: one command at a time
         try:
             await backoff.call(what, lambda: self.apply(command))
+            outcome = "done"
         except Stopping:
             raise
         except Exception as exc:
@@ -137,6 +144,15 @@ class CommandsConsumer(Part):
             log.error("%s: permanent error, dead-lettered: %s", what, reason,
                       exc_info=not isinstance(exc, Permanent))
             await backoff.call(what, lambda: self._reject(record, command, reason))
+            outcome = "dead_lettered"
+        finally:
+            if backoff.retries != retries:
+                self.retried[command.type] = (self.retried.get(command.type, 0)
+                                              + backoff.retries - retries)
+        self._count(command.type, outcome)
+
+    def _count(self, kind: str, outcome: str) -> None:
+        self.handled[(kind, outcome)] = self.handled.get((kind, outcome), 0) + 1
 
     async def apply(self, command: Command) -> None:
         if command.type == "run":
@@ -164,7 +180,7 @@ class CommandsConsumer(Part):
             # whose create is still in flight inside Prefect, is cancelled by the clean-up.
             await self.active.remove(command.pipeline_id, command.batch_id)
             await self.cleanup.enqueue("cancel", command.pipeline_id, command.batch_id)
-        await self.dlq.send_and_wait(record, reason)
+        await self.dlq.send_and_wait(record, reason, "gave_up")
 
     # -- the commands --------------------------------------------------------------------
 

@@ -39,14 +39,22 @@ class DeadLetters:
         self._producer = producer
         self._topic = topic
         self._consumer = consumer
+        # Records the broker acknowledged, by reason kind ("malformed", "unapplicable",
+        # "gave_up"): for the metrics.
+        self.sent: dict[str, int] = {}
 
-    async def send(self, record: Record, reason: str) -> asyncio.Future[Any]:
+    async def send(self, record: Record, reason: str, kind: str) -> asyncio.Future[Any]:
         """Queues one record; await the returned future before committing past it."""
         future: asyncio.Future[Any] = await self._producer.send(
             self._topic, value=record.value, key=record.key,
             headers=headers(record, reason, self._consumer),
         )  # fmt: skip
+        future.add_done_callback(lambda f: self._count(f, kind))
         return future
 
-    async def send_and_wait(self, record: Record, reason: str) -> None:
-        await (await self.send(record, reason))
+    async def send_and_wait(self, record: Record, reason: str, kind: str) -> None:
+        await (await self.send(record, reason, kind))
+
+    def _count(self, future: asyncio.Future[Any], kind: str) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.sent[kind] = self.sent.get(kind, 0) + 1

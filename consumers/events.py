@@ -37,6 +37,7 @@ from core.store import BatchStore
 
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 10.0
+UNAPPLICABLE = "could not apply: "
 
 
 @dataclass(slots=True)
@@ -210,7 +211,8 @@ class EventsConsumer(Part):
         futures: list[asyncio.Future[Any]] = []
         try:
             for record, reason in bad:
-                futures.append(await self.dlq.send(record, reason))
+                kind = "unapplicable" if reason.startswith(UNAPPLICABLE) else "malformed"
+                futures.append(await self.dlq.send(record, reason, kind))
         finally:
             outcomes = await asyncio.gather(*futures, return_exceptions=True)
         for outcome in outcomes:
@@ -235,6 +237,6 @@ class EventsConsumer(Part):
             except Exception as exc:
                 if not _bad_script_data(exc):
                     raise
-                bad.extend((record, f"could not apply: {exc}") for record, _ in pairs)
+                bad.extend((record, f"{UNAPPLICABLE}{exc}") for record, _ in pairs)
                 results[key] = 0
         return results

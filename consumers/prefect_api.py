@@ -7,6 +7,7 @@ callers retry); Prefect's own client retries 429/502/503 inside that bound.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Cancelling, Crashed
 
+from consumers.metrics import Latencies
 from core.models import TAG_BATCH_PREFIX, flow_run_tags
 from core.settings import Settings
 
@@ -89,6 +91,7 @@ class PrefectGateway:
     def __init__(self, settings: Settings, timeout: float) -> None:
         auth = get_current_settings().api.auth_string
         self._timeout = timeout
+        self.latencies = Latencies()  # by call, failures and timeouts included
         self.client = PrefectClient(
             settings.prefect_api_url,
             auth_string=auth.get_secret_value() if auth is not None else None,
@@ -101,14 +104,18 @@ class PrefectGateway:
     async def close(self) -> None:
         await self.client.__aexit__(None, None, None)
 
-    async def _bounded(self, call: Awaitable[T]) -> T:
-        async with asyncio.timeout(self._timeout):
-            return await call
+    async def _bounded(self, name: str, call: Awaitable[T]) -> T:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await call
+        finally:
+            self.latencies.observe(name, time.perf_counter() - started)
 
     async def create_run(self, deployment_id: UUID, batch_id: str, pipeline_id: str,
                          pipeline_version: str) -> RunState:
         """Idempotent by batch id: a replayed run command gets the same flow run back."""
-        run = await self._bounded(self.client.create_flow_run_from_deployment(
+        run = await self._bounded("create_run", self.client.create_flow_run_from_deployment(
             deployment_id,
             parameters={"batch_id": batch_id, "pipeline_id": pipeline_id,
                         "pipeline_version": pipeline_version},
@@ -121,7 +128,7 @@ class PrefectGateway:
         """The flow runs that still exist, by id (deleted ones are simply absent)."""
         found: dict[str, RunState] = {}
         for chunk in chunks(flow_run_ids, FLOW_RUNS_PAGE):
-            runs = await self._bounded(self.client.read_flow_runs(
+            runs = await self._bounded("read_runs", self.client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in chunk])),
                 limit=len(chunk),
             ))  # fmt: skip
@@ -131,7 +138,7 @@ class PrefectGateway:
     async def of_batch(self, batch_id: str, known: str | None = None) -> list[RunState]:
         """Every flow run of the batch: the one Redis knows plus any found by its tag (a run
         created by a command whose effect was not recorded yet)."""
-        runs = await self._bounded(self.client.read_flow_runs(
+        runs = await self._bounded("read_runs", self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG_BATCH_PREFIX + batch_id])),
             limit=50,
         ))  # fmt: skip
@@ -149,7 +156,7 @@ class PrefectGateway:
         engine, which may still propose Running (accepted from Cancelled) and complete."""
         if run.final or run.state_type == "CANCELLING":
             return run
-        result: OrchestrationResult[Any] = await self._bounded(
+        result: OrchestrationResult[Any] = await self._bounded("set_state",
             self.client.set_flow_run_state(run.flow_run_id, Cancelling(message=message),
                                            force=False))
         if result.state is None:  # aborted: it was final meanwhile
@@ -162,7 +169,7 @@ class PrefectGateway:
 
     async def _set(self, run: RunState, state: Any) -> RunState:
         """Forced: a decision about a run no batch reports on any more, not a proposal."""
-        result: OrchestrationResult[Any] = await self._bounded(
+        result: OrchestrationResult[Any] = await self._bounded("set_state",
             self.client.set_flow_run_state(run.flow_run_id, state, force=True)
         )
         return run if result.state is None else self._with(run, result.state)
@@ -179,7 +186,7 @@ class PrefectGateway:
         until = datetime.now(UTC)
         for chunk in chunks(flow_run_ids, EVENTS_PAGE):
             # distinct: one event per resource, so a page of EVENTS_PAGE covers the chunk.
-            events = await self._bounded(self.client.read_events(
+            events = await self._bounded("read_events", self.client.read_events(
                 EventFilter(
                     occurred=EventOccurredFilter.model_validate({"since": since, "until": until}),
                     event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
@@ -197,7 +204,7 @@ class PrefectGateway:
     async def delete(self, flow_run_id: str) -> bool:
         """False when it was already gone."""
         try:
-            await self._bounded(self.client.delete_flow_run(UUID(flow_run_id)))
+            await self._bounded("delete_run", self.client.delete_flow_run(UUID(flow_run_id)))
         except ObjectNotFound:
             return False
         return True

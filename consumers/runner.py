@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from consumers.bridge import PrefectBridge
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
+from consumers.metrics import serve
 from consumers.options import ConsumerOptions
 from consumers.part import Part
 from consumers.reconciler import Reconciler
@@ -69,6 +70,7 @@ class Runner:
             async with serving(self.parts, self.settings,
                                self.options.shutdown_timeout_s) as live:
                 tasks = live.tasks
+                await serve(live.scope, self.settings, self.parts)
                 heartbeat = asyncio.create_task(self._heartbeat(live.clients.redis, names),
                                                 name="heartbeat")
                 stop = asyncio.create_task(self._until_stopping())

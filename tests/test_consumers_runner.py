@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from consumers import runner
@@ -21,7 +24,13 @@ from tests.conftest import eventually
 from tests.test_consumers_support import make_spec, new_batch, send, send_command, unique
 
 
-def env_for(settings: Settings) -> dict[str, str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env_for(settings: Settings, metrics_port: int = 0) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "DHUB_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
@@ -33,6 +42,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "DHUB_GROUP_COMMANDS": settings.group_commands,
         "DHUB_GROUP_EVENTS": settings.group_events,
         "DHUB_HEARTBEAT_EVERY_S": "0.5",
+        "DHUB_CONSUMERS_METRICS_PORT": str(metrics_port),
         "PYTHONPATH": str(ROOT),
     })
     return env
@@ -44,9 +54,10 @@ async def test_the_process_runs_every_part_and_stops_cleanly_on_sigterm(
     stopped = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
     advanced = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
     log_path = tmp_path / "consumers.log"
+    port = free_port()
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "consumers", "all", cwd=ROOT, env=env_for(topics),
+            sys.executable, "-m", "consumers", "all", cwd=ROOT, env=env_for(topics, port),
             stdout=log, stderr=log)
     try:
         await eventually(lambda: redis.exists(keys.HEARTBEAT_CONSUMERS), timeout=60)
@@ -61,6 +72,15 @@ async def test_the_process_runs_every_part_and_stops_cleanly_on_sigterm(
             b = await redis.hget(keys.batch(pipeline_id, advanced), "step:extract")
             return (a, b) == ("stop", "running")
         await eventually(both_applied, timeout=30)
+        samples = await scrape(f"http://127.0.0.1:{port}/metrics")
+        assert samples[("dhub_events_applied_total", ())] >= 2  # the stop's event and ours
+        assert samples[("dhub_commands_handled_total", (("outcome", "done"), ("type", "stop")))] == 1
+        prefect_calls = [v for (name, labels), v in samples.items()
+                         if name == "dhub_prefect_call_duration_seconds_count"
+                         and ("part", "commands") in labels]
+        assert sum(prefect_calls) >= 1  # the stop looked up the batch's flow runs
+        assert any(name == "dhub_consumer_lag" and ("part", "events") in labels
+                   for name, labels in samples)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -75,6 +95,18 @@ async def test_the_process_runs_every_part_and_stops_cleanly_on_sigterm(
     assert "received SIGTERM, shutting down" in messages
     assert messages[-1] == "consumers stopped"
     assert not [r for r in records if r["level"] in ("error", "critical")]
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 200
+        text = await response.text()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("dhub_"), family.name
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
 
 
 def test_parts_by_name() -> None:
