@@ -146,6 +146,12 @@ async def deliver(store: BatchStore, pipeline_id: str, batch_ids: list[str],
         # When and where, not what: the only fields allowed to differ.
         for name in ("pipeline_id", "created_at", "updated_at", "deployment", "name"):
             batch.pop(name)
+        # A step's progress (rate, ETA, stalled) is measured in wall-clock time between
+        # deliveries, not derived from the events' content.
+        for step in batch["state"]["steps"].values():
+            step.pop("progress", None)
+            step.pop("stalled", None)
+        batch["state"].pop("stalled", None)
         rendered[batch_id] = batch
     return rendered
 
