@@ -65,10 +65,10 @@ class Settings(BaseSettings):
     work_pool: str = "dhub-local"
 
     api_host: str = "127.0.0.1"
+    api_port: int = 8080
     # The consumers process's `GET /metrics` (Prometheus); port 0: not served.
     consumers_metrics_host: str = "127.0.0.1"
     consumers_metrics_port: int = Field(default=9464, ge=0, le=65535)
-    api_port: int = 8080
     # Static bearer tokens, comma separated. Empty: the stack generates one into state_dir.
     api_tokens: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_token: SecretStr | None = None
