@@ -10,16 +10,15 @@ scripts get their state orders from here (`lua_rank`), so each order is written 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Any, Final
 
 import orjson
 from typing_extensions import TypeIs
 
 from core.models import BATCH_STATES, STEP_STATES
+from core.settings import get_settings
 
 DELETED: Final = "deleted"
 STEP_PREFIX: Final = "step:"
@@ -156,6 +155,5 @@ def _stalled(since: str | None) -> bool:
     return (datetime.now(UTC) - _when(since)).total_seconds() > stall_after_s()
 
 
-@lru_cache(maxsize=1)
 def stall_after_s() -> float:
-    return float(os.environ.get("DHUB_STALL_AFTER_S", "120"))
+    return get_settings().stall_after_s

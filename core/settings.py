@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     # (keep it under 5 s); cache_ttl_s bounds a change that was made without its notification.
     cache_silence_s: float = 2.5
     cache_ttl_s: float = 10.0
+    # A running step whose offsets have not moved for this long shows `stalled: true`.
+    stall_after_s: float = Field(default=120.0, gt=0)
     cache_max_entries: int = 50_000
     idempotency_ttl_s: int = 24 * 3600
 
