@@ -32,7 +32,7 @@ def test_command_round_trip() -> None:
 
 
 def test_each_kind_decodes_to_its_own_class() -> None:
-    kinds = {
+    kinds: dict[type[Event], Event] = {
         BatchState: Event("batch.state", "b", "p", state="stop", outcome="failed", reason="x"),
         StepState: Event("step.state", "b", "p", step="load", state="running"),
         StepOffsets: Event("step.offsets", "b", "p", step="load", offsets={"p0": 1}),
