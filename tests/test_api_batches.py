@@ -57,9 +57,12 @@ async def test_run_creates_a_pending_batch_and_queues_a_run_command(api: Client,
     assert batch["id"] == batch_id
     assert batch["name"] == "sales-pipeline"
     assert batch["deployment"] == "run-pipeline/sales-pipeline"
+    # The contract's fields of each step; progress beside them (nothing known yet).
     assert batch["state"] == {
         "state": "pending",
-        "steps": {s: {"state": "none", "offsets": {}} for s in ("extract", "transform", "load")},
+        "steps": {s: {"state": "none", "offsets": {},
+                      "progress": {"percent": None, "records_per_s": None, "eta_s": None}}
+                  for s in ("extract", "transform", "load")},
     }
     assert list(batch["state"]["steps"]) == ["extract", "transform", "load"]
     assert batch["pipeline_id"] == "pipeline-sales" and batch["pipeline_version"] == "1"

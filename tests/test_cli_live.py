@@ -36,14 +36,15 @@ def test_watch_draws_live_bars_per_step_and_partition_and_exits_0(cli: Cli, tmp_
     assert len(drawn) > 5, "the view was not redrawn as the batch moved"
     running = [f for f in drawn if re.search(r"extract\s+running", f)]
     assert running, "never drew extract running"
-    # While running, offsets summed per step ("N rec") and a rate, and one row per partition.
-    assert any(re.search(r"extract\s+running\s+\S*━\S*\s+[1-9][\d,]* rec", f) for f in running), running[-1]
+    # While running, offsets summed per step ("N rec", or "N/total rec" with the totals the
+    # steps report) and a rate, and one row per partition.
+    assert any(re.search(r"extract\s+running\s+\S*━\S*\s+[1-9][\d,]*(/[\d,]+)? rec", f)
+               for f in running), running[-1]
     assert any(re.search(r"\d+(\.\d+k?)?/s", f) for f in running)
-    # (A partition shows once its first offset is reported: the API has no totals yet.)
     assert any("partition_0" in f and "partition_1" in f for f in running), running
     last = drawn[-1]
     for step in STEPS:
-        assert re.search(rf"{step}\s+success\s+━+\s+2,400 rec", last), last
+        assert re.search(rf"{step}\s+success\s+━+\s+2,400(/2,400)? rec", last), last
     assert "completed" in last
 
 

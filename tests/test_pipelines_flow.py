@@ -208,8 +208,14 @@ async def test_a_run_completes_through_the_worker_and_reports_every_step(harness
     assert order == [(s, st) for s in STEPS for st in ("running", "success")]
 
     batch = await harness.project(batch_id)
-    assert batch["state"] == {"state": "stop", "steps": {
-        step: {"state": "success", "offsets": sizes} for step in STEPS}}
+    steps = batch["state"]["steps"]
+    assert batch["state"]["state"] == "stop"
+    assert {step: (entry["state"], entry["offsets"]) for step, entry in steps.items()} == {
+        step: ("success", sizes) for step in STEPS}
+    # The steps reported their totals: done means 100%, nothing left.
+    for entry in steps.values():
+        assert entry["totals"] == sizes
+        assert (entry["progress"]["percent"], entry["progress"]["eta_s"]) == (100.0, 0.0)
     assert (batch["outcome"], batch["flow_run_id"]) == ("completed", str(flow_run.id))
 
     root = get_settings().data_root / batch_id  # where the worker's flow runs write
