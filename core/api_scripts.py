@@ -75,7 +75,9 @@ return 1
 # KEYS[1..3] as CREATE_BATCH (batch hash, pipeline's batch index, pipeline's batch sequence),
 # KEYS[4] the pipeline's version order (list, latest last)
 # ARGV[1] the version the batch records when it must be the latest ('' for no check),
-# ARGV[2] JSON array: CREATE_BATCH's ARGV (batch id, then the hash's fields and values)
+# ARGV[2] JSON array: CREATE_BATCH's ARGV (batch id, then the hash's fields and values),
+# ARGV[3] change channel ('' or absent for none): a new batch publishes its key, so a
+# pipeline's push streams see it at once (service.streams)
 # A POST's create: CREATE_BATCH's own text, run only while ARGV[1] is still the latest
 # version, so "which version is latest" needs no round trip of its own and cannot change
 # between that read and the create. The fields travel as one JSON string: packing ~30
@@ -90,7 +92,9 @@ if ARGV[1] ~= '' then
   local latest = redis.call('LINDEX', KEYS[4], -1)
   if latest ~= ARGV[1] then return {{latest}} end
 end
-return create(KEYS, cjson.decode(ARGV[2]))
+local seq = create(KEYS, cjson.decode(ARGV[2]))
+if seq ~= 0 and ARGV[3] and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
+return seq
 """
 
 

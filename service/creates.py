@@ -160,7 +160,8 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
         reply = await turns.script(
             scripts.create_latest_batch,
             [keys.batch(pipeline_id, batch_id), *template.other_keys, order],
-            [spec.version if latest else "", template.args(batch_id, now_iso())])
+            [spec.version if latest else "", template.args(batch_id, now_iso()),
+             keys.CHANGES_CHANNEL])
         if not isinstance(reply, list):
             return spec
         spec = await latest_spec(registry, pipeline_id, reply[0])

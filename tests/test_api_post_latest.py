@@ -119,6 +119,26 @@ async def test_the_script_creates_as_the_stores_own_and_refuses_a_version_not_la
     assert a == b
     assert await redis.zrange(keys.batch_index("p"), 0, -1) == ["batch-a", "batch-b"]
 
+    # Given the change channel, a new batch publishes its key (the pipeline's streams see it
+    # at once); a create that created nothing publishes nothing.
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(keys.CHANGES_CHANNEL)
+    try:
+        await pubsub.get_message(timeout=5)  # the subscription's confirmation
+        new_keys = [keys.batch("p", "batch-c")]
+        for n, batch_id in enumerate(("batch-c", "batch-c")):
+            created = await api_scripts.create_latest_batch(
+                keys=[keys.batch("p", batch_id), *batch_keys[1:], order],
+                args=["2", orjson.dumps([batch_id, *args[1:]]), keys.CHANGES_CHANNEL])
+            assert (created != 0) is (n == 0)
+        mine: list[str] = []
+        while (message := await pubsub.get_message(timeout=0.5)) is not None:
+            if message["data"] in new_keys:  # the channel is server-wide
+                mine.append(message["data"])
+        assert mine == new_keys
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
 
 async def test_a_posted_batch_is_recorded_as_the_stores_create_records_one(
         api: Client, redis: Redis) -> None:
