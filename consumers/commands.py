@@ -34,6 +34,7 @@ from consumers.options import ConsumerOptions
 from consumers.part import Clients, Part
 from consumers.prefect_api import PrefectGateway, RunState, not_found
 from core.codec import CodecError, Command, Event, decode_command
+from core.layout import is_visible
 from core.models import PipelineSpec
 from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
@@ -197,9 +198,7 @@ class CommandsConsumer(Part):
 
     async def _fields(self, command: Command) -> dict[str, str] | None:
         fields = await self.store.fields(command.pipeline_id, command.batch_id)
-        if fields is None or "deleted" in fields:
-            return None
-        return fields
+        return fields if is_visible(fields) else None
 
     async def _run(self, command: Command) -> None:
         fields = await self._fields(command)
@@ -290,7 +289,7 @@ class CommandsConsumer(Part):
         its purge to the clean-up, which runs off this path: the slow part of a delete
         (waiting for a running flow to end, letting its events settle) holds up nobody."""
         fields = await self.store.fields(command.pipeline_id, command.batch_id)
-        if fields is not None and "deleted" not in fields:
+        if is_visible(fields):
             await self.store.hide(command.pipeline_id, command.batch_id)
         await self.active.remove(command.pipeline_id, command.batch_id)
         await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)

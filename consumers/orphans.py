@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from consumers.prefect_api import FINAL, FLOW_RUNS_PAGE, PrefectGateway, RunState
 from core import keys
+from core.layout import DELETED
 from core.models import TAG_DHUB, batch_id_from_tags
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ class OrphanSweep:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.smismember(keys.PIPELINES, pipelines)
             for pipeline_id, batch_id in owners.values():
-                pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "deleted", "updated_at")
+                pipe.hmget(keys.batch(pipeline_id, batch_id), "state", DELETED, "updated_at")
             replies = await pipe.execute()
         ours = {p for p, known in zip(pipelines, cast(list[int], replies[0]), strict=True) if known}
         rows = cast(list[list[str | None]], replies[1:])

@@ -29,12 +29,12 @@ from consumers.part import Clients, Part
 from consumers.prefect_api import PrefectGateway, RunState
 from core import keys
 from core.codec import Event
+from core.layout import BATCH_RANK, DELETED, running_steps
 from core.prefect_events import FLOW_STATES, flow_state_event
 from core.retry import describe
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
-RANK: Final = {"pending": 0, "scheduled": 1, "running": 2, "stop": 3}
 # Batches looked up by tag per round (one Prefect call each); the rest wait their turn.
 UNRECORDED_PER_ROUND: Final = 50
 
@@ -97,7 +97,7 @@ class Reconciler(Part):
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for pipeline_id, batch_id in due:
-                pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "flow_run_id", "deleted")
+                pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "flow_run_id", DELETED)
             rows: list[list[str | None]] = await pipe.execute()
         live: dict[str, tuple[str, str, str]] = {}  # flow run id -> (pipeline, batch, state)
         unrecorded: list[tuple[str, str, str]] = []
@@ -125,7 +125,7 @@ class Reconciler(Part):
                 continue
             else:
                 mapped = FLOW_STATES.get(run.state_type)
-                if mapped is None or RANK[mapped[0]] <= RANK.get(state, 0):
+                if mapped is None or BATCH_RANK[mapped[0]] <= BATCH_RANK.get(state, 0):
                     continue
                 event = flow_state_event(
                     pipeline_id=pipeline_id, batch_id=batch_id, flow_run_id=flow_run_id,
@@ -173,10 +173,9 @@ class Reconciler(Part):
         for stop, fields in zip(stops, hashes, strict=True):
             steps[stop.event_id] = [
                 Event(type="step.state", batch_id=stop.batch_id, pipeline_id=stop.pipeline_id,
-                      event_id=_step_event_id(stop.event_id, name[5:]), step=name[5:],
+                      event_id=_step_event_id(stop.event_id, step), step=step,
                       state="failed")
-                for name, value in fields.items()
-                if name.startswith("step:") and value == "running"
+                for step in sorted(running_steps(fields))
             ]
         out: list[Event] = []
         for e in events:
