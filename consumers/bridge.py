@@ -35,10 +35,10 @@ from prefect.events import Event as PrefectEvent
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from redis.asyncio import Redis
 
-from consumers.acks import PendingAcks
-from consumers.options import ConsumerOptions
-from consumers.part import Clients, Part
-from consumers.prefect_stream import ReceiptSubscriber
+from consumers.plumbing.acks import PendingAcks
+from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.part import Clients, Part
+from consumers.plumbing.prefect_stream import ReceiptSubscriber
 from core import keys
 from core.models import TAG_DHUB
 from core.prefect_events import TAG_PREFIX, translate

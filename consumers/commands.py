@@ -1,13 +1,13 @@
 """The commands consumer: run, stop and delete commands turned into Prefect calls.
 
 Commands of one batch share a partition (keyed by batch id), so they are handled in order;
-partitions are handled concurrently, each by its own lane (consumers.lanes), while the poll
+partitions are handled concurrently, each by its own lane (consumers.plumbing.lanes), while the poll
 loop goes on polling. A command's offset is committed only after its effect; while Prefect,
 Redis or Kafka are unavailable the command is retried in place with capped backoff and
 stays uncommitted, so neither a crash nor a shutdown loses it. A deterministic failure is
 retried a bounded number of times and time (core.retry), then dead-lettered with the
 reason; a run or stop given up leaves the batch `stop`/`failed` and every flow run of the
-batch is cancelled (consumers.cleanup), so nobody waits on it and nothing runs for it.
+batch is cancelled (consumers.plumbing.cleanup), so nobody waits on it and nothing runs for it.
 
 Every command is idempotent, so a rebalance that delivers one again shows no second
 effect: a run by Prefect's idempotency key (the batch id) and event ids derived from the
@@ -23,16 +23,16 @@ import logging
 
 from aiokafka import AIOKafkaConsumer
 
-from consumers.active import ActiveRuns
-from consumers.cleanup import Cleanup
-from consumers.deployments import Deployments, EnsureFn, default_ensure
-from consumers.dlq import DeadLetters
-from consumers.emit import Emitter
-from consumers.kafka import Record, open_consumer
-from consumers.lanes import Lanes
-from consumers.options import ConsumerOptions
-from consumers.part import Clients, Part
-from consumers.prefect_api import PrefectGateway, RunState, not_found
+from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.cleanup import Cleanup
+from consumers.plumbing.deployments import Deployments, EnsureFn, default_ensure
+from consumers.plumbing.dlq import DeadLetters
+from consumers.plumbing.emit import Emitter
+from consumers.plumbing.kafka import Record, open_consumer
+from consumers.plumbing.lanes import Lanes
+from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.part import Clients, Part
+from consumers.plumbing.prefect_api import PrefectGateway, RunState, not_found
 from core.codec import CodecError, Command, Event, decode_command
 from core.layout import is_visible
 from core.models import PipelineSpec
@@ -258,7 +258,7 @@ class CommandsConsumer(Part):
             if run.state_type == "PENDING":
                 # A worker is starting it: a cancellation now races the engine (the worker
                 # marks it Cancelled, the engine may still run it). It is cancelled once
-                # running instead, by the engine's own cancellation (consumers.cleanup).
+                # running instead, by the engine's own cancellation (consumers.plumbing.cleanup).
                 follow_up = True
                 continue
             now = await self.prefect.cancel(run, STOP_MESSAGE)

@@ -26,10 +26,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from redis.exceptions import ResponseError
 
-from consumers.dlq import DeadLetters
-from consumers.kafka import Record, commit_retrying, open_consumer
-from consumers.options import ConsumerOptions
-from consumers.part import Clients, Part
+from consumers.plumbing.dlq import DeadLetters
+from consumers.plumbing.kafka import Record, commit_retrying, open_consumer
+from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.part import Clients, Part
 from core.codec import CodecError, Event, decode_event
 from core.retry import Backoff, Stopping, Verdict, classify
 from core.settings import Settings

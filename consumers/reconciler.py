@@ -7,7 +7,7 @@ Every round takes the least recently checked batches of the active-runs index, r
 flow runs (chunked to Prefect's page limit) and publishes whatever state Prefect has that
 Redis lacks. A terminal state is named after Prefect's state id, like the bridge names it,
 so both arriving is harmless. A batch indexed before its run id was recorded is looked up by
-its tag. After each round, a bounded orphan sweep (`consumers.orphans`) cancels the runs
+its tag. After each round, a bounded orphan sweep (`consumers.plumbing.orphans`) cancels the runs
 whose batch is gone, hidden or stopped.
 """
 
@@ -21,12 +21,12 @@ from typing import Final
 
 from redis.asyncio import Redis
 
-from consumers.active import ActiveRuns
-from consumers.emit import Emitter
-from consumers.options import ConsumerOptions
-from consumers.orphans import OrphanOptions, OrphanSweep
-from consumers.part import Clients, Part
-from consumers.prefect_api import PrefectGateway, RunState
+from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.emit import Emitter
+from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
+from consumers.plumbing.part import Clients, Part
+from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
 from core.codec import Event
 from core.layout import BATCH_RANK, DELETED, running_steps

@@ -1,7 +1,7 @@
 """Runs a set of parts in one process: start, heartbeat, graceful shutdown on a signal.
 
 The parts share one Redis client and one producer, opened and closed around them by
-`consumers.scope.serving`. SIGTERM/SIGINT: every part stops fetching, finishes (and
+`consumers.plumbing.scope.serving`. SIGTERM/SIGINT: every part stops fetching, finishes (and
 commits) what it is doing, then closes; the shared clients close last. A part that dies
 takes the process down with exit code 1, so the supervisor restarts it rather than
 leaving a half-working process that looks alive.
@@ -22,11 +22,11 @@ from redis.asyncio import Redis
 from consumers.bridge import PrefectBridge
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
-from consumers.metrics import serve
-from consumers.options import ConsumerOptions
-from consumers.part import Part
+from consumers.plumbing.metrics import serve
+from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.part import Part
+from consumers.plumbing.scope import serving
 from consumers.reconciler import Reconciler
-from consumers.scope import serving
 from core import keys
 from core.logs import redact
 from core.settings import Settings

@@ -11,8 +11,8 @@ import pytest
 from prefect.events import Event as PrefectEvent
 from redis.asyncio import Redis
 
-from consumers.acks import PendingAcks
 from consumers.bridge import PrefectBridge
+from consumers.plumbing.acks import PendingAcks
 from core.codec import decode_event
 from core.models import flow_run_tags
 from core.settings import Settings

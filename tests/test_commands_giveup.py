@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from consumers import dlq
+from consumers.plumbing import dlq
 from core import keys
 from core.settings import Settings
 from tests.conftest import eventually

@@ -11,9 +11,9 @@ from uuid import UUID
 from prefect.states import Cancelling, Pending
 from redis.asyncio import Redis
 
-from consumers.active import ActiveRuns
-from consumers.cleanup import Cleanup
-from consumers.prefect_api import PrefectGateway
+from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.cleanup import Cleanup
+from consumers.plumbing.prefect_api import PrefectGateway
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.test_consumers_support import options, store_for

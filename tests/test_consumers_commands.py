@@ -14,8 +14,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from consumers import dlq
 from consumers.commands import CommandsConsumer
+from consumers.plumbing import dlq
 from core import keys
 from core.codec import decode_event
 from core.keys import CLEANUP_DUE, CLEANUP_SINCE

@@ -10,8 +10,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from consumers import dlq
 from consumers.events import EventsConsumer
+from consumers.plumbing import dlq
 from core import keys
 from core.codec import Event
 from core.connections import open_producer

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from consumers.events import EventsConsumer
-from consumers.metrics import Latencies, app_for
+from consumers.plumbing.metrics import Latencies, app_for
 from core.codec import Event
 from core.settings import Settings
 from tests.conftest import eventually

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from consumers import runner
-from consumers.options import ConsumerOptions
+from consumers.plumbing.options import ConsumerOptions
 from core import keys
 from core.codec import Event
 from core.settings import ROOT, Settings

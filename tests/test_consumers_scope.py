@@ -9,14 +9,14 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from consumers import part as part_module
 from consumers import runner
 from consumers.bridge import PrefectBridge
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
-from consumers.part import Part
+from consumers.plumbing import part as part_module
+from consumers.plumbing.part import Part
+from consumers.plumbing.scope import serving
 from consumers.reconciler import Reconciler
-from consumers.scope import serving
 from core.connections import open_producer, open_redis
 from core.settings import Settings
 from tests.test_consumers_support import options

@@ -19,9 +19,9 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from redis.asyncio import Redis
 
-from consumers.options import ConsumerOptions
-from consumers.part import Part
-from consumers.scope import serving
+from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.part import Part
+from consumers.plumbing.scope import serving
 from core import keys
 from core.codec import Command
 from core.connections import open_producer
@@ -102,7 +102,7 @@ async def send_command(settings: Settings, kind: str, pipeline_id: str, batch_id
 @contextlib.asynccontextmanager
 async def running(part: Part) -> AsyncIterator[Part]:
     """The part started on clients of its own and running as a task; stopped and closed the
-    way the runner stops it (`consumers.scope.serving`)."""
+    way the runner stops it (`consumers.plumbing.scope.serving`)."""
     async with serving([part], part.settings, part.options.shutdown_timeout_s):
         yield part
 

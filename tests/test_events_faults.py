@@ -19,8 +19,8 @@ from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from consumers import dlq
 from consumers.events import EventsConsumer, _bad_script_data
+from consumers.plumbing import dlq
 from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis

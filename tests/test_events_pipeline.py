@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from consumers import events as events_module
 from consumers.events import EventsConsumer
-from consumers.kafka import commit_retrying
+from consumers.plumbing.kafka import commit_retrying
 from core import keys
 from core.codec import Event
 from core.retry import Backoff

@@ -7,8 +7,8 @@ import pytest
 from prefect.states import Crashed, Running
 from redis.asyncio import Redis
 
-from consumers.orphans import OrphanOptions, OrphanSweep
-from consumers.prefect_api import PrefectGateway
+from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
+from consumers.plumbing.prefect_api import PrefectGateway
 from consumers.reconciler import Reconciler
 from core import keys
 from core.codec import Event, decode_event

@@ -15,7 +15,7 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 from redis.asyncio import Redis
 
-from consumers.active import ActiveRuns
+from consumers.plumbing.active import ActiveRuns
 from core.codec import Event
 from core.models import TAG_DHUB, flow_run_tags
 from core.settings import Settings

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
 
-from consumers.kafka import Record
+from consumers.plumbing.kafka import Record
 
 MAX_REASON: Final = 2000
 REASON: Final = "dhub-dlq-reason"

@@ -12,7 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from consumers.part import Clients, Part, open_clients
+from consumers.plumbing.part import Clients, Part, open_clients
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -29,9 +29,9 @@ from typing import Final, cast
 
 from redis.asyncio import Redis
 
-from consumers.active import ActiveRuns
-from consumers.options import ConsumerOptions
-from consumers.prefect_api import PrefectGateway, RunState
+from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
 from core.retry import describe
 from core.store import BatchStore

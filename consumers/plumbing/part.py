@@ -1,7 +1,7 @@
 """The life cycle every consumer part shares: start on the clients, run until asked to stop,
 close.
 
-A process's parts share one Redis client and one Kafka producer (`consumers.scope`, which
+A process's parts share one Redis client and one Kafka producer (`consumers.plumbing.scope`, which
 opens them and closes them after the parts). A part started without them (`start()`, as
 tests do) opens its own, on its own scope. Either way a part registers what it opens
 itself — its Kafka consumer, its Prefect client — on its scope, and `close()` releases them
@@ -24,7 +24,7 @@ from typing import ClassVar
 from aiokafka import AIOKafkaProducer
 from redis.asyncio import Redis
 
-from consumers.options import ConsumerOptions
+from consumers.plumbing.options import ConsumerOptions
 from core.connections import open_producer, open_redis
 from core.settings import Settings
 

@@ -36,7 +36,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 
-from consumers.prefect_api import FINAL, FLOW_RUNS_PAGE, PrefectGateway, RunState
+from consumers.plumbing.prefect_api import FINAL, FLOW_RUNS_PAGE, PrefectGateway, RunState
 from core import keys
 from core.layout import DELETED
 from core.models import TAG_DHUB, batch_id_from_tags

@@ -29,7 +29,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Cancelling, Crashed
 
-from consumers.metrics import Latencies
+from consumers.plumbing.metrics import Latencies
 from core.models import TAG_BATCH_PREFIX, flow_run_tags
 from core.settings import Settings
 

@@ -25,7 +25,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from consumers.part import Part
+from consumers.plumbing.part import Part
 from core.settings import Settings
 
 log = logging.getLogger(__name__)

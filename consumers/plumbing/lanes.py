@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from consumers.kafka import Record, commit_retrying
+from consumers.plumbing.kafka import Record, commit_retrying
 from core.retry import Backoff, RetryPolicy, Stopping
 
 log = logging.getLogger(__name__)
