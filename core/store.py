@@ -130,6 +130,9 @@ class BatchStore:
                   keys.batch_seq(pipeline_id)],
             args=[batch_id, *fields],
         )
+        if seq and self._channel:
+            # A new batch is news to the pipeline's push streams (as the API's create says).
+            await self.redis.publish(self._channel, keys.batch(pipeline_id, batch_id))
         return int(seq)
 
     async def hide(self, pipeline_id: str, batch_id: str) -> bool:

@@ -153,17 +153,20 @@ async def get_batch(request: web.Request) -> web.StreamResponse:
 async def latest_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.READ)
     pipeline_id = path_id(request, "pipeline_id")
-    if request.query_string and "wait" in request.query:
-        raise bad_request("wait is for a batch by id: the latest batch is not held")
-    batch = await request.app[STORE].latest(pipeline_id)
-    if batch is None:
-        raise not_found(f"pipeline {pipeline_id} has no batch")
-    body = orjson.dumps(batch)
-    etag = etag_of(body)
-    # Conditional, not held: a new batch (which changes the answer) is not on the change feed.
-    if conditional.matches(request.headers.get("If-None-Match", ""), etag):
-        return conditional.not_modified(etag)
-    return conditional.tagged(body, etag)
+
+    async def read(request: web.Request) -> bytes:
+        batch = await request.app[STORE].latest(pipeline_id)
+        if batch is None:
+            raise not_found(f"pipeline {pipeline_id} has no batch")
+        return orjson.dumps(batch)
+
+    if "If-None-Match" in request.headers:
+        # Held on any change of the pipeline's batches (a new one included): the latest is one.
+        return await conditional.answer_pipeline(request, pipeline_id, read)
+    if request.query_string:
+        conditional.wait_s(request)
+    body = await read(request)
+    return conditional.tagged(body, etag_of(body))
 
 
 def _limit(request: web.Request) -> int:

@@ -60,6 +60,38 @@ def wait_s(request: web.Request) -> float | None:
     return value
 
 
+async def answer_pipeline(request: web.Request, pipeline_id: str,
+                          read: Callable[[web.Request], Awaitable[bytes]]) -> web.Response:
+    """As `answer`, for an answer that depends on every batch of a pipeline (its latest):
+    held until any of them changes or a batch is created, then read again."""
+    if_none_match = request.headers.get("If-None-Match", "")
+    wait = wait_s(request)
+    if wait is None:
+        body = await read(request)
+        etag = etag_of(body)
+        return not_modified(etag) if matches(if_none_match, etag) else tagged(body, etag)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    cache, waiters = request.app[CACHE], request.app[WAITERS]
+    watch = waiters.watch(pipeline_id)
+    try:
+        while True:
+            watch.take()  # before the read: a change during it wakes the next wait
+            body = await read(request)
+            etag = etag_of(body)
+            if not matches(if_none_match, etag):
+                return tagged(body, etag)
+            remaining = deadline - loop.time()
+            if remaining <= 0 or waiters.closing:
+                return not_modified(etag)
+            timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await watch.wake.wait()
+    finally:
+        waiters.unwatch(pipeline_id, watch)
+
+
 async def answer(request: web.Request, key: str,
                  read: Callable[[web.Request], Awaitable[bytes]]) -> web.Response:
     """The answer to a GET of the batch cached under `key` carrying If-None-Match; `read`

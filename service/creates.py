@@ -119,7 +119,7 @@ class _Capture(Scripts):
 
 async def _capture(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> _Template:
     capture = _Capture(store.scripts)
-    await BatchStore(store.redis, capture, token_secret=b"unused").create(
+    await BatchStore(store.redis, capture, token_secret=b"unused", changes_channel="").create(
         pipeline_id, _ID_MARK, spec)
     [(batch_keys, args)] = capture.calls
     if batch_keys[0] != keys.batch(pipeline_id, _ID_MARK):

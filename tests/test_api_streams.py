@@ -166,9 +166,9 @@ async def test_a_pipeline_stream_sends_the_newest_then_every_change(
         changed = orjson.loads((await next_event(response))["data"])
         assert (changed["id"], changed["state"]["state"]) == (created[0], "running")
         newer = new_batch_id()
-        await store.create(pipeline, newer, spec())
-        await store.apply([Event("batch.state", newer, pipeline, state="scheduled")])
-        assert orjson.loads((await next_event(response))["data"])["id"] == newer
+        await store.create(pipeline, newer, spec())  # seen at its creation
+        arrived = orjson.loads((await next_event(response))["data"])
+        assert (arrived["id"], arrived["state"]["state"]) == (newer, "pending")
         await store.hide(pipeline, created[1])
         await store.purge(pipeline, created[1])
         deleted = await next_event(response)
