@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 
@@ -60,71 +60,84 @@ def wait_s(request: web.Request) -> float | None:
     return value
 
 
+class _Signal(Protocol):
+    """What a held request waits on: a `BatchFeed` or a `PipelineWatch` (service.waiters)."""
+
+    wake: asyncio.Event
+
+    def take(self) -> object: ...
+
+
 async def answer_pipeline(request: web.Request, pipeline_id: str,
                           read: Callable[[web.Request], Awaitable[bytes]]) -> web.Response:
     """As `answer`, for an answer that depends on every batch of a pipeline (its latest):
     held until any of them changes or a batch is created, then read again."""
-    if_none_match = request.headers.get("If-None-Match", "")
+
+    async def tagged_read() -> tuple[bytes, str]:
+        body = await read(request)
+        return body, etag_of(body)
+
     wait = wait_s(request)
     if wait is None:
-        body = await read(request)
-        etag = etag_of(body)
-        return not_modified(etag) if matches(if_none_match, etag) else tagged(body, etag)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    cache, waiters = request.app[CACHE], request.app[WAITERS]
+        return _answer_now(request, *await tagged_read())
+    waiters = request.app[WAITERS]
     watch = waiters.watch(pipeline_id)
     try:
-        while True:
-            watch.take()  # before the read: a change during it wakes the next wait
-            body = await read(request)
-            etag = etag_of(body)
-            if not matches(if_none_match, etag):
-                return tagged(body, etag)
-            remaining = deadline - loop.time()
-            if remaining <= 0 or waiters.closing:
-                return not_modified(etag)
-            timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await watch.wake.wait()
+        return await _held(request, wait, watch, tagged_read)
     finally:
         waiters.unwatch(pipeline_id, watch)
+
+
+async def current(request: web.Request, key: str,
+                  read: Callable[[web.Request], Awaitable[bytes]]) -> tuple[bytes, str]:
+    """The batch cached under `key` with its ETag, from the cache or else `read` (which
+    answers 404 when there is no such batch)."""
+    entry = request.app[CACHE].lookup(key)
+    if entry is not None:
+        return entry[0], entry[2]  # type: ignore[return-value]
+    body = await read(request)
+    return body, etag_of(body)
 
 
 async def answer(request: web.Request, key: str,
                  read: Callable[[web.Request], Awaitable[bytes]]) -> web.Response:
     """The answer to a GET of the batch cached under `key` carrying If-None-Match; `read`
     gives the current body (404 when there is none)."""
-    if_none_match = request.headers.get("If-None-Match", "")
     wait = wait_s(request)
-    cache = request.app[CACHE]
-
-    async def current() -> tuple[bytes, str]:
-        entry = cache.lookup(key)
-        if entry is not None:
-            return entry[0], entry[2]  # type: ignore[return-value]
-        body = await read(request)
-        return body, etag_of(body)
-
     if wait is None:
-        body, etag = await current()
-        return not_modified(etag) if matches(if_none_match, etag) else tagged(body, etag)
+        return _answer_now(request, *await current(request, key, read))
+    waiters = request.app[WAITERS]
+    feed = waiters.follow(key, long_poll=True)
+    try:
+        return await _held(request, wait, feed, lambda: current(request, key, read))
+    finally:
+        waiters.unfollow(key, feed)
+
+
+def _answer_now(request: web.Request, body: bytes, etag: str) -> web.Response:
+    if matches(request.headers.get("If-None-Match", ""), etag):
+        return not_modified(etag)
+    return tagged(body, etag)
+
+
+async def _held(request: web.Request, wait: float, signal: _Signal,
+                read: Callable[[], Awaitable[tuple[bytes, str]]]) -> web.Response:
+    """Reads, and while the answer still matches If-None-Match waits on `signal` (registered
+    by the caller before the first read, emptied before every read: a change during a read
+    wakes the next wait) until a change or the end of `wait` seconds."""
+    if_none_match = request.headers.get("If-None-Match", "")
+    cache, waiters = request.app[CACHE], request.app[WAITERS]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    waiters = request.app[WAITERS]
     while True:
-        # Registered before the read: a change between the read and the wait still wakes us.
-        change = waiters.register(key)
-        try:
-            body, etag = await current()
-            if not matches(if_none_match, etag):
-                return tagged(body, etag)
-            remaining = deadline - loop.time()
-            if remaining <= 0 or waiters.closing:
-                return not_modified(etag)
-            timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(change), timeout)
-        finally:
-            waiters.discard(key, change)
+        signal.take()
+        body, etag = await read()
+        if not matches(if_none_match, etag):
+            return tagged(body, etag)
+        remaining = deadline - loop.time()
+        if remaining <= 0 or waiters.closing:
+            return not_modified(etag)
+        timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await signal.wake.wait()

@@ -29,9 +29,10 @@ from aiohttp import web
 from core import keys
 from service.appkeys import CACHE, STORE, WAITERS
 from service.cache import etag_of
+from service.conditional import current
 from service.errors import ApiError
 from service.fills import fills_of
-from service.waiters import GONE, READ, BatchFeed
+from service.waiters import GONE, READ, BatchFeed, Version
 
 KEEPALIVE_S: Final = 15.0
 # A stopped batch can still change (a later stop event decides its outcome and reason, the
@@ -56,17 +57,13 @@ def event(name: str, data: bytes, event_id: str | None = None) -> bytes:
     return head.encode() + b"data: " + data + b"\n\n"
 
 
-def _is_final(body: bytes) -> bool:
-    return bool(orjson.loads(body)["state"]["state"] == "stop")
-
-
 async def stream_batch(request: web.Request, key: str,
                        read: Callable[[web.Request], Awaitable[bytes]]) -> web.StreamResponse:
     """Streams the batch cached under `key`; `read` gives its current body (404 if none)."""
     waiters = request.app[WAITERS]
     feed = waiters.follow(key)  # before the first read: every later version reaches us
     try:
-        first = await read_current(request, key, read)  # 404 before any byte is sent
+        first = Version.of(*await current(request, key, read))  # 404 before any byte is sent
         response = web.StreamResponse(headers=STREAM_HEADERS)
         await response.prepare(request)
         try:
@@ -83,26 +80,18 @@ async def stream_batch(request: web.Request, key: str,
         waiters.unfollow(key, feed)
 
 
-async def read_current(request: web.Request, key: str,
-                       read: Callable[[web.Request], Awaitable[bytes]]) -> bytes:
-    entry = request.app[CACHE].lookup(key)
-    if entry is not None:
-        return entry[0]  # type: ignore[return-value]
-    return await read(request)
-
-
 async def _send_versions(request: web.Request, response: web.StreamResponse, key: str,
                          read: Callable[[web.Request], Awaitable[bytes]], feed: BatchFeed,
-                         first: bytes) -> None:
+                         first: Version) -> None:
     cache = request.app[CACHE]
     sent = request.headers.get("Last-Event-ID")
-    pending: list[bytes | object] = [first]
+    pending: list[Version | object] = [first]
     stopped = False  # the batch reached `stop`: `end` once it has been quiet for END_QUIET_S
     while True:
         for item in pending:
             if item is READ:
                 try:
-                    item = await read_current(request, key, read)
+                    item = Version.of(*await current(request, key, read))
                 except ApiError as exc:
                     if exc.status != 404:
                         raise
@@ -110,12 +99,11 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
             if item is GONE:
                 await _write(response, event("deleted", b"{}"))
                 return
-            assert isinstance(item, bytes)
-            etag = etag_of(item)
-            if etag != sent:
-                await _write(response, event("batch", item, etag))
-                sent = etag
-            stopped = _is_final(item)
+            assert isinstance(item, Version)
+            if item.etag != sent:
+                await _write(response, event("batch", item.body, item.etag))
+                sent = item.etag
+            stopped = item.stopped
         if feed.overflow:
             raise TimeoutError("the client fell too far behind")
         if request.app[WAITERS].closing:
@@ -179,7 +167,7 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                 if watch.everything:  # changes may have been missed: the page again
                     watch.take()
                     page = await store.page(pipeline_id, limit, None)
-                    changed: list[tuple[str, bytes | object]] = [
+                    changed: list[tuple[str, Version | object]] = [
                         (keys.batch(pipeline_id, b), READ) for b in reversed(page.items)]
                 else:
                     changed = watch.take()
@@ -188,7 +176,8 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                     if ids is None:
                         continue
                     if item is READ:
-                        item = await fills.read(*ids) or GONE
+                        read_body = await fills.read(*ids)
+                        item = Version.of(read_body) if read_body is not None else GONE
                     if item is GONE:
                         if ids[1] in gone:  # hidden, then purged: said once
                             continue
@@ -197,8 +186,8 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         gone.add(ids[1])
                         await _write(response, event("deleted", orjson.dumps({"id": ids[1]})))
                     else:
-                        assert isinstance(item, bytes)
-                        await _write(response, event("batch", item, etag_of(item)))
+                        assert isinstance(item, Version)
+                        await _write(response, event("batch", item.body, item.etag))
         except (ConnectionError, TimeoutError):
             if request.transport is not None:
                 request.transport.close()

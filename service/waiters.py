@@ -3,13 +3,14 @@
 Three kinds of waiter, all fed by the cache's change feed (`BatchCache.on_change`), so a held
 request or an open stream costs no Redis traffic while nothing changes:
 
-- a long-poll GET waits on one batch key (`register`: a future per wait);
-- a batch's stream takes every version of its batch in order (`follow`: a `BatchFeed`);
+- a batch's stream takes every version of its batch in order (`follow`: a `BatchFeed`), and
+  a long-poll GET of it waits on the same kind of feed;
 - a pipeline's stream takes the latest version of each changed batch (`watch`).
 
 A change message that carries the batch's new hash is rendered once, whatever the number of
-streams, and handed to each as the GET's body; a message without one (a delete, a create)
-hands over None: read the batch. A waiter registers before it reads, so a change between its
+streams, and handed to each as a `Version` (the GET's body, its ETag, whether it is `stop`:
+all computed once); a message without one (a delete, a create) hands over READ: read the
+batch. A waiter registers before it reads, so a change between its
 read and its wait still reaches it. A reset of the cache (the feed lost or resubscribed:
 changes may have been missed) wakes everyone, and each re-reads. Queues are bounded: a
 stream that falls behind is marked `overflow` and cut off by its handler.
@@ -20,10 +21,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from dataclasses import dataclass
 from typing import TypeVar
 
+import orjson
+
 from core import keys
-from service.cache import published_body
+from service.cache import etag_of, published_body
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,23 +39,38 @@ READ = object()  # in a feed: "read the batch" (a change that carried no hash, o
 GONE = object()  # in a feed: the batch is hidden or deleted
 
 
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One version of a batch as every stream sends it, worked out once for all of them."""
+
+    body: bytes
+    etag: str
+    stopped: bool
+
+    @classmethod
+    def of(cls, body: bytes, etag: str | None = None) -> Version:
+        stopped = orjson.loads(body)["state"]["state"] == "stop"
+        return cls(body, etag if etag is not None else etag_of(body), stopped)
+
+
 class BatchFeed:
     """Every version of one batch since the stream last looked, oldest first, bounded."""
 
-    def __init__(self, max_pending: int | None = None) -> None:
+    def __init__(self, max_pending: int | None = None, *, long_poll: bool = False) -> None:
         self.wake = asyncio.Event()
-        self.items: deque[bytes | object] = deque()
+        self.long_poll = long_poll  # held by a GET, not a stream (for the metrics)
+        self.items: deque[Version | object] = deque()
         self._max = max_pending if max_pending is not None else MAX_PENDING
         self.overflow = False
 
-    def add(self, item: bytes | object) -> None:
+    def add(self, item: Version | object) -> None:
         if len(self.items) >= self._max:
             self.overflow = True
         else:
             self.items.append(item)
         self.wake.set()
 
-    def take(self) -> list[bytes | object]:
+    def take(self) -> list[Version | object]:
         taken = list(self.items)
         self.items.clear()
         self.wake.clear()
@@ -64,12 +83,12 @@ class PipelineWatch:
 
     def __init__(self, max_pending: int | None = None) -> None:
         self.wake = asyncio.Event()
-        self._pending: dict[str, bytes | object] = {}  # in the order they first changed
+        self._pending: dict[str, Version | object] = {}  # in the order they first changed
         self._max = max_pending if max_pending is not None else MAX_PENDING
         self.overflow = False  # fell too far behind: cut off
         self.everything = False  # a reset: anything may have changed
 
-    def add(self, key: str | None, item: bytes | object = READ) -> None:
+    def add(self, key: str | None, item: Version | object = READ) -> None:
         if key is None:
             self.everything = True
         elif key in self._pending or len(self._pending) < self._max:
@@ -78,7 +97,7 @@ class PipelineWatch:
             self.overflow = True
         self.wake.set()
 
-    def take(self) -> list[tuple[str, bytes | object]]:
+    def take(self) -> list[tuple[str, Version | object]]:
         """The changed keys with their latest item, oldest change first; forgets them."""
         taken = list(self._pending.items())
         self._pending.clear()
@@ -89,7 +108,6 @@ class PipelineWatch:
 
 class ChangeWaiters:
     def __init__(self) -> None:
-        self._waiting: dict[str, set[asyncio.Future[None]]] = {}
         self._feeds: dict[str, set[BatchFeed]] = {}
         self._watches: dict[str, set[PipelineWatch]] = {}
         self.closing = False
@@ -101,28 +119,19 @@ class ChangeWaiters:
         self.changed(None, None)
 
     def __len__(self) -> int:
-        return sum(len(group) for table in (self._waiting, self._feeds, self._watches)
+        return sum(len(group) for table in (self._feeds, self._watches)
                    for group in table.values())
 
     def counts(self) -> dict[str, int]:
         """Open waiters by kind: held long-polls, batch streams, pipeline streams."""
-        return {kind: sum(len(group) for group in table.values())
-                for kind, table in (("long_poll", self._waiting), ("batch_stream", self._feeds),
-                                    ("pipeline_stream", self._watches))}
+        polls = sum(feed.long_poll for feeds in self._feeds.values() for feed in feeds)
+        return {"long_poll": polls,
+                "batch_stream": sum(len(feeds) for feeds in self._feeds.values()) - polls,
+                "pipeline_stream": sum(len(watches) for watches in self._watches.values())}
 
-    def register(self, key: str) -> asyncio.Future[None]:
-        """A future resolved at the next change of `key` (or reset); `discard` it when done."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(key, set()).add(future)
-        return future
-
-    def discard(self, key: str, future: asyncio.Future[None]) -> None:
-        _remove(self._waiting, key, future)
-        future.cancel()
-
-    def follow(self, key: str) -> BatchFeed:
+    def follow(self, key: str, *, long_poll: bool = False) -> BatchFeed:
         """Every later version of the batch under `key`; `unfollow` it when done."""
-        feed = BatchFeed()
+        feed = BatchFeed(long_poll=long_poll)
         self._feeds.setdefault(key, set()).add(feed)
         return feed
 
@@ -141,15 +150,6 @@ class ChangeWaiters:
     def changed(self, key: str | None, published: str | None) -> None:
         """The cache's `on_change`: `key` changed (to `published`, when the message carried
         the hash), or (None) anything may have."""
-        if self._waiting:
-            if key is None:
-                woken = [f for futures in self._waiting.values() for f in futures]
-                self._waiting.clear()
-            else:
-                woken = list(self._waiting.pop(key, ()))
-            for future in woken:
-                if not future.done():
-                    future.set_result(None)
         if not (self._feeds or self._watches):
             return
         if key is None:
@@ -172,7 +172,7 @@ class ChangeWaiters:
             watch.add(key, item)
 
 
-def _item(key: str, published: str | None) -> bytes | object:
+def _item(key: str, published: str | None) -> Version | object:
     if published is None:
         return READ
     try:
@@ -180,7 +180,7 @@ def _item(key: str, published: str | None) -> bytes | object:
     except Exception:  # malformed: the streams read the batch instead
         log.exception("a published batch hash could not be rendered (%s)", key)
         return READ
-    return GONE if body is None else body
+    return GONE if body is None else Version.of(body)
 
 
 def _remove(table: dict[str, set[T]], key: str, member: T) -> None:
