@@ -6,6 +6,7 @@ Scheduled (deployments on a pool no worker polls) unless the test moves them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from consumers.plumbing import dlq
+from consumers.plumbing.cleanup import member
 from core import keys
 from core.settings import Settings
 from tests.conftest import eventually
@@ -102,28 +104,36 @@ async def test_a_stop_given_up_fails_the_batch_and_still_cancels_its_run(
 
 async def test_a_delete_that_overtakes_a_create_in_flight_leaves_no_flow_run(
         ctx: CommandsCtx) -> None:
-    """The create answers 500 at once but lands in Prefect 3 s later (in flight inside
-    Prefect); the delete right behind it finds nothing at first. The clean-up looks again
-    until the create window is over, so the late run is removed too."""
+    """The create answers 500 at once but lands in Prefect later (in flight inside Prefect);
+    the delete right behind it finds nothing at first. The clean-up looks again until the
+    create window is over, so the late run is removed too."""
     batch_id = await ctx.batch()
-    proxy = proxy_for(ctx.settings, lambda m, p: "late-500" if CREATE_RUN.match(p) else "pass",
-                      later=3.0)
+    proxy = proxy_for(ctx.settings, lambda m, p: "late-500" if CREATE_RUN.match(p) else "pass")
+    proxy.release = asyncio.Event()  # the create lands once the delete's first pass is over
     store = store_for(ctx.redis, ctx.settings)
     async with proxy.serving():
         broken = ctx.settings.model_copy(update={"prefect_api_url": proxy.url})
-        async with running(ctx.consumer(broken, retry_max_attempts=1, cleanup_recheck_s=6)):
+        async with running(ctx.consumer(broken, retry_max_attempts=1, cleanup_recheck_s=8)):
             await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
             assert await store.hide(ctx.pipeline_id, batch_id)  # what DELETE does first
             await send_command(ctx.settings, "delete", ctx.pipeline_id, batch_id)
             await ctx.processed(2)
-            assert await states_of(ctx, batch_id) == []  # not landed yet
+            job = member("delete", ctx.pipeline_id, batch_id)
 
-            async def landed() -> bool:
-                return bool(await states_of(ctx, batch_id))
-            await eventually(landed, timeout=20, interval=0.1)
+            async def first_pass_found_nothing() -> bool:
+                # A pass that found nothing sets the job due at the end of the create window
+                # (a claimed job is due at the end of its lease, much later).
+                since, due = await asyncio.gather(ctx.redis.hget(keys.CLEANUP_SINCE, job),
+                                                  ctx.redis.zscore(keys.CLEANUP_DUE, job))
+                return since is not None and due is not None \
+                    and abs(due - (float(since) + 8)) < 0.01
+            await eventually(first_pass_found_nothing, timeout=20)
+            assert await states_of(ctx, batch_id) == []  # not landed yet
+            proxy.release.set()
+            await eventually(lambda: proxy.landed, timeout=20)
+            assert proxy.landed == [201]  # Prefect created the run after the delete looked
             await ctx.no_cleanup_left(timeout=40)
             assert await states_of(ctx, batch_id) == []
-    # Every late create has landed (the proxy waited for them): still nothing left.
     assert await states_of(ctx, batch_id) == []
     assert await ctx.redis.exists(keys.batch(ctx.pipeline_id, batch_id)) == 0
 

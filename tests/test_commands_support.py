@@ -23,7 +23,8 @@ CREATE_RUN = re.compile(r"^/api/deployments/[^/]+/create_flow_run$")
 SET_STATE = re.compile(r"^/api/flow_runs/[^/]+/set_state$")
 # What the proxy does with one request: pass it on; answer 500 after Prefect did it
 # ("done-500"); answer 500 at once and pass it on `later` seconds afterwards, as a request
-# still in flight inside Prefect would land ("late-500"); answer 500 without passing it on
+# still in flight inside Prefect would land ("late-500"; or once `release` is set, when the
+# test says so); answer 500 without passing it on
 # ("500"); pass it on `later` seconds late, as a slow Prefect ("slow").
 Action = str
 Rule = Callable[[str, str], Action]
@@ -39,6 +40,8 @@ class PrefectProxy:
     rule: Rule = passing
     later: float = 3.0
     seen: list[tuple[str, str, Action]] = field(default_factory=list)
+    release: asyncio.Event | None = None
+    landed: list[int] = field(default_factory=list)  # statuses of late requests passed on
     url: str = ""
     _late: set[asyncio.Task[None]] = field(default_factory=set)
     _session: aiohttp.ClientSession | None = None
@@ -69,9 +72,13 @@ class PrefectProxy:
         assert session is not None
         if action == "late-500":
             async def land() -> None:
-                await asyncio.sleep(self.later)
+                if self.release is not None:
+                    await self.release.wait()
+                else:
+                    await asyncio.sleep(self.later)
                 with contextlib.suppress(aiohttp.ClientError):
-                    await self._forward(session, request, body)
+                    status, _, _ = await self._forward(session, request, body)
+                    self.landed.append(status)
             task = asyncio.create_task(land())
             self._late.add(task)
             task.add_done_callback(self._late.discard)
