@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
@@ -109,7 +109,9 @@ class BatchStore:
 
     # -- writes from the API -------------------------------------------------------------
 
-    async def create(self, pipeline_id: str, batch_id: str, spec: PipelineSpec) -> int:
+    async def create(self, pipeline_id: str, batch_id: str, spec: PipelineSpec,
+                     extra: Mapping[str, str] | None = None) -> int:
+        """`extra`: more fields of the batch's hash, recorded with its creation."""
         now = now_iso()
         fields: list[str] = [
             "id", batch_id,
@@ -125,6 +127,8 @@ class BatchStore:
         ]  # fmt: skip
         for name in spec.step_names:
             fields += [step_field(name), "none"]
+        for field, value in (extra or {}).items():
+            fields += [field, value]
         seq = await self.scripts.create_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
                   keys.batch_seq(pipeline_id)],
