@@ -12,7 +12,6 @@ from core import keys
 from core.codec import Command
 from core.layout import is_visible
 from core.models import PipelineSpec, new_batch_id, valid_id
-from core.store import BadToken
 from service import auth, conditional, creates, idempotency, streams
 from service.appkeys import (
     ABANDONER,
@@ -28,9 +27,6 @@ from service.command_sender import Ambiguous, Refused
 from service.errors import bad_request, not_found
 from service.fills import fills_of
 from service.turns import turn_reads
-
-MAX_LIMIT = 1000
-DEFAULT_LIMIT = 100
 
 
 def json_bytes(body: bytes, status: int = 200) -> web.Response:
@@ -167,30 +163,6 @@ async def latest_batch(request: web.Request) -> web.Response:
         conditional.wait_s(request)
     body = await read(request)
     return conditional.tagged(body, etag_of(body))
-
-
-def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
-    # ASCII only: str.isdigit() accepts '²' and other digits int() refuses.
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= MAX_LIMIT:
-        raise bad_request(f"limit must be an integer from 1 to {MAX_LIMIT}")
-    return int(raw)
-
-
-async def list_batches(request: web.Request) -> web.StreamResponse:
-    auth.require(request, auth.READ)
-    pipeline_id = path_id(request, "pipeline_id")
-    limit = _limit(request)
-    if streams.wants_stream(request):
-        return await streams.stream_pipeline(request, pipeline_id, limit)
-    token = request.query.get("token") or None
-    try:
-        page = await request.app[STORE].page(pipeline_id, limit, token)
-    except BadToken as exc:
-        raise bad_request(f"invalid token: {exc}") from None
-    return json_obj({"items": page.items, "token": page.token})
 
 
 async def stop_batch(request: web.Request) -> web.Response:

@@ -14,7 +14,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from core.models import ID_PATTERN, PipelineSpec
 from core.step_catalogue import known_steps
 from service.api_models import RESPONSE_MODELS
-from service.batches import DEFAULT_LIMIT, MAX_LIMIT
+from service.listing import DEFAULT_LIMIT, MAX_LIMIT
 from service.schemas import CONTENT_TYPE as SCHEMA_CONTENT_TYPE
 
 _REF_TEMPLATE: Final = "#/components/schemas/{model}"
@@ -129,6 +129,12 @@ def _batch_paths() -> dict[str, Any]:
             "delete": _op("Delete a batch (a running one is stopped first)", "batches:write",
                           message_ok, [_PIPELINE_ID, _BATCH_ID], ("404",)),
         },
+        "/api/v1/batches/{pipeline_id}/{batch_id}/resume": {
+            "post": _op("Run a stopped, not completed batch again from its offsets",
+                        "batches:write",
+                        {"200": _json(_ref("RunAccepted"), "accepted; the new batch's id")},
+                        [_PIPELINE_ID, _BATCH_ID], ("404", "409", "413")),
+        },
         "/api/v1/batches/{pipeline_id}/{batch_id}/stop": {
             "put": _op("Stop a batch", "batches:write", message_ok, [_PIPELINE_ID, _BATCH_ID],
                        ("404",)),
@@ -154,6 +160,10 @@ def _other_paths() -> dict[str, Any]:
         "/api/v1/pipelines/": {
             "get": _op("Every registered pipeline", "batches:read",
                        {"200": _json(_ref("PipelineList"), "the pipelines")}, []),
+        },
+        "/api/v1/steps": {
+            "get": _op("The step implementations a pipeline may use", "batches:read",
+                       {"200": _json({"type": "object"}, "the step implementations")}, []),
         },
         "/api/v1/hooks/prefect": {
             "post": _op(

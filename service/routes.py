@@ -10,18 +10,32 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from service import batches, docs, health, metrics, pipeline_routes, schemas, ui, webhook
+from service import (
+    batches,
+    docs,
+    health,
+    listing,
+    metrics,
+    pipeline_routes,
+    resume,
+    schemas,
+    step_routes,
+    ui,
+    webhook,
+)
 
 ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
     ("POST", "/api/v1/batches/{pipeline_id}", batches.run_batch, "run_batch"),
     ("GET", "/api/v1/batches/{pipeline_id}", batches.latest_batch, "latest_batch"),
-    ("GET", "/api/v1/batches/{pipeline_id}/", batches.list_batches, "list_batches"),
+    ("GET", "/api/v1/batches/{pipeline_id}/", listing.list_batches, "list_batches"),
     ("PUT", "/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, "stop_batch"),
+    ("POST", "/api/v1/batches/{pipeline_id}/{batch_id}/resume", resume.resume_batch, "resume_batch"),
     ("DELETE", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.delete_batch, "delete_batch"),
     ("PUT", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.put_pipeline, "put_pipeline"),
     ("GET", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.get_pipeline, "get_pipeline"),
     ("GET", "/api/v1/pipelines/", pipeline_routes.list_pipelines, "list_pipelines"),
+    ("GET", "/api/v1/steps", step_routes.list_steps, "list_steps"),
     ("POST", "/api/v1/hooks/prefect", webhook.prefect_webhook, "prefect_webhook"),
     ("GET", "/api/v1/openapi.json", docs.openapi_json, "openapi"),
     ("GET", "/api/v1/schemas", schemas.list_schemas, "message_schemas"),
