@@ -1,5 +1,10 @@
 """The Kafka commands: one typed class per kind (msgspec structs), as `core.messages` holds
-the events. `Command(type, batch_id, pipeline_id, ...)` builds the class of that kind."""
+the events. `Command(type, batch_id, pipeline_id, ...)` builds the class of that kind.
+
+The API sends its commands after it recorded the batch. A service upstream may also publish
+commands itself (README, "Publishing commands to Kafka"): its `run` carries `create`, the
+creation request a POST would make, so the consumer creates the batch when it is absent; a
+run without one never creates anything (a batch deleted since stays deleted)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,11 @@ from core.messages import (
     new_message_id,
     refuse_ids,
 )
+
+# What a publisher's own batch ids look like: `batch-` and 1 to 122 id characters (the API's
+# ids have the same prefix, so one id space). The whole id stays an `Id` (at most 128).
+PUBLISHED_BATCH_PREFIX: Final = "batch-"
+PUBLISHED_BATCH_REGEX: Final = r"^batch-[A-Za-z0-9._-]{1,122}$(?!\n)"
 
 
 class _CommandMeta(msgspec.StructMeta):
@@ -43,7 +53,7 @@ class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="t
     if TYPE_CHECKING:
         def __init__(self, type: str, batch_id: str, pipeline_id: str,
                      pipeline_version: str = "", *, event_id: str = ...,
-                     ts: float = ...) -> None: ...
+                     ts: float = ..., create: Creation | msgspec.UnsetType = ...) -> None: ...
 
     def __post_init__(self) -> None:
         ids = self.event_id + self.batch_id + self.pipeline_id + self.pipeline_version
@@ -63,10 +73,36 @@ class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="t
         return out
 
 
+class Creation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A publisher's request to create the batch, as `POST /api/v1/batches/{pipeline_id}`
+    with a body would: the run's per-step config overrides (step name -> key -> JSON value),
+    merged over the version's registered config and checked by each step's config model when
+    the command is applied. Unknown fields are refused here, unlike elsewhere in a message:
+    a misspelt `config` must not create a batch with the defaults."""
+
+    config: dict[Id, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
 class Run(Command, tag="run", kw_only=True):
-    """Start the batch: create its flow run."""
+    """Start the batch: create its flow run. With `create` (a publisher's command), first
+    create the batch unless it exists; `pipeline_version` "" then means the latest."""
 
     type: ClassVar[str] = "run"
+    # UNSET, not None: absent from the API's run command as encoded before `create` existed,
+    # and a `null` is refused rather than read as "no creation request".
+    create: Creation | msgspec.UnsetType = msgspec.UNSET
+
+    @property
+    def creation(self) -> Creation | None:
+        return self.create if isinstance(self.create, Creation) else None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.creation is not None and not (
+                self.batch_id.startswith(PUBLISHED_BATCH_PREFIX)
+                and len(self.batch_id) > len(PUBLISHED_BATCH_PREFIX)):
+            raise CodecError(f"invalid batch_id {self.batch_id[:140]!r}: a run that creates "
+                             "its batch names it 'batch-' + 1 to 122 of [A-Za-z0-9._-]")
 
 
 class Stop(Command, tag="stop", kw_only=True):
@@ -97,12 +133,12 @@ AnyCommand = Run | Stop | Delete | Deploy
 
 def _new_command(type: str, batch_id: str, pipeline_id: str,
                  pipeline_version: str = "", *, event_id: str | None = None,
-                 ts: float | None = None) -> Command:
+                 ts: float | None = None, **fields: Any) -> Command:
     kind: Any = COMMAND_KINDS.get(type)
     if kind is None:
         raise CodecError(f"unknown command type {type!r}; known: {sorted(COMMAND_KINDS)}")
     command: Command = kind(schema=SCHEMA, event_id=event_id or new_message_id(), batch_id=batch_id,
                             pipeline_id=pipeline_id, pipeline_version=pipeline_version,
-                            ts=time.time() if ts is None else ts)
+                            ts=time.time() if ts is None else ts, **fields)
     return command
 

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import msgspec
 
-from core.command_messages import COMMAND_KINDS, AnyCommand
+from core.command_messages import COMMAND_KINDS, PUBLISHED_BATCH_REGEX, AnyCommand
 from core.messages import EVENT_KINDS, AnyEvent
 
 SCHEMA_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
@@ -30,6 +30,16 @@ def _document(name: str, title: str, schema: dict[str, Any]) -> dict[str, Any]:
             **schema}
 
 
+def _with_run_rules(schema: dict[str, Any]) -> dict[str, Any]:
+    """Adds what msgspec cannot say of a run: with `create` (a publisher's own batch), the
+    batch id is `batch-` + an id, as `Run.__post_init__` checks."""
+    run = schema.get("$defs", {}).get("Run")
+    if run is not None:
+        run["dependentSchemas"] = {"create": {"properties": {
+            "batch_id": {"pattern": PUBLISHED_BATCH_REGEX}}}}
+    return schema
+
+
 def generate() -> dict[str, dict[str, Any]]:
     """Every schema by name: `events` and `commands` (any kind, chosen by `type`), and one
     per kind (`event.step.offsets`, `command.run`, ...)."""
@@ -37,14 +47,14 @@ def generate() -> dict[str, dict[str, Any]]:
         "events": _document("events", "Any event of the batches.events topic",
                             msgspec.json.schema(AnyEvent)),
         "commands": _document("commands", "Any command of the batches.commands topic",
-                              msgspec.json.schema(AnyCommand)),
+                              _with_run_rules(msgspec.json.schema(AnyCommand))),
     }
     for tag, event in EVENT_KINDS.items():
         out[f"event.{tag}"] = _document(f"event.{tag}", f"The {tag} event",
                                         msgspec.json.schema(event))
     for tag, command in COMMAND_KINDS.items():
         out[f"command.{tag}"] = _document(f"command.{tag}", f"The {tag} command",
-                                          msgspec.json.schema(command))
+                                          _with_run_rules(msgspec.json.schema(command)))
     return out
 
 
