@@ -6,8 +6,9 @@ STACK := $(PY) deploy/local/stack.py
 
 .PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack clean-state chaos
 
-setup:  ## venv + dependencies, Kafka jars, redis-server (idempotent, fast when done)
+setup:  ## venv + dependencies, Kafka jars, redis-server, example step plugins (idempotent, fast when done)
 	@bash deploy/local/setup.sh
+	@bash examples/install.sh
 
 run: setup  ## the whole stack in the foreground; Ctrl-C stops what it started
 	@$(STACK) run

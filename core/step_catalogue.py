@@ -1,40 +1,76 @@
-"""The catalogue of step implementations a pipeline definition's `uses` may name, each with
-the model of its `config`: plain data, so the API checks a definition when it is registered
-(`PUT /api/v1/pipelines/{id}` answers 400) without importing the step code, its SDK or Prefect.
+"""The catalogue of step implementations a pipeline definition's `uses` may name: plugins,
+found through the Python entry-point group `dhub.steps` of the installed distributions.
 
-Only catalogued names can run: a definition comes in over the API, and letting it name any
-importable callable would let an API client choose what code the worker runs.
-`pipelines.steps` binds each name to its function; a test proves the two name the same steps.
+Each entry point names a `StepDeclaration`: plain data (a one-line doc, the pydantic model of
+the step's `config`, and the dotted paths of its run and clean-up functions), defined in a
+module that imports no step code, no step SDK and no Prefect. So the API lists the steps
+(`GET /api/v1/steps`) and checks a definition when it is registered (`PUT
+/api/v1/pipelines/{id}` answers 400) by reading declarations only; the worker imports a run
+function by its path when a batch runs it (`pipelines.steps.resolve`), and the consumers a
+clean-up function when a batch is deleted.
+
+Only declared names can run: a definition comes in over the API, and letting it name any
+importable callable would let an API client choose what code the worker runs. Installing a
+distribution is the operator's act, so that is where new code enters.
 
 What a config may not say matters most: no key chooses a path on a worker's disk (data
 locations are server settings: DHUB_DATA_DIR, each batch under <data_dir>/<batch_id>).
+`batch_dir()` is that rule for plugins to call.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import importlib
+import logging
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
+from core.models import valid_id
+
+log = logging.getLogger(__name__)
+
+GROUP: Final = "dhub.steps"
 PATH_KEYS: Final = frozenset({"data_dir", "db_path"})
+# "package.module:attribute": what an entry point's value looks like, so a typo in a
+# declaration fails when it is loaded (listed, refused) rather than when a batch runs.
+_DOTTED: Final = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
-class SalesConfig(BaseModel):
-    """The config of every `sales.*` step: each step uses the keys it needs."""
+@dataclass(frozen=True, slots=True)
+class StepDeclaration:
+    """One step implementation, as its plugin declares it.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    `run`: "module:function", the step `fn(ctx) -> None` (sync or async; see pipelines.sdk).
+    `cleanup`: "module:function" called as `fn(data_root: Path, batch_id: str) -> None` when a
+    batch that used the step is deleted; it must be idempotent (a delete may call it again).
+    """
 
-    rows: int = Field(default=20_000, ge=0, le=10_000_000)
-    partitions: int = Field(default=4, ge=1, le=256)
-    seed: int = 42
-    # Records per second per step; None runs at full speed. For demos and stop tests.
-    throttle: float | None = Field(default=None, gt=0)
-    # The name of a step that fails on purpose half way through its records.
-    fail_at: str | None = None
-    # Share of generated records made invalid on purpose, to exercise validation.
-    invalid_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    name: str
+    doc: str
+    config: type[BaseModel]
+    run: str
+    cleanup: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.doc.strip() or "\n" in self.doc.strip():
+            raise ValueError(f"step {self.name}: doc must be one line")
+        if not (isinstance(self.config, type) and issubclass(self.config, BaseModel)):
+            raise TypeError(f"step {self.name}: config must be a pydantic model class")
+        for path in (self.run, self.cleanup):
+            if path is not None and not _DOTTED.match(path):
+                raise ValueError(f"step {self.name}: {path!r} is not 'module:function'")
+
+
+class NoPaths(BaseModel):
+    """A base for config models: refuses the keys that once chose a path on the worker."""
 
     @model_validator(mode="before")
     @classmethod
@@ -51,27 +87,82 @@ class SalesConfig(BaseModel):
         return data
 
 
-# Step implementation name -> the model its config must satisfy.
-CATALOGUE: Final[Mapping[str, type[BaseModel]]] = MappingProxyType({
-    "sales.extract": SalesConfig,
-    "sales.transform": SalesConfig,
-    "sales.load": SalesConfig,
-})
+def batch_dir(data_root: Path, batch_id: str) -> Path:
+    """<data_root>/<batch_id>, refusing an id that would name another directory."""
+    # Batch ids are [A-Za-z0-9._-]; "." and ".." would name the data directory or its parent.
+    if not valid_id(batch_id) or batch_id in (".", ".."):
+        raise ValueError(f"batch id {batch_id!r} cannot name a data directory")
+    return data_root / batch_id
+
+
+def import_path(path: str) -> Any:
+    """The object a "module:attribute" path names (imported now)."""
+    module, _, attribute = path.partition(":")
+    target: Any = importlib.import_module(module)
+    for part in attribute.split("."):
+        target = getattr(target, part)
+    return target
+
+
+@functools.cache
+def declarations() -> Mapping[str, StepDeclaration]:
+    """Every installed step implementation by name, loaded once per process (a newly
+    installed plugin is seen by processes started after it; each flow run is one).
+
+    A plugin that fails to load, or a name two distributions declare, is left out and
+    logged: it cannot be registered or run, and the other plugins still work."""
+    found: dict[str, StepDeclaration] = {}
+    owners: dict[str, list[str]] = {}
+    for point in entry_points(group=GROUP):
+        owner = point.dist.name if point.dist is not None else "?"
+        try:
+            declared = point.load()
+        except Exception:
+            log.exception("step plugin %s (from %s) failed to load; left out", point.name, owner)
+            continue
+        if not isinstance(declared, StepDeclaration) or declared.name != point.name:
+            log.error("step plugin %s (from %s) is not a StepDeclaration named %s; left out",
+                      point.name, owner, point.name)
+            continue
+        owners.setdefault(point.name, []).append(owner)
+        found[point.name] = declared
+    for name, dists in owners.items():
+        if len(dists) > 1:
+            # Which code runs must not depend on install order.
+            log.error("step %s is declared by %s; left out", name, ", ".join(sorted(dists)))
+            del found[name]
+    return MappingProxyType(dict(sorted(found.items())))
+
+
+class _Catalogue(Mapping[str, type[BaseModel]]):
+    """Name -> config model, read from the plugins when first used (not at import)."""
+
+    def __getitem__(self, name: str) -> type[BaseModel]:
+        return declarations()[name].config
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(declarations())
+
+    def __len__(self) -> int:
+        return len(declarations())
+
+
+CATALOGUE: Final[Mapping[str, type[BaseModel]]] = _Catalogue()
 
 
 def known_steps() -> frozenset[str]:
-    return frozenset(CATALOGUE)
+    return frozenset(declarations())
 
 
 def config_problems(uses: str, config: Mapping[str, Any], loc: str = "config"
                     ) -> list[dict[str, str]]:
     """What is wrong with `config` for the step implementation `uses`, in the API's problem
     shape (`loc`, `msg`); empty when it is valid or `uses` is not catalogued (refused apart)."""
-    model = CATALOGUE.get(uses)
-    if model is None:
+    declared = declarations().get(uses)
+    if declared is None:
         return []
     try:
-        model.model_validate(dict(config))
+        declared.config.model_validate(dict(config))
     except ValidationError as exc:
         return [{"loc": ".".join([loc, *(str(p) for p in e["loc"])]), "msg": e["msg"]}
                 for e in exc.errors()]

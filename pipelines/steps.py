@@ -1,24 +1,18 @@
-"""The step implementations: the function each catalogued `uses` name runs.
+"""The step implementations: the function each declared `uses` name runs.
 
-The names, and the config each accepts, are `core.step_catalogue`'s (what the API checks a
-definition against without importing this code); this module binds them to code, and a test
-proves both name the same steps. A name missing here can never run.
+The names, the config each accepts and the path of its code are the plugins' declarations
+(`core.step_catalogue`, entry-point group `dhub.steps`), which the API reads without importing
+any step code; this module imports a step's code only when the worker runs it. A name no
+installed plugin declares can never run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from types import MappingProxyType
+from collections.abc import Iterator, Mapping
 from typing import Final
 
-from pipelines.sales import steps as sales
+from core.step_catalogue import declarations, import_path
 from pipelines.sdk import StepFn
-
-STEPS: Final[Mapping[str, StepFn]] = MappingProxyType({
-    "sales.extract": sales.extract,
-    "sales.transform": sales.transform,
-    "sales.load": sales.load,
-})
 
 
 class UnknownStep(LookupError):
@@ -26,8 +20,31 @@ class UnknownStep(LookupError):
 
 
 def resolve(uses: str) -> StepFn:
-    try:
-        return STEPS[uses]
-    except KeyError:
+    declared = declarations().get(uses)
+    if declared is None:
         raise UnknownStep(f"no step implementation named {uses!r}; "
-                          f"known: {', '.join(sorted(STEPS))}") from None
+                          f"known: {', '.join(declarations())}")
+    fn = import_path(declared.run)
+    if not callable(fn):
+        raise UnknownStep(f"step {uses}: {declared.run} is not callable")
+    step: StepFn = fn
+    return step
+
+
+class _Steps(Mapping[str, StepFn]):
+    """Name -> step function for every declared step, imported when looked up."""
+
+    def __getitem__(self, uses: str) -> StepFn:
+        try:
+            return resolve(uses)
+        except UnknownStep:
+            raise KeyError(uses) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(declarations())
+
+    def __len__(self) -> int:
+        return len(declarations())
+
+
+STEPS: Final[Mapping[str, StepFn]] = _Steps()

@@ -1,5 +1,5 @@
-"""The sales pipeline's step config (its model is catalogued in `core.step_catalogue`, where
-the API checks it), and where a batch's files live.
+"""The sales pipeline's step config (its model is declared in `pipelines.sales.plugin`, which
+the API reads to check it), and where a batch's files live.
 
 Where is a server-side setting (DHUB_DATA_DIR, default <state_dir>/data; each batch under
 <data_dir>/<batch_id>, its SQLite file `sales.db` there): a step config comes from an API
@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from core.models import valid_id
-from core.step_catalogue import SalesConfig
+from core.step_catalogue import batch_dir
+from pipelines.sales.plugin import SalesConfig
 from pipelines.sdk import StepContext, StepFailed
 
 __all__ = ["Layout", "SalesConfig", "partition_name", "read_config"]
@@ -55,11 +55,11 @@ class Layout:
 
     @classmethod
     def of(cls, ctx: StepContext) -> Layout:
-        # One directory per batch, so concurrent batches never share staging files. Batch
-        # ids are [A-Za-z0-9._-]; "." and ".." would name the data directory or its parent.
-        if not valid_id(ctx.batch_id) or ctx.batch_id in (".", ".."):
-            raise StepFailed(f"batch id {ctx.batch_id!r} cannot name a data directory")
-        root = ctx.settings.data_root / ctx.batch_id
+        # One directory per batch, so concurrent batches never share staging files.
+        try:
+            root = batch_dir(ctx.settings.data_root, ctx.batch_id)
+        except ValueError as exc:
+            raise StepFailed(str(exc)) from None
         return cls(root=root, db=root / "sales.db")
 
 

@@ -1,0 +1,135 @@
+"""The three word-count steps; offsets are lines per partition.
+
+    generate  text/<partition>.txt: `lines` seeded random lines of `words_per_line` words
+    count     counts/<partition>/<start>-<end>.json: the word counts of each chunk of lines,
+              saved (atomically) before the chunk's end is reported as the offset
+    merge     result.json: every chunk's counts summed, after checking the chunks of each
+              partition cover its lines exactly once
+
+Steps are sync (the SDK runs them in a thread), so plain file I/O and sleeps are fine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from contextlib import ExitStack
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import orjson
+from pydantic import ValidationError
+
+from dhub_wordcount.plugin import WordCountConfig
+from dhub_wordcount.text import CHUNK, Layout, lines_of, partition_name, write_atomically
+from pipelines.sdk import StepContext, StepFailed
+
+
+def _config(config: Mapping[str, Any]) -> WordCountConfig:
+    try:
+        return WordCountConfig.model_validate(dict(config))
+    except ValidationError as exc:  # the API refuses these; a hand-made run may not have
+        raise StepFailed(f"invalid wordcount config: {exc}") from None
+
+
+class Pace:
+    """Sleeps so that the lines done so far take at least lines/throttle seconds."""
+
+    def __init__(self, throttle: float | None) -> None:
+        self._throttle = throttle
+        self._done = 0
+        self._started = time.monotonic()
+
+    def advance(self, lines: int) -> None:
+        self._done += lines
+        if self._throttle:
+            ahead = self._done / self._throttle - (time.monotonic() - self._started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def _line_count(path: Path, step: str) -> int:
+    if not path.exists():
+        raise StepFailed(f"{step}: {path.name} missing; did the generate step run?")
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def generate(ctx: StepContext) -> None:
+    config, layout = _config(ctx.config), Layout.of(ctx)
+    names = [partition_name(i) for i in range(config.partitions)]
+    streams = {name: lines_of(config.seed, i, config.lines, config.words_per_line)
+               for i, name in enumerate(names)}
+    written = dict.fromkeys(names, 0)
+    pace = Pace(config.throttle)
+    with ExitStack() as files:
+        out: dict[str, BinaryIO] = {}
+        for name in names:
+            layout.text(name).parent.mkdir(parents=True, exist_ok=True)
+            # Rewritten from the seed on a rerun: the same text every time.
+            out[name] = files.enter_context(layout.text(name).open("wb"))
+            ctx.report(name, 0, config.lines)
+        # A chunk of each partition in turn, so every partition's offset grows together.
+        while any(n < config.lines for n in written.values()):
+            for name in names:
+                chunk = list(islice(streams[name], CHUNK))
+                if not chunk:
+                    continue
+                out[name].write(b"".join(chunk))
+                out[name].flush()  # in the file before the offset says so
+                written[name] += len(chunk)
+                ctx.report(name, written[name], config.lines)
+                pace.advance(len(chunk))
+
+
+def count(ctx: StepContext) -> None:
+    config, layout = _config(ctx.config), Layout.of(ctx)
+    names = [partition_name(i) for i in range(config.partitions)]
+    totals = {name: _line_count(layout.text(name), ctx.step) for name in names}
+    done = dict.fromkeys(names, 0)
+    pace = Pace(config.throttle)
+    with ExitStack() as files:
+        text: dict[str, BinaryIO] = {}
+        for name in names:
+            for stale in layout.chunks(name).glob("*.json"):  # an earlier run's chunks
+                stale.unlink()
+            text[name] = files.enter_context(layout.text(name).open("rb"))
+            ctx.report(name, 0, totals[name])
+        while any(done[n] < totals[n] for n in names):
+            for name in names:
+                lines = list(islice(text[name], CHUNK))
+                if not lines:
+                    continue
+                words = Counter(word.decode() for line in lines for word in line.split())
+                start, end = done[name], done[name] + len(lines)
+                write_atomically(layout.chunks(name) / f"{start:09d}-{end:09d}.json",
+                                 orjson.dumps(words))
+                done[name] = end
+                ctx.report(name, end, totals[name])
+                pace.advance(len(lines))
+
+
+def merge(ctx: StepContext) -> None:
+    config, layout = _config(ctx.config), Layout.of(ctx)
+    names = [partition_name(i) for i in range(config.partitions)]
+    totals = {name: _line_count(layout.text(name), ctx.step) for name in names}
+    words: Counter[str] = Counter()
+    for name in names:
+        covered = 0
+        for path in sorted(layout.chunks(name).glob("*.json")):
+            start, end = (int(n) for n in path.stem.split("-"))
+            if start != covered:
+                raise StepFailed(f"{ctx.step}: {name} has a gap or overlap at line {covered}")
+            words.update(orjson.loads(path.read_bytes()))
+            covered = end
+        if covered != totals[name]:
+            raise StepFailed(f"{ctx.step}: {name} counted {covered} of {totals[name]} lines; "
+                             "did the count step run?")
+    result = {"lines": sum(totals.values()), "words": sum(words.values()),
+              "partitions": totals, "counts": dict(words.most_common())}
+    write_atomically(layout.result, orjson.dumps(result))
+    # Reported once result.json holds them: an offset never runs ahead of what is written.
+    for name in names:
+        ctx.report(name, totals[name], totals[name])
