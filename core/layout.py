@@ -3,7 +3,8 @@
 A batch is one Redis hash (`keys.batch`): the batch's own fields (`id`, `state`, `outcome`,
 `reason`, `flow_run_id`, `rev`, `updated_at`, ...), `step:<name>` -> the step's state,
 `off:<step>:<partition>` -> the step's offset there (a decimal string), `stop_ts` (the `ts` of
-the stop event that decided `outcome`), `deleted` once hidden. Code outside this module asks
+the stop event that decided `outcome`), `deleted` once hidden, `config` (the effective
+per-step config, JSON) and, on a resumed batch, `resumed_from`. Code outside this module asks
 it (`is_visible`, `running_steps`, `render`) instead of parsing field names, and the Lua
 scripts get their state orders from here (`lua_rank`), so each order is written once.
 """
@@ -26,6 +27,11 @@ OFFSET_PREFIX: Final = "off:"
 TOTAL_PREFIX: Final = "tot:"  # tot:<step>:<partition> -> records the partition holds
 STARTED_PREFIX: Final = "started:"  # started:<step> -> when the step began running (ISO)
 MOVED_PREFIX: Final = "moved:"  # moved:<step> -> when an offset of the step last grew (ISO)
+# The batch's effective per-step config (JSON: step name -> config), written at creation;
+# absent on batches created before run-time config, which run with the registered config.
+CONFIG: Final = "config"
+# The batch a resumed batch continues (its id), written at creation.
+RESUMED_FROM: Final = "resumed_from"
 
 # The order states only move forward in. Both final step states rank alike: neither replaces
 # the other.
@@ -45,6 +51,37 @@ def step_field(step: str) -> str:
 
 def offset_field(step: str, partition: str) -> str:
     return f"{OFFSET_PREFIX}{step}:{partition}"
+
+
+def total_field(step: str, partition: str) -> str:
+    return f"{TOTAL_PREFIX}{step}:{partition}"
+
+
+def step_state(fields: Mapping[str, str], step: str) -> str:
+    return fields.get(STEP_PREFIX + step, "none")
+
+
+def step_offsets(fields: Mapping[str, str], step: str) -> dict[str, int]:
+    """The step's offset per partition, as recorded in the hash."""
+    return _per_partition(fields, OFFSET_PREFIX + step + ":")
+
+
+def step_totals(fields: Mapping[str, str], step: str) -> dict[str, int]:
+    return _per_partition(fields, TOTAL_PREFIX + step + ":")
+
+
+def _per_partition(fields: Mapping[str, str], prefix: str) -> dict[str, int]:
+    return {name[len(prefix):]: int(value) for name, value in fields.items()
+            if name.startswith(prefix)}
+
+
+def config_of(fields: Mapping[str, str]) -> dict[str, dict[str, Any]] | None:
+    """The batch's effective per-step config; None for a batch created without one."""
+    raw = fields.get(CONFIG)
+    if raw is None:
+        return None
+    config: dict[str, dict[str, Any]] = orjson.loads(raw)
+    return config
 
 
 def is_visible(fields: dict[str, str] | None) -> TypeIs[dict[str, str]]:
@@ -112,6 +149,13 @@ def render(fields: Mapping[str, str]) -> dict[str, Any]:
         "reason": fields.get("reason"),
         "flow_run_id": fields.get("flow_run_id"),
     }
+    # Beside the contract's fields, only where the batch has them.
+    config = config_of(fields)
+    if config is not None:
+        out["config"] = config
+    resumed_from = fields.get(RESUMED_FROM)
+    if resumed_from is not None:
+        out["resumed_from"] = resumed_from
     if stalled_any:
         out["stalled"] = True
     return out

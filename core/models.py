@@ -111,6 +111,27 @@ class PipelineSpec(BaseModel):
         return [s.name for s in self.steps]
 
 
+class RunRequest(BaseModel):
+    """The optional body of `POST /api/v1/batches/{pipeline_id}` and of a resume: per-step
+    config overrides, merged key by key over the registered config (or, for a resume, over
+    the resumed batch's) and checked by each step implementation's config model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="RunRequest")
+
+    config: dict[str, dict[str, ConfigValue]] = Field(
+        default_factory=dict,
+        description="step name -> the keys of its config to set for this run; a key set to "
+                    "null is set to null (e.g. `fail_at: null` turns a failure point off)",
+        examples=[{"transform": {"throttle": 500}}])
+
+    @field_validator("config")
+    @classmethod
+    def _shallow_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        if _depth(config) > MAX_CONFIG_DEPTH + 1:
+            raise ValueError(f"config nests deeper than {MAX_CONFIG_DEPTH} levels")
+        return config
+
+
 # -- how a batch is named on the Prefect side --------------------------------------------
 FLOW_NAME: Final = "run-pipeline"
 TAG_DHUB: Final = "dhub"

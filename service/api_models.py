@@ -51,6 +51,12 @@ class Batch(BaseModel):
     outcome: OutcomeName | None = Field(description="why a stopped batch stopped")
     reason: str | None
     flow_run_id: str | None
+    config: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="the effective config of each step for this batch: the "
+                                  "registered one with the run's overrides (absent on batches "
+                                  "created before run-time config)")
+    resumed_from: str | None = Field(
+        default=None, description="the batch this one resumes (absent unless resumed)")
 
 
 class BatchPage(BaseModel):

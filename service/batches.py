@@ -3,6 +3,7 @@ changes are recorded in Redis and queued as commands on Kafka."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,7 +13,7 @@ from core import keys
 from core.codec import Command
 from core.layout import is_visible
 from core.models import PipelineSpec, new_batch_id, valid_id
-from service import auth, conditional, creates, idempotency, streams
+from service import auth, conditional, creates, idempotency, run_body, streams
 from service.appkeys import (
     ABANDONER,
     API_SCRIPTS,
@@ -71,20 +72,42 @@ async def run_batch(request: web.Request) -> web.Response:
     requested = request.query.get("pipeline_version")
     header = request.headers.get("Idempotency-Key")
     idem_key = idempotency.record_key(header) if header is not None else None
+    overrides = await run_body.overrides_of(request)
     spec = await _resolve(request, pipeline_id, requested)
+    config = None
+    if overrides:
+        run_body.checked_config(spec, overrides)  # refused before anything is written
+
+        def config(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
+            # For the version recorded: another may have become the latest meanwhile.
+            return run_body.checked_config(spec, overrides)
     sender = request.app[COMMANDS]
     sender.check()  # Kafka known down: 503 at once, before anything is written
     batch_id = new_batch_id()
-    if idem_key is None:
-        await _create_and_queue(request, pipeline_id, batch_id, spec, requested is None)
+
+    async def record() -> PipelineSpec:
+        return await creates.record(request.app[STORE], request.app[API_SCRIPTS],
+                                    request.app[REGISTRY], pipeline_id, batch_id, spec,
+                                    requested is None, config)
+
+    sent = (idempotency.Sent.of(pipeline_id, requested, run_body.canonical(overrides))
+            if idem_key is not None else None)
+    return await once(request, idem_key, sent, pipeline_id, batch_id, record)
+
+
+async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sent | None,
+               pipeline_id: str, batch_id: str,
+               record: Callable[[], Awaitable[PipelineSpec]]) -> web.Response:
+    """Creates and queues the batch, once per Idempotency-Key when one is given."""
+    if idem_key is None or sent is None:
+        await _create_and_queue(request, pipeline_id, batch_id, record)
         return json_obj({"item": batch_id})
     keys_ = request.app[IDEMPOTENCY]
-    sent = idempotency.Sent.of(pipeline_id, requested, await request.read())
     earlier = await keys_.claim(idem_key, sent, batch_id)
     if earlier is not None:
         return json_obj({"item": earlier})
     try:
-        await _create_and_queue(request, pipeline_id, batch_id, spec, requested is None)
+        await _create_and_queue(request, pipeline_id, batch_id, record)
     except BaseException:
         await keys_.release(idem_key, batch_id)
         raise
@@ -93,13 +116,13 @@ async def run_batch(request: web.Request) -> web.Response:
 
 
 async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
-                            spec: PipelineSpec, latest: bool) -> None:
-    """Records the batch, then queues its run command. When that fails the batch must not
-    run: refused, it is purged; ambiguous (the command may be written and even be running),
-    it is abandoned (hidden as `stop`/`failed`, its delete queued behind the run)."""
+                            record: Callable[[], Awaitable[PipelineSpec]]) -> None:
+    """Records the batch (`record` returns the definition recorded), then queues its run
+    command. When that fails the batch must not run: refused, it is purged; ambiguous (the
+    command may be written and even be running), it is abandoned (hidden as `stop`/`failed`,
+    its delete queued behind the run)."""
     store = request.app[STORE]
-    spec = await creates.record(store, request.app[API_SCRIPTS], request.app[REGISTRY],
-                                pipeline_id, batch_id, spec, latest)
+    spec = await record()
     # Its id from the batch's (one run command per batch, as `stop-<batch id>` is the
     # consumers' stop event): unique without a uuid4, whose urandom call costs a few µs.
     command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version,

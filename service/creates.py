@@ -14,11 +14,12 @@ import dataclasses
 import re
 import uuid
 import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
-from core import keys
+from core import keys, layout
 from core.api_scripts import ApiScripts
 from core.models import PipelineSpec, now_iso
 from core.registry import PipelineRegistry
@@ -94,12 +95,17 @@ class _Template:
     pieces: tuple[bytes, ...]  # the encoded arguments around the gaps
     gaps: tuple[bool, ...]  # per gap: True the batch id, False the time
 
-    def args(self, batch_id: str, now: str) -> bytes:
+    def args(self, batch_id: str, now: str, extra: bytes = b"") -> bytes:
+        """`extra`: more field/value pairs, as JSON array items (`,"f","v",...`); they come
+        after the captured ones, so one of the same name replaces it (HSET's last wins)."""
         # Both are plain ASCII (a generated id, an ISO time): no JSON escaping to do.
         fill = (now.encode(), batch_id.encode())
         out = [self.pieces[0]]
         for is_id, piece in zip(self.gaps, self.pieces[1:], strict=True):
             out += (fill[is_id], piece)
+        if extra:
+            out[-1] = out[-1][:-1]  # the array's closing bracket, put back after the pairs
+            out += (extra, b"]")
         return b"".join(out)
 
 
@@ -119,8 +125,11 @@ class _Capture(Scripts):
 
 async def _capture(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> _Template:
     capture = _Capture(store.scripts)
+    # A run without a body runs with the registered config as it is (not checked again: a
+    # version registered before a model was tightened runs as it always did).
+    registered = {step.name: dict(step.config) for step in spec.steps}
     await BatchStore(store.redis, capture, token_secret=b"unused", changes_channel="").create(
-        pipeline_id, _ID_MARK, spec)
+        pipeline_id, _ID_MARK, spec, extra={layout.CONFIG: orjson.dumps(registered).decode()})
     [(batch_keys, args)] = capture.calls
     if batch_keys[0] != keys.batch(pipeline_id, _ID_MARK):
         raise RuntimeError(f"BatchStore.create's first key is not the batch: {batch_keys[0]}")
@@ -148,19 +157,29 @@ async def _template(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> 
     return template
 
 
+def config_pair(config: Mapping[str, Any]) -> bytes:
+    """The batch's effective config as `_Template.args`' extra pair."""
+    return b"," + orjson.dumps([layout.CONFIG, orjson.dumps(config).decode()])[1:-1]
+
+
 async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegistry,
-                 pipeline_id: str, batch_id: str, spec: PipelineSpec, latest: bool) -> PipelineSpec:
+                 pipeline_id: str, batch_id: str, spec: PipelineSpec, latest: bool,
+                 config: Callable[[PipelineSpec], Mapping[str, Any]] | None = None
+                 ) -> PipelineSpec:
     """Records the batch as `BatchStore.create` would; with `latest`, of the pipeline's latest
     version at that moment (`spec` is a guess: when another version is latest, the batch is
-    recorded with that one's definition). Returns the definition recorded."""
+    recorded with that one's definition). `config`: the run's effective config for a
+    definition (the run's overrides applied to it; may raise), None for the registered one.
+    Returns the definition recorded."""
     turns = turn_reads(store.redis)
     order = keys.pipeline_order(pipeline_id)
     while True:
         template = await _template(store, pipeline_id, spec)
+        extra = config_pair(config(spec)) if config is not None else b""
         reply = await turns.script(
             scripts.create_latest_batch,
             [keys.batch(pipeline_id, batch_id), *template.other_keys, order],
-            [spec.version if latest else "", template.args(batch_id, now_iso()),
+            [spec.version if latest else "", template.args(batch_id, now_iso(), extra),
              keys.CHANGES_CHANNEL])
         if not isinstance(reply, list):
             return spec

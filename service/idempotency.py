@@ -5,8 +5,10 @@ that attempt's run command is durably queued, then `committed` (kept `idempotenc
 A duplicate that finds it committed gets the same batch id; one that finds it pending waits
 a bounded time for the first attempt and then answers `409 in_progress`; a failed attempt
 releases the key, so the next retry starts afresh. The request is compared as the client
-sent it — pipeline id, the version asked for (or `latest`, not the version it resolved to)
-and the body — and the same key with another request is a 409 that says what differs.
+sent it — the route (a run, or a resume of which batch), pipeline id, the version asked for
+(or `latest`, not the version it resolved to) and the body's meaning (the config overrides,
+whatever their spacing or key order) — and the same key with another request is a 409 that
+says what differs.
 A pending record expires on its own, so an attempt whose process died frees the key.
 """
 
@@ -39,32 +41,55 @@ def record_key(header: str) -> str:
     return keys.idempotency(hashlib.sha256(header.encode()).hexdigest())
 
 
+# Bodies up to this size are kept in the record, so a 409 can show what the body was.
+_SHOWN_BODY = 512
+
+
 @dataclass(frozen=True, slots=True)
 class Sent:
-    """A POST as the client sent it."""
+    """A POST as the client sent it; its body compared by meaning (`service.run_body`'s
+    canonical text), so the same overrides spelt with other spacing or key order match."""
 
     pipeline_id: str
     version: str  # as asked for, or LATEST
-    body_digest: str  # '' for no body
+    body_digest: str  # '' for no overrides
+    body: str  # the canonical body, '' for none
+    target: str = ""  # '' for a run; `resume <batch id>` for a resume
 
     @classmethod
-    def of(cls, pipeline_id: str, version: str | None, body: bytes) -> Sent:
-        digest = hashlib.sha256(body).hexdigest()[:32] if body else ""
-        return cls(pipeline_id, version if version is not None else LATEST, digest)
+    def of(cls, pipeline_id: str, version: str | None, body: str, target: str = "") -> Sent:
+        digest = hashlib.sha256(body.encode()).hexdigest()[:32] if body else ""
+        return cls(pipeline_id, version if version is not None else LATEST, digest, body, target)
 
     def record(self, state: str, batch_id: str) -> str:
-        return orjson.dumps({"s": state, "b": batch_id, "p": self.pipeline_id,
-                             "v": self.version, "h": self.body_digest}).decode()
+        data = {"s": state, "b": batch_id, "p": self.pipeline_id, "v": self.version,
+                "h": self.body_digest}
+        if self.body and len(self.body) <= _SHOWN_BODY:
+            data["c"] = self.body
+        if self.target:
+            data["r"] = self.target
+        return orjson.dumps(data).decode()
 
     def differences(self, earlier: dict[str, Any]) -> dict[str, dict[str, str]]:
         pairs = {"pipeline_id": (earlier.get("p"), self.pipeline_id)}
         if "s" in earlier:
+            pairs["request"] = (earlier.get("r", ""), self.target)
             pairs["pipeline_version"] = (earlier.get("v"), self.version)
-            pairs["body"] = (earlier.get("h") or "", self.body_digest)
         # else: a record from before this protocol held the resolved version; the pipeline
         # is all that can be compared.
-        return {name: {"earlier": str(was), "now": now}
-                for name, (was, now) in pairs.items() if was != now}
+        differs = {name: {"earlier": str(was), "now": now}
+                   for name, (was, now) in pairs.items() if was != now}
+        if "s" in earlier and (earlier.get("h") or "") != self.body_digest:
+            differs["body"] = {"earlier": _shown(earlier.get("c"), earlier.get("h") or ""),
+                               "now": _shown(self.body if len(self.body) <= _SHOWN_BODY
+                                             else None, self.body_digest)}
+        return differs
+
+
+def _shown(body: str | None, digest: str) -> str:
+    if body is not None:
+        return body
+    return f"sha256:{digest}" if digest else ""
 
 
 class IdempotencyKeys:

@@ -107,9 +107,10 @@ async def test_the_request_is_compared_as_sent(api: Client, topics: Settings) ->
     assert status == 409
     assert set(body["error"]["details"]["differs"]) == {"pipeline_id"}
 
-    status, body = await post(api, data=b'{"note": "another body"}')
+    status, body = await post(api, json={"config": {"extract": {"rows": 5}}})
     assert status == 409
-    assert set(body["error"]["details"]["differs"]) == {"body"}
+    assert body["error"]["details"]["differs"] == {
+        "body": {"earlier": "", "now": '{"extract":{"rows":5}}'}}
 
     def runs(records: list[Any]) -> list[str]:
         return [c.batch_id for r in records if (c := decode_command(r.value)).type == "run"]

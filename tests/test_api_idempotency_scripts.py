@@ -22,7 +22,7 @@ KEY = keys.idempotency("k")
 
 async def test_claim_commit_and_release_are_owned_transitions(redis: Redis) -> None:
     s = ApiScripts(redis)
-    sent = Sent.of("p", None, b"")
+    sent = Sent.of("p", None, "")
     assert await s.claim_key(keys=[KEY], args=[sent.record("pending", "b1"), 60_000]) is None
     # A second attempt only reads the first's record.
     existing = await s.claim_key(keys=[KEY], args=[sent.record("pending", "b2"), 60_000])

@@ -143,10 +143,12 @@ async def test_the_script_creates_as_the_stores_own_and_refuses_a_version_not_la
 async def test_a_posted_batch_is_recorded_as_the_stores_create_records_one(
         api: Client, redis: Redis) -> None:
     # The POST fills a layout captured from BatchStore.create once per definition: each
-    # batch still gets its own id and times, and every other field is the store's.
+    # batch still gets its own id and times, and every other field is the store's (with
+    # the registered config as the batch's effective one: a POST without a body).
     first, second = await post(api), await post(api)
+    registered: dict[str, dict[str, Any]] = {"extract": {}, "transform": {}, "load": {}}
     await BatchStore(redis, Scripts(redis), token_secret=b"t").create(
-        "pipeline-sales", "batch-direct", spec())
+        "pipeline-sales", "batch-direct", spec(), extra={"config": orjson.dumps(registered).decode()})
     direct, *posted = [cast(dict[str, str], await redis.hgetall(keys.batch("pipeline-sales", b)))
                        for b in ("batch-direct", first, second)]
     assert [p["id"] for p in posted] == [first, second]
