@@ -13,6 +13,7 @@ from typing import Final
 
 from redis.asyncio import Redis
 
+from core.list_scripts import UNLIST_LUA
 from core.scripts import CREATE_BATCH
 
 # KEYS[1] idempotency record
@@ -51,17 +52,21 @@ redis.call('DEL', KEYS[1])
 return 1
 """
 
-# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] batch's seen-event-ids zset
+# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] batch's seen-event-ids zset,
+# optionally KEYS[4] pipeline's created index and KEYS[5..] its filter indexes
+# (keys.batch_filter_indexes)
 # ARGV[1] batch id, ARGV[2] now (ISO-8601), ARGV[3] reason, ARGV[4] TTL of the hidden record
 # in seconds, ARGV[5] change channel ('' for none)
 # Makes a batch unrunnable after an ambiguous run command: `stop`/`failed` with the reason,
 # hidden (GET 404, not listed; the commands consumer skips a hidden batch's run), and
-# expiring as a backstop should the queued delete never be handled. Returns 1 when
-# abandoned now, 0 when the batch is unknown or already hidden.
-ABANDON_BATCH: Final = """
+# expiring as a backstop should the queued delete never be handled. Without the list's
+# indexes among KEYS, the filtered list skips the hidden batch by its hash until the delete
+# purges it. Returns 1 when abandoned now, 0 when the batch is unknown or already hidden.
+ABANDON_BATCH: Final = UNLIST_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
   return 0
 end
+unlist(KEYS[1], ARGV[1], 4, 5)
 redis.call('HSET', KEYS[1], 'state', 'stop', 'outcome', 'failed', 'reason', ARGV[3],
            'deleted', '1', 'updated_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
@@ -72,8 +77,8 @@ if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
 return 1
 """
 
-# KEYS[1..3] as CREATE_BATCH (batch hash, pipeline's batch index, pipeline's batch sequence),
-# KEYS[4] the pipeline's version order (list, latest last)
+# KEYS[1..5] as CREATE_BATCH (batch hash, pipeline's batch index, sequence, created index,
+# initial state's index), KEYS[6] (the last) the pipeline's version order (list, latest last)
 # ARGV[1] the version the batch records when it must be the latest ('' for no check),
 # ARGV[2] JSON array: CREATE_BATCH's ARGV (batch id, then the hash's fields and values),
 # ARGV[3] change channel ('' or absent for none): a new batch publishes its key, so a
@@ -82,18 +87,20 @@ return 1
 # version, so "which version is latest" needs no round trip of its own and cannot change
 # between that read and the create. The fields travel as one JSON string: packing ~30
 # arguments is most of the client's CPU for this call. Returns CREATE_BATCH's reply (the
-# sequence, 0 when the batch exists), or {latest} (nil: the pipeline has no version) when
-# ARGV[1] is not the latest.
+# sequence, 0 when the batch exists, or its error), or {latest} (nil: the pipeline has no
+# version) when ARGV[1] is not the latest.
 CREATE_LATEST_BATCH: Final = f"""
 local function create(KEYS, ARGV)
 {CREATE_BATCH}
 end
 if ARGV[1] ~= '' then
-  local latest = redis.call('LINDEX', KEYS[4], -1)
+  local latest = redis.call('LINDEX', KEYS[#KEYS], -1)
   if latest ~= ARGV[1] then return {{latest}} end
 end
 local seq = create(KEYS, cjson.decode(ARGV[2]))
-if seq ~= 0 and ARGV[3] and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
+if type(seq) == 'number' and seq ~= 0 and ARGV[3] and ARGV[3] ~= '' then
+  redis.call('PUBLISH', ARGV[3], KEYS[1])
+end
 return seq
 """
 

@@ -6,6 +6,8 @@ scripts touching them land in one slot on Redis Cluster.
 
 from __future__ import annotations
 
+from core.models import BATCH_STATES, OUTCOMES
+
 PREFIX = "dhub"
 
 # Set of every registered pipeline id (global, outside any pipeline's slot).
@@ -45,6 +47,39 @@ def batch_seen(pipeline_id: str, batch_id: str) -> str:
 def batch_index(pipeline_id: str) -> str:
     """Sorted set batch id -> creation sequence: latest batch and paged listing."""
     return f"{_tag(pipeline_id)}:batches"
+
+
+def batch_state_index(pipeline_id: str, state: str) -> str:
+    """Sorted set batch id -> creation sequence of the visible batches in `state` (the list's
+    `state` filter): a filtered page costs what an unfiltered one does, whatever the history."""
+    return f"{_tag(pipeline_id)}:batches:state:{state}"
+
+
+def batch_outcome_index(pipeline_id: str, outcome: str) -> str:
+    """Sorted set batch id -> creation sequence of the visible batches with that `outcome`."""
+    return f"{_tag(pipeline_id)}:batches:outcome:{outcome}"
+
+
+def batch_filter_indexes(pipeline_id: str) -> list[str]:
+    """Every state's index (in `BATCH_STATES` order), then every outcome's (`OUTCOMES`
+    order): the scripts that move or hide a batch are given them all (Redis Cluster needs a
+    script's keys named), and find a state's or an outcome's by its position."""
+    return ([batch_state_index(pipeline_id, state) for state in BATCH_STATES]
+            + [batch_outcome_index(pipeline_id, outcome) for outcome in OUTCOMES])
+
+
+def batch_created_index(pipeline_id: str) -> str:
+    """Sorted set, every score 0, of `<created_at>|<seq, 16 digits>`, one member per visible
+    batch: ZRANGEBYLEX turns the list's `created_after`/`created_before` into sequence bounds
+    in O(log n). `created_at` is fixed-width (`2026-12-02T14:08:13.123Z`) and never decreases
+    along the sequence (CREATE_BATCH raises one that would), so the members' order is the
+    sequence's."""
+    return f"{_tag(pipeline_id)}:batches:created"
+
+
+def batch_indexes_built(pipeline_id: str) -> str:
+    """Set once the filter and created indexes hold every batch that predates them."""
+    return f"{_tag(pipeline_id)}:batches:indexed"
 
 
 def batch_seq(pipeline_id: str) -> str:

@@ -2,7 +2,8 @@
 
 Each script names its KEYS and ARGV first. The batch hash they write follows the layout
 `core.layout` owns (its field names and state orders: the rank tables below are generated
-from it).
+from it). The scripts of the list's indexes (hide, purge, a page's range, backfill) are in
+`core.list_scripts`, registered here with the others.
 """
 
 from __future__ import annotations
@@ -11,41 +12,52 @@ from typing import Final
 
 from redis.asyncio import Redis
 
+from core import list_scripts
 from core.layout import BATCH_RANK, STEP_RANK, lua_rank
+from core.list_scripts import CREATED_AT_LUA_PATTERN, lua_names
+from core.models import BATCH_STATES, OUTCOMES
 
-# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's sequence counter
-# ARGV[1] batch id, ARGV[2..] field, value, field, value, ... of the new hash
-# Returns the batch's creation sequence, or 0 when the batch already exists.
-CREATE_BATCH: Final = """
+# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's sequence counter,
+# KEYS[4] pipeline's created index, KEYS[5] the state index of the new hash's `state`
+# ARGV[1] batch id, ARGV[2..] field, value, field, value, ... of the new hash, `created_at`
+# among them (fixed-width ISO: core.list_scripts.CREATED_AT_LUA_PATTERN)
+# Two creates of a pipeline may reach Redis in another order than their clocks read them
+# (two API processes): the later one then takes the newest batch's `created_at` (and an
+# `updated_at` below it too), so `created_at` never decreases along the sequence, which the
+# created index's bounds rely on. Returns the batch's creation sequence, or 0 when the batch
+# already exists.
+CREATE_BATCH: Final = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local at
+for i = 2, #ARGV - 1, 2 do
+  if ARGV[i] == 'created_at' then at = ARGV[i + 1] end
+end
+if not (at and string.find(at, '{CREATED_AT_LUA_PATTERN}')) then
+  return redis.error_reply('CREATE_BATCH: created_at must read like 2026-01-31T23:59:59.999Z')
+end
+local newest = redis.call('ZREVRANGE', KEYS[4], 0, 0)[1]
+if newest and string.sub(newest, 1, -18) > at then at = string.sub(newest, 1, -18) end
 local seq = redis.call('INCR', KEYS[3])
-local fields = {}
-for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+local fields = {{}}
+for i = 2, #ARGV, 2 do
+  local field, value = ARGV[i], ARGV[i + 1]
+  if field == 'created_at' or (field == 'updated_at' and value < at) then value = at end
+  fields[#fields + 1] = field
+  fields[#fields + 1] = value
+end
 fields[#fields + 1] = 'seq'
 fields[#fields + 1] = seq
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('ZADD', KEYS[4], 0, string.format('%s|%016d', at, seq))
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
 return seq
 """
 
-# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset)
-# ARGV[1] batch id, ARGV[2] now (ISO-8601), ARGV[3] change channel ('' for none)
-# Hides the batch: GETs and the list stop seeing it at once; the consumer purges it later.
-# Returns 1 when hidden now, 0 when unknown or already hidden.
-HIDE_BATCH: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'deleted', '1', 'updated_at', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'rev', 1)
-redis.call('ZREM', KEYS[2], ARGV[1])
-if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
-return 1
-"""
-
-# KEYS: per batch, its hash and its seen-event-ids zset (KEYS[2i-1], KEYS[2i]): one call
-# applies the events of many batches of one pipeline (their keys share its hash tag), so a
-# poll costs a few calls instead of one per batch.
+# KEYS: the pipeline's filter indexes (keys.batch_filter_indexes: every state's, then every
+# outcome's; F keys in all), then per batch its hash and its seen-event-ids zset
+# (KEYS[F+2i-1], KEYS[F+2i]): one call applies the events of many batches of one pipeline
+# (their keys share its hash tag), so a poll costs a few calls instead of one per batch.
 # ARGV[1] now (ISO-8601), ARGV[2] how many event ids to remember, ARGV[3] change channel
 # ('' for none; a change publishes the key and the new hash), ARGV[4] JSON array with, per
 # batch (in the order of KEYS), the array of its events, each an array (compact: no field
@@ -68,10 +80,17 @@ return 1
 # or -1 when the batch is unknown or deleted (its events are dropped). Each batch's hash is
 # read once and written once (what changed, in one HSET): a batch whose data raises an error
 # is left untouched and stops the call there; the batches before it are applied, the others
-# not (the caller applies them again one by one: every rule above is idempotent).
+# not (the caller applies them again one by one: every rule above is idempotent). A batch
+# whose state or outcome changed moves between the filter indexes (a ZREM and a ZADD); the
+# hot path, a batch's offsets, touches no index.
 _APPLY_EVENTS_TEXT: Final = """
 local BATCH_RANK = BATCH_RANK_TABLE
 local STEP_RANK = STEP_RANK_TABLE
+local STATES, OUTCOMES = STATE_NAMES, OUTCOME_NAMES
+local state_index, outcome_index = {}, {}
+for n, name in ipairs(STATES) do state_index[name] = KEYS[n] end
+for n, name in ipairs(OUTCOMES) do outcome_index[name] = KEYS[#STATES + n] end
+local FIRST = #STATES + #OUTCOMES  -- the batches' keys follow the indexes
 local now, window, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 -- A stop's ts as a number and as the string stored (the string as sent: a Lua number
 -- written back would keep only 14 digits, too few for microseconds since the epoch).
@@ -98,7 +117,7 @@ local function apply(hash, seen, events)
   local set, unset = {}, {}
   local function put(field, value) h[field] = value; set[field] = value; unset[field] = nil end
   local function drop(field) h[field] = nil; set[field] = nil; unset[field] = true end
-  local state = h.state
+  local state, state0, outcome0 = h.state, h.state, h.outcome
   local stopped = state == 'stop'
   local changed = 0
   local seen_n = tonumber(h.seen_n) or 0
@@ -213,6 +232,16 @@ local function apply(hash, seen, events)
   end
   if #args > 0 then redis.call('HSET', hash, unpack(args)) end
   for field in pairs(unset) do redis.call('HDEL', hash, field) end
+  if h.seq and state ~= state0 then
+    if state_index[state0] then redis.call('ZREM', state_index[state0], h.id) end
+    if state_index[state] then redis.call('ZADD', state_index[state], h.seq, h.id) end
+  end
+  if h.seq and h.outcome ~= outcome0 then
+    if outcome0 and outcome_index[outcome0] then
+      redis.call('ZREM', outcome_index[outcome0], h.id)
+    end
+    if outcome_index[h.outcome] then redis.call('ZADD', outcome_index[h.outcome], h.seq, h.id) end
+  end
   if changed > 0 and channel ~= '' then
     -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
     -- cache then keeps serving the batch instead of every change costing it a read.
@@ -228,13 +257,16 @@ end
 
 local results = {}
 for i, events in ipairs(cjson.decode(ARGV[4])) do
-  results[i] = apply(KEYS[2 * i - 1], KEYS[2 * i], events)
+  results[i] = apply(KEYS[FIRST + 2 * i - 1], KEYS[FIRST + 2 * i], events)
 end
 return results
 """
-# The state orders come from core.layout, where each is written once.
-APPLY_EVENTS: Final = _APPLY_EVENTS_TEXT.replace(
-    "BATCH_RANK_TABLE", lua_rank(BATCH_RANK)).replace("STEP_RANK_TABLE", lua_rank(STEP_RANK))
+# The state orders come from core.layout, where each is written once; the names of states
+# and outcomes from core.models (the order of keys.batch_filter_indexes).
+APPLY_EVENTS: Final = (
+    _APPLY_EVENTS_TEXT.replace("BATCH_RANK_TABLE", lua_rank(BATCH_RANK))
+    .replace("STEP_RANK_TABLE", lua_rank(STEP_RANK))
+    .replace("STATE_NAMES", lua_names(BATCH_STATES)).replace("OUTCOME_NAMES", lua_names(OUTCOMES)))
 
 # KEYS[1] pipeline's versions hash, KEYS[2] pipeline's version order list
 # ARGV[1] version, ARGV[2] canonical JSON of the definition
@@ -257,6 +289,10 @@ class Scripts:
 
     def __init__(self, redis: Redis) -> None:
         self.create_batch = redis.register_script(CREATE_BATCH)
-        self.hide_batch = redis.register_script(HIDE_BATCH)
+        self.hide_batch = redis.register_script(list_scripts.HIDE_BATCH)
         self.apply_events = redis.register_script(APPLY_EVENTS)
         self.register_pipeline = redis.register_script(REGISTER_PIPELINE)
+        # The list's indexes' (core.list_scripts).
+        self.purge_batch = redis.register_script(list_scripts.PURGE_BATCH)
+        self.page_range = redis.register_script(list_scripts.PAGE_RANGE)
+        self.backfill_indexes = redis.register_script(list_scripts.BACKFILL_INDEXES)

@@ -6,11 +6,7 @@ Every write that touches more than one key is a script from `core.scripts` or a 
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
 
@@ -22,22 +18,14 @@ from core import keys
 from core.codec import Event, StepOffsets
 from core.layout import is_visible, render, step_field
 from core.models import PipelineSpec, deployment_name, now_iso
+from core.paging import NO_FILTER, ListFilter, Page, Pager
+from core.paging import BadToken as BadToken  # the list's error, where callers found it
 from core.scripts import Scripts
 from core.settings import Settings
 
 # Batches per APPLY_EVENTS call: enough that a poll is a few calls, few enough that one call
 # holds Redis (single-threaded: every other client waits) for a millisecond or two at most.
 APPLY_CHUNK = 100
-
-
-class BadToken(ValueError):
-    """A paging token that is malformed, forged, or belongs to another pipeline."""
-
-
-@dataclass(slots=True)
-class Page:
-    items: dict[str, dict[str, Any]]
-    token: str | None
 
 
 def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any]]]]:
@@ -98,6 +86,7 @@ class BatchStore:
         self._channel = changes_channel
         self._dedup_window = dedup_window
         self._apply_chunk = apply_chunk
+        self._pager = Pager(redis, scripts, token_secret)
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings,
@@ -129,9 +118,11 @@ class BatchStore:
             fields += [step_field(name), "none"]
         for field, value in (extra or {}).items():
             fields += [field, value]
+        state = (extra or {}).get("state", "pending")  # the hash's, for its state's index
         seq = await self.scripts.create_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
-                  keys.batch_seq(pipeline_id)],
+                  keys.batch_seq(pipeline_id), keys.batch_created_index(pipeline_id),
+                  keys.batch_state_index(pipeline_id, state)],
             args=[batch_id, *fields],
         )
         if seq and self._channel:
@@ -141,18 +132,20 @@ class BatchStore:
 
     async def hide(self, pipeline_id: str, batch_id: str) -> bool:
         hidden = await self.scripts.hide_batch(
-            keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id)],
+            keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
+                  keys.batch_created_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id)],
             args=[batch_id, now_iso(), self._channel],
         )
         return bool(hidden)
 
     async def purge(self, pipeline_id: str, batch_id: str) -> None:
-        """Removes every key of the batch (after delete, or to undo a create that failed)."""
-        async with self.redis.pipeline(transaction=True) as tx:
-            tx.delete(keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id))
-            tx.zrem(keys.batch_index(pipeline_id), batch_id)
-            tx.publish(self._channel, keys.batch(pipeline_id, batch_id))
-            await tx.execute()
+        """Removes every key of the batch and its entries in every index of the list (after
+        delete, or to undo a create that failed)."""
+        await self.scripts.purge_batch(
+            keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
+                  keys.batch_index(pipeline_id), keys.batch_created_index(pipeline_id),
+                  *keys.batch_filter_indexes(pipeline_id)],
+            args=[batch_id, self._channel])
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -176,27 +169,11 @@ class BatchStore:
                 return batch
         return None
 
-    async def page(self, pipeline_id: str, limit: int, token: str | None) -> Page:
-        """Newest first. The token holds the sequence of the last batch returned, so batches
-        created while paging (higher sequences) never shift the pages that follow."""
-        below = self._open_token(pipeline_id, token) if token else None
-        top = f"({below}" if below is not None else "+inf"
-        rows = cast(list[tuple[str, float]], await self.redis.zrevrangebyscore(
-            keys.batch_index(pipeline_id), top, "-inf", start=0, num=limit + 1, withscores=True
-        ))
-        more = len(rows) > limit
-        rows = rows[:limit]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for batch_id, _ in rows:
-                pipe.hgetall(keys.batch(pipeline_id, batch_id))
-            hashes: list[dict[str, str]] = await pipe.execute()
-        items = {
-            batch_id: render(data)
-            for (batch_id, _), data in zip(rows, hashes, strict=True)
-            if is_visible(data)
-        }
-        next_token = self._make_token(pipeline_id, int(rows[-1][1])) if more else None
-        return Page(items=items, token=next_token)
+    async def page(self, pipeline_id: str, limit: int, token: str | None,
+                   where: ListFilter = NO_FILTER) -> Page:
+        """Newest first, restricted to `where`; the token continues the same list (its
+        guarantees: `core.paging`). Raises BadToken."""
+        return await self._pager.page(pipeline_id, limit, token, where)
 
     # -- events --------------------------------------------------------------------------
 
@@ -216,9 +193,10 @@ class BatchStore:
         calls: list[list[Any]] = []  # EVALSHA's arguments after the sha, one list per call
         for pipeline_id, batches in grouped.items():
             ids = list(batches)
+            indexes = keys.batch_filter_indexes(pipeline_id)  # APPLY_EVENTS's first keys
             for start in range(0, len(ids), self._apply_chunk):
                 chunk = ids[start : start + self._apply_chunk]
-                names: list[str] = []
+                names = list(indexes)
                 for batch_id in chunk:
                     names += (keys.batch(pipeline_id, batch_id),
                               keys.batch_seen(pipeline_id, batch_id))
@@ -249,31 +227,3 @@ class BatchStore:
             if isinstance(result, Exception):
                 raise result
         return cast(list[list[int]], results)
-
-    # -- paging tokens -------------------------------------------------------------------
-
-    def _sign(self, body: bytes) -> str:
-        mac = hmac.new(self._token_secret, body, hashlib.sha256).digest()[:12]
-        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
-
-    def _make_token(self, pipeline_id: str, seq: int) -> str:
-        body = orjson.dumps({"p": pipeline_id, "s": seq})
-        encoded = base64.urlsafe_b64encode(body).decode().rstrip("=")
-        return f"{encoded}.{self._sign(body)}"
-
-    def _open_token(self, pipeline_id: str, token: str) -> int:
-        try:
-            encoded, signature = token.split(".", 1)
-            body = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-            data = orjson.loads(body)
-        except (ValueError, orjson.JSONDecodeError):
-            raise BadToken("malformed token") from None
-        # compare_digest refuses non-ASCII str; a client can send any text in the query string.
-        if not signature.isascii() or not hmac.compare_digest(signature, self._sign(body)):
-            raise BadToken("token signature does not match")
-        if not isinstance(data, dict) or data.get("p") != pipeline_id:
-            raise BadToken("token belongs to another pipeline")
-        seq = data.get("s")
-        if not isinstance(seq, int) or seq < 1:
-            raise BadToken("malformed token")
-        return seq

@@ -1,11 +1,13 @@
 """The paged list of a pipeline's batches (`GET /api/v1/batches/{pipeline_id}/`): newest
-first, a signed token for the next page, or a push stream of the pipeline's changes."""
+first, optionally filtered (`state`, `outcome`, `created_after`, `created_before`: see
+`core.paging`), a signed token for the next page bound to the filter, or a push stream of the
+pipeline's changes (unfiltered: a filter with `Accept: text/event-stream` is refused)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from core.store import BadToken
+from core.paging import BadFilter, BadToken, ListFilter
 from service import auth, streams
 from service.appkeys import STORE
 from service.batches import json_obj, path_id
@@ -13,6 +15,7 @@ from service.errors import bad_request
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
+FILTERS = ("state", "outcome", "created_after", "created_before")
 
 
 def _limit(request: web.Request) -> int:
@@ -25,15 +28,34 @@ def _limit(request: web.Request) -> int:
     return int(raw)
 
 
+def _filter(request: web.Request) -> ListFilter:
+    values: dict[str, str] = {}
+    for name in FILTERS:
+        given = request.query.getall(name, [])
+        if len(given) > 1:
+            raise bad_request(f"{name} is given more than once")
+        if given:
+            values[name] = given[0]
+    try:
+        return ListFilter.parse(**values)
+    except BadFilter as exc:
+        raise bad_request(str(exc)) from None
+
+
 async def list_batches(request: web.Request) -> web.StreamResponse:
     auth.require(request, auth.READ)
     pipeline_id = path_id(request, "pipeline_id")
     limit = _limit(request)
+    where = _filter(request)
     if streams.wants_stream(request):
+        # The stream carries every change of the pipeline; filtering it is the client's.
+        if where.active:
+            raise bad_request("the push stream is not filtered: send state, outcome, "
+                              "created_after and created_before without Accept: text/event-stream")
         return await streams.stream_pipeline(request, pipeline_id, limit)
     token = request.query.get("token") or None
     try:
-        page = await request.app[STORE].page(pipeline_id, limit, token)
+        page = await request.app[STORE].page(pipeline_id, limit, token, where)
     except BadToken as exc:
         raise bad_request(f"invalid token: {exc}") from None
     return json_obj({"items": page.items, "token": page.token})

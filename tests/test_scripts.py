@@ -45,7 +45,9 @@ async def test_create_batch_assigns_increasing_sequences_and_refuses_duplicates(
     second = await new_batch(store)
     assert await redis.zrange(keys.batch_index(P), 0, -1, withscores=True) == [(first, 1.0), (second, 2.0)]
     again = await scripts.create_batch(
-        keys=[keys.batch(P, first), keys.batch_index(P), keys.batch_seq(P)], args=[first, "state", "x"])
+        keys=[keys.batch(P, first), keys.batch_index(P), keys.batch_seq(P),
+              keys.batch_created_index(P), keys.batch_state_index(P, "pending")],
+        args=[first, "state", "x", "created_at", "2030-01-01T00:00:00.000Z"])
     assert again == 0
     assert await redis.hget(keys.batch(P, first), "state") == "pending"
 
@@ -133,7 +135,7 @@ async def test_a_stop_without_ts_counts_as_ts_zero(store: BatchStore, scripts: S
     async def raw(outcome: str, ts: str | None = None) -> int:
         stop = ["b", None, "stop", outcome, None, None, ts]
         [changed] = await scripts.apply_events(
-            keys=[keys.batch(P, b), keys.batch_seen(P, b)],
+            keys=[*keys.batch_filter_indexes(P), keys.batch(P, b), keys.batch_seen(P, b)],
             args=["2030-01-01T00:00:00Z", 4, "", orjson.dumps([[stop]])])
         return int(changed)
 

@@ -1,0 +1,238 @@
+"""The list of a pipeline's batches: its filters, its pages and their signed tokens, and the
+backfill of the indexes behind the filters.
+
+A page is newest first. Its token holds the sequence of the last batch the page read, so the
+next page continues strictly below it: batches created meanwhile (higher sequences) never
+shift the pages that follow, and a batch that leaves a filtered set (a `running` batch that
+stops) takes nothing else with it. A filter reads its own sorted set (`keys.batch_state_index`,
+`keys.batch_outcome_index`), and `created_after`/`created_before` become sequence bounds
+through `keys.batch_created_index`, so a filtered page costs O(log n + limit) whatever the
+history. Every batch a page returns matches the filter when its hash is read (one that left
+the set between the two reads is dropped: a page may hold fewer than `limit` batches).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, cast
+
+import orjson
+from redis.asyncio import Redis
+
+from core import keys
+from core.layout import is_visible, render
+from core.models import BATCH_STATES, OUTCOMES
+from core.scripts import Scripts
+
+# Batches per backfill call: a call holds Redis for about a millisecond.
+BACKFILL_CHUNK: Final = 200
+# Pipelines a process remembers as indexed (past that it forgets them all and asks again).
+_REMEMBERED: Final = 4096
+
+
+class BadToken(ValueError):
+    """A paging token that is malformed, forged, or issued for another pipeline or filter."""
+
+
+class BadFilter(ValueError):
+    """A filter value the list does not take; the message says which and why."""
+
+
+@dataclass(slots=True)
+class Page:
+    items: dict[str, dict[str, Any]]
+    token: str | None
+
+
+def created_bound(name: str, raw: str) -> str:
+    """An ISO-8601 time with its timezone as the created index compares it: UTC, fixed
+    width, milliseconds (`created_at` has no finer ones), rounded up — so `created_at >=`
+    and `created_at <` the result are exact for both bounds."""
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise BadFilter(f"{name} must be an ISO-8601 time with a timezone, like "
+                        "2026-01-31T23:59:59Z (a '+' in an offset travels as %2B)") from None
+    if when.tzinfo is None:
+        raise BadFilter(f"{name} must include a timezone (Z or an offset such as +02:00)")
+    try:
+        when = when.astimezone(UTC)
+        if when.microsecond % 1000:
+            when += timedelta(microseconds=1000 - when.microsecond % 1000)
+    except OverflowError:
+        raise BadFilter(f"{name} is out of range") from None
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilter:
+    """What a page is restricted to; `None` for no restriction. The created bounds are in
+    `created_bound`'s form: `created_after` at or after, `created_before` strictly before."""
+
+    state: str | None = None
+    outcome: str | None = None
+    created_after: str | None = None
+    created_before: str | None = None
+
+    @classmethod
+    def parse(cls, state: str | None = None, outcome: str | None = None,
+              created_after: str | None = None, created_before: str | None = None) -> ListFilter:
+        """From a request's values (raises BadFilter)."""
+        if state is not None and state not in BATCH_STATES:
+            raise BadFilter(f"state must be one of {', '.join(BATCH_STATES)}")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise BadFilter(f"outcome must be one of {', '.join(OUTCOMES)}")
+        after = created_bound("created_after", created_after) if created_after is not None else None
+        before = (created_bound("created_before", created_before)
+                  if created_before is not None else None)
+        if after is not None and before is not None and after >= before:
+            raise BadFilter("created_after must be earlier than created_before")
+        return cls(state, outcome, after, before)
+
+    @property
+    def active(self) -> bool:
+        return self != NO_FILTER
+
+    @property
+    def disjoint(self) -> bool:
+        """No batch can match: only a stopped batch has an outcome."""
+        return self.outcome is not None and self.state not in (None, "stop")
+
+    def digest(self) -> str:
+        """What a token records of its filter ('' for none: unfiltered tokens stay as they were)."""
+        if not self.active:
+            return ""
+        text = "\n".join(v or "" for v in (self.state, self.outcome, self.created_after,
+                                           self.created_before))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def matches(self, fields: Mapping[str, str]) -> bool:
+        """The batch's hash is in the filter (created_at is fixed width: text order is time's)."""
+        return ((self.state is None or fields.get("state") == self.state)
+                and (self.outcome is None or fields.get("outcome") == self.outcome)
+                and (self.created_after is None or fields.get("created_at", "") >= self.created_after)
+                and (self.created_before is None or fields.get("created_at", "") < self.created_before))
+
+
+NO_FILTER: Final = ListFilter()
+
+
+class Pager:
+    """Pages of a pipeline's batches (`BatchStore.page` is this)."""
+
+    def __init__(self, redis: Redis, scripts: Scripts, token_secret: bytes) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._secret = token_secret
+        self._indexed: set[str] = set()
+
+    async def page(self, pipeline_id: str, limit: int, token: str | None,
+                   where: ListFilter = NO_FILTER) -> Page:
+        below = self._open_token(pipeline_id, token, where) if token else None
+        if where.disjoint:
+            return Page(items={}, token=None)
+        if where.active:
+            await self.ensure_indexes(pipeline_id)
+        if where.outcome is not None:
+            ranked = keys.batch_outcome_index(pipeline_id, where.outcome)
+        elif where.state is not None:
+            ranked = keys.batch_state_index(pipeline_id, where.state)
+        else:
+            ranked = keys.batch_index(pipeline_id)
+        if where.created_after is None and where.created_before is None:
+            rows = cast(list[tuple[str, float]], await self._redis.zrevrangebyscore(
+                ranked, f"({below}" if below is not None else "+inf", "-inf",
+                start=0, num=limit + 1, withscores=True))
+        else:
+            flat = cast(list[str], await self._scripts.page_range(
+                keys=[ranked, keys.batch_created_index(pipeline_id)],
+                args=[below - 1 if below is not None else "+inf",
+                      f"[{where.created_after}" if where.created_after else "-",
+                      f"({where.created_before}" if where.created_before else "+", limit + 1]))
+            rows = [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for batch_id, _ in rows:
+                pipe.hgetall(keys.batch(pipeline_id, batch_id))
+            hashes: list[dict[str, str]] = await pipe.execute()
+        items = {
+            batch_id: render(data)
+            for (batch_id, _), data in zip(rows, hashes, strict=True)
+            if is_visible(data) and where.matches(data)
+        }
+        next_token = self._make_token(pipeline_id, int(rows[-1][1]), where) if more else None
+        return Page(items=items, token=next_token)
+
+    # -- the indexes of batches from before them ------------------------------------------
+
+    async def ensure_indexes(self, pipeline_id: str) -> None:
+        """Lazily, at a pipeline's first filtered page: batches created before the filter
+        indexes existed are put in them once (`backfill`), then a marker key says so. Every
+        process asks the marker once per pipeline; concurrent backfills are harmless."""
+        if pipeline_id in self._indexed:
+            return
+        marker = keys.batch_indexes_built(pipeline_id)
+        if not await self._redis.exists(marker):
+            if not await self.backfill(pipeline_id):
+                return  # no batch yet: no marker written for a pipeline that may not exist
+            await self._redis.set(marker, "1")
+        if len(self._indexed) >= _REMEMBERED:
+            self._indexed.clear()
+        self._indexed.add(pipeline_id)
+
+    async def backfill(self, pipeline_id: str) -> int:
+        """Puts every batch of the batch index in the created and filter indexes its hash
+        says (idempotent: BACKFILL_INDEXES). Returns how many batches the index held."""
+        index = keys.batch_index(pipeline_id)
+        head = [keys.batch_created_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id)]
+        low, total = "-inf", 0
+        while True:
+            rows = cast(list[tuple[str, float]], await self._redis.zrangebyscore(
+                index, low, "+inf", start=0, num=BACKFILL_CHUNK, withscores=True))
+            if not rows:
+                return total
+            await self._scripts.backfill_indexes(
+                keys=[*head, *(keys.batch(pipeline_id, batch_id) for batch_id, _ in rows)],
+                args=[x for batch_id, seq in rows for x in (batch_id, int(seq))])
+            total += len(rows)
+            low = f"({int(rows[-1][1])}"
+
+    # -- tokens --------------------------------------------------------------------------
+
+    def _sign(self, body: bytes) -> str:
+        mac = hmac.new(self._secret, body, hashlib.sha256).digest()[:12]
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def _make_token(self, pipeline_id: str, seq: int, where: ListFilter) -> str:
+        data: dict[str, Any] = {"p": pipeline_id, "s": seq}
+        if where.active:
+            data["f"] = where.digest()
+        body = orjson.dumps(data)
+        encoded = base64.urlsafe_b64encode(body).decode().rstrip("=")
+        return f"{encoded}.{self._sign(body)}"
+
+    def _open_token(self, pipeline_id: str, token: str, where: ListFilter) -> int:
+        try:
+            encoded, signature = token.split(".", 1)
+            body = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            data = orjson.loads(body)
+        except (ValueError, orjson.JSONDecodeError):
+            raise BadToken("malformed token") from None
+        # compare_digest refuses non-ASCII str; a client can send any text in the query string.
+        if not signature.isascii() or not hmac.compare_digest(signature, self._sign(body)):
+            raise BadToken("token signature does not match")
+        if not isinstance(data, dict) or data.get("p") != pipeline_id:
+            raise BadToken("token belongs to another pipeline")
+        if data.get("f", "") != where.digest():
+            raise BadToken("token belongs to another filter: send the filter of the page "
+                           "that gave it")
+        seq = data.get("s")
+        if not isinstance(seq, int) or seq < 1:
+            raise BadToken("malformed token")
+        return seq
