@@ -13,6 +13,10 @@ Every command is idempotent, so a rebalance that delivers one again shows no sec
 effect: a run by Prefect's idempotency key (the batch id) and event ids derived from the
 flow run or state; a stop does nothing to a stopped batch or a Cancelling run; a delete
 queues one clean-up job per batch. The slow part of a delete runs off this path.
+
+A run published by an upstream service carries its creation request and creates its batch
+first, once per id (consumers.plumbing.creation); one refused there (invalid, conflicting)
+is only dead-lettered: the batch its id names, if any, is not its to fail.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from aiokafka import AIOKafkaConsumer
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
+from consumers.plumbing.creation import Creations, Refused
 from consumers.plumbing.deployments import Deployments, EnsureFn, default_ensure
 from consumers.plumbing.dlq import DeadLetters
 from consumers.plumbing.emit import Emitter
@@ -33,7 +38,7 @@ from consumers.plumbing.lanes import Lanes
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from consumers.plumbing.prefect_api import PrefectGateway, RunState, not_found
-from core.codec import CodecError, Command, Event, decode_command
+from core.codec import CodecError, Command, Event, Run, decode_command
 from core.layout import is_visible
 from core.models import PipelineSpec
 from core.prefect_events import flow_state_event
@@ -73,6 +78,7 @@ class CommandsConsumer(Part):
         scripts = Scripts(redis)
         self.store = BatchStore.from_settings(redis, s, scripts)
         self.registry = PipelineRegistry(redis, scripts)
+        self.creations = Creations(redis, self.store, self.registry)
         self.active = ActiveRuns(redis)
         self.deployments = Deployments(s, ensure)
         self.prefect = prefect = PrefectGateway(s, self.options.prefect_timeout_s)
@@ -141,10 +147,11 @@ class CommandsConsumer(Part):
         except Stopping:
             raise
         except Exception as exc:
-            reason = f"{command.type} failed: {describe(exc)}"
+            refused = isinstance(exc, Refused)
+            reason = f"{command.type} {'refused' if refused else 'failed'}: {describe(exc)}"
             log.error("%s: permanent error, dead-lettered: %s", what, reason,
                       exc_info=not isinstance(exc, Permanent))
-            await backoff.call(what, lambda: self._reject(record, command, reason))
+            await backoff.call(what, lambda: self._reject(record, command, reason, refused))
             outcome = "dead_lettered"
         finally:
             if backoff.retries != retries:
@@ -165,9 +172,10 @@ class CommandsConsumer(Part):
         else:
             await self._delete(command)
 
-    async def _reject(self, record: Record, command: Command, reason: str) -> None:
-        if command.type == "deploy":
-            pass  # no batch waits on it; the dead letter tells the operator
+    async def _reject(self, record: Record, command: Command, reason: str,
+                      refused: bool = False) -> None:
+        if command.type == "deploy" or refused:
+            pass  # no batch waits on it (or not on this one); the dead letter says why
         elif command.type == "delete":
             # Its Redis side is all this command does; the clean-up job does the rest.
             await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
@@ -201,6 +209,9 @@ class CommandsConsumer(Part):
         return fields if is_visible(fields) else None
 
     async def _run(self, command: Command) -> None:
+        if (isinstance(command, Run) and command.creation is not None
+                and not await self.creations.ensure(command)):
+            return  # its batch was deleted: the same id stays deleted
         fields = await self._fields(command)
         if fields is None or fields.get("state") == "stop":
             log.info("run %s skipped: batch %s", command.batch_id,
@@ -292,5 +303,6 @@ class CommandsConsumer(Part):
         if is_visible(fields):
             await self.store.hide(command.pipeline_id, command.batch_id)
         await self.active.remove(command.pipeline_id, command.batch_id)
+        await self.creations.deleted(command.pipeline_id, command.batch_id)
         await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
         log.info("delete %s: hidden, clean-up queued", command.batch_id)
