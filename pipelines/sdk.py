@@ -1,5 +1,14 @@
 """The step SDK: what a step's code sees (`StepContext`) and how its progress is published.
 
+The offset rule: a step reports an offset (`ctx.report(partition, offset)`) only once the
+records up to it are durably written — whatever the step produces for them is on disk (or
+committed) and will be there when the step runs again. The offsets a batch shows are then
+exactly where it can go on from: a resumed batch (`POST .../resume`) hands each step the
+offsets its predecessor reached (`ctx.start_offset(partition)`), and the step continues from
+there, neither losing nor repeating records. `ctx.checkpoints(totals, save)`
+(`pipelines.checkpoints`) makes the rule the easy path: the step counts records, and its
+`save(offsets)` runs before the offsets are reported.
+
 A step is a plain function `step(ctx) -> None`, sync or async. Sync steps run in a worker
 thread, so `ctx.report()` is thread-safe and never blocks on Kafka: it only records the
 latest offset per partition. A publisher task on the event loop turns those records into
@@ -21,6 +30,7 @@ from typing import Any, TypeAlias, cast
 
 from core.models import MAX_OFFSET, valid_id
 from core.settings import Settings
+from pipelines.checkpoints import CHECKPOINT_INTERVAL_S, Checkpoints, Save
 from pipelines.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
@@ -90,19 +100,36 @@ class OffsetBook:
 
 class StepContext:
     """What a step's code receives: its identity (`batch_id`, `pipeline_id`, `step`), its
-    read-only `config` from the pipeline definition, the process `settings`, and `report()`."""
+    read-only `config` (the batch's effective config of the step), the process `settings`,
+    where each partition starts (`start_offset`), the batch it resumes (`resumed_from`, whose
+    data the step may need), and `report()`."""
 
     def __init__(self, *, batch_id: str, pipeline_id: str, step: str,
                  config: Mapping[str, Any], settings: Settings, book: OffsetBook,
-                 on_change: Callable[[], None]) -> None:
+                 on_change: Callable[[], None], start: Mapping[str, int] | None = None,
+                 resumed_from: str | None = None) -> None:
         self.batch_id = batch_id
         self.pipeline_id = pipeline_id
         self.step = step
         self.config: Mapping[str, Any] = MappingProxyType(dict(config))
         self.settings = settings
+        self.resumed_from = resumed_from
+        self.start_offsets: Mapping[str, int] = MappingProxyType(dict(start or {}))
         self._book = book
         self._on_change = on_change
         self._aborted = threading.Event()
+
+    def start_offset(self, partition: str) -> int:
+        """Records of `partition` already done when this step starts: 0, or on a resumed
+        batch the offset the step reached before. Continue from the record after them."""
+        return self.start_offsets.get(partition, 0)
+
+    def checkpoints(self, totals: Mapping[str, int], save: Save, *,
+                    start: Mapping[str, int] | None = None,
+                    every_s: float | None = CHECKPOINT_INTERVAL_S) -> Checkpoints:
+        """Counts the step's records from its start offsets and reports them only after
+        `save(offsets)` made them durable (`pipelines.checkpoints`): the offset rule kept."""
+        return Checkpoints(self, totals, save, start=start, every_s=every_s)
 
     def abort(self) -> None:
         """Makes the step's next `report()` raise `StepAborted` (called by the SDK)."""
@@ -111,7 +138,9 @@ class StepContext:
     def report(self, partition: str, offset: int, total: int | None = None) -> None:
         """Records that `offset` records of `partition` are processed (`total`: of how many).
 
-        Cheap and thread-safe: call it as often as you like; publishing is coalesced.
+        Only once they are durably written (the offset rule, above): a resumed batch starts
+        from the offsets reported. Cheap and thread-safe: call it as often as you like;
+        publishing is coalesced.
         """
         if self._aborted.is_set():
             raise StepAborted(f"step {self.step} was cancelled")
@@ -224,7 +253,8 @@ async def _call(fn: StepFn, ctx: StepContext) -> None:
 
 @asynccontextmanager
 async def step_scope(events: EventPublisher, step: str, config: Mapping[str, Any],
-                     settings: Settings, *,
+                     settings: Settings, *, start: Mapping[str, int] | None = None,
+                     resumed_from: str | None = None,
                      interval_s: float = REPORT_INTERVAL_S) -> AsyncIterator[StepContext]:
     """`running` on entry; on exit the final offsets, then `success` or `failed`.
 
@@ -234,7 +264,8 @@ async def step_scope(events: EventPublisher, step: str, config: Mapping[str, Any
     book = OffsetBook()
     pump = OffsetPump(events, step, book, interval_s)
     ctx = StepContext(batch_id=events.batch_id, pipeline_id=events.pipeline_id, step=step,
-                      config=config, settings=settings, book=book, on_change=pump.notify)
+                      config=config, settings=settings, book=book, on_change=pump.notify,
+                      start=start, resumed_from=resumed_from)
     await events.step_state(step, "running")
     pump.start()
     try:
@@ -268,8 +299,12 @@ async def _report_failure(events: EventPublisher, step: str, book: OffsetBook,
 
 
 async def run_step(fn: StepFn, events: EventPublisher, step: str, config: Mapping[str, Any],
-                   settings: Settings, *, interval_s: float = REPORT_INTERVAL_S) -> StepContext:
-    """Runs one step's code inside its scope; returns the context (offsets, totals) after."""
-    async with step_scope(events, step, config, settings, interval_s=interval_s) as ctx:
+                   settings: Settings, *, start: Mapping[str, int] | None = None,
+                   resumed_from: str | None = None,
+                   interval_s: float = REPORT_INTERVAL_S) -> StepContext:
+    """Runs one step's code inside its scope; returns the context (offsets, totals) after.
+    `start`: each partition's start offset (a resumed batch's); `resumed_from`: its old id."""
+    async with step_scope(events, step, config, settings, start=start,
+                          resumed_from=resumed_from, interval_s=interval_s) as ctx:
         await _call(fn, ctx)
     return ctx

@@ -22,6 +22,7 @@ from core.settings import Settings
 from core.step_catalogue import CATALOGUE, config_problems, known_steps
 from pipelines.sales import PIPELINE_ID, PIPELINE_NAME, demo_spec
 from pipelines.sales.config import SalesConfig
+from pipelines.sales.files import count_lines
 from pipelines.sales.records import Invalid, partition_sizes, validate
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import OffsetBook, StepContext, StepFailed
@@ -160,13 +161,23 @@ def test_fail_at_fails_that_step_half_way(tmp_path: Path, step: str) -> None:
             continue
         with pytest.raises(StepFailed, match="on purpose"):
             fn(ctx)
-        assert 0 < sum(ctx.offsets.values()) <= 200
         break
     root = tmp_path / BATCH
-    if step == "extract":
-        assert not (root / "staging").exists()
     if step == "load":
+        # One transaction: nothing committed, so nothing reported.
+        assert sum(ctx.offsets.values()) == 0
         assert table(root / "sales.db") == {}
+        return
+    # Half way, saved before failing: the offsets reported are the records whose output is
+    # on disk, exactly.
+    assert sum(ctx.offsets.values()) == 200
+    saved = orjson.loads((root / "progress" / f"{step}.json").read_bytes())
+    assert {p: s["offset"] for p, s in saved["partitions"].items()} == ctx.offsets
+    assert saved["processed"] == ctx.offsets
+    if step == "extract":
+        staged = {p: count_lines(root / "staging" / f"{p}.jsonl") +
+                  count_lines(root / "rejects" / f"{p}.jsonl") for p in ctx.offsets}
+        assert staged == ctx.offsets
 
 
 def test_transform_without_extract_fails_clearly(tmp_path: Path) -> None:

@@ -1,10 +1,13 @@
-"""File helpers of the sales pipeline: atomic writes and JSONL partitions."""
+"""File helpers of the sales pipeline: atomic writes, JSONL partitions, appends made durable
+at checkpoints, and a resumed batch's files taken over from the batch it resumes."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -29,3 +32,53 @@ def jsonl_lines(path: Path) -> Iterator[bytes]:
 
 def count_lines(path: Path) -> int:
     return sum(1 for _ in jsonl_lines(path))
+
+
+def append_from(path: Path, size: int) -> BinaryIO:
+    """`path` opened to append after its first `size` bytes (what a checkpoint said was
+    durable; anything after them was written but never reported, and is written again)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = path.open("r+b" if size else "wb")
+    out.truncate(size)
+    out.seek(size)
+    return out
+
+
+def sync(out: BinaryIO) -> int:
+    """Everything written to `out` made durable; returns its size."""
+    out.flush()
+    os.fsync(out.fileno())
+    return out.tell()
+
+
+# Files a resumed batch takes over from the batch it resumes: every one but the SQLite file,
+# whose rows are keyed by the batch that loaded them (a resumed `load` writes its own).
+_NOT_INHERITED = ("sales.db",)
+INHERITED_MARK = ".inherited"
+
+
+def inherit(old_root: Path, new_root: Path) -> None:
+    """Makes `new_root` start with the files of `old_root` (once: a mark file says it is
+    done). Files never changed after they are written (source partitions, anything replaced
+    atomically) are hard links; files appended to in place are copies, so the resumed
+    batch's writes never change the data of the batch it resumes (which may be resumed
+    again)."""
+    mark = new_root / INHERITED_MARK
+    if mark.exists():
+        return
+    if old_root.is_dir():
+        for src in sorted(old_root.rglob("*")):
+            rel = src.relative_to(old_root)
+            if not src.is_file() or rel.name.startswith((".", *_NOT_INHERITED)):
+                continue
+            dst = new_root / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.unlink(missing_ok=True)
+            if rel.parts[0] == "source" or rel.suffix == ".json":
+                try:
+                    os.link(src, dst)
+                    continue
+                except OSError:
+                    pass  # another file system: a copy does as well
+            shutil.copy2(src, dst)
+    write_atomically(mark, b"")

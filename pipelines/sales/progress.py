@@ -1,4 +1,5 @@
-"""Walking a step's records: partitions interleaved, optionally throttled, with a fail point."""
+"""Walking a step's records: partitions interleaved, saved at checkpoints, optionally
+throttled, with a fail point."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import TypeVar
 
+from pipelines.checkpoints import CHECKPOINT_INTERVAL_S, Save
 from pipelines.sdk import StepContext, StepFailed
 
 T = TypeVar("T")
@@ -31,38 +33,58 @@ def interleave(streams: Mapping[str, Iterator[T]], chunk: int = CHUNK) -> Iterat
 
 
 class Progress:
-    """Counts processed records per partition, reports them, paces and fails on demand."""
+    """A step's records counted from its start positions and saved at checkpoints (the
+    SDK's `Checkpoints`: offsets are reported only once `save` made them durable), paced by
+    `throttle`, and failing on purpose half way when `fail` (`fail_at`).
 
-    def __init__(self, ctx: StepContext, totals: Mapping[str, int], *,
-                 throttle: float | None, fail: bool) -> None:
+    `start`: where each partition starts (the step's saved positions, at or after the
+    SDK's start offsets); its keys are the partitions. `keep_on_fail`: a failure on purpose
+    saves first (the step's state is whole between records), so the failed step shows and
+    keeps exactly what it did; a step whose save is its one transaction passes False."""
+
+    def __init__(self, ctx: StepContext, totals: Mapping[str, int], save: Save, *,
+                 throttle: float | None, fail: bool, start: Mapping[str, int] | None = None,
+                 keep_on_fail: bool = True, every_s: float | None = CHECKPOINT_INTERVAL_S
+                 ) -> None:
         self._ctx = ctx
-        self._totals = dict(totals)
-        self._done = dict.fromkeys(totals, 0)
+        self._points = ctx.checkpoints(totals, save, start=start, every_s=every_s)
         self._throttle = throttle
+        self._keep_on_fail = keep_on_fail
         # Failing on purpose half way, so the failed step shows partial offsets.
         self._fail_after = sum(totals.values()) // 2 if fail else None
-        if self._fail_after == 0 and not any(totals.values()):
-            raise StepFailed(f"step {ctx.step} failed on purpose (fail_at) with no records")
-        self._count = 0
+        self._count = sum(self._points.positions.values())
         self._started = time.monotonic()
-        for partition, total in self._totals.items():
-            ctx.report(partition, 0, total)
+        self._check_fail()
 
     @property
-    def done(self) -> dict[str, int]:
-        return dict(self._done)
+    def start(self) -> dict[str, int]:
+        return dict(self._points.start)
+
+    @property
+    def processed(self) -> dict[str, int]:
+        """Records this run of the step processed, per partition."""
+        return self._points.processed
 
     def advance(self, partition: str, n: int = 1) -> None:
-        """`n` more records of `partition` are processed."""
-        if self._fail_after is not None and self._count + n > self._fail_after:
-            raise StepFailed(
-                f"step {self._ctx.step} failed on purpose (fail_at) after {self._count} records"
-            )
-        self._done[partition] += n
+        """`n` more records of `partition` are processed (and in the step's state)."""
+        self._points.advance(partition, n)
         self._count += n
-        self._ctx.report(partition, self._done[partition], self._totals.get(partition))
+        self._check_fail()
         if self._throttle:
             # Sleep until the records done so far are due: a steady `throttle` records/s.
-            ahead = self._count / self._throttle - (time.monotonic() - self._started)
+            done = sum(self._points.processed.values())
+            ahead = done / self._throttle - (time.monotonic() - self._started)
             if ahead > 0:
                 time.sleep(ahead)
+
+    def finish(self) -> None:
+        """The last save and report: every record is durable and reported."""
+        self._points.save()
+
+    def _check_fail(self) -> None:
+        if self._fail_after is None or self._count < self._fail_after:
+            return
+        if self._keep_on_fail and self._count:
+            self._points.save()
+        raise StepFailed(
+            f"step {self._ctx.step} failed on purpose (fail_at) after {self._count} records")

@@ -7,22 +7,41 @@
     load       partials/*.json -> SQLite table `daily_revenue`, summed over partitions, in one
                transaction that first removes the batch's earlier rows (a rerun replaces them)
 
+The SDK's offset rule (an offset is reported once the records up to it are durable) is kept
+through checkpoints (`Progress`): extract fsyncs its appended staging and rejects files and
+notes their sizes, transform writes its running sums, each with the positions they cover, in
+progress/<step>.json; only then are those positions reported. A resumed batch starts with
+the files of the batch it resumes (`files.inherit`) and each step goes on from its start
+offsets: extract cuts its files back to the sizes saved with them, transform takes the sums.
+Load is one transaction: it reports when it commits, so it starts from zero or has nothing
+left (if it committed and stopped before `success`, the resumed batch loads its own rows).
+Each step notes in progress/<step>.json the records this run of it processed.
+
 Steps are sync: the SDK runs them in a thread, so plain file and SQLite I/O is fine here.
 """
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import closing
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
+from core.models import valid_id
 from pipelines.sales.config import Layout, SalesConfig, partition_name, read_config
-from pipelines.sales.files import count_lines, jsonl_lines, write_atomically
+from pipelines.sales.files import (
+    append_from,
+    count_lines,
+    inherit,
+    jsonl_lines,
+    sync,
+    write_atomically,
+)
 from pipelines.sales.progress import Progress, interleave
 from pipelines.sales.records import Invalid, Sale, generate_partition, partition_sizes, validate
 from pipelines.sdk import StepContext, StepFailed
@@ -52,7 +71,14 @@ ON CONFLICT (batch_id, region, day) DO UPDATE SET
 
 def _setup(ctx: StepContext) -> tuple[SalesConfig, Layout]:
     config = read_config(ctx.config)
-    return config, Layout.of(ctx)
+    layout = Layout.of(ctx)
+    if ctx.resumed_from is not None:
+        # The batches' directories are siblings (`Layout.of`); the id comes from the batch's
+        # own record, and is checked as `Layout.of` checks the batch's.
+        if not valid_id(ctx.resumed_from) or ctx.resumed_from in (".", ".."):
+            raise StepFailed(f"resumed batch id {ctx.resumed_from!r} cannot name a directory")
+        inherit(layout.root.parent / ctx.resumed_from, layout.root)
+    return config, layout
 
 
 def _partitions(directory: Path, suffix: str, step: str) -> dict[str, Path]:
@@ -62,6 +88,25 @@ def _partitions(directory: Path, suffix: str, step: str) -> dict[str, Path]:
     if not files:
         raise StepFailed(f"{step}: no partitions in {directory}; did the previous step run?")
     return {p.name[: -len(suffix)]: p for p in files}
+
+
+def _saved(layout: Layout, ctx: StepContext) -> dict[str, dict[str, Any]]:
+    """Per partition, what the step saved at its last checkpoint, where the SDK says to go
+    on from it; empty where the partition starts afresh (start offset 0)."""
+    path = layout.root / "progress" / f"{ctx.step}.json"
+    if not any(ctx.start_offsets.values()):
+        return {}
+    if not path.exists():
+        raise StepFailed(f"{ctx.step}: starts at {dict(ctx.start_offsets)} but saved no "
+                         f"checkpoint ({path}); the data of the batch it resumes is gone")
+    saved: dict[str, dict[str, Any]] = orjson.loads(path.read_bytes())["partitions"]
+    return {p: state for p, state in saved.items() if ctx.start_offset(p) > 0}
+
+
+def _save_state(layout: Layout, step: str, partitions: Mapping[str, Any],
+                processed: Mapping[str, int]) -> None:
+    write_atomically(layout.root / "progress" / f"{step}.json",
+                     orjson.dumps({"partitions": partitions, "processed": processed}))
 
 
 def ensure_source(config: SalesConfig, layout: Layout) -> dict[str, Path]:
@@ -79,44 +124,74 @@ def ensure_source(config: SalesConfig, layout: Layout) -> dict[str, Path]:
 def extract(ctx: StepContext) -> None:
     config, layout = _setup(ctx)
     sources = ensure_source(config, layout)
-    progress = Progress(ctx, {p: count_lines(path) for p, path in sources.items()},
-                        throttle=config.throttle, fail=config.fail_at == ctx.step)
-    staged: dict[str, list[bytes]] = {p: [] for p in sources}
-    rejected: dict[str, list[bytes]] = {p: [] for p in sources}
-    streams = {p: jsonl_lines(path) for p, path in sources.items()}
-    for partition, line in interleave(streams):
-        try:
-            staged[partition].append(validate(line).to_json())
-        except Invalid as exc:
-            rejected[partition].append(orjson.dumps({"reason": str(exc),
-                                                     "line": line.decode(errors="replace")}))
-        progress.advance(partition)
-    # Written at the end, atomically: a failed extract leaves no half staging area behind.
-    for partition in sources:
-        for directory, lines in ((layout.staging, staged), (layout.rejects, rejected)):
-            body = b"\n".join(lines[partition])
-            write_atomically(directory / f"{partition}.jsonl", body + b"\n" if body else b"")
+    saved = _saved(layout, ctx)
+    at = {p: saved.get(p, {"offset": 0, "staged": 0, "rejected": 0}) for p in sources}
+    with ExitStack() as files:
+        staged = {p: files.enter_context(append_from(layout.staging / f"{p}.jsonl",
+                                                     at[p]["staged"])) for p in sources}
+        rejected = {p: files.enter_context(append_from(layout.rejects / f"{p}.jsonl",
+                                                       at[p]["rejected"])) for p in sources}
+        start = {p: int(at[p]["offset"]) for p in sources}
+
+        def save(offsets: Mapping[str, int]) -> None:
+            state = {p: {"offset": offsets[p], "staged": sync(staged[p]),
+                         "rejected": sync(rejected[p])} for p in sources}
+            _save_state(layout, ctx.step, state,
+                        {p: offsets[p] - start[p] for p in sources})
+
+        progress = Progress(ctx, {p: count_lines(path) for p, path in sources.items()}, save,
+                            start=start, throttle=config.throttle,
+                            fail=config.fail_at == ctx.step)
+        streams = {p: itertools.islice(jsonl_lines(path), start[p], None)
+                   for p, path in sources.items()}
+        for partition, line in interleave(streams):
+            try:
+                staged[partition].write(validate(line).to_json() + b"\n")
+            except Invalid as exc:
+                rejected[partition].write(orjson.dumps(
+                    {"reason": str(exc), "line": line.decode(errors="replace")}) + b"\n")
+            progress.advance(partition)
+        progress.finish()
 
 
-def _staged(path: Path) -> Iterator[Sale]:
-    return (Sale.from_json(line) for line in jsonl_lines(path))
+def _staged(path: Path, skip: int) -> Iterator[Sale]:
+    return (Sale.from_json(line) for line in itertools.islice(jsonl_lines(path), skip, None))
+
+
+Sums = dict[tuple[str, str], list[int]]  # (region, day) -> [revenue_cents, orders, units]
+
+
+def _sums(rows: list[list[Any]]) -> Sums:
+    sums: Sums = defaultdict(lambda: [0, 0, 0])
+    for region, day, revenue, orders, units in rows:
+        sums[(region, day)] = [revenue, orders, units]
+    return sums
 
 
 def transform(ctx: StepContext) -> None:
     config, layout = _setup(ctx)
     staging = _partitions(layout.staging, ".jsonl", ctx.step)
-    progress = Progress(ctx, {p: count_lines(path) for p, path in staging.items()},
-                        throttle=config.throttle, fail=config.fail_at == ctx.step)
-    # (region, day) -> [revenue_cents, orders, units], per partition
-    sums: dict[str, dict[tuple[str, str], list[int]]] = {
-        p: defaultdict(lambda: [0, 0, 0]) for p in staging
-    }
-    for partition, sale in interleave({p: _staged(path) for p, path in staging.items()}):
+    saved = _saved(layout, ctx)
+    sums = {p: _sums(saved[p]["sums"] if p in saved else []) for p in staging}
+    start = {p: int(saved[p]["offset"]) if p in saved else 0 for p in staging}
+
+    def save(offsets: Mapping[str, int]) -> None:
+        # The sums and the positions they cover, in one atomic write.
+        state = {p: {"offset": offsets[p], "sums": [[r, d, *v] for (r, d), v in sums[p].items()]}
+                 for p in staging}
+        _save_state(layout, ctx.step, state, {p: offsets[p] - start[p] for p in staging})
+
+    progress = Progress(ctx, {p: count_lines(path) for p, path in staging.items()}, save,
+                        start=start, throttle=config.throttle, fail=config.fail_at == ctx.step)
+    for partition, sale in interleave({p: _staged(path, start[p])
+                                       for p, path in staging.items()}):
         row = sums[partition][(sale.region, sale.day)]
         row[0] += sale.revenue_cents
         row[1] += 1
         row[2] += sale.quantity
         progress.advance(partition)
+    progress.finish()
+    # Derived from the saved sums: if the step stops before this, its rerun writes them.
     for partition, groups in sums.items():
         rows = [{"region": region, "day": day, "revenue_cents": revenue, "orders": orders,
                  "units": units}
@@ -128,22 +203,37 @@ def load(ctx: StepContext) -> None:
     config, layout = _setup(ctx)
     partials = {p: orjson.loads(path.read_bytes())
                 for p, path in _partitions(layout.partials, ".json", ctx.step).items()}
-    # Progress counts source records: each aggregate row stands for `orders` of them.
-    progress = Progress(ctx, {p: sum(r["orders"] for r in rows) for p, rows in partials.items()},
-                        throttle=config.throttle, fail=config.fail_at == ctx.step)
     layout.db.parent.mkdir(parents=True, exist_ok=True)
     # timeout: a batch's steps rerun (a retry) wait for each other's transaction.
     with closing(sqlite3.connect(layout.db, timeout=30, isolation_level=None)) as db:
         db.execute(SCHEMA)
         db.execute("BEGIN IMMEDIATE")
+
+        # Offsets to start from mean an earlier run of this load committed everything (it
+        # reports only when it commits), into the resumed batch's own database and rows:
+        # the rows are written again for this batch, counted as done already.
+        again = any(ctx.start_offsets.values())
+
+        def commit(offsets: Mapping[str, int]) -> None:
+            db.execute("COMMIT")
+            _save_state(layout, ctx.step, {}, progress.processed)
+
+        # Progress counts source records: each aggregate row stands for `orders` of them.
+        # Its one save is the commit: every offset reported is committed.
+        totals = {p: sum(r["orders"] for r in rows) for p, rows in partials.items()}
         try:
+            progress = Progress(ctx, totals, commit, throttle=config.throttle,
+                                fail=config.fail_at == ctx.step, keep_on_fail=False,
+                                every_s=None)
             db.execute(CLEAR, (ctx.batch_id,))
             rows = {p: iter(r) for p, r in partials.items()}
             for partition, row in interleave(rows, chunk=1):
                 db.execute(UPSERT, (ctx.batch_id, row["region"], row["day"],
                                     row["revenue_cents"], row["orders"], row["units"]))
-                progress.advance(partition, row["orders"])
-            db.execute("COMMIT")
+                if not again:
+                    progress.advance(partition, row["orders"])
+            progress.finish()
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
