@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from benchmarks import churn
+from benchmarks import churn, listing
 from benchmarks.harness import Load, free_port, machine_anchors, server, stack, wrk
 from core.codec import Event
 from core.connections import open_redis
@@ -99,6 +99,12 @@ def _print_table(title: str, rows: list[tuple[str, Load]], anchor: float) -> Non
         print(row(name, load, anchor))
 
 
+def _cpu_ratio(load: Load, anchor: Load) -> str:
+    if load.cpu_us is None or not anchor.cpu_us:
+        return "-"
+    return f"{load.cpu_us / anchor.cpu_us:.0%}"
+
+
 def _verdict(name: str, ratio: float, target: float) -> str:
     return f"{name} = {ratio:.0%} (target >= {target:.0%}): {'PASS' if ratio >= target else 'MISS'}"
 
@@ -123,6 +129,7 @@ def main() -> None:
     single: list[tuple[str, Load]] = []
     spread_rows: list[tuple[str, Load]] = []
     pages: dict[int, Load] = {}
+    filtered: list[tuple[str, Load]] = []
     writer_rate = 0.0
     with stack(["redis", "kafka"]), tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_flush(redis_url))
@@ -205,6 +212,7 @@ def main() -> None:
                             url = (f"{api}/api/v1/batches/{name}/?limit=100"
                                    f"&token={first.json()['token']}")
                             pages[count] = wrk(url, **on_api)
+                        filtered = listing.filtered_rows(api, redis_url, STEPS, auth, on_api)
         finally:
             asyncio.run(_topics(False, topics))
             asyncio.run(_flush(redis_url))
@@ -217,6 +225,7 @@ def main() -> None:
     if pages:
         single.append(("GET list page 2 (limit 100), 200 batches in history", pages[200]))
         single.append(("GET list page 2 (limit 100), 20,000 batches in history", pages[20_000]))
+        single += filtered
     _print_table(f"GET {path} ({len(body)} bytes), {args.connections} connections, "
                  f"{args.seconds} s each, wrk on the same machine; anchor: the mean of two bare "
                  "runs (before and after the API rows)",
@@ -246,6 +255,10 @@ def main() -> None:
         growth = pages[20_000].rps / pages[200].rps
         print(f"\nlist page with 100x the history: {growth:.0%} of the throughput "
               f"({'flat' if growth >= 0.85 else 'GROWS with history'})")
+        for name, load in filtered:  # the same page of 100, found through a filter's index
+            print(f"{name.split(' page')[0]} / unfiltered page, 20,000 in history: "
+                  f"{load.rps / pages[20_000].rps:.0%} of the throughput, "
+                  f"{_cpu_ratio(load, pages[20_000])} of the server CPU per request")
     print()
     for line in verdicts:
         print(line)
