@@ -82,6 +82,14 @@ class Creation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     config: dict[Id, dict[str, Any]] = msgspec.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Step names are ids: their characters checked as the message's ids are (the length
+        # msgspec checked), so the decoder refuses what the published schema does.
+        if self.config and not id_chars_only("".join(self.config)):
+            bad = next(name for name in self.config if not id_chars_only(name))
+            raise CodecError(f"invalid step name {bad[:140]!r} in create.config: "
+                             "ids are [A-Za-z0-9._-]{1,128}")
+
 
 class Run(Command, tag="run", kw_only=True):
     """Start the batch: create its flow run. With `create` (a publisher's command), first

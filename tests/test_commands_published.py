@@ -9,9 +9,13 @@ batch id. Deployments live on a work pool no worker polls, so runs stay Schedule
 
 from __future__ import annotations
 
+import asyncio
+import re
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,6 +27,7 @@ from consumers.commands import CommandsConsumer
 from consumers.plumbing import dlq
 from consumers.plumbing.creation import published_key
 from core import keys
+from core.codec import CodecError, Run, decode_command
 from core.models import PipelineSpec
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
@@ -293,3 +298,72 @@ async def test_a_claim_left_by_a_crash_before_the_create_is_completed(ctx: Ctx) 
         await ctx.publish("run", batch_id, create={})
         await ctx.all_processed()
     assert (await ctx.fields(batch_id))["state"] == "scheduled"
+
+
+def readme_commands(root: Path) -> list[tuple[bytes | None, bytes]]:
+    """(key, value) of the commands the README's section shows: its JSON example and the
+    console producer's `key|value` line."""
+    text = (root / "README.md").read_text()
+    section = text.split("## Publishing commands to Kafka", 1)[1].split("\n## ", 1)[0]
+    [example] = re.findall(r"```json\n(.*?)```", section, re.S)
+    [line] = re.findall(r"^echo '([^']*)'", section, re.M)
+    key, _, value = line.partition("|")
+    return [(None, example.encode()), (key.encode(), value.encode())]
+
+
+def test_the_readme_commands_decode_as_creating_runs(root: Path) -> None:
+    for key, value in readme_commands(root):
+        run = decode_command(value)
+        assert isinstance(run, Run) and run.creation is not None
+        assert key is None or key == run.key
+
+
+async def test_the_readme_aiokafka_example_starts_and_stops_a_batch(ctx: Ctx, root: Path) -> None:
+    """The README's aiokafka code as it stands, on the test's topic and pipeline (and an id
+    of its own: Prefect's idempotency keys are shared with the stack's runs)."""
+    section = (root / "README.md").read_text().split("## Publishing commands to Kafka", 1)[1]
+    [code] = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    batch_id = ctx.new_id()
+    await PipelineRegistry(ctx.redis, Scripts(ctx.redis)).register(
+        "pipeline-sales", spec(ctx.pipeline_id))
+    code = (code.replace("batches.commands", ctx.settings.topic_commands)
+            .replace("batch-orders-0002", batch_id))
+    consumer = ctx.consumer()
+    async with running(consumer):
+        process = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+        assert await process.wait() == 0
+        ctx.sent += 2
+        await ctx.all_processed()
+    fields = await ctx.redis.hgetall(keys.batch("pipeline-sales", batch_id))
+    assert (fields["state"], fields["outcome"]) == ("stop", "cancelled")
+    assert orjson.loads(fields["config"])["extract"]["rows"] == 5000
+    assert ctx.none_dead_lettered(consumer)
+
+
+def _run(**changes: Any) -> bytes:
+    base = orjson.loads(command("run", "pipeline-sales", "batch-orders-1", create={}))
+    base.update(changes)
+    return orjson.dumps(base)
+
+
+GOOD_RUNS = [_run(), _run(create={"config": {"extract": {"rows": 5, "x": [1, None]}}}),
+             _run(pipeline_version="2", batch_id="batch-" + "a" * 122)]
+BAD_RUNS = [_run(batch_id="orders-1"), _run(batch_id="batch-"), _run(create=None),
+            _run(batch_id="batch-" + "a" * 123), _run(create={"confg": {}}),
+            _run(create={"config": {"extract": 5}}), _run(create={"config": {"a/b": {}}})]
+
+
+@pytest.mark.parametrize("raw", GOOD_RUNS + BAD_RUNS)
+def test_the_published_schema_and_the_decoder_agree_on_creating_runs(raw: bytes) -> None:
+    from jsonschema import Draft202012Validator
+
+    from core.jsonschemas import generate
+
+    decoded = True
+    try:
+        decode_command(raw)
+    except CodecError:
+        decoded = False
+    assert decoded is (raw in GOOD_RUNS)
+    for name in ("commands", "command.run"):
+        assert Draft202012Validator(generate()[name]).is_valid(orjson.loads(raw)) is decoded
