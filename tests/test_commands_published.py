@@ -146,6 +146,7 @@ async def test_a_published_run_creates_the_batch_as_a_post_and_runs_it_once(
         batch_id, "scheduled", "1")
     assert list(batch["state"]["steps"]) == ["extract", "load"]
     assert batch["flow_run_id"] == fields["flow_run_id"]
+    assert batch["config"] == effective  # beside the contract's fields, as after a POST
     assert batch_id in await listed(api, ctx.pipeline_id)
     assert ctx.none_dead_lettered(consumer)
 

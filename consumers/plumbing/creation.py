@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from redis.asyncio import Redis
 
 from core import keys
 from core.codec import Run
-from core.layout import is_visible
+from core.layout import CONFIG, config_of, is_visible
 from core.models import PipelineSpec
 from core.registry import PipelineRegistry
 from core.retry import Permanent
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 # Longer than a publisher retries a command or Kafka keeps it (7 days by default): within
 # it, a command published again cannot bring back a batch deleted since.
 RECORD_TTL_S = 30 * 24 * 3600
-CONFIG_FIELD = "config"
 
 
 def published_key(batch_id: str) -> str:
@@ -137,7 +136,7 @@ class Creations:
         # As the POST records it: the effective config when the run overrides any, else
         # nothing (the batch runs with the registered config, and shows none).
         creation = command.creation
-        extra = ({CONFIG_FIELD: orjson.dumps(claim.config).decode()}
+        extra = ({CONFIG: orjson.dumps(claim.config).decode()}
                  if creation is not None and creation.config else {})
         if await self.store.create(command.pipeline_id, command.batch_id, spec, extra):
             log.info("run %s: batch created for its publisher (%s %s)", command.batch_id,
@@ -170,10 +169,8 @@ class Creations:
 
     async def _claim_of(self, pipeline_id: str, fields: dict[str, str]) -> Claim:
         version = fields.get("pipeline_version", "")
-        raw = fields.get(CONFIG_FIELD)
-        if raw is not None:
-            config = cast(dict[str, dict[str, Any]], orjson.loads(raw))
-        else:  # created with the registered config (before run-time config existed)
+        config = config_of(fields)
+        if config is None:  # created with the registered config: no overrides, or older
             config = effective_config(await self._spec(pipeline_id, version))
         return Claim(pipeline_id, version, config)
 
