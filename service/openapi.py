@@ -11,7 +11,7 @@ from typing import Any, Final
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from core.models import ID_PATTERN, PipelineSpec
+from core.models import ID_PATTERN, PipelineSpec, RunRequest
 from core.step_catalogue import known_steps
 from service.api_models import RESPONSE_MODELS
 from service.listing import DEFAULT_LIMIT, MAX_LIMIT
@@ -49,7 +49,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 @functools.cache
 def _schemas() -> dict[str, Any]:
-    inputs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(PipelineSpec, "validation")]
+    inputs: list[tuple[type[BaseModel], JsonSchemaMode]] = [(PipelineSpec, "validation"),
+                                                            (RunRequest, "validation")]
     outputs: list[tuple[type[BaseModel], JsonSchemaMode]] = [
         (model, "serialization") for model in RESPONSE_MODELS]
     _, document = models_json_schema([*inputs, *outputs], ref_template=_REF_TEMPLATE)
@@ -90,6 +91,20 @@ def _op(summary: str, scope: str | None, ok: dict[str, Any], params: list[dict[s
     return op
 
 
+def _idempotency_key(what: str) -> dict[str, Any]:
+    return {"name": "Idempotency-Key", "in": "header", "required": False,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 256,
+                       "pattern": _PRINTABLE_HEADER},
+            "description": f"same key and same request ({what}, and the body's meaning) "
+                           "within 24 h: the same batch; another request: 409 naming what "
+                           "differs"}
+
+
+def _run_body(description: str) -> dict[str, Any]:
+    return {"required": False, "description": description,
+            "content": {"application/json": {"schema": _ref("RunRequest")}}}
+
+
 def _batch_paths() -> dict[str, Any]:
     batch_ok = {"200": _json(_ref("Batch"), "the batch")}
     message_ok = {"200": _json(_ref("Message"), "done")}
@@ -101,11 +116,12 @@ def _batch_paths() -> dict[str, Any]:
                 [_PIPELINE_ID,
                  {"name": "pipeline_version", "in": "query", "required": False, "schema": _ID,
                   "description": "default: the latest registered version"},
-                 {"name": "Idempotency-Key", "in": "header", "required": False,
-                  "schema": {"type": "string", "minLength": 1, "maxLength": 256,
-                             "pattern": _PRINTABLE_HEADER},
-                  "description": "same key, pipeline and version within 24 h: same batch"}],
+                 _idempotency_key("pipeline and version asked for")],
                 ("404", "409", "413"),
+                requestBody=_run_body(
+                    "per-step config overrides, merged over the version's registered config "
+                    "and checked by each step's config model (400 with `details.problems`); "
+                    "no body runs with the registered config"),
             ),
             "get": _op("The pipeline's latest batch", "batches:read", batch_ok,
                        [_PIPELINE_ID], ("404",)),
@@ -130,10 +146,24 @@ def _batch_paths() -> dict[str, Any]:
                           message_ok, [_PIPELINE_ID, _BATCH_ID], ("404",)),
         },
         "/api/v1/batches/{pipeline_id}/{batch_id}/resume": {
-            "post": _op("Run a stopped, not completed batch again from its offsets",
-                        "batches:write",
-                        {"200": _json(_ref("RunAccepted"), "accepted; the new batch's id")},
-                        [_PIPELINE_ID, _BATCH_ID], ("404", "409", "413")),
+            "post": _op(
+                "Resume a stopped, not completed batch from its offsets, as a new batch",
+                "batches:write",
+                {"200": _json(_ref("RunAccepted"), "accepted; the new batch's id"),
+                 "409": _json(_ref("Error"), "the batch is not stopped, or it completed; or "
+                                             "the Idempotency-Key was used for another "
+                                             "request")},
+                [_PIPELINE_ID, _BATCH_ID, _idempotency_key("the batch resumed")],
+                ("404", "409", "413"),
+                description=(
+                    "Needs the scope `batches:write`. The new batch runs the same pipeline "
+                    "version and shows `resumed_from`. Steps that were `success` are `success` "
+                    "at once with their offsets; the first step that was not starts each "
+                    "partition from its old offset; the steps after it start from zero."),
+                requestBody=_run_body(
+                    "per-step config overrides, merged over the resumed batch's effective "
+                    "config (e.g. `{\"config\": {\"transform\": {\"fail_at\": null}}}`)"),
+            ),
         },
         "/api/v1/batches/{pipeline_id}/{batch_id}/stop": {
             "put": _op("Stop a batch", "batches:write", message_ok, [_PIPELINE_ID, _BATCH_ID],

@@ -1,9 +1,78 @@
-"""`POST /api/v1/batches/{pipeline_id}/{batch_id}/resume` (issue 10, part 3): being built."""
+"""`POST /api/v1/batches/{pipeline_id}/{batch_id}/resume`: a new batch that goes on where a
+stopped, not completed batch stopped (issue 10, part 3).
+
+The new batch runs the old one's pipeline version with the old effective config, the body's
+overrides merged over it (`{"config": {...}}`, as a run's). It is recorded with what the old
+batch achieved, so the flow knows where to go on from (`pipelines.flow`) and GET shows it from
+the start: every step that was `success` is `success` with its offsets (and totals); the
+first step that was not carries the old offsets, which it starts each partition from; the
+steps after it start from zero. `resumed_from` names the old batch, whose data the steps
+take over. An Idempotency-Key works as for a run: one new batch per key and request.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from aiohttp import web
+
+from core import layout
+from core.models import PipelineSpec, new_batch_id
+from service import auth, creates, idempotency, run_body
+from service.appkeys import COMMANDS, REGISTRY, STORE
+from service.batches import once, path_id
+from service.errors import ApiError, not_found
+
+
+def resumed_fields(spec: PipelineSpec, old: dict[str, str], old_id: str,
+                   config: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """The new batch's fields beyond a fresh batch's (`BatchStore.create`'s `extra`)."""
+    fields = {layout.CONFIG: orjson.dumps(config).decode(), layout.RESUMED_FROM: old_id}
+    for step in spec.step_names:
+        done = layout.step_state(old, step) == "success"
+        if done:
+            fields[layout.step_field(step)] = "success"
+        for partition, offset in layout.step_offsets(old, step).items():
+            fields[layout.offset_field(step, partition)] = str(offset)
+        for partition, total in layout.step_totals(old, step).items():
+            fields[layout.total_field(step, partition)] = str(total)
+        if not done:
+            break  # the first step not done goes on from its offsets; the rest from zero
+    return fields
 
 
 async def resume_batch(request: web.Request) -> web.Response:
-    return web.json_response({"error": "resume is not implemented yet"}, status=501)
+    auth.require(request, auth.WRITE)
+    pipeline_id = path_id(request, "pipeline_id")
+    old_id = path_id(request, "batch_id")
+    header = request.headers.get("Idempotency-Key")
+    idem_key = idempotency.record_key(header) if header is not None else None
+    overrides = await run_body.overrides_of(request)
+    store = request.app[STORE]
+    old = await store.fields(pipeline_id, old_id)
+    if not layout.is_visible(old):
+        raise not_found(f"unknown batch {old_id} of pipeline {pipeline_id}")
+    if old["state"] != "stop":
+        raise ApiError(409, "conflict", f"batch {old_id} is {old['state']}: only a stopped "
+                       "batch can be resumed; stop it first", state=old["state"])
+    if old.get("outcome") == "completed":
+        raise ApiError(409, "conflict", f"batch {old_id} completed: there is nothing left to "
+                       "resume", outcome="completed")
+    version = old["pipeline_version"]
+    spec = await creates.spec_of(request.app[REGISTRY], pipeline_id, version)
+    if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
+        raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
+    config = run_body.checked_config(spec, overrides, base=layout.config_of(old))
+    request.app[COMMANDS].check()  # Kafka known down: 503 at once, before anything is written
+    batch_id = new_batch_id()
+    extra = resumed_fields(spec, old, old_id, config)
+
+    async def record() -> PipelineSpec:
+        await store.create(pipeline_id, batch_id, spec, extra=extra)
+        return spec
+
+    sent = (idempotency.Sent.of(pipeline_id, version, run_body.canonical(overrides),
+                                target=f"resume {old_id}")
+            if idem_key is not None else None)
+    return await once(request, idem_key, sent, pipeline_id, batch_id, record)

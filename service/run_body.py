@@ -18,7 +18,7 @@ Overrides = dict[str, dict[str, Any]]
 
 
 async def overrides_of(request: web.Request) -> Overrides:
-    """The body's overrides, without steps that override nothing; 400 for any other body."""
+    """The body's overrides; 400 for any other body."""
     if not request.body_exists:
         return {}
     raw = await request.read()
@@ -31,12 +31,14 @@ async def overrides_of(request: web.Request) -> Overrides:
                     for e in exc.errors()]
         raise bad_request('invalid run request: the body is {"config": {"<step>": {...}}}',
                           problems=problems) from None
-    return {step: dict(keys) for step, keys in body.config.items() if keys}
+    return {step: dict(keys) for step, keys in body.config.items()}
 
 
 def canonical(overrides: Overrides) -> str:
-    """One text per meaning (keys sorted, no spaces): what an Idempotency-Key compares."""
-    return orjson.dumps(overrides, option=orjson.OPT_SORT_KEYS).decode() if overrides else ""
+    """One text per meaning (keys sorted, no spaces, steps that override nothing left out):
+    what an Idempotency-Key compares."""
+    meant = {step: keys for step, keys in overrides.items() if keys}
+    return orjson.dumps(meant, option=orjson.OPT_SORT_KEYS).decode() if meant else ""
 
 
 def checked_config(spec: PipelineSpec, overrides: Overrides,
