@@ -8,7 +8,9 @@ deleting it) for many batches at a time, so no other batch's command waits for i
 Jobs live in Redis, so a crash or a restart resumes them:
   keys.CLEANUP_DUE    sorted set  "<kind>/<pipeline_id>/<batch_id>" -> next pass (unix time)
   keys.CLEANUP_SINCE  hash        same member -> when the clean-up began (unix time)
-Kinds: `delete` (cancel, then delete every flow run of the batch, then purge it from Redis),
+Kinds: `delete` (cancel, then delete every flow run of the batch, then remove its data on
+the worker's disk through the clean-up each of its step implementations declares, then purge
+it from Redis),
 `cancel` (cancel every flow run of a batch that stays, `stop`/`failed`) and `stop` (a stop's
 follow-up: a run found Pending is cancelled once its engine runs it, and one left
 Cancelling with no engine to end it is ended; see `_settle`).
@@ -25,6 +27,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Final, cast
 
 from redis.asyncio import Redis
@@ -33,7 +37,11 @@ from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
+from core.registry import PipelineRegistry
 from core.retry import describe
+from core.scripts import Scripts
+from core.settings import get_settings
+from core.step_catalogue import declarations, import_path
 from core.store import BatchStore
 
 log = logging.getLogger(__name__)
@@ -50,8 +58,11 @@ def member(kind: str, pipeline_id: str, batch_id: str) -> str:
 
 class Cleanup:
     def __init__(self, redis: Redis, prefect: PrefectGateway, store: BatchStore,
-                 active: ActiveRuns, options: ConsumerOptions, stopping: asyncio.Event) -> None:
+                 active: ActiveRuns, options: ConsumerOptions, stopping: asyncio.Event, *,
+                 data_root: Path | None = None) -> None:
         self._redis = redis
+        # Where the steps wrote the batch's data (DHUB_DATA_DIR): the worker's, on this host.
+        self._data_root = data_root if data_root is not None else get_settings().data_root
         self._prefect = prefect
         self._store = store
         self._active = active
@@ -158,10 +169,37 @@ class Cleanup:
         if now < window_end:
             return window_end
         if kind == "delete":
+            if fields is not None:
+                # No run is left to write more, and the hash still says which steps ran.
+                await self._remove_data(pipeline_id, batch_id, fields)
             await self._active.remove(pipeline_id, batch_id)
             if fields is not None:
                 await self._store.purge(pipeline_id, batch_id)
         return None
+
+    async def _remove_data(self, pipeline_id: str, batch_id: str,
+                           fields: Mapping[str, str]) -> None:
+        """Calls each clean-up the batch's step implementations declare, once each. They are
+        idempotent, so a pass cut short is simply run again; one that raises fails the pass,
+        retried later, and the batch is purged only once its data is gone."""
+        version = fields.get("pipeline_version")
+        registry = PipelineRegistry(self._redis, Scripts(self._redis))
+        spec = await registry.get(pipeline_id, version) if version else None
+        if spec is None:
+            return  # versions are never removed; a hash without one predates the registry
+        done: set[str] = set()
+        for step in spec.steps:
+            declared = declarations().get(step.uses)
+            if declared is None:
+                log.warning("clean-up of %s/%s: step %s uses %s, not installed here; its data "
+                            "(if any) is left", pipeline_id, batch_id, step.name, step.uses)
+                continue
+            if declared.cleanup is None or declared.cleanup in done:
+                continue
+            done.add(declared.cleanup)
+            remove = import_path(declared.cleanup)
+            # File-system work: off the loop that drives the other jobs and the commands.
+            await asyncio.to_thread(remove, self._data_root, batch_id)
 
     async def _settle(self, kind: str, run: RunState, age: float, now: float) -> bool:
         """One flow run one step further; True once nothing is left to do for it."""
