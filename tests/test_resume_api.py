@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.codec import Event, decode_command
-from core.models import PipelineSpec
 from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
@@ -200,7 +199,3 @@ async def test_the_idempotency_key_gives_one_new_batch_per_request(
     response = await api.post(f"/api/v1/batches/{P}", headers=key, json=body)
     assert response.status == 409
     assert await redis.zcard(keys.batch_index(P)) == 3  # two old ones, one resumed
-
-
-def test_spec_example_is_valid() -> None:
-    PipelineSpec.model_validate(SPEC)
