@@ -106,7 +106,7 @@ class Creations:
                                     nx=True, ex=RECORD_TTL_S):
                 await self._create(command, spec, claim)
                 return True
-        raise Permanent(f"batch {command.batch_id}: its claim kept changing")
+        raise Refused(f"batch {command.batch_id}: its claim kept changing")
 
     async def deleted(self, pipeline_id: str, batch_id: str) -> None:
         """Marks a published batch deleted, so publishing its command again leaves it so."""
@@ -171,7 +171,7 @@ class Creations:
         version = fields.get("pipeline_version", "")
         config = config_of(fields)
         if config is None:  # created with the registered config: no overrides, or older
-            config = effective_config(await self._spec(pipeline_id, version))
+            config = self._effective(await self._spec(pipeline_id, version), {})
         return Claim(pipeline_id, version, config)
 
     async def _spec(self, pipeline_id: str, version: str | None) -> PipelineSpec:
