@@ -127,3 +127,28 @@ def test_checkpoints_report_an_offset_only_after_saving_it(tmp_path: Path) -> No
     assert points.processed == {"a": 2, "b": 1}
     with pytest.raises(ValueError, match="records would be lost"):
         Checkpoints(ctx, {"a": 10}, lambda o: None, start={"a": 1})
+
+
+def test_the_flow_runs_what_the_batch_record_says() -> None:
+    from core.models import PipelineSpec
+    from pipelines.flow import plan
+
+    spec = PipelineSpec.model_validate({"name": "n", "version": "1", "steps": [
+        {"name": "extract", "uses": "sales.extract", "config": {"rows": 1}},
+        {"name": "transform", "uses": "sales.transform", "config": {"rows": 2}},
+        {"name": "load", "uses": "sales.load", "config": {"rows": 3}}]})
+    # A batch recorded before run-time config: the registered config, nothing done.
+    older = plan(spec, {"step:extract": "none"})
+    assert [(s.name, s.config, s.done, s.start) for s in older] == [
+        ("extract", {"rows": 1}, False, {}), ("transform", {"rows": 2}, False, {}),
+        ("load", {"rows": 3}, False, {})]
+    resumed = plan(spec, {
+        "config": orjson.dumps({"extract": {"rows": 9}, "transform": {"fail_at": None},
+                                "load": {}}).decode(),
+        "step:extract": "success", "off:extract:partition_0": "5",
+        "step:transform": "none", "off:transform:partition_0": "2",
+        "off:transform:partition_1": "0", "step:load": "none"})
+    assert [(s.name, s.config, s.done, s.start) for s in resumed] == [
+        ("extract", {"rows": 9}, True, {"partition_0": 5}),
+        ("transform", {"fail_at": None}, False, {"partition_0": 2, "partition_1": 0}),
+        ("load", {}, False, {})]
