@@ -82,3 +82,33 @@ async def test_the_example_pipeline_runs_end_to_end_through_the_api(api: Live) -
     result = orjson.loads((root / "result.json").read_bytes())
     assert result["counts"] == dict(expected)
     assert (result["lines"], result["words"]) == (9000, 45_000)
+
+
+async def test_the_example_pipeline_resumes_from_its_offsets(api: Live) -> None:
+    pipeline_id = f"wordcount-{uuid.uuid4().hex[:8]}"
+    body = example_definition(pipeline_id, partitions=3, lines=3000, words_per_line=5,
+                              throttle=None, fail_at="count")
+    status, registered = await api.call("PUT", f"/api/v1/pipelines/{pipeline_id}", json=body)
+    assert status == 201, registered
+    failed_id = await api.run(pipeline_id)
+    failed = await api.until(pipeline_id, failed_id, stopped)
+    assert failed["outcome"] == "failed", failed
+    reached = failed["state"]["steps"]["count"]["offsets"]
+    assert 0 < sum(reached.values()) < 9000, reached
+
+    status, resumed = await api.call("POST", f"/api/v1/batches/{pipeline_id}/{failed_id}/resume",
+                                     json={"config": {"count": {"fail_at": None}}})
+    assert status == 200, resumed
+    final = await api.until(pipeline_id, resumed["item"], stopped)
+    assert final["outcome"] == "completed", final
+    assert all(s["offsets"] == dict.fromkeys(PARTS, 3000) for s in final["state"]["steps"].values())
+
+    root = api.settings.data_root / resumed["item"] / "wordcount"
+    runs = [orjson.loads(line) for line in (root / "count-runs.jsonl").read_bytes().splitlines()]
+    # The resumed count started where the failed one reported and counted only the rest.
+    assert [(r["batch"], r["start"]) for r in runs][-1] == (resumed["item"], reached)
+    assert runs[-1]["counted"] == {p: 3000 - reached[p] for p in PARTS}
+    expected: Counter[str] = Counter()
+    for part in PARTS:
+        expected.update((root / "text" / f"{part}.txt").read_text().split())
+    assert orjson.loads((root / "result.json").read_bytes())["counts"] == dict(expected)

@@ -33,6 +33,9 @@ class WordCountConfig(NoPaths):
         default=None, gt=0,
         description=f"lines per second per step (None: full speed); partitions*lines/throttle "
                     f"at most {MAX_THROTTLED_S:.0f} s")
+    fail_at: str | None = Field(
+        default=None, description="the name of a step that fails on purpose half way (to try "
+                                  "resume: POST .../resume with this set to null)")
 
     @model_validator(mode="after")
     def _bounded_time(self) -> WordCountConfig:
@@ -45,11 +48,12 @@ class WordCountConfig(NoPaths):
 def remove_batch(data_root: Path, batch_id: str) -> None:
     """A deleted batch's word-count files; its directory too once nothing else is in it."""
     root = batch_dir(data_root, batch_id)
-    try:
-        shutil.rmtree(root / "wordcount")
-    except FileNotFoundError:
-        if (root / "wordcount").exists():
-            raise
+    for path in (root / "wordcount", root / ".wordcount.copy"):  # text.Layout's
+        try:
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            if path.exists():
+                raise
     # Another plugin's steps of the same batch may keep files there: theirs to remove.
     with contextlib.suppress(FileNotFoundError, OSError):
         root.rmdir()

@@ -2,11 +2,14 @@
 
     generate  text/<partition>.txt: `lines` seeded random lines of `words_per_line` words
     count     counts/<partition>/<start>-<end>.json: the word counts of each chunk of lines,
-              saved (atomically) before the chunk's end is reported as the offset
+              saved (atomically) before the chunk's end is reported as the offset; each
+              run of the step notes the lines it counted in count-runs.jsonl
     merge     result.json: every chunk's counts summed, after checking the chunks of each
               partition cover its lines exactly once
 
-Steps are sync (the SDK runs them in a thread), so plain file I/O and sleeps are fine.
+A resumed batch (`POST .../resume`) starts from a copy of the files of the batch it resumes and
+each step goes on from its start offsets (`ctx.start_offset`). Steps are sync (the SDK runs
+them in a thread), so plain file I/O and sleeps are fine.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import orjson
 from pydantic import ValidationError
 
 from dhub_wordcount.plugin import WordCountConfig
-from dhub_wordcount.text import CHUNK, Layout, lines_of, partition_name, write_atomically
+from dhub_wordcount.text import CHUNK, Layout, keep_lines, lines_of, partition_name, write_atomically
 from pipelines.sdk import StepContext, StepFailed
 
 
@@ -57,20 +60,33 @@ def _line_count(path: Path, step: str) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
+def _fail_half_way(config: WordCountConfig, ctx: StepContext, done: Mapping[str, int],
+                   totals: Mapping[str, int]) -> None:
+    """`fail_at`: this step fails once half its lines are done (after reporting them)."""
+    if config.fail_at == ctx.step and sum(done.values()) >= sum(totals.values()) // 2:
+        raise StepFailed(f"{ctx.step} failed on purpose (fail_at) at {dict(done)}")
+
+
 def generate(ctx: StepContext) -> None:
     config, layout = _config(ctx.config), Layout.of(ctx)
     names = [partition_name(i) for i in range(config.partitions)]
-    streams = {name: lines_of(config.seed, i, config.lines, config.words_per_line)
+    totals = dict.fromkeys(names, config.lines)
+    # A resumed batch goes on from its start offsets: the text is the seed's, so the lines
+    # after them are the generator's lines after them.
+    written = {name: ctx.start_offset(name) for name in names}
+    streams = {name: islice(lines_of(config.seed, i, config.lines, config.words_per_line),
+                            written[name], None)
                for i, name in enumerate(names)}
-    written = dict.fromkeys(names, 0)
     pace = Pace(config.throttle)
     with ExitStack() as files:
         out: dict[str, BinaryIO] = {}
         for name in names:
-            layout.text(name).parent.mkdir(parents=True, exist_ok=True)
-            # Rewritten from the seed on a rerun: the same text every time.
-            out[name] = files.enter_context(layout.text(name).open("wb"))
-            ctx.report(name, 0, config.lines)
+            path = layout.text(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if written[name]:
+                keep_lines(path, written[name])
+            out[name] = files.enter_context(path.open("ab" if written[name] else "wb"))
+            ctx.report(name, written[name], config.lines)
         # A chunk of each partition in turn, so every partition's offset grows together.
         while any(n < config.lines for n in written.values()):
             for name in names:
@@ -82,33 +98,47 @@ def generate(ctx: StepContext) -> None:
                 written[name] += len(chunk)
                 ctx.report(name, written[name], config.lines)
                 pace.advance(len(chunk))
+                _fail_half_way(config, ctx, written, totals)
 
 
 def count(ctx: StepContext) -> None:
     config, layout = _config(ctx.config), Layout.of(ctx)
     names = [partition_name(i) for i in range(config.partitions)]
     totals = {name: _line_count(layout.text(name), ctx.step) for name in names}
-    done = dict.fromkeys(names, 0)
+    start = {name: ctx.start_offset(name) for name in names}
+    done = dict(start)
     pace = Pace(config.throttle)
-    with ExitStack() as files:
-        text: dict[str, BinaryIO] = {}
-        for name in names:
-            for stale in layout.chunks(name).glob("*.json"):  # an earlier run's chunks
-                stale.unlink()
-            text[name] = files.enter_context(layout.text(name).open("rb"))
-            ctx.report(name, 0, totals[name])
-        while any(done[n] < totals[n] for n in names):
+    try:
+        with ExitStack() as files:
+            text: dict[str, BinaryIO] = {}
             for name in names:
-                lines = list(islice(text[name], CHUNK))
-                if not lines:
-                    continue
-                words = Counter(word.decode() for line in lines for word in line.split())
-                start, end = done[name], done[name] + len(lines)
-                write_atomically(layout.chunks(name) / f"{start:09d}-{end:09d}.json",
-                                 orjson.dumps(words))
-                done[name] = end
-                ctx.report(name, end, totals[name])
-                pace.advance(len(lines))
+                # Chunks past the start offset were saved but never reported (or belong to
+                # an earlier run of this step): counted again.
+                for chunk in layout.chunks(name).glob("*.json"):
+                    if int(chunk.stem.split("-")[1]) > start[name]:
+                        chunk.unlink()
+                text[name] = files.enter_context(layout.text(name).open("rb"))
+                for _ in islice(text[name], start[name]):
+                    pass
+                ctx.report(name, start[name], totals[name])
+            while any(done[n] < totals[n] for n in names):
+                for name in names:
+                    lines = list(islice(text[name], CHUNK))
+                    if not lines:
+                        continue
+                    words = Counter(word.decode() for line in lines for word in line.split())
+                    first, end = done[name], done[name] + len(lines)
+                    write_atomically(layout.chunks(name) / f"{first:09d}-{end:09d}.json",
+                                     orjson.dumps(words))
+                    done[name] = end
+                    ctx.report(name, end, totals[name])
+                    pace.advance(len(lines))
+                    _fail_half_way(config, ctx, done, totals)
+    finally:
+        # The lines this run counted, as the step saw them (a resumed batch adds its own).
+        with (layout.root / "count-runs.jsonl").open("ab") as log:
+            log.write(orjson.dumps({"batch": ctx.batch_id, "start": start,
+                                    "counted": {n: done[n] - start[n] for n in names}}) + b"\n")
 
 
 def merge(ctx: StepContext) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +44,48 @@ def write_atomically(path: Path, body: bytes) -> None:
     os.replace(tmp, path)
 
 
+def keep_lines(path: Path, lines: int) -> None:
+    """Cuts `path` after its first `lines` lines: what a resumed step goes on from (a step
+    may have written past the offset it last reported)."""
+    body = path.read_bytes()
+    end = 0
+    for _ in range(lines):
+        end = body.find(b"\n", end) + 1
+        if end == 0:
+            raise StepFailed(f"{path.name} holds fewer than the {lines} lines reported")
+    with path.open("r+b") as f:
+        f.truncate(end)
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     root: Path
 
     @classmethod
     def of(cls, ctx: StepContext) -> Layout:
+        """The batch's files; a resumed batch's first step starts them as a copy of the files
+        of the batch it resumes (the steps then go on from their start offsets)."""
         try:
-            return cls(batch_dir(ctx.settings.data_root, ctx.batch_id) / "wordcount")
+            layout = cls(batch_dir(ctx.settings.data_root, ctx.batch_id) / "wordcount")
+            old = (batch_dir(ctx.settings.data_root, ctx.resumed_from) / "wordcount"
+                   if ctx.resumed_from is not None else None)
         except ValueError as exc:
             raise StepFailed(str(exc)) from None
+        if old is not None and not layout.root.exists():
+            if old.is_dir():
+                # Copied aside, then renamed: a copy cut short is never taken for the files.
+                shutil.rmtree(layout.staging, ignore_errors=True)
+                shutil.copytree(old, layout.staging)
+                os.replace(layout.staging, layout.root)
+            elif any(ctx.start_offsets.values()):
+                raise StepFailed(f"{ctx.step}: the files of {ctx.resumed_from}, which this batch "
+                                 "resumes, are gone")
+        return layout
+
+    @property
+    def staging(self) -> Path:
+        """Where a resumed batch's copy is made (removed with the batch's files)."""
+        return self.root.with_name(".wordcount.copy")
 
     def text(self, partition: str) -> Path:
         return self.root / "text" / f"{partition}.txt"
