@@ -38,7 +38,9 @@ fi
 kafka_version="$(sed -nE 's:.*<kafka.version>([^<]+)</kafka.version>.*:\1:p' "$POM")"
 [[ -n "$kafka_version" ]] || die "cannot read <kafka.version> from $POM"
 kdir="$CACHE/kafka-$kafka_version"
-if [[ ! -f "$kdir/.complete" ]]; then
+# The marker holds the pom's digest: a dependency added to the pom fetches the jars again.
+pom_digest="$(sha256sum "$POM" | cut -d' ' -f1)"
+if [[ "$(cat "$kdir/.complete" 2>/dev/null)" != "$pom_digest" ]]; then
     log "fetching Kafka $kafka_version jars into $kdir/libs (Maven; ~/.m2 makes repeats cheap)"
     rm -rf "$kdir/libs.tmp"
     mkdir -p "$kdir"
@@ -47,7 +49,7 @@ if [[ ! -f "$kdir/.complete" ]]; then
     # Swap in only a complete download, so an interrupted fetch is redone next time.
     rm -rf "$kdir/libs"
     mv "$kdir/libs.tmp" "$kdir/libs"
-    touch "$kdir/.complete"
+    echo "$pom_digest" >"$kdir/.complete"
 fi
 
 # --- redis-server --------------------------------------------------------------------------
