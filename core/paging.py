@@ -13,6 +13,7 @@ the set between the two reads is dropped: a page may hold fewer than `limit` bat
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -130,6 +131,7 @@ class Pager:
         self._scripts = scripts
         self._secret = token_secret
         self._indexed: set[str] = set()
+        self._checking: dict[str, asyncio.Task[None]] = {}
 
     async def page(self, pipeline_id: str, limit: int, token: str | None,
                    where: ListFilter = NO_FILTER) -> Page:
@@ -177,6 +179,14 @@ class Pager:
         process asks the marker once per pipeline; concurrent backfills are harmless."""
         if pipeline_id in self._indexed:
             return
+        # Concurrent first pages of a pipeline share one check (and backfill).
+        task = self._checking.get(pipeline_id)
+        if task is None:
+            task = self._checking[pipeline_id] = asyncio.create_task(self._check(pipeline_id))
+            task.add_done_callback(lambda _: self._checking.pop(pipeline_id, None))
+        await asyncio.shield(task)
+
+    async def _check(self, pipeline_id: str) -> None:
         marker = keys.batch_indexes_built(pipeline_id)
         if not await self._redis.exists(marker):
             if not await self.backfill(pipeline_id):

@@ -232,15 +232,14 @@ local function apply(hash, seen, events)
   end
   if #args > 0 then redis.call('HSET', hash, unpack(args)) end
   for field in pairs(unset) do redis.call('HDEL', hash, field) end
-  if h.seq and state ~= state0 then
-    if state_index[state0] then redis.call('ZREM', state_index[state0], h.id) end
-    if state_index[state] then redis.call('ZADD', state_index[state], h.seq, h.id) end
+  local id, seq = h.id, h.seq  -- the filter indexes' member and score
+  if id and seq and state ~= state0 then
+    if state_index[state0] then redis.call('ZREM', state_index[state0], id) end
+    if state_index[state] then redis.call('ZADD', state_index[state], seq, id) end
   end
-  if h.seq and h.outcome ~= outcome0 then
-    if outcome0 and outcome_index[outcome0] then
-      redis.call('ZREM', outcome_index[outcome0], h.id)
-    end
-    if outcome_index[h.outcome] then redis.call('ZADD', outcome_index[h.outcome], h.seq, h.id) end
+  if id and seq and h.outcome ~= outcome0 then
+    if outcome_index[outcome0] then redis.call('ZREM', outcome_index[outcome0], id) end
+    if outcome_index[h.outcome] then redis.call('ZADD', outcome_index[h.outcome], seq, id) end
   end
   if changed > 0 and channel ~= '' then
     -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
