@@ -16,8 +16,10 @@ from core import keys
 from core.api_scripts import ApiScripts
 from core.codec import Event
 from core.models import BATCH_STATES, OUTCOMES
+from core.paging import ListFilter
 from core.scripts import Scripts
 from core.store import BatchStore
+from tests.conftest import PrivateRedis
 from tests.helpers import spec
 
 P = "pipe"
@@ -232,3 +234,39 @@ async def test_backfill_indexes_batches_from_before_the_indexes_and_repairs_stal
     assert await created_members(redis) == created
     assert await store._pager.backfill(P) == 3  # idempotent
     assert {b: await where(redis, b) for b in ("b1", "b2", "b3")} == before
+
+
+async def test_a_filtered_page_reads_its_own_rows_only_whatever_the_history(
+        private_redis: PrivateRedis) -> None:
+    """3 running batches under 1,000 stopped ones: a `state=running` page costs one range
+    read and one HGETALL per batch it returns; a created window adds one script call. (The
+    filter scanning the history would read the 1,000.)"""
+    redis = Redis(port=private_redis.port, decode_responses=True)
+    try:
+        store = BatchStore(redis, Scripts(redis), token_secret=b"t", changes_channel="")
+        running = [f"r{n}" for n in range(3)]
+        stopped = [f"s{n:04d}" for n in range(1_000)]
+        for batch_id in running + stopped:
+            await store.create(P, batch_id, spec())
+        await store.apply([Event("batch.state", b, P, state="running") for b in running]
+                          + [stop(b, "completed", T0) for b in stopped])
+        where = ListFilter(state="running")
+        await store.page(P, 100, None, where)  # a process's first filtered page checks the marker
+
+        async def calls(filter_: ListFilter) -> tuple[list[str], dict[str, int]]:
+            await redis.config_resetstat()
+            page = await store.page(P, 100, None, filter_)
+            stats = await redis.info("commandstats")
+            return list(page.items), {name.removeprefix("cmdstat_"): value["calls"]
+                                      for name, value in stats.items() if "config" not in name}
+
+        assert await calls(where) == (running[::-1], {"zrevrangebyscore": 1, "hgetall": 3})
+        first = await store.get(P, running[0])
+        assert first is not None
+        window = ListFilter(state="running", created_after=first["created_at"])
+        await store.page(P, 100, None, window)  # loads PAGE_RANGE (a first EVALSHA misses)
+        items, counted = await calls(window)
+        assert items == running[::-1]
+        assert counted == {"evalsha": 1, "zrangebylex": 1, "zrevrangebyscore": 1, "hgetall": 3}
+    finally:
+        await redis.aclose()
