@@ -46,6 +46,7 @@ from core.registry import PipelineRegistry
 from core.retry import Backoff, Permanent, Stopping, describe
 from core.scripts import Scripts
 from core.settings import Settings
+from core.snapshots import SnapshotWriter
 from core.store import BatchStore
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class CommandsConsumer(Part):
         await prefect.open()
         scope.push_async_callback(prefect.close)
         self.emitter = Emitter(clients.producer, s.topic_events, self.store)
+        self.snapshots = SnapshotWriter(clients.producer, redis, s.topic_snapshots)
         self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
         self.cleanup = Cleanup(redis, prefect, self.store, self.active, self.options,
                                self.stopping)
@@ -213,6 +215,10 @@ class CommandsConsumer(Part):
                 and not await self.creations.ensure(command)):
             return  # its batch was deleted: the same id stays deleted
         fields = await self._fields(command)
+        if fields is not None and fields.get("state") == "pending":
+            # Its creation's durable record, before its flow run exists: every later change
+            # comes from an event, snapshotted by the events consumer after this one.
+            await self.snapshots.write(command.pipeline_id, command.batch_id, fields)
         if fields is None or fields.get("state") == "stop":
             log.info("run %s skipped: batch %s", command.batch_id,
                      "gone" if fields is None else "already stopped")

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     commands_partitions: int = 6
     events_partitions: int = 6
     dlq_partitions: int = 1
+    # Compacted topics a rebuild of Redis reads (consumers.rebuild): every registered pipeline
+    # version (key `<pipeline_id>/<version>`) and the latest snapshot of every batch (key
+    # `<pipeline_id>/<batch_id>`, tombstoned at purge).
+    topic_pipelines: str = "batches.pipelines"
+    topic_snapshots: str = "batches.snapshots"
+    snapshots_partitions: int = 6
     group_commands: str = "dhub-commands"
     group_events: str = "dhub-events"
 

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered
+from core.snapshots import pipeline_key, pipeline_record
 from core.step_catalogue import config_problems, known_steps
 from service import auth
-from service.appkeys import COMMANDS, REGISTRY
+from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
 from service.batches import json_obj, path_id
+from service.command_sender import UNAVAILABLE_MESSAGE
 from service.errors import ApiError, bad_request, not_found
+
+# Below a client's usual 10 s timeout, far above a healthy broker's acknowledgement.
+RECORD_TIMEOUT_S = 5.0
 
 
 def _describe(pipeline_id: str, versions: list[PipelineSpec]) -> dict[str, Any]:
@@ -57,13 +64,34 @@ async def put_pipeline(request: web.Request) -> web.Response:
     if outcome is Registered.CONFLICT:
         raise ApiError(409, "conflict",
                        f"version {spec.version} of {pipeline_id} exists with another definition")
+    versions = await request.app[REGISTRY].versions(pipeline_id)
+    # The version's durable record (the compacted pipelines topic a rebuild of Redis reads)
+    # is on Kafka before the answer. Written for an unchanged version too: a client retrying
+    # after a 503 writes the record its first attempt may have missed.
+    order = next(n for n, v in enumerate(versions) if v.version == spec.version)
+    await _record(request, pipeline_id, spec, order)
     # The commands consumer creates or updates the Prefect deployment `run-pipeline/<name>`.
     # Sent for an unchanged version too: a client retrying after a 503 heals the deployment.
     await request.app[COMMANDS].command(Command("deploy", "", pipeline_id, spec.version))
-    versions = await request.app[REGISTRY].versions(pipeline_id)
     created = outcome is Registered.CREATED
     return json_obj({**_describe(pipeline_id, versions), "created": created},
                     status=201 if created else 200)
+
+
+async def _record(request: web.Request, pipeline_id: str, spec: PipelineSpec,
+                  order: int) -> None:
+    """Writes the version's record (acks=all); a 503 when Kafka does not confirm it."""
+    request.app[COMMANDS].check()  # Kafka known down: 503 at once, as for a command
+    topic = request.app[SETTINGS].topic_pipelines
+    try:
+        async with asyncio.timeout(RECORD_TIMEOUT_S):
+            await request.app[PRODUCER].send_and_wait(
+                topic, pipeline_record(pipeline_id, spec, order),
+                key=pipeline_key(pipeline_id, spec.version))
+    except (KafkaError, TimeoutError):
+        # The version stays registered in Redis; the client's retry (200, unchanged)
+        # writes the record again.
+        raise ApiError(503, "unavailable", UNAVAILABLE_MESSAGE) from None
 
 
 async def get_pipeline(request: web.Request) -> web.Response:

@@ -136,19 +136,31 @@ def scripts(redis: Redis) -> Scripts:
 
 @pytest.fixture
 async def topics(test_settings: Settings) -> AsyncIterator[Settings]:
-    """Creates the test's own topics and deletes them afterwards."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=test_settings.kafka_bootstrap)
+    """Creates the test's own topics (the compacted ones compacted, as the stack makes them)
+    and deletes them afterwards. Yields the settings naming them."""
+    suffix = test_settings.topic_commands.split(".")[1]
+    settings = test_settings.model_copy(update={
+        "topic_pipelines": f"test.{suffix}.pipelines",
+        "topic_snapshots": f"test.{suffix}.snapshots",
+        "snapshots_partitions": 2,
+    })
+    compacted = {"cleanup.policy": "compact"}
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
-    names = [test_settings.topic_commands, test_settings.topic_events, test_settings.topic_dlq]
+    names = [settings.topic_commands, settings.topic_events, settings.topic_dlq,
+             settings.topic_pipelines, settings.topic_snapshots]
     try:
         await admin.create_topics(
             [
-                NewTopic(test_settings.topic_commands, test_settings.commands_partitions, 1),
-                NewTopic(test_settings.topic_events, test_settings.events_partitions, 1),
-                NewTopic(test_settings.topic_dlq, 1, 1),
+                NewTopic(settings.topic_commands, settings.commands_partitions, 1),
+                NewTopic(settings.topic_events, settings.events_partitions, 1),
+                NewTopic(settings.topic_dlq, 1, 1),
+                NewTopic(settings.topic_pipelines, 1, 1, topic_configs=compacted),
+                NewTopic(settings.topic_snapshots, settings.snapshots_partitions, 1,
+                         topic_configs=compacted),
             ]
         )
-        yield test_settings
+        yield settings
     finally:
         try:
             await admin.delete_topics(names)

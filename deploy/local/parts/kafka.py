@@ -1,5 +1,5 @@
 """Kafka: one KRaft broker+controller on the port of DHUB_KAFKA_BOOTSTRAP (the controller on
-the next port), its jars fetched by setup.sh; the project's three topics created once ready."""
+the next port), its jars fetched by setup.sh; the project's topics created once ready."""
 
 from __future__ import annotations
 
@@ -113,17 +113,34 @@ def ready(c: StackConfig) -> bool:
     return isinstance(run_async(lambda: _topics(c)), set)
 
 
+# The compacted topics keep the latest record of each key for as long as the key lives (a
+# tombstone removes it): they are what a rebuild of Redis reads (docs/architecture.md,
+# "Durable state"). A tombstone is kept a day, so a rebuild reading past it still sees it.
+COMPACTED = {"cleanup.policy": "compact", "delete.retention.ms": str(24 * 3600 * 1000),
+             "min.cleanable.dirty.ratio": "0.5"}
+
+
+def wanted(c: StackConfig) -> dict[str, tuple[int, dict[str, str]]]:
+    """Each topic of the project: its partitions and its configs."""
+    s = c.settings
+    return {s.topic_commands: (s.commands_partitions, {}),
+            s.topic_events: (s.events_partitions, {}),
+            s.topic_dlq: (s.dlq_partitions, {}),
+            # One partition: a handful of records, read whole by a rebuild.
+            s.topic_pipelines: (1, COMPACTED),
+            s.topic_snapshots: (s.snapshots_partitions, COMPACTED)}
+
+
 async def _create_topics(c: StackConfig) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    s = c.settings
-    want = {s.topic_commands: s.commands_partitions, s.topic_events: s.events_partitions,
-            s.topic_dlq: s.dlq_partitions}
-    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    want = wanted(c)
+    admin = AIOKafkaAdminClient(bootstrap_servers=c.settings.kafka_bootstrap)
     try:
         await admin.start()
         if missing := set(want) - set(await admin.list_topics()):
-            resp = await admin.create_topics([NewTopic(t, want[t], 1) for t in missing])
+            resp = await admin.create_topics([
+                NewTopic(t, want[t][0], 1, topic_configs=want[t][1]) for t in missing])
             errors = [e for e in resp.topic_errors if e[1] not in (0, 36)]  # 36: exists
             if errors:
                 raise RuntimeError(f"create_topics failed: {errors}")

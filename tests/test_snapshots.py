@@ -1,0 +1,122 @@
+"""The durable records of issue 12 on real Kafka and Redis: each pipeline version on the
+compacted pipelines topic before the PUT answers, and each batch's snapshot written by the
+consumers (creation at its run command, every change after the events consumer's apply)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from consumers.commands import CommandsConsumer
+from consumers.events import EventsConsumer
+from consumers.plumbing.scope import serving
+from core import keys
+from core.codec import Event
+from core.connections import open_producer
+from core.settings import Settings
+from core.snapshots import PipelineVersion, Snapshot
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+from tests.test_consumers_support import Deployer
+
+
+async def test_each_version_is_on_the_pipelines_topic_before_the_put_answers(
+        topics: Settings, redis: Redis) -> None:
+    async with api_client(api_settings(topics)) as client:
+        for version in ("1", "2"):
+            resp = await client.put("/api/v1/pipelines/p-durable", headers=AUTH,
+                                    json=spec_body(version=version))
+            assert resp.status == 201
+        again = await client.put("/api/v1/pipelines/p-durable", headers=AUTH,
+                                 json=spec_body(version="1"))
+        assert again.status == 200
+        conflict = await client.put("/api/v1/pipelines/p-durable", headers=AUTH,
+                                    json=spec_body(version="2", steps=("extract",)))
+        assert conflict.status == 409
+    records = await read_topic(topics, topics.topic_pipelines, lambda rs: len(rs) >= 3)
+    assert [r.key for r in records] == [b"p-durable/1", b"p-durable/2", b"p-durable/1"]
+    decoded = [PipelineVersion.decode(r.value) for r in records]
+    assert [(v.pipeline_id, v.order, v.spec.version) for v in decoded] == [
+        ("p-durable", 0, "1"), ("p-durable", 1, "2"), ("p-durable", 0, "1")]
+    # The conflicting body never reached the topic: the record is the registered spec.
+    assert [s.name for s in decoded[1].spec.steps] == ["extract", "transform", "load"]
+
+
+async def test_a_put_kafka_does_not_confirm_is_a_503(topics: Settings, redis: Redis) -> None:
+    missing = topics.model_copy(update={"topic_pipelines": f"{topics.topic_pipelines}.absent"})
+    async with api_client(api_settings(missing)) as client:
+        resp = await client.put("/api/v1/pipelines/p-lost", headers=AUTH, json=spec_body())
+        assert resp.status == 503
+
+
+async def _snapshots(settings: Settings, until: Any) -> dict[bytes, Snapshot | None]:
+    records = await read_topic(settings, settings.topic_snapshots,
+                               lambda rs: until(_latest(rs)))
+    return _latest(records)
+
+
+def _latest(records: list[Any]) -> dict[bytes, Snapshot | None]:
+    out: dict[bytes, Snapshot | None] = {}
+    for r in records:
+        out[r.key] = Snapshot.decode(r.value) if r.value is not None else None
+    return out
+
+
+async def test_consumers_snapshot_creation_and_every_change(topics: Settings,
+                                                            redis: Redis) -> None:
+    async with api_client(api_settings(topics)) as client:
+        resp = await client.put("/api/v1/pipelines/p-snap", headers=AUTH, json=spec_body())
+        assert resp.status == 201
+        resp = await client.post("/api/v1/batches/p-snap", headers=AUTH)
+        assert resp.status == 200
+        batch_id = (await resp.json())["item"]
+    key = f"p-snap/{batch_id}".encode()
+    # The events consumer alone: a change applied is snapshotted, with its offsets.
+    events = EventsConsumer(topics)
+    producer = await open_producer(topics)
+    try:
+        async with serving([events], topics, 5.0):
+            for event in (
+                Event(type="batch.state", batch_id=batch_id, pipeline_id="p-snap",
+                      event_id="e1", state="running"),
+                Event(type="step.offsets", batch_id=batch_id, pipeline_id="p-snap",
+                      step="extract", offsets={"0": 42}),
+            ):
+                await producer.send_and_wait(topics.topic_events, event.encode(),
+                                             key=batch_id.encode())
+
+            def offsets_seen(latest: dict[bytes, Snapshot | None]) -> bool:
+                snap = latest.get(key)
+                return snap is not None and snap.fields.get("off:extract:0") == "42"
+
+            latest = await _snapshots(topics, offsets_seen)
+    finally:
+        await producer.stop()
+    snap = latest[key]
+    assert snap is not None
+    held = await redis.hgetall(keys.batch("p-snap", batch_id))
+    held.pop("seen_n", None)
+    assert snap.fields == held  # the whole hash, as the poll left it
+    assert snap.fields["state"] == "running"
+    assert orjson.loads(snap.fields["steps"]) == ["extract", "transform", "load"]
+
+
+async def test_the_run_command_snapshots_a_pending_batch(topics: Settings, redis: Redis) -> None:
+    async with api_client(api_settings(topics)) as client:
+        resp = await client.put("/api/v1/pipelines/p-create", headers=AUTH, json=spec_body())
+        assert resp.status == 201
+        resp = await client.post("/api/v1/batches/p-create", headers=AUTH)
+        batch_id = (await resp.json())["item"]
+    deployer = Deployer(topics)  # an idle pool: the flow run waits, nothing runs it
+    commands = CommandsConsumer(topics, ensure=deployer.ensure)
+    try:
+        async with serving([commands], topics, 5.0):
+            latest = await _snapshots(topics, lambda s: f"p-create/{batch_id}".encode() in s)
+    finally:
+        await deployer.cleanup([batch_id])
+    snap = latest[f"p-create/{batch_id}".encode()]
+    assert snap is not None
+    assert snap.fields["state"] == "pending"
+    assert snap.fields["seq"] == "1"
+    assert snap.fields["pipeline_version"] == "1"
