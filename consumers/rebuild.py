@@ -1,0 +1,181 @@
+"""Rebuilds Redis from Kafka: `python -m consumers.rebuild [--redis-url URL]` (`make rebuild`).
+
+Reads, each from its start to its end as of now, the compacted pipelines topic (every
+version), the compacted snapshots topic (the latest hash of every batch not purged) and the
+commands topic's deletes (a batch deleted but not yet purged is hidden again), and writes
+them into an empty Redis (`core.restore`). Then the normal consumers take over, each group
+from its committed offsets: the events consumer snapshots every batch a poll reached before
+committing the poll, so every event before its committed offset is in a snapshot, and the
+events after it are applied as usual (those the snapshots already hold change nothing:
+every rule of `APPLY_EVENTS` only moves forward). See docs/architecture.md, "Durable state".
+
+Run it with the API and the consumers stopped: it refuses a database that holds keys or a
+live consumers' heartbeat. `--redis-url` names another database for a dry run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from consumers.plumbing.active import ActiveRuns
+from core import keys
+from core.codec import CodecError, decode_command
+from core.connections import open_redis
+from core.layout import is_visible
+from core.paging import Pager
+from core.registry import PipelineRegistry
+from core.restore import Restored, restore_batches, restore_pipelines
+from core.scripts import Scripts
+from core.settings import Settings, get_settings
+from core.snapshots import PipelineVersion, Snapshot
+from core.store import BatchStore
+
+log = logging.getLogger(__name__)
+
+
+class NotEmpty(RuntimeError):
+    """The target database holds data, or consumers are writing to it."""
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    partitions = consumer.partitions_for_topic(topic)
+    if partitions is None:  # not in the consumer's metadata yet
+        await consumer._client.force_metadata_update()  # no public call for it
+        partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise RuntimeError(f"topic {topic} does not exist")
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
+async def read_whole(settings: Settings, topic: str) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+    """Every record of `topic` from its start up to its end as of the call (no group, so
+    no committed offset anywhere moves)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                                enable_auto_commit=False, auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+    await consumer.start()
+    try:
+        tps = await partitions_of(consumer, topic)
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        left = {tp for tp in tps if ends[tp] > 0}
+        while left:
+            batch = await consumer.getmany(*left, timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records:
+                    if record.offset < ends[tp]:
+                        yield record
+                if records and records[-1].offset + 1 >= ends[tp]:
+                    left.discard(tp)
+            for tp in list(left):  # a partition whose tail is compacted away or aborted
+                if await consumer.position(tp) >= ends[tp]:
+                    left.discard(tp)
+    finally:
+        await consumer.stop()
+
+
+async def read_pipelines(settings: Settings) -> list[PipelineVersion]:
+    latest: dict[bytes, PipelineVersion] = {}
+    async for record in read_whole(settings, settings.topic_pipelines):
+        if record.key is not None and record.value is not None:
+            latest[record.key] = PipelineVersion.decode(record.value)
+    return list(latest.values())
+
+
+async def read_snapshots(settings: Settings) -> list[Snapshot]:
+    """The latest snapshot per batch, tombstoned ones left out. Of two snapshots of a batch
+    the higher `rev` wins whatever their order (two writers can race by a few ms: a run
+    command's creation record and the events consumer's first change)."""
+    latest: dict[bytes, Snapshot | None] = {}
+    async for record in read_whole(settings, settings.topic_snapshots):
+        if record.key is None:
+            continue
+        if record.value is None:
+            latest[record.key] = None
+            continue
+        snap = Snapshot.decode(record.value)
+        held = latest.get(record.key)
+        if held is None or snap.rev >= held.rev:
+            latest[record.key] = snap
+    return [snap for snap in latest.values() if snap is not None]
+
+
+async def read_deletes(settings: Settings) -> set[tuple[str, str]]:
+    """The batches the commands topic still holds a delete for."""
+    deleted: set[tuple[str, str]] = set()
+    async for record in read_whole(settings, settings.topic_commands):
+        if record.value is None or b"delete" not in record.value:
+            continue  # cheap: most commands are runs, not worth decoding
+        try:
+            command = decode_command(record.value)
+        except CodecError:
+            continue
+        if command.type == "delete":
+            deleted.add((command.pipeline_id, command.batch_id))
+    return deleted
+
+
+async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
+    redis = await open_redis(settings)
+    try:
+        if not force and (await redis.dbsize() or await redis.exists(keys.HEARTBEAT_CONSUMERS)):
+            raise NotEmpty(f"{settings.redis_url} is not empty (or consumers are running): "
+                           "stop the API and the consumers and flush it, or pass --force")
+        versions, snapshots, deletes = await asyncio.gather(
+            read_pipelines(settings), read_snapshots(settings), read_deletes(settings))
+        scripts = Scripts(redis)
+        # No change notifications: nothing is listening during a rebuild.
+        store = BatchStore(redis, scripts,
+                           token_secret=settings.token_secret.get_secret_value().encode(),
+                           changes_channel="", dedup_window=settings.dedup_window)
+        pager = Pager(redis, scripts, settings.token_secret.get_secret_value().encode())
+        restored = Restored()
+        await restore_pipelines(PipelineRegistry(redis, scripts), versions, restored)
+        await restore_batches(redis, store, pager, snapshots, deletes, restored)
+        # The reconciler's walk: every batch that may still have a live flow run.
+        active = ActiveRuns(redis)
+        for snap in snapshots:
+            if (is_visible(snap.fields) and snap.fields.get("state") != "stop"
+                    and (snap.pipeline_id, snap.batch_id) not in deletes):
+                await active.add(snap.pipeline_id, snap.batch_id)
+        return restored
+    finally:
+        await redis.aclose()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m consumers.rebuild", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--redis-url", help="the database to rebuild (default DHUB_REDIS_URL)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a database that is not empty")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its per-topic chatter
+    settings = get_settings()
+    if args.redis_url:
+        settings = settings.model_copy(update={"redis_url": args.redis_url})
+    started = time.monotonic()
+    try:
+        restored = asyncio.run(rebuild(settings, force=args.force))
+    except NotEmpty as exc:
+        print(f"rebuild refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"rebuilt in {time.monotonic() - started:.1f}s: {restored.pipelines} pipelines "
+          f"({restored.versions} versions), {restored.batches} batches "
+          f"({restored.hidden} deleted, not yet purged)"
+          + (f"; conflicting versions: {', '.join(restored.conflicts)}"
+             if restored.conflicts else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
