@@ -6,11 +6,12 @@ its page should cost what the unfiltered one does (the ratio printed)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
 from benchmarks.harness import Load, wrk
+from core import keys
 from core.codec import Event
 from core.connections import open_redis
 from core.models import PipelineSpec, StepSpec, new_batch_id
@@ -23,9 +24,10 @@ RUNNING = 200
 STOPPED = 20_000
 
 
-async def _seed(redis_url: str, steps: tuple[str, ...]) -> list[str]:
+async def _seed(redis_url: str, steps: tuple[str, ...]) -> tuple[str, str]:
     """RUNNING batches, then STOPPED ones on top of them (newer), written straight to Redis.
-    Returns the ids in creation order."""
+    Returns the created_at of the first and of the 501st created (fixed-width UTC: nothing
+    to escape in a URL)."""
     spec = PipelineSpec(name=PIPELINE, version="1",
                         steps=[StepSpec(name=s, uses="sales." + s) for s in steps])
     redis = await open_redis(get_settings().model_copy(update={"redis_url": redis_url}))
@@ -35,36 +37,34 @@ async def _seed(redis_url: str, steps: tuple[str, ...]) -> list[str]:
         for count, state in ((RUNNING, "running"), (STOPPED, "stop")):
             for start in range(0, count, 500):
                 chunk = [new_batch_id() for _ in range(min(500, count - start))]
-                for n in range(0, len(chunk), 50):  # creates in order: ids follow sequences
+                for n in range(0, len(chunk), 50):
                     await asyncio.gather(*(store.create(PIPELINE, b, spec)
                                            for b in chunk[n : n + 50]))
                 await store.apply([Event("batch.state", b, PIPELINE, state=state,
                                          outcome="completed", ts=1.0) for b in chunk])
                 ids += chunk
+        # A window of about the oldest 500 batches (the running ones and 300 stopped above
+        # them; creates run 50 at a time, so their order is the sequence's within ~50).
+        window = [cast(str, await redis.hget(keys.batch(PIPELINE, b), "created_at"))
+                  for b in (ids[0], ids[RUNNING + 300])]
     finally:
         await redis.aclose()
-    return ids
+    return window[0], window[1]
 
 
 def _page_two(api: str, query: str, auth: dict[str, str], on_api: dict[str, Any]) -> Load:
     base = f"{api}/api/v1/batches/{PIPELINE}/?limit=100{query}"
-    first = httpx.get(base, headers=auth).json()
-    if first["token"] is None or len(first["items"]) != 100:
-        raise RuntimeError(f"{query}: expected a full first page and a token")
+    response = httpx.get(base, headers=auth)
+    first = response.json()
+    if response.status_code != 200 or first["token"] is None or len(first["items"]) != 100:
+        raise RuntimeError(f"{query}: expected a full first page and a token, got "
+                           f"{response.status_code} {str(first)[:300]}")
     return wrk(f"{base}&token={first['token']}", **on_api)
-
-
-def _created_at(api: str, auth: dict[str, str], batch_id: str) -> str:
-    body = httpx.get(f"{api}/api/v1/batches/{PIPELINE}/{batch_id}", headers=auth).json()
-    return str(body["created_at"])  # fixed-width UTC ('Z'): nothing to escape in a URL
 
 
 def filtered_rows(api: str, redis_url: str, steps: tuple[str, ...], auth: dict[str, str],
                   on_api: dict[str, Any]) -> list[tuple[str, Load]]:
-    ids = asyncio.run(_seed(redis_url, steps))
-    # A window around the oldest 500 batches: the running ones and 300 stopped above them.
-    after = _created_at(api, auth, ids[0])
-    before = _created_at(api, auth, ids[RUNNING + 300])
+    after, before = asyncio.run(_seed(redis_url, steps))
     history = f"{RUNNING:,} running under {STOPPED:,} stopped"
     return [
         (f"GET list ?state=running page 2 (limit 100), {history}",
