@@ -4,9 +4,12 @@ consumers (creation at its run command, every change after the events consumer's
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from redis.asyncio import Redis
 
 from consumers.commands import CommandsConsumer
@@ -17,6 +20,8 @@ from core.codec import Event
 from core.connections import open_producer
 from core.settings import Settings
 from core.snapshots import PipelineVersion, Snapshot
+from deploy.local.config import StackConfig
+from deploy.local.parts.kafka import _create_topics
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 from tests.test_consumers_support import Deployer
 
@@ -120,3 +125,25 @@ async def test_the_run_command_snapshots_a_pending_batch(topics: Settings, redis
     assert snap.fields["state"] == "pending"
     assert snap.fields["seq"] == "1"
     assert snap.fields["pipeline_version"] == "1"
+
+
+async def test_the_stack_creates_the_durable_topics_compacted(stack: Settings) -> None:
+    suffix = uuid.uuid4().hex[:10]
+    names = {f: f"test.{suffix}.{f}" for f in ("commands", "events", "dlq", "pipelines",
+                                                "snapshots")}
+    own = stack.model_copy(update={f"topic_{f}": name for f, name in names.items()})
+    await _create_topics(StackConfig(own))
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_configs([
+            ConfigResource(ConfigResourceType.TOPIC, name) for name in names.values()])
+        # Each resource: (error code, message, type, name, configs).
+        policy = {entry[3]: dict((c[0], c[1]) for c in entry[4])["cleanup.policy"]
+                  for response in described for entry in response.resources}
+        assert policy == {names["commands"]: "delete", names["events"]: "delete",
+                          names["dlq"]: "delete", names["pipelines"]: "compact",
+                          names["snapshots"]: "compact"}
+    finally:
+        await admin.delete_topics(list(names.values()))
+        await admin.close()
