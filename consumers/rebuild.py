@@ -23,8 +23,10 @@ import time
 from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.cleanup import member
 from core import keys
 from core.codec import CodecError, decode_command
 from core.connections import open_redis
@@ -123,6 +125,20 @@ async def read_deletes(settings: Settings) -> set[tuple[str, str]]:
     return deleted
 
 
+async def requeue_deletes(redis: Redis, batches: list[tuple[str, str]]) -> None:
+    """The clean-up's queue was in Redis too: each batch restored hidden gets its delete job
+    again (its flow runs cancelled, its data removed, then purged; every step idempotent, so
+    a batch purged before Redis was lost is simply purged again). The records are the ones
+    `Cleanup.enqueue` writes, in one round trip (a rebuild may hide thousands)."""
+    now = time.time()
+    async with redis.pipeline(transaction=False) as pipe:
+        for pipeline_id, batch_id in batches:
+            job = member("delete", pipeline_id, batch_id)
+            pipe.hsetnx(keys.CLEANUP_SINCE, job, repr(now))
+            pipe.zadd(keys.CLEANUP_DUE, {job: now}, nx=True)
+        await pipe.execute()
+
+
 async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
     redis = await open_redis(settings)
     try:
@@ -146,6 +162,9 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
             if (is_visible(snap.fields) and snap.fields.get("state") != "stop"
                     and (snap.pipeline_id, snap.batch_id) not in deletes):
                 await active.add(snap.pipeline_id, snap.batch_id)
+        hidden = [(s.pipeline_id, s.batch_id) for s in snapshots
+                  if (s.pipeline_id, s.batch_id) in deletes]
+        await requeue_deletes(redis, hidden)
         return restored
     finally:
         await redis.aclose()

@@ -10,8 +10,10 @@ from aiokafka import AIOKafkaConsumer
 
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
+from consumers.plumbing.cleanup import member
 from consumers.plumbing.scope import serving
 from consumers.rebuild import NotEmpty, partitions_of, rebuild
+from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis
 from core.settings import Settings
@@ -147,6 +149,9 @@ async def test_redis_rebuilt_from_kafka_answers_as_before(
         assert (restored.pipelines, restored.versions) == (2, 3)
         after = await _answers(settings, batches)
         assert after == before
+        # The deleted batch's clean-up is queued again (its queue was in Redis too).
+        assert restored.hidden == 1
+        assert await redis.zrange(keys.CLEANUP_DUE, 0, -1) == [member("delete", "p-ra", a[4])]
         try:
             await rebuild(topics)  # a database holding data is refused
             raise AssertionError("rebuild into a full database was not refused")
