@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) deploy/local/stack.py
 
-.PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack bench-rebuild clean-state chaos rebuild
+.PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack bench-rebuild clean-state chaos rebuild export-state
 
 setup:  ## venv + dependencies, Kafka jars, redis-server, example step plugins (idempotent, fast when done)
 	@bash deploy/local/setup.sh
@@ -51,6 +51,9 @@ bench-stack: setup  ## cold and warm `make up` time, memory of the stack at rest
 # redis://127.0.0.1:6379/9 rebuilds into another database instead (a dry run).
 rebuild: setup  ## Redis rebuilt from Kafka (an empty database; REBUILD_ARGS=--redis-url URL)
 	@$(PY) -m consumers.rebuild $(REBUILD_ARGS)
+
+export-state: setup  ## once, for state from before the durable records: Redis's pipelines and batches onto the compacted topics
+	@$(PY) -m consumers.export_state
 
 bench-rebuild: setup  ## time to rebuild 100k batches from Kafka next to reading the same records
 	@$(PY) -m benchmarks.rebuild $(BENCH_ARGS)

@@ -4,21 +4,28 @@ API, flush Redis, rebuild it from the topics, and get the same answers (apart fr
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer
 
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
+from consumers.export_state import export
 from consumers.plumbing.cleanup import member
+from consumers.plumbing.part import open_clients
 from consumers.plumbing.scope import serving
 from consumers.rebuild import NotEmpty, partitions_of, rebuild
 from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis
+from core.models import new_batch_id
+from core.registry import PipelineRegistry
+from core.scripts import Scripts
 from core.settings import Settings
+from core.store import BatchStore
 from tests.conftest import PrivateRedis, eventually
-from tests.helpers import AUTH, api_client, api_settings, spec_body
+from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
 from tests.test_consumers_support import Deployer, committed, options
 
 FILTERS: list[dict[str, str]] = [{}, {"state": "running"}, {"state": "scheduled"},
@@ -186,4 +193,32 @@ async def test_redis_rebuilt_from_kafka_answers_as_before(
     finally:
         await producer.stop()
         await deployer.cleanup([i for ids in batches.values() for i in ids])
+        await redis.aclose()
+
+
+async def test_state_from_before_the_records_is_exported_then_rebuilt(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    topics = topics.model_copy(update={"redis_url": private_redis.url})
+    settings = api_settings(topics)
+    redis = await open_redis(topics)
+    try:
+        # Written straight to Redis, as code from before the durable records left it.
+        scripts = Scripts(redis)
+        registry = PipelineRegistry(redis, scripts)
+        store = BatchStore.from_settings(redis, topics, scripts)
+        for version in ("1", "2"):
+            await registry.register("p-old", spec(version=version))
+        ids = [new_batch_id() for _ in range(3)]
+        for batch_id in ids:
+            await store.create("p-old", batch_id, spec(version="2"))
+        await store.apply([Event("batch.state", ids[0], "p-old", event_id="x", state="stop",
+                                 outcome="failed", reason="old", ts=1.0)])
+        before = await _answers(settings, {"p-old": ids})
+
+        async with contextlib.AsyncExitStack() as scope:
+            assert await export(await open_clients(scope, topics), topics) == (2, 3)
+        await redis.flushdb()
+        await rebuild(topics)
+        assert await _answers(settings, {"p-old": ids}) == before
+    finally:
         await redis.aclose()
