@@ -52,9 +52,15 @@ CONFIG = schemathesis.Config.from_dict({
                "fuzzing": {"enabled": True}, "stateful": {"enabled": True}},
     "checks": {"enabled": True},
     # What JSON Schema cannot say, so valid-looking data the API rightly refuses with 400:
-    # step names unique within a pipeline (no "unique by property" keyword), and a paging
-    # token is an opaque signed value no generator can forge.
+    # step names unique within a pipeline (no "unique by property" keyword), a paging
+    # token is an opaque signed value no generator can forge, and a run's config names the
+    # steps of the pipeline version run, each key checked by its step's own config model.
     "operations": [
+        {"include-path": "/api/v1/batches/{pipeline_id}", "include-method": "POST",
+         "checks": {"positive_data_acceptance": {"expected-statuses": _REFUSABLE}}},
+        {"include-path": "/api/v1/batches/{pipeline_id}/{batch_id}/resume",
+         "include-method": "POST",
+         "checks": {"positive_data_acceptance": {"expected-statuses": _REFUSABLE}}},
         {"include-path": "/api/v1/pipelines/{pipeline_id}", "include-method": "PUT",
          "checks": {"positive_data_acceptance": {"expected-statuses": _REFUSABLE}}},
         {"include-path": "/api/v1/batches/{pipeline_id}/", "include-method": "GET",
