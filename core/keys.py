@@ -101,6 +101,15 @@ def idempotency(key_digest: str) -> str:
     """Idempotency-Key record; global (own slot) so a key reused on another pipeline is seen."""
     return f"{PREFIX}:idem:{{{key_digest}}}"
 
+
+def published(batch_id: str) -> str:
+    """String (JSON): the pipeline, version and effective config a batch id published on the
+    commands topic was claimed for, and whether the batch was deleted since. Global (own
+    slot), like the Idempotency-Key records: the same id published for two pipelines is one
+    conflict, not two batches."""
+    return f"{PREFIX}:published:{{{batch_id}}}"
+
+
 # Sorted set "<pipeline_id>/<batch_id>" -> last check time: batches whose flow run may be live,
 # walked by the reconciler. Global: one index over all pipelines, single-key commands only.
 ACTIVE_RUNS = f"{PREFIX}:active-runs"
