@@ -20,9 +20,10 @@ from core.codec import Event
 from core.connections import open_producer
 from core.settings import Settings
 from core.snapshots import PipelineVersion, Snapshot
+from core.store import BatchStore
 from deploy.local.config import StackConfig
 from deploy.local.parts.kafka import _create_topics
-from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec, spec_body
 from tests.test_consumers_support import Deployer
 
 
@@ -147,3 +148,25 @@ async def test_the_stack_creates_the_durable_topics_compacted(stack: Settings) -
     finally:
         await admin.delete_topics(list(names.values()))
         await admin.close()
+
+
+async def test_a_poll_applied_before_a_crash_is_snapshotted_when_read_again(
+        topics: Settings, redis: Redis) -> None:
+    """A process that applied a poll and died before its snapshot and commit: the poll is
+    read again, changes nothing this time, and its batch is snapshotted all the same."""
+    store = BatchStore.from_settings(redis, topics)
+    await store.create("p-crash", "batch-crash", spec())
+    event = Event(type="step.offsets", batch_id="batch-crash", pipeline_id="p-crash",
+                  step="extract", offsets={"0": 5})
+    assert await store.apply([event]) == {("p-crash", "batch-crash"): 1}  # the dead process
+    producer = await open_producer(topics)
+    try:
+        await producer.send_and_wait(topics.topic_events, event.encode(), key=b"batch-crash")
+    finally:
+        await producer.stop()
+    events = EventsConsumer(topics)
+    async with serving([events], topics, 5.0):
+        latest = await _snapshots(topics, lambda s: b"p-crash/batch-crash" in s)
+    snap = latest[b"p-crash/batch-crash"]
+    assert snap is not None and snap.fields["off:extract:0"] == "5"
+    assert events.changed == 0  # applied again, it changed nothing
