@@ -48,7 +48,8 @@ bench-stack: setup  ## cold and warm `make up` time, memory of the stack at rest
 # Redis from the compacted topics (docs/architecture.md, "Durable state"). Stop the API and
 # the consumers first (`stack.py down --parts api consumers`), flush Redis, rebuild, then
 # start them again: they continue from their committed offsets. REBUILD_ARGS=--redis-url
-# redis://127.0.0.1:6379/9 rebuilds into another database instead (a dry run).
+# redis://127.0.0.1:6379/9 rebuilds into another database instead, and adding
+# --compare-with redis://127.0.0.1:6379/0 checks it against the live one (a dry run).
 rebuild: setup  ## Redis rebuilt from Kafka (an empty database; REBUILD_ARGS=--redis-url URL)
 	@$(PY) -m consumers.rebuild $(REBUILD_ARGS)
 

@@ -10,7 +10,8 @@ events after it are applied as usual (those the snapshots already hold change no
 every rule of `APPLY_EVENTS` only moves forward). See docs/architecture.md, "Durable state".
 
 Run it with the API and the consumers stopped: it refuses a database that holds keys or a
-live consumers' heartbeat. `--redis-url` names another database for a dry run.
+live consumers' heartbeat. `--redis-url` names another database for a dry run, and
+`--compare-with` the live one to check the rebuild against (`core.state_diff`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from core import keys
 from core.codec import CodecError, decode_command
 from core.connections import open_redis
 from core.layout import is_visible
+from core.logs import redact
 from core.paging import Pager
 from core.registry import PipelineRegistry
 from core.restore import Restored, restore_batches, restore_pipelines
 from core.scripts import Scripts
 from core.settings import Settings, get_settings
 from core.snapshots import PipelineVersion, Snapshot
+from core.state_diff import StateDiff, compare
 from core.store import BatchStore
 
 log = logging.getLogger(__name__)
@@ -171,20 +174,28 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its per-topic chatter
+    return asyncio.run(run(argv))
+
+
+async def run(argv: list[str] | None = None, settings: Settings | None = None) -> int:
+    """The command line's work (on `settings`, default the environment's); its exit code."""
     parser = argparse.ArgumentParser(prog="python -m consumers.rebuild", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", help="the database to rebuild (default DHUB_REDIS_URL)")
     parser.add_argument("--force", action="store_true",
                         help="write into a database that is not empty")
+    parser.add_argument("--compare-with", metavar="URL",
+                        help="after the rebuild, compare it with this database (the live one: "
+                             "a dry run); exit code 1 when they differ")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its per-topic chatter
-    settings = get_settings()
+    settings = settings or get_settings()
     if args.redis_url:
         settings = settings.model_copy(update={"redis_url": args.redis_url})
     started = time.monotonic()
     try:
-        restored = asyncio.run(rebuild(settings, force=args.force))
+        restored = await rebuild(settings, force=args.force)
     except NotEmpty as exc:
         print(f"rebuild refused: {exc}", file=sys.stderr)
         return 2
@@ -193,7 +204,25 @@ def main(argv: list[str] | None = None) -> int:
           f"({restored.hidden} deleted, not yet purged)"
           + (f"; conflicting versions: {', '.join(restored.conflicts)}"
              if restored.conflicts else ""))
+    if args.compare_with:
+        diff = await _compare(settings, args.compare_with)
+        print(f"compared {diff.batches} batches with {redact(args.compare_with)}: "
+              f"{len(diff.missing)} missing, {len(diff.extra)} extra, {len(diff.differing)} "
+              f"differing; pipelines differing: {', '.join(diff.pipelines) or 'none'}")
+        for line in (diff.missing + diff.extra + diff.differing)[:20]:
+            print(f"  {line}")
+        return 0 if diff.equal else 1
     return 0
+
+
+async def _compare(settings: Settings, source_url: str) -> StateDiff:
+    source = await open_redis(settings.model_copy(update={"redis_url": source_url}))
+    rebuilt = await open_redis(settings)
+    try:
+        return await compare(source, rebuilt)
+    finally:
+        await source.aclose()
+        await rebuilt.aclose()
 
 
 if __name__ == "__main__":

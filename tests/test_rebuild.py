@@ -15,7 +15,7 @@ from consumers.export_state import export
 from consumers.plumbing.cleanup import member
 from consumers.plumbing.part import open_clients
 from consumers.plumbing.scope import serving
-from consumers.rebuild import NotEmpty, partitions_of, rebuild
+from consumers.rebuild import NotEmpty, partitions_of, rebuild, run
 from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis
@@ -23,6 +23,7 @@ from core.models import new_batch_id
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.settings import Settings
+from core.state_diff import compare
 from core.store import BatchStore
 from tests.conftest import PrivateRedis, eventually
 from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
@@ -217,6 +218,16 @@ async def test_state_from_before_the_records_is_exported_then_rebuilt(
 
         async with contextlib.AsyncExitStack() as scope:
             assert await export(await open_clients(scope, topics), topics) == (2, 3)
+        # A dry run: rebuilt into another database, compared with the live one.
+        dry = private_redis.url.rsplit("/", 1)[0] + "/1"
+        assert await run(["--redis-url", dry, "--compare-with", private_redis.url], topics) == 0
+        await redis.hset(keys.batch("p-old", ids[1]), "state", "running")
+        copy = await open_redis(topics.model_copy(update={"redis_url": dry}))
+        try:
+            diff = await compare(redis, copy)
+        finally:
+            await copy.aclose()
+        assert (diff.batches, diff.differing, diff.missing) == (3, [f"p-old/{ids[1]}: state"], [])
         await redis.flushdb()
         await rebuild(topics)
         assert await _answers(settings, {"p-old": ids}) == before
