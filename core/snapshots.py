@@ -111,14 +111,20 @@ class SnapshotWriter:
             for pipeline_id, batch_id in pairs:
                 pipe.hgetall(keys.batch(pipeline_id, batch_id))
             hashes = cast(list[dict[str, str]], await pipe.execute())
-        sends = []
-        for (pipeline_id, batch_id), fields in zip(pairs, hashes, strict=True):
-            if fields:
-                sends.append(await self.producer.send(
-                    self.topic, snapshot_record(pipeline_id, batch_id, fields),
-                    key=snapshot_key(pipeline_id, batch_id)))
-        if sends:
-            await asyncio.gather(*sends)
+        sends: list[asyncio.Future[object]] = []
+        try:
+            for (pipeline_id, batch_id), fields in zip(pairs, hashes, strict=True):
+                if fields:
+                    sends.append(await self.producer.send(
+                        self.topic, snapshot_record(pipeline_id, batch_id, fields),
+                        key=snapshot_key(pipeline_id, batch_id)))
+        finally:
+            # Every send queued is awaited, even when a later one failed to queue: none is
+            # left behind unobserved, and the caller's retry sends them all again.
+            outcomes = await asyncio.gather(*sends, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return len(sends)
 
     async def tombstone(self, pipeline_id: str, batch_id: str) -> None:
