@@ -115,6 +115,12 @@ async def test_a_delete_that_overtakes_a_create_in_flight_leaves_no_flow_run(
         broken = ctx.settings.model_copy(update={"prefect_api_url": proxy.url})
         async with running(ctx.consumer(broken, retry_max_attempts=1, cleanup_recheck_s=8)):
             await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+
+            async def creating() -> bool:
+                # A run taken after the hide would rightly create nothing: the delete must
+                # come while the create is in flight.
+                return any(CREATE_RUN.match(p) for _, p, _ in proxy.seen)
+            await eventually(creating, timeout=20)
             assert await store.hide(ctx.pipeline_id, batch_id)  # what DELETE does first
             await send_command(ctx.settings, "delete", ctx.pipeline_id, batch_id)
             await ctx.processed(2)
