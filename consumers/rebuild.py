@@ -90,7 +90,11 @@ async def read_whole(settings: Settings, topic: str) -> AsyncIterator[ConsumerRe
 async def read_pipelines(settings: Settings) -> list[PipelineVersion]:
     latest: dict[bytes, PipelineVersion] = {}
     async for record in read_whole(settings, settings.topic_pipelines):
-        if record.key is not None and record.value is not None:
+        if record.key is None:
+            continue
+        if record.value is None:  # a tombstone: until compaction, the records before it stay
+            latest.pop(record.key, None)
+        else:
             latest[record.key] = PipelineVersion.decode(record.value)
     return list(latest.values())
 

@@ -15,11 +15,19 @@ from redis.asyncio import Redis
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
 from consumers.plumbing.scope import serving
+from consumers.rebuild import read_pipelines, read_snapshots
 from core import keys
 from core.codec import Event
 from core.connections import open_producer
 from core.settings import Settings
-from core.snapshots import PipelineVersion, Snapshot
+from core.snapshots import (
+    PipelineVersion,
+    Snapshot,
+    pipeline_key,
+    pipeline_record,
+    snapshot_key,
+    snapshot_record,
+)
 from core.store import BatchStore
 from deploy.local.config import StackConfig
 from deploy.local.parts.kafka import _create_topics
@@ -170,3 +178,26 @@ async def test_a_poll_applied_before_a_crash_is_snapshotted_when_read_again(
     snap = latest[b"p-crash/batch-crash"]
     assert snap is not None and snap.fields["off:extract:0"] == "5"
     assert events.changed == 0  # applied again, it changed nothing
+
+
+async def test_a_rebuild_reads_the_latest_record_of_each_key_tombstones_included(
+        topics: Settings) -> None:
+    producer = await open_producer(topics)
+    try:
+        for version in ("1", "2"):
+            await producer.send_and_wait(topics.topic_pipelines,
+                                         pipeline_record("p-t", spec(version=version), 0),
+                                         key=pipeline_key("p-t", version))
+        await producer.send_and_wait(topics.topic_pipelines, None, key=pipeline_key("p-t", "1"))
+        fields = {"id": "b", "rev": "3", "seq": "1"}
+        for rev in ("3", "2"):  # a late creation record must not win over a later change
+            await producer.send_and_wait(
+                topics.topic_snapshots, snapshot_record("p-t", "b", {**fields, "rev": rev}),
+                key=snapshot_key("p-t", "b"))
+        await producer.send_and_wait(topics.topic_snapshots, snapshot_record("p-t", "gone", fields),
+                                     key=snapshot_key("p-t", "gone"))
+        await producer.send_and_wait(topics.topic_snapshots, None, key=snapshot_key("p-t", "gone"))
+    finally:
+        await producer.stop()
+    assert [v.spec.version for v in await read_pipelines(topics)] == ["2"]
+    assert [(s.batch_id, s.rev) for s in await read_snapshots(topics)] == [("b", 3)]
