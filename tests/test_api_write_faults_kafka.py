@@ -115,6 +115,10 @@ async def test_an_ambiguous_send_leaves_no_runnable_batch_and_queues_its_delete(
         assert (fields["state"], fields["outcome"]) == ("stop", "failed")
         assert "run command" in fields["reason"]
         assert await redis.ttl(keys.batch("p", batch_id)) > 0, "a backstop TTL"
+    # Out of the filtered list's indexes too, not only skipped there by its hash.
+    for index in keys.batch_filter_indexes("p"):
+        assert await redis.zscore(index, batch_id) is None, index
+    assert await redis.zcard(keys.batch_created_index("p")) == 0
 
     # Once Kafka is back, a delete is queued after the run (same key, same partition), so a
     # flow run the consumer may already have created is cancelled and removed.
