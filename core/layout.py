@@ -27,6 +27,9 @@ OFFSET_PREFIX: Final = "off:"
 TOTAL_PREFIX: Final = "tot:"  # tot:<step>:<partition> -> records the partition holds
 STARTED_PREFIX: Final = "started:"  # started:<step> -> when the step began running (ISO)
 MOVED_PREFIX: Final = "moved:"  # moved:<step> -> when an offset of the step last grew (ISO)
+# resumed:<step> -> records the step had done when its batch was created (a resumed batch's
+# first step not done): they are not counted in the step's rate.
+RESUMED_PREFIX: Final = "resumed:"
 # The batch's effective per-step config (JSON: step name -> config), written at creation;
 # absent on batches created before run-time config, which run with the registered config.
 CONFIG: Final = "config"
@@ -133,7 +136,8 @@ def render(fields: Mapping[str, str]) -> dict[str, Any]:
             entry["totals"] = _sorted(step_totals)
         started = fields.get(STARTED_PREFIX + name)
         moved = fields.get(MOVED_PREFIX + name)
-        entry["progress"] = progress(entry["offsets"], step_totals, started, moved)
+        entry["progress"] = progress(entry["offsets"], step_totals, started, moved,
+                                     int(fields.get(RESUMED_PREFIX + name, 0)))
         if running and entry["state"] == "running" and _stalled(moved or started):
             entry["stalled"] = stalled_any = True
     out: dict[str, Any] = {
@@ -166,15 +170,17 @@ def _sorted(by_partition: dict[str, int]) -> dict[str, int]:
 
 
 def progress(offsets: Mapping[str, int], totals: Mapping[str, int] | None,
-             started: str | None, moved: str | None) -> dict[str, float | None]:
+             started: str | None, moved: str | None, before: int = 0
+             ) -> dict[str, float | None]:
     """A step's `progress`: percent of its totals done (when it reported totals), its rate
-    in records per second since it started running, and the time left at that rate."""
+    in records per second since it started running (not counting the `before` records it
+    had done when it started: a resumed step's), and the time left at that rate."""
     done = sum(offsets.values())
     percent = eta = rate = None
     if started and moved:
         elapsed = (_when(moved) - _when(started)).total_seconds()
         if elapsed > 0:
-            rate = round(done / elapsed, 1)
+            rate = round(max(done - before, 0) / elapsed, 1)
     if totals:
         total = sum(totals.values())
         counted = sum(min(offsets.get(part, 0), of) for part, of in totals.items())

@@ -38,7 +38,11 @@ def resumed_fields(spec: PipelineSpec, old: dict[str, str], old_id: str,
         for partition, total in layout.step_totals(old, step).items():
             fields[layout.total_field(step, partition)] = str(total)
         if not done:
-            break  # the first step not done goes on from its offsets; the rest from zero
+            # The first step not done goes on from its offsets (not counted in its rate);
+            # the rest start from zero.
+            fields[layout.RESUMED_PREFIX + step] = str(sum(layout.step_offsets(old, step)
+                                                           .values()))
+            break
     return fields
 
 

@@ -38,6 +38,9 @@ def test_progress_percent_rate_and_time_left() -> None:
     assert layout.progress({"p0": 5}, None, None, moved) == {
         "percent": None, "records_per_s": None, "eta_s": None}
     assert layout.progress({"p0": 100}, {"p0": 100}, started, moved)["eta_s"] == 0.0
+    # A resumed step's rate counts only the records done since it started.
+    assert layout.progress({"p0": 50, "p1": 50}, {"p0": 100, "p1": 300}, started, moved,
+                           before=60) == {"percent": 25.0, "records_per_s": 4.0, "eta_s": 75.0}
 
 
 def _running_batch(moved: str) -> dict[str, str]:

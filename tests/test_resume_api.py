@@ -100,6 +100,8 @@ async def test_the_new_batch_starts_where_the_old_one_stopped(
         "transform": ("none", {"partition_0": 30, "partition_1": 20}),
         "load": ("none", {})}
     assert steps["extract"]["progress"]["percent"] == 100.0
+    # What transform had done is not counted in its rate once it runs again.
+    assert await redis.hget(keys.batch(P, new_id), "resumed:transform") == "50"
     # The old batch's effective config (its own override kept), the body's merged over it.
     assert new["config"] == {"extract": {"rows": 99, "seed": 7}, "transform": {"fail_at": None},
                              "load": {"rows": 100}}
