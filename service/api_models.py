@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.models import BatchStateName, OutcomeName, PipelineSpec, StepStateName
+from service.step_routes import StepList
 
 
 class ErrorBody(BaseModel):
@@ -118,5 +119,5 @@ class MessageSchemaList(BaseModel):
 
 RESPONSE_MODELS: tuple[type[BaseModel], ...] = (
     Error, Batch, BatchPage, RunAccepted, Message, Pipeline, PipelineList, Health, Ready,
-    WebhookAccepted, MessageSchemaList,
+    WebhookAccepted, MessageSchemaList, StepList,
 )

@@ -11,7 +11,7 @@ from typing import Any, Final
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from core.models import ID_PATTERN, PipelineSpec, RunRequest
+from core.models import BATCH_STATES, ID_PATTERN, OUTCOMES, PipelineSpec, RunRequest
 from core.step_catalogue import known_steps
 from service.api_models import RESPONSE_MODELS
 from service.listing import DEFAULT_LIMIT, MAX_LIMIT
@@ -22,7 +22,7 @@ _REF_TEMPLATE: Final = "#/components/schemas/{model}"
 # Statuses any route can answer: malformed HTTP, an unlisted method (with `Allow`), and the
 # parser's limits on the request line and headers (service.edge).
 _EVERYWHERE: Final = {
-    "400": "malformed request: ids, limit, token, body, or the HTTP syntax itself",
+    "400": "malformed request: ids, limit, token, filters, body, or the HTTP syntax itself",
     "405": "method not allowed here; the `Allow` header lists the allowed ones",
     "414": "request line longer than the server accepts",
     "431": "a header longer than the server accepts",
@@ -136,7 +136,28 @@ def _batch_paths() -> dict[str, Any]:
                              "default": DEFAULT_LIMIT}},
                  {"name": "token", "in": "query", "required": False,
                   "schema": {"type": "string"},
-                  "description": "opaque, from the previous page; any other value is a 400"}],
+                  "description": "opaque, from the previous page of the same filter; any other "
+                                 "value, or a token of another filter, is a 400"},
+                 {"name": "state", "in": "query", "required": False,
+                  "schema": {"type": "string", "enum": list(BATCH_STATES)},
+                  "description": "only batches in this state when the page is read"},
+                 {"name": "outcome", "in": "query", "required": False,
+                  "schema": {"type": "string", "enum": list(OUTCOMES)},
+                  "description": "only stopped batches with this outcome"},
+                 {"name": "created_after", "in": "query", "required": False,
+                  "schema": {"type": "string", "format": "date-time"},
+                  "description": "created at or after this time (ISO-8601 with a timezone; "
+                                 "without one, 400)"},
+                 {"name": "created_before", "in": "query", "required": False,
+                  "schema": {"type": "string", "format": "date-time"},
+                  "description": "created strictly before this time (ISO-8601 with a "
+                                 "timezone)"}],
+                description=(
+                    "Needs the scope `batches:read`. Filters combine; a filtered page may hold "
+                    "fewer than `limit` batches (one that left the filter since it was indexed "
+                    "is skipped) while its token is not null. With `Accept: "
+                    "text/event-stream` the pipeline's changes stream, unfiltered (filters "
+                    "then are a 400)."),
             ),
         },
         "/api/v1/batches/{pipeline_id}/{batch_id}": {
@@ -193,7 +214,7 @@ def _other_paths() -> dict[str, Any]:
         },
         "/api/v1/steps": {
             "get": _op("The step implementations a pipeline may use", "batches:read",
-                       {"200": _json({"type": "object"}, "the step implementations")}, []),
+                       {"200": _json(_ref("StepList"), "the step implementations")}, []),
         },
         "/api/v1/hooks/prefect": {
             "post": _op(

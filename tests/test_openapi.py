@@ -12,7 +12,10 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from referencing import Registry, Resource
 
+from core.codec import Event
+from core.scripts import Scripts
 from core.settings import Settings
+from core.store import BatchStore
 from service import openapi
 from service.webhook import signature
 from tests.helpers import AUTH, api_client, api_settings, spec_body
@@ -76,9 +79,30 @@ async def test_real_responses_validate_against_the_document(topics: Settings, re
         await call("GET", b + "/", "/api/v1/batches/p/?limit=x", headers=AUTH)
         one = b + "/{batch_id}"
         await call("GET", one, f"/api/v1/batches/p/{batch_id}", headers=AUTH)
+        await call("GET", b + "/", "/api/v1/batches/p/?state=pending&outcome=failed",
+                   headers=AUTH)
+        await call("GET", b + "/", "/api/v1/batches/p/?created_after=2026-01-01T00:00:00",
+                   headers=AUTH)  # 400: no timezone
         await call("PUT", one + "/stop", f"/api/v1/batches/p/{batch_id}/stop", headers=AUTH)
+        resume = one + "/resume"
+        await call("POST", resume, f"/api/v1/batches/p/{batch_id}/resume",
+                   headers=AUTH)  # 409: not stopped
+        stopped_id = (await call("POST", b, "/api/v1/batches/p", headers=AUTH,
+                                 json={"config": {"extract": {"rows": 10}}}))["item"]
+        await BatchStore(redis, Scripts(redis), token_secret=b"t").apply(
+            [Event("batch.state", stopped_id, "p", state="stop", outcome="failed")])
+        await call("POST", resume, f"/api/v1/batches/p/{stopped_id}/resume", headers=AUTH,
+                   json={"config": {"extract": {"rows": 20}}})
+        await call("POST", resume, f"/api/v1/batches/p/{stopped_id}/resume", headers=AUTH,
+                   json={"config": {"nope": {}}})  # 400
+        await call("POST", b, "/api/v1/batches/p", headers=AUTH,
+                   json={"config": {"extract": {"rows": -1}}})  # 400
         await call("DELETE", one, f"/api/v1/batches/p/{batch_id}", headers=AUTH)
         await call("GET", one, f"/api/v1/batches/p/{batch_id}", headers=AUTH)  # 404 now
+        await call("POST", resume, f"/api/v1/batches/p/{batch_id}/resume",
+                   headers=AUTH)  # 404: deleted
+        await call("GET", "/api/v1/steps", "/api/v1/steps", headers=AUTH)
+        await call("GET", "/api/v1/steps", "/api/v1/steps")  # 401
         await call("GET", "/healthz", "/healthz")
         await call("GET", "/readyz", "/readyz")
         await call("GET", "/metrics", "/metrics", headers=AUTH)
