@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     # Per batch, how many recent event ids are remembered for de-duplication.
     dedup_window: int = 1024
 
+    # Finished (`stop`) batches are removed after this many days (Redis, its indexes and the
+    # snapshot topic: the consumers' retention sweeper); 0 keeps them forever.
+    batch_retention_days: float = Field(default=30, ge=0)
+
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
