@@ -27,6 +27,7 @@ from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Part
 from consumers.plumbing.scope import serving
 from consumers.reconciler import Reconciler
+from consumers.retention import RetentionSweeper
 from core import keys
 from core.logs import redact
 from core.settings import Settings
@@ -37,7 +38,9 @@ CHOICES: Final = ("commands", "events", "bridge", "all")
 
 def build(which: str, settings: Settings, options: ConsumerOptions) -> list[Part]:
     """The parts behind a command-line choice; the reconciler goes with the bridge (both
-    bring Prefect's view into the events topic)."""
+    bring Prefect's view into the events topic), the retention sweeper with the events
+    consumer (both write batches and their snapshots; its steps are idempotent, so one per
+    events process is safe)."""
     parts: list[Part] = []
     if which in ("events", "all"):
         parts.append(EventsConsumer(settings, options))
@@ -45,6 +48,8 @@ def build(which: str, settings: Settings, options: ConsumerOptions) -> list[Part
         parts.append(CommandsConsumer(settings, options))
     if which in ("bridge", "all"):
         parts += [PrefectBridge(settings, options), Reconciler(settings, options)]
+    if which in ("events", "all"):
+        parts.append(RetentionSweeper(settings, options))
     if not parts:
         raise ValueError(f"unknown part {which!r}; choose from {', '.join(CHOICES)}")
     return parts

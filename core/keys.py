@@ -77,6 +77,18 @@ def batch_created_index(pipeline_id: str) -> str:
     return f"{_tag(pipeline_id)}:batches:created"
 
 
+def batch_finished_index(pipeline_id: str) -> str:
+    """Sorted set batch id -> when it reached `stop` (unix seconds), one member per visible
+    stopped batch: the retention sweeper reads only the expired ones (ZRANGEBYSCORE up to
+    now minus the retention), so a round costs O(log n + expired) whatever the history."""
+    return f"{_tag(pipeline_id)}:batches:finished"
+
+
+def batch_finished_indexed(pipeline_id: str) -> str:
+    """Set once the finished index holds every stopped batch that predates it."""
+    return f"{_tag(pipeline_id)}:batches:finished:indexed"
+
+
 def batch_indexes_built(pipeline_id: str) -> str:
     """Set once the filter and created indexes hold every batch that predates them."""
     return f"{_tag(pipeline_id)}:batches:indexed"

@@ -26,6 +26,26 @@ def lua_names(names: Iterable[str]) -> str:
     return "{" + ", ".join(f"'{name}'" for name in names) + "}"
 
 
+# A Lua function: unix seconds of a UTC ISO-8601 time (`2026-12-02T14:08:13.123Z`, the
+# fraction dropped; 0 for another form), for the finished index's scores (keys.
+# batch_finished_index). Days from the civil date (H. Hinnant's algorithm): no os.time in
+# Redis's Lua, and the time must be the one the caller passed, so a test can set it.
+EPOCH_LUA: Final = """
+local function epoch(iso)
+  local y, mo, d, hh, mi, ss = string.match(tostring(iso),
+    '^(%d%d%d%d)%-(%d%d)%-(%d%d)T(%d%d):(%d%d):(%d%d)')
+  if not y then return 0 end
+  y, mo, d = tonumber(y), tonumber(mo), tonumber(d)
+  if mo <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local doy = math.floor((153 * ((mo + 9) % 12) + 2) / 5) + d - 1
+  local days = era * 146097 + yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+    - 719468
+  return days * 86400 + tonumber(hh) * 3600 + tonumber(mi) * 60 + tonumber(ss)
+end
+"""
+
 # A Lua function for the scripts that hide or remove a batch: takes batch `id` (hash `hash`)
 # out of the created index KEYS[created] (skipped when the caller named no such key) and out
 # of every filter index KEYS[first..]. The caller reads before it writes: call it before the
@@ -43,7 +63,8 @@ end
 """
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's created
-# index, KEYS[4..] its filter indexes (keys.batch_filter_indexes)
+# index, KEYS[4..] its filter indexes (keys.batch_filter_indexes), then its finished index
+# (keys.batch_finished_index: a hidden batch is the clean-up's to purge, not the sweeper's)
 # ARGV[1] batch id, ARGV[2] now (ISO-8601), ARGV[3] change channel ('' for none)
 # Hides the batch: GETs and the list (filtered or not) stop seeing it at once; the consumer
 # purges it later. Returns 1 when hidden now, 0 when unknown or already hidden.
@@ -60,7 +81,8 @@ return 1
 """
 
 # KEYS[1] batch hash, KEYS[2] batch's seen-event-ids zset, KEYS[3] pipeline's batch index,
-# KEYS[4] pipeline's created index, KEYS[5..] its filter indexes (keys.batch_filter_indexes)
+# KEYS[4] pipeline's created index, KEYS[5..] its filter indexes (keys.batch_filter_indexes),
+# then its finished index (keys.batch_finished_index)
 # ARGV[1] batch id, ARGV[2] change channel ('' for none)
 # Removes every key and index entry of the batch (after delete, or to undo a create that
 # failed). A hash that expired already (an abandoned batch) leaves its created entry behind:
@@ -125,6 +147,23 @@ for i = first_hash, #KEYS do
       else redis.call('ZREM', index, id) end
     end
     done = done + 1
+  end
+end
+return done
+"""
+
+# KEYS[1] pipeline's finished index (keys.batch_finished_index), KEYS[2..] batch hashes
+# ARGV: the batch id of each hash (in the order of KEYS)
+# Indexes the stopped batches that predate the finished index (or a rebuild, which restores
+# hashes only), scored by their `updated_at`: a stopped batch's last change, at or after its
+# stop, so it is kept at least the retention. NX: an entry APPLY_EVENTS wrote stays.
+# Idempotent. Returns how many were indexed.
+BACKFILL_FINISHED: Final = EPOCH_LUA + """
+local done = 0
+for i = 2, #KEYS do
+  local f = redis.call('HMGET', KEYS[i], 'state', 'deleted', 'updated_at')
+  if f[1] == 'stop' and not f[2] then
+    done = done + redis.call('ZADD', KEYS[1], 'NX', epoch(f[3]), ARGV[i - 1])
   end
 end
 return done

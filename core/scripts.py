@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from core import list_scripts
 from core.layout import BATCH_RANK, STEP_RANK, lua_rank
-from core.list_scripts import CREATED_AT_LUA_PATTERN, lua_names
+from core.list_scripts import CREATED_AT_LUA_PATTERN, EPOCH_LUA, lua_names
 from core.models import BATCH_STATES, OUTCOMES
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's sequence counter,
@@ -55,9 +55,10 @@ return seq
 """
 
 # KEYS: the pipeline's filter indexes (keys.batch_filter_indexes: every state's, then every
-# outcome's; F keys in all), then per batch its hash and its seen-event-ids zset
-# (KEYS[F+2i-1], KEYS[F+2i]): one call applies the events of many batches of one pipeline
-# (their keys share its hash tag), so a poll costs a few calls instead of one per batch.
+# outcome's; F keys in all), its finished index (KEYS[F+1]: keys.batch_finished_index),
+# then per batch its hash and its seen-event-ids zset (KEYS[F+2i], KEYS[F+2i+1]): one call
+# applies the events of many batches of one pipeline (their keys share its hash tag), so a
+# poll costs a few calls instead of one per batch.
 # ARGV[1] now (ISO-8601), ARGV[2] how many event ids to remember, ARGV[3] change channel
 # ('' for none; a change publishes the key and the new hash), ARGV[4] JSON array with, per
 # batch (in the order of KEYS), the array of its events, each an array (compact: no field
@@ -82,7 +83,8 @@ return seq
 # is left untouched and stops the call there; the batches before it are applied, the others
 # not (the caller applies them again one by one: every rule above is idempotent). A batch
 # whose state or outcome changed moves between the filter indexes (a ZREM and a ZADD); the
-# hot path, a batch's offsets, touches no index.
+# hot path, a batch's offsets, touches no index. A batch reaching `stop` enters the finished
+# index scored by ARGV[1] (unix seconds): the retention sweeper's list, in stop order.
 _APPLY_EVENTS_TEXT: Final = """
 local BATCH_RANK = BATCH_RANK_TABLE
 local STEP_RANK = STEP_RANK_TABLE
@@ -90,7 +92,8 @@ local STATES, OUTCOMES = STATE_NAMES, OUTCOME_NAMES
 local state_index, outcome_index = {}, {}
 for n, name in ipairs(STATES) do state_index[name] = KEYS[n] end
 for n, name in ipairs(OUTCOMES) do outcome_index[name] = KEYS[#STATES + n] end
-local FIRST = #STATES + #OUTCOMES  -- the batches' keys follow the indexes
+local FIRST = #STATES + #OUTCOMES + 1  -- the finished index; the batches' keys follow it
+local finished = KEYS[FIRST]
 local now, window, channel = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 -- A stop's ts as a number and as the string stored (the string as sent: a Lua number
 -- written back would keep only 14 digits, too few for microseconds since the epoch).
@@ -236,6 +239,7 @@ local function apply(hash, seen, events)
   if id and seq and state ~= state0 then
     if state_index[state0] then redis.call('ZREM', state_index[state0], id) end
     if state_index[state] then redis.call('ZADD', state_index[state], seq, id) end
+    if state == 'stop' then redis.call('ZADD', finished, epoch(now), id) end
   end
   if id and seq and h.outcome ~= outcome0 then
     if outcome_index[outcome0] then redis.call('ZREM', outcome_index[outcome0], id) end
@@ -262,7 +266,7 @@ return results
 """
 # The state orders come from core.layout, where each is written once; the names of states
 # and outcomes from core.models (the order of keys.batch_filter_indexes).
-APPLY_EVENTS: Final = (
+APPLY_EVENTS: Final = EPOCH_LUA + (
     _APPLY_EVENTS_TEXT.replace("BATCH_RANK_TABLE", lua_rank(BATCH_RANK))
     .replace("STEP_RANK_TABLE", lua_rank(STEP_RANK))
     .replace("STATE_NAMES", lua_names(BATCH_STATES)).replace("OUTCOME_NAMES", lua_names(OUTCOMES)))
@@ -295,3 +299,4 @@ class Scripts:
         self.purge_batch = redis.register_script(list_scripts.PURGE_BATCH)
         self.page_range = redis.register_script(list_scripts.PAGE_RANGE)
         self.backfill_indexes = redis.register_script(list_scripts.BACKFILL_INDEXES)
+        self.backfill_finished = redis.register_script(list_scripts.BACKFILL_FINISHED)

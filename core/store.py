@@ -133,7 +133,8 @@ class BatchStore:
     async def hide(self, pipeline_id: str, batch_id: str) -> bool:
         hidden = await self.scripts.hide_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
-                  keys.batch_created_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id)],
+                  keys.batch_created_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
+                  keys.batch_finished_index(pipeline_id)],
             args=[batch_id, now_iso(), self._channel],
         )
         return bool(hidden)
@@ -144,7 +145,7 @@ class BatchStore:
         await self.scripts.purge_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
                   keys.batch_index(pipeline_id), keys.batch_created_index(pipeline_id),
-                  *keys.batch_filter_indexes(pipeline_id)],
+                  *keys.batch_filter_indexes(pipeline_id), keys.batch_finished_index(pipeline_id)],
             args=[batch_id, self._channel])
 
     # -- reads ---------------------------------------------------------------------------
@@ -177,7 +178,8 @@ class BatchStore:
 
     # -- events --------------------------------------------------------------------------
 
-    async def apply(self, events: Iterable[Event]) -> dict[tuple[str, str], int]:
+    async def apply(self, events: Iterable[Event], now: str | None = None
+                    ) -> dict[tuple[str, str], int]:
         """Applies events in one round trip: one `APPLY_EVENTS` call per pipeline and up to
         `apply_chunk` of its batches (a few calls per poll, not one per batch: the client's
         cost per call was most of the consumer's). The offsets events of one (batch, step)
@@ -188,12 +190,14 @@ class BatchStore:
         grouped = script_entries(events)
         if not grouped:
             return {}
-        now = now_iso()
+        now = now or now_iso()  # `now`: a test's clock (a batch stopped long ago)
         order: list[tuple[str, str]] = []
         calls: list[list[Any]] = []  # EVALSHA's arguments after the sha, one list per call
         for pipeline_id, batches in grouped.items():
             ids = list(batches)
-            indexes = keys.batch_filter_indexes(pipeline_id)  # APPLY_EVENTS's first keys
+            # APPLY_EVENTS's first keys: the filter indexes, then the finished index.
+            indexes = [*keys.batch_filter_indexes(pipeline_id),
+                       keys.batch_finished_index(pipeline_id)]
             for start in range(0, len(ids), self._apply_chunk):
                 chunk = ids[start : start + self._apply_chunk]
                 names = list(indexes)

@@ -112,9 +112,9 @@ async def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
 def test_parts_by_name() -> None:
     settings, options = Settings(), ConsumerOptions()
     assert [p.name for p in runner.build("all", settings, options)] == [
-        "events", "commands", "bridge", "reconciler"]
+        "events", "commands", "bridge", "reconciler", "retention"]
     assert [p.name for p in runner.build("bridge", settings, options)] == ["bridge", "reconciler"]
-    assert [p.name for p in runner.build("events", settings, options)] == ["events"]
+    assert [p.name for p in runner.build("events", settings, options)] == ["events", "retention"]
     with pytest.raises(ValueError, match="unknown part"):
         runner.build("nope", settings, options)
 

@@ -17,6 +17,7 @@ from consumers.plumbing import part as part_module
 from consumers.plumbing.part import Part
 from consumers.plumbing.scope import serving
 from consumers.reconciler import Reconciler
+from consumers.retention import RetentionSweeper
 from core.connections import open_producer, open_redis
 from core.settings import Settings
 from tests.test_consumers_support import options
@@ -63,17 +64,20 @@ async def test_the_parts_of_a_process_share_one_redis_client_and_one_producer(
     async with serving(parts, topics, 10.0) as live:
         assert len(opened) == 2  # was 4 Redis clients (plus the runner's) and 4 producers
         redis, producer = live.clients.redis, live.clients.producer
-        events, commands, bridge, reconciler = parts
+        events, commands, bridge, reconciler, retention = parts
         assert isinstance(events, EventsConsumer) and isinstance(commands, CommandsConsumer)
         assert isinstance(bridge, PrefectBridge) and isinstance(reconciler, Reconciler)
+        assert isinstance(retention, RetentionSweeper)
         assert events.store.redis is redis and commands.store.redis is redis
         assert bridge._redis is redis and reconciler._redis is redis
         assert bridge._producer is producer
         assert events.dlq._producer is producer and commands.dlq._producer is producer
         assert reconciler.emitter._producer is producer
+        assert retention.store.redis is redis and retention.snapshots.producer is producer
         assert not any(task.done() for task in live.tasks)
     # Every part stopped and closed (in reverse of their start), the shared clients last.
-    assert closed == ["reconciler", "bridge", "commands", "events", "producer", "redis"]
+    assert closed == ["retention", "reconciler", "bridge", "commands", "events", "producer",
+                      "redis"]
     assert all(task.done() and task.exception() is None for task in live.tasks)
 
 

@@ -135,7 +135,8 @@ async def test_a_stop_without_ts_counts_as_ts_zero(store: BatchStore, scripts: S
     async def raw(outcome: str, ts: str | None = None) -> int:
         stop = ["b", None, "stop", outcome, None, None, ts]
         [changed] = await scripts.apply_events(
-            keys=[*keys.batch_filter_indexes(P), keys.batch(P, b), keys.batch_seen(P, b)],
+            keys=[*keys.batch_filter_indexes(P), keys.batch_finished_index(P), keys.batch(P, b),
+                  keys.batch_seen(P, b)],
             args=["2030-01-01T00:00:00Z", 4, "", orjson.dumps([[stop]])])
         return int(changed)
 

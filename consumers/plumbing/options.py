@@ -62,6 +62,10 @@ class ConsumerOptions(BaseSettings):
     # The reconciler: how often, and how many active batches per round.
     reconcile_interval_s: float = 10.0
     reconcile_batch: int = 500
+    # The retention sweeper (consumers.retention): how often, and how many expired batches
+    # per pipeline and round (the rest wait for the next round).
+    retention_interval_s: float = 60.0
+    retention_batch: int = 500
     # A running flow run without a heartbeat event for this long is declared Crashed
     # (0: never). Prefect's engine beats every PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by
     # default, 30 s at least): keep this a few beats long.
