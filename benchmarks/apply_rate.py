@@ -62,12 +62,21 @@ class Rates:
 
 async def apply_rate(settings: Settings, total: int, redis_db: int) -> Rates:
     base = settings.redis_url.rsplit("/", 1)[0]
-    topic = f"bench.{uuid.uuid4().hex[:8]}.events"
+    tag = uuid.uuid4().hex[:8]
+    topic = f"bench.{tag}.events"
+    # Snapshots on a topic of the run's own (compacted, as the stack's): its fake batches
+    # must not land on the shared batches.snapshots, which a `make rebuild` would restore.
+    snapshots = f"bench.{tag}.snapshots"
     bench = settings.model_copy(update={"redis_url": f"{base}/{redis_db}", "topic_events": topic,
-                                        "group_events": f"bench-{uuid.uuid4().hex[:8]}"})
+                                        "topic_snapshots": snapshots,
+                                        "topic_pipelines": f"bench.{tag}.pipelines",
+                                        "group_events": f"bench-{tag}"})
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
-    await admin.create_topics([NewTopic(topic, 6, 1)])
+    await admin.create_topics([
+        NewTopic(topic, 6, 1),
+        NewTopic(snapshots, settings.snapshots_partitions, 1,
+                 topic_configs={"cleanup.policy": "compact"})])
     redis = await open_redis(bench)
     await redis.flushdb()
     store = BatchStore(redis, Scripts(redis), token_secret=b"unused")
@@ -123,6 +132,6 @@ async def apply_rate(settings: Settings, total: int, redis_db: int) -> Rates:
     finally:
         await redis.flushdb()
         await redis.aclose()
-        await admin.delete_topics([topic])
+        await admin.delete_topics([topic, snapshots])
         await admin.close()
     return Rates(apply, raw_rate, apply_cpu, raw_cpu)

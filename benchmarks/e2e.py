@@ -95,12 +95,23 @@ async def own_loop(settings: Settings) -> AsyncIterator[tuple[Settings, str]]:
     the figure then measures this tree's code whatever the running stack's is. Yields their
     settings and the API's address."""
     tag = uuid.uuid4().hex[:8]
+    # The durable records on topics of their own too: the run's batches and pipeline must
+    # not land on the shared batches.snapshots / batches.pipelines (a rebuild would restore
+    # them).
     own = settings.model_copy(update={"topic_events": f"bench.{tag}.events",
+                                      "topic_snapshots": f"bench.{tag}.snapshots",
+                                      "topic_pipelines": f"bench.{tag}.pipelines",
                                       "group_events": f"bench-{tag}"})
+    compacted = {"cleanup.policy": "compact"}
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
-    await admin.create_topics([NewTopic(own.topic_events, settings.events_partitions, 1)])
+    await admin.create_topics([
+        NewTopic(own.topic_events, settings.events_partitions, 1),
+        NewTopic(own.topic_snapshots, settings.snapshots_partitions, 1, topic_configs=compacted),
+        NewTopic(own.topic_pipelines, 1, 1, topic_configs=compacted)])
     env = {**os.environ, "DHUB_TOPIC_EVENTS": own.topic_events,
+           "DHUB_TOPIC_SNAPSHOTS": own.topic_snapshots,
+           "DHUB_TOPIC_PIPELINES": own.topic_pipelines,
            "DHUB_GROUP_EVENTS": own.group_events}
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
@@ -111,7 +122,7 @@ async def own_loop(settings: Settings) -> AsyncIterator[tuple[Settings, str]]:
     finally:
         proc.terminate()
         await proc.wait()
-        await admin.delete_topics([own.topic_events])
+        await admin.delete_topics([own.topic_events, own.topic_snapshots, own.topic_pipelines])
         await admin.close()
 
 

@@ -78,6 +78,11 @@ def _settings(stack: Settings) -> Settings:
         "topic_commands": f"test.{suffix}.commands",
         "topic_events": f"test.{suffix}.events",
         "topic_dlq": f"test.{suffix}.dlq",
+        # Its own durable-record topics too: the fuzzed PUTs must not land on the shared
+        # batches.pipelines (a `make rebuild` of the stack would register them).
+        "topic_pipelines": f"test.{suffix}.pipelines",
+        "topic_snapshots": f"test.{suffix}.snapshots",
+        "snapshots_partitions": 1,
         "commands_partitions": 1,
         "events_partitions": 1,
         "api_tokens": [],
@@ -109,11 +114,15 @@ class _Server:
     async def _serve(self) -> None:
         s = self.settings
         topics = [s.topic_commands, s.topic_events, s.topic_dlq]
+        compacted = [s.topic_pipelines, s.topic_snapshots]
         admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
         await admin.start()
         redis = await open_redis(s)
         try:
-            await admin.create_topics([NewTopic(t, 1, 1) for t in topics])
+            await admin.create_topics(
+                [NewTopic(t, 1, 1) for t in topics]
+                + [NewTopic(t, 1, 1, topic_configs={"cleanup.policy": "compact"})
+                   for t in compacted])
             await redis.flushdb()
             runner = ApiRunner(init_app(s), access_log=None)
             await runner.setup()
@@ -133,7 +142,7 @@ class _Server:
             await redis.flushdb()
             await redis.aclose()
             try:
-                await admin.delete_topics(topics)
+                await admin.delete_topics([*topics, *compacted])
             finally:
                 await admin.close()
 
