@@ -5,10 +5,13 @@ the caches told) and from the snapshot topic (a tombstone), at O(expired) per ro
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from redis.asyncio import Redis
 
 from consumers.retention import RetentionSweeper
@@ -21,6 +24,8 @@ from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import Snapshot, snapshot_key
 from core.store import BatchStore
+from deploy.local.config import StackConfig
+from deploy.local.parts.kafka import _create_topics
 from tests.conftest import PrivateRedis
 from tests.helpers import read_topic, spec
 
@@ -46,6 +51,10 @@ async def batch(store: BatchStore, *, stopped_at: datetime | None) -> str:
     return b
 
 
+async def rendered(redis: Redis, b: str) -> dict[str, Any]:
+    return render(cast(dict[str, str], await redis.hgetall(keys.batch(P, b))))
+
+
 def every_key(b: str) -> list[str]:
     return [keys.batch(P, b), keys.batch_seen(P, b)]
 
@@ -54,7 +63,7 @@ async def listed_in(redis: Redis, b: str) -> list[str]:
     """The indexes holding `b` (the created index by its sequence)."""
     indexes = [keys.batch_index(P), *keys.batch_filter_indexes(P), keys.batch_finished_index(P)]
     out = [name for name in indexes if await redis.zscore(name, b) is not None]
-    members = await redis.zrange(keys.batch_created_index(P), 0, -1)
+    members = cast(list[str], await redis.zrange(keys.batch_created_index(P), 0, -1))
     seq = await redis.zscore(keys.batch_index(P), b)
     if seq is not None and any(m.endswith(f"|{int(seq):016d}") for m in members):
         out.append(keys.batch_created_index(P))
@@ -65,9 +74,9 @@ async def test_epoch_reads_utc_iso_times_as_python_does(redis: Redis) -> None:
     times = ["1970-01-01T00:00:00.000Z", "2000-02-29T23:59:59.999Z", "2024-03-01T00:00:00Z",
              "2026-12-02T14:08:13.123Z", "2100-03-01T01:02:03.000Z"]
     for at in times:
-        got = await redis.eval(EPOCH_LUA + "return epoch(ARGV[1])", 0, at)  # type: ignore[misc]
+        got = await redis.eval(EPOCH_LUA + "return epoch(ARGV[1])", 0, at)
         assert got == int(datetime.fromisoformat(at).timestamp()), at
-    assert await redis.eval(EPOCH_LUA + "return epoch(ARGV[1])", 0, "soon") == 0  # type: ignore[misc]
+    assert await redis.eval(EPOCH_LUA + "return epoch(ARGV[1])", 0, "soon") == 0
 
 
 async def test_a_batch_enters_the_finished_index_at_its_stop_and_leaves_it_when_hidden(
@@ -109,8 +118,7 @@ async def test_a_round_removes_only_batches_finished_before_the_retention(
     running = await batch(store, stopped_at=None)
     created_long_ago = await batch(store, stopped_at=None)
     await redis.hset(keys.batch(P, created_long_ago), "created_at", iso(NOW - timedelta(days=90)))
-    kept = {b: render(await redis.hgetall(keys.batch(P, b)))
-            for b in (recent, running, created_long_ago)}
+    kept = {b: await rendered(redis, b) for b in (recent, running, created_long_ago)}
     part = await sweeper(retention)
     try:
         await part.snapshots.write_current([(P, b) for b in (old, recent, running)])
@@ -122,11 +130,11 @@ async def test_a_round_removes_only_batches_finished_before_the_retention(
             while message is None or message["type"] != "message":
                 message = await feed.get_message(timeout=1)
         assert message["data"] == keys.batch(P, old)  # the caches evict it, as after a purge
-        await feed.aclose()
+        await feed.aclose()  # type: ignore[no-untyped-call]
         for key in every_key(old):
             assert not await redis.exists(key)
         assert await listed_in(redis, old) == []
-        assert {b: render(await redis.hgetall(keys.batch(P, b))) for b in kept} == kept
+        assert {b: await rendered(redis, b) for b in kept} == kept
         assert await part.sweep_once() == 0  # nothing left to do: nothing done
     finally:
         await part.stop()
@@ -171,7 +179,7 @@ async def test_stopped_batches_from_before_the_finished_index_are_indexed_once(
         assert await part.sweep_once() == 1
         assert not await redis.exists(keys.batch(P, old))
         assert await redis.zscore(keys.batch_finished_index(P), recent) == (
-            datetime.fromisoformat(await redis.hget(keys.batch(P, recent), "updated_at"))
+            datetime.fromisoformat(cast(str, await redis.hget(keys.batch(P, recent), "updated_at")))
             .timestamp())
         # Indexed once: a batch dropped from the index now stays out of it.
         await redis.zrem(keys.batch_finished_index(P), recent)
@@ -215,3 +223,28 @@ async def test_a_round_costs_what_its_expired_batches_do_whatever_the_history(
         assert await redis.zcard(keys.batch_finished_index(P)) == 1_000
     finally:
         await redis.aclose()
+
+
+async def test_the_stack_keeps_commands_and_events_a_week_and_tombstones_a_day(
+        stack: Settings) -> None:
+    suffix = uuid.uuid4().hex[:10]
+    names = {f: f"test.{suffix}.{f}" for f in ("commands", "events", "dlq", "pipelines",
+                                                "snapshots")}
+    own = stack.model_copy(update={f"topic_{f}": name for f, name in names.items()})
+    await _create_topics(StackConfig(own))
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_configs([
+            ConfigResource(ConfigResourceType.TOPIC, name) for name in names.values()])
+        configs = {entry[3]: {c[0]: c[1] for c in entry[4]}
+                   for response in described for entry in response.resources}
+        week, day = str(7 * 24 * 3600 * 1000), str(24 * 3600 * 1000)
+        for topic in ("commands", "events"):
+            assert configs[names[topic]]["retention.ms"] == week
+            assert configs[names[topic]]["cleanup.policy"] == "delete"
+        assert configs[names["snapshots"]]["cleanup.policy"] == "compact"
+        assert configs[names["snapshots"]]["delete.retention.ms"] == day
+    finally:
+        await admin.delete_topics(list(names.values()))
+        await admin.close()

@@ -3,9 +3,11 @@ the next port), its jars fetched by setup.sh; the project's topics created once 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from deploy.local.config import StackConfig
 from deploy.local.part import Part
@@ -120,11 +122,19 @@ COMPACTED = {"cleanup.policy": "compact", "delete.retention.ms": str(24 * 3600 *
              "min.cleanable.dirty.ratio": "0.5"}
 
 
+# The commands and events topics are deleted by time, set here rather than left to the
+# broker's default (7 days too): a rebuild reads the commands topic for the deletes of batches
+# hidden but not yet purged (the clean-up purges and tombstones them within minutes, or waits
+# a Prefect outage out), and the events consumer resumes from its committed offset, so a week
+# covers a consumer down that long. Neither topic is read whole: the snapshots carry the rest.
+WEEK_RETAINED = {"cleanup.policy": "delete", "retention.ms": str(7 * 24 * 3600 * 1000)}
+
+
 def wanted(c: StackConfig) -> dict[str, tuple[int, dict[str, str]]]:
     """Each topic of the project: its partitions and its configs."""
     s = c.settings
-    return {s.topic_commands: (s.commands_partitions, {}),
-            s.topic_events: (s.events_partitions, {}),
+    return {s.topic_commands: (s.commands_partitions, WEEK_RETAINED),
+            s.topic_events: (s.events_partitions, WEEK_RETAINED),
             s.topic_dlq: (s.dlq_partitions, {}),
             # One partition: a handful of records, read whole by a rebuild.
             s.topic_pipelines: (1, COMPACTED),
@@ -144,8 +154,24 @@ async def _create_topics(c: StackConfig) -> None:
             errors = [e for e in resp.topic_errors if e[1] not in (0, 36)]  # 36: exists
             if errors:
                 raise RuntimeError(f"create_topics failed: {errors}")
+            await _until_described(admin, sorted(missing))
     finally:
         await admin.close()
+
+
+async def _until_described(admin: Any, topics: list[str], timeout_s: float = 15.0) -> None:
+    """Returns once the broker describes every new topic: right after CreateTopics it may
+    still answer UNKNOWN_TOPIC_OR_PARTITION for a moment (seen when topics are created one
+    set after another), and whoever reads the topics' configs next would see none."""
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    wanted = [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+    async with asyncio.timeout(timeout_s):
+        while True:
+            described = await admin.describe_configs(wanted)
+            if all(entry[0] == 0 for response in described for entry in response.resources):
+                return
+            await asyncio.sleep(0.05)
 
 
 def ensure_topics(c: StackConfig) -> None:
