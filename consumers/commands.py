@@ -89,7 +89,7 @@ class CommandsConsumer(Part):
         self.snapshots = SnapshotWriter(clients.producer, redis, s.topic_snapshots)
         self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
         self.cleanup = Cleanup(redis, prefect, self.store, self.active, self.options,
-                               self.stopping)
+                               self.stopping, data_root=s.data_root, snapshots=self.snapshots)
         self._consumer = await open_consumer(
             s, self.name, s.topic_commands, s.group_commands, listener=self.lanes,
             max_poll_records=self.options.commands_max_records,

@@ -10,7 +10,7 @@ Jobs live in Redis, so a crash or a restart resumes them:
   keys.CLEANUP_SINCE  hash        same member -> when the clean-up began (unix time)
 Kinds: `delete` (cancel, then delete every flow run of the batch, then remove its data on
 the worker's disk through the clean-up each of its step implementations declares, then purge
-it from Redis),
+it from Redis, then tombstone its snapshot so a rebuild of Redis does not bring it back),
 `cancel` (cancel every flow run of a batch that stays, `stop`/`failed`) and `stop` (a stop's
 follow-up: a run found Pending is cancelled once its engine runs it, and one left
 Cancelling with no engine to end it is ended; see `_settle`).
@@ -41,6 +41,7 @@ from core.registry import PipelineRegistry
 from core.retry import describe
 from core.scripts import Scripts
 from core.settings import get_settings
+from core.snapshots import SnapshotWriter
 from core.step_catalogue import declarations, import_path
 from core.store import BatchStore
 
@@ -59,8 +60,9 @@ def member(kind: str, pipeline_id: str, batch_id: str) -> str:
 class Cleanup:
     def __init__(self, redis: Redis, prefect: PrefectGateway, store: BatchStore,
                  active: ActiveRuns, options: ConsumerOptions, stopping: asyncio.Event, *,
-                 data_root: Path | None = None) -> None:
+                 data_root: Path | None = None, snapshots: SnapshotWriter | None = None) -> None:
         self._redis = redis
+        self._snapshots = snapshots  # the purge's tombstone on the snapshots topic
         # Where the steps wrote the batch's data (DHUB_DATA_DIR): the worker's, on this host.
         self._data_root = data_root if data_root is not None else get_settings().data_root
         self._prefect = prefect
@@ -175,6 +177,12 @@ class Cleanup:
             await self._active.remove(pipeline_id, batch_id)
             if fields is not None:
                 await self._store.purge(pipeline_id, batch_id)
+            if self._snapshots is not None:
+                # After the purge (a snapshot written before it would outlive the tombstone
+                # otherwise), and again on a pass that finds the hash gone already: a
+                # pass cut short between the two still owes it. A Kafka error fails the
+                # pass, run again later; without the tombstone a rebuild brings the batch back.
+                await self._snapshots.tombstone(pipeline_id, batch_id)
         return None
 
     async def _remove_data(self, pipeline_id: str, batch_id: str,
