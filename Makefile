@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) deploy/local/stack.py
 
-.PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack bench-rebuild clean-state chaos rebuild export-state
+.PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack bench-rebuild bench-storage clean-state chaos rebuild export-state
 
 setup:  ## venv + dependencies, Kafka jars, redis-server, example step plugins (idempotent, fast when done)
 	@bash deploy/local/setup.sh
@@ -58,6 +58,9 @@ export-state: setup  ## once, for state from before the durable records: Redis's
 
 bench-rebuild: setup  ## time to rebuild 100k batches from Kafka next to reading the same records
 	@$(PY) -m benchmarks.rebuild $(BENCH_ARGS)
+
+bench-storage: setup  ## Redis bytes per finished and per running batch (100k, through the events path)
+	@$(PY) -m benchmarks.storage $(BENCH_ARGS)
 
 # The chaos suite's own stack: other ports and state dir, so killing its Redis, Kafka and
 # Prefect never touches the stack of `make up`. CHAOS_KEEP=1 leaves it running afterwards.
