@@ -53,6 +53,7 @@ class RetentionSweeper(Part):
         self.options = options or ConsumerOptions()
         self._clock = clock  # a test's clock: "long ago" without waiting
         self.swept = 0
+        self._more = False  # the last round left expired batches behind (its limit)
 
     async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         self.redis: Redis = clients.redis
@@ -61,11 +62,15 @@ class RetentionSweeper(Part):
                                         self.settings.topic_snapshots)
 
     async def _loop(self) -> None:
-        while not await self.sleep(self.options.retention_interval_s):
+        while True:  # a round at start, then one per interval
             try:
-                await self.sweep_once()
+                # A round that hit its limit somewhere is followed at once by another.
+                while await self.sweep_once() and self._more and not self.stopping.is_set():
+                    pass
             except Exception as exc:  # the next round tries again: every step is idempotent
                 log.warning("retention sweep failed: %s", describe(exc))
+            if await self.sleep(self.options.retention_interval_s):
+                return
 
     async def sweep_once(self) -> int:
         """One round over every pipeline; returns how many batches it removed."""
@@ -74,6 +79,7 @@ class RetentionSweeper(Part):
             return 0
         cutoff = self._clock() - days * DAY_S
         removed = 0
+        self._more = False
         for pipeline_id in sorted(cast(set[str], await self.redis.smembers(keys.PIPELINES))):
             await self.backfill(pipeline_id)
             removed += await self._sweep(pipeline_id, cutoff)
@@ -90,6 +96,7 @@ class RetentionSweeper(Part):
         for batch_id in expired:
             await self.snapshots.tombstone(pipeline_id, batch_id)
             await self.store.purge(pipeline_id, batch_id)
+        self._more = self._more or len(expired) >= self.options.retention_batch
         return len(expired)
 
     async def backfill(self, pipeline_id: str) -> None:

@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from redis.asyncio import Redis
 
+from consumers.plumbing.options import ConsumerOptions
 from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event
@@ -26,7 +27,7 @@ from core.snapshots import Snapshot, snapshot_key
 from core.store import BatchStore
 from deploy.local.config import StackConfig
 from deploy.local.parts.kafka import _create_topics
-from tests.conftest import PrivateRedis
+from tests.conftest import PrivateRedis, eventually
 from tests.helpers import read_topic, spec
 
 P = "keep"
@@ -248,3 +249,23 @@ async def test_the_stack_keeps_commands_and_events_a_week_and_tombstones_a_day(
     finally:
         await admin.delete_topics(list(names.values()))
         await admin.close()
+
+
+async def test_the_part_sweeps_at_start_and_goes_on_while_rounds_hit_their_limit(
+        retention: Settings, redis: Redis, scripts: Scripts) -> None:
+    store = BatchStore.from_settings(redis, retention, scripts)
+    await redis.sadd(keys.PIPELINES, P)
+    old = [await batch(store, stopped_at=NOW - timedelta(days=45)) for _ in range(5)]
+    recent = await batch(store, stopped_at=NOW)
+    options = ConsumerOptions(retention_batch=2, retention_interval_s=3600)
+    part = RetentionSweeper(retention, options, clock=NOW.timestamp)
+    await part.start()
+    task = asyncio.create_task(part.run())
+    try:
+        async def all_swept() -> bool:
+            return not any([await redis.exists(keys.batch(P, b)) for b in old])
+        await eventually(all_swept, timeout=10)  # not 3 rounds an hour apart
+        assert part.swept == 5 and await redis.exists(keys.batch(P, recent))
+    finally:
+        await part.stop()
+        await task
