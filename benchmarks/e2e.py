@@ -266,7 +266,7 @@ def _print_rates(args: argparse.Namespace, rates: Rates) -> list[tuple[str, bool
           f"states) vs a raw aiokafka read of the same records {raw:,.0f} events/s (anchor) = "
           f"{apply / raw:.0%} of raw; CPU of this process per event: consumer "
           f"{rates.apply_cpu_us:.1f} µs, raw read {rates.raw_cpu_us:.1f} µs (the consumer also "
-          "waits on Redis)")
+          f"waits on Redis); Redis's CPU per event meanwhile {rates.redis_cpu_us:.1f} µs")
     return [("events consumer >= 50% of raw", apply / raw >= 0.5)]
 
 

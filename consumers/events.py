@@ -4,9 +4,10 @@ Each `getmany` result is decoded and applied with a single `BatchStore.apply` ca
 scripts, pipelined: one per pipeline and up to 100 of its batches), then committed. The
 script enforces the state order, final step states, offsets by value (max) and
 de-duplication of state events, so a batch delivered again after a crash changes nothing.
-Every batch a poll changed is then snapshotted on the compacted snapshots topic
-(`core.snapshots`) before the poll is committed: whatever a committed offset covers is in a
-snapshot, which is what lets a rebuild of Redis start the events where this group left off.
+Every batch a poll reached is then snapshotted on the compacted snapshots topic
+(`core.snapshots`; written by `consumers/plumbing/snapshot_batch.py`) before the poll is
+committed: whatever a committed offset covers is in a snapshot, which is what lets a
+rebuild of Redis start the events where this group left off.
 
 Errors follow `core.retry`: Redis or Kafka unavailable (down, READONLY after a failover,
 OOM, LOADING, BUSY, ...) is waited out with backoff, and the poll is neither dead-lettered
@@ -33,10 +34,10 @@ from consumers.plumbing.dlq import DeadLetters
 from consumers.plumbing.kafka import Record, commit_retrying, open_consumer
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
+from consumers.plumbing.snapshot_batch import SnapshotBatches
 from core.codec import CodecError, Event, decode_event
 from core.retry import Backoff, Stopping, Verdict, classify
 from core.settings import Settings
-from core.snapshots import SnapshotWriter
 from core.store import BatchStore
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class EventsConsumer(Part):
     async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         s = self.settings
         self.store = BatchStore.from_settings(clients.redis, s)
-        self.snapshots = SnapshotWriter(clients.producer, clients.redis, s.topic_snapshots)
+        self.snapshots = SnapshotBatches(clients.producer, clients.redis, s.topic_snapshots)
         self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
         self._consumer = await open_consumer(
             s, self.name, s.topic_events, s.group_events,
