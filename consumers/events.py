@@ -93,12 +93,13 @@ class EventsConsumer(Part):
         last_stats, last_applied = time.monotonic(), 0
         # Three polls can be in flight, each a stage further: the newest is fetched and
         # decoded (Python's work) while the one before is applied (Redis's work) and the one
-        # before that is committed (Kafka's round trip, off the path to visible: a poll's
-        # events no longer wait for the previous poll's commit). Polls still apply in order
-        # and each commits after its own effect and after the poll before it; a failure
-        # leaves every later poll unapplied, or applied and uncommitted (read again later:
-        # every effect is idempotent), never committed past.
-        applying: asyncio.Task[None] | None = None
+        # before that is snapshotted and committed (Redis's and Kafka's round trips, off the
+        # path to visible: a poll's events no longer wait for the previous poll's snapshots
+        # nor its commit). Polls still apply in order and each commits after its own effect
+        # and snapshots and after the poll before it; a failure leaves every later poll
+        # unapplied, or applied and uncommitted (read again later: every effect is
+        # idempotent), never committed past.
+        applying: asyncio.Task[list[tuple[str, str]]] | None = None
         committing: asyncio.Task[None] | None = None  # the last poll's commit
         behind: asyncio.Task[None] | None = None  # the commit before it
         try:
@@ -169,9 +170,11 @@ class EventsConsumer(Part):
                     seen.add(value)
         return _Poll(batch, events, bad, duplicates)
 
-    async def _effect(self, poll: _Poll) -> None:
-        """Applies a poll's events and dead-letters its malformed records."""
+    async def _effect(self, poll: _Poll) -> list[tuple[str, str]]:
+        """Applies a poll's events and dead-letters its malformed records. Returns the
+        batches the poll reached, which its commit stage snapshots."""
         events, bad = poll.events, poll.bad
+        reached: list[tuple[str, str]] = []
         if events:
             try:
                 results = await self._apply(events)
@@ -192,24 +195,30 @@ class EventsConsumer(Part):
                     self.dropped += 1
                 else:
                     self.changed += n
-            # After the Redis effect, before the commit. Every batch the poll reached, not
-            # only those it changed: after a crash between the apply and the snapshot the
-            # poll is applied again and changes nothing, yet its snapshot is still owed.
+            # Every batch the poll reached, not only those it changed: after a crash between
+            # the apply and the snapshot the poll is applied again and changes nothing, yet
+            # its snapshot is still owed.
             reached = [batch for batch, n in results.items() if n >= 0]
-            if reached:
-                await self.backoff.call("snapshot", lambda: self.snapshots.write_current(reached))
         if bad:
             await self.backoff.call("dead-letter", lambda: self._dead_letter(bad))
+        return reached
 
-    async def _commit_after(self, applying: asyncio.Future[None],
+    async def _commit_after(self, applying: asyncio.Future[list[tuple[str, str]]],
                             previous: asyncio.Future[None] | None,
                             batch: dict[TopicPartition, list[Record]]) -> None:
-        """Commits a poll once its effect is done and the previous poll's commit ended (raises
-        what either raised, committing nothing)."""
+        """Snapshots the batches a poll reached and commits it, once its effect is done and
+        the previous poll's commit ended (raises what either raised, committing nothing).
+        After the previous poll's stage, so one batch's snapshots are sent in the order they
+        were read (compaction keeps the last written). The next poll may be applied
+        meanwhile: a snapshot then holds some of its effect too, which is harmless (a
+        rebuild applies those events again from the committed offset, and every rule of
+        APPLY_EVENTS only moves forward)."""
         assert self._consumer is not None
-        await applying
+        reached = await applying
         if previous is not None:
             await previous
+        if reached:
+            await self.backoff.call("snapshot", lambda: self.snapshots.write_current(reached))
         await commit_retrying(self._consumer,
                               {tp: recs[-1].offset + 1 for tp, recs in batch.items()}, self.backoff)
 
