@@ -13,20 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
-import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import orjson
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from benchmarks.harness import machine_anchors
+from benchmarks.own_redis import own_redis
 from consumers.rebuild import read_deletes, read_pipelines, read_snapshots, read_whole, rebuild
 from core import keys
 from core.codec import Command
@@ -111,33 +107,6 @@ async def own_topics(settings: Settings) -> AsyncIterator[Settings]:
         await admin.close()
 
 
-@contextlib.asynccontextmanager
-async def own_redis(port: int) -> AsyncIterator[str]:
-    """A redis-server of the benchmark's own: nothing else writes to it, and its memory is
-    the rebuild's alone."""
-    directory = Path(tempfile.mkdtemp(prefix="dhub-bench-rebuild-"))
-    proc = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-        "--save", "", "--appendonly", "no", stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = Redis.from_url(url)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    with contextlib.suppress(OSError, RedisError):
-                        if await client.ping():
-                            break
-                    await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
-        yield url
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 10)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 async def read_only(settings: Settings) -> tuple[float, float]:
     """Seconds to read every record of the three topics raw, and read and decoded as the
     rebuild decodes them."""
@@ -159,7 +128,7 @@ async def main(args: argparse.Namespace) -> None:
         await seed(settings, args.batches)
         print(f"seeded {args.batches} batches in {time.perf_counter() - started:.1f}s")
         raw, decoded = await read_only(settings)
-        async with own_redis(args.redis_port) as url:
+        async with own_redis(args.redis_port, prefix="dhub-bench-rebuild-") as url:
             target = settings.model_copy(update={"redis_url": url})
             started = time.perf_counter()
             restored = await rebuild(target)

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from benchmarks.harness import machine_anchors
+from benchmarks.own_redis import own_redis
 from core import keys
 from core.codec import Event
 from core.models import PipelineSpec, StepSpec, new_batch_id
@@ -45,34 +39,6 @@ POLL = 100  # batches per apply, as a poll of the events consumer groups them
 CONFIG = orjson.dumps({step: {"fail_at": None, "invalid_rate": 0.02, "partitions": 3,
                               "rows": 6001, "seed": 42, "throttle": None}
                        for step in STEPS}).decode()
-
-
-@contextlib.asynccontextmanager
-async def own_redis(port: int, config: dict[str, str]) -> AsyncIterator[str]:
-    """A redis-server of the benchmark's own with `config` (the stack's memory settings, or
-    Redis's defaults): its memory is the batches' alone."""
-    directory = Path(tempfile.mkdtemp(prefix="dhub-bench-storage-"))
-    extra = [arg for name, value in config.items() for arg in (f"--{name}", value)]
-    proc = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-        "--save", "", "--appendonly", "no", *extra, stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = Redis.from_url(url)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    with contextlib.suppress(OSError, RedisError):
-                        if await client.ping():
-                            break
-                    await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
-        yield url
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 10)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def running_events(batch_id: str) -> list[Event]:
@@ -116,7 +82,7 @@ async def main(args: argparse.Namespace) -> None:
     spec = PipelineSpec(name=PIPELINE, version="1",
                         steps=[StepSpec(name=s, uses="sales." + s) for s in STEPS])
     config = {} if args.redis_defaults else MEMORY_CONFIG
-    async with own_redis(args.redis_port, config) as url:
+    async with own_redis(args.redis_port, config, prefix="dhub-bench-storage-") as url:
         redis = Redis.from_url(url, decode_responses=True)
         try:
             store = BatchStore(redis, Scripts(redis), token_secret=b"bench", changes_channel="")

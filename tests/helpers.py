@@ -89,3 +89,23 @@ async def read_topic(settings: Settings, topic: str, until: Callable[[list[Any]]
     finally:
         await consumer.stop()
     return records
+
+
+async def create_call(redis: Any, pipeline_id: str, batch_id: str,
+                      spec: PipelineSpec) -> tuple[list[str], list[Any]]:
+    """The KEYS and ARGV `BatchStore.create` gives CREATE_BATCH, captured, not run: what the
+    API's create template replays through CREATE_LATEST_BATCH."""
+    from core.scripts import Scripts
+    from core.store import BatchStore
+
+    calls: list[tuple[list[str], list[Any]]] = []
+
+    async def capture(keys: list[str], args: list[Any], client: Any = None) -> int:
+        calls.append((keys, args))
+        return 1
+
+    capturing = Scripts(redis)
+    capturing.create_batch = capture  # type: ignore[assignment]
+    await BatchStore(redis, capturing, token_secret=b"t").create(pipeline_id, batch_id, spec)
+    [call] = calls
+    return call

@@ -22,7 +22,7 @@ from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
 from service.appkeys import REDIS
-from tests.helpers import AUTH, api_client, api_settings, read_topic, spec, spec_body
+from tests.helpers import AUTH, api_client, api_settings, create_call, read_topic, spec, spec_body
 from tests.test_perf_turns import CountingPipelines
 
 Client = TestClient[Any, Any]
@@ -88,16 +88,7 @@ async def test_the_script_creates_as_the_stores_own_and_refuses_a_version_not_la
     order = keys.pipeline_order("p")
     # The store's own create, to compare the hash with.
     await store.create("p", "batch-a", spec())
-    calls: list[tuple[list[str], list[Any]]] = []
-
-    async def capture(keys: list[str], args: list[Any], client: Any = None) -> int:
-        calls.append((keys, args))
-        return 1
-
-    capturing = Scripts(redis)
-    capturing.create_batch = capture  # type: ignore[assignment]
-    await BatchStore(redis, capturing, token_secret=b"t").create("p", "batch-b", spec())
-    [(batch_keys, args)] = calls
+    batch_keys, args = await create_call(redis, "p", "batch-b", spec())
 
     async def create(version: str) -> Any:
         return await api_scripts.create_latest_batch(

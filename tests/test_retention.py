@@ -5,13 +5,10 @@ the caches told) and from the snapshot topic (a tombstone), at O(expired) per ro
 from __future__ import annotations
 
 import asyncio
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from redis.asyncio import Redis
 
 from consumers.plumbing.options import ConsumerOptions
@@ -25,8 +22,6 @@ from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import Snapshot, snapshot_key
 from core.store import BatchStore
-from deploy.local.config import StackConfig
-from deploy.local.parts.kafka import _create_topics
 from tests.conftest import PrivateRedis, eventually
 from tests.helpers import read_topic, spec
 
@@ -224,31 +219,6 @@ async def test_a_round_costs_what_its_expired_batches_do_whatever_the_history(
         assert await redis.zcard(keys.batch_finished_index(P)) == 1_000
     finally:
         await redis.aclose()
-
-
-async def test_the_stack_keeps_commands_and_events_a_week_and_tombstones_a_day(
-        stack: Settings) -> None:
-    suffix = uuid.uuid4().hex[:10]
-    names = {f: f"test.{suffix}.{f}" for f in ("commands", "events", "dlq", "pipelines",
-                                                "snapshots")}
-    own = stack.model_copy(update={f"topic_{f}": name for f, name in names.items()})
-    await _create_topics(StackConfig(own))
-    admin = AIOKafkaAdminClient(bootstrap_servers=stack.kafka_bootstrap)
-    await admin.start()
-    try:
-        described = await admin.describe_configs([
-            ConfigResource(ConfigResourceType.TOPIC, name) for name in names.values()])
-        configs = {entry[3]: {c[0]: c[1] for c in entry[4]}
-                   for response in described for entry in response.resources}
-        week, day = str(7 * 24 * 3600 * 1000), str(24 * 3600 * 1000)
-        for topic in ("commands", "events"):
-            assert configs[names[topic]]["retention.ms"] == week
-            assert configs[names[topic]]["cleanup.policy"] == "delete"
-        assert configs[names["snapshots"]]["cleanup.policy"] == "compact"
-        assert configs[names["snapshots"]]["delete.retention.ms"] == day
-    finally:
-        await admin.delete_topics(list(names.values()))
-        await admin.close()
 
 
 async def test_the_part_sweeps_at_start_and_goes_on_while_rounds_hit_their_limit(

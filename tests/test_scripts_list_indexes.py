@@ -20,7 +20,7 @@ from core.paging import ListFilter
 from core.scripts import Scripts
 from core.store import BatchStore
 from tests.conftest import PrivateRedis
-from tests.helpers import spec
+from tests.helpers import create_call, spec
 
 P = "pipe"
 T0 = 1_760_000_000.0
@@ -85,16 +85,7 @@ async def test_a_create_that_reaches_redis_late_takes_the_newest_created_at(
 
 async def test_create_latest_batch_indexes_as_create_batch_and_reads_the_order_last(
         store: BatchStore, redis: Redis) -> None:
-    calls: list[tuple[list[str], list[Any]]] = []
-
-    async def capture(keys: list[str], args: list[Any], client: Any = None) -> int:
-        calls.append((keys, args))
-        return 1
-
-    capturing = Scripts(redis)
-    capturing.create_batch = capture  # type: ignore[assignment]
-    await BatchStore(redis, capturing, token_secret=b"t").create(P, "b1", spec())
-    [(batch_keys, args)] = calls
+    batch_keys, args = await create_call(redis, P, "b1", spec())
     await redis.rpush(keys.pipeline_order(P), "1")
     seq = await ApiScripts(redis).create_latest_batch(
         keys=[*batch_keys, keys.pipeline_order(P)], args=["1", orjson.dumps(args)])

@@ -136,7 +136,8 @@ async def test_the_run_command_snapshots_a_pending_batch(topics: Settings, redis
     assert snap.fields["pipeline_version"] == "1"
 
 
-async def test_the_stack_creates_the_durable_topics_compacted(stack: Settings) -> None:
+async def test_the_stack_creates_the_durable_topics_compacted_and_the_others_for_a_week(
+        stack: Settings) -> None:
     suffix = uuid.uuid4().hex[:10]
     names = {f: f"test.{suffix}.{f}" for f in ("commands", "events", "dlq", "pipelines",
                                                 "snapshots")}
@@ -148,11 +149,18 @@ async def test_the_stack_creates_the_durable_topics_compacted(stack: Settings) -
         described = await admin.describe_configs([
             ConfigResource(ConfigResourceType.TOPIC, name) for name in names.values()])
         # Each resource: (error code, message, type, name, configs).
-        policy = {entry[3]: dict((c[0], c[1]) for c in entry[4])["cleanup.policy"]
-                  for response in described for entry in response.resources}
+        configs = {entry[3]: {c[0]: c[1] for c in entry[4]}
+                   for response in described for entry in response.resources}
+        policy = {name: config["cleanup.policy"] for name, config in configs.items()}
         assert policy == {names["commands"]: "delete", names["events"]: "delete",
                           names["dlq"]: "delete", names["pipelines"]: "compact",
                           names["snapshots"]: "compact"}
+        # What a rebuild reads of the commands (deletes of hidden batches) and what a
+        # consumer down that long resumes from; tombstones kept a day for slow readers.
+        week, day = str(7 * 24 * 3600 * 1000), str(24 * 3600 * 1000)
+        for topic in ("commands", "events"):
+            assert configs[names[topic]]["retention.ms"] == week
+        assert configs[names["snapshots"]]["delete.retention.ms"] == day
     finally:
         await admin.delete_topics(list(names.values()))
         await admin.close()
