@@ -25,7 +25,6 @@ from redis.asyncio import Redis
 
 from consumers.commands import CommandsConsumer
 from consumers.plumbing import dlq
-from consumers.plumbing.creation import published_key
 from core import keys
 from core.codec import CodecError, Run, decode_command
 from core.models import PipelineSpec
@@ -283,7 +282,7 @@ async def test_a_published_delete_hides_and_deletes_and_the_id_stays_deleted(
     assert not await ctx.redis.exists(keys.batch(ctx.pipeline_id, batch_id))
     async with prefect(ctx.settings) as client:
         assert await flow_runs(client, batch_id) == []
-    claim = await ctx.redis.get(published_key(batch_id))
+    claim = await ctx.redis.get(keys.published(batch_id))
     assert claim is not None and orjson.loads(claim)["deleted"] is True
     assert ctx.none_dead_lettered(consumer)
 
@@ -294,7 +293,7 @@ async def test_a_claim_left_by_a_crash_before_the_create_is_completed(ctx: Ctx) 
     batch_id = ctx.new_id()
     claim = {"pipeline_id": ctx.pipeline_id, "pipeline_version": "1", "config": REGISTERED,
              "deleted": False}
-    await ctx.redis.set(published_key(batch_id), orjson.dumps(claim))
+    await ctx.redis.set(keys.published(batch_id), orjson.dumps(claim))
     async with running(ctx.consumer()):
         await ctx.publish("run", batch_id, create={})
         await ctx.all_processed()

@@ -10,7 +10,7 @@ The publisher chooses the id, so the same id twice is the same batch: a command 
 published again finds the batch and goes on to its (idempotent) run; one that asks for
 another pipeline, version or config is refused as conflicting. Batch ids are only unique
 within a pipeline in Redis, and a deleted batch's hash is purged soon after, so each
-published id is claimed in a record of its own (`published_key`), global and outliving the
+published id is claimed in a record of its own (`keys.published`), global and outliving the
 batch by `RECORD_TTL_S`: it tells a conflicting pipeline apart, and keeps a deleted batch
 deleted when its command is published again. The record is claimed before the batch is
 created, so a crash in between leaves a claim that the command's redelivery completes.
@@ -39,14 +39,6 @@ log = logging.getLogger(__name__)
 # Longer than a publisher retries a command or Kafka keeps it (7 days by default): within
 # it, a command published again cannot bring back a batch deleted since.
 RECORD_TTL_S = 30 * 24 * 3600
-
-
-def published_key(batch_id: str) -> str:
-    """String (JSON): the pipeline, version and effective config a published batch id was
-    claimed for, and whether the batch was deleted since. Global, like the Idempotency-Key
-    records: the same id published for two pipelines is one conflict, not two batches.
-    (Belongs in core.keys with the other key names.)"""
-    return f"{keys.PREFIX}:published:{{{batch_id}}}"
 
 
 class Refused(Permanent):
@@ -85,7 +77,7 @@ class Creations:
         creation = command.creation
         assert creation is not None
         for _ in range(3):  # a claim lost to a concurrent command is looked at again
-            raw = await self.redis.get(published_key(command.batch_id))
+            raw = await self.redis.get(keys.published(command.batch_id))
             if raw is not None:
                 return await self._claimed(command, Claim.decode(raw))
             fields = await self.store.fields(command.pipeline_id, command.batch_id)
@@ -96,13 +88,13 @@ class Creations:
                 await self._check(command, claim)
                 if not is_visible(fields):
                     return False
-                await self.redis.set(published_key(command.batch_id), claim.encode(),
+                await self.redis.set(keys.published(command.batch_id), claim.encode(),
                                      nx=True, ex=RECORD_TTL_S)
                 return True
             spec = await self._spec(command.pipeline_id, command.pipeline_version or None)
             claim = Claim(command.pipeline_id, spec.version,
                           self._effective(spec, creation.config))
-            if await self.redis.set(published_key(command.batch_id), claim.encode(),
+            if await self.redis.set(keys.published(command.batch_id), claim.encode(),
                                     nx=True, ex=RECORD_TTL_S):
                 await self._create(command, spec, claim)
                 return True
@@ -110,7 +102,7 @@ class Creations:
 
     async def deleted(self, pipeline_id: str, batch_id: str) -> None:
         """Marks a published batch deleted, so publishing its command again leaves it so."""
-        key = published_key(batch_id)
+        key = keys.published(batch_id)
         raw = await self.redis.get(key)
         if raw is None:
             return
