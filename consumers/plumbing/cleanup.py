@@ -46,7 +46,8 @@ from core.step_catalogue import declarations, import_path
 from core.store import BatchStore
 
 log = logging.getLogger(__name__)
-# Belong in core.keys (owned elsewhere): see the module docstring for their layout.
+# The job kinds, and the message each one leaves on the flow runs it cancels (the jobs' keys:
+# core.keys.CLEANUP_DUE and CLEANUP_SINCE; their layout in the module docstring).
 KINDS: Final = ("delete", "cancel", "stop")
 MESSAGES: Final = {"delete": "deleted through the batches API",
                    "cancel": "the batch failed: its command was given up",
