@@ -28,6 +28,7 @@ from redis.asyncio import Redis
 from core import keys
 from core.layout import is_visible, render
 from core.models import BATCH_STATES, OUTCOMES
+from core.packing import unpacked
 from core.scripts import Scripts
 
 # Batches per backfill call: a call holds Redis for about a millisecond.
@@ -162,7 +163,7 @@ class Pager:
         async with self._redis.pipeline(transaction=False) as pipe:
             for batch_id, _ in rows:
                 pipe.hgetall(keys.batch(pipeline_id, batch_id))
-            hashes: list[dict[str, str]] = await pipe.execute()
+            hashes: list[dict[str, str]] = [unpacked(h) for h in await pipe.execute()]
         items = {
             batch_id: render(data)
             for (batch_id, _), data in zip(rows, hashes, strict=True)

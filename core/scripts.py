@@ -117,6 +117,8 @@ local function apply(hash, seen, events)
   local h = {}
   for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
   if h.deleted then return -1 end
+  -- A packed finished batch (core.packing): its caller unpacks it and applies again.
+  if h.packed then return -2 end
   local set, unset = {}, {}
   local function put(field, value) h[field] = value; set[field] = value; unset[field] = nil end
   local function drop(field) h[field] = nil; set[field] = nil; unset[field] = true end
