@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -43,6 +43,10 @@ from core.store import BatchStore
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 10.0
 UNAPPLICABLE = "could not apply: "
+# A flush starts early once this many batches wait for their snapshot, and applies wait for a
+# lagging flush past it: it bounds one flush's Redis work, the memory of what waits and what
+# a crash re-reads.
+FLUSH_BATCHES = 10_000
 
 
 @dataclass(slots=True)
@@ -51,6 +55,22 @@ class _Poll:
     events: list[Event]
     bad: list[tuple[Record, str]]
     duplicates: int
+
+
+@dataclass(slots=True)
+class _Covered:
+    """What a flush owes applied polls: the batches they reached (in order, once each) and
+    the offset after each partition's last record."""
+
+    reached: dict[tuple[str, str], None] = field(default_factory=dict)
+    offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def add(self, later: _Covered) -> None:
+        self.reached.update(later.reached)
+        self.offsets.update(later.offsets)  # a later poll's offsets are further
+
+    def __bool__(self) -> bool:
+        return bool(self.offsets)
 
 
 def _bad_script_data(exc: BaseException) -> bool:
@@ -91,17 +111,20 @@ class EventsConsumer(Part):
     async def _loop(self) -> None:
         assert self._consumer is not None
         last_stats, last_applied = time.monotonic(), 0
-        # Three polls can be in flight, each a stage further: the newest is fetched and
-        # decoded (Python's work) while the one before is applied (Redis's work) and the one
-        # before that is snapshotted and committed (Redis's and Kafka's round trips, off the
-        # path to visible: a poll's events no longer wait for the previous poll's snapshots
-        # nor its commit). Polls still apply in order and each commits after its own effect
-        # and snapshots and after the poll before it; a failure leaves every later poll
-        # unapplied, or applied and uncommitted (read again later: every effect is
-        # idempotent), never committed past.
-        applying: asyncio.Task[list[tuple[str, str]]] | None = None
-        committing: asyncio.Task[None] | None = None  # the last poll's commit
-        behind: asyncio.Task[None] | None = None  # the commit before it
+        # Two stages run beside the fetch: the newest poll is fetched and decoded (Python's
+        # work) while the one before is applied (Redis's work), and, off the path to
+        # visible, a flush snapshots every batch the applied polls reached and then commits
+        # them (`_flush`). Flushes are coalesced: one at a time, started once the previous
+        # ended and `events_flush_interval_s` passed (or the stream paused), covering every
+        # poll applied since; a batch touched by many polls is snapshotted once a flush, not
+        # once a poll. Polls apply in order and are committed only after their effect and
+        # their snapshots; a failure leaves later polls unapplied, or applied and
+        # uncommitted (read again later: every effect is idempotent), never committed past.
+        applying: asyncio.Task[_Covered] | None = None
+        flushing: asyncio.Task[None] | None = None
+        due = _Covered()
+        flushed_at = time.monotonic()
+        interval = self.options.events_flush_interval_s
         try:
             while not self.stopping.is_set():
                 batch = await self._consumer.getmany(
@@ -110,41 +133,54 @@ class EventsConsumer(Part):
                 if batch:
                     prepared = self._prepare(batch)
                     if applying is not None:
-                        await applying
-                    if behind is not None:
-                        await behind  # commits lag the applies by one poll at most
+                        due.add(await applying)
+                    if flushing is not None and len(due.reached) >= FLUSH_BATCHES:
+                        # Back-pressure: a flush that lags (Kafka slow to acknowledge) holds
+                        # the applies once this much waits, bounding what a crash re-reads.
+                        await flushing
+                        flushing = None
                     applying = asyncio.create_task(self._effect(prepared))
-                    behind = committing
-                    committing = asyncio.create_task(
-                        self._commit_after(applying, behind, batch))
                     # Let the apply run up to its wait for Redis (its scripts sent) before
                     # this loop fetches and decodes the next poll: Redis works meanwhile.
                     await asyncio.sleep(0)
-                elif committing is not None and committing.done():
-                    await committing  # raises what a failed apply or commit raised
-                    applying = behind = committing = None
+                elif applying is not None and applying.done():
+                    due.add(await applying)  # raises what a failed apply raised
+                    applying = None
+                if flushing is not None and flushing.done():
+                    await flushing  # raises what a failed snapshot or commit raised
+                    flushing = None
+                if flushing is None and due and (
+                        not batch or len(due.reached) >= FLUSH_BATCHES
+                        or time.monotonic() - flushed_at >= interval):
+                    flushing = asyncio.create_task(self._flush(due))
+                    due, flushed_at = _Covered(), time.monotonic()
                 if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
                     last_stats, last_applied = time.monotonic(), self.applied
                     log.info("events: %d applied (%d changed a batch), %d dropped, "
                              "%d dead-lettered", self.applied, self.changed, self.dropped,
                              self.dead)
-            if committing is not None:
-                await committing
+            # A graceful stop commits what was applied.
+            # (The tasks stay named: the `finally` below finds them done.)
+            if applying is not None:
+                due.add(await applying)
+            if flushing is not None:
+                await flushing
+            if due:
+                await self._flush(due)
         except Stopping:
             return  # Redis or Kafka down at shutdown: left uncommitted, read again later
         finally:
-            tasks = [t for t in (applying, behind, committing) if t is not None]
+            tasks = [t for t in (applying, flushing) if t is not None]
             if not all(t.done() for t in tasks):
-                # Leaving on an error elsewhere: the polls in flight end on their own terms
-                # (stopping makes their retries give up), never cut in half.
+                # Leaving on an error elsewhere: the work in flight ends on its own terms
+                # (stopping makes its retries give up), never cut in half.
                 self.stopping.set()
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def process(self, batch: dict[TopicPartition, list[Record]]) -> None:
         """Applies one `getmany` result and commits it. Raises `Stopping` (shutdown while a
         dependency is down) or `GaveUp`; either way nothing past the last commit is lost."""
-        applying = asyncio.ensure_future(self._effect(self._prepare(batch)))
-        await self._commit_after(applying, None, batch)
+        await self._flush(await self._effect(self._prepare(batch)))
 
     def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> _Poll:
         """Decodes a poll: its events, its malformed records, and how many records repeated
@@ -170,9 +206,10 @@ class EventsConsumer(Part):
                     seen.add(value)
         return _Poll(batch, events, bad, duplicates)
 
-    async def _effect(self, poll: _Poll) -> list[tuple[str, str]]:
-        """Applies a poll's events and dead-letters its malformed records. Returns the
-        batches the poll reached, which its commit stage snapshots."""
+    async def _effect(self, poll: _Poll) -> _Covered:
+        """Applies a poll's events and dead-letters its malformed records. Returns what a
+        flush owes the poll: the batches it reached (to snapshot) and its offsets (to
+        commit)."""
         events, bad = poll.events, poll.bad
         reached: list[tuple[str, str]] = []
         if events:
@@ -201,26 +238,19 @@ class EventsConsumer(Part):
             reached = [batch for batch, n in results.items() if n >= 0]
         if bad:
             await self.backoff.call("dead-letter", lambda: self._dead_letter(bad))
-        return reached
+        return _Covered(dict.fromkeys(reached),
+                        {tp: recs[-1].offset + 1 for tp, recs in poll.batch.items()})
 
-    async def _commit_after(self, applying: asyncio.Future[list[tuple[str, str]]],
-                            previous: asyncio.Future[None] | None,
-                            batch: dict[TopicPartition, list[Record]]) -> None:
-        """Snapshots the batches a poll reached and commits it, once its effect is done and
-        the previous poll's commit ended (raises what either raised, committing nothing).
-        After the previous poll's stage, so one batch's snapshots are sent in the order they
-        were read (compaction keeps the last written). The next poll may be applied
-        meanwhile: a snapshot then holds some of its effect too, which is harmless (a
-        rebuild applies those events again from the committed offset, and every rule of
-        APPLY_EVENTS only moves forward)."""
+    async def _flush(self, due: _Covered) -> None:
+        """Snapshots the batches the covered polls reached, as Redis holds them now, then
+        commits the polls. A snapshot may hold the effect of a later poll too, which is
+        harmless (a rebuild applies those events again from the committed offset, and every
+        rule of APPLY_EVENTS only moves forward)."""
         assert self._consumer is not None
-        reached = await applying
-        if previous is not None:
-            await previous
-        if reached:
+        if due.reached:
+            reached = list(due.reached)
             await self.backoff.call("snapshot", lambda: self.snapshots.write_current(reached))
-        await commit_retrying(self._consumer,
-                              {tp: recs[-1].offset + 1 for tp, recs in batch.items()}, self.backoff)
+        await commit_retrying(self._consumer, due.offsets, self.backoff)
 
     async def _apply(self, events: list[Event]) -> dict[tuple[str, str], int]:
         return await self.backoff.call("apply events", lambda: self.store.apply(events))

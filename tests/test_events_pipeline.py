@@ -1,6 +1,7 @@
-"""The events consumer's stages on the real Kafka and Redis: a poll's commit runs beside the
-next poll's apply (off the path to visible), commits lag the applies by one poll at most, and
-none is made before its poll's effect."""
+"""The events consumer's stages on the real Kafka and Redis: a commit (after its snapshots)
+runs beside the next polls' applies (off the path to visible), the polls that waited for it
+share the next commit, applies wait for a lagging commit only past a bound, and no commit is
+made before its polls' effect."""
 
 from __future__ import annotations
 
@@ -30,8 +31,27 @@ from tests.test_consumers_support import (
 )
 
 
-async def test_a_poll_applies_while_the_commit_before_it_is_in_flight(
+async def test_polls_apply_while_the_commit_before_them_is_in_flight(
         topics: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    commits, applied_at_commit = await _hold_first_commit(topics, redis, monkeypatch, 3)
+    # Each commit started after its own polls' effect, in order, and the two polls that
+    # waited for the first commit went in one.
+    assert [sum(o.values()) for o in commits] == [1, 3]
+    assert [int(seen or 0) for seen in applied_at_commit] == [1, 3]
+
+
+async def test_applies_wait_for_a_lagging_commit_past_the_bound(
+        topics: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(events_module, "FLUSH_BATCHES", 1)
+    commits, _ = await _hold_first_commit(topics, redis, monkeypatch, 2)
+    assert [sum(o.values()) for o in commits] == [1, 2, 3]
+
+
+async def _hold_first_commit(topics: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch,
+                             applied_while_held: int) -> tuple[list[dict[TopicPartition, int]],
+                                                               list[Any]]:
+    """Three polls of one batch while the first poll's commit hangs (a slow broker): the
+    offset reached meanwhile is `applied_while_held`; then every poll commits."""
     pipeline_id = unique("test-evp")
     batch_id = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
     key = keys.batch(pipeline_id, batch_id)
@@ -41,11 +61,11 @@ async def test_a_poll_applies_while_the_commit_before_it_is_in_flight(
 
     async def held_commit(consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int],
                           backoff: Backoff) -> Any:
-        # What Redis holds when a commit starts: its poll's effect must be there already.
+        # What Redis holds when a commit starts: its polls' effect must be there already.
         applied_at_commit.append(await redis.hget(key, "off:extract:p0"))
         commits.append(offsets)
         if len(commits) == 1:
-            await release.wait()  # the first poll's commit hangs (a slow broker)
+            await release.wait()
         return await commit_retrying(consumer, offsets, backoff)
 
     monkeypatch.setattr(events_module, "commit_retrying", held_commit)
@@ -62,23 +82,20 @@ async def test_a_poll_applies_while_the_commit_before_it_is_in_flight(
         try:
             await offset_sent(1)
             await eventually(lambda: len(commits) == 1)
-            # The first commit hangs; the next poll is applied all the same.
-            await offset_sent(2)
+            await offset_sent(2)  # applied all the same, the first commit hanging
             await eventually(lambda: offset_is(2))
-            assert await committed(topics, topics.group_events, topics.topic_events) == 0
-            # A third poll waits for the first commit (one commit behind at most).
             await offset_sent(3)
-            await asyncio.sleep(1.0)  # a condition that must NOT happen: nothing to await
-            assert await offset_is(2)
+            if applied_while_held == 3:
+                await eventually(lambda: offset_is(3))
+            else:
+                await asyncio.sleep(1.0)  # a condition that must NOT happen: nothing to await
+                assert await offset_is(2)
+            assert await committed(topics, topics.group_events, topics.topic_events) == 0
         finally:
             release.set()  # so the consumer can stop whatever happened
         await eventually(lambda: offset_is(3))
         await eventually(lambda: _committed_is(topics, 3), timeout=20)
-    # Each commit started after its own poll's effect (a later poll's may be there too), and
-    # the commits went in order.
-    assert len(commits) == 3
-    assert all(int(seen or 0) >= n for n, seen in enumerate(applied_at_commit, start=1))
-    assert [sum(o.values()) for o in commits] == [1, 2, 3]
+    return commits, applied_at_commit
 
 
 async def _committed_is(settings: Settings, n: int) -> bool:

@@ -1,7 +1,8 @@
 """The events consumer's snapshots sit between a poll's effect and its commit, on the real
 Kafka and Redis: while a poll's snapshots are held (Kafka slow to acknowledge them) nothing is
-committed, yet the next poll is applied and visible meanwhile; once they are acknowledged both
-polls commit and the snapshot holds the batch's latest state."""
+committed, yet the next polls are applied and visible meanwhile; once they are acknowledged
+the polls commit, the ones that waited covered by one flush that snapshots their batch once,
+and the snapshot holds the batch's latest state."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from tests.test_consumers_support import (
 )
 
 
-async def test_a_polls_commit_waits_for_its_snapshots_and_the_next_poll_does_not(
+async def test_a_polls_commit_waits_for_its_snapshots_later_polls_do_not_and_share_a_flush(
         topics: Settings, redis: Redis) -> None:
     pipeline_id = unique("test-stage")
     batch_id = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
@@ -39,6 +40,11 @@ async def test_a_polls_commit_waits_for_its_snapshots_and_the_next_poll_does_not
     async def offset(n: int) -> bool:
         value = await redis.hget(keys.batch(pipeline_id, batch_id), "off:extract:partition_0")
         return value == str(n)
+
+    async def send(n: int) -> None:
+        await producer.send_and_wait(topics.topic_events, Event(
+            type="step.offsets", batch_id=batch_id, pipeline_id=pipeline_id,
+            step="extract", offsets={"partition_0": n}).encode(), key=batch_id.encode())
 
     consumer = EventsConsumer(topics, options())
     producer = await open_producer(topics)
@@ -53,26 +59,32 @@ async def test_a_polls_commit_waits_for_its_snapshots_and_the_next_poll_does_not
                 return await write(batches)
 
             consumer.snapshots.write_current = slow_kafka  # type: ignore[method-assign]
-            for n in (1, 2):  # two polls: the second sent once the first is applied
-                await producer.send_and_wait(topics.topic_events, Event(
-                    type="step.offsets", batch_id=batch_id, pipeline_id=pipeline_id,
-                    step="extract", offsets={"partition_0": n}).encode(),
-                    key=batch_id.encode())
+            await send(1)
+            await eventually(lambda: offset(1), timeout=20)
+            await eventually(lambda: _true(bool(held)), timeout=20)  # its flush is held
+            # Later polls are applied and visible while the first poll's snapshots are held
+            # (each sent once the one before shows: one poll each)...
+            for n in (2, 3, 4, 5):
+                await send(n)
                 await eventually(lambda n=n: offset(n), timeout=20)
-            # The second poll was applied while the first's snapshots were held...
             assert held == [[(pipeline_id, batch_id)]]
-            # ... and neither is committed before its snapshots are acknowledged.
+            # ... and none is committed before its snapshots are acknowledged.
             assert await committed(topics, topics.group_events, topics.topic_events) == 0
             gate.set()
 
-            async def both_committed() -> bool:
-                return await committed(topics, topics.group_events, topics.topic_events) == 2
-            await eventually(both_committed, timeout=20)
-            assert len(held) == 2
+            async def all_committed() -> bool:
+                return await committed(topics, topics.group_events, topics.topic_events) == 5
+            await eventually(all_committed, timeout=20)
+            # The four polls that waited are covered by one flush, their batch once in it.
+            assert held == [[(pipeline_id, batch_id)]] * 2
     finally:
         await producer.stop()
     key = snapshot_key(pipeline_id, batch_id)
     records = await read_topic(topics, topics.topic_snapshots,
                                lambda rs: sum(r.key == key for r in rs) >= 2)
     last = Snapshot.decode([r for r in records if r.key == key][-1].value)
-    assert last.fields["off:extract:partition_0"] == "2"
+    assert last.fields["off:extract:partition_0"] == "5"
+
+
+async def _true(value: bool) -> bool:
+    return value

@@ -57,6 +57,11 @@ class ConsumerOptions(BaseSettings):
     # poll_timeout_ms whatever its commands cost, so the default is plenty.
     commands_max_poll_interval_ms: int = 300_000
     events_max_records: int = 20_000
+    # The events consumer snapshots and commits what it applied at most this often (and at
+    # once when the stream pauses): a batch changed by many polls meanwhile is snapshotted
+    # once. A crash re-applies up to about this much (idempotent); nothing waits on it to
+    # be visible.
+    events_flush_interval_s: float = 0.5
     poll_timeout_ms: int = 250
 
     # The reconciler: how often, and how many active batches per round.
