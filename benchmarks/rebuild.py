@@ -23,7 +23,7 @@ from redis.asyncio import Redis
 
 from benchmarks.harness import machine_anchors
 from benchmarks.own_redis import own_redis
-from consumers.rebuild import read_deletes, read_pipelines, read_snapshots, read_whole, rebuild
+from consumers.rebuild import read_commands, read_pipelines, read_snapshots, read_whole, rebuild
 from core import keys
 from core.codec import Command
 from core.connections import open_producer
@@ -117,7 +117,7 @@ async def read_only(settings: Settings) -> tuple[float, float]:
     raw = time.perf_counter() - started
     started = time.perf_counter()
     await asyncio.gather(read_pipelines(settings), read_snapshots(settings),
-                         read_deletes(settings))
+                         read_commands(settings))
     return raw, time.perf_counter() - started
 
 

@@ -2,12 +2,14 @@
 
 Reads, each from its start to its end as of now, the compacted pipelines topic (every
 version), the compacted snapshots topic (the latest hash of every batch not purged) and the
-commands topic's deletes (a batch deleted but not yet purged is hidden again), and writes
-them into an empty Redis (`core.restore`). Then the normal consumers take over, each group
-from its committed offsets: the events consumer snapshots every batch a poll reached before
-committing the poll, so every event before its committed offset is in a snapshot, and the
-events after it are applied as usual (those the snapshots already hold change nothing:
-every rule of `APPLY_EVENTS` only moves forward). See docs/architecture.md, "Durable state".
+commands topic's deletes (a batch deleted but not yet purged is hidden again) and runs (a
+batch whose run command was not taken yet has no snapshot: its command's record restores it,
+`core.restore_runs`), and writes them into an empty Redis (`core.restore`). Then the normal
+consumers take over, each group from its committed offsets: the events consumer snapshots
+every batch its polls reached before committing them, so every event before its committed
+offset is in a snapshot, and the events after it are applied as usual (those the snapshots
+already hold change nothing: every rule of `APPLY_EVENTS` only moves forward). See
+docs/architecture.md, "Durable state".
 
 Run it with the API and the consumers stopped: it refuses a database that holds keys or a
 live consumers' heartbeat. `--redis-url` names another database for a dry run, and
@@ -30,12 +32,14 @@ from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import member
 from core import keys
 from core.codec import CodecError, decode_command
+from core.command_messages import Run
 from core.connections import open_redis
 from core.layout import is_visible
 from core.logs import redact
 from core.paging import Pager
 from core.registry import PipelineRegistry
 from core.restore import Restored, restore_batches, restore_pipelines
+from core.restore_runs import from_run_commands, recorded_of
 from core.scripts import Scripts
 from core.settings import Settings, get_settings
 from core.snapshots import PipelineVersion, Snapshot
@@ -99,10 +103,12 @@ async def read_pipelines(settings: Settings) -> list[PipelineVersion]:
     return list(latest.values())
 
 
-async def read_snapshots(settings: Settings) -> list[Snapshot]:
-    """The latest snapshot per batch, tombstoned ones left out. Of two snapshots of a batch
-    the higher `rev` wins whatever their order (two writers can race by a few ms: a run
-    command's creation record and the events consumer's first change)."""
+async def read_snapshots(settings: Settings,
+                         purged: set[tuple[str, str]] | None = None) -> list[Snapshot]:
+    """The latest snapshot per batch, tombstoned ones left out (and added to `purged` when
+    given). Of two snapshots of a batch the higher `rev` wins whatever their order (two
+    writers can race by a few ms: a run command's creation record and the events consumer's
+    first change)."""
     latest: dict[bytes, Snapshot | None] = {}
     async for record in read_whole(settings, settings.topic_snapshots):
         if record.key is None:
@@ -114,22 +120,34 @@ async def read_snapshots(settings: Settings) -> list[Snapshot]:
         held = latest.get(record.key)
         if held is None or snap.rev >= held.rev:
             latest[record.key] = snap
+    if purged is not None:
+        for key, kept in latest.items():
+            if kept is None:
+                pipeline_id, _, batch_id = key.decode().partition("/")
+                purged.add((pipeline_id, batch_id))
     return [snap for snap in latest.values() if snap is not None]
 
 
-async def read_deletes(settings: Settings) -> set[tuple[str, str]]:
-    """The batches the commands topic still holds a delete for."""
+async def read_commands(settings: Settings
+                        ) -> tuple[set[tuple[str, str]], dict[tuple[str, str], Run]]:
+    """The batches the commands topic still holds a delete for, and the API's run commands
+    that carry their batch's record (`core.restore_runs`)."""
     deleted: set[tuple[str, str]] = set()
+    runs: dict[tuple[str, str], Run] = {}
     async for record in read_whole(settings, settings.topic_commands):
-        if record.value is None or b"delete" not in record.value:
-            continue  # cheap: most commands are runs, not worth decoding
+        value = record.value
+        if value is None or (b"delete" not in value and b'"recorded"' not in value):
+            continue  # cheap: a stop or a deploy is not worth decoding
         try:
-            command = decode_command(record.value)
+            command = decode_command(value)
         except CodecError:
             continue
+        batch = (command.pipeline_id, command.batch_id)
         if command.type == "delete":
-            deleted.add((command.pipeline_id, command.batch_id))
-    return deleted
+            deleted.add(batch)
+        elif isinstance(command, Run) and recorded_of(command) is not None:
+            runs[batch] = command
+    return deleted, runs
 
 
 async def requeue_deletes(redis: Redis, batches: list[tuple[str, str]]) -> None:
@@ -152,8 +170,11 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
         if not force and (await redis.dbsize() or await redis.exists(keys.HEARTBEAT_CONSUMERS)):
             raise NotEmpty(f"{settings.redis_url} is not empty (or consumers are running): "
                            "stop the API and the consumers and flush it, or pass --force")
-        versions, snapshots, deletes = await asyncio.gather(
-            read_pipelines(settings), read_snapshots(settings), read_deletes(settings))
+        purged: set[tuple[str, str]] = set()
+        versions, snapshots, (deletes, runs) = await asyncio.gather(
+            read_pipelines(settings), read_snapshots(settings, purged), read_commands(settings))
+        # Batches whose run command was not taken yet: restored from what it recorded.
+        snapshots += from_run_commands(runs, versions, snapshots, purged)
         scripts = Scripts(redis)
         # No change notifications: nothing is listening during a rebuild.
         store = BatchStore(redis, scripts,

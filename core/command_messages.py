@@ -53,7 +53,8 @@ class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="t
     if TYPE_CHECKING:
         def __init__(self, type: str, batch_id: str, pipeline_id: str,
                      pipeline_version: str = "", *, event_id: str = ...,
-                     ts: float = ..., create: Creation | msgspec.UnsetType = ...) -> None: ...
+                     ts: float = ..., create: Creation | msgspec.UnsetType = ...,
+                     recorded: Recorded | msgspec.UnsetType = ...) -> None: ...
 
     def __post_init__(self) -> None:
         ids = self.event_id + self.batch_id + self.pipeline_id + self.pipeline_version
@@ -91,6 +92,22 @@ class Creation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                              "ids are [A-Za-z0-9._-]{1,128}")
 
 
+class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the API recorded in Redis for the batch it asks to run: its place in the
+    pipeline's order, its creation time and its fields beyond a fresh batch's (effective
+    config, a resumed batch's offsets). The commands consumer does not read it: a rebuild of
+    Redis does, for a batch whose run command was not taken yet when Redis was lost (taking
+    it writes the batch's creation snapshot: `core.snapshots`)."""
+
+    seq: int
+    created_at: str
+    extra: dict[str, str] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seq < 1:
+            raise CodecError(f"invalid recorded.seq {self.seq}: a batch's sequence starts at 1")
+
+
 class Run(Command, tag="run", kw_only=True):
     """Start the batch: create its flow run. With `create` (a publisher's command), first
     create the batch unless it exists; `pipeline_version` "" then means the latest."""
@@ -99,6 +116,8 @@ class Run(Command, tag="run", kw_only=True):
     # UNSET, not None: absent from the API's run command as encoded before `create` existed,
     # and a `null` is refused rather than read as "no creation request".
     create: Creation | msgspec.UnsetType = msgspec.UNSET
+    # The API's own runs (never with `create`); absent from the runs it sent before.
+    recorded: Recorded | msgspec.UnsetType = msgspec.UNSET
 
     @property
     def creation(self) -> Creation | None:

@@ -18,7 +18,7 @@ from typing import Any, Final
 import orjson
 from typing_extensions import TypeIs
 
-from core.models import BATCH_STATES, STEP_STATES
+from core.models import BATCH_STATES, STEP_STATES, PipelineSpec, deployment_name
 from core.settings import get_settings
 
 DELETED: Final = "deleted"
@@ -85,6 +85,31 @@ def config_of(fields: Mapping[str, str]) -> dict[str, dict[str, Any]] | None:
         return None
     config: dict[str, dict[str, Any]] = orjson.loads(raw)
     return config
+
+
+def creation_fields(pipeline_id: str, batch_id: str, spec: PipelineSpec, created_at: str,
+                    extra: Mapping[str, str] | None = None) -> list[str]:
+    """A new batch's hash (field, value, ...) as recorded at its creation, before Redis gives
+    it its `seq` (`BatchStore.create`; a rebuild restoring a batch from its run command).
+    `extra`: more fields (effective config, a resumed batch's offsets...); a name of the
+    base fields replaces it (HSET's last wins)."""
+    fields: list[str] = [
+        "id", batch_id,
+        "name", spec.name,
+        "deployment", deployment_name(spec.name),
+        "pipeline_id", pipeline_id,
+        "pipeline_version", spec.version,
+        "state", "pending",
+        "steps", orjson.dumps(spec.step_names).decode(),
+        "created_at", created_at,
+        "updated_at", created_at,
+        "rev", "1",
+    ]  # fmt: skip
+    for name in spec.step_names:
+        fields += [step_field(name), "none"]
+    for field, value in (extra or {}).items():
+        fields += [field, value]
+    return fields
 
 
 def is_visible(fields: dict[str, str] | None) -> TypeIs[dict[str, str]]:

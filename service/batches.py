@@ -85,7 +85,7 @@ async def run_batch(request: web.Request) -> web.Response:
     sender.check()  # Kafka known down: 503 at once, before anything is written
     batch_id = new_batch_id()
 
-    async def record() -> PipelineSpec:
+    async def record() -> creates.Created:
         return await creates.record(request.app[STORE], request.app[API_SCRIPTS],
                                     request.app[REGISTRY], pipeline_id, batch_id, spec,
                                     requested is None, config)
@@ -97,7 +97,7 @@ async def run_batch(request: web.Request) -> web.Response:
 
 async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sent | None,
                pipeline_id: str, batch_id: str,
-               record: Callable[[], Awaitable[PipelineSpec]]) -> web.Response:
+               record: Callable[[], Awaitable[creates.Created]]) -> web.Response:
     """Creates and queues the batch, once per Idempotency-Key when one is given."""
     if idem_key is None or sent is None:
         await _create_and_queue(request, pipeline_id, batch_id, record)
@@ -116,17 +116,18 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
 
 
 async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
-                            record: Callable[[], Awaitable[PipelineSpec]]) -> None:
-    """Records the batch (`record` returns the definition recorded), then queues its run
-    command. When that fails the batch must not run: refused, it is purged; ambiguous (the
-    command may be written and even be running), it is abandoned (hidden as `stop`/`failed`,
-    its delete queued behind the run)."""
+                            record: Callable[[], Awaitable[creates.Created]]) -> None:
+    """Records the batch (`record` says how), then queues its run command, which carries
+    the record for a rebuild of Redis. When that fails the batch must not run: refused, it
+    is purged; ambiguous (the command may be written and even be running), it is abandoned
+    (hidden as `stop`/`failed`, its delete queued behind the run)."""
     store = request.app[STORE]
-    spec = await record()
+    created = await record()
+    spec = created.spec
     # Its id from the batch's (one run command per batch, as `stop-<batch id>` is the
     # consumers' stop event): unique without a uuid4, whose urandom call costs a few µs.
     command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version,
-                      event_id="run-" + batch_id)
+                      event_id="run-" + batch_id, recorded=created.recorded)
     try:
         await request.app[COMMANDS].command(command)
     except Refused:

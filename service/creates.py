@@ -21,6 +21,7 @@ import orjson
 
 from core import keys, layout
 from core.api_scripts import ApiScripts
+from core.command_messages import Recorded
 from core.models import PipelineSpec, now_iso
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
@@ -127,9 +128,8 @@ async def _capture(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> _
     capture = _Capture(store.scripts)
     # A run without a body runs with the registered config as it is (not checked again: a
     # version registered before a model was tightened runs as it always did).
-    registered = {step.name: dict(step.config) for step in spec.steps}
     await BatchStore(store.redis, capture, token_secret=b"unused", changes_channel="").create(
-        pipeline_id, _ID_MARK, spec, extra={layout.CONFIG: orjson.dumps(registered).decode()})
+        pipeline_id, _ID_MARK, spec, extra={layout.CONFIG: registered_config(spec)})
     [(batch_keys, args)] = capture.calls
     if batch_keys[0] != keys.batch(pipeline_id, _ID_MARK):
         raise RuntimeError(f"BatchStore.create's first key is not the batch: {batch_keys[0]}")
@@ -157,30 +157,49 @@ async def _template(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> 
     return template
 
 
+def registered_config(spec: PipelineSpec) -> str:
+    """The `config` field of a batch run with the version's registered config as it is."""
+    return orjson.dumps({step.name: dict(step.config) for step in spec.steps}).decode()
+
+
 def config_pair(config: Mapping[str, Any]) -> bytes:
     """The batch's effective config as `_Template.args`' extra pair."""
     return b"," + orjson.dumps([layout.CONFIG, orjson.dumps(config).decode()])[1:-1]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Created:
+    """A batch as its create recorded it: the definition, and what its run command carries
+    for a rebuild (`Recorded`: the sequence Redis gave it, the creation time sent and the
+    fields beyond a fresh batch's)."""
+
+    spec: PipelineSpec
+    recorded: Recorded
+
+
 async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegistry,
                  pipeline_id: str, batch_id: str, spec: PipelineSpec, latest: bool,
                  config: Callable[[PipelineSpec], Mapping[str, Any]] | None = None
-                 ) -> PipelineSpec:
+                 ) -> Created:
     """Records the batch as `BatchStore.create` would; with `latest`, of the pipeline's latest
     version at that moment (`spec` is a guess: when another version is latest, the batch is
     recorded with that one's definition). `config`: the run's effective config for a
-    definition (the run's overrides applied to it; may raise), None for the registered one.
-    Returns the definition recorded."""
+    definition (the run's overrides applied to it; may raise), None for the registered one."""
     turns = turn_reads(store.redis)
     order = keys.pipeline_order(pipeline_id)
     while True:
         template = await _template(store, pipeline_id, spec)
-        extra = config_pair(config(spec)) if config is not None else b""
+        effective = config(spec) if config is not None else None
+        extra = config_pair(effective) if effective is not None else b""
+        now = now_iso()
         reply = await turns.script(
             scripts.create_latest_batch,
             [keys.batch(pipeline_id, batch_id), *template.other_keys, order],
-            [spec.version if latest else "", template.args(batch_id, now_iso(), extra),
+            [spec.version if latest else "", template.args(batch_id, now, extra),
              keys.CHANGES_CHANNEL])
         if not isinstance(reply, list):
-            return spec
+            config_json = (orjson.dumps(effective).decode() if effective is not None
+                           else registered_config(spec))
+            return Created(spec, Recorded(seq=int(reply), created_at=now,
+                                          extra={layout.CONFIG: config_json}))
         spec = await latest_spec(registry, pipeline_id, reply[0])

@@ -18,6 +18,7 @@ import orjson
 from aiohttp import web
 
 from core import layout
+from core.command_messages import Recorded
 from core.models import PipelineSpec, new_batch_id
 from service import auth, creates, idempotency, run_body
 from service.appkeys import COMMANDS, REGISTRY, STORE
@@ -72,9 +73,13 @@ async def resume_batch(request: web.Request) -> web.Response:
     batch_id = new_batch_id()
     extra = resumed_fields(spec, old, old_id, config)
 
-    async def record() -> PipelineSpec:
-        await store.create(pipeline_id, batch_id, spec, extra=extra)
-        return spec
+    async def record() -> creates.Created:
+        seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
+        # Read back for its run command (a rebuild's record): the time Redis recorded. A
+        # resume is rare; the POST's hot path gets both from its create script instead.
+        fields = await store.fields(pipeline_id, batch_id) or {}
+        return creates.Created(spec, Recorded(seq=seq, created_at=fields.get("created_at", ""),
+                                              extra=extra))
 
     sent = (idempotency.Sent.of(pipeline_id, version, run_body.canonical(overrides),
                                 target=f"resume {old_id}")

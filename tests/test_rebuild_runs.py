@@ -1,0 +1,94 @@
+"""A batch whose run command was not taken yet when Redis was lost is rebuilt from what the
+command recorded (issue 12, part 1), on the real Kafka, Redis and Prefect; and the rules of
+that restore (`core.restore_runs`) on their own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumers.commands import CommandsConsumer
+from consumers.plumbing.scope import serving
+from consumers.rebuild import rebuild
+from core.command_messages import Command, Recorded, Run
+from core.connections import open_redis
+from core.restore_runs import from_run_commands
+from core.settings import Settings
+from core.snapshots import PipelineVersion, Snapshot
+from tests.conftest import PrivateRedis, eventually
+from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
+from tests.test_consumers_support import Deployer, options
+from tests.test_rebuild import _answers
+
+
+async def test_batches_whose_run_command_waits_are_rebuilt_and_then_run(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    topics = topics.model_copy(update={"redis_url": private_redis.url})
+    settings = api_settings(topics)
+    redis = await open_redis(topics)
+    deployer = Deployer(topics)  # an idle pool: flow runs wait
+    ids: list[str] = []
+    try:
+        async with api_client(settings) as api:
+            for version in ("1", "2"):
+                resp = await api.put("/api/v1/pipelines/p-rr", headers=AUTH,
+                                     json=spec_body(version=version, steps=("extract", "load")))
+                assert resp.status == 201
+            # No consumer runs: every run command waits on the topic. One batch with run-time
+            # config, one of the older version, one deleted (its delete waits too).
+            bodies: list[tuple[dict[str, Any], dict[str, str]]] = [
+                ({}, {}), ({"config": {"extract": {"rows": 10}}}, {}), ({}, {"version": "1"}),
+                ({}, {})]
+            for body, params in bodies:
+                resp = await api.post("/api/v1/batches/p-rr", headers=AUTH, json=body or None,
+                                      params=params)
+                assert resp.status == 200, await resp.text()
+                ids.append((await resp.json())["item"])
+            resp = await api.delete(f"/api/v1/batches/p-rr/{ids[3]}", headers=AUTH)
+            assert resp.status in (200, 202, 204)
+        batches = {"p-rr": ids}
+        before = await _answers(settings, batches)
+        assert before[f"get {ids[1]}"][1]["config"]["extract"]["rows"] == 10
+        assert before[f"get {ids[3]}"][0] == 404
+
+        await redis.flushdb()
+        restored = await rebuild(topics)
+        assert restored.batches == 4 and restored.hidden == 1
+        assert await _answers(settings, batches) == before
+
+        # The commands consumer then takes the run commands as it would have.
+        commands = CommandsConsumer(topics, options(), ensure=deployer.ensure)
+        async with api_client(settings) as api, serving([commands], topics, 5.0):
+            async def scheduled() -> bool:
+                for batch_id in ids[:3]:
+                    resp = await api.get(f"/api/v1/batches/p-rr/{batch_id}", headers=AUTH)
+                    if (await resp.json())["state"]["state"] != "scheduled":
+                        return False
+                return True
+            await eventually(scheduled, timeout=60, interval=0.2)
+    finally:
+        await deployer.cleanup(ids)
+        await redis.aclose()
+
+
+def _run(batch_id: str, version: str, seq: int, at: str) -> Run:
+    command = Command("run", batch_id, "p", pipeline_version=version,
+                  recorded=Recorded(seq=seq, created_at=at, extra={"config": "{}"}))
+    assert isinstance(command, Run)
+    return command
+
+
+def test_a_restore_from_runs_skips_held_purged_and_unknown_and_keeps_created_at_ordered() -> None:
+    versions = [PipelineVersion("p", 1, spec(version="1", steps=("extract",)))]
+    held = Snapshot("p", "b-held", {"seq": "2", "created_at": "2026-01-01T00:00:05.000Z",
+                                    "rev": "4"})
+    runs = {("p", "b-held"): _run("b-held", "1", 2, "2026-01-01T00:00:05.000Z"),
+            ("p", "b-purged"): _run("b-purged", "1", 1, "2026-01-01T00:00:01.000Z"),
+            ("p", "b-unknown"): _run("b-unknown", "9", 4, "2026-01-01T00:00:09.000Z"),
+            # Its API's clock was behind the one that created b-held before it.
+            ("p", "b-late"): _run("b-late", "1", 3, "2026-01-01T00:00:04.000Z")}
+    out = from_run_commands(runs, versions, [held], purged={("p", "b-purged")})
+    assert [s.batch_id for s in out] == ["b-late"]
+    fields = out[0].fields
+    assert (fields["seq"], fields["state"], fields["step:extract"], fields["config"]) == (
+        "3", "pending", "none", "{}")
+    assert fields["created_at"] == fields["updated_at"] == "2026-01-01T00:00:05.000Z"
