@@ -24,12 +24,14 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import member
+from consumers.plumbing.creation import RECORD_TTL_S, Claim
 from core import keys
 from core.codec import CodecError, decode_command
 from core.command_messages import Run
@@ -39,7 +41,7 @@ from core.logs import redact
 from core.paging import Pager
 from core.registry import PipelineRegistry
 from core.restore import Restored, restore_batches, restore_pipelines
-from core.restore_runs import from_run_commands, recorded_of
+from core.restore_runs import from_run_commands, idempotency_records, recorded_of
 from core.scripts import Scripts
 from core.settings import Settings, get_settings
 from core.snapshots import PipelineVersion, Snapshot
@@ -128,15 +130,25 @@ async def read_snapshots(settings: Settings,
     return [snap for snap in latest.values() if snap is not None]
 
 
-async def read_commands(settings: Settings
-                        ) -> tuple[set[tuple[str, str]], dict[tuple[str, str], Run]]:
-    """The batches the commands topic still holds a delete for, and the API's run commands
-    that carry their batch's record (`core.restore_runs`)."""
-    deleted: set[tuple[str, str]] = set()
-    runs: dict[tuple[str, str], Run] = {}
+@dataclass(slots=True)
+class CommandsRead:
+    """What a rebuild takes from the commands topic (`read_commands`)."""
+
+    deletes: set[tuple[str, str]] = field(default_factory=set)
+    # The API's runs, each carrying what its create recorded (`core.restore_runs`).
+    recorded: dict[tuple[str, str], Run] = field(default_factory=dict)
+    # The runs published with `create` (their batch ids are claimed: `keys.published`).
+    published: set[tuple[str, str]] = field(default_factory=set)
+
+
+async def read_commands(settings: Settings) -> CommandsRead:
+    """The batches the commands topic still holds a delete for, the API's runs with their
+    record and the batches published with a creation request."""
+    read = CommandsRead()
     async for record in read_whole(settings, settings.topic_commands):
         value = record.value
-        if value is None or (b"delete" not in value and b'"recorded"' not in value):
+        if value is None or not (b"delete" in value or b'"recorded"' in value
+                                 or b'"create"' in value):
             continue  # cheap: a stop or a deploy is not worth decoding
         try:
             command = decode_command(value)
@@ -144,10 +156,13 @@ async def read_commands(settings: Settings
             continue
         batch = (command.pipeline_id, command.batch_id)
         if command.type == "delete":
-            deleted.add(batch)
-        elif isinstance(command, Run) and recorded_of(command) is not None:
-            runs[batch] = command
-    return deleted, runs
+            read.deletes.add(batch)
+        elif isinstance(command, Run):
+            if recorded_of(command) is not None:
+                read.recorded[batch] = command
+            if command.creation is not None:
+                read.published.add(batch)
+    return read
 
 
 async def requeue_deletes(redis: Redis, batches: list[tuple[str, str]]) -> None:
@@ -171,10 +186,11 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
             raise NotEmpty(f"{settings.redis_url} is not empty (or consumers are running): "
                            "stop the API and the consumers and flush it, or pass --force")
         purged: set[tuple[str, str]] = set()
-        versions, snapshots, (deletes, runs) = await asyncio.gather(
+        versions, snapshots, commands = await asyncio.gather(
             read_pipelines(settings), read_snapshots(settings, purged), read_commands(settings))
+        deletes = commands.deletes
         # Batches whose run command was not taken yet: restored from what it recorded.
-        snapshots += from_run_commands(runs, versions, snapshots, purged)
+        snapshots += from_run_commands(commands.recorded, versions, snapshots, purged)
         scripts = Scripts(redis)
         # No change notifications: nothing is listening during a rebuild.
         store = BatchStore(redis, scripts,
@@ -193,9 +209,28 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
         hidden = [(s.pipeline_id, s.batch_id) for s in snapshots
                   if (s.pipeline_id, s.batch_id) in deletes]
         await requeue_deletes(redis, hidden)
+        await restore_claims(redis, commands, settings.idempotency_ttl_s)
         return restored
     finally:
         await redis.aclose()
+
+
+async def restore_claims(redis: Redis, commands: CommandsRead, idempotency_ttl_s: int) -> None:
+    """The records that keep a request from making a second batch: each Idempotency-Key
+    committed by the API's runs still on the topic, for what is left of its TTL, and each
+    published batch id deleted since, claimed as deleted (its version and config are not
+    known again: a command published again is compared by pipeline only, then left
+    deleted). The claims of published batches that still exist are taken again from the
+    batches themselves when their ids are published again (`Creations.ensure`)."""
+    now = time.time()
+    async with redis.pipeline(transaction=False) as pipe:
+        for key, value, ttl_s in idempotency_records(commands.recorded.values(), now,
+                                                     idempotency_ttl_s):
+            pipe.set(key, value, ex=ttl_s, nx=True)
+        for pipeline_id, batch_id in commands.published & commands.deletes:
+            pipe.set(keys.published(batch_id), Claim(pipeline_id, "", {}, True).encode(),
+                     ex=RECORD_TTL_S, nx=True)
+        await pipe.execute()
 
 
 def main(argv: list[str] | None = None) -> int:

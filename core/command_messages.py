@@ -102,6 +102,10 @@ class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     seq: int
     created_at: str
     extra: dict[str, str] = msgspec.field(default_factory=dict)
+    # The Idempotency-Key record the API commits once the command is queued
+    # (`service.idempotency`): its Redis key and its committed value; '' without a key.
+    idempotency_key: str = ""
+    idempotency_record: str = ""
 
     def __post_init__(self) -> None:
         if self.seq < 1:

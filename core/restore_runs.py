@@ -54,6 +54,22 @@ def from_run_commands(runs: Mapping[tuple[str, str], Run], versions: Iterable[Pi
     return out
 
 
+def idempotency_records(runs: Iterable[Run], now: float, ttl_s: int
+                        ) -> list[tuple[str, str, int]]:
+    """(Redis key, committed record, seconds left) of each Idempotency-Key the API committed
+    for these runs and that has not expired yet (it was committed about when its run
+    command was sent: `Command.ts`)."""
+    out: list[tuple[str, str, int]] = []
+    for run in runs:
+        recorded = recorded_of(run)
+        if recorded is None or not recorded.idempotency_key:
+            continue
+        left = int(ttl_s - (now - run.ts))
+        if left > 0:
+            out.append((recorded.idempotency_key, recorded.idempotency_record, left))
+    return out
+
+
 def _raise_created_at(held: list[Snapshot], restored: list[Snapshot]) -> None:
     """CREATE_BATCH's rule again: a batch's `created_at` is raised to the newest one of the
     batches before it in its pipeline's sequence (two API processes whose clocks differ), and

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import orjson
 from aiohttp import web
 
@@ -107,7 +108,9 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
     if earlier is not None:
         return json_obj({"item": earlier})
     try:
-        await _create_and_queue(request, pipeline_id, batch_id, record)
+        # The run command carries the committed record too, for a rebuild of Redis.
+        await _create_and_queue(request, pipeline_id, batch_id, record,
+                                (idem_key, sent.record("committed", batch_id)))
     except BaseException:
         await keys_.release(idem_key, batch_id)
         raise
@@ -116,7 +119,8 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
 
 
 async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
-                            record: Callable[[], Awaitable[creates.Created]]) -> None:
+                            record: Callable[[], Awaitable[creates.Created]],
+                            idempotency: tuple[str, str] | None = None) -> None:
     """Records the batch (`record` says how), then queues its run command, which carries
     the record for a rebuild of Redis. When that fails the batch must not run: refused, it
     is purged; ambiguous (the command may be written and even be running), it is abandoned
@@ -124,10 +128,14 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     store = request.app[STORE]
     created = await record()
     spec = created.spec
+    recorded = created.recorded
+    if idempotency is not None:
+        recorded = msgspec.structs.replace(recorded, idempotency_key=idempotency[0],
+                                           idempotency_record=idempotency[1])
     # Its id from the batch's (one run command per batch, as `stop-<batch id>` is the
     # consumers' stop event): unique without a uuid4, whose urandom call costs a few µs.
     command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version,
-                      event_id="run-" + batch_id, recorded=created.recorded)
+                      event_id="run-" + batch_id, recorded=recorded)
     try:
         await request.app[COMMANDS].command(command)
     except Refused:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from consumers.commands import CommandsConsumer
 from consumers.plumbing.scope import serving
 from consumers.rebuild import rebuild
+from core import keys
 from core.command_messages import Command, Recorded, Run
 from core.connections import open_redis
 from core.restore_runs import from_run_commands
@@ -16,7 +19,8 @@ from core.settings import Settings
 from core.snapshots import PipelineVersion, Snapshot
 from tests.conftest import PrivateRedis, eventually
 from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
-from tests.test_consumers_support import Deployer, options
+from tests.test_commands_published import command
+from tests.test_consumers_support import Deployer, committed, options, send, unique
 from tests.test_rebuild import _answers
 
 
@@ -38,9 +42,10 @@ async def test_batches_whose_run_command_waits_are_rebuilt_and_then_run(
             bodies: list[tuple[dict[str, Any], dict[str, str]]] = [
                 ({}, {}), ({"config": {"extract": {"rows": 10}}}, {}), ({}, {"version": "1"}),
                 ({}, {})]
-            for body, params in bodies:
-                resp = await api.post("/api/v1/batches/p-rr", headers=AUTH, json=body or None,
-                                      params=params)
+            for n, (body, params) in enumerate(bodies):
+                headers = {**AUTH, "Idempotency-Key": "rebuild-key"} if n == 1 else AUTH
+                resp = await api.post("/api/v1/batches/p-rr", headers=headers,
+                                      json=body or None, params=params)
                 assert resp.status == 200, await resp.text()
                 ids.append((await resp.json())["item"])
             resp = await api.delete(f"/api/v1/batches/p-rr/{ids[3]}", headers=AUTH)
@@ -55,6 +60,15 @@ async def test_batches_whose_run_command_waits_are_rebuilt_and_then_run(
         assert restored.batches == 4 and restored.hidden == 1
         assert await _answers(settings, batches) == before
 
+        # The Idempotency-Key still names its batch: the same POST again makes no other.
+        async with api_client(settings) as api:
+            resp = await api.post("/api/v1/batches/p-rr", json=bodies[1][0],
+                                  headers={**AUTH, "Idempotency-Key": "rebuild-key"})
+            assert (resp.status, (await resp.json())["item"]) == (200, ids[1])
+            resp = await api.post("/api/v1/batches/p-rr", json={"config": {}},
+                                  headers={**AUTH, "Idempotency-Key": "rebuild-key"})
+            assert resp.status == 409  # and another request with it is still refused
+        assert await _answers(settings, batches) == before
         # The commands consumer then takes the run commands as it would have.
         commands = CommandsConsumer(topics, options(), ensure=deployer.ensure)
         async with api_client(settings) as api, serving([commands], topics, 5.0):
@@ -67,6 +81,52 @@ async def test_batches_whose_run_command_waits_are_rebuilt_and_then_run(
             await eventually(scheduled, timeout=60, interval=0.2)
     finally:
         await deployer.cleanup(ids)
+        await redis.aclose()
+
+
+async def test_a_published_id_deleted_before_redis_was_lost_stays_deleted(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    topics = topics.model_copy(update={"redis_url": private_redis.url})
+    redis = await open_redis(topics)
+    deployer = Deployer(topics)
+    batch_id = unique("batch-pub")
+    key = keys.batch("p-pub", batch_id)
+
+    async def publish(kind: str, **fields: Any) -> None:
+        await send(topics, topics.topic_commands, batch_id,
+                   command(kind, "p-pub", batch_id, **fields))
+
+    async def taken(count: int) -> bool:
+        return await committed(topics, topics.group_commands, topics.topic_commands) >= count
+
+    try:
+        async with api_client(api_settings(topics)) as api:
+            resp = await api.put("/api/v1/pipelines/p-pub", headers=AUTH,
+                                 json=spec_body(steps=("extract",)))
+            assert resp.status == 201
+        consumer = CommandsConsumer(topics, options(cleanup_recheck_s=1.0),
+                                    ensure=deployer.ensure)
+        async with serving([consumer], topics, 5.0):
+            await publish("run", create={})
+            await publish("delete")
+            await eventually(lambda: taken(2), timeout=30)
+
+            async def purged() -> bool:
+                return not await redis.exists(key)
+            await eventually(purged, timeout=30, interval=0.3)
+        await redis.flushdb()
+        await rebuild(topics)
+        claim = await redis.get(keys.published(batch_id))
+        assert claim is not None and orjson.loads(claim)["deleted"] is True
+        # Published again after the rebuild (the group took the first two already): the id
+        # names a deleted batch, which stays so.
+        await publish("run", create={})
+        consumer = CommandsConsumer(topics, options(), ensure=deployer.ensure)
+        async with serving([consumer], topics, 5.0):
+            await eventually(lambda: taken(3), timeout=30)
+        assert not await redis.exists(key)
+    finally:
+        await deployer.cleanup([batch_id])
         await redis.aclose()
 
 

@@ -142,6 +142,8 @@ class Creations:
         if claim.pipeline_id != command.pipeline_id:
             differs.append(f"pipeline_id {claim.pipeline_id!r} (this command: "
                            f"{command.pipeline_id!r})")
+        elif not claim.pipeline_version:
+            pass  # a deleted id's claim as a rebuild restores it: its pipeline is all it knows
         elif command.pipeline_version and command.pipeline_version != claim.pipeline_version:
             differs.append(f"pipeline_version {claim.pipeline_version!r} (this command: "
                            f"{command.pipeline_version!r})")
