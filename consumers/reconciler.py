@@ -30,6 +30,7 @@ from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
 from core.codec import Event
 from core.layout import BATCH_RANK, DELETED, running_steps
+from core.packing import unpacked
 from core.prefect_events import FLOW_STATES, flow_state_event
 from core.retry import describe
 from core.settings import Settings
@@ -175,7 +176,7 @@ class Reconciler(Part):
                 Event(type="step.state", batch_id=stop.batch_id, pipeline_id=stop.pipeline_id,
                       event_id=_step_event_id(stop.event_id, step), step=step,
                       state="failed")
-                for step in sorted(running_steps(fields))
+                for step in sorted(running_steps(unpacked(fields)))
             ]
         out: list[Event] = []
         for e in events:

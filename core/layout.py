@@ -4,9 +4,12 @@ A batch is one Redis hash (`keys.batch`): the batch's own fields (`id`, `state`,
 `reason`, `flow_run_id`, `rev`, `updated_at`, ...), `step:<name>` -> the step's state,
 `off:<step>:<partition>` -> the step's offset there (a decimal string), `stop_ts` (the `ts` of
 the stop event that decided `outcome`), `deleted` once hidden, `config` (the effective
-per-step config, JSON) and, on a resumed batch, `resumed_from`. Code outside this module asks
-it (`is_visible`, `running_steps`, `render`) instead of parsing field names, and the Lua
-scripts get their state orders from here (`lua_rank`), so each order is written once.
+per-step config, JSON) and, on a resumed batch, `resumed_from`. A finished batch is held
+packed in Redis (`core.packing`: a few fields plain, the rest in one); its readers get the
+whole hash back from `core.packing.unpacked`, which is what this module reads. Code outside
+this module asks it (`is_visible`, `running_steps`, `render`) instead of parsing field
+names, and the Lua scripts get their state orders from here (`lua_rank`), so each order is
+written once.
 """
 
 from __future__ import annotations

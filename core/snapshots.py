@@ -10,8 +10,10 @@
   poll's commit, so a crash re-applies the events and writes the snapshot again). A purge
   writes a tombstone (`tombstone`), which compaction turns into the key's absence.
 
-A snapshot leaves out the de-duplication state (`seen_n` and the seen-ids set): every rule
-of `APPLY_EVENTS` only moves forward, so events applied again after a rebuild change nothing.
+A finished batch's snapshot holds its packed form (`core.packing`) when Redis does, and a
+rebuild writes it back as it is. A snapshot leaves out the de-duplication state (`seen_n`
+and the seen-ids set): every rule of `APPLY_EVENTS` only moves forward, so events applied
+again after a rebuild change nothing.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 `python -m consumers.rebuild --redis-url <empty db> --compare-with <live db>`.
 
 Compared: every pipeline's versions in order, and every listed batch's hash apart from the
-dedup state a snapshot does not carry (`core.snapshots.NOT_SNAPSHOTTED`). On a stack that
-keeps running, batches changed since the snapshots were read differ: compare a quiet one.
+dedup state a snapshot does not carry (`core.snapshots.NOT_SNAPSHOTTED`), each as its
+readers see it (`core.packing.unpacked`: a finished batch packed on one side only is equal).
+On a stack that keeps running, batches changed since the snapshots were read differ: compare
+a quiet one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import cast
 from redis.asyncio import Redis
 
 from core import keys
+from core.packing import unpacked
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.snapshots import NOT_SNAPSHOTTED
@@ -42,7 +45,7 @@ async def _hashes(redis: Redis, pipeline_id: str, ids: list[str]) -> list[dict[s
     async with redis.pipeline(transaction=False) as pipe:
         for batch_id in ids:
             pipe.hgetall(keys.batch(pipeline_id, batch_id))
-        return cast(list[dict[str, str]], await pipe.execute())
+        return [unpacked(h) for h in cast(list[dict[str, str]], await pipe.execute())]
 
 
 async def compare(source: Redis, rebuilt: Redis) -> StateDiff:

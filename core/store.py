@@ -12,12 +12,15 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from core import keys
 from core.codec import Event, StepOffsets
-from core.layout import is_visible, render, step_field
+from core.layout import DELETED, is_visible, render, step_field
 from core.models import PipelineSpec, deployment_name, now_iso
+from core.pack_scripts import PACK, UNPACK
+from core.packing import PACKED, pack, unpacked
 from core.paging import NO_FILTER, ListFilter, Page, Pager
 from core.paging import BadToken as BadToken  # the list's error, where callers found it
 from core.scripts import Scripts
@@ -26,6 +29,10 @@ from core.settings import Settings
 # Batches per APPLY_EVENTS call: enough that a poll is a few calls, few enough that one call
 # holds Redis (single-threaded: every other client waits) for a millisecond or two at most.
 APPLY_CHUNK = 100
+# APPLY_EVENTS's answer for a packed batch (core.packing): `apply` unpacks it and applies
+# again, so its callers never see it.
+PACKED_BATCH = -2
+_UNPACK_TRIES = 5
 
 
 def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any]]]]:
@@ -87,6 +94,8 @@ class BatchStore:
         self._dedup_window = dedup_window
         self._apply_chunk = apply_chunk
         self._pager = Pager(redis, scripts, token_secret)
+        self._pack_script = redis.register_script(PACK)
+        self._unpack_script = redis.register_script(UNPACK)
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings,
@@ -151,9 +160,10 @@ class BatchStore:
     # -- reads ---------------------------------------------------------------------------
 
     async def fields(self, pipeline_id: str, batch_id: str) -> dict[str, str] | None:
-        """The raw hash, deleted ones included (the consumers need them); None if absent."""
+        """The whole hash (a packed one unpacked: `core.packing`), deleted ones included
+        (the consumers need them); None if absent."""
         data = cast(dict[str, str], await self.redis.hgetall(keys.batch(pipeline_id, batch_id)))
-        return data or None
+        return unpacked(data) if data else None
 
     async def get(self, pipeline_id: str, batch_id: str) -> dict[str, Any] | None:
         data = await self.fields(pipeline_id, batch_id)
@@ -185,12 +195,42 @@ class BatchStore:
         cost per call was most of the consumer's). The offsets events of one (batch, step)
         are merged first (`script_entries`).
 
+        A finished batch is packed (`core.packing`) by the apply that stopped it: two more
+        round trips for a poll holding stops (read, PACK). An event for a packed batch (late,
+        or re-delivered) costs three more: the batch is read and unpacked (UNPACK), and its
+        events applied again; it is then packed with the stops.
+
         Returns, per (pipeline_id, batch_id), how many events changed it (-1: batch unknown
         or deleted, its events dropped)."""
         grouped = script_entries(events)
         if not grouped:
             return {}
         now = now or now_iso()  # `now`: a test's clock (a batch stopped long ago)
+        results = await self._apply_events(grouped, now)
+        unpacked_now: list[tuple[str, str]] = []
+        tries = 0
+        while packed := [batch for batch, n in results.items() if n == PACKED_BATCH]:
+            if tries == _UNPACK_TRIES:
+                # Packed again before each of its applies: only another client packing it
+                # over and over does that (none packs a batch it did not just apply to).
+                raise RuntimeError(f"batches packed again under each apply: {packed}")
+            tries += 1
+            await self._unpack(packed)
+            unpacked_now += packed
+            again: dict[str, dict[str, list[list[Any]]]] = {}
+            for pipeline_id, batch_id in packed:
+                again.setdefault(pipeline_id, {})[batch_id] = grouped[pipeline_id][batch_id]
+            results.update(await self._apply_events(again, now))
+        stopping = [(pipeline_id, batch_id)
+                    for pipeline_id, batches in grouped.items()
+                    for batch_id, entries in batches.items()
+                    if any(e[0] == "b" and e[2] == "stop" for e in entries)]
+        await self._pack([batch for batch in dict.fromkeys(stopping + unpacked_now)
+                          if results[batch] >= 0])
+        return results
+
+    async def _apply_events(self, grouped: dict[str, dict[str, list[list[Any]]]], now: str
+                            ) -> dict[tuple[str, str], int]:
         order: list[tuple[str, str]] = []
         calls: list[list[Any]] = []  # EVALSHA's arguments after the sha, one list per call
         for pipeline_id, batches in grouped.items():
@@ -208,26 +248,69 @@ class BatchStore:
                 payload = orjson.dumps([batches[batch_id] for batch_id in chunk])
                 calls.append([len(names), *names, now, self._dedup_window, self._channel,
                               payload])
-        script = self.scripts.apply_events
+        results = await self._run_all(self.scripts.apply_events, calls)
+        return dict(zip(order, chain.from_iterable(results), strict=True))
+
+    async def _hashes(self, batches: list[tuple[str, str]]) -> list[dict[str, str]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pipeline_id, batch_id in batches:
+                pipe.hgetall(keys.batch(pipeline_id, batch_id))
+            return cast(list[dict[str, str]], await pipe.execute())
+
+    async def _pack(self, batches: list[tuple[str, str]]) -> None:
+        """Packs each of the batches that is stopped, not deleted and not packed yet (one
+        read, then one PACK per batch, pipelined). A batch changed between the two keeps its
+        full form: the next apply of a stop to it packs it."""
+        if not batches:
+            return
+        calls: list[list[Any]] = []
+        for (pipeline_id, batch_id), fields in zip(batches, await self._hashes(batches),
+                                                   strict=True):
+            if fields.get("state") != "stop" or DELETED in fields or PACKED in fields:
+                continue
+            packed = pack(fields)
+            calls.append([1, keys.batch(pipeline_id, batch_id), fields.get("rev", ""),
+                          len(fields), packed[PACKED],
+                          *(name for name in fields if name not in packed)])
+        if calls:
+            await self._run_all(self._pack_script, calls)
+
+    async def _unpack(self, batches: list[tuple[str, str]]) -> None:
+        """Unpacks the batches that are packed (one read, then one UNPACK per batch,
+        pipelined). One packed or unpacked again by another client meanwhile is left as it
+        is: APPLY_EVENTS says so again."""
+        calls: list[list[Any]] = []
+        for (pipeline_id, batch_id), fields in zip(batches, await self._hashes(batches),
+                                                   strict=True):
+            value = fields.get(PACKED)
+            if value is None:
+                continue
+            full = unpacked(fields)
+            calls.append([1, keys.batch(pipeline_id, batch_id), value,
+                          *(x for name, v in full.items() if name not in fields
+                            for x in (name, v))])
+        if calls:
+            await self._run_all(self._unpack_script, calls)
+
+    async def _run_all(self, script: AsyncScript, calls: list[list[Any]]) -> list[Any]:
         try:
-            results = await self._evalsha_all(script.sha, calls)
+            return await self._evalsha_all(script.sha, calls)
         except NoScriptError:
             # Redis lost its scripts (a restart, a failover): every call failed alike, so
             # none ran; load the script and send them again.
             await self.redis.script_load(script.script)
-            results = await self._evalsha_all(script.sha, calls)
-        return dict(zip(order, chain.from_iterable(results), strict=True))
+            return await self._evalsha_all(script.sha, calls)
 
-    async def _evalsha_all(self, sha: str, calls: list[list[Any]]) -> list[list[int]]:
+    async def _evalsha_all(self, sha: str, calls: list[list[Any]]) -> list[Any]:
         """The calls in one round trip. EVALSHA itself rather than the registered script's
         call, which would cost every pipeline a SCRIPT EXISTS round trip first."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for args in calls:
                 pipe.evalsha(sha, *args)
-            results: list[list[int] | Exception] = await pipe.execute(raise_on_error=False)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
         # The first error as Redis sent it: the pipeline would prefix its text, and callers
         # read the code it starts with (BUSY, READONLY...: `core.retry.classify`).
         for result in results:
             if isinstance(result, Exception):
                 raise result
-        return cast(list[list[int]], results)
+        return results

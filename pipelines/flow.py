@@ -43,14 +43,16 @@ async def load_definition(settings: Settings, pipeline_id: str, version: str,
     batch is not recorded)."""
     from core import keys
     from core.connections import open_redis
+    from core.packing import unpacked
     from core.registry import PipelineRegistry
     from core.scripts import Scripts
 
     redis = await open_redis(settings)
     try:
         spec = await PipelineRegistry(redis, Scripts(redis)).get(pipeline_id, version)
-        fields = cast(dict[str, str], await redis.hgetall(keys.batch(pipeline_id, batch_id))
-                      if batch_id is not None else {})
+        fields = unpacked(cast(dict[str, str],
+                               await redis.hgetall(keys.batch(pipeline_id, batch_id))
+                               if batch_id is not None else {}))
     finally:
         await redis.aclose()
     if spec is None:

@@ -28,6 +28,7 @@ from core import keys
 from core.connections import open_redis
 from core.layout import running_steps
 from core.models import valid_id
+from core.packing import unpacked
 from core.settings import Settings, get_settings
 from pipelines.publisher import open_publisher
 
@@ -65,7 +66,7 @@ async def projected_running(settings: Settings, pipeline_id: str, batch_id: str)
         fields = cast(dict[str, str], await redis.hgetall(keys.batch(pipeline_id, batch_id)))
     finally:
         await redis.aclose()
-    return running_steps(fields)
+    return running_steps(unpacked(fields))
 
 
 async def unfinished_steps(settings: Settings, flow_run: FlowRun, pipeline_id: str,

@@ -42,6 +42,7 @@ import orjson
 from redis.asyncio import Redis
 
 from core.layout import is_visible, published_fields, render
+from core.packing import unpacked
 from service.cache_feed import CacheFeed
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,9 @@ def etag_of(body: bytes) -> str:
 
 def published_body(published: str) -> bytes | None:
     """The API's body for a published batch hash; None if the batch is hidden."""
+    # Never packed today (APPLY_EVENTS publishes the hashes it changes, never a packed
+    # one), and read as the store reads a hash if that changes.
     fields = published_fields(published)
     if not is_visible(fields):
         return None
-    return orjson.dumps(render(fields))
+    return orjson.dumps(render(unpacked(fields)))

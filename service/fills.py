@@ -23,6 +23,7 @@ import orjson
 
 from core import keys
 from core.layout import is_visible, render
+from core.packing import unpacked
 from core.store import BatchStore
 from service.cache import BatchCache
 
@@ -95,7 +96,7 @@ class BatchFills:
                 future.set_result(None)
                 continue
             try:
-                body = orjson.dumps(render(fields))
+                body = orjson.dumps(render(unpacked(fields)))
             except Exception as exc:  # a malformed hash: that request's 500, not everyone's
                 future.set_exception(exc)
                 future.exception()

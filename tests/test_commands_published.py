@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -28,6 +28,7 @@ from consumers.plumbing import dlq
 from core import keys
 from core.codec import CodecError, Run, decode_command
 from core.models import PipelineSpec
+from core.packing import unpacked
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.settings import Settings
@@ -334,7 +335,8 @@ async def test_the_readme_aiokafka_example_starts_and_stops_a_batch(ctx: Ctx, ro
         assert await process.wait() == 0
         ctx.sent += 2
         await ctx.all_processed()
-    fields = await ctx.redis.hgetall(keys.batch("pipeline-sales", batch_id))
+    fields = unpacked(cast(dict[str, str],
+                           await ctx.redis.hgetall(keys.batch("pipeline-sales", batch_id))))
     assert (fields["state"], fields["outcome"]) == ("stop", "cancelled")
     assert orjson.loads(fields["config"])["extract"]["rows"] == 5000
     assert ctx.none_dead_lettered(consumer)

@@ -15,6 +15,7 @@ from consumers.plumbing import dlq
 from core import keys
 from core.codec import Event
 from core.connections import open_producer
+from core.packing import unpacked
 from core.settings import Settings
 from core.store import script_entries
 from tests.conftest import eventually
@@ -54,8 +55,8 @@ class Ctx:
             await producer.stop()
 
     async def fields(self, batch_id: str) -> dict[str, str]:
-        return cast(dict[str, str],
-                    await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id)))
+        return unpacked(cast(dict[str, str],
+                             await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))))
 
     async def processed(self, count: int) -> None:
         async def done() -> bool:

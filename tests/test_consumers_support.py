@@ -26,6 +26,7 @@ from core import keys
 from core.codec import Command
 from core.connections import open_producer
 from core.models import TAG_BATCH_PREFIX, PipelineSpec, new_batch_id
+from core.packing import unpacked
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.settings import Settings
@@ -193,4 +194,5 @@ class PipelineCtx:
 
     async def fields(self, batch_id: str) -> dict[str, str]:
         # The test clients decode responses: every field and value is a str.
-        return cast(dict[str, str], await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id)))
+        return unpacked(cast(dict[str, str],
+                             await self.redis.hgetall(keys.batch(self.pipeline_id, batch_id))))

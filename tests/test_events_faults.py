@@ -24,6 +24,7 @@ from consumers.plumbing import dlq
 from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis
+from core.packing import unpacked
 from core.settings import Settings
 from tests.conftest import PrivateRedis, eventually, free_port
 from tests.helpers import read_topic
@@ -179,7 +180,8 @@ async def test_readonly_oom_and_busy_redis_are_waited_out_with_nothing_lost(
         assert consumer.dead == 0 and await dead_letters(settings) == 0
         assert consumer.applied == stream.sent
         for batch_id in stream.batch_ids:
-            fields = await admin.hgetall(keys.batch(stream.pipeline_id, batch_id))
+            fields = unpacked(cast(dict[str, str],
+                                   await admin.hgetall(keys.batch(stream.pipeline_id, batch_id))))
             assert (fields["state"], fields["outcome"], fields["flow_run_id"]) == (
                 "stop", "completed", f"fr-{batch_id}")
             for step, top in zip(STEPS, (100, 70, 30), strict=True):

@@ -1,0 +1,116 @@
+"""PACK and UNPACK (core.pack_scripts) on a real Redis: each writes only over the hash it
+was computed from (compare-and-set). That they publish nothing: tests/test_store_packing.py."""
+
+from __future__ import annotations
+
+import random
+from typing import Any, cast
+
+import pytest
+from redis.asyncio import Redis
+
+from core.pack_scripts import PACK, UNPACK
+from core.packing import PACKED, pack, unpacked
+from tests.test_packing import finished
+
+KEY = "dhub:{pipe}:batch:batch-1"
+
+
+async def pack_call(redis: Redis, read: dict[str, str], **change: Any) -> int:
+    """PACK as core.store calls it, with the hash as `read` (possibly not what Redis holds)."""
+    packed = pack(read)
+    args = [change.get("rev", read["rev"]), change.get("count", len(read)), packed[PACKED],
+            *(name for name in read if name not in packed)]
+    return int(await redis.eval(PACK, 1, KEY, *args))
+
+
+async def unpack_call(redis: Redis, read: dict[str, str], value: str | None = None) -> int:
+    full = unpacked(read)
+    args = [value or read[PACKED],
+            *(x for name, v in full.items() if name not in read for x in (name, v))]
+    return int(await redis.eval(UNPACK, 1, KEY, *args))
+
+
+async def put(redis: Redis, fields: dict[str, str]) -> None:
+    await redis.hset(KEY, mapping=cast(Any, fields))
+
+
+async def stored(redis: Redis) -> dict[str, str]:
+    return cast(dict[str, str], await redis.hgetall(KEY))
+
+
+@pytest.fixture
+async def batch(redis: Redis) -> dict[str, str]:
+    fields = finished(random.Random(7))
+    await put(redis, fields)
+    return fields
+
+
+async def test_pack_replaces_the_packed_fields_and_unpack_restores_them(
+        redis: Redis, batch: dict[str, str]) -> None:
+    assert await pack_call(redis, batch) == 1
+    held = await stored(redis)
+    assert held == pack(batch)
+    assert unpacked(held) == batch
+    assert await unpack_call(redis, held) == 1
+    assert await stored(redis) == batch
+
+
+async def test_pack_leaves_a_hash_changed_since_it_was_read(redis: Redis,
+                                                          batch: dict[str, str]) -> None:
+    # An event applied meanwhile bumped rev.
+    await put(redis, {"rev": "42", "off:load:partition_0": "1"})
+    assert await pack_call(redis, batch) == 0
+    # A field dropped without a bump (a stopped batch's seen_n): the count differs.
+    await redis.hset(KEY, "rev", batch["rev"])
+    await redis.hdel(KEY, "moved:load")
+    assert await pack_call(redis, batch) == 0
+    assert PACKED not in await stored(redis)
+
+
+@pytest.mark.parametrize("change", [{"state": "running"}, {"deleted": "1"}])
+async def test_pack_leaves_a_batch_not_stopped_or_deleted(redis: Redis, batch: dict[str, str],
+                                                          change: dict[str, str]) -> None:
+    read = {**batch, **change}
+    await put(redis, change)
+    assert await pack_call(redis, read) == 0
+    assert await stored(redis) == read
+
+
+async def test_pack_keeps_a_plain_field_written_meanwhile(redis: Redis,
+                                                         batch: dict[str, str]) -> None:
+    # A later stop with the same outcome writes stop_ts without bumping rev.
+    await redis.hset(KEY, "stop_ts", "1796223399.5")
+    assert await pack_call(redis, batch) == 1
+    assert unpacked(await stored(redis)) == {**batch, "stop_ts": "1796223399.5"}
+
+
+async def test_pack_twice_packs_once(redis: Redis, batch: dict[str, str]) -> None:
+    assert await pack_call(redis, batch) == 1
+    held = await stored(redis)
+    assert await pack_call(redis, batch) == 0  # `packed` is there: the count matches no more
+    assert await stored(redis) == held
+
+
+async def test_unpack_leaves_a_hash_unpacked_or_packed_again_meanwhile(
+        redis: Redis, batch: dict[str, str]) -> None:
+    assert await pack_call(redis, batch) == 1
+    held = await stored(redis)
+    assert await unpack_call(redis, held) == 1
+    assert await unpack_call(redis, held) == 0  # unpacked already: nothing written
+    assert await stored(redis) == batch
+    changed = {**batch, "rev": "50", "reason": "Late"}
+    await put(redis, changed)
+    assert await pack_call(redis, changed) == 1
+    assert await unpack_call(redis, held) == 0  # packed again with other content
+    assert unpacked(await stored(redis)) == changed
+
+
+async def test_unpack_keeps_a_field_written_beside_the_packed_ones(
+        redis: Redis, batch: dict[str, str]) -> None:
+    assert await pack_call(redis, batch) == 1
+    await redis.hset(KEY, "reason", "abandoned")
+    held = await stored(redis)
+    assert await unpack_call(redis, held) == 1
+    assert await stored(redis) == {**batch, "reason": "abandoned"}
+

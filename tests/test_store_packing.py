@@ -1,0 +1,254 @@
+"""BatchStore packs a finished batch (core.packing) and unpacks it for a late event, on a
+real Redis: every answer stays the same, and no caller of `apply` sees the packed form."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from core import keys
+from core.codec import Event
+from core.layout import published_fields, render
+from core.models import new_batch_id
+from core.packing import PACKED, PLAIN, unpacked
+from core.scripts import Scripts
+from core.settings import Settings
+from core.store import BatchStore
+from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
+
+P = "pipe"
+T0 = 1_760_000_000.123456
+PARTS = [f"partition_{n}" for n in range(8)]
+STEPS = ("extract", "transform", "load")
+
+
+@pytest.fixture
+async def store(redis: Redis, scripts: Scripts) -> BatchStore:
+    return BatchStore(redis, scripts, token_secret=b"secret", dedup_window=4)
+
+
+def ev(batch_id: str, kind: str, pipeline_id: str = P, **fields: Any) -> Event:
+    return Event(kind, batch_id, pipeline_id, **fields)
+
+
+def lifecycle(batch_id: str, pipeline_id: str = P, outcome: str = "completed") -> list[Event]:
+    """A batch's whole run, offsets at their totals, then its stop (ts T0 + 10)."""
+    totals = {part: 1000 + 7 * n for n, part in enumerate(PARTS)}
+    out = [ev(batch_id, "batch.state", pipeline_id, state="scheduled", flow_run_id="run-1"),
+           ev(batch_id, "batch.state", pipeline_id, state="running")]
+    for step in STEPS:
+        out += [ev(batch_id, "step.state", pipeline_id, step=step, state="running"),
+                ev(batch_id, "step.offsets", pipeline_id, step=step, offsets=totals,
+                   totals=totals),
+                ev(batch_id, "step.state", pipeline_id, step=step, state="success")]
+    out.append(ev(batch_id, "batch.state", pipeline_id, state="stop", outcome=outcome,
+                  reason=outcome.capitalize(), ts=T0 + 10))
+    return out
+
+
+async def raw(redis: Redis, batch_id: str, pipeline_id: str = P) -> dict[str, str]:
+    return cast(dict[str, str], await redis.hgetall(keys.batch(pipeline_id, batch_id)))
+
+
+async def finished(store: BatchStore, pipeline_id: str = P) -> str:
+    batch_id = new_batch_id()
+    await store.create(pipeline_id, batch_id, spec(), {"config": '{"extract":{"rows":5}}'})
+    assert (await store.apply(lifecycle(batch_id, pipeline_id)))[(pipeline_id, batch_id)] > 0
+    return batch_id
+
+
+def assert_packed(fields: dict[str, str]) -> None:
+    assert PACKED in fields
+    assert set(fields) <= PLAIN | {PACKED}
+
+
+async def answers(store: BatchStore, batch_id: str) -> list[bytes]:
+    """Every read of the batch the API serves, as its bytes."""
+    page = await store.page(P, 10, None)
+    return [orjson.dumps(await store.get(P, batch_id)), orjson.dumps(await store.latest(P)),
+            orjson.dumps(page.items),
+            orjson.dumps(await store.fields(P, batch_id), option=orjson.OPT_SORT_KEYS)]
+
+
+async def test_the_apply_that_stops_a_batch_packs_it(store: BatchStore, redis: Redis) -> None:
+    batch_id = await finished(store)
+    held = await raw(redis, batch_id)
+    assert_packed(held)
+    batch = await store.get(P, batch_id)
+    assert batch is not None
+    assert batch["state"]["state"] == "stop"
+    assert batch["outcome"] == "completed"
+    assert batch["config"] == {"extract": {"rows": 5}}
+    assert batch["state"]["steps"]["load"]["offsets"]["partition_7"] == 1049
+    assert batch["state"]["steps"]["load"]["progress"]["percent"] == 100.0
+    assert not await redis.exists(keys.batch_seen(P, batch_id))
+
+
+async def test_a_running_batch_is_not_packed(store: BatchStore, redis: Redis) -> None:
+    batch_id = new_batch_id()
+    await store.create(P, batch_id, spec())
+    await store.apply(lifecycle(batch_id)[:-1])
+    assert PACKED not in await raw(redis, batch_id)
+
+
+async def test_every_answer_is_the_same_packed_or_not(store: BatchStore, redis: Redis) -> None:
+    batch_id = await finished(store)
+    packed = await answers(store, batch_id)
+    held = await raw(redis, batch_id)
+    await store._unpack([(P, batch_id)])
+    full = await raw(redis, batch_id)
+    assert PACKED not in full
+    assert full == unpacked(held)
+    assert await answers(store, batch_id) == packed
+    await store._pack([(P, batch_id)])
+    assert await raw(redis, batch_id) == held
+    assert await answers(store, batch_id) == packed
+
+
+async def test_a_late_event_is_applied_to_a_packed_batch_which_is_packed_again(
+        store: BatchStore, redis: Redis) -> None:
+    batch_id = await finished(store)
+    before = unpacked(await raw(redis, batch_id))
+    # A late offset beyond the total, and one below it (changes nothing).
+    late = ev(batch_id, "step.offsets", step="load", offsets={"partition_0": 5000,
+                                                               "partition_1": 3})
+    assert await store.apply([late], now="2030-01-01T00:00:00.000Z") == {(P, batch_id): 1}
+    held = await raw(redis, batch_id)
+    assert_packed(held)
+    after = unpacked(held)
+    assert after["off:load:partition_0"] == "5000"
+    assert after["off:load:partition_1"] == before["off:load:partition_1"]
+    assert after["moved:load"] == "2030-01-01T00:00:00.000Z"
+    assert int(after["rev"]) == int(before["rev"]) + 1
+    assert {k: v for k, v in after.items()
+            if k not in ("off:load:partition_0", "moved:load", "rev", "updated_at")} == \
+        {k: v for k, v in before.items()
+         if k not in ("off:load:partition_0", "moved:load", "rev", "updated_at")}
+
+
+async def test_late_stops_follow_the_latest_stop_rule_and_leave_the_batch_packed(
+        store: BatchStore, redis: Redis) -> None:
+    batch_id = await finished(store)
+
+    async def outcome() -> tuple[str | None, str | None]:
+        batch = await store.get(P, batch_id)
+        assert batch is not None
+        return batch["outcome"], batch["reason"]
+
+    # The same stop delivered again, then an older stop: no change.
+    [stop] = [e for e in lifecycle(batch_id) if e.type == "batch.state" and e.state == "stop"]
+    older = ev(batch_id, "batch.state", state="stop", outcome="cancelled", ts=T0 + 5)
+    assert await store.apply([stop]) == {(P, batch_id): 0}
+    assert await store.apply([older]) == {(P, batch_id): 0}
+    assert_packed(await raw(redis, batch_id))
+    assert await outcome() == ("completed", "Completed")
+    # A later stop decides.
+    later = ev(batch_id, "batch.state", state="stop", outcome="failed", reason="disk", ts=T0 + 20)
+    assert await store.apply([later]) == {(P, batch_id): 1}
+    held = await raw(redis, batch_id)
+    assert_packed(held)
+    assert held["outcome"] == "failed"
+    assert await outcome() == ("failed", "disk")
+    failed = cast(list[str], await redis.zrange(keys.batch_outcome_index(P, "failed"), 0, -1))
+    assert failed == [batch_id]
+
+
+async def test_a_poll_mixing_packed_running_and_stopping_batches(store: BatchStore,
+                                                                 redis: Redis) -> None:
+    done = await finished(store)
+    running, stopping = new_batch_id(), new_batch_id()
+    for batch_id in (running, stopping):
+        await store.create(P, batch_id, spec())
+    events = [*lifecycle(running)[:4], *lifecycle(stopping),
+              ev(done, "step.offsets", step="extract", offsets={"partition_2": 9999})]
+    results = await store.apply(events)
+    assert results[(P, done)] == 1 and results[(P, running)] > 0 and results[(P, stopping)] > 0
+    assert PACKED not in await raw(redis, running)
+    assert_packed(await raw(redis, stopping))
+    assert_packed(await raw(redis, done))
+    fields = await store.fields(P, done)
+    assert fields is not None and fields["off:extract:partition_2"] == "9999"
+
+
+async def test_events_of_a_deleted_packed_batch_are_dropped(store: BatchStore,
+                                                           redis: Redis) -> None:
+    batch_id = await finished(store)
+    assert await store.hide(P, batch_id)
+    assert await store.get(P, batch_id) is None
+    late = ev(batch_id, "step.offsets", step="load", offsets={"partition_0": 5000})
+    assert await store.apply([late]) == {(P, batch_id): -1}
+    held = await raw(redis, batch_id)
+    assert PACKED in held and held["deleted"] == "1"
+
+
+async def test_packing_publishes_nothing_and_a_late_change_publishes_the_full_hash(
+        redis: Redis, scripts: Scripts) -> None:
+    channel = f"test-changes-{uuid.uuid4().hex}"
+    store = BatchStore(redis, scripts, token_secret=b"secret", changes_channel=channel)
+    pubsub = redis.pubsub(ignore_subscribe_messages=True)
+    await pubsub.subscribe(channel)
+    try:
+        batch_id = await finished(store)  # create, lifecycle (one APPLY_EVENTS), pack
+        late = ev(batch_id, "step.offsets", step="load", offsets={"partition_0": 5000})
+        await store.apply([late])  # unpack, apply (a change), pack
+        await store.apply([late])  # unpack, apply (no change), pack
+        await redis.publish(channel, "end")  # after every message the scripts published
+        messages: list[str] = []
+        while (message := await pubsub.get_message(timeout=5)) is None or message["data"] != "end":
+            if message is not None:
+                messages.append(message["data"])
+        create, stop, change = messages  # nothing else: not the packs, not the unpacks
+        assert create == keys.batch(P, batch_id)
+        assert stop.startswith(keys.batch(P, batch_id) + "\n")
+        key, _, published = change.partition("\n")
+        assert key == keys.batch(P, batch_id)
+        fields = published_fields(published)
+        assert PACKED not in fields
+        assert render(fields) == render(unpacked(await raw(redis, batch_id)))
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+# -- through the API -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api(topics: Settings, redis: Redis) -> AsyncIterator[TestClient[Any, Any]]:
+    async with api_client(api_settings(topics, api_cache=False)) as client:
+        response = await client.put("/api/v1/pipelines/pipeline-sales", json=spec_body(),
+                                    headers=AUTH)
+        assert response.status == 201
+        yield client
+
+
+async def test_the_api_answers_the_same_for_a_packed_batch(
+        api: TestClient[Any, Any], redis: Redis, scripts: Scripts) -> None:
+    store = BatchStore(redis, scripts, token_secret=b"secret")
+    response = await api.post("/api/v1/batches/pipeline-sales", headers=AUTH)
+    assert response.status == 200, await response.text()
+    batch_id = (await response.json())["item"]
+    await store.apply(lifecycle(batch_id, "pipeline-sales", outcome="failed"))
+    assert_packed(await raw(redis, batch_id, "pipeline-sales"))
+    paths = [f"/api/v1/batches/pipeline-sales/{batch_id}", "/api/v1/batches/pipeline-sales",
+             "/api/v1/batches/pipeline-sales/", "/api/v1/batches/pipeline-sales/?outcome=failed"]
+
+    async def bodies() -> list[bytes]:
+        out = []
+        for path in paths:
+            response = await api.get(path, headers=AUTH)
+            assert response.status == 200, path
+            out.append(await response.read())
+        return out
+
+    packed = await bodies()
+    assert orjson.loads(packed[0])["outcome"] == "failed"
+    assert orjson.loads(packed[0])["state"]["steps"]["load"]["offsets"]["partition_3"] == 1021
+    await store._unpack([("pipeline-sales", batch_id)])
+    assert PACKED not in await raw(redis, batch_id, "pipeline-sales")
+    assert await bodies() == packed
