@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 import msgspec
 
+from core import layout
 from core.messages import (
     ENCODER,
     SCHEMA,
@@ -92,6 +93,13 @@ class Creation(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                              "ids are [A-Za-z0-9._-]{1,128}")
 
 
+# The fields a create may add to a fresh batch's (`core.layout`: the effective config, a
+# resumed batch's origin, steps done, offsets, totals and work done before the resume).
+_RECORDED_FIELDS: Final = frozenset({layout.CONFIG, layout.RESUMED_FROM})
+_RECORDED_PREFIXES: Final = (layout.STEP_PREFIX, layout.OFFSET_PREFIX, layout.TOTAL_PREFIX,
+                             layout.RESUMED_PREFIX)
+
+
 class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What the API recorded in Redis for the batch it asks to run: its place in the
     pipeline's order, its creation time and its fields beyond a fresh batch's (effective
@@ -110,6 +118,10 @@ class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if self.seq < 1:
             raise CodecError(f"invalid recorded.seq {self.seq}: a batch's sequence starts at 1")
+        # Only what a create adds to a fresh batch: a rebuild writes these fields as they are.
+        for name in self.extra:
+            if name not in _RECORDED_FIELDS and not name.startswith(_RECORDED_PREFIXES):
+                raise CodecError(f"invalid recorded.extra field {name[:140]!r}")
 
 
 class Run(Command, tag="run", kw_only=True):

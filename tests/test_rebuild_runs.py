@@ -7,11 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
 from consumers.commands import CommandsConsumer
 from consumers.plumbing.scope import serving
 from consumers.rebuild import rebuild
 from core import keys
+from core.codec import CodecError
 from core.command_messages import Command, Recorded, Run
 from core.connections import open_redis
 from core.restore_runs import from_run_commands
@@ -135,6 +137,13 @@ def _run(batch_id: str, version: str, seq: int, at: str) -> Run:
                   recorded=Recorded(seq=seq, created_at=at, extra={"config": "{}"}))
     assert isinstance(command, Run)
     return command
+
+
+def test_a_recorded_run_names_only_the_fields_a_create_adds() -> None:
+    Recorded(seq=1, created_at="t", extra={"config": "{}", "off:load:p0": "3"})
+    for bad in ({"state": "stop"}, {"id": "other"}, {"deleted": "1"}):
+        with pytest.raises(CodecError, match=r"recorded\.extra"):
+            Recorded(seq=1, created_at="t", extra=bad)
 
 
 def test_a_restore_from_runs_skips_held_purged_and_unknown_and_keeps_created_at_ordered() -> None:
