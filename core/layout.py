@@ -115,6 +115,13 @@ def creation_fields(pipeline_id: str, batch_id: str, spec: PipelineSpec, created
     return fields
 
 
+def registered_config(spec: PipelineSpec) -> str:
+    """The `config` field of a batch run with its version's registered config as it is (a run
+    without overrides: not checked again, so a version registered before a step's model was
+    tightened runs as it always did)."""
+    return orjson.dumps({step.name: dict(step.config) for step in spec.steps}).decode()
+
+
 def is_visible(fields: dict[str, str] | None) -> TypeIs[dict[str, str]]:
     """The batch exists and is not hidden (deleted or abandoned)."""
     return fields is not None and bool(fields) and DELETED not in fields

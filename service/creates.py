@@ -126,10 +126,8 @@ class _Capture(Scripts):
 
 async def _capture(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> _Template:
     capture = _Capture(store.scripts)
-    # A run without a body runs with the registered config as it is (not checked again: a
-    # version registered before a model was tightened runs as it always did).
     await BatchStore(store.redis, capture, token_secret=b"unused", changes_channel="").create(
-        pipeline_id, _ID_MARK, spec, extra={layout.CONFIG: registered_config(spec)})
+        pipeline_id, _ID_MARK, spec, extra={layout.CONFIG: layout.registered_config(spec)})
     [(batch_keys, args)] = capture.calls
     if batch_keys[0] != keys.batch(pipeline_id, _ID_MARK):
         raise RuntimeError(f"BatchStore.create's first key is not the batch: {batch_keys[0]}")
@@ -155,11 +153,6 @@ async def _template(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> 
         template = await _capture(store, pipeline_id, spec)
     _bounded(templates)[(pipeline_id, spec.version)] = template
     return template
-
-
-def registered_config(spec: PipelineSpec) -> str:
-    """The `config` field of a batch run with the version's registered config as it is."""
-    return orjson.dumps({step.name: dict(step.config) for step in spec.steps}).decode()
 
 
 def config_pair(config: Mapping[str, Any]) -> bytes:
@@ -199,7 +192,7 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
              keys.CHANGES_CHANNEL])
         if not isinstance(reply, list):
             config_json = (orjson.dumps(effective).decode() if effective is not None
-                           else registered_config(spec))
+                           else layout.registered_config(spec))
             return Created(spec, Recorded(seq=int(reply), created_at=now,
                                           extra={layout.CONFIG: config_json}))
         spec = await latest_spec(registry, pipeline_id, reply[0])

@@ -165,8 +165,8 @@ async def test_a_published_run_takes_the_latest_version_unless_it_names_one(ctx:
         await ctx.all_processed()
     assert (await ctx.fields(latest))["pipeline_version"] == "2"
     assert (await ctx.fields(named))["pipeline_version"] == "1"
-    # No overrides: recorded as a POST without a body records it, with no config field.
-    assert "config" not in await ctx.fields(latest)
+    # No overrides: recorded as a POST without a body records it, the registered config.
+    assert orjson.loads((await ctx.fields(latest))["config"]) == REGISTERED
     assert {(await ctx.fields(b))["state"] for b in (latest, named)} == {"scheduled"}
     assert ctx.none_dead_lettered(consumer)
 

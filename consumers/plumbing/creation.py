@@ -3,8 +3,8 @@
 Such a command carries `create` (core.command_messages.Creation): the batch is created as a
 POST would create it — the pipeline version (the latest unless named) looked up, the config
 overrides checked by `core.run_config.effective_config`, the batch recorded by
-`BatchStore.create` with its effective config in the hash's `config` field when it overrides
-any — unless it exists.
+`BatchStore.create` with its effective config in the hash's `config` field (the registered
+one as it is when it overrides none) — unless it exists.
 
 The publisher chooses the id, so the same id twice is the same batch: a command delivered or
 published again finds the batch and goes on to its (idempotent) run; one that asks for
@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.codec import Run
-from core.layout import CONFIG, config_of, is_visible
+from core.layout import CONFIG, config_of, is_visible, registered_config
 from core.models import PipelineSpec
 from core.registry import PipelineRegistry
 from core.retry import Permanent
@@ -125,11 +125,11 @@ class Creations:
         return is_visible(fields)
 
     async def _create(self, command: Run, spec: PipelineSpec, claim: Claim) -> None:
-        # As the POST records it: the effective config when the run overrides any, else
-        # nothing (the batch runs with the registered config, and shows none).
+        # As the POST records it: the effective config when the run overrides any, else the
+        # registered config as it is.
         creation = command.creation
-        extra = ({CONFIG: orjson.dumps(claim.config).decode()}
-                 if creation is not None and creation.config else {})
+        extra = {CONFIG: orjson.dumps(claim.config).decode() if creation is not None
+                 and creation.config else registered_config(spec)}
         if await self.store.create(command.pipeline_id, command.batch_id, spec, extra):
             log.info("run %s: batch created for its publisher (%s %s)", command.batch_id,
                      command.pipeline_id, spec.version)
