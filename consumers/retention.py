@@ -1,24 +1,31 @@
 """The retention sweeper: finished batches removed `DHUB_BATCH_RETENTION_DAYS` after their stop.
 
-Each pipeline keeps a finished index (`keys.batch_finished_index`: batch id -> the unix time
-APPLY_EVENTS saw it reach `stop`; hide and purge take a batch out). A round reads, per
-registered pipeline (`keys.PIPELINES`: the registry's few ids, so no second global set to keep
-in step), only the expired entries — `ZRANGEBYSCORE -inf <now - retention> LIMIT n` — and for
-each writes the snapshot topic's tombstone, then purges the batch (`BatchStore.purge`: its
-hash, seen ids, every index entry, and the change message that evicts it from the API's
-caches). A round costs O(pipelines + log n + expired), whatever the history.
+Each pipeline keeps its finished batches' ids in one bucket per UTC hour of their stop
+(`keys.batch_finished_hour`: a list, appended by APPLY_EVENTS at the stop, ~30 bytes a
+batch), and the hours that have a bucket in a sorted set (`keys.batch_finished_index`). A
+round reads, per registered pipeline (`keys.PIPELINES`: the registry's few ids, so no second
+global set to keep in step), only the expired hours — a bucket expires whole once its hour
+ended the retention ago, so a batch is kept between the retention and the retention plus one
+hour — and from each the ids at its head: those whose batch is still there, stopped and not
+hidden get the snapshot topic's tombstone, then are purged (`BatchStore.purge`: its hash,
+seen ids, every index entry, and the change message that evicts it from the API's caches);
+the others are skipped (a hidden batch is the delete's clean-up to purge, a gone one was
+purged). Then the ids read leave the bucket (`TRIM_BUCKET`), and an emptied bucket's hour
+leaves the index. Hide and purge never touch a bucket. A round costs O(pipelines + log hours
++ expired), whatever the history.
 
-Every step is idempotent (a tombstone again, a purge of a purged batch), so any number of
-sweepers may run, one per events process, with no lock. The tombstone goes first: a sweeper
-dying between the two leaves the batch indexed, and the next round does both again; the other
-order could leave a snapshot nothing would ever tombstone. A late event's snapshot racing
-the tombstone could still bring the batch back in a rebuild: it comes back stopped and old,
-and is swept again (the rebuilt finished index is filled from the hashes, `backfill`).
+Every step is idempotent (a tombstone again, a purge of a purged batch, a trim that finds the
+bucket's head changed does nothing), so any number of sweepers may run, one per events
+process, with no lock. The tombstone goes first and the trim last: a sweeper dying between
+them leaves the ids in their bucket, and the next round does it all again; the other order
+could leave a snapshot nothing would ever tombstone. A late event's snapshot racing the
+tombstone could still bring the batch back in a rebuild: it comes back stopped and old, and
+is swept again (a rebuild buckets the restored stopped batches: `core.paging.ensure_finished`).
 
-Stopped batches from before the finished index (or restored by a rebuild, which writes hashes
-only) are indexed once per pipeline from its `stop` state index, scored by their
-`updated_at` (their last change, at or after their stop), then the marker
-`keys.batch_finished_indexed` is set.
+Stopped batches in no bucket (from before the buckets, or restored by a rebuild that did not
+bucket them) are bucketed once per pipeline by the hour of their `updated_at` (their last
+change, at or after their stop), then the marker `keys.batch_finished_indexed` is set
+(`core.paging.ensure_finished`, which also deletes the older finished index).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from redis.asyncio import Redis
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from core import keys
+from core.paging import ensure_finished
 from core.retry import describe
 from core.settings import Settings
 from core.snapshots import SnapshotWriter
@@ -41,6 +49,7 @@ from core.store import BatchStore
 
 log = logging.getLogger(__name__)
 DAY_S = 86_400
+HOUR_S = 3_600
 
 
 class RetentionSweeper(Part):
@@ -89,31 +98,34 @@ class RetentionSweeper(Part):
         return removed
 
     async def _sweep(self, pipeline_id: str, cutoff: float) -> int:
-        """Up to `retention_batch` expired batches of the pipeline (the rest next round)."""
-        expired = cast(list[str], await self.redis.zrangebyscore(
-            keys.batch_finished_index(pipeline_id), "-inf", cutoff,
-            start=0, num=self.options.retention_batch))
-        for batch_id in expired:
-            await self.snapshots.tombstone(pipeline_id, batch_id)
-            await self.store.purge(pipeline_id, batch_id)
-        self._more = self._more or len(expired) >= self.options.retention_batch
-        return len(expired)
+        """Up to `retention_batch` ids of the pipeline's expired buckets (the rest next round)."""
+        budget = self.options.retention_batch
+        hours = cast(list[str], await self.redis.zrangebyscore(
+            keys.batch_finished_index(pipeline_id), "-inf", cutoff - HOUR_S,
+            start=0, num=budget))
+        removed = 0
+        for hour in hours:
+            bucket = keys.batch_finished_hour(pipeline_id, hour)
+            ids = cast(list[str], await self.redis.lrange(bucket, 0, budget - 1))
+            unique = list(dict.fromkeys(ids))  # a batch bucketed twice (a backfill's race)
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for batch_id in unique:
+                    pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "deleted")
+                found = cast(list[list[str | None]], await pipe.execute())
+            for batch_id, (state, deleted) in zip(unique, found, strict=True):
+                if state == "stop" and deleted is None:
+                    await self.snapshots.tombstone(pipeline_id, batch_id)
+                    await self.store.purge(pipeline_id, batch_id)
+                    removed += 1
+            await self.store.scripts.trim_bucket(
+                keys=[bucket, keys.batch_finished_index(pipeline_id)],
+                args=[hour, len(ids), ids[-1] if ids else ""])
+            budget -= len(ids)
+            if budget <= 0:
+                self._more = True
+                break
+        return removed
 
     async def backfill(self, pipeline_id: str) -> None:
-        """Indexes the pipeline's stopped batches that predate the finished index, once."""
-        marker = keys.batch_finished_indexed(pipeline_id)
-        if await self.redis.exists(marker):
-            return
-        stopped = keys.batch_state_index(pipeline_id, "stop")
-        low: float | str = "-inf"
-        while True:
-            rows = cast(list[tuple[str, float]], await self.redis.zrangebyscore(
-                stopped, low, "+inf", start=0, num=500, withscores=True))
-            if not rows:
-                break
-            ids = [batch_id for batch_id, _ in rows]
-            await self.store.scripts.backfill_finished(
-                keys=[keys.batch_finished_index(pipeline_id),
-                      *(keys.batch(pipeline_id, batch_id) for batch_id in ids)], args=ids)
-            low = f"({rows[-1][1]:.0f}"  # sequences are distinct integers
-        await self.redis.set(marker, "1")
+        """Buckets the pipeline's stopped batches that predate the finished buckets, once."""
+        await ensure_finished(self.redis, self.store.scripts, pipeline_id)

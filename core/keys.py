@@ -6,6 +6,8 @@ scripts touching them land in one slot on Redis Cluster.
 
 from __future__ import annotations
 
+from typing import Final
+
 from core.models import BATCH_STATES, OUTCOMES
 
 PREFIX = "dhub"
@@ -49,49 +51,86 @@ def batch_index(pipeline_id: str) -> str:
     return f"{_tag(pipeline_id)}:batches"
 
 
+# The states with an index of their own: a batch passes through them, so each holds few
+# batches. `stop`, where every batch ends, has none: a stopped batch always has an outcome
+# (APPLY_EVENTS sets one with the stop), so the `state=stop` page merges the outcome indexes.
+INDEXED_STATES: Final[tuple[str, ...]] = tuple(s for s in BATCH_STATES if s != "stop")
+
+
 def batch_state_index(pipeline_id: str, state: str) -> str:
     """Sorted set batch id -> creation sequence of the visible batches in `state` (the list's
-    `state` filter): a filtered page costs what an unfiltered one does, whatever the history."""
+    `state` filter; `INDEXED_STATES` only): a filtered page costs what an unfiltered one
+    does, whatever the history."""
     return f"{_tag(pipeline_id)}:batches:state:{state}"
 
 
 def batch_outcome_index(pipeline_id: str, outcome: str) -> str:
-    """Sorted set batch id -> creation sequence of the visible batches with that `outcome`."""
+    """Sorted set batch id -> creation sequence of the visible batches with that `outcome`
+    (every visible stopped batch is in exactly one)."""
     return f"{_tag(pipeline_id)}:batches:outcome:{outcome}"
 
 
 def batch_filter_indexes(pipeline_id: str) -> list[str]:
-    """Every state's index (in `BATCH_STATES` order), then every outcome's (`OUTCOMES`
-    order): the scripts that move or hide a batch are given them all (Redis Cluster needs a
-    script's keys named), and find a state's or an outcome's by its position."""
-    return ([batch_state_index(pipeline_id, state) for state in BATCH_STATES]
+    """Every indexed state's index (`INDEXED_STATES` order), then every outcome's
+    (`OUTCOMES` order): the scripts that move or hide a batch are given them all (Redis
+    Cluster needs a script's keys named), and find a state's or an outcome's by its position."""
+    return ([batch_state_index(pipeline_id, state) for state in INDEXED_STATES]
             + [batch_outcome_index(pipeline_id, outcome) for outcome in OUTCOMES])
 
 
 def batch_created_index(pipeline_id: str) -> str:
-    """Sorted set, every score 0, of `<created_at>|<seq, 16 digits>`, one member per visible
-    batch: ZRANGEBYLEX turns the list's `created_after`/`created_before` into sequence bounds
-    in O(log n). `created_at` is fixed-width (`2026-12-02T14:08:13.123Z`) and never decreases
-    along the sequence (CREATE_BATCH raises one that would), so the members' order is the
-    sequence's."""
+    """The retired created index (a lex-ordered sorted set `<created_at>|<seq>`; the list's
+    created bounds are now binary searches of the batch index, `core.list_scripts.PAGE_RANGE`).
+    No script reads or writes it: its name stays in the KEYS layouts `core.store` builds
+    (CREATE_BATCH, HIDE_BATCH, PURGE_BATCH, ABANDON_BATCH keep its slot), and the backfill
+    deletes an old database's (`batch_retired_keys`)."""
     return f"{_tag(pipeline_id)}:batches:created"
 
 
+# The last part of the finished index's name; a finished bucket's last part is its hour.
+FINISHED_HOURS: Final = "hours"
+
+
+def batch_finished_hour(pipeline_id: str, hour: str) -> str:
+    """List of the ids of the batches that reached `stop` in that UTC hour (`YYYYMMDDHH`),
+    in stop order (RPUSH by APPLY_EVENTS): the retention sweeper's buckets, a listpack
+    entry (~30 bytes) per finished batch. Hide and purge leave an id in its bucket: the
+    sweeper skips ids whose batch is gone or hidden. Lua builds the same name from the
+    finished index's (`core.list_scripts.HOURS_LUA`)."""
+    return f"{_tag(pipeline_id)}:batches:finished:{hour}"
+
+
 def batch_finished_index(pipeline_id: str) -> str:
-    """Sorted set batch id -> when it reached `stop` (unix seconds), one member per visible
-    stopped batch: the retention sweeper reads only the expired ones (ZRANGEBYSCORE up to
-    now minus the retention), so a round costs O(log n + expired) whatever the history."""
-    return f"{_tag(pipeline_id)}:batches:finished"
+    """Sorted set hour (`YYYYMMDDHH`) -> its start (unix seconds), one member per hour that
+    has a bucket (`batch_finished_hour`): the sweeper finds its expired buckets with one
+    ZRANGEBYSCORE, and a round costs O(log hours + expired) whatever the history."""
+    return batch_finished_hour(pipeline_id, FINISHED_HOURS)
+
+
+# The finished buckets' marker's name after the pipeline's hash tag (CREATE_BATCH builds it).
+FINISHED_INDEXED: Final = "batches:finished:indexed:2"
 
 
 def batch_finished_indexed(pipeline_id: str) -> str:
-    """Set once the finished index holds every stopped batch that predates it."""
-    return f"{_tag(pipeline_id)}:batches:finished:indexed"
+    """Set once the finished buckets hold every stopped batch that predates them: by the
+    backfill (`core.paging.ensure_finished`), or by the pipeline's first create
+    (CREATE_BATCH: no batch predates it, and the sweeper's backfill would bucket the
+    pipeline's stopped batches a second time)."""
+    return f"{_tag(pipeline_id)}:{FINISHED_INDEXED}"
 
 
 def batch_indexes_built(pipeline_id: str) -> str:
-    """Set once the filter and created indexes hold every batch that predates them."""
-    return f"{_tag(pipeline_id)}:batches:indexed"
+    """Set once the filter indexes hold every batch that predates them."""
+    return f"{_tag(pipeline_id)}:batches:indexed:2"
+
+
+def batch_retired_keys(pipeline_id: str) -> list[str]:
+    """The list's keys from before the finished buckets (issue 12: a finished batch in at
+    most 1 KB): the `stop` state index, the created index, the finished sorted set (id ->
+    stop time) and their markers. The backfills delete them (`core.paging`)."""
+    return [batch_state_index(pipeline_id, "stop"), batch_created_index(pipeline_id),
+            f"{_tag(pipeline_id)}:batches:finished", f"{_tag(pipeline_id)}:batches:indexed",
+            f"{_tag(pipeline_id)}:batches:finished:indexed"]
 
 
 def batch_seq(pipeline_id: str) -> str:

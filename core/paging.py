@@ -5,10 +5,16 @@ A page is newest first. Its token holds the sequence of the last batch the page 
 next page continues strictly below it: batches created meanwhile (higher sequences) never
 shift the pages that follow, and a batch that leaves a filtered set (a `running` batch that
 stops) takes nothing else with it. A filter reads its own sorted set (`keys.batch_state_index`,
-`keys.batch_outcome_index`), and `created_after`/`created_before` become sequence bounds
-through `keys.batch_created_index`, so a filtered page costs O(log n + limit) whatever the
-history. Every batch a page returns matches the filter when its hash is read (one that left
-the set between the two reads is dropped: a page may hold fewer than `limit` batches).
+`keys.batch_outcome_index`); `state=stop`, which has none, merges the outcome indexes (every
+stopped batch has an outcome) in one script, and `created_after`/`created_before` become
+sequence bounds by a binary search of the batch index in the same script
+(`core.list_scripts.PAGE_RANGE`). A filtered page costs O(log n + limit) whatever the history
+(`state=stop`: O(k log n + limit) for the k outcomes; a created bound: O(log² n) more).
+Every batch a page returns matches the filter when its hash is read (one that left the set
+between the two reads is dropped: a page may hold fewer than `limit` batches).
+
+Also here, as the list's indexes are: the backfill of the retention's finished buckets
+(`ensure_finished`), which the sweeper and a rebuild run.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, cast
@@ -141,22 +147,17 @@ class Pager:
             return Page(items={}, token=None)
         if where.active:
             await self.ensure_indexes(pipeline_id)
-        if where.outcome is not None:
-            ranked = keys.batch_outcome_index(pipeline_id, where.outcome)
-        elif where.state is not None:
-            ranked = keys.batch_state_index(pipeline_id, where.state)
-        else:
-            ranked = keys.batch_index(pipeline_id)
-        if where.created_after is None and where.created_before is None:
+        ranked = _ranked(pipeline_id, where)
+        bounded = where.created_after is not None or where.created_before is not None
+        if len(ranked) == 1 and not bounded:
             rows = cast(list[tuple[str, float]], await self._redis.zrevrangebyscore(
-                ranked, f"({below}" if below is not None else "+inf", "-inf",
+                ranked[0], f"({below}" if below is not None else "+inf", "-inf",
                 start=0, num=limit + 1, withscores=True))
         else:
             flat = cast(list[str], await self._scripts.page_range(
-                keys=[ranked, keys.batch_created_index(pipeline_id)],
-                args=[below - 1 if below is not None else "+inf",
-                      f"[{where.created_after}" if where.created_after else "-",
-                      f"({where.created_before}" if where.created_before else "+", limit + 1]))
+                keys=[keys.batch_index(pipeline_id), *ranked],
+                args=[below - 1 if below is not None else "+inf", where.created_after or "",
+                      where.created_before or "", limit + 1, keys.batch(pipeline_id, "")]))
             rows = [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
         more = len(rows) > limit
         rows = rows[:limit]
@@ -198,21 +199,20 @@ class Pager:
         self._indexed.add(pipeline_id)
 
     async def backfill(self, pipeline_id: str) -> int:
-        """Puts every batch of the batch index in the created and filter indexes its hash
-        says (idempotent: BACKFILL_INDEXES). Returns how many batches the index held."""
-        index = keys.batch_index(pipeline_id)
-        head = [keys.batch_created_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id)]
-        low, total = "-inf", 0
-        while True:
-            rows = cast(list[tuple[str, float]], await self._redis.zrangebyscore(
-                index, low, "+inf", start=0, num=BACKFILL_CHUNK, withscores=True))
-            if not rows:
-                return total
+        """Puts every batch of the batch index in the filter indexes its hash says
+        (idempotent: BACKFILL_INDEXES), then deletes the indexes an older version kept
+        (`keys.batch_retired_keys`: UNLINK, freed off Redis's main thread). Returns how many
+        batches the index held."""
+        head = keys.batch_filter_indexes(pipeline_id)
+        total = 0
+        async for rows in _chunks(self._redis, pipeline_id):
             await self._scripts.backfill_indexes(
                 keys=[*head, *(keys.batch(pipeline_id, batch_id) for batch_id, _ in rows)],
                 args=[x for batch_id, seq in rows for x in (batch_id, int(seq))])
             total += len(rows)
-            low = f"({int(rows[-1][1])}"
+        if total:
+            await self._redis.unlink(*keys.batch_retired_keys(pipeline_id))
+        return total
 
     # -- tokens --------------------------------------------------------------------------
 
@@ -247,3 +247,45 @@ class Pager:
         if not isinstance(seq, int) or seq < 1:
             raise BadToken("malformed token")
         return seq
+
+
+def _ranked(pipeline_id: str, where: ListFilter) -> list[str]:
+    """The sorted sets a page of `where` merges (before its created bounds)."""
+    if where.outcome is not None:
+        return [keys.batch_outcome_index(pipeline_id, where.outcome)]
+    if where.state == "stop":  # no index of its own: every stopped batch has an outcome
+        return [keys.batch_outcome_index(pipeline_id, outcome) for outcome in OUTCOMES]
+    if where.state is not None:
+        return [keys.batch_state_index(pipeline_id, where.state)]
+    return [keys.batch_index(pipeline_id)]
+
+
+async def _chunks(redis: Redis, pipeline_id: str) -> AsyncIterator[list[tuple[str, float]]]:
+    """The batch index, (id, sequence) rows in sequence order, BACKFILL_CHUNK at a time."""
+    index, low = keys.batch_index(pipeline_id), "-inf"
+    while True:
+        rows = cast(list[tuple[str, float]], await redis.zrangebyscore(
+            index, low, "+inf", start=0, num=BACKFILL_CHUNK, withscores=True))
+        if not rows:
+            return
+        yield rows
+        low = f"({int(rows[-1][1])}"
+
+
+async def ensure_finished(redis: Redis, scripts: Scripts, pipeline_id: str) -> int:
+    """Once per pipeline (marker `keys.batch_finished_indexed`): every stopped batch of the
+    batch index that is in no finished bucket yet — from before the buckets, or restored by
+    a rebuild — is bucketed by the hour of its `updated_at` (BACKFILL_FINISHED), and the
+    indexes an older version kept are deleted. Returns how many it bucketed (0 when marked)."""
+    marker = keys.batch_finished_indexed(pipeline_id)
+    if await redis.exists(marker):
+        return 0
+    done = 0
+    async for rows in _chunks(redis, pipeline_id):
+        done += int(await scripts.backfill_finished(
+            keys=[keys.batch_finished_index(pipeline_id),
+                  *(keys.batch(pipeline_id, batch_id) for batch_id, _ in rows)],
+            args=[batch_id for batch_id, _ in rows]))
+    await redis.unlink(*keys.batch_retired_keys(pipeline_id))
+    await redis.set(marker, "1")
+    return done

@@ -17,7 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from core import keys
-from core.paging import Pager
+from core.paging import Pager, ensure_finished
 from core.registry import PipelineRegistry, Registered
 from core.snapshots import PipelineVersion, Snapshot
 from core.store import BatchStore
@@ -70,8 +70,10 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
                           restored: Restored) -> None:
     """Each batch's hash exactly as snapshotted (its `seq`, `rev`, `created_at`,
     `updated_at` included), the batch index and the sequence counter (the highest `seq`, so
-    new batches continue the order), then the list's other indexes by the store's own
-    backfill. A batch deleted but not yet purged (`hidden`) is hidden again by the store."""
+    new batches continue the order), then the list's filter indexes and the retention's
+    finished buckets by their own backfills (the stopped batches bucketed by the hour of
+    their `updated_at`). A batch deleted but not yet purged (`hidden`) is hidden again by
+    the store."""
     script = redis.register_script(RESTORE_HASHES)
     by_pipeline: dict[str, list[Snapshot]] = defaultdict(list)
     for snap in snapshots:
@@ -92,7 +94,8 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
             if (pipeline_id, snap.batch_id) in hidden:
                 await store.hide(pipeline_id, snap.batch_id)
                 restored.hidden += 1
-        # The created and filter indexes from the hashes (hidden batches skipped), and the
-        # marker that says they are complete.
+        # The filter indexes and the finished buckets from the hashes (hidden batches
+        # skipped), and the markers that say they are complete.
         await pager.ensure_indexes(pipeline_id)
+        await ensure_finished(redis, store.scripts, pipeline_id)
         restored.batches += len(snaps)

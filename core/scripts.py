@@ -13,19 +13,26 @@ from typing import Final
 from redis.asyncio import Redis
 
 from core import list_scripts
+from core.keys import FINISHED_INDEXED, INDEXED_STATES
 from core.layout import BATCH_RANK, STEP_RANK, lua_rank
-from core.list_scripts import CREATED_AT_LUA_PATTERN, EPOCH_LUA, lua_names
-from core.models import BATCH_STATES, OUTCOMES
+from core.list_scripts import CREATED_AT_LUA_PATTERN, HOURS_LUA, lua_names
+from core.models import OUTCOMES
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's sequence counter,
-# KEYS[4] pipeline's created index, KEYS[5] the state index of the new hash's `state`
+# KEYS[4] the retired created index (unused: keys.batch_created_index), KEYS[5] the state
+# index of the new hash's `state`
 # ARGV[1] batch id, ARGV[2..] field, value, field, value, ... of the new hash, `created_at`
 # among them (fixed-width ISO: core.list_scripts.CREATED_AT_LUA_PATTERN)
 # Two creates of a pipeline may reach Redis in another order than their clocks read them
 # (two API processes): the later one then takes the newest batch's `created_at` (and an
-# `updated_at` below it too), so `created_at` never decreases along the sequence, which the
-# created index's bounds rely on. Returns the batch's creation sequence, or 0 when the batch
-# already exists.
+# `updated_at` below it too), so `created_at` never decreases along the batch index, which
+# the list's created bounds rely on (a binary search: core.list_scripts.PAGE_RANGE). The
+# newest batch is the batch index's last member (its hash's name: KEYS[1] with ARGV[1]
+# replaced; the first of the last three that has a `created_at`, should a hash be gone).
+# The pipeline's first batch (sequence 1) sets the finished buckets' marker
+# (keys.batch_finished_indexed: KEYS[3] with its last part replaced): no stopped batch
+# predates the buckets. Returns the batch's creation sequence, or 0 when the batch already
+# exists.
 CREATE_BATCH: Final = f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local at
@@ -35,9 +42,16 @@ end
 if not (at and string.find(at, '{CREATED_AT_LUA_PATTERN}')) then
   return redis.error_reply('CREATE_BATCH: created_at must read like 2026-01-31T23:59:59.999Z')
 end
-local newest = redis.call('ZREVRANGE', KEYS[4], 0, 0)[1]
-if newest and string.sub(newest, 1, -18) > at then at = string.sub(newest, 1, -18) end
+local hash_prefix = string.sub(KEYS[1], 1, #KEYS[1] - #ARGV[1])
+for _, newest in ipairs(redis.call('ZREVRANGE', KEYS[2], 0, 2)) do
+  local newest_at = redis.call('HGET', hash_prefix .. newest, 'created_at')
+  if newest_at then
+    if newest_at > at then at = newest_at end
+    break
+  end
+end
 local seq = redis.call('INCR', KEYS[3])
+if seq == 1 then redis.call('SET', (string.gsub(KEYS[3], '[^:]+$', '{FINISHED_INDEXED}')), '1') end
 local fields = {{}}
 for i = 2, #ARGV, 2 do
   local field, value = ARGV[i], ARGV[i + 1]
@@ -49,13 +63,12 @@ fields[#fields + 1] = 'seq'
 fields[#fields + 1] = seq
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('ZADD', KEYS[4], 0, string.format('%s|%016d', at, seq))
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 return seq
 """
 
-# KEYS: the pipeline's filter indexes (keys.batch_filter_indexes: every state's, then every
-# outcome's; F keys in all), its finished index (KEYS[F+1]: keys.batch_finished_index),
+# KEYS: the pipeline's filter indexes (keys.batch_filter_indexes: every indexed state's, then
+# every outcome's; F keys in all), its finished index (KEYS[F+1]: keys.batch_finished_index),
 # then per batch its hash and its seen-event-ids zset (KEYS[F+2i], KEYS[F+2i+1]): one call
 # applies the events of many batches of one pipeline (their keys share its hash tag), so a
 # poll costs a few calls instead of one per batch.
@@ -82,13 +95,14 @@ return seq
 # read once and written once (what changed, in one HSET): a batch whose data raises an error
 # is left untouched and stops the call there; the batches before it are applied, the others
 # not (the caller applies them again one by one: every rule above is idempotent). A batch
-# whose state or outcome changed moves between the filter indexes (a ZREM and a ZADD); the
-# hot path, a batch's offsets, touches no index. A batch reaching `stop` enters the finished
-# index scored by ARGV[1] (unix seconds): the retention sweeper's list, in stop order.
+# whose state or outcome changed moves between the filter indexes (a ZREM and a ZADD; `stop`
+# has no state index: its outcome's holds it); the hot path, a batch's offsets, touches no
+# index. A batch reaching `stop` is appended to the finished bucket of ARGV[1]'s hour (the
+# retention sweeper's: core.list_scripts.HOURS_LUA), once: the state reaches `stop` once.
 _APPLY_EVENTS_TEXT: Final = """
 local BATCH_RANK = BATCH_RANK_TABLE
 local STEP_RANK = STEP_RANK_TABLE
-local STATES, OUTCOMES = STATE_NAMES, OUTCOME_NAMES
+local STATES, OUTCOMES = STATE_NAMES, OUTCOME_NAMES  -- the indexed states (not stop)
 local state_index, outcome_index = {}, {}
 for n, name in ipairs(STATES) do state_index[name] = KEYS[n] end
 for n, name in ipairs(OUTCOMES) do outcome_index[name] = KEYS[#STATES + n] end
@@ -241,7 +255,7 @@ local function apply(hash, seen, events)
   if id and seq and state ~= state0 then
     if state_index[state0] then redis.call('ZREM', state_index[state0], id) end
     if state_index[state] then redis.call('ZADD', state_index[state], seq, id) end
-    if state == 'stop' then redis.call('ZADD', finished, epoch(now), id) end
+    if state == 'stop' then finish(finished, id, now) end
   end
   if id and seq and h.outcome ~= outcome0 then
     if outcome_index[outcome0] then redis.call('ZREM', outcome_index[outcome0], id) end
@@ -267,11 +281,11 @@ end
 return results
 """
 # The state orders come from core.layout, where each is written once; the names of states
-# and outcomes from core.models (the order of keys.batch_filter_indexes).
-APPLY_EVENTS: Final = EPOCH_LUA + (
+# and outcomes from core.keys and core.models (the order of keys.batch_filter_indexes).
+APPLY_EVENTS: Final = HOURS_LUA + (
     _APPLY_EVENTS_TEXT.replace("BATCH_RANK_TABLE", lua_rank(BATCH_RANK))
     .replace("STEP_RANK_TABLE", lua_rank(STEP_RANK))
-    .replace("STATE_NAMES", lua_names(BATCH_STATES)).replace("OUTCOME_NAMES", lua_names(OUTCOMES)))
+    .replace("STATE_NAMES", lua_names(INDEXED_STATES)).replace("OUTCOME_NAMES", lua_names(OUTCOMES)))
 
 # KEYS[1] pipeline's versions hash, KEYS[2] pipeline's version order list
 # ARGV[1] version, ARGV[2] canonical JSON of the definition
@@ -302,3 +316,4 @@ class Scripts:
         self.page_range = redis.register_script(list_scripts.PAGE_RANGE)
         self.backfill_indexes = redis.register_script(list_scripts.BACKFILL_INDEXES)
         self.backfill_finished = redis.register_script(list_scripts.BACKFILL_FINISHED)
+        self.trim_bucket = redis.register_script(list_scripts.TRIM_BUCKET)

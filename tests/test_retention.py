@@ -1,6 +1,7 @@
-"""Retention (issue 12): the finished index APPLY_EVENTS keeps, and the sweeper that removes
-finished batches after `DHUB_BATCH_RETENTION_DAYS` from Redis (every key and index entry,
-the caches told) and from the snapshot topic (a tombstone), at O(expired) per round."""
+"""Retention (issue 12): the finished buckets APPLY_EVENTS keeps (a list of ids per hour of
+stop, and the index of those hours), and the sweeper that removes finished batches after
+`DHUB_BATCH_RETENTION_DAYS` (to the hour) from Redis (every key and index entry, the caches
+told) and from the snapshot topic (a tombstone), at O(expired) per round."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event
 from core.layout import render
-from core.list_scripts import EPOCH_LUA
+from core.list_scripts import EPOCH_LUA, HOURS_LUA
 from core.models import new_batch_id
+from core.packing import unpacked
 from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import Snapshot, snapshot_key
@@ -48,22 +50,29 @@ async def batch(store: BatchStore, *, stopped_at: datetime | None) -> str:
 
 
 async def rendered(redis: Redis, b: str) -> dict[str, Any]:
-    return render(cast(dict[str, str], await redis.hgetall(keys.batch(P, b))))
+    return render(unpacked(cast(dict[str, str], await redis.hgetall(keys.batch(P, b)))))
 
 
 def every_key(b: str) -> list[str]:
     return [keys.batch(P, b), keys.batch_seen(P, b)]
 
 
+async def buckets(redis: Redis) -> dict[str, list[str]]:
+    """Each finished bucket of P by its hour (the finished index's members) -> its ids."""
+    hours = cast(list[str], await redis.zrange(keys.batch_finished_index(P), 0, -1))
+    return {hour: cast(list[str], await redis.lrange(keys.batch_finished_hour(P, hour), 0, -1))
+            for hour in hours}
+
+
+def hour(at: datetime) -> str:
+    return at.strftime("%Y%m%d%H")
+
+
 async def listed_in(redis: Redis, b: str) -> list[str]:
-    """The indexes holding `b` (the created index by its sequence)."""
-    indexes = [keys.batch_index(P), *keys.batch_filter_indexes(P), keys.batch_finished_index(P)]
+    """The indexes holding `b` (the finished buckets by their hour)."""
+    indexes = [keys.batch_index(P), *keys.batch_filter_indexes(P)]
     out = [name for name in indexes if await redis.zscore(name, b) is not None]
-    members = cast(list[str], await redis.zrange(keys.batch_created_index(P), 0, -1))
-    seq = await redis.zscore(keys.batch_index(P), b)
-    if seq is not None and any(m.endswith(f"|{int(seq):016d}") for m in members):
-        out.append(keys.batch_created_index(P))
-    return out
+    return out + [at for at, ids in (await buckets(redis)).items() if b in ids]
 
 
 async def test_epoch_reads_utc_iso_times_as_python_does(redis: Redis) -> None:
@@ -75,23 +84,57 @@ async def test_epoch_reads_utc_iso_times_as_python_does(redis: Redis) -> None:
     assert await redis.eval(EPOCH_LUA + "return epoch(ARGV[1])", 0, "soon") == 0
 
 
-async def test_a_batch_enters_the_finished_index_at_its_stop_and_leaves_it_when_hidden(
+async def test_finish_appends_to_the_bucket_keys_names_and_indexes_its_hour(
+        redis: Redis) -> None:
+    finished = keys.batch_finished_index(P)
+    for at, b in (("2026-12-02T14:08:13.123Z", "b1"), ("2026-12-02T14:59:59.999Z", "b2"),
+                  ("2024-02-29T23:00:00.000Z", "b3"), ("soon", "b4")):
+        await redis.eval(HOURS_LUA + "return finish(KEYS[1], ARGV[1], ARGV[2])", 1, finished,
+                         b, at)
+    assert await redis.zrange(finished, 0, -1, withscores=True) == [
+        ("2024022923", datetime(2024, 2, 29, 23, tzinfo=UTC).timestamp()),
+        ("2026120214", datetime(2026, 12, 2, 14, tzinfo=UTC).timestamp())]
+    assert await buckets(redis) == {"2024022923": ["b3"], "2026120214": ["b1", "b2"]}
+
+
+async def test_a_batch_enters_its_stop_hours_bucket_once_and_stays_there(
         redis: Redis, scripts: Scripts) -> None:
     store = BatchStore(redis, scripts, token_secret=b"s")
-    finished = keys.batch_finished_index(P)
     running = await batch(store, stopped_at=None)
-    assert await redis.zscore(finished, running) is None
+    assert await buckets(redis) == {}
     b = await batch(store, stopped_at=NOW)
-    assert await redis.zscore(finished, b) == NOW.timestamp()
     # A duplicate or later stop changes its outcome at most, never its place.
     await store.apply([Event("batch.state", b, P, state="stop", outcome="failed", ts=9e9)],
                       now=iso(NOW + timedelta(days=3)))
-    assert await redis.zscore(finished, b) == NOW.timestamp()
+    other = await batch(store, stopped_at=NOW + timedelta(minutes=59))
+    assert await buckets(redis) == {hour(NOW): [b, other]}
+    # Hide and purge leave the ids (the sweeper skips them): no O(n) LREM.
     assert await store.hide(P, b)
-    assert await redis.zscore(finished, b) is None
-    other = await batch(store, stopped_at=NOW)
     await store.purge(P, other)
-    assert await listed_in(redis, other) == []
+    assert await listed_in(redis, other) == [hour(NOW)]
+    assert await listed_in(redis, running) == [keys.batch_index(P),
+                                               keys.batch_state_index(P, "running")]
+
+
+async def test_trim_bucket_drops_the_ids_read_unless_the_head_changed(
+        redis: Redis, scripts: Scripts) -> None:
+    bucket, finished = keys.batch_finished_hour(P, "2026120212"), keys.batch_finished_index(P)
+    await redis.rpush(bucket, "a", "b", "c", "d")
+    await redis.zadd(finished, {"2026120212": 1, "2026120213": 2})
+
+    async def trim(read: int, last: str, at: str = "2026120212") -> Any:
+        return await scripts.trim_bucket(keys=[keys.batch_finished_hour(P, at), finished],
+                                         args=[at, read, last])
+
+    assert await trim(2, "b") == 2
+    assert await redis.lrange(bucket, 0, -1) == ["c", "d"]
+    assert await trim(2, "b") == -1  # another sweeper trimmed what this one read: no-op
+    assert await redis.lrange(bucket, 0, -1) == ["c", "d"]
+    assert await trim(2, "d") == 0
+    assert not await redis.exists(bucket)
+    assert await redis.zrange(finished, 0, -1) == ["2026120213"]
+    assert await trim(0, "", "2026120213") == 0  # an hour whose bucket is gone leaves too
+    assert await redis.zcard(finished) == 0
 
 
 @pytest.fixture
@@ -110,11 +153,15 @@ async def test_a_round_removes_only_batches_finished_before_the_retention(
     store = BatchStore.from_settings(redis, retention, scripts)
     await redis.sadd(keys.PIPELINES, P)
     old = await batch(store, stopped_at=NOW - timedelta(days=31))
+    hidden = await batch(store, stopped_at=NOW - timedelta(days=31))
+    await store.hide(P, hidden)  # the delete's clean-up purges it: the sweeper skips it
+    purged = await batch(store, stopped_at=NOW - timedelta(days=31))
+    await store.purge(P, purged)
     recent = await batch(store, stopped_at=NOW - timedelta(days=29))
     running = await batch(store, stopped_at=None)
     created_long_ago = await batch(store, stopped_at=None)
     await redis.hset(keys.batch(P, created_long_ago), "created_at", iso(NOW - timedelta(days=90)))
-    kept = {b: await rendered(redis, b) for b in (recent, running, created_long_ago)}
+    kept = {b: await rendered(redis, b) for b in (recent, running, created_long_ago, hidden)}
     part = await sweeper(retention)
     try:
         await part.snapshots.write_current([(P, b) for b in (old, recent, running)])
@@ -131,6 +178,8 @@ async def test_a_round_removes_only_batches_finished_before_the_retention(
             assert not await redis.exists(key)
         assert await listed_in(redis, old) == []
         assert {b: await rendered(redis, b) for b in kept} == kept
+        # The expired bucket is gone whole, its hour with it.
+        assert await buckets(redis) == {hour(NOW - timedelta(days=29)): [recent]}
         assert await part.sweep_once() == 0  # nothing left to do: nothing done
     finally:
         await part.stop()
@@ -158,29 +207,59 @@ async def test_retention_zero_keeps_every_batch(retention: Settings, redis: Redi
     finally:
         await part.stop()
     assert await redis.exists(keys.batch(P, old))
-    assert keys.batch_finished_index(P) in await listed_in(redis, old)
+    assert hour(NOW - timedelta(days=3650)) in await listed_in(redis, old)
 
 
-async def test_stopped_batches_from_before_the_finished_index_are_indexed_once(
+async def test_a_bucket_expires_once_its_whole_hour_is_past_the_retention(
         retention: Settings, redis: Redis, scripts: Scripts) -> None:
-    """As after an upgrade, or a rebuild (which restores hashes and the list's indexes): the
-    first round indexes the stopped batches by their `updated_at`, then sweeps."""
+    """The precision is an hour: a batch is kept the retention, and at most an hour more."""
+    store = BatchStore.from_settings(redis, retention, scripts)
+    await redis.sadd(keys.PIPELINES, P)
+    cutoff = NOW - timedelta(days=30)  # NOW is 12:00
+    expired = [await batch(store, stopped_at=cutoff - timedelta(minutes=m)) for m in (1, 61)]
+    kept = [await batch(store, stopped_at=cutoff + timedelta(minutes=m)) for m in (0, 1)]
+    part = await sweeper(retention)
+    try:
+        assert await part.sweep_once() == 2
+        assert [await redis.exists(keys.batch(P, b)) for b in expired + kept] == [0, 0, 1, 1]
+        # Half an hour on: the 12:00 bucket is past the retention only in part, so kept.
+        part._clock = (NOW + timedelta(minutes=30)).timestamp
+        assert await part.sweep_once() == 0
+        part._clock = (NOW + timedelta(hours=1)).timestamp
+        assert await part.sweep_once() == 2
+    finally:
+        await part.stop()
+
+
+async def test_stopped_batches_from_before_the_buckets_are_bucketed_once(
+        retention: Settings, redis: Redis, scripts: Scripts) -> None:
+    """As after an upgrade (the older finished index, id -> stop time, and the other retired
+    indexes still there), or a rebuild that did not bucket: the first round buckets the
+    stopped batches by the hour of their `updated_at`, deletes the retired keys, then sweeps."""
     store = BatchStore.from_settings(redis, retention, scripts)
     await redis.sadd(keys.PIPELINES, P)
     old = await batch(store, stopped_at=NOW - timedelta(days=40))
     recent = await batch(store, stopped_at=NOW - timedelta(days=1))
-    await redis.delete(keys.batch_finished_index(P))
+    running = await batch(store, stopped_at=None)
+    hidden = await batch(store, stopped_at=NOW - timedelta(days=40))
+    await store.hide(P, hidden)
+    for at in await buckets(redis):
+        await redis.delete(keys.batch_finished_hour(P, at))
+    await redis.delete(keys.batch_finished_index(P), keys.batch_finished_indexed(P))
+    for key in keys.batch_retired_keys(P):
+        await redis.zadd(key, {old: 1})
     part = await sweeper(retention)
     try:
         assert await part.sweep_once() == 1
         assert not await redis.exists(keys.batch(P, old))
-        assert await redis.zscore(keys.batch_finished_index(P), recent) == (
-            datetime.fromisoformat(cast(str, await redis.hget(keys.batch(P, recent), "updated_at")))
-            .timestamp())
-        # Indexed once: a batch dropped from the index now stays out of it.
-        await redis.zrem(keys.batch_finished_index(P), recent)
+        updated = cast(str, await redis.hget(keys.batch(P, recent), "updated_at"))
+        assert await buckets(redis) == {hour(datetime.fromisoformat(updated)): [recent]}
+        assert [key for key in keys.batch_retired_keys(P) if await redis.exists(key)] == []
+        assert await redis.exists(keys.batch(P, running), keys.batch(P, hidden)) == 2
+        # Bucketed once: a batch dropped from its bucket now stays out of every bucket.
+        await redis.delete(keys.batch_finished_hour(P, hour(datetime.fromisoformat(updated))))
         assert await part.sweep_once() == 0
-        assert await redis.zscore(keys.batch_finished_index(P), recent) is None
+        assert await buckets(redis) == {hour(datetime.fromisoformat(updated)): []}
     finally:
         await part.stop()
 
@@ -193,14 +272,18 @@ async def test_a_round_costs_what_its_expired_batches_do_whatever_the_history(
     try:
         store = BatchStore.from_settings(redis, own)
         await redis.sadd(keys.PIPELINES, P)
-        for _ in range(20):
-            await asyncio.gather(*(batch(store, stopped_at=NOW - timedelta(days=1))
+        for n in range(20):  # 1,000 kept, in 20 buckets
+            await asyncio.gather(*(batch(store, stopped_at=NOW - timedelta(days=1, hours=n))
                                    for _ in range(50)))
         old = [await batch(store, stopped_at=NOW - timedelta(days=60)) for _ in range(3)]
         part = await sweeper(own)
         try:
             await part.backfill(P)  # once per pipeline and process: not the round's cost
-            await store.purge(P, "batch-none")  # loads the purge's script: not the round's cost
+            # Load the purge's and the trim's scripts: not the round's cost.
+            await store.purge(P, "batch-none")
+            await store.scripts.trim_bucket(
+                keys=[keys.batch_finished_hour(P, "none"), keys.batch_finished_index(P)],
+                args=["none", 0, ""])
             await redis.config_resetstat()
             assert await part.sweep_once() == 3
             stats = await redis.info("commandstats")
@@ -208,15 +291,20 @@ async def test_a_round_costs_what_its_expired_batches_do_whatever_the_history(
             await part.stop()
         calls = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
         calls.pop("config|resetstat", None)
-        # One read of the pipelines, the marker, one range; a purge per expired batch (the
-        # commands its script runs are counted too: each index's ZREM, the created entry's
-        # read, the DEL, the change message). None grows with the 1,000 batches kept.
-        per_purge = {"evalsha": 1, "hmget": 1, "del": 1, "publish": 1,
-                     "zrem": 3 + len(keys.batch_filter_indexes(P))}
-        assert calls == {"smembers": 1, "exists": 1, "zrangebyscore": 1,
-                         **{name: 3 * n for name, n in per_purge.items()}}
+        # One read of the pipelines, the marker, one range of the expired hours; per expired
+        # bucket one read of its ids, one check of each id's batch, one trim (the commands
+        # its script runs are counted too: LINDEX, LTRIM, LLEN, the hour's ZREM); a purge
+        # per expired batch (each filter index's ZREM, the batch index's, the DEL, the
+        # change message). None grows with the 1,000 batches kept.
+        per_purge = {"evalsha": 1, "del": 1, "publish": 1,
+                     "zrem": 1 + len(keys.batch_filter_indexes(P))}
+        per_bucket = {"lrange": 1, "evalsha": 1, "lindex": 1, "ltrim": 1, "llen": 1, "zrem": 1}
+        expected = {"smembers": 1, "exists": 1, "zrangebyscore": 1, "hmget": 3}
+        for name in {*per_purge, *per_bucket}:
+            expected[name] = 3 * per_purge.get(name, 0) + per_bucket.get(name, 0)
+        assert calls == expected
         assert all([not await redis.exists(keys.batch(P, b)) for b in old])
-        assert await redis.zcard(keys.batch_finished_index(P)) == 1_000
+        assert sum(len(ids) for ids in (await buckets(redis)).values()) == 1_000
     finally:
         await redis.aclose()
 
