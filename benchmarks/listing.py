@@ -1,20 +1,29 @@
 """bench-api's filtered list rows: a pipeline whose few running batches sit under a long
 history of stopped ones, paged by `state=running` and by a `created_after`/`created_before`
 window, beside the unfiltered page of a history as long. A filter reads its own index, so
-its page should cost what the unfiltered one does (the ratio printed)."""
+its page should cost what the unfiltered one does (the ratio printed).
+
+`python -m benchmarks.listing` alone: the same history on a redis-server of its own, each
+filter's second page read in-process through `BatchStore.page` (no HTTP), printing the
+client's and Redis's time per page. `state=stop` has no index of its own (it merges the
+outcome indexes in a script): its row is the one to watch."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import time
 from typing import Any, cast
 
 import httpx
 
-from benchmarks.harness import Load, wrk
+from benchmarks.harness import Load, machine_anchors, wrk
+from benchmarks.own_redis import own_redis
 from core import keys
 from core.codec import Event
 from core.connections import open_redis
-from core.models import PipelineSpec, StepSpec, new_batch_id
+from core.models import OUTCOMES, PipelineSpec, StepSpec, new_batch_id
+from core.paging import ListFilter
 from core.scripts import Scripts
 from core.settings import get_settings
 from core.store import BatchStore
@@ -72,3 +81,81 @@ def filtered_rows(api: str, redis_url: str, steps: tuple[str, ...], auth: dict[s
         (f"GET list ?created_after&created_before page 2 (limit 100), {history}",
          _page_two(api, f"&created_after={after}&created_before={before}", auth, on_api)),
     ]
+
+
+async def _seed_direct(store: BatchStore, stopped: int) -> list[str]:
+    """RUNNING running batches under `stopped` stopped ones (outcomes in turn); the ids in
+    creation order."""
+    spec = PipelineSpec(name=PIPELINE, version="1",
+                        steps=[StepSpec(name=s, uses="sales." + s) for s in ("extract", "load")])
+    ids = [new_batch_id() for _ in range(RUNNING + stopped)]
+    for start in range(0, len(ids), 100):
+        await asyncio.gather(*(store.create(PIPELINE, b, spec) for b in ids[start:start + 100]))
+    for start in range(0, len(ids), 500):
+        await store.apply([
+            Event("batch.state", b, PIPELINE, state="running") if n < RUNNING else
+            Event("batch.state", b, PIPELINE, state="stop", outcome=OUTCOMES[n % 4], ts=1.0)
+            for n, b in enumerate(ids[start:start + 500], start=start)])
+    return ids
+
+
+async def _usec(redis: Any) -> float:
+    """Redis's CPU so far, µs (a script's commands counted once, unlike commandstats)."""
+    cpu: dict[str, Any] = await redis.info("cpu")
+    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6
+
+
+async def _direct(args: argparse.Namespace) -> None:
+    async with own_redis(args.redis_port, prefix="dhub-bench-listing-") as url:
+        redis = await open_redis(get_settings().model_copy(update={"redis_url": url}))
+        try:
+            store = BatchStore(redis, Scripts(redis), token_secret=b"bench", changes_channel="")
+            ids = await _seed_direct(store, args.stopped)
+            at = [cast(str, await redis.hget(keys.batch(PIPELINE, ids[n]), "created_at"))
+                  for n in (0, len(ids) // 2)]
+            filters = [("unfiltered", ListFilter()),
+                       ("state=running", ListFilter(state="running")),
+                       ("state=stop", ListFilter(state="stop")),
+                       ("state=stop&outcome=failed", ListFilter(state="stop", outcome="failed")),
+                       ("created_after&created_before (oldest half)",
+                        ListFilter(created_after=at[0], created_before=at[1])),
+                       ("state=stop&created_before (oldest half)",
+                        ListFilter(state="stop", created_before=at[1]))]
+            rows = []
+            for name, where in filters:
+                first = await store.page(PIPELINE, args.limit, None, where)
+                if first.token is None:
+                    raise RuntimeError(f"{name}: no second page")
+                server = await _usec(redis)
+                started = time.perf_counter()
+                for _ in range(args.pages):
+                    page = await store.page(PIPELINE, args.limit, first.token, where)
+                took = time.perf_counter() - started
+                server = await _usec(redis) - server
+                rows.append((name, len(page.items), took / args.pages * 1e6,
+                             server / args.pages))
+        finally:
+            await redis.aclose()
+    print(f"\n{machine_anchors()}")
+    print(f"\n{RUNNING:,} running under {args.stopped:,} stopped batches (outcomes in turn); "
+          f"page 2 (limit {args.limit}) read {args.pages} times through BatchStore.page")
+    print("| filter | rows | client wall µs/page | Redis CPU µs/page |")
+    print("|---|---:|---:|---:|")
+    for name, count, wall, server in rows:
+        print(f"| {name} | {count} | {wall:,.0f} | {server:,.0f} |")
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.listing",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stopped", type=int, default=STOPPED, help="stopped batches")
+    parser.add_argument("--pages", type=int, default=300, help="reads of each page")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--redis-port", type=int, default=6395,
+                        help="port of the benchmark's own redis-server")
+    asyncio.run(_direct(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    cli()
