@@ -1,45 +1,89 @@
-"""Lua scripts that switch a finished batch's hash between its full and its packed form
+"""Lua scripts that switch finished batches' hashes between their full and packed forms
 (`core.packing`; `core.store.BatchStore.apply` calls them).
 
-Each script names its KEYS and ARGV first. Both are compare-and-set: Python reads the hash,
-computes the other form, and the script writes it only if the hash is still as read, so a
-concurrent write (an event applied meanwhile) wins and nothing it wrote is lost. Neither
-publishes a change message: a batch's content is the same in both forms.
+Each script names its KEYS and ARGV first. Each takes many batches of one pipeline (their keys
+share its hash tag), so a poll costs one call per pipeline, not one per batch; the hashes
+travel as one JSON string each both ways (the client's cost of a script call is mostly its
+arguments and replies, per field). PACK and UNPACK are compare-and-set: Python reads the
+hashes (HASHES), computes the other form, and the script writes it only where the hash is
+still as read, so a concurrent write (an event applied meanwhile) wins and nothing it wrote
+is lost. Neither publishes a change message: a batch's content is the same in both forms.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-# KEYS[1] batch hash
-# ARGV[1] its `rev` as read, ARGV[2] how many fields it had as read, ARGV[3] the packed value
-# (core.packing), ARGV[4..] the fields it packs (every field as read but core.packing.PLAIN)
-# Replaces those fields by `packed` when the batch is still stopped, not deleted, not packed,
-# at the same `rev` and with as many fields as read: every change of a packed field bumps
-# `rev` (APPLY_EVENTS), and the one change without a bump (a stopped batch's `seen_n`
-# dropped) changes the count. The plain fields stay as Redis holds them (a later stop's
-# `stop_ts` is written without a bump). Returns 1 when packed, 0 when the hash had changed.
-PACK: Final = """
-local f = redis.call('HMGET', KEYS[1], 'rev', 'state', 'packed', 'deleted')
-if f[1] ~= ARGV[1] or f[2] ~= 'stop' or f[3] or f[4] then return 0 end
-if redis.call('HLEN', KEYS[1]) ~= tonumber(ARGV[2]) then return 0 end
-for i = 4, #ARGV, 500 do
-  redis.call('HDEL', KEYS[1], unpack(ARGV, i, math.min(i + 499, #ARGV)))
+from core.packing import PACKED, PLAIN
+
+# KEYS: batch hashes. Returns per key its hash as a JSON object (cjson: every value a
+# string), or false when the hash is absent.
+HASHES: Final = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then
+    out[i] = false
+  else
+    local h = {}
+    for j = 1, #flat, 2 do h[flat[j]] = flat[j + 1] end
+    out[i] = cjson.encode(h)
+  end
 end
-redis.call('HSET', KEYS[1], 'packed', ARGV[3])
-return 1
+return out
 """
 
-# KEYS[1] batch hash
-# ARGV[1] its `packed` value as read, ARGV[2..] field, value, ... of the fields packed in it
-# (core.packing.unpacked, minus the fields the hash held plainly)
-# Writes those fields back and removes `packed` when `packed` is still the value read; a
+# KEYS: batch hashes
+# ARGV: per key (in the order of KEYS) three values: its `rev` as read, how many fields it had
+# as read, its packed value (core.packing.pack)
+# Replaces each hash's fields but the plain ones (core.packing.PLAIN) by `packed` when the
+# batch is still stopped, not deleted, not packed, at the same `rev` and with as many fields
+# as read: every change of a packed field bumps `rev` (APPLY_EVENTS), and the one change
+# without a bump (a stopped batch's `seen_n` dropped) changes the count. The plain fields stay
+# as Redis holds them (a later stop's `stop_ts` is written without a bump). Returns per key
+# 1 when packed, 0 when the hash had changed.
+PACK: Final = (
+    "local PLAIN = {" + ", ".join(f"['{name}'] = true" for name in sorted(PLAIN)) + "}\n"
+    + """local out = {}
+for i, key in ipairs(KEYS) do
+  local rev, count, value = ARGV[3 * i - 2], tonumber(ARGV[3 * i - 1]), ARGV[3 * i]
+  local f = redis.call('HMGET', key, 'rev', 'state', 'PACKED', 'deleted')
+  out[i] = 0
+  if f[1] == rev and f[2] == 'stop' and not f[3] and not f[4]
+      and redis.call('HLEN', key) == count then
+    local names = {}
+    for _, name in ipairs(redis.call('HKEYS', key)) do
+      if not PLAIN[name] then names[#names + 1] = name end
+    end
+    for j = 1, #names, 500 do
+      redis.call('HDEL', key, unpack(names, j, math.min(j + 499, #names)))
+    end
+    redis.call('HSET', key, 'PACKED', value)
+    out[i] = 1
+  end
+end
+return out
+""".replace("PACKED", PACKED))
+
+# KEYS: batch hashes
+# ARGV: per key (in the order of KEYS) two values: its `packed` value as read, and a JSON
+# object of the fields packed in it (core.packing.unpacked, minus the fields the hash held
+# plainly)
+# Writes those fields back and removes `packed` where `packed` is still the value read; a
 # field Redis holds plainly keeps its value (HSETNX: it was written after the packing, and
-# wins, as core.packing.unpacked says). Returns 1 when unpacked, 0 when `packed` had changed
-# (unpacked, or packed again, by another client meanwhile).
+# wins, as core.packing.unpacked says). Returns per key 1 when unpacked, 0 when `packed` had
+# changed (unpacked, or packed again, by another client meanwhile).
 UNPACK: Final = """
-if redis.call('HGET', KEYS[1], 'packed') ~= ARGV[1] then return 0 end
-for i = 2, #ARGV - 1, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HDEL', KEYS[1], 'packed')
-return 1
-"""
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = 0
+  if redis.call('HGET', key, 'PACKED') == ARGV[2 * i - 1] then
+    for name, value in pairs(cjson.decode(ARGV[2 * i])) do
+      redis.call('HSETNX', key, name, value)
+    end
+    redis.call('HDEL', key, 'PACKED')
+    out[i] = 1
+  end
+end
+return out
+""".replace("PACKED", PACKED)

@@ -169,10 +169,15 @@ def _encode(rest: dict[str, str], base_ms: int | None) -> list[Any]:
         tot_out: list[Any] = []
         off_out: list[Any] = []
         for p in partitions:
-            total = _number(tots.get(p))
-            off = _number(offs.get(p))
-            if type(off) is int and type(total) is int:
-                off = total - off  # a finished step's offsets are its totals: zeros
+            tot_text, off_text = tots.get(p), offs.get(p)
+            total = _number(tot_text)
+            if type(total) is int:
+                # A finished step's offsets are its totals: zeros.
+                off = 0 if off_text == tot_text else _number(off_text)
+                if type(off) is int and off_text != tot_text:
+                    off = total - off
+            else:
+                off = _number(off_text)
             tot_out.append(total)
             off_out.append(off)
         steps_out.append([mine.get("step"), _time(mine.get("started"), base_ms),

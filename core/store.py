@@ -19,7 +19,7 @@ from core import keys
 from core.codec import Event, StepOffsets
 from core.layout import DELETED, is_visible, render, step_field
 from core.models import PipelineSpec, deployment_name, now_iso
-from core.pack_scripts import PACK, UNPACK
+from core.pack_scripts import HASHES, PACK, UNPACK
 from core.packing import PACKED, pack, unpacked
 from core.paging import NO_FILTER, ListFilter, Page, Pager
 from core.paging import BadToken as BadToken  # the list's error, where callers found it
@@ -94,6 +94,7 @@ class BatchStore:
         self._dedup_window = dedup_window
         self._apply_chunk = apply_chunk
         self._pager = Pager(redis, scripts, token_secret)
+        self._hashes_script = redis.register_script(HASHES)
         self._pack_script = redis.register_script(PACK)
         self._unpack_script = redis.register_script(UNPACK)
 
@@ -251,44 +252,64 @@ class BatchStore:
         results = await self._run_all(self.scripts.apply_events, calls)
         return dict(zip(order, chain.from_iterable(results), strict=True))
 
-    async def _hashes(self, batches: list[tuple[str, str]]) -> list[dict[str, str]]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for pipeline_id, batch_id in batches:
-                pipe.hgetall(keys.batch(pipeline_id, batch_id))
-            return cast(list[dict[str, str]], await pipe.execute())
+    async def _hashes(self, chunks: list[list[tuple[str, str]]]
+                      ) -> list[list[dict[str, str] | None]]:
+        """Each chunk's hashes as Redis holds them (None: absent): one HASHES call a chunk,
+        pipelined."""
+        calls = [[len(chunk), *(keys.batch(pipeline_id, b) for pipeline_id, b in chunk)]
+                 for chunk in chunks]
+        replies = await self._run_all(self._hashes_script, calls)
+        return [[orjson.loads(r) if r else None for r in reply] for reply in replies]
+
+    def _chunks(self, batches: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """The batches by pipeline (a script's keys share one hash tag), `apply_chunk` a
+        list at most."""
+        by_pipeline: dict[str, list[tuple[str, str]]] = {}
+        for batch in batches:
+            by_pipeline.setdefault(batch[0], []).append(batch)
+        return [mine[start : start + self._apply_chunk] for mine in by_pipeline.values()
+                for start in range(0, len(mine), self._apply_chunk)]
 
     async def _pack(self, batches: list[tuple[str, str]]) -> None:
         """Packs each of the batches that is stopped, not deleted and not packed yet (one
-        read, then one PACK per batch, pipelined). A batch changed between the two keeps its
-        full form: the next apply of a stop to it packs it."""
+        read, then PACK, a round trip each). A batch changed between the two keeps its full
+        form: the next apply of a stop to it packs it."""
         if not batches:
             return
         calls: list[list[Any]] = []
-        for (pipeline_id, batch_id), fields in zip(batches, await self._hashes(batches),
-                                                   strict=True):
-            if fields.get("state") != "stop" or DELETED in fields or PACKED in fields:
-                continue
-            packed = pack(fields)
-            calls.append([1, keys.batch(pipeline_id, batch_id), fields.get("rev", ""),
-                          len(fields), packed[PACKED],
-                          *(name for name in fields if name not in packed)])
+        chunks = self._chunks(batches)
+        for chunk, hashes in zip(chunks, await self._hashes(chunks), strict=True):
+            names: list[str] = []
+            args: list[Any] = []
+            for (pipeline_id, batch_id), fields in zip(chunk, hashes, strict=True):
+                if (fields is None or fields.get("state") != "stop" or DELETED in fields
+                        or PACKED in fields):
+                    continue
+                names.append(keys.batch(pipeline_id, batch_id))
+                args += (fields.get("rev", ""), len(fields), pack(fields)[PACKED])
+            if names:
+                calls.append([len(names), *names, *args])
         if calls:
             await self._run_all(self._pack_script, calls)
 
     async def _unpack(self, batches: list[tuple[str, str]]) -> None:
-        """Unpacks the batches that are packed (one read, then one UNPACK per batch,
-        pipelined). One packed or unpacked again by another client meanwhile is left as it
-        is: APPLY_EVENTS says so again."""
+        """Unpacks the batches that are packed (one read, then UNPACK, a round trip each).
+        One packed or unpacked again by another client meanwhile is left as it is:
+        APPLY_EVENTS says so again."""
         calls: list[list[Any]] = []
-        for (pipeline_id, batch_id), fields in zip(batches, await self._hashes(batches),
-                                                   strict=True):
-            value = fields.get(PACKED)
-            if value is None:
-                continue
-            full = unpacked(fields)
-            calls.append([1, keys.batch(pipeline_id, batch_id), value,
-                          *(x for name, v in full.items() if name not in fields
-                            for x in (name, v))])
+        chunks = self._chunks(batches)
+        for chunk, hashes in zip(chunks, await self._hashes(chunks), strict=True):
+            names: list[str] = []
+            args: list[Any] = []
+            for (pipeline_id, batch_id), fields in zip(chunk, hashes, strict=True):
+                value = fields.get(PACKED) if fields else None
+                if fields is None or value is None:
+                    continue
+                names.append(keys.batch(pipeline_id, batch_id))
+                args += (value, orjson.dumps({name: v for name, v in unpacked(fields).items()
+                                              if name not in fields}))
+            if names:
+                calls.append([len(names), *names, *args])
         if calls:
             await self._run_all(self._unpack_script, calls)
 

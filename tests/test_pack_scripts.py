@@ -6,29 +6,31 @@ from __future__ import annotations
 import random
 from typing import Any, cast
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core.pack_scripts import PACK, UNPACK
+from core.pack_scripts import HASHES, PACK, UNPACK
 from core.packing import PACKED, pack, unpacked
 from tests.test_packing import finished
 
 KEY = "dhub:{pipe}:batch:batch-1"
 
 
-async def pack_call(redis: Redis, read: dict[str, str], **change: Any) -> int:
+async def pack_call(redis: Redis, read: dict[str, str], key: str = KEY, **change: Any) -> int:
     """PACK as core.store calls it, with the hash as `read` (possibly not what Redis holds)."""
-    packed = pack(read)
-    args = [change.get("rev", read["rev"]), change.get("count", len(read)), packed[PACKED],
-            *(name for name in read if name not in packed)]
-    return int(await redis.eval(PACK, 1, KEY, *args))
+    args: list[str | int] = [change.get("rev", read["rev"]), change.get("count", len(read)),
+                             pack(read)[PACKED]]
+    [done] = await redis.eval(PACK, 1, key, *args)
+    return int(done)
 
 
 async def unpack_call(redis: Redis, read: dict[str, str], value: str | None = None) -> int:
     full = unpacked(read)
-    args = [value or read[PACKED],
-            *(x for name, v in full.items() if name not in read for x in (name, v))]
-    return int(await redis.eval(UNPACK, 1, KEY, *args))
+    args: list[str | bytes] = [
+        value or read[PACKED], orjson.dumps({name: v for name, v in full.items() if name not in read})]
+    [done] = await redis.eval(UNPACK, 1, KEY, *args)
+    return int(done)
 
 
 async def put(redis: Redis, fields: dict[str, str]) -> None:
@@ -114,3 +116,25 @@ async def test_unpack_keeps_a_field_written_beside_the_packed_ones(
     assert await unpack_call(redis, held) == 1
     assert await stored(redis) == {**batch, "reason": "abandoned"}
 
+
+
+async def test_one_call_reads_packs_and_unpacks_many_batches(redis: Redis) -> None:
+    batches = {f"dhub:{{pipe}}:batch:b{n}": finished(random.Random(n)) for n in range(3)}
+    for key, fields in batches.items():
+        await redis.hset(key, mapping=cast(Any, fields))
+    names = [*batches, "dhub:{pipe}:batch:gone"]
+    replies = await redis.eval(HASHES, len(names), *names)
+    assert [orjson.loads(r) if r else None for r in replies] == [*batches.values(), None]
+    # The second batch changed since it was read: only the others are packed.
+    await redis.hincrby(names[1], "rev", 1)
+    args: list[Any] = [x for fields in batches.values()
+            for x in (fields["rev"], len(fields), pack(fields)[PACKED])]
+    assert await redis.eval(PACK, 3, *batches, *args) == [1, 0, 1]
+    held = [cast(dict[str, str], await redis.hgetall(key)) for key in batches]
+    assert [PACKED in h for h in held] == [True, False, True]
+    args = [x for h in (held[0], held[2])
+            for x in (h[PACKED], orjson.dumps({k: v for k, v in unpacked(h).items()
+                                               if k not in h}))]
+    assert await redis.eval(UNPACK, 2, names[0], names[2], *args) == [1, 1]
+    assert [await redis.hgetall(names[n]) for n in (0, 2)] == [batches[names[0]],
+                                                              batches[names[2]]]
