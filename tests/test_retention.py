@@ -20,6 +20,8 @@ from core.layout import render
 from core.list_scripts import EPOCH_LUA, HOURS_LUA
 from core.models import new_batch_id
 from core.packing import unpacked
+from core.paging import ListFilter, Pager
+from core.restore import Restored, restore_batches
 from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import Snapshot, snapshot_key
@@ -327,3 +329,31 @@ async def test_the_part_sweeps_at_start_and_goes_on_while_rounds_hit_their_limit
     finally:
         await part.stop()
         await task
+
+
+async def test_a_rebuild_writes_the_filter_indexes_and_the_finished_buckets(
+        redis: Redis, scripts: Scripts) -> None:
+    """`restore_batches` (the Redis half of `make rebuild`): hashes as snapshotted, then the
+    filter indexes and the buckets from them, with their markers, so neither the first
+    filtered page nor the sweeper has a backfill left to do."""
+    store = BatchStore(redis, scripts, token_secret=b"s", changes_channel="")
+    stopped = await batch(store, stopped_at=NOW - timedelta(days=2))
+    running = await batch(store, stopped_at=None)
+    hidden = await batch(store, stopped_at=NOW - timedelta(days=2))
+    snapshots = [Snapshot(P, b, cast(dict[str, str], await redis.hgetall(keys.batch(P, b))))
+                 for b in (stopped, running, hidden)]
+    await redis.flushdb()
+    await restore_batches(redis, store, Pager(redis, scripts, b"s"), snapshots, {(P, hidden)},
+                          Restored(batches=0))
+    updated = cast(str, await redis.hget(keys.batch(P, stopped), "updated_at"))
+    assert await buckets(redis) == {hour(datetime.fromisoformat(updated)): [stopped]}
+    assert await listed_in(redis, stopped) == [keys.batch_index(P),
+                                               keys.batch_outcome_index(P, "completed"),
+                                               hour(datetime.fromisoformat(updated))]
+    assert await listed_in(redis, running) == [keys.batch_index(P),
+                                               keys.batch_state_index(P, "running")]
+    assert await listed_in(redis, hidden) == []
+    assert await redis.get(keys.batch_finished_indexed(P)) == "1"
+    assert await redis.get(keys.batch_indexes_built(P)) == "1"
+    page = await store.page(P, 10, None, ListFilter(state="stop"))
+    assert list(page.items) == [stopped]
