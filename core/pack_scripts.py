@@ -41,7 +41,7 @@ return out
 # as read: every change of a packed field bumps `rev` (APPLY_EVENTS), and the one change
 # without a bump (a stopped batch's `seen_n` dropped) changes the count. The plain fields stay
 # as Redis holds them (a later stop's `stop_ts` is written without a bump). Returns per key
-# 1 when packed, 0 when the hash had changed.
+# 1 when packed, 0 when the hash had changed (or has a TTL).
 PACK: Final = (
     "local PLAIN = {" + ", ".join(f"'{name}'" for name in sorted(PLAIN)) + "}\n"
     + """local out = {}
@@ -53,8 +53,9 @@ for i, key in ipairs(KEYS) do
   for j = 1, n do h[PLAIN[j]] = f[j + 1] end
   out[i] = 0
   if h.rev == rev and h.state == 'stop' and not f[1] and not h.deleted
-      and redis.call('HLEN', key) == count then
-    -- Written anew rather than HDEL field by field: one pass, and a listpack of the new size.
+      and redis.call('HLEN', key) == count and redis.call('PTTL', key) == -1 then
+    -- Written anew rather than HDEL field by field: one pass, and a listpack of the new size
+    -- (a hash with a TTL, which DEL would drop, is left as it is: none is stopped today).
     local kept = {'PACKED', value}
     for j = 1, n do
       if f[j + 1] then

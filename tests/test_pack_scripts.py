@@ -138,3 +138,10 @@ async def test_one_call_reads_packs_and_unpacks_many_batches(redis: Redis) -> No
     assert await redis.eval(UNPACK, 2, names[0], names[2], *args) == [1, 1]
     assert [await redis.hgetall(names[n]) for n in (0, 2)] == [batches[names[0]],
                                                               batches[names[2]]]
+
+
+async def test_pack_leaves_a_hash_with_a_ttl(redis: Redis, batch: dict[str, str]) -> None:
+    await redis.expire(KEY, 3600)
+    assert await pack_call(redis, batch) == 0
+    assert await stored(redis) == batch
+    assert await redis.ttl(KEY) > 0
