@@ -175,7 +175,7 @@ local function refill(i, from)
   ended[i] = #rows[i] < 2 * chunk
 end
 for i = 2, #KEYS do refill(i, top) end
-local out = {}
+local out, seqs = {}, {}  -- seqs[i]: set i's head's sequence, as a number once read
 while #out < 2 * limit do
   local best, best_seq = nil, nil
   for i = 2, #KEYS do
@@ -185,7 +185,8 @@ while #out < 2 * limit do
       at = 1
     end
     if rows[i][at] then
-      local seq = tonumber(rows[i][at + 1])
+      local seq = seqs[i]
+      if seq == nil then seq = tonumber(rows[i][at + 1]); seqs[i] = seq end
       if best_seq == nil or seq > best_seq then best, best_seq = i, seq end
     end
   end
@@ -193,6 +194,7 @@ while #out < 2 * limit do
   out[#out + 1] = rows[best][heads[best]]
   out[#out + 1] = rows[best][heads[best] + 1]
   heads[best] = heads[best] + 2
+  seqs[best] = nil
 end
 return out
 """
