@@ -127,23 +127,22 @@ def _encode(rest: dict[str, str], base_ms: int | None) -> list[Any]:
     totals: dict[str, dict[str, str]] = {name: {} for name in names}
     other: dict[str, str] = {}
     scalars: dict[str, str] = {}
+    tables = (offsets, totals, per_step)
     for field, value in rest.items():
-        head, sep, tail = field.partition(":")
-        if sep:
-            if head == "off" or head == "tot":
-                step, sep, part = tail.partition(":")
-                into = (offsets if head == "off" else totals).get(step)
-                if sep and into is not None:
-                    into[part] = value
-                    continue
-            elif head in _STEP_HEADS:
-                mine = per_step.get(tail)
-                if mine is not None:
-                    mine[head] = value
-                    continue
-        elif field in _SCALARS:
-            scalars[field] = value
+        filed = _FILED.get(field)
+        if filed is None:
+            filed = _filing(field)
+            if len(_FILED) < _FILED_MAX:
+                _FILED[field] = filed
+        kind, step, key = filed
+        if kind == _SCALAR:
+            scalars[key] = value
             continue
+        if kind != _ELSE:
+            into = tables[kind].get(step)
+            if into is not None:
+                into[key] = value
+                continue
         other[field] = value
     name = scalars.get("name")
     deployment: str | int | None = scalars.get("deployment")
@@ -186,6 +185,28 @@ def _encode(rest: dict[str, str], base_ms: int | None) -> list[Any]:
     return [steps_value, name, deployment, pipeline_id, scalars.get("pipeline_version"),
             scalars.get("flow_run_id"), scalars.get("reason"), config,
             scalars.get("resumed_from"), steps_out, lists, other]
+
+
+# Where `_encode` files a field: (kind, step, key) with kind an index into its (offsets,
+# totals, per step) tables, or a scalar, or else. Remembered per field name: a pipeline's
+# batches share theirs, and a look-up costs less than taking the name apart again.
+_OFFSET, _TOTAL, _PER_STEP, _SCALAR, _ELSE = 0, 1, 2, 3, 4
+_FILED: dict[str, tuple[int, str, str]] = {}
+_FILED_MAX: Final = 100_000
+
+
+def _filing(field: str) -> tuple[int, str, str]:
+    head, sep, tail = field.partition(":")
+    if sep:
+        if head == "off" or head == "tot":
+            step, sep, part = tail.partition(":")
+            if sep:
+                return (_OFFSET if head == "off" else _TOTAL, step, part)
+        elif head in _STEP_HEADS:
+            return (_PER_STEP, tail, head)
+    elif field in _SCALARS:
+        return (_SCALAR, "", field)
+    return (_ELSE, "", "")
 
 
 def _decode(data: list[Any], base_ms: int | None) -> dict[str, str]:
