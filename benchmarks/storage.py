@@ -24,7 +24,7 @@ from benchmarks.harness import machine_anchors
 from benchmarks.own_redis import own_redis
 from core import keys
 from core.codec import Event
-from core.models import PipelineSpec, StepSpec, new_batch_id
+from core.models import OUTCOMES, PipelineSpec, StepSpec, new_batch_id
 from core.scripts import Scripts
 from core.store import BatchStore
 from deploy.local.parts.redis import MEMORY_CONFIG
@@ -105,7 +105,9 @@ async def main(args: argparse.Namespace) -> None:
             finished_hash = await redis.memory_usage(sample) or 0
             finished_encoding = await redis.object("encoding", sample)
             entries = await redis.hlen(sample)
-            stopped = len(await redis.zrange(keys.batch_state_index(PIPELINE, "stop"), 0, -1))
+            # `stop` has no index of its own: every stopped batch is in its outcome's.
+            stopped = sum([await redis.zcard(keys.batch_outcome_index(PIPELINE, outcome))
+                           for outcome in OUTCOMES])
             names = cast(list[str], await redis.keys(f"dhub:{{{PIPELINE}}}:batches*"))
             indexes = {name: await redis.memory_usage(name, samples=0) or 0
                        for name in sorted(names)}
