@@ -76,18 +76,32 @@ return out
 # object of the fields packed in it (core.packing.unpacked, minus the fields the hash held
 # plainly)
 # Writes those fields back and removes `packed` where `packed` is still the value read; a
-# field Redis holds plainly keeps its value (HSETNX: it was written after the packing, and
-# wins, as core.packing.unpacked says). Returns per key 1 when unpacked, 0 when `packed` had
-# changed (unpacked, or packed again, by another client meanwhile).
+# field Redis holds plainly keeps its value (it was written after the packing, and wins, as
+# core.packing.unpacked says). Returns per key 1 when unpacked, 0 when `packed` had changed
+# (unpacked, or packed again, by another client meanwhile).
 UNPACK: Final = """
 local out = {}
 for i, key in ipairs(KEYS) do
   out[i] = 0
-  if redis.call('HGET', key, 'PACKED') == ARGV[2 * i - 1] then
-    for name, value in pairs(cjson.decode(ARGV[2 * i])) do
-      redis.call('HSETNX', key, name, value)
+  local flat = redis.call('HGETALL', key)
+  local h, value = cjson.decode(ARGV[2 * i]), false
+  for j = 1, #flat, 2 do
+    if flat[j] == 'PACKED' then value = flat[j + 1] else h[flat[j]] = flat[j + 1] end
+  end
+  if value == ARGV[2 * i - 1] then
+    if redis.call('PTTL', key) == -1 then
+      -- Written anew in one HSET (the fields one by one would scan the listpack each).
+      local args = {}
+      for name, v in pairs(h) do
+        args[#args + 1] = name
+        args[#args + 1] = v
+      end
+      redis.call('DEL', key)
+      redis.call('HSET', key, unpack(args))
+    else
+      for name, v in pairs(h) do redis.call('HSET', key, name, v) end
+      redis.call('HDEL', key, 'PACKED')
     end
-    redis.call('HDEL', key, 'PACKED')
     out[i] = 1
   end
 end

@@ -145,3 +145,11 @@ async def test_pack_leaves_a_hash_with_a_ttl(redis: Redis, batch: dict[str, str]
     assert await pack_call(redis, batch) == 0
     assert await stored(redis) == batch
     assert await redis.ttl(KEY) > 0
+
+
+async def test_unpack_keeps_a_ttl(redis: Redis, batch: dict[str, str]) -> None:
+    assert await pack_call(redis, batch) == 1
+    await redis.expire(KEY, 3600)
+    assert await unpack_call(redis, await stored(redis)) == 1
+    assert await stored(redis) == batch
+    assert await redis.ttl(KEY) > 0
