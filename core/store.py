@@ -17,8 +17,8 @@ from redis.exceptions import NoScriptError
 
 from core import keys
 from core.codec import Event, StepOffsets
-from core.layout import DELETED, is_visible, render, step_field
-from core.models import PipelineSpec, deployment_name, now_iso
+from core.layout import DELETED, creation_fields, is_visible, render
+from core.models import PipelineSpec, now_iso
 from core.pack_scripts import HASHES, PACK, UNPACK
 from core.packing import PACKED, pack, unpacked
 from core.paging import NO_FILTER, ListFilter, Page, Pager
@@ -111,23 +111,7 @@ class BatchStore:
     async def create(self, pipeline_id: str, batch_id: str, spec: PipelineSpec,
                      extra: Mapping[str, str] | None = None) -> int:
         """`extra`: more fields of the batch's hash, recorded with its creation."""
-        now = now_iso()
-        fields: list[str] = [
-            "id", batch_id,
-            "name", spec.name,
-            "deployment", deployment_name(spec.name),
-            "pipeline_id", pipeline_id,
-            "pipeline_version", spec.version,
-            "state", "pending",
-            "steps", orjson.dumps(spec.step_names).decode(),
-            "created_at", now,
-            "updated_at", now,
-            "rev", "1",
-        ]  # fmt: skip
-        for name in spec.step_names:
-            fields += [step_field(name), "none"]
-        for field, value in (extra or {}).items():
-            fields += [field, value]
+        fields = creation_fields(pipeline_id, batch_id, spec, now_iso(), extra)
         state = (extra or {}).get("state", "pending")  # the hash's, for its state's index
         seq = await self.scripts.create_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
