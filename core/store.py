@@ -12,17 +12,16 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from core import keys
 from core.codec import Event, StepOffsets
-from core.layout import DELETED, creation_fields, is_visible, render
+from core.layout import creation_fields, is_visible, render
 from core.models import PipelineSpec, now_iso
-from core.pack_scripts import HASHES, PACK, UNPACK
-from core.packing import PACKED, pack, unpacked
+from core.packer import Packer
+from core.packing import unpacked
 from core.paging import NO_FILTER, ListFilter, Page, Pager
 from core.paging import BadToken as BadToken  # the list's error, where callers found it
+from core.script_calls import run_all
 from core.scripts import Scripts
 from core.settings import Settings
 
@@ -94,9 +93,7 @@ class BatchStore:
         self._dedup_window = dedup_window
         self._apply_chunk = apply_chunk
         self._pager = Pager(redis, scripts, token_secret)
-        self._hashes_script = redis.register_script(HASHES)
-        self._pack_script = redis.register_script(PACK)
-        self._unpack_script = redis.register_script(UNPACK)
+        self._packer = Packer(redis, apply_chunk)
 
     @classmethod
     def from_settings(cls, redis: Redis, settings: Settings,
@@ -200,7 +197,7 @@ class BatchStore:
                 # over and over does that (none packs a batch it did not just apply to).
                 raise RuntimeError(f"batches packed again under each apply: {packed}")
             tries += 1
-            await self._unpack(packed)
+            await self._packer.unpack(packed)
             unpacked_now += packed
             again: dict[str, dict[str, list[list[Any]]]] = {}
             for pipeline_id, batch_id in packed:
@@ -210,8 +207,8 @@ class BatchStore:
                     for pipeline_id, batches in grouped.items()
                     for batch_id, entries in batches.items()
                     if any(e[0] == "b" and e[2] == "stop" for e in entries)]
-        await self._pack([batch for batch in dict.fromkeys(stopping + unpacked_now)
-                          if results[batch] >= 0])
+        await self._packer.pack([batch for batch in dict.fromkeys(stopping + unpacked_now)
+                                 if results[batch] >= 0])
         return results
 
     async def _apply_events(self, grouped: dict[str, dict[str, list[list[Any]]]], now: str
@@ -233,89 +230,5 @@ class BatchStore:
                 payload = orjson.dumps([batches[batch_id] for batch_id in chunk])
                 calls.append([len(names), *names, now, self._dedup_window, self._channel,
                               payload])
-        results = await self._run_all(self.scripts.apply_events, calls)
+        results = await run_all(self.redis, self.scripts.apply_events, calls)
         return dict(zip(order, chain.from_iterable(results), strict=True))
-
-    async def _hashes(self, chunks: list[list[tuple[str, str]]]
-                      ) -> list[list[dict[str, str] | None]]:
-        """Each chunk's hashes as Redis holds them (None: absent): one HASHES call a chunk,
-        pipelined."""
-        calls = [[len(chunk), *(keys.batch(pipeline_id, b) for pipeline_id, b in chunk)]
-                 for chunk in chunks]
-        replies = await self._run_all(self._hashes_script, calls)
-        return [[orjson.loads(r) if r else None for r in reply] for reply in replies]
-
-    def _chunks(self, batches: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-        """The batches by pipeline (a script's keys share one hash tag), `apply_chunk` a
-        list at most."""
-        by_pipeline: dict[str, list[tuple[str, str]]] = {}
-        for batch in batches:
-            by_pipeline.setdefault(batch[0], []).append(batch)
-        return [mine[start : start + self._apply_chunk] for mine in by_pipeline.values()
-                for start in range(0, len(mine), self._apply_chunk)]
-
-    async def _pack(self, batches: list[tuple[str, str]]) -> None:
-        """Packs each of the batches that is stopped, not deleted and not packed yet (one
-        read, then PACK, a round trip each). A batch changed between the two keeps its full
-        form: the next apply of a stop to it packs it."""
-        if not batches:
-            return
-        calls: list[list[Any]] = []
-        chunks = self._chunks(batches)
-        for chunk, hashes in zip(chunks, await self._hashes(chunks), strict=True):
-            names: list[str] = []
-            args: list[Any] = []
-            for (pipeline_id, batch_id), fields in zip(chunk, hashes, strict=True):
-                if (fields is None or fields.get("state") != "stop" or DELETED in fields
-                        or PACKED in fields):
-                    continue
-                names.append(keys.batch(pipeline_id, batch_id))
-                args += (fields.get("rev", ""), len(fields), pack(fields)[PACKED])
-            if names:
-                calls.append([len(names), *names, *args])
-        if calls:
-            await self._run_all(self._pack_script, calls)
-
-    async def _unpack(self, batches: list[tuple[str, str]]) -> None:
-        """Unpacks the batches that are packed (one read, then UNPACK, a round trip each).
-        One packed or unpacked again by another client meanwhile is left as it is:
-        APPLY_EVENTS says so again."""
-        calls: list[list[Any]] = []
-        chunks = self._chunks(batches)
-        for chunk, hashes in zip(chunks, await self._hashes(chunks), strict=True):
-            names: list[str] = []
-            args: list[Any] = []
-            for (pipeline_id, batch_id), fields in zip(chunk, hashes, strict=True):
-                value = fields.get(PACKED) if fields else None
-                if fields is None or value is None:
-                    continue
-                names.append(keys.batch(pipeline_id, batch_id))
-                args += (value, orjson.dumps({name: v for name, v in unpacked(fields).items()
-                                              if name not in fields}))
-            if names:
-                calls.append([len(names), *names, *args])
-        if calls:
-            await self._run_all(self._unpack_script, calls)
-
-    async def _run_all(self, script: AsyncScript, calls: list[list[Any]]) -> list[Any]:
-        try:
-            return await self._evalsha_all(script.sha, calls)
-        except NoScriptError:
-            # Redis lost its scripts (a restart, a failover): every call failed alike, so
-            # none ran; load the script and send them again.
-            await self.redis.script_load(script.script)
-            return await self._evalsha_all(script.sha, calls)
-
-    async def _evalsha_all(self, sha: str, calls: list[list[Any]]) -> list[Any]:
-        """The calls in one round trip. EVALSHA itself rather than the registered script's
-        call, which would cost every pipeline a SCRIPT EXISTS round trip first."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for args in calls:
-                pipe.evalsha(sha, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-        # The first error as Redis sent it: the pipeline would prefix its text, and callers
-        # read the code it starts with (BUSY, READONLY...: `core.retry.classify`).
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        return results

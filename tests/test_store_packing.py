@@ -17,6 +17,7 @@ from core import keys
 from core.codec import Event
 from core.layout import published_fields, render
 from core.models import new_batch_id
+from core.packer import Packer
 from core.packing import PACKED, PLAIN, unpacked
 from core.paging import Pager
 from core.restore import Restored, restore_batches
@@ -105,12 +106,12 @@ async def test_every_answer_is_the_same_packed_or_not(store: BatchStore, redis: 
     batch_id = await finished(store)
     packed = await answers(store, batch_id)
     held = await raw(redis, batch_id)
-    await store._unpack([(P, batch_id)])
+    await Packer(redis, chunk=100).unpack([(P, batch_id)])
     full = await raw(redis, batch_id)
     assert PACKED not in full
     assert full == unpacked(held)
     assert await answers(store, batch_id) == packed
-    await store._pack([(P, batch_id)])
+    await Packer(redis, chunk=100).pack([(P, batch_id)])
     assert await raw(redis, batch_id) == held
     assert await answers(store, batch_id) == packed
 
@@ -253,7 +254,7 @@ async def test_the_api_answers_the_same_for_a_packed_batch(
     packed = await bodies()
     assert orjson.loads(packed[0])["outcome"] == "failed"
     assert orjson.loads(packed[0])["state"]["steps"]["load"]["offsets"]["partition_3"] == 1021
-    await store._unpack([("pipeline-sales", batch_id)])
+    await Packer(store.redis, chunk=100).unpack([("pipeline-sales", batch_id)])
     assert PACKED not in await raw(redis, batch_id, "pipeline-sales")
     assert await bodies() == packed
 

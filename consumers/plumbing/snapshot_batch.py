@@ -21,16 +21,15 @@ The guarantee is `write_current`'s: returns once the broker acknowledged every r
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Sequence
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.producer.message_accumulator import BatchBuilder
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 from core import keys
+from core.script_calls import run_all
 from core.snapshots import NOT_SNAPSHOTTED, snapshot_key
 
 # KEYS: batch hashes of one pipeline. ARGV[1] the pipeline id, ARGV[2] each KEY's batch id,
@@ -74,7 +73,7 @@ class SnapshotBatches:
         self.producer = producer
         self.redis = redis
         self.topic = topic
-        self._sha = hashlib.sha1(RECORDS.encode(), usedforsecurity=False).hexdigest()
+        self._script = redis.register_script(RECORDS)
         self._skip = sorted(NOT_SNAPSHOTTED)
         self._partition_of: dict[bytes, int] = {}
         self._partition_count = 0
@@ -92,36 +91,19 @@ class SnapshotBatches:
         for n, (pipeline_id, _) in enumerate(batches):
             by_pipeline.setdefault(pipeline_id, []).append(n)
         order: list[int] = []
-        calls: list[tuple[list[str], list[str]]] = []
+        calls: list[list[Any]] = []
         for pipeline_id, indexes in by_pipeline.items():
             for start in range(0, len(indexes), CHUNK):
                 chunk = indexes[start : start + CHUNK]
                 order += chunk
-                calls.append(([keys.batch(pipeline_id, batches[n][1]) for n in chunk],
-                              [pipeline_id, " ".join(batches[n][1] for n in chunk),
-                               *self._skip]))
-        try:
-            results = await self._evalsha_all(calls)
-        except NoScriptError:
-            # Redis lost its scripts (a restart): none of the calls ran; load and send again.
-            await self.redis.script_load(RECORDS)
-            results = await self._evalsha_all(calls)
+                calls.append([len(chunk), *(keys.batch(pipeline_id, batches[n][1])
+                                            for n in chunk),
+                              pipeline_id, " ".join(batches[n][1] for n in chunk), *self._skip])
+        results = await run_all(self.redis, self._script, calls)
         out: list[str | None] = [None] * len(batches)
         for n, value in zip(order, (v for r in results for v in r), strict=True):
             out[n] = value or None  # false arrives as None
         return out
-
-    async def _evalsha_all(self, calls: list[tuple[list[str], list[str]]]) -> list[list[Any]]:
-        """One round trip. EVALSHA itself: a registered script's call in a pipeline costs a
-        SCRIPT EXISTS round trip first (as `BatchStore.apply` found)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for call_keys, args in calls:
-                pipe.evalsha(self._sha, len(call_keys), *call_keys, *args)
-            results: list[list[Any] | Exception] = await pipe.execute(raise_on_error=False)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result  # as Redis sent it: core.retry reads its code
-        return cast(list[list[Any]], results)
 
     async def _send(self, batches: Sequence[tuple[str, str]],
                     records: list[str | None]) -> int:
