@@ -81,11 +81,14 @@ def test_every_part_gets_prefects_settings_and_the_worker_polls_fast(
         assert env["DHUB_STATE_DIR"] == str(private.state), part.name
         assert env["PYTHONPATH"].split(":")[0] == str(ROOT), part.name
     worker = environment(BY_NAME["worker"], private)
-    assert worker["PREFECT_WORKER_QUERY_SECONDS"] == "0.5"
+    assert worker["PREFECT_WORKER_QUERY_SECONDS"] == "0.2"
     assert worker["PREFECT_LOGGING_TO_API_ENABLED"] == "false"
     assert "PREFECT_WORKER_QUERY_SECONDS" not in environment(BY_NAME["api"], private)
     monkeypatch.setenv("PREFECT_LOGGING_TO_API_ENABLED", "true")  # the caller's choice wins
-    assert environment(BY_NAME["worker"], private)["PREFECT_LOGGING_TO_API_ENABLED"] == "true"
+    monkeypatch.setenv("PREFECT_WORKER_QUERY_SECONDS", "0.5")
+    chosen = environment(BY_NAME["worker"], private)
+    assert (chosen["PREFECT_LOGGING_TO_API_ENABLED"], chosen["PREFECT_WORKER_QUERY_SECONDS"]) == (
+        "true", "0.5")
 
 
 async def test_redis_persists_with_aof(stack: Settings) -> None:
