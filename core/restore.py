@@ -17,6 +17,8 @@ import orjson
 from redis.asyncio import Redis
 
 from core import keys
+from core.layout import DELETED
+from core.packing import PACKED, pack
 from core.paging import Pager, ensure_finished
 from core.registry import PipelineRegistry, Registered
 from core.snapshots import PipelineVersion, Snapshot
@@ -65,11 +67,19 @@ async def restore_pipelines(registry: PipelineRegistry, versions: Iterable[Pipel
         restored.pipelines += 1
 
 
+def _stored(fields: dict[str, str]) -> dict[str, str]:
+    """The hash as Redis keeps it: a finished batch packed (`core.packing`), as the events
+    path leaves it, whether its snapshot was taken packed or before packing existed."""
+    if fields.get("state") == "stop" and PACKED not in fields and DELETED not in fields:
+        return pack(fields)
+    return fields
+
+
 async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
                           snapshots: Iterable[Snapshot], hidden: set[tuple[str, str]],
                           restored: Restored) -> None:
-    """Each batch's hash exactly as snapshotted (its `seq`, `rev`, `created_at`,
-    `updated_at` included), the batch index and the sequence counter (the highest `seq`, so
+    """Each batch's hash as snapshotted (its `seq`, `rev`, `created_at`, `updated_at`
+    included; a finished one packed), the batch index and the sequence counter (the highest `seq`, so
     new batches continue the order), then the list's filter indexes and the retention's
     finished buckets by their own backfills (the stopped batches bucketed by the hour of
     their `updated_at`). A batch deleted but not yet purged (`hidden`) is hidden again by
@@ -82,7 +92,8 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
         index = keys.batch_index(pipeline_id)
         for start in range(0, len(snaps), CHUNK):
             chunk = snaps[start:start + CHUNK]
-            rows = [[snap.batch_id, str(snap.seq), [x for item in snap.fields.items() for x in item]]
+            rows = [[snap.batch_id, str(snap.seq),
+                     [x for item in _stored(snap.fields).items() for x in item]]
                     for snap in chunk]
             await script(keys=[index, *(keys.batch(pipeline_id, snap.batch_id) for snap in chunk)],
                          args=[orjson.dumps(rows)])

@@ -279,3 +279,16 @@ async def test_a_packed_batch_is_snapshotted_packed_and_restored_as_it_was(
     late = ev(batch_id, "step.offsets", step="load", offsets={"partition_0": 5000})
     assert await store.apply([late]) == {(P, batch_id): 1}
     assert_packed(await raw(redis, batch_id))
+
+
+async def test_a_rebuild_packs_a_finished_batch_snapshotted_before_packing(
+        store: BatchStore, redis: Redis, scripts: Scripts) -> None:
+    batch_id = await finished(store)
+    before = await answers(store, batch_id)
+    full = unpacked(await raw(redis, batch_id))  # as a snapshot from before packing holds it
+    assert PACKED not in full
+    await redis.flushdb()
+    await restore_batches(redis, store, Pager(redis, scripts, b"secret"),
+                          [Snapshot(P, batch_id, full)], set(), Restored())
+    assert_packed(await raw(redis, batch_id))
+    assert await answers(store, batch_id) == before
