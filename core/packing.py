@@ -4,7 +4,7 @@ A stopped batch's ~70 fields (offsets and totals per step and partition, step st
 times, config...) cost Redis ~2.7 KB as a listpack; packed they cost ~400 B. `pack` keeps
 `PLAIN` fields as they are (the ones the Lua scripts read of a stopped batch: its id, state,
 outcome, list order and times, `rev`, `stop_ts`, `deleted`) and puts every other field in one
-text field, `packed`: a version prefix (`z1:`) then base85 of zlib (level 9, preset
+text field, `packed`: a version prefix (`z1:`) then base64 of zlib (level 9, preset
 dictionary `_ZDICT`) of a structural JSON of those fields (partition names once a step,
 offsets as their distance to the step's totals, step times as milliseconds after
 `created_at`, config and steps as JSON values): small because a finished batch is mostly
