@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from core import layout
+from core.apply_script import APPLY_EVENTS
 from core.models import BATCH_STATES, STEP_STATES
-from core.scripts import APPLY_EVENTS
 
 
 def test_the_scripts_rank_states_in_the_models_order() -> None:
