@@ -17,9 +17,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from core import keys
-from core.layout import DELETED
 from core.pack_scripts import HASHES, PACK, UNPACK
-from core.packing import PACKED, pack, unpacked
+from core.packing import PACKED, pack, packable, unpacked
 from core.script_calls import run_all
 
 
@@ -54,7 +53,7 @@ class Packer:
         batch changed between the read and PACK keeps its full form: the next apply of a
         stop to it packs it."""
         def args(fields: dict[str, str]) -> tuple[Any, ...] | None:
-            if fields.get("state") != "stop" or DELETED in fields or PACKED in fields:
+            if not packable(fields):
                 return None
             return fields.get("rev", ""), len(fields), pack(fields)[PACKED]
         await self._read_then(self._pack_script, batches, args)

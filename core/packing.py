@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import orjson
 
+from core.layout import DELETED
 from core.models import deployment_name
 
 # The field holding the packed rest of a finished batch's hash.
@@ -71,8 +72,10 @@ _SCALARS: Final = ("name", "deployment", "pipeline_id", "pipeline_version", "flo
                    "reason", "config", "resumed_from")
 
 
-def is_packed(fields: Mapping[str, str]) -> bool:
-    return PACKED in fields
+def packable(fields: Mapping[str, str]) -> bool:
+    """A hash that is held packed and is not yet: a stopped batch, not hidden (a hidden one
+    is the delete's to purge; its `deleted` is read by scripts)."""
+    return fields.get("state") == "stop" and DELETED not in fields and PACKED not in fields
 
 
 def pack(fields: Mapping[str, str]) -> dict[str, str]:

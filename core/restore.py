@@ -17,8 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from core import keys
-from core.layout import DELETED
-from core.packing import PACKED, pack
+from core.packing import pack, packable
 from core.paging import Pager, ensure_finished
 from core.registry import PipelineRegistry, Registered
 from core.snapshots import PipelineVersion, Snapshot
@@ -70,9 +69,7 @@ async def restore_pipelines(registry: PipelineRegistry, versions: Iterable[Pipel
 def _stored(fields: dict[str, str]) -> dict[str, str]:
     """The hash as Redis keeps it: a finished batch packed (`core.packing`), as the events
     path leaves it, whether its snapshot was taken packed or before packing existed."""
-    if fields.get("state") == "stop" and PACKED not in fields and DELETED not in fields:
-        return pack(fields)
-    return fields
+    return pack(fields) if packable(fields) else fields
 
 
 async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
