@@ -95,6 +95,7 @@ class _Template:
     other_keys: tuple[str, ...]  # the script's KEYS after the batch's hash
     pieces: tuple[bytes, ...]  # the encoded arguments around the gaps
     gaps: tuple[bool, ...]  # per gap: True the batch id, False the time
+    registered: str  # the `config` field recorded when the run overrides none
 
     def args(self, batch_id: str, now: str, extra: bytes = b"") -> bytes:
         """`extra`: more field/value pairs, as JSON array items (`,"f","v",...`); they come
@@ -126,8 +127,9 @@ class _Capture(Scripts):
 
 async def _capture(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> _Template:
     capture = _Capture(store.scripts)
+    registered = layout.registered_config(spec)
     await BatchStore(store.redis, capture, token_secret=b"unused", changes_channel="").create(
-        pipeline_id, _ID_MARK, spec, extra={layout.CONFIG: layout.registered_config(spec)})
+        pipeline_id, _ID_MARK, spec, extra={layout.CONFIG: registered})
     [(batch_keys, args)] = capture.calls
     if batch_keys[0] != keys.batch(pipeline_id, _ID_MARK):
         raise RuntimeError(f"BatchStore.create's first key is not the batch: {batch_keys[0]}")
@@ -135,7 +137,7 @@ async def _capture(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> _
     encoded = orjson.dumps([_NOW_MARK if arg == now else arg for arg in args])
     split = re.split(f"({re.escape(_ID_MARK)}|{re.escape(_NOW_MARK)})".encode(), encoded)
     return _Template(spec, tuple(batch_keys[1:]), tuple(split[0::2]),
-                     tuple(mark == _ID_MARK.encode() for mark in split[1::2]))
+                     tuple(mark == _ID_MARK.encode() for mark in split[1::2]), registered)
 
 
 async def _template(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> _Template:
@@ -155,9 +157,10 @@ async def _template(store: BatchStore, pipeline_id: str, spec: PipelineSpec) -> 
     return template
 
 
-def config_pair(config: Mapping[str, Any]) -> bytes:
-    """The batch's effective config as `_Template.args`' extra pair."""
-    return b"," + orjson.dumps([layout.CONFIG, orjson.dumps(config).decode()])[1:-1]
+def config_pair(config_json: str) -> bytes:
+    """The batch's effective config (its `config` field's JSON) as `_Template.args`' extra
+    pair."""
+    return b"," + orjson.dumps([layout.CONFIG, config_json])[1:-1]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -182,8 +185,8 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
     order = keys.pipeline_order(pipeline_id)
     while True:
         template = await _template(store, pipeline_id, spec)
-        effective = config(spec) if config is not None else None
-        extra = config_pair(effective) if effective is not None else b""
+        overridden = orjson.dumps(config(spec)).decode() if config is not None else None
+        extra = config_pair(overridden) if overridden is not None else b""
         now = now_iso()
         reply = await turns.script(
             scripts.create_latest_batch,
@@ -191,8 +194,7 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
             [spec.version if latest else "", template.args(batch_id, now, extra),
              keys.CHANGES_CHANNEL])
         if not isinstance(reply, list):
-            config_json = (orjson.dumps(effective).decode() if effective is not None
-                           else layout.registered_config(spec))
+            config_json = overridden if overridden is not None else template.registered
             return Created(spec, Recorded(seq=int(reply), created_at=now,
                                           extra={layout.CONFIG: config_json}))
         spec = await latest_spec(registry, pipeline_id, reply[0])
