@@ -107,14 +107,14 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
     earlier = await keys_.claim(idem_key, sent, batch_id)
     if earlier is not None:
         return json_obj({"item": earlier})
+    committed = sent.record("committed", batch_id)
     try:
         # The run command carries the committed record too, for a rebuild of Redis.
-        await _create_and_queue(request, pipeline_id, batch_id, record,
-                                (idem_key, sent.record("committed", batch_id)))
+        await _create_and_queue(request, pipeline_id, batch_id, record, (idem_key, committed))
     except BaseException:
         await keys_.release(idem_key, batch_id)
         raise
-    await keys_.commit(idem_key, sent, batch_id)
+    await keys_.commit(idem_key, committed, batch_id)
     return json_obj({"item": batch_id})
 
 

@@ -140,13 +140,14 @@ class IdempotencyKeys:
                            "use a new key to run the pipeline again", batch_id=batch_id)
         return batch_id
 
-    async def commit(self, key: str, sent: Sent, batch_id: str) -> None:
-        """pending -> committed, once the run command is durably queued. The batch will run
+    async def commit(self, key: str, committed: str, batch_id: str) -> None:
+        """pending -> committed (`committed`: `Sent.record("committed", batch_id)`, the value
+        the run command carries too), once the run command is durably queued. The batch will run
         whatever happens here, so a failure is logged, not answered: the pending record
         expires and the key frees, the one outcome a client can still live with."""
         try:
             done = await self._scripts.commit_key(
-                keys=[key], args=[batch_id, sent.record("committed", batch_id), self._ttl_s])
+                keys=[key], args=[batch_id, committed, self._ttl_s])
         except Exception:
             log.exception("Idempotency-Key of batch %s not committed", batch_id)
             return

@@ -76,7 +76,8 @@ async def resume_batch(request: web.Request) -> web.Response:
     async def record() -> creates.Created:
         seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
         # Read back for its run command (a rebuild's record): the time Redis recorded. A
-        # resume is rare; the POST's hot path gets both from its create script instead.
+        # resume is rare; the POST's hot path sends the time it gave its create script,
+        # and the rebuild raises it as that script would.
         fields = await store.fields(pipeline_id, batch_id) or {}
         return creates.Created(spec, Recorded(seq=seq, created_at=fields.get("created_at", ""),
                                               extra=extra))
