@@ -60,3 +60,24 @@ def test_a_running_step_that_has_not_moved_for_the_stall_time_is_stalled() -> No
     assert "stalled" not in moving and "stalled" not in moving["state"]["steps"]["extract"]
     stopped = layout.render({**_running_batch(old), "state": "stop"})
     assert "stalled" not in stopped
+
+
+def test_render_orders_partitions_naturally_and_keeps_only_the_batch_steps() -> None:
+    fields = {**_running_batch("2026-12-01T10:00:10.000Z"), "steps": '["extract", "load"]',
+              "step:load": "pending"}
+    for part, offset in (("partition_10", 10), ("partition_9", 9), ("partition_0", 0),
+                         ("zone:eu:1", 7), ("q", 3)):
+        fields[layout.offset_field("extract", part)] = str(offset)
+    fields[layout.total_field("extract", "partition_10")] = "20"
+    fields[layout.total_field("extract", "partition_9")] = "18"
+    fields[layout.offset_field("gone", "partition_1")] = "4"  # a step the batch does not have
+    fields["offset"] = "1"  # a field that only looks like one
+    steps = layout.render(fields)["state"]["steps"]
+    assert list(steps) == ["extract", "load"]
+    extract = steps["extract"]
+    assert list(extract["offsets"].items()) == [
+        ("p0", 5), ("partition_0", 0), ("partition_9", 9), ("partition_10", 10), ("q", 3),
+        ("zone:eu:1", 7)]
+    assert list(extract["totals"].items()) == [("partition_9", 18), ("partition_10", 20)]
+    assert steps["load"] == {"state": "pending", "offsets": {}, "progress": {
+        "percent": None, "records_per_s": None, "eta_s": None}}
