@@ -53,8 +53,7 @@ return 1
 """
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] batch's seen-event-ids zset,
-# optionally KEYS[4] pipeline's created index and KEYS[5..] its filter indexes
-# (keys.batch_filter_indexes)
+# optionally KEYS[4..] the pipeline's filter indexes (keys.batch_filter_indexes)
 # ARGV[1] batch id, ARGV[2] now (ISO-8601), ARGV[3] reason, ARGV[4] TTL of the hidden record
 # in seconds, ARGV[5] change channel ('' for none)
 # Makes a batch unrunnable after an ambiguous run command: `stop`/`failed` with the reason,
@@ -66,7 +65,7 @@ ABANDON_BATCH: Final = UNLIST_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
   return 0
 end
-unlist(KEYS[1], ARGV[1], 4, 5)
+unlist(ARGV[1], 4)
 redis.call('HSET', KEYS[1], 'state', 'stop', 'outcome', 'failed', 'reason', ARGV[3],
            'deleted', '1', 'updated_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
@@ -77,8 +76,8 @@ if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
 return 1
 """
 
-# KEYS[1..5] as CREATE_BATCH (batch hash, pipeline's batch index, sequence, created index,
-# initial state's index), KEYS[6] (the last) the pipeline's version order (list, latest last)
+# KEYS[1..4] as CREATE_BATCH (batch hash, pipeline's batch index, sequence, initial state's
+# index), KEYS[5] (the last) the pipeline's version order (list, latest last)
 # ARGV[1] the version the batch records when it must be the latest ('' for no check),
 # ARGV[2] JSON array: CREATE_BATCH's ARGV (batch id, then the hash's fields and values),
 # ARGV[3] change channel ('' or absent for none): a new batch publishes its key, so a

@@ -78,15 +78,6 @@ def batch_filter_indexes(pipeline_id: str) -> list[str]:
             + [batch_outcome_index(pipeline_id, outcome) for outcome in OUTCOMES])
 
 
-def batch_created_index(pipeline_id: str) -> str:
-    """The retired created index (a lex-ordered sorted set `<created_at>|<seq>`; the list's
-    created bounds are now binary searches of the batch index, `core.list_scripts.PAGE_RANGE`).
-    No script reads or writes it: its name stays in the KEYS layouts `core.store` builds
-    (CREATE_BATCH, HIDE_BATCH, PURGE_BATCH, ABANDON_BATCH keep its slot), and the backfill
-    deletes an old database's (`batch_retired_keys`)."""
-    return f"{_tag(pipeline_id)}:batches:created"
-
-
 # The last part of the finished index's name; a finished bucket's last part is its hour.
 FINISHED_HOURS: Final = "hours"
 
@@ -127,8 +118,10 @@ def batch_indexes_built(pipeline_id: str) -> str:
 def batch_retired_keys(pipeline_id: str) -> list[str]:
     """The list's keys from before the finished buckets (issue 12: a finished batch in at
     most 1 KB): the `stop` state index, the created index, the finished sorted set (id ->
-    stop time) and their markers. The backfills delete them (`core.paging`)."""
-    return [batch_state_index(pipeline_id, "stop"), batch_created_index(pipeline_id),
+    stop time) and their markers. The backfills delete them (`core.paging`). (The created
+    index was a lex-ordered sorted set `<created_at>|<seq>`; the list's created bounds are
+    binary searches of the batch index now: `core.list_scripts.PAGE_RANGE`.)"""
+    return [batch_state_index(pipeline_id, "stop"), f"{_tag(pipeline_id)}:batches:created",
             f"{_tag(pipeline_id)}:batches:finished", f"{_tag(pipeline_id)}:batches:indexed",
             f"{_tag(pipeline_id)}:batches:finished:indexed"]
 

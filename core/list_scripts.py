@@ -66,19 +66,16 @@ end
 """
 
 # A Lua function for the scripts that hide or remove a batch: takes batch `id` out of the
-# filter indexes KEYS[first..last] (`last`: #KEYS when not given). `hash` and `created` are
-# unused (the created index is retired: keys.batch_created_index); ABANDON_BATCH still
-# passes them.
+# filter indexes KEYS[first..last] (`last`: #KEYS when not given).
 UNLIST_LUA: Final = """
-local function unlist(hash, id, created, first, last)
+local function unlist(id, first, last)
   for i = first, last or #KEYS do redis.call('ZREM', KEYS[i], id) end
 end
 """
 
-# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] the retired created
-# index (unused), KEYS[4..] its filter indexes (keys.batch_filter_indexes), then its finished
-# index (keys.batch_finished_index; unused: a hidden batch stays in its bucket, where the
-# sweeper skips it, being the clean-up's to purge)
+# KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3..] its filter indexes
+# (keys.batch_filter_indexes), then its finished index (keys.batch_finished_index; unused: a
+# hidden batch stays in its bucket, where the sweeper skips it, being the clean-up's to purge)
 # ARGV[1] batch id, ARGV[2] now (ISO-8601), ARGV[3] change channel ('' for none)
 # Hides the batch: GETs and the list (filtered or not) stop seeing it at once; the consumer
 # purges it later. Returns 1 when hidden now, 0 when unknown or already hidden.
@@ -86,7 +83,7 @@ HIDE_BATCH: Final = UNLIST_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HEXISTS', KEYS[1], 'deleted') == 1 then
   return 0
 end
-unlist(KEYS[1], ARGV[1], 3, 4, #KEYS - 1)
+unlist(ARGV[1], 3, #KEYS - 1)
 redis.call('HSET', KEYS[1], 'deleted', '1', 'updated_at', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'rev', 1)
 redis.call('ZREM', KEYS[2], ARGV[1])
@@ -95,14 +92,14 @@ return 1
 """
 
 # KEYS[1] batch hash, KEYS[2] batch's seen-event-ids zset, KEYS[3] pipeline's batch index,
-# KEYS[4] the retired created index (unused), KEYS[5..] its filter indexes
+# KEYS[4..] its filter indexes
 # (keys.batch_filter_indexes), then its finished index (unused: an id left in its bucket is
 # skipped by the sweeper)
 # ARGV[1] batch id, ARGV[2] change channel ('' for none)
 # Removes every key and index entry of the batch (after delete, or to undo a create that
 # failed), its finished bucket's id excepted.
 PURGE_BATCH: Final = UNLIST_LUA + """
-unlist(KEYS[1], ARGV[1], 4, 5, #KEYS - 1)
+unlist(ARGV[1], 4, #KEYS - 1)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end

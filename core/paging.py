@@ -58,7 +58,7 @@ class Page:
 
 
 def created_bound(name: str, raw: str) -> str:
-    """An ISO-8601 time with its timezone as the created index compares it: UTC, fixed
+    """An ISO-8601 time with its timezone as PAGE_RANGE compares `created_at` with it: UTC, fixed
     width, milliseconds (`created_at` has no finer ones), rounded up — so `created_at >=`
     and `created_at <` the result are exact for both bounds."""
     try:

@@ -18,8 +18,7 @@ from core.keys import FINISHED_INDEXED
 from core.list_scripts import CREATED_AT_LUA_PATTERN
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's sequence counter,
-# KEYS[4] the retired created index (unused: keys.batch_created_index), KEYS[5] the state
-# index of the new hash's `state`
+# KEYS[4] the state index of the new hash's `state`
 # ARGV[1] batch id, ARGV[2..] field, value, field, value, ... of the new hash, `created_at`
 # among them (fixed-width ISO: core.list_scripts.CREATED_AT_LUA_PATTERN)
 # Two creates of a pipeline may reach Redis in another order than their clocks read them
@@ -62,7 +61,7 @@ fields[#fields + 1] = 'seq'
 fields[#fields + 1] = seq
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
-redis.call('ZADD', KEYS[5], seq, ARGV[1])
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
 return seq
 """
 

@@ -112,8 +112,7 @@ class BatchStore:
         state = (extra or {}).get("state", "pending")  # the hash's, for its state's index
         seq = await self.scripts.create_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
-                  keys.batch_seq(pipeline_id), keys.batch_created_index(pipeline_id),
-                  keys.batch_state_index(pipeline_id, state)],
+                  keys.batch_seq(pipeline_id), keys.batch_state_index(pipeline_id, state)],
             args=[batch_id, *fields],
         )
         if seq and self._channel:
@@ -124,8 +123,7 @@ class BatchStore:
     async def hide(self, pipeline_id: str, batch_id: str) -> bool:
         hidden = await self.scripts.hide_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
-                  keys.batch_created_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
-                  keys.batch_finished_index(pipeline_id)],
+                  *keys.batch_filter_indexes(pipeline_id), keys.batch_finished_index(pipeline_id)],
             args=[batch_id, now_iso(), self._channel],
         )
         return bool(hidden)
@@ -135,8 +133,8 @@ class BatchStore:
         delete, or to undo a create that failed)."""
         await self.scripts.purge_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
-                  keys.batch_index(pipeline_id), keys.batch_created_index(pipeline_id),
-                  *keys.batch_filter_indexes(pipeline_id), keys.batch_finished_index(pipeline_id)],
+                  keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
+                  keys.batch_finished_index(pipeline_id)],
             args=[batch_id, self._channel])
 
     # -- reads ---------------------------------------------------------------------------

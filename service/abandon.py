@@ -52,8 +52,7 @@ class Abandoner:
         await self._redis.zadd(keys.ABANDONED, {member: time.time()})
         await self._scripts.abandon_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
-                  keys.batch_seen(pipeline_id, batch_id), keys.batch_created_index(pipeline_id),
-                  *keys.batch_filter_indexes(pipeline_id)],
+                  keys.batch_seen(pipeline_id, batch_id), *keys.batch_filter_indexes(pipeline_id)],
             args=[batch_id, now_iso(), reason, self._ttl_s, self._channel],
         )
         log.warning("batch %s/%s abandoned: %s", pipeline_id, batch_id, reason)

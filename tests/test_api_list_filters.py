@@ -212,7 +212,7 @@ async def test_batches_from_before_the_indexes_are_found_once_backfilled(
     ids = await make(store, 5)
     await to(store, ids[1:3], "running")
     # As a database written before the indexes existed.
-    await redis.delete(keys.batch_created_index(P), *keys.batch_filter_indexes(P))
+    await redis.delete(*keys.batch_filter_indexes(P))
     assert not await redis.exists(keys.batch_indexes_built(P))
     async with api_client(api_settings(topics)) as api:
         # Concurrent first pages share one backfill, each answered once it is done.

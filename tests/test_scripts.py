@@ -46,7 +46,7 @@ async def test_create_batch_assigns_increasing_sequences_and_refuses_duplicates(
     assert await redis.zrange(keys.batch_index(P), 0, -1, withscores=True) == [(first, 1.0), (second, 2.0)]
     again = await scripts.create_batch(
         keys=[keys.batch(P, first), keys.batch_index(P), keys.batch_seq(P),
-              keys.batch_created_index(P), keys.batch_state_index(P, "pending")],
+              keys.batch_state_index(P, "pending")],
         args=[first, "state", "x", "created_at", "2030-01-01T00:00:00.000Z"])
     assert again == 0
     assert await redis.hget(keys.batch(P, first), "state") == "pending"

@@ -75,7 +75,7 @@ async def test_a_create_that_reaches_redis_late_takes_the_newest_created_at(
     async def create(batch_id: str, at: str) -> Any:
         return await scripts.create_batch(
             keys=[keys.batch(P, batch_id), keys.batch_index(P), keys.batch_seq(P),
-                  keys.batch_created_index(P), keys.batch_state_index(P, "pending")],
+                  keys.batch_state_index(P, "pending")],
             args=[batch_id, "id", batch_id, "state", "pending", "created_at", at,
                   "updated_at", at])
 
@@ -191,7 +191,7 @@ async def test_abandon_unlists_with_the_indexes_given_and_works_without(
     base = [keys.batch_index(P)]
     args: list[Any] = ["2030-01-01T00:00:00.000Z", "kafka timed out", 60, ""]
     assert await api_scripts.abandon_batch(
-        keys=[keys.batch(P, "b1"), *base, keys.batch_seen(P, "b1"), keys.batch_created_index(P),
+        keys=[keys.batch(P, "b1"), *base, keys.batch_seen(P, "b1"),
               *keys.batch_filter_indexes(P)], args=["b1", *args]) == 1
     assert await where(redis, "b1") == {}
     # A caller naming only the first three keys (as before the indexes): still abandoned;
@@ -216,7 +216,7 @@ async def create_at(scripts: Scripts, times: list[str]) -> None:
     for n, at in enumerate(times, start=1):
         await scripts.create_batch(
             keys=[keys.batch(P, f"b{n}"), keys.batch_index(P), keys.batch_seq(P),
-                  keys.batch_created_index(P), keys.batch_state_index(P, "pending")],
+                  keys.batch_state_index(P, "pending")],
             args=[f"b{n}", "state", "pending", "created_at", at])
 
 
