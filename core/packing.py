@@ -22,7 +22,6 @@ from __future__ import annotations
 import binascii
 import zlib
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any, Final
 
@@ -30,6 +29,7 @@ import orjson
 
 from core.layout import DELETED
 from core.models import deployment_name
+from core.packed_values import iso_at, json_value, ms_of, number, time_after
 
 # The field holding the packed rest of a finished batch's hash.
 PACKED: Final = "packed"
@@ -62,8 +62,6 @@ _ZDICT: Final = (
 )
 _LEVEL: Final = 9
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_LIMIT: Final = 10**17  # integers packed: their differences fit JSON's 64 bits
 
 # The per-step fields packed in fixed places: `<head>:<step>` (core.layout's names).
 _STEP_HEADS: Final = frozenset({"step", "started", "moved", "resumed"})
@@ -84,7 +82,7 @@ def pack(fields: Mapping[str, str]) -> dict[str, str]:
         raise ValueError("the batch hash is packed already")
     plain = {name: value for name, value in fields.items() if name in PLAIN}
     rest = {name: value for name, value in fields.items() if name not in PLAIN}
-    body = orjson.dumps(_encode(rest, _ms_of(fields.get("created_at"))))
+    body = orjson.dumps(_encode(rest, ms_of(fields.get("created_at"))))
     compressor = zlib.compressobj(_LEVEL, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, _ZDICT)
     raw = compressor.compress(body) + compressor.flush()
     plain[PACKED] = VERSION + binascii.b2a_base64(raw, newline=False).decode()
@@ -100,7 +98,7 @@ def unpacked(fields: dict[str, str]) -> dict[str, str]:
         raise ValueError(f"packed batch hash of an unknown version: {packed[:8]!r}")
     decompressor = zlib.decompressobj(-15, _ZDICT)
     body = decompressor.decompress(binascii.a2b_base64(packed[len(VERSION):]))
-    out = _decode(orjson.loads(body), _ms_of(fields.get("created_at")))
+    out = _decode(orjson.loads(body), ms_of(fields.get("created_at")))
     for name, value in fields.items():
         if name != PACKED:
             out[name] = value
@@ -121,7 +119,7 @@ def _encode(rest: dict[str, str], base_ms: int | None) -> list[Any]:
     steps_value: Any = raw_steps
     names: list[str] = []
     if raw_steps is not None:
-        parsed = _json_value(raw_steps)
+        parsed = json_value(raw_steps)
         if isinstance(parsed, list) and all(isinstance(s, str) for s in parsed):
             steps_value = parsed
             names = list(dict.fromkeys(parsed))
@@ -156,7 +154,7 @@ def _encode(rest: dict[str, str], base_ms: int | None) -> list[Any]:
         pipeline_id = 0
     config: Any = scalars.get("config")
     if config is not None:
-        config = _json_value(config, keep_strings=True)
+        config = json_value(config, keep_strings=True)
     lists: list[list[str]] = []
     where: dict[tuple[str, ...], int] = {}
     steps_out: list[list[Any]] = []
@@ -172,18 +170,18 @@ def _encode(rest: dict[str, str], base_ms: int | None) -> list[Any]:
         off_out: list[Any] = []
         for p in partitions:
             tot_text, off_text = tots.get(p), offs.get(p)
-            total = _number(tot_text)
+            total = number(tot_text)
             if type(total) is int:
                 # A finished step's offsets are its totals: zeros.
-                off = 0 if off_text == tot_text else _number(off_text)
+                off = 0 if off_text == tot_text else number(off_text)
                 if type(off) is int and off_text != tot_text:
                     off = total - off
             else:
-                off = _number(off_text)
+                off = number(off_text)
             tot_out.append(total)
             off_out.append(off)
-        steps_out.append([mine.get("step"), _time(mine.get("started"), base_ms),
-                          _time(mine.get("moved"), base_ms), _number(mine.get("resumed")),
+        steps_out.append([mine.get("step"), time_after(mine.get("started"), base_ms),
+                          time_after(mine.get("moved"), base_ms), number(mine.get("resumed")),
                           n, off_out, tot_out])
     return [steps_value, name, deployment, pipeline_id, scalars.get("pipeline_version"),
             scalars.get("flow_run_id"), scalars.get("reason"), config,
@@ -237,9 +235,9 @@ def _decode(data: list[Any], base_ms: int | None) -> dict[str, str]:
         if state is not None:
             out["step:" + step] = state
         if started is not None:
-            out["started:" + step] = _iso(started, base_ms)
+            out["started:" + step] = iso_at(started, base_ms)
         if moved is not None:
-            out["moved:" + step] = _iso(moved, base_ms)
+            out["moved:" + step] = iso_at(moved, base_ms)
         if resumed is not None:
             out["resumed:" + step] = str(resumed)
         off_names, tot_names = _partition_fields(step, tuple(lists[n]))
@@ -264,67 +262,3 @@ def _partition_fields(step: str, partitions: tuple[str, ...]
     """A step's offset and total field names (every read of a packed batch builds them)."""
     return (tuple(f"off:{step}:{p}" for p in partitions),
             tuple(f"tot:{step}:{p}" for p in partitions))
-
-
-def _json_value(text: str, keep_strings: bool = False) -> Any:
-    """`text`'s JSON value when orjson writes it back exactly as `text`, else `text`; a
-    string value stays `text` when `keep_strings` (the decoder reads a string as the text)."""
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
-    if (keep_strings and isinstance(value, str)) or value is None:
-        return text
-    return value if orjson.dumps(value).decode() == text else text
-
-
-def _number(value: str | None) -> int | str | None:
-    """A decimal as Python writes an int becomes that int (small enough that a difference of
-    two stays in JSON's 64-bit integers); anything else stays as it is."""
-    if value is None:
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        return value
-    return n if -_LIMIT < n < _LIMIT and str(n) == value else value
-
-
-def _ms_of(iso: str | None) -> int | None:
-    """Milliseconds since the epoch of a time in `core.models.now_iso`'s form
-    (`2026-12-02T14:08:13.123Z`, fixed width: it writes back exactly), else None."""
-    if (iso is None or len(iso) != 24 or not iso.isascii() or iso[23] != "Z"
-            or iso[10] != "T" or iso[19] != "." or iso[4] != "-" or iso[7] != "-"
-            or iso[13] != ":" or iso[16] != ":" or not iso[20:23].isdigit()):
-        return None
-    try:
-        when = datetime.fromisoformat(iso)
-    except ValueError:
-        return None
-    return round(when.timestamp() * 1000)
-
-
-def _time(iso: str | None, base_ms: int | None) -> int | str | None:
-    """A step's time as milliseconds after the batch's creation, when it reads back so."""
-    if iso is None or base_ms is None:
-        return iso
-    ms = _ms_of(iso)
-    return iso if ms is None else ms - base_ms
-
-
-def _iso(value: int | str, base_ms: int | None) -> str:
-    if isinstance(value, str):
-        return value
-    if base_ms is None:
-        raise ValueError("packed step time without the batch's created_at")
-    day, ms = divmod(base_ms + value, 86_400_000)
-    seconds, ms = divmod(ms, 1000)
-    minutes, seconds = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{_date(day)}T{hours:02d}:{minutes:02d}:{seconds:02d}.{ms:03d}Z"
-
-
-@lru_cache(maxsize=64)
-def _date(day: int) -> str:
-    """The date `day` days after the epoch (a batch's times share a few)."""
-    return (_EPOCH + timedelta(days=day)).date().isoformat()
