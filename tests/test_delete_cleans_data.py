@@ -22,7 +22,8 @@ from consumers.plumbing.prefect_api import PrefectGateway
 from core import keys
 from core.models import PipelineSpec, StepSpec
 from core.settings import Settings
-from pipelines.sdk import OffsetBook, StepContext
+from pipelines.offsets import OffsetBook
+from pipelines.sdk import StepContext
 from pipelines.steps import resolve
 from tests.conftest import eventually
 from tests.test_consumers_support import new_batch, options, store_for, unique

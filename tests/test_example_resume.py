@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from core.settings import Settings
-from pipelines.sdk import OffsetBook, StepContext, StepFailed
+from pipelines.offsets import OffsetBook
+from pipelines.sdk import StepContext, StepFailed
 from pipelines.steps import resolve
 
 CONFIG: dict[str, Any] = {"partitions": 2, "lines": 5_500, "words_per_line": 4, "seed": 11}

@@ -20,12 +20,13 @@ from pydantic import ValidationError
 
 from core.settings import Settings
 from core.step_catalogue import CATALOGUE, config_problems, known_steps
+from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID, PIPELINE_NAME, demo_spec
 from pipelines.sales.config import SalesConfig
 from pipelines.sales.files import count_lines
 from pipelines.sales.records import Invalid, partition_sizes, validate
 from pipelines.sales.steps import extract, load, transform
-from pipelines.sdk import OffsetBook, StepContext, StepFailed
+from pipelines.sdk import StepContext, StepFailed
 from pipelines.steps import STEPS, UnknownStep, resolve
 
 BATCH = "batch-sales-test"

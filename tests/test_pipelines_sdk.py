@@ -15,8 +15,9 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from core.codec import Event, decode_event
 from core.connections import open_producer
 from core.settings import Settings
+from pipelines.offsets import REPORT_INTERVAL_S
 from pipelines.publisher import EventPublisher, PublishError, start_producer
-from pipelines.sdk import REPORT_INTERVAL_S, StepAborted, StepContext, StepFailed, run_step
+from pipelines.sdk import StepAborted, StepContext, StepFailed, run_step
 from tests.conftest import eventually
 from tests.write_faults_proxy import KafkaProxy
 

@@ -15,9 +15,10 @@ import pytest
 
 from core.settings import Settings
 from pipelines.checkpoints import Checkpoints
+from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID
 from pipelines.sales.steps import extract, load, transform
-from pipelines.sdk import OffsetBook, StepContext, StepFailed
+from pipelines.sdk import StepContext, StepFailed
 from tests.test_pipelines_sales import expected_from_source
 
 STEPS: dict[str, Callable[[StepContext], None]] = {

@@ -17,8 +17,9 @@ from pydantic import BaseModel
 from core import step_catalogue
 from core.settings import Settings
 from core.step_catalogue import GROUP, StepDeclaration, config_problems, declarations, known_steps
+from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID
-from pipelines.sdk import OffsetBook, StepContext, StepFailed
+from pipelines.sdk import StepContext, StepFailed
 from pipelines.steps import STEPS, UnknownStep, resolve
 
 SALES = {"sales.extract", "sales.transform", "sales.load"}
