@@ -62,7 +62,6 @@ _ZDICT: Final = (
 )
 _LEVEL: Final = 9
 
-
 # The per-step fields packed in fixed places: `<head>:<step>` (core.layout's names).
 _STEP_HEADS: Final = frozenset({"step", "started", "moved", "resumed"})
 # The batch's own fields packed in fixed places (positions 1.. of the encoding).
