@@ -26,7 +26,7 @@ from pydantic import SecretStr
 
 from core.connections import open_redis
 from core.settings import Settings, get_settings
-from service import openapi
+from service import openapi, openapi_parts
 from service.app import init_app
 from service.appkeys import REGISTRY, STORE
 from service.edge import ApiRunner
@@ -130,9 +130,9 @@ class _Server:
                 await web.TCPSite(runner, "127.0.0.1", 0).start()
                 self.port = int(runner.addresses[0][1])
                 # What the document's examples name exists, so success paths are exercised.
-                await runner.app[REGISTRY].register(openapi.EXAMPLE_PIPELINE, spec())
-                await runner.app[STORE].create(openapi.EXAMPLE_PIPELINE, openapi.EXAMPLE_BATCH,
-                                               spec())
+                pipeline_id = openapi_parts.EXAMPLE_PIPELINE
+                await runner.app[REGISTRY].register(pipeline_id, spec())
+                await runner.app[STORE].create(pipeline_id, openapi_parts.EXAMPLE_BATCH, spec())
                 self._stop = asyncio.Event()
                 self.ready.set()
                 await self._stop.wait()
