@@ -1,0 +1,167 @@
+"""What each command does, once the commands consumer (consumers.commands) hands it over: a
+run creates its flow run on Prefect, a stop cancels it, a delete hides the batch and queues its
+clean-up, a deploy prepares a new version's deployment. Each is idempotent (the consumer's
+docstring says how), so a command delivered again has no second effect."""
+
+from __future__ import annotations
+
+import logging
+
+from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.cleanup import Cleanup
+from consumers.plumbing.creation import Creations
+from consumers.plumbing.deployments import Deployments
+from consumers.plumbing.emit import Emitter
+from consumers.plumbing.prefect_api import PrefectGateway, RunState, not_found
+from core.codec import Command, Event, Run
+from core.layout import is_visible
+from core.models import PipelineSpec
+from core.prefect_events import flow_state_event
+from core.registry import PipelineRegistry
+from core.retry import Permanent
+from core.snapshots import SnapshotWriter
+from core.store import BatchStore
+
+log = logging.getLogger(__name__)
+STOP_MESSAGE = "stopped through the batches API"
+
+
+class CommandEffects:
+    def __init__(self, store: BatchStore, registry: PipelineRegistry, creations: Creations,
+                 active: ActiveRuns, deployments: Deployments, prefect: PrefectGateway,
+                 emitter: Emitter, snapshots: SnapshotWriter, cleanup: Cleanup) -> None:
+        self.store = store
+        self.registry = registry
+        self.creations = creations
+        self.active = active
+        self.deployments = deployments
+        self.prefect = prefect
+        self.emitter = emitter
+        self.snapshots = snapshots
+        self.cleanup = cleanup
+
+    async def apply(self, command: Command) -> None:
+        if command.type == "run":
+            await self.run(command)
+        elif command.type == "stop":
+            await self.stop(command)
+        elif command.type == "deploy":
+            await self.deploy(command)
+        else:
+            await self.delete(command)
+
+    async def deploy(self, command: Command) -> None:
+        """Creates or updates the pipeline version's deployment right after registration,
+        so its first run does not pay for it (a run ensures it again if it went missing)."""
+        spec = await self.registry.get(command.pipeline_id, command.pipeline_version)
+        if spec is None:
+            raise Permanent(f"unknown pipeline version {command.pipeline_id!r} "
+                            f"{command.pipeline_version!r}")
+        self.deployments.forget(command.pipeline_id, spec.version)
+        deployment_id = await self.deployments.id_for(command.pipeline_id, spec)
+        log.info("deploy %s %s: deployment %s", command.pipeline_id, spec.version, deployment_id)
+
+    async def _fields(self, command: Command) -> dict[str, str] | None:
+        fields = await self.store.fields(command.pipeline_id, command.batch_id)
+        return fields if is_visible(fields) else None
+
+    async def run(self, command: Command) -> None:
+        if (isinstance(command, Run) and command.creation is not None
+                and not await self.creations.ensure(command)):
+            return  # its batch was deleted: the same id stays deleted
+        fields = await self._fields(command)
+        if fields is not None and fields.get("state") == "pending":
+            # Its creation's durable record, before its flow run exists: every later change
+            # comes from an event, snapshotted by the events consumer after this one.
+            await self.snapshots.write(command.pipeline_id, command.batch_id, fields)
+        if fields is None or fields.get("state") == "stop":
+            log.info("run %s skipped: batch %s", command.batch_id,
+                     "gone" if fields is None else "already stopped")
+            return
+        version = fields.get("pipeline_version") or command.pipeline_version
+        spec = await self.registry.get(command.pipeline_id, version or None)
+        if spec is None:
+            raise Permanent(f"unknown pipeline version {command.pipeline_id!r} {version!r}")
+        run = await self._create_run(command, spec.version, spec)
+        await self.active.add(command.pipeline_id, command.batch_id)
+        await self.emitter.emit([Event(
+            type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
+            event_id=f"sched-{run.flow_run_id}", state="scheduled", flow_run_id=run.flow_run_id,
+        )])  # fmt: skip
+        log.info("run %s: flow run %s (%s)", command.batch_id, run.flow_run_id, run.state_type)
+        if await self._fields(command) is None:
+            # Deleted while Prefect created the run (the delete may have looked before it
+            # existed): the clean-up removes it, so no flow run outlives its batch.
+            log.info("run %s: batch deleted meanwhile, flow run cleaned up", command.batch_id)
+            await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
+
+    async def _create_run(self, command: Command, version: str, spec: PipelineSpec) -> RunState:
+        for attempt in (1, 2):
+            deployment_id = await self.deployments.id_for(command.pipeline_id, spec)
+            try:
+                return await self.prefect.create_run(deployment_id, command.batch_id,
+                                                     command.pipeline_id, version)
+            except Exception as exc:
+                if not not_found(exc):
+                    raise
+                # Deleted behind our back: ensure it again once, then give up.
+                self.deployments.forget(command.pipeline_id, version)
+                if attempt == 2:
+                    raise Permanent(f"deployment of {spec.name!r} missing after ensure") \
+                        from None
+        raise AssertionError("unreachable")
+
+    async def stop(self, command: Command) -> None:
+        fields = await self._fields(command)
+        if fields is None or fields.get("state") == "stop":
+            return
+        runs = await self.prefect.of_batch(command.batch_id, fields.get("flow_run_id"))
+        events: list[Event] = []
+        if not runs:
+            events.append(Event(
+                type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
+                event_id=f"stop-{command.batch_id}", state="stop", outcome="cancelled",
+                reason="stopped before it started",
+            ))  # fmt: skip
+        follow_up = False
+        for run in runs:
+            if run.state_type == "PENDING":
+                # A worker is starting it: a cancellation now races the engine (the worker
+                # marks it Cancelled, the engine may still run it). It is cancelled once
+                # running instead, by the engine's own cancellation (consumers.plumbing.cleanup).
+                follow_up = True
+                continue
+            now = await self.prefect.cancel(run, STOP_MESSAGE)
+            # A run that was Scheduled is Cancelled now; a started one is Cancelling, and
+            # its final state arrives from Prefect (bridge, hooks), whatever it is; the
+            # follow-up sees that it does arrive.
+            follow_up |= not now.final
+            if now.final and now.state_type is not None and now.state_id is not None:
+                event = flow_state_event(
+                    pipeline_id=command.pipeline_id, batch_id=command.batch_id,
+                    flow_run_id=now.flow_run_id, state_type=now.state_type,
+                    state_id=now.state_id, message=now.message,
+                    # When Prefect entered the state, not when we saw it: the latest stop
+                    # decides a batch's outcome.
+                    ts=now.since.timestamp() if now.since is not None else None,
+                )
+                if event is not None:
+                    events.append(event)
+        if events:
+            await self.emitter.emit(events)
+        if follow_up:
+            await self.cleanup.enqueue("stop", command.pipeline_id, command.batch_id)
+        log.info("stop %s: %s", command.batch_id,
+                 ", ".join(f"{r.flow_run_id} {r.state_type}" for r in runs) or "no flow run")
+
+    async def delete(self, command: Command) -> None:
+        """Hides the batch (the API did already, unless replayed) and leaves its flow runs and
+        its purge to the clean-up, which runs off this path: the slow part of a delete
+        (waiting for a running flow to end, letting its events settle) holds up nobody."""
+        fields = await self.store.fields(command.pipeline_id, command.batch_id)
+        if is_visible(fields):
+            await self.store.hide(command.pipeline_id, command.batch_id)
+        await self.active.remove(command.pipeline_id, command.batch_id)
+        await self.creations.deleted(command.pipeline_id, command.batch_id)
+        await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
+        log.info("delete %s: hidden, clean-up queued", command.batch_id)
