@@ -249,6 +249,15 @@ class Pager:
         return seq
 
 
+async def pipeline_known(redis: Redis, pipeline_id: str) -> bool:
+    """A pipeline the list answers for: registered, or holding a batch (one created before
+    its registration, or restored by a rebuild, as `latest` finds it). One EXISTS of both
+    keys; asked only when a first page comes back empty, so a pipeline with batches never
+    pays for it."""
+    return bool(await redis.exists(keys.pipeline_order(pipeline_id),
+                                   keys.batch_index(pipeline_id)))
+
+
 def _ranked(pipeline_id: str, where: ListFilter) -> list[str]:
     """The sorted sets a page of `where` merges (before its created bounds)."""
     if where.outcome is not None:

@@ -1,17 +1,20 @@
 """The paged list of a pipeline's batches (`GET /api/v1/batches/{pipeline_id}/`): newest
 first, optionally filtered (`state`, `outcome`, `created_after`, `created_before`: see
 `core.paging`), a signed token for the next page bound to the filter, or a push stream of the
-pipeline's changes (unfiltered: a filter with `Accept: text/event-stream` is refused)."""
+pipeline's changes (unfiltered: a filter with `Accept: text/event-stream` is refused).
+
+A pipeline never registered and without a batch is a 404, as its latest batch is; an empty
+first page is what asks (`core.paging.pipeline_known`), so a listed pipeline pays nothing."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from core.paging import BadFilter, BadToken, ListFilter
+from core.paging import BadFilter, BadToken, ListFilter, pipeline_known
 from service import auth, streams
 from service.appkeys import STORE
 from service.batches import json_obj, path_id
-from service.errors import bad_request
+from service.errors import bad_request, not_found
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -54,8 +57,12 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
                               "created_after and created_before without Accept: text/event-stream")
         return await streams.stream_pipeline(request, pipeline_id, limit)
     token = request.query.get("token") or None
+    store = request.app[STORE]
     try:
-        page = await request.app[STORE].page(pipeline_id, limit, token, where)
+        page = await store.page(pipeline_id, limit, token, where)
     except BadToken as exc:
         raise bad_request(f"invalid token: {exc}") from None
+    # A token's page is of a pipeline that had batches (the token is ours, signed for it).
+    if not page.items and token is None and not await pipeline_known(store.redis, pipeline_id):
+        raise not_found(f"unknown pipeline {pipeline_id}")
     return json_obj({"items": page.items, "token": page.token})

@@ -91,12 +91,14 @@ def _batch_paths() -> dict[str, Any]:
                   "schema": {"type": "string", "format": "date-time"},
                   "description": "created strictly before this time (ISO-8601 with a "
                                  "timezone)"}],
+                ("404",),
                 description=(
                     "Needs the scope `batches:read`. Filters combine; a filtered page may hold "
                     "fewer than `limit` batches (one that left the filter since it was indexed "
-                    "is skipped) while its token is not null. With `Accept: "
-                    "text/event-stream` the pipeline's changes stream, unfiltered (filters "
-                    "then are a 400)."),
+                    "is skipped) while its token is not null. A pipeline never registered and "
+                    "without a batch is a 404 (a registered one without a batch: an empty "
+                    "page). With `Accept: text/event-stream` the pipeline's changes stream, "
+                    "unfiltered (filters then are a 400)."),
             ),
         },
         "/api/v1/batches/{pipeline_id}/{batch_id}": {

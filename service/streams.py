@@ -27,10 +27,11 @@ import orjson
 from aiohttp import web
 
 from core import keys
+from core.paging import pipeline_known
 from service.appkeys import CACHE, STORE, WAITERS
 from service.cache import etag_of
 from service.conditional import current
-from service.errors import ApiError
+from service.errors import ApiError, not_found
 from service.fills import fills_of
 from service.waiters import GONE, READ, BatchFeed, Version
 
@@ -139,13 +140,16 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
     `limit` batches first (as the list's first page, so nothing falls between a list read
     and the stream), then one `event: batch` per change of any batch of the pipeline, new
     ones included, and `event: deleted` (data `{"id": ...}`) for a deleted one. A client that
-    falls `waiters.MAX_PENDING` changed batches behind is cut off."""
+    falls `waiters.MAX_PENDING` changed batches behind is cut off. An unknown pipeline is a
+    404, as its list is."""
     store = request.app[STORE]
     fills = fills_of(store, request.app[CACHE])
     waiters = request.app[WAITERS]
     watch = waiters.watch(pipeline_id)  # before the first read: no change falls between
     try:
         page = await store.page(pipeline_id, limit, None)
+        if not page.items and not await pipeline_known(store.redis, pipeline_id):
+            raise not_found(f"unknown pipeline {pipeline_id}")  # as the list says it
         response = web.StreamResponse(headers=STREAM_HEADERS)
         await response.prepare(request)
         gone: set[str] = set()

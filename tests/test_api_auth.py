@@ -153,6 +153,8 @@ async def test_tokens_are_checked_against_the_configured_audience_and_issuer(
         topics: Settings, redis: Redis) -> None:
     settings = api_settings(topics, jwt_audience="batches.example", jwt_issuer="idp.example")
     async with api_client(settings) as api:
+        # A registered pipeline: an unknown one's list is a 404 once authenticated.
+        assert (await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)).status == 201
         ours = bearer(hs_token("batches:read", aud="batches.example", iss="idp.example"))
         assert (await api.get("/api/v1/batches/p/", headers=ours)).status == 200
         # A token may list several audiences; one of them must be ours.

@@ -9,8 +9,10 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from core import keys
 from core.settings import Settings
-from tests.helpers import AUTH, api_client, api_settings, spec_body
+from core.store import BatchStore
+from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
 
 Client = TestClient[Any, Any]
 
@@ -69,8 +71,6 @@ async def test_limit_is_exact_and_the_last_page_has_a_null_token(topics: Setting
         assert list(body["items"]) == ids[:-3:-1] and body["token"]
         body = await (await api.get("/api/v1/batches/p/", headers=AUTH)).json()
         assert len(body["items"]) == 5 and body["token"] is None
-        empty = await (await api.get("/api/v1/batches/nobody/", headers=AUTH)).json()
-        assert empty == {"items": {}, "token": None}
 
 
 async def test_tokens_are_bound_to_their_pipeline_and_signed(topics: Settings, redis: Redis) -> None:
@@ -88,3 +88,35 @@ async def test_tokens_are_bound_to_their_pipeline_and_signed(topics: Settings, r
         assert forged.status == 400
         ok = await api.get("/api/v1/batches/p/", params={"token": token}, headers=AUTH)
         assert ok.status == 200 and len((await ok.json())["items"]) == 2
+
+
+async def test_the_list_of_an_unknown_pipeline_is_a_404(topics: Settings, redis: Redis) -> None:
+    """As `latest` answers for it: the list, its filters and its push stream say 404 for a
+    pipeline never registered and without a batch, and write nothing for it."""
+    unknown = "never-registered"
+    async with api_client(api_settings(topics)) as api:
+        assert (await api.get(f"/api/v1/batches/{unknown}", headers=AUTH)).status == 404
+        for query in ("", "?limit=5", "?state=running", "?state=running&outcome=failed",
+                      "?created_after=2026-01-01T00:00:00Z"):
+            listed = await api.get(f"/api/v1/batches/{unknown}/{query}", headers=AUTH)
+            assert listed.status == 404, (query, await listed.text())
+            error = (await listed.json())["error"]
+            assert error["code"] == "not_found" and unknown in error["message"], query
+        stream = await api.get(f"/api/v1/batches/{unknown}/",
+                               headers={**AUTH, "Accept": "text/event-stream"})
+        assert stream.status == 404
+        assert (await stream.json())["error"]["code"] == "not_found"
+        # Registered without a batch yet: an empty list, as before.
+        assert (await api.put("/api/v1/pipelines/q", json=spec_body(), headers=AUTH)).status == 201
+        empty = await api.get("/api/v1/batches/q/?state=running", headers=AUTH)
+        assert (empty.status, await empty.json()) == (200, {"items": {}, "token": None})
+        # Holding a batch though never registered (as `latest` finds it): listed, filters too.
+        store = BatchStore.from_settings(redis, topics)
+        await store.create("unregistered", "b1", spec())
+        page = await (await api.get("/api/v1/batches/unregistered/", headers=AUTH)).json()
+        assert list(page["items"]) == ["b1"]
+        filtered = await api.get("/api/v1/batches/unregistered/?state=running", headers=AUTH)
+        assert (filtered.status, await filtered.json()) == (200, {"items": {}, "token": None})
+    for key in (keys.pipeline_order(unknown), keys.batch_index(unknown),
+                keys.batch_indexes_built(unknown)):
+        assert await redis.exists(key) == 0, key
