@@ -32,6 +32,9 @@ APPLY_CHUNK = 100
 # again, so its callers never see it.
 PACKED_BATCH = -2
 _UNPACK_TRIES = 5
+# Batch ids `latest` reads from the index at a time: the newest is nearly always visible,
+# and a few more cover a delete racing the read without another round trip.
+LATEST_CHUNK = 3
 
 
 def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any]]]]:
@@ -152,13 +155,25 @@ class BatchStore:
         return render(data)
 
     async def latest(self, pipeline_id: str) -> dict[str, Any] | None:
-        # A batch hidden between the two reads is skipped by looking one further.
-        newest = cast(list[str], await self.redis.zrevrange(keys.batch_index(pipeline_id), 0, 2))
-        for batch_id in newest:
-            batch = await self.get(pipeline_id, batch_id)
-            if batch is not None:
-                return batch
-        return None
+        """The newest visible batch; None only once the index holds none.
+
+        A batch hidden between the index read and its hash read is skipped, and the index
+        read on below the last sequence read (not by rank: the hidden ones leave the index,
+        which shifts ranks), LATEST_CHUNK at a time, until a visible batch or the index's
+        end: deletes racing this read never make a pipeline with a batch answer none. The
+        usual case is one index read and one hash read, as before."""
+        index = keys.batch_index(pipeline_id)
+        below = "+inf"
+        while True:
+            rows = cast(list[tuple[str, float]], await self.redis.zrevrangebyscore(
+                index, below, "-inf", start=0, num=LATEST_CHUNK, withscores=True))
+            for batch_id, _ in rows:
+                batch = await self.get(pipeline_id, batch_id)
+                if batch is not None:
+                    return batch
+            if len(rows) < LATEST_CHUNK:
+                return None
+            below = f"({int(rows[-1][1])}"
 
     async def page(self, pipeline_id: str, limit: int, token: str | None,
                    where: ListFilter = NO_FILTER) -> Page:

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from core import keys
 from core.codec import decode_command
 from core.settings import Settings
-from service.appkeys import PRODUCER
+from service.appkeys import PRODUCER, STORE
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 
 Client = TestClient[Any, Any]
@@ -84,6 +84,34 @@ async def test_latest_is_the_newest_batch_and_404_without_any(api: Client) -> No
     second = await run(api)
     response = await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)
     assert (await response.json())["id"] == second != first
+
+
+async def test_latest_is_never_a_404_while_the_pipeline_has_a_batch(
+        api: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deletes landing between latest's read of the index and its read of each hash (forced
+    here: every batch read is hidden just before, but `kept`): latest reads the index on,
+    past more than one read's worth, to the one left; with none left it is a 404."""
+    ids = [await run(api) for _ in range(8)]
+    store = api.app[STORE]
+    real_get = store.get
+    kept: str | None = ids[0]
+    asked: list[str] = []
+
+    async def get_racing_deletes(pipeline_id: str, batch_id: str) -> Any:
+        asked.append(batch_id)
+        if batch_id != kept:
+            await store.hide(pipeline_id, batch_id)
+        return await real_get(pipeline_id, batch_id)
+
+    monkeypatch.setattr(store, "get", get_racing_deletes)
+    response = await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)
+    assert response.status == 200, await response.text()
+    assert (await response.json())["id"] == ids[0]
+    assert asked == ids[::-1]  # newest first, each once
+    kept = None
+    response = await api.get("/api/v1/batches/pipeline-sales", headers=AUTH)
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "not_found"
 
 
 async def test_pipeline_version_selects_the_steps(api: Client) -> None:
