@@ -28,13 +28,16 @@ return false
 
 # KEYS[1] idempotency record
 # ARGV[1] batch id of the attempt, ARGV[2] the committed record (JSON), ARGV[3] TTL in seconds
-# pending -> committed, only by the attempt that owns the record. Returns 1 when committed,
-# 0 when the record is not this attempt's pending one (expired, released, or another's).
+# pending -> committed, only by the attempt that owns the record. Returns 1 when committed
+# (or already committed by this attempt: a call retried after its reply was lost), 0 when the
+# record is not this attempt's (expired, released, or another's).
 COMMIT_KEY: Final = """
 local existing = redis.call('GET', KEYS[1])
 if not existing then return 0 end
 local record = cjson.decode(existing)
-if record.s ~= 'pending' or record.b ~= ARGV[1] then return 0 end
+if record.b ~= ARGV[1] then return 0 end
+if record.s == 'committed' then return 1 end
+if record.s ~= 'pending' then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """

@@ -3,6 +3,7 @@ changes are recorded in Redis and queued as commands on Kafka."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ from core import keys
 from core.codec import Command
 from core.layout import is_visible
 from core.models import PipelineSpec, new_batch_id, valid_id
+from core.retry import Verdict, classify, describe
 from service import auth, conditional, creates, idempotency, run_body, streams
 from service.appkeys import (
     ABANDONER,
@@ -26,9 +28,11 @@ from service.appkeys import (
 )
 from service.cache import etag_of
 from service.command_sender import Ambiguous, Refused
-from service.errors import bad_request, not_found
+from service.errors import ApiError, bad_request, not_found
 from service.fills import fills_of
 from service.turns import turn_reads
+
+log = logging.getLogger(__name__)
 
 
 def json_bytes(body: bytes, status: int = 200) -> web.Response:
@@ -47,8 +51,6 @@ def path_id(request: web.Request, name: str) -> str:
 
 
 async def _resolve(request: web.Request, pipeline_id: str, version: str | None) -> PipelineSpec:
-    if version is not None and not valid_id(version):
-        raise bad_request("pipeline_version must match [A-Za-z0-9._-]{1,128}")
     registry = request.app[REGISTRY]
     if version is None:
         known = creates.known_latest(registry, pipeline_id)
@@ -71,19 +73,31 @@ async def run_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.WRITE)
     pipeline_id = path_id(request, "pipeline_id")
     requested = request.query.get("pipeline_version")
+    if requested is not None and not valid_id(requested):
+        raise bad_request("pipeline_version must match [A-Za-z0-9._-]{1,128}")
     header = request.headers.get("Idempotency-Key")
     idem_key = idempotency.record_key(header) if header is not None else None
     overrides = await run_body.overrides_of(request)
-    spec = await _resolve(request, pipeline_id, requested)
-    config = None
-    if overrides:
-        run_body.checked_config(spec, overrides)  # refused before anything is written
+    sent = (idempotency.Sent.of(pipeline_id, requested, run_body.canonical(overrides))
+            if idem_key is not None else None)
+    try:
+        spec = await _resolve(request, pipeline_id, requested)
+        config = None
+        if overrides:
+            run_body.checked_config(spec, overrides)  # refused before anything is written
 
-        def config(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
-            # For the version recorded: another may have become the latest meanwhile.
-            return run_body.checked_config(spec, overrides)
-    sender = request.app[COMMANDS]
-    sender.check()  # Kafka known down: 503 at once, before anything is written
+            def config(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
+                # For the version recorded: another may have become the latest meanwhile.
+                return run_body.checked_config(spec, overrides)
+        request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
+    except ApiError:
+        # What changes (the latest version, Kafka's health) can refuse a retry of a request
+        # that succeeded: the key's batch is the answer then.
+        if idem_key is not None and sent is not None:
+            replayed = await request.app[IDEMPOTENCY].replayed(idem_key, lambda _: sent)
+            if replayed is not None:
+                return json_obj({"item": replayed})
+        raise
     batch_id = new_batch_id()
 
     async def record() -> creates.Created:
@@ -91,8 +105,6 @@ async def run_batch(request: web.Request) -> web.Response:
                                     request.app[REGISTRY], pipeline_id, batch_id, spec,
                                     requested is None, config)
 
-    sent = (idempotency.Sent.of(pipeline_id, requested, run_body.canonical(overrides))
-            if idem_key is not None else None)
     return await once(request, idem_key, sent, pipeline_id, batch_id, record)
 
 
@@ -230,6 +242,14 @@ async def delete_batch(request: web.Request) -> web.Response:
         # queued again from the outbox, so the answer is the one a retry would get.
         await request.app[ABANDONER].abandon(pipeline_id, batch_id, version,
                                              "deleted through the batches API")
-    await store.hide(pipeline_id, batch_id)
+    try:
+        await store.hide(pipeline_id, batch_id)
+    except Exception as exc:
+        if classify(exc) is not Verdict.UNAVAILABLE:
+            raise
+        # The delete command is durable: the commands consumer hides and purges the batch
+        # whatever happens here. A 503 would tell the client nothing changed, and it has.
+        log.warning("batch %s/%s: delete queued, not hidden yet (%s); the commands consumer "
+                    "hides it", pipeline_id, batch_id, describe(exc))
     request.app[CACHE].evict(keys.batch(pipeline_id, batch_id))
     return json_obj({"message": "Batch deleted successfully"})

@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core.retry import Verdict, classify, describe
 from service.request_log import CURRENT_REQUEST, REQUEST_ID
 
 log = logging.getLogger(__name__)
@@ -129,10 +130,18 @@ def edge_middleware(authenticate: Callable[[web.Request], None],
                         type(exc).__name__)
             response = error_response(503, "unavailable",
                                       "a dependency is unavailable; retry later", request_id)
-        except Exception:
-            log.exception("unexpected error request_id=%s", request_id)
-            response = error_response(500, "internal", "unexpected error; quote the request id",
-                                      request_id)
+        except Exception as exc:
+            if classify(exc) is Verdict.UNAVAILABLE:
+                # Redis refusing for now (OOM, READONLY after a failover, LOADING...): the
+                # same answer as Redis unreachable, since nothing was written.
+                log.warning("dependency unavailable request_id=%s: %s", request_id,
+                            describe(exc))
+                response = error_response(503, "unavailable",
+                                          "a dependency is unavailable; retry later", request_id)
+            else:
+                log.exception("unexpected error request_id=%s", request_id)
+                response = error_response(500, "internal",
+                                          "unexpected error; quote the request id", request_id)
         if observe is not None:
             route = request.match_info.route.name or "unmatched"
             if response.__class__ is web.StreamResponse:  # a push stream: its own series

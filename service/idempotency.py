@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,10 @@ class IdempotencyKeys:
             if existing is None:
                 return None
             earlier: dict[str, Any] = orjson.loads(existing)
+            if earlier.get("s") == "pending" and earlier.get("b") == batch_id:
+                # This attempt's own claim (its batch id is new): the client retried the
+                # script after a connection broke before its reply, and Redis had run it.
+                return None
             differs = sent.differences(earlier)
             if differs:
                 what = ", ".join(f"{name} (earlier {d['earlier']!r}, now {d['now']!r})"
@@ -128,6 +133,18 @@ class IdempotencyKeys:
                                "a request with this Idempotency-Key is still in progress; "
                                "retry later")
             await asyncio.sleep(self._poll_s)
+
+    async def replayed(self, key: str, sent: Callable[[dict[str, Any]], Sent]) -> str | None:
+        """The batch of the key's committed record when `sent(record)` is the same request,
+        else None; read only, for a request whose own checks can no longer pass (a resume of
+        a batch deleted since). `sent` builds the request from what the record holds of it."""
+        raw = await self._redis.get(key)
+        if raw is None:
+            return None
+        earlier: dict[str, Any] = orjson.loads(raw)
+        if earlier.get("s") != "committed" or sent(earlier).differences(earlier):
+            return None
+        return await self._still_there(str(earlier.get("p")), str(earlier["b"]))
 
     async def _still_there(self, pipeline_id: str, batch_id: str) -> str:
         """The earlier batch id, unless that batch was deleted since: answering an id whose

@@ -21,8 +21,8 @@ from core import layout
 from core.command_messages import Recorded
 from core.models import PipelineSpec, new_batch_id
 from service import auth, creates, idempotency, run_body
-from service.appkeys import COMMANDS, REGISTRY, STORE
-from service.batches import once, path_id
+from service.appkeys import COMMANDS, IDEMPOTENCY, REGISTRY, STORE
+from service.batches import json_obj, once, path_id
 from service.errors import ApiError, not_found
 
 
@@ -56,7 +56,17 @@ async def resume_batch(request: web.Request) -> web.Response:
     overrides = await run_body.overrides_of(request)
     store = request.app[STORE]
     old = await store.fields(pipeline_id, old_id)
+    target = f"resume {old_id}"
+    canonical = run_body.canonical(overrides)
     if not layout.is_visible(old):
+        if idem_key is not None:
+            # A retry whose first attempt succeeded answers its batch, though the old one
+            # has been deleted since (its version, which the record holds, never changes).
+            replayed = await request.app[IDEMPOTENCY].replayed(
+                idem_key, lambda earlier: idempotency.Sent.of(
+                    pipeline_id, str(earlier.get("v")), canonical, target=target))
+            if replayed is not None:
+                return json_obj({"item": replayed})
         raise not_found(f"unknown batch {old_id} of pipeline {pipeline_id}")
     if old["state"] != "stop":
         raise ApiError(409, "conflict", f"batch {old_id} is {old['state']}: only a stopped "
@@ -69,20 +79,28 @@ async def resume_batch(request: web.Request) -> web.Response:
     if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
         raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
     config = run_body.checked_config(spec, overrides, base=layout.config_of(old))
-    request.app[COMMANDS].check()  # Kafka known down: 503 at once, before anything is written
     batch_id = new_batch_id()
     extra = resumed_fields(spec, old, old_id, config)
 
     async def record() -> creates.Created:
-        seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
-        # Read back for its run command (a rebuild's record): the time Redis recorded. A
-        # resume is rare; the POST's hot path sends the time it gave its create script,
-        # and the rebuild raises it as that script would.
-        fields = await store.fields(pipeline_id, batch_id) or {}
+        # After an Idempotency-Key's claim: a retry of a resume that succeeded answers its
+        # batch while Kafka is down.
+        request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
+        try:
+            seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
+            # Read back for its run command (a rebuild's record): the time Redis recorded. A
+            # resume is rare; the POST's hot path sends the time it gave its create script,
+            # and the rebuild raises it as that script would.
+            fields = await store.fields(pipeline_id, batch_id) or {}
+        except BaseException:
+            await creates.undo(store, pipeline_id, batch_id)  # as a run's create (creates.py)
+            raise
+        # 0: the batch existed, so the create ran on a try whose reply was lost (its id is
+        # new to this request).
+        seq = seq or int(fields["seq"])
         return creates.Created(spec, Recorded(seq=seq, created_at=fields.get("created_at", ""),
                                               extra=extra))
 
-    sent = (idempotency.Sent.of(pipeline_id, version, run_body.canonical(overrides),
-                                target=f"resume {old_id}")
+    sent = (idempotency.Sent.of(pipeline_id, version, canonical, target=target)
             if idem_key is not None else None)
     return await once(request, idem_key, sent, pipeline_id, batch_id, record)

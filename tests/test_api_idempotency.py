@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from core import keys
 from core.codec import decode_command
 from core.settings import Settings
+from service.appkeys import COMMANDS
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 from tests.write_faults_proxy import KafkaProxy
@@ -152,3 +153,52 @@ async def test_a_replay_after_the_batch_was_deleted_is_a_409_not_a_dead_id(api: 
     assert status == 409 and body["error"]["code"] == "conflict", body
     assert body["error"]["details"]["batch_id"] == batch_id
     assert not await exists(api, batch_id)
+
+
+async def test_a_replay_answers_its_batch_though_the_latest_version_now_refuses_its_body(
+        api: Client, topics: Settings, proxy: KafkaProxy) -> None:
+    body = {"config": {"extract": {"rows": 1}}}
+    status, first = await post(api, json=body)
+    assert status == 200, first
+    # A new latest version without that step; the first answer was lost meanwhile, and the
+    # retry reaches another API process (one that has only seen v2 as the latest).
+    v2 = {"name": "sales-pipeline", "version": "2",
+          "steps": [{"name": "only", "uses": "sales.extract", "config": {}}]}
+    assert (await api.put("/api/v1/pipelines/p", json=v2, headers=AUTH)).status == 201
+    async with api_client(api_settings(topics, kafka_bootstrap=proxy.address)) as other:
+        assert await post(other, json=body) == (200, first)
+        # A new key with the same body is refused by the new latest, as it should be.
+        fresh = {**AUTH, "Idempotency-Key": "order-43"}
+        status, refused = await post(other, json=body, headers=fresh)
+        assert status == 400, refused
+    assert await exists(api, first["item"])
+
+
+async def test_a_replay_answers_its_batch_while_kafka_is_known_down(
+        api: Client, proxy: KafkaProxy) -> None:
+    status, first = await post(api)
+    assert status == 200
+    api.app[COMMANDS].available = False  # as after a send met an unreachable Kafka
+    try:
+        assert await post(api) == (200, first)
+        assert (await post(api, headers={**AUTH, "Idempotency-Key": "order-43"}))[0] == 503
+    finally:
+        api.app[COMMANDS].available = True
+
+
+async def test_a_resume_replay_answers_its_batch_after_the_old_one_was_deleted(
+        api: Client, redis: Redis) -> None:
+    status, old = await post(api, headers=AUTH)
+    assert status == 200
+    # It failed, as the events consumer records it.
+    await redis.hset(keys.batch("p", old["item"]), mapping={"state": "stop", "outcome": "failed"})
+    resume = f"/api/v1/batches/p/{old['item']}/resume"
+    status, new = await post(api, resume)
+    assert status == 200, new
+    # The client's answer was lost; meanwhile the old batch, taken over, is deleted.
+    assert (await api.delete(f"/api/v1/batches/p/{old['item']}", headers=AUTH)).status == 200
+    assert await post(api, resume) == (200, new)
+    # Another key, or another body, is a new request: the old batch is gone for it.
+    assert (await post(api, resume, headers={**AUTH, "Idempotency-Key": "order-43"}))[0] == 404
+    assert (await post(api, resume, json={"config": {"load": {"x": 1}}}))[0] == 404
+    assert await exists(api, new["item"])

@@ -34,6 +34,12 @@ async def test_claim_commit_and_release_are_owned_transitions(redis: Redis) -> N
     assert await s.commit_key(keys=[KEY], args=["b1", sent.record("committed", "b1"), 100]) == 1
     assert orjson.loads(cast(str, await redis.get(KEY)))["s"] == "committed"
     assert 0 < await redis.ttl(KEY) <= 100
+    # The owner's commit run again (its reply was lost and the client retried it) is still
+    # a success, and changes nothing; another attempt's is not.
+    await redis.expire(KEY, 50)
+    assert await s.commit_key(keys=[KEY], args=["b1", sent.record("committed", "b1"), 100]) == 1
+    assert 0 < await redis.ttl(KEY) <= 50
+    assert await s.commit_key(keys=[KEY], args=["b2", sent.record("committed", "b2"), 100]) == 0
     # A committed record is never released.
     assert await s.release_key(keys=[KEY], args=["b1"]) == 0
     await redis.delete(KEY)

@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from core import keys
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, spec_body
@@ -133,3 +134,22 @@ async def test_a_burst_larger_than_the_pool_waits_instead_of_failing(
     batch_id = (await created.json())["item"]
     statuses = await _burst(api, batch_id, n=400)
     assert set(statuses) == {200}
+
+
+async def test_a_redis_refusing_writes_answers_503_and_changes_nothing(
+        api: Client, private_redis: PrivateRedis) -> None:
+    # Out of memory (noeviction): what Redis answers for writes also while a replica is
+    # promoted (READONLY) or data is loading (LOADING). Not a bug of ours: 503, retry later.
+    direct = Redis(port=private_redis.port, decode_responses=True)
+    try:
+        await direct.config_set("maxmemory", "1")
+        try:
+            response = await api.post("/api/v1/batches/p", headers=AUTH)
+            body = await response.json()
+        finally:
+            await direct.config_set("maxmemory", "0")
+        assert response.status == 503, body
+        assert body["error"]["code"] == "unavailable"
+        assert await direct.zcard(keys.batch_index("p")) == 0
+    finally:
+        await direct.aclose()

@@ -1,0 +1,88 @@
+"""A TCP proxy to Redis that loses one reply: the command carrying a chosen needle reaches
+Redis, which runs it, and the connection is then reset instead of relaying the answer. What a
+Redis restart, a failover or a network cut right after a write looks like to the client,
+which reconnects and sends the command again.
+
+    async with ReplyLossProxy("127.0.0.1", 6379) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/4"
+        proxy.arm(sha_of_the_script.encode())      # its next call runs, its reply is lost
+        proxy.arm(needle, outage=True)             # or: Redis unreachable from that call on
+        proxy.restore()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class ReplyLossProxy:
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.port = 0
+        self.fired = 0  # commands whose reply was lost
+        self._needle: bytes | None = None
+        self._outage = False
+        self.down = False  # every connection refused (reset) until `restore()`
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def arm(self, needle: bytes, *, outage: bool = False) -> None:
+        """The next command sent containing `needle` runs in Redis and its reply is lost;
+        with `outage`, it does not reach Redis and Redis is unreachable from then on."""
+        self._needle = needle
+        self._outage = outage
+
+    def restore(self) -> None:
+        self.down = False
+
+    async def __aenter__(self) -> ReplyLossProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        lose = asyncio.Event()
+
+        def reset() -> None:
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+        async def upstream() -> None:
+            with contextlib.suppress(Exception):
+                while data := await reader.read(65536):
+                    if self._needle is not None and self._needle in data:
+                        self._needle = None
+                        self.fired += 1
+                        lose.set()
+                        if self._outage:
+                            self.down = True
+                            break
+                    up_writer.write(data)
+                    await up_writer.drain()
+            reset()
+
+        async def downstream() -> None:
+            with contextlib.suppress(Exception):
+                while data := await up_reader.read(65536):
+                    if lose.is_set():  # Redis ran it; the client never hears
+                        break
+                    writer.write(data)
+                    await writer.drain()
+            reset()
+
+        for coro in (upstream(), downstream()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
