@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from redis.asyncio import Redis
 
 from core import keys
 from core.paging import pipeline_known
@@ -45,6 +46,10 @@ WRITE_TIMEOUT_S: Final = 10.0
 DEGRADED_POLL_S: Final = 1.0
 # Deleted batches a pipeline stream remembers having announced (a delete publishes twice).
 MAX_GONE: Final = 10_000
+# Batches a pipeline stream remembers having sent, the most recently sent kept: after a reset
+# of the feed, those no longer in the index are announced deleted (a delete missed while the
+# feed was down). One sent longer ago than the last MAX_SENT is not checked.
+MAX_SENT: Final = 10_000
 STREAM_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                          "X-Accel-Buffering": "no"}
 
@@ -140,8 +145,10 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
     `limit` batches first (as the list's first page, so nothing falls between a list read
     and the stream), then one `event: batch` per change of any batch of the pipeline, new
     ones included, and `event: deleted` (data `{"id": ...}`) for a deleted one. A client that
-    falls `waiters.MAX_PENDING` changed batches behind is cut off. An unknown pipeline is a
-    404, as its list is."""
+    falls `waiters.MAX_PENDING` changed batches behind is cut off. After a reset of the feed
+    (changes may have been missed) the page again, after `deleted` for each batch sent
+    (the last MAX_SENT) that was deleted meanwhile. An unknown pipeline is a 404, as its
+    list is."""
     store = request.app[STORE]
     fills = fills_of(store, request.app[CACHE])
     waiters = request.app[WAITERS]
@@ -153,10 +160,12 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
         response = web.StreamResponse(headers=STREAM_HEADERS)
         await response.prepare(request)
         gone: set[str] = set()
+        sent: dict[str, None] = {}  # ids sent as `batch`, not since `deleted`: oldest first
         try:
-            for obj in page.items.values():
+            for batch_id, obj in page.items.items():
                 body = orjson.dumps(obj)
                 await _write(response, event("batch", body, etag_of(body)))
+                _remember(sent, batch_id)
             while True:
                 try:
                     async with asyncio.timeout(KEEPALIVE_S):
@@ -168,11 +177,14 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                     raise TimeoutError("the client fell too far behind")
                 if waiters.closing:
                     break
-                if watch.everything:  # changes may have been missed: the page again
-                    watch.take()
+                if watch.everything:  # changes may have been missed: the page again,
+                    watch.take()  # after the deletes missed, said as a delete is
                     page = await store.page(pipeline_id, limit, None)
                     changed: list[tuple[str, Version | object]] = [
-                        (keys.batch(pipeline_id, b), READ) for b in reversed(page.items)]
+                        (keys.batch(pipeline_id, b), GONE)
+                        for b in await _deleted_meanwhile(store.redis, pipeline_id, sent,
+                                                          page.items)]
+                    changed += [(keys.batch(pipeline_id, b), READ) for b in reversed(page.items)]
                 else:
                     changed = watch.take()
                 for key, item in changed:
@@ -183,6 +195,7 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         read_body = await fills.read(*ids)
                         item = Version.of(read_body) if read_body is not None else GONE
                     if item is GONE:
+                        sent.pop(ids[1], None)
                         if ids[1] in gone:  # hidden, then purged: said once
                             continue
                         if len(gone) >= MAX_GONE:
@@ -192,9 +205,30 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                     else:
                         assert isinstance(item, Version)
                         await _write(response, event("batch", item.body, item.etag))
+                        _remember(sent, ids[1])
         except (ConnectionError, TimeoutError):
             if request.transport is not None:
                 request.transport.close()
         return response
     finally:
         waiters.unwatch(pipeline_id, watch)
+
+
+def _remember(sent: dict[str, None], batch_id: str) -> None:
+    """`batch_id` was just sent: the most recent of `sent`, which keeps MAX_SENT at most."""
+    sent.pop(batch_id, None)
+    if len(sent) >= MAX_SENT:
+        del sent[next(iter(sent))]
+    sent[batch_id] = None
+
+
+async def _deleted_meanwhile(redis: Redis, pipeline_id: str, sent: dict[str, None],
+                             page: dict[str, Any]) -> list[str]:
+    """The batches sent that are out of the batch index (hidden or purged: both leave it in
+    the same script), among those not on the page just read: one ZMSCORE, and none when the
+    page holds them all. One only pushed off the page by newer batches is still indexed."""
+    missing = [batch_id for batch_id in sent if batch_id not in page]
+    if not missing:
+        return []
+    scores = await redis.zmscore(keys.batch_index(pipeline_id), missing)
+    return [batch_id for batch_id, score in zip(missing, scores, strict=True) if score is None]
