@@ -9,6 +9,11 @@ commands consumer then skips the run (hidden batch) or cancels and deletes its f
 
 The deletes still to queue live in a Redis outbox (`keys.ABANDONED`), so a restart of the
 API process does not lose them; any API process drains it (a delete sent twice is harmless).
+
+A create whose answer never came (Redis ran it, or not, and then went away) is the other
+batch given up on: no run command was sent for it, so it is purged (`undo`), at once if
+Redis answers, else by the same loop once it does. Those wait in this process only: Redis
+is what is missing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import cast
 
 import orjson
@@ -30,12 +36,18 @@ from service.command_sender import CommandSender
 
 log = logging.getLogger(__name__)
 ABANDONED_TTL_S = 24 * 3600
+UNDO_TIMEOUT_S = 2.0  # the failed request's answer waits this long for its undo
+Purge = Callable[[str, str], Awaitable[None]]
 
 
 class Abandoner:
     def __init__(self, redis: Redis, scripts: ApiScripts, sender: CommandSender, *,
-                 ttl_s: int = ABANDONED_TTL_S, channel: str = keys.CHANGES_CHANNEL,
-                 idle_s: float = 5.0) -> None:
+                 purge: Purge | None = None, ttl_s: int = ABANDONED_TTL_S,
+                 channel: str = keys.CHANGES_CHANNEL, idle_s: float = 5.0,
+                 undo_timeout_s: float = UNDO_TIMEOUT_S) -> None:
+        self._purge = purge
+        self._undo_timeout_s = undo_timeout_s
+        self._undone: set[tuple[str, str]] = set()  # creates to purge once Redis answers
         self._redis = redis
         self._scripts = scripts
         self._sender = sender
@@ -58,6 +70,33 @@ class Abandoner:
         log.warning("batch %s/%s abandoned: %s", pipeline_id, batch_id, reason)
         self._wake.set()
 
+    async def undo(self, pipeline_id: str, batch_id: str) -> None:
+        """Purges a batch whose create may have run though its request failed (no run
+        command was sent for it): now if Redis answers within the bound, else later."""
+        if self._purge is None:
+            return
+        try:
+            async with asyncio.timeout(self._undo_timeout_s):
+                await self._purge(pipeline_id, batch_id)
+        except Exception as exc:
+            log.warning("batch %s/%s: its create failed and is not undone yet (%s); purged "
+                        "once Redis answers", pipeline_id, batch_id, describe(exc))
+            self._undone.add((pipeline_id, batch_id))
+            self._wake.set()
+
+    def undoing(self) -> int:
+        """Creates still to undo."""
+        return len(self._undone)
+
+    async def _undo_pending(self) -> None:
+        purge = self._purge
+        if purge is None:
+            return
+        for pipeline_id, batch_id in sorted(self._undone):
+            await purge(pipeline_id, batch_id)
+            self._undone.discard((pipeline_id, batch_id))
+            log.info("batch %s/%s: its failed create undone", pipeline_id, batch_id)
+
     async def drain_once(self) -> int:
         """Queues the outstanding deletes Kafka takes now. Returns how many were queued."""
         members = cast(list[str], await self._redis.zrange(keys.ABANDONED, 0, 99))
@@ -75,6 +114,7 @@ class Abandoner:
         next_delay = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
         while True:
             try:
+                await self._undo_pending()
                 if self._sender.available:
                     await self.drain_once()
                     next_delay = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
@@ -83,8 +123,8 @@ class Abandoner:
                     delay = next_delay()
             except Exception as exc:  # Kafka or Redis still away: retried, never dropped
                 delay = next_delay()
-                log.warning("abandoned batches: deletes not queued yet (%s), retry in %.1fs",
-                            describe(exc), delay)
+                log.warning("abandoned batches: deletes or undos not done yet (%s), retry in "
+                            "%.1fs", describe(exc), delay)
             self._wake.clear()
             try:
                 async with asyncio.timeout(delay):

@@ -59,7 +59,7 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     app[PRODUCER] = producer
     sender = CommandSender(producer, settings.topic_commands, settings.topic_events)
     app[COMMANDS] = sender
-    abandoner = Abandoner(app[REDIS], app[API_SCRIPTS], sender)
+    abandoner = Abandoner(app[REDIS], app[API_SCRIPTS], sender, purge=app[STORE].purge)
     app[ABANDONER] = abandoner
     # Queues the deletes of batches abandoned after an ambiguous send (this process's or
     # another's that stopped before it could).

@@ -134,11 +134,20 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
                             record: Callable[[], Awaitable[creates.Created]],
                             idempotency: tuple[str, str] | None = None) -> None:
     """Records the batch (`record` says how), then queues its run command, which carries
-    the record for a rebuild of Redis. When that fails the batch must not run: refused, it
-    is purged; ambiguous (the command may be written and even be running), it is abandoned
-    (hidden as `stop`/`failed`, its delete queued behind the run)."""
+    the record for a rebuild of Redis. A record that failed midway is undone (purged, now or
+    once Redis answers). When the send fails the batch must not run: refused, it is purged;
+    ambiguous (the command may be written and even be running), it is abandoned (hidden as
+    `stop`/`failed`, its delete queued behind the run)."""
     store = request.app[STORE]
-    created = await record()
+    try:
+        created = await record()
+    except (ApiError, creates.NotThisRequests):
+        raise  # refused before the create, or not a create of this request's
+    except BaseException:
+        # Redis may have run the create and its answer was lost: no run command will be
+        # sent, so a `pending` batch left behind would never run.
+        await request.app[ABANDONER].undo(pipeline_id, batch_id)
+        raise
     spec = created.spec
     recorded = created.recorded
     if idempotency is not None:

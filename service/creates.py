@@ -10,9 +10,7 @@ encoding ~30 fields again (several µs of the request's CPU).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import logging
 import re
 import uuid
 import weakref
@@ -26,13 +24,11 @@ from core.api_scripts import ApiScripts
 from core.command_messages import Recorded
 from core.models import PipelineSpec, now_iso
 from core.registry import PipelineRegistry
-from core.retry import describe
 from core.scripts import Scripts
 from core.store import BatchStore
 from service.errors import not_found
 from service.turns import turn_reads
 
-log = logging.getLogger(__name__)
 MAX_ENTRIES = 1024
 
 # Parsed definitions by (pipeline_id, version), per registry (per app). A version is immutable
@@ -167,6 +163,11 @@ def config_pair(config_json: str) -> bytes:
     return b"," + orjson.dumps([layout.CONFIG, config_json])[1:-1]
 
 
+class NotThisRequests(RuntimeError):
+    """The create found a batch of this request's new id that it did not create (an id
+    generated twice): never to be undone by this request."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Created:
     """A batch as its create recorded it: the definition, and what its run command carries
@@ -192,22 +193,16 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
         overridden = orjson.dumps(config(spec)).decode() if config is not None else None
         extra = config_pair(overridden) if overridden is not None else b""
         now = now_iso()
-        try:
-            reply = await turns.script(
-                scripts.create_latest_batch,
-                [keys.batch(pipeline_id, batch_id), *template.other_keys, order],
-                [spec.version if latest else "", template.args(batch_id, now, extra),
-                 keys.CHANGES_CHANNEL])
-            seq = (int(reply) or await _created_earlier(store, pipeline_id, batch_id, now)
-                   if not isinstance(reply, list) else 0)
-        except BaseException:
-            # Redis may have run the create and the answer is lost: undo it, or a `pending`
-            # batch whose run command was never queued would stay for good.
-            await undo(store, pipeline_id, batch_id)
-            raise
+        reply = await turns.script(
+            scripts.create_latest_batch,
+            [keys.batch(pipeline_id, batch_id), *template.other_keys, order],
+            [spec.version if latest else "", template.args(batch_id, now, extra),
+             keys.CHANGES_CHANNEL])
+        seq = (int(reply) or await _created_earlier(store, pipeline_id, batch_id, now)
+               if not isinstance(reply, list) else 0)
         if seq is None:
-            raise RuntimeError(f"batch {batch_id} of pipeline {pipeline_id} exists already and "
-                               "is not this request's")
+            raise NotThisRequests(f"batch {batch_id} of pipeline {pipeline_id} exists already "
+                                  "and is not this request's")
         if not isinstance(reply, list):
             config_json = overridden if overridden is not None else template.registered
             return Created(spec, Recorded(seq=seq, created_at=now,
@@ -227,17 +222,3 @@ async def _created_earlier(store: BatchStore, pipeline_id: str, batch_id: str,
         return None
     return int(seq)
 
-
-UNDO_TIMEOUT_S = 2.0
-
-
-async def undo(store: BatchStore, pipeline_id: str, batch_id: str) -> None:
-    """Purges a batch whose create failed midway, if Redis answers within a bound (the
-    request's own answer waits on it). Left behind when it does not: logged, as only that
-    batch's `pending` with no run command behind it."""
-    try:
-        async with asyncio.timeout(UNDO_TIMEOUT_S):
-            await store.purge(pipeline_id, batch_id)
-    except Exception as exc:
-        log.error("batch %s/%s: its create failed and could not be undone (%s); it may show "
-                  "as pending with no run queued", pipeline_id, batch_id, describe(exc))

@@ -86,15 +86,11 @@ async def resume_batch(request: web.Request) -> web.Response:
         # After an Idempotency-Key's claim: a retry of a resume that succeeded answers its
         # batch while Kafka is down.
         request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
-        try:
-            seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
-            # Read back for its run command (a rebuild's record): the time Redis recorded. A
-            # resume is rare; the POST's hot path sends the time it gave its create script,
-            # and the rebuild raises it as that script would.
-            fields = await store.fields(pipeline_id, batch_id) or {}
-        except BaseException:
-            await creates.undo(store, pipeline_id, batch_id)  # as a run's create (creates.py)
-            raise
+        seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
+        # Read back for its run command (a rebuild's record): the time Redis recorded. A
+        # resume is rare; the POST's hot path sends the time it gave its create script,
+        # and the rebuild raises it as that script would.
+        fields = await store.fields(pipeline_id, batch_id) or {}
         # 0: the batch existed, so the create ran on a try whose reply was lost (its id is
         # new to this request).
         seq = seq or int(fields["seq"])

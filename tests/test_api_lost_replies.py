@@ -18,10 +18,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from core import keys
 from core.api_scripts import CLAIM_KEY, CREATE_LATEST_BATCH
 from core.codec import decode_command
-from core.list_scripts import HIDE_BATCH
+from core.list_scripts import HIDE_BATCH, PURGE_BATCH
+from core.models import new_batch_id
 from core.settings import Settings
+from core.store import BatchStore
+from service.appkeys import ABANDONER
 from service.turns import TurnReads
-from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+from tests.conftest import eventually
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec, spec_body
 from tests.reply_loss_proxy import ReplyLossProxy
 
 Client = TestClient[Any, Any]
@@ -126,3 +130,21 @@ async def test_a_create_whose_answer_never_comes_is_undone(
     assert await redis.keys(keys.batch("p", "*")) == []
     page = await (await api.get("/api/v1/batches/p/", headers=AUTH)).json()
     assert page["items"] == {}
+
+
+async def test_a_failed_create_is_undone_once_redis_answers_again(
+        api: Client, redis: Redis, proxy: ReplyLossProxy, test_settings: Settings) -> None:
+    # The create ran, its answer was lost and Redis is unreachable by the time of the undo:
+    # the API process purges the batch as soon as Redis answers again.
+    batch_id = new_batch_id()
+    await BatchStore.from_settings(redis, test_settings).create("p", batch_id, spec())
+    await redis.script_load(PURGE_BATCH)
+    proxy.arm(_sha(PURGE_BATCH), outage=True)
+    abandoner = api.app[ABANDONER]
+    await abandoner.undo("p", batch_id)
+    assert abandoner.undoing() == 1
+    assert await redis.exists(keys.batch("p", batch_id)) == 1
+    proxy.restore()
+    await eventually(lambda: abandoner.undoing() == 0, timeout=15)
+    assert await redis.exists(keys.batch("p", batch_id)) == 0
+    assert await redis.zscore(keys.batch_index("p"), batch_id) is None
