@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from core.lua_hset import HSET_ALL_LUA
 from core.packing import PACKED, PLAIN
 
 # KEYS: batch hashes. Returns per key its hash as a JSON object (cjson: every value a
@@ -79,29 +80,30 @@ return out
 # field Redis holds plainly keeps its value (it was written after the packing, and wins, as
 # core.packing.unpacked says). Returns per key 1 when unpacked, 0 when `packed` had changed
 # (unpacked, or packed again, by another client meanwhile).
-UNPACK: Final = """
+UNPACK: Final = HSET_ALL_LUA + """
 local out = {}
 for i, key in ipairs(KEYS) do
   out[i] = 0
   local flat = redis.call('HGETALL', key)
-  local h, value = cjson.decode(ARGV[2 * i]), false
+  local plain, value = {}, false
   for j = 1, #flat, 2 do
-    if flat[j] == 'PACKED' then value = flat[j + 1] else h[flat[j]] = flat[j + 1] end
+    if flat[j] == 'PACKED' then value = flat[j + 1] else plain[flat[j]] = true end
   end
   if value == ARGV[2 * i - 1] then
-    if redis.call('PTTL', key) == -1 then
-      -- Written anew in one HSET (the fields one by one would scan the listpack each).
-      local args = {}
-      for name, v in pairs(h) do
+    -- Added beside the plain fields, and `packed` removed only once they are all written:
+    -- never DEL first, as a script's writes before an error stay (a large batch's HSET failed
+    -- on Lua's unpack() limit after a DEL, and the batch was gone). Until the HDEL, a
+    -- half-written hash still reads as packed (a plain field wins, with the same value).
+    -- In place, a TTL stays too.
+    local args = {}
+    for name, v in pairs(cjson.decode(ARGV[2 * i])) do
+      if not plain[name] then
         args[#args + 1] = name
         args[#args + 1] = v
       end
-      redis.call('DEL', key)
-      redis.call('HSET', key, unpack(args))
-    else
-      for name, v in pairs(h) do redis.call('HSET', key, name, v) end
-      redis.call('HDEL', key, 'PACKED')
     end
+    hset_all(key, args)
+    redis.call('HDEL', key, 'PACKED')
     out[i] = 1
   end
 end

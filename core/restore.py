@@ -17,6 +17,7 @@ import orjson
 from redis.asyncio import Redis
 
 from core import keys
+from core.lua_hset import HSET_ALL_LUA
 from core.packing import pack, packable
 from core.paging import Pager, ensure_finished
 from core.registry import PipelineRegistry, Registered
@@ -33,9 +34,9 @@ CHUNK = 500
 # Writes each hash and its place in the batch index. A script rather than a pipeline of
 # HSETs because of the client: redis-py encodes every field of every command in Python,
 # which was two thirds of a rebuild's time; one JSON argument per call costs one encode.
-RESTORE_HASHES: Final = """
+RESTORE_HASHES: Final = HSET_ALL_LUA + """
 for i, row in ipairs(cjson.decode(ARGV[1])) do
-  redis.call('HSET', KEYS[i + 1], unpack(row[3]))
+  hset_all(KEYS[i + 1], row[3])
   redis.call('ZADD', KEYS[1], row[2], row[1])
 end
 return #KEYS - 1

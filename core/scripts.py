@@ -16,6 +16,7 @@ from core import list_scripts
 from core.apply_script import APPLY_EVENTS
 from core.keys import FINISHED_INDEXED
 from core.list_scripts import CREATED_AT_LUA_PATTERN
+from core.lua_hset import HSET_ALL_LUA
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] pipeline's sequence counter,
 # KEYS[4] the state index of the new hash's `state`
@@ -31,7 +32,7 @@ from core.list_scripts import CREATED_AT_LUA_PATTERN
 # (keys.batch_finished_indexed: KEYS[3] with its last part replaced): no stopped batch
 # predates the buckets. Returns the batch's creation sequence, or 0 when the batch already
 # exists.
-CREATE_BATCH: Final = f"""
+CREATE_BATCH: Final = HSET_ALL_LUA + f"""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local at
 for i = 2, #ARGV - 1, 2 do
@@ -59,7 +60,7 @@ for i = 2, #ARGV, 2 do
 end
 fields[#fields + 1] = 'seq'
 fields[#fields + 1] = seq
-redis.call('HSET', KEYS[1], unpack(fields))
+hset_all(KEYS[1], fields)
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 return seq

@@ -9,12 +9,16 @@ from typing import Any, cast
 import orjson
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from core.pack_scripts import HASHES, PACK, UNPACK
 from core.packing import PACKED, pack, unpacked
 from tests.test_packing import finished
 
 KEY = "dhub:{pipe}:batch:batch-1"
+# Lua's unpack() in Redis takes fewer than 8,000 values: 3 steps of this many partitions with
+# their totals are 4,020 fields, just past it.
+LARGE = 670
 
 
 async def pack_call(redis: Redis, read: dict[str, str], key: str = KEY, **change: Any) -> int:
@@ -153,3 +157,32 @@ async def test_unpack_keeps_a_ttl(redis: Redis, batch: dict[str, str]) -> None:
     assert await unpack_call(redis, await stored(redis)) == 1
     assert await stored(redis) == batch
     assert await redis.ttl(KEY) > 0
+
+
+async def test_a_batch_of_more_values_than_lua_unpacks_at_once_packs_and_unpacks(
+        redis: Redis) -> None:
+    """UNPACK wrote the whole hash with one HSET of unpack(all fields) after a DEL: past the
+    limit the HSET failed, after the DEL, and the batch was gone."""
+    fields = finished(random.Random(3), LARGE)
+    assert 2 * len(fields) > 8000
+    await put(redis, fields)
+    assert await pack_call(redis, fields) == 1
+    assert await unpack_call(redis, await stored(redis)) == 1
+    assert await stored(redis) == fields
+
+
+async def test_an_unpack_that_fails_leaves_the_batch_packed_and_whole(redis: Redis) -> None:
+    """A script's writes before an error stay: UNPACK removes `packed` only after the fields
+    are written, so a failure (here a value HSET refuses) leaves the batch readable as it was
+    (fields written meanwhile hold the packed copies' values), never deleted."""
+    fields = finished(random.Random(4), LARGE)
+    await put(redis, fields)
+    assert await pack_call(redis, fields) == 1
+    held = await stored(redis)
+    packed_fields = {name: v for name, v in unpacked(held).items() if name not in held}
+    bad = orjson.dumps({**packed_fields, "zz": {"not": "a string"}})
+    with pytest.raises(ResponseError):
+        await redis.eval(UNPACK, 1, KEY, held[PACKED], bad)
+    after = await stored(redis)
+    assert after[PACKED] == held[PACKED]
+    assert unpacked(after) == fields

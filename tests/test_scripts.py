@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import Any, cast
 
 import orjson
@@ -9,6 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core import keys
+from core.api_scripts import ApiScripts
 from core.codec import Event
 from core.layout import published_fields, render
 from core.models import new_batch_id
@@ -16,7 +18,7 @@ from core.registry import PipelineRegistry, Registered
 from core.scripts import Scripts
 from core.store import BatchStore
 from tests.conftest import PrivateRedis
-from tests.helpers import spec
+from tests.helpers import create_call, spec
 
 P = "pipe"
 # Prefect accepts Cancelled -> Running -> Completed: a stop that lands while a worker starts
@@ -50,6 +52,31 @@ async def test_create_batch_assigns_increasing_sequences_and_refuses_duplicates(
         args=[first, "state", "x", "created_at", "2030-01-01T00:00:00.000Z"])
     assert again == 0
     assert await redis.hget(keys.batch(P, first), "state") == "pending"
+
+
+async def test_create_batch_writes_more_values_than_lua_unpacks_at_once(
+        store: BatchStore, redis: Redis) -> None:
+    """A resumed batch carries its done steps' offsets and totals: 3 steps x 670 partitions
+    are 8,000+ values, more than Lua's unpack() takes, and CREATE_BATCH's one HSET of them
+    failed (so did the resume). The API's create, CREATE_LATEST_BATCH, runs CREATE_BATCH's
+    text."""
+    extra = {f"{kind}:{step}:partition_{n}": "100" for kind in ("off", "tot")
+             for step in ("extract", "transform", "load") for n in range(670)}
+    batch_id = new_batch_id()
+    assert await store.create(P, batch_id, spec(), extra) == 1
+    held = await redis.hgetall(keys.batch(P, batch_id))
+    assert 2 * len(held) > 8000
+    assert {name: held[name] for name in extra} == extra
+    assert held["seq"] == "1"
+    batch_keys, args = await create_call(redis, P, "b2", spec())
+    await redis.rpush(keys.pipeline_order(P), spec().version)
+    seq = await ApiScripts(redis).create_latest_batch(
+        keys=[*batch_keys, keys.pipeline_order(P)],
+        args=[spec().version, orjson.dumps([*args, *chain.from_iterable(extra.items())])])
+    assert seq == 2
+    held = await redis.hgetall(keys.batch(P, "b2"))
+    assert {name: held[name] for name in extra} == extra
+    assert await redis.zrange(keys.batch_index(P), 0, -1) == [batch_id, "b2"]
 
 
 async def test_hide_batch_removes_it_from_the_index_once(store: BatchStore, redis: Redis) -> None:

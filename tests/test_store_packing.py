@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from consumers.events import EventsConsumer
 from consumers.plumbing.snapshot_batch import RECORDS
 from core import keys
 from core.codec import Event
@@ -25,12 +26,25 @@ from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import NOT_SNAPSHOTTED, Snapshot
 from core.store import BatchStore
+from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
+from tests.test_consumers_support import (
+    committed,
+    make_spec,
+    new_batch,
+    options,
+    running,
+    send,
+    unique,
+)
 
 P = "pipe"
 T0 = 1_760_000_000.123456
 PARTS = [f"partition_{n}" for n in range(8)]
 STEPS = ("extract", "transform", "load")
+# Lua's unpack() in Redis takes fewer than 8,000 values: 3 steps of this many partitions with
+# their offsets and totals are 4,020 fields, just past it.
+LARGE = [f"partition_{n}" for n in range(670)]
 
 
 @pytest.fixture
@@ -65,6 +79,19 @@ async def finished(store: BatchStore, pipeline_id: str = P) -> str:
     batch_id = new_batch_id()
     await store.create(pipeline_id, batch_id, spec(), {"config": '{"extract":{"rows":5}}'})
     assert (await store.apply(lifecycle(batch_id, pipeline_id)))[(pipeline_id, batch_id)] > 0
+    return batch_id
+
+
+async def large_running(store: BatchStore) -> str:
+    """A running batch of 3 steps x LARGE partitions, offsets and totals reported."""
+    batch_id = new_batch_id()
+    await store.create(P, batch_id, spec())
+    parts = {part: 100 for part in LARGE}
+    events = [ev(batch_id, "batch.state", state="running")]
+    for step in STEPS:
+        events += [ev(batch_id, "step.state", step=step, state="running"),
+                   ev(batch_id, "step.offsets", step=step, offsets=parts, totals=parts)]
+    assert (await store.apply(events))[(P, batch_id)] > 0
     return batch_id
 
 
@@ -164,6 +191,38 @@ async def test_late_stops_follow_the_latest_stop_rule_and_leave_the_batch_packed
     assert failed == [batch_id]
 
 
+async def test_a_large_batch_takes_its_end_twice_and_a_later_stop_once_packed(
+        store: BatchStore, redis: Redis) -> None:
+    """More fields than Lua unpacks at once (LARGE). Every run's end comes twice (the bridge's
+    with Prefect's time, the flow's hook's with the worker's), and the engine's Completed can
+    follow a Cancelled: each reaches the packed batch, which UNPACK deleted and then failed
+    to write (the batch was gone: GET 404, not listed, its event dropped)."""
+    batch_id = await large_running(store)
+    full = await raw(redis, batch_id)
+    assert 2 * len(full) > 8000
+    bridge = ev(batch_id, "batch.state", state="stop", outcome="cancelled", reason="stopped",
+                ts=T0)
+    assert await store.apply([bridge]) == {(P, batch_id): 1}
+    assert_packed(await raw(redis, batch_id))
+    hook = ev(batch_id, "batch.state", state="stop", outcome="cancelled", reason="stopped",
+              ts=T0 + 0.2)
+    assert await store.apply([hook]) == {(P, batch_id): 0}  # the earlier stop stands
+    assert_packed(await raw(redis, batch_id))
+    engine = ev(batch_id, "batch.state", state="stop", outcome="completed", ts=T0 + 1)
+    assert await store.apply([engine]) == {(P, batch_id): 1}
+    held = await raw(redis, batch_id)
+    assert_packed(held)
+    batch = await store.get(P, batch_id)
+    assert batch is not None
+    assert (batch["state"]["state"], batch["outcome"], batch["reason"]) == (
+        "stop", "completed", None)
+    assert len(batch["state"]["steps"]["load"]["offsets"]) == len(LARGE)
+    assert list((await store.page(P, 10, None)).items) == [batch_id]  # still listed
+    def progress(fields: dict[str, str]) -> dict[str, str]:
+        return {name: v for name, v in fields.items() if name.startswith(("off:", "tot:"))}
+    assert progress(unpacked(held)) == progress(full)
+
+
 async def test_a_poll_mixing_packed_running_and_stopping_batches(store: BatchStore,
                                                                  redis: Redis) -> None:
     done = await finished(store)
@@ -221,6 +280,41 @@ async def test_packing_publishes_nothing_and_a_late_change_publishes_the_full_ha
 
 
 # -- through the API -------------------------------------------------------------------------
+
+
+async def test_the_events_consumer_applies_the_later_end_of_a_large_packed_batch(
+        topics: Settings, redis: Redis) -> None:
+    """End to end: a LARGE batch stopped `cancelled` is packed; the engine's Completed (a later
+    ts) on the topic must decide the outcome, where the consumer dropped it (UNPACK deleted
+    the hash, then failed) or dead-lettered it (the script's error)."""
+    pipeline_id = unique("test-pack")
+    batch_id = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
+    parts = {part: 100 for part in LARGE}
+    events = [ev(batch_id, "batch.state", pipeline_id, state="running")]
+    events += [ev(batch_id, "step.offsets", pipeline_id, step=step, offsets=parts, totals=parts)
+               for step in STEPS]
+    events.append(ev(batch_id, "batch.state", pipeline_id, state="stop", outcome="cancelled",
+                     reason="stopped", ts=T0))
+    completed = ev(batch_id, "batch.state", pipeline_id, state="stop", outcome="completed",
+                   ts=T0 + 1)
+
+    async def consumed(count: int) -> None:
+        async def done() -> bool:
+            return await committed(topics, topics.group_events, topics.topic_events) >= count
+        await eventually(done, timeout=20)
+
+    consumer = EventsConsumer(topics, options())
+    async with running(consumer):
+        for e in events:
+            await send(topics, topics.topic_events, batch_id, e.encode())
+        await consumed(len(events))
+        assert_packed(await raw(redis, batch_id, pipeline_id))
+        await send(topics, topics.topic_events, batch_id, completed.encode())
+        await consumed(len(events) + 1)
+    fields = unpacked(await raw(redis, batch_id, pipeline_id))
+    assert (fields["state"], fields["outcome"]) == ("stop", "completed")
+    assert len([name for name in fields if name.startswith("tot:")]) == len(STEPS) * len(LARGE)
+    assert (consumer.dead, consumer.dropped) == (0, 0)
 
 
 @pytest.fixture
