@@ -135,6 +135,23 @@ def test_malformed_events_are_refused_with_a_reason(raw: bytes | None, reason: s
         decode_event(raw)
 
 
+# 2 KB of JSON nested 1,000 deep: msgspec recurses per level (even through a field it
+# skips) and raises RecursionError, the bytes' fault like any other.
+TOO_DEEP = b'{"x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+
+
+def test_json_nested_too_deep_is_refused_with_a_reason() -> None:
+    with pytest.raises(CodecError, match="invalid event: nested too deep"):
+        decode_event(TOO_DEEP)
+    with pytest.raises(CodecError, match="invalid command: nested too deep"):
+        decode_command(TOO_DEEP)
+    # Inside a field a command does read: a publisher's run config (any JSON value).
+    run = orjson.loads(Command("run", "batch-1", "pipe", "1").encode())
+    run["create"] = {"config": {"extract": {"deep": orjson.Fragment(b"[" * 1000 + b"]" * 1000)}}}
+    with pytest.raises(CodecError, match="invalid command: nested too deep"):
+        decode_command(orjson.dumps(run))
+
+
 def test_malformed_commands_are_refused() -> None:
     with pytest.raises(CodecError, match=r"invalid command: .*'explode' - at `\$.type`"):
         decode_command(orjson.dumps({"schema": 1, "type": "explode"}))

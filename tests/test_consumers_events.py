@@ -151,6 +151,23 @@ async def test_malformed_events_are_dead_lettered_and_the_loop_goes_on(ctx: Ctx)
     assert consumer.dead == 3
 
 
+async def test_a_record_nested_too_deep_is_dead_lettered_and_the_loop_goes_on(ctx: Ctx) -> None:
+    """2 KB of JSON nested 1,000 deep makes msgspec raise RecursionError: left out of the
+    codec's errors, it ended the loop, and every restart met the same record first."""
+    batch_id = await ctx.batch()
+    bad = b'{"x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    consumer = EventsConsumer(ctx.settings, options())
+    async with running(consumer):
+        await send(ctx.settings, ctx.settings.topic_events, batch_id, bad)
+        await ctx.publish(ctx.event(batch_id, "batch.state", state="running"))
+        await ctx.processed(2)
+    assert (await ctx.fields(batch_id))["state"] == "running"
+    [dead] = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 1)
+    assert dead.value == bad
+    assert dict(dead.headers)[dlq.REASON].startswith(b"invalid event: nested too deep")
+    assert consumer.dead == 1
+
+
 async def test_events_of_deleted_or_unknown_batches_are_dropped(ctx: Ctx) -> None:
     batch_id = await ctx.batch()
     store = store_for(ctx.redis, ctx.settings)
