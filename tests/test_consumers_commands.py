@@ -28,6 +28,7 @@ from tests.test_consumers_support import (
     committed,
     flow_runs,
     make_spec,
+    near_the_size_limit,
     options,
     prefect,
     running,
@@ -187,6 +188,26 @@ async def test_a_command_nested_too_deep_is_dead_lettered_and_the_loop_goes_on(c
     assert dead.value == bad
     assert dict(dead.headers)[dlq.REASON].startswith(
         b"malformed command: invalid command: nested too deep")
+
+
+async def test_a_malformed_command_too_large_to_dead_letter_is_sent_as_a_stub(
+        ctx: Ctx) -> None:
+    """A malformed command just under the producer's limit: its dead letter (the same value
+    plus headers) is refused as too large; its stub goes instead and the lane goes on."""
+    batch_id = await ctx.batch()
+    bad = near_the_size_limit(batch_id, b'{"schema":1,"type":"explode","pad":"', b'"}')
+    async with running(ctx.consumer()):
+        await send(ctx.settings, ctx.settings.topic_commands, batch_id, bad)
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        await ctx.processed(2)
+    assert (await ctx.fields(batch_id))["state"] == "scheduled"
+    [dead] = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 1)
+    assert (dead.key, dead.value) == (batch_id.encode(), b"")
+    headers = dict(dead.headers)
+    assert headers[dlq.REASON].startswith(b"malformed command") and b"'explode'" in headers[
+        dlq.REASON]
+    assert headers[dlq.CONSUMER] == b"commands"
+    assert (headers[dlq.OMITTED], headers[dlq.VALUE_SIZE]) == (b"value", str(len(bad)).encode())
 
 
 async def test_unknown_pipeline_version_fails_the_batch(ctx: Ctx) -> None:

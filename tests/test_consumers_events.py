@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from redis.asyncio import Redis
 
 from consumers.events import EventsConsumer
@@ -23,6 +24,7 @@ from tests.helpers import read_topic
 from tests.test_consumers_support import (
     committed,
     make_spec,
+    near_the_size_limit,
     new_batch,
     options,
     running,
@@ -166,6 +168,67 @@ async def test_a_record_nested_too_deep_is_dead_lettered_and_the_loop_goes_on(ct
     assert dead.value == bad
     assert dict(dead.headers)[dlq.REASON].startswith(b"invalid event: nested too deep")
     assert consumer.dead == 1
+
+
+async def test_a_malformed_record_too_large_to_dead_letter_is_sent_as_a_stub(ctx: Ctx) -> None:
+    """A malformed record the topic took, just under the producer's limit (a reason of 1 MB):
+    its dead letter, the same value plus headers, is refused as too large. Raised (a
+    permanent error), that ended the loop on the same record at every restart; its stub
+    (the headers, no value) is dead-lettered instead and the partition moves on."""
+    batch_id = await ctx.batch()
+    head = orjson.dumps({"schema": 1, "type": "batch.state", "event_id": "e1",
+                         "batch_id": batch_id, "pipeline_id": ctx.pipeline_id, "ts": 1.0,
+                         "state": "stop", "outcome": "failed"})[:-1] + b',"reason":"'
+    bad = near_the_size_limit(batch_id, head, b'"}')
+    consumer = EventsConsumer(ctx.settings, options())
+    async with running(consumer):
+        await send(ctx.settings, ctx.settings.topic_events, batch_id, bad)
+        await ctx.publish(ctx.event(batch_id, "batch.state", state="running"))
+        await ctx.processed(2)
+    assert (await ctx.fields(batch_id))["state"] == "running"
+    [dead] = await read_topic(ctx.settings, ctx.settings.topic_dlq, lambda r: len(r) >= 1)
+    assert (dead.key, dead.value) == (batch_id.encode(), b"")
+    headers = dict(dead.headers)
+    assert headers[dlq.REASON].startswith(b"invalid event") and b"reason" in headers[dlq.REASON]
+    topic, _, offset = headers[dlq.SOURCE].decode().rsplit(":", 2)
+    assert (topic, offset) == (ctx.settings.topic_events, "0")
+    assert headers[dlq.CONSUMER] == b"events"
+    assert (headers[dlq.OMITTED], headers[dlq.VALUE_SIZE]) == (b"value", str(len(bad)).encode())
+    assert dlq.KEY_SIZE not in headers
+    assert consumer.dead == 1 and consumer.dlq.stubs == 1
+    assert consumer.dlq.sent == {"malformed": 1}
+
+
+async def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_as_a_stub(
+        ctx: Ctx) -> None:
+    """The producer's limit is not the only one: a dead-letter topic whose max.message.bytes
+    is below the record's size refuses the dead letter in the produce response (the send's
+    future fails), which must end in a stub too, not in the loop's end."""
+    settings = ctx.settings.model_copy(update={"topic_dlq": ctx.settings.topic_dlq + ".small"})
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(settings.topic_dlq, 1, 1,
+                                            topic_configs={"max.message.bytes": "4096"})])
+        batch_id = await ctx.batch()
+        bad = b"{" + b" " * 10_000 + b"not json"
+        good = ctx.event(batch_id, "batch.state", state="running")
+        consumer = EventsConsumer(settings, options())
+        async with running(consumer):
+            await send(settings, settings.topic_events, batch_id, bad)
+            await ctx.publish(good)
+            await ctx.processed(2)
+        assert (await ctx.fields(batch_id))["state"] == "running"
+        [dead] = await read_topic(settings, settings.topic_dlq, lambda r: len(r) >= 1)
+        headers = dict(dead.headers)
+        assert dead.value == b"" and headers[dlq.REASON].startswith(b"not JSON")
+        assert (headers[dlq.OMITTED], headers[dlq.VALUE_SIZE]) == (b"value", b"10009")
+        assert consumer.dead == 1 and consumer.dlq.stubs == 1
+    finally:
+        try:
+            await admin.delete_topics([settings.topic_dlq])
+        finally:
+            await admin.close()
 
 
 async def test_events_of_deleted_or_unknown_batches_are_dropped(ctx: Ctx) -> None:

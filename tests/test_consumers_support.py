@@ -13,6 +13,7 @@ from typing import Any, cast
 from uuid import UUID
 
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
@@ -90,6 +91,21 @@ async def send(settings: Settings, topic: str, key: str | None, value: bytes | N
         await producer.send_and_wait(topic, value=value, key=key.encode() if key else None)
     finally:
         await producer.stop()
+
+
+# The producer's default max_request_size: the largest record it sends, headers included.
+MAX_RECORD = 1_048_576
+
+
+def near_the_size_limit(key: str, head: bytes, tail: bytes) -> bytes:
+    """`head`, x's, `tail`: a value the producer still sends with `key` (a few bytes under
+    MAX_RECORD), so that the same value with any dead letter's headers is too large."""
+    room: int = MAX_RECORD - 8 - DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        key.encode(), b"", [])
+    value = head + b"x" * (room - len(head) - len(tail) - 4) + tail  # 4: the length's varint
+    size: int = DefaultRecordBatchBuilder.estimate_size_in_bytes(key.encode(), value, [])
+    assert size <= MAX_RECORD
+    return value
 
 
 async def send_command(settings: Settings, kind: str, pipeline_id: str, batch_id: str,
