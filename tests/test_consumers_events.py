@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, cast
 
 import orjson
@@ -229,6 +230,23 @@ async def test_a_dead_letter_the_broker_refuses_as_too_large_is_sent_as_a_stub(
             await admin.delete_topics([settings.topic_dlq])
         finally:
             await admin.close()
+
+
+def test_a_stub_leaves_out_a_key_too_large_too() -> None:
+    """A key is an id on every topic read here; one over MAX_STUB_KEY would keep the stub
+    itself too large, so it goes too, and its size is said."""
+    record = SimpleNamespace(topic="t", partition=0, offset=7, key=b"k" * (dlq.MAX_STUB_KEY + 1),
+                             value=b"v" * 10)
+    key, headers = dlq.stub(record, dlq.headers(record, "why", "events"))
+    found = dict(headers)
+    assert key is None
+    assert (found[dlq.OMITTED], found[dlq.VALUE_SIZE], found[dlq.KEY_SIZE]) == (
+        b"key,value", b"10", str(dlq.MAX_STUB_KEY + 1).encode())
+    assert (found[dlq.REASON], found[dlq.SOURCE]) == (b"why", b"t:0:7")
+    record.key = b"k" * dlq.MAX_STUB_KEY
+    key, headers = dlq.stub(record, [])
+    assert key == record.key and dict(headers)[dlq.OMITTED] == b"value"
+    assert dlq.KEY_SIZE not in dict(headers)
 
 
 async def test_events_of_deleted_or_unknown_batches_are_dropped(ctx: Ctx) -> None:
