@@ -14,6 +14,7 @@ its partition to the first record it did not commit, so nothing is skipped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class Lanes(ConsumerRebalanceListener):  # type: ignore[misc]
         self._revoke_wait_s = revoke_wait_s
         self._lanes: dict[TopicPartition, Lane] = {}
         self._retries_done = 0
+        # partition -> (the offset its lane last failed at unexpectedly, how often in a row)
+        self._failures: dict[TopicPartition, tuple[int, int]] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.handled = 0  # records handled to their effect, since start
 
@@ -87,12 +90,23 @@ class Lanes(ConsumerRebalanceListener):  # type: ignore[misc]
                     lane.revoked = True  # reassigned meanwhile: the rest is the new owner's
                     break
                 next_offset = record.offset + 1
+                self._failures.pop(lane.tp, None)
         except Stopping:
             pass
         except Exception:
-            # Not expected (handle dead-letters what it cannot do): read it again next poll.
-            log.exception("%s: lane %s:%d failed at offset %d", self._part, lane.tp.topic,
-                          lane.tp.partition, next_offset)
+            # Not expected (handle dead-letters what it cannot do): read it again, after a
+            # pause that grows while the same record keeps failing, so a bug costs a log line
+            # now and then rather than a hot loop of them. The partition stays paused.
+            at, count = self._failures.get(lane.tp, (next_offset, 0))
+            count = count + 1 if at == next_offset else 1
+            self._failures[lane.tp] = (next_offset, count)
+            pause = min(self._policy.cap_s, self._policy.initial_s * 2 ** (count - 1))
+            log.exception("%s: lane %s:%d failed at offset %d (%d in a row); read again in "
+                          "%.1fs", self._part, lane.tp.topic, lane.tp.partition, next_offset,
+                          count, pause)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await lane.halt.wait()  # a shutdown or a revoke does not wait it out
         finally:
             self._retries_done += lane.backoff.retries
             self._lanes.pop(lane.tp, None)
