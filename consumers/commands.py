@@ -40,6 +40,7 @@ from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from consumers.plumbing.prefect_api import PrefectGateway
 from core.codec import CodecError, Command, Event, decode_command
+from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
 from core.retry import Backoff, Permanent, Stopping, describe
 from core.scripts import Scripts
@@ -175,13 +176,40 @@ class CommandsConsumer(Part):
             # Its Redis side is all this command does; the clean-up job does the rest.
             await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
         else:
-            await self.emitter.emit([Event(
+            # Failed as of the command's own time, so the final state of any flow run it
+            # created (later by construction) beats it when that run's event comes in late;
+            # and when Prefect already holds one, that is the batch's outcome at once.
+            ended = await self._ended_run(command)
+            await self.emitter.emit([ended or Event(
                 type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
                 event_id=f"fail-{command.event_id}", state="stop", outcome="failed",
-                reason=reason,
+                reason=reason, ts=command.ts,
             )])  # fmt: skip
             # Given up, so nothing may run for it: a flow run created before the failure, or
             # whose create is still in flight inside Prefect, is cancelled by the clean-up.
             await self.active.remove(command.pipeline_id, command.batch_id)
             await self.cleanup.enqueue("cancel", command.pipeline_id, command.batch_id)
         await self.dlq.send_and_wait(record, reason, "gave_up")
+
+    async def _ended_run(self, command: Command) -> Event | None:
+        """The event of the batch's flow run that has already ended, if Prefect says so (a
+        run created by a try whose answer was lost may have run to its end). Best effort:
+        Prefect may be why the command was given up."""
+        if self.prefect is None:
+            return None
+        try:
+            async with asyncio.timeout(self.options.prefect_timeout_s):
+                runs = await self.prefect.of_batch(command.batch_id)
+        except Exception as exc:
+            log.warning("%s %s: its flow runs not read before giving up (%s)", command.type,
+                        command.batch_id, describe(exc))
+            return None
+        ended = [(r.since, r.state_type, r.state_id, r) for r in runs
+                 if r.final and r.state_type and r.state_id and r.since is not None]
+        if not ended:
+            return None
+        since, state_type, state_id, run = max(ended, key=lambda row: row[0])
+        return flow_state_event(
+            pipeline_id=command.pipeline_id, batch_id=command.batch_id,
+            flow_run_id=run.flow_run_id, state_type=state_type, state_id=state_id,
+            message=run.message, ts=since.timestamp())
