@@ -38,6 +38,7 @@ from typing import cast
 
 from redis.asyncio import Redis
 
+from consumers.plumbing.creation import mark_deleted
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from core import keys
@@ -115,6 +116,8 @@ class RetentionSweeper(Part):
             for batch_id, (state, deleted) in zip(unique, found, strict=True):
                 if state == "stop" and deleted is None:
                     await self.snapshots.tombstone(pipeline_id, batch_id)
+                    # A publisher's run sent again must not bring it back as new.
+                    await mark_deleted(self.redis, pipeline_id, batch_id)
                     await self.store.purge(pipeline_id, batch_id)
                     removed += 1
             await self.store.scripts.trim_bucket(

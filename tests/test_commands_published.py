@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -25,6 +26,7 @@ from redis.asyncio import Redis
 
 from consumers.commands import CommandsConsumer
 from consumers.plumbing import dlq
+from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import CodecError, Run, decode_command
 from core.models import PipelineSpec
@@ -35,7 +37,16 @@ from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic
 from tests.test_commands_support import CommandsCtx
-from tests.test_consumers_support import Deployer, flow_runs, prefect, running, send, unique
+from tests.test_consumers_support import (
+    Deployer,
+    flow_runs,
+    prefect,
+    running,
+    send,
+    send_command,
+    store_for,
+    unique,
+)
 
 Client = TestClient[Any, Any]
 REGISTERED = {"extract": {"rows": 100, "seed": 7}, "load": {}}
@@ -369,3 +380,64 @@ def test_the_published_schema_and_the_decoder_agree_on_creating_runs(raw: bytes)
     assert decoded is (raw in GOOD_RUNS)
     for name in ("commands", "command.run"):
         assert Draft202012Validator(generate()[name]).is_valid(orjson.loads(raw)) is decoded
+
+
+async def test_a_run_published_again_after_retention_removed_its_batch_leaves_it_removed(
+        ctx: Ctx) -> None:
+    batch_id = ctx.new_id()
+    key = keys.batch(ctx.pipeline_id, batch_id)
+    async with running(ctx.consumer()):
+        await ctx.publish("run", batch_id, create={})
+        await ctx.publish("stop", batch_id)
+        await ctx.all_processed()
+        assert (await ctx.redis.hget(key, "state")) == "stop"
+        # 31 days later, the retention sweeper (30 days) removes it; its claim lasts longer
+        # when the retention is shorter than the claim's 30 days, as it may be.
+        retention = ctx.settings.model_copy(update={"batch_retention_days": 30})
+        sweeper = RetentionSweeper(retention, clock=lambda: time.time() + 31 * 86_400)
+        await sweeper.start()
+        try:
+            assert await sweeper.sweep_once() >= 1
+        finally:
+            await sweeper.stop()
+        assert not await ctx.redis.exists(key)
+        await ctx.publish("run", batch_id, create={})  # its publisher's retry
+        await ctx.all_processed()
+        # Left removed: not created again as new, no run started for it.
+        assert not await ctx.redis.exists(key)
+    async with prefect(ctx.settings) as client:
+        assert len(await flow_runs(client, batch_id)) == 1
+
+
+async def test_a_batch_whose_id_ran_long_before_gets_a_flow_run_of_its_own(ctx: Ctx) -> None:
+    batch_id = ctx.new_id()
+    key = keys.batch(ctx.pipeline_id, batch_id)
+    async with running(ctx.consumer()):
+        await ctx.publish("run", batch_id, create={})
+        await ctx.all_processed()
+        earlier_run = await ctx.redis.hget(key, "flow_run_id")
+        assert earlier_run
+        # Long after, the batch and its claim are gone (retention, the claim's TTL) and a
+        # batch of the same id is made: two hours after that run, as far as its clock says.
+        store = store_for(ctx.redis, ctx.settings)
+        await store.purge(ctx.pipeline_id, batch_id)
+        await ctx.redis.delete(keys.published(batch_id))
+        spec = await PipelineRegistry(ctx.redis, Scripts(ctx.redis)).get(ctx.pipeline_id, "1")
+        assert spec is not None
+        await store.create(ctx.pipeline_id, batch_id, spec)
+        later = (datetime.now(UTC) + timedelta(hours=2)).isoformat(timespec="milliseconds")
+        created_at = later.replace("+00:00", "Z")
+        await ctx.redis.hset(key, "created_at", created_at)
+        await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+        ctx.sent += 1
+        await ctx.all_processed()
+
+        async def scheduled() -> bool:
+            return await ctx.redis.hget(key, "state") == "scheduled"
+        await eventually(scheduled)
+        own_run = await ctx.redis.hget(key, "flow_run_id")
+    assert own_run and own_run != earlier_run  # not the earlier batch's run
+    async with prefect(ctx.settings) as client:
+        runs = {str(r.id): r for r in await flow_runs(client, batch_id)}
+    assert set(runs) == {earlier_run, own_run}
+    assert runs[str(own_run)].idempotency_key == f"{batch_id}@{created_at}"

@@ -6,6 +6,8 @@ docstring says how), so a command delivered again has no second effect."""
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta
+from typing import Final
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
@@ -24,6 +26,21 @@ from core.store import BatchStore
 
 log = logging.getLogger(__name__)
 STOP_MESSAGE = "stopped through the batches API"
+
+
+# How much older than its batch a flow run of the same id must be to be an earlier batch's:
+# far above any clock skew between the API and Prefect, far below a retention period.
+EARLIER_BATCH_S: Final = 3600.0
+
+
+def of_an_earlier_batch(run: RunState, created_at: str) -> bool:
+    """Whether Prefect handed back, for the idempotency key that is the batch id, a flow run
+    it made for an earlier batch of the same id (published again after its batch and claim
+    expired): one made well before this batch was created."""
+    if run.created is None or not created_at:
+        return False
+    born = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    return run.created < born - timedelta(seconds=EARLIER_BATCH_S)
 
 
 class CommandEffects:
@@ -82,7 +99,7 @@ class CommandEffects:
         spec = await self.registry.get(command.pipeline_id, version or None)
         if spec is None:
             raise Permanent(f"unknown pipeline version {command.pipeline_id!r} {version!r}")
-        run = await self._create_run(command, spec.version, spec)
+        run = await self._create_run(command, spec.version, spec, fields.get("created_at", ""))
         await self.active.add(command.pipeline_id, command.batch_id)
         await self.emitter.emit([Event(
             type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
@@ -95,12 +112,23 @@ class CommandEffects:
             log.info("run %s: batch deleted meanwhile, flow run cleaned up", command.batch_id)
             await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
 
-    async def _create_run(self, command: Command, version: str, spec: PipelineSpec) -> RunState:
+    async def _create_run(self, command: Command, version: str, spec: PipelineSpec,
+                          created_at: str) -> RunState:
         for attempt in (1, 2):
             deployment_id = await self.deployments.id_for(command.pipeline_id, spec)
             try:
-                return await self.prefect.create_run(deployment_id, command.batch_id,
-                                                     command.pipeline_id, version)
+                run = await self.prefect.create_run(deployment_id, command.batch_id,
+                                                    command.pipeline_id, version)
+                if not of_an_earlier_batch(run, created_at):
+                    return run
+                # The id was used before, by a batch long gone (its record and its published
+                # claim expired): that batch's run must not stand for this one.
+                log.warning("run %s: Prefect's run %s of the same id predates the batch; a "
+                            "run of this batch's own is created", command.batch_id,
+                            run.flow_run_id)
+                return await self.prefect.create_run(
+                    deployment_id, command.batch_id, command.pipeline_id, version,
+                    key=f"{command.batch_id}@{created_at}")
             except Exception as exc:
                 if not not_found(exc):
                     raise

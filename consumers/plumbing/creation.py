@@ -102,14 +102,7 @@ class Creations:
 
     async def deleted(self, pipeline_id: str, batch_id: str) -> None:
         """Marks a published batch deleted, so publishing its command again leaves it so."""
-        key = keys.published(batch_id)
-        raw = await self.redis.get(key)
-        if raw is None:
-            return
-        claim = Claim.decode(raw)
-        if claim.pipeline_id == pipeline_id and not claim.deleted:
-            marked = Claim(claim.pipeline_id, claim.pipeline_version, claim.config, True)
-            await self.redis.set(key, marked.encode(), xx=True, keepttl=True)
+        await mark_deleted(self.redis, pipeline_id, batch_id)
 
     async def _claimed(self, command: Run, claim: Claim) -> bool:
         await self._check(command, claim)
@@ -187,3 +180,16 @@ class Creations:
 
 def _json(value: object) -> str:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+
+
+async def mark_deleted(redis: Redis, pipeline_id: str, batch_id: str) -> None:
+    """Marks the claim of a published batch deleted (a delete, or retention's purge), so
+    publishing its run again leaves it so while the claim lasts; no claim, nothing to do."""
+    key = keys.published(batch_id)
+    raw = await redis.get(key)
+    if raw is None:
+        return
+    claim = Claim.decode(raw)
+    if claim.pipeline_id == pipeline_id and not claim.deleted:
+        marked = Claim(claim.pipeline_id, claim.pipeline_version, claim.config, True)
+        await redis.set(key, marked.encode(), xx=True, keepttl=True)

@@ -65,6 +65,7 @@ class RunState:
     message: str | None
     since: datetime | None = None  # when it entered this state
     ran: bool = False  # its engine started it (Prefect set a start time)
+    created: datetime | None = None  # when Prefect made it
 
     @property
     def final(self) -> bool:
@@ -84,6 +85,7 @@ class RunState:
             message=state.message if state is not None else None,
             since=state.timestamp if state is not None else None,
             ran=run.start_time is not None,
+            created=run.created,
         )
 
 
@@ -113,13 +115,14 @@ class PrefectGateway:
             self.latencies.observe(name, time.perf_counter() - started)
 
     async def create_run(self, deployment_id: UUID, batch_id: str, pipeline_id: str,
-                         pipeline_version: str) -> RunState:
-        """Idempotent by batch id: a replayed run command gets the same flow run back."""
+                         pipeline_version: str, key: str | None = None) -> RunState:
+        """Idempotent by batch id (or `key`): a replayed run command gets the same flow run
+        back."""
         run = await self._bounded("create_run", self.client.create_flow_run_from_deployment(
             deployment_id,
             parameters={"batch_id": batch_id, "pipeline_id": pipeline_id,
                         "pipeline_version": pipeline_version},
-            idempotency_key=batch_id,
+            idempotency_key=key or batch_id,
             tags=flow_run_tags(batch_id, pipeline_id, pipeline_version),
         ))  # fmt: skip
         return RunState.of(run)
