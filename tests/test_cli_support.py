@@ -174,6 +174,13 @@ class Lines:
                 return line
 
 
+def _default_sigint() -> None:
+    # A runner started in the background (`cmd &` in a non-interactive shell) ignores SIGINT,
+    # and an ignored signal is inherited through exec: without this the command under test
+    # never sees the Ctrl-C a terminal user would send it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 90,
                size: tuple[int, int] = (40, 120),
                interrupt_when: re.Pattern[str] | None = None) -> tuple[int, str]:
@@ -185,7 +192,7 @@ def run_in_pty(argv: list[str], env: dict[str, str], timeout: float = 90,
     env = {k: v for k, v in env.items() if k not in ("NO_COLOR", "COLUMNS", "LINES", "TERM")}
     env["TERM"] = "xterm-256color"
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     os.close(slave)
     out = bytearray()
     deadline = time.monotonic() + timeout
