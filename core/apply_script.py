@@ -32,14 +32,10 @@ from core.models import OUTCOMES
 # stops applied, the one with the greatest ts decides outcome and reason (ties: the first
 # applied), because Prefect allows Cancelled -> Running -> Completed: a cancel that lost the
 # race to a starting run is followed by the run's real end, which must win whatever the
-# order of arrival; a step state only moves forward and success/failed are final; once the
-# batch is `stop` only those two reach its steps: a late `running` or `pending` (a task
-# run's start arriving after the cancel that killed its process) would show a step running
-# for ever, nothing being left to end it (in the Cancelled -> Running race above, the
-# run's steps stay `none`, their offsets moving, until they end); an offset only grows (max
-# by value, so offsets events need no id: re-delivered or merged ones can only raise an
-# offset, never lose one); a state event whose id was seen before changes nothing; unknown
-# steps are ignored. Once the batch is `stop` its seen ids
+# order of arrival; a step state only moves forward and success/failed are
+# final; an offset only grows (max by value, so offsets events need no id: re-delivered or
+# merged ones can only raise an offset, never lose one); a state event whose id was seen
+# before changes nothing; unknown steps are ignored. Once the batch is `stop` its seen ids
 # are deleted and no more are remembered: the rules above already make every later event,
 # duplicate or not, harmless. Returns, per batch, the number of its events that changed it,
 # or -1 when the batch is unknown or deleted (its events are dropped). Each batch's hash is
@@ -53,7 +49,6 @@ from core.models import OUTCOMES
 _APPLY_EVENTS_TEXT: Final = """
 local BATCH_RANK = BATCH_RANK_TABLE
 local STEP_RANK = STEP_RANK_TABLE
-local FINAL = STEP_RANK.success  -- the final step states' rank (`failed` ranks alike)
 local STATES, OUTCOMES = STATE_NAMES, OUTCOME_NAMES  -- the indexed states (not stop)
 local state_index, outcome_index = {}, {}
 for n, name in ipairs(STATES) do state_index[name] = KEYS[n] end
@@ -143,8 +138,7 @@ local function apply(hash, seen, events)
       local field = 'step:' .. tostring(ev[3])
       local cur = h[field]
       local new = STEP_RANK[ev[4]]
-      -- A stopped batch's steps take only a final state (see the rules above).
-      if cur and new and new > (STEP_RANK[cur] or 0) and (new == FINAL or not stopped) then
+      if cur and new and new > (STEP_RANK[cur] or 0) then
         put(field, ev[4])
         if ev[4] == 'running' and not h['started:' .. ev[3]] then
           put('started:' .. ev[3], now)  -- progress: the step's rate counts from here

@@ -7,8 +7,7 @@ What the rules of APPLY_EVENTS guarantee, and what each scenario asserts:
   monotone (state rank, step rank, offsets max, first stop and flow run id kept) and the
   first delivery of every event still comes in order;
 - any order (the stream doubled and fully shuffled): a batch's state is the highest rank
-  sent, a step's state the highest rank sent (one final state per step, and each step these
-  streams start ends in one: a stopped batch takes only final step states), every offset the
+  sent, a step's state the highest rank sent (one final state per step), every offset the
   maximum sent, the outcome and reason those of the stop with the greatest `ts` (racing
   stops, a user's cancel against the engine's end, included); so the rendered batch equals
   the in-order one in full.
