@@ -169,8 +169,15 @@ def render(fields: Mapping[str, str]) -> dict[str, Any]:
             if step in steps:
                 totals.setdefault(step, {})[part] = int(value)
     running = fields["state"] == "running"
+    # A step still `running` in a batch stopped other than completed ran in a process that
+    # is gone (cancelled, crashed, failed): nothing will end it, so it shows as it ended.
+    # Decided here, not when stored, so the stored state stays the highest rank sent whatever
+    # the order the events came in (a late Running still counts the same).
+    ended = fields["state"] == "stop" and fields.get("outcome") != "completed"
     stalled_any = False
     for name, entry in steps.items():
+        if ended and entry["state"] == "running":
+            entry["state"] = "failed"
         if len(entry["offsets"]) > 1:
             entry["offsets"] = _sorted(entry["offsets"])
         step_totals = totals.get(name)

@@ -81,3 +81,17 @@ def test_render_orders_partitions_naturally_and_keeps_only_the_batch_steps() -> 
     assert list(extract["totals"].items()) == [("partition_9", 18), ("partition_10", 20)]
     assert steps["load"] == {"state": "pending", "offsets": {}, "progress": {
         "percent": None, "records_per_s": None, "eta_s": None}}
+
+
+def test_a_step_left_running_in_a_batch_that_stopped_unsuccessfully_shows_failed() -> None:
+    # Its process went with the flow (a cancel, a crash) and nothing will end it; the hash
+    # keeps `running` (the highest state sent, whatever the events' order).
+    fields = {**_running_batch("2026-12-01T10:00:10.000Z"), "steps": '["extract", "load"]',
+              "step:extract": "success", "step:load": "running"}
+    for outcome in ("cancelled", "crashed", "failed"):
+        steps = layout.render({**fields, "state": "stop", "outcome": outcome})["state"]["steps"]
+        assert (steps["extract"]["state"], steps["load"]["state"]) == ("success", "failed")
+    # A completed batch's running step has its success on the way; a live batch's runs.
+    completed = layout.render({**fields, "state": "stop", "outcome": "completed"})
+    assert completed["state"]["steps"]["load"]["state"] == "running"
+    assert layout.render(fields)["state"]["steps"]["load"]["state"] == "running"
