@@ -52,7 +52,8 @@ def story(rng: random.Random) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                                "offsets": {part: rng.randint(0, offsets[part])}})
         if final != "running":
             events.append({"type": "step.state", "step": step, "state": final})
-        steps[step] = {"state": final, "offsets": offsets}
+        # Left running by a cancel: its process is gone, so GET shows it failed.
+        steps[step] = {"state": "failed" if final == "running" else final, "offsets": offsets}
     stop = {"type": "batch.state", "state": "stop", "outcome": outcome, "flow_run_id": flow_run_id}
     if reason:
         stop["reason"] = reason
