@@ -101,6 +101,10 @@ class ConsumersCollector(Collector):
         yield _counter("dhub_dead_letters_sent",
                        "Records the broker acknowledged on the dead-letter topic, by reason kind",
                        ["part", "kind"], dead)
+        yield _counter("dhub_snapshots_too_large",
+                       "Batch snapshots not written: over one Kafka record even compressed",
+                       ["part"], [([p.name], n) for p in self.parts if (n := getattr(
+                                   getattr(p, "snapshots", None), "too_large", None)) is not None])
         commands = parts.get("commands")
         handled: dict[tuple[str, str], int] = getattr(commands, "handled", {})
         retried: dict[str, int] = getattr(commands, "retried", {})

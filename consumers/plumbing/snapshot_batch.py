@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.script_calls import run_all
-from core.snapshots import NOT_SNAPSHOTTED, snapshot_key
+from core.snapshots import NOT_SNAPSHOTTED, fit_record, snapshot_key
 
 # KEYS: batch hashes of one pipeline. ARGV[1] the pipeline id, ARGV[2] each KEY's batch id,
 # space-separated (ids hold no space: core.models.ID_PATTERN; one argument, not one per
@@ -77,10 +77,12 @@ class SnapshotBatches:
         self._skip = sorted(NOT_SNAPSHOTTED)
         self._partition_of: dict[bytes, int] = {}
         self._partition_count = 0
+        self.too_large = 0  # snapshots not written: over one record even compressed
 
     async def write_current(self, batches: Sequence[tuple[str, str]]) -> int:
         """Snapshots of the batches as Redis holds them now; returns how many were written
-        (a batch gone or deleted meanwhile is skipped: its purge writes its tombstone)."""
+        (a batch gone or deleted meanwhile is skipped: its purge writes its tombstone; so is
+        one too large for a record even compressed, see `core.snapshots.fit_record`)."""
         if not batches:
             return 0
         records = await self._records(batches)
@@ -115,9 +117,12 @@ class SnapshotBatches:
             for (pipeline_id, batch_id), record in zip(batches, records, strict=True):
                 if record is None:
                     continue
+                value = fit_record(pipeline_id, batch_id, record.encode())
+                if value is None:
+                    self.too_large += 1
+                    continue
                 key = snapshot_key(pipeline_id, batch_id)
                 partition = self._partition(key, count)
-                value = record.encode()
                 builder = builders.get(partition)
                 if builder is None:
                     builder = builders[partition] = self._builder()
@@ -127,8 +132,8 @@ class SnapshotBatches:
                     sends.append(await self.producer.send_batch(
                         builder, self.topic, partition=partition))
                     builder = builders[partition] = self._builder()
-                    # An empty builder takes any one record; one larger than the broker's
-                    # max.message.bytes is refused there, as a send() of it would be.
+                    # An empty builder takes any one record (fit_record keeps it within
+                    # what the broker takes).
                     builder.append(timestamp=None, key=key, value=value)
                 written += 1
             for partition, builder in builders.items():
