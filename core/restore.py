@@ -9,7 +9,7 @@ events of batches not restored yet (unknown batch) and commit past them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -26,7 +26,12 @@ from core.store import BatchStore
 
 # Hashes written per script call: big enough that the calls' overhead vanishes, small
 # enough that one call holds Redis (single-threaded) for a few milliseconds only.
-CHUNK = 500
+CHUNK: Final = 500
+# ... and bytes of a call's argument, for large batches: a snapshot may hold ~10 MB of hash
+# (core.snapshots compresses it to fit a record), and 500 such would be one 5 GB argument,
+# past Redis's proto-max-bulk-len (512 MB) and seconds of Redis decoding it. A hash larger
+# than this goes alone.
+CHUNK_BYTES: Final = 8 << 20
 
 # KEYS[1] the pipeline's batch index, KEYS[2..] batch hashes of that pipeline (one slot on
 # Redis Cluster: they share its hash tag)
@@ -73,6 +78,25 @@ def _stored(fields: dict[str, str]) -> dict[str, str]:
     return pack(fields) if packable(fields) else fields
 
 
+def restore_calls(snaps: Iterable[Snapshot]) -> Iterator[tuple[list[str], bytes]]:
+    """The snapshots as RESTORE_HASHES calls: each call's batch ids and its ARGV[1], at most
+    CHUNK hashes and CHUNK_BYTES of argument (one larger hash alone)."""
+    ids: list[str] = []
+    rows: list[bytes] = []
+    size = 0
+    for snap in snaps:
+        row = orjson.dumps([snap.batch_id, str(snap.seq),
+                            [x for item in _stored(snap.fields).items() for x in item]])
+        if ids and (len(ids) == CHUNK or size + len(row) > CHUNK_BYTES):
+            yield ids, b"[" + b",".join(rows) + b"]"
+            ids, rows, size = [], [], 0
+        ids.append(snap.batch_id)
+        rows.append(row)
+        size += len(row) + 1
+    if ids:
+        yield ids, b"[" + b",".join(rows) + b"]"
+
+
 async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
                           snapshots: Iterable[Snapshot], hidden: set[tuple[str, str]],
                           restored: Restored) -> None:
@@ -88,13 +112,8 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
         by_pipeline[snap.pipeline_id].append(snap)
     for pipeline_id, snaps in sorted(by_pipeline.items()):
         index = keys.batch_index(pipeline_id)
-        for start in range(0, len(snaps), CHUNK):
-            chunk = snaps[start:start + CHUNK]
-            rows = [[snap.batch_id, str(snap.seq),
-                     [x for item in _stored(snap.fields).items() for x in item]]
-                    for snap in chunk]
-            await script(keys=[index, *(keys.batch(pipeline_id, snap.batch_id) for snap in chunk)],
-                         args=[orjson.dumps(rows)])
+        for ids, rows in restore_calls(snaps):
+            await script(keys=[index, *(keys.batch(pipeline_id, b) for b in ids)], args=[rows])
         top = max(snap.seq for snap in snaps)
         current = int(cast(str | None, await redis.get(keys.batch_seq(pipeline_id))) or 0)
         if top > current:

@@ -3,16 +3,17 @@ snapshot holds it. Packed and pre-packing snapshots: tests/test_store_packing.py
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
-from core import keys
+from core import keys, restore
 from core.paging import Pager
 from core.restore import Restored, restore_batches
 from core.scripts import Scripts
 from core.snapshots import Snapshot
 from core.store import BatchStore
-from tests.test_store_packing import P, large_running, raw
+from tests.test_store_packing import P, finished, large_running, raw
 
 
 @pytest.fixture
@@ -32,3 +33,28 @@ async def test_a_running_batch_of_more_values_than_lua_unpacks_at_once_is_restor
                           [Snapshot(P, batch_id, fields)], set(), Restored())
     assert await raw(redis, batch_id) == fields
     assert await redis.zscore(keys.batch_index(P), batch_id) == int(fields["seq"])
+
+
+async def test_restore_calls_are_bounded_by_bytes_as_well_as_by_count(
+        store: BatchStore, redis: Redis, scripts: Scripts,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call carried 500 hashes whatever their size: with ~10 MB batches (snapshots are
+    compressed to fit a record) one argument would pass Redis's 512 MB bulk limit."""
+    large = [await large_running(store) for _ in range(3)]
+    small = await finished(store)
+    ids = [large[0], small, large[1], large[2]]
+    before = {b: await raw(redis, b) for b in ids}
+    snaps = [Snapshot(P, b, before[b]) for b in ids]
+    one = len(next(restore.restore_calls(snaps[:1]))[1])
+    monkeypatch.setattr(restore, "CHUNK_BYTES", one + 2_000)  # a large one and the small one
+    calls = list(restore.restore_calls(snaps))
+    assert [c[0] for c in calls] == [[large[0], small], [large[1]], [large[2]]]
+    assert all(len(arg) <= one + 2_000 for _, arg in calls)
+    assert [row[0] for _, arg in calls for row in orjson.loads(arg)] == ids
+    monkeypatch.setattr(restore, "CHUNK_BYTES", 1_000)  # below any one hash: each alone
+    assert [c[0] for c in restore.restore_calls(snaps)] == [[b] for b in ids]
+    await redis.flushdb()
+    await restore_batches(redis, store, Pager(redis, scripts, b"secret"), snaps, set(),
+                          Restored())
+    assert {b: await raw(redis, b) for b in ids} == before
+    assert await redis.zcard(keys.batch_index(P)) == len(ids)
