@@ -2,7 +2,13 @@
 total) per partition, written from the step's thread; `OffsetPump` publishes the changed
 ones from the event loop, at most one `step.offsets` event per interval, and flushes the rest
 (waiting for Kafka's acknowledgement) when the step ends. `pipelines.sdk` wires them to
-`StepContext.report`."""
+`StepContext.report`.
+
+Kafka refuses a record over 1 MB, and nothing bounds how many partitions a step has: the
+changed offsets go out split into events of at most `OFFSETS_EVENT_BYTES` each
+(`publish_offsets`), sent one after the other on the batch's key, so they keep their order.
+Each partition is in one event of a round, and offsets only move forward where they land, so
+a part given back and sent again changes nothing."""
 
 from __future__ import annotations
 
@@ -18,6 +24,12 @@ log = logging.getLogger(__name__)
 
 # How often, at most, one step publishes its offsets (per step, all changed partitions).
 REPORT_INTERVAL_S = 0.2
+# Bytes of offsets and totals in one `step.offsets` event, at most: half the producer's 1 MB
+# `max_request_size` (and the broker's `message.max.bytes`), leaving room for the envelope.
+OFFSETS_EVENT_BYTES = 512 * 1024
+# What one partition adds to an event besides its name, at most: two quotes, a colon, a comma
+# and 16 digits (offsets stay below 2**53). Names are ASCII ids: characters are bytes.
+_ENTRY_BYTES = 20
 
 
 class OffsetBook:
@@ -68,6 +80,39 @@ class OffsetBook:
             return {p: self._totals[p] for p in partitions if p in self._totals}
 
 
+def split_changes(changed: dict[str, int],
+                  budget: int = OFFSETS_EVENT_BYTES) -> list[dict[str, int]]:
+    """`changed` in parts whose offsets and totals encode to at most `budget` bytes each (a
+    bound counted from the names' lengths: cheaper than encoding, and never below the size)."""
+    parts: list[dict[str, int]] = []
+    part: dict[str, int] = {}
+    size = 0
+    for partition, offset in changed.items():
+        cost = 2 * (len(partition) + _ENTRY_BYTES)  # in `offsets`, and again in `totals`
+        if part and size + cost > budget:
+            parts.append(part)
+            part, size = {}, 0
+        part[partition] = offset
+        size += cost
+    if part:
+        parts.append(part)
+    return parts
+
+
+async def publish_offsets(events: EventPublisher, step: str, book: OffsetBook,
+                          changed: dict[str, int]) -> None:
+    """Publishes `changed` (taken from `book`) in events under the size bound, in order. On a
+    failure (or a cancel mid-send) the parts not known delivered go back to the book, marked
+    changed again, and the error propagates."""
+    parts = split_changes(changed)
+    for n, part in enumerate(parts):
+        try:
+            await events.step_offsets(step, part, book.totals_of(part))
+        except BaseException:
+            for undelivered in parts[n:]:
+                book.give_back(undelivered)
+            raise
+
 
 class OffsetPump:
     """Publishes one step's offset changes: at most one event per interval, then a flush."""
@@ -108,20 +153,15 @@ class OffsetPump:
         if not changed:
             return
         try:
-            await self._events.step_offsets(self._step, changed,
-                                            self._book.totals_of(changed))
+            # Not delivered (or cancelled mid-send: maybe not delivered): the partitions stay
+            # marked, and go out with the next event or the failure report.
+            await publish_offsets(self._events, self._step, self._book, changed)
         except Exception:
-            # Not delivered: the partitions stay marked and go out with the next event.
-            self._book.give_back(changed)
             if final:
                 raise
             log.warning("offsets of step %s not published yet; will retry", self._step,
                         exc_info=True)
             self._wake.set()
-        except BaseException:
-            # Cancelled mid-send: maybe not delivered, so keep them for the failure report.
-            self._book.give_back(changed)
-            raise
 
     async def stop(self, *, graceful: bool) -> None:
         """Ends the periodic publishing: graceful lets an in-flight event finish first."""

@@ -31,7 +31,7 @@ from typing import Any, TypeAlias, cast
 from core.models import MAX_OFFSET, valid_id
 from core.settings import Settings
 from pipelines.checkpoints import CHECKPOINT_INTERVAL_S, Checkpoints, Save
-from pipelines.offsets import REPORT_INTERVAL_S, OffsetBook, OffsetPump
+from pipelines.offsets import REPORT_INTERVAL_S, OffsetBook, OffsetPump, publish_offsets
 from pipelines.publisher import EventPublisher
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,9 @@ async def _report_failure(events: EventPublisher, step: str, book: OffsetBook,
             await pump.stop(graceful=False)
             changed = book.take()
             if changed:
-                await events.step_offsets(step, changed, book.totals_of(changed))
+                # Split as the pump splits: one event of them all may be over Kafka's limit,
+                # and then `failed` (sent after) would never go out either.
+                await publish_offsets(events, step, book, changed)
             await events.step_state(step, "failed")
     except Exception:
         log.warning("could not publish the failure of step %s", step, exc_info=True)
