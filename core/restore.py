@@ -9,7 +9,7 @@ events of batches not restored yet (unknown batch) and commit past them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -99,13 +99,14 @@ def restore_calls(snaps: Iterable[Snapshot]) -> Iterator[tuple[list[str], bytes]
 
 async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
                           snapshots: Iterable[Snapshot], hidden: set[tuple[str, str]],
-                          restored: Restored) -> None:
+                          restored: Restored, *, seqs: Mapping[str, int] | None = None) -> None:
     """Each batch's hash as snapshotted (its `seq`, `rev`, `created_at`, `updated_at`
-    included; a finished one packed), the batch index and the sequence counter (the highest `seq`, so
-    new batches continue the order), then the list's filter indexes and the retention's
-    finished buckets by their own backfills (the stopped batches bucketed by the hour of
-    their `updated_at`). A batch deleted but not yet purged (`hidden`) is hidden again by
-    the store."""
+    included; a finished one packed), the batch index and the sequence counter (the highest
+    `seq` restored or in `seqs`, the highest known per pipeline, purged batches' included:
+    new batches continue the order, and a paging token from before never lists one), then
+    the list's filter indexes and the retention's finished buckets by their own backfills
+    (the stopped batches bucketed by the hour of their `updated_at`). A batch deleted but
+    not yet purged (`hidden`) is hidden again by the store."""
     script = redis.register_script(RESTORE_HASHES)
     by_pipeline: dict[str, list[Snapshot]] = defaultdict(list)
     for snap in snapshots:
@@ -114,10 +115,7 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
         index = keys.batch_index(pipeline_id)
         for ids, rows in restore_calls(snaps):
             await script(keys=[index, *(keys.batch(pipeline_id, b) for b in ids)], args=[rows])
-        top = max(snap.seq for snap in snaps)
-        current = int(cast(str | None, await redis.get(keys.batch_seq(pipeline_id))) or 0)
-        if top > current:
-            await redis.set(keys.batch_seq(pipeline_id), top)
+        await _raise_seq(redis, pipeline_id, max(snap.seq for snap in snaps))
         for snap in snaps:
             if (pipeline_id, snap.batch_id) in hidden:
                 await store.hide(pipeline_id, snap.batch_id)
@@ -127,3 +125,11 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
         await pager.ensure_indexes(pipeline_id)
         await ensure_finished(redis, store.scripts, pipeline_id)
         restored.batches += len(snaps)
+    for pipeline_id, seq in sorted((seqs or {}).items()):  # all its batches purged, too
+        await _raise_seq(redis, pipeline_id, seq)
+
+
+async def _raise_seq(redis: Redis, pipeline_id: str, seq: int) -> None:
+    current = int(cast(str | None, await redis.get(keys.batch_seq(pipeline_id))) or 0)
+    if seq > current:
+        await redis.set(keys.batch_seq(pipeline_id), seq)

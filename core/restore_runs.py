@@ -70,6 +70,17 @@ def idempotency_records(runs: Iterable[Run], now: float, ttl_s: int
     return out
 
 
+def highest_seqs(runs: Iterable[Run]) -> dict[str, int]:
+    """Per pipeline, the highest sequence the API's runs recorded: the batches of the highest
+    may have been purged since, and their sequences must not be handed out again."""
+    out: dict[str, int] = {}
+    for run in runs:
+        recorded = recorded_of(run)
+        if recorded is not None and recorded.seq > out.get(run.pipeline_id, 0):
+            out[run.pipeline_id] = recorded.seq
+    return out
+
+
 def _raise_created_at(held: list[Snapshot], restored: list[Snapshot]) -> None:
     """CREATE_BATCH's rule again: a batch's `created_at` is raised to the newest one of the
     batches before it in its pipeline's sequence (two API processes whose clocks differ), and

@@ -3,16 +3,22 @@ snapshot holds it. Packed and pre-packing snapshots: tests/test_store_packing.py
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from core import keys, restore
+from core.command_messages import Recorded, Run
 from core.paging import Pager
 from core.restore import Restored, restore_batches
+from core.restore_runs import highest_seqs
 from core.scripts import Scripts
 from core.snapshots import Snapshot
 from core.store import BatchStore
+from tests.helpers import spec
+from tests.test_consumers_support import unique
 from tests.test_store_packing import P, finished, large_running, raw
 
 
@@ -58,3 +64,38 @@ async def test_restore_calls_are_bounded_by_bytes_as_well_as_by_count(
                           Restored())
     assert {b: await raw(redis, b) for b in ids} == before
     assert await redis.zcard(keys.batch_index(P)) == len(ids)
+
+
+async def test_a_paging_token_from_before_a_rebuild_does_not_list_batches_created_after_it(
+        store: BatchStore, redis: Redis, scripts: Scripts) -> None:
+    """A token continues strictly below the sequence of the last batch its page read. The
+    counter was set to the highest sequence restored: with the newest batches purged before
+    the loss it went back, and a new batch reused a sequence an earlier token lists below.
+    Their run commands (still on the topic) recorded their sequences."""
+    p = unique("test-seq")
+    ids = [unique("batch") for _ in range(3)]
+    runs = [Run(schema=1, event_id=f"run-{b}", batch_id=b, pipeline_id=p, ts=time.time(),
+                recorded=Recorded(seq=await store.create(p, b, spec()),
+                                  created_at="2026-12-01T00:00:00.000Z"))
+            for b in ids]
+    first = await store.page(p, 1, None)
+    assert list(first.items) == [ids[2]] and first.token
+
+    async def new_batch_then_page_two() -> list[str]:
+        await store.create(p, "batch-new", spec())
+        return list((await store.page(p, 10, first.token)).items)
+
+    for b in ids[1:]:  # the two newest deleted and purged
+        await store.purge(p, b)
+    left = [Snapshot(p, ids[0], dict(await raw(redis, ids[0], p)))]
+    assert await new_batch_then_page_two() == [ids[0]]
+    # The same after Redis was lost and rebuilt from the batch left and the run commands.
+    await redis.flushdb()
+    await restore_batches(redis, store, Pager(redis, scripts, b"secret"), left, set(),
+                          Restored(), seqs=highest_seqs(runs))
+    assert await new_batch_then_page_two() == [ids[0]]
+    # A pipeline whose batches were all purged keeps its counter too.
+    await redis.flushdb()
+    await restore_batches(redis, store, Pager(redis, scripts, b"secret"), [], set(),
+                          Restored(), seqs=highest_seqs(runs))
+    assert await store.create(p, "batch-later", spec()) == 4
