@@ -6,8 +6,10 @@ batch), and the hours that have a bucket in a sorted set (`keys.batch_finished_i
 round reads, per registered pipeline (`keys.PIPELINES`: the registry's few ids, so no second
 global set to keep in step), only the expired hours — a bucket expires whole once its hour
 ended the retention ago, so a batch is kept between the retention and the retention plus one
-hour — and from each the ids at its head: those whose batch is still there, stopped and not
-hidden get the snapshot topic's tombstone, then are purged (`BatchStore.purge`: its hash,
+hour — and from each the ids at its head: those whose batch is still there, stopped, not
+hidden and created before the bucket's hour ended (a day's margin; not a later batch of a
+reused id) get the
+snapshot topic's tombstone, then are purged (`BatchStore.purge`: its hash,
 seen ids, every index entry, and the change message that evicts it from the API's caches);
 the others are skipped (a hidden batch is the delete's clean-up to purge, a gone one was
 purged). Then the ids read leave the bucket (`TRIM_BUCKET`), and an emptied bucket's hour
@@ -101,20 +103,31 @@ class RetentionSweeper(Part):
     async def _sweep(self, pipeline_id: str, cutoff: float) -> int:
         """Up to `retention_batch` ids of the pipeline's expired buckets (the rest next round)."""
         budget = self.options.retention_batch
-        hours = cast(list[str], await self.redis.zrangebyscore(
+        hours = cast(list[tuple[str, float]], await self.redis.zrangebyscore(
             keys.batch_finished_index(pipeline_id), "-inf", cutoff - HOUR_S,
-            start=0, num=budget))
+            start=0, num=budget, withscores=True))
         removed = 0
-        for hour in hours:
+        for hour, start in hours:
             bucket = keys.batch_finished_hour(pipeline_id, hour)
+            # `created_at` is fixed-width UTC ISO (`core.models.now_iso`): text order is time's.
+            # A day past the hour's end: the clocks that wrote `created_at` (API) and the
+            # stop's hour (consumer) may differ, and a reused id is at least a claim's
+            # lifetime (`creation.RECORD_TTL_S`, 30 days) younger than its earlier batch.
+            ended = time.strftime("%Y-%m-%dT%H:%M:%S.000Z",
+                                  time.gmtime(start + HOUR_S + DAY_S))
             ids = cast(list[str], await self.redis.lrange(bucket, 0, budget - 1))
             unique = list(dict.fromkeys(ids))  # a batch bucketed twice (a backfill's race)
             async with self.redis.pipeline(transaction=False) as pipe:
                 for batch_id in unique:
-                    pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "deleted")
+                    # Plain fields, even in a packed hash (`core.packing.PLAIN`).
+                    pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "deleted",
+                               "created_at")
                 found = cast(list[list[str | None]], await pipe.execute())
-            for batch_id, (state, deleted) in zip(unique, found, strict=True):
-                if state == "stop" and deleted is None:
+            for batch_id, (state, deleted, created_at) in zip(unique, found, strict=True):
+                # A batch created after the bucket's hour is a later batch of a reused id
+                # (a published one, its claim expired): its own stop put it in its own
+                # bucket, which removes it in its turn.
+                if state == "stop" and deleted is None and (created_at or "") < ended:
                     await self.snapshots.tombstone(pipeline_id, batch_id)
                     # A publisher's run sent again must not bring it back as new.
                     await mark_deleted(self.redis, pipeline_id, batch_id)

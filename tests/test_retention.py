@@ -6,6 +6,7 @@ told) and from the snapshot topic (a tombstone), at O(expired) per round."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -41,6 +42,10 @@ async def batch(store: BatchStore, *, stopped_at: datetime | None) -> str:
     """A running batch, stopped at `stopped_at` (APPLY_EVENTS's `now`) unless None."""
     b = new_batch_id()
     await store.create(P, b, spec())
+    # Created before it ran, as a real one is (the sweeper skips a batch created after its
+    # bucket's hour: a later batch of a reused id).
+    created = (stopped_at or NOW) - timedelta(hours=2)
+    await store.redis.hset(keys.batch(P, b), "created_at", iso(created))
     await store.apply([Event("batch.state", b, P, state="running"),
                        Event("step.state", b, P, step="extract", state="running"),
                        Event("step.offsets", b, P, step="extract", offsets={"p0": 5})],
@@ -106,7 +111,8 @@ async def test_a_batch_enters_its_stop_hours_bucket_once_and_stays_there(
     assert await buckets(redis) == {}
     b = await batch(store, stopped_at=NOW)
     # A duplicate or later stop changes its outcome at most, never its place.
-    await store.apply([Event("batch.state", b, P, state="stop", outcome="failed", ts=9e9)],
+    await store.apply([Event("batch.state", b, P, state="stop", outcome="failed",
+                             ts=time.time() + 3600)],
                       now=iso(NOW + timedelta(days=3)))
     other = await batch(store, stopped_at=NOW + timedelta(minutes=59))
     assert await buckets(redis) == {hour(NOW): [b, other]}
