@@ -9,7 +9,7 @@ run without one never creates anything (a batch deleted since stays deleted)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
@@ -29,6 +29,10 @@ from core.messages import (
 # ids have the same prefix, so one id space). The whole id stays an `Id` (at most 128).
 PUBLISHED_BATCH_PREFIX: Final = "batch-"
 PUBLISHED_BATCH_REGEX: Final = r"^batch-[A-Za-z0-9._-]{1,122}$(?!\n)"
+# How far ahead of the decoder's clock a command's `ts` may be (clocks differ by seconds).
+MAX_AHEAD_S: Final = 24 * 3600
+# Unix seconds; negative refused by the decoder and the published schema alike.
+CommandTime = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class _CommandMeta(msgspec.StructMeta):
@@ -49,18 +53,24 @@ class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="t
     pipeline_id: Id
     # "" when a run, stop or delete does not name one (the batch's recorded version).
     pipeline_version: IdOrEmpty = ""
-    ts: float
+    ts: CommandTime
 
     if TYPE_CHECKING:
         def __init__(self, type: str, batch_id: str, pipeline_id: str,
                      pipeline_version: str = "", *, event_id: str = ...,
                      ts: float = ..., create: Creation | msgspec.UnsetType = ...,
-                     recorded: Recorded | msgspec.UnsetType = ...) -> None: ...
+                     recorded: Recorded | msgspec.UnsetType = ...,
+                     abandoned: bool | msgspec.UnsetType = ...) -> None: ...
 
     def __post_init__(self) -> None:
         ids = self.event_id + self.batch_id + self.pipeline_id + self.pipeline_version
         if not id_chars_only(ids):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "pipeline_version"))
+        # A command's time decides against a run's own end (a give-up's `failed` carries
+        # it), so one far ahead would outrank every real end; none is that far off by skew.
+        if self.ts > time.time() + MAX_AHEAD_S:
+            raise CodecError(f"invalid ts {self.ts!r}: a command's time is unix seconds, at "
+                             f"most {MAX_AHEAD_S // 3600} hours ahead")
 
     @property
     def key(self) -> bytes:
@@ -158,6 +168,11 @@ class Delete(Command, tag="delete", kw_only=True):
     """Delete the batch: cancel and delete its flow runs, purge its record."""
 
     type: ClassVar[str] = "delete"
+    # True from an API process that gave the batch up after its run command's send went
+    # unanswered (`service.abandon`): it released the batch's Idempotency-Key, so a rebuild
+    # must not restore the key's record from the run command. Absent otherwise (and from
+    # the deletes sent before it existed).
+    abandoned: bool | msgspec.UnsetType = msgspec.UNSET
 
 
 class Deploy(Command, tag="deploy", kw_only=True):
