@@ -2,14 +2,15 @@
 
 Reads, each from its start to its end as of now, the compacted pipelines topic (every
 version), the compacted snapshots topic (the latest hash of every batch not purged) and the
-commands topic's deletes (a batch deleted but not yet purged is hidden again) and runs (a
-batch whose run command was not taken yet has no snapshot: its command's record restores it,
-`core.restore_runs`), and writes them into an empty Redis (`core.restore`). Then the normal
-consumers take over, each group from its committed offsets: the events consumer snapshots
-every batch its polls reached before committing them, so every event before its committed
-offset is in a snapshot, and the events after it are applied as usual (those the snapshots
-already hold change nothing: every rule of `APPLY_EVENTS` only moves forward). See
-docs/architecture.md, "Durable state".
+commands topic's deletes (a batch deleted but not yet purged is hidden again), stops (a
+stop's follow-up job is queued again) and runs (a batch whose run command was not taken yet
+has no snapshot: its command's record restores it, `core.restore_runs`), each in its place
+on the topic (`consumers.rebuild_commands`), and writes them into an empty Redis
+(`core.restore`). Then the normal consumers take over, each group from its committed
+offsets: the events consumer snapshots every batch its polls reached before committing them,
+so every event before its committed offset is in a snapshot, and the events after it are
+applied as usual (those the snapshots already hold change nothing: every rule of
+`APPLY_EVENTS` only moves forward). See docs/architecture.md, "Durable state".
 
 Run it with the API and the consumers stopped: it refuses a database that holds keys or a
 live consumers' heartbeat. `--redis-url` names another database for a dry run, and
@@ -24,24 +25,19 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
-from consumers.plumbing.cleanup import member
-from consumers.plumbing.creation import RECORD_TTL_S, Claim
+from consumers.rebuild_commands import CommandsRead, requeue, restore_claims
 from core import keys
-from core.codec import CodecError, decode_command
-from core.command_messages import Run
 from core.connections import open_redis
 from core.layout import is_visible
 from core.logs import redact
 from core.paging import Pager
 from core.registry import PipelineRegistry
 from core.restore import Restored, restore_batches, restore_pipelines
-from core.restore_runs import from_run_commands, idempotency_records, recorded_of
+from core.restore_runs import from_run_commands, highest_seqs
 from core.scripts import Scripts
 from core.settings import Settings, get_settings
 from core.snapshots import PipelineVersion, Snapshot
@@ -130,53 +126,14 @@ async def read_snapshots(settings: Settings,
     return [snap for snap in latest.values() if snap is not None]
 
 
-@dataclass(slots=True)
-class CommandsRead:
-    """What a rebuild takes from the commands topic (`read_commands`)."""
-
-    deletes: set[tuple[str, str]] = field(default_factory=set)
-    # The API's runs, each carrying what its create recorded (`core.restore_runs`).
-    recorded: dict[tuple[str, str], Run] = field(default_factory=dict)
-    # The runs published with `create` (their batch ids are claimed: `keys.published`).
-    published: set[tuple[str, str]] = field(default_factory=set)
-
-
 async def read_commands(settings: Settings) -> CommandsRead:
-    """The batches the commands topic still holds a delete for, the API's runs with their
-    record and the batches published with a creation request."""
+    """The batches the commands topic still holds a delete or a stop for, the API's runs
+    with their record and the batches published with a creation request, each in its place
+    on the topic (`consumers.rebuild_commands`)."""
     read = CommandsRead()
     async for record in read_whole(settings, settings.topic_commands):
-        value = record.value
-        if value is None or not (b"delete" in value or b'"recorded"' in value
-                                 or b'"create"' in value):
-            continue  # cheap: a stop or a deploy is not worth decoding
-        try:
-            command = decode_command(value)
-        except CodecError:
-            continue
-        batch = (command.pipeline_id, command.batch_id)
-        if command.type == "delete":
-            read.deletes.add(batch)
-        elif isinstance(command, Run):
-            if recorded_of(command) is not None:
-                read.recorded[batch] = command
-            if command.creation is not None:
-                read.published.add(batch)
+        read.take(record)
     return read
-
-
-async def requeue_deletes(redis: Redis, batches: list[tuple[str, str]]) -> None:
-    """The clean-up's queue was in Redis too: each batch restored hidden gets its delete job
-    again (its flow runs cancelled, its data removed, then purged; every step idempotent, so
-    a batch purged before Redis was lost is simply purged again). The records are the ones
-    `Cleanup.enqueue` writes, in one round trip (a rebuild may hide thousands)."""
-    now = time.time()
-    async with redis.pipeline(transaction=False) as pipe:
-        for pipeline_id, batch_id in batches:
-            job = member("delete", pipeline_id, batch_id)
-            pipe.hsetnx(keys.CLEANUP_SINCE, job, repr(now))
-            pipe.zadd(keys.CLEANUP_DUE, {job: now}, nx=True)
-        await pipe.execute()
 
 
 async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
@@ -199,38 +156,31 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
         pager = Pager(redis, scripts, settings.token_secret.get_secret_value().encode())
         restored = Restored()
         await restore_pipelines(PipelineRegistry(redis, scripts), versions, restored)
-        await restore_batches(redis, store, pager, snapshots, deletes, restored)
+        # The sequence counters past every batch the runs recorded, purged ones included: a
+        # paging token from before the loss continues below them (`core.paging`).
+        await restore_batches(redis, store, pager, snapshots, deletes, restored,
+                              seqs=highest_seqs(commands.recorded.values()))
         # The reconciler's walk: every batch that may still have a live flow run.
         active = ActiveRuns(redis)
+        stops = commands.stops
+        stopping: list[tuple[tuple[str, str], float]] = []
         for snap in snapshots:
+            batch = (snap.pipeline_id, snap.batch_id)
             if (is_visible(snap.fields) and snap.fields.get("state") != "stop"
-                    and (snap.pipeline_id, snap.batch_id) not in deletes):
+                    and batch not in deletes):
                 await active.add(snap.pipeline_id, snap.batch_id)
-        hidden = [(s.pipeline_id, s.batch_id) for s in snapshots
-                  if (s.pipeline_id, s.batch_id) in deletes]
-        await requeue_deletes(redis, hidden)
-        await restore_claims(redis, commands, settings.idempotency_ttl_s)
+                if batch in stops:
+                    # A stop that found its flow run Pending left a follow-up job, and the
+                    # run is cancelled by it only (the batch is not `stop` till then).
+                    stopping.append((batch, commands.stop_at[batch].ts))
+        await requeue(redis, "delete", [((s.pipeline_id, s.batch_id), time.time())
+                                        for s in snapshots
+                                        if (s.pipeline_id, s.batch_id) in deletes])
+        await requeue(redis, "stop", stopping)
+        await restore_claims(redis, commands, purged, settings.idempotency_ttl_s)
         return restored
     finally:
         await redis.aclose()
-
-
-async def restore_claims(redis: Redis, commands: CommandsRead, idempotency_ttl_s: int) -> None:
-    """The records that keep a request from making a second batch: each Idempotency-Key
-    committed by the API's runs still on the topic, for what is left of its TTL, and each
-    published batch id deleted since, claimed as deleted (its version and config are not
-    known again: a command published again is compared by pipeline only, then left
-    deleted). The claims of published batches that still exist are taken again from the
-    batches themselves when their ids are published again (`Creations.ensure`)."""
-    now = time.time()
-    async with redis.pipeline(transaction=False) as pipe:
-        for key, value, ttl_s in idempotency_records(commands.recorded.values(), now,
-                                                     idempotency_ttl_s):
-            pipe.set(key, value, ex=ttl_s, nx=True)
-        for pipeline_id, batch_id in commands.published & commands.deletes:
-            pipe.set(keys.published(batch_id), Claim(pipeline_id, "", {}, True).encode(),
-                     ex=RECORD_TTL_S, nx=True)
-        await pipe.execute()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -103,8 +103,10 @@ class Abandoner:
         done = 0
         for member in members:
             pipeline_id, batch_id, version = orjson.loads(member)
+            # Marked: the run command carries the Idempotency-Key this process released
+            # (a rebuild must leave it released).
             await self._sender.command(Command("delete", batch_id, pipeline_id,
-                                               pipeline_version=version))
+                                               pipeline_version=version, abandoned=True))
             await self._redis.zrem(keys.ABANDONED, member)
             done += 1
         return done
