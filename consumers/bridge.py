@@ -41,7 +41,7 @@ from consumers.plumbing.part import Clients, Part
 from consumers.plumbing.prefect_stream import ReceiptSubscriber
 from core import keys
 from core.models import TAG_DHUB
-from core.prefect_events import TAG_PREFIX, translate
+from core.prefect_events import TAG_PREFIX, TranslateError, translate
 from core.retry import describe
 from core.settings import Settings
 
@@ -218,7 +218,13 @@ class PrefectBridge(Part):
         if self._acks.delivered(event.id):
             self._acks.add([], mark)
             return
-        events = translate(event.model_dump(mode="json"), self._runs)
+        try:
+            events = translate(event.model_dump(mode="json"), self._runs)
+        except TranslateError as exc:
+            # Not one of ours to report (Prefect's own events always translate): skipped,
+            # not raised, or the replay after the restart would meet it again, for ever.
+            log.warning("bridge: Prefect event %s skipped: %s", event.id, exc)
+            events = []
         futures = []
         for e in events:
             if e.flow_run_id is not None:

@@ -39,7 +39,7 @@ from consumers.plumbing.lanes import Lanes
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from consumers.plumbing.prefect_api import PrefectGateway
-from core.codec import CodecError, Command, Event, decode_command
+from core.codec import CodecError, Command, Event, decode_command, derived_id
 from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
 from core.retry import Backoff, Permanent, Stopping, describe
@@ -182,7 +182,7 @@ class CommandsConsumer(Part):
             ended = await self._ended_run(command)
             await self.emitter.emit([ended or Event(
                 type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
-                event_id=f"fail-{command.event_id}", state="stop", outcome="failed",
+                event_id=derived_id("fail-", command.event_id), state="stop", outcome="failed",
                 reason=reason, ts=command.ts,
             )])  # fmt: skip
             # Given up, so nothing may run for it: a flow run created before the failure, or
@@ -199,7 +199,7 @@ class CommandsConsumer(Part):
             return None
         try:
             async with asyncio.timeout(self.options.prefect_timeout_s):
-                runs = await self.prefect.of_batch(command.batch_id)
+                runs = await self.prefect.of_batch(command.pipeline_id, command.batch_id)
         except Exception as exc:
             log.warning("%s %s: its flow runs not read before giving up (%s)", command.type,
                         command.batch_id, describe(exc))

@@ -28,7 +28,7 @@ from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
 from consumers.plumbing.part import Clients, Part
 from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
-from core.codec import Event
+from core.codec import Event, derived_id
 from core.layout import BATCH_RANK, DELETED, running_steps
 from core.packing import unpacked
 from core.prefect_events import FLOW_STATES, flow_state_event
@@ -119,7 +119,7 @@ class Reconciler(Part):
             if run is None:
                 event = Event(
                     type="batch.state", batch_id=batch_id, pipeline_id=pipeline_id,
-                    event_id=f"gone-{flow_run_id}", state="stop", outcome="crashed",
+                    event_id=derived_id("gone-", flow_run_id), state="stop", outcome="crashed",
                     reason="the flow run no longer exists in Prefect", flow_run_id=flow_run_id,
                 )  # fmt: skip
             elif run.state_type is None or run.state_id is None:
@@ -151,7 +151,7 @@ class Reconciler(Part):
         assert self.prefect is not None
         found: dict[str, RunState] = {}
         for pipeline_id, batch_id, state in unrecorded[:UNRECORDED_PER_ROUND]:
-            runs = await self.prefect.of_batch(batch_id)
+            runs = await self.prefect.of_batch(pipeline_id, batch_id)
             if not runs:
                 continue
             run = next((r for r in runs if not r.final), runs[0])

@@ -36,12 +36,14 @@ from core.messages import (
     Event,
     StepOffsets,
     StepState,
+    derived_id,
 )
 
 __all__ = [
     "COMMAND_KINDS", "COMMAND_TYPES", "EVENT_KINDS", "EVENT_TYPES", "MAX_REASON", "SCHEMA",
     "AnyCommand", "AnyEvent", "BatchState", "CodecError", "Command", "Delete", "Deploy",
     "Event", "Run", "StepOffsets", "StepState", "Stop", "decode_command", "decode_event",
+    "derived_id",
 ]
 
 _EVENTS: Final = msgspec.json.Decoder(AnyEvent)

@@ -13,6 +13,7 @@ events and what every message shares.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
-from core.models import MAX_OFFSET, BatchStateName, OutcomeName, StepStateName
+from core.models import MAX_OFFSET, UUID_REGEX, BatchStateName, OutcomeName, StepStateName
 
 SCHEMA: Final = 1
 MAX_REASON: Final = 2000
@@ -48,6 +49,15 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID,
 IdOrEmpty = Annotated[str, msgspec.Meta(
     max_length=MAX_ID, extra_json_schema={"pattern": r"^(?:[A-Za-z0-9._-]{1,128})?$(?!\n)"})]
 Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+# A flow run id that is no UUID names no flow run, and every Prefect call made with it
+# failed (the reconciler's whole round, a stop's clean-up): refused at the door. A regex,
+# but only on batch.state events, which are few.
+FlowRunId = Annotated[str, msgspec.Meta(pattern=UUID_REGEX)]
+# Seconds since the epoch. The latest stop decides a batch's outcome, so a `ts` far ahead
+# (milliseconds sent for seconds) would outrank every real end for ever: refused beyond a
+# day ahead of the decoding clock (clocks of producers may differ, by far less than that).
+Timestamp = Annotated[float, msgspec.Meta(ge=0)]
+MAX_TS_AHEAD_S: Final = 86_400.0
 Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 # Offsets travel through Lua as doubles: above 2**53 they would lose precision.
 Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)]
@@ -64,6 +74,21 @@ class CodecError(ValueError):
 
 def new_message_id() -> str:
     return uuid.uuid4().hex
+
+
+def refuse_ts(ts: float) -> None:
+    raise CodecError(f"ts {ts!r} is more than {MAX_TS_AHEAD_S:.0f} s ahead of now: ts is in "
+                     "seconds since the epoch")
+
+
+def derived_id(prefix: str, base: str) -> str:
+    """`prefix` + `base` as an event id, hashed when that passes MAX_ID characters (a batch
+    id may have 128 itself): the same inputs always give the same id, so a repeat is still
+    recognised as one."""
+    event_id = prefix + base
+    if len(event_id) > MAX_ID:
+        event_id = prefix + hashlib.blake2b(base.encode(), digest_size=16).hexdigest()
+    return event_id
 
 
 def refuse_ids(owner: object, names: tuple[str, ...], extra: Iterable[str] = ()) -> None:
@@ -113,7 +138,7 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
     event_id: Id
     batch_id: Id
     pipeline_id: Id
-    ts: float
+    ts: Timestamp
 
     if TYPE_CHECKING:
         # What `Event(...)` accepts: the class of `type` is built (see _new_event).
@@ -143,6 +168,8 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
     def __post_init__(self) -> None:
         if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id"))
+        if self.ts > time.time() + MAX_TS_AHEAD_S:
+            refuse_ts(self.ts)
 
     def encode(self) -> bytes:
         return ENCODER.encode(self)
@@ -164,7 +191,7 @@ class BatchState(Event, tag="batch.state", kw_only=True):
     state: BatchStateName
     outcome: Outcome | None = None
     reason: Reason | None = None
-    flow_run_id: Text | None = None
+    flow_run_id: FlowRunId | None = None
 
     def to_script(self) -> list[Any]:
         # The latest stop decides the outcome (APPLY_EVENTS): its ts goes along, as repr to
@@ -183,6 +210,8 @@ class StepState(Event, tag="step.state", kw_only=True):
     def __post_init__(self) -> None:
         if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id + self.step):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
+        if self.ts > time.time() + MAX_TS_AHEAD_S:
+            refuse_ts(self.ts)
 
     def to_script(self) -> list[Any]:
         return ["s", self.event_id, self.step, self.state]
@@ -205,6 +234,8 @@ class StepOffsets(Event, tag="step.offsets", kw_only=True):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
         if self.totals and not id_chars_only("".join(self.totals)):
             refuse_ids(self, (), self.totals)
+        if self.ts > time.time() + MAX_TS_AHEAD_S:
+            refuse_ts(self.ts)
 
     def to_script(self) -> list[Any]:
         # No id: offsets apply by value, never de-duplicated by id.

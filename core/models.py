@@ -21,6 +21,15 @@ OUTCOMES: Final[tuple[str, ...]] = get_args(OutcomeName)
 
 ID_PATTERN: Final = r"^[A-Za-z0-9._-]{1,128}$"
 _ID_RE: Final = re.compile(ID_PATTERN)
+# Prefect's flow run ids: UUIDs in their canonical text form.
+UUID_REGEX: Final = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+_UUID_RE: Final = re.compile(UUID_REGEX)
+
+
+def is_uuid(text: str) -> bool:
+    return _UUID_RE.fullmatch(text) is not None
+
+
 # Offsets travel through Lua as doubles; above 2**53 they would lose precision.
 MAX_OFFSET: Final = 2**53 - 1
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from core.codec import MAX_REASON, Event
-from core.models import batch_id_from_tags, valid_id
+from core.models import batch_id_from_tags, is_uuid, valid_id
 
 FLOW_RUN_PREFIX: Final = "prefect.flow-run."
 TASK_RUN_PREFIX: Final = "prefect.task-run."
@@ -159,6 +159,10 @@ def translate(
 
     if resource_id.startswith(FLOW_RUN_PREFIX):
         flow_run_id = resource_id[len(FLOW_RUN_PREFIX):]
+        if not is_uuid(flow_run_id):
+            # The events codec refuses it (it names no flow run): refused here, so the
+            # webhook answers 400 instead of accepting an event that is then dead-lettered.
+            raise TranslateError("expected a flow run's resource id to end in a UUID")
         owner = _owner(_tags(related))
         if owner is None:
             return []

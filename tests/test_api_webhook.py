@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -76,3 +77,18 @@ async def test_malformed_payloads_400(topics: Settings, redis: Redis, body: byte
         response = await api.post("/api/v1/hooks/prefect", data=body, headers=signed(body))
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "bad_request"
+
+
+async def test_an_event_of_a_flow_run_id_that_is_no_uuid_is_refused_not_accepted(
+        topics: Settings, redis: Redis) -> None:
+    """It was answered 202 `accepted: 1`, and the events consumer then dead-lettered the
+    event (the codec refuses such a flow_run_id): a Completed accepted and lost."""
+    payload = copy.deepcopy(CAPTURED["flow_run_completed"])
+    payload["resource"]["prefect.resource.id"] = "prefect.flow-run." + "f" * 300
+    body = orjson.dumps(payload)
+    async with api_client(api_settings(topics, webhook_secret=SecretStr(SECRET))) as api:
+        response = await api.post("/api/v1/hooks/prefect", data=body, headers=signed(body))
+        assert response.status == 400
+        assert "UUID" in (await response.json())["error"]["message"]
+    with pytest.raises(TimeoutError):
+        await read_events(topics, 1, timeout=1)

@@ -3,6 +3,8 @@ messages are refused (each reason names the field at fault: it becomes a dead-le
 
 from __future__ import annotations
 
+import time
+
 import orjson
 import pytest
 
@@ -18,6 +20,7 @@ from core.codec import (
     Stop,
     decode_command,
     decode_event,
+    derived_id,
 )
 from core.store import script_entries
 
@@ -107,6 +110,16 @@ MALFORMED_EVENTS = [
     (_event(state="stop", outcome="exploded"), r"`\$.outcome`"),
     (_event(state="stop", outcome="failed", reason="x" * 2001), r"`\$.reason`"),
     (_event(flow_run_id="x" * 257), r"`\$.flow_run_id`"),
+    # Not a UUID: every Prefect call made with it failed (a reconciler round, a stop).
+    (_event(flow_run_id="run-42"), r"`\$.flow_run_id`"),
+    (_event(flow_run_id="0b5c3a8e-6f1d-4c2a-9e57-3d1f2a4b5c6"), r"`\$.flow_run_id`"),
+    # Milliseconds for seconds: a stop so stamped would outrank every real end for ever.
+    (_event(state="stop", outcome="cancelled", ts=time.time() * 1000), "ahead of now"),
+    (_event(type="step.state", step="extract", state="running", ts=time.time() * 1000),
+     "ahead of now"),
+    (_event(type="step.offsets", step="extract", offsets={"p": 1}, ts=time.time() + 2 * 86400),
+     "ahead of now"),
+    (_event(ts=-1.0), r">= 0.0 - at `\$.ts`"),
     (_event(type="step.state", state="running"), "missing required field `step`"),
     (_event(type="step.state", step="extract", state="finished"), r"`\$.state`"),
     (_event(type="step.offsets", step="extract", offsets={}), r"`\$.offsets`"),
@@ -175,3 +188,22 @@ def test_deploy_commands_name_a_pipeline_version_not_a_batch() -> None:
         decode_command(Command("deploy", "", "pipe").encode())
     with pytest.raises(CodecError, match="batch_id"):
         decode_command(Command("run", "", "pipe").encode())
+
+
+def test_a_time_within_a_day_ahead_is_taken_as_clocks_differ() -> None:
+    for ts in (0.0, time.time() + 3600, time.time() + 86_000):
+        assert decode_event(_event(state="stop", outcome="completed", ts=ts)).ts == ts
+    run = "0B5C3A8E-6F1D-4C2A-9E57-3D1F2A4B5C6D"
+    assert decode_event(_event(flow_run_id=run)).flow_run_id == run
+
+
+def test_derived_event_ids_stay_ids_of_at_most_128_characters() -> None:
+    long_batch = "batch-" + "x" * 122
+    for base in ("batch-1", long_batch, "y" * 128):
+        event_id = derived_id("stop-", base)
+        assert len(event_id) <= 128 and event_id.startswith("stop-")
+        assert event_id == derived_id("stop-", base)  # a repeat names it the same
+    assert derived_id("stop-", "batch-1") == "stop-batch-1"
+    assert derived_id("stop-", long_batch) != derived_id("stop-", long_batch[:-1] + "z")
+    decode_event(Event("batch.state", long_batch, "p", event_id=derived_id("stop-", long_batch),
+                       state="stop", outcome="cancelled").encode())

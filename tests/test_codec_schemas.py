@@ -59,7 +59,7 @@ def _decodes(decode: Any, raw: bytes) -> bool:
 
 
 GOOD_EVENTS = [
-    Event("batch.state", "b", "p", state="running", flow_run_id="r").encode(),
+    Event("batch.state", "b", "p", state="running", flow_run_id="0b5c3a8e-6f1d-4c2a-9e57-3d1f2a4b5c6d").encode(),
     Event("batch.state", "b", "p", state="stop", outcome="failed", reason="x" * 2000).encode(),
     Event("step.state", "b", "p", step="load", state="success").encode(),
     Event("step.offsets", "b", "p", step="load", offsets={"p0": 0, "p1": 2**53 - 1}).encode(),

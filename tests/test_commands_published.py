@@ -441,3 +441,26 @@ async def test_a_batch_whose_id_ran_long_before_gets_a_flow_run_of_its_own(ctx: 
         runs = {str(r.id): r for r in await flow_runs(client, batch_id)}
     assert set(runs) == {earlier_run, own_run}
     assert runs[str(own_run)].idempotency_key == f"{batch_id}@{created_at}"
+
+
+async def test_a_delete_of_an_unknown_id_does_not_purge_the_batch_created_after_it(
+        ctx: Ctx, api: Client) -> None:
+    """A delete of an id with no batch "does nothing" (README), yet its clean-up job's last
+    pass, after the create window, purged whatever batch held the id by then, and deleted
+    its flow run: a batch published after the delete vanished (404) a few seconds later."""
+    batch_id = ctx.new_id()
+    async with running(ctx.consumer(cleanup_recheck_s=3.0)):
+        await ctx.publish("delete", batch_id)
+        await ctx.all_processed()
+        await ctx.publish("run", batch_id, create={})
+        await ctx.all_processed()
+
+        async def scheduled() -> bool:
+            return await ctx.redis.hget(keys.batch(ctx.pipeline_id, batch_id),
+                                        "state") == "scheduled"
+        await eventually(scheduled, timeout=30, interval=0.1)
+        await ctx.no_cleanup_left(timeout=30)
+    status, body = await get(api, ctx.pipeline_id, batch_id)
+    async with prefect(ctx.settings) as client:
+        runs = await flow_runs(client, batch_id)
+    assert (status, body["state"]["state"], len(runs)) == (200, "scheduled", 1)

@@ -34,6 +34,9 @@ from tests.test_consumers_support import (
     unique,
 )
 
+# Prefect's flow run ids are UUIDs (the codec refuses anything else).
+RUN_ID = "0b5c3a8e-6f1d-4c2a-9e57-3d1f2a4b5c6d"
+
 
 @dataclass
 class Ctx:
@@ -77,7 +80,7 @@ async def test_events_are_applied(ctx: Ctx) -> None:
     batch_id = await ctx.batch()
     async with running(EventsConsumer(ctx.settings, options())):
         await ctx.publish(
-            ctx.event(batch_id, "batch.state", state="scheduled", flow_run_id="fr-1"),
+            ctx.event(batch_id, "batch.state", state="scheduled", flow_run_id=RUN_ID),
             ctx.event(batch_id, "batch.state", state="running"),
             ctx.event(batch_id, "step.state", step="extract", state="running"),
             ctx.event(batch_id, "step.offsets", step="extract",
@@ -88,7 +91,7 @@ async def test_events_are_applied(ctx: Ctx) -> None:
     batch = await store_for(ctx.redis, ctx.settings).get(ctx.pipeline_id, batch_id)
     assert batch is not None
     assert batch["state"]["state"] == "running"
-    assert batch["flow_run_id"] == "fr-1"
+    assert batch["flow_run_id"] == RUN_ID
     steps = batch["state"]["steps"]
     # No totals reported: no percent nor ETA (the rate depends on the clock).
     assert steps["extract"].pop("progress")["percent"] is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -129,7 +130,7 @@ async def test_readonly_oom_and_busy_redis_are_waited_out_with_nothing_lost(
     try:
         async with running(consumer):
             await stream.publish(lambda b: [
-                ev(b, "batch.state", state="scheduled", flow_run_id=f"fr-{b}"),
+                ev(b, "batch.state", state="scheduled", flow_run_id=str(uuid.uuid5(uuid.NAMESPACE_URL, b))),
                 ev(b, "batch.state", state="running"),
                 ev(b, "step.state", step="extract", state="running"),
                 *offsets("extract", 40)(b)])
@@ -183,7 +184,7 @@ async def test_readonly_oom_and_busy_redis_are_waited_out_with_nothing_lost(
             fields = unpacked(cast(dict[str, str],
                                    await admin.hgetall(keys.batch(stream.pipeline_id, batch_id))))
             assert (fields["state"], fields["outcome"], fields["flow_run_id"]) == (
-                "stop", "completed", f"fr-{batch_id}")
+                "stop", "completed", str(uuid.uuid5(uuid.NAMESPACE_URL, batch_id)))
             for step, top in zip(STEPS, (100, 70, 30), strict=True):
                 assert fields[f"step:{step}"] == "success"
                 assert (fields[f"off:{step}:p0"], fields[f"off:{step}:p1"]) == (

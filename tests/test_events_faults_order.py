@@ -18,6 +18,7 @@ batch and step), as the consumer does.
 from __future__ import annotations
 
 import random
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,7 +63,7 @@ def one_batch(rng: random.Random, n: int) -> list[Sent]:
         out.append(sent)
         return sent
 
-    send("batch.state", state="scheduled", flow_run_id=f"fr-{n}")
+    send("batch.state", state="scheduled", flow_run_id=str(uuid.uuid5(uuid.NAMESPACE_URL, str(n))))
     send("batch.state", state="running")
     failed_at = rng.choice([*STEPS, None, None])
     for step in STEPS:

@@ -37,6 +37,7 @@ from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
+from core.layout import is_visible
 from core.registry import PipelineRegistry
 from core.retry import describe
 from core.scripts import Scripts
@@ -159,8 +160,15 @@ class Cleanup:
         """Does what can be done now without waiting; returns when to look again, or None
         when the batch has no flow run left to clean and the create window is over."""
         fields = await self._store.fields(pipeline_id, batch_id)
+        if kind == "delete" and fields is not None and is_visible(fields):
+            # Every delete hides its batch before its job is queued (the API, the commands
+            # consumer, the abandoner, a rebuild), so a visible batch of this id was created
+            # after the delete (a published id, deleted before its run came): not its to end.
+            log.info("clean-up delete/%s/%s: the batch of this id was created after the "
+                     "delete; left alone", pipeline_id, batch_id)
+            return None
         known = fields.get("flow_run_id") if fields else None
-        runs = await self._prefect.of_batch(batch_id, known)
+        runs = await self._prefect.of_batch(pipeline_id, batch_id, known)
         now = time.time()
         waiting = False
         for run in runs:

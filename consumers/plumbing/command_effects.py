@@ -15,7 +15,7 @@ from consumers.plumbing.creation import Creations
 from consumers.plumbing.deployments import Deployments
 from consumers.plumbing.emit import Emitter
 from consumers.plumbing.prefect_api import PrefectGateway, RunState, not_found
-from core.codec import Command, Event, Run
+from core.codec import Command, Event, Run, derived_id
 from core.layout import is_visible
 from core.models import PipelineSpec
 from core.prefect_events import flow_state_event
@@ -143,12 +143,13 @@ class CommandEffects:
         fields = await self._fields(command)
         if fields is None or fields.get("state") == "stop":
             return
-        runs = await self.prefect.of_batch(command.batch_id, fields.get("flow_run_id"))
+        runs = await self.prefect.of_batch(command.pipeline_id, command.batch_id,
+                                           fields.get("flow_run_id"))
         events: list[Event] = []
         if not runs:
             events.append(Event(
                 type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
-                event_id=f"stop-{command.batch_id}", state="stop", outcome="cancelled",
+                event_id=derived_id("stop-", command.batch_id), state="stop", outcome="cancelled",
                 reason="stopped before it started",
             ))  # fmt: skip
         follow_up = False

@@ -30,7 +30,7 @@ from prefect.settings import get_current_settings
 from prefect.states import Cancelled, Cancelling, Crashed
 
 from consumers.plumbing.metrics import Latencies
-from core.models import TAG_BATCH_PREFIX, flow_run_tags
+from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, flow_run_tags, is_uuid
 from core.settings import Settings
 
 T = TypeVar("T")
@@ -130,6 +130,9 @@ class PrefectGateway:
     async def read(self, flow_run_ids: list[str]) -> dict[str, RunState]:
         """The flow runs that still exist, by id (deleted ones are simply absent)."""
         found: dict[str, RunState] = {}
+        # An id that is no UUID names no flow run (the codec refuses such ids today; a hash
+        # may hold one from before): skipped, not a ValueError failing the caller's round.
+        flow_run_ids = [i for i in flow_run_ids if is_uuid(i)]
         for chunk in chunks(flow_run_ids, FLOW_RUNS_PAGE):
             runs = await self._bounded("read_runs", self.client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(i) for i in chunk])),
@@ -138,12 +141,15 @@ class PrefectGateway:
             found.update((str(r.id), RunState.of(r)) for r in runs)
         return found
 
-    async def of_batch(self, batch_id: str, known: str | None = None) -> list[RunState]:
-        """Every flow run of the batch: the one Redis knows plus any found by its tag (a run
-        created by a command whose effect was not recorded yet)."""
+    async def of_batch(self, pipeline_id: str, batch_id: str,
+                       known: str | None = None) -> list[RunState]:
+        """Every flow run of the batch: the one Redis knows plus any found by its tags (a run
+        created by a command whose effect was not recorded yet). By the pipeline's tag too: a
+        command naming the wrong pipeline must not reach the runs of another pipeline's batch
+        of that id."""
+        tags = [TAG_BATCH_PREFIX + batch_id, TAG_PIPELINE_PREFIX + pipeline_id]
         runs = await self._bounded("read_runs", self.client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[TAG_BATCH_PREFIX + batch_id])),
-            limit=50,
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)), limit=50,
         ))  # fmt: skip
         found = {str(r.id): RunState.of(r) for r in runs}
         if known and known not in found:
