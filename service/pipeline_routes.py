@@ -20,6 +20,7 @@ from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
 from service.batches import json_obj, path_id
 from service.command_sender import UNAVAILABLE_MESSAGE
 from service.errors import ApiError, bad_request, not_found
+from service.run_body import refuse_duplicate_keys
 
 # Below a client's usual 10 s timeout, far above a healthy broker's acknowledgement.
 RECORD_TIMEOUT_S = 5.0
@@ -42,6 +43,7 @@ async def put_pipeline(request: web.Request) -> web.Response:
     auth.require(request, auth.PIPELINES_WRITE)
     pipeline_id = path_id(request, "pipeline_id")
     raw = await request.read()
+    refuse_duplicate_keys(raw, "invalid pipeline definition")
     try:
         spec = PipelineSpec.model_validate_json(raw)
     except ValidationError as exc:

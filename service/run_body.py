@@ -1,9 +1,14 @@
 """The optional body of a run or a resume (`core.models.RunRequest`): per-step config
 overrides. No body, an empty one, `{}` and `{"config": {}}` all mean "no overrides", so a
-client that always sends JSON gets exactly what a bare POST gets."""
+client that always sends JSON gets exactly what a bare POST gets.
+
+A key given twice in one object of a body is refused (`refuse_duplicate_keys`, also for a
+pipeline's definition): JSON parsers keep the last one and say nothing, which can hide an
+invalid value behind a valid one."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -24,6 +29,7 @@ async def overrides_of(request: web.Request) -> Overrides:
     raw = await request.read()
     if not raw.strip():
         return {}
+    refuse_duplicate_keys(raw, "invalid run request")
     try:
         body = RunRequest.model_validate_json(raw)
     except ValidationError as exc:
@@ -32,6 +38,50 @@ async def overrides_of(request: web.Request) -> Overrides:
         raise bad_request('invalid run request: the body is {"config": {"<step>": {...}}}',
                           problems=problems) from None
     return {step: dict(keys) for step, keys in body.config.items()}
+
+
+def duplicate_key(raw: bytes) -> str | None:
+    """A key given twice in one object of the JSON text `raw`, at any depth; None when there is
+    none, or when `raw` is not JSON (the model's own parser then says why).
+
+    Fast path: each colon of `raw` follows a key or is inside a string; the parsed tree,
+    written back by orjson (which never escapes a colon), shows one colon per key it kept and
+    every colon of its strings. So when `raw` has no more colons than that, no key was dropped
+    as a duplicate (a dropped key takes its colon with it). All of it runs in C: about as
+    cheap as the model's own parse. Only a body with a duplicate, or with a `\\u` escape (which
+    may spell a colon the bytes do not show), is parsed again, with a hook seeing every key."""
+    if b"\\u" not in raw:
+        try:
+            if raw.count(b":") <= orjson.dumps(orjson.loads(raw)).count(b":"):
+                return None
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+            pass  # not JSON, or JSON orjson refuses (an integer over 64 bits, deep nesting)
+    found: list[str] = []
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs) and not found:  # some key twice: name the first repeated
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    found.append(key)
+                    break
+                seen.add(key)
+        return obj
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs_hook)
+    except (ValueError, RecursionError):
+        return None  # not JSON: refused by the model's parser, with its reason
+    return found[0] if found else None
+
+
+def refuse_duplicate_keys(raw: bytes, message: str) -> None:
+    """400 (`message`, and the key) when a key is given twice in one object of `raw`."""
+    key = duplicate_key(raw)
+    if key is not None:
+        raise bad_request(f"{message}: the key {key!r} is given more than once in one object",
+                          duplicate_key=key)
 
 
 def canonical(overrides: Overrides) -> str:
