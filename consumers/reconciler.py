@@ -29,7 +29,7 @@ from consumers.plumbing.part import Clients, Part
 from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
 from core.codec import Event, derived_id
-from core.layout import BATCH_RANK, DELETED, running_steps
+from core.layout import BATCH_RANK, DELETED, STEP_PREFIX, STEP_RANK, running_steps
 from core.packing import unpacked
 from core.prefect_events import FLOW_STATES, flow_state_event
 from core.retry import describe
@@ -160,10 +160,13 @@ class Reconciler(Part):
         return found
 
     async def _with_unfinished_steps(self, events: list[Event]) -> list[Event]:
-        """Before each unsuccessful stop, `failed` for the steps still running: nothing else
-        will report them when the run died with its process (no task-run event, no hook)."""
-        assert self._redis is not None
-        stops = [e for e in events if e.state == "stop" and e.outcome != "completed"]
+        """Before each stop, the final states Prefect holds for the batch's steps not final
+        in Redis (the bridge was down past Prefect's backfill, so their task-run events are
+        lost), then `failed` for the steps still running after an unsuccessful stop: nothing
+        else will report them when the run died with its process (no task-run event, no
+        hook). Without the first, a run repaired as completed kept a step `running`."""
+        assert self._redis is not None and self.prefect is not None
+        stops = [e for e in events if e.state == "stop"]
         if not stops:
             return events
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -171,13 +174,24 @@ class Reconciler(Part):
                 pipe.hgetall(keys.batch(e.pipeline_id, e.batch_id))
             hashes: list[dict[str, str]] = await pipe.execute()
         steps: dict[str, list[Event]] = {}
-        for stop, fields in zip(stops, hashes, strict=True):
-            steps[stop.event_id] = [
-                Event(type="step.state", batch_id=stop.batch_id, pipeline_id=stop.pipeline_id,
-                      event_id=_step_event_id(stop.event_id, step), step=step,
-                      state="failed")
-                for step in sorted(running_steps(unpacked(fields)))
-            ]
+        for stop, packed in zip(stops, hashes, strict=True):
+            fields = unpacked(packed)
+            ended = await self.prefect.step_ends(stop.flow_run_id) if stop.flow_run_id else {}
+            mine = steps[stop.event_id] = []
+            still_running = running_steps(fields)
+            for step, (state, state_id) in sorted(ended.items()):
+                held = fields.get(STEP_PREFIX + step)
+                if held is not None and STEP_RANK[held] < STEP_RANK["success"]:
+                    mine.append(Event(type="step.state", batch_id=stop.batch_id,
+                                      pipeline_id=stop.pipeline_id, step=step, state=state,
+                                      event_id=derived_id("task-", state_id)))
+                    still_running.discard(step)
+            if stop.outcome != "completed":
+                mine += [Event(type="step.state", batch_id=stop.batch_id,
+                               pipeline_id=stop.pipeline_id,
+                               event_id=_step_event_id(stop.event_id, step), step=step,
+                               state="failed")
+                         for step in sorted(still_running)]
         out: list[Event] = []
         for e in events:
             out += steps.get(e.event_id, [])
