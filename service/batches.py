@@ -173,12 +173,19 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
 async def _read_batch(request: web.Request) -> bytes:
     """The batch from Redis, rendered, and kept in the cache unless it changed meanwhile
     (the misses of one loop turn are read in one round trip: `service.fills`)."""
+    return (await _read_version(request))[0]
+
+
+async def _read_version(request: web.Request) -> tuple[bytes, int]:
+    """As `_read_batch`, with the hash's rev: what orders the versions a stream sends or a
+    long-poll answers (service.cache)."""
     pipeline_id = path_id(request, "pipeline_id")
     batch_id = path_id(request, "batch_id")
-    body = await fills_of(request.app[STORE], request.app[CACHE]).read(pipeline_id, batch_id)
-    if body is None:
+    read = await fills_of(request.app[STORE], request.app[CACHE]).read_version(
+        pipeline_id, batch_id)
+    if read is None:
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
-    return body
+    return read
 
 
 async def get_batch(request: web.Request) -> web.StreamResponse:
@@ -186,9 +193,9 @@ async def get_batch(request: web.Request) -> web.StreamResponse:
     match = request.match_info
     key = keys.batch(match["pipeline_id"], match["batch_id"])
     if streams.wants_stream(request):
-        return await streams.stream_batch(request, key, _read_batch)
+        return await streams.stream_batch(request, key, _read_version)
     if "If-None-Match" in request.headers:
-        return await conditional.answer(request, key, _read_batch)
+        return await conditional.answer(request, key, _read_version)
     if request.query_string:
         conditional.wait_s(request)  # validated even where there is nothing to wait for
     # The hot path: only ids that passed validation were ever cached, so a hit needs no check.

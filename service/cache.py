@@ -17,6 +17,12 @@ cache follows that channel and evicts. Three guards keep it honest:
   costing one request a read of Redis. It is as exact as a read: Redis sends the messages in
   the order it ran the changes, and the swap is recorded like an eviction, so a fill that
   began before it is refused.
+- Versions are ordered by the hash's `rev` (every script that changes a batch hash bumps
+  it). The feed and the reads travel on different connections, and nothing orders a
+  message's arrival with another connection's reply: a lagging feed delivers a change after
+  a read that already saw it, or a newer one. An entry keeps its rev (from the fill's read or
+  the message's hash); a message whose rev is not above the held one swaps nothing in, and a
+  fill never replaces an unexpired entry of a higher rev. Rev 0 means unknown (no order).
 - Invalidation is per key. `generation` is a sequence number that every eviction and reset
   advances; a reader notes it before reading Redis and offers the value with it. The value is
   refused only if THAT key was evicted (or the cache reset) since: traffic on other batches no
@@ -49,8 +55,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SILENCE_S = 2.5
 DEFAULT_TTL_S = 10.0
-# (the rendered body or a published hash not rendered yet, expiry, the body's ETag or None)
-Entry = tuple[bytes | str, float, str | None]
+# (the rendered body or a published hash not rendered yet, expiry, the body's ETag or None,
+# the hash's rev or 0 if unknown)
+Entry = tuple[bytes | str, float, str | None, int]
 
 
 class BatchCache:
@@ -71,9 +78,9 @@ class BatchCache:
         self.ttl_s = ttl_s if ttl_s > 0 else math.inf
         self.ping_s = ping_s if ping_s is not None else silence_s / 3
         self.tick_s = tick_s
-        # key -> generation of its last eviction, oldest first; `_floor`: refuse fills that
-        # began before the newest eviction the ring has forgotten (or the last reset).
-        self._recent: OrderedDict[str, int] = OrderedDict()
+        # key -> (generation, rev or 0) of its last change, oldest first; `_floor`: refuse
+        # fills that began before the newest change the ring has forgotten (or the last reset).
+        self._recent: OrderedDict[str, tuple[int, int]] = OrderedDict()
         self._recent_max = recent_max
         self._floor = 0
         self.generation = 0
@@ -120,41 +127,52 @@ class BatchCache:
             self._entries.pop(key, None)
             self.misses += 1
             return None
-        entry = self._entries[key] = (body, entry[1], etag_of(body))
+        entry = self._entries[key] = (body, entry[1], etag_of(body), entry[3])
         self.hits += 1
         return entry
 
-    def put(self, key: str, value: bytes, generation: int) -> None:
-        """Stores a value whose read began at `generation`, unless its key was evicted (or the
-        cache reset) since then."""
+    def put(self, key: str, value: bytes, generation: int, rev: int = 0) -> None:
+        """Stores a value of `rev` whose read began at `generation`, unless its key changed
+        since then (or the cache reset) by a change the read may not have seen, or an entry
+        of a higher rev is held."""
         if not self.live or generation < self._floor:
             return
-        evicted = self._recent.get(key)
-        if evicted is not None and evicted > generation:
+        changed = self._recent.get(key)
+        # A change after the read began is harmless only if its rev is known and the read
+        # saw it (a rev at least as high): a lagging feed delivers changes reads already saw.
+        if changed is not None and changed[0] > generation and not (0 < changed[1] <= rev):
             return
-        self._entries[key] = (value, self.now + self.ttl_s, etag_of(value))
+        held = self._entries.get(key)
+        # An expired entry may be replaced by a lower rev: the TTL is the backstop for
+        # writes made without a message (a rebuild may restore a lower rev).
+        if held is not None and rev < held[3] and held[1] >= self.now:
+            return
+        self._entries[key] = (value, self.now + self.ttl_s, etag_of(value), rev)
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
     def evict(self, key: str) -> None:
-        self._changed(key, None)
+        self._changed(key, None, 0)
         self._entries.pop(key, None)
 
     def update(self, key: str, published: str) -> None:
-        """A change of `key` whose message carried the new hash: a held entry takes it."""
-        self._changed(key, published)
-        if key in self._entries:
-            self._entries[key] = (published, self.now + self.ttl_s, None)
+        """A change of `key` whose message carried the new hash: a held entry of a lower rev
+        takes it (a higher or equal one already shows it, or a change after it)."""
+        rev = published_rev(published)
+        self._changed(key, published, rev)
+        held = self._entries.get(key)
+        if held is not None and not (rev and rev <= held[3]):
+            self._entries[key] = (published, self.now + self.ttl_s, None, rev)
 
-    def _changed(self, key: str, published: str | None) -> None:
+    def _changed(self, key: str, published: str | None, rev: int) -> None:
         if self.on_change is not None:
             self.on_change(key, published)
         self.generation += 1
         recent = self._recent
-        recent[key] = self.generation
+        recent[key] = (self.generation, rev)
         recent.move_to_end(key)
         if len(recent) > self._recent_max:
-            _, forgotten = recent.popitem(last=False)
+            _, (forgotten, _) = recent.popitem(last=False)
             self._floor = forgotten
 
     def reset(self, live: bool) -> None:
@@ -177,6 +195,27 @@ class BatchCache:
 def etag_of(body: bytes) -> str:
     """A strong ETag of a rendered batch: it changes exactly when the body does."""
     return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def published_rev(published: str) -> int:
+    """The `rev` of a published hash (a JSON array: field, value, ...), 0 if it has none;
+    found without parsing the array (the feed carries one per change of any batch). A
+    `"rev","<digits>"` pair can only be that field and its value: a quote inside a value is
+    escaped, and no field name is all digits."""
+    start = 0
+    while (at := published.find('"rev","', start)) > 0:
+        start = at + 7
+        end = published.find('"', start)
+        digits = published[start:end]
+        if published[at - 1] in "[," and digits.isascii() and digits.isdigit():
+            return int(digits)
+    return 0
+
+
+def rev_of(fields: dict[str, str]) -> int:
+    """The `rev` of a batch hash as read, 0 if it has none."""
+    rev = fields.get("rev", "")
+    return int(rev) if rev.isascii() and rev.isdigit() else 0
 
 
 def published_body(published: str) -> bytes | None:

@@ -5,6 +5,9 @@ Every batch answer carries a strong ETag of its body (`service.cache.etag_of`). 
 (1-60 s) holds the request until the batch changes (200 with the new body) or the wait ends
 (304). A held request waits on the cache's change feed (`service.waiters`), not on Redis; while
 the feed is down (the cache off) it re-reads once a second instead, so it can still answer.
+A held request never answers a version older than the one it named: the change feed can
+deliver a change after a read that saw a newer one, and what the cache answers is ordered by
+the hash's `rev` (service.cache); a read of a rev not above the named one is no change.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ MAX_WAIT_S: Final = 60.0
 MIN_WAIT_S: Final = 1.0
 # How often a held request re-reads while the change feed is down.
 DEGRADED_POLL_S: Final = 1.0
+
+
+# A batch read from Redis: its rendered body and its hash's `rev` (service.fills.Read).
+VersionedRead = Callable[[web.Request], Awaitable[tuple[bytes, int]]]
 
 
 def tagged(body: bytes, etag: str) -> web.Response:
@@ -73,13 +80,14 @@ async def answer_pipeline(request: web.Request, pipeline_id: str,
     """As `answer`, for an answer that depends on every batch of a pipeline (its latest):
     held until any of them changes or a batch is created, then read again."""
 
-    async def tagged_read() -> tuple[bytes, str]:
+    async def tagged_read() -> tuple[bytes, str, int]:
         body = await read(request)
-        return body, etag_of(body)
+        return body, etag_of(body), 0  # no order among versions of "the latest"
 
     wait = wait_s(request)
     if wait is None:
-        return _answer_now(request, *await tagged_read())
+        body, etag, _ = await tagged_read()
+        return _answer_now(request, body, etag)
     waiters = request.app[WAITERS]
     watch = waiters.watch(pipeline_id)
     try:
@@ -89,23 +97,23 @@ async def answer_pipeline(request: web.Request, pipeline_id: str,
 
 
 async def current(request: web.Request, key: str,
-                  read: Callable[[web.Request], Awaitable[bytes]]) -> tuple[bytes, str]:
-    """The batch cached under `key` with its ETag, from the cache or else `read` (which
-    answers 404 when there is no such batch)."""
+                  read: VersionedRead) -> tuple[bytes, str, int]:
+    """The batch cached under `key` with its ETag and rev, from the cache or else `read`
+    (which answers 404 when there is no such batch)."""
     entry = request.app[CACHE].lookup(key)
     if entry is not None:
-        return entry[0], entry[2]  # type: ignore[return-value]
-    body = await read(request)
-    return body, etag_of(body)
+        return entry[0], entry[2], entry[3]  # type: ignore[return-value]
+    body, rev = await read(request)
+    return body, etag_of(body), rev
 
 
-async def answer(request: web.Request, key: str,
-                 read: Callable[[web.Request], Awaitable[bytes]]) -> web.Response:
+async def answer(request: web.Request, key: str, read: VersionedRead) -> web.Response:
     """The answer to a GET of the batch cached under `key` carrying If-None-Match; `read`
     gives the current body (404 when there is none)."""
     wait = wait_s(request)
     if wait is None:
-        return _answer_now(request, *await current(request, key, read))
+        body, etag, _ = await current(request, key, read)
+        return _answer_now(request, body, etag)
     waiters = request.app[WAITERS]
     feed = waiters.follow(key, long_poll=True)
     try:
@@ -121,22 +129,26 @@ def _answer_now(request: web.Request, body: bytes, etag: str) -> web.Response:
 
 
 async def _held(request: web.Request, wait: float, signal: _Signal,
-                read: Callable[[], Awaitable[tuple[bytes, str]]]) -> web.Response:
-    """Reads, and while the answer still matches If-None-Match waits on `signal` (registered
-    by the caller before the first read, emptied before every read: a change during a read
-    wakes the next wait) until a change or the end of `wait` seconds."""
+                read: Callable[[], Awaitable[tuple[bytes, str, int]]]) -> web.Response:
+    """Reads, and while the answer still matches If-None-Match (or is of a rev not above
+    the one that matched) waits on `signal` (registered by the caller before the first
+    read, emptied before every read: a change during a read wakes the next wait) until a
+    change or the end of `wait` seconds."""
     if_none_match = request.headers.get("If-None-Match", "")
     cache, waiters = request.app[CACHE], request.app[WAITERS]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    named: tuple[str, int] | None = None  # the version named, once a read matched it
     while True:
         signal.take()
-        body, etag = await read()
-        if not matches(if_none_match, etag):
+        body, etag, rev = await read()
+        if matches(if_none_match, etag):
+            named = (etag, rev)
+        elif named is None or not 0 < rev <= named[1]:
             return tagged(body, etag)
         remaining = deadline - loop.time()
         if remaining <= 0 or waiters.closing:
-            return not_modified(etag)
+            return not_modified(named[0] if named is not None else etag)
         timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):

@@ -25,8 +25,10 @@ from core import keys
 from core.layout import is_visible, render
 from core.packing import unpacked
 from core.store import BatchStore
-from service.cache import BatchCache
+from service.cache import BatchCache, rev_of
 
+# A batch as read: its rendered body and its hash's `rev` (0 if unknown).
+Read = tuple[bytes, int]
 # A turn's queue is cut at this many reads (one pipeline each), so a burst cannot build one
 # huge reply that holds the loop.
 MAX_PIPELINE = 256
@@ -36,13 +38,21 @@ class BatchFills:
     def __init__(self, store: BatchStore, cache: BatchCache) -> None:
         self._store = store
         self._cache = cache
-        # key -> (pipeline_id, batch_id, future of the rendered body or None if absent)
-        self._queued: dict[str, tuple[str, str, asyncio.Future[bytes | None]]] = {}
+        # key -> (pipeline_id, batch_id, future of the rendered body and its hash's rev, or
+        # None if absent)
+        self._queued: dict[str, tuple[str, str, asyncio.Future[Read | None]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def read(self, pipeline_id: str, batch_id: str) -> bytes | None:
         """The batch rendered as the API returns it, None if absent or deleted; stored in the
         cache unless it changed meanwhile."""
+        read = await self.read_version(pipeline_id, batch_id)
+        return read[0] if read is not None else None
+
+    async def read_version(self, pipeline_id: str, batch_id: str) -> Read | None:
+        """As `read`, with the hash's `rev` (0 if unknown): what orders it among the
+        versions a stream has sent (service.streams). Always read from Redis after the
+        call: never older than anything this process has seen of the batch."""
         key = keys.batch(pipeline_id, batch_id)
         queued = self._queued.get(key)
         if queued is None:
@@ -63,7 +73,7 @@ class BatchFills:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _fill(self, reads: dict[str, tuple[str, str, asyncio.Future[bytes | None]]]) -> None:
+    async def _fill(self, reads: dict[str, tuple[str, str, asyncio.Future[Read | None]]]) -> None:
         cache = self._cache
         generation = cache.generation
         try:
@@ -101,8 +111,9 @@ class BatchFills:
                 future.set_exception(exc)
                 future.exception()
                 continue
-            cache.put(key, body, generation)
-            future.set_result(body)
+            rev = rev_of(fields)
+            cache.put(key, body, generation, rev)
+            future.set_result((body, rev))
 
 
 _FILLS: weakref.WeakKeyDictionary[BatchStore, BatchFills] = weakref.WeakKeyDictionary()

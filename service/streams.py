@@ -9,6 +9,11 @@ event), `event: end` follows its last object and the stream closes; a deleted ba
 `event: deleted` and closes. A comment line every `KEEPALIVE_S` keeps proxies from closing an
 idle stream.
 
+Versions are ordered by the batch hash's `rev`: the feed can deliver a change after a read
+that saw it or a newer one (service.cache), so a stream never sends a version whose rev is not
+above the last one it sent (of that batch), save a read from Redis made now, which is the
+truth.
+
 Every stream of a process waits on the cache's change feed (`service.waiters`): one Redis
 subscription per API process, never one per client, and the batch is read through the cache,
 so a change costs one read (or none) whatever the number of watchers. A client is sent the
@@ -20,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
@@ -31,10 +35,13 @@ from core import keys
 from core.paging import pipeline_known
 from service.appkeys import CACHE, STORE, WAITERS
 from service.cache import etag_of
-from service.conditional import current
+from service.conditional import VersionedRead, current
 from service.errors import ApiError, not_found
 from service.fills import fills_of
 from service.waiters import GONE, READ, BatchFeed, Version
+
+# In a batch stream's queue: read the batch from Redis now, not from the cache.
+FRESH: Final = object()
 
 KEEPALIVE_S: Final = 15.0
 # A stopped batch can still change (a later stop event decides its outcome and reason, the
@@ -64,8 +71,9 @@ def event(name: str, data: bytes, event_id: str | None = None) -> bytes:
 
 
 async def stream_batch(request: web.Request, key: str,
-                       read: Callable[[web.Request], Awaitable[bytes]]) -> web.StreamResponse:
-    """Streams the batch cached under `key`; `read` gives its current body (404 if none)."""
+                       read: VersionedRead) -> web.StreamResponse:
+    """Streams the batch cached under `key`; `read` gives its current body and rev, read
+    from Redis (404 if none)."""
     waiters = request.app[WAITERS]
     feed = waiters.follow(key)  # before the first read: every later version reaches us
     try:
@@ -87,17 +95,18 @@ async def stream_batch(request: web.Request, key: str,
 
 
 async def _send_versions(request: web.Request, response: web.StreamResponse, key: str,
-                         read: Callable[[web.Request], Awaitable[bytes]], feed: BatchFeed,
-                         first: Version) -> None:
+                         read: VersionedRead, feed: BatchFeed, first: Version) -> None:
     cache = request.app[CACHE]
-    sent = request.headers.get("Last-Event-ID")
+    sent, sent_rev = request.headers.get("Last-Event-ID"), 0
     pending: list[Version | object] = [first]
     stopped = False  # the batch reached `stop`: `end` once it has been quiet for END_QUIET_S
     while True:
         for item in pending:
-            if item is READ:
+            fresh = item is FRESH
+            if item is READ or fresh:
                 try:
-                    item = Version.of(*await current(request, key, read))
+                    item = Version.of(*(await _read_now(request, read) if fresh
+                                        else await current(request, key, read)))
                 except ApiError as exc:
                     if exc.status != 404:
                         raise
@@ -106,9 +115,15 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
                 await _write(response, event("deleted", b"{}"))
                 return
             assert isinstance(item, Version)
+            # A message can arrive after a read that saw its change or a newer one: never
+            # an older version, never one again. A read from Redis now is the truth, even
+            # of a lower rev (a rebuild may restore one).
+            if not fresh and item.not_after(sent_rev):
+                continue
             if item.etag != sent:
                 await _write(response, event("batch", item.body, item.etag))
                 sent = item.etag
+            sent_rev = item.rev
             stopped = item.stopped
         if feed.overflow:
             raise TimeoutError("the client fell too far behind")
@@ -128,9 +143,14 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
                 await _write(response, b": keep-alive\n\n")
                 pending = []
             else:
-                pending = [READ]  # the feed is down: nothing wakes us, read instead
+                pending = [FRESH]  # the feed is down: nothing wakes us, read instead
             continue
         pending = feed.take()
+
+
+async def _read_now(request: web.Request, read: VersionedRead) -> tuple[bytes, None, int]:
+    body, rev = await read(request)
+    return body, None, rev
 
 
 async def _write(response: web.StreamResponse, data: bytes) -> None:
@@ -157,15 +177,19 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
         page = await store.page(pipeline_id, limit, None)
         if not page.items and not await pipeline_known(store.redis, pipeline_id):
             raise not_found(f"unknown pipeline {pipeline_id}")  # as the list says it
+        # Read again with their revs (one pipelined round trip): what orders the versions the
+        # feed then delivers, which can be older than these reads (service.cache).
+        first = await asyncio.gather(*(fills.read_version(pipeline_id, b) for b in page.items))
         response = web.StreamResponse(headers=STREAM_HEADERS)
         await response.prepare(request)
         gone: set[str] = set()
-        sent: dict[str, None] = {}  # ids sent as `batch`, not since `deleted`: oldest first
+        # ids sent as `batch` (not since `deleted`) -> the rev sent: oldest first
+        sent: dict[str, int] = {}
         try:
-            for batch_id, obj in page.items.items():
-                body = orjson.dumps(obj)
-                await _write(response, event("batch", body, etag_of(body)))
-                _remember(sent, batch_id)
+            for batch_id, read in zip(page.items, first, strict=True):
+                if read is not None:  # else gone since the page's read: never sent
+                    await _write(response, event("batch", read[0], etag_of(read[0])))
+                    _remember(sent, batch_id, read[1])
             while True:
                 try:
                     async with asyncio.timeout(KEEPALIVE_S):
@@ -191,9 +215,12 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                     ids = keys.batch_ids(key)
                     if ids is None:
                         continue
-                    if item is READ:
-                        read_body = await fills.read(*ids)
-                        item = Version.of(read_body) if read_body is not None else GONE
+                    fresh = item is READ  # read from Redis now: the truth, even of a
+                    if fresh:  # lower rev (a rebuild may restore one)
+                        read = await fills.read_version(*ids)
+                        if read is not None and 0 < read[1] == sent.get(ids[1]):
+                            continue  # sent already
+                        item = Version.of(read[0], rev=read[1]) if read is not None else GONE
                     if item is GONE:
                         sent.pop(ids[1], None)
                         if ids[1] in gone:  # hidden, then purged: said once
@@ -204,8 +231,11 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         await _write(response, event("deleted", orjson.dumps({"id": ids[1]})))
                     else:
                         assert isinstance(item, Version)
+                        # A message can arrive after a read that saw a newer version.
+                        if not fresh and item.not_after(sent.get(ids[1], 0)):
+                            continue
                         await _write(response, event("batch", item.body, item.etag))
-                        _remember(sent, ids[1])
+                        _remember(sent, ids[1], item.rev)
         except (ConnectionError, TimeoutError):
             if request.transport is not None:
                 request.transport.close()
@@ -214,15 +244,16 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
         waiters.unwatch(pipeline_id, watch)
 
 
-def _remember(sent: dict[str, None], batch_id: str) -> None:
-    """`batch_id` was just sent: the most recent of `sent`, which keeps MAX_SENT at most."""
+def _remember(sent: dict[str, int], batch_id: str, rev: int) -> None:
+    """`batch_id` was just sent at `rev`: the most recent of `sent`, which keeps MAX_SENT at
+    most."""
     sent.pop(batch_id, None)
     if len(sent) >= MAX_SENT:
         del sent[next(iter(sent))]
-    sent[batch_id] = None
+    sent[batch_id] = rev
 
 
-async def _deleted_meanwhile(redis: Redis, pipeline_id: str, sent: dict[str, None],
+async def _deleted_meanwhile(redis: Redis, pipeline_id: str, sent: dict[str, int],
                              page: dict[str, Any]) -> list[str]:
     """The batches sent that are out of the batch index (hidden or purged: both leave it in
     the same script), among those not on the page just read: one ZMSCORE, and none when the

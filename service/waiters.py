@@ -27,7 +27,7 @@ from typing import TypeVar
 import orjson
 
 from core import keys
-from service.cache import etag_of, published_body
+from service.cache import etag_of, published_body, published_rev
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,16 +41,23 @@ GONE = object()  # in a feed: the batch is hidden or deleted
 
 @dataclass(frozen=True, slots=True)
 class Version:
-    """One version of a batch as every stream sends it, worked out once for all of them."""
+    """One version of a batch as every stream sends it, worked out once for all of them;
+    `rev` (the hash's, 0 if unknown) orders it: the feed may deliver it after a read that
+    saw a newer one, and a stream never sends a version older than one it sent."""
 
     body: bytes
     etag: str
     stopped: bool
+    rev: int
 
     @classmethod
-    def of(cls, body: bytes, etag: str | None = None) -> Version:
+    def of(cls, body: bytes, etag: str | None = None, rev: int = 0) -> Version:
         stopped = orjson.loads(body)["state"]["state"] == "stop"
-        return cls(body, etag if etag is not None else etag_of(body), stopped)
+        return cls(body, etag if etag is not None else etag_of(body), stopped, rev)
+
+    def not_after(self, rev: int) -> bool:
+        """Not after a version of `rev` (both known): already sent, or superseded."""
+        return 0 < self.rev <= rev
 
 
 class BatchFeed:
@@ -180,7 +187,7 @@ def _item(key: str, published: str | None) -> Version | object:
     except Exception:  # malformed: the streams read the batch instead
         log.exception("a published batch hash could not be rendered (%s)", key)
         return READ
-    return GONE if body is None else Version.of(body)
+    return GONE if body is None else Version.of(body, rev=published_rev(published))
 
 
 def _remove(table: dict[str, set[T]], key: str, member: T) -> None:

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from core.codec import Event
 from core.layout import render
 from core.settings import Settings
-from service.cache import BatchCache
+from service.cache import BatchCache, published_rev
 from tests.cache_support import PIPELINE, cache_of, cached_api, direct_store, engines, get, new_batches
 from tests.conftest import eventually
 
@@ -72,6 +72,48 @@ def test_an_unreadable_update_is_a_miss_not_an_error() -> None:
     cache.put("k", b"old", cache.generation)
     cache.update("k", "[\"id\"")
     assert cache.get("k") is None and len(cache) == 0
+
+
+def test_a_late_message_of_a_rev_not_above_the_held_one_swaps_nothing_in() -> None:
+    """The feed can deliver a change after a read that saw it or a newer one."""
+    cache = _live_cache()
+    cache.put("k", b"read at rev 5", cache.generation, rev=5)
+    for rev in ("4", "5"):
+        cache.update("k", _published({**FIELDS, "rev": rev}))
+        assert cache.get("k") == b"read at rev 5"
+    cache.update("k", _published({**FIELDS, "rev": "6"}))
+    assert cache.get("k") == orjson.dumps(render(FIELDS))
+
+
+def test_a_fill_never_replaces_an_unexpired_entry_of_a_higher_rev() -> None:
+    cache = _live_cache()
+    cache.put("k", b"rev 5", cache.generation, rev=5)
+    cache.put("k", b"rev 4, its reply later", cache.generation, rev=4)
+    assert cache.get("k") == b"rev 5"
+    cache.now += cache.ttl_s + 1  # expired: the TTL backstop (a rebuild may lower the rev)
+    cache.put("k", b"rev 4 after a rebuild", cache.generation, rev=4)
+    assert cache.get("k") == b"rev 4 after a rebuild"
+
+
+def test_a_fill_that_saw_the_change_a_message_brought_meanwhile_is_kept() -> None:
+    cache = _live_cache()
+    generation = cache.generation
+    cache.update("k", _published({**FIELDS, "rev": "4"}))  # a late message of what it read
+    cache.put("k", b"read at rev 4", generation, rev=4)
+    assert cache.get("k") == b"read at rev 4"
+    generation = cache.generation
+    cache.update("k", _published({**FIELDS, "rev": "6"}))
+    cache.put("k", b"read at rev 5", generation, rev=5)  # read before that change
+    assert cache.get("k") == orjson.dumps(render(FIELDS))  # rev 6's
+    cache.evict("k")  # a message without a rev (a hide): no fill from before it is kept
+    cache.put("k", b"read at rev 6", generation, rev=6)
+    assert cache.get("k") is None
+
+
+def test_the_rev_of_a_published_hash_is_its_field_whatever_the_values_hold() -> None:
+    tricky = {**FIELDS, "reason": 'rev","9"', "name": "rev", "rev": "12", "flow_run_id": "rev"}
+    assert published_rev(_published(tricky)) == 12
+    assert published_rev(_published({k: v for k, v in FIELDS.items() if k != "rev"})) == 0
 
 
 async def test_a_watched_batch_stays_a_hit_while_events_change_it(
