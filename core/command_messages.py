@@ -9,30 +9,29 @@ run without one never creates anything (a batch deleted since stays deleted)."""
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 import msgspec
 
 from core import layout
 from core.messages import (
     ENCODER,
+    MAX_TS_AHEAD_S,
     SCHEMA,
     CodecError,
     Id,
     IdOrEmpty,
+    Timestamp,
     id_chars_only,
     new_message_id,
     refuse_ids,
+    refuse_ts,
 )
 
 # What a publisher's own batch ids look like: `batch-` and 1 to 122 id characters (the API's
 # ids have the same prefix, so one id space). The whole id stays an `Id` (at most 128).
 PUBLISHED_BATCH_PREFIX: Final = "batch-"
 PUBLISHED_BATCH_REGEX: Final = r"^batch-[A-Za-z0-9._-]{1,122}$(?!\n)"
-# How far ahead of the decoder's clock a command's `ts` may be (clocks differ by seconds).
-MAX_AHEAD_S: Final = 24 * 3600
-# Unix seconds; negative refused by the decoder and the published schema alike.
-CommandTime = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class _CommandMeta(msgspec.StructMeta):
@@ -53,7 +52,7 @@ class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="t
     pipeline_id: Id
     # "" when a run, stop or delete does not name one (the batch's recorded version).
     pipeline_version: IdOrEmpty = ""
-    ts: CommandTime
+    ts: Timestamp  # negative refused by the decoder and the published schema alike
 
     if TYPE_CHECKING:
         def __init__(self, type: str, batch_id: str, pipeline_id: str,
@@ -68,9 +67,8 @@ class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="t
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "pipeline_version"))
         # A command's time decides against a run's own end (a give-up's `failed` carries
         # it), so one far ahead would outrank every real end; none is that far off by skew.
-        if self.ts > time.time() + MAX_AHEAD_S:
-            raise CodecError(f"invalid ts {self.ts!r}: a command's time is unix seconds, at "
-                             f"most {MAX_AHEAD_S // 3600} hours ahead")
+        if self.ts > time.time() + MAX_TS_AHEAD_S:
+            refuse_ts(self.ts)
 
     @property
     def key(self) -> bytes:

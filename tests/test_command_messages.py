@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from core.codec import CodecError, Command, decode_command
-from core.command_messages import MAX_AHEAD_S, Delete
+from core.command_messages import Delete
+from core.messages import MAX_TS_AHEAD_S
 
 
 def _raw(kind: str, **changes: object) -> bytes:
@@ -22,8 +23,8 @@ def _raw(kind: str, **changes: object) -> bytes:
 @pytest.mark.parametrize("kind", ["run", "stop", "delete"])
 @pytest.mark.parametrize(("ts", "reason"), [
     (-1.0, r"Expected `float` >= 0.0 - at `\$.ts`"), (-1e12, ">= 0.0"),
-    (1e12, "invalid ts 1000000000000.0: .* at most 24 hours ahead"),  # milliseconds
-    (time.time() + MAX_AHEAD_S + 120, "invalid ts")])
+    (1e12, "ts 1000000000000.0 is more than 86400 s ahead"),  # milliseconds
+    (time.time() + MAX_TS_AHEAD_S + 120, "ahead of now")])
 def test_a_command_time_negative_or_over_a_day_ahead_is_refused(kind: str, ts: float,
                                                                  reason: str) -> None:
     with pytest.raises(CodecError, match=reason):
@@ -32,7 +33,7 @@ def test_a_command_time_negative_or_over_a_day_ahead_is_refused(kind: str, ts: f
 
 def test_a_command_time_from_now_to_a_day_ahead_decodes() -> None:
     now = time.time()
-    for ts in (0.0, now, now + MAX_AHEAD_S - 60):
+    for ts in (0.0, now, now + MAX_TS_AHEAD_S - 60):
         assert decode_command(_raw("stop", ts=ts)).ts == ts
 
 
