@@ -12,7 +12,8 @@ idle stream.
 Versions are ordered by the batch hash's `rev`: the feed can deliver a change after a read
 that saw it or a newer one (service.cache), so a stream never sends a version whose rev is not
 above the last one it sent (of that batch), save a read from Redis made now, which is the
-truth.
+truth. A change made without a message (FLUSHDB, a forced rebuild) wakes nothing: every
+stream reads from Redis again at least every `cache.ttl_s`, the GET cache's own backstop.
 
 Every stream of a process waits on the cache's change feed (`service.waiters`): one Redis
 subscription per API process, never one per client, and the batch is read through the cache,
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from typing import Any, Final
 
 import orjson
@@ -40,8 +42,10 @@ from service.errors import ApiError, not_found
 from service.fills import fills_of
 from service.waiters import GONE, READ, BatchFeed, Version
 
-# In a batch stream's queue: read the batch from Redis now, not from the cache.
+# In a batch stream's queue: read the batch from Redis now, not from the cache (the backstop
+# for changes made without a message).
 FRESH: Final = object()
+END: Final = object()  # a stream's deadline: the stopped batch was quiet for END_QUIET_S
 
 KEEPALIVE_S: Final = 15.0
 # A stopped batch can still change (a later stop event decides its outcome and reason, the
@@ -97,12 +101,19 @@ async def stream_batch(request: web.Request, key: str,
 async def _send_versions(request: web.Request, response: web.StreamResponse, key: str,
                          read: VersionedRead, feed: BatchFeed, first: Version) -> None:
     cache = request.app[CACHE]
+    loop = asyncio.get_running_loop()
     sent, sent_rev = request.headers.get("Last-Event-ID"), 0
     pending: list[Version | object] = [first]
+    # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing: the batch
+    # is read from Redis again at least every cache.ttl_s, the GET cache's own backstop.
+    fresh_by = backstop_due(cache.ttl_s)
     stopped = False  # the batch reached `stop`: `end` once it has been quiet for END_QUIET_S
+    changed_at = written_at = loop.time()  # when the last version, anything, was sent
     while True:
         for item in pending:
             fresh = item is FRESH
+            if fresh:
+                fresh_by = backstop_due(cache.ttl_s)
             if item is READ or fresh:
                 try:
                     item = Version.of(*(await _read_now(request, read) if fresh
@@ -122,30 +133,47 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
                 continue
             if item.etag != sent:
                 await _write(response, event("batch", item.body, item.etag))
-                sent = item.etag
+                sent, changed_at = item.etag, loop.time()
+                written_at = changed_at
             sent_rev = item.rev
             stopped = item.stopped
         if feed.overflow:
             raise TimeoutError("the client fell too far behind")
         if request.app[WAITERS].closing:
             return  # shutting down: the client reconnects (Last-Event-ID) elsewhere
-        timeout = KEEPALIVE_S if cache.live else DEGRADED_POLL_S
-        if stopped:
-            timeout = min(timeout, END_QUIET_S)
+        # Whichever comes first: `end` (stopped, and quiet since), the backstop's read (or,
+        # the feed down, a read every DEGRADED_POLL_S: nothing wakes us), a keep-alive once
+        # nothing was written for KEEPALIVE_S.
+        deadlines = [(changed_at + END_QUIET_S if stopped else math.inf, END),
+                     (fresh_by if cache.live else loop.time() + DEGRADED_POLL_S, FRESH),
+                     (written_at + KEEPALIVE_S, None)]
+        deadline, due = min(deadlines, key=lambda pair: pair[0])
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await feed.wake.wait()
         except TimeoutError:
-            if stopped:
+            if due is END:
                 await _write(response, event("end", b"{}"))
                 return
-            if cache.live:
+            if due is None:
                 await _write(response, b": keep-alive\n\n")
-                pending = []
-            else:
-                pending = [FRESH]  # the feed is down: nothing wakes us, read instead
+                written_at = loop.time()
+            pending = [FRESH] if due is FRESH else []
             continue
         pending = feed.take()
+        if loop.time() >= fresh_by:
+            pending.append(FRESH)
+
+
+def backstop_due(ttl_s: float) -> float:
+    """When a stream next reads from Redis for changes made without a message: the first
+    multiple of `ttl_s` on the loop's clock after now, the same instant for every stream, so
+    the streams of one batch join one read (service.fills) instead of each costing one. Now
+    counts a millisecond later: a timer can fire a clock tick before its deadline."""
+    if math.isinf(ttl_s):
+        return math.inf
+    now = asyncio.get_running_loop().time() + 0.001
+    return (math.floor(now / ttl_s) + 1) * ttl_s
 
 
 async def _read_now(request: web.Request, read: VersionedRead) -> tuple[bytes, None, int]:
@@ -170,7 +198,9 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
     (the last MAX_SENT) that was deleted meanwhile. An unknown pipeline is a 404, as its
     list is."""
     store = request.app[STORE]
-    fills = fills_of(store, request.app[CACHE])
+    cache = request.app[CACHE]
+    loop = asyncio.get_running_loop()
+    fills = fills_of(store, cache)
     waiters = request.app[WAITERS]
     watch = waiters.watch(pipeline_id)  # before the first read: no change falls between
     try:
@@ -190,13 +220,20 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                 if read is not None:  # else gone since the page's read: never sent
                     await _write(response, event("batch", read[0], etag_of(read[0])))
                     _remember(sent, batch_id, read[1])
+            fresh_by = backstop_due(cache.ttl_s)
             while True:
+                # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing:
+                # the page is read again at least every cache.ttl_s, as after a reset.
+                keep_alive_at = loop.time() + KEEPALIVE_S
                 try:
-                    async with asyncio.timeout(KEEPALIVE_S):
+                    async with asyncio.timeout_at(min(keep_alive_at, fresh_by)):
                         await watch.wake.wait()
                 except TimeoutError:
-                    await _write(response, b": keep-alive\n\n")
-                    continue
+                    if fresh_by > keep_alive_at:
+                        await _write(response, b": keep-alive\n\n")
+                        continue
+                    fresh_by = backstop_due(cache.ttl_s)
+                    watch.add(None)
                 if watch.overflow:
                     raise TimeoutError("the client fell too far behind")
                 if waiters.closing:

@@ -19,6 +19,7 @@ from core.models import new_batch_id
 from core.settings import Settings
 from service import streams
 from service.appkeys import WAITERS
+from service.cache import BatchCache
 from service.waiters import BatchFeed, PipelineWatch
 from tests.cache_support import (
     PIPELINE,
@@ -155,6 +156,42 @@ async def test_an_idle_stream_gets_keep_alive_comments(
         assert (await next_event(response))["event"] == "batch"
         assert (await next_event(response, timeout=3))["comments"] == ["keep-alive"]
         response.close()
+
+
+async def test_a_stream_learns_within_the_cache_ttl_of_a_change_made_without_a_message(
+        test_settings: Settings, redis: Redis) -> None:
+    """FLUSHDB (a forced rebuild, too, writes with no message): an open stream reads its
+    batch again at least every cache.ttl_s, the GET cache's own backstop, while the feed is
+    healthy and silent."""
+    store = direct_store(redis, test_settings)
+    [target] = await new_batches(store)
+    async with cached_api(test_settings, cache=BatchCache(ttl_s=0.5)) as api:
+        path = f"/api/v1/batches/{PIPELINE}/{target}"
+        response = await api.get(path, headers=SSE)
+        assert (await next_event(response))["event"] == "batch"
+        await redis.flushdb()
+        event = await next_event(response, timeout=3)
+        while event.get("comments") == ["keep-alive"]:
+            event = await next_event(response, timeout=3)
+        response.close()
+        assert cache_of(api).live
+    assert event.get("event") == "deleted", f"the stream sent {event or 'nothing'}"
+
+
+async def test_a_pipeline_stream_learns_within_the_cache_ttl_of_a_delete_without_a_message(
+        test_settings: Settings, redis: Redis) -> None:
+    pipeline = f"streams-{uuid.uuid4().hex[:8]}"
+    store = direct_store(redis, test_settings)
+    batch_id = new_batch_id()
+    await store.create(pipeline, batch_id, spec())
+    async with cached_api(test_settings, cache=BatchCache(ttl_s=0.5)) as api:
+        response = await api.get(f"/api/v1/batches/{pipeline}/", headers=SSE)
+        assert (await next_event(response))["event"] == "batch"
+        await redis.flushdb()
+        event = await next_event(response, timeout=3)
+        response.close()
+    assert (event.get("event"), orjson.loads(event.get("data", "{}"))) == (
+        "deleted", {"id": batch_id}), f"the stream sent {event or 'nothing'}"
 
 
 async def test_a_pipeline_stream_sends_the_newest_then_every_change(
