@@ -16,7 +16,7 @@ cache follows that channel and evicts. Three guards keep it honest:
   event traffic a batch that is being watched therefore stays a hit, instead of every change
   costing one request a read of Redis. It is as exact as a read: Redis sends the messages in
   the order it ran the changes, and the swap is recorded like an eviction, so a fill that
-  began before it is refused.
+  began before it is refused (unless its read saw that change: a rev at least the message's).
 - Versions are ordered by the hash's `rev` (every script that changes a batch hash bumps
   it). The feed and the reads travel on different connections, and nothing orders a
   message's arrival with another connection's reply: a lagging feed delivers a change after
@@ -25,10 +25,11 @@ cache follows that channel and evicts. Three guards keep it honest:
   fill never replaces an unexpired entry of a higher rev. Rev 0 means unknown (no order).
 - Invalidation is per key. `generation` is a sequence number that every eviction and reset
   advances; a reader notes it before reading Redis and offers the value with it. The value is
-  refused only if THAT key was evicted (or the cache reset) since: traffic on other batches no
-  longer voids the fill. Evictions are remembered in a bounded ring (`recent_max` keys); a
-  fill that began before the last eviction the ring forgot is refused, which is safe (it
-  only costs one more read of Redis later).
+  refused only if THAT key was evicted (or the cache reset) since, by a change whose rev is
+  unknown or above the value's: traffic on other batches no longer voids the fill.
+  Evictions are remembered in a bounded ring (`recent_max` keys); a fill that began before
+  the last eviction the ring forgot is refused, which is safe (it only costs one more read
+  of Redis later).
 
 The hot path (`lookup`) is a flag test, a dict lookup and a float comparison against a clock
 (`now`) that the feed's clock task updates every `tick_s`: no time call per hit. The feed
