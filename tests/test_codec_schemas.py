@@ -66,7 +66,9 @@ GOOD_EVENTS = [
     _event(ts=3),  # an integer time is a number too
     _event(unknown_field="ignored"),  # producers may add fields before the schema does
 ]
-BAD_EVENTS = [raw for raw, _ in MALFORMED_EVENTS] + [b"[1]", b'"text"', b"null"]
+# A JSON Schema cannot say "at most a day ahead of now": those cases are the decoder's alone.
+BAD_EVENTS = [raw for raw, reason in MALFORMED_EVENTS if reason != "ahead of now"] + [
+    b"[1]", b'"text"', b"null"]
 
 
 @pytest.mark.parametrize("raw", GOOD_EVENTS + BAD_EVENTS)

@@ -52,7 +52,10 @@ def write_data(data_root: Path, pipeline_id: str, batch_id: str, spec: PipelineS
 
 async def delete_pass(redis: Redis, settings: Settings, data_root: Path, pipeline_id: str,
                       batch_id: str) -> float | None:
-    """One pass of the delete job, its create window already over (the batch has no run)."""
+    """One pass of the delete job, its create window already over (the batch has no run),
+    the batch hidden first as every delete does (a job meeting a visible batch leaves it
+    alone: that batch was created after the delete)."""
+    await store_for(redis, settings).hide(pipeline_id, batch_id)
     opts = options(cleanup_recheck_s=0.0)
     gateway = PrefectGateway(settings, opts.prefect_timeout_s)
     await gateway.open()
