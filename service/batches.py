@@ -72,7 +72,10 @@ async def _resolve(request: web.Request, pipeline_id: str, version: str | None) 
 async def run_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.WRITE)
     pipeline_id = path_id(request, "pipeline_id")
-    requested = request.query.get("pipeline_version")
+    given = request.query.getall("pipeline_version", [])
+    if len(given) > 1:  # which one was meant is anybody's guess, as in the list's filters
+        raise bad_request("pipeline_version is given more than once")
+    requested = given[0] if given else None
     if requested is not None and not valid_id(requested):
         raise bad_request("pipeline_version must match [A-Za-z0-9._-]{1,128}")
     header = request.headers.get("Idempotency-Key")
