@@ -179,18 +179,18 @@ class Reconciler(Part):
             ended = await self.prefect.step_ends(stop.flow_run_id) if stop.flow_run_id else {}
             mine = steps[stop.event_id] = []
             still_running = running_steps(fields)
-            for step, (state, state_id) in sorted(ended.items()):
+            for step, (state, state_id, entered) in sorted(ended.items()):
                 held = fields.get(STEP_PREFIX + step)
                 if held is not None and STEP_RANK[held] < STEP_RANK["success"]:
                     mine.append(Event(type="step.state", batch_id=stop.batch_id,
                                       pipeline_id=stop.pipeline_id, step=step, state=state,
-                                      event_id=derived_id("task-", state_id)))
+                                      event_id=derived_id("task-", state_id), ts=entered))
                     still_running.discard(step)
             if stop.outcome != "completed":
                 mine += [Event(type="step.state", batch_id=stop.batch_id,
                                pipeline_id=stop.pipeline_id,
                                event_id=_step_event_id(stop.event_id, step), step=step,
-                               state="failed")
+                               state="failed", ts=0.0)  # a guess: any real end beats it
                          for step in sorted(still_running)]
         out: list[Event] = []
         for e in events:

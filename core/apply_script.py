@@ -25,26 +25,29 @@ from core.models import OUTCOMES
 # names to parse, no id where none is read; null = absent):
 #   ["b", id, state, outcome, reason, flow_run_id, ts]  batch.state; ts is read on stops
 #                    only ("<decimal seconds>"; absent counts as 0)
-#   ["s", id, step, state]                              step.state
+#   ["s", id, step, state, ts]                          step.state; ts on final states
 #   ["o", step, partition, "<decimal offset>", ...]     step.offsets (any number of pairs)
 #   ["t", step, partition, "<decimal total>", ...]      the totals a step.offsets carried
 # Rules: batch state only moves forward (pending < scheduled < running < stop); among the
 # stops applied, the one with the greatest ts decides outcome and reason (ties: the first
 # applied), because Prefect allows Cancelled -> Running -> Completed: a cancel that lost the
-# race to a starting run is followed by the run's real end, which must win whatever the
-# order of arrival; a step state only moves forward and success/failed are
-# final; an offset only grows (max by value, so offsets events need no id: re-delivered or
-# merged ones can only raise an offset, never lose one); a state event whose id was seen
-# before changes nothing; unknown steps are ignored. Once the batch is `stop` its seen ids
-# are deleted and no more are remembered: the rules above already make every later event,
-# duplicate or not, harmless. Returns, per batch, the number of its events that changed it,
-# or -1 when the batch is unknown or deleted (its events are dropped). Each batch's hash is
-# read once and written once (what changed, in one HSET): a batch whose data raises an error
-# is left untouched and stops the call there; the batches before it are applied, the others
-# not (the caller applies them again one by one: every rule above is idempotent). A batch
-# whose state or outcome changed moves between the filter indexes (a ZREM and a ZADD; `stop`
-# has no state index: its outcome's holds it); the hot path, a batch's offsets, touches no
-# index. A batch reaching `stop` is appended to the finished bucket of ARGV[1]'s hour (the
+# race to a starting run is followed by the run's real end, which must win whatever the order
+# of arrival; a step state only moves forward, and between its two final states (success,
+# failed) the one with the greater ts holds (ties: the first applied), kept in
+# `ended:<step>` (milliseconds): a failed flow run retried in Prefect that then completes ends its steps
+# again, and the guesses of the reconciler (a running step of a dead run `failed`, ts 0) yield
+# to any real end; an offset only grows (max by value, so offsets events need no id:
+# re-delivered or merged ones can only raise an offset, never lose one); a state event whose
+# id was seen before changes nothing; unknown steps are ignored. Once the batch is `stop` its
+# seen ids are deleted and no more are remembered: the rules above already make every later
+# event, duplicate or not, harmless. Returns, per batch, the number of its events that changed
+# it, or -1 when the batch is unknown or deleted (its events are dropped). Each batch's hash
+# is read once and written once (what changed, in one HSET): a batch whose data raises an
+# error is left untouched and stops the call there; the batches before it are applied, the
+# others not (the caller applies them again one by one: every rule above is idempotent). A
+# batch whose state or outcome changed moves between the filter indexes (a ZREM and a ZADD;
+# `stop` has no state index: its outcome's holds it); the hot path, a batch's offsets, touches
+# no index. A batch reaching `stop` is appended to the finished bucket of ARGV[1]'s hour (the
 # retention sweeper's: core.list_scripts.HOURS_LUA), once: the state reaches `stop` once.
 _APPLY_EVENTS_TEXT: Final = """
 local BATCH_RANK = BATCH_RANK_TABLE
@@ -63,6 +66,12 @@ local function stop_ts(ts)
   if n == nil or n ~= n or n == math.huge or n == -math.huge then return 0, '0' end
   if type(ts) == 'string' then return n, ts end
   return n, string.format('%.17g', n)
+end
+-- A step end's ts in whole milliseconds, as stored in `ended:<step>` (a finished batch keeps
+-- one per step: milliseconds are shorter than the ts as sent, and exact as Lua numbers).
+local function ended_ms(ts)
+  local n = stop_ts(ts)
+  return string.format('%d', math.floor(n * 1000))
 end
 local function text(value)  -- a string field of an event, or nil (absent: JSON null)
   if type(value) == 'string' then return value end
@@ -138,12 +147,21 @@ local function apply(hash, seen, events)
       local field = 'step:' .. tostring(ev[3])
       local cur = h[field]
       local new = STEP_RANK[ev[4]]
+      local final = ev[4] == 'success' or ev[4] == 'failed'
       if cur and new and new > (STEP_RANK[cur] or 0) then
         put(field, ev[4])
         if ev[4] == 'running' and not h['started:' .. ev[3]] then
           put('started:' .. ev[3], now)  -- progress: the step's rate counts from here
         end
+        if final then put('ended:' .. ev[3], ended_ms(ev[5])) end
         did = true
+      elseif cur and final and cur ~= ev[4] and new == STEP_RANK[cur] then
+        local ms = ended_ms(ev[5])
+        if tonumber(ms) > (tonumber(h['ended:' .. ev[3]]) or 0) then
+          put(field, ev[4])
+          put('ended:' .. ev[3], ms)
+          did = true
+        end
       end
     elseif kind == 'o' then
       local step = tostring(ev[2])

@@ -31,6 +31,9 @@ OFFSET_PREFIX: Final = "off:"
 TOTAL_PREFIX: Final = "tot:"  # tot:<step>:<partition> -> records the partition holds
 STARTED_PREFIX: Final = "started:"  # started:<step> -> when the step began running (ISO)
 MOVED_PREFIX: Final = "moved:"  # moved:<step> -> when an offset of the step last grew (ISO)
+# ended:<step> -> the `ts` of the event that gave the step its final state, in milliseconds:
+# a later end replaces an earlier one (a rerun of a failed flow run that completes).
+ENDED_PREFIX: Final = "ended:"
 # resumed:<step> -> records the step had done when its batch was created (a resumed batch's
 # first step not done): they are not counted in the step's rate.
 RESUMED_PREFIX: Final = "resumed:"
@@ -42,8 +45,8 @@ RESUMED_FROM: Final = "resumed_from"
 _OFFSET_KIND: Final = OFFSET_PREFIX[:-1]
 _TOTAL_KIND: Final = TOTAL_PREFIX[:-1]
 
-# The order states only move forward in. Both final step states rank alike: neither replaces
-# the other.
+# The order states only move forward in. Both final step states rank alike: between them the
+# end with the greater `ts` holds (APPLY_EVENTS).
 BATCH_RANK: Final[Mapping[str, int]] = {state: n for n, state in enumerate(BATCH_STATES)}
 STEP_RANK: Final[Mapping[str, int]] = {
     state: min(n, STEP_STATES.index("success")) for n, state in enumerate(STEP_STATES)}

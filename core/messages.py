@@ -214,7 +214,9 @@ class StepState(Event, tag="step.state", kw_only=True):
             refuse_ts(self.ts)
 
     def to_script(self) -> list[Any]:
-        return ["s", self.event_id, self.step, self.state]
+        # A final state's ts goes along (APPLY_EVENTS: the later end of a step holds).
+        ts = repr(self.ts) if self.state in ("success", "failed") else None
+        return ["s", self.event_id, self.step, self.state, ts]
 
 
 class StepOffsets(Event, tag="step.offsets", kw_only=True):

@@ -184,7 +184,8 @@ def _encode(rest: dict[str, str], base_ms: int | None) -> list[Any]:
                           n, off_out, tot_out])
     return [steps_value, name, deployment, pipeline_id, scalars.get("pipeline_version"),
             scalars.get("flow_run_id"), scalars.get("reason"), config,
-            scalars.get("resumed_from"), steps_out, lists, other]
+            # Sorted: the same hash packs to the same text whatever order HGETALL gave.
+            scalars.get("resumed_from"), steps_out, lists, dict(sorted(other.items()))]
 
 
 # Where `_encode` files a field: (kind, step, key) with kind an index into its (offsets,

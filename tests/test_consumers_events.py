@@ -327,7 +327,7 @@ def test_a_poll_merges_the_highest_offset_per_partition_and_keeps_every_other_ev
     given = [e.to_dict() for e in events]
     stop_ts = repr(events[-1].ts)
     assert script_entries(events) == {"p": {
-        "b1": [["s", "b", "s", "running"],
+        "b1": [["s", "b", "s", "running", None],
                ["b", "f", "stop", None, None, None, stop_ts],
                ["o", "s", "p0", "5", "p1", "7"],
                ["o", "t", "p0", "2"]],

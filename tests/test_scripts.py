@@ -188,12 +188,14 @@ async def test_flow_run_id_is_set_once(store: BatchStore) -> None:
     assert (await store.fields(P, b) or {})["flow_run_id"] == "fr-1"
 
 
-async def test_step_states_are_ordered_and_final(store: BatchStore) -> None:
+async def test_step_states_are_ordered_and_an_end_yields_only_to_a_later_one(
+        store: BatchStore) -> None:
     b = await new_batch(store)
-    events = [ev(b, "step.state", step="extract", state=s) for s in ("running", "pending", "success")]
-    events += [ev(b, "step.state", step="extract", state="failed"),
-               ev(b, "step.state", step="transform", state="failed"),
-               ev(b, "step.state", step="transform", state="success"),
+    events = [ev(b, "step.state", step="extract", state=s, ts=10.0)
+              for s in ("running", "pending", "success")]
+    events += [ev(b, "step.state", step="extract", state="failed", ts=9.0),  # earlier: ignored
+               ev(b, "step.state", step="transform", state="failed", ts=10.0),
+               ev(b, "step.state", step="transform", state="success", ts=10.0),  # a tie
                ev(b, "step.state", step="nope", state="running")]
     assert await store.apply(events) == {(P, b): 3}
     batch = await store.get(P, b)
@@ -201,6 +203,35 @@ async def test_step_states_are_ordered_and_final(store: BatchStore) -> None:
     steps = batch["state"]["steps"]
     assert {k: v["state"] for k, v in steps.items()} == {
         "extract": "success", "transform": "failed", "load": "none"}
+
+
+async def test_a_failed_run_rerun_to_completion_ends_its_steps_again_in_any_order(
+        store: BatchStore) -> None:
+    """A failed flow run retried in Prefect (its UI's "Retry") runs the failed step again and
+    completes: the batch ended stop/completed with that step `failed` for ever, since a final
+    step state never moved. A reconciler's guess (a running step of a dead run, ts 0)
+    yields to any real end too."""
+    def rerun(b: str) -> list[Event]:
+        return [ev(b, "step.state", step="extract", state="success", ts=100.0),
+                ev(b, "step.state", step="transform", state="failed", ts=110.0),
+                ev(b, "step.state", step="load", state="failed", ts=0.0),  # a guess
+                ev(b, "batch.state", state="stop", outcome="failed", ts=111.0),
+                ev(b, "step.state", step="transform", state="success", ts=200.0),
+                ev(b, "step.state", step="load", state="success", ts=210.0),
+                ev(b, "batch.state", state="stop", outcome="completed", ts=211.0)]
+    in_order, reversed_, one_by_one = [await new_batch(store) for _ in range(3)]
+    await store.apply(rerun(in_order))
+    await store.apply(rerun(reversed_)[::-1])
+    for event in rerun(one_by_one):
+        await store.apply([event])
+    for b in (in_order, reversed_, one_by_one):
+        batch = await store.get(P, b)
+        assert batch is not None
+        assert (batch["state"]["state"], batch["outcome"]) == ("stop", "completed")
+        assert {k: v["state"] for k, v in batch["state"]["steps"].items()} == dict.fromkeys(
+            ("extract", "transform", "load"), "success"), b
+    # The same end again changes nothing.
+    assert await store.apply(rerun(in_order)[-3:]) == {(P, in_order): 0}
 
 
 async def test_offsets_only_grow_and_are_exact_beyond_float_digits(store: BatchStore) -> None:

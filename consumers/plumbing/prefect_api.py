@@ -142,26 +142,27 @@ class PrefectGateway:
             found.update((str(r.id), RunState.of(r)) for r in runs)
         return found
 
-    async def step_ends(self, flow_run_id: str) -> dict[str, tuple[str, str]]:
+    async def step_ends(self, flow_run_id: str) -> dict[str, tuple[str, str, float]]:
         """The final state of each step of a flow run as its task runs hold it: step name ->
-        (step state, Prefect state id), the latest task run of a step deciding. A task run is
-        named after its step once Running (pipelines/flow.py)."""
+        (step state, Prefect state id, when it was entered), the latest task run of a step
+        deciding. A task run is named after its step once Running (pipelines/flow.py)."""
         if not is_uuid(flow_run_id):
             return {}
         runs = await self._bounded("read_task_runs", self.client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)])),
             limit=200,
         ))  # fmt: skip
-        ends: dict[str, tuple[str, str, datetime]] = {}
+        ends: dict[str, tuple[str, str, float]] = {}
         for run in runs:
             state = run.state
             mapped = TASK_STATES.get(state.type.value) if state is not None else None
             if state is None or mapped not in ("success", "failed"):
                 continue
             held = ends.get(run.name)
-            if held is None or state.timestamp > held[2]:
-                ends[run.name] = (mapped, str(state.id), state.timestamp)
-        return {step: (mapped, state_id) for step, (mapped, state_id, _) in ends.items()}
+            entered = state.timestamp.timestamp()
+            if held is None or entered > held[2]:
+                ends[run.name] = (mapped, str(state.id), entered)
+        return ends
 
     async def of_batch(self, pipeline_id: str, batch_id: str,
                        known: str | None = None) -> list[RunState]:
