@@ -176,7 +176,13 @@ class Reconciler(Part):
         steps: dict[str, list[Event]] = {}
         for stop, packed in zip(stops, hashes, strict=True):
             fields = unpacked(packed)
-            ended = await self.prefect.step_ends(stop.flow_run_id) if stop.flow_run_id else {}
+            ended: dict[str, tuple[str, str, float]] = {}
+            if stop.flow_run_id:
+                try:
+                    ended = await self.prefect.step_ends(stop.flow_run_id)
+                except Exception as exc:  # the round's other repairs must not wait on it
+                    log.warning("reconciler: task runs of %s unread (%s); running steps get "
+                                "the usual guess", stop.flow_run_id, describe(exc))
             mine = steps[stop.event_id] = []
             still_running = running_steps(fields)
             for step, (state, state_id, entered) in sorted(ended.items()):

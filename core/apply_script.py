@@ -157,7 +157,9 @@ local function apply(hash, seen, events)
         did = true
       elseif cur and final and cur ~= ev[4] and new == STEP_RANK[cur] then
         local ms = ended_ms(ev[5])
-        if tonumber(ms) > (tonumber(h['ended:' .. ev[3]]) or 0) then
+        -- A hash from before `ended:` keeps its first end (the rule it was applied under).
+        local held = tonumber(h['ended:' .. ev[3]])
+        if held and tonumber(ms) > held then
           put(field, ev[4])
           put('ended:' .. ev[3], ms)
           did = true

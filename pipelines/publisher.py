@@ -89,8 +89,13 @@ class EventPublisher:
         await self.publish(self._event("batch.state", state=state, outcome=outcome,
                                        reason=reason, flow_run_id=flow_run_id))
 
-    async def step_state(self, step: str, state: str) -> None:
-        await self.publish(self._event("step.state", step=step, state=state))
+    async def step_state(self, step: str, state: str, ts: float | None = None) -> None:
+        """`ts`: the end's time if not now; 0 for a guess any real end of the step replaces
+        (APPLY_EVENTS keeps the later of a step's two final states)."""
+        fields: dict[str, Any] = {"step": step, "state": state}
+        if ts is not None:
+            fields["ts"] = ts
+        await self.publish(self._event("step.state", **fields))
 
     async def step_offsets(self, step: str, offsets: dict[str, int],
                            totals: dict[str, int] | None = None) -> None:

@@ -97,7 +97,9 @@ async def publish_stop(flow_run: FlowRun, outcome: str, reason: str) -> None:
         steps = await unfinished_steps(settings, flow_run, pipeline_id, batch_id)
     async with open_publisher(settings, batch_id, pipeline_id) as events:
         for step in sorted(steps):
-            await events.step_state(step, "failed")
+            # A guess (the sweep may read before a step's own end is recorded): ts 0, so any
+            # real end of the step replaces it.
+            await events.step_state(step, "failed", ts=0.0)
         await events.batch_state("stop", outcome=outcome, reason=reason,
                                  flow_run_id=str(flow_run.id))
 

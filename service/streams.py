@@ -221,16 +221,20 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                     await _write(response, event("batch", read[0], etag_of(read[0])))
                     _remember(sent, batch_id, read[1])
             fresh_by = backstop_due(cache.ttl_s)
+            # From the last keep-alive, not from each wake-up: the backstop's reads (every
+            # cache.ttl_s, shorter than KEEPALIVE_S) must not put the keep-alive off for ever.
+            keep_alive_at = loop.time() + KEEPALIVE_S
             while True:
                 # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing:
                 # the page is read again at least every cache.ttl_s, as after a reset.
-                keep_alive_at = loop.time() + KEEPALIVE_S
                 try:
                     async with asyncio.timeout_at(min(keep_alive_at, fresh_by)):
                         await watch.wake.wait()
                 except TimeoutError:
-                    if fresh_by > keep_alive_at:
+                    if loop.time() >= keep_alive_at:
                         await _write(response, b": keep-alive\n\n")
+                        keep_alive_at = loop.time() + KEEPALIVE_S
+                    if loop.time() < fresh_by:
                         continue
                     fresh_by = backstop_due(cache.ttl_s)
                     watch.add(None)

@@ -445,3 +445,19 @@ async def test_totals_and_the_times_progress_is_computed_from(
     rev = fields["rev"]
     await store.apply([ev(b, "step.offsets", step=step, offsets={"p0": 5}, totals={"p0": 100})])
     assert await redis.hget(keys.batch(P, b), "rev") == rev
+
+
+async def test_a_guessed_failed_never_replaces_a_real_end_nor_a_hash_from_before_ended(
+        store: BatchStore, redis: Redis) -> None:
+    """The crash hook's and the reconciler's `failed` for a step they saw running carry ts 0:
+    a success recorded meanwhile holds. A hash written before `ended:<step>` existed keeps
+    its first end, as the rule it was applied under did."""
+    b = await new_batch(store)
+    await store.apply([ev(b, "step.state", step="extract", state="success", ts=5.0)])
+    await store.apply([ev(b, "step.state", step="extract", state="failed", ts=0.0)])
+    old = await new_batch(store)
+    await store.apply([ev(old, "step.state", step="extract", state="success", ts=5.0)])
+    await redis.hdel(keys.batch(P, old), "ended:extract")  # as older code left it
+    await store.apply([ev(old, "step.state", step="extract", state="failed", ts=9.0)])
+    for batch_id in (b, old):
+        assert (await store.fields(P, batch_id) or {})["step:extract"] == "success"
