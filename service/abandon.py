@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+import msgspec
 import orjson
 from redis.asyncio import Redis
 
@@ -56,11 +57,15 @@ class Abandoner:
         self._idle_s = idle_s
         self._wake = asyncio.Event()
 
-    async def abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str) -> None:
-        """Hides the batch as `stop`/`failed` and records that its delete must be queued."""
+    async def abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str, *,
+                      released: bool) -> None:
+        """Hides the batch as `stop`/`failed` and records that its delete must be queued.
+        `released`: the request that made the batch released its Idempotency-Key (a POST
+        answered 503); its delete says so, so a rebuild does not restore the key's record
+        (a DELETE answered 200 released nothing: its batch's key stays taken)."""
         # The outbox entry first: should the process die between the two, a delete of a
         # batch that was never hidden is harmless, a hidden batch nobody deletes is not.
-        member = orjson.dumps([pipeline_id, batch_id, version]).decode()
+        member = orjson.dumps([pipeline_id, batch_id, version, released]).decode()
         await self._redis.zadd(keys.ABANDONED, {member: time.time()})
         await self._scripts.abandon_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
@@ -102,11 +107,14 @@ class Abandoner:
         members = cast(list[str], await self._redis.zrange(keys.ABANDONED, 0, 99))
         done = 0
         for member in members:
-            pipeline_id, batch_id, version = orjson.loads(member)
-            # Marked: the run command carries the Idempotency-Key this process released
+            # Entries written before `released` was recorded were all marked.
+            pipeline_id, batch_id, version, *rest = orjson.loads(member)
+            released = bool(rest[0]) if rest else True
+            # Marked when its run command carries an Idempotency-Key this process released
             # (a rebuild must leave it released).
-            await self._sender.command(Command("delete", batch_id, pipeline_id,
-                                               pipeline_version=version, abandoned=True))
+            await self._sender.command(Command(
+                "delete", batch_id, pipeline_id, pipeline_version=version,
+                abandoned=True if released else msgspec.UNSET))
             await self._redis.zrem(keys.ABANDONED, member)
             done += 1
         return done

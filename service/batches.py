@@ -168,7 +168,8 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     except BaseException as exc:  # Ambiguous, or cancelled while Kafka held the record
         cause = exc.cause if isinstance(exc, Ambiguous) else type(exc).__name__
         reason = f"the run command was not confirmed by Kafka ({cause}); the batch will not run"
-        await request.app[ABANDONER].abandon(pipeline_id, batch_id, spec.version, reason)
+        await request.app[ABANDONER].abandon(pipeline_id, batch_id, spec.version, reason,
+                                             released=True)
         request.app[CACHE].evict(keys.batch(pipeline_id, batch_id))
         raise
 
@@ -260,7 +261,7 @@ async def delete_batch(request: web.Request) -> web.Response:
         # The delete may be written already: the batch is hidden in any case and its delete
         # queued again from the outbox, so the answer is the one a retry would get.
         await request.app[ABANDONER].abandon(pipeline_id, batch_id, version,
-                                             "deleted through the batches API")
+                                             "deleted through the batches API", released=False)
     try:
         await store.hide(pipeline_id, batch_id)
     except Exception as exc:

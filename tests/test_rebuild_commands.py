@@ -233,6 +233,48 @@ async def test_an_idempotency_key_released_after_an_ambiguous_send_stays_free_af
         await proxy.close()
 
 
+async def test_a_delete_whose_send_went_unanswered_keeps_the_posts_key_after_a_rebuild(
+        topics: Settings, redis: Redis) -> None:
+    """A DELETE whose command Kafka did not confirm hides the batch and queues its delete
+    again from the outbox; the POST that made the batch released nothing, so after a rebuild
+    a retry with its Idempotency-Key still answers 409 (the key's batch was deleted), as it
+    did before, and does not make a second batch."""
+    proxy = KafkaProxy(topics.kafka_bootstrap.split(",")[0])
+    await proxy.start()
+    idem = {**AUTH, "Idempotency-Key": unique("key")}
+    try:
+        settings = api_settings(topics, kafka_bootstrap=proxy.address)
+        async with api_client(settings) as api:
+            resp = await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+            assert resp.status == 201
+            resp = await api.post("/api/v1/batches/p", headers=idem)
+            assert resp.status == 200
+            batch_id = (await resp.json())["item"]
+            proxy.mute()  # the broker writes the delete command; its answer is lost
+            resp = await api.delete(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
+            assert resp.status == 200
+            proxy.restore()
+
+            # The outbox's delete goes once Kafka answers again.
+            async def sent() -> bool:
+                return await redis.zcard(keys.ABANDONED) == 0
+            await eventually(sent, timeout=30, interval=0.2)
+        before = await _retry(topics, idem)
+        await redis.flushdb()
+        await rebuild(topics)
+        after = await _retry(topics, idem)
+        assert (before, after) == (409, 409), (
+            f"the POST's retry answered {before} before the loss, {after} after the rebuild")
+    finally:
+        await proxy.close()
+
+
+async def _retry(settings: Settings, headers: dict[str, str]) -> int:
+    async with api_client(api_settings(settings)) as api:
+        resp = await api.post("/api/v1/batches/p", headers=headers)
+        return resp.status
+
+
 def test_a_delete_or_stop_counts_only_after_the_batchs_last_creation() -> None:
     """Same key, same partition: offsets order a batch's commands; across partitions (the
     topic repartitioned since) the senders' times do."""
