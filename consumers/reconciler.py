@@ -14,7 +14,6 @@ whose batch is gone, hidden or stopped.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -38,15 +37,6 @@ from core.settings import Settings
 log = logging.getLogger(__name__)
 # Batches looked up by tag per round (one Prefect call each); the rest wait their turn.
 UNRECORDED_PER_ROUND: Final = 50
-
-
-def _step_event_id(stop_id: str, step: str) -> str:
-    """Derived from the stop's id, so a repeated round names it the same (event ids have
-    at most 128 characters; a long step name is hashed)."""
-    event_id = f"{stop_id}-{step}"
-    if len(event_id) > 128:
-        event_id = f"{stop_id}-{hashlib.sha256(step.encode()).hexdigest()[:24]}"
-    return event_id
 
 
 class Reconciler(Part):
@@ -195,7 +185,7 @@ class Reconciler(Part):
             if stop.outcome != "completed":
                 mine += [Event(type="step.state", batch_id=stop.batch_id,
                                pipeline_id=stop.pipeline_id,
-                               event_id=_step_event_id(stop.event_id, step), step=step,
+                               event_id=derived_id(stop.event_id + "-", step), step=step,
                                state="failed", ts=0.0)  # a guess: any real end beats it
                          for step in sorted(still_running)]
         out: list[Event] = []

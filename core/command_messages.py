@@ -16,16 +16,15 @@ import msgspec
 from core import layout
 from core.messages import (
     ENCODER,
-    MAX_TS_AHEAD_S,
     SCHEMA,
     CodecError,
     Id,
     IdOrEmpty,
     Timestamp,
+    check_ts,
     id_chars_only,
     new_message_id,
     refuse_ids,
-    refuse_ts,
 )
 
 # What a publisher's own batch ids look like: `batch-` and 1 to 122 id characters (the API's
@@ -67,8 +66,7 @@ class Command(msgspec.Struct, metaclass=_CommandMeta, kw_only=True, tag_field="t
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "pipeline_version"))
         # A command's time decides against a run's own end (a give-up's `failed` carries
         # it), so one far ahead would outrank every real end; none is that far off by skew.
-        if self.ts > time.time() + MAX_TS_AHEAD_S:
-            refuse_ts(self.ts)
+        check_ts(self.ts)
 
     @property
     def key(self) -> bytes:

@@ -76,9 +76,12 @@ def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
-def refuse_ts(ts: float) -> None:
-    raise CodecError(f"ts {ts!r} is more than {MAX_TS_AHEAD_S:.0f} s ahead of now: ts is in "
-                     "seconds since the epoch")
+def check_ts(ts: float) -> None:
+    """Refuses a `ts` more than a day ahead: a stamp in milliseconds would win every
+    comparison of times for ever."""
+    if ts > time.time() + MAX_TS_AHEAD_S:
+        raise CodecError(f"ts {ts!r} is more than {MAX_TS_AHEAD_S:.0f} s ahead of now: ts is in "
+                         "seconds since the epoch")
 
 
 def derived_id(prefix: str, base: str) -> str:
@@ -168,8 +171,7 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
     def __post_init__(self) -> None:
         if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id"))
-        if self.ts > time.time() + MAX_TS_AHEAD_S:
-            refuse_ts(self.ts)
+        check_ts(self.ts)
 
     def encode(self) -> bytes:
         return ENCODER.encode(self)
@@ -210,8 +212,7 @@ class StepState(Event, tag="step.state", kw_only=True):
     def __post_init__(self) -> None:
         if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id + self.step):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
-        if self.ts > time.time() + MAX_TS_AHEAD_S:
-            refuse_ts(self.ts)
+        check_ts(self.ts)
 
     def to_script(self) -> list[Any]:
         # A final state's ts goes along (APPLY_EVENTS: the later end of a step holds).
@@ -236,8 +237,7 @@ class StepOffsets(Event, tag="step.offsets", kw_only=True):
             refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
         if self.totals and not id_chars_only("".join(self.totals)):
             refuse_ids(self, (), self.totals)
-        if self.ts > time.time() + MAX_TS_AHEAD_S:
-            refuse_ts(self.ts)
+        check_ts(self.ts)
 
     def to_script(self) -> list[Any]:
         # No id: offsets apply by value, never de-duplicated by id.

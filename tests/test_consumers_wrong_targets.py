@@ -7,6 +7,8 @@ events' 128 characters."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import cast
 
 import pytest
@@ -46,6 +48,19 @@ async def _fields(redis: Redis, pipeline_id: str, batch_id: str) -> dict[str, st
     return unpacked(cast(dict[str, str], await redis.hgetall(keys.batch(pipeline_id, batch_id))))
 
 
+@asynccontextmanager
+async def _cleanup(topics: Settings, redis: Redis) -> AsyncIterator[tuple[Cleanup, PrefectGateway]]:
+    """The commands consumer's clean-up of stops and deletes, on its own Prefect gateway."""
+    opts = options()
+    gateway = PrefectGateway(topics, opts.prefect_timeout_s)
+    await gateway.open()
+    try:
+        yield (Cleanup(redis, gateway, store_for(redis, topics), ActiveRuns(redis), opts,
+                       asyncio.Event()), gateway)
+    finally:
+        await gateway.close()
+
+
 @pytest.mark.timeout(90)
 async def test_a_flow_run_id_that_is_no_uuid_does_not_blind_the_reconciler(
         topics: Settings, redis: Redis) -> None:
@@ -76,15 +91,8 @@ async def test_a_stop_cancels_the_batchs_run_whatever_id_its_hash_holds(
         batch_id = await pool.batch()
         real_run = await pool.scheduled(batch_id, record=False)  # found by its tags
         await redis.hset(keys.batch(pool.pipeline_id, batch_id), "flow_run_id", NOT_A_UUID)
-        opts = options()
-        gateway = PrefectGateway(topics, opts.prefect_timeout_s)
-        await gateway.open()
-        try:
-            cleanup = Cleanup(redis, gateway, store_for(redis, topics), ActiveRuns(redis),
-                              opts, asyncio.Event())
+        async with _cleanup(topics, redis) as (cleanup, _):
             await cleanup.one_pass("stop", pool.pipeline_id, batch_id, since=0.0)
-        finally:
-            await gateway.close()
         assert await pool.state_of(real_run) == "CANCELLED"
 
 
@@ -97,18 +105,11 @@ async def test_a_delete_naming_another_pipeline_leaves_the_batch_of_that_id_alon
     async with idle_pool(topics, redis) as pool:
         batch_id = await pool.batch()
         run = await pool.scheduled(batch_id)
-        opts = options()
-        gateway = PrefectGateway(topics, opts.prefect_timeout_s)
-        await gateway.open()
-        try:
-            cleanup = Cleanup(redis, gateway, store_for(redis, topics), ActiveRuns(redis),
-                              opts, asyncio.Event())
+        async with _cleanup(topics, redis) as (cleanup, gateway):
             await cleanup.one_pass("delete", "some-other-pipeline", batch_id, since=0.0)
             # The batch's own pipeline still reaches it.
             assert [r.flow_run_id for r in await gateway.of_batch(pool.pipeline_id, batch_id)] \
                 == [run]
-        finally:
-            await gateway.close()
         assert (await _fields(redis, pool.pipeline_id, batch_id))["state"] == "scheduled"
         assert await pool.state_of(run) == "SCHEDULED"
 
