@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import zlib
 from typing import Any, Final
 
 import orjson
@@ -106,14 +107,14 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
     pending: list[Version | object] = [first]
     # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing: the batch
     # is read from Redis again at least every cache.ttl_s, the GET cache's own backstop.
-    fresh_by = backstop_due(cache.ttl_s)
+    fresh_by = backstop_due(cache.ttl_s, key)
     stopped = False  # the batch reached `stop`: `end` once it has been quiet for END_QUIET_S
     changed_at = written_at = loop.time()  # when the last version, anything, was sent
     while True:
         for item in pending:
             fresh = item is FRESH
             if fresh:
-                fresh_by = backstop_due(cache.ttl_s)
+                fresh_by = backstop_due(cache.ttl_s, key)
             if item is READ or fresh:
                 try:
                     item = Version.of(*(await _read_now(request, read) if fresh
@@ -165,15 +166,18 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
             pending.append(FRESH)
 
 
-def backstop_due(ttl_s: float) -> float:
-    """When a stream next reads from Redis for changes made without a message: the first
-    multiple of `ttl_s` on the loop's clock after now, the same instant for every stream, so
-    the streams of one batch join one read (service.fills) instead of each costing one. Now
-    counts a millisecond later: a timer can fire a clock tick before its deadline."""
+def backstop_due(ttl_s: float, key: str) -> float:
+    """When a stream of `key` (a batch's or a pipeline's) next reads from Redis for changes
+    made without a message: the first instant after now of a grid of step `ttl_s` on the
+    loop's clock, shifted by a phase drawn from `key`. The streams of one batch meet at the
+    same instant and join one read (service.fills) instead of each costing one; the
+    streams of different batches are spread over the period instead of all reading at
+    once. Now counts a millisecond later: a timer can fire a clock tick before its deadline."""
     if math.isinf(ttl_s):
         return math.inf
+    phase = zlib.crc32(key.encode()) / 2**32 * ttl_s
     now = asyncio.get_running_loop().time() + 0.001
-    return (math.floor(now / ttl_s) + 1) * ttl_s
+    return (math.floor((now - phase) / ttl_s) + 1) * ttl_s + phase
 
 
 async def _read_now(request: web.Request, read: VersionedRead) -> tuple[bytes, None, int]:
@@ -220,7 +224,7 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                 if read is not None:  # else gone since the page's read: never sent
                     await _write(response, event("batch", read[0], etag_of(read[0])))
                     _remember(sent, batch_id, read[1])
-            fresh_by = backstop_due(cache.ttl_s)
+            fresh_by = backstop_due(cache.ttl_s, pipeline_id)
             # From the last keep-alive, not from each wake-up: the backstop's reads (every
             # cache.ttl_s, shorter than KEEPALIVE_S) must not put the keep-alive off for ever.
             keep_alive_at = loop.time() + KEEPALIVE_S
@@ -236,7 +240,7 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         keep_alive_at = loop.time() + KEEPALIVE_S
                     if loop.time() < fresh_by:
                         continue
-                    fresh_by = backstop_due(cache.ttl_s)
+                    fresh_by = backstop_due(cache.ttl_s, pipeline_id)
                     watch.add(None)
                 if watch.overflow:
                     raise TimeoutError("the client fell too far behind")
