@@ -34,8 +34,10 @@ class PipelineRegistry:
                 )
             )
         )
-        if outcome is Registered.CREATED:
-            # Outside the script: the global set lives in another cluster slot. Idempotent.
+        if outcome is not Registered.CONFLICT:
+            # Outside the script: the global set lives in another cluster slot. On an
+            # unchanged version too: a retry adds what a first attempt that lost its
+            # connection after the script did not (idempotent).
             await self.redis.sadd(keys.PIPELINES, pipeline_id)
         return outcome
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+import orjson
 from pydantic import BaseModel, ValidationError, model_validator
 
 from core.models import valid_id
@@ -162,7 +163,9 @@ def config_problems(uses: str, config: Mapping[str, Any], loc: str = "config"
     if declared is None:
         return []
     try:
-        declared.config.model_validate(dict(config))
+        # Strict, as JSON: the value must be of the JSON type the published schema names
+        # (`"20"` or `true` is no integer), not one pydantic's lax mode would coerce.
+        declared.config.model_validate_json(orjson.dumps(dict(config)), strict=True)
     except ValidationError as exc:
         return [{"loc": ".".join([loc, *(str(p) for p in e["loc"])]), "msg": e["msg"]}
                 for e in exc.errors()]

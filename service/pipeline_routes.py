@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered
-from core.snapshots import pipeline_key, pipeline_record
+from core.snapshots import RECORD_LIMIT, pipeline_key, pipeline_record
 from core.step_catalogue import config_problems, known_steps
 from service import auth
 from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
@@ -62,16 +62,40 @@ async def put_pipeline(request: web.Request) -> web.Response:
                 for problem in config_problems(step.uses, step.config, f"steps.{i}.config")]
     if problems:
         raise bad_request("invalid step config", problems=problems)
-    outcome = await request.app[REGISTRY].register(pipeline_id, spec)
-    if outcome is Registered.CONFLICT:
-        raise ApiError(409, "conflict",
-                       f"version {spec.version} of {pipeline_id} exists with another definition")
-    versions = await request.app[REGISTRY].versions(pipeline_id)
-    # The version's durable record (the compacted pipelines topic a rebuild of Redis reads)
-    # is on Kafka before the answer. Written for an unchanged version too: a client retrying
-    # after a 503 writes the record its first attempt may have missed.
-    order = next(n for n, v in enumerate(versions) if v.version == spec.version)
+    return await _register(request, pipeline_id, spec)
+
+
+async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) -> web.Response:
+    """The version's durable record (the compacted pipelines topic a rebuild of Redis reads)
+    is on Kafka before the version is registered in Redis, where runs can use it: a PUT
+    answered 503 has registered nothing, and no batch runs a version a rebuild would not
+    know. A record written for a PUT that failed after it (Redis away) registers its version
+    at the next rebuild, as the client's retry would."""
+    registry = request.app[REGISTRY]
+    request.app[COMMANDS].check()  # Kafka known down: 503 at once, as for a command
+    held = await registry.versions(pipeline_id)
+    order = next((n for n, v in enumerate(held) if v.version == spec.version), len(held))
+    if order < len(held) and held[order] != spec:
+        raise _conflict(pipeline_id, spec)
+    record = pipeline_record(pipeline_id, spec, order)
+    if len(record) > RECORD_LIMIT:
+        # Kafka would refuse it on every retry: not a 503.
+        raise ApiError(413, "payload_too_large",
+                       f"the definition's durable record would be {len(record):,} bytes; at "
+                       f"most {RECORD_LIMIT:,} fit in one Kafka record")
+    # Written for an unchanged version too: a client retrying after a 503 writes the record
+    # its first attempt may have missed.
     await _record(request, pipeline_id, spec, order)
+    outcome = await registry.register(pipeline_id, spec)
+    versions = await registry.versions(pipeline_id)
+    registered = next(n for n, v in enumerate(versions) if v.version == spec.version)
+    if outcome is Registered.CONFLICT or registered != order:
+        # A concurrent PUT registered this version with another body, or another version in
+        # the place this one was to take, after our read: the topic's last record of this
+        # version must be what Redis holds.
+        await _record(request, pipeline_id, versions[registered], registered)
+    if outcome is Registered.CONFLICT:
+        raise _conflict(pipeline_id, spec)
     # The commands consumer creates or updates the Prefect deployment `run-pipeline/<name>`.
     # Sent for an unchanged version too: a client retrying after a 503 heals the deployment.
     await request.app[COMMANDS].command(Command("deploy", "", pipeline_id, spec.version))
@@ -80,10 +104,14 @@ async def put_pipeline(request: web.Request) -> web.Response:
                     status=201 if created else 200)
 
 
+def _conflict(pipeline_id: str, spec: PipelineSpec) -> ApiError:
+    return ApiError(409, "conflict",
+                    f"version {spec.version} of {pipeline_id} exists with another definition")
+
+
 async def _record(request: web.Request, pipeline_id: str, spec: PipelineSpec,
                   order: int) -> None:
     """Writes the version's record (acks=all); a 503 when Kafka does not confirm it."""
-    request.app[COMMANDS].check()  # Kafka known down: 503 at once, as for a command
     topic = request.app[SETTINGS].topic_pipelines
     try:
         async with asyncio.timeout(RECORD_TIMEOUT_S):
@@ -91,8 +119,6 @@ async def _record(request: web.Request, pipeline_id: str, spec: PipelineSpec,
                 topic, pipeline_record(pipeline_id, spec, order),
                 key=pipeline_key(pipeline_id, spec.version))
     except (KafkaError, TimeoutError):
-        # The version stays registered in Redis; the client's retry (200, unchanged)
-        # writes the record again.
         raise ApiError(503, "unavailable", UNAVAILABLE_MESSAGE) from None
 
 
