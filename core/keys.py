@@ -21,6 +21,9 @@ PIPELINES = f"{PREFIX}:pipelines"
 CHANGES_CHANNEL = f"{PREFIX}:changes"
 # Set with a TTL by a running consumer process; its presence means "consumers alive".
 HEARTBEAT_CONSUMERS = f"{PREFIX}:heartbeat:consumers"
+# Written (with a short TTL) by the API's readiness probe: a Redis that answers PING but
+# takes no write (READONLY replica, OOM, LOADING) is not ready.
+READY_PROBE = f"{PREFIX}:api:ready-probe"
 
 
 def _tag(pipeline_id: str) -> str:

@@ -7,8 +7,11 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
-from service.appkeys import PRODUCER, REDIS
+from core import keys
+from service.appkeys import COMMANDS, REDIS
 from service.batches import json_obj
+
+READY_PROBE_TTL_MS = 10_000
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -25,8 +28,13 @@ async def _check(probe: Awaitable[object]) -> bool:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    redis_ok = await _check(request.app[REDIS].ping())
-    kafka_ok = await _check(request.app[PRODUCER].client.fetch_all_metadata())
+    """Ready when this process can take writes, not merely reach its dependencies: Redis
+    takes a write (PING passes on a READONLY replica, under OOM, while LOADING), and the
+    command sender can write the commands topic (metadata answers while the topic is gone)
+    and does not refuse writes at the moment."""
+    redis_ok = await _check(request.app[REDIS].set(keys.READY_PROBE, "1", px=READY_PROBE_TTL_MS))
+    sender = request.app[COMMANDS]
+    kafka_ok = sender.available and await sender.probe()
     ready = redis_ok and kafka_ok
     body = {"status": "ready" if ready else "unavailable",
             "checks": {"redis": redis_ok, "kafka": kafka_ok}}

@@ -219,9 +219,11 @@ def _other_paths() -> dict[str, Any]:
                            "text/plain": {"schema": {"type": "string"}}}}}, []),
         },
         "/readyz": {
-            "get": operation("Redis and Kafka reachable", None,
+            "get": operation("this process can take writes: Redis takes one, the commands "
+                             "topic can be written", None,
                        {"200": json_body(ref("Ready"), "ready"),
-                        "503": json_body(ref("Ready"), "a dependency is down")}, []),
+                        "503": json_body(ref("Ready"), "a dependency is down or refuses "
+                                         "writes")}, []),
         },
     }
 
