@@ -25,7 +25,7 @@ from consumers.events import EventsConsumer
 from consumers.plumbing.metrics import serve
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Part
-from consumers.plumbing.scope import serving
+from consumers.plumbing.scope import failure, serving
 from consumers.reconciler import Reconciler
 from consumers.retention import RetentionSweeper
 from core import keys
@@ -71,6 +71,7 @@ class Runner:
                  self.settings.kafka_bootstrap, redact(self.settings.redis_url),
                  redact(self.settings.prefect_api_url))
         failed = False
+        tasks: dict[asyncio.Task[None], Part] = {}
         try:
             async with serving(self.parts, self.settings,
                                self.options.shutdown_timeout_s) as live:
@@ -88,6 +89,10 @@ class Runner:
                 heartbeat.cancel()
         except Exception:
             log.exception("consumers failed to start")
+            failed = True
+        # A part that failed while stopping (logged by the scope) fails the process too: the
+        # supervisor and the operator must not read "all committed" from a clean exit code.
+        if any(failure(task) is not None for task in tasks):
             failed = True
         log.info("consumers stopped")
         return 1 if failed else 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import socket
@@ -17,11 +19,12 @@ from redis.asyncio import Redis
 
 from consumers import runner
 from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.part import Clients, Part
 from core import keys
 from core.codec import Event
 from core.settings import ROOT, Settings
 from tests.conftest import eventually
-from tests.test_consumers_support import make_spec, new_batch, send, send_command, unique
+from tests.test_consumers_support import make_spec, new_batch, options, send, send_command, unique
 
 
 def free_port() -> int:
@@ -132,3 +135,34 @@ def test_urls_are_logged_without_passwords() -> None:
     assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
     assert redact("redis://user:s3cret@db/0") == "redis://user:***@db/0"
     assert redact("http://127.0.0.1:4200/api") == "http://127.0.0.1:4200/api"
+
+
+class FailsAtStop(Part):
+    """A part whose last work, once asked to stop, fails (a final commit, say)."""
+
+    name = "failing"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.options = options(shutdown_timeout_s=5.0)
+
+    async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
+        return None
+
+    async def _loop(self) -> None:
+        await self.stopping.wait()
+        raise RuntimeError("final commit failed: partition 3 left uncommitted")
+
+
+async def test_a_part_failing_during_a_graceful_stop_is_logged_and_exits_1(
+        topics: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    part = FailsAtStop(topics.model_copy(update={"consumers_metrics_port": 0}))
+    stopper = runner.Runner([part], part.settings, part.options)
+    caplog.set_level(logging.INFO)
+    task = asyncio.create_task(stopper.run())
+    await eventually(lambda: part._running, timeout=20)
+    stopper.stopping.set()  # what SIGTERM does
+    assert await asyncio.wait_for(task, 30) == 1
+    assert any("failed while stopping" in r.getMessage() and r.exc_info
+               and "final commit failed" in str(r.exc_info[1]) for r in caplog.records)

@@ -47,6 +47,7 @@ async def _shutdown(started: list[Part], tasks: dict[asyncio.Task[None], Part],
                     grace_s: float) -> None:
     """Stops fetching everywhere first, lets each part finish (and commit) what it is doing,
     then closes the parts in reverse of their start."""
+    ended_before = {task for task in tasks if task.done()}  # the runner reported those
     for part in started:
         part.request_stop()
     if tasks:
@@ -55,5 +56,18 @@ async def _shutdown(started: list[Part], tasks: dict[asyncio.Task[None], Part],
             log.warning("part %s did not stop in time; cancelled", tasks[task].name)
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # A part whose last work (a final flush or commit) failed while stopping must not
+        # end silently: what it applied may be left uncommitted.
+        for task, part in tasks.items():
+            error = failure(task)
+            if error is not None and task not in ended_before:
+                log.error("part %s failed while stopping", part.name, exc_info=error)
     for part in reversed(started):
         await part.close()
+
+
+def failure(task: asyncio.Task[None]) -> BaseException | None:
+    """The exception a finished part's task ended with (a cancel is not one)."""
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
