@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import re
 import zlib
 from typing import Any, Final
 
@@ -62,12 +63,38 @@ MAX_GONE: Final = 10_000
 # of the feed, those no longer in the index are announced deleted (a delete missed while the
 # feed was down). One sent longer ago than the last MAX_SENT is not checked.
 MAX_SENT: Final = 10_000
+# RFC 9110 12.4.2's qvalue: 0 to 1, three decimals at most.
+_QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 STREAM_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                          "X-Accel-Buffering": "no"}
 
 
 def wants_stream(request: web.Request) -> bool:
-    return "text/event-stream" in request.headers.get("Accept", "")
+    """A GET whose Accept lists `text/event-stream` as acceptable (q above 0) and not below
+    `application/json`. Never a HEAD: its answer has no body (RFC 9110 9.3.2), and a stream's
+    headers promise one that never ends, which a client reusing the connection would read as
+    its next answer; a HEAD gets the plain GET's headers (aiohttp sends them bodiless)."""
+    if request.method != "GET":
+        return False
+    ranges = _accepted(request.headers.get("Accept", ""))
+    sse = ranges.get("text/event-stream", 0.0)
+    return sse > 0 and sse >= ranges.get("application/json", 0.0)
+
+
+def _accepted(accept: str) -> dict[str, float]:
+    """The media types an Accept header lists, each with its weight (the highest given);
+    a malformed weight counts 0: such a range is not taken as acceptable."""
+    weights: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                weight = float(value) if _QVALUE.fullmatch(value.strip()) else 0.0
+        media = media.lower()
+        weights[media] = max(weight, weights.get(media, 0.0))
+    return weights
 
 
 def event(name: str, data: bytes, event_id: str | None = None) -> bytes:
