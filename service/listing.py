@@ -21,8 +21,17 @@ DEFAULT_LIMIT = 100
 FILTERS = ("state", "outcome", "created_after", "created_before")
 
 
+def _once(request: web.Request, name: str) -> str | None:
+    """The query parameter `name`, refused when given twice: which one was meant is not
+    ours to guess (`limit=1&limit=1000` taken as 1 pages one at a time)."""
+    given = request.query.getall(name, [])
+    if len(given) > 1:
+        raise bad_request(f"{name} is given more than once")
+    return given[0] if given else None
+
+
 def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit")
+    raw = _once(request, "limit")
     if raw is None:
         return DEFAULT_LIMIT
     # ASCII only: str.isdigit() accepts '²' and other digits int() refuses.
@@ -34,11 +43,8 @@ def _limit(request: web.Request) -> int:
 def _filter(request: web.Request) -> ListFilter:
     values: dict[str, str] = {}
     for name in FILTERS:
-        given = request.query.getall(name, [])
-        if len(given) > 1:
-            raise bad_request(f"{name} is given more than once")
-        if given:
-            values[name] = given[0]
+        if (value := _once(request, name)) is not None:
+            values[name] = value
     try:
         return ListFilter.parse(**values)
     except BadFilter as exc:
@@ -50,13 +56,17 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
     pipeline_id = path_id(request, "pipeline_id")
     limit = _limit(request)
     where = _filter(request)
+    token = _once(request, "token") or None
     if streams.wants_stream(request):
         # The stream carries every change of the pipeline; filtering it is the client's.
         if where.active:
             raise bad_request("the push stream is not filtered: send state, outcome, "
                               "created_after and created_before without Accept: text/event-stream")
+        # It starts at the first page: a token (any, valid or not) would be ignored, and a
+        # client paging with it would get the first page again as if it were the next.
+        if token is not None:
+            raise bad_request("the push stream starts at the newest batches: send no token")
         return await streams.stream_pipeline(request, pipeline_id, limit)
-    token = request.query.get("token") or None
     store = request.app[STORE]
     try:
         page = await store.page(pipeline_id, limit, token, where)

@@ -188,6 +188,9 @@ async def test_tokens_are_bound_to_their_filter(topics: Settings, redis: Redis,
      "created_after must be earlier than created_before"),
     ("created_after=9999-12-31T23:59:59-01:00", "created_after is out of range"),
     ("state=running&state=stop", "state is given more than once"),
+    # Not the first taken silently: `limit=1&limit=1000` paged one at a time.
+    ("limit=1&limit=1000", "limit is given more than once"),
+    ("token=a.b&token=c.d", "token is given more than once"),
 ])
 async def test_invalid_filters_are_a_400_saying_what(topics: Settings, redis: Redis,
                                                       query: str, says: str) -> None:
@@ -199,12 +202,26 @@ async def test_invalid_filters_are_a_400_saying_what(topics: Settings, redis: Re
         assert says in body["error"]["message"]
 
 
-async def test_the_push_stream_refuses_filters(topics: Settings, redis: Redis) -> None:
+async def test_the_push_stream_refuses_filters_and_tokens(
+        topics: Settings, redis: Redis, store: BatchStore) -> None:
+    # The stream starts at the newest batches: a token, a forged one or the valid token of
+    # the next page, was ignored, and a client paging with it got the first page again.
+    await make(store, 3)
+    sse = {**AUTH, "Accept": "text/event-stream"}
     async with api_client(api_settings(topics)) as api:
-        response = await api.get(f"/api/v1/batches/{P}/?state=running",
-                                 headers={**AUTH, "Accept": "text/event-stream"})
+        response = await api.get(f"/api/v1/batches/{P}/?state=running", headers=sse)
         assert response.status == 400
         assert "not filtered" in (await response.json())["error"]["message"]
+        _, first = await get(api, limit="1")
+        for token in ("garbage", first["token"]):
+            async with asyncio.timeout(10):
+                response = await api.get(f"/api/v1/batches/{P}/", headers=sse,
+                                         params={"limit": "1", "token": token})
+                status, kind = response.status, response.content_type
+                message = (await response.json())["error"]["message"] if status == 400 else ""
+                response.close()
+            assert (status, kind) == (400, "application/json"), token
+            assert "send no token" in message
 
 
 async def test_batches_from_before_the_indexes_are_found_once_backfilled(
