@@ -6,6 +6,7 @@ checked as the published JSON Schema says."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -164,3 +165,26 @@ async def test_a_definition_too_large_for_its_record_answers_413_and_registers_n
         listed = await api.get("/api/v1/pipelines/p", headers=AUTH)
         assert (statuses, listed.status) == ([413, 413], 404), (
             f"PUT answered {statuses}; GET of the pipeline then {listed.status}")
+
+
+async def test_concurrent_puts_leave_the_topic_agreeing_with_redis_on_order_and_bodies(
+        topics: Settings, redis: Redis) -> None:
+    """PUTs racing each other each take their place in the order from what they read before
+    registering: the ones that lost the race write their record again with the place Redis
+    gave them, and a PUT of a version another registered first (409) writes the winner's
+    record again, so a rebuild from the topic gives the versions, order and bodies Redis had."""
+    settings = api_settings(topics)
+    async with api_client(settings) as api:
+        puts = [api.put("/api/v1/pipelines/p", json=spec_body(version=str(n)), headers=AUTH)
+                for n in range(1, 7)]
+        rival = spec_body(version="3")
+        rival["steps"][0]["config"] = {"rows": 7}
+        puts.append(api.put("/api/v1/pipelines/p", json=rival, headers=AUTH))
+        statuses = sorted([r.status for r in await asyncio.gather(*puts)])
+        assert statuses == [201] * 6 + [409], statuses
+        before = await (await api.get("/api/v1/pipelines/p", headers=AUTH)).json()
+    await redis.flushdb()
+    await rebuild(topics, force=True)
+    async with api_client(settings) as api:
+        after = await (await api.get("/api/v1/pipelines/p", headers=AUTH)).json()
+    assert after == before
