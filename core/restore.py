@@ -121,7 +121,12 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
                 await store.hide(pipeline_id, snap.batch_id)
                 restored.hidden += 1
         # The filter indexes and the finished buckets from the hashes (hidden batches
-        # skipped), and the markers that say they are complete.
+        # skipped), and the markers that say they are complete. Their markers dropped
+        # first: over a Redis that was not empty (`rebuild --force`) they are set, and the
+        # backfills they stand for would be skipped, leaving a restored batch in the
+        # indexes and buckets of its older state. Both backfills are idempotent.
+        await redis.delete(keys.batch_indexes_built(pipeline_id),
+                           keys.batch_finished_indexed(pipeline_id))
         await pager.ensure_indexes(pipeline_id)
         await ensure_finished(redis, store.scripts, pipeline_id)
         restored.batches += len(snaps)

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from core import keys, restore
 from core.command_messages import Recorded, Run
-from core.paging import Pager
+from core.paging import ListFilter, Pager
 from core.restore import Restored, restore_batches
 from core.restore_runs import highest_seqs
 from core.scripts import Scripts
@@ -99,3 +99,29 @@ async def test_a_paging_token_from_before_a_rebuild_does_not_list_batches_create
     await restore_batches(redis, store, Pager(redis, scripts, b"secret"), [], set(),
                           Restored(), seqs=highest_seqs(runs))
     assert await store.create(p, "batch-later", spec()) == 4
+
+
+async def test_a_forced_restore_over_older_data_keeps_the_filters_and_buckets_true(
+        store: BatchStore, redis: Redis, scripts: Scripts) -> None:
+    """`rebuild --force` writes into a Redis that is not empty (an older backup, an AOF that
+    lost its last second): there the filter indexes' and the finished buckets' markers are
+    set already (a filtered page, a pipeline's first batch), and their backfills, skipped,
+    left a batch the snapshot says stopped in the `pending` index, in no outcome's and in
+    no finished bucket (never listed as stopped, never purged by the retention)."""
+    p = unique("test-force")
+    await store.create(p, "b0", spec())  # pending here
+    pager = Pager(redis, scripts, b"secret")
+    await pager.ensure_indexes(p)
+    assert await redis.exists(keys.batch_indexes_built(p), keys.batch_finished_indexed(p)) == 2
+    fields = dict(await store.fields(p, "b0") or {})
+    fields.update({"state": "stop", "outcome": "failed", "reason": "boom", "stop_ts": "1",
+                   "rev": str(int(fields["rev"]) + 1)})
+    await restore_batches(redis, store, Pager(redis, scripts, b"secret"),
+                          [Snapshot(p, "b0", fields)], set(), Restored())
+
+    async def listed(**where: str) -> list[str]:
+        return list((await store.page(p, 10, None, ListFilter.parse(**where))).items)
+
+    assert (await listed(state="stop"), await listed(outcome="failed")) == (["b0"], ["b0"])
+    assert await redis.zscore(keys.batch_state_index(p, "pending"), "b0") is None
+    assert await redis.zcard(keys.batch_finished_index(p)) == 1
