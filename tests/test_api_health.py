@@ -3,65 +3,27 @@ on the stack's Kafka, and a Redis of the test's own that it demotes to a replica
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
-from tests.conftest import eventually
+from tests.conftest import PrivateRedis, free_port
 from tests.helpers import AUTH, api_client, api_settings, spec_body
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[int]:
-    port = _free_port()
-    server = subprocess.Popen([shutil.which("redis-server") or "redis-server", "--port",
-                               str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL)
-    try:
-        yield port
-    finally:
-        server.kill()
-        server.wait()
-
-
 async def test_readyz_is_not_ready_while_redis_refuses_every_write(
-        topics: Settings, own_redis: int) -> None:
+        topics: Settings, private_redis: PrivateRedis) -> None:
     """Redis answering PING but refusing writes (a replica after a failover: READONLY; also
     OOM, LOADING) made every write answer 503 while /readyz said ready: a load balancer kept
     routing writes to an instance that could take none."""
-    port = own_redis
-
-    async def up() -> bool:
-        client = Redis(port=port, socket_connect_timeout=0.5)
-        try:
-            return bool(await client.ping())
-        except Exception:
-            return False
-        finally:
-            await client.aclose()
-    await eventually(up, timeout=10)
-    settings = api_settings(topics, redis_url=f"redis://127.0.0.1:{port}/0")
-    direct = Redis(port=port, decode_responses=True)
+    settings = api_settings(topics, redis_url=private_redis.url)
+    direct = Redis(port=private_redis.port, decode_responses=True)
     try:
         async with api_client(settings) as api:
             ready = await api.get("/readyz")
             assert ready.status == 200, await ready.json()
             # Demoted: a replica of a master that is gone (what a failover leaves behind).
             await direct.execute_command(  # type: ignore[no-untyped-call]
-                "REPLICAOF", "127.0.0.1", str(_free_port()))
+                "REPLICAOF", "127.0.0.1", str(free_port()))
             ready = await api.get("/readyz")
             body = await ready.json()
             assert (ready.status, body["checks"]["redis"]) == (503, False), body
