@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any, cast
 from uuid import UUID
 
 import orjson
 import pytest
+from aiohttp.test_utils import TestClient
 from prefect.states import Pending
 from redis.asyncio import Redis
 
@@ -203,34 +205,23 @@ async def test_an_idempotency_key_released_after_an_ambiguous_send_stays_free_af
     and releases its Idempotency-Key, so the client's retry with the same key makes the batch.
     The run command carries the key's record as `committed` all the same, and a rebuild
     restores it: the retry then answers 409 (the key's batch was deleted) instead of a batch."""
-    proxy = KafkaProxy(topics.kafka_bootstrap.split(",")[0])
-    await proxy.start()
     idem = {**AUTH, "Idempotency-Key": unique("key")}
-    try:
-        settings = api_settings(topics, kafka_bootstrap=proxy.address)
-        async with api_client(settings) as api:
-            resp = await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
-            assert resp.status == 201
-            proxy.mute()  # the broker writes the run command; its answer is lost
-            resp = await api.post("/api/v1/batches/p", headers=idem)
-            assert resp.status == 503
-            proxy.restore()
+    async with _api_behind_a_proxy(topics) as (proxy, api):
+        proxy.mute()  # the broker writes the run command; its answer is lost
+        resp = await api.post("/api/v1/batches/p", headers=idem)
+        assert resp.status == 503
+        proxy.restore()
 
-            def kinds(records: list[Any]) -> list[str]:
-                return [decode_command(r.value).type for r in records]
-            # The abandoned batch's delete is queued behind its run command.
-            await read_topic(topics, topics.topic_commands,
-                             lambda rs: kinds(rs).count("delete") == 1, timeout=30)
-        # Before the loss the key is free: the client's retry would make its batch (200).
-        assert not await redis.keys("*idem*")
-        await redis.flushdb()
-        await rebuild(topics)
-        async with api_client(api_settings(topics)) as api:
-            resp = await api.post("/api/v1/batches/p", headers=idem)
-            body = await resp.json()
-        assert resp.status == 200, f"the retry after the 503 answered {resp.status}: {body}"
-    finally:
-        await proxy.close()
+        def kinds(records: list[Any]) -> list[str]:
+            return [decode_command(r.value).type for r in records]
+        # The abandoned batch's delete is queued behind its run command.
+        await read_topic(topics, topics.topic_commands,
+                         lambda rs: kinds(rs).count("delete") == 1, timeout=30)
+    # Before the loss the key is free: the client's retry would make its batch (200).
+    assert not await redis.keys("*idem*")
+    await redis.flushdb()
+    await rebuild(topics)
+    assert await _retry(topics, idem) == 200, "the retry after the 503 made no batch"
 
 
 async def test_a_delete_whose_send_went_unanswered_keeps_the_posts_key_after_a_rebuild(
@@ -239,32 +230,39 @@ async def test_a_delete_whose_send_went_unanswered_keeps_the_posts_key_after_a_r
     again from the outbox; the POST that made the batch released nothing, so after a rebuild
     a retry with its Idempotency-Key still answers 409 (the key's batch was deleted), as it
     did before, and does not make a second batch."""
+    idem = {**AUTH, "Idempotency-Key": unique("key")}
+    async with _api_behind_a_proxy(topics) as (proxy, api):
+        resp = await api.post("/api/v1/batches/p", headers=idem)
+        assert resp.status == 200
+        batch_id = (await resp.json())["item"]
+        proxy.mute()  # the broker writes the delete command; its answer is lost
+        resp = await api.delete(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
+        assert resp.status == 200
+        proxy.restore()
+
+        # The outbox's delete goes once Kafka answers again.
+        async def sent() -> bool:
+            return await redis.zcard(keys.ABANDONED) == 0
+        await eventually(sent, timeout=30, interval=0.2)
+    before = await _retry(topics, idem)
+    await redis.flushdb()
+    await rebuild(topics)
+    after = await _retry(topics, idem)
+    assert (before, after) == (409, 409), (
+        f"the POST's retry answered {before} before the loss, {after} after the rebuild")
+
+
+@asynccontextmanager
+async def _api_behind_a_proxy(topics: Settings) -> AsyncIterator[tuple[KafkaProxy, TestClient[Any, Any]]]:
+    """An API whose Kafka connections pass a proxy that can lose the broker's answers, with
+    pipeline `p` registered."""
     proxy = KafkaProxy(topics.kafka_bootstrap.split(",")[0])
     await proxy.start()
-    idem = {**AUTH, "Idempotency-Key": unique("key")}
     try:
-        settings = api_settings(topics, kafka_bootstrap=proxy.address)
-        async with api_client(settings) as api:
+        async with api_client(api_settings(topics, kafka_bootstrap=proxy.address)) as api:
             resp = await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
             assert resp.status == 201
-            resp = await api.post("/api/v1/batches/p", headers=idem)
-            assert resp.status == 200
-            batch_id = (await resp.json())["item"]
-            proxy.mute()  # the broker writes the delete command; its answer is lost
-            resp = await api.delete(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
-            assert resp.status == 200
-            proxy.restore()
-
-            # The outbox's delete goes once Kafka answers again.
-            async def sent() -> bool:
-                return await redis.zcard(keys.ABANDONED) == 0
-            await eventually(sent, timeout=30, interval=0.2)
-        before = await _retry(topics, idem)
-        await redis.flushdb()
-        await rebuild(topics)
-        after = await _retry(topics, idem)
-        assert (before, after) == (409, 409), (
-            f"the POST's retry answered {before} before the loss, {after} after the rebuild")
+            yield proxy, api
     finally:
         await proxy.close()
 
