@@ -27,7 +27,7 @@ from core.state_diff import compare
 from core.store import BatchStore
 from tests.conftest import PrivateRedis, eventually
 from tests.helpers import AUTH, api_client, api_settings, spec, spec_body
-from tests.test_consumers_support import Deployer, committed, options
+from tests.test_consumers_support import Deployer, committed, options, unique
 
 FILTERS: list[dict[str, str]] = [{}, {"state": "running"}, {"state": "scheduled"},
                                  {"state": "stop"}, {"outcome": "failed"},
@@ -101,6 +101,7 @@ async def test_redis_rebuilt_from_kafka_answers_as_before(
     redis = await open_redis(topics)
     deployer = Deployer(topics)  # an idle pool: flow runs wait, the test plays the events
     batches: dict[str, list[str]] = {"p-ra": [], "p-rb": []}
+    name = unique("rebuild")
     producer = await open_producer(topics)
 
     async def send(batch_id: str, pipeline_id: str, **fields: Any) -> None:
@@ -110,8 +111,10 @@ async def test_redis_rebuilt_from_kafka_answers_as_before(
     try:
         async with api_client(settings) as api:
             for pipeline_id, version in (("p-ra", "1"), ("p-ra", "2"), ("p-rb", "1")):
+                # A name of the test's own: its deployer makes `run-pipeline/<name>` on an
+                # idle pool, and must not take over the stack's own pipelines'.
                 resp = await api.put(f"/api/v1/pipelines/{pipeline_id}", headers=AUTH,
-                                     json=spec_body(version=version))
+                                     json=spec_body(name=name, version=version))
                 assert resp.status == 201
             for pipeline_id, count in (("p-ra", 6), ("p-rb", 2)):
                 for _ in range(count):

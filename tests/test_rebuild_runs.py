@@ -35,9 +35,11 @@ async def test_batches_whose_run_command_waits_are_rebuilt_and_then_run(
     ids: list[str] = []
     try:
         async with api_client(settings) as api:
+            name = unique("rebuild-runs")  # the test's own: its deployer's deployment
             for version in ("1", "2"):
                 resp = await api.put("/api/v1/pipelines/p-rr", headers=AUTH,
-                                     json=spec_body(version=version, steps=("extract", "load")))
+                                     json=spec_body(name=name, version=version,
+                                                    steps=("extract", "load")))
                 assert resp.status == 201
             # No consumer runs: every run command waits on the topic. One batch with run-time
             # config, one of the older version, one deleted (its delete waits too).
@@ -103,8 +105,9 @@ async def test_a_published_id_deleted_before_redis_was_lost_stays_deleted(
 
     try:
         async with api_client(api_settings(topics)) as api:
+            # A name of the test's own: the deployer must not take over the stack's own.
             resp = await api.put("/api/v1/pipelines/p-pub", headers=AUTH,
-                                 json=spec_body(steps=("extract",)))
+                                 json=spec_body(name=unique("rebuild-pub"), steps=("extract",)))
             assert resp.status == 201
         consumer = CommandsConsumer(topics, options(cleanup_recheck_s=1.0),
                                     ensure=deployer.ensure)
