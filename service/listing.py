@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from core.paging import BadFilter, BadToken, ListFilter, pipeline_known
-from service import auth, streams
+from service import auth, pipeline_stream, streams
 from service.appkeys import STORE
 from service.batches import json_obj, path_id
 from service.errors import bad_request, not_found
@@ -66,7 +66,7 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
         # client paging with it would get the first page again as if it were the next.
         if token is not None:
             raise bad_request("the push stream starts at the newest batches: send no token")
-        return await streams.stream_pipeline(request, pipeline_id, limit)
+        return await pipeline_stream.stream_pipeline(request, pipeline_id, limit)
     store = request.app[STORE]
     try:
         page = await store.page(pipeline_id, limit, token, where)

@@ -20,6 +20,9 @@ subscription per API process, never one per client, and the batch is read throug
 so a change costs one read (or none) whatever the number of watchers. A client is sent the
 latest state, never a backlog: a slow one skips intermediate states, and one that does not
 take a write within `WRITE_TIMEOUT_S` is cut off, so memory does not grow with slow readers.
+
+Which requests get a stream (`wants_stream`), the events' framing and the timing (keep-alive,
+backstop, write timeout) are shared with a pipeline's stream (service.pipeline_stream).
 """
 
 from __future__ import annotations
@@ -29,19 +32,13 @@ import contextlib
 import math
 import re
 import zlib
-from typing import Any, Final
+from typing import Final
 
-import orjson
 from aiohttp import web
-from redis.asyncio import Redis
 
-from core import keys
-from core.paging import pipeline_known
-from service.appkeys import CACHE, STORE, WAITERS
-from service.cache import etag_of
+from service.appkeys import CACHE, WAITERS
 from service.conditional import VersionedRead, current
-from service.errors import ApiError, not_found
-from service.fills import fills_of
+from service.errors import ApiError
 from service.waiters import GONE, READ, BatchFeed, Version
 
 # In a batch stream's queue: read the batch from Redis now, not from the cache (the backstop
@@ -57,12 +54,6 @@ END_QUIET_S: Final = 2.0
 WRITE_TIMEOUT_S: Final = 10.0
 # While the change feed is down nothing wakes a stream: it re-reads this often instead.
 DEGRADED_POLL_S: Final = 1.0
-# Deleted batches a pipeline stream remembers having announced (a delete publishes twice).
-MAX_GONE: Final = 10_000
-# Batches a pipeline stream remembers having sent, the most recently sent kept: after a reset
-# of the feed, those no longer in the index are announced deleted (a delete missed while the
-# feed was down). One sent longer ago than the last MAX_SENT is not checked.
-MAX_SENT: Final = 10_000
 # RFC 9110 12.4.2's qvalue: 0 to 1, three decimals at most.
 _QVALUE: Final = re.compile(r"0(\.[0-9]{0,3})?|1(\.0{0,3})?")
 STREAM_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
@@ -151,7 +142,7 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
                         raise
                     item = GONE
             if item is GONE:
-                await _write(response, event("deleted", b"{}"))
+                await write(response, event("deleted", b"{}"))
                 return
             assert isinstance(item, Version)
             # A message can arrive after a read that saw its change or a newer one: never
@@ -160,7 +151,7 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
             if not fresh and item.not_after(sent_rev):
                 continue
             if item.etag != sent:
-                await _write(response, event("batch", item.body, item.etag))
+                await write(response, event("batch", item.body, item.etag))
                 sent, changed_at = item.etag, loop.time()
                 written_at = changed_at
             sent_rev = item.rev
@@ -181,10 +172,10 @@ async def _send_versions(request: web.Request, response: web.StreamResponse, key
                 await feed.wake.wait()
         except TimeoutError:
             if due is END:
-                await _write(response, event("end", b"{}"))
+                await write(response, event("end", b"{}"))
                 return
             if due is None:
-                await _write(response, b": keep-alive\n\n")
+                await write(response, b": keep-alive\n\n")
                 written_at = loop.time()
             pending = [FRESH] if due is FRESH else []
             continue
@@ -212,126 +203,7 @@ async def _read_now(request: web.Request, read: VersionedRead) -> tuple[bytes, N
     return body, None, rev
 
 
-async def _write(response: web.StreamResponse, data: bytes) -> None:
+async def write(response: web.StreamResponse, data: bytes) -> None:
     """One write, cut off when the client does not take it in time."""
     async with asyncio.timeout(WRITE_TIMEOUT_S):
         await response.write(data)
-
-
-async def stream_pipeline(request: web.Request, pipeline_id: str,
-                          limit: int) -> web.StreamResponse:
-    """`GET /api/v1/batches/{pipeline_id}/` with `Accept: text/event-stream`: the newest
-    `limit` batches first (as the list's first page, so nothing falls between a list read
-    and the stream), then one `event: batch` per change of any batch of the pipeline, new
-    ones included, and `event: deleted` (data `{"id": ...}`) for a deleted one. A client that
-    falls `waiters.MAX_PENDING` changed batches behind is cut off. After a reset of the feed
-    (changes may have been missed) the page again, after `deleted` for each batch sent
-    (the last MAX_SENT) that was deleted meanwhile. An unknown pipeline is a 404, as its
-    list is."""
-    store = request.app[STORE]
-    cache = request.app[CACHE]
-    loop = asyncio.get_running_loop()
-    fills = fills_of(store, cache)
-    waiters = request.app[WAITERS]
-    watch = waiters.watch(pipeline_id)  # before the first read: no change falls between
-    try:
-        page = await store.page(pipeline_id, limit, None)
-        if not page.items and not await pipeline_known(store.redis, pipeline_id):
-            raise not_found(f"unknown pipeline {pipeline_id}")  # as the list says it
-        # Read again with their revs (one pipelined round trip): what orders the versions the
-        # feed then delivers, which can be older than these reads (service.cache).
-        first = await asyncio.gather(*(fills.read_version(pipeline_id, b) for b in page.items))
-        response = web.StreamResponse(headers=STREAM_HEADERS)
-        await response.prepare(request)
-        gone: set[str] = set()
-        # ids sent as `batch` (not since `deleted`) -> the rev sent: oldest first
-        sent: dict[str, int] = {}
-        try:
-            for batch_id, read in zip(page.items, first, strict=True):
-                if read is not None:  # else gone since the page's read: never sent
-                    await _write(response, event("batch", read[0], etag_of(read[0])))
-                    _remember(sent, batch_id, read[1])
-            fresh_by = backstop_due(cache.ttl_s, pipeline_id)
-            # From the last keep-alive, not from each wake-up: the backstop's reads (every
-            # cache.ttl_s, shorter than KEEPALIVE_S) must not put the keep-alive off for ever.
-            keep_alive_at = loop.time() + KEEPALIVE_S
-            while True:
-                # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing:
-                # the page is read again at least every cache.ttl_s, as after a reset.
-                try:
-                    async with asyncio.timeout_at(min(keep_alive_at, fresh_by)):
-                        await watch.wake.wait()
-                except TimeoutError:
-                    if loop.time() >= keep_alive_at:
-                        await _write(response, b": keep-alive\n\n")
-                        keep_alive_at = loop.time() + KEEPALIVE_S
-                    if loop.time() < fresh_by:
-                        continue
-                    fresh_by = backstop_due(cache.ttl_s, pipeline_id)
-                    watch.add(None)
-                if watch.overflow:
-                    raise TimeoutError("the client fell too far behind")
-                if waiters.closing:
-                    break
-                if watch.everything:  # changes may have been missed: the page again,
-                    watch.take()  # after the deletes missed, said as a delete is
-                    page = await store.page(pipeline_id, limit, None)
-                    changed: list[tuple[str, Version | object]] = [
-                        (keys.batch(pipeline_id, b), GONE)
-                        for b in await _deleted_meanwhile(store.redis, pipeline_id, sent,
-                                                          page.items)]
-                    changed += [(keys.batch(pipeline_id, b), READ) for b in reversed(page.items)]
-                else:
-                    changed = watch.take()
-                for key, item in changed:
-                    ids = keys.batch_ids(key)
-                    if ids is None:
-                        continue
-                    fresh = item is READ  # read from Redis now: the truth, even of a
-                    if fresh:  # lower rev (a rebuild may restore one)
-                        read = await fills.read_version(*ids)
-                        if read is not None and 0 < read[1] == sent.get(ids[1]):
-                            continue  # sent already
-                        item = Version.of(read[0], rev=read[1]) if read is not None else GONE
-                    if item is GONE:
-                        sent.pop(ids[1], None)
-                        if ids[1] in gone:  # hidden, then purged: said once
-                            continue
-                        if len(gone) >= MAX_GONE:
-                            gone.clear()
-                        gone.add(ids[1])
-                        await _write(response, event("deleted", orjson.dumps({"id": ids[1]})))
-                    else:
-                        assert isinstance(item, Version)
-                        # A message can arrive after a read that saw a newer version.
-                        if not fresh and item.not_after(sent.get(ids[1], 0)):
-                            continue
-                        await _write(response, event("batch", item.body, item.etag))
-                        _remember(sent, ids[1], item.rev)
-        except (ConnectionError, TimeoutError):
-            if request.transport is not None:
-                request.transport.close()
-        return response
-    finally:
-        waiters.unwatch(pipeline_id, watch)
-
-
-def _remember(sent: dict[str, int], batch_id: str, rev: int) -> None:
-    """`batch_id` was just sent at `rev`: the most recent of `sent`, which keeps MAX_SENT at
-    most."""
-    sent.pop(batch_id, None)
-    if len(sent) >= MAX_SENT:
-        del sent[next(iter(sent))]
-    sent[batch_id] = rev
-
-
-async def _deleted_meanwhile(redis: Redis, pipeline_id: str, sent: dict[str, int],
-                             page: dict[str, Any]) -> list[str]:
-    """The batches sent that are out of the batch index (hidden or purged: both leave it in
-    the same script), among those not on the page just read: one ZMSCORE, and none when the
-    page holds them all. One only pushed off the page by newer batches is still indexed."""
-    missing = [batch_id for batch_id in sent if batch_id not in page]
-    if not missing:
-        return []
-    scores = await redis.zmscore(keys.batch_index(pipeline_id), missing)
-    return [batch_id for batch_id, score in zip(missing, scores, strict=True) if score is None]

@@ -1,0 +1,179 @@
+"""A pipeline's batches as a push stream (`GET /api/v1/batches/{pipeline_id}/` with
+`Accept: text/event-stream`; framing and timing: service.streams).
+
+The newest `limit` batches first, as the list's first page (nothing falls between a list read
+and the stream), then one `event: batch` per change of any batch of the pipeline, new ones
+and those beyond the page included, and `event: deleted` (data `{"id": ...}`) for a deleted
+one. A client that falls `waiters.MAX_PENDING` changed batches behind is cut off.
+
+After a reset of the feed (changes may have been missed; the backstop, every `cache.ttl_s`,
+is one too) the stream reads Redis for what it has not been told: `deleted` for each batch it
+had sent (the last MAX_SENT) that left the index meanwhile, each one it had sent beyond the
+page whose `rev` moved meanwhile (one pipelined round trip with the deletes' check: the
+client's live list still shows them), then the page again, oldest first, each only if it
+changed since sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from redis.asyncio import Redis
+
+from core import keys
+from core.paging import pipeline_known
+from core.store import BatchStore
+from service.appkeys import CACHE, STORE, WAITERS
+from service.cache import etag_of
+from service.errors import not_found
+from service.fills import fills_of
+from service.streams import KEEPALIVE_S, STREAM_HEADERS, backstop_due, event, write
+from service.waiters import GONE, READ, Version
+
+# Deleted batches a pipeline stream remembers having announced (a delete publishes twice).
+MAX_GONE: Final = 10_000
+# Batches a pipeline stream remembers having sent, the most recently sent kept: after a reset
+# of the feed, those that left the index are announced deleted and those whose rev moved are
+# sent again (changes missed while the feed was down). One sent longer ago than the last
+# MAX_SENT is not checked.
+MAX_SENT: Final = 10_000
+
+Changes = list[tuple[str, Version | object]]  # batch keys to send, each a body, READ or GONE
+
+
+async def stream_pipeline(request: web.Request, pipeline_id: str,
+                          limit: int) -> web.StreamResponse:
+    """The pipeline's stream (the module's docstring). An unknown pipeline is a 404, as its
+    list is."""
+    store = request.app[STORE]
+    cache = request.app[CACHE]
+    loop = asyncio.get_running_loop()
+    fills = fills_of(store, cache)
+    waiters = request.app[WAITERS]
+    watch = waiters.watch(pipeline_id)  # before the first read: no change falls between
+    try:
+        page = await store.page(pipeline_id, limit, None)
+        if not page.items and not await pipeline_known(store.redis, pipeline_id):
+            raise not_found(f"unknown pipeline {pipeline_id}")  # as the list says it
+        # Read again with their revs (one pipelined round trip): what orders the versions the
+        # feed then delivers, which can be older than these reads (service.cache).
+        first = await asyncio.gather(*(fills.read_version(pipeline_id, b) for b in page.items))
+        response = web.StreamResponse(headers=STREAM_HEADERS)
+        await response.prepare(request)
+        gone: set[str] = set()
+        # ids sent as `batch` (not since `deleted`) -> the rev sent: oldest first
+        sent: dict[str, int] = {}
+        try:
+            for batch_id, read in zip(page.items, first, strict=True):
+                if read is not None:  # else gone since the page's read: never sent
+                    await write(response, event("batch", read[0], etag_of(read[0])))
+                    _remember(sent, batch_id, read[1])
+            fresh_by = backstop_due(cache.ttl_s, pipeline_id)
+            # From the last keep-alive, not from each wake-up: the backstop's reads (every
+            # cache.ttl_s, shorter than KEEPALIVE_S) must not put the keep-alive off for ever.
+            keep_alive_at = loop.time() + KEEPALIVE_S
+            while True:
+                # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing:
+                # the page is read again at least every cache.ttl_s, as after a reset.
+                try:
+                    async with asyncio.timeout_at(min(keep_alive_at, fresh_by)):
+                        await watch.wake.wait()
+                except TimeoutError:
+                    if loop.time() >= keep_alive_at:
+                        await write(response, b": keep-alive\n\n")
+                        keep_alive_at = loop.time() + KEEPALIVE_S
+                    if loop.time() < fresh_by:
+                        continue
+                    fresh_by = backstop_due(cache.ttl_s, pipeline_id)
+                    watch.add(None)
+                if watch.overflow:
+                    raise TimeoutError("the client fell too far behind")
+                if waiters.closing:
+                    break
+                if watch.everything:  # changes may have been missed: Redis says which
+                    changed = await _after_reset(store, pipeline_id, limit, sent, watch.take())
+                else:
+                    changed = watch.take()
+                for key, item in changed:
+                    ids = keys.batch_ids(key)
+                    if ids is None:
+                        continue
+                    fresh = item is READ  # read from Redis now: the truth, even of a
+                    if fresh:  # lower rev (a rebuild may restore one)
+                        read = await fills.read_version(*ids)
+                        if read is not None and 0 < read[1] == sent.get(ids[1]):
+                            continue  # sent already
+                        item = Version.of(read[0], rev=read[1]) if read is not None else GONE
+                    if item is GONE:
+                        sent.pop(ids[1], None)
+                        if ids[1] in gone:  # hidden, then purged: said once
+                            continue
+                        if len(gone) >= MAX_GONE:
+                            gone.clear()
+                        gone.add(ids[1])
+                        await write(response, event("deleted", orjson.dumps({"id": ids[1]})))
+                    else:
+                        assert isinstance(item, Version)
+                        # A message can arrive after a read that saw a newer version.
+                        if not fresh and item.not_after(sent.get(ids[1], 0)):
+                            continue
+                        await write(response, event("batch", item.body, item.etag))
+                        _remember(sent, ids[1], item.rev)
+        except (ConnectionError, TimeoutError):
+            if request.transport is not None:
+                request.transport.close()
+        return response
+    finally:
+        waiters.unwatch(pipeline_id, watch)
+
+
+async def _after_reset(store: BatchStore, pipeline_id: str, limit: int,
+                       sent: Mapping[str, int], taken: Changes) -> Changes:
+    """What to send after a reset, oldest first: `deleted` for the batches sent that left
+    the index, the batches sent beyond the page whose rev moved, the page (each read now,
+    sent only if changed), then what the feed delivered besides (`taken`: a change of a
+    batch never sent, beyond the page, must not be dropped with the reset)."""
+    page = (await store.page(pipeline_id, limit, None)).items
+    deleted, moved = await _changed_meanwhile(store.redis, pipeline_id, sent, page)
+    changed: Changes = [(keys.batch(pipeline_id, b), GONE) for b in deleted]
+    changed += [(keys.batch(pipeline_id, b), READ) for b in [*moved, *reversed(page)]]
+    listed = {key for key, _ in changed}
+    return changed + [(key, item) for key, item in taken if key not in listed]
+
+
+def _remember(sent: dict[str, int], batch_id: str, rev: int) -> None:
+    """`batch_id` was just sent at `rev`: the most recent of `sent`, which keeps MAX_SENT at
+    most."""
+    sent.pop(batch_id, None)
+    if len(sent) >= MAX_SENT:
+        del sent[next(iter(sent))]
+    sent[batch_id] = rev
+
+
+async def _changed_meanwhile(redis: Redis, pipeline_id: str, sent: Mapping[str, int],
+                             page: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """Among the batches sent that are not on the page just read: those out of the batch
+    index (hidden or purged: both leave it in the same script), and those still in it whose
+    `rev` is not the one sent (a change missed; a lower one too: a rebuild may restore it,
+    and Redis is the truth). One round trip (ZMSCORE and an HGET of `rev` each, pipelined),
+    and none when the page holds them all. One only pushed off the page by newer batches is
+    still indexed, and unchanged."""
+    off_page = [batch_id for batch_id in sent if batch_id not in page]
+    if not off_page:
+        return [], []
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zmscore(keys.batch_index(pipeline_id), off_page)
+        for batch_id in off_page:
+            pipe.hget(keys.batch(pipeline_id, batch_id), "rev")
+        scores, *revs = await pipe.execute()
+    deleted, moved = [], []
+    for batch_id, score, rev in zip(off_page, scores, revs, strict=True):
+        if score is None:
+            deleted.append(batch_id)
+        elif int(rev or 0) != sent[batch_id]:  # none: purged since the ZMSCORE (read: gone)
+            moved.append(batch_id)
+    return deleted, moved
