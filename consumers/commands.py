@@ -152,9 +152,9 @@ class CommandsConsumer(Part):
         except Exception as exc:
             refused = isinstance(exc, Refused)
             reason = f"{command.type} {'refused' if refused else 'failed'}: {describe(exc)}"
+            await self._give_up(record, command, reason, refused, backoff)
             log.error("%s: permanent error, dead-lettered: %s", what, reason,
                       exc_info=not isinstance(exc, Permanent))
-            await backoff.call(what, lambda: self._reject(record, command, reason, refused))
             outcome = "dead_lettered"
         finally:
             if backoff.retries != retries:
@@ -167,6 +167,22 @@ class CommandsConsumer(Part):
 
     async def apply(self, command: Command) -> None:
         await self.effects.apply(command)
+
+    async def _give_up(self, record: Record, command: Command, reason: str, refused: bool,
+                       backoff: Backoff) -> None:
+        """Gives the command up; when that fails too (the batch's own data breaks the
+        script that records its failure, say), dead-letters the record alone with both
+        reasons: retrying it for ever would block every later command of its partition.
+        Raises `Stopping`, or the dead letter's own error (the topic itself refusing)."""
+        what = f"give up {command.type} {command.pipeline_id}/{command.batch_id}"
+        try:
+            await backoff.call(what, lambda: self._reject(record, command, reason, refused))
+        except Stopping:
+            raise
+        except Exception as exc:
+            both = f"{reason}; giving it up failed too: {describe(exc)}"
+            log.error("%s failed; dead-lettering the command alone", what, exc_info=True)
+            await backoff.call(what, lambda: self.dlq.send_and_wait(record, both, "gave_up"))
 
     async def _reject(self, record: Record, command: Command, reason: str,
                       refused: bool = False) -> None:
