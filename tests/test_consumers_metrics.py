@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import orjson
 from aiohttp.test_utils import TestClient, TestServer
+from aiokafka import TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
-from consumers.plumbing.metrics import Latencies, app_for
-from core.codec import Event
+from consumers.plumbing.metrics import ConsumersCollector, Latencies, app_for
+from core.codec import Command, Event
+from core.models import new_batch_id
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.test_consumers_support import (
@@ -19,6 +25,7 @@ from tests.test_consumers_support import (
     options,
     running,
     send,
+    send_command,
     unique,
 )
 
@@ -75,3 +82,34 @@ def test_latencies_fall_into_cumulative_buckets() -> None:
     count, total, *buckets = latencies.series["read"]
     assert (count, round(total, 3)) == (4, 20.083)
     assert sum(buckets) == 4 and buckets[0] == 1 and buckets[-2] == 1
+
+
+async def test_commands_lag_counts_the_commands_queued_behind_a_stuck_lane(
+        topics: Settings) -> None:
+    """A lane stuck on one command keeps its partition paused (never fetched, so the
+    client's high watermark stays put): the commands behind it, and the stuck one, are lag."""
+    batch_id = new_batch_id()
+    consumer = CommandsConsumer(topics, options())
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    async def stuck(command: Command) -> None:
+        entered.set()
+        await gate.wait()
+
+    consumer.apply = stuck  # type: ignore[method-assign]
+    tp = TopicPartition(topics.topic_commands,
+                        DefaultPartitioner()(batch_id.encode(), [0, 1], [0, 1]))
+    async with running(consumer):
+        collector = ConsumersCollector([consumer])
+        await send_command(topics, "run", "test-lag", batch_id)
+        await asyncio.wait_for(entered.wait(), 30)
+        for _ in range(20):
+            await send_command(topics, "stop", "test-lag", batch_id)
+
+        async def lag_shows_them() -> bool:
+            await collector.refresh()
+            return collector.lag.get(("commands", tp.topic, tp.partition)) == 21
+        try:
+            await eventually(lag_shows_them, timeout=8, interval=0.2)
+        finally:
+            gate.set()  # the stuck command ends, so the stop does not wait it out

@@ -2,8 +2,8 @@
 
 The parts count in plain ints and dicts on their hot paths (the events loop adds to a few
 ints per poll); the collector reads those only when scraped. Consumer lag per partition
-(the high watermark minus the position, the records not fetched yet, as Kafka's Java client
-reports `records-lag`) is read from each part's Kafka consumer right before the scrape.
+(the partition's end offset minus the group's committed offset: the records not handled
+yet, fetched or not) is read through each part's Kafka consumer right before the scrape.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ def _counter(name: str, doc: str, labels: list[str],
     return family
 
 
+async def _handled_to(consumer: Any, tp: Any) -> int:
+    """Where the group's work on `tp` stands: its committed offset; nothing committed yet,
+    the partition's first record (where the group starts: auto_offset_reset=earliest)."""
+    committed = await consumer.committed(tp)
+    if committed is None:
+        committed = (await consumer.beginning_offsets([tp]))[tp]
+    return int(committed)
+
+
 class ConsumersCollector(Collector):
     """Reads the parts' own counters when scraped. Each figure comes from the part that
     keeps it (`getattr`: a part without it has nothing to say on it)."""
@@ -68,21 +77,27 @@ class ConsumersCollector(Collector):
         self.lag: dict[tuple[str, str, int], int] = {}
 
     async def refresh(self) -> None:
-        """Reads the lag of every partition assigned to a part's Kafka consumer (quick:
-        positions and high watermarks are known to the client; bounded anyway)."""
+        """Reads the lag of every partition assigned to a part's Kafka consumer: its end
+        offset, asked of the broker (the client's high watermark comes only with fetches,
+        and a partition paused behind a stuck lane is not fetched, so it would read 0 for
+        as long as the lane is stuck), minus the group's committed offset (records fetched
+        and held by a lane, not handled yet, are lag too). Bounded by LAG_READ_S a part."""
         lag: dict[tuple[str, str, int], int] = {}
         for part in self.parts:
             consumer: Any = getattr(part, "_consumer", None)
-            if consumer is None:
+            if consumer is None or not (assignment := sorted(consumer.assignment())):
                 continue
-            for tp in consumer.assignment():
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue  # nothing fetched from it yet
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(LAG_READ_S):
-                        position = await consumer.position(tp)
-                    lag[(part.name, tp.topic, tp.partition)] = max(highwater - position, 0)
+            try:
+                async with asyncio.timeout(LAG_READ_S):
+                    ends = await consumer.end_offsets(assignment)
+                    done = await asyncio.gather(*(_handled_to(consumer, tp) for tp in assignment),
+                                                return_exceptions=True)
+            except Exception as exc:  # a scrape must not fail for it; the figure is skipped
+                log.debug("lag of %s not read: %r", part.name, exc)
+                continue
+            for tp, handled in zip(assignment, done, strict=True):
+                if isinstance(handled, int) and tp in ends:
+                    lag[(part.name, tp.topic, tp.partition)] = max(ends[tp] - handled, 0)
         self.lag = lag
 
     def collect(self) -> Iterator[Metric]:
@@ -115,7 +130,7 @@ class ConsumersCollector(Collector):
                        "Retries of commands (a dependency unavailable or a passing error)",
                        ["type"], [([k], n) for k, n in sorted(retried.items())])
         lag = GaugeMetricFamily("dhub_consumer_lag",
-                                "Records not fetched yet, per part and partition",
+                                "Records not handled (committed) yet, per part and partition",
                                 labels=["part", "topic", "partition"])
         for (name, topic, partition), value in sorted(self.lag.items()):
             lag.add_metric([name, topic, str(partition)], value)
