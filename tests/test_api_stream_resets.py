@@ -12,9 +12,12 @@ import pytest
 from aiohttp import ClientResponse
 from redis.asyncio import Redis
 
+from core import keys
 from core.codec import Event
 from core.models import new_batch_id
 from core.settings import Settings
+from service import pipeline_stream
+from service.waiters import READ
 from tests.cache_support import cache_of, cached_api, direct_store, engines, proxied
 from tests.conftest import eventually
 from tests.helpers import spec
@@ -115,3 +118,17 @@ async def test_a_pipeline_stream_resends_an_off_page_batch_that_changed_while_it
     # As GET says: stopped. Sent once (it changed once), the page's unchanged batch not again.
     assert [(data["id"], data["state"]["state"]) for name, data in events
             if name == "batch"] == [(older, "stop"), (newest, "running")], events
+
+
+async def test_a_reset_keeps_the_changes_the_feed_delivered_beside_it(
+        test_settings: Settings, redis: Redis) -> None:
+    # A change of a batch never sent, beyond the page, taken with the reset: the reset's
+    # reads do not cover it (not on the page, not sent), so dropping it lost the change.
+    pipeline = f"streams-{uuid.uuid4().hex[:8]}"
+    store = direct_store(redis, test_settings)
+    ids = [new_batch_id() for _ in range(3)]
+    for batch_id in ids:
+        await store.create(pipeline, batch_id, spec())
+    key = keys.batch(pipeline, ids[0])
+    changed = await pipeline_stream._after_reset(store, pipeline, 1, {}, [(key, READ)])
+    assert changed == [(keys.batch(pipeline, ids[2]), READ), (key, READ)]
