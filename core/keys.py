@@ -129,6 +129,13 @@ def batch_retired_keys(pipeline_id: str) -> list[str]:
             f"{_tag(pipeline_id)}:batches:finished:indexed"]
 
 
+def resumed_by(pipeline_id: str, batch_id: str) -> str:
+    """Set of the ids of the resumes that go on from this batch's data (`service.resume`):
+    while one has not stopped, the batch's delete is refused, since a resume takes the files
+    over only when its first step starts."""
+    return f"{_tag(pipeline_id)}:resumed-by:{batch_id}"
+
+
 def batch_seq(pipeline_id: str) -> str:
     """Counter giving each new batch of the pipeline its creation sequence."""
     return f"{_tag(pipeline_id)}:seq"

@@ -9,13 +9,13 @@ a value replaces the registered one (null included: it is a value for the model 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from core.models import ConfigValue, PipelineSpec
-from core.step_catalogue import config_problems
+from core.step_catalogue import config_problems, declarations
 
 Problems = list[dict[str, str]]
 _OVERRIDES: TypeAdapter[dict[str, dict[str, ConfigValue]]] = TypeAdapter(
@@ -57,3 +57,46 @@ def effective_config(spec: PipelineSpec, overrides: object = None,
     if problems:
         raise ConfigRefused(problems)
     return result
+
+
+def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
+                    config: Mapping[str, Mapping[str, Any]], done: Collection[str],
+                    started: str | None) -> Problems:
+    """What a resume's effective `config` changes that the batch it resumes already did with
+    `base`: any key of a step that is `done` (it does not run again: its output is taken
+    over as it is), and the keys that shape the data (`StepDeclaration.shapes_data`) of the
+    step that `started` and goes on over its data. Values are compared as the step's model
+    reads them, so restating a value, or its default (`"fail_at": null`), changes nothing."""
+    problems: Problems = []
+    for step in spec.steps:
+        if step.name not in done and step.name != started:
+            continue
+        before = _as_read(step.uses, base.get(step.name, step.config))
+        after = _as_read(step.uses, config.get(step.name, step.config))
+        fixed = set(before) | set(after)
+        if step.name not in done:
+            declared = declarations().get(step.uses)
+            fixed &= declared.shapes_data if declared is not None else set()
+        problems += [
+            {"loc": f"config.{step.name}.{key}",
+             "msg": f"step {step.name} is done: it will not run again, so its config stays "
+                    f"as it ran ({key} {before.get(key)!r})" if step.name in done else
+                    f"step {step.name} goes on over the data it wrote with {key} "
+                    f"{before.get(key)!r}: a resume cannot change it (run a new batch)"}
+            for key in sorted(fixed) if before.get(key, _UNSET) != after.get(key, _UNSET)]
+    return problems
+
+
+_UNSET = object()
+
+
+def _as_read(uses: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with its model's defaults filled in (as given when `uses` is not catalogued
+    or its model no longer takes it: then only what was written can be compared)."""
+    declared = declarations().get(uses)
+    if declared is None:
+        return dict(config)
+    try:
+        return declared.config.model_validate(dict(config)).model_dump()
+    except ValidationError:
+        return dict(config)

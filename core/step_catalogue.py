@@ -52,6 +52,9 @@ class StepDeclaration:
     `run`: "module:function", the step `fn(ctx) -> None` (sync or async; see pipelines.sdk).
     `cleanup`: "module:function" called as `fn(data_root: Path, batch_id: str) -> None` when a
     batch that used the step is deleted; it must be idempotent (a delete may call it again).
+    `shapes_data`: the config keys the data the step writes depends on (how many records,
+    how split, which ones). A resume may not change them for a step that started in the
+    batch it resumes: the step goes on over the data those values made.
     """
 
     name: str
@@ -59,6 +62,7 @@ class StepDeclaration:
     config: type[BaseModel]
     run: str
     cleanup: str | None = None
+    shapes_data: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.doc.strip() or "\n" in self.doc.strip():
@@ -68,6 +72,10 @@ class StepDeclaration:
         for path in (self.run, self.cleanup):
             if path is not None and not _DOTTED.match(path):
                 raise ValueError(f"step {self.name}: {path!r} is not 'module:function'")
+        unknown = self.shapes_data - set(self.config.model_fields)
+        if unknown:
+            raise ValueError(f"step {self.name}: shapes_data names keys its config does not "
+                             f"have: {', '.join(sorted(unknown))}")
 
 
 class NoPaths(BaseModel):

@@ -6,30 +6,70 @@ overrides merged over it (`{"config": {...}}`, as a run's). It is recorded with 
 batch achieved, so the flow knows where to go on from (`pipelines.flow`) and GET shows it from
 the start: every step that was `success` is `success` with its offsets (and totals); the
 first step that was not carries the old offsets, which it starts each partition from; the
-steps after it start from zero. `resumed_from` names the old batch, whose data the steps
-take over. An Idempotency-Key works as for a run: one new batch per key and request.
+steps after it start from zero. `resumed_from` names the batch whose data the steps take
+over: the old one, or, when none of its steps ever ran, the batch it went on from itself.
+
+The overrides cannot make the new batch show a config its data was not made with (400): a
+`success` step's config stays as it ran (it does not run again), and the step that goes on
+over data it wrote keeps the keys that shaped that data (`StepDeclaration.shapes_data`; for
+the sales steps rows, partitions, seed, invalid_rate); how it runs (`fail_at`, `throttle`)
+may change. The batch holding the data cannot be deleted (409) until its resumes stopped
+(`live_resumes`): they take the files over only when their first step starts.
+An Idempotency-Key works as for a run: one new batch per key and request.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
 
-from core import layout
+from core import keys, layout
 from core.command_messages import Recorded
 from core.models import PipelineSpec, new_batch_id
+from core.run_config import resume_problems
+from core.store import BatchStore
 from service import auth, creates, idempotency, run_body
 from service.appkeys import COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, once, path_id
-from service.errors import ApiError, not_found
+from service.errors import ApiError, bad_request, not_found
 
 
-def resumed_fields(spec: PipelineSpec, old: dict[str, str], old_id: str,
+def data_holder(spec: PipelineSpec, old: Mapping[str, str], old_id: str) -> str:
+    """The batch whose directory holds the data a resume of `old` goes on with: `old`'s,
+    unless none of its steps ever ran (a resume that stopped before its first step, when
+    it would have taken the files over): then the batch it went on from still holds them."""
+    if layout.RESUMED_FROM not in old or any(f.startswith(layout.STARTED_PREFIX) for f in old):
+        return old_id
+    # A step that ran has a `started:` field (its `running` event); the states say it too
+    # (steps from the one it was created to go on with are recorded `none` until they run),
+    # so a lost `running` event does not point the resume at data older than old's.
+    names = spec.step_names
+    first = next((n for n in names if layout.RESUMED_PREFIX + n in old), names[-1])
+    later = names[names.index(first):]
+    ran = any(layout.step_state(old, step) not in ("none", "pending") for step in later)
+    return old_id if ran else old[layout.RESUMED_FROM]
+
+
+def going_on(spec: PipelineSpec, old: Mapping[str, str], holder: Mapping[str, str]
+             ) -> str | None:
+    """The step the resume goes on with over data it wrote: the first step not `success`,
+    when it started in the batch holding the data (or has offsets carried from it)."""
+    step = next((s for s in spec.step_names if layout.step_state(old, s) != "success"), None)
+    if step is None:
+        return None
+    started = layout.STARTED_PREFIX + step
+    return step if started in old or started in holder or layout.step_offsets(old, step) \
+        else None
+
+
+def resumed_fields(spec: PipelineSpec, old: dict[str, str], holder_id: str,
                    config: dict[str, dict[str, Any]]) -> dict[str, str]:
-    """The new batch's fields beyond a fresh batch's (`BatchStore.create`'s `extra`)."""
-    fields = {layout.CONFIG: orjson.dumps(config).decode(), layout.RESUMED_FROM: old_id}
+    """The new batch's fields beyond a fresh batch's (`BatchStore.create`'s `extra`);
+    `holder_id`: the batch whose data the steps take over (`data_holder`)."""
+    fields = {layout.CONFIG: orjson.dumps(config).decode(), layout.RESUMED_FROM: holder_id}
     for step in spec.step_names:
         done = layout.step_state(old, step) == "success"
         if done:
@@ -45,6 +85,19 @@ def resumed_fields(spec: PipelineSpec, old: dict[str, str], old_id: str,
                                                            .values()))
             break
     return fields
+
+
+async def live_resumes(store: BatchStore, pipeline_id: str, batch_id: str) -> list[str]:
+    """The resumes going on from `batch_id`'s data that have not stopped (deleted or never
+    created ones left out): its data must stay until they took it over."""
+    members = sorted(cast(set[str], await store.redis.smembers(
+        keys.resumed_by(pipeline_id, batch_id))))
+    live = []
+    for member in members:
+        fields = await store.fields(pipeline_id, member)
+        if layout.is_visible(fields) and fields["state"] != "stop":
+            live.append(member)
+    return live
 
 
 async def resume_batch(request: web.Request) -> web.Response:
@@ -78,14 +131,29 @@ async def resume_batch(request: web.Request) -> web.Response:
     spec = await creates.spec_of(request.app[REGISTRY], pipeline_id, version)
     if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
         raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
-    config = run_body.checked_config(spec, overrides, base=layout.config_of(old))
+    base = layout.config_of(old)
+    config = run_body.checked_config(spec, overrides, base=base)
+    holder_id = data_holder(spec, old, old_id)
+    holder = old if holder_id == old_id else await store.fields(pipeline_id, holder_id)
+    if not layout.is_visible(holder) and needs_data(spec, old):
+        raise ApiError(409, "conflict", f"batch {old_id} goes on from the data of batch "
+                       f"{holder_id}, deleted since: there is nothing to resume from",
+                       resumed_from=holder_id)
+    done = [step for step in spec.step_names if layout.step_state(old, step) == "success"]
+    problems = resume_problems(spec, base or {}, config, done, going_on(spec, old, holder or {}))
+    if problems:
+        raise bad_request("a resume goes on with the data its batch made: it cannot change "
+                          "the config that data was made with", problems=problems)
     batch_id = new_batch_id()
-    extra = resumed_fields(spec, old, old_id, config)
+    extra = resumed_fields(spec, old, holder_id, config)
 
     async def record() -> creates.Created:
         # After an Idempotency-Key's claim: a retry of a resume that succeeded answers its
         # batch while Kafka is down.
         request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
+        # Noted before the batch exists, so a delete of the holder never misses it (one
+        # never created is left out when a delete looks).
+        await store.redis.sadd(keys.resumed_by(pipeline_id, holder_id), batch_id)
         seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
         # Read back for its run command (a rebuild's record): the time Redis recorded. A
         # resume is rare; the POST's hot path sends the time it gave its create script,
@@ -100,3 +168,9 @@ async def resume_batch(request: web.Request) -> web.Response:
     sent = (idempotency.Sent.of(pipeline_id, version, canonical, target=target)
             if idem_key is not None else None)
     return await once(request, idem_key, sent, pipeline_id, batch_id, record)
+
+
+def needs_data(spec: PipelineSpec, old: Mapping[str, str]) -> bool:
+    """Whether a resume of `old` takes any data over: a step done or offsets to go on from."""
+    return any(layout.step_state(old, step) == "success" or layout.step_offsets(old, step)
+               for step in spec.step_names)

@@ -100,6 +100,10 @@ def test_a_second_resume_of_the_same_batch_finds_its_data_untouched(tmp_path: Pa
 
 
 def test_a_resumed_step_without_its_saved_state_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(StepFailed, match=f"data of batch {OLD}, which is gone"):
+        extract(context(tmp_path, "extract", NEW, start={"partition_0": 5}, resumed_from=OLD,
+                        rows=10, partitions=1))
+    (tmp_path / OLD).mkdir()
     with pytest.raises(StepFailed, match="saved no checkpoint"):
         extract(context(tmp_path, "extract", NEW, start={"partition_0": 5}, resumed_from=OLD,
                         rows=10, partitions=1))

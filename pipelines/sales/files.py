@@ -57,6 +57,11 @@ _NOT_INHERITED = ("sales.db",)
 INHERITED_MARK = ".inherited"
 
 
+def inherited(new_root: Path) -> bool:
+    """Whether `new_root` took its files over already (`inherit`)."""
+    return (new_root / INHERITED_MARK).exists()
+
+
 def inherit(old_root: Path, new_root: Path) -> None:
     """Makes `new_root` start with the files of `old_root` (once: a mark file says it is
     done). Files never changed after they are written (source partitions, anything replaced

@@ -55,10 +55,17 @@ def remove_batch(data_root: Path, batch_id: str) -> None:
             raise
 
 
+# The keys the records themselves come from (extract generates them; the later steps work on
+# what it made): a step that started goes on over records made with the values it started
+# with. fail_at and throttle change how a step runs, not its data.
+SHAPES_DATA: Final = frozenset({"rows", "partitions", "seed", "invalid_rate"})
+
+
 def _declare(step: str, doc: str) -> StepDeclaration:
     return StepDeclaration(name=f"sales.{step}", doc=doc, config=SalesConfig,
                            run=f"pipelines.sales.steps:{step}",
-                           cleanup="pipelines.sales.plugin:remove_batch")
+                           cleanup="pipelines.sales.plugin:remove_batch",
+                           shapes_data=SHAPES_DATA)
 
 
 EXTRACT: Final = _declare("extract", "Generates (once) and validates sales records per partition "

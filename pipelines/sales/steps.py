@@ -38,6 +38,7 @@ from pipelines.sales.files import (
     append_from,
     count_lines,
     inherit,
+    inherited,
     jsonl_lines,
     sync,
     write_atomically,
@@ -70,15 +71,22 @@ ON CONFLICT (batch_id, region, day) DO UPDATE SET
 
 
 def _setup(ctx: StepContext) -> tuple[SalesConfig, Layout]:
-    config = read_config(ctx.config)
     layout = Layout.of(ctx)
     if ctx.resumed_from is not None:
         # The batches' directories are siblings (`Layout.of`); the id comes from the batch's
         # own record, and is checked as `Layout.of` checks the batch's.
         if not valid_id(ctx.resumed_from) or ctx.resumed_from in (".", ".."):
             raise StepFailed(f"resumed batch id {ctx.resumed_from!r} cannot name a directory")
-        inherit(layout.root.parent / ctx.resumed_from, layout.root)
-    return config, layout
+        old = layout.root.parent / ctx.resumed_from
+        if any(ctx.start_offsets.values()) and not old.is_dir() and not inherited(layout.root):
+            # Taking nothing over would mark the files inherited for good, and the step
+            # would fail further on with a reason that hides this one.
+            raise StepFailed(f"{ctx.step}: goes on from {dict(ctx.start_offsets)} over the "
+                             f"data of batch {ctx.resumed_from}, which is gone ({old})")
+        # Before the config is read: a step that refuses it leaves the files taken over, so
+        # a resume of this batch finds them here.
+        inherit(old, layout.root)
+    return read_config(ctx.config), layout
 
 
 def _partitions(directory: Path, suffix: str, step: str) -> dict[str, Path]:

@@ -1,0 +1,194 @@
+"""A resume tells the truth about its data: what it may override, the batch whose data it
+goes on with, and that data kept until it took it over. Real Redis and Kafka (the API in
+process), the sales steps run as the flow runs them, on a record built by applying the old
+batch's events as the events consumer does."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from core import keys
+from core.codec import Event
+from core.layout import RESUMED_FROM
+from core.models import PipelineSpec
+from core.packing import unpacked
+from core.scripts import Scripts
+from core.settings import Settings
+from core.store import BatchStore
+from pipelines.flow import plan
+from pipelines.offsets import OffsetBook
+from pipelines.sales.steps import extract, load, transform
+from pipelines.sdk import StepContext, StepFailed
+from tests.helpers import AUTH, api_client, api_settings
+from tests.test_pipelines_sales import expected_from_source
+from tests.test_resume_steps import table
+
+Client = TestClient[Any, Any]
+P = "p"
+CONFIG: dict[str, Any] = {"rows": 800, "partitions": 2}
+SPEC = {"name": "sales-pipeline", "version": "1", "steps": [
+    {"name": "extract", "uses": "sales.extract", "config": CONFIG},
+    {"name": "transform", "uses": "sales.transform",
+     "config": {**CONFIG, "fail_at": "transform"}},
+    {"name": "load", "uses": "sales.load", "config": CONFIG}]}
+STEPS = {"extract": extract, "transform": transform, "load": load}
+GO_ON = {"config": {"transform": {"fail_at": None}}}
+
+
+@pytest.fixture
+async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
+    async with api_client(api_settings(topics)) as client:
+        assert (await client.put(f"/api/v1/pipelines/{P}", json=SPEC, headers=AUTH)).status == 201
+        yield client
+
+
+async def apply(redis: Redis, batch_id: str, *events: Event) -> None:
+    store = BatchStore(redis, Scripts(redis), token_secret=b"t")
+    await store.apply([Event(e.type, batch_id, P, event_id=f"{batch_id}-{n}",
+                             **{k: v for k, v in e.to_dict().items()
+                                if k in ("state", "outcome", "reason", "step", "offsets",
+                                         "totals") and v is not None})
+                       for n, e in enumerate(events)])
+
+
+def ev(kind: str, **fields: Any) -> Event:
+    return Event(kind, "x", P, **fields)
+
+
+def context(data_root: Path, step: str, batch_id: str, config: dict[str, Any],
+            start: dict[str, int] | None = None, resumed_from: str | None = None
+            ) -> StepContext:
+    return StepContext(batch_id=batch_id, pipeline_id=P, step=step, config=config,
+                       settings=Settings(state_dir=data_root / "state", data_dir=data_root),
+                       book=OffsetBook(), on_change=lambda: None, start=start,
+                       resumed_from=resumed_from)
+
+
+async def run_as_the_flow(redis: Redis, data_root: Path, batch_id: str) -> None:
+    """`pipelines.flow.run_pipeline`'s steps on the batch's record (events left out)."""
+    fields = unpacked(cast(dict[str, str], await redis.hgetall(keys.batch(P, batch_id))))
+    for step in plan(PipelineSpec.model_validate(SPEC), fields):
+        if not step.done:
+            STEPS[step.name](context(data_root, step.name, batch_id, step.config,
+                                     start=step.start, resumed_from=fields.get(RESUMED_FROM)))
+
+
+async def post(api: Client, path: str, **kwargs: Any) -> tuple[int, Any]:
+    response = await api.post(path, headers=AUTH, **kwargs)
+    return response.status, await response.json()
+
+
+async def failed_in(api: Client, redis: Redis, data_root: Path, failing: str) -> str:
+    """Batch A run for real until `failing` failed half way (its `fail_at`)."""
+    status, body = await post(api, f"/api/v1/batches/{P}")
+    assert status == 200, body
+    a: str = body["item"]
+    events = [ev("batch.state", state="running")]
+    for step in ("extract", "transform"):
+        ctx = context(data_root, step, a, {**CONFIG, "fail_at": failing})
+        events.append(ev("step.state", step=step, state="running"))
+        try:
+            STEPS[step](ctx)
+        except StepFailed:
+            events += [ev("step.offsets", step=step, offsets=ctx.offsets, totals=ctx.totals),
+                       ev("step.state", step=step, state="failed"),
+                       ev("batch.state", state="stop", outcome="failed", reason="on purpose")]
+            break
+        events += [ev("step.offsets", step=step, offsets=ctx.offsets, totals=ctx.totals),
+                   ev("step.state", step=step, state="success")]
+    await apply(redis, a, *events)
+    return a
+
+
+async def orders_loaded(redis: Redis, data_root: Path, batch_id: str) -> int:
+    await run_as_the_flow(redis, data_root, batch_id)
+    loaded = table(data_root / batch_id / "sales.db", batch_id)
+    assert loaded == expected_from_source(data_root / batch_id)
+    return sum(orders for _, orders, _ in loaded.values())
+
+
+async def test_a_done_steps_config_cannot_be_changed_by_a_resume(
+        api: Client, redis: Redis, tmp_path: Path) -> None:
+    a = await failed_in(api, redis, tmp_path, "transform")
+    before = await redis.zcard(keys.batch_index(P))
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json={
+        "config": {"extract": {"rows": 1000}, "transform": {"fail_at": None}}})
+    assert status == 400, body
+    problems = body["error"]["details"]["problems"]
+    assert [p["loc"] for p in problems] == ["config.extract.rows"]
+    assert "done" in problems[0]["msg"]
+    assert await redis.zcard(keys.batch_index(P)) == before  # nothing created
+    # Restating a done step's value (or its default) changes nothing: accepted.
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json={
+        "config": {"extract": {"rows": 800, "fail_at": None}, "transform": {"fail_at": None}}})
+    assert status == 200, body
+    assert await orders_loaded(redis, tmp_path, body["item"]) == 800
+
+
+async def test_a_half_done_step_keeps_the_keys_that_shaped_its_data(
+        api: Client, redis: Redis, tmp_path: Path) -> None:
+    a = await failed_in(api, redis, tmp_path, "extract")
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json={
+        "config": {"extract": {"partitions": 4, "seed": 1}}})
+    assert status == 400, body
+    assert [p["loc"] for p in body["error"]["details"]["problems"]] == [
+        "config.extract.partitions", "config.extract.seed"]
+    # How it runs may change: fail_at (the README's example) and throttle.
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json={
+        "config": {"extract": {"fail_at": None, "throttle": 100_000.0},
+                   "transform": {"fail_at": None, "rows": 800}}})
+    assert status == 200, body
+    assert await orders_loaded(redis, tmp_path, body["item"]) == 800
+
+
+@pytest.mark.parametrize("b_ended", [
+    ("cancelled", "stopped before it started"),
+    ("failed", "UnknownStep: no step implementation named 'sales.transform'"),
+])
+async def test_a_resume_of_a_resume_that_never_ran_a_step_goes_on_from_the_data(
+        api: Client, redis: Redis, tmp_path: Path, b_ended: tuple[str, str]) -> None:
+    """B (A's resume) stopped before any of its steps ran, so it holds no data: its resume
+    C goes on from A's, which B's record describes."""
+    a = await failed_in(api, redis, tmp_path, "transform")
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON)
+    assert status == 200, body
+    b = body["item"]
+    outcome, reason = b_ended
+    await apply(redis, b, ev("batch.state", state="stop", outcome=outcome, reason=reason))
+    status, body = await post(api, f"/api/v1/batches/{P}/{b}/resume")
+    assert status == 200, body
+    c = body["item"]
+    shown = await (await api.get(f"/api/v1/batches/{P}/{c}", headers=AUTH)).json()
+    assert shown["resumed_from"] == a
+    assert await orders_loaded(redis, tmp_path, c) == 800
+
+
+async def test_a_batch_a_live_resume_goes_on_from_cannot_be_deleted(
+        api: Client, redis: Redis, tmp_path: Path) -> None:
+    a = await failed_in(api, redis, tmp_path, "transform")
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON)
+    assert status == 200, body
+    c = body["item"]
+    response = await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)
+    assert response.status == 409
+    refused = (await response.json())["error"]
+    assert c in refused["message"] and refused["details"]["resumed_by"] == [c]
+    assert (await api.get(f"/api/v1/batches/{P}/{a}", headers=AUTH)).status == 200
+    assert await orders_loaded(redis, tmp_path, c) == 800
+    # Once the resume stopped (it took the files over), the delete goes through.
+    await apply(redis, c, ev("batch.state", state="stop", outcome="completed"))
+    assert (await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)).status == 200
+
+
+async def test_a_resume_whose_data_is_gone_fails_saying_so(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "transform", "batch-new", CONFIG, start={"partition_0": 5},
+                  resumed_from="batch-gone")
+    with pytest.raises(StepFailed, match="batch-gone, which is gone"):
+        transform(ctx)
+    assert not (tmp_path / "batch-new" / ".inherited").exists()
