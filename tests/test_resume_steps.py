@@ -157,3 +157,14 @@ def test_the_flow_runs_what_the_batch_record_says() -> None:
         ("extract", {"rows": 9}, True, {"partition_0": 5}),
         ("transform", {"fail_at": None}, False, {"partition_0": 2, "partition_1": 0}),
         ("load", {}, False, {})]
+
+
+def test_source_files_are_never_mixed_with_others_of_another_shape(tmp_path: Path) -> None:
+    """However a config reaches it, extract does not go on over source files made with
+    other rows/partitions/seed than its own: it would load a mix of both."""
+    with pytest.raises(StepFailed, match="on purpose"):
+        extract(context(tmp_path, "extract", OLD, rows=40, partitions=2, fail_at="extract"))
+    with pytest.raises(StepFailed, match="source files were made with"):
+        extract(context(tmp_path, "extract", NEW, resumed_from=OLD, rows=40, partitions=4))
+    assert sorted(p.name for p in (tmp_path / NEW / "source").glob("partition_*")) == [
+        "partition_0.jsonl", "partition_1.jsonl"]  # nothing generated from the other split

@@ -43,6 +43,7 @@ from pipelines.sales.files import (
     sync,
     write_atomically,
 )
+from pipelines.sales.plugin import SHAPES_DATA
 from pipelines.sales.progress import Progress, interleave
 from pipelines.sales.records import Invalid, Sale, generate_partition, partition_sizes, validate
 from pipelines.sdk import StepContext, StepFailed
@@ -118,7 +119,17 @@ def _save_state(layout: Layout, step: str, partitions: Mapping[str, Any],
 
 
 def ensure_source(config: SalesConfig, layout: Layout) -> dict[str, Path]:
-    """The source partitions, generated from the seed unless they exist already."""
+    """The source partitions, generated from the seed unless they exist already (this run
+    of the step, or the batch it resumes, made them); their shape is noted first, so files
+    made with another one are never mixed with new ones (the API refuses such a resume: this
+    holds for any way a config reaches the step)."""
+    shape = orjson.dumps({key: getattr(config, key) for key in sorted(SHAPES_DATA)})
+    noted = layout.source / "shape.json"
+    if not noted.exists():
+        write_atomically(noted, shape)
+    elif noted.read_bytes() != shape:
+        raise StepFailed(f"the source files were made with {noted.read_text()}; this step's "
+                         f"config says {shape.decode()}: a resume cannot change them")
     paths = {}
     for index, count in enumerate(partition_sizes(config.rows, config.partitions)):
         path = layout.source / f"{partition_name(index)}.jsonl"
