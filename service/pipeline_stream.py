@@ -9,7 +9,7 @@ one. A client that falls `waiters.MAX_PENDING` changed batches behind is cut off
 After a reset of the feed (changes may have been missed; the backstop, every `cache.ttl_s`,
 is one too) the stream reads Redis for what it has not been told: `deleted` for each batch it
 had sent (the last MAX_SENT) that left the index meanwhile, each one it had sent beyond the
-page whose `rev` moved meanwhile (one pipelined round trip with the deletes' check: the
+page whose `rev` moved meanwhile (CHANGED_MEANWHILE: one script answers both; the
 client's live list still shows them), then the page again, oldest first, each only if it
 changed since sent.
 """
@@ -41,6 +41,30 @@ MAX_GONE: Final = 10_000
 # sent again (changes missed while the feed was down). One sent longer ago than the last
 # MAX_SENT is not checked.
 MAX_SENT: Final = 10_000
+
+# Batches checked per CHANGED_MEANWHILE call: ~1.5 ms of Redis each, so a stream that sent
+# MAX_SENT does not hold Redis (single-threaded) for long at once.
+CHECK_CHUNK: Final = 1_000
+
+# KEYS[1] the pipeline's batch index, KEYS[2..] hashes of batches a stream sent (one slot on
+# Redis Cluster: they share the pipeline's hash tag)
+# ARGV: per hash (in the order of KEYS), its batch id and the rev the stream sent
+# Returns {ids out of the index, ids in it whose rev is not the one sent}. Out of the index:
+# hidden or purged (both leave it in the same script). A rev that moved is a change missed; a
+# lower one too (a rebuild may restore it: Redis is the truth); a hash without one reads as
+# 0. A script rather than a pipeline of HGETs: the client's per-command cost was 11 µs of
+# CPU a batch, this 2 µs (the ZMSCORE alone it replaces: 0.7 µs).
+CHANGED_MEANWHILE: Final = """
+local deleted, moved = {}, {}
+for i = 2, #KEYS do
+  local id = ARGV[2 * i - 3]
+  if not redis.call('ZSCORE', KEYS[1], id) then deleted[#deleted + 1] = id
+  elseif (redis.call('HGET', KEYS[i], 'rev') or '0') ~= ARGV[2 * i - 2] then
+    moved[#moved + 1] = id
+  end
+end
+return {deleted, moved}
+"""
 
 Changes = list[tuple[str, Version | object]]  # batch keys to send, each a body, READ or GONE
 
@@ -157,23 +181,18 @@ def _remember(sent: dict[str, int], batch_id: str, rev: int) -> None:
 async def _changed_meanwhile(redis: Redis, pipeline_id: str, sent: Mapping[str, int],
                              page: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """Among the batches sent that are not on the page just read: those out of the batch
-    index (hidden or purged: both leave it in the same script), and those still in it whose
-    `rev` is not the one sent (a change missed; a lower one too: a rebuild may restore it,
-    and Redis is the truth). One round trip (ZMSCORE and an HGET of `rev` each, pipelined),
-    and none when the page holds them all. One only pushed off the page by newer batches is
-    still indexed, and unchanged."""
+    index, and those in it whose `rev` is not the one sent (CHANGED_MEANWHILE), CHECK_CHUNK
+    at a time; no call when the page holds them all. One only pushed off the page by newer
+    batches is still indexed, and unchanged."""
     off_page = [batch_id for batch_id in sent if batch_id not in page]
-    if not off_page:
-        return [], []
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zmscore(keys.batch_index(pipeline_id), off_page)
-        for batch_id in off_page:
-            pipe.hget(keys.batch(pipeline_id, batch_id), "rev")
-        scores, *revs = await pipe.execute()
-    deleted, moved = [], []
-    for batch_id, score, rev in zip(off_page, scores, revs, strict=True):
-        if score is None:
-            deleted.append(batch_id)
-        elif int(rev or 0) != sent[batch_id]:  # none: purged since the ZMSCORE (read: gone)
-            moved.append(batch_id)
+    script = redis.register_script(CHANGED_MEANWHILE)
+    deleted: list[str] = []
+    moved: list[str] = []
+    for at in range(0, len(off_page), CHECK_CHUNK):
+        chunk = off_page[at:at + CHECK_CHUNK]
+        gone, changed = await script(
+            keys=[keys.batch_index(pipeline_id), *(keys.batch(pipeline_id, b) for b in chunk)],
+            args=[x for batch_id in chunk for x in (batch_id, sent[batch_id])])
+        deleted += gone
+        moved += changed
     return deleted, moved

@@ -132,3 +132,19 @@ async def test_a_reset_keeps_the_changes_the_feed_delivered_beside_it(
     key = keys.batch(pipeline, ids[0])
     changed = await pipeline_stream._after_reset(store, pipeline, 1, {}, [(key, READ)])
     assert changed == [(keys.batch(pipeline, ids[2]), READ), (key, READ)]
+
+
+async def test_the_reset_check_finds_the_deleted_and_the_changed_in_chunks(
+        test_settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = f"streams-{uuid.uuid4().hex[:8]}"
+    store = direct_store(redis, test_settings)
+    ids = [new_batch_id() for _ in range(4)]
+    for batch_id in ids:
+        await store.create(pipeline, batch_id, spec())
+    sent = {b: int((await store.fields(pipeline, b) or {})["rev"]) for b in ids}
+    await store.hide(pipeline, ids[0])
+    await store.apply([Event("batch.state", ids[1], pipeline, state="running")])
+    sent[ids[2]] += 5  # a rebuild restored a lower rev than the one sent: Redis is the truth
+    monkeypatch.setattr(pipeline_stream, "CHECK_CHUNK", 2)  # two calls
+    assert await pipeline_stream._changed_meanwhile(redis, pipeline, sent, {ids[3]: {}}) == (
+        [ids[0]], [ids[1], ids[2]])
