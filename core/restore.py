@@ -3,7 +3,10 @@
 
 Into an empty database, with no API and no consumer writing meanwhile: nothing here is
 atomic across batches, and a consumer running against a half-rebuilt Redis would drop the
-events of batches not restored yet (unknown batch) and commit past them.
+events of batches not restored yet (unknown batch) and commit past them. `rebuild --force`
+writes over a database that is not empty (an API kept taking POSTs after a loss): the
+restored hashes replace what was there, and each restored pipeline's filter indexes and
+finished buckets are backfilled again from them.
 """
 
 from __future__ import annotations

@@ -72,11 +72,13 @@ def _batch_paths() -> dict[str, Any]:
                 [PIPELINE_ID,
                  {"name": "limit", "in": "query", "required": False,
                   "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
-                             "default": DEFAULT_LIMIT}},
+                             "default": DEFAULT_LIMIT},
+                  "description": "given more than once is a 400"},
                  {"name": "token", "in": "query", "required": False,
                   "schema": {"type": "string"},
                   "description": "opaque, from the previous page of the same filter; any other "
-                                 "value, or a token of another filter, is a 400"},
+                                 "value, a token of another filter, or a token given more "
+                                 "than once is a 400"},
                  {"name": "state", "in": "query", "required": False,
                   "schema": {"type": "string", "enum": list(BATCH_STATES)},
                   "description": "only batches in this state when the page is read"},
@@ -98,7 +100,8 @@ def _batch_paths() -> dict[str, Any]:
                     "is skipped) while its token is not null. A pipeline never registered and "
                     "without a batch is a 404 (a registered one without a batch: an empty "
                     "page). With `Accept: text/event-stream` the pipeline's changes stream, "
-                    "unfiltered (filters then are a 400)."),
+                    "unfiltered and from the newest batches (filters or a token then are a "
+                    "400)."),
             ),
         },
         "/api/v1/batches/{pipeline_id}/{batch_id}": {
