@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from core.models import ConfigValue, PipelineSpec
-from core.step_catalogue import config_problems, declarations
+from core.step_catalogue import config_problems, declarations, shapes_data
 
 Problems = list[dict[str, str]]
 _OVERRIDES: TypeAdapter[dict[str, dict[str, ConfigValue]]] = TypeAdapter(
@@ -64,7 +64,7 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
                     started: str | None) -> Problems:
     """What a resume's effective `config` changes that the batch it resumes already did with
     `base`: any key of a step that is `done` (it does not run again: its output is taken
-    over as it is), and the keys that shape the data (`StepDeclaration.shapes_data`) of the
+    over as it is), and the keys that shape the data (`step_catalogue.SHAPES_DATA`) of the
     step that `started` and goes on over its data. Values are compared as the step's model
     reads them, so restating a value, or its default (`"fail_at": null`), changes nothing."""
     problems: Problems = []
@@ -76,7 +76,7 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
         fixed = set(before) | set(after)
         if step.name not in done:
             declared = declarations().get(step.uses)
-            fixed &= declared.shapes_data if declared is not None else set()
+            fixed &= shapes_data(declared.config) if declared is not None else set()
         problems += [
             {"loc": f"config.{step.name}.{key}",
              "msg": f"step {step.name} is done: it will not run again, so its config stays "

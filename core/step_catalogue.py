@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import orjson
 from pydantic import BaseModel, ValidationError, model_validator
+from pydantic.config import JsonDict
 
 from core.models import valid_id
 
@@ -52,9 +53,6 @@ class StepDeclaration:
     `run`: "module:function", the step `fn(ctx) -> None` (sync or async; see pipelines.sdk).
     `cleanup`: "module:function" called as `fn(data_root: Path, batch_id: str) -> None` when a
     batch that used the step is deleted; it must be idempotent (a delete may call it again).
-    `shapes_data`: the config keys the data the step writes depends on (how many records,
-    how split, which ones). A resume may not change them for a step that started in the
-    batch it resumes: the step goes on over the data those values made.
     """
 
     name: str
@@ -62,7 +60,6 @@ class StepDeclaration:
     config: type[BaseModel]
     run: str
     cleanup: str | None = None
-    shapes_data: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.doc.strip() or "\n" in self.doc.strip():
@@ -72,10 +69,6 @@ class StepDeclaration:
         for path in (self.run, self.cleanup):
             if path is not None and not _DOTTED.match(path):
                 raise ValueError(f"step {self.name}: {path!r} is not 'module:function'")
-        unknown = self.shapes_data - set(self.config.model_fields)
-        if unknown:
-            raise ValueError(f"step {self.name}: shapes_data names keys its config does not "
-                             f"have: {', '.join(sorted(unknown))}")
 
 
 class NoPaths(BaseModel):
@@ -94,6 +87,21 @@ class NoPaths(BaseModel):
                     "server settings (DHUB_DATA_DIR; each batch writes under "
                     "<data_dir>/<batch_id>)")
         return data
+
+
+# A config model marks the keys the data its step writes depends on (how many records, how
+# split, which ones) with `Field(json_schema_extra=SHAPES_DATA)`: a resume may not change them
+# for a step that started in the batch it resumes, since the step goes on over the data those
+# values made (`core.run_config.resume_problems`). A mark in the schema, not a declaration
+# field: GET /api/v1/steps shows it, and a plugin using it still loads in an older core.
+SHAPES_DATA: Final[JsonDict] = {"shapes_data": True}
+
+
+def shapes_data(config: type[BaseModel]) -> frozenset[str]:
+    """The keys of `config` marked `SHAPES_DATA`."""
+    return frozenset(name for name, field in config.model_fields.items()
+                     if isinstance(field.json_schema_extra, dict)
+                     and field.json_schema_extra.get("shapes_data") is True)
 
 
 def batch_dir(data_root: Path, batch_id: str) -> Path:

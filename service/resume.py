@@ -11,7 +11,7 @@ over: the old one, or, when none of its steps ever ran, the batch it went on fro
 
 The overrides cannot make the new batch show a config its data was not made with (400): a
 `success` step's config stays as it ran (it does not run again), and the step that goes on
-over data it wrote keeps the keys that shaped that data (`StepDeclaration.shapes_data`; for
+over data it wrote keeps the keys that shaped that data (`step_catalogue.SHAPES_DATA`; for
 the sales steps rows, partitions, seed, invalid_rate); how it runs (`fail_at`, `throttle`)
 may change. The batch holding the data cannot be deleted (409) until its resumes stopped
 (`live_resumes`): they take the files over only when their first step starts.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Final
 
 from pydantic import ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from core.step_catalogue import NoPaths, StepDeclaration, batch_dir
 
@@ -18,21 +19,30 @@ from core.step_catalogue import NoPaths, StepDeclaration, batch_dir
 MAX_THROTTLED_S: Final = 600.0
 
 
+# `core.step_catalogue.SHAPES_DATA`, spelt out: a process that loaded an older core before
+# this module still loads it. The records themselves come from these keys (extract makes
+# them; the later steps work on what it made); fail_at and throttle change how a step runs.
+_SHAPES: Final[JsonDict] = {"shapes_data": True}
+
+
 class SalesConfig(NoPaths):
     """The config of every `sales.*` step: each step uses the keys it needs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rows: int = Field(default=20_000, ge=0, le=10_000_000, description="records generated")
-    partitions: int = Field(default=4, ge=1, le=256, description="source files, one per partition")
-    seed: int = Field(default=42, description="the generator's seed: same seed, same records")
+    rows: int = Field(default=20_000, ge=0, le=10_000_000, description="records generated",
+                      json_schema_extra=_SHAPES)
+    partitions: int = Field(default=4, ge=1, le=256, json_schema_extra=_SHAPES,
+                            description="source files, one per partition")
+    seed: int = Field(default=42, json_schema_extra=_SHAPES,
+                      description="the generator's seed: same seed, same records")
     throttle: float | None = Field(
         default=None, gt=0,
         description=f"records per second per step (None: full speed); rows/throttle at most "
                     f"{MAX_THROTTLED_S:.0f} s")
     fail_at: str | None = Field(
         default=None, description="the name of a step that fails on purpose half way")
-    invalid_rate: float = Field(default=0.0, ge=0.0, le=1.0,
+    invalid_rate: float = Field(default=0.0, ge=0.0, le=1.0, json_schema_extra=_SHAPES,
                                 description="share of generated records made invalid on purpose")
 
     @model_validator(mode="after")
@@ -55,17 +65,10 @@ def remove_batch(data_root: Path, batch_id: str) -> None:
             raise
 
 
-# The keys the records themselves come from (extract generates them; the later steps work on
-# what it made): a step that started goes on over records made with the values it started
-# with. fail_at and throttle change how a step runs, not its data.
-SHAPES_DATA: Final = frozenset({"rows", "partitions", "seed", "invalid_rate"})
-
-
 def _declare(step: str, doc: str) -> StepDeclaration:
     return StepDeclaration(name=f"sales.{step}", doc=doc, config=SalesConfig,
                            run=f"pipelines.sales.steps:{step}",
-                           cleanup="pipelines.sales.plugin:remove_batch",
-                           shapes_data=SHAPES_DATA)
+                           cleanup="pipelines.sales.plugin:remove_batch")
 
 
 EXTRACT: Final = _declare("extract", "Generates (once) and validates sales records per partition "

@@ -33,6 +33,7 @@ from typing import Any, Final
 import orjson
 
 from core.models import valid_id
+from core.step_catalogue import shapes_data
 from pipelines.sales.config import Layout, SalesConfig, partition_name, read_config
 from pipelines.sales.files import (
     append_from,
@@ -43,7 +44,6 @@ from pipelines.sales.files import (
     sync,
     write_atomically,
 )
-from pipelines.sales.plugin import SHAPES_DATA
 from pipelines.sales.progress import Progress, interleave
 from pipelines.sales.records import Invalid, Sale, generate_partition, partition_sizes, validate
 from pipelines.sdk import StepContext, StepFailed
@@ -123,7 +123,7 @@ def ensure_source(config: SalesConfig, layout: Layout) -> dict[str, Path]:
     of the step, or the batch it resumes, made them); their shape is noted first, so files
     made with another one are never mixed with new ones (the API refuses such a resume: this
     holds for any way a config reaches the step)."""
-    shape = orjson.dumps({key: getattr(config, key) for key in sorted(SHAPES_DATA)})
+    shape = orjson.dumps({key: getattr(config, key) for key in sorted(shapes_data(SalesConfig))})
     noted = layout.source / "shape.json"
     if not noted.exists():
         write_atomically(noted, shape)
