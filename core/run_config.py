@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from core.models import ConfigValue, PipelineSpec
@@ -80,14 +81,18 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
         problems += [
             {"loc": f"config.{step.name}.{key}",
              "msg": f"step {step.name} is done: it will not run again, so its config stays "
-                    f"as it ran ({key} {before.get(key)!r})" if step.name in done else
+                    f"as it ran ({key} {_json(before.get(key))})" if step.name in done else
                     f"step {step.name} goes on over the data it wrote with {key} "
-                    f"{before.get(key)!r}: a resume cannot change it (run a new batch)"}
+                    f"{_json(before.get(key))}: a resume cannot change it (run a new batch)"}
             for key in sorted(fixed) if before.get(key, _UNSET) != after.get(key, _UNSET)]
     return problems
 
 
 _UNSET = object()
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value).decode()  # as the client wrote it: null, not None
 
 
 def _as_read(uses: str, config: Mapping[str, Any]) -> dict[str, Any]:
