@@ -192,3 +192,18 @@ async def test_a_resume_whose_data_is_gone_fails_saying_so(tmp_path: Path) -> No
     with pytest.raises(StepFailed, match="batch-gone, which is gone"):
         transform(ctx)
     assert not (tmp_path / "batch-new" / ".inherited").exists()
+
+
+async def test_a_resume_of_a_resume_whose_data_was_deleted_is_refused(
+        api: Client, redis: Redis, tmp_path: Path) -> None:
+    """C stopped before it ran a step, so A's delete went through; C holds no data and
+    A's is gone: a resume of C has nothing to go on from (409, not a batch that can only
+    fail)."""
+    a = await failed_in(api, redis, tmp_path, "transform")
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON)
+    c = body["item"]
+    await apply(redis, c, ev("batch.state", state="stop", outcome="cancelled", reason="stop"))
+    assert (await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)).status == 200
+    status, body = await post(api, f"/api/v1/batches/{P}/{c}/resume")
+    assert status == 409, body
+    assert a in body["error"]["message"]
