@@ -139,6 +139,8 @@ class BatchStore:
                   keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
                   keys.batch_finished_index(pipeline_id)],
             args=[batch_id, self._channel])
+        # The resumes that went on from its data (service.resume) matter no more.
+        await self.redis.delete(keys.resumed_by(pipeline_id, batch_id))
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -108,7 +108,10 @@ def _batch_paths() -> dict[str, Any]:
             "get": operation("One batch", "batches:read", batch_ok, [PIPELINE_ID, BATCH_ID],
                        ("404",)),
             "delete": operation("Delete a batch (a running one is stopped first)", "batches:write",
-                          message_ok, [PIPELINE_ID, BATCH_ID], ("404",)),
+                          {**message_ok,
+                           "409": json_body(ref("Error"), "a resume going on from this "
+                                            "batch's data has not stopped yet")},
+                          [PIPELINE_ID, BATCH_ID], ("404",)),
         },
         "/api/v1/batches/{pipeline_id}/{batch_id}/resume": {
             "post": operation(
@@ -116,6 +119,7 @@ def _batch_paths() -> dict[str, Any]:
                 "batches:write",
                 {"200": json_body(ref("RunAccepted"), "accepted; the new batch's id"),
                  "409": json_body(ref("Error"), "the batch is not stopped, or it completed; or "
+                                             "the data it would go on from was deleted; or "
                                              "the Idempotency-Key was used for another "
                                              "request")},
                 [PIPELINE_ID, BATCH_ID, idempotency_key("the batch resumed")],
@@ -124,7 +128,10 @@ def _batch_paths() -> dict[str, Any]:
                     "Needs the scope `batches:write`. The new batch runs the same pipeline "
                     "version and shows `resumed_from`. Steps that were `success` are `success` "
                     "at once with their offsets; the first step that was not starts each "
-                    "partition from its old offset; the steps after it start from zero."),
+                    "partition from its old offset; the steps after it start from zero. A "
+                    "400 also when the config changes a `success` step's config, or a key "
+                    "that shapes the data (schema mark `shapes_data`, GET /api/v1/steps) of "
+                    "the step that goes on."),
                 requestBody=run_body(
                     "per-step config overrides, merged over the resumed batch's effective "
                     "config (e.g. `{\"config\": {\"transform\": {\"fail_at\": null}}}`)"),

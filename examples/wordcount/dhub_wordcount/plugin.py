@@ -12,7 +12,7 @@ from typing import Final
 
 from pydantic import ConfigDict, Field, model_validator
 
-from core.step_catalogue import NoPaths, StepDeclaration, batch_dir
+from core.step_catalogue import SHAPES_DATA, NoPaths, StepDeclaration, batch_dir
 
 # Sizes a request may ask for, bounded so one batch cannot hold a worker for long: at most
 # 16 x 100k lines of 20 words (32M words: under two minutes a step here), and a throttled step
@@ -25,10 +25,13 @@ class WordCountConfig(NoPaths):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    partitions: int = Field(default=4, ge=1, le=16, description="text files, one per partition")
-    lines: int = Field(default=10_000, ge=1, le=100_000, description="lines per partition")
-    words_per_line: int = Field(default=8, ge=1, le=20)
-    seed: int = Field(default=7, description="same seed, same text")
+    # The text itself comes from these (a resume may not change them: SHAPES_DATA).
+    partitions: int = Field(default=4, ge=1, le=16, description="text files, one per partition",
+                            json_schema_extra=SHAPES_DATA)
+    lines: int = Field(default=10_000, ge=1, le=100_000, description="lines per partition",
+                       json_schema_extra=SHAPES_DATA)
+    words_per_line: int = Field(default=8, ge=1, le=20, json_schema_extra=SHAPES_DATA)
+    seed: int = Field(default=7, description="same seed, same text", json_schema_extra=SHAPES_DATA)
     throttle: float | None = Field(
         default=None, gt=0,
         description=f"lines per second per step (None: full speed); partitions*lines/throttle "
