@@ -184,6 +184,9 @@ async def test_a_batch_a_live_resume_goes_on_from_cannot_be_deleted(
     # Once the resume stopped (it took the files over), the delete goes through.
     await apply(redis, c, ev("batch.state", state="stop", outcome="completed"))
     assert (await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)).status == 200
+    # Its purge (the delete job's) takes the record of its resumes with it.
+    await BatchStore(redis, Scripts(redis), token_secret=b"t").purge(P, a)
+    assert not await redis.exists(keys.resumed_by(P, a))
 
 
 async def test_a_resume_whose_data_is_gone_fails_saying_so(tmp_path: Path) -> None:
