@@ -7,7 +7,9 @@ de-duplication of state events, so a batch delivered again after a crash changes
 Every batch a poll reached is then snapshotted on the compacted snapshots topic
 (`core.snapshots`; written by `consumers/plumbing/snapshot_batch.py`) before the poll is
 committed: whatever a committed offset covers is in a snapshot, which is what lets a
-rebuild of Redis start the events where this group left off.
+rebuild of Redis start the events where this group left off. A rebalance hands the work in
+flight over first (`consumers/plumbing/stages.py`), so a consumer that lost a partition
+never snapshots it after its new owner.
 
 Errors follow `core.retry`: Redis or Kafka unavailable (down, READONLY after a failover,
 OOM, LOADING, BUSY, ...) is waited out with backoff, and the poll is neither dead-lettered
@@ -24,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -34,7 +36,8 @@ from consumers.plumbing.dlq import DeadLetters
 from consumers.plumbing.kafka import Record, commit_retrying, open_consumer
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
-from consumers.plumbing.snapshot_batch import SnapshotBatches
+from consumers.plumbing.snapshot_batch import Fenced, SnapshotBatches
+from consumers.plumbing.stages import Covered, Stages
 from core.codec import CodecError, Event, decode_event
 from core.retry import Backoff, Stopping, Verdict, classify
 from core.settings import Settings
@@ -55,22 +58,7 @@ class _Poll:
     events: list[Event]
     bad: list[tuple[Record, str]]
     duplicates: int
-
-
-@dataclass(slots=True)
-class _Covered:
-    """What a flush owes applied polls: the batches they reached (in order, once each) and
-    the offset after each partition's last record."""
-
-    reached: dict[tuple[str, str], None] = field(default_factory=dict)
-    offsets: dict[TopicPartition, int] = field(default_factory=dict)
-
-    def add(self, later: _Covered) -> None:
-        self.reached.update(later.reached)
-        self.offsets.update(later.offsets)  # a later poll's offsets are further
-
-    def __bool__(self) -> bool:
-        return bool(self.offsets)
+    epoch: int  # of the assignment it was fetched under
 
 
 def _bad_script_data(exc: BaseException) -> bool:
@@ -89,6 +77,8 @@ class EventsConsumer(Part):
         self.options = options or ConsumerOptions()
         self.backoff = Backoff(self.stopping, self.options.retry_policy())
         self._consumer: AIOKafkaConsumer | None = None
+        # The apply and the flush in flight, what is due, and a revoke's hand-over of them.
+        self.stages = Stages(self.name, self._flush, self.options.revoke_wait_s)
         # Totals since start, logged every STATS_EVERY_S and read by tests and benchmarks.
         self.applied = 0
         self.changed = 0
@@ -98,10 +88,12 @@ class EventsConsumer(Part):
     async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         s = self.settings
         self.store = BatchStore.from_settings(clients.redis, s)
-        self.snapshots = SnapshotBatches(clients.producer, clients.redis, s.topic_snapshots)
+        self.snapshots = SnapshotBatches(clients.producer, clients.redis, s.topic_snapshots,
+                                         admit=self.stages.admit)
+        self.stages.quiet = self.snapshots.quiet
         self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
         self._consumer = await open_consumer(
-            s, self.name, s.topic_events, s.group_events,
+            s, self.name, s.topic_events, s.group_events, listener=self.stages,
             max_poll_records=self.options.events_max_records,
             # Big fetches: throughput here is bounded by per-request overhead, not bytes.
             max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,
@@ -120,9 +112,7 @@ class EventsConsumer(Part):
         # once a poll. Polls apply in order and are committed only after their effect and
         # their snapshots; a failure leaves later polls unapplied, or applied and
         # uncommitted (read again later: every effect is idempotent), never committed past.
-        applying: asyncio.Task[_Covered] | None = None
-        flushing: asyncio.Task[None] | None = None
-        due = _Covered()
+        stages = self.stages  # shared with the rebalance listener: see consumers.plumbing.stages
         flushed_at = time.monotonic()
         interval = self.options.events_flush_interval_s
         try:
@@ -132,45 +122,34 @@ class EventsConsumer(Part):
                     max_records=self.options.events_max_records)
                 if batch:
                     prepared = self._prepare(batch)
-                    if applying is not None:
-                        due.add(await applying)
-                    if flushing is not None and len(due.reached) >= FLUSH_BATCHES:
+                    await stages.take_applied()
+                    if stages.flushing is not None and len(stages.due.reached) >= FLUSH_BATCHES:
                         # Back-pressure: a flush that lags (Kafka slow to acknowledge) holds
                         # the applies once this much waits, bounding what a crash re-reads.
-                        await flushing
-                        flushing = None
-                    applying = asyncio.create_task(self._effect(prepared))
+                        await stages.flushed()
+                    stages.applying = asyncio.create_task(self._effect(prepared))
                     # Let the apply run up to its wait for Redis (its scripts sent) before
                     # this loop fetches and decodes the next poll: Redis works meanwhile.
                     await asyncio.sleep(0)
-                elif applying is not None and applying.done():
-                    due.add(await applying)  # raises what a failed apply raised
-                    applying = None
-                if flushing is not None and flushing.done():
-                    await flushing  # raises what a failed snapshot or commit raised
-                    flushing = None
-                if flushing is None and due and (
-                        not batch or len(due.reached) >= FLUSH_BATCHES
+                elif stages.applying is not None and stages.applying.done():
+                    await stages.take_applied()  # raises what a failed apply raised
+                if stages.flushing is not None and stages.flushing.done():
+                    await stages.flushed()  # raises what a failed snapshot or commit raised
+                if stages.flushing is None and stages.due and (
+                        not batch or len(stages.due.reached) >= FLUSH_BATCHES
                         or time.monotonic() - flushed_at >= interval):
-                    flushing = asyncio.create_task(self._flush(due))
-                    due, flushed_at = _Covered(), time.monotonic()
+                    stages.start_flush()
+                    flushed_at = time.monotonic()
                 if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
                     last_stats, last_applied = time.monotonic(), self.applied
                     log.info("events: %d applied (%d changed a batch), %d dropped, "
                              "%d dead-lettered", self.applied, self.changed, self.dropped,
                              self.dead)
-            # A graceful stop commits what was applied.
-            # (The tasks stay named: the `finally` below finds them done.)
-            if applying is not None:
-                due.add(await applying)
-            if flushing is not None:
-                await flushing
-            if due:
-                await self._flush(due)
+            await stages.settle()  # a graceful stop commits what was applied
         except Stopping:
             return  # Redis or Kafka down at shutdown: left uncommitted, read again later
         finally:
-            tasks = [t for t in (applying, flushing) if t is not None]
+            tasks = [t for t in (stages.applying, stages.flushing) if t is not None]
             if not all(t.done() for t in tasks):
                 # Leaving on an error elsewhere: the work in flight ends on its own terms
                 # (stopping makes its retries give up), never cut in half.
@@ -204,9 +183,9 @@ class EventsConsumer(Part):
                     bad.append((record, str(exc)))
                 else:
                     seen.add(value)
-        return _Poll(batch, events, bad, duplicates)
+        return _Poll(batch, events, bad, duplicates, self.stages.epoch)
 
-    async def _effect(self, poll: _Poll) -> _Covered:
+    async def _effect(self, poll: _Poll) -> Covered:
         """Applies a poll's events and dead-letters its malformed records. Returns what a
         flush owes the poll: the batches it reached (to snapshot) and its offsets (to
         commit)."""
@@ -238,19 +217,29 @@ class EventsConsumer(Part):
             reached = [batch for batch, n in results.items() if n >= 0]
         if bad:
             await self.backoff.call("dead-letter", lambda: self._dead_letter(bad))
-        return _Covered(dict.fromkeys(reached),
-                        {tp: recs[-1].offset + 1 for tp, recs in poll.batch.items()})
+        return Covered(poll.epoch, dict.fromkeys(reached),
+                       {tp: recs[-1].offset + 1 for tp, recs in poll.batch.items()})
 
-    async def _flush(self, due: _Covered) -> None:
+    async def _flush(self, due: Covered) -> None:
         """Snapshots the batches the covered polls reached, as Redis holds them now, then
         commits the polls. A snapshot may hold the effect of a later poll too, which is
         harmless (a rebuild applies those events again from the committed offset, and every
-        rule of APPLY_EVENTS only moves forward)."""
+        rule of APPLY_EVENTS only moves forward). Polls of an assignment revoked meanwhile
+        are neither snapshotted nor committed (see consumers.plumbing.stages)."""
         assert self._consumer is not None
+        if not self.stages.current(due):
+            return
+        self.stages.flushing_epoch = due.epoch
         if due.reached:
             reached = list(due.reached)
-            await self.backoff.call("snapshot", lambda: self.snapshots.write_current(reached))
-        await commit_retrying(self._consumer, due.offsets, self.backoff)
+            try:
+                await self.backoff.call("snapshot",
+                                        lambda: self.snapshots.write_current(reached))
+            except Fenced:
+                log.info("events: flush of %d batches dropped: revoked meanwhile", len(reached))
+                return
+        if self.stages.current(due):
+            await commit_retrying(self._consumer, due.offsets, self.backoff)
 
     async def _apply(self, events: list[Event]) -> dict[tuple[str, str], int]:
         return await self.backoff.call("apply events", lambda: self.store.apply(events))

@@ -17,33 +17,18 @@ log = logging.getLogger(__name__)
 Record = Any
 
 
-class AssignmentLog(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Offsets are committed right after each effect (the events consumer: at most one poll
-    applied and not committed yet, whose records the new owner applies again, harmlessly), so
-    a rebalance has nothing to flush; this only records who owns which partitions, which is
-    what one needs to read when several consumers of a group are running."""
-
-    def __init__(self, part: str) -> None:
-        self._part = part
-
-    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if revoked:
-            log.info("%s: partitions revoked %s", self._part, _names(revoked))
-
-    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("%s: partitions assigned %s", self._part, _names(assigned))
-
-
-def _names(partitions: list[TopicPartition]) -> str:
+def names(partitions: list[TopicPartition]) -> str:
+    """Partitions for the rebalance logs (who owns which, when several members run)."""
     return ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(partitions)) or "none"
 
 
 async def open_consumer(settings: Settings, part: str, topic: str, group: str,
-                        listener: ConsumerRebalanceListener | None = None,
+                        listener: ConsumerRebalanceListener,
                         **overrides: Any) -> AIOKafkaConsumer:
     """A group member that reads from the earliest uncommitted record and never commits
     on its own: the caller commits after the effect is durable (at-least-once). `listener`
-    replaces the default one that only logs assignments."""
+    hands the caller's work in flight over on a revoke (each consumer pipelines its work,
+    so a revoke always has something to settle: `lanes`, `stages`)."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "group_id": group,
@@ -55,7 +40,7 @@ async def open_consumer(settings: Settings, part: str, topic: str, group: str,
 
     async def start() -> AIOKafkaConsumer:
         consumer = AIOKafkaConsumer(**options)
-        consumer.subscribe([topic], listener=listener or AssignmentLog(part))
+        consumer.subscribe([topic], listener=listener)
         try:
             await consumer.start()
         except Exception:

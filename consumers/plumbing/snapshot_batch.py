@@ -16,12 +16,17 @@ and a partitioner call per record). Here:
 
 The guarantee is `write_current`'s: returns once the broker acknowledged every record
 (acks=all, idempotent producer), or raises (the caller's retry writes them all again).
+
+`admit` fences a write whose records were read under a partition assignment that has
+since been revoked (`consumers.plumbing.stages`): checked right before the records go to
+the producer, it raises `Fenced` instead of letting an older snapshot land after the new
+owner's. A write past that check is awaited by the revoke (`quiet`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from aiokafka import AIOKafkaProducer
@@ -68,9 +73,19 @@ BUILDER_BYTES: Final = 768 << 10
 _PARTITIONS_CACHED: Final = 100_000  # keys whose partition is remembered (murmur2 is Python)
 
 
+class Fenced(Exception):
+    """The write was not sent: its records were read before a revoke (see the module's
+    doc). Nothing of it reached Kafka; the partition's owner snapshots those batches."""
+
+
 class SnapshotBatches:
-    def __init__(self, producer: AIOKafkaProducer, redis: Redis, topic: str) -> None:
+    def __init__(self, producer: AIOKafkaProducer, redis: Redis, topic: str,
+                 admit: Callable[[], bool] | None = None) -> None:
         self.producer = producer
+        self.admit = admit
+        self._sending = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
         self.redis = redis
         self.topic = topic
         self._script = redis.register_script(RECORDS)
@@ -110,9 +125,13 @@ class SnapshotBatches:
     async def _send(self, batches: Sequence[tuple[str, str]],
                     records: list[str | None]) -> int:
         count = await self._partitions()
+        if self.admit is not None and not self.admit():
+            raise Fenced(f"{len(batches)} snapshots read before a revoke")
         builders: dict[int, BatchBuilder] = {}
         sends: list[asyncio.Future[Any]] = []
         written = 0
+        self._sending += 1
+        self._quiet.clear()
         try:
             for (pipeline_id, batch_id), record in zip(batches, records, strict=True):
                 if record is None:
@@ -142,11 +161,20 @@ class SnapshotBatches:
         finally:
             # Every batch queued is awaited, even when a later one failed to queue: none is
             # left behind unobserved, and the caller's retry sends them all again.
-            outcomes = await asyncio.gather(*sends, return_exceptions=True)
+            try:
+                outcomes = await asyncio.gather(*sends, return_exceptions=True)
+            finally:
+                self._sending -= 1
+                if not self._sending:
+                    self._quiet.set()
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         return written
+
+    async def quiet(self) -> None:
+        """Returns once no write past its `admit` check is waiting for the broker."""
+        await self._quiet.wait()
 
     def _builder(self) -> BatchBuilder:
         # The accumulator takes any builder; the producer's own `create_batch` would size it
