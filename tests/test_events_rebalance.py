@@ -1,14 +1,17 @@
-"""Two events consumers of one group across a rebalance: the one that lost a partition must
-not overwrite its new owner's snapshot with one it read before the revoke (compaction keeps
-the last: a rebuild from it and the committed offset would lose an event)."""
+"""Two events consumers of one group across a rebalance. The one that loses a partition
+hands its work over first (its flush in flight and what is due, snapshotted and committed)
+and, when that takes too long, sends nothing more for it: it must never overwrite its new
+owner's snapshot with one it read before the revoke (compaction keeps the last: a rebuild
+from it and the committed offset would lose an event)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
@@ -37,11 +40,53 @@ async def committed_at(settings: Settings, tp: TopicPartition) -> int:
     return int(meta.offset) if meta is not None else -1
 
 
-async def test_a_revoked_consumer_does_not_overwrite_the_new_owners_snapshot(
-        topics: Settings, redis: Redis) -> None:
-    """A applies each batch's first event and its flush reads the snapshots, then its send
-    is held. B joins and takes one partition, applies the second event there, snapshots and
-    commits it. Then A's held send goes on: it must not land."""
+@dataclass
+class Group:
+    """One batch per events partition; consumer A, whose snapshot sends wait for `gate`."""
+
+    settings: Settings
+    redis: Redis
+    producer: AIOKafkaProducer
+    pipeline_id: str
+    by_partition: dict[int, str]
+    first: EventsConsumer
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # a held send went on
+    held: list[Sequence[tuple[str, str]]] = field(default_factory=list)
+
+    def hold_sends(self) -> None:
+        send_records = self.first.snapshots._send
+
+        async def slow_kafka(batches: Sequence[tuple[str, str]],
+                             records: list[str | None]) -> int:
+            self.held.append(batches)  # the records were read from Redis already
+            await self.gate.wait()
+            try:
+                return await send_records(batches, records)
+            finally:
+                self.released.set()
+
+        self.first.snapshots._send = slow_kafka  # type: ignore[method-assign]
+
+    async def send(self, batch_id: str, n: int) -> None:
+        await self.producer.send_and_wait(self.settings.topic_events, Event(
+            type="step.offsets", batch_id=batch_id, pipeline_id=self.pipeline_id,
+            step="extract", offsets={"partition_0": n}).encode(), key=batch_id.encode())
+
+    async def offset_is(self, batch_id: str, n: int) -> bool:
+        value = await self.redis.hget(keys.batch(self.pipeline_id, batch_id),
+                                      "off:extract:partition_0")
+        return value == str(n)
+
+    async def last_snapshot(self, batch_id: str) -> Snapshot:
+        key = snapshot_key(self.pipeline_id, batch_id)
+        records = await read_topic(self.settings, self.settings.topic_snapshots,
+                                   lambda rs: any(r.key == key for r in rs))
+        return Snapshot.decode([r for r in records if r.key == key][-1].value)
+
+
+@pytest.fixture
+async def group(topics: Settings, redis: Redis) -> AsyncIterator[Group]:
     pipeline_id = unique("test-rebalance")
     spec = make_spec(pipeline_id)
     by_partition: dict[int, str] = {}
@@ -49,62 +94,72 @@ async def test_a_revoked_consumer_does_not_overwrite_the_new_owners_snapshot(
         batch_id = await new_batch(redis, topics, pipeline_id, spec)
         by_partition.setdefault(DefaultPartitioner()(batch_id.encode(), [0, 1], [0, 1]),
                                 batch_id)
-
-    async def offset_is(batch_id: str, n: int) -> bool:
-        value = await redis.hget(keys.batch(pipeline_id, batch_id), "off:extract:partition_0")
-        return value == str(n)
-
     producer = await open_producer(topics)
-
-    async def send(batch_id: str, n: int) -> None:
-        await producer.send_and_wait(topics.topic_events, Event(
-            type="step.offsets", batch_id=batch_id, pipeline_id=pipeline_id,
-            step="extract", offsets={"partition_0": n}).encode(), key=batch_id.encode())
-
     first = EventsConsumer(topics, options(revoke_wait_s=2.0))
-    second = EventsConsumer(topics, options(revoke_wait_s=2.0))
-    gate, released = asyncio.Event(), asyncio.Event()
-    held: list[Sequence[tuple[str, str]]] = []
+    setup = Group(topics, redis, producer, pipeline_id, by_partition, first)
     try:
-        async with running(first):
-            send_records = first.snapshots._send
-
-            async def slow_kafka(batches: Sequence[tuple[str, str]],
-                                 records: list[str | None]) -> int:
-                held.append(batches)  # the records were read from Redis already
-                await gate.wait()
-                try:
-                    return await send_records(batches, records)
-                finally:
-                    released.set()
-
-            first.snapshots._send = slow_kafka  # type: ignore[method-assign]
-            for batch_id in by_partition.values():
-                await send(batch_id, 1)
-            await eventually(lambda: bool(held), timeout=20)
-            async with running(second):
-                def rebalanced() -> bool:
-                    assert first._consumer is not None and second._consumer is not None
-                    return (len(second._consumer.assignment()) == 1
-                            and len(first._consumer.assignment()) == 1)
-                await eventually(rebalanced, timeout=30)
-                assert second._consumer is not None
-                (moved_tp,) = second._consumer.assignment()
-                moved = by_partition[moved_tp.partition]
-                await send(moved, 2)
-                await eventually(lambda: offset_is(moved, 2), timeout=20)
-
-                async def new_owner_committed() -> bool:
-                    return await committed_at(topics, moved_tp) == 2
-                await eventually(new_owner_committed, timeout=30)
-                gate.set()  # the revoked consumer's flush goes on
-                await asyncio.wait_for(released.wait(), 20)  # sent, or not at all
-                key = snapshot_key(pipeline_id, moved)
-                records = await read_topic(topics, topics.topic_snapshots,
-                                           lambda rs: any(r.key == key for r in rs))
+        yield setup
     finally:
-        gate.set()
+        setup.gate.set()
         await producer.stop()
-    last = Snapshot.decode([r for r in records if r.key == key][-1].value)
-    assert await committed_at(topics, moved_tp) == 2
-    assert last.fields["off:extract:partition_0"] == "2"
+
+
+def rebalanced(first: EventsConsumer, second: EventsConsumer) -> bool:
+    assert first._consumer is not None and second._consumer is not None
+    return len(second._consumer.assignment()) == 1 and len(first._consumer.assignment()) == 1
+
+
+async def test_a_revoke_hands_the_flush_in_flight_over_before_the_new_owner_starts(
+        group: Group) -> None:
+    """A's flush is held when B joins; it goes on during A's revoke: B then starts from
+    A's commit and reads nothing again."""
+    first, second = group.first, EventsConsumer(group.settings, options())
+    async with running(first):
+        group.hold_sends()
+        handover = first.stages.on_partitions_revoked
+
+        async def on_revoked(revoked: list[TopicPartition]) -> None:
+            group.gate.set()  # Kafka acknowledges A's snapshots during its revoke
+            await handover(revoked)
+
+        first.stages.on_partitions_revoked = on_revoked  # type: ignore[method-assign]
+        for batch_id in group.by_partition.values():
+            await group.send(batch_id, 1)
+        await eventually(lambda: bool(group.held), timeout=20)
+        async with running(second):
+            await eventually(lambda: rebalanced(first, second), timeout=30)
+            assert second._consumer is not None
+            (moved_tp,) = second._consumer.assignment()
+            assert await committed_at(group.settings, moved_tp) == 1  # before B started
+            moved = group.by_partition[moved_tp.partition]
+            await group.send(moved, 2)
+            await eventually(lambda: group.offset_is(moved, 2), timeout=20)
+            assert second.applied == 1  # the new event only: event 1 was A's, committed
+    assert (await group.last_snapshot(moved)).fields["off:extract:partition_0"] == "2"
+
+
+async def test_a_revoked_consumer_does_not_overwrite_the_new_owners_snapshot(
+        group: Group) -> None:
+    """A's flush is held past its revoke wait: B takes a partition, applies the second
+    event there, snapshots and commits it. Then A's held send goes on: it must not land."""
+    first, second = group.first, EventsConsumer(group.settings, options(revoke_wait_s=2.0))
+    async with running(first):
+        group.hold_sends()
+        for batch_id in group.by_partition.values():
+            await group.send(batch_id, 1)
+        await eventually(lambda: bool(group.held), timeout=20)
+        async with running(second):
+            await eventually(lambda: rebalanced(first, second), timeout=30)
+            assert second._consumer is not None
+            (moved_tp,) = second._consumer.assignment()
+            moved = group.by_partition[moved_tp.partition]
+            await group.send(moved, 2)
+            await eventually(lambda: group.offset_is(moved, 2), timeout=20)
+
+            async def new_owner_committed() -> bool:
+                return await committed_at(group.settings, moved_tp) == 2
+            await eventually(new_owner_committed, timeout=30)
+            group.gate.set()  # the revoked consumer's flush goes on
+            await asyncio.wait_for(group.released.wait(), 20)  # sent, or not at all
+    assert await committed_at(group.settings, moved_tp) == 2
+    assert (await group.last_snapshot(moved)).fields["off:extract:partition_0"] == "2"
