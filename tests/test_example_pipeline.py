@@ -112,3 +112,19 @@ async def test_the_example_pipeline_resumes_from_its_offsets(api: Live) -> None:
     for part in PARTS:
         expected.update((root / "text" / f"{part}.txt").read_text().split())
     assert orjson.loads((root / "result.json").read_bytes())["counts"] == dict(expected)
+
+
+def test_the_example_plugin_loads_in_a_core_without_the_shapes_data_mark(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example is the template plugin authors copy, against a core they may not upgrade
+    with it: it imported `SHAPES_DATA` from core, so in a core from before the mark it raised
+    ImportError and `declarations()` left every wordcount step out."""
+    import importlib
+    import sys
+
+    import core.step_catalogue as catalogue
+
+    monkeypatch.delattr(catalogue, "SHAPES_DATA")  # as a core from before the mark
+    monkeypatch.delitem(sys.modules, "dhub_wordcount.plugin", raising=False)
+    plugin = importlib.import_module("dhub_wordcount.plugin")
+    assert plugin.GENERATE.name == "wordcount.generate"
