@@ -76,6 +76,10 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
     held = await registry.versions(pipeline_id)
     order = next((n for n, v in enumerate(held) if v.version == spec.version), len(held))
     if order < len(held) and held[order] != spec:
+        # The held definition's record again: a PUT that lost a race to register this
+        # version may have written its own record after the winner's and failed to write
+        # the winner's again (a 503); its retry, refused here, repairs the topic.
+        await _record(request, pipeline_id, held[order], order)
         raise _conflict(pipeline_id, spec)
     record = pipeline_record(pipeline_id, spec, order)
     if len(record) > RECORD_LIMIT:

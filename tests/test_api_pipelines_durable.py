@@ -188,3 +188,58 @@ async def test_concurrent_puts_leave_the_topic_agreeing_with_redis_on_order_and_
     async with api_client(settings) as api:
         after = await (await api.get("/api/v1/pipelines/p", headers=AUTH)).json()
     assert after == before
+
+
+def _spec_with(rows: Any, version: str = "1") -> dict[str, Any]:
+    return {"name": "sales-pipeline", "version": version, "steps": [
+        {"name": "extract", "uses": "sales.extract", "config": {"rows": rows, "partitions": 2}},
+        {"name": "transform", "uses": "sales.transform", "config": {}},
+        {"name": "load", "uses": "sales.load", "config": {}}]}
+
+
+async def test_a_lost_race_whose_rewrite_failed_is_repaired_by_the_losers_retry(
+        topics: Settings, redis: Redis) -> None:
+    """PUT v2 {Y} reads the registry (v2 not there), then PUT v2 {X} completes (201: its
+    record, then Redis). Y's record lands after X's; Y's registration is a CONFLICT and the
+    re-write of X's record is not confirmed: 503. The topic's last v2 record was Y's while
+    Redis held X, and Y's retry (409 before any write) left it so: a rebuild showed v2 as Y,
+    a definition that was refused. The retry now writes X's record again."""
+    settings = api_settings(topics)
+    x = _spec_with(800, version="2")
+    y = _spec_with(900, version="2")
+    async with api_client(settings) as api:
+        assert (await api.put("/api/v1/pipelines/r", json=_spec_with(700), headers=AUTH)
+                ).status == 201
+        producer = api.app[PRODUCER]
+        real_send = producer.send_and_wait
+        state = {"n": 0}
+
+        async def send(topic: str, value: bytes, *args: Any, **kwargs: Any) -> Any:
+            if topic == settings.topic_pipelines and state["n"] == 0 and b'"rows":900' in value:
+                state["n"] = 1
+                # The concurrent PUT {X} runs to its end between Y's read and Y's record.
+                resp = await api.put("/api/v1/pipelines/r", json=x, headers=AUTH)
+                assert resp.status == 201, await resp.text()
+                state["n"] = 2
+                return await real_send(topic, value, *args, **kwargs)
+            if topic == settings.topic_pipelines and state["n"] == 2 and b'"rows":800' in value:
+                state["n"] = 3
+                raise KafkaTimeoutError()  # Y's repairing re-write of X: not confirmed
+            return await real_send(topic, value, *args, **kwargs)
+
+        producer.send_and_wait = send
+        try:
+            resp = await api.put("/api/v1/pipelines/r", json=y, headers=AUTH)
+        finally:
+            del producer.send_and_wait
+        assert state["n"] == 3 and resp.status == 503, (state, resp.status)
+        # Y's client retries: told 409 (X holds v2), and that retry should leave the topic
+        # agreeing with Redis.
+        resp = await api.put("/api/v1/pipelines/r", json=y, headers=AUTH)
+        assert resp.status == 409
+        held = await (await api.get("/api/v1/pipelines/r", headers=AUTH)).json()
+    await redis.flushdb()
+    await rebuild(topics, force=True)
+    async with api_client(settings) as api:
+        rebuilt = await (await api.get("/api/v1/pipelines/r", headers=AUTH)).json()
+    assert rebuilt["versions"] == held["versions"]
