@@ -52,8 +52,9 @@ def effective_config(spec: PipelineSpec, overrides: object = None,
     result: dict[str, dict[str, Any]] = {}
     for step in spec.steps:
         start = base.get(step.name, step.config) if base is not None else step.config
-        merged = {**start, **checked.get(step.name, {})}
-        problems += config_problems(step.uses, merged, loc=f"config.{step.name}")
+        given = checked.get(step.name, {})
+        merged = {**start, **given}
+        problems += config_problems(step.uses, merged, loc=f"config.{step.name}", given=given)
         result[step.name] = merged
     if problems:
         raise ConfigRefused(problems)

@@ -171,18 +171,81 @@ def known_steps() -> frozenset[str]:
     return frozenset(declarations())
 
 
-def config_problems(uses: str, config: Mapping[str, Any], loc: str = "config"
-                    ) -> list[dict[str, str]]:
+def config_problems(uses: str, config: Mapping[str, Any], loc: str = "config",
+                    given: Mapping[str, Any] | None = None) -> list[dict[str, str]]:
     """What is wrong with `config` for the step implementation `uses`, in the API's problem
-    shape (`loc`, `msg`); empty when it is valid or `uses` is not catalogued (refused apart)."""
+    shape (`loc`, `msg`); empty when it is valid or `uses` is not catalogued (refused apart).
+    `given`: the values the request itself brings (default: all of `config`), which must
+    also be of the JSON type the published schema names: `"20"` or `true` is no integer,
+    though the model (lax, as the worker reads a config) would take it. The values already
+    held (a registered version's, a resumed batch's) are judged by the model alone, as when
+    they were taken."""
     declared = declarations().get(uses)
     if declared is None:
         return []
+    problems = _type_problems(declared.config, config if given is None else given, loc)
     try:
-        # Strict, as JSON: the value must be of the JSON type the published schema names
-        # (`"20"` or `true` is no integer), not one pydantic's lax mode would coerce.
-        declared.config.model_validate_json(orjson.dumps(dict(config)), strict=True)
+        declared.config.model_validate(dict(config))
     except ValidationError as exc:
-        return [{"loc": ".".join([loc, *(str(p) for p in e["loc"])]), "msg": e["msg"]}
-                for e in exc.errors()]
-    return []
+        named = {problem["loc"] for problem in problems}  # one problem a key is enough
+        model_problems = [{"loc": ".".join([loc, *(str(p) for p in e["loc"])]), "msg": e["msg"]}
+                          for e in exc.errors()]
+        problems += [problem for problem in model_problems if problem["loc"] not in named]
+    return problems
+
+
+def _type_problems(model: type[BaseModel], values: Mapping[str, Any], loc: str
+                   ) -> list[dict[str, str]]:
+    properties = _properties(model)
+    problems = []
+    for key, value in values.items():
+        wanted = _schema_types(properties.get(key, {}))
+        if wanted and not _json_types(value) & wanted:
+            problems.append({"loc": f"{loc}.{key}",
+                             "msg": f"must be {' or '.join(sorted(wanted))} (as JSON), not "
+                                    f"{_json_name(value)}"})
+    return problems
+
+
+@functools.cache
+def _properties(model: type[BaseModel]) -> dict[str, Any]:
+    properties: dict[str, Any] = model.model_json_schema().get("properties", {})
+    return properties
+
+
+def _schema_types(schema: Mapping[str, Any]) -> set[str]:
+    """The JSON types a property's schema names; empty when it names none it can be judged
+    by (a `$ref`, an `enum` alone: left to the model)."""
+    stated = schema.get("type")
+    if stated is not None:
+        return set(stated) if isinstance(stated, list) else {stated}
+    alternatives = schema.get("anyOf") or schema.get("oneOf") or []
+    types = [_schema_types(alternative) for alternative in alternatives]
+    return set().union(*types) if types and all(types) else set()
+
+
+def _json_types(value: Any) -> set[str]:
+    """The JSON Schema types `value` satisfies (an integral number is an integer)."""
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"integer", "number"} if value.is_integer() else {"number"}
+    if isinstance(value, str):
+        return {"string"}
+    if isinstance(value, list):
+        return {"array"}
+    if isinstance(value, dict):
+        return {"object"}
+    return set()
+
+
+def _json_name(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return orjson.dumps(value).decode()

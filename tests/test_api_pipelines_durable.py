@@ -16,7 +16,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from consumers.rebuild import rebuild
+from core.codec import Event
+from core.models import PipelineSpec
+from core.registry import PipelineRegistry
+from core.scripts import Scripts
 from core.settings import Settings
+from core.store import BatchStore
 from service.appkeys import COMMANDS, PRODUCER, REGISTRY
 from tests.helpers import AUTH, api_client, api_settings, spec_body
 
@@ -243,3 +248,48 @@ async def test_a_lost_race_whose_rewrite_failed_is_repaired_by_the_losers_retry(
     async with api_client(settings) as api:
         rebuilt = await (await api.get("/api/v1/pipelines/r", headers=AUTH)).json()
     assert rebuilt["versions"] == held["versions"]
+
+
+async def test_a_pipeline_registered_before_the_strict_check_still_runs(
+        topics: Settings, redis: Redis) -> None:
+    """A version the previous API registered with `"rows": 800.0` (lax validation took it;
+    the worker's model reads it as 800): a strict check of the whole merged config made a
+    run overriding anything (even another step's fail_at), its failed batch's resume with
+    no body, and the client's retry of its own PUT 400s naming a registered value nobody
+    sent with the request. Only the request's own values are checked for their JSON type."""
+    registry = PipelineRegistry(redis, Scripts(redis))
+    # As the previous version's PUT left it in Redis (its check was model_validate, lax).
+    await registry.register("old", PipelineSpec.model_validate(_spec_with(800.0)))
+    async with api_client(api_settings(topics)) as api:
+        resp = await api.post("/api/v1/batches/old", headers=AUTH)
+        assert resp.status == 200, await resp.text()  # no override: not checked
+        failed = (await resp.json())["item"]
+        store = BatchStore(redis, Scripts(redis), token_secret=b"t")
+        await store.apply([Event("batch.state", failed, "old", event_id=f"{failed}-1",
+                                 state="stop", outcome="failed", reason="on purpose")])
+        # Its resume, with no body at all: the batch's own recorded config is refused.
+        resp = await api.post(f"/api/v1/batches/old/{failed}/resume", headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        resp = await api.post("/api/v1/batches/old", headers=AUTH,
+                              json={"config": {"load": {"fail_at": None}}})
+        body = await resp.json()
+        assert resp.status == 200, body
+        # The client's retry of the very PUT that registered it: unchanged, 200.
+        resp = await api.put("/api/v1/pipelines/old", json=_spec_with(800.0), headers=AUTH)
+        assert resp.status == 200, await resp.text()
+
+
+async def test_an_integral_number_is_an_integer_as_the_published_schema_says(
+        topics: Settings, redis: Redis) -> None:
+    """GET /api/v1/steps publishes `rows` as JSON Schema `"type": "integer"`, which 800.0
+    satisfies (JSON Schema: an integer is a number with a zero fractional part; Python's
+    json.dumps(800.0) writes it so); 800.5 does not."""
+    async with api_client(api_settings(topics)) as api:
+        steps = await (await api.get("/api/v1/steps", headers=AUTH)).json()
+        rows = steps["items"]["sales.extract"]["config_schema"]["properties"]["rows"]
+        assert rows["type"] == "integer"
+        resp = await api.put("/api/v1/pipelines/p-int", json=_spec_with(800.0), headers=AUTH)
+        assert resp.status == 201, await resp.text()
+        resp = await api.put("/api/v1/pipelines/p-int", json=_spec_with(800.5, version="2"),
+                             headers=AUTH)
+        assert resp.status == 400, await resp.text()
