@@ -32,7 +32,7 @@ from consumers.plumbing.active import ActiveRuns
 from consumers.rebuild_commands import CommandsRead, requeue, restore_claims
 from core import keys
 from core.connections import open_redis
-from core.layout import is_visible
+from core.layout import RESUMED_FROM, is_visible
 from core.logs import redact
 from core.paging import Pager
 from core.registry import PipelineRegistry
@@ -169,6 +169,11 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
             if (is_visible(snap.fields) and snap.fields.get("state") != "stop"
                     and batch not in deletes):
                 await active.add(snap.pipeline_id, snap.batch_id)
+                holder = snap.fields.get(RESUMED_FROM)
+                if holder is not None:
+                    # A live resume keeps the data it goes on from from being deleted
+                    # (service.resume): its record was in Redis alone.
+                    await redis.sadd(keys.resumed_by(snap.pipeline_id, holder), snap.batch_id)
                 if batch in stops:
                     # A stop that found its flow run Pending left a follow-up job, and the
                     # run is cancelled by it only (the batch is not `stop` till then).

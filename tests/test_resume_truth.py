@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from consumers.rebuild import rebuild
 from core import keys
 from core.codec import Event
 from core.layout import RESUMED_FROM
@@ -210,3 +211,22 @@ async def test_a_resume_of_a_resume_whose_data_was_deleted_is_refused(
     status, body = await post(api, f"/api/v1/batches/{P}/{c}/resume")
     assert status == 409, body
     assert a in body["error"]["message"]
+
+
+async def test_a_live_resumes_data_cannot_be_deleted_after_a_rebuild(
+        api: Client, redis: Redis, topics: Settings, tmp_path: Path) -> None:
+    """A (failed half way) is resumed as C, which has not started. DELETE A is a 409 while
+    C lives. After Redis was rebuilt from Kafka (C restored from its run command, with its
+    `resumed_from`) the resumed-by set was missing: DELETE A answered 200 and its files were
+    removed under C, which could then only fail."""
+    a = await failed_in(api, redis, tmp_path, "transform")
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON)
+    assert status == 200, body
+    c = body["item"]
+    assert (await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)).status == 409
+    await redis.flushdb()
+    await rebuild(topics, force=True)
+    shown = await (await api.get(f"/api/v1/batches/{P}/{c}", headers=AUTH)).json()
+    assert shown["resumed_from"] == a and shown["state"] != "stop", shown
+    resp = await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)
+    assert resp.status == 409, await resp.text()
