@@ -148,3 +148,26 @@ async def test_the_reset_check_finds_the_deleted_and_the_changed_in_chunks(
     monkeypatch.setattr(pipeline_stream, "CHECK_CHUNK", 2)  # two calls
     assert await pipeline_stream._changed_meanwhile(redis, pipeline, sent, {ids[3]: {}}) == (
         [ids[0]], [ids[1], ids[2]])
+
+
+async def test_the_backstops_check_covers_the_most_recent_batches_a_reset_all(
+        test_settings: Settings, redis: Redis) -> None:
+    """Every open stream's backstop ran the whole check (up to 10,000 batches sent, some
+    23 ms a stream) every cache.ttl_s; it now checks the most recent it sent, and a real reset
+    of the feed all of them."""
+    pipeline = f"streams-{uuid.uuid4().hex[:8]}"
+    store = direct_store(redis, test_settings)
+    ids = [new_batch_id() for _ in range(3)]
+    for batch_id in ids:
+        await store.create(pipeline, batch_id, spec())
+    sent = {b: int((await store.fields(pipeline, b) or {})["rev"]) for b in ids}  # oldest first
+    for batch_id in ids[:2]:
+        await store.apply([Event("batch.state", batch_id, pipeline, state="running")])
+
+    async def checked(depth: int) -> list[str]:
+        changed = await pipeline_stream._after_reset(store, pipeline, 1, sent, [], depth)
+        return [key for key, _ in changed if key != keys.batch(pipeline, ids[2])]
+
+    assert await checked(1) == []  # the most recent sent is the page's (ids[2])
+    assert await checked(2) == [keys.batch(pipeline, ids[1])]
+    assert await checked(pipeline_stream.MAX_SENT) == [keys.batch(pipeline, b) for b in ids[:2]]
