@@ -62,14 +62,16 @@ STREAM_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "
 
 def wants_stream(request: web.Request) -> bool:
     """A GET whose Accept lists `text/event-stream` as acceptable (q above 0) and not below
-    `application/json`. Never a HEAD: its answer has no body (RFC 9110 9.3.2), and a stream's
+    `application/json` (or the wildcard covering it). Never a HEAD: its answer has no body (RFC 9110 9.3.2), and a stream's
     headers promise one that never ends, which a client reusing the connection would read as
     its next answer; a HEAD gets the plain GET's headers (aiohttp sends them bodiless)."""
     if request.method != "GET":
         return False
     ranges = _accepted(request.headers.get("Accept", ""))
     sse = ranges.get("text/event-stream", 0.0)
-    return sse > 0 and sse >= ranges.get("application/json", 0.0)
+    # JSON's weight from its most specific range (RFC 9110 12.5.1): `*/*` covers it too.
+    json = ranges.get("application/json", ranges.get("application/*", ranges.get("*/*", 0.0)))
+    return sse > 0 and sse >= json
 
 
 def _accepted(accept: str) -> dict[str, float]:

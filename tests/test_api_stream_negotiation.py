@@ -74,12 +74,14 @@ async def test_a_pooled_client_survives_a_head_of_the_stream(
 
 async def test_accept_is_negotiated_not_matched_as_a_substring(
         test_settings: Settings, redis: Redis) -> None:
-    # `q=0` says "not acceptable" (RFC 9110 12.4.2); JSON preferred is JSON; an unrelated
-    # type that merely contains the name is not the stream.
+    # `q=0` says "not acceptable" (RFC 9110 12.4.2); JSON preferred is JSON, by its own
+    # range or a wildcard covering it; an unrelated type that merely contains the name is
+    # not the stream.
     await _batches(redis, 2)
     plain = ["text/event-stream;q=0", "text/event-stream; q=0.000, application/json",
              "application/json, text/event-stream;q=0.5", "text/event-stream-x",
-             "text/event-stream;q=2"]
+             "text/event-stream;q=2", "text/event-stream;q=0.1, */*",
+             "text/event-stream;q=0.5, application/*"]
     streamed = ["text/event-stream", "application/json;q=0.9, Text/Event-Stream",
                 "*/*;q=0.1, text/event-stream;q=0.2"]
     async with api_client(api_settings(test_settings)) as api:
