@@ -62,9 +62,10 @@ STREAM_HEADERS: Final = {"Content-Type": "text/event-stream", "Cache-Control": "
 
 def wants_stream(request: web.Request) -> bool:
     """A GET whose Accept lists `text/event-stream` as acceptable (q above 0) and not below
-    `application/json` (or the wildcard covering it). Never a HEAD: its answer has no body (RFC 9110 9.3.2), and a stream's
-    headers promise one that never ends, which a client reusing the connection would read as
-    its next answer; a HEAD gets the plain GET's headers (aiohttp sends them bodiless)."""
+    `application/json` (or the wildcard covering it). Never a HEAD: its answer has no body
+    (RFC 9110 9.3.2), and a stream's headers promise one that never ends, which a client
+    reusing the connection would read as its next answer; a HEAD gets the plain GET's
+    headers (aiohttp sends them bodiless)."""
     if request.method != "GET":
         return False
     ranges = _accepted(request.headers.get("Accept", ""))
