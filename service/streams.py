@@ -66,9 +66,11 @@ def wants_stream(request: web.Request) -> bool:
     (RFC 9110 9.3.2), and a stream's headers promise one that never ends, which a client
     reusing the connection would read as its next answer; a HEAD gets the plain GET's
     headers (aiohttp sends them bodiless)."""
-    if request.method != "GET":
+    accept = request.headers.get("Accept", "")
+    # Most GETs name no stream: answered without parsing (this is on the cached GET's path).
+    if "event-stream" not in accept.lower() or request.method != "GET":
         return False
-    ranges = _accepted(request.headers.get("Accept", ""))
+    ranges = _accepted(accept)
     sse = ranges.get("text/event-stream", 0.0)
     # JSON's weight from its most specific range (RFC 9110 12.5.1): `*/*` covers it too.
     json = ranges.get("application/json", ranges.get("application/*", ranges.get("*/*", 0.0)))
