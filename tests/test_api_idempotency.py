@@ -195,7 +195,10 @@ async def test_a_resume_replay_answers_its_batch_after_the_old_one_was_deleted(
     resume = f"/api/v1/batches/p/{old['item']}/resume"
     status, new = await post(api, resume)
     assert status == 200, new
-    # The client's answer was lost; meanwhile the old batch, taken over, is deleted.
+    # The client's answer was lost; meanwhile the resume ran (it took the old batch's data
+    # over: until it stops the old batch cannot be deleted), and the old batch is deleted.
+    await redis.hset(keys.batch("p", new["item"]), mapping={"state": "stop",
+                                                             "outcome": "completed"})
     assert (await api.delete(f"/api/v1/batches/p/{old['item']}", headers=AUTH)).status == 200
     assert await post(api, resume) == (200, new)
     # Another key, or another body, is a new request: the old batch is gone for it.
