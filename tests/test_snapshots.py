@@ -57,8 +57,8 @@ async def test_each_version_is_on_the_pipelines_topic_before_the_put_answers(
         ("p-durable", 1, "2")]
     # The conflicting body never reached the topic: the 409 writes the registered spec's
     # record again (it repairs a topic a lost race left wrong).
-    for version in (decoded[1], decoded[3]):
-        assert [s.name for s in version.spec.steps] == ["extract", "transform", "load"]
+    for registered in (decoded[1], decoded[3]):
+        assert [s.name for s in registered.spec.steps] == ["extract", "transform", "load"]
 
 
 async def test_a_put_kafka_does_not_confirm_is_a_503(topics: Settings, redis: Redis) -> None:
