@@ -173,7 +173,7 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
                 if holder is not None:
                     # A live resume keeps the data it goes on from from being deleted
                     # (service.resume): its record was in Redis alone.
-                    await redis.sadd(keys.resumed_by(snap.pipeline_id, holder), snap.batch_id)
+                    await store.note_resume(snap.pipeline_id, holder, snap.batch_id)
                 if batch in stops:
                     # A stop that found its flow run Pending left a follow-up job, and the
                     # run is cancelled by it only (the batch is not `stop` till then).

@@ -139,8 +139,25 @@ class BatchStore:
                   keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
                   keys.batch_finished_index(pipeline_id)],
             args=[batch_id, self._channel])
-        # The resumes that went on from its data (service.resume) matter no more.
+        # The resumes that went on from its data matter no more.
         await self.redis.delete(keys.resumed_by(pipeline_id, batch_id))
+
+    async def note_resume(self, pipeline_id: str, holder_id: str, batch_id: str) -> None:
+        """`batch_id` is a resume going on from `holder_id`'s data (service.resume): the
+        holder's delete is refused while it lives (`live_resumes`)."""
+        await self.redis.sadd(keys.resumed_by(pipeline_id, holder_id), batch_id)
+
+    async def live_resumes(self, pipeline_id: str, batch_id: str) -> list[str]:
+        """The resumes going on from `batch_id`'s data that have not stopped (deleted or
+        never created ones left out): its data must stay until they took it over."""
+        members = sorted(cast(set[str], await self.redis.smembers(
+            keys.resumed_by(pipeline_id, batch_id))))
+        live = []
+        for member in members:
+            fields = await self.fields(pipeline_id, member)
+            if is_visible(fields) and fields["state"] != "stop":
+                live.append(member)
+        return live
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -252,10 +252,7 @@ async def delete_batch(request: web.Request) -> web.Response:
     fields = await store.fields(pipeline_id, batch_id)
     if not is_visible(fields):
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
-    # Imported here: `service.resume` imports this module.
-    from service.resume import live_resumes
-
-    resumes = await live_resumes(store, pipeline_id, batch_id)
+    resumes = await store.live_resumes(pipeline_id, batch_id)
     if resumes:  # they take its files over when their first step starts
         raise ApiError(409, "conflict", f"batch {batch_id}'s data is still needed by its "
                        f"resume {', '.join(resumes)}, not stopped yet: delete it once that "

@@ -14,23 +14,22 @@ The overrides cannot make the new batch show a config its data was not made with
 over data it wrote keeps the keys that shaped that data (`step_catalogue.SHAPES_DATA`; for
 the sales steps rows, partitions, seed, invalid_rate); how it runs (`fail_at`, `throttle`)
 may change. The batch holding the data cannot be deleted (409) until its resumes stopped
-(`live_resumes`): they take the files over only when their first step starts.
+(`BatchStore.live_resumes`): they take the files over only when their first step starts.
 An Idempotency-Key works as for a run: one new batch per key and request.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import orjson
 from aiohttp import web
 
-from core import keys, layout
+from core import layout
 from core.command_messages import Recorded
 from core.models import PipelineSpec, new_batch_id
 from core.run_config import resume_problems
-from core.store import BatchStore
 from service import auth, creates, idempotency, run_body
 from service.appkeys import COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, once, path_id
@@ -87,19 +86,6 @@ def resumed_fields(spec: PipelineSpec, old: dict[str, str], holder_id: str,
     return fields
 
 
-async def live_resumes(store: BatchStore, pipeline_id: str, batch_id: str) -> list[str]:
-    """The resumes going on from `batch_id`'s data that have not stopped (deleted or never
-    created ones left out): its data must stay until they took it over."""
-    members = sorted(cast(set[str], await store.redis.smembers(
-        keys.resumed_by(pipeline_id, batch_id))))
-    live = []
-    for member in members:
-        fields = await store.fields(pipeline_id, member)
-        if layout.is_visible(fields) and fields["state"] != "stop":
-            live.append(member)
-    return live
-
-
 async def resume_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.WRITE)
     pipeline_id = path_id(request, "pipeline_id")
@@ -153,7 +139,7 @@ async def resume_batch(request: web.Request) -> web.Response:
         request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
         # Noted before the batch exists, so a delete of the holder never misses it (one
         # never created is left out when a delete looks).
-        await store.redis.sadd(keys.resumed_by(pipeline_id, holder_id), batch_id)
+        await store.note_resume(pipeline_id, holder_id, batch_id)
         seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
         # Read back for its run command (a rebuild's record): the time Redis recorded. A
         # resume is rare; the POST's hot path sends the time it gave its create script,
