@@ -79,7 +79,8 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
         # The held definition's record again: a PUT that lost a race to register this
         # version may have written its own record after the winner's and failed to write
         # the winner's again (a 503); its retry, refused here, repairs the topic.
-        await _record(request, pipeline_id, held[order], order)
+        await _record(request, pipeline_id, spec.version,
+                      pipeline_record(pipeline_id, held[order], order))
         raise _conflict(pipeline_id, spec)
     record = pipeline_record(pipeline_id, spec, order)
     if len(record) > RECORD_LIMIT:
@@ -89,7 +90,7 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
                        f"most {RECORD_LIMIT:,} fit in one Kafka record")
     # Written for an unchanged version too: a client retrying after a 503 writes the record
     # its first attempt may have missed.
-    await _record(request, pipeline_id, spec, order)
+    await _record(request, pipeline_id, spec.version, record)
     outcome = await registry.register(pipeline_id, spec)
     versions = await registry.versions(pipeline_id)
     registered = next(n for n, v in enumerate(versions) if v.version == spec.version)
@@ -97,7 +98,8 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
         # A concurrent PUT registered this version with another body, or another version in
         # the place this one was to take, after our read: the topic's last record of this
         # version must be what Redis holds.
-        await _record(request, pipeline_id, versions[registered], registered)
+        await _record(request, pipeline_id, spec.version,
+                      pipeline_record(pipeline_id, versions[registered], registered))
     if outcome is Registered.CONFLICT:
         raise _conflict(pipeline_id, spec)
     # The commands consumer creates or updates the Prefect deployment `run-pipeline/<name>`.
@@ -113,15 +115,14 @@ def _conflict(pipeline_id: str, spec: PipelineSpec) -> ApiError:
                     f"version {spec.version} of {pipeline_id} exists with another definition")
 
 
-async def _record(request: web.Request, pipeline_id: str, spec: PipelineSpec,
-                  order: int) -> None:
-    """Writes the version's record (acks=all); a 503 when Kafka does not confirm it."""
+async def _record(request: web.Request, pipeline_id: str, version: str, record: bytes) -> None:
+    """Writes a version's record (`pipeline_record`, acks=all); a 503 when Kafka does not
+    confirm it."""
     topic = request.app[SETTINGS].topic_pipelines
     try:
         async with asyncio.timeout(RECORD_TIMEOUT_S):
             await request.app[PRODUCER].send_and_wait(
-                topic, pipeline_record(pipeline_id, spec, order),
-                key=pipeline_key(pipeline_id, spec.version))
+                topic, record, key=pipeline_key(pipeline_id, version))
     except (KafkaError, TimeoutError):
         raise ApiError(503, "unavailable", UNAVAILABLE_MESSAGE) from None
 
