@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
-from consumers.plumbing.kafka import Record, commit_retrying
+from consumers.plumbing.kafka import Record, commit_retrying, names
 from core.retry import Backoff, RetryPolicy, Stopping
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,6 @@ class Lane:
     revoked: bool = False
     task: asyncio.Task[None] | None = None
     backoff: Backoff | None = None
-
-
-def _names(partitions: object) -> str:
-    return ",".join(f"{tp.topic}:{tp.partition}" for tp in sorted(partitions)) or "none"  # type: ignore[call-overload]
 
 
 class Lanes(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -137,7 +133,7 @@ class Lanes(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         if not revoked:
             return
-        log.info("%s: partitions revoked %s", self._part, _names(revoked))
+        log.info("%s: partitions revoked %s", self._part, names(revoked))
         lanes = [self._lanes[tp] for tp in revoked if tp in self._lanes]
         for lane in lanes:
             lane.revoked = True
@@ -150,4 +146,4 @@ class Lanes(ConsumerRebalanceListener):  # type: ignore[misc]
                 task.cancel()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        log.info("%s: partitions assigned %s", self._part, _names(assigned))
+        log.info("%s: partitions assigned %s", self._part, names(assigned))
