@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
+from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from prefect.client.orchestration import PrefectClient
@@ -177,15 +178,21 @@ async def flow_runs(client: PrefectClient, batch_id: str) -> list[Any]:
         tags=FlowRunFilterTags(all_=[TAG_BATCH_PREFIX + batch_id])))
 
 
-async def committed(settings: Settings, group: str, topic: str) -> int:
-    """How many records of `topic` the group has committed, over all partitions."""
+async def group_offsets(settings: Settings, group: str) -> dict[TopicPartition, int]:
+    """The group's committed offset of each partition it committed on."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group)
     finally:
         await admin.close()
-    return sum(meta.offset for tp, meta in offsets.items() if tp.topic == topic and meta.offset > 0)
+    return {tp: int(meta.offset) for tp, meta in offsets.items()}
+
+
+async def committed(settings: Settings, group: str, topic: str) -> int:
+    """How many records of `topic` the group has committed, over all partitions."""
+    offsets = await group_offsets(settings, group)
+    return sum(offset for tp, offset in offsets.items() if tp.topic == topic and offset > 0)
 
 
 def options(**overrides: Any) -> ConsumerOptions:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
@@ -24,20 +23,20 @@ from core.settings import Settings
 from core.snapshots import Snapshot, snapshot_key
 from tests.conftest import eventually
 from tests.helpers import read_topic
-from tests.test_consumers_support import make_spec, new_batch, options, running, unique
+from tests.test_consumers_support import (
+    group_offsets,
+    make_spec,
+    new_batch,
+    options,
+    running,
+    unique,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 
 async def committed_at(settings: Settings, tp: TopicPartition) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(settings.group_events)
-    finally:
-        await admin.close()
-    meta = offsets.get(tp)
-    return int(meta.offset) if meta is not None else -1
+    return (await group_offsets(settings, settings.group_events)).get(tp, -1)
 
 
 @dataclass
@@ -67,6 +66,20 @@ class Group:
                 self.released.set()
 
         self.first.snapshots._send = slow_kafka  # type: ignore[method-assign]
+
+    async def flush_held(self) -> None:
+        """Event 1 of every batch applied by A, whose flush of them waits for `gate`."""
+        self.hold_sends()
+        for batch_id in self.by_partition.values():
+            await self.send(batch_id, 1)
+        await eventually(lambda: bool(self.held), timeout=20)
+
+    async def moved_to(self, second: EventsConsumer) -> tuple[TopicPartition, str]:
+        """Once `second` joined and took one partition from A: that partition, its batch."""
+        await eventually(lambda: rebalanced(self.first, second), timeout=30)
+        assert second._consumer is not None
+        (moved_tp,) = second._consumer.assignment()
+        return moved_tp, self.by_partition[moved_tp.partition]
 
     async def send(self, batch_id: str, n: int) -> None:
         await self.producer.send_and_wait(self.settings.topic_events, Event(
@@ -115,7 +128,6 @@ async def test_a_revoke_hands_the_flush_in_flight_over_before_the_new_owner_star
     A's commit and reads nothing again."""
     first, second = group.first, EventsConsumer(group.settings, options())
     async with running(first):
-        group.hold_sends()
         handover = first.stages.on_partitions_revoked
 
         async def on_revoked(revoked: list[TopicPartition]) -> None:
@@ -123,15 +135,10 @@ async def test_a_revoke_hands_the_flush_in_flight_over_before_the_new_owner_star
             await handover(revoked)
 
         first.stages.on_partitions_revoked = on_revoked  # type: ignore[method-assign]
-        for batch_id in group.by_partition.values():
-            await group.send(batch_id, 1)
-        await eventually(lambda: bool(group.held), timeout=20)
+        await group.flush_held()
         async with running(second):
-            await eventually(lambda: rebalanced(first, second), timeout=30)
-            assert second._consumer is not None
-            (moved_tp,) = second._consumer.assignment()
+            moved_tp, moved = await group.moved_to(second)
             assert await committed_at(group.settings, moved_tp) == 1  # before B started
-            moved = group.by_partition[moved_tp.partition]
             await group.send(moved, 2)
             await eventually(lambda: group.offset_is(moved, 2), timeout=20)
             assert second.applied == 1  # the new event only: event 1 was A's, committed
@@ -144,15 +151,9 @@ async def test_a_revoked_consumer_does_not_overwrite_the_new_owners_snapshot(
     event there, snapshots and commits it. Then A's held send goes on: it must not land."""
     first, second = group.first, EventsConsumer(group.settings, options(revoke_wait_s=2.0))
     async with running(first):
-        group.hold_sends()
-        for batch_id in group.by_partition.values():
-            await group.send(batch_id, 1)
-        await eventually(lambda: bool(group.held), timeout=20)
+        await group.flush_held()
         async with running(second):
-            await eventually(lambda: rebalanced(first, second), timeout=30)
-            assert second._consumer is not None
-            (moved_tp,) = second._consumer.assignment()
-            moved = group.by_partition[moved_tp.partition]
+            moved_tp, moved = await group.moved_to(second)
             await group.send(moved, 2)
             await eventually(lambda: group.offset_is(moved, 2), timeout=20)
 
