@@ -75,6 +75,21 @@ def new_batch_id() -> str:
     return "batch-" + "".join([pairs[value >> shift & 1023] for shift in _PAIR_SHIFTS])
 
 
+def batch_id_ms(batch_id: str) -> int | None:
+    """The millisecond time `new_batch_id` put in `batch_id`; None for an id it did not make
+    (a published one)."""
+    digits = batch_id.removeprefix("batch-")
+    if len(digits) != 26 or len(batch_id) != 32:
+        return None
+    value = 0
+    for char in digits[:10]:  # 10 digits: 50 bits, 2 of padding then the 48-bit time
+        index = _CROCKFORD.find(char)
+        if index < 0:
+            return None
+        value = value << 5 | index
+    return value
+
+
 _DIGIT_PAIRS: Final = tuple(_CROCKFORD[n >> 5] + _CROCKFORD[n & 31] for n in range(1024))
 _PAIR_SHIFTS: Final = tuple(range(120, -1, -10))
 

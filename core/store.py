@@ -6,6 +6,7 @@ Every write that touches more than one key is a script from `core.scripts` or a 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from itertools import chain
 from typing import Any, cast
@@ -16,7 +17,7 @@ from redis.asyncio import Redis
 from core import keys
 from core.codec import Event, StepOffsets
 from core.layout import creation_fields, is_visible, render
-from core.models import PipelineSpec, now_iso
+from core.models import PipelineSpec, batch_id_ms, now_iso
 from core.packer import Packer
 from core.packing import unpacked
 from core.paging import NO_FILTER, ListFilter, Page, Pager
@@ -35,6 +36,12 @@ _UNPACK_TRIES = 5
 # Batch ids `latest` reads from the index at a time: the newest is nearly always visible,
 # and a few more cover a delete racing the read without another round trip.
 LATEST_CHUNK = 3
+# A resume notes itself in its holder's resumed-by set before its create: a member with no
+# batch yet whose id is this recent may still be being created, and counts as live.
+RESUME_CREATE_WINDOW_S = 30.0
+# How long a DELETE's mark (`begin_delete`) outlives a DELETE that never ended it: past its
+# command's send and its hide, after which the hidden batch refuses resumes by itself.
+DELETE_MARK_TTL_S = 120
 
 
 def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any]]]]:
@@ -147,15 +154,48 @@ class BatchStore:
         holder's delete is refused while it lives (`live_resumes`)."""
         await self.redis.sadd(keys.resumed_by(pipeline_id, holder_id), batch_id)
 
+    async def resume_may_go_on(self, pipeline_id: str, holder_id: str, batch_id: str) -> bool:
+        """After `note_resume`: whether the holder's data is still there to go on from, no
+        DELETE of it under way and the holder not hidden. Otherwise the note is taken back.
+
+        With `begin_delete` this is Dekker's handshake: each side writes its mark, then reads
+        the other's. Redis runs them in one order, so of a resume and a DELETE of its holder
+        racing, at least one sees the other and refuses."""
+        if (not await self.redis.exists(keys.deleting(pipeline_id, holder_id))
+                and is_visible(await self.fields(pipeline_id, holder_id))):
+            return True
+        await self.redis.srem(keys.resumed_by(pipeline_id, holder_id), batch_id)
+        return False
+
+    async def begin_delete(self, pipeline_id: str, batch_id: str) -> list[str]:
+        """Marks a DELETE of the batch under way, then answers its live resumes. With some,
+        the delete must be refused, and the mark is taken back; else it stays (for its TTL)
+        until the batch is hidden, or `end_delete` says the delete changed nothing."""
+        mark = keys.deleting(pipeline_id, batch_id)
+        await self.redis.set(mark, "1", ex=DELETE_MARK_TTL_S)
+        live = await self.live_resumes(pipeline_id, batch_id)
+        if live:
+            await self.redis.delete(mark)
+        return live
+
+    async def end_delete(self, pipeline_id: str, batch_id: str) -> None:
+        """A DELETE that changed nothing (its command refused): resumes may go on again."""
+        await self.redis.delete(keys.deleting(pipeline_id, batch_id))
+
     async def live_resumes(self, pipeline_id: str, batch_id: str) -> list[str]:
-        """The resumes going on from `batch_id`'s data that have not stopped (deleted or
-        never created ones left out): its data must stay until they took it over."""
+        """The resumes going on from `batch_id`'s data that have not stopped (deleted ones
+        left out, and those never created, once their create is surely over): its data must
+        stay until they took it over."""
         members = sorted(cast(set[str], await self.redis.smembers(
             keys.resumed_by(pipeline_id, batch_id))))
         live = []
         for member in members:
             fields = await self.fields(pipeline_id, member)
-            if is_visible(fields) and fields["state"] != "stop":
+            if fields is None:
+                made_ms = batch_id_ms(member)
+                if made_ms is not None and time.time() - made_ms / 1000 < RESUME_CREATE_WINDOW_S:
+                    live.append(member)  # noted, its create maybe still under way
+            elif is_visible(fields) and fields["state"] != "stop":
                 live.append(member)
         return live
 

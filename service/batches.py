@@ -3,6 +3,7 @@ changes are recorded in Redis and queued as commands on Kafka."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -252,7 +253,7 @@ async def delete_batch(request: web.Request) -> web.Response:
     fields = await store.fields(pipeline_id, batch_id)
     if not is_visible(fields):
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
-    resumes = await store.live_resumes(pipeline_id, batch_id)
+    resumes = await store.begin_delete(pipeline_id, batch_id)
     if resumes:  # they take its files over when their first step starts
         raise ApiError(409, "conflict", f"batch {batch_id}'s data is still needed by its "
                        f"resume {', '.join(resumes)}, not stopped yet: delete it once that "
@@ -267,6 +268,12 @@ async def delete_batch(request: web.Request) -> web.Response:
         # queued again from the outbox, so the answer is the one a retry would get.
         await request.app[ABANDONER].abandon(pipeline_id, batch_id, version,
                                              "deleted through the batches API", released=False)
+    except Refused:
+        # Not written: nothing changed, so resumes of the batch may go on again now rather
+        # than once the mark expires (anything else may have been written: the mark stays).
+        with contextlib.suppress(Exception):
+            await store.end_delete(pipeline_id, batch_id)
+        raise
     try:
         await store.hide(pipeline_id, batch_id)
     except Exception as exc:

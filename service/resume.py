@@ -140,6 +140,10 @@ async def resume_batch(request: web.Request) -> web.Response:
         # Noted before the batch exists, so a delete of the holder never misses it (one
         # never created is left out when a delete looks).
         await store.note_resume(pipeline_id, holder_id, batch_id)
+        if not await store.resume_may_go_on(pipeline_id, holder_id, batch_id):
+            raise ApiError(409, "conflict", f"batch {holder_id}, whose data batch {old_id} "
+                           "goes on from, is being deleted: there is nothing to resume from",
+                           resumed_from=holder_id)
         seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
         # Read back for its run command (a rebuild's record): the time Redis recorded. A
         # resume is rare; the POST's hot path sends the time it gave its create script,

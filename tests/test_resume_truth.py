@@ -5,6 +5,7 @@ batch's events as the events consumer does."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 
 from consumers.rebuild import rebuild
 from core import keys
-from core.codec import Event
+from core.codec import Command, Event
 from core.layout import RESUMED_FROM
 from core.models import PipelineSpec
 from core.packing import unpacked
@@ -26,6 +27,9 @@ from pipelines.flow import plan
 from pipelines.offsets import OffsetBook
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import StepContext, StepFailed
+from service.appkeys import COMMANDS, STORE
+from service.command_sender import Refused
+from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings
 from tests.test_pipelines_sales import expected_from_source
 from tests.test_resume_steps import table
@@ -230,3 +234,63 @@ async def test_a_live_resumes_data_cannot_be_deleted_after_a_rebuild(
     assert shown["resumed_from"] == a and shown["state"] != "stop", shown
     resp = await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)
     assert resp.status == 409, await resp.text()
+
+
+async def test_a_delete_meeting_a_resume_being_created_is_refused(
+        api: Client, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resume has noted itself (resumed-by) but its batch is not created yet when the
+    DELETE of its holder looks: the delete went through (a member with no batch was taken for
+    a resume never created), and the resume then ran on data being removed."""
+    a = await failed_in(api, redis, tmp_path, "transform")
+    store = cast(Any, api.server).app[STORE]
+    release = asyncio.Event()
+    create = store.create
+
+    async def held_create(*args: Any, **kwargs: Any) -> int:
+        await release.wait()
+        return cast(int, await create(*args, **kwargs))
+    monkeypatch.setattr(store, "create", held_create)
+    resume = asyncio.create_task(post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON))
+    await eventually(lambda: redis.scard(keys.resumed_by(P, a)), timeout=10)
+    response = await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)
+    assert response.status == 409, await response.text()
+    release.set()
+    status, body = await resume
+    assert status == 200, body
+    assert (await api.get(f"/api/v1/batches/{P}/{a}", headers=AUTH)).status == 200
+    assert await orders_loaded(redis, tmp_path, body["item"]) == 800
+
+
+async def test_a_resume_meeting_a_delete_under_way_is_refused(
+        api: Client, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DELETE of A has checked A's resumes (none) and is sending its command when a resume
+    of A arrives: the resume was accepted, then A was hidden and its files removed under it."""
+    a = await failed_in(api, redis, tmp_path, "transform")
+    sender = cast(Any, api.server).app[COMMANDS]
+    entered, release = asyncio.Event(), asyncio.Event()
+    command = sender.command
+
+    async def held_command(cmd: Command, *args: Any, **kwargs: Any) -> Any:
+        if cmd.type == "delete":
+            entered.set()
+            await release.wait()
+        return await command(cmd, *args, **kwargs)
+    monkeypatch.setattr(sender, "command", held_command)
+    delete = asyncio.create_task(api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH))
+    await asyncio.wait_for(entered.wait(), timeout=10)
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON)
+    assert status == 409, body
+    assert "being deleted" in body["error"]["message"]
+    assert not await redis.scard(keys.resumed_by(P, a))  # its note taken back
+    release.set()
+    assert (await delete).status == 200
+    # A delete refused by Kafka changes nothing: a resume right after it goes through.
+    b = await failed_in(api, redis, tmp_path, "transform")
+
+    async def refused(cmd: Command, *args: Any, **kwargs: Any) -> Any:
+        raise Refused()
+    monkeypatch.setattr(sender, "command", refused)
+    assert (await api.delete(f"/api/v1/batches/{P}/{b}", headers=AUTH)).status == 503
+    monkeypatch.setattr(sender, "command", command)
+    status, body = await post(api, f"/api/v1/batches/{P}/{b}/resume", json=GO_ON)
+    assert status == 200, body
