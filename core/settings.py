@@ -87,7 +87,9 @@ class Settings(BaseSettings):
     # Signs list paging tokens so a client cannot forge or reuse another pipeline's token.
     token_secret: SecretStr = SecretStr(DEFAULT_TOKEN_SECRET)
     webhook_secret: SecretStr | None = None
-    max_body_bytes: int = 1 << 20
+    # Bounded below so a bad value stops the start with an error naming the variable:
+    # aiohttp reads a limit of 0 as "no limit" (any body accepted, memory unbounded).
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
     # In-process cache of rendered batches, invalidated through Redis pub/sub.
     api_cache: bool = True
     # The cache's staleness bound after a silent network fault is cache_silence_s + 0.1 s
@@ -97,14 +99,17 @@ class Settings(BaseSettings):
     # A running step whose offsets have not moved for this long shows `stalled: true`.
     stall_after_s: float = Field(default=120.0, gt=0)
     cache_max_entries: int = 50_000
-    idempotency_ttl_s: int = 24 * 3600
+    # 0 or less made every key's commit fail (SET ... EX 0): each key freed after its
+    # pending minute, and a retry then ran a second batch.
+    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
 
     # How long a running flow waits a Kafka outage out (connecting, then each event) before
     # its step fails: the events are the run's only way to report.
     publish_deadline_s: float = 300.0
 
     # Per batch, how many recent event ids are remembered for de-duplication.
-    dedup_window: int = 1024
+    # 0 forgot every id as soon as it was stored (no de-duplication at all).
+    dedup_window: int = Field(default=1024, ge=1)
 
     # Finished (`stop`) batches are removed after this many days (Redis, its indexes and the
     # snapshot topic: the consumers' retention sweeper); 0 keeps them forever.
