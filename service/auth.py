@@ -15,6 +15,7 @@ from typing import Final
 
 import jwt
 from aiohttp import web
+from jwt.algorithms import RSAAlgorithm
 
 from core.settings import InsecureSettings, Settings
 from service.errors import ApiError
@@ -58,6 +59,17 @@ class Authenticator:
                 "JWTs are enabled (DHUB_JWT_HS256_SECRET or DHUB_JWT_RS256_PUBLIC_KEY) but "
                 "DHUB_JWT_AUDIENCE and DHUB_JWT_ISSUER are not both set: every token must "
                 "name this API as its audience and a trusted issuer")
+        if settings.jwt_rs256_public_key:
+            # Parsed now, not at the first token: a key the API cannot read otherwise
+            # started it, and then every RS256 token was answered 401 "invalid token",
+            # blaming each client for the server's setting. The value is never quoted.
+            try:
+                RSAAlgorithm(RSAAlgorithm.SHA256).prepare_key(settings.jwt_rs256_public_key)
+            except (jwt.PyJWTError, ValueError, TypeError):
+                raise AuthConfigError(
+                    "DHUB_JWT_RS256_PUBLIC_KEY is not a readable RSA public key: give the "
+                    "PEM text itself (-----BEGIN PUBLIC KEY----- ...) with real newlines, "
+                    "not \\n escapes") from None
         return cls(
             static_tokens=tuple(t.encode() for t in settings.static_tokens()),
             hs256_secret=(settings.jwt_hs256_secret.get_secret_value()

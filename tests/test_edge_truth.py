@@ -10,7 +10,9 @@ import pytest
 from pydantic import ValidationError
 
 from core.settings import Settings
+from service.auth import AuthConfigError, Authenticator
 from tests.cache_support import engines
+from tests.helpers import RSA_PUBLIC, api_settings
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +37,19 @@ def test_a_setting_out_of_its_range_is_refused_at_start_naming_it(
     with pytest.raises(ValidationError) as info:
         Settings()
     assert variable.removeprefix("DHUB_").lower() in str(info.value)
+
+
+def test_an_unreadable_rs256_public_key_is_refused_at_start(test_settings: Settings) -> None:
+    """A key the API cannot parse (here as an env file often carries it: `\\n` escapes for
+    the newlines) started the API; then every RS256 token was answered 401 "invalid token:
+    Could not parse the provided public key", blaming each client's token for the server's
+    setting. Now the API does not start, and says which variable is wrong (not its value)."""
+    escaped = RSA_PUBLIC.replace("\n", "\\n")
+    for key in (escaped, "not a key"):
+        settings = api_settings(test_settings, jwt_rs256_public_key=key)
+        with pytest.raises(AuthConfigError) as info:
+            Authenticator.from_settings(settings)
+        assert "DHUB_JWT_RS256_PUBLIC_KEY" in str(info.value)
+        assert key not in str(info.value)
+    # A good key still starts.
+    Authenticator.from_settings(api_settings(test_settings, jwt_rs256_public_key=RSA_PUBLIC))
