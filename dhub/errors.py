@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import httpx
@@ -44,13 +45,16 @@ def raise_for(response: httpx.Response) -> None:
     if response.is_success or response.status_code == 304:
         return
     code, message, body = "http_error", response.reason_phrase, None
-    try:
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
         body = response.json()
-        error = body.get("error", {}) if isinstance(body, dict) else {}
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
         code = str(error.get("code", code))
         message = str(error.get("message", message))
-    except (ValueError, UnicodeDecodeError):
-        pass
+    elif isinstance(error, str) and error:
+        # Not the API's shape (a gateway's `{"error": "..."}`): still an ApiError of its
+        # status, so a 5xx is retried like any other, never an AttributeError here.
+        message = error
     status = response.status_code
     kind = AuthError if status in (401, 403) else NotFound if status == 404 else ApiError
     raise kind(status, code, message, body)

@@ -4,12 +4,16 @@ that is not the API's own (a proxy's)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
 from core.settings import Settings
+from dhub import DhubClient
+from dhub.errors import ApiError
 from service.auth import AuthConfigError, Authenticator
 from tests.cache_support import engines
 from tests.helpers import RSA_PUBLIC, api_settings
@@ -53,3 +57,39 @@ def test_an_unreadable_rs256_public_key_is_refused_at_start(test_settings: Setti
         assert key not in str(info.value)
     # A good key still starts.
     Authenticator.from_settings(api_settings(test_settings, jwt_rs256_public_key=RSA_PUBLIC))
+
+
+# -- dhub ----------------------------------------------------------------------------------
+def _proxy_error(request: httpx.Request) -> httpx.Response:
+    # What a gateway in front of the API answers while the API restarts: JSON, not the API's.
+    return httpx.Response(502, json={"error": "upstream connect error"})
+
+
+def test_an_error_body_that_is_not_the_apis_is_an_api_error() -> None:
+    """A 502 whose JSON `error` is a string (a gateway's) raised AttributeError inside the
+    client: `dhub get` printed a traceback and "internal error", and a watch (which retries
+    5xx answers) ended instead of reconnecting."""
+    with (DhubClient("http://api.test", "t", transport=httpx.MockTransport(_proxy_error)) as api,
+          pytest.raises(ApiError) as info):
+        api.get("p", "b")
+    assert info.value.status == 502 and info.value.retryable
+    assert "upstream connect error" in info.value.message
+
+
+def test_a_watch_reconnects_through_a_gateways_json_502() -> None:
+    calls = 0
+    done = {"id": "b", "name": "p", "deployment": "d", "outcome": "completed",
+            "state": {"state": "stop", "steps": {}}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return _proxy_error(request)
+        body = (b'event: batch\nid: "v1"\ndata: ' + json.dumps(done).encode()
+                + b"\n\nevent: end\ndata: {}\n\n")
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=body)
+
+    with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
+        events = list(api.watch("p", "b"))
+    assert [e.kind for e in events] == ["reconnecting", "batch", "end"]
