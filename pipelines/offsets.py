@@ -45,8 +45,16 @@ class OffsetBook:
         self._changed: dict[str, int] = {}
 
     def record(self, partition: str, offset: int, total: int | None) -> bool:
-        """Stores a report; True when it is the first change since the last `take`."""
+        """Stores a report; True when it is the first change since the last `take`.
+
+        Raises ValueError for an offset below the partition's last one: a batch's offsets
+        only grow (a lower update is ignored), so the batch would go on showing the higher
+        one, and a resume would skip the records between."""
         with self._lock:
+            last = self._offsets.get(partition, 0)
+            if offset < last:
+                raise ValueError(f"offset {offset} of {partition!r} is below {last}, reported "
+                                 f"before: offsets only grow")
             first = not self._changed
             self._offsets[partition] = offset
             self._changed[partition] = offset

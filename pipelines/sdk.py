@@ -91,7 +91,8 @@ class StepContext:
 
         Only once they are durably written (the offset rule, above): a resumed batch starts
         from the offsets reported. Cheap and thread-safe: call it as often as you like;
-        publishing is coalesced.
+        publishing is coalesced. Offsets only grow: one below the partition's last report
+        or its start offset raises ValueError (the batch would keep showing the higher one).
         """
         if self._aborted.is_set():
             raise StepAborted(f"step {self.step} was cancelled")
@@ -101,6 +102,11 @@ class StepContext:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= MAX_OFFSET):
                 raise ValueError(f"invalid {name} {value!r} for {partition!r}")
+        start = self.start_offsets.get(partition, 0)
+        if offset < start:
+            # The batch shows the start offset from the start: it would keep showing it.
+            raise ValueError(f"offset {offset} of {partition!r} is below {start}, where the "
+                             f"step started: offsets only grow")
         if self._book.record(partition, offset, total):
             self._on_change()
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from core.settings import Settings
 from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID
@@ -47,3 +49,20 @@ def test_a_load_rerun_after_half_its_commit_report_shows_every_partition_loaded(
     load(again)
     assert table(tmp_path / BATCH / "sales.db", BATCH) == expected_from_source(tmp_path / BATCH)
     assert again.offsets == totals, "every row is committed: every partition is at its total"
+
+
+def test_a_report_lower_than_the_offset_shown_is_refused_not_silently_dropped(
+        tmp_path: Path) -> None:
+    """A batch's offsets only grow (the contract: a lower update is ignored). A step that
+    reported 100 records of a partition and then 40 (it went back over them) was told nothing:
+    the batch went on showing 100, a resume started there and skipped records 40..100. Below
+    the offset it started from (the batch shows that one from its start) is the same lie."""
+    ctx = context(tmp_path, "extract", start={"partition_1": 50})
+    ctx.report("partition_0", 100)
+    ctx.report("partition_0", 100)  # the same offset again is no step back
+    with pytest.raises(ValueError, match="only grow"):
+        ctx.report("partition_0", 40)
+    with pytest.raises(ValueError, match="only grow"):
+        ctx.report("partition_1", 10)
+    ctx.report("partition_1", 50)
+    assert ctx.offsets == {"partition_0": 100, "partition_1": 50}
