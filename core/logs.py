@@ -4,6 +4,7 @@ consumers' and the API's processes alike)."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
@@ -46,13 +47,22 @@ def setup(level: str = "INFO", *filters: logging.Filter) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+# Query parameters that carry a secret: redis-py hands unknown query names to the connection,
+# so `redis://db/0?password=...` (or `ssl_password=`) is a working way to give a password.
+_SECRET_PARAM: Final = re.compile(
+    r"(^|&)([^=&]*(?:pass|pwd|secret|token|key|auth)[^=&]*)=[^&]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The URL without its password, fit for a log line."""
+    """The URL without its passwords (the userinfo's, and query values such as
+    `password=`), fit for a log line."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + host))
+    if parts.query:
+        parts = parts._replace(query=_SECRET_PARAM.sub(r"\1\2=***", parts.query))
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        parts = parts._replace(netloc=user + host)
+    return urlunsplit(parts)

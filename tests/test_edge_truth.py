@@ -11,6 +11,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
+from core.logs import redact
 from core.settings import Settings
 from dhub import DhubClient
 from dhub.errors import ApiError
@@ -93,3 +94,21 @@ def test_a_watch_reconnects_through_a_gateways_json_502() -> None:
     with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
         events = list(api.watch("p", "b"))
     assert [e.kind for e in events] == ["reconnecting", "batch", "end"]
+
+
+# -- secrets in log lines ------------------------------------------------------------------
+@pytest.mark.parametrize("url", [
+    # redis-py passes unknown query names to the connection: `?password=` is a password.
+    "redis://db:6379/0?password=s3cret-in-query",
+    "rediss://db:6380/0?ssl_password=s3cret-in-query&db=2",
+    "redis://user:s3cret-in-query@db:6379/0?password=s3cret-in-query",
+])
+def test_a_password_in_the_urls_query_is_redacted(url: str) -> None:
+    """The consumers log their Redis and Prefect URLs at start through `redact`, which hid
+    only the userinfo's password: DHUB_REDIS_URL=redis://db:6379/0?password=... (a form
+    redis-py takes) reached the log line whole."""
+    redacted = redact(url)
+    assert "s3cret" not in redacted
+    assert redacted.startswith(url.split("?")[0].replace(":s3cret-in-query@", ":***@"))
+    assert redact("redis://db:6379/0?db=3&socket_timeout=2") == (
+        "redis://db:6379/0?db=3&socket_timeout=2")
