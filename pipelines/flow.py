@@ -83,8 +83,12 @@ def plan(spec: PipelineSpec, fields: Mapping[str, str]) -> list[StepRun]:
 
 
 # No caching or result persistence: a step's effect is its data and its events, and the
-# publisher parameter is a live connection that must not be hashed or stored.
-@task(task_run_name="{step}", cache_policy=NO_CACHE, persist_result=False)
+# publisher parameter is a live connection that must not be hashed or stored. No retries,
+# whatever PREFECT_TASKS_DEFAULT_RETRIES says: a retry would run the step again from the
+# start offsets planned before its first attempt, behind what that attempt reported (the
+# batch keeps the higher offsets), so a retry stopped earlier leaves offsets ahead of the
+# data. A failed step fails the run; `POST .../resume` goes on from its offsets.
+@task(task_run_name="{step}", cache_policy=NO_CACHE, persist_result=False, retries=0)
 async def step_task(step: str, uses: str, config: dict[str, Any],
                     events: EventPublisher, start: dict[str, int] | None = None,
                     resumed_from: str | None = None) -> dict[str, int]:
@@ -112,6 +116,9 @@ def _hook(outcome: str) -> Any:
 @flow(
     name=FLOW_NAME,
     persist_result=False,
+    # Nor flow retries (PREFECT_FLOWS_DEFAULT_RETRIES): at once, they would plan from a
+    # batch record the events consumer may not have brought up to the failed attempt yet.
+    retries=0,
     on_completion=[_hook("completion")],
     on_failure=[_hook("failure")],
     on_cancellation=[_hook("cancellation")],

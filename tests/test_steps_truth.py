@@ -4,12 +4,15 @@ reruns of a step in the same batch (a flow retried in Prefect) and resumes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from core.settings import Settings
+from core.settings import ROOT, Settings
 from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID
 from pipelines.sales.steps import extract, load, transform
@@ -66,3 +69,19 @@ def test_a_report_lower_than_the_offset_shown_is_refused_not_silently_dropped(
         ctx.report("partition_1", 10)
     ctx.report("partition_1", 50)
     assert ctx.offsets == {"partition_0": 100, "partition_1": 50}
+
+
+def test_prefect_default_retries_never_rerun_a_step_from_its_stale_start(tmp_path: Path) -> None:
+    """PREFECT_TASKS_DEFAULT_RETRIES (or the flows') set in the worker's environment made
+    Prefect rerun a failed step's task with the start offsets the flow planned before its
+    first attempt: a step started at 0 truncated its files and began again while the batch
+    kept showing the first attempt's offsets (they only grow), so if the retry stopped
+    earlier the batch showed offsets ahead of its data, and every resume of it failed
+    ("records would be lost"). A failed step fails its run; dhub's resume goes on from it."""
+    code = ("from pipelines.flow import run_pipeline, step_task; "
+            "print(step_task.retries, run_pipeline.retries)")
+    env = {**os.environ, "PREFECT_TASKS_DEFAULT_RETRIES": "3",
+           "PREFECT_FLOWS_DEFAULT_RETRIES": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True,
+                         capture_output=True, text=True, timeout=120).stdout.split()
+    assert out == ["0", "0"]
