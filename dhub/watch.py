@@ -36,6 +36,8 @@ POLL_WAIT_S: Final = 30
 POLL_INTERVAL_S: Final = 2.0
 RECONNECT_MIN_S: Final = 0.2
 RECONNECT_MAX_S: Final = 5.0
+# The error code of the API's own 404 (a gateway's 404 carries none).
+API_NOT_FOUND: Final = "not_found"
 
 Kind = Literal["batch", "end", "deleted", "reconnecting"]
 
@@ -200,11 +202,15 @@ class Follower:
     def failed(self, exc: BaseException) -> tuple[list[WatchEvent], float]:
         """The events for a failed round and how long to wait before the next; raises what
         ends the watch (an API refusal, the API never reached, the reconnect budget spent)."""
-        if isinstance(exc, NotFound):
+        # Only the API's own 404 (its JSON error, `not_found`) says the batch is gone; a
+        # gateway's 404 page while the API behind it is redeployed is the link failing.
+        gone = isinstance(exc, NotFound) and exc.code == API_NOT_FOUND
+        if isinstance(exc, NotFound) and (gone or self.last is None):
             if self.last is None:
                 raise exc
             return self._finish("deleted"), 0.0  # deleted while we were reconnecting
-        if not isinstance(exc, RETRIED) or (isinstance(exc, ApiError) and not exc.retryable):
+        if not isinstance(exc, RETRIED) or (isinstance(exc, ApiError) and not exc.retryable
+                                            and not isinstance(exc, NotFound)):
             raise exc
         if self.last is None and isinstance(exc, httpx.ConnectError):
             # Never reached: a wrong URL or a stopped API, not a link that dropped.

@@ -112,3 +112,35 @@ def test_a_password_in_the_urls_query_is_redacted(url: str) -> None:
     assert redacted.startswith(url.split("?")[0].replace(":s3cret-in-query@", ":***@"))
     assert redact("redis://db:6379/0?db=3&socket_timeout=2") == (
         "redis://db:6379/0?db=3&socket_timeout=2")
+
+
+def test_a_proxys_404_page_mid_watch_is_not_a_deleted_batch() -> None:
+    """A gateway answering 404 with its own page while the API behind it is redeployed
+    (ingress-nginx's "default backend - 404") ended a watch of a running batch as
+    `deleted`: `dhub watch` printed "was deleted" and exited 2. Only the API's own 404 (its
+    JSON error, code `not_found`) says the batch is gone; anything else is the link."""
+    calls = 0
+    running = {"id": "b", "name": "p", "deployment": "d",
+               "state": {"state": "running", "steps": {}}}
+    done = {**running, "outcome": "completed", "state": {"state": "stop", "steps": {}}}
+
+    def stream(*events: bytes) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=b"".join(events))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # one version, then the API goes away
+            return stream(b'event: batch\nid: "v1"\ndata: ' + json.dumps(running).encode()
+                          + b"\n\n")
+        if calls == 2:
+            return httpx.Response(404, headers={"Content-Type": "text/html"},
+                                  content=b"default backend - 404")
+        return stream(b'event: batch\nid: "v2"\ndata: ' + json.dumps(done).encode() + b"\n\n",
+                      b"event: end\ndata: {}\n\n")
+
+    with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
+        events = list(api.watch("p", "b"))
+    assert [e.kind for e in events] == ["batch", "reconnecting", "reconnecting", "batch", "end"]
+    assert events[-1].batch is not None and events[-1].batch.get("outcome") == "completed"
