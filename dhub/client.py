@@ -47,6 +47,8 @@ class DhubClient:
         if token is None:
             target = config.resolve(url)
             url, token = target.url, target.token
+        else:
+            config.check_token(token, "the token given")
         self.url = (url or os.environ.get("DHUB_URL") or config.DEFAULT_URL).rstrip("/")
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                   headers={"Authorization": f"Bearer {token}",

@@ -29,6 +29,17 @@ class Target:
     token: str
 
 
+def check_token(token: str, source: str) -> str:
+    """`token`, when an HTTP header can carry it: visible ASCII, no space. Otherwise (a token
+    pasted with a curly quote, a non-breaking space, a control character) httpx failed deep
+    inside with a UnicodeEncodeError whose text is the whole `Bearer <token>` header, and
+    `dhub` printed it as an internal error. Says where the token came from, never its value."""
+    if not all("!" <= char <= "~" for char in token):
+        raise ConfigError(f"{source} holds a character an HTTP header cannot carry (not ASCII, "
+                          "a space or a control character): copy the token again")
+    return token
+
+
 def token_files(env: dict[str, str] | None = None) -> list[Path]:
     env = dict(os.environ) if env is None else env
     state = env.get("DHUB_STATE_DIR")
@@ -44,7 +55,7 @@ def resolve(url: str | None = None, env: dict[str, str] | None = None) -> Target
         raise ConfigError(f"DHUB_URL must be an http(s) URL, not {base!r}")
     token = env.get("DHUB_TOKEN", "").strip()
     if token:
-        return Target(base, token)
+        return Target(base, check_token(token, "DHUB_TOKEN"))
     candidates = token_files(env)
     for path in candidates:
         try:
@@ -52,6 +63,6 @@ def resolve(url: str | None = None, env: dict[str, str] | None = None) -> Target
         except OSError:
             continue
         if token:
-            return Target(base, token)
+            return Target(base, check_token(token, f"the token file {path}"))
     tried = ", ".join(str(p) for p in candidates)
     raise ConfigError(f"no API token: set DHUB_TOKEN (no token file found at {tried})")

@@ -14,7 +14,9 @@ from pydantic import ValidationError
 from core.logs import redact
 from core.settings import Settings
 from dhub import DhubClient
+from dhub.cli import main
 from dhub.errors import ApiError
+from dhub.models import EXIT_ERROR
 from service.auth import AuthConfigError, Authenticator
 from tests.cache_support import engines
 from tests.helpers import RSA_PUBLIC, api_settings
@@ -144,3 +146,20 @@ def test_a_proxys_404_page_mid_watch_is_not_a_deleted_batch() -> None:
         events = list(api.watch("p", "b"))
     assert [e.kind for e in events] == ["batch", "reconnecting", "reconnecting", "batch", "end"]
     assert events[-1].batch is not None and events[-1].batch.get("outcome") == "completed"
+
+
+@pytest.mark.parametrize("token", ["s3cret-t\u00f8ken-0123", "\u201cs3cret-token-0123\u201d",
+                                   "s3cret-token\u200b-0123", "s3cret\x7ftoken-0123"])
+def test_a_token_no_header_can_carry_is_refused_without_echoing_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], token: str) -> None:
+    """DHUB_TOKEN pasted with a curly quote, a zero-width space or a non-ASCII letter:
+    httpx raised UnicodeEncodeError('ascii', 'Bearer <the token>', ...) and `dhub` printed
+    "internal error: " with that repr (the whole token) and a traceback on stderr; a
+    control character reached the API as "400 malformed HTTP request"."""
+    monkeypatch.setenv("DHUB_TOKEN", token)
+    monkeypatch.setenv("DHUB_URL", "http://127.0.0.1:9")  # never reached
+    code = main(["ls", "p"])
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR
+    assert "DHUB_TOKEN" in err and "internal error" not in err
+    assert "s3cret" not in err
