@@ -17,6 +17,7 @@ from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import StepContext
+from pipelines.steps import resolve
 from tests.test_pipelines_sales import expected_from_source
 from tests.test_resume_steps import table
 
@@ -85,3 +86,40 @@ def test_prefect_default_retries_never_rerun_a_step_from_its_stale_start(tmp_pat
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True,
                          capture_output=True, text=True, timeout=120).stdout.split()
     assert out == ["0", "0"]
+
+
+def test_the_example_plugin_makes_its_lines_durable_before_reporting_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offset rule: an offset is reported once its records are durably written. The
+    example plugin (the model for steps written outside dhub) only flushed its text to the
+    OS and wrote its chunk counts and result without fsync: after a power loss the batch
+    showed offsets over lines and counts that were never on disk, and its resume failed
+    ("holds fewer than the lines reported") or merged empty counts."""
+    log: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    class Book(OffsetBook):
+        def record(self, partition: str, offset: int, total: int | None) -> bool:
+            log.append(("report", f"{partition}:{offset}"))
+            return super().record(partition, offset, total)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    config = {"partitions": 2, "lines": 2_500, "words_per_line": 3}
+    written = {"generate": "/text/", "count": "/counts/", "merge": "/result.json"}
+    for step, where in written.items():
+        log.clear()
+        ctx = StepContext(batch_id=BATCH, pipeline_id="wordcount", step=step, config=config,
+                          settings=Settings(state_dir=tmp_path / "state", data_dir=tmp_path),
+                          book=Book(), on_change=lambda: None)
+        resolve(f"wordcount.{step}")(ctx)
+        synced = False
+        for kind, what in log:
+            if kind == "fsync" and where in what:
+                synced = True
+            elif kind == "report" and not what.endswith(":0"):
+                assert synced, f"{step} reported {what} before fsyncing what it wrote"
+                synced = step == "merge"  # one file covers all its reports

@@ -37,10 +37,14 @@ def lines_of(seed: int, index: int, lines: int, words_per_line: int) -> Iterator
 
 
 def write_atomically(path: Path, body: bytes) -> None:
-    """Readers see the old file or the whole new one, never a part."""
+    """Readers see the old file or the whole new one, never a part; durable when this
+    returns (the steps report an offset right after: the SDK's offset rule)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(body)
+    with tmp.open("wb") as out:
+        out.write(body)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
 
 
