@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,6 +30,11 @@ class InsecureSettings(RuntimeError):
     """Settings that must not run outside the local stack; the text says what to set.
     Not a ValueError on purpose: pydantic would wrap it in a ValidationError that echoes
     every input value, secrets included."""
+
+
+class BadSetting(RuntimeError):
+    """A DHUB_* value that cannot work as meant; the text names the variable, never its value
+    (a RuntimeError for InsecureSettings' reason: pydantic would echo a URL's password)."""
 
 
 class Settings(BaseSettings):
@@ -120,6 +126,21 @@ class Settings(BaseSettings):
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_database(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise BadSetting("DHUB_REDIS_URL must start with redis://, rediss:// or unix://")
+        # redis-py reads the path as the database number and, when it is not one, silently
+        # uses database 0 (`redis://host:6379/dhub`: another application's data, perhaps).
+        database = parts.path.replace("/", "")
+        if (parts.scheme != "unix" and database and not database.isdigit()
+                and "db" not in parse_qs(parts.query)):
+            raise BadSetting(f"DHUB_REDIS_URL's path {database!r} is not a database number "
+                             "(redis://host:6379/<n>); Redis would use database 0 instead")
         return value
 
     @model_validator(mode="after")

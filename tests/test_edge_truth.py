@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from core.logs import redact
-from core.settings import Settings
+from core.settings import BadSetting, Settings
 from dhub import DhubClient
 from dhub.cli import main
 from dhub.errors import ApiError
@@ -163,3 +163,23 @@ def test_a_token_no_header_can_carry_is_refused_without_echoing_it(
     assert code == EXIT_ERROR
     assert "DHUB_TOKEN" in err and "internal error" not in err
     assert "s3cret" not in err
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("redis://:pw-s3cret@127.0.0.1:6379/dhub", "not a database number"),
+    ("redis://:pw-s3cret@127.0.0.1:6379/db1", "not a database number"),
+    ("127.0.0.1:6379", "must start with redis://"),
+])
+def test_a_redis_url_that_cannot_mean_what_it_says_is_refused_at_start(
+        monkeypatch: pytest.MonkeyPatch, url: str, named: str) -> None:
+    """redis-py reads a path that is not a number as no database at all: DHUB_REDIS_URL=
+    redis://host:6379/dhub started the API and the consumers on database 0, silently. A URL
+    without a scheme failed later, in redis-py's parser, without naming the variable."""
+    monkeypatch.setenv("DHUB_REDIS_URL", url)
+    with pytest.raises(BadSetting, match=named) as info:
+        Settings()
+    assert "DHUB_REDIS_URL" in str(info.value) and "s3cret" not in str(info.value)
+    for good in ("redis://127.0.0.1:6379/13", "redis://:pw@db:6379", "rediss://db:6380/2/",
+                 "redis://db:6379/x?db=3", "unix:///run/redis.sock?db=1"):
+        monkeypatch.setenv("DHUB_REDIS_URL", good)
+        assert Settings().redis_url == good
