@@ -20,6 +20,7 @@ from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
 from consumers.plumbing.prefect_api import PrefectGateway
 from core import keys
+from core.codec import Event
 from core.models import PipelineSpec, StepSpec
 from core.settings import Settings
 from pipelines.offsets import OffsetBook
@@ -106,6 +107,29 @@ async def test_a_clean_up_that_fails_keeps_the_batch_for_the_next_pass(
     monkeypatch.undo()
     assert await delete_pass(redis, test_settings, tmp_path, pipeline_id, batch_id) is None
     assert not data.exists() and not await redis.exists(keys.batch(pipeline_id, batch_id))
+
+
+async def test_a_delete_keeps_the_data_a_live_resume_goes_on_from(
+        test_settings: Settings, redis: Redis, tmp_path: Path) -> None:
+    """A delete that did not go through the API's check (a published delete command, one
+    racing a resume) met a resume of the batch that had not started: the data it goes on
+    from was removed under it. The pass now waits for the resume to stop."""
+    pipeline_id = unique("test-clean")
+    spec = mixed_spec(pipeline_id)
+    store = store_for(redis, test_settings)
+    holder = await new_batch(redis, test_settings, pipeline_id, spec)
+    data = write_data(tmp_path, pipeline_id, holder, spec)
+    resume = await new_batch(redis, test_settings, pipeline_id, spec)
+    await store.note_resume(pipeline_id, holder, resume)
+
+    again = await delete_pass(redis, test_settings, tmp_path, pipeline_id, holder)
+    assert again is not None  # looked at again later
+    assert data.exists() and await redis.exists(keys.batch(pipeline_id, holder))
+    # Once the resume stopped (it took the files over), the next pass removes and purges.
+    await store.apply([Event("batch.state", resume, pipeline_id, event_id="end",
+                             state="stop", outcome="completed")])
+    assert await delete_pass(redis, test_settings, tmp_path, pipeline_id, holder) is None
+    assert not data.exists() and not await redis.exists(keys.batch(pipeline_id, holder))
 
 
 async def test_a_deleted_sales_batch_leaves_no_data_on_the_stack(live_api: Live) -> None:

@@ -34,6 +34,9 @@ class ConsumerOptions(BaseSettings):
     # Prefect after the delete looked (keep it above 2 x prefect_timeout_s).
     cleanup_recheck_s: float = 35.0
     cleanup_poll_s: float = 0.5
+    # A deleted batch's data that a resume not yet stopped goes on from is kept; the delete
+    # looks again this often (a resume may wait in Prefect's queue for a long time).
+    cleanup_resume_poll_s: float = 10.0
     # A stop that finds its run Pending (a worker starting it) cancels it once it runs; if it
     # is still Pending after this long (a worker gone), it is cancelled as it is.
     stop_pending_wait_s: float = 60.0
