@@ -31,7 +31,25 @@ TIMEOUT: Final = httpx.Timeout(10.0, connect=5.0)
 # A POST is retried (same Idempotency-Key, so never two batches) on these many transport
 # errors or 5xx answers.
 RUN_RETRIES: Final = 2
+# A retry that finds its key's first attempt still under way in the API (409 `in_progress`,
+# "retry later") waits for it, up to the API's pending-record lifetime: after that the key is
+# free again and a retry is a fresh attempt. Such answers do not count against RUN_RETRIES.
+IN_PROGRESS: Final = "in_progress"
+IN_PROGRESS_FOR_S: Final = 60.0
+IN_PROGRESS_PAUSE_S: Final = 0.5
 USER_AGENT: Final = "dhub-cli/0.1"
+
+
+def run_retry(exc: ConnectionFailed | ApiError, failures: int, started: float) -> float | None:
+    """How long to wait before a POST is sent again with its Idempotency-Key; None: give up."""
+    if isinstance(exc, ApiError) and exc.code == IN_PROGRESS:
+        return IN_PROGRESS_PAUSE_S if time.monotonic() - started < IN_PROGRESS_FOR_S else None
+    retry = isinstance(exc, ConnectionFailed) or exc.retryable
+    return 0.5 * (failures + 1) if retry and failures < RUN_RETRIES else None
+
+
+def waiting(exc: ConnectionFailed | ApiError) -> bool:
+    return isinstance(exc, ApiError) and exc.code == IN_PROGRESS
 
 
 def seg(value: str) -> str:
@@ -84,20 +102,22 @@ class DhubClient:
     def run(self, pipeline_id: str, version: str | None = None, *,
             idempotency_key: str | None = None) -> str:
         """Starts a batch; its id. Retried on transport errors and 5xx with one
-        Idempotency-Key, so a retry never starts a second batch."""
+        Idempotency-Key, so a retry never starts a second batch, and while the API says the
+        key's first attempt is still in progress (`run_retry`)."""
         key = idempotency_key or uuid.uuid4().hex
         params = {"pipeline_version": version} if version is not None else None
-        for attempt in range(RUN_RETRIES + 1):
+        started, failures = time.monotonic(), 0
+        while True:
             try:
                 body = self._json("POST", f"/api/v1/batches/{seg(pipeline_id)}", params=params,
                                   headers={"Idempotency-Key": key})
                 return str(body["item"])
             except (ConnectionFailed, ApiError) as exc:
-                retry = isinstance(exc, ConnectionFailed) or exc.retryable
-                if not retry or attempt == RUN_RETRIES:
+                delay = run_retry(exc, failures, started)
+                if delay is None:
                     raise
-                time.sleep(0.5 * (attempt + 1))
-        raise AssertionError("unreachable")
+                failures += 0 if waiting(exc) else 1
+                time.sleep(delay)
 
     def get(self, pipeline_id: str, batch_id: str) -> Batch:
         return cast(Batch, self._json("GET", f"/api/v1/batches/{seg(pipeline_id)}/{seg(batch_id)}"))

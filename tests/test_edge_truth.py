@@ -183,3 +183,26 @@ def test_a_redis_url_that_cannot_mean_what_it_says_is_refused_at_start(
                  "redis://db:6379/x?db=3", "unix:///run/redis.sock?db=1"):
         monkeypatch.setenv("DHUB_REDIS_URL", good)
         assert Settings().redis_url == good
+
+
+def test_a_run_whose_first_attempt_is_still_in_progress_waits_for_it() -> None:
+    """`dhub run` retries a POST that timed out with the same Idempotency-Key. When the first
+    attempt is still under way in the API (Kafka slow to acknowledge its run command), the
+    retry is answered `409 in_progress` ("retry later"): `dhub run` exited 3 with that error
+    and no batch id, while the first attempt went on to create and run the batch (a user
+    running it again then started a second one). The same key is now tried again."""
+    posts: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        if len(posts) == 1:
+            raise httpx.ReadTimeout("timed out", request=request)
+        if len(posts) <= 4:
+            return httpx.Response(409, json={"error": {
+                "code": "in_progress", "message": "a request with this Idempotency-Key is "
+                "still in progress; retry later"}})
+        return httpx.Response(200, json={"item": "batch-1", "message": "accepted"})
+
+    with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
+        assert api.run("p") == "batch-1"
+    assert len({r.headers["Idempotency-Key"] for r in posts}) == 1 and len(posts) == 5
