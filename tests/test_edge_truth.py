@@ -1,6 +1,8 @@
-"""The edge and the operator's tools telling the truth: what /metrics counts, what settings the
-API starts on, how a misconfigured key is reported, and what `dhub` makes of an error body
-that is not the API's own (a proxy's)."""
+"""The edge and the operator's tools telling the truth: which settings the API and the consumers
+refuse to start on (and that they name the variable, never a secret), which passwords a log
+line hides, and what `dhub` makes of a gateway's answers, a token it cannot send and a retry
+whose first attempt is still in progress. Findings whose fix lies outside these files are in
+tests/test_edge_truth_pending.py."""
 
 from __future__ import annotations
 
