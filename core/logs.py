@@ -17,19 +17,29 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
 }
 
 
+# The password of a URL quoted in a message: httpx and Prefect's client put the request's URL in
+# their errors' text, so DHUB_PREFECT_API_URL's basic-auth credentials would reach the log.
+_URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)[^\s/?#@'\"]+@")
+
+
+def scrub(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***`."""
+    return _URL_PASSWORD.sub(r"\1***@", text) if "://" in text else text
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         for name, value in vars(record).items():
             if name not in _STANDARD:
                 out[name] = value
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = scrub(self.formatException(record.exc_info))
         return orjson.dumps(out, default=str).decode()
 
 

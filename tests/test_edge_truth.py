@@ -6,14 +6,17 @@ tests/test_edge_truth_pending.py."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import pytest
 from pydantic import ValidationError
 
-from core.logs import redact
+from core.logs import JsonFormatter, redact
 from core.settings import BadSetting, Settings
 from dhub import DhubClient
 from dhub.cli import main
@@ -208,3 +211,32 @@ def test_a_run_whose_first_attempt_is_still_in_progress_waits_for_it() -> None:
     with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
         assert api.run("p") == "batch-1"
     assert len({r.headers["Idempotency-Key"] for r in posts}) == 1 and len(posts) == 5
+
+
+def test_a_log_line_quoting_a_url_with_its_password_hides_it() -> None:
+    """httpx and Prefect's client put the request's URL in their errors' text ("Server error
+    '503 Service Unavailable' for url 'http://user:<password>@prefect:4200/api/...'"): with
+    DHUB_PREFECT_API_URL carrying basic-auth credentials, every such error the consumers
+    logged (a retry's warning, a traceback) wrote the password in the log line."""
+    request = httpx.Request("GET", "http://ops:pw-s3cret@prefect:4200/api/flow_runs/x")
+    error = httpx.HTTPStatusError(
+        f"Server error '503 Service Unavailable' for url '{request.url}'", request=request,
+        response=httpx.Response(503, request=request))
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("test.edge_truth.secrets")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("prefect unavailable (%s), retry 1/5", error)
+        try:
+            raise error
+        except httpx.HTTPStatusError:
+            logger.exception("call failed")
+    finally:
+        logger.removeHandler(handler)
+    lines = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 2 and "s3cret" not in out.getvalue()
+    assert "http://ops:***@prefect:4200/api/flow_runs/x" in lines[0]["msg"]
+    assert "HTTPStatusError" in lines[1]["exc"]
