@@ -22,8 +22,11 @@ down:  ## stop the stack
 status:  ## each part, up or down
 	@$(STACK) status
 
+# Two processes (pytest-xdist), a test file each at a time: the suite mostly waits on the
+# engines. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: setup  ## the whole suite on the real Kafka, Redis and Prefect (started if not running)
-	@$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	@$(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup  ## ruff + mypy strict + the layers' import contract ([tool.importlinter])
 	@$(VENV)/bin/ruff check .

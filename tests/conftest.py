@@ -36,6 +36,13 @@ from core.settings import ROOT, Settings, get_settings
 STACK = [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")]
 ENGINE_PARTS = ("redis", "kafka", "postgres", "prefect", "worker")
 
+# Under `pytest -n N` (xdist, as `make test` runs) each worker flushes a Redis database of its
+# own: the first worker the given one, the next the one below it, and so on.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _WORKER.startswith("gw"):
+    os.environ["DHUB_TEST_REDIS_DB"] = str(
+        int(os.environ.get("DHUB_TEST_REDIS_DB", "15")) - int(_WORKER[2:]))
+
 
 def _part_ready(part: str, settings: Settings) -> bool:
     """Cheap readiness probes, so a running stack is reused without touching it."""
@@ -87,6 +94,17 @@ def _parts_up(parts: tuple[str, ...], settings: Settings) -> Iterator[None]:
     finally:
         if ours:
             subprocess.run([*STACK, "down", "--parts", *ours], check=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under `pytest -n N` the controller brings the whole stack up once, before its workers
+    start (each would otherwise race the others to start the same parts), and stops what it
+    started at the end; the workers' fixtures then find every part running."""
+    if _WORKER or not getattr(config.option, "numprocesses", None):
+        return
+    parts = contextlib.ExitStack()
+    parts.enter_context(_parts_up((*ENGINE_PARTS, "api", "consumers"), get_settings()))
+    config.add_cleanup(parts.close)
 
 
 @pytest.fixture(scope="session")

@@ -93,6 +93,9 @@ def _event(**changes: object) -> bytes:
     return orjson.dumps({k: v for k, v in base.items() if v is not None})
 
 
+# Today's time in milliseconds (read as seconds: far ahead), and a time well over a day ahead.
+MS_NOW = 1_796_000_000_000.0
+YEAR_2100 = 4_102_444_800.0
 MALFORMED_EVENTS = [
     (_event(schema=2), r"`\$.schema`"),
     (_event(schema=True), r"got `bool` - at `\$.schema`"),
@@ -114,10 +117,11 @@ MALFORMED_EVENTS = [
     (_event(flow_run_id="run-42"), r"`\$.flow_run_id`"),
     (_event(flow_run_id="0b5c3a8e-6f1d-4c2a-9e57-3d1f2a4b5c6"), r"`\$.flow_run_id`"),
     # Milliseconds for seconds: a stop so stamped would outrank every real end for ever.
-    (_event(state="stop", outcome="cancelled", ts=time.time() * 1000), "ahead of now"),
-    (_event(type="step.state", step="extract", state="running", ts=time.time() * 1000),
-     "ahead of now"),
-    (_event(type="step.offsets", step="extract", offsets={"p": 1}, ts=time.time() + 2 * 86400),
+    # (Fixed times, not taken from the clock: they are in the tests' ids, which must be the
+    # same in each of `pytest -n`'s processes.)
+    (_event(state="stop", outcome="cancelled", ts=MS_NOW), "ahead of now"),
+    (_event(type="step.state", step="extract", state="running", ts=MS_NOW), "ahead of now"),
+    (_event(type="step.offsets", step="extract", offsets={"p": 1}, ts=YEAR_2100),
      "ahead of now"),
     (_event(ts=-1.0), r">= 0.0 - at `\$.ts`"),
     (_event(type="step.state", state="running"), "missing required field `step`"),
