@@ -192,6 +192,7 @@ class EventsConsumer(Part):
         events, bad = poll.events, poll.bad
         reached: list[tuple[str, str]] = []
         if events:
+            unapplied = 0
             try:
                 results = await self._apply(events)
             except Exception as exc:
@@ -204,8 +205,10 @@ class EventsConsumer(Part):
                 # Some batch's data breaks the script: apply batch by batch and dead-letter
                 # only the batches that fail.
                 log.error("apply failed (%s); retrying batch by batch", exc)
+                before = len(bad)
                 results = await self._apply_one_by_one(poll.batch, bad)
-            self.applied += len(events) + poll.duplicates
+                unapplied = len(bad) - before  # dead-lettered: counted there, not applied
+            self.applied += len(events) + poll.duplicates - unapplied
             for n in results.values():
                 if n < 0:
                     self.dropped += 1

@@ -140,7 +140,7 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
     redis = await open_redis(settings)
     try:
         if not force and (await redis.dbsize() or await redis.exists(keys.HEARTBEAT_CONSUMERS)):
-            raise NotEmpty(f"{settings.redis_url} is not empty (or consumers are running): "
+            raise NotEmpty(f"{redact(settings.redis_url)} is not empty (or consumers are running): "
                            "stop the API and the consumers and flush it, or pass --force")
         purged: set[tuple[str, str]] = set()
         versions, snapshots, commands = await asyncio.gather(

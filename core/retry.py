@@ -31,6 +31,8 @@ import httpx
 from aiokafka import errors as kafka_errors
 from redis import exceptions as redis_errors
 
+from core.logs import scrub
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -125,8 +127,10 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def describe(exc: BaseException) -> str:
-    """The error as one line for logs and dead-letter reasons."""
-    text = str(exc) or repr(exc)
+    """The error as one line for logs and dead-letter reasons. A URL's password in it is
+    masked: httpx and Prefect quote the request's URL in their errors, and this text becomes
+    a batch's `reason` (GET shows it) and a dead letter's header (kept on the topic)."""
+    text = scrub(str(exc) or repr(exc))
     return text if isinstance(exc, Permanent | GaveUp) else f"{type(exc).__name__}: {text}"
 
 

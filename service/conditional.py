@@ -22,6 +22,7 @@ from aiohttp import web
 from service.appkeys import CACHE, WAITERS
 from service.cache import etag_of
 from service.errors import bad_request
+from service.request_log import HELD
 
 MAX_WAIT_S: Final = 60.0
 MIN_WAIT_S: Final = 1.0
@@ -150,6 +151,7 @@ async def _held(request: web.Request, wait: float, signal: _Signal,
         if remaining <= 0 or waiters.closing:
             return not_modified(named[0] if named is not None else etag)
         timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
+        request[HELD] = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await signal.wake.wait()

@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.retry import Verdict, classify, describe
-from service.request_log import CURRENT_REQUEST, REQUEST_ID
+from service.request_log import CURRENT_REQUEST, HELD, REQUEST_ID
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ def edge_middleware(authenticate: Callable[[web.Request], None],
             route = request.match_info.route.name or "unmatched"
             if response.__class__ is web.StreamResponse:  # a push stream: its own series
                 route += ".stream"
+            elif HELD in request:  # a long-poll that waited: so is it
+                route += ".held"
             observe(route, request.method, response.status, time.perf_counter() - started)
         return response
 

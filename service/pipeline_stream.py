@@ -31,7 +31,7 @@ from service.appkeys import CACHE, STORE, WAITERS
 from service.cache import etag_of
 from service.errors import not_found
 from service.fills import fills_of
-from service.streams import KEEPALIVE_S, STREAM_HEADERS, backstop_due, event, write
+from service.streams import KEEPALIVE_S, STREAM_HEADERS, backstop_due, cut_off, event, write
 from service.waiters import GONE, READ, Version
 
 # Deleted batches a pipeline stream remembers having announced (a delete publishes twice).
@@ -159,8 +159,9 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         await write(response, event("batch", item.body, item.etag))
                         _remember(sent, ids[1], item.rev)
         except (ConnectionError, TimeoutError):
-            if request.transport is not None:
-                request.transport.close()
+            cut_off(request)
+        except Exception as exc:  # Redis gone mid-stream, say: the 200 is sent already
+            cut_off(request, f"pipeline {pipeline_id}", exc)
         return response
     finally:
         waiters.unwatch(pipeline_id, watch)

@@ -14,6 +14,9 @@ from aiohttp import web
 
 CURRENT_REQUEST: ContextVar[web.Request | None] = ContextVar("dhub_request", default=None)
 REQUEST_ID = web.RequestKey("request_id", str)
+# Set on a GET held by `?wait=` (service.conditional) once it waits: its latency is the
+# wait, measured in a series of its own (`<route>.held`) so it never reads as a slow GET.
+HELD = web.RequestKey("held", bool)
 
 
 class RequestContext(logging.Filter):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 import re
 import zlib
@@ -36,10 +37,13 @@ from typing import Final
 
 from aiohttp import web
 
+from core.retry import describe
 from service.appkeys import CACHE, WAITERS
 from service.conditional import VersionedRead, current
 from service.errors import ApiError
 from service.waiters import GONE, READ, BatchFeed, Version
+
+log = logging.getLogger(__name__)
 
 # In a batch stream's queue: read the batch from Redis now, not from the cache (the backstop
 # for changes made without a message).
@@ -112,14 +116,27 @@ async def stream_batch(request: web.Request, key: str,
             await _send_versions(request, response, key, read, feed, first)
         except (ConnectionError, TimeoutError):
             # Gone, or not taking writes (WRITE_TIMEOUT_S): cut off, nothing more to send.
-            if request.transport is not None:
-                request.transport.close()
+            cut_off(request)
+            return response
+        except Exception as exc:  # Redis gone mid-stream, say: the 200 is sent already
+            cut_off(request, key, exc)
             return response
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
     finally:
         waiters.unfollow(key, feed)
+
+
+def cut_off(request: web.Request, what: str | None = None,
+            exc: BaseException | None = None) -> None:
+    """Ends a stream whose 200 has been sent. Only closing the connection can say it ended
+    badly: an error answered now would be written as bytes inside its body, which breaks
+    every client. The client reconnects with Last-Event-ID."""
+    if exc is not None:
+        log.warning("stream of %s cut: %s", what, describe(exc))
+    if request.transport is not None:
+        request.transport.close()
 
 
 async def _send_versions(request: web.Request, response: web.StreamResponse, key: str,
