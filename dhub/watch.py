@@ -6,8 +6,9 @@ GET's JSON) per change, then `end` once the batch is `stop`, or `deleted`. A dro
 reopened with `Last-Event-ID`, so nothing is repeated and the latest state is never missed.
 A server that answers the stream request with plain JSON has no streams: then each round is a
 long-poll (`If-None-Match` + `?wait=`), and if `wait` is refused too, a plain GET every
-`POLL_INTERVAL_S`. Transport errors and 5xx answers are retried with backoff for
-`reconnect_for` seconds of continuous failure, then `ConnectionFailed`.
+`POLL_INTERVAL_S`; once a polled version is `stop`, one more round (a wait of `END_QUIET_S`)
+must bring no change before `end`, as the stream waits. Transport errors and 5xx answers are
+retried with backoff for `reconnect_for` seconds of continuous failure, then `ConnectionFailed`.
 
 `Follower` decides (which request next, what an answer means, whether to retry) without doing
 any I/O, so the blocking driver here (`follow`) and the asyncio one (`dhub.aio`) share it.
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 STREAM_READ_S: Final = 45.0
 POLL_WAIT_S: Final = 30
 POLL_INTERVAL_S: Final = 2.0
+# A stopped batch's outcome can still be settled by a later stop event (a run Prefect completed
+# after a cancel): the push stream sends `end` only after this much quiet (service.streams'
+# END_QUIET_S), and a polled watch waits as long for no change before it ends.
+END_QUIET_S: Final = 2
 RECONNECT_MIN_S: Final = 0.2
 RECONNECT_MAX_S: Final = 5.0
 # The error code of the API's own 404 (a gateway's 404 carries none).
@@ -126,6 +131,7 @@ class Follower:
         self._failing_since: float | None = None
         self._delay = RECONNECT_MIN_S
         self._paced = False  # the last round did not wait on the server
+        self._settling = False  # polled: a final version seen, waiting END_QUIET_S for no change
         self._parser = SseParser()
 
     def next_round(self) -> Round:
@@ -139,8 +145,9 @@ class Follower:
             return Round(False, {}, {}, httpx.Timeout(10.0, connect=5.0))
         if not self._wait:
             return Round(False, {"If-None-Match": self.etag}, {}, httpx.Timeout(10.0, connect=5.0))
-        return Round(False, {"If-None-Match": self.etag}, {"wait": POLL_WAIT_S},
-                     httpx.Timeout(POLL_WAIT_S + 15.0, connect=5.0))
+        wait = END_QUIET_S if self._settling else POLL_WAIT_S
+        return Round(False, {"If-None-Match": self.etag}, {"wait": wait},
+                     httpx.Timeout(wait + 15.0, connect=5.0))
 
     def pause(self) -> float:
         """How long to wait before the next round: only plain polling is paced here."""
@@ -173,10 +180,16 @@ class Follower:
             self.mode = "poll"  # no streams on this server: it answered the plain GET
         self._paced = self.mode == "poll" and not round_.params and self.last is not None
         if response.status_code == 304:
-            return []
+            return self._finish("end") if self._settling else []
         events = self._version(response.text, response.headers.get("ETag"))
         if self.last is not None and is_final(self.last):
-            events += self._finish("end")
+            # `end` once a round after the final version brings no change: its outcome may
+            # still be settled by a later stop event, which the stream waits out too.
+            if self._settling and not events:
+                events += self._finish("end")
+            self._settling = True
+        else:
+            self._settling = False
         return events
 
     def line(self, line: str) -> list[WatchEvent]:
