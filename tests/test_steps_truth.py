@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dhub_wordcount.text import Layout
 
 from core.settings import ROOT, Settings
+from core.step_catalogue import batch_dir
 from pipelines.offsets import OffsetBook
-from pipelines.sales import PIPELINE_ID
+from pipelines.sales import PIPELINE_ID, files
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import StepContext
 from pipelines.steps import resolve
@@ -123,3 +125,43 @@ def test_the_example_plugin_makes_its_lines_durable_before_reporting_them(
             elif kind == "report" and not what.endswith(":0"):
                 assert synced, f"{step} reported {what} before fsyncing what it wrote"
                 synced = step == "merge"  # one file covers all its reports
+
+
+def test_a_resumes_copies_are_on_disk_before_its_mark_says_they_were_taken_over(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files a resume copies from the batch it resumes were only written to the OS
+    before the fsynced mark said they were taken over: after a power loss, a copy shorter
+    than the offsets it goes on from had `append_from(size)` extend it with zero bytes, and
+    the resumed batch (and every later resume) failed. Copies and their directories are now
+    fsynced before the mark, in both plugins."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    old = tmp_path / "old"
+    for rel in ("source/partition_0.jsonl", "staging/partition_0.jsonl", "staging/p1.jsonl"):
+        (old / rel).parent.mkdir(parents=True, exist_ok=True)
+        (old / rel).write_bytes(b'{"order": 1}\n' * 10)
+    monkeypatch.setattr(os, "fsync", fsync)
+    files.inherit(old, tmp_path / "new")
+    mark = next(n for n, path in enumerate(synced) if ".inherited" in path)
+    before = set(synced[:mark])
+    copied = {str(tmp_path / "new" / "staging" / name) for name in ("partition_0.jsonl", "p1.jsonl")}
+    assert copied <= before, synced
+    assert str(tmp_path / "new" / "staging") in before  # their directory entries too
+
+    # The example plugin's copy: every file of it synced before it is renamed into place.
+    synced.clear()
+    words = tmp_path / "data"
+    old_files = batch_dir(words, "batch-old") / "wordcount" / "text"
+    old_files.mkdir(parents=True)
+    (old_files / "p0.txt").write_text("a b c\n" * 5)
+    ctx = StepContext(batch_id="batch-new", pipeline_id="wordcount", step="count",
+                      config={}, settings=Settings(state_dir=tmp_path / "state", data_dir=words),
+                      book=OffsetBook(), on_change=lambda: None, resumed_from="batch-old")
+    layout = Layout.of(ctx)
+    assert layout.text("p0").read_text() == "a b c\n" * 5
+    assert any(path.endswith("/.wordcount.copy/text/p0.txt") for path in synced), synced

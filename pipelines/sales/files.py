@@ -71,6 +71,7 @@ def inherit(old_root: Path, new_root: Path) -> None:
     mark = new_root / INHERITED_MARK
     if mark.exists():
         return
+    touched: set[Path] = set()
     if old_root.is_dir():
         for src in sorted(old_root.rglob("*")):
             rel = src.relative_to(old_root)
@@ -79,6 +80,7 @@ def inherit(old_root: Path, new_root: Path) -> None:
             dst = new_root / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.unlink(missing_ok=True)
+            touched.add(dst.parent)
             if rel.parts[0] == "source" or rel.suffix == ".json":
                 try:
                     os.link(src, dst)
@@ -86,4 +88,18 @@ def inherit(old_root: Path, new_root: Path) -> None:
                 except OSError:
                     pass  # another file system: a copy does as well
             shutil.copy2(src, dst)
+            sync_path(dst)
+    # The mark says the files were taken over: they (and the entries naming them) are on disk
+    # first, or after a power loss a copy shorter than its offsets would be gone on from.
+    for directory in sorted(touched):
+        sync_path(directory)
     write_atomically(mark, b"")
+
+
+def sync_path(path: Path) -> None:
+    """fsync of a file or a directory (its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

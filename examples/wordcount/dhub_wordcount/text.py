@@ -80,6 +80,7 @@ class Layout:
                 # Copied aside, then renamed: a copy cut short is never taken for the files.
                 shutil.rmtree(layout.staging, ignore_errors=True)
                 shutil.copytree(old, layout.staging)
+                _sync_tree(layout.staging)  # on disk before it is taken for the files
                 os.replace(layout.staging, layout.root)
             elif any(ctx.start_offsets.values()):
                 raise StepFailed(f"{ctx.step}: the files of {ctx.resumed_from}, which this batch "
@@ -101,3 +102,18 @@ class Layout:
     @property
     def result(self) -> Path:
         return self.root / "result.json"
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync of every file and directory under `root`, and of `root` itself."""
+    for path in sorted(root.rglob("*"), reverse=True):  # files before their directories
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
