@@ -142,6 +142,8 @@ class AsyncDhubClient:
                             for event in watch.answered(response, round_):
                                 yield event
                         else:
+                            for event in watch.opened():
+                                yield event
                             async for line in response.aiter_lines():
                                 for event in watch.line(line):
                                     yield event

@@ -64,6 +64,7 @@ def _follow(args: argparse.Namespace, api: DhubClient, console: Console, batch_i
         return _final(console, last)
     with Live(view, console=console, refresh_per_second=8, transient=False):
         for event in events:
+            # Any other event (`connected` first) says the link is back: the note goes.
             note = f"reconnecting: {event.error}" if event.kind == "reconnecting" else None
             view.update(event.batch, note)
             last = event
@@ -73,6 +74,8 @@ def _follow(args: argparse.Namespace, api: DhubClient, console: Console, batch_i
 def _state_line(event: WatchEvent) -> str:
     if event.kind == "reconnecting":
         return f"reconnecting: {event.error}"
+    if event.kind == "connected":
+        return "reconnected"
     if event.batch is None:
         return event.kind
     state = event.batch["state"]
@@ -87,6 +90,8 @@ def _watch_json(args: argparse.Namespace, events: Any) -> int:
                                 "batch": event.batch}
         if event.kind == "reconnecting":
             line = {"event": event.kind, "via": event.via, "error": event.error}
+        elif event.kind == "connected":
+            line = {"event": event.kind, "via": event.via}
         elif event.kind in ("end", "deleted"):
             code = EXIT_STOPPED if event.kind == "deleted" or event.batch is None else (
                 exit_code(event.batch) or EXIT_COMPLETED)

@@ -44,14 +44,17 @@ RECONNECT_MAX_S: Final = 5.0
 # The error code of the API's own 404 (a gateway's 404 carries none).
 API_NOT_FOUND: Final = "not_found"
 
-Kind = Literal["batch", "end", "deleted", "reconnecting"]
+Kind = Literal["batch", "end", "deleted", "reconnecting", "connected"]
 
 
 @dataclass(frozen=True, slots=True)
 class WatchEvent:
     """`batch`: a new version; `end`: the batch is `stop` (`batch` is its last version);
     `deleted`: gone (`batch` is the last version seen); `reconnecting`: the link failed
-    (`error` says how) and is being re-established; `batch` is the last version seen."""
+    (`error` says how) and is being re-established; `connected`: after `reconnecting`, the API
+    answered again (a stream reopened, a poll answered), handed out before whatever that answer
+    brings (a reopened stream of an unchanged batch brings nothing until it changes). For
+    both, `batch` is the last version seen."""
 
     kind: Kind
     batch: Batch | None
@@ -131,6 +134,7 @@ class Follower:
         self._failing_since: float | None = None
         self._delay = RECONNECT_MIN_S
         self._paced = False  # the last round did not wait on the server
+        self._reconnecting = False  # `reconnecting` was handed out, no answer has come since
         self._settling = False  # polled: a final version seen, waiting END_QUIET_S for no change
         self._parser = SseParser()
 
@@ -156,6 +160,18 @@ class Follower:
     def _alive(self) -> None:
         self._failing_since, self._delay = None, RECONNECT_MIN_S
 
+    def _back(self) -> list[WatchEvent]:
+        """`connected` when an answer arrives after `reconnecting`: without it the watch's last
+        word stays `reconnecting` until the batch next changes, though the link is back."""
+        if not self._reconnecting:
+            return []
+        self._reconnecting = False
+        return [WatchEvent("connected", self.last, self.etag, via=self.mode)]
+
+    def opened(self) -> list[WatchEvent]:
+        """A stream's response arrived (before any line of it)."""
+        return self._back()
+
     def _version(self, data: str, etag: str | None) -> list[WatchEvent]:
         if data == self._body or (etag is not None and etag == self.etag):
             return []
@@ -173,19 +189,20 @@ class Follower:
         if round_.params and response.status_code == 400:
             self._wait = False  # a server without long-poll: plain GETs at an interval
             self._alive()
-            return []
+            return self._back()
         raise_for(response)
         self._alive()
         if round_.stream:
             self.mode = "poll"  # no streams on this server: it answered the plain GET
         self._paced = self.mode == "poll" and not round_.params and self.last is not None
+        events = self._back()
         if response.status_code == 304:
-            return self._finish("end") if self._settling else []
-        events = self._version(response.text, response.headers.get("ETag"))
+            return events + (self._finish("end") if self._settling else [])
+        events += self._version(response.text, response.headers.get("ETag"))
         if self.last is not None and is_final(self.last):
             # `end` once a round after the final version brings no change: its outcome may
             # still be settled by a later stop event, which the stream waits out too.
-            if self._settling and not events:
+            if self._settling and not any(e.kind == "batch" for e in events):
                 events += self._finish("end")
             self._settling = True
         else:
@@ -234,6 +251,7 @@ class Follower:
             raise ConnectionFailed(f"lost the API for over {self._reconnect_for:g} s: {exc}") from exc
         delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_S)
         error = str(exc) or type(exc).__name__
+        self._reconnecting = True
         return [WatchEvent("reconnecting", self.last, self.etag, error=error, via=self.mode)], delay
 
 
@@ -252,6 +270,7 @@ def follow(client: DhubClient, pipeline_id: str, batch_id: str, *, reconnect_for
                         response.read()
                         yield from watch.answered(response, round_)
                     else:
+                        yield from watch.opened()
                         for line in response.iter_lines():
                             yield from watch.line(line)
                             if watch.done:

@@ -104,7 +104,7 @@ def test_a_dropped_stream_is_resumed_with_last_event_id(driver: str) -> None:
 
     events, error = watch(driver, handler)
     assert error is None
-    assert [e.kind for e in events] == ["batch", "reconnecting", "batch", "end"]
+    assert [e.kind for e in events] == ["batch", "reconnecting", "connected", "batch", "end"]
     assert "Last-Event-ID" not in seen[0].headers
     assert seen[1].headers["Last-Event-ID"] == '"v1"'
     assert events[-1].batch is not None and exit_code(events[-1].batch) == 0
