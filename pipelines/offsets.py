@@ -180,8 +180,14 @@ class OffsetPump:
         self._wake.set()
         if not graceful:
             task.cancel()
-        with suppress(asyncio.CancelledError):
+        try:
             await task
+        except asyncio.CancelledError:
+            # The pump's end when cancelled above; a cancel of the caller (the step being
+            # cancelled) is not ours to swallow, or the step would go on to report success.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
 
     async def flush(self) -> None:
         """Publishes what is left and waits for Kafka's acknowledgement; raises on failure."""

@@ -4,18 +4,20 @@ reruns of a step in the same batch (a flow retried in Prefect) and resumes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from dhub_wordcount.text import Layout
 
 from core.settings import ROOT, Settings
 from core.step_catalogue import batch_dir
-from pipelines.offsets import OffsetBook
+from pipelines.offsets import OffsetBook, OffsetPump
+from pipelines.publisher import EventPublisher
 from pipelines.sales import PIPELINE_ID, files
 from pipelines.sales.steps import extract, load, transform
 from pipelines.sdk import StepContext
@@ -165,3 +167,27 @@ def test_a_resumes_copies_are_on_disk_before_its_mark_says_they_were_taken_over(
     layout = Layout.of(ctx)
     assert layout.text("p0").read_text() == "a b c\n" * 5
     assert any(path.endswith("/.wordcount.copy/text/p0.txt") for path in synced), synced
+
+
+async def test_a_cancel_arriving_while_the_offsets_are_flushed_is_not_swallowed() -> None:
+    """The step's end stops its offsets pump and waits for the event in flight. A cancel of
+    the waiting task (the step being cancelled) landed in `suppress(CancelledError)` and was
+    lost: the step went on to report `success` as if never cancelled."""
+    sending = asyncio.Event()
+
+    class Stuck:
+        async def step_offsets(self, *args: Any) -> None:
+            sending.set()
+            await asyncio.Event().wait()  # Kafka never answers
+
+    book = OffsetBook()
+    pump = OffsetPump(cast(EventPublisher, Stuck()), "extract", book, interval_s=0.01)
+    pump.start()
+    book.record("p0", 5, None)
+    pump.notify()
+    await asyncio.wait_for(sending.wait(), timeout=5)
+    ending = asyncio.create_task(pump.stop(graceful=True))
+    await asyncio.sleep(0)  # it is waiting for the send in flight
+    ending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(ending, timeout=5)
