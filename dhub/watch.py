@@ -211,10 +211,12 @@ class Follower:
 
     def line(self, line: str) -> list[WatchEvent]:
         """One line of the stream."""
+        # Any line, a keep-alive comment too, is the link working: `reconnect_for` counts
+        # continuous failure only, not the quiet of a reopened stream of an unchanged batch.
+        self._alive()
         event = self._parser.feed(line)
         if event is None:
             return []
-        self._alive()
         name, event_id, data = event
         if name == "batch":
             return self._version(data, event_id)

@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -178,3 +179,43 @@ def test_a_long_poll_answered_after_failures_says_connected(
         ("batch", '"v1"'), ("reconnecting", '"v1"'), ("connected", '"v1"'), ("batch", '"v2"'),
         ("end", '"v2"')]
     assert {e.via for e in events} == {"poll"}
+
+
+def test_a_quiet_reopened_stream_is_not_counted_as_failing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream reopened after a drop, of a batch that then did not change for longer than
+    `reconnect_for` (keep-alive comments only: a slow step), was still counted as one
+    continuous failure since the drop: when it next dropped, the watch gave up at once with
+    "lost the API for over 60 s" though the API had been there all along."""
+    now = [0.0]
+    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
+    monkeypatch.setattr(dhub.watch, "time", types.SimpleNamespace(
+        monotonic=lambda: now[0], sleep=lambda s: None))
+    running = {"id": "b", "name": "p", "deployment": "d",
+               "state": {"state": "running", "steps": {}}}
+    done = {**running, "outcome": "completed", "state": {"state": "stop", "steps": {}}}
+    calls = 0
+
+    def quiet() -> Iterator[bytes]:
+        for _ in range(8):  # two minutes of keep-alives, one every 15 s
+            now[0] += 15.0
+            yield b": keep-alive\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # one version, then the stream drops
+            content: Any = (b'event: batch\nid: "v1"\ndata: ' + json.dumps(running).encode()
+                            + b"\n\n")
+        elif calls == 2:  # reopened: the batch does not change, then it drops again
+            content = quiet()
+        else:
+            content = (b'event: batch\nid: "v2"\ndata: ' + json.dumps(done).encode()
+                       + b"\n\nevent: end\ndata: {}\n\n")
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                              content=content)
+
+    with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
+        events = list(api.watch("p", "b", reconnect_for=60.0))
+    assert [e.kind for e in events] == [
+        "batch", "reconnecting", "connected", "reconnecting", "connected", "batch", "end"]
