@@ -100,7 +100,7 @@ def test_a_watch_reconnects_through_a_gateways_json_502() -> None:
 
     with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
         events = list(api.watch("p", "b"))
-    assert [e.kind for e in events] == ["reconnecting", "batch", "end"]
+    assert [e.kind for e in events] == ["reconnecting", "connected", "batch", "end"]
 
 
 # -- secrets in log lines ------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_a_proxys_404_page_mid_watch_is_not_a_deleted_batch() -> None:
 
     with DhubClient("http://api.test", "t", transport=httpx.MockTransport(handler)) as api:
         events = list(api.watch("p", "b"))
-    assert [e.kind for e in events] == ["batch", "reconnecting", "reconnecting", "batch", "end"]
+    assert [e.kind for e in events] == ["batch", "reconnecting", "reconnecting", "connected", "batch", "end"]
     assert events[-1].batch is not None and events[-1].batch.get("outcome") == "completed"
 
 
