@@ -136,10 +136,10 @@ def resumed_by(pipeline_id: str, batch_id: str) -> str:
     return f"{_tag(pipeline_id)}:resumed-by:{batch_id}"
 
 
-def deleting(pipeline_id: str, batch_id: str) -> str:
-    """A DELETE of the batch under way (a short TTL): a resume noted after it was set
-    refuses to go on from the batch's data (`BatchStore.begin_delete`)."""
-    return f"{_tag(pipeline_id)}:deleting:{batch_id}"
+def deletes(pipeline_id: str, batch_id: str) -> str:
+    """Set of the DELETEs of the batch under way, a token each (a short TTL): a resume noted
+    while one is there refuses to go on from the batch's data (`BatchStore.begin_delete`)."""
+    return f"{_tag(pipeline_id)}:deletes:{batch_id}"
 
 
 def batch_seq(pipeline_id: str) -> str:

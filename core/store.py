@@ -7,7 +7,9 @@ Every write that touches more than one key is a script from `core.scripts` or a 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
 
@@ -16,7 +18,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.codec import Event, StepOffsets
-from core.layout import creation_fields, is_visible, render
+from core.layout import RESUMED_FROM, creation_fields, is_visible, render
 from core.models import PipelineSpec, batch_id_ms, now_iso
 from core.packer import Packer
 from core.packing import unpacked
@@ -42,6 +44,14 @@ RESUME_CREATE_WINDOW_S = 30.0
 # How long a DELETE's mark (`begin_delete`) outlives a DELETE that never ended it: past its
 # command's send and its hide, after which the hidden batch refuses resumes by itself.
 DELETE_MARK_TTL_S = 120
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteClaim:
+    """A DELETE's mark (`BatchStore.begin_delete`) and the live resumes it found."""
+
+    token: str
+    resumes: list[str]
 
 
 def script_entries(events: Iterable[Event]) -> dict[str, dict[str, list[list[Any]]]]:
@@ -141,13 +151,18 @@ class BatchStore:
     async def purge(self, pipeline_id: str, batch_id: str) -> None:
         """Removes every key of the batch and its entries in every index of the list (after
         delete, or to undo a create that failed)."""
+        fields = await self.fields(pipeline_id, batch_id)
+        holder = fields.get(RESUMED_FROM) if fields else None
         await self.scripts.purge_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
                   keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
                   keys.batch_finished_index(pipeline_id)],
             args=[batch_id, self._channel])
-        # The resumes that went on from its data matter no more.
+        # The resumes that went on from its data matter no more; nor does this one, gone,
+        # to the batch whose data it went on from (a resume undone after its create).
         await self.redis.delete(keys.resumed_by(pipeline_id, batch_id))
+        if holder:
+            await self.redis.srem(keys.resumed_by(pipeline_id, holder), batch_id)
 
     async def note_resume(self, pipeline_id: str, holder_id: str, batch_id: str) -> None:
         """`batch_id` is a resume going on from `holder_id`'s data (service.resume): the
@@ -161,26 +176,31 @@ class BatchStore:
         With `begin_delete` this is Dekker's handshake: each side writes its mark, then reads
         the other's. Redis runs them in one order, so of a resume and a DELETE of its holder
         racing, at least one sees the other and refuses."""
-        if (not await self.redis.exists(keys.deleting(pipeline_id, holder_id))
+        if (not await self.redis.exists(keys.deletes(pipeline_id, holder_id))
                 and is_visible(await self.fields(pipeline_id, holder_id))):
             return True
         await self.redis.srem(keys.resumed_by(pipeline_id, holder_id), batch_id)
         return False
 
-    async def begin_delete(self, pipeline_id: str, batch_id: str) -> list[str]:
-        """Marks a DELETE of the batch under way, then answers its live resumes. With some,
-        the delete must be refused, and the mark is taken back; else it stays (for its TTL)
-        until the batch is hidden, or `end_delete` says the delete changed nothing."""
-        mark = keys.deleting(pipeline_id, batch_id)
-        await self.redis.set(mark, "1", ex=DELETE_MARK_TTL_S)
-        live = await self.live_resumes(pipeline_id, batch_id)
-        if live:
-            await self.redis.delete(mark)
-        return live
+    async def begin_delete(self, pipeline_id: str, batch_id: str) -> DeleteClaim:
+        """Marks a DELETE of the batch under way (its own token: two DELETEs of one batch,
+        a client's retry, never take back each other's), then reads its live resumes. With
+        some, the delete must be refused, and its mark is taken back; else it stays (for
+        its TTL) until the batch is hidden, or `end_delete` says the delete changed nothing."""
+        marks, token = keys.deletes(pipeline_id, batch_id), uuid.uuid4().hex
+        async with self.redis.pipeline(transaction=True) as tx:
+            tx.sadd(marks, token)
+            tx.expire(marks, DELETE_MARK_TTL_S)
+            await tx.execute()
+        claim = DeleteClaim(token, await self.live_resumes(pipeline_id, batch_id))
+        if claim.resumes:
+            await self.end_delete(pipeline_id, batch_id, token)
+        return claim
 
-    async def end_delete(self, pipeline_id: str, batch_id: str) -> None:
-        """A DELETE that changed nothing (its command refused): resumes may go on again."""
-        await self.redis.delete(keys.deleting(pipeline_id, batch_id))
+    async def end_delete(self, pipeline_id: str, batch_id: str, token: str) -> None:
+        """A DELETE that changed nothing (refused): resumes may go on again, unless another
+        DELETE is under way."""
+        await self.redis.srem(keys.deletes(pipeline_id, batch_id), token)
 
     async def live_resumes(self, pipeline_id: str, batch_id: str) -> list[str]:
         """The resumes going on from `batch_id`'s data that have not stopped (deleted ones

@@ -253,7 +253,8 @@ async def delete_batch(request: web.Request) -> web.Response:
     fields = await store.fields(pipeline_id, batch_id)
     if not is_visible(fields):
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
-    resumes = await store.begin_delete(pipeline_id, batch_id)
+    claim = await store.begin_delete(pipeline_id, batch_id)
+    resumes = claim.resumes
     if resumes:  # they take its files over when their first step starts
         raise ApiError(409, "conflict", f"batch {batch_id}'s data is still needed by its "
                        f"resume {', '.join(resumes)}, not stopped yet: delete it once that "
@@ -272,7 +273,7 @@ async def delete_batch(request: web.Request) -> web.Response:
         # Not written: nothing changed, so resumes of the batch may go on again now rather
         # than once the mark expires (anything else may have been written: the mark stays).
         with contextlib.suppress(Exception):
-            await store.end_delete(pipeline_id, batch_id)
+            await store.end_delete(pipeline_id, batch_id, claim.token)
         raise
     try:
         await store.hide(pipeline_id, batch_id)

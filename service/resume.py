@@ -121,7 +121,8 @@ async def resume_batch(request: web.Request) -> web.Response:
     config = run_body.checked_config(spec, overrides, base=base)
     holder_id = data_holder(spec, old, old_id)
     holder = old if holder_id == old_id else await store.fields(pipeline_id, holder_id)
-    if not layout.is_visible(holder) and needs_data(spec, old):
+    taking_data = needs_data(spec, old)
+    if not layout.is_visible(holder) and taking_data:
         raise ApiError(409, "conflict", f"batch {old_id} goes on from the data of batch "
                        f"{holder_id}, deleted since: there is nothing to resume from",
                        resumed_from=holder_id)
@@ -138,12 +139,14 @@ async def resume_batch(request: web.Request) -> web.Response:
         # batch while Kafka is down.
         request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
         # Noted before the batch exists, so a delete of the holder never misses it (one
-        # never created is left out when a delete looks).
-        await store.note_resume(pipeline_id, holder_id, batch_id)
-        if not await store.resume_may_go_on(pipeline_id, holder_id, batch_id):
-            raise ApiError(409, "conflict", f"batch {holder_id}, whose data batch {old_id} "
-                           "goes on from, is being deleted: there is nothing to resume from",
-                           resumed_from=holder_id)
+        # noted recently counts as being created when a delete looks). A resume taking no
+        # data over needs no note, and no holder.
+        if taking_data:
+            await store.note_resume(pipeline_id, holder_id, batch_id)
+            if not await store.resume_may_go_on(pipeline_id, holder_id, batch_id):
+                raise ApiError(409, "conflict", f"batch {holder_id}, whose data batch "
+                               f"{old_id} goes on from, is being deleted: there is nothing "
+                               "to resume from", resumed_from=holder_id)
         seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
         # Read back for its run command (a rebuild's record): the time Redis recorded. A
         # resume is rare; the POST's hot path sends the time it gave its create script,

@@ -294,3 +294,88 @@ async def test_a_resume_meeting_a_delete_under_way_is_refused(
     monkeypatch.setattr(sender, "command", command)
     status, body = await post(api, f"/api/v1/batches/{P}/{b}/resume", json=GO_ON)
     assert status == 200, body
+
+
+async def test_a_resume_needing_no_data_is_not_refused_because_its_holder_was_deleted(
+        api: Client, redis: Redis) -> None:
+    """A failed before any step reported an offset (no data to take over); B, its resume,
+    was stopped before it ran a step, so A was deleted (B no longer live). A resume of B
+    needs no data (`needs_data` False): before today it was accepted. Now
+    `resume_may_go_on` refuses it whenever the holder is not visible, saying A 'is being
+    deleted' -- every resume of B is refused for good."""
+    status, body = await post(api, f"/api/v1/batches/{P}")
+    assert status == 200, body
+    a = body["item"]
+    await apply(redis, a, ev("batch.state", state="running"),
+                ev("step.state", step="extract", state="running"),
+                ev("step.state", step="extract", state="failed"),
+                ev("batch.state", state="stop", outcome="failed", reason="broke at once"))
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume")
+    assert status == 200, body
+    b = body["item"]
+    await apply(redis, b, ev("batch.state", state="stop", outcome="cancelled", reason="stop"))
+    assert (await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)).status == 200
+    status, body = await post(api, f"/api/v1/batches/{P}/{b}/resume")
+    assert status == 200, body
+
+
+async def test_a_resume_refused_by_kafka_does_not_block_the_delete_of_its_holder(
+        api: Client, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume whose run command Kafka refused answered 503 and its batch was purged
+    (service/batches.py `_create_and_queue`), but its note in A's resumed-by set stays; a
+    noted member with no batch counts as live for 30 s by its id's time
+    (core/store.py `live_resumes`). So DELETE A answers 409 'still needed by its resume C,
+    not stopped yet: ... stop it first' -- a C that GET answers 404 and nobody can stop."""
+    a = await failed_in(api, redis, tmp_path, "transform")
+    sender = cast(Any, api.server).app[COMMANDS]
+    command = sender.command
+
+    async def refused(cmd: Command, *args: Any, **kwargs: Any) -> Any:
+        if cmd.type == "run":
+            raise Refused()
+        return await command(cmd, *args, **kwargs)
+    monkeypatch.setattr(sender, "command", refused)
+    status, body = await post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON)
+    assert status == 503, body
+    response = await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)
+    assert response.status == 200, await response.text()
+
+
+async def test_a_retried_delete_does_not_let_a_racing_resume_through(
+        api: Client, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: 'a resume arriving while its batch's DELETE is under way is a 409 too (one of
+    the two wins)'. With two DELETEs of A (a client's retry of one that timed out): D2 set
+    the `deleting` mark, found no resume and is sending its command; resume R notes itself;
+    D1 sets the same mark, sees R, answers 409 and DELETES THE MARK -- D2's. R then reads no
+    mark, A still visible, and goes on: R and D2 both answer 200. Root cause:
+    core/store.py begin_delete's `redis.delete(mark)` (one shared key, not the holder's own)."""
+    a = await failed_in(api, redis, tmp_path, "transform")
+    app = cast(Any, api.server).app
+    sender, store = app[COMMANDS], app[STORE]
+    entered, release = asyncio.Event(), asyncio.Event()
+    noted, go_on = asyncio.Event(), asyncio.Event()
+    command, note_resume = sender.command, store.note_resume
+
+    async def held_command(cmd: Command, *args: Any, **kwargs: Any) -> Any:
+        if cmd.type == "delete":
+            entered.set()
+            await release.wait()
+        return await command(cmd, *args, **kwargs)
+
+    async def held_note(*args: Any) -> None:
+        await note_resume(*args)
+        noted.set()
+        await go_on.wait()
+    monkeypatch.setattr(sender, "command", held_command)
+    monkeypatch.setattr(store, "note_resume", held_note)
+    d2 = asyncio.create_task(api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH))
+    await asyncio.wait_for(entered.wait(), timeout=10)
+    resume = asyncio.create_task(post(api, f"/api/v1/batches/{P}/{a}/resume", json=GO_ON))
+    await asyncio.wait_for(noted.wait(), timeout=10)
+    d1 = await api.delete(f"/api/v1/batches/{P}/{a}", headers=AUTH)
+    assert d1.status == 409, await d1.text()  # D1 saw R
+    go_on.set()
+    status, body = await resume
+    release.set()
+    d2_status = (await d2).status
+    assert not (status == 200 and d2_status == 200), (status, body, d2_status)

@@ -167,6 +167,16 @@ class Cleanup:
             log.info("clean-up delete/%s/%s: the batch of this id was created after the "
                      "delete; left alone", pipeline_id, batch_id)
             return None
+        if kind == "delete" and fields is not None:
+            resumes = await self._store.live_resumes(pipeline_id, batch_id)
+            if resumes:
+                # They take the files over when their first step starts. The API refuses
+                # such a delete (409); one that came another way (published, or racing the
+                # resume) waits here, the batch hidden, until they stopped. Looked at before
+                # Prefect is asked anything: a resume may wait in its queue for hours.
+                log.info("clean-up delete/%s/%s: its data waits for resumes %s",
+                         pipeline_id, batch_id, ", ".join(resumes))
+                return time.time() + self._options.cleanup_resume_poll_s
         known = fields.get("flow_run_id") if fields else None
         runs = await self._prefect.of_batch(pipeline_id, batch_id, known)
         now = time.time()
@@ -181,14 +191,6 @@ class Cleanup:
             return window_end
         if kind == "delete":
             if fields is not None:
-                resumes = await self._store.live_resumes(pipeline_id, batch_id)
-                if resumes:
-                    # They take the files over when their first step starts. The API refuses
-                    # such a delete (409); one that came another way (published, or racing
-                    # the resume) waits here, the batch hidden, until they stopped.
-                    log.info("clean-up delete/%s/%s: its data waits for resumes %s",
-                             pipeline_id, batch_id, ", ".join(resumes))
-                    return now + self._options.cleanup_resume_poll_s
                 # No run is left to write more, and the hash still says which steps ran.
                 await self._remove_data(pipeline_id, batch_id, fields)
             await self._active.remove(pipeline_id, batch_id)
