@@ -39,7 +39,7 @@ from core.registry import PipelineRegistry
 from core.restore import Restored, restore_batches, restore_pipelines
 from core.restore_runs import from_run_commands, highest_seqs
 from core.scripts import Scripts
-from core.settings import Settings, get_settings
+from core.settings import BadSetting, Settings, checked_redis_url, get_settings
 from core.snapshots import PipelineVersion, Snapshot
 from core.state_diff import StateDiff, compare
 from core.store import BatchStore
@@ -191,7 +191,11 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its per-topic chatter
-    return asyncio.run(run(argv))
+    try:
+        return asyncio.run(run(argv))
+    except BadSetting as exc:
+        print(f"rebuild refused: {exc}", file=sys.stderr)
+        return 2
 
 
 async def run(argv: list[str] | None = None, settings: Settings | None = None) -> int:
@@ -206,8 +210,13 @@ async def run(argv: list[str] | None = None, settings: Settings | None = None) -
                              "a dry run); exit code 1 when they differ")
     args = parser.parse_args(argv)
     settings = settings or get_settings()
+    # Checked as DHUB_REDIS_URL is: `model_copy` runs no validator, and a path that is no
+    # database number would be database 0, the live one.
     if args.redis_url:
-        settings = settings.model_copy(update={"redis_url": args.redis_url})
+        settings = settings.model_copy(
+            update={"redis_url": checked_redis_url(args.redis_url, "--redis-url")})
+    if args.compare_with:
+        checked_redis_url(args.compare_with, "--compare-with")
     started = time.monotonic()
     try:
         restored = await rebuild(settings, force=args.force)

@@ -37,6 +37,22 @@ class BadSetting(RuntimeError):
     (a RuntimeError for InsecureSettings' reason: pydantic would echo a URL's password)."""
 
 
+def checked_redis_url(value: str, name: str = "DHUB_REDIS_URL") -> str:
+    """`value` if it names a Redis database unambiguously; else BadSetting naming `name` (a
+    variable or an option), never the URL (it may hold a password)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise BadSetting(f"{name} must start with redis://, rediss:// or unix://")
+    # redis-py reads the path as the database number and, when it is not one, silently
+    # uses database 0 (`redis://host:6379/dhub`: another application's data, perhaps).
+    database = parts.path.replace("/", "")
+    if (parts.scheme != "unix" and database and not database.isdigit()
+            and "db" not in parse_qs(parts.query)):
+        raise BadSetting(f"{name}'s path {database!r} is not a database number "
+                         "(redis://host:6379/<n>); Redis would use database 0 instead")
+    return value
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DHUB_", extra="ignore")
 
@@ -131,17 +147,7 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_database(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise BadSetting("DHUB_REDIS_URL must start with redis://, rediss:// or unix://")
-        # redis-py reads the path as the database number and, when it is not one, silently
-        # uses database 0 (`redis://host:6379/dhub`: another application's data, perhaps).
-        database = parts.path.replace("/", "")
-        if (parts.scheme != "unix" and database and not database.isdigit()
-                and "db" not in parse_qs(parts.query)):
-            raise BadSetting(f"DHUB_REDIS_URL's path {database!r} is not a database number "
-                             "(redis://host:6379/<n>); Redis would use database 0 instead")
-        return value
+        return checked_redis_url(value)
 
     @model_validator(mode="after")
     def _by_environment(self) -> Settings:

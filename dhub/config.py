@@ -30,13 +30,14 @@ class Target:
 
 
 def check_token(token: str, source: str) -> str:
-    """`token`, when an HTTP header can carry it: visible ASCII, no space. Otherwise (a token
-    pasted with a curly quote, a non-breaking space, a control character) httpx failed deep
-    inside with a UnicodeEncodeError whose text is the whole `Bearer <token>` header, and
-    `dhub` printed it as an internal error. Says where the token came from, never its value."""
-    if not all("!" <= char <= "~" for char in token):
+    """`token`, when an HTTP header can carry it: ASCII, spaces and tabs included (the API
+    takes the rest of `Bearer <token>` whole). Otherwise (a token pasted with a curly quote,
+    a non-breaking space, a control character) httpx failed deep inside with a
+    UnicodeEncodeError whose text is the whole `Bearer <token>` header, and `dhub` printed it
+    as an internal error. Says where the token came from, never its value."""
+    if not all(" " <= char <= "~" or char == "\t" for char in token):
         raise ConfigError(f"{source} holds a character an HTTP header cannot carry (not ASCII, "
-                          "a space or a control character): copy the token again")
+                          "or a control character): copy the token again")
     return token
 
 

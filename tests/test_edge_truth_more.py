@@ -11,19 +11,22 @@ import httpx
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from consumers.events import EventsConsumer
 from consumers.plumbing.metrics import ConsumersCollector, registry_for
 from consumers.rebuild import NotEmpty, rebuild
+from consumers.rebuild import run as rebuild_run
 from core import keys
 from core.codec import Event
 from core.connections import open_producer
 from core.retry import GaveUp, describe
-from core.settings import Settings
+from core.settings import BadSetting, Settings
+from dhub.config import resolve
 from tests.cache_support import PIPELINE, cached_api, direct_store, engines, new_batches, proxied
 from tests.conftest import PrivateRedis, eventually
-from tests.helpers import STATIC_TOKEN
+from tests.helpers import STATIC_TOKEN, api_client, spec_body
 from tests.test_consumers_support import committed, make_spec, new_batch, options, running, unique
 
 
@@ -166,3 +169,28 @@ def test_a_give_ups_reason_does_not_quote_the_prefect_password() -> None:
         response=httpx.Response(422, request=request))
     reason = f"run failed: {describe(GaveUp('run p/b', 8, cause))}"
     assert "s3cret" not in reason
+
+
+async def test_the_rebuilds_redis_url_is_checked_like_dhub_redis_url(
+        stack: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m consumers.rebuild --redis-url redis://host:6379/rebuilt` (a fresh database
+    for a dry run) goes through `model_copy`, which runs no validator: the path that is not
+    a database number is silently database 0 -- the live one (with --force, written into).
+    Port 1: nothing listens, so the test never touches a real database."""
+    with pytest.raises(BadSetting):
+        await rebuild_run(["--redis-url", "redis://127.0.0.1:1/rebuilt"], settings=stack)
+
+
+async def test_a_token_the_api_accepts_is_not_refused_by_the_cli(topics: Settings) -> None:
+    """The API takes any static token (DHUB_API_TOKEN/DHUB_API_TOKENS) whose header is ASCII:
+    `Bearer team token 2026` partitions at the first space, and the rest is the token.
+    `dhub` now refuses such a token before sending it (`check_token`: "!" to "~" only), so
+    a token that worked yesterday with every client now stops `dhub` with 'copy the token
+    again'. The test's own API, configured with that token, takes it (201)."""
+    token = "team token 2026"
+    async with api_client(topics.model_copy(update={"api_tokens": [SecretStr(token)]})) as api:
+        answer = await api.put("/api/v1/pipelines/p", json=spec_body(),
+                               headers={"Authorization": f"Bearer {token}"})
+        assert answer.status == 201, await answer.text()
+    target = resolve(env={"DHUB_TOKEN": token, "DHUB_URL": "http://127.0.0.1:8080"})
+    assert target.token == token
