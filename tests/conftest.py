@@ -40,8 +40,18 @@ ENGINE_PARTS = ("redis", "kafka", "postgres", "prefect", "worker")
 # own: the first worker the given one, the next the one below it, and so on.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _WORKER.startswith("gw"):
-    os.environ["DHUB_TEST_REDIS_DB"] = str(
-        int(os.environ.get("DHUB_TEST_REDIS_DB", "15")) - int(_WORKER[2:]))
+    # From the database given to the run, kept aside: this module may be imported again.
+    _GIVEN = os.environ.setdefault("DHUB_TEST_REDIS_DB_GIVEN",
+                                   os.environ.get("DHUB_TEST_REDIS_DB", "15"))
+    os.environ["DHUB_TEST_REDIS_DB"] = str(int(_GIVEN) - int(_WORKER[2:]))
+# Tests flush their database before and after each test: never the stack's own.
+_STACK_DB = get_settings().redis_url.rsplit("/", 1)[-1] or "0"
+if (int(os.environ.get("DHUB_TEST_REDIS_DB", "15")) < 0
+        or os.environ.get("DHUB_TEST_REDIS_DB", "15") == _STACK_DB):
+    raise pytest.UsageError(
+        f"DHUB_TEST_REDIS_DB {os.environ.get('DHUB_TEST_REDIS_DB')} (less this worker's "
+        f"number under -n) is the stack's own database or below 0: pick one above the "
+        f"workers' count, not {_STACK_DB}")
 
 
 def _part_ready(part: str, settings: Settings) -> bool:

@@ -24,6 +24,7 @@ from core.codec import Event
 from core.connections import open_producer
 from core.settings import Settings
 from core.snapshots import NOT_SNAPSHOTTED, Snapshot, SnapshotWriter, snapshot_key
+from tests.conftest import PrivateRedis
 from tests.helpers import read_topic, spec
 from tests.test_consumers_support import new_batch, options, store_for, unique
 
@@ -108,7 +109,12 @@ async def test_a_purged_batchs_snapshot_is_tombstoned(topics: Settings, redis: R
     assert [s.batch_id for s in await read_snapshots(topics)] == [kept_id]
 
 
-async def test_scripts_lost_by_redis_are_loaded_again(topics: Settings, redis: Redis) -> None:
+async def test_scripts_lost_by_redis_are_loaded_again(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    # A server of its own: SCRIPT FLUSH empties every database's scripts, under the other
+    # tests running meanwhile too (`make test` runs two files at once).
+    topics = topics.model_copy(update={"redis_url": private_redis.url})
+    redis = Redis.from_url(private_redis.url, decode_responses=True)
     ids = await _batches(redis, topics, "p-noscript", 2)
     producer = await open_producer(topics)
     try:
@@ -118,3 +124,4 @@ async def test_scripts_lost_by_redis_are_loaded_again(topics: Settings, redis: R
         assert await writer.write_current([("p-noscript", b) for b in ids]) == 2
     finally:
         await producer.stop()
+        await redis.aclose()

@@ -32,7 +32,7 @@ from core.store import BatchStore
 from deploy.local.config import StackConfig
 from deploy.local.parts.kafka import _create_topics
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec, spec_body
-from tests.test_consumers_support import Deployer
+from tests.test_consumers_support import Deployer, unique
 
 
 async def test_each_version_is_on_the_pipelines_topic_before_the_put_answers(
@@ -122,7 +122,10 @@ async def test_consumers_snapshot_creation_and_every_change(topics: Settings,
 
 async def test_the_run_command_snapshots_a_pending_batch(topics: Settings, redis: Redis) -> None:
     async with api_client(api_settings(topics)) as client:
-        resp = await client.put("/api/v1/pipelines/p-create", headers=AUTH, json=spec_body())
+        # A name of its own: its run must wait on the Deployer's idle pool, not run on the
+        # stack's `run-pipeline/sales-pipeline`.
+        resp = await client.put("/api/v1/pipelines/p-create", headers=AUTH,
+                                json=spec_body(name=unique("snap")))
         assert resp.status == 201
         resp = await client.post("/api/v1/batches/p-create", headers=AUTH)
         batch_id = (await resp.json())["item"]
