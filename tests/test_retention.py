@@ -304,10 +304,11 @@ async def test_a_round_costs_what_its_expired_batches_do_whatever_the_history(
         # One read of the pipelines, the marker, one range of the expired hours; per expired
         # bucket one read of its ids, one check of each id's batch, one trim (the commands
         # its script runs are counted too: LINDEX, LTRIM, LLEN, the hour's ZREM); a purge
-        # per expired batch (each filter index's ZREM, the batch index's, the DEL, the
-        # change message, then the DEL of its resumed-by set), after a read of its
-        # published claim (marked deleted if any). None grows with the 1,000 batches kept.
-        per_purge = {"evalsha": 1, "del": 2, "publish": 1, "get": 1,
+        # per expired batch (a read of its hash, for the batch a resume goes on from; each
+        # filter index's ZREM, the batch index's, the DEL, the change message, then the DEL
+        # of its resumed-by set), after a read of its published claim (marked deleted if
+        # any). None grows with the 1,000 batches kept.
+        per_purge = {"hgetall": 1, "evalsha": 1, "del": 2, "publish": 1, "get": 1,
                      "zrem": 1 + len(keys.batch_filter_indexes(P))}
         per_bucket = {"lrange": 1, "evalsha": 1, "lindex": 1, "ltrim": 1, "llen": 1, "zrem": 1}
         expected = {"smembers": 1, "exists": 1, "zrangebyscore": 1, "hmget": 3}
