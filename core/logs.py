@@ -18,13 +18,22 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
 
 
 # The password of a URL quoted in a message: httpx and Prefect's client put the request's URL in
-# their errors' text, so DHUB_PREFECT_API_URL's basic-auth credentials would reach the log.
-_URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)[^\s/?#@'\"]+@")
+# their errors' text, so DHUB_PREFECT_API_URL's basic-auth credentials would reach the log. Up
+# to the userinfo's last `@`: a password may hold one left unencoded.
+_URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)[^\s/?#'\"]+@")
+# A quoted URL's query, whose secret parameters (`_SECRET_PARAM`) are masked too.
+_URL_QUERY: Final = re.compile(r"(://[^\s?#'\"]*\?)([^\s#'\"]+)")
 
 
 def scrub(text: str) -> str:
-    """`text` with the password of every URL in it replaced by `***`."""
-    return _URL_PASSWORD.sub(r"\1***@", text) if "://" in text else text
+    """`text` with every URL's password in it replaced by `***`: the userinfo's and the
+    query's secret parameters (`?password=`, a form redis-py takes)."""
+    if "://" not in text:
+        return text
+    text = _URL_PASSWORD.sub(r"\1***@", text)
+    if "?" in text:
+        text = _URL_QUERY.sub(lambda m: m[1] + _SECRET_PARAM.sub(r"\1\2=***", m[2]), text)
+    return text
 
 
 class JsonFormatter(logging.Formatter):

@@ -21,6 +21,7 @@ from consumers.rebuild import run as rebuild_run
 from core import keys
 from core.codec import Event
 from core.connections import open_producer
+from core.logs import scrub
 from core.retry import GaveUp, describe
 from core.settings import BadSetting, Settings
 from dhub.config import resolve
@@ -194,3 +195,18 @@ async def test_a_token_the_api_accepts_is_not_refused_by_the_cli(topics: Setting
         assert answer.status == 201, await answer.text()
     target = resolve(env={"DHUB_TOKEN": token, "DHUB_URL": "http://127.0.0.1:8080"})
     assert target.token == token
+
+
+@pytest.mark.parametrize("text", [
+    "connect failed for 'redis://:p@ss-s3cret@db:6379/0'",  # an `@` left unencoded
+    "connect failed for 'redis://db:6379/0?password=s3cret&db=1' (retry 1/5)",
+    "GET https://prefect/api?token=s3cret&limit=5 answered 503",
+])
+def test_a_url_quoted_in_a_message_loses_every_password(text: str) -> None:
+    """`scrub` (every log line, every give-up's reason) masked the userinfo password up to
+    its first `@` only, and never a query's secret (`?password=`, a form redis-py takes);
+    `redact` (URLs logged on purpose) masked both."""
+    scrubbed = scrub(text)
+    assert "s3cret" not in scrubbed, scrubbed
+    assert "db=1" in scrubbed or "db=1" not in text
+    assert "limit=5" in scrubbed or "limit=5" not in text
