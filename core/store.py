@@ -41,9 +41,12 @@ LATEST_CHUNK = 3
 # A resume notes itself in its holder's resumed-by set before its create: a member with no
 # batch yet whose id is this recent may still be being created, and counts as live.
 RESUME_CREATE_WINDOW_S = 30.0
-# How long a DELETE's mark (`begin_delete`) outlives a DELETE that never ended it: past its
-# command's send and its hide, after which the hidden batch refuses resumes by itself.
-DELETE_MARK_TTL_S = 120
+# How long a DELETE's mark (`begin_delete`) outlives a DELETE that never ended it (its API
+# process killed mid-request): past its command's send (5 s at most) and its hide, after which
+# the hidden batch refuses resumes by itself. Should the hide be late (Redis failing, the
+# commands consumer hides it), a resume let through meanwhile still keeps its data: the
+# delete's clean-up waits for live resumes.
+DELETE_MARK_TTL_S = 30
 
 
 @dataclass(frozen=True, slots=True)
