@@ -77,7 +77,8 @@ class CommandsConsumer(Part):
         scripts = Scripts(redis)
         self.store = BatchStore.from_settings(redis, s, scripts)
         self.registry = PipelineRegistry(redis, scripts)
-        self.creations = Creations(redis, self.store, self.registry)
+        self.creations = Creations(redis, self.store, self.registry,
+                                   retention_days=s.batch_retention_days)
         self.active = ActiveRuns(redis)
         self.deployments = Deployments(s, ensure)
         self.prefect = prefect = PrefectGateway(s, self.options.prefect_timeout_s)

@@ -19,7 +19,7 @@ created, so a crash in between leaves a claim that the command's redelivery comp
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -52,24 +52,37 @@ class Claim:
     pipeline_version: str
     config: dict[str, dict[str, Any]]
     deleted: bool = False
+    # Its batch was created: a claim without its batch is then a batch removed since (by
+    # retention, racing the command), not a create a crash left undone.
+    created: bool = False
 
     def encode(self) -> bytes:
         return orjson.dumps({"pipeline_id": self.pipeline_id,
                              "pipeline_version": self.pipeline_version,
-                             "config": self.config, "deleted": self.deleted})
+                             "config": self.config, "deleted": self.deleted,
+                             "created": self.created})
 
     @classmethod
     def decode(cls, raw: bytes | str) -> Claim:
         data = orjson.loads(raw)
         return cls(data["pipeline_id"], data["pipeline_version"], data["config"],
-                   bool(data.get("deleted")))
+                   bool(data.get("deleted")), bool(data.get("created")))
+
+
+def claim_ttl_s(retention_days: float) -> int:
+    """How long a claim lasts from its batch's creation: past the batch's removal by
+    retention (a batch running under RECORD_TTL_S), where `mark_deleted` gives it
+    RECORD_TTL_S more; with no retention, RECORD_TTL_S."""
+    return RECORD_TTL_S + int(retention_days * 86_400)
 
 
 class Creations:
-    def __init__(self, redis: Redis, store: BatchStore, registry: PipelineRegistry) -> None:
+    def __init__(self, redis: Redis, store: BatchStore, registry: PipelineRegistry, *,
+                 retention_days: float) -> None:
         self.redis = redis
         self.store = store
         self.registry = registry
+        self.claim_ttl_s = claim_ttl_s(retention_days)
 
     async def ensure(self, command: Run) -> bool:
         """Creates the batch `command` asks for unless it exists. True when its run should
@@ -88,15 +101,17 @@ class Creations:
                 await self._check(command, claim)
                 if not is_visible(fields):
                     return False
-                await self.redis.set(keys.published(command.batch_id), claim.encode(),
-                                     nx=True, ex=RECORD_TTL_S)
+                await self.redis.set(keys.published(command.batch_id),
+                                     replace(claim, created=True).encode(),
+                                     nx=True, ex=self.claim_ttl_s)
                 return True
             spec = await self._spec(command.pipeline_id, command.pipeline_version or None)
             claim = Claim(command.pipeline_id, spec.version,
                           self._effective(spec, creation.config))
             if await self.redis.set(keys.published(command.batch_id), claim.encode(),
-                                    nx=True, ex=RECORD_TTL_S):
+                                    nx=True, ex=self.claim_ttl_s):
                 await self._create(command, spec, claim)
+                await self._created(command.batch_id, claim)
                 return True
         raise Refused(f"batch {command.batch_id}: its claim kept changing")
 
@@ -111,11 +126,23 @@ class Creations:
             return False
         fields = await self.store.fields(command.pipeline_id, command.batch_id)
         if fields is None:
+            if claim.created:
+                # Created, and removed since: retention purged it while this command was
+                # read (it marks the claim deleted, but after this read). It stays removed.
+                log.info("run %s: published again as its batch was removed; left removed",
+                         command.batch_id)
+                return False
             # Claimed, then the process stopped before the batch was created.
             spec = await self._spec(command.pipeline_id, claim.pipeline_version)
             await self._create(command, spec, claim)
+            await self._created(command.batch_id, claim)
             return True
         return is_visible(fields)
+
+    async def _created(self, batch_id: str, claim: Claim) -> None:
+        """Records on the claim that its batch exists (its TTL kept)."""
+        await self.redis.set(keys.published(batch_id), replace(claim, created=True).encode(),
+                             xx=True, keepttl=True)
 
     async def _create(self, command: Run, spec: PipelineSpec, claim: Claim) -> None:
         # As the POST records it: the effective config when the run overrides any, else the
@@ -184,12 +211,13 @@ def _json(value: object) -> str:
 
 async def mark_deleted(redis: Redis, pipeline_id: str, batch_id: str) -> None:
     """Marks the claim of a published batch deleted (a delete, or retention's purge), so
-    publishing its run again leaves it so while the claim lasts; no claim, nothing to do."""
+    publishing its run again leaves it so for RECORD_TTL_S from now; no claim (a batch its
+    publisher did not create), nothing to do."""
     key = keys.published(batch_id)
     raw = await redis.get(key)
     if raw is None:
         return
     claim = Claim.decode(raw)
     if claim.pipeline_id == pipeline_id and not claim.deleted:
-        marked = Claim(claim.pipeline_id, claim.pipeline_version, claim.config, True)
-        await redis.set(key, marked.encode(), xx=True, keepttl=True)
+        marked = replace(claim, deleted=True)
+        await redis.set(key, marked.encode(), xx=True, ex=RECORD_TTL_S)

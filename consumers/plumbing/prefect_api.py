@@ -231,7 +231,15 @@ class PrefectGateway:
         return alive
 
     async def crash(self, run: RunState, message: str) -> RunState:
-        return await self._set(run, Crashed(message=message))
+        """A zombie's verdict, proposed, never forced: it rests on a read made earlier in the
+        round, and the run may have ended meanwhile (Prefect then refuses a Crashed over its
+        Completed, and the run as it is now is answered)."""
+        result: OrchestrationResult[Any] = await self._bounded("set_state",
+            self.client.set_flow_run_state(run.flow_run_id, Crashed(message=message),
+                                           force=False))
+        if result.state is None:  # aborted: final meanwhile
+            return (await self.read([run.flow_run_id])).get(run.flow_run_id, run)
+        return self._with(run, result.state)
 
     async def delete(self, flow_run_id: str) -> bool:
         """False when it was already gone."""
