@@ -27,6 +27,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from core.codec import Command, Event
 from core.retry import Verdict, classify, describe
 from service.errors import ApiError
+from service.request_log import detached
 
 log = logging.getLogger(__name__)
 UNAVAILABLE_MESSAGE = "the command queue is unavailable; retry later"
@@ -99,7 +100,7 @@ class CommandSender:
             self.available = False
             self.down_since = time.monotonic()
         if self._watcher is None or self._watcher.done():
-            self._watcher = asyncio.create_task(self._watch())
+            self._watcher = detached(self._watch(), "kafka watcher")
 
     async def _watch(self) -> None:
         while True:
@@ -153,7 +154,7 @@ class CommandSender:
 
     def _flush(self) -> None:
         records, self._queued = self._queued, []
-        task = asyncio.get_running_loop().create_task(self._send_turn(records))
+        task = detached(self._send_turn(records))
         self._turns.add(task)
         task.add_done_callback(self._turns.discard)
 

@@ -26,6 +26,7 @@ from core.layout import is_visible, render
 from core.packing import unpacked
 from core.store import BatchStore
 from service.cache import BatchCache, rev_of
+from service.request_log import detached
 
 # A batch as read: its rendered body and its hash's `rev` (0 if unknown).
 Read = tuple[bytes, int]
@@ -69,7 +70,7 @@ class BatchFills:
         if not self._queued:
             return
         reads, self._queued = self._queued, {}
-        task = asyncio.get_running_loop().create_task(self._fill(reads))
+        task = detached(self._fill(reads))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

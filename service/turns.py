@@ -24,6 +24,8 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import DataError, NoScriptError, ResponseError
 
+from service.request_log import detached
+
 MAX_PIPELINE = 256
 
 
@@ -66,7 +68,7 @@ class TurnReads:
         if not self._queued:
             return
         reads, self._queued = self._queued, {}
-        task = asyncio.get_running_loop().create_task(self._send(reads))
+        task = detached(self._send(reads))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

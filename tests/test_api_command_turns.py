@@ -4,13 +4,15 @@ one deadline (service/command_sender.py); each request still gets its own record
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, ClassVar, cast
 
 import pytest
+from aiohttp import web
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError, RequestTimedOutError
 
 from core.codec import Command
 from service.command_sender import Ambiguous, CommandSender, Refused
+from service.request_log import CURRENT_REQUEST, REQUEST_ID, RequestContext
 
 
 class DeadClient:
@@ -96,3 +98,28 @@ async def test_a_request_cancelled_before_its_turn_is_sent_queues_nothing() -> N
     assert results[0] is None and results[2] is None
     assert isinstance(results[1], asyncio.CancelledError)
     assert producer.sent == [b"batch-0", b"batch-2"]
+
+
+async def test_work_shared_by_requests_logs_under_none_of_them(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A send turn carries the records of every request of a loop turn, and Kafka's watcher
+    outlives the request that found it down; both were tasks made from the first request's
+    context, so their lines ("kafka unreachable ...", "kafka reachable again") carried that
+    request's id, pipeline and batch, as if that request alone were concerned."""
+    token = CURRENT_REQUEST.set(cast(web.Request, _Request({REQUEST_ID: "req-first"})))
+    caplog.handler.addFilter(RequestContext())
+    try:
+        sender = sender_of(StubProducer(lambda n: "refuse"))
+        await outcomes(sender, 2)
+        await sender.close()
+    finally:
+        CURRENT_REQUEST.reset(token)
+    lines = [r for r in caplog.records if r.name == "service.command_sender"]
+    assert lines, "nothing logged"
+    assert [getattr(r, "request_id", None) for r in lines] == [None] * len(lines)
+
+
+class _Request(dict[Any, Any]):
+    """What RequestContext reads of a request: its id and its route's match."""
+
+    match_info: ClassVar[dict[str, str]] = {"pipeline_id": "p", "batch_id": "batch-0"}
