@@ -49,13 +49,28 @@
   // --- token ---------------------------------------------------------------------------------
   const token = () => sessionStorage.getItem(TOKEN_KEY);
 
+  // What an HTTP header can carry (as `dhub` checks): ASCII, spaces and tabs included. A
+  // pasted curly quote would make every request throw, the page then "reconnecting" for ever.
+  const UNCARRIABLE = "The token holds a character no HTTP header can carry (not ASCII, or a " +
+    "control character): copy it again.";
+  const carriable = (value) => /^[\x20-\x7e\t]+$/.test(value);
+
+  // Takes a `#token=` link's token; answers why it was not taken, if it was not.
   function takeFragmentToken() {
     const match = /^#token=([^&]*)/.exec(location.hash);
-    if (!match) return;
+    if (!match) return undefined;
     // Off the location bar and out of the history before anything else can read it.
     history.replaceState(null, "", location.pathname + location.search);
-    const value = decodeURIComponent(match[1]).trim();
-    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    let value;
+    try {
+      value = decodeURIComponent(match[1]).trim();
+    } catch {
+      return "The link's token was malformed (cut short?): sign in with the token itself.";
+    }
+    if (!value) return undefined;
+    if (!carriable(value)) return UNCARRIABLE;
+    sessionStorage.setItem(TOKEN_KEY, value);
+    return undefined;
   }
 
   class SignedOut extends Error {}
@@ -238,10 +253,13 @@
       event.preventDefault();
       const value = form.elements.token.value.trim();
       if (!value) return;
+      if (!carriable(value)) { error.textContent = UNCARRIABLE; error.hidden = false; return; }
       sessionStorage.setItem(TOKEN_KEY, value);
       try {
         await api("GET", "/pipelines/");  // proves the token before leaving the form
       } catch (err) {
+        // Not proven: not kept, or the next load would count as signed in with it.
+        sessionStorage.removeItem(TOKEN_KEY);
         if (!(err instanceof SignedOut)) { error.textContent = String(err.message); error.hidden = false; }
         return;
       }
@@ -309,13 +327,16 @@
     const body = el("tbody");
     const enc = encodeURIComponent(pipelineId);
     let scheduled = false;
+    // Until the list answered once, an empty map says nothing ("No batch yet" would be
+    // untrue while the API cannot read the list).
+    let loaded = false;
     const draw = () => {
       scheduled = false;
       const rows = [...batches.values()].sort((a, b) =>
         String(b.created_at || "").localeCompare(String(a.created_at || "")) || b.id.localeCompare(a.id));
       if (!rows.length) {
         body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "empty" },
-          "No batch yet: press “Run batch”.")));
+          loaded ? "No batch yet: press “Run batch”." : "Loading…")));
         return;
       }
       body.replaceChildren(...rows.map((b) => {
@@ -356,7 +377,13 @@
     const stream = openStream(`/batches/${enc}/?limit=${LIST_LIMIT}`, {
       // Each connection starts with the newest page again: start from it, so a batch
       // deleted while disconnected does not linger.
-      onOpen: () => { batches.clear(); redraw(); },
+      onOpen: () => { loaded = true; batches.clear(); redraw(); },
+      onMissing: () => {
+        $("run").hidden = true;
+        $("batches").replaceWith(el("p", { class: "card empty", id: "missing" },
+          `Unknown pipeline ${pipelineId}: it was never registered. `,
+          el("a", { href: "#/" }, "Back to the pipelines")));
+      },
       onEvent: (event, data) => {
         if (event === "batch") {
           batches.set(data.id, data);
@@ -509,6 +536,7 @@
         if (event === "batch") show(data);
         else if (event === "deleted") {
           root.dataset.state = "deleted";
+          stateSlot.replaceChildren(badge("deleted"));  // not its last state, shown for good
           stopButton.disabled = true;
           deleteButton.disabled = true;
           flash("This batch was deleted.", "error");
@@ -535,17 +563,16 @@
   }
 
   function start() {
-    takeFragmentToken();
+    const refused = takeFragmentToken();
     $("logout").addEventListener("click", () => {
       sessionStorage.removeItem(TOKEN_KEY);
       history.replaceState(null, "", location.pathname + location.search);  // no hashchange
       render("Signed out.");
     });
     window.addEventListener("hashchange", () => {
-      if (location.hash.startsWith("#token=")) takeFragmentToken();
-      render();
+      render(location.hash.startsWith("#token=") ? takeFragmentToken() : undefined);
     });
-    render();
+    render(refused);
   }
 
   start();
