@@ -151,10 +151,13 @@ class BatchStore:
         )
         return bool(hidden)
 
-    async def purge(self, pipeline_id: str, batch_id: str) -> None:
+    async def purge(self, pipeline_id: str, batch_id: str,
+                    fields: Mapping[str, str] | None = None) -> None:
         """Removes every key of the batch and its entries in every index of the list (after
-        delete, or to undo a create that failed)."""
-        fields = await self.fields(pipeline_id, batch_id)
+        delete, or to undo a create that failed). `fields`: its hash as the caller read it
+        (only its `resumed_from` is used, which never changes), else read here."""
+        if fields is None:
+            fields = await self.fields(pipeline_id, batch_id)
         holder = fields.get(RESUMED_FROM) if fields else None
         await self.scripts.purge_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),

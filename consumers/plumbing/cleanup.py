@@ -195,7 +195,7 @@ class Cleanup:
                 await self._remove_data(pipeline_id, batch_id, fields)
             await self._active.remove(pipeline_id, batch_id)
             if fields is not None:
-                await self._store.purge(pipeline_id, batch_id)
+                await self._store.purge(pipeline_id, batch_id, fields)  # read above
             if self._snapshots is not None:
                 # After the purge (a snapshot written before it would outlive the tombstone
                 # otherwise), and again on a pass that finds the hash gone already: a

@@ -106,14 +106,10 @@ class Layout:
 
 def _sync_tree(root: Path) -> None:
     """fsync of every file and directory under `root`, and of `root` itself."""
-    for path in sorted(root.rglob("*"), reverse=True):  # files before their directories
+    # Files before their directories, `root` last.
+    for path in [*sorted(root.rglob("*"), reverse=True), root]:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
