@@ -33,7 +33,7 @@ from consumers.rebuild_commands import CommandsRead, requeue, restore_claims
 from core import keys
 from core.connections import open_redis
 from core.layout import RESUMED_FROM, is_visible
-from core.logs import redact
+from core.logs import scrub
 from core.paging import Pager
 from core.registry import PipelineRegistry
 from core.restore import Restored, restore_batches, restore_pipelines
@@ -140,7 +140,7 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
     redis = await open_redis(settings)
     try:
         if not force and (await redis.dbsize() or await redis.exists(keys.HEARTBEAT_CONSUMERS)):
-            raise NotEmpty(f"{redact(settings.redis_url)} is not empty (or consumers are running): "
+            raise NotEmpty(f"{scrub(settings.redis_url)} is not empty (or consumers are running): "
                            "stop the API and the consumers and flush it, or pass --force")
         purged: set[tuple[str, str]] = set()
         versions, snapshots, commands = await asyncio.gather(
@@ -230,7 +230,7 @@ async def run(argv: list[str] | None = None, settings: Settings | None = None) -
              if restored.conflicts else ""))
     if args.compare_with:
         diff = await _compare(settings, args.compare_with)
-        print(f"compared {diff.batches} batches with {redact(args.compare_with)}: "
+        print(f"compared {diff.batches} batches with {scrub(args.compare_with)}: "
               f"{len(diff.missing)} missing, {len(diff.extra)} extra, {len(diff.differing)} "
               f"differing; pipelines differing: {', '.join(diff.pipelines) or 'none'}")
         for line in (diff.missing + diff.extra + diff.differing)[:20]:

@@ -29,7 +29,7 @@ from consumers.plumbing.scope import failure, serving
 from consumers.reconciler import Reconciler
 from consumers.retention import RetentionSweeper
 from core import keys
-from core.logs import redact
+from core.logs import scrub
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ class Runner:
             loop.add_signal_handler(sig, self._on_signal, sig)
         names = ",".join(p.name for p in self.parts)
         log.info("consumers starting: %s (kafka %s, redis %s, prefect %s)", names,
-                 self.settings.kafka_bootstrap, redact(self.settings.redis_url),
-                 redact(self.settings.prefect_api_url))
+                 self.settings.kafka_bootstrap, scrub(self.settings.redis_url),
+                 scrub(self.settings.prefect_api_url))
         failed = False
         tasks: dict[asyncio.Task[None], Part] = {}
         try:

@@ -7,7 +7,6 @@ import logging
 import re
 import sys
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -21,13 +20,18 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
 # their errors' text, so DHUB_PREFECT_API_URL's basic-auth credentials would reach the log. Up
 # to the userinfo's last `@`: a password may hold one left unencoded.
 _URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)[^\s/?#'\"]+@")
+# Query parameters that carry a secret: redis-py hands unknown query names to the connection,
+# so `redis://db/0?password=...` (or `ssl_password=`) is a working way to give a password.
+_SECRET_PARAM: Final = re.compile(
+    r"(^|&)([^=&]*(?:pass|pwd|secret|token|key|auth)[^=&]*)=[^&]*", re.IGNORECASE)
 # A quoted URL's query, whose secret parameters (`_SECRET_PARAM`) are masked too.
 _URL_QUERY: Final = re.compile(r"(://[^\s?#'\"]*\?)([^\s#'\"]+)")
 
 
 def scrub(text: str) -> str:
     """`text` with every URL's password in it replaced by `***`: the userinfo's and the
-    query's secret parameters (`?password=`, a form redis-py takes)."""
+    query's secret parameters (`?password=`, a form redis-py takes). The one masking rule:
+    for a whole log message, and for a URL logged or printed on purpose."""
     if "://" not in text:
         return text
     text = _URL_PASSWORD.sub(r"\1***@", text)
@@ -64,24 +68,3 @@ def setup(level: str = "INFO", *filters: logging.Filter) -> None:
     # Kafka's and Prefect's clients are chatty at INFO about things that are routine here.
     for noisy in ("aiokafka", "prefect", "httpx", "websockets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-# Query parameters that carry a secret: redis-py hands unknown query names to the connection,
-# so `redis://db/0?password=...` (or `ssl_password=`) is a working way to give a password.
-_SECRET_PARAM: Final = re.compile(
-    r"(^|&)([^=&]*(?:pass|pwd|secret|token|key|auth)[^=&]*)=[^&]*", re.IGNORECASE)
-
-
-def redact(url: str) -> str:
-    """The URL without its passwords (the userinfo's, and query values such as
-    `password=`), fit for a log line."""
-    parts = urlsplit(url)
-    if parts.query:
-        parts = parts._replace(query=_SECRET_PARAM.sub(r"\1\2=***", parts.query))
-    if parts.password is not None:
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        parts = parts._replace(netloc=user + host)
-    return urlunsplit(parts)

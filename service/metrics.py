@@ -69,9 +69,13 @@ class ApiCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._requests.families()
         cache = self._app[CACHE]
-        yield CounterMetricFamily("dhub_cache_hits", "GETs served from the cache",
+        # Every read of a batch through the cache counts: a GET, a long-poll's read, a
+        # stream's read of the version it sends.
+        yield CounterMetricFamily("dhub_cache_hits",
+                                  "Batch reads (GETs, long-polls, streams) served from the cache",
                                   value=cache.hits)
-        yield CounterMetricFamily("dhub_cache_misses", "GETs that read Redis",
+        yield CounterMetricFamily("dhub_cache_misses",
+                                  "Batch reads (GETs, long-polls, streams) that read Redis",
                                   value=cache.misses)
         yield CounterMetricFamily("dhub_cache_outages",
                                   "Times the cache turned off (its change feed lost or silent)",

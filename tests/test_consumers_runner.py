@@ -130,11 +130,11 @@ def test_parts_by_name() -> None:
 
 
 def test_urls_are_logged_without_passwords() -> None:
-    from core.logs import redact
+    from core.logs import scrub
 
-    assert redact("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
-    assert redact("redis://user:s3cret@db/0") == "redis://user:***@db/0"
-    assert redact("http://127.0.0.1:4200/api") == "http://127.0.0.1:4200/api"
+    assert scrub("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert scrub("redis://user:s3cret@db/0") == "redis://user:***@db/0"
+    assert scrub("http://127.0.0.1:4200/api") == "http://127.0.0.1:4200/api"
 
 
 class FailsAtStop(Part):

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from core.logs import JsonFormatter, redact
+from core.logs import JsonFormatter, scrub
 from core.settings import BadSetting, Settings
 from dhub import DhubClient
 from dhub.cli import main
@@ -111,13 +111,13 @@ def test_a_watch_reconnects_through_a_gateways_json_502() -> None:
     "redis://user:s3cret-in-query@db:6379/0?password=s3cret-in-query",
 ])
 def test_a_password_in_the_urls_query_is_redacted(url: str) -> None:
-    """The consumers log their Redis and Prefect URLs at start through `redact`, which hid
-    only the userinfo's password: DHUB_REDIS_URL=redis://db:6379/0?password=... (a form
-    redis-py takes) reached the log line whole."""
-    redacted = redact(url)
+    """The consumers log their Redis and Prefect URLs at start with their passwords masked;
+    the masking used then hid only the userinfo's password: DHUB_REDIS_URL=
+    redis://db:6379/0?password=... (a form redis-py takes) reached the log line whole."""
+    redacted = scrub(url)
     assert "s3cret" not in redacted
     assert redacted.startswith(url.split("?")[0].replace(":s3cret-in-query@", ":***@"))
-    assert redact("redis://db:6379/0?db=3&socket_timeout=2") == (
+    assert scrub("redis://db:6379/0?db=3&socket_timeout=2") == (
         "redis://db:6379/0?db=3&socket_timeout=2")
 
 

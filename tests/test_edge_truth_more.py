@@ -75,7 +75,7 @@ async def test_the_rebuild_refusal_does_not_print_the_redis_password(
     """`python -m consumers.rebuild` onto a database that is not empty printed "rebuild
     refused: redis://:<password>@host:port/0 is not empty ..." to the operator's terminal
     and whatever collects it. Root cause: consumers/rebuild.py:143 formats
-    `settings.redis_url` itself (the runner and `--compare-with` use core.logs.redact)."""
+    `settings.redis_url` itself (the runner and `--compare-with` use core.logs.scrub)."""
     secret = "edge-review-redis-password-0123"
     admin = Redis(port=private_redis.port)
     try:
@@ -205,7 +205,7 @@ async def test_a_token_the_api_accepts_is_not_refused_by_the_cli(topics: Setting
 def test_a_url_quoted_in_a_message_loses_every_password(text: str) -> None:
     """`scrub` (every log line, every give-up's reason) masked the userinfo password up to
     its first `@` only, and never a query's secret (`?password=`, a form redis-py takes);
-    `redact` (URLs logged on purpose) masked both."""
+    the URL masking of the day (URLs logged on purpose) masked both."""
     scrubbed = scrub(text)
     assert "s3cret" not in scrubbed, scrubbed
     assert "db=1" in scrubbed or "db=1" not in text
