@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import SecretStr
 
+from consumers.retention import RetentionSweeper
 from core.models import PipelineSpec
 from core.settings import Settings
 from service.app import init_app
@@ -109,3 +110,13 @@ async def create_call(redis: Any, pipeline_id: str, batch_id: str,
     await BatchStore(redis, capturing, token_secret=b"t").create(pipeline_id, batch_id, spec)
     [call] = calls
     return call
+
+
+async def swept_at(settings: Settings, clock: Callable[[], float]) -> int:
+    """One retention round as of `clock` (the sweeper's `time.time`): how many it removed."""
+    sweeper = RetentionSweeper(settings, clock=clock)
+    await sweeper.start()
+    try:
+        return await sweeper.sweep_once()
+    finally:
+        await sweeper.stop()

@@ -23,6 +23,7 @@ from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
+from tests.helpers import swept_at
 from tests.test_commands_published import command, spec
 from tests.test_consumers_support import options, unique
 from tests.test_reconciler_support import idle_pool
@@ -105,12 +106,7 @@ async def test_with_the_default_retention_a_republished_run_does_not_bring_a_rem
     left_s = await redis.ttl(claim)
     if left_s < removed_at:
         await redis.delete(claim)  # what Redis has done by then, on its own
-    sweeper = RetentionSweeper(settings, clock=lambda: now + removed_at)
-    await sweeper.start()
-    try:
-        assert await sweeper.sweep_once() == 1
-    finally:
-        await sweeper.stop()
+    assert await swept_at(settings, lambda: now + removed_at) == 1
     assert not await redis.exists(keys.batch(pipeline_id, batch_id))
     # Its publisher sends the run again (a retry, a replay of its outbox).
     again = await creations.ensure(run)

@@ -26,7 +26,6 @@ from redis.asyncio import Redis
 
 from consumers.commands import CommandsConsumer
 from consumers.plumbing import dlq
-from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import CodecError, Run, decode_command
 from core.models import PipelineSpec
@@ -35,7 +34,7 @@ from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.settings import Settings
 from tests.conftest import eventually
-from tests.helpers import AUTH, api_client, api_settings, read_topic
+from tests.helpers import AUTH, api_client, api_settings, read_topic, swept_at
 from tests.test_commands_support import CommandsCtx
 from tests.test_consumers_support import (
     Deployer,
@@ -394,12 +393,7 @@ async def test_a_run_published_again_after_retention_removed_its_batch_leaves_it
         # 31 days later, the retention sweeper (30 days) removes it; its claim lasts longer
         # when the retention is shorter than the claim's 30 days, as it may be.
         retention = ctx.settings.model_copy(update={"batch_retention_days": 30})
-        sweeper = RetentionSweeper(retention, clock=lambda: time.time() + 31 * 86_400)
-        await sweeper.start()
-        try:
-            assert await sweeper.sweep_once() >= 1
-        finally:
-            await sweeper.stop()
+        assert await swept_at(retention, lambda: time.time() + 31 * 86_400) >= 1
         assert not await ctx.redis.exists(key)
         await ctx.publish("run", batch_id, create={})  # its publisher's retry
         await ctx.all_processed()

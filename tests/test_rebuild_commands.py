@@ -23,13 +23,12 @@ from consumers.events import EventsConsumer
 from consumers.plumbing.scope import serving
 from consumers.rebuild import rebuild
 from consumers.rebuild_commands import CommandsRead
-from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Command, decode_command
 from core.settings import Settings
 from core.snapshots import pipeline_key, pipeline_record
 from tests.conftest import eventually
-from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body, swept_at
 from tests.test_commands_published import Ctx, spec
 from tests.test_consumers_support import (
     Deployer,
@@ -132,12 +131,7 @@ async def test_a_published_batch_removed_by_retention_stays_removed_after_a_rebu
         await ctx.all_processed()
         assert await ctx.redis.hget(key, "state") == "stop"
     retention = ctx.settings.model_copy(update={"batch_retention_days": 30})
-    sweeper = RetentionSweeper(retention, clock=lambda: time.time() + 31 * 86_400)
-    await sweeper.start()
-    try:
-        assert await sweeper.sweep_once() >= 1
-    finally:
-        await sweeper.stop()
+    assert await swept_at(retention, lambda: time.time() + 31 * 86_400) >= 1
     assert not await ctx.redis.exists(key)
     claim = cast(str | None, await ctx.redis.get(keys.published(batch_id)))
     assert claim is not None and orjson.loads(claim)["deleted"] is True

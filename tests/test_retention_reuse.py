@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 
 from redis.asyncio import Redis
 
-from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
+from tests.helpers import swept_at
 from tests.test_commands_published import spec
 from tests.test_consumers_support import unique
 
@@ -47,19 +47,9 @@ async def test_a_reused_published_id_is_not_swept_by_its_earlier_batchs_bucket(
     await store.purge(pipeline_id, batch_id)
     # The id published again (its claim gone), its batch finished 49 days ago.
     await finished(now - timedelta(days=49))
-    sweeper = RetentionSweeper(settings, clock=now.timestamp)
-    await sweeper.start()
-    try:
-        removed = await sweeper.sweep_once()
-    finally:
-        await sweeper.stop()
+    removed = await swept_at(settings, now.timestamp)
     assert (removed, await redis.exists(keys.batch(pipeline_id, batch_id))) == (0, 1), (
         "a batch stopped 49 days ago was removed by a 90-day retention")
     # Its own bucket, once expired, removes it.
-    later = RetentionSweeper(settings, clock=(now + timedelta(days=42)).timestamp)
-    await later.start()
-    try:
-        assert await later.sweep_once() == 1
-    finally:
-        await later.stop()
+    assert await swept_at(settings, (now + timedelta(days=42)).timestamp) == 1
     assert not await redis.exists(keys.batch(pipeline_id, batch_id))
