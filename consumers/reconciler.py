@@ -122,6 +122,7 @@ class Reconciler(Part):
                     pipeline_id=pipeline_id, batch_id=batch_id, flow_run_id=flow_run_id,
                     state_type=run.state_type, state_id=run.state_id, message=run.message,
                     ts=run.since.timestamp() if run.since is not None else None,
+                    started=run.ran,
                 )
             if event is not None:
                 events.append(event)

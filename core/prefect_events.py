@@ -37,6 +37,12 @@ FLOW_STATES: Final[dict[str, tuple[str, str | None]]] = {
     "CANCELLED": ("stop", "cancelled"),
     "CRASHED": ("stop", "crashed"),
 }
+# Flow states that say `running` only of a run that had started: Prefect cancels a Pending run
+# (claimed by a worker, never started: a stop's follow-up, the orphan sweep) through
+# Cancelling too; only a Scheduled one goes straight to Cancelled.
+IF_STARTED: Final = frozenset({"CANCELLING"})
+# The states a run leaves for Cancelling once it had started.
+STARTED_STATES: Final = frozenset({"RUNNING", "PAUSED"})
 # Prefect state type -> step state. A SCHEDULED task run is one awaiting a retry: no change.
 TASK_STATES: Final[dict[str, str]] = {
     "PENDING": "pending",
@@ -65,10 +71,12 @@ def flow_state_event(
     state_id: str,
     message: str | None = None,
     ts: float | None = None,
+    started: bool = True,
 ) -> Event | None:
-    """The batch.state event for a flow run entering a state of `state_type`, or None."""
+    """The batch.state event for a flow run entering a state of `state_type`, or None.
+    `started`: whether the run had started (known from where it came, or its start time)."""
     mapped = FLOW_STATES.get(state_type)
-    if mapped is None:
+    if mapped is None or (state_type in IF_STARTED and not started):
         return None
     state, outcome = mapped
     event = Event(
@@ -124,6 +132,14 @@ def _timestamp(value: Any) -> float | None:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
+def _had_started(event: dict[str, Any]) -> bool:
+    """Whether the state the run left had started it: a state event's payload names it
+    (`initial_state`); without it, not known, so not claimed."""
+    payload = event.get("payload")
+    initial = payload.get("initial_state") if isinstance(payload, dict) else None
+    return isinstance(initial, dict) and initial.get("type") in STARTED_STATES
+
+
 def _entered(event: dict[str, Any], resource: dict[str, Any]) -> float | None:
     """When the run entered the state: the state's own timestamp, else the event's time
     (the server emits state events with `occurred` = the state's timestamp). The latest stop
@@ -170,6 +186,7 @@ def translate(
             pipeline_id=owner[0], batch_id=owner[1], flow_run_id=flow_run_id,
             state_type=state_type, state_id=prefect_id,
             message=message if isinstance(message, str) else None, ts=ts,
+            started=_had_started(event),
         )  # fmt: skip
         return [out] if out is not None else []
 

@@ -1,0 +1,102 @@
+"""Prefect's run events becoming what GET shows, under odd-but-legal orders and states (found
+by review, each failing before its fix): the translation and the apply script on the real
+Redis, the reconciler on a real Prefect run that no worker takes."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import orjson
+import pytest
+from prefect.states import Pending
+from redis.asyncio import Redis
+
+from consumers.plumbing.orphans import OrphanOptions
+from consumers.reconciler import Reconciler
+from core.codec import Event
+from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, new_batch_id
+from core.prefect_events import TAG_PREFIX, translate
+from core.scripts import Scripts
+from core.settings import Settings
+from core.store import BatchStore
+from tests.helpers import spec
+from tests.test_consumers_support import options
+from tests.test_reconciler_support import idle_pool
+
+DATA = orjson.loads((Path(__file__).parent / "data" / "prefect_events.json").read_bytes())
+P = "bridge-truth"
+FLOW_RUN = "ebfd3cfa-3de6-4cdf-93d8-07ee87540d56"  # the captured events' cancelled run
+
+
+@pytest.fixture
+def store(redis: Redis, scripts: Scripts) -> BatchStore:
+    return BatchStore(redis, scripts, token_secret=b"secret", dedup_window=4)
+
+
+async def scheduled_batch(store: BatchStore) -> str:
+    batch_id = new_batch_id()
+    await store.create(P, batch_id, spec())
+    await store.apply([Event("batch.state", batch_id, P, event_id=f"sched-{FLOW_RUN}",
+                             state="scheduled", flow_run_id=FLOW_RUN)])
+    return batch_id
+
+
+def captured(name: str, batch_id: str) -> dict[str, Any]:
+    """A captured Prefect event, its tags naming this test's batch."""
+    event: dict[str, Any] = copy.deepcopy(DATA[name])
+    for related in event["related"]:
+        rid = related["prefect.resource.id"]
+        if rid.startswith(TAG_PREFIX + TAG_BATCH_PREFIX):
+            related["prefect.resource.id"] = TAG_PREFIX + TAG_BATCH_PREFIX + batch_id
+        elif rid.startswith(TAG_PREFIX + TAG_PIPELINE_PREFIX):
+            related["prefect.resource.id"] = TAG_PREFIX + TAG_PIPELINE_PREFIX + P
+    return event
+
+
+async def state_of(store: BatchStore, batch_id: str) -> str:
+    batch = await store.get(P, batch_id)
+    assert batch is not None
+    state: str = batch["state"]["state"]
+    return state
+
+
+async def test_a_run_cancelled_before_it_started_never_shows_running(store: BatchStore) -> None:
+    """A stop's follow-up cancels a run a worker claimed (Pending) but never started: Prefect
+    moves Pending -> Cancelling (only a Scheduled run goes straight to Cancelled), and the
+    batch showed `running` until the run was ended Cancelled, up to two minutes later, though
+    it never ran."""
+    batch_id = await scheduled_batch(store)
+    cancelling = captured("flow_run_cancelling", batch_id)
+    cancelling["payload"]["intended"]["from"] = "PENDING"
+    cancelling["payload"]["initial_state"] = {"type": "PENDING", "name": "Pending"}
+    await store.apply(translate(cancelling))
+    assert await state_of(store, batch_id) == "scheduled"
+    # A run cancelled while it ran was running: Cancelling says so, should its Running be lost.
+    ran = await scheduled_batch(store)
+    await store.apply(translate(captured("flow_run_cancelling", ran)))
+    assert await state_of(store, ran) == "running"
+
+
+@pytest.mark.timeout(90)
+async def test_the_reconciler_does_not_call_a_never_started_cancelling_run_running(
+        topics: Settings, redis: Redis) -> None:
+    async with idle_pool(topics, redis) as pool:
+        batch_id = await pool.batch()
+        flow_run_id = await pool.scheduled(batch_id)
+        # A worker claimed it; the stop's follow-up then asked for its cancellation.
+        await pool.client.set_flow_run_state(UUID(flow_run_id), Pending(), force=True)
+        reconciler = Reconciler(topics, options(zombie_after_s=0),
+                                orphans=OrphanOptions(enabled=False))
+        await reconciler.start()
+        try:
+            assert reconciler.prefect is not None
+            [run] = (await reconciler.prefect.read([flow_run_id])).values()
+            cancelling = await reconciler.prefect.cancel(run, "stopped through the batches API")
+            assert (cancelling.state_type, cancelling.ran) == ("CANCELLING", False)
+            events = await reconciler.reconcile()
+        finally:
+            await reconciler.close()
+    assert [e.state for e in events if e.batch_id == batch_id] == []
