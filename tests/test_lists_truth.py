@@ -1,0 +1,54 @@
+"""The list's answers under odd-but-legal use: a query parameter the list does not take is
+refused, not ignored (an ignored filter listed every batch as if filtered; a cache-buster,
+`_` first, is still ignored)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from core.settings import Settings
+from core.store import BatchStore
+from tests.helpers import AUTH, api_client, api_settings, spec
+
+Client = TestClient[Any, Any]
+P = "p"
+
+
+async def make(store: BatchStore, n: int) -> list[str]:
+    """n batches, named in creation order (newest first is reverse name order)."""
+    ids = [f"b{k:03d}" for k in range(n)]
+    for batch_id in ids:
+        await store.create(P, batch_id, spec())
+    return ids
+
+
+@pytest.mark.parametrize("query", [
+    "pipeline_version=1",            # the POST's parameter: no version filter on the list
+    "status=running",                # a misspelt filter
+    "created_since=2030-01-01T00:00:00Z",
+    "limit=2&page_token=x",          # another API's token name: the first page again
+    "wait=5",
+])
+async def test_a_parameter_the_list_does_not_take_is_a_400_naming_it(
+        topics: Settings, redis: Redis, query: str) -> None:
+    store = BatchStore.from_settings(redis, topics)
+    await make(store, 3)
+    name = query.split("&")[-1].split("=")[0]
+    async with api_client(api_settings(topics)) as api:
+        for accept in ("application/json", "text/event-stream"):
+            response = await api.get(f"/api/v1/batches/{P}/?{query}",
+                                     headers={**AUTH, "Accept": accept})
+            assert (response.status, response.content_type) == (400, "application/json"), (
+                query, accept)
+            error = (await response.json())["error"]
+            response.close()
+            assert error["code"] == "bad_request"
+            assert name in error["message"] and "created_before" in error["message"], error
+        # The parameters it takes still pass, and a cache-buster is still ignored.
+        ok = await api.get(f"/api/v1/batches/{P}/?limit=1&state=pending"
+                           "&created_after=2000-01-01T00:00:00Z&_=1733234", headers=AUTH)
+        assert ok.status == 200 and list((await ok.json())["items"]) == ["b002"]
