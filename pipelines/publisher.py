@@ -83,11 +83,17 @@ class EventPublisher:
         return Event(type=kind, batch_id=self.batch_id, pipeline_id=self.pipeline_id, **fields)
 
     async def batch_state(self, state: str, *, outcome: str | None = None,
-                          reason: str | None = None, flow_run_id: str | None = None) -> None:
+                          reason: str | None = None, flow_run_id: str | None = None,
+                          ts: float | None = None) -> None:
+        """`ts`: when the run entered the state, if not now (the latest stop decides the
+        batch's outcome)."""
         if reason is not None and len(reason) > MAX_REASON:
             reason = reason[: MAX_REASON - 1] + "…"
-        await self.publish(self._event("batch.state", state=state, outcome=outcome,
-                                       reason=reason, flow_run_id=flow_run_id))
+        fields: dict[str, Any] = {"state": state, "outcome": outcome, "reason": reason,
+                                  "flow_run_id": flow_run_id}
+        if ts is not None:
+            fields["ts"] = ts
+        await self.publish(self._event("batch.state", **fields))
 
     async def step_state(self, step: str, state: str, ts: float | None = None) -> None:
         """`ts`: the end's time if not now; 0 for a guess any real end of the step replaces

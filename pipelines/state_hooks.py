@@ -84,7 +84,12 @@ async def unfinished_steps(settings: Settings, flow_run: FlowRun, pipeline_id: s
     return found
 
 
-async def publish_stop(flow_run: FlowRun, outcome: str, reason: str) -> None:
+async def publish_stop(flow_run: FlowRun, outcome: str, reason: str,
+                       ts: float | None = None) -> None:
+    """`ts`: when Prefect entered the final state. A hook may run long after (a cancellation
+    hook in the worker, seconds later), and the latest stop decides the outcome: stamped
+    with the hook's own time, a Cancelled that a Completed followed (Prefect allows
+    Cancelled -> Running -> Completed) won over it."""
     batch_id = flow_run.parameters.get("batch_id")
     pipeline_id = flow_run.parameters.get("pipeline_id")
     if not isinstance(batch_id, str) or not isinstance(pipeline_id, str):
@@ -101,14 +106,15 @@ async def publish_stop(flow_run: FlowRun, outcome: str, reason: str) -> None:
             # real end of the step replaces it.
             await events.step_state(step, "failed", ts=0.0)
         await events.batch_state("stop", outcome=outcome, reason=reason,
-                                 flow_run_id=str(flow_run.id))
+                                 flow_run_id=str(flow_run.id), ts=ts)
 
 
 def stop_hook(outcome: str) -> Hook:
     """A hook publishing `stop` with `outcome` and the state's message as the reason."""
 
     async def hook(flow: Flow[Any, Any], flow_run: FlowRun, state: State) -> None:
-        await publish_stop(flow_run, outcome, _reason(state))
+        entered = state.timestamp.timestamp() if state.timestamp is not None else None
+        await publish_stop(flow_run, outcome, _reason(state), entered)
 
     # Prefect logs hooks by name ("Running hook 'publish_stop_failed' ...").
     hook.__name__ = hook.__qualname__ = f"publish_stop_{outcome}"

@@ -4,24 +4,32 @@ Redis, the reconciler on a real Prefect run that no worker takes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 import orjson
 import pytest
-from prefect.states import Pending
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.states import Cancelled, Pending
 from redis.asyncio import Redis
 
 from consumers.plumbing.orphans import OrphanOptions
 from consumers.reconciler import Reconciler
-from core.codec import Event
+from core.codec import Event, decode_event
 from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, new_batch_id
-from core.prefect_events import TAG_PREFIX, translate
+from core.prefect_events import TAG_PREFIX, flow_state_event, translate
 from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
+from pipelines import state_hooks
+from pipelines.publisher import EventPublisher
 from tests.helpers import spec
 from tests.test_consumers_support import options
 from tests.test_reconciler_support import idle_pool
@@ -100,3 +108,60 @@ async def test_the_reconciler_does_not_call_a_never_started_cancelling_run_runni
         finally:
             await reconciler.close()
     assert [e.state for e in events if e.batch_id == batch_id] == []
+
+
+class CapturingProducer:
+    """Stands for the hook's Kafka producer: keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[Event] = []
+
+    async def send_and_wait(self, topic: str, value: bytes | None = None,
+                            key: bytes | None = None) -> None:
+        assert value is not None
+        self.sent.append(decode_event(value))
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_cancel_hook_that_runs_after_the_runs_completion_does_not_decide_it(
+        store: BatchStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect allows Cancelled -> Running -> Completed (a worker marks a claimed run
+    Cancelled while its engine starts it), and the latest stop decides the outcome. The
+    bridge's stops carry when Prefect entered each state, but the worker's cancellation hook
+    stamped its stop with when the hook ran, seconds after the Cancelled state: a hook
+    running after the run completed made the batch `cancelled`, every step `success`, while
+    Prefect said Completed."""
+    batch_id = await scheduled_batch(store)
+    now = time.time()
+    cancelled_at, completed_at = now - 10, now - 5
+    completed = flow_state_event(pipeline_id=P, batch_id=batch_id, flow_run_id=FLOW_RUN,
+                                 state_type="COMPLETED", state_id=str(uuid.uuid4()),
+                                 ts=completed_at)
+    assert completed is not None
+    await store.apply([Event("batch.state", batch_id, P, event_id="run", state="running"),
+                       completed])
+    producer = CapturingProducer()
+
+    @contextlib.asynccontextmanager
+    async def publisher(settings: Settings, batch: str, pipeline: str,
+                        **_: float) -> AsyncIterator[EventPublisher]:
+        yield EventPublisher(producer, "events", batch, pipeline)
+
+    async def no_steps(*_: Any) -> set[str]:
+        return set()
+
+    monkeypatch.setattr(state_hooks, "open_publisher", publisher)
+    monkeypatch.setattr(state_hooks, "unfinished_steps", no_steps)
+    flow_run = FlowRun(id=UUID(FLOW_RUN), flow_id=uuid.uuid4(),
+                       parameters={"batch_id": batch_id, "pipeline_id": P})
+    state: State[Any] = Cancelled(message="stopped through the batches API",
+                                  timestamp=datetime.fromtimestamp(cancelled_at, UTC))
+    hook = cast(Callable[..., Awaitable[None]], state_hooks.on_cancellation)
+    await hook(None, flow_run, state)  # the hook runs now
+    assert [e.outcome for e in producer.sent] == ["cancelled"]
+    await store.apply(producer.sent)
+    batch = await store.get(P, batch_id)
+    assert batch is not None
+    assert (batch["state"]["state"], batch["outcome"]) == ("stop", "completed")
