@@ -25,6 +25,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import FlowStateHook
 
 from core import keys
+from core.codec import MAX_REASON
 from core.connections import open_redis
 from core.layout import running_steps
 from core.models import valid_id
@@ -40,8 +41,10 @@ SWEPT: Final = frozenset({"cancelled", "crashed"})
 Hook = FlowStateHook[..., Any]
 
 
-def _reason(state: State) -> str:
-    return state.message or state.name or state.type.value
+def _reason(state: State) -> str | None:
+    """As the bridge reads the same state (`core.prefect_events`): the two stops of one end
+    carry one time, so the first applied decides between them and they must agree."""
+    return state.message[:MAX_REASON] if state.message else None
 
 
 async def prefect_unfinished(flow_run: FlowRun) -> set[str]:
@@ -84,7 +87,7 @@ async def unfinished_steps(settings: Settings, flow_run: FlowRun, pipeline_id: s
     return found
 
 
-async def publish_stop(flow_run: FlowRun, outcome: str, reason: str,
+async def publish_stop(flow_run: FlowRun, outcome: str, reason: str | None,
                        ts: float | None = None) -> None:
     """`ts`: when Prefect entered the final state. A hook may run long after (a cancellation
     hook in the worker, seconds later), and the latest stop decides the outcome: stamped

@@ -16,7 +16,7 @@ from uuid import UUID
 
 import orjson
 import pytest
-from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.objects import FlowRun, State, StateType
 from prefect.states import Cancelled, Pending
 from redis.asyncio import Redis
 
@@ -125,6 +125,66 @@ class CapturingProducer:
         pass
 
 
+def hook_publisher(monkeypatch: pytest.MonkeyPatch) -> CapturingProducer:
+    """The flow's stop hooks publishing into a `CapturingProducer`, no step swept."""
+    producer = CapturingProducer()
+
+    @contextlib.asynccontextmanager
+    async def publisher(settings: Settings, batch: str, pipeline: str,
+                        **_: float) -> AsyncIterator[EventPublisher]:
+        yield EventPublisher(producer, "events", batch, pipeline)
+
+    async def no_steps(*_: Any) -> set[str]:
+        return set()
+
+    monkeypatch.setattr(state_hooks, "open_publisher", publisher)
+    monkeypatch.setattr(state_hooks, "unfinished_steps", no_steps)
+    return producer
+
+
+async def run_hook(name: str, batch_id: str, state: State[Any]) -> None:
+    flow_run = FlowRun(id=UUID(FLOW_RUN), flow_id=uuid.uuid4(),
+                       parameters={"batch_id": batch_id, "pipeline_id": P})
+    hook = cast(Callable[..., Awaitable[None]], getattr(state_hooks, name))
+    await hook(None, flow_run, state)
+
+
+@pytest.mark.parametrize(("hook", "state_type", "message"), [
+    ("on_completion", "COMPLETED", ""),
+    ("on_completion", "COMPLETED", None),
+    ("on_failure", "FAILED", ""),
+    ("on_failure", "FAILED", "Flow run encountered an exception: " + "x" * 2100),
+])
+async def test_a_runs_hook_and_its_bridged_state_say_the_same_whatever_comes_first(
+        store: BatchStore, monkeypatch: pytest.MonkeyPatch, hook: str, state_type: str,
+        message: str | None) -> None:
+    """A run's end arrives twice, as its hook's stop and as the bridge's translation of the
+    same Prefect state, with the same time: the first applied decides between equal times,
+    so the two must agree, or GET's reason depends on which came first (a completed batch
+    said `Completed` or nothing; a long failure message ended in `…` or not)."""
+    producer = hook_publisher(monkeypatch)
+    entered = time.time() - 5
+    state: State[Any] = State(type=StateType(state_type), message=message,
+                              timestamp=datetime.fromtimestamp(entered, UTC))
+    ours = await scheduled_batch(store)
+    await run_hook(hook, ours, state)
+    [hooked] = producer.sent
+    bridged = flow_state_event(pipeline_id=P, batch_id=ours, flow_run_id=FLOW_RUN,
+                               state_type=state_type, state_id=str(uuid.uuid4()),
+                               message=message, ts=entered)
+    assert bridged is not None
+    seen = []
+    for events in ([hooked, bridged], [bridged, hooked]):
+        batch_id = await scheduled_batch(store)
+        await store.apply([Event(e.type, batch_id, P, event_id=e.event_id, state=e.state,
+                                 outcome=e.outcome, reason=e.reason, ts=e.ts,
+                                 flow_run_id=e.flow_run_id) for e in events])
+        batch = await store.get(P, batch_id)
+        assert batch is not None
+        seen.append((batch["outcome"], batch["reason"]))
+    assert seen[0] == seen[1]
+
+
 async def test_a_cancel_hook_that_runs_after_the_runs_completion_does_not_decide_it(
         store: BatchStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefect allows Cancelled -> Running -> Completed (a worker marks a claimed run
@@ -142,24 +202,10 @@ async def test_a_cancel_hook_that_runs_after_the_runs_completion_does_not_decide
     assert completed is not None
     await store.apply([Event("batch.state", batch_id, P, event_id="run", state="running"),
                        completed])
-    producer = CapturingProducer()
-
-    @contextlib.asynccontextmanager
-    async def publisher(settings: Settings, batch: str, pipeline: str,
-                        **_: float) -> AsyncIterator[EventPublisher]:
-        yield EventPublisher(producer, "events", batch, pipeline)
-
-    async def no_steps(*_: Any) -> set[str]:
-        return set()
-
-    monkeypatch.setattr(state_hooks, "open_publisher", publisher)
-    monkeypatch.setattr(state_hooks, "unfinished_steps", no_steps)
-    flow_run = FlowRun(id=UUID(FLOW_RUN), flow_id=uuid.uuid4(),
-                       parameters={"batch_id": batch_id, "pipeline_id": P})
+    producer = hook_publisher(monkeypatch)
     state: State[Any] = Cancelled(message="stopped through the batches API",
                                   timestamp=datetime.fromtimestamp(cancelled_at, UTC))
-    hook = cast(Callable[..., Awaitable[None]], state_hooks.on_cancellation)
-    await hook(None, flow_run, state)  # the hook runs now
+    await run_hook("on_cancellation", batch_id, state)  # the hook runs now
     assert [e.outcome for e in producer.sent] == ["cancelled"]
     await store.apply(producer.sent)
     batch = await store.get(P, batch_id)
