@@ -403,11 +403,13 @@
 
   function partitionBar(step, partition, offset, moving) {
     const total = step.totals ? step.totals[partition] : undefined;
-    let width = null;  // null: unknown, an indeterminate bar while the step runs
+    // null: how far is unknown (no total). Only a success says the partition was done: a
+    // failed step's, or one a stop cut short, is not drawn full (that read as done) nor
+    // empty (that read as nothing done), and moves only while the step runs.
+    let width = null;
     if (typeof total === "number" && total > 0) width = Math.min(100, (100 * offset) / total);
     else if (step.state === "success") width = 100;
-    else if (!moving) width = step.state === "failed" ? 100 : 0;
-    return { width, total };
+    return { width, total, extent: width !== null ? "" : moving ? " indeterminate" : " unknown" };
   }
 
   function batchView(pipelineId, batchId) {
@@ -510,9 +512,10 @@
         }
         for (const [partition, offset] of Object.entries(offsets)) {
           const row = partitionRow(node, partition);
-          const { width, total } = partitionBar(step, partition, offset, moving);
+          const { width, total, extent } = partitionBar(step, partition, offset, moving);
           row.line.dataset.offset = String(offset);
-          row.bar.className = `bar ${step.state}${width === null ? " indeterminate" : ""}`;
+          row.bar.className = `bar ${step.state}${extent}`;
+          row.bar.title = width === null ? "how far is unknown: the step reported no total" : "";
           row.fill.style.width = width === null ? "" : `${width}%`;
           if (width !== null) row.bar.setAttribute("aria-valuenow", String(Math.round(width)));
           else row.bar.removeAttribute("aria-valuenow");

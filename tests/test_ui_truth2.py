@@ -1,0 +1,114 @@
+"""What the web page shows against what the API says, second review: the list across a
+reconnect of its stream, a failed step whose totals are unknown, batches older than the
+list's first page.
+
+Driven as tests/test_ui.py drives the page: headless Chromium on an API process of this tree.
+Batches are written straight into the stack's Redis (as the API's create writes them, no run
+started: nothing here loads the engine), under a pipeline id of this test's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable
+
+import httpx
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+
+from core.connections import open_redis
+from core.messages import Event
+from core.settings import Settings
+from core.store import BatchStore
+from pipelines.sales import demo_spec
+from tests.test_ui import api, base_url, browser, token, until
+from tests.test_ui_truth import signed_in as _signed_in
+
+__all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
+
+
+def write_batches(live: Settings, pipeline_id: str, count: int,
+                  events: Iterable[Event] = ()) -> list[str]:
+    """`count` batches of `pipeline_id` created in Redis, oldest first, then `events` applied."""
+    ids = [f"batch-{n:03d}-{uuid.uuid4().hex[:6]}" for n in range(count)]
+
+    async def go() -> None:
+        redis = await open_redis(live)
+        try:
+            store = BatchStore.from_settings(redis, live)
+            for batch_id in ids:
+                await store.create(pipeline_id, batch_id, demo_spec(name=pipeline_id))
+            if events:
+                await store.apply(list(events))
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
+    return ids
+
+
+def signed_in(driver: WebDriver, base_url: str, token: str, view: str) -> None:
+    """As tests/test_ui_truth.py signs in, on a freshly loaded page: going to the same page
+    with another fragment is not a load, and a previous test's fetch hooks would stay."""
+    driver.get("about:blank")
+    _signed_in(driver, base_url, token, view)
+
+
+def api_ids(base_url: str, token: str, pipeline_id: str) -> list[str]:
+    """Every batch id of the pipeline as the API lists them, newest first."""
+    ids: list[str] = []
+    page_token: str | None = None
+    while True:
+        params = {"limit": "1000", **({"token": page_token} if page_token else {})}
+        answer = httpx.get(f"{base_url}/api/v1/batches/{pipeline_id}/", params=params,
+                           headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        ids += list(body["items"])
+        page_token = body["token"]
+        if page_token is None:
+            return ids
+
+
+def test_a_failed_step_of_unknown_totals_is_not_drawn_as_a_full_bar(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """A full bar says the partition was done; a failed step without totals only says how
+    many records it processed before failing."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    batch_id = f"batch-failed-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> None:
+        redis = await open_redis(live)
+        try:
+            store = BatchStore.from_settings(redis, live)
+            await store.create(pipeline_id, batch_id, demo_spec(name=pipeline_id))
+            await store.apply([
+                Event("batch.state", batch_id, pipeline_id, state="running"),
+                Event("step.state", batch_id, pipeline_id, step="extract", state="running"),
+                Event("step.offsets", batch_id, pipeline_id, step="extract",
+                      offsets={"partition_0": 500}),
+                Event("step.state", batch_id, pipeline_id, step="extract", state="failed"),
+                Event("batch.state", batch_id, pipeline_id, state="stop", outcome="failed"),
+            ])
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
+    got = httpx.get(f"{base_url}/api/v1/batches/{pipeline_id}/{batch_id}",
+                    headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    extract = got["state"]["steps"]["extract"]
+    assert extract["state"] == "failed" and extract["offsets"] == {"partition_0": 500}, got
+    assert not extract.get("totals"), got  # how far 500 is of the partition: unknown
+
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}/{batch_id}")
+    bar = until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, "#steps .step[data-step='extract'][data-state='failed'] "
+        ".partition[data-partition='partition_0'] .bar"), what="the failed step's bar")
+    now = bar.get_attribute("aria-valuenow")
+    width = browser.execute_script(
+        "const bar = arguments[0]; return bar.firstChild.getBoundingClientRect().width"
+        " / bar.getBoundingClientRect().width", bar)
+    assert now != "100" and width < 0.99, f"drawn full (aria-valuenow {now}, width {width:.2f})"
+    count = browser.find_element(By.CSS_SELECTOR, "#steps .step[data-step='extract'] .count")
+    assert count.text == "500"
