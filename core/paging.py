@@ -10,8 +10,9 @@ stopped batch has an outcome) in one script, and `created_after`/`created_before
 sequence bounds by a binary search of the batch index in the same script
 (`core.list_scripts.PAGE_RANGE`). A filtered page costs O(log n + limit) whatever the history
 (`state=stop`: O(k log n + limit) for the k outcomes; a created bound: O(log² n) more).
-Every batch a page returns matches the filter when its hash is read (one that left the set
-between the two reads is dropped: a page may hold fewer than `limit` batches).
+Every batch a page returns matches the filter when its hash is read; one that left the set
+between the two reads (hidden, or out of the filter) is dropped, and the page reads on below
+it, so a page with a token holds `limit` batches (fewer only past `_FILL_ROUNDS` reads).
 
 Also here, as the list's indexes are: the backfill of the retention's finished buckets
 (`ensure_finished`), which the sweeper and a rebuild run.
@@ -41,6 +42,8 @@ from core.scripts import Scripts
 BACKFILL_CHUNK: Final = 200
 # Pipelines a process remembers as indexed (past that it forgets them all and asks again).
 _REMEMBERED: Final = 4096
+# Index reads a page makes at most to fill itself past batches that left meanwhile.
+_FILL_ROUNDS: Final = 8
 
 
 class BadToken(ValueError):
@@ -147,31 +150,47 @@ class Pager:
             return Page(items={}, token=None)
         if where.active:
             await self.ensure_indexes(pipeline_id)
+        items: dict[str, dict[str, Any]] = {}
+        # Rows whose batch left between the index read and the hash read (hidden, or out of
+        # the filter) are passed over and the index read on below them: a page with a token
+        # is full. Short or empty, it was taken for the list's end by clients that stop at
+        # an empty page (`dhub ls`). Each round reads below the last: bounded by the batches
+        # that left meanwhile, and by _FILL_ROUNDS (a short page is still true).
+        for _ in range(_FILL_ROUNDS):
+            want = limit - len(items)
+            rows = await self._rows(pipeline_id, where, below, want + 1)
+            more = len(rows) > want
+            rows = rows[:want]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for batch_id, _seq in rows:
+                    pipe.hgetall(keys.batch(pipeline_id, batch_id))
+                hashes: list[dict[str, str]] = [unpacked(h) for h in await pipe.execute()]
+            for (batch_id, _seq), data in zip(rows, hashes, strict=True):
+                if is_visible(data) and where.matches(data):
+                    items[batch_id] = render(data)
+            if rows:
+                below = int(rows[-1][1])
+            if not more or len(items) == limit:
+                break
+        next_token = (self._make_token(pipeline_id, below, where)
+                      if more and below is not None else None)
+        return Page(items=items, token=next_token)
+
+    async def _rows(self, pipeline_id: str, where: ListFilter, below: int | None,
+                    count: int) -> list[tuple[str, float]]:
+        """(id, sequence) rows of `where`, newest first, strictly below sequence `below`
+        (None: from the newest), `count` at most."""
         ranked = _ranked(pipeline_id, where)
         bounded = where.created_after is not None or where.created_before is not None
         if len(ranked) == 1 and not bounded:
-            rows = cast(list[tuple[str, float]], await self._redis.zrevrangebyscore(
+            return cast(list[tuple[str, float]], await self._redis.zrevrangebyscore(
                 ranked[0], f"({below}" if below is not None else "+inf", "-inf",
-                start=0, num=limit + 1, withscores=True))
-        else:
-            flat = cast(list[str], await self._scripts.page_range(
-                keys=[keys.batch_index(pipeline_id), *ranked],
-                args=[below - 1 if below is not None else "+inf", where.created_after or "",
-                      where.created_before or "", limit + 1, keys.batch(pipeline_id, "")]))
-            rows = [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for batch_id, _ in rows:
-                pipe.hgetall(keys.batch(pipeline_id, batch_id))
-            hashes: list[dict[str, str]] = [unpacked(h) for h in await pipe.execute()]
-        items = {
-            batch_id: render(data)
-            for (batch_id, _), data in zip(rows, hashes, strict=True)
-            if is_visible(data) and where.matches(data)
-        }
-        next_token = self._make_token(pipeline_id, int(rows[-1][1]), where) if more else None
-        return Page(items=items, token=next_token)
+                start=0, num=count, withscores=True))
+        flat = cast(list[str], await self._scripts.page_range(
+            keys=[keys.batch_index(pipeline_id), *ranked],
+            args=[below - 1 if below is not None else "+inf", where.created_after or "",
+                  where.created_before or "", count, keys.batch(pipeline_id, "")]))
+        return [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     # -- the indexes of batches from before them ------------------------------------------
 
