@@ -112,3 +112,20 @@ def test_a_failed_step_of_unknown_totals_is_not_drawn_as_a_full_bar(
     assert now != "100" and width < 0.99, f"drawn full (aria-valuenow {now}, width {width:.2f})"
     count = browser.find_element(By.CSS_SELECTOR, "#steps .step[data-step='extract'] .count")
     assert count.text == "500"
+
+
+def test_a_view_left_does_not_mark_the_next_one_final(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """Leaving a view closes its stream; the close ended in the stream's 'final' status after
+    the next view had set its own: the pipelines view (no stream) showed 'final'."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    [batch_id] = write_batches(live, pipeline_id, 1)
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}/{batch_id}")
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="stream open")
+    browser.find_element(By.CSS_SELECTOR, "#crumbs a[href='#/']").click()
+    until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#pipelines tr"),
+          what="the pipelines view")
+    # The aborted stream's end comes a moment later: give it a few of the page's turns.
+    browser.execute_async_script("setTimeout(arguments[0], 300)")
+    live_badge = browser.find_element(By.ID, "live")
+    assert not live_badge.is_displayed(), f"the pipelines view says {live_badge.text!r}"

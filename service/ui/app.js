@@ -115,6 +115,7 @@
   // Resuming with Last-Event-ID makes the server send only what is newer than the last id.
   function openStream(path, { onEvent, onOpen, onMissing, final = [], resume = false }) {
     let closed = false;
+    let left = false;  // closed by its view, which is gone: the header is the next view's
     let controller = null;
     let retryTimer = null;
     let silentTimer = null;
@@ -181,6 +182,7 @@
       } finally {
         clearTimeout(silentTimer);
       }
+      if (left) return;
       if (closed) setLive("done"); else retry();
     }
 
@@ -189,6 +191,7 @@
     return {
       close() {
         closed = true;
+        left = true;
         clearTimeout(retryTimer);
         clearTimeout(silentTimer);
         if (controller) controller.abort();
