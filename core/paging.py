@@ -24,6 +24,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +45,10 @@ BACKFILL_CHUNK: Final = 200
 _REMEMBERED: Final = 4096
 # Index reads a page makes at most to fill itself past batches that left meanwhile.
 _FILL_ROUNDS: Final = 8
+
+
+# The seconds' fraction of an ISO-8601 time (extended or basic form): its first fraction.
+_SECONDS_FRACTION: Final = re.compile(r"\d\d(?::?\d\d){2}[.,](\d+)")
 
 
 class BadToken(ValueError):
@@ -71,9 +76,13 @@ def created_bound(name: str, raw: str) -> str:
                         "2026-01-31T23:59:59Z (a '+' in an offset travels as %2B)") from None
     if when.tzinfo is None:
         raise BadFilter(f"{name} must include a timezone (Z or an offset such as +02:00)")
+    # datetime keeps six digits of the seconds' fraction and drops the rest: a time past
+    # them (`.0000009`) is later than what it read, and rounds up as a microsecond would.
+    fraction = _SECONDS_FRACTION.search(raw)
+    finer = fraction is not None and fraction.group(1)[6:].strip("0") != ""
     try:
         when = when.astimezone(UTC)
-        if when.microsecond % 1000:
+        if when.microsecond % 1000 or finer:
             when += timedelta(microseconds=1000 - when.microsecond % 1000)
     except OverflowError:
         raise BadFilter(f"{name} is out of range") from None

@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from core import keys
 from core.settings import Settings
 from core.store import BatchStore
 from tests.helpers import AUTH, api_client, api_settings, spec
@@ -52,3 +53,23 @@ async def test_a_parameter_the_list_does_not_take_is_a_400_naming_it(
         ok = await api.get(f"/api/v1/batches/{P}/?limit=1&state=pending"
                            "&created_after=2000-01-01T00:00:00Z&_=1733234", headers=AUTH)
         assert ok.status == 200 and list((await ok.json())["items"]) == ["b002"]
+
+
+async def test_a_created_bound_finer_than_a_microsecond_is_not_cut_short(
+        topics: Settings, redis: Redis) -> None:
+    """Python reads six digits of a fraction and drops the rest: `created_after=...00.0000009Z`
+    listed a batch created at `...00.000Z` (before it), `created_before` the same time left it
+    out (it is before it)."""
+    store = BatchStore.from_settings(redis, topics)
+    await make(store, 1)
+    await redis.hset(keys.batch(P, "b000"), mapping={"created_at": "2030-01-01T00:00:00.000Z"})
+    async with api_client(api_settings(topics)) as api:
+        for query, listed in (("created_after=2030-01-01T00:00:00.0000009Z", []),
+                              ("created_before=2030-01-01T00:00:00.0000009Z", ["b000"]),
+                              ("created_after=2030-01-01T00:00:00.000000000Z", ["b000"]),
+                              ("created_before=2030-01-01T00:00:00.000000000%2B00:00", []),
+                              ("created_after=2029-12-31T23:59:59.9999999999Z", ["b000"]),
+                              ("created_before=2029-12-31T23:59:59.9999999999Z", [])):
+            response = await api.get(f"/api/v1/batches/{P}/?{query}", headers=AUTH)
+            assert response.status == 200, (query, await response.text())
+            assert list((await response.json())["items"]) == listed, query
