@@ -22,7 +22,7 @@ from core.messages import Event
 from core.settings import Settings
 from core.store import BatchStore
 from pipelines.sales import demo_spec
-from tests.test_ui import api, base_url, browser, token, until
+from tests.test_ui import api, base_url, browser, listed, token, until
 from tests.test_ui_truth import signed_in as _signed_in
 
 __all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
@@ -112,6 +112,96 @@ def test_a_failed_step_of_unknown_totals_is_not_drawn_as_a_full_bar(
     assert now != "100" and width < 0.99, f"drawn full (aria-valuenow {now}, width {width:.2f})"
     count = browser.find_element(By.CSS_SELECTOR, "#steps .step[data-step='extract'] .count")
     assert count.text == "500"
+
+
+# In the page before it opens a view: every push stream's fetch goes through here, so the
+# test can cut the open stream (`__drop()`), hold the next connection until it says so
+# (`__release()`) and slow its body (each chunk a second late): a slow network's reconnect.
+# A MutationObserver notes every time the list's table showed fewer batch rows than it
+# showed before the drop.
+SLOW_STREAMS = """
+const realFetch = window.fetch.bind(window);
+window.__streams = 0;
+window.__shrunk = [];
+let drop = null;
+let released = null;
+window.__release = () => released && released();
+window.__drop = () => drop && drop();
+window.fetch = async (url, init) => {
+  const accept = (init && init.headers && init.headers.Accept) || '';
+  if (!accept.includes('text/event-stream')) return realFetch(url, init);
+  const n = ++window.__streams;
+  if (n > 1) await new Promise((resolve) => { released = resolve; });
+  const response = await realFetch(url, init);
+  const reader = response.body.getReader();
+  const body = new ReadableStream({
+    start(controller) { drop = () => controller.error(new TypeError('dropped')); },
+    async pull(controller) {
+      if (n > 1) await new Promise((resolve) => setTimeout(resolve, 1000));
+      const { value, done } = await reader.read();
+      if (done) controller.close(); else controller.enqueue(value);
+    },
+    cancel() { reader.cancel(); },
+  });
+  return new Response(body, { status: response.status, headers: response.headers });
+};
+"""
+
+WATCH_ROWS = """
+window.__before = arguments[0];
+new MutationObserver(() => {
+  const rows = document.querySelectorAll('#batches tbody tr[data-batch-id]').length;
+  if (rows < window.__before) window.__shrunk.push(
+    rows + ': ' + document.querySelector('#batches tbody').innerText.slice(0, 80));
+}).observe(document.getElementById('main'), { childList: true, subtree: true });
+"""
+
+
+def test_the_list_keeps_its_rows_through_a_reconnect_and_drops_one_deleted_meanwhile(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    ids = write_batches(live, pipeline_id, 3)
+    signed_in(browser, base_url, token, "#/")
+    browser.execute_script(SLOW_STREAMS)
+    browser.execute_script("location.hash = arguments[0]", f"#/p/{pipeline_id}")
+    until(browser, lambda d: len(listed(d)) == 3, what="the three batches")
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="stream open")
+    browser.execute_script(WATCH_ROWS, 3)
+
+    browser.execute_script("window.__drop()")
+    until(browser, lambda d: d.execute_script("return window.__streams") == 2,
+          what="the page reconnecting")
+    gone = httpx.delete(f"{base_url}/api/v1/batches/{pipeline_id}/{ids[1]}",
+                        headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert gone.status_code == 200, gone.text
+    browser.execute_script("window.__release()")
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="reconnected")
+    # The page's first events come a second late: the rows shown meanwhile are the ones the
+    # list had (the badge said reconnecting), never an empty or partial list.
+    until(browser, lambda d: sorted(listed(d)) == sorted([ids[0], ids[2]]), timeout=15,
+          what="the batch deleted meanwhile gone from the list")
+    assert api_ids(base_url, token, pipeline_id) == [ids[2], ids[0]]
+    shrunk = [s for s in browser.execute_script("return window.__shrunk") if not s.startswith("2:")]
+    assert not shrunk, f"the list showed fewer batches while reconnecting: {shrunk}"
+    assert listed(browser) == [ids[2], ids[0]]  # newest first, as the API lists them
+
+
+def test_batches_older_than_the_first_page_are_offered(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """The page lists the newest 50: the 51st and older were hidden with nothing saying so."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    write_batches(live, pipeline_id, 62)
+    everything = api_ids(base_url, token, pipeline_id)
+    assert len(everything) == 62
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+    until(browser, lambda d: len(listed(d)) == 50, what="the first page")
+    older = until(browser, lambda d: d.find_element(By.ID, "older"), what="an 'older' control")
+    assert older.is_displayed() and older.is_enabled()
+    older.click()
+    until(browser, lambda d: len(listed(d)) == 62, what="the older batches")
+    assert listed(browser) == everything
+    until(browser, lambda d: not d.find_element(By.ID, "older").is_displayed(),
+          what="no more 'older' once the last page is shown")
 
 
 def test_a_view_left_does_not_mark_the_next_one_final(
