@@ -10,6 +10,7 @@ started: nothing here loads the engine), under a pipeline id of this test's own.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import Iterable
 
@@ -22,7 +23,9 @@ from core.messages import Event
 from core.settings import Settings
 from core.store import BatchStore
 from pipelines.sales import demo_spec
-from tests.test_ui import api, base_url, browser, listed, token, until
+from tests.conftest import free_port
+from tests.helpers import HS_SECRET, hs_token
+from tests.test_ui import Api, api, base_url, browser, listed, token, until
 from tests.test_ui_truth import signed_in as _signed_in
 
 __all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
@@ -219,3 +222,43 @@ def test_a_view_left_does_not_mark_the_next_one_final(
     browser.execute_async_script("setTimeout(arguments[0], 300)")
     live_badge = browser.find_element(By.ID, "live")
     assert not live_badge.is_displayed(), f"the pipelines view says {live_badge.text!r}"
+
+
+def test_a_token_that_may_not_read_is_not_shown_loading_for_ever(
+        browser: WebDriver, token: str, live: Settings) -> None:
+    """A JWT with batches:write but not batches:read: the API answers 403 to every read. The
+    list said "Loading…" (and the batch page nothing) once the 12 s flash was gone."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    [batch_id] = write_batches(live, pipeline_id, 1)
+    server = Api(free_port())
+    saved = {name: os.environ.get(name) for name in JWT_ENV}
+    os.environ.update(JWT_ENV)
+    try:
+        server.start()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    try:
+        writer = hs_token("batches:write", aud="ui2-aud", iss="ui2-iss")
+        refused = httpx.get(f"{server.url}/api/v1/batches/{pipeline_id}/",
+                            headers={"Authorization": f"Bearer {writer}"}, timeout=10)
+        assert refused.status_code == 403, refused.text
+        for view, what in ((f"#/p/{pipeline_id}", "the list"),
+                           (f"#/p/{pipeline_id}/{batch_id}", "the batch")):
+            signed_in(browser, server.url, writer, view)
+            until(browser, lambda d: d.find_element(By.ID, "live").text == "offline",
+                  what=f"{what}'s stream refused")
+            # What stays once the flash is gone: the view itself must say it.
+            browser.execute_script("document.getElementById('flash').hidden = true")
+            text = browser.find_element(By.ID, "main").text
+            assert "Loading" not in text, f"{what}: {text!r}"
+            assert "batches:read" in text, f"{what} does not say why it is empty: {text!r}"
+    finally:
+        server.stop()
+
+
+JWT_ENV = {"DHUB_JWT_HS256_SECRET": HS_SECRET, "DHUB_JWT_AUDIENCE": "ui2-aud",
+           "DHUB_JWT_ISSUER": "ui2-iss"}

@@ -113,7 +113,7 @@
   // A Server-Sent Events stream read with fetch(), reopened whenever it drops. `final` names
   // the events after which the server closes the stream for good (no reconnect then).
   // Resuming with Last-Event-ID makes the server send only what is newer than the last id.
-  function openStream(path, { onEvent, onOpen, onMissing, final = [], resume = false }) {
+  function openStream(path, { onEvent, onOpen, onMissing, onRefused, final = [], resume = false }) {
     let closed = false;
     let left = false;  // closed by its view, which is gone: the header is the next view's
     let controller = null;
@@ -150,7 +150,10 @@
       if (response.status === 404) { setLive("off"); if (onMissing) onMissing(); return; }
       if (response.status === 403) {  // retrying cannot help: the token lacks batches:read
         setLive("off");
-        flash("This token may not read batches (it lacks the scope batches:read).", "error");
+        const why = "This token may not read batches (it lacks the scope batches:read).";
+        // Said in the view, which stays: a flash alone went after 12 s, leaving "Loading…".
+        if (onRefused) onRefused(why);
+        flash(why, "error");
         return;
       }
       if (!response.ok || !response.body) return retry();
@@ -334,6 +337,7 @@
     // Until the list answered once, an empty map says nothing ("No batch yet" would be
     // untrue while the API cannot read the list).
     let loaded = false;
+    let refused = null;  // why the API will not list them (403), said in place of the rows
     // How many batches the reader asked to see: the newest page, one more per "older".
     let depth = LIST_LIMIT;
     // The API's token for the page after the rows shown; null: no older batch; undefined:
@@ -353,8 +357,12 @@
       scheduled = false;
       const rows = [...batches.values()].sort((a, b) =>
         String(b.created_at || "").localeCompare(String(a.created_at || "")) || b.id.localeCompare(a.id));
-      olderButton.hidden = !loaded || olderToken === null;
+      olderButton.hidden = !loaded || olderToken === null || refused !== null;
       olderButton.disabled = reading > 0;
+      if (refused) {
+        body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "empty error" }, refused)));
+        return;
+      }
       if (!rows.length) {
         body.replaceChildren(el("tr", {}, el("td", { colspan: 6, class: "empty" },
           loaded ? "No batch yet: press “Run batch”." : "Loading…")));
@@ -467,6 +475,7 @@
     redraw();
     const stream = openStream(`/batches/${enc}/?limit=${LIST_LIMIT}`, {
       onOpen: () => { resync(); },
+      onRefused: (why) => { refused = why; redraw(); },
       onMissing: () => {
         $("run").hidden = true;
         olderButton.remove();
@@ -624,6 +633,9 @@
     const stream = openStream(path, {
       resume: true,
       final: ["end", "deleted"],
+      onRefused: (why) => {
+        stepsBox.replaceChildren(el("p", { class: "card empty error", id: "refused" }, why));
+      },
       onMissing: () => {
         root.replaceChildren(el("p", { class: "card empty" }, "No such batch (deleted, or never existed). ",
           el("a", { href: `#/p/${enc}` }, "Back to the pipeline")));
