@@ -32,9 +32,10 @@ __all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
 
 
 def write_batches(live: Settings, pipeline_id: str, count: int,
-                  events: Iterable[Event] = ()) -> list[str]:
-    """`count` batches of `pipeline_id` created in Redis, oldest first, then `events` applied."""
-    ids = [f"batch-{n:03d}-{uuid.uuid4().hex[:6]}" for n in range(count)]
+                  events: Iterable[Event] = (), ids: list[str] | None = None) -> list[str]:
+    """`count` batches of `pipeline_id` (or those `ids`) created in Redis, oldest first, then
+    `events` applied."""
+    ids = ids or [f"batch-{n:03d}-{uuid.uuid4().hex[:6]}" for n in range(count)]
 
     async def go() -> None:
         redis = await open_redis(live)
@@ -262,3 +263,36 @@ def test_a_token_that_may_not_read_is_not_shown_loading_for_ever(
 
 JWT_ENV = {"DHUB_JWT_HS256_SECRET": HS_SECRET, "DHUB_JWT_AUDIENCE": "ui2-aud",
            "DHUB_JWT_ISSUER": "ui2-iss"}
+
+
+def test_a_step_not_done_is_never_shown_at_100_percent(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """The list rounded 99.5% to "(100%)"; the API's percent has one decimal, so 9,996 of
+    10,000 records came as 100.0 and the batch page said "100.0%" with 4 records left."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    ids = [f"batch-pct{n}-{uuid.uuid4().hex[:6]}" for n in range(2)]
+    events = []
+    for batch_id, done in zip(ids, (9_950, 9_996), strict=True):
+        events += [
+            Event("batch.state", batch_id, pipeline_id, state="running"),
+            Event("step.state", batch_id, pipeline_id, step="extract", state="running"),
+            Event("step.offsets", batch_id, pipeline_id, step="extract",
+                  offsets={"partition_0": done}, totals={"partition_0": 10_000}),
+        ]
+    write_batches(live, pipeline_id, 0, events, ids=ids)
+    auth = {"Authorization": f"Bearer {token}"}
+    percents = [httpx.get(f"{base_url}/api/v1/batches/{pipeline_id}/{b}", headers=auth,
+                          timeout=10).json()["state"]["steps"]["extract"]["progress"]["percent"]
+                for b in ids]
+    assert percents == [99.5, 100.0], percents  # the second: the API's own rounding
+
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+    cells = until(browser, lambda d: [d.find_element(
+        By.CSS_SELECTOR, f"#batches tr[data-batch-id='{b}'] td.num").text for b in ids]
+        if all("records" in c.text for c in d.find_elements(By.CSS_SELECTOR, "#batches td.num"))
+        and len(listed(d)) == 2 else None, what="both batches' progress")
+    assert not [c for c in cells if "100%" in c], cells
+    browser.execute_script("location.hash = arguments[0]", f"#/p/{pipeline_id}/{ids[1]}")
+    summary = until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, "#steps .step[data-step='extract'] .summary").text, what="the summary")
+    assert "9,996 records" in summary and "100.0%" not in summary, summary

@@ -314,6 +314,20 @@
       el("span", { class: step.state, title: `${name}: ${step.state}` })));
   }
 
+  // A step's percent as shown, `digits` decimals, or null without one. Rounded down: 99.5 is
+  // not "100". The API's has one decimal, so 9,996 of 10,000 records come as 100.0: while a
+  // partition's offset is short of its total, 100 is not said.
+  function percentText(step, digits) {
+    const percent = step.progress && step.progress.percent;
+    if (typeof percent !== "number") return null;
+    const scale = 10 ** digits;
+    let shown = Math.min(100, Math.floor(percent * scale + 1e-6) / scale);
+    const offsets = step.offsets || {};
+    const short = Object.entries(step.totals || {}).some(([part, total]) => (offsets[part] || 0) < total);
+    if (short && shown >= 100) shown = 100 - 1 / scale;
+    return `${shown.toFixed(digits)}%`;
+  }
+
   // The step a batch is at (the running one, else the last one that started) and its records.
   function progressText(batch) {
     const steps = Object.entries((batch.state && batch.state.steps) || {});
@@ -322,8 +336,7 @@
     if (!current) return "";
     const [name, step] = current;
     const done = Object.values(step.offsets || {}).reduce((a, b) => a + b, 0);
-    const percent = step.progress && typeof step.progress.percent === "number"
-      ? ` (${step.progress.percent.toFixed(0)}%)` : "";
+    const percent = percentText(step, 0) ? ` (${percentText(step, 0)})` : "";
     return `${name}: ${num(done)} ${done === 1 ? "record" : "records"}${percent}`;
   }
 
@@ -602,7 +615,7 @@
         const stalled = progress && progress.stalled;
         node.stateSlot.replaceChildren(badge(step.state), stalled ? " " : "", stalled ? badge("failed", "stalled") : "");
         const bits = [`${num(done)} ${done === 1 ? "record" : "records"}`];
-        if (progress && typeof progress.percent === "number") bits.unshift(`${progress.percent.toFixed(1)}%`);
+        if (percentText(step, 1)) bits.unshift(percentText(step, 1));
         if (progress && typeof progress.records_per_s === "number") bits.push(`${num(Math.round(progress.records_per_s))}/s`);
         if (progress && typeof progress.eta_s === "number" && moving) bits.push(`ETA ${Math.round(progress.eta_s)} s`);
         node.summary.textContent = bits.join(" · ");
@@ -610,7 +623,7 @@
         if (progress && typeof progress.percent === "number") {
           node.overall.hidden = false;
           node.overall.className = `bar step-bar ${step.state}`;
-          node.overall.firstChild.style.width = `${Math.min(100, progress.percent)}%`;
+          node.overall.firstChild.style.width = percentText(step, 1);
         }
         for (const [partition, offset] of Object.entries(offsets)) {
           const row = partitionRow(node, partition);
