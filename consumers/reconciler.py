@@ -21,6 +21,7 @@ from typing import Final
 from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.command_effects import of_an_earlier_batch
 from consumers.plumbing.emit import Emitter
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
@@ -88,15 +89,17 @@ class Reconciler(Part):
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for pipeline_id, batch_id in due:
-                pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "flow_run_id", DELETED)
+                pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "flow_run_id", DELETED,
+                           "created_at")
             rows: list[list[str | None]] = await pipe.execute()
         live: dict[str, tuple[str, str, str]] = {}  # flow run id -> (pipeline, batch, state)
-        unrecorded: list[tuple[str, str, str]] = []
-        for (pipeline_id, batch_id), (state, flow_run_id, deleted) in zip(due, rows, strict=True):
+        unrecorded: list[tuple[str, str, str, str]] = []
+        for (pipeline_id, batch_id), (state, flow_run_id, deleted, created_at) in zip(
+                due, rows, strict=True):
             if state is None or deleted is not None or state == "stop":
                 await self.active.remove(pipeline_id, batch_id)
             elif flow_run_id is None:
-                unrecorded.append((pipeline_id, batch_id, state))
+                unrecorded.append((pipeline_id, batch_id, state, created_at or ""))
             else:
                 live[flow_run_id] = (pipeline_id, batch_id, state)
         runs = await self.prefect.read(list(live))
@@ -134,15 +137,18 @@ class Reconciler(Part):
                      ", ".join(f"{e.batch_id} {e.state}" for e in events))
         return events
 
-    async def _find_unrecorded(self, unrecorded: list[tuple[str, str, str]],
+    async def _find_unrecorded(self, unrecorded: list[tuple[str, str, str, str]],
                                live: dict[str, tuple[str, str, str]]) -> dict[str, RunState]:
         """The flow runs of indexed batches whose run id Redis has not recorded yet (the
         command's event was lost), found by the batch's tag and added to `live`. A batch
-        without any run is left alone: its run may not be created yet."""
+        without any run is left alone: its run may not be created yet. The run of an earlier
+        batch of the same id (published again after it expired) shares the tags: not this
+        batch's."""
         assert self.prefect is not None
         found: dict[str, RunState] = {}
-        for pipeline_id, batch_id, state in unrecorded[:UNRECORDED_PER_ROUND]:
-            runs = await self.prefect.of_batch(pipeline_id, batch_id)
+        for pipeline_id, batch_id, state, created_at in unrecorded[:UNRECORDED_PER_ROUND]:
+            runs = [run for run in await self.prefect.of_batch(pipeline_id, batch_id)
+                    if not of_an_earlier_batch(run, created_at)]
             if not runs:
                 continue
             run = next((r for r in runs if not r.final), runs[0])

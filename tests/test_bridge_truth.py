@@ -9,29 +9,36 @@ import copy
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
 import orjson
 import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import FlowRun, State, StateType
-from prefect.states import Cancelled, Pending
+from prefect.states import Cancelled, Completed, Pending, Running
 from redis.asyncio import Redis
 
+from consumers.commands import CommandsConsumer
+from consumers.events import EventsConsumer
+from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.command_effects import EARLIER_BATCH_S
 from consumers.plumbing.orphans import OrphanOptions
 from consumers.reconciler import Reconciler
+from core import keys
 from core.codec import Event, decode_event
-from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, new_batch_id
+from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, flow_run_tags, new_batch_id
 from core.prefect_events import TAG_PREFIX, flow_state_event, translate
 from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
 from pipelines import state_hooks
 from pipelines.publisher import EventPublisher
+from tests.conftest import eventually
 from tests.helpers import spec
-from tests.test_consumers_support import options
+from tests.test_consumers_support import options, running, send, send_command
 from tests.test_reconciler_support import idle_pool
 
 DATA = orjson.loads((Path(__file__).parent / "data" / "prefect_events.json").read_bytes())
@@ -211,3 +218,82 @@ async def test_a_cancel_hook_that_runs_after_the_runs_completion_does_not_decide
     batch = await store.get(P, batch_id)
     assert batch is not None
     assert (batch["state"]["state"], batch["outcome"]) == ("stop", "completed")
+
+
+@pytest.mark.timeout(120)
+async def test_a_stop_does_not_report_an_earlier_batchs_run_of_the_same_id(
+        topics: Settings, redis: Redis) -> None:
+    """A published id used again after its batch and claim expired: Prefect hands back the
+    earlier batch's run for the id, so the run command makes one of this batch's own
+    (`of_an_earlier_batch`), but both carry the id's tags. A stop found both by their tags
+    and reported the earlier one's Completed as this batch's end: GET said stop/completed
+    while this batch's run was still being cancelled (its steps never ran to the end)."""
+    async with idle_pool(topics, redis) as pool:
+        batch_id = await pool.batch()
+        earlier = await pool.run(batch_id)
+        await pool.client.set_flow_run_state(UUID(earlier), Completed(), force=True)
+        # This batch's run command made a run of its own; the batch was created over an
+        # hour after the earlier run (its creation time moved instead of the test waiting).
+        own = await pool.client.create_flow_run_from_deployment(
+            pool.deployment_id, idempotency_key=f"{batch_id}@own",
+            tags=[*flow_run_tags(batch_id, pool.pipeline_id, "1"), pool.scope_tag],
+            parameters={"batch_id": batch_id, "pipeline_id": pool.pipeline_id,
+                        "pipeline_version": "1"})
+        assert own.created is not None
+        created_at = (own.created + timedelta(seconds=EARLIER_BATCH_S)).isoformat()
+        await redis.hset(keys.batch(pool.pipeline_id, batch_id), "created_at", created_at)
+        await pool.client.set_flow_run_state(own.id, Running(), force=True)
+        store = BatchStore.from_settings(redis, topics)
+        await store.apply([Event("batch.state", batch_id, pool.pipeline_id,
+                                 event_id=f"sched-{own.id}", state="scheduled",
+                                 flow_run_id=str(own.id)),
+                           Event("batch.state", batch_id, pool.pipeline_id, event_id="run",
+                                 state="running", flow_run_id=str(own.id))])
+        async with running(EventsConsumer(topics, options())), \
+                running(CommandsConsumer(topics, options())):
+            await send_command(topics, "stop", pool.pipeline_id, batch_id)
+
+            async def follow_up_queued() -> bool:
+                return await redis.zscore(keys.CLEANUP_DUE,
+                                          f"stop/{pool.pipeline_id}/{batch_id}") is not None
+            await eventually(follow_up_queued, timeout=30)
+            assert await pool.state_of(str(own.id)) == "CANCELLING"
+            # Whatever the stop published went before this mark, on the batch's partition.
+            mark = Event("step.offsets", batch_id, pool.pipeline_id, step="extract",
+                         offsets={"mark": 1})
+            await send(topics, topics.topic_events, batch_id, mark.encode())
+
+            async def applied() -> bool:
+                fields = await store.fields(pool.pipeline_id, batch_id)
+                return fields is not None and "off:extract:mark" in fields
+            await eventually(applied, timeout=30)
+        batch = await store.get(pool.pipeline_id, batch_id)
+        assert batch is not None
+        assert (batch["state"]["state"], batch.get("outcome")) == ("running", None)
+
+
+@pytest.mark.timeout(90)
+async def test_the_reconciler_does_not_take_an_earlier_batchs_run_for_this_ones(
+        topics: Settings, redis: Redis) -> None:
+    """A batch indexed as live whose run id Redis has not recorded (its event lost, or a
+    rebuild) is looked up by its tags, which an earlier batch of the same id shares: the
+    reconciler took that batch's Completed run for this one's, and a batch whose run had not
+    run yet said stop/completed (and its run command then skipped it as stopped)."""
+    async with idle_pool(topics, redis) as pool:
+        batch_id = await pool.batch()
+        earlier = await pool.run(batch_id)
+        await pool.client.set_flow_run_state(UUID(earlier), Completed(), force=True)
+        [run] = await pool.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[UUID(earlier)])))
+        assert run.created is not None
+        created_at = (run.created + timedelta(seconds=2 * EARLIER_BATCH_S)).isoformat()
+        await redis.hset(keys.batch(pool.pipeline_id, batch_id), "created_at", created_at)
+        await ActiveRuns(redis).add(pool.pipeline_id, batch_id)
+        reconciler = Reconciler(topics, options(zombie_after_s=0),
+                                orphans=OrphanOptions(enabled=False))
+        await reconciler.start()
+        try:
+            events = await reconciler.reconcile()
+        finally:
+            await reconciler.close()
+    assert [(e.state, e.outcome) for e in events if e.batch_id == batch_id] == []

@@ -143,8 +143,13 @@ class CommandEffects:
         fields = await self._fields(command)
         if fields is None or fields.get("state") == "stop":
             return
-        runs = await self.prefect.of_batch(command.pipeline_id, command.batch_id,
-                                           fields.get("flow_run_id"))
+        # Found by the id's tags: a run of an earlier batch of this id (published again
+        # after it expired) is not this batch's, and its end must not be reported as this
+        # batch's.
+        created_at = fields.get("created_at", "")
+        runs = [run for run in await self.prefect.of_batch(
+                    command.pipeline_id, command.batch_id, fields.get("flow_run_id"))
+                if not of_an_earlier_batch(run, created_at)]
         events: list[Event] = []
         if not runs:
             events.append(Event(
