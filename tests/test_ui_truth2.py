@@ -13,6 +13,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
 
 import httpx
 from selenium.webdriver.common.by import By
@@ -296,3 +297,27 @@ def test_a_step_not_done_is_never_shown_at_100_percent(
     summary = until(browser, lambda d: d.find_element(
         By.CSS_SELECTOR, "#steps .step[data-step='extract'] .summary").text, what="the summary")
     assert "9,996 records" in summary and "100.0%" not in summary, summary
+
+
+def test_times_say_their_zone(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """The page showed the API's UTC times in the browser's zone with no zone named: in
+    Seoul, a batch created at 14:21 UTC read "11:21:49 PM", which no reader could tell from
+    11:21 PM UTC (or a colleague's screenshot from their own zone)."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    [batch_id] = write_batches(live, pipeline_id, 1)
+    created = httpx.get(f"{base_url}/api/v1/batches/{pipeline_id}/{batch_id}",
+                        headers={"Authorization": f"Bearer {token}"}, timeout=10
+                        ).json()["created_at"]
+    browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": "Asia/Seoul"})
+    try:
+        signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+        cell = until(browser, lambda d: d.find_element(
+            By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}'] td:last-child").text,
+            what="the created time")
+        seoul = datetime.fromisoformat(created.replace("Z", "+00:00")).astimezone(
+            timezone(timedelta(hours=9)))
+        assert f"{seoul:%-I:%M:%S}" in cell, (cell, created)
+        assert "GMT+9" in cell, f"no zone named: {cell!r} (the API says {created})"
+    finally:
+        browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})

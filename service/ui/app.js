@@ -35,10 +35,12 @@
     return node;
   }
 
+  // In the reader's zone, named: the API's times are UTC, and a bare "11:21 PM" cannot be
+  // told apart from the same clock time elsewhere (a screenshot passed to a colleague).
   function when(iso) {
     if (!iso) return "";
     const date = new Date(iso);
-    return isNaN(date) ? iso : date.toLocaleString();
+    return isNaN(date) ? iso : date.toLocaleString(undefined, { timeZoneName: "short" });
   }
 
   function badge(state, extra) {
