@@ -69,6 +69,13 @@ def created_bound(name: str, raw: str) -> str:
     """An ISO-8601 time with its timezone as PAGE_RANGE compares `created_at` with it: UTC, fixed
     width, milliseconds (`created_at` has no finer ones), rounded up — so `created_at >=`
     and `created_at <` the result are exact for both bounds."""
+    return _rounded(name, *_instant(name, raw))
+
+
+def _instant(name: str, raw: str) -> tuple[datetime, str]:
+    """The time `raw` names, exactly: in UTC to the microsecond, and its seconds' fraction
+    past the microsecond (digits, no trailing zero: compared as text, they compare as the
+    fractions do). datetime keeps six digits of a fraction and drops the rest."""
     try:
         when = datetime.fromisoformat(raw)
     except ValueError:
@@ -76,12 +83,17 @@ def created_bound(name: str, raw: str) -> str:
                         "2026-01-31T23:59:59Z (a '+' in an offset travels as %2B)") from None
     if when.tzinfo is None:
         raise BadFilter(f"{name} must include a timezone (Z or an offset such as +02:00)")
-    # datetime keeps six digits of the seconds' fraction and drops the rest: a time past
-    # them (`.0000009`) is later than what it read, and rounds up as a microsecond would.
     fraction = _SECONDS_FRACTION.search(raw)
-    finer = fraction is not None and fraction.group(1)[6:].strip("0") != ""
+    finer = fraction.group(1)[6:].rstrip("0") if fraction is not None else ""
     try:
-        when = when.astimezone(UTC)
+        return when.astimezone(UTC), finer
+    except OverflowError:
+        raise BadFilter(f"{name} is out of range") from None
+
+
+def _rounded(name: str, when: datetime, finer: str) -> str:
+    """`_instant`'s time up to the next millisecond, in `created_at`'s form."""
+    try:
         if when.microsecond % 1000 or finer:
             when += timedelta(microseconds=1000 - when.microsecond % 1000)
     except OverflowError:
@@ -107,11 +119,15 @@ class ListFilter:
             raise BadFilter(f"state must be one of {', '.join(BATCH_STATES)}")
         if outcome is not None and outcome not in OUTCOMES:
             raise BadFilter(f"outcome must be one of {', '.join(OUTCOMES)}")
-        after = created_bound("created_after", created_after) if created_after is not None else None
-        before = (created_bound("created_before", created_before)
-                  if created_before is not None else None)
-        if after is not None and before is not None and after >= before:
+        after_at = _instant("created_after", created_after) if created_after is not None else None
+        before_at = (_instant("created_before", created_before)
+                     if created_before is not None else None)
+        # The times as given: rounded to milliseconds, a valid window narrower than one
+        # (.0001 to .0009) would read as not earlier. It is empty (`disjoint`).
+        if after_at is not None and before_at is not None and after_at >= before_at:
             raise BadFilter("created_after must be earlier than created_before")
+        after = _rounded("created_after", *after_at) if after_at is not None else None
+        before = _rounded("created_before", *before_at) if before_at is not None else None
         return cls(state, outcome, after, before)
 
     @property
@@ -120,8 +136,11 @@ class ListFilter:
 
     @property
     def disjoint(self) -> bool:
-        """No batch can match: only a stopped batch has an outcome."""
-        return self.outcome is not None and self.state not in (None, "stop")
+        """No batch can match: only a stopped batch has an outcome, and `created_at` has
+        no time within a window narrower than a millisecond (its bounds round alike)."""
+        return ((self.outcome is not None and self.state not in (None, "stop"))
+                or (self.created_after is not None and self.created_before is not None
+                    and self.created_after >= self.created_before))
 
     def digest(self) -> str:
         """What a token records of its filter ('' for none: unfiltered tokens stay as they were)."""

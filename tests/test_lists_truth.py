@@ -73,3 +73,26 @@ async def test_a_created_bound_finer_than_a_microsecond_is_not_cut_short(
             response = await api.get(f"/api/v1/batches/{P}/?{query}", headers=AUTH)
             assert response.status == 200, (query, await response.text())
             assert list((await response.json())["items"]) == listed, query
+
+
+async def test_a_window_with_no_millisecond_in_it_is_empty_not_refused(
+        topics: Settings, redis: Redis) -> None:
+    """created_after=...00.0001Z&created_before=...00.0009Z is a valid window (after is
+    earlier) holding no millisecond `created_at` can have: it was a 400 saying created_after
+    was not earlier than created_before (both bounds round to .001)."""
+    store = BatchStore.from_settings(redis, topics)
+    await make(store, 1)
+    await redis.hset(keys.batch(P, "b000"), mapping={"created_at": "2030-01-01T00:00:00.000Z"})
+    async with api_client(api_settings(topics)) as api:
+        for after, before in (("00.0001Z", "00.0009Z"), ("00.00000001Z", "00.00000009Z")):
+            response = await api.get(f"/api/v1/batches/{P}/?created_after=2030-01-01T00:00:{after}"
+                                     f"&created_before=2030-01-01T00:00:{before}", headers=AUTH)
+            assert (response.status, await response.json()) == (200, {"items": {},
+                                                                      "token": None}), after
+        # Not earlier (the same instant, or later, written however) is still a 400.
+        for after, before in (("2030-01-01T00:00:00.0001Z", "2030-01-01T01:00:00.0001%2B01:00"),
+                              ("2030-01-01T00:00:00.00000009Z", "2030-01-01T00:00:00.00000001Z")):
+            response = await api.get(f"/api/v1/batches/{P}/?created_after={after}"
+                                     f"&created_before={before}", headers=AUTH)
+            assert response.status == 400, after
+            assert "earlier" in (await response.json())["error"]["message"]
