@@ -321,3 +321,31 @@ def test_times_say_their_zone(
         assert "GMT+9" in cell, f"no zone named: {cell!r} (the API says {created})"
     finally:
         browser.execute_cdp_cmd("Emulation.setTimezoneOverride", {"timezoneId": ""})
+
+
+def test_records_past_2_to_the_53_are_counted_exactly(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """Each offset is at most 2**53 - 1 (the codec's bound), but the page's sum of a step's
+    partitions was a JavaScript number: 2**53 - 1 and 2 records read 9,007,199,254,740,992."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    batch_id = f"batch-big-{uuid.uuid4().hex[:6]}"
+    write_batches(live, pipeline_id, 0, [
+        Event("batch.state", batch_id, pipeline_id, state="running"),
+        Event("step.state", batch_id, pipeline_id, step="extract", state="running"),
+        Event("step.offsets", batch_id, pipeline_id, step="extract",
+              offsets={"partition_0": 2**53 - 1, "partition_1": 2}),
+    ], ids=[batch_id])
+    got = httpx.get(f"{base_url}/api/v1/batches/{pipeline_id}/{batch_id}",
+                    headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    offsets = got["state"]["steps"]["extract"]["offsets"]
+    assert offsets == {"partition_0": 2**53 - 1, "partition_1": 2}, offsets
+    exact = f"{sum(offsets.values()):,} records"
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+    listed_text = until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}'] td.num").text,
+        what="the list's progress")
+    assert exact in listed_text, (listed_text, exact)
+    browser.execute_script("location.hash = arguments[0]", f"#/p/{pipeline_id}/{batch_id}")
+    summary = until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, "#steps .step[data-step='extract'] .summary").text, what="the summary")
+    assert exact in summary, (summary, exact)

@@ -17,7 +17,14 @@
   const RETRY_MAX_MS = 10000;
 
   const $ = (id) => document.getElementById(id);
-  const num = (n) => Number(n).toLocaleString("en-US");
+  const num = (n) => (typeof n === "bigint" ? n : Number(n)).toLocaleString("en-US");
+  // A step's records over its partitions, as "1,234 records". Each offset is at most
+  // 2**53 - 1 (exact as a number), their sum need not be: summed as a BigInt.
+  const records = (offsets) => {
+    const done = Object.values(offsets || {}).reduce((sum, n) =>
+      sum + BigInt(Number.isInteger(n) ? n : Math.trunc(Number(n)) || 0), 0n);  // never throws
+    return `${num(done)} ${done === 1n ? "record" : "records"}`;
+  };
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -337,9 +344,8 @@
     const current = steps.find(([, s]) => s.state === "running") || started.at(-1);
     if (!current) return "";
     const [name, step] = current;
-    const done = Object.values(step.offsets || {}).reduce((a, b) => a + b, 0);
     const percent = percentText(step, 0) ? ` (${percentText(step, 0)})` : "";
-    return `${name}: ${num(done)} ${done === 1 ? "record" : "records"}${percent}`;
+    return `${name}: ${records(step.offsets)}${percent}`;
   }
 
   function batchesView(pipelineId) {
@@ -612,11 +618,10 @@
         const moving = step.state === "running" && state !== "stop";
         node.card.dataset.state = step.state;
         const offsets = step.offsets || {};
-        const done = Object.values(offsets).reduce((a, b) => a + b, 0);
         const progress = step.progress || null;
         const stalled = progress && progress.stalled;
         node.stateSlot.replaceChildren(badge(step.state), stalled ? " " : "", stalled ? badge("failed", "stalled") : "");
-        const bits = [`${num(done)} ${done === 1 ? "record" : "records"}`];
+        const bits = [records(offsets)];
         if (percentText(step, 1)) bits.unshift(percentText(step, 1));
         if (progress && typeof progress.records_per_s === "number") bits.push(`${num(Math.round(progress.records_per_s))}/s`);
         if (progress && typeof progress.eta_s === "number" && moving) bits.push(`ETA ${Math.round(progress.eta_s)} s`);
