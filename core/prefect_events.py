@@ -13,11 +13,13 @@ the reconciler all name one transition the same way, so Redis applies it once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from core.codec import MAX_REASON, Event
+from core.messages import MAX_TS_AHEAD_S
 from core.models import batch_id_from_tags, is_uuid, valid_id
 
 FLOW_RUN_PREFIX: Final = "prefect.flow-run."
@@ -89,10 +91,21 @@ def flow_state_event(
         flow_run_id=flow_run_id,
     )
     if ts is not None:
-        event.ts = ts
+        event.ts = _in_range(ts)
     if outcome is not None and message:
         event.reason = message[:MAX_REASON]
     return event
+
+
+def _in_range(ts: float) -> float:
+    """A state's time as the events codec takes it. One it refuses (before 1970, or more
+    than a day ahead: a worker's clock far off) says nothing of when the run entered the
+    state; kept, it had the event dead-lettered and the state lost, the reconciler's repair
+    of it too. Before 1970 counts as 0 (any real time beats it), ahead as now."""
+    if ts < 0:
+        return 0.0
+    now = time.time()
+    return now if ts > now + MAX_TS_AHEAD_S else ts
 
 
 def _tags(related: Iterable[Any]) -> list[str]:
@@ -209,6 +222,6 @@ def translate(
             event_id=event_id(prefect_id), step=step, state=step_state,
         )  # fmt: skip
         if ts is not None:
-            step_event.ts = ts
+            step_event.ts = _in_range(ts)
         return [step_event]
     return []

@@ -297,3 +297,23 @@ async def test_the_reconciler_does_not_take_an_earlier_batchs_run_for_this_ones(
         finally:
             await reconciler.close()
     assert [(e.state, e.outcome) for e in events if e.batch_id == batch_id] == []
+
+
+@pytest.mark.parametrize("entered", ["2099-01-01T00:00:00+00:00", "1960-01-01T00:00:00+00:00"])
+@pytest.mark.parametrize("name", ["flow_run_completed", "task_run_completed"])
+def test_a_state_stamped_out_of_range_still_reaches_the_batch(name: str, entered: str) -> None:
+    """A run whose worker's clock is off (a state stamped years ahead, or before 1970) was
+    translated with that time, which the events codec refuses: the event was dead-lettered
+    (after the webhook had answered 202 `accepted: 1`), and the reconciler's repair, stamped
+    the same, too, every round: the batch stayed `running` for ever. Such a time says
+    nothing of when the run entered the state, so it does not decide anything."""
+    event = copy.deepcopy(DATA[name])
+    event["resource"]["prefect.state-timestamp"] = entered
+    event["occurred"] = entered
+    [out] = translate(event)
+    assert decode_event(out.encode()).to_dict() == out.to_dict()
+    repaired = flow_state_event(pipeline_id=P, batch_id="b", flow_run_id=FLOW_RUN,
+                                state_type="COMPLETED", state_id=str(uuid.uuid4()),
+                                ts=datetime.fromisoformat(entered).timestamp())
+    assert repaired is not None
+    assert decode_event(repaired.encode()).to_dict() == repaired.to_dict()

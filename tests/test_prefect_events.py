@@ -69,16 +69,16 @@ def test_timestamp_is_when_the_run_entered_the_state() -> None:
     occurred = datetime.fromisoformat(event["occurred"].replace("Z", "+00:00"))
     assert out.ts == pytest.approx(occurred.timestamp())
     # The state's own timestamp first, the event's time without it (UTC when naive).
-    event["resource"]["prefect.state-timestamp"] = "2031-01-01T00:00:00+00:00"
-    event["occurred"] = "2030-01-01T00:00:00Z"
+    event["resource"]["prefect.state-timestamp"] = "2021-01-01T00:00:00+00:00"
+    event["occurred"] = "2020-01-01T00:00:00Z"
     [out] = translate(event)
-    assert out.ts == 1924992000.0
+    assert out.ts == 1609459200.0
     del event["resource"]["prefect.state-timestamp"]
     [out] = translate(event)
-    assert out.ts == 1893456000.0
-    event["occurred"] = "2030-01-01T00:00:00"
+    assert out.ts == 1577836800.0
+    event["occurred"] = "2020-01-01T00:00:00"
     [out] = translate(event)
-    assert out.ts == 1893456000.0
+    assert out.ts == 1577836800.0
 
 
 def test_a_completed_after_a_cancelled_carries_the_later_ts() -> None:
