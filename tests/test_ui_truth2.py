@@ -349,3 +349,38 @@ def test_records_past_2_to_the_53_are_counted_exactly(
     summary = until(browser, lambda d: d.find_element(
         By.CSS_SELECTOR, "#steps .step[data-step='extract'] .summary").text, what="the summary")
     assert exact in summary, (summary, exact)
+
+
+def test_a_long_batch_id_does_not_push_its_state_out_of_sight(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """Ids may be 128 characters (published batches name their own): one unbroken id made
+    the list's table wider than the page, and the table's clipping hid its other columns."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    batch_id = ("batch-" + uuid.uuid4().hex * 4)[:128]
+    write_batches(live, pipeline_id, 0, [
+        Event("batch.state", batch_id, pipeline_id, state="running"),
+    ], ids=[batch_id])
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+    until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}']"), what="the row")
+    hidden = browser.execute_script("""
+        const row = document.querySelector('#batches tbody tr');
+        const table = document.getElementById('batches').getBoundingClientRect();
+        const view = document.documentElement.clientWidth;
+        return [...row.children].map((cell, n) => [n, cell.getBoundingClientRect()])
+          .filter(([, r]) => r.right > Math.min(table.right, view) + 1 || r.width < 1)
+          .map(([n, r]) => `column ${n}: ${Math.round(r.left)}-${Math.round(r.right)}`
+                           + ` of ${Math.round(Math.min(table.right, view))}`);""")
+    assert not hidden, hidden
+    badge = browser.find_element(By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}'] .badge")
+    assert badge.is_displayed() and badge.text == "running"
+    browser.execute_script("location.hash = arguments[0]", f"#/p/{pipeline_id}/{batch_id}")
+    state = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "#batch .toolbar .badge"),
+                  what="the batch's state")
+    right = browser.execute_script(
+        "return [arguments[0].getBoundingClientRect().right,"
+        " document.getElementById('delete').getBoundingClientRect().right,"
+        " document.getElementById('logout').getBoundingClientRect().right,"
+        " document.documentElement.clientWidth]", state)
+    # (The state badge, the Delete button and the header's Log out, then the page's width.)
+    assert max(right[:3]) <= right[3], f"off the page: {right}"
