@@ -384,3 +384,19 @@ def test_a_long_batch_id_does_not_push_its_state_out_of_sight(
         " document.documentElement.clientWidth]", state)
     # (The state badge, the Delete button and the header's Log out, then the page's width.)
     assert max(right[:3]) <= right[3], f"off the page: {right}"
+
+
+def test_a_malformed_view_link_does_not_leave_the_last_view_showing_live(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """`#/p/%E0%A4%A` (a link cut short) threw in the router after the last view's stream
+    was closed: that view stayed on screen, its header saying "live", updated no more."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    write_batches(live, pipeline_id, 1)
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+    until(browser, lambda d: len(listed(d)) == 1, what="the list")
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="stream open")
+    browser.execute_script("location.hash = '#/p/%E0%A4%A'")
+    until(browser, lambda d: not d.find_elements(By.ID, "batches") or not d.find_element(
+        By.ID, "live").is_displayed() or d.find_element(By.ID, "live").text != "live",
+        timeout=5, what="the list left, or no longer said live")
+    assert not browser.find_elements(By.ID, "batches"), "the closed list is still shown"

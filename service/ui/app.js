@@ -687,7 +687,14 @@
       if (!match) leave = pipelinesView();
       else if (!match[2]) leave = batchesView(decodeURIComponent(match[1]));
       else leave = batchView(decodeURIComponent(match[1]), decodeURIComponent(match[2]));
-    } catch (err) { failed(err); }
+    } catch (err) {
+      // The last view's stream is closed: left on screen, it would say "live" and never move.
+      crumbs();
+      setLive("none");
+      $("main").replaceChildren(el("p", { class: "card empty error", id: "broken" },
+        `This page's address cannot be read (${err.message || err}). `,
+        el("a", { href: "#/" }, "Back to the pipelines")));
+    }
   }
 
   function start() {
