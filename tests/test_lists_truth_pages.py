@@ -24,9 +24,8 @@ class _HideAfterIndexRead:
     """The pager's Redis, or its scripts, acting on the batches a chosen index read returned
     right after that read (as DELETEs or stops landing between a page's two round trips do)."""
 
-    def __init__(self, inner: Any, act: Callable[[list[str]], Awaitable[None]],
-                 reads: int = 1) -> None:
-        self._inner, self._act, self._reads = inner, act, reads
+    def __init__(self, inner: Any, act: Callable[[list[str]], Awaitable[None]]) -> None:
+        self._inner, self._act, self._reads = inner, act, 1
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -48,12 +47,12 @@ class _HideAfterIndexRead:
 
 
 def _race(store: BatchStore, act: Callable[[list[str]], Awaitable[None]]) -> None:
-    """`act` runs after the next index read of the store's pages (either kind)."""
+    """`act` runs once, after the next index read of the store's pages (either kind: the
+    scripts' hook hands its read to the Redis hook, which acts on the first of all)."""
     pager = store._pager
     hook = _HideAfterIndexRead(pager._redis, act)
     pager._redis = hook  # type: ignore[assignment]
     pager._scripts = _HideAfterIndexRead(pager._scripts, hook._after)  # type: ignore[assignment]
-    hook._reads = 1
 
 
 async def test_dhub_ls_sees_the_older_batch_while_the_newest_is_deleted(
