@@ -1,9 +1,11 @@
 """How a rebuilt Redis differs from another (the live one): the check behind a dry run,
 `python -m consumers.rebuild --redis-url <empty db> --compare-with <live db>`.
 
-Compared: every pipeline's versions in order, and every listed batch's hash apart from the
+Compared: every pipeline's versions in order, every listed batch's hash apart from the
 dedup state a snapshot does not carry (`core.snapshots.NOT_SNAPSHOTTED`), each as its
-readers see it (`core.packing.unpacked`: a finished batch packed on one side only is equal).
+readers see it (`core.packing.unpacked`: a finished batch packed on one side only is equal),
+whether the rebuilt one lists it too, and the batches each of the list's filter indexes
+(state, outcome) holds: a hash no list reaches is not there for GET's list or its filters.
 On a stack that keeps running, batches changed since the snapshots were read differ: compare
 a quiet one.
 """
@@ -41,6 +43,16 @@ async def _listed(redis: Redis, pipeline_id: str) -> list[str]:
     return cast(list[str], await redis.zrange(keys.batch_index(pipeline_id), 0, -1))
 
 
+async def _index_names(pipeline_id: str) -> list[tuple[str, str]]:
+    """(key, name as reported: `state:pending`, `outcome:failed`) of the filter indexes."""
+    return [(key, key.rsplit(":batches:", 1)[1])
+            for key in keys.batch_filter_indexes(pipeline_id)]
+
+
+async def _members(redis: Redis, key: str) -> set[str]:
+    return set(cast(list[str], await redis.zrange(key, 0, -1)))
+
+
 async def _hashes(redis: Redis, pipeline_id: str, ids: list[str]) -> list[dict[str, str]]:
     async with redis.pipeline(transaction=False) as pipe:
         for batch_id in ids:
@@ -55,18 +67,24 @@ async def compare(source: Redis, rebuilt: Redis) -> StateDiff:
         if await old.versions(pipeline_id) != await new.versions(pipeline_id):
             diff.pipelines.append(pipeline_id)
         ids, rebuilt_ids = await _listed(source, pipeline_id), await _listed(rebuilt, pipeline_id)
-        diff.extra += [f"{pipeline_id}/{b}" for b in sorted(set(rebuilt_ids) - set(ids))]
+        listed = set(rebuilt_ids)
+        diff.extra += [f"{pipeline_id}/{b}" for b in sorted(listed - set(ids))]
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start:start + CHUNK]
             pairs = zip(await _hashes(source, pipeline_id, chunk),
                         await _hashes(rebuilt, pipeline_id, chunk), strict=True)
             for batch_id, (was, now) in zip(chunk, pairs, strict=True):
                 diff.batches += 1
-                if not now:
+                if not now or batch_id not in listed:
                     diff.missing.append(f"{pipeline_id}/{batch_id}")
                     continue
                 fields = sorted(f for f in set(was) | set(now)
                                 if f not in NOT_SNAPSHOTTED and was.get(f) != now.get(f))
                 if fields:
                     diff.differing.append(f"{pipeline_id}/{batch_id}: {', '.join(fields)}")
+        for key, name in await _index_names(pipeline_id):
+            held, rebuilt_held = await _members(source, key), await _members(rebuilt, key)
+            diff.differing += [
+                f"{pipeline_id}/{b}: {'not ' if b in held else ''}indexed under {name}"
+                for b in sorted(held ^ rebuilt_held)]
     return diff
