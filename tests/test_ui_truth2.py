@@ -229,7 +229,8 @@ def test_a_view_left_does_not_mark_the_next_one_final(
 def test_a_token_that_may_not_read_is_not_shown_loading_for_ever(
         browser: WebDriver, token: str, live: Settings) -> None:
     """A JWT with batches:write but not batches:read: the API answers 403 to every read. The
-    list said "Loading…" (and the batch page nothing) once the 12 s flash was gone."""
+    list and the pipelines said "Loading…" (and the batch page nothing) once the 12 s flash
+    was gone."""
     pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
     [batch_id] = write_batches(live, pipeline_id, 1)
     server = Api(free_port())
@@ -249,10 +250,10 @@ def test_a_token_that_may_not_read_is_not_shown_loading_for_ever(
                             headers={"Authorization": f"Bearer {writer}"}, timeout=10)
         assert refused.status_code == 403, refused.text
         for view, what in ((f"#/p/{pipeline_id}", "the list"),
-                           (f"#/p/{pipeline_id}/{batch_id}", "the batch")):
+                           (f"#/p/{pipeline_id}/{batch_id}", "the batch"),
+                           ("#/", "the pipelines")):
             signed_in(browser, server.url, writer, view)
-            until(browser, lambda d: d.find_element(By.ID, "live").text == "offline",
-                  what=f"{what}'s stream refused")
+            until(browser, lambda d: d.find_element(By.ID, "flash").text, what=f"{what} refused")
             # What stays once the flash is gone: the view itself must say it.
             browser.execute_script("document.getElementById('flash').hidden = true")
             text = browser.find_element(By.ID, "main").text

@@ -83,6 +83,7 @@
   }
 
   class SignedOut extends Error {}
+  const MAY_NOT_READ = "This token may not read batches (it lacks the scope batches:read).";
 
   function signOut(message) {
     sessionStorage.removeItem(TOKEN_KEY);
@@ -104,7 +105,8 @@
     if (response.status === 401) throw signOut("The API refused the token (401): sign in again.");
     if (!response.ok) {
       const message = body && body.error ? body.error.message : response.statusText;
-      throw new Error(`${method} ${path}: ${response.status} ${message}`);
+      throw Object.assign(new Error(`${method} ${path}: ${response.status} ${message}`),
+                          { status: response.status });
     }
     return body;
   }
@@ -159,7 +161,7 @@
       if (response.status === 404) { setLive("off"); if (onMissing) onMissing(); return; }
       if (response.status === 403) {  // retrying cannot help: the token lacks batches:read
         setLive("off");
-        const why = "This token may not read batches (it lacks the scope batches:read).";
+        const why = MAY_NOT_READ;
         // Said in the view, which stays: a flash alone went after 12 s, leaving "Loading…".
         if (onRefused) onRefused(why);
         flash(why, "error");
@@ -307,14 +309,22 @@
           el("td", { class: "muted mono" }, p.deployment || ""));
       }));
     };
+    // A read that failed is said in the table, which stays ("Loading…" did, once the flash
+    // had gone, though nothing was loading any more).
+    const refresh = () => load().catch((err) => {
+      failed(err);
+      if (err instanceof SignedOut) return;
+      body.replaceChildren(el("tr", {}, el("td", { colspan: 4, class: "empty error" },
+        err.status === 403 ? MAY_NOT_READ : `The pipelines could not be read (${err.message}): Refresh to try again.`)));
+    });
     $("main").replaceChildren(
       el("div", { class: "toolbar" }, el("h1", {}, "Pipelines"),
-        el("button", { type: "button", onclick: () => load().catch(failed) }, "Refresh")),
+        el("button", { type: "button", onclick: refresh }, "Refresh")),
       el("table", { id: "pipelines" },
         el("thead", {}, el("tr", {}, el("th", {}, "Pipeline"), el("th", {}, "Latest version"),
           el("th", {}, "Steps"), el("th", {}, "Deployment"))),
         body));
-    load().catch(failed);
+    refresh();
     return () => {};
   }
 
