@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -18,9 +19,11 @@ from core.step_catalogue import config_problems, known_steps
 from service import auth
 from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
 from service.batches import json_obj, path_id
-from service.command_sender import UNAVAILABLE_MESSAGE
+from service.command_sender import UNAVAILABLE_MESSAGE, Ambiguous, Refused
 from service.errors import ApiError, bad_request, not_found
 from service.run_body import refuse_duplicate_keys
+
+log = logging.getLogger(__name__)
 
 # Below a client's usual 10 s timeout, far above a healthy broker's acknowledgement.
 RECORD_TIMEOUT_S = 5.0
@@ -103,8 +106,14 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
     if outcome is Registered.CONFLICT:
         raise _conflict(pipeline_id, spec)
     # The commands consumer creates or updates the Prefect deployment `run-pipeline/<name>`.
-    # Sent for an unchanged version too: a client retrying after a 503 heals the deployment.
-    await request.app[COMMANDS].command(Command("deploy", "", pipeline_id, spec.version))
+    # Sent for an unchanged version too: a PUT again heals the deployment. Not queued, it is
+    # no 503: the version is recorded and registered (GET shows it latest, POSTs run it),
+    # and a run ensures its deployment itself; "retry later" said the PUT had not happened.
+    try:
+        await request.app[COMMANDS].command(Command("deploy", "", pipeline_id, spec.version))
+    except (Refused, Ambiguous):
+        log.warning("pipeline %s version %s registered; its deploy command was not queued "
+                    "(its first run deploys it)", pipeline_id, spec.version)
     created = outcome is Registered.CREATED
     return json_obj({**_describe(pipeline_id, versions), "created": created},
                     status=201 if created else 200)
