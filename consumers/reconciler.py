@@ -110,10 +110,13 @@ class Reconciler(Part):
             run = runs.get(flow_run_id)
             event: Event | None
             if run is None:
+                # A guess (ts 0): a run deleted after it ended may still have its real end
+                # on the way (the bridge behind), which must win however late.
                 event = Event(
                     type="batch.state", batch_id=batch_id, pipeline_id=pipeline_id,
                     event_id=derived_id("gone-", flow_run_id), state="stop", outcome="crashed",
                     reason="the flow run no longer exists in Prefect", flow_run_id=flow_run_id,
+                    ts=0.0,
                 )  # fmt: skip
             elif run.state_type is None or run.state_id is None:
                 continue

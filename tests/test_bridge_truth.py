@@ -317,3 +317,39 @@ def test_a_state_stamped_out_of_range_still_reaches_the_batch(name: str, entered
                                 ts=datetime.fromisoformat(entered).timestamp())
     assert repaired is not None
     assert decode_event(repaired.encode()).to_dict() == repaired.to_dict()
+
+
+@pytest.mark.timeout(90)
+async def test_a_runs_real_end_beats_the_reconcilers_guess_that_it_is_gone(
+        topics: Settings, redis: Redis) -> None:
+    """A run that completed and was then deleted in Prefect (its UI, a clean-up of old
+    runs) while the bridge was behind: the reconciler finds no run and guesses `crashed`,
+    stamped with when it looked; the bridge's replay of the run's Completed then carries an
+    earlier time and lost to the guess for good, though it is what happened."""
+    async with idle_pool(topics, redis) as pool:
+        batch_id = await pool.batch()
+        flow_run_id = await pool.scheduled(batch_id)
+        result: Any = await pool.client.set_flow_run_state(UUID(flow_run_id), Completed(),
+                                                           force=True)
+        assert result.state is not None
+        completed = flow_state_event(
+            pipeline_id=pool.pipeline_id, batch_id=batch_id, flow_run_id=flow_run_id,
+            state_type="COMPLETED", state_id=str(result.state.id),
+            ts=result.state.timestamp.timestamp())
+        assert completed is not None
+        await pool.client.delete_flow_run(UUID(flow_run_id))
+        reconciler = Reconciler(topics, options(zombie_after_s=0),
+                                orphans=OrphanOptions(enabled=False))
+        await reconciler.start()
+        try:
+            events = await reconciler.reconcile()
+        finally:
+            await reconciler.close()
+    [gone] = [e for e in events if e.batch_id == batch_id and e.state == "stop"]
+    assert gone.outcome == "crashed"
+    store = BatchStore.from_settings(redis, topics)
+    await store.apply([gone])
+    await store.apply([completed])  # the bridge, caught up
+    batch = await store.get(pool.pipeline_id, batch_id)
+    assert batch is not None
+    assert (batch["state"]["state"], batch["outcome"]) == ("stop", "completed")
