@@ -95,9 +95,10 @@ def _batch_paths() -> dict[str, Any]:
                                  "timezone)"}],
                 ("404",),
                 description=(
-                    "Needs the scope `batches:read`. Filters combine; a filtered page may hold "
-                    "fewer than `limit` batches (one that left the filter since it was indexed "
-                    "is skipped) while its token is not null. A pipeline never registered and "
+                    "Needs the scope `batches:read`. Filters combine; a page with a token holds "
+                    "`limit` batches (in rare races, after 8 reads, fewer). A query parameter "
+                    "the list does not take is a 400, but for a `_` cache-buster. A pipeline "
+                    "never registered and "
                     "without a batch is a 404 (a registered one without a batch: an empty "
                     "page). With `Accept: text/event-stream` the pipeline's changes stream, "
                     "unfiltered and from the newest batches (filters or a token then are a "

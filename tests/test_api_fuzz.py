@@ -43,8 +43,9 @@ CONFIG = schemathesis.Config.from_dict({
     "seed": SEED,
     # The test sends real credentials with every request (below), so schemathesis does not
     # generate its own; the auth check still sends each operation without and with invalid
-    # credentials. Unknown query parameters are ignored by design (a client's cache-buster
-    # must not break a call), so they are not counted as invalid data.
+    # credentials. Unknown query parameters are not generated: most GETs ignore them (a
+    # client's cache-buster must not break a call); the list refuses them, but for a `_`
+    # cache-buster (tests/test_lists_truth.py).
     "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True,
                    "database": "none", "no-shrink": True, "with-security-parameters": False,
                    "allow-extra-parameters": False},
