@@ -401,3 +401,16 @@ def test_a_malformed_view_link_does_not_leave_the_last_view_showing_live(
         By.ID, "live").is_displayed() or d.find_element(By.ID, "live").text != "live",
         timeout=5, what="the list left, or no longer said live")
     assert not browser.find_elements(By.ID, "batches"), "the closed list is still shown"
+
+
+def test_an_id_the_api_refuses_is_not_shown_as_reconnecting(
+        browser: WebDriver, base_url: str, token: str) -> None:
+    """`#/p/sales pipeline` (a space): the API answers 400, which no retry changes; the page
+    said "reconnecting…" and "Loading…" for ever, as if the API were away."""
+    for view, what in (("#/p/sales%20pipeline", "the list"), ("#/p/sales/batch%201", "the batch")):
+        signed_in(browser, base_url, token, view)
+        until(browser, lambda d: d.find_element(By.ID, "live").text in ("offline", ""),
+              timeout=5, what=f"{what}: the refusal taken as final, not retried")
+        text = browser.find_element(By.ID, "main").text
+        assert "must match" in text, f"{what} does not say the API refused the id: {text!r}"
+        assert "Loading" not in text, f"{what}: {text!r}"

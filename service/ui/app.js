@@ -167,6 +167,18 @@
         flash(why, "error");
         return;
       }
+      // Any other refusal of the request itself (400: an id the API cannot take) is the same
+      // on every retry: said, not retried as if the API were away ("reconnecting…" for ever).
+      if (response.status >= 400 && response.status < 500 && ![408, 429].includes(response.status)) {
+        let message = response.statusText;
+        try { message = (await response.json()).error.message || message; } catch { /* not JSON */ }
+        if (closed) return;
+        setLive("off");
+        const why = `The API refused this view's request (${response.status}): ${message}`;
+        if (onRefused) onRefused(why);
+        flash(why, "error");
+        return;
+      }
       if (!response.ok || !response.body) return retry();
       attempt = 0;
       setLive("on");
