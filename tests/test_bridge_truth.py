@@ -28,7 +28,7 @@ from consumers.plumbing.command_effects import EARLIER_BATCH_S
 from consumers.plumbing.orphans import OrphanOptions
 from consumers.reconciler import Reconciler
 from core import keys
-from core.codec import Event, decode_event
+from core.codec import Command, Event, decode_event
 from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, flow_run_tags, new_batch_id
 from core.prefect_events import TAG_PREFIX, flow_state_event, translate
 from core.scripts import Scripts
@@ -353,3 +353,29 @@ async def test_a_runs_real_end_beats_the_reconcilers_guess_that_it_is_gone(
     batch = await store.get(pool.pipeline_id, batch_id)
     assert batch is not None
     assert (batch["state"]["state"], batch["outcome"]) == ("stop", "completed")
+
+
+@pytest.mark.timeout(90)
+async def test_a_given_up_run_does_not_take_an_earlier_batchs_end_for_its_own(
+        topics: Settings, redis: Redis) -> None:
+    """A run command given up (Prefect refusing its creates) first asks Prefect whether the
+    batch's run ended meanwhile, by the id's tags: an id published again after it expired
+    found the earlier batch's Completed run, and the batch that never ran said
+    stop/completed instead of failed."""
+    async with idle_pool(topics, redis) as pool:
+        batch_id = await pool.batch()
+        earlier = await pool.run(batch_id)
+        await pool.client.set_flow_run_state(UUID(earlier), Completed(), force=True)
+        [run] = await pool.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[UUID(earlier)])))
+        assert run.created is not None
+        created_at = (run.created + timedelta(seconds=2 * EARLIER_BATCH_S)).isoformat()
+        await redis.hset(keys.batch(pool.pipeline_id, batch_id), "created_at", created_at)
+        consumer = CommandsConsumer(topics, options())
+        await consumer.start()
+        try:
+            ended = await consumer._ended_run(Command(
+                "run", batch_id, pool.pipeline_id, pipeline_version="1"))
+        finally:
+            await consumer.close()
+    assert ended is None, f"reported {ended}"
