@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 
 import httpx
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 
@@ -414,3 +416,51 @@ def test_an_id_the_api_refuses_is_not_shown_as_reconnecting(
         text = browser.find_element(By.ID, "main").text
         assert "must match" in text, f"{what} does not say the API refused the id: {text!r}"
         assert "Loading" not in text, f"{what}: {text!r}"
+
+
+def test_a_click_on_a_busy_row_opens_the_batch(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """The list rebuilt every row on each change (every offset report, several a second):
+    a press on a running batch's row and its release fell on different nodes, so the click
+    was lost and the batch never opened."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    batch_id = f"batch-busy-{uuid.uuid4().hex[:6]}"
+    write_batches(live, pipeline_id, 0, [
+        Event("batch.state", batch_id, pipeline_id, state="running"),
+        Event("step.state", batch_id, pipeline_id, step="extract", state="running"),
+    ], ids=[batch_id])
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+    until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}'][data-state='running']"),
+        what="the running batch")
+    stop = threading.Event()
+
+    def report() -> None:  # offsets every 20 ms, as a busy step reports them
+        async def go() -> None:
+            redis = await open_redis(live)
+            try:
+                store = BatchStore.from_settings(redis, live)
+                done = 0
+                while not stop.is_set():
+                    done += 10
+                    await store.apply([Event("step.offsets", batch_id, pipeline_id,
+                                             step="extract", offsets={"partition_0": done})])
+                    await asyncio.sleep(0.02)
+            finally:
+                await redis.aclose()
+        asyncio.run(go())
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    try:
+        until(browser, lambda d: "records" in d.find_element(
+            By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}'] td.num").text,
+            what="the offsets moving")
+        cell = browser.find_element(By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}'] td.num")
+        # A person's click: press, a fraction of a second, release (the row changes meanwhile).
+        ActionChains(browser).move_to_element(cell).click_and_hold().pause(0.4).release().perform()
+        until(browser, lambda d: d.execute_script("return location.hash")
+              == f"#/p/{pipeline_id}/{batch_id}", timeout=5, what="the batch opened by the click")
+    finally:
+        stop.set()
+        reporter.join(10)

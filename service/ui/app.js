@@ -394,12 +394,14 @@
     let reading = 0;
     let syncs = 0;  // a newer resync (the stream reconnected again) makes an older one moot
 
+    const shown = new Map();  // batch id -> its row: the tr, its cells, what each one shows
     const olderButton = el("button", { type: "button", id: "older", hidden: true,
                                        onclick: () => older().catch(failed) }, "Older batches");
     const draw = () => {
       scheduled = false;
       const rows = [...batches.values()].sort((a, b) =>
         String(b.created_at || "").localeCompare(String(a.created_at || "")) || b.id.localeCompare(a.id));
+      for (const id of [...shown.keys()]) if (!batches.has(id)) shown.delete(id);
       olderButton.hidden = !loaded || olderToken === null || refused !== null;
       olderButton.disabled = reading > 0;
       if (refused) {
@@ -411,17 +413,42 @@
           loaded ? "No batch yet: press “Run batch”." : "Loading…")));
         return;
       }
-      body.replaceChildren(...rows.map((b) => {
+      // Rows and cells are kept and only what changed is redrawn: rebuilt on every change
+      // (several a second while a batch runs), a press and its release fell on different
+      // nodes and the click that should open the batch was lost.
+      const order = rows.map((b) => rowOf(b).tr);
+      const current = [...body.children];
+      if (order.length !== current.length || order.some((tr, n) => tr !== current[n])) {
+        body.replaceChildren(...order);
+      }
+    };
+    const rowOf = (b) => {
+      let row = shown.get(b.id);
+      if (!row) {
         const href = `#/p/${enc}/${encodeURIComponent(b.id)}`;
-        const state = b.state && b.state.state;
-        return el("tr", { class: "link", dataset: { batchId: b.id, state }, onclick: () => { location.hash = href; } },
-          el("td", {}, el("a", { href, class: "mono" }, b.id)),
-          el("td", {}, badge(state)),
-          el("td", {}, stepSquares(b.state && b.state.steps)),
-          el("td", { class: "num" }, progressText(b)),
-          el("td", {}, b.outcome ? badge(b.outcome) : ""),
-          el("td", { class: "muted" }, when(b.created_at)));
-      }));
+        const cells = [el("td", {}, el("a", { href, class: "mono" }, b.id)), el("td"), el("td"),
+                       el("td", { class: "num" }), el("td"), el("td", { class: "muted" })];
+        const tr = el("tr", { class: "link", dataset: { batchId: b.id },
+                              onclick: () => { location.hash = href; } }, cells);
+        row = { tr, cells, keys: [] };
+        shown.set(b.id, row);
+      }
+      const state = b.state && b.state.state;
+      const steps = (b.state && b.state.steps) || {};
+      const parts = [
+        [String(state), () => badge(state)],
+        [Object.entries(steps).map(([n, st]) => `${n}:${st.state}`).join(" "), () => stepSquares(steps)],
+        [progressText(b), (text) => text],
+        [b.outcome || "", () => (b.outcome ? badge(b.outcome) : "")],
+        [when(b.created_at), (text) => text],
+      ];
+      row.tr.dataset.state = state || "";
+      parts.forEach(([key, make], n) => {
+        if (row.keys[n] === key) return;
+        row.keys[n] = key;
+        row.cells[n + 1].replaceChildren(make(key));
+      });
+      return row;
     };
     // Changes arrive in bursts (every offset report): draw once per frame at most.
     const redraw = () => { if (!scheduled) { scheduled = true; requestAnimationFrame(draw); } };
