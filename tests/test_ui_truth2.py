@@ -464,3 +464,46 @@ def test_a_click_on_a_busy_row_opens_the_batch(
     finally:
         stop.set()
         reporter.join(10)
+
+
+# The batch's stream answered by the page itself: the versions given, then held open.
+FAKE_BATCH_STREAM = """
+const versions = arguments[0];
+const realFetch = window.fetch.bind(window);
+window.fetch = async (url, init) => {
+  const accept = (init && init.headers && init.headers.Accept) || '';
+  if (!accept.includes('text/event-stream')) return realFetch(url, init);
+  const text = versions.map((v, n) =>
+    `event: batch\\nid: "v${n}"\\ndata: ${JSON.stringify(v)}\\n\\n`).join('');
+  const body = new ReadableStream({ start(c) { c.enqueue(new TextEncoder().encode(text)); } });
+  return new Response(body, { status: 200, headers: { 'Content-Type': 'text/event-stream' } });
+};
+"""
+
+
+def test_a_batch_restored_to_an_earlier_version_is_shown_as_the_api_now_says(
+        browser: WebDriver, base_url: str, token: str) -> None:
+    """A stream may send a lower version (service.streams: a rebuild restores one; Redis is
+    the truth). The page only ever added partitions and steps: one the restored version does
+    not have stayed on screen with its old records."""
+    def batch(offsets: dict[str, int], percent: float | None) -> dict[str, object]:
+        step: dict[str, object] = {"state": "running", "offsets": offsets}
+        if percent is not None:
+            step["totals"] = {"partition_0": 1000, "partition_1": 1000}
+            step["progress"] = {"percent": percent, "records_per_s": 10.0, "eta_s": 1.0}
+        return {"id": "batch-r", "name": "p", "deployment": "run-pipeline/p",
+                "state": {"state": "running", "steps": {"extract": step}}}
+
+    newer = batch({"partition_0": 900, "partition_1": 700}, 80.0)
+    restored = batch({"partition_0": 300}, None)
+    signed_in(browser, base_url, token, "#/")
+    browser.execute_script(FAKE_BATCH_STREAM, [newer, restored])
+    browser.execute_script("location.hash = '#/p/p/batch-r'")
+    until(browser, lambda d: d.find_element(
+        By.CSS_SELECTOR, ".partition[data-partition='partition_0']").get_attribute(
+        "data-offset") == "300", what="the restored version shown")
+    rows = [r.get_attribute("data-partition") for r in browser.find_elements(
+        By.CSS_SELECTOR, "#steps .partition")]
+    assert rows == ["partition_0"], f"partitions the API no longer says: {rows}"
+    assert not browser.find_element(By.CSS_SELECTOR, ".step-bar").is_displayed(), \
+        "the step's 80% bar stayed though the API no longer gives a percent"

@@ -662,7 +662,8 @@
         ["Updated", when(batch.updated_at)], ["Outcome", batch.outcome],
         ["Reason", batch.reason], ["Flow run", batch.flow_run_id],
       ].filter(([, v]) => v).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
-      for (const [name, step] of Object.entries((batch.state && batch.state.steps) || {})) {
+      const steps = (batch.state && batch.state.steps) || {};
+      for (const [name, step] of Object.entries(steps)) {
         const node = stepNode(name);
         const moving = step.state === "running" && state !== "stop";
         node.card.dataset.state = step.state;
@@ -676,8 +677,8 @@
         if (progress && typeof progress.eta_s === "number" && moving) bits.push(`ETA ${Math.round(progress.eta_s)} s`);
         node.summary.textContent = bits.join(" · ");
         // The step's own bar, from progress.percent when the API computes it.
-        if (progress && typeof progress.percent === "number") {
-          node.overall.hidden = false;
+        node.overall.hidden = !percentText(step, 1);
+        if (!node.overall.hidden) {
           node.overall.className = `bar step-bar ${step.state}`;
           node.overall.firstChild.style.width = percentText(step, 1);
         }
@@ -692,10 +693,18 @@
           else row.bar.removeAttribute("aria-valuenow");
           row.count.textContent = typeof total === "number" ? `${num(offset)} / ${num(total)}` : num(offset);
         }
+        // A version may be lower than the last (a rebuild restores one: Redis is the truth),
+        // so what it no longer has goes, rather than staying with its old records.
+        for (const [partition, row] of [...node.rows]) {
+          if (!Object.hasOwn(offsets, partition)) { row.line.remove(); node.rows.delete(partition); }
+        }
         const waiting = !Object.keys(offsets).length;
         node.placeholder.hidden = !waiting;
         node.placeholder.textContent = step.state === "none" || step.state === "pending"
           ? "not started" : "no records yet";
+      }
+      for (const [name, node] of [...stepNodes]) {
+        if (!Object.hasOwn(steps, name)) { node.card.remove(); stepNodes.delete(name); }
       }
     };
 
