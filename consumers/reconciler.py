@@ -31,7 +31,7 @@ from core import keys
 from core.codec import Event, derived_id
 from core.layout import BATCH_RANK, DELETED, STEP_PREFIX, STEP_RANK, running_steps
 from core.packing import unpacked
-from core.prefect_events import FLOW_STATES, flow_state_event
+from core.prefect_events import FLOW_STATES, flow_state_event, state_time
 from core.retry import describe
 from core.settings import Settings
 
@@ -190,7 +190,8 @@ class Reconciler(Part):
                 if held is not None and STEP_RANK[held] < STEP_RANK["success"]:
                     mine.append(Event(type="step.state", batch_id=stop.batch_id,
                                       pipeline_id=stop.pipeline_id, step=step, state=state,
-                                      event_id=derived_id("task-", state_id), ts=entered))
+                                      event_id=derived_id("task-", state_id),
+                                      ts=state_time(entered)))
                     still_running.discard(step)
             if stop.outcome != "completed":
                 mine += [Event(type="step.state", batch_id=stop.batch_id,

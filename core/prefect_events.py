@@ -91,14 +91,14 @@ def flow_state_event(
         flow_run_id=flow_run_id,
     )
     if ts is not None:
-        event.ts = _in_range(ts)
+        event.ts = state_time(ts)
     if outcome is not None and message:
         event.reason = message[:MAX_REASON]
     return event
 
 
-def _in_range(ts: float) -> float:
-    """A state's time as the events codec takes it. One it refuses (before 1970, or more
+def state_time(ts: float) -> float:
+    """A Prefect state's time as the events codec takes it. One it refuses (before 1970, or more
     than a day ahead: a worker's clock far off) says nothing of when the run entered the
     state; kept, it had the event dead-lettered and the state lost, the reconciler's repair
     of it too. Before 1970 counts as 0 (any real time beats it), ahead as now."""
@@ -222,6 +222,6 @@ def translate(
             event_id=event_id(prefect_id), step=step, state=step_state,
         )  # fmt: skip
         if ts is not None:
-            step_event.ts = _in_range(ts)
+            step_event.ts = state_time(ts)
         return [step_event]
     return []

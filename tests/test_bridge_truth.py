@@ -379,3 +379,34 @@ async def test_a_given_up_run_does_not_take_an_earlier_batchs_end_for_its_own(
         finally:
             await consumer.close()
     assert ended is None, f"reported {ended}"
+
+
+@pytest.mark.timeout(90)
+async def test_a_task_state_stamped_out_of_range_does_not_blind_the_reconciler(
+        topics: Settings, redis: Redis) -> None:
+    """The reconciler brings a repaired run's step ends from its task runs, stamped when
+    each entered its state: one stamped years ahead (a worker's clock far off) made the
+    step event's construction raise, and with it every round: no batch's missed state was
+    published again."""
+    async with idle_pool(topics, redis) as pool:
+        batch_id = await pool.batch()
+        flow_run_id = await pool.scheduled(batch_id)
+        await pool.client.set_flow_run_state(UUID(flow_run_id), Completed(), force=True)
+        reconciler = Reconciler(topics, options(zombie_after_s=0),
+                                orphans=OrphanOptions(enabled=False))
+        await reconciler.start()
+        try:
+            assert reconciler.prefect is not None
+            ahead = datetime(2099, 1, 1, tzinfo=UTC).timestamp()
+
+            async def step_ends(run_id: str) -> dict[str, tuple[str, str, float]]:
+                return {"extract": ("success", str(uuid.uuid4()), ahead)}
+
+            reconciler.prefect.step_ends = step_ends  # type: ignore[method-assign,assignment]
+            events = await reconciler.reconcile()
+        finally:
+            await reconciler.close()
+    assert [(e.type, e.state) for e in events if e.batch_id == batch_id] == [
+        ("step.state", "success"), ("batch.state", "stop")]
+    for event in events:
+        assert decode_event(event.encode()).to_dict() == event.to_dict()
