@@ -507,3 +507,35 @@ def test_a_batch_restored_to_an_earlier_version_is_shown_as_the_api_now_says(
     assert rows == ["partition_0"], f"partitions the API no longer says: {rows}"
     assert not browser.find_element(By.CSS_SELECTOR, ".step-bar").is_displayed(), \
         "the step's 80% bar stayed though the API no longer gives a percent"
+
+
+def test_a_resumed_batch_says_which_batch_it_goes_on_from(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """The API's body names `resumed_from`; the page left it out, so steps done by the
+    earlier batch read as this one's own work."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    old_id, new_id = (f"batch-{kind}-{uuid.uuid4().hex[:6]}" for kind in ("old", "new"))
+
+    async def go() -> None:
+        redis = await open_redis(live)
+        try:
+            store = BatchStore.from_settings(redis, live)
+            await store.create(pipeline_id, old_id, demo_spec(name=pipeline_id))
+            await store.create(pipeline_id, new_id, demo_spec(name=pipeline_id),
+                               extra={"resumed_from": old_id})
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
+    got = httpx.get(f"{base_url}/api/v1/batches/{pipeline_id}/{new_id}",
+                    headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    assert got["resumed_from"] == old_id, got
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}/{new_id}")
+    until(browser, lambda d: d.find_element(By.ID, "batch").get_attribute("data-state"),
+          what="the batch shown")
+    link = until(browser, lambda d: d.find_element(By.CSS_SELECTOR, "dl.meta a[data-resumed-from]"),
+                 what="the batch it goes on from")
+    assert link.text == old_id
+    link.click()
+    until(browser, lambda d: d.execute_script("return location.hash")
+          == f"#/p/{pipeline_id}/{old_id}", what="the earlier batch opened")

@@ -661,6 +661,10 @@
         ["Deployment", batch.deployment], ["Created", when(batch.created_at)],
         ["Updated", when(batch.updated_at)], ["Outcome", batch.outcome],
         ["Reason", batch.reason], ["Flow run", batch.flow_run_id],
+        // Its steps' records include the earlier batch's: say whose.
+        ["Resumed from", batch.resumed_from && el("a", {
+          href: `#/p/${enc}/${encodeURIComponent(batch.resumed_from)}`, class: "mono",
+          dataset: { resumedFrom: batch.resumed_from } }, batch.resumed_from)],
       ].filter(([, v]) => v).flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
       const steps = (batch.state && batch.state.steps) || {};
       for (const [name, step] of Object.entries(steps)) {
