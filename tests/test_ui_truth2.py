@@ -539,3 +539,67 @@ def test_a_resumed_batch_says_which_batch_it_goes_on_from(
     link.click()
     until(browser, lambda d: d.execute_script("return location.hash")
           == f"#/p/{pipeline_id}/{old_id}", what="the earlier batch opened")
+
+
+# Push streams can be cut (`__drop()`); the list's JSON reads are answered by the API at once
+# but handed to the page only on `__answer()`: what the stream says meanwhile is newer.
+HELD_READS = """
+const realFetch = window.fetch.bind(window);
+window.__held = 0;
+let drop = null;
+const waiting = [];
+window.__drop = () => drop && drop();
+window.__answer = () => { while (waiting.length) waiting.shift()(); };
+window.fetch = async (url, init) => {
+  const accept = (init && init.headers && init.headers.Accept) || '';
+  const response = await realFetch(url, init);
+  if (accept.includes('text/event-stream')) {
+    const reader = response.body.getReader();
+    const body = new ReadableStream({
+      start(controller) { drop = () => controller.error(new TypeError('dropped')); },
+      async pull(controller) {
+        const { value, done } = await reader.read();
+        if (done) controller.close(); else controller.enqueue(value);
+      },
+      cancel() { reader.cancel(); },
+    });
+    return new Response(body, { status: response.status, headers: response.headers });
+  }
+  if (String(url).includes('?limit=')) {
+    window.__held += 1;
+    await new Promise((resolve) => waiting.push(resolve));
+  }
+  return response;
+};
+"""
+
+
+def test_what_the_stream_says_during_a_reread_of_the_list_wins_over_it(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """After a reconnect the list is read again; a batch created while that read was on its
+    way must stay, and one deleted meanwhile must not come back from the older read."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    first, second = write_batches(live, pipeline_id, 2)
+    signed_in(browser, base_url, token, "#/")
+    browser.execute_script(HELD_READS)
+    browser.execute_script("location.hash = arguments[0]", f"#/p/{pipeline_id}")
+    until(browser, lambda d: d.execute_script("return window.__held") == 1, what="first read")
+    browser.execute_script("window.__answer()")
+    until(browser, lambda d: sorted(listed(d)) == sorted([first, second]), what="both batches")
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="stream open")
+
+    browser.execute_script("window.__drop()")
+    until(browser, lambda d: d.execute_script("return window.__held") == 2,
+          timeout=15, what="the reconnect's read answered (held in the page)")
+    [third] = write_batches(live, pipeline_id, 1)
+    gone = httpx.delete(f"{base_url}/api/v1/batches/{pipeline_id}/{second}",
+                        headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert gone.status_code == 200, gone.text
+    until(browser, lambda d: sorted(listed(d)) == sorted([first, third]),
+          what="the stream's create and delete shown")
+    browser.execute_script("window.__answer()")
+    until(browser, lambda d: d.find_element(By.ID, "older").get_attribute("hidden") is not None
+          and not d.execute_script("return document.getElementById('older').disabled"),
+          what="the read applied")
+    assert sorted(listed(browser)) == sorted([first, third]), listed(browser)
+    assert sorted(api_ids(base_url, token, pipeline_id)) == sorted([first, third])

@@ -461,6 +461,7 @@
       redraw();
       const began = events;
       const seen = new Map();
+      const told = new Set();  // ids the stream spoke of since the read began
       let next = from;
       try {
         do {
@@ -471,12 +472,13 @@
           next = page.token;
         } while (next && seen.size < count && !closed);
       } finally {
+        // Taken before the stamps go (once no read is left): after, none would be newer.
+        for (const [id, n] of stamps) if (n > began) told.add(id);
         reading -= 1;
         if (!reading) stamps.clear();
         redraw();
       }
-      const newer = (id) => (stamps.get(id) || 0) > began;
-      return { seen, next, newer };
+      return { seen, next, newer: (id) => told.has(id) };
     };
 
     // After each (re)connection: the stream starts with the newest page again but says
