@@ -28,7 +28,7 @@ from core.store import BatchStore
 from pipelines.sales import demo_spec
 from tests.conftest import free_port
 from tests.helpers import HS_SECRET, hs_token
-from tests.test_ui import Api, api, base_url, browser, listed, token, until
+from tests.test_ui import Api, api, base_url, browser, listed, register, token, until
 from tests.test_ui_truth import signed_in as _signed_in
 
 __all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
@@ -603,3 +603,41 @@ def test_what_the_stream_says_during_a_reread_of_the_list_wins_over_it(
           what="the read applied")
     assert sorted(listed(browser)) == sorted([first, third]), listed(browser)
     assert sorted(api_ids(base_url, token, pipeline_id)) == sorted([first, third])
+
+
+# The first POST that runs a batch reaches the API, whose answer is then lost on the way
+# back (the connection dropped): the batch was accepted, the page is told nothing.
+LOST_ANSWER = """
+const realFetch = window.fetch.bind(window);
+window.__posts = [];
+window.fetch = async (url, init) => {
+  if (init && init.method === 'POST') {
+    window.__posts.push((init.headers && init.headers['Idempotency-Key']) || null);
+    const response = await realFetch(url, init);
+    if (window.__posts.length === 1) throw new TypeError('Failed to fetch');
+    return response;
+  }
+  return realFetch(url, init);
+};
+"""
+
+
+def test_run_whose_answer_is_lost_reports_the_batch_it_started(
+        browser: WebDriver, base_url: str, token: str) -> None:
+    """Run batch's POST carried no Idempotency-Key: an answer lost on the way back showed an
+    error though the batch had started (and the obvious second click started another)."""
+    pipeline_id = register(base_url, token, rows=10, partitions=1)
+    signed_in(browser, base_url, token, "#/")
+    browser.execute_script(LOST_ANSWER)
+    browser.execute_script("location.hash = arguments[0]", f"#/p/{pipeline_id}")
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="stream open")
+    browser.find_element(By.ID, "run").click()
+    until(browser, lambda d: d.execute_script("return window.__posts.length") >= 1,
+          what="the POST sent")
+    started = until(browser, lambda d: d.find_element(By.ID, "flash").text, timeout=30,
+                    what="the run's outcome said")
+    ids = api_ids(base_url, token, pipeline_id)
+    assert len(ids) == 1, ids
+    assert started == f"Started {ids[0]}.", f"the page said {started!r}; the API ran {ids}"
+    keys = browser.execute_script("return window.__posts")
+    assert len(keys) >= 2 and keys[0] and len(set(keys)) == 1, keys  # retried, same key
