@@ -357,8 +357,9 @@ def test_records_past_2_to_the_53_are_counted_exactly(
 def test_a_long_batch_id_does_not_push_its_state_out_of_sight(
         browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
     """Ids may be 128 characters (published batches name their own): one unbroken id made
-    the list's table wider than the page, and the table's clipping hid its other columns."""
-    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    the list's table wider than the page, and the table's clipping hid its other columns; a
+    long pipeline id pushed Run batch off the page."""
+    pipeline_id = ("ui2-" + uuid.uuid4().hex * 4)[:128]
     batch_id = ("batch-" + uuid.uuid4().hex * 4)[:128]
     write_batches(live, pipeline_id, 0, [
         Event("batch.state", batch_id, pipeline_id, state="running"),
@@ -375,6 +376,9 @@ def test_a_long_batch_id_does_not_push_its_state_out_of_sight(
           .map(([n, r]) => `column ${n}: ${Math.round(r.left)}-${Math.round(r.right)}`
                            + ` of ${Math.round(Math.min(table.right, view))}`);""")
     assert not hidden, hidden
+    run = browser.execute_script("return [document.getElementById('run').getBoundingClientRect()"
+                                 ".right, document.documentElement.clientWidth]")
+    assert run[0] <= run[1], f"Run batch off the page: {run}"
     badge = browser.find_element(By.CSS_SELECTOR, f"#batches tr[data-batch-id='{batch_id}'] .badge")
     assert badge.is_displayed() and badge.text == "running"
     browser.execute_script("location.hash = arguments[0]", f"#/p/{pipeline_id}/{batch_id}")
