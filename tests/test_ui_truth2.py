@@ -1,10 +1,12 @@
 """What the web page shows against what the API says, second review: the list across a
-reconnect of its stream, a failed step whose totals are unknown, batches older than the
-list's first page.
+reconnect of its stream and older than its first page, bars and percents of steps not done,
+refusals (400, 403), times, large counts, long ids, a lost answer to Run batch.
 
 Driven as tests/test_ui.py drives the page: headless Chromium on an API process of this tree.
 Batches are written straight into the stack's Redis (as the API's create writes them, no run
-started: nothing here loads the engine), under a pipeline id of this test's own.
+started: nothing here loads the engine, save one 10-record batch that Run batch starts),
+under pipeline ids of each test's own, and purged once the module is done. A few tests hook
+the page's fetch to play a slow or broken network (the hooks say what they do).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import asyncio
 import os
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import httpx
+import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -34,6 +37,32 @@ from tests.test_ui_truth import signed_in as _signed_in
 __all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
 
 
+# Every batch written here, purged from the stack's Redis once the module is done.
+WRITTEN: list[tuple[str, str]] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def purge_written(live: Settings) -> Iterator[None]:
+    yield
+
+    async def go() -> None:
+        redis = await open_redis(live)
+        try:
+            store = BatchStore.from_settings(redis, live)
+            for pipeline_id, batch_id in WRITTEN:
+                await store.purge(pipeline_id, batch_id)
+            # What purge leaves of a pipeline (its sequence, empty buckets): all ours.
+            for pipeline_id in {p for p, _ in WRITTEN}:
+                left = [k async for k in redis.scan_iter(match=f"dhub:{{{pipeline_id}}}:*")]
+                if left:
+                    await redis.delete(*left)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
+    WRITTEN.clear()
+
+
 def write_batches(live: Settings, pipeline_id: str, count: int,
                   events: Iterable[Event] = (), ids: list[str] | None = None) -> list[str]:
     """`count` batches of `pipeline_id` (or those `ids`) created in Redis, oldest first, then
@@ -45,6 +74,7 @@ def write_batches(live: Settings, pipeline_id: str, count: int,
         try:
             store = BatchStore.from_settings(redis, live)
             for batch_id in ids:
+                WRITTEN.append((pipeline_id, batch_id))
                 await store.create(pipeline_id, batch_id, demo_spec(name=pipeline_id))
             if events:
                 await store.apply(list(events))
@@ -89,6 +119,7 @@ def test_a_failed_step_of_unknown_totals_is_not_drawn_as_a_full_bar(
         redis = await open_redis(live)
         try:
             store = BatchStore.from_settings(redis, live)
+            WRITTEN.append((pipeline_id, batch_id))
             await store.create(pipeline_id, batch_id, demo_spec(name=pipeline_id))
             await store.apply([
                 Event("batch.state", batch_id, pipeline_id, state="running"),
@@ -524,6 +555,7 @@ def test_a_resumed_batch_says_which_batch_it_goes_on_from(
         redis = await open_redis(live)
         try:
             store = BatchStore.from_settings(redis, live)
+            WRITTEN.extend([(pipeline_id, old_id), (pipeline_id, new_id)])
             await store.create(pipeline_id, old_id, demo_spec(name=pipeline_id))
             await store.create(pipeline_id, new_id, demo_spec(name=pipeline_id),
                                extra={"resumed_from": old_id})
