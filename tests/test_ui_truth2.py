@@ -677,3 +677,25 @@ def test_run_whose_answer_is_lost_reports_the_batch_it_started(
     assert started == f"Started {ids[0]}.", f"the page said {started!r}; the API ran {ids}"
     keys = browser.execute_script("return window.__posts")
     assert len(keys) >= 2 and keys[0] and len(set(keys)) == 1, keys  # retried, same key
+
+
+def test_a_step_ended_without_records_does_not_say_they_are_still_to_come(
+        browser: WebDriver, base_url: str, token: str, live: Settings) -> None:
+    """A step that succeeded (or failed) having reported no offsets read "no records yet",
+    as if it were still running."""
+    pipeline_id = f"ui2-{uuid.uuid4().hex[:8]}"
+    batch_id = f"batch-empty-{uuid.uuid4().hex[:6]}"
+    write_batches(live, pipeline_id, 0, [
+        Event("batch.state", batch_id, pipeline_id, state="running"),
+        Event("step.state", batch_id, pipeline_id, step="extract", state="running"),
+        Event("step.state", batch_id, pipeline_id, step="extract", state="success"),
+        Event("step.state", batch_id, pipeline_id, step="transform", state="running"),
+        Event("step.state", batch_id, pipeline_id, step="transform", state="failed"),
+        Event("batch.state", batch_id, pipeline_id, state="stop", outcome="failed"),
+    ], ids=[batch_id])
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}/{batch_id}")
+    for step in ("extract", "transform"):
+        text = until(browser, lambda d, step=step: d.find_element(
+            By.CSS_SELECTOR, f"#steps .step[data-step='{step}'] p.muted").text,
+            what=f"{step}'s note")
+        assert "yet" not in text, f"{step} ({text!r}) reads as still to come"

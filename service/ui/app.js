@@ -725,8 +725,12 @@
         }
         const waiting = !Object.keys(offsets).length;
         node.placeholder.hidden = !waiting;
-        node.placeholder.textContent = step.state === "none" || step.state === "pending"
-          ? "not started" : "no records yet";
+        // "yet" only while records can still come: a step ended, or cut short by a stop of
+        // its batch, reported none.
+        node.placeholder.textContent = {
+          none: "not started", pending: "not started", success: "done: no records reported",
+          failed: "failed before reporting any record",
+        }[step.state] || (moving ? "no records yet" : "no records reported");
       }
       for (const [name, node] of [...stepNodes]) {
         if (!Object.hasOwn(steps, name)) { node.card.remove(); stepNodes.delete(name); }
