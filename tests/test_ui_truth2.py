@@ -695,7 +695,8 @@ def test_a_step_ended_without_records_does_not_say_they_are_still_to_come(
     ], ids=[batch_id])
     signed_in(browser, base_url, token, f"#/p/{pipeline_id}/{batch_id}")
     for step in ("extract", "transform"):
-        text = until(browser, lambda d, step=step: d.find_element(
-            By.CSS_SELECTOR, f"#steps .step[data-step='{step}'] p.muted").text,
-            what=f"{step}'s note")
+        def note(d: WebDriver, step: str = step) -> str:
+            return str(d.find_element(By.CSS_SELECTOR, f"#steps .step[data-step='{step}'] p.muted").text)
+
+        text = until(browser, note, what=f"{step}'s note")
         assert "yet" not in text, f"{step} ({text!r}) reads as still to come"
