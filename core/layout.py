@@ -237,7 +237,9 @@ def progress(offsets: Mapping[str, int], totals: Mapping[str, int] | None,
         total = sum(totals.values())
         counted = sum(min(offsets.get(part, 0), of) for part, of in totals.items())
         if total > 0:
-            percent = round(100 * counted / total, 1)
+            # Rounded down: 9,996 of 10,000 records is 99.9, not a 100.0 that reads as done
+            # while records are left; 100.0 is all of them.
+            percent = 1000 * counted // total / 10
             if counted >= total:
                 eta = 0.0
             elif rate:

@@ -43,6 +43,18 @@ def test_progress_percent_rate_and_time_left() -> None:
                            before=60) == {"percent": 25.0, "records_per_s": 4.0, "eta_s": 75.0}
 
 
+def test_progress_reads_100_only_when_every_record_is_done() -> None:
+    """9,996 of 10,000 records was 100.0 (rounded to one decimal): a step with records
+    left read as done. The percent is rounded down."""
+    started, moved = "2026-12-01T10:00:00.000Z", "2026-12-01T10:00:10.000Z"
+    short = layout.progress({"p0": 9_996}, {"p0": 10_000}, started, moved)
+    assert short["percent"] == 99.9
+    assert layout.progress({"p0": 9_999, "p1": 1}, {"p0": 10_000, "p1": 1}, started,
+                           moved)["percent"] == 99.9
+    assert layout.progress({"p0": 10_000}, {"p0": 10_000}, started, moved)["percent"] == 100.0
+    assert layout.progress({"p0": 1}, {"p0": 3}, started, moved)["percent"] == 33.3
+
+
 def _running_batch(moved: str) -> dict[str, str]:
     return {"id": "b", "name": "n", "deployment": "d", "state": "running", "pipeline_id": "p",
             "pipeline_version": "1", "created_at": "t", "updated_at": "t",
