@@ -22,8 +22,8 @@ from benchmarks.own_redis import own_redis
 from core import keys
 from core.codec import Event
 from core.connections import open_redis
+from core.list_filter import ListFilter
 from core.models import OUTCOMES, PipelineSpec, StepSpec, new_batch_id
-from core.paging import ListFilter
 from core.scripts import Scripts
 from core.settings import get_settings
 from core.store import BatchStore

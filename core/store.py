@@ -19,11 +19,12 @@ from redis.asyncio import Redis
 from core import keys
 from core.codec import Event, StepOffsets
 from core.layout import RESUMED_FROM, creation_fields, is_visible, render
+from core.list_filter import NO_FILTER, ListFilter
 from core.models import PipelineSpec, batch_id_ms, now_iso
 from core.packer import Packer
 from core.packing import unpacked
-from core.paging import NO_FILTER, ListFilter, Page, Pager
 from core.paging import BadToken as BadToken  # the list's error, where callers found it
+from core.paging import Page, Pager
 from core.script_calls import run_all
 from core.scripts import Scripts
 from core.settings import Settings

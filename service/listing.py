@@ -1,6 +1,6 @@
 """The paged list of a pipeline's batches (`GET /api/v1/batches/{pipeline_id}/`): newest
 first, optionally filtered (`state`, `outcome`, `created_after`, `created_before`: see
-`core.paging`), a signed token for the next page bound to the filter, or a push stream of the
+`core.list_filter`), a signed token for the next page bound to the filter, or a push stream of the
 pipeline's changes (unfiltered: a filter with `Accept: text/event-stream` is refused). A query
 parameter it does not take is refused too (`_refuse_unknown`), but for a cache-buster.
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from core.paging import BadFilter, BadToken, ListFilter, pipeline_known
+from core.list_filter import BadFilter, ListFilter
+from core.paging import BadToken, pipeline_known
 from service import auth, pipeline_stream, streams
 from service.appkeys import STORE
 from service.batches import json_obj, path_id

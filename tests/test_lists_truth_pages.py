@@ -11,7 +11,7 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from core.codec import Event
-from core.paging import ListFilter
+from core.list_filter import ListFilter
 from core.settings import Settings
 from core.store import BatchStore
 from dhub.aio import AsyncDhubClient

@@ -15,9 +15,9 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.codec import Event
+from core.list_filter import ListFilter
 from core.models import BATCH_STATES, OUTCOMES
 from core.packing import unpacked
-from core.paging import ListFilter
 from core.scripts import Scripts
 from core.store import BatchStore
 from tests.helpers import spec

@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 
 from core import keys, restore
 from core.command_messages import Recorded, Run
-from core.paging import ListFilter, Pager
+from core.list_filter import ListFilter
+from core.paging import Pager
 from core.restore import Restored, restore_batches
 from core.restore_runs import highest_seqs
 from core.scripts import Scripts

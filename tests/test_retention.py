@@ -18,10 +18,11 @@ from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event
 from core.layout import render
+from core.list_filter import ListFilter
 from core.list_scripts import EPOCH_LUA, HOURS_LUA
 from core.models import new_batch_id
 from core.packing import unpacked
-from core.paging import ListFilter, Pager
+from core.paging import Pager
 from core.restore import Restored, restore_batches
 from core.scripts import Scripts
 from core.settings import Settings

@@ -18,8 +18,8 @@ from core import keys
 from core.api_scripts import ApiScripts
 from core.codec import Event
 from core.keys import INDEXED_STATES
+from core.list_filter import ListFilter
 from core.models import OUTCOMES
-from core.paging import ListFilter
 from core.scripts import Scripts
 from core.store import BatchStore
 from tests.conftest import PrivateRedis
