@@ -101,11 +101,11 @@ def state_time(ts: float) -> float:
     """A Prefect state's time as the events codec takes it. One it refuses (before 1970, or more
     than a day ahead: a worker's clock far off) says nothing of when the run entered the
     state; kept, it had the event dead-lettered and the state lost, the reconciler's repair
-    of it too. Before 1970 counts as 0 (any real time beats it), ahead as now."""
-    if ts < 0:
+    of it too. It counts as 0, a guess any real time beats, and the same guess each time the
+    state is translated again (a replay): "now" would make each replay the latest stop."""
+    if ts < 0 or ts > time.time() + MAX_TS_AHEAD_S:
         return 0.0
-    now = time.time()
-    return now if ts > now + MAX_TS_AHEAD_S else ts
+    return ts
 
 
 def _tags(related: Iterable[Any]) -> list[str]:

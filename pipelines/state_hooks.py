@@ -30,6 +30,7 @@ from core.connections import open_redis
 from core.layout import running_steps
 from core.models import valid_id
 from core.packing import unpacked
+from core.prefect_events import state_time
 from core.settings import Settings, get_settings
 from pipelines.publisher import open_publisher
 
@@ -116,7 +117,9 @@ def stop_hook(outcome: str) -> Hook:
     """A hook publishing `stop` with `outcome` and the state's message as the reason."""
 
     async def hook(flow: Flow[Any, Any], flow_run: FlowRun, state: State) -> None:
-        entered = state.timestamp.timestamp() if state.timestamp is not None else None
+        # Through the bridge's range: a worker's clock far off must not make the stop fail.
+        entered = (state_time(state.timestamp.timestamp()) if state.timestamp is not None
+                   else None)
         await publish_stop(flow_run, outcome, _reason(state), entered)
 
     # Prefect logs hooks by name ("Running hook 'publish_stop_failed' ...").

@@ -14,8 +14,6 @@ from prefect.states import Completed, Running
 from redis.asyncio import Redis
 
 from consumers.plumbing.creation import Creations
-from consumers.plumbing.orphans import OrphanOptions
-from consumers.reconciler import Reconciler
 from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event, Run, decode_command
@@ -25,8 +23,8 @@ from core.settings import Settings
 from core.store import BatchStore
 from tests.helpers import swept_at
 from tests.test_commands_published import command, spec
-from tests.test_consumers_support import options, unique
-from tests.test_reconciler_support import idle_pool
+from tests.test_consumers_support import unique
+from tests.test_reconciler_support import idle_pool, reconciler_without_sweep
 
 DAY_S = 86_400
 
@@ -43,10 +41,7 @@ async def test_a_zombie_verdict_read_before_the_run_completed_does_not_crash_it(
         await pool.client.set_flow_run_state(flow_run_id, Running(), force=True)
         await asyncio.sleep(1.2)  # the run has been Running (with no heartbeat) past the window
 
-        reconciler = Reconciler(topics, options(zombie_after_s=1.0),
-                                orphans=OrphanOptions(enabled=False))
-        await reconciler.start()
-        try:
+        async with reconciler_without_sweep(topics, zombie_after_s=1.0) as reconciler:
             assert reconciler.prefect is not None
             gateway = reconciler.prefect
             read_heartbeats = gateway.with_heartbeat
@@ -60,8 +55,6 @@ async def test_a_zombie_verdict_read_before_the_run_completed_does_not_crash_it(
 
             gateway.with_heartbeat = completes_meanwhile  # type: ignore[method-assign,assignment]
             events = await reconciler.reconcile()
-        finally:
-            await reconciler.close()
         crashed = [e for e in events if e.batch_id == batch_id and e.outcome == "crashed"]
         assert await pool.state_of(flow_run_id) == "COMPLETED", (
             "a run that completed after the reconciler's read was forced Crashed over it")

@@ -25,8 +25,6 @@ from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.command_effects import EARLIER_BATCH_S
-from consumers.plumbing.orphans import OrphanOptions
-from consumers.reconciler import Reconciler
 from core import keys
 from core.codec import Command, Event, decode_event
 from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, flow_run_tags, new_batch_id
@@ -39,7 +37,7 @@ from pipelines.publisher import EventPublisher
 from tests.conftest import eventually
 from tests.helpers import spec
 from tests.test_consumers_support import options, running, send, send_command
-from tests.test_reconciler_support import idle_pool
+from tests.test_reconciler_support import idle_pool, reconciler_without_sweep
 
 DATA = orjson.loads((Path(__file__).parent / "data" / "prefect_events.json").read_bytes())
 P = "bridge-truth"
@@ -103,17 +101,12 @@ async def test_the_reconciler_does_not_call_a_never_started_cancelling_run_runni
         flow_run_id = await pool.scheduled(batch_id)
         # A worker claimed it; the stop's follow-up then asked for its cancellation.
         await pool.client.set_flow_run_state(UUID(flow_run_id), Pending(), force=True)
-        reconciler = Reconciler(topics, options(zombie_after_s=0),
-                                orphans=OrphanOptions(enabled=False))
-        await reconciler.start()
-        try:
+        async with reconciler_without_sweep(topics, zombie_after_s=0) as reconciler:
             assert reconciler.prefect is not None
             [run] = (await reconciler.prefect.read([flow_run_id])).values()
             cancelling = await reconciler.prefect.cancel(run, "stopped through the batches API")
             assert (cancelling.state_type, cancelling.ran) == ("CANCELLING", False)
             events = await reconciler.reconcile()
-        finally:
-            await reconciler.close()
     assert [e.state for e in events if e.batch_id == batch_id] == []
 
 
@@ -220,6 +213,21 @@ async def test_a_cancel_hook_that_runs_after_the_runs_completion_does_not_decide
     assert (batch["state"]["state"], batch["outcome"]) == ("stop", "completed")
 
 
+@pytest.mark.parametrize("entered", ["2099-01-01T00:00:00+00:00", "1960-01-01T00:00:00+00:00"])
+async def test_a_hook_of_a_state_stamped_out_of_range_still_publishes_its_stop(
+        store: BatchStore, monkeypatch: pytest.MonkeyPatch, entered: str) -> None:
+    """The hooks stamp their stop with the state's own time: one a worker's clock far off put
+    years ahead made the stop's construction raise (the codec refuses it), and one before
+    1970 was dead-lettered. It goes through the bridge's range: a guess, ts 0."""
+    producer = hook_publisher(monkeypatch)
+    state: State[Any] = State(type=StateType.COMPLETED, message="",
+                              timestamp=datetime.fromisoformat(entered))
+    await run_hook("on_completion", await scheduled_batch(store), state)
+    [stop] = producer.sent
+    assert (stop.state, stop.outcome, stop.ts) == ("stop", "completed", 0.0)
+    assert decode_event(stop.encode()).to_dict() == stop.to_dict()
+
+
 @pytest.mark.timeout(120)
 async def test_a_stop_does_not_report_an_earlier_batchs_run_of_the_same_id(
         topics: Settings, redis: Redis) -> None:
@@ -289,13 +297,8 @@ async def test_the_reconciler_does_not_take_an_earlier_batchs_run_for_this_ones(
         created_at = (run.created + timedelta(seconds=2 * EARLIER_BATCH_S)).isoformat()
         await redis.hset(keys.batch(pool.pipeline_id, batch_id), "created_at", created_at)
         await ActiveRuns(redis).add(pool.pipeline_id, batch_id)
-        reconciler = Reconciler(topics, options(zombie_after_s=0),
-                                orphans=OrphanOptions(enabled=False))
-        await reconciler.start()
-        try:
+        async with reconciler_without_sweep(topics, zombie_after_s=0) as reconciler:
             events = await reconciler.reconcile()
-        finally:
-            await reconciler.close()
     assert [(e.state, e.outcome) for e in events if e.batch_id == batch_id] == []
 
 
@@ -306,16 +309,19 @@ def test_a_state_stamped_out_of_range_still_reaches_the_batch(name: str, entered
     translated with that time, which the events codec refuses: the event was dead-lettered
     (after the webhook had answered 202 `accepted: 1`), and the reconciler's repair, stamped
     the same, too, every round: the batch stayed `running` for ever. Such a time says
-    nothing of when the run entered the state, so it does not decide anything."""
+    nothing of when the run entered the state: it is a guess (ts 0) that any real time
+    beats, the same each time the state is translated again. "Now" made each replay of a
+    state stamped ahead the latest stop, so a replay flipped a decided outcome."""
     event = copy.deepcopy(DATA[name])
     event["resource"]["prefect.state-timestamp"] = entered
     event["occurred"] = entered
     [out] = translate(event)
     assert decode_event(out.encode()).to_dict() == out.to_dict()
+    assert out.ts == 0.0 and translate(copy.deepcopy(event))[0].ts == 0.0
     repaired = flow_state_event(pipeline_id=P, batch_id="b", flow_run_id=FLOW_RUN,
                                 state_type="COMPLETED", state_id=str(uuid.uuid4()),
                                 ts=datetime.fromisoformat(entered).timestamp())
-    assert repaired is not None
+    assert repaired is not None and repaired.ts == 0.0
     assert decode_event(repaired.encode()).to_dict() == repaired.to_dict()
 
 
@@ -338,13 +344,8 @@ async def test_a_runs_real_end_beats_the_reconcilers_guess_that_it_is_gone(
             ts=result.state.timestamp.timestamp())
         assert completed is not None
         await pool.client.delete_flow_run(UUID(flow_run_id))
-        reconciler = Reconciler(topics, options(zombie_after_s=0),
-                                orphans=OrphanOptions(enabled=False))
-        await reconciler.start()
-        try:
+        async with reconciler_without_sweep(topics, zombie_after_s=0) as reconciler:
             events = await reconciler.reconcile()
-        finally:
-            await reconciler.close()
     [gone] = [e for e in events if e.batch_id == batch_id and e.state == "stop"]
     assert gone.outcome == "crashed"
     store = BatchStore.from_settings(redis, topics)
@@ -392,10 +393,7 @@ async def test_a_task_state_stamped_out_of_range_does_not_blind_the_reconciler(
         batch_id = await pool.batch()
         flow_run_id = await pool.scheduled(batch_id)
         await pool.client.set_flow_run_state(UUID(flow_run_id), Completed(), force=True)
-        reconciler = Reconciler(topics, options(zombie_after_s=0),
-                                orphans=OrphanOptions(enabled=False))
-        await reconciler.start()
-        try:
+        async with reconciler_without_sweep(topics, zombie_after_s=0) as reconciler:
             assert reconciler.prefect is not None
             ahead = datetime(2099, 1, 1, tzinfo=UTC).timestamp()
 
@@ -404,8 +402,6 @@ async def test_a_task_state_stamped_out_of_range_does_not_blind_the_reconciler(
 
             reconciler.prefect.step_ends = step_ends  # type: ignore[method-assign,assignment]
             events = await reconciler.reconcile()
-        finally:
-            await reconciler.close()
     assert [(e.type, e.state) for e in events if e.batch_id == batch_id] == [
         ("step.state", "success"), ("batch.state", "stop")]
     for event in events:

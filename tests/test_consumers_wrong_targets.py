@@ -18,9 +18,7 @@ from redis.asyncio import Redis
 from consumers.commands import CommandsConsumer
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
-from consumers.plumbing.orphans import OrphanOptions
 from consumers.plumbing.prefect_api import PrefectGateway
-from consumers.reconciler import Reconciler
 from core import keys
 from core.codec import decode_event
 from core.packing import unpacked
@@ -39,7 +37,7 @@ from tests.test_consumers_support import (
     store_for,
     unique,
 )
-from tests.test_reconciler_support import idle_pool
+from tests.test_reconciler_support import idle_pool, reconciler_without_sweep
 
 NOT_A_UUID = "run-42"
 
@@ -73,13 +71,8 @@ async def test_a_flow_run_id_that_is_no_uuid_does_not_blind_the_reconciler(
         bad = await pool.batch()
         await ActiveRuns(redis).add(pool.pipeline_id, bad)
         await redis.hset(keys.batch(pool.pipeline_id, bad), "flow_run_id", NOT_A_UUID)
-        reconciler = Reconciler(topics, options(reconcile_batch=500, zombie_after_s=0),
-                                orphans=OrphanOptions(enabled=False))
-        await reconciler.start()
-        try:
+        async with reconciler_without_sweep(topics, reconcile_batch=500, zombie_after_s=0) as reconciler:
             events = await reconciler.reconcile()
-        finally:
-            await reconciler.close()
     stops = {e.batch_id: e.outcome for e in events if e.state == "stop"}
     assert stops.get(crashed) == "crashed", stops
 

@@ -11,14 +11,13 @@ from redis.asyncio import Redis
 
 from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
 from consumers.plumbing.prefect_api import PrefectGateway
-from consumers.reconciler import Reconciler
 from core import keys
 from core.codec import Event, decode_event
 from core.packing import unpacked
 from core.settings import Settings
 from tests.helpers import read_topic
-from tests.test_consumers_support import options, store_for
-from tests.test_reconciler_support import idle_pool
+from tests.test_consumers_support import store_for
+from tests.test_reconciler_support import idle_pool, reconciler_without_sweep
 
 LIVE = 250  # above the flow-run filter's 200
 UNRECORDED = 10  # indexed, but the event carrying their run id was lost
@@ -41,13 +40,8 @@ async def test_a_round_over_250_live_batches_reconciles_each_one(topics: Setting
         for _, flow_run_id in unrecorded[3:5]:
             await pool.client.set_flow_run_state(flow_run_id, Running(), force=True)
 
-        reconciler = Reconciler(topics, options(reconcile_batch=500, zombie_after_s=0),
-                                orphans=OrphanOptions(enabled=False))
-        await reconciler.start()
-        try:
+        async with reconciler_without_sweep(topics, reconcile_batch=500, zombie_after_s=0) as reconciler:
             events = await reconciler.reconcile()
-        finally:
-            await reconciler.close()
 
         by_batch = {e.batch_id: e for e in events if e.type == "batch.state"}
         assert by_batch[crashed[0]].outcome == "crashed"

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
@@ -16,10 +17,12 @@ from prefect.exceptions import ObjectNotFound
 from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.orphans import OrphanOptions
+from consumers.reconciler import Reconciler
 from core.codec import Event
 from core.models import TAG_DHUB, flow_run_tags
 from core.settings import Settings
-from tests.test_consumers_support import make_spec, new_batch, store_for, unique
+from tests.test_consumers_support import make_spec, new_batch, options, store_for, unique
 
 PARALLEL = 12
 
@@ -110,3 +113,15 @@ async def _remove_runs(client: PrefectClient, deployment_id: UUID) -> None:
     body = {"flow_runs": {"deployment_id": {"any_": [str(deployment_id)]}}, "limit": 50}
     while (await client._client.post("/flow_runs/bulk_delete", json=body)).json()["deleted"]:
         pass
+
+
+@contextlib.asynccontextmanager
+async def reconciler_without_sweep(settings: Settings, **values: Any) -> AsyncIterator[Reconciler]:
+    """A started reconciler whose rounds judge states only (no orphan sweep), with these
+    option values; closed on leaving."""
+    reconciler = Reconciler(settings, options(**values), orphans=OrphanOptions(enabled=False))
+    await reconciler.start()
+    try:
+        yield reconciler
+    finally:
+        await reconciler.close()
