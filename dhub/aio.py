@@ -104,7 +104,9 @@ class AsyncDhubClient:
             if left is not None:
                 left -= len(page["items"])
             token = page["token"]
-            if token is None or not page["items"]:
+            # Only the token says the end: a page may come back empty with one (its batches
+            # were deleted between the server's reads); tokens only go down, so this ends.
+            if token is None:
                 return
 
     async def stop(self, pipeline_id: str, batch_id: str) -> str:

@@ -279,3 +279,27 @@ def test_a_stalled_batch_and_step_are_flagged() -> None:
     assert "running stalled" in text.splitlines()[1]
     view.update(batch())
     assert "stalled" not in render(view, 0.0)
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_an_empty_page_with_a_token_is_not_the_lists_end(driver: str) -> None:
+    """The server may answer an empty page with a token (every batch it read was deleted
+    between its reads, past its 8 reads): `dhub ls` took it for the end and listed nothing
+    while an older batch was there throughout."""
+    older = {"id": "b-old", "state": {"state": "stop"}}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if "token" not in request.url.params:
+            return httpx.Response(200, json={"items": {}, "token": "below-the-deleted"})
+        assert request.url.params["token"] == "below-the-deleted"
+        return httpx.Response(200, json={"items": {"b-old": older}, "token": None})
+
+    if driver == "sync":
+        listed = list(client(handler).batches("p", limit=1))
+    else:
+        async def collect() -> list[Any]:
+            async with AsyncDhubClient("http://api.test", "t",
+                                       transport=httpx.MockTransport(handler)) as api:
+                return [batch async for batch in api.batches("p", limit=1)]
+        listed = asyncio.run(collect())
+    assert listed == [older]
