@@ -219,8 +219,8 @@ class CommandsConsumer(Part):
                 fields = await self.store.fields(command.pipeline_id, command.batch_id)
                 runs = await self.prefect.of_batch(command.pipeline_id, command.batch_id)
         except Exception as exc:
-            log.warning("%s %s: its flow runs not read before giving up (%s)", command.type,
-                        command.batch_id, describe(exc))
+            log.warning("%s %s: its batch or its flow runs not read before giving up (%s)",
+                        command.type, command.batch_id, describe(exc))
             return None
         # Found by the id's tags: an earlier batch's run of this id (published again after
         # it expired) did not run this batch.

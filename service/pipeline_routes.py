@@ -70,10 +70,13 @@ async def put_pipeline(request: web.Request) -> web.Response:
 
 async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) -> web.Response:
     """The version's durable record (the compacted pipelines topic a rebuild of Redis reads)
-    is on Kafka before the version is registered in Redis, where runs can use it: a PUT
-    answered 503 has registered nothing, and no batch runs a version a rebuild would not
-    know. A record written for a PUT that failed after it (Redis away) registers its version
-    at the next rebuild, as the client's retry would."""
+    is on Kafka before the version is registered in Redis, where runs can use it: no batch
+    runs a version a rebuild would not know. A 503 before the registration has registered
+    nothing; the one exception is a PUT that raced another and whose repair of the topic's
+    record Kafka then refused: registered, it still answers 503, since only its retry (which
+    writes the record again) leaves the topic saying what Redis holds. A record written for
+    a PUT that failed after it (Redis away) registers its version at the next rebuild, as
+    the client's retry would."""
     registry = request.app[REGISTRY]
     request.app[COMMANDS].check()  # Kafka known down: 503 at once, as for a command
     held = await registry.versions(pipeline_id)
