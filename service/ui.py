@@ -8,7 +8,8 @@ names). Every answer has a strong ETag; `Cache-Control: no-cache` makes the brow
 
 The page needs no token to load (paths outside /api/v1/ are public, service.auth): its data
 calls carry the bearer token, and the Content-Security-Policy lets it talk only to this origin
-and run only its own script.
+and run only its own scripts: `app.js` and the ES modules it imports, all files of this same
+directory (`script-src 'self'` covers a module's imports as well as the page's tag).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from service.errors import not_found
 
 DIRECTORY: Final = Path(__file__).with_name("ui")
 INDEX: Final = "index.html"
+# A browser runs a module only if it comes with a JavaScript type (nosniff holds classic
+# scripts to the same): the modules are named `.js`, as a `.mjs` would not be served at all.
 CONTENT_TYPES: Final = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -64,7 +67,7 @@ def assets() -> dict[str, Asset]:
 
 async def page(request: web.Request) -> web.Response:
     """`GET /ui/` and `GET /ui` (the page; it names its files by absolute paths, so both
-    work) and `GET /ui/{name}` (its script and style sheet)."""
+    work) and `GET /ui/{name}` (its script modules and style sheet)."""
     name = request.match_info.get("name", INDEX)
     asset = assets().get(name)
     if asset is None:

@@ -210,7 +210,10 @@ def test_the_page_and_its_files_are_served_safely(base_url: str) -> None:
     assert again.status_code == 304 and not again.content
     script = httpx.get(f"{base_url}/ui/app.js", timeout=10)
     assert script.headers["Content-Type"] == "text/javascript; charset=utf-8"
-    assert "text/event-stream" in script.text
+    assert 'from "./session.js"' in script.text  # the entry module, importing the others
+    # The stream reader is a module of its own now: every one the page imports is checked in
+    # tests/test_ui_modules.py.
+    assert "text/event-stream" in httpx.get(f"{base_url}/ui/stream.js", timeout=10).text
     assert httpx.get(f"{base_url}/ui", timeout=10).text == page.text
     # Only the page's own files: nothing else of the package or the disk.
     for path in ("/ui/ui.py", "/ui/..%2Fui.py", "/ui/%2E%2E/ui.py", "/ui/../ui.py",

@@ -1,0 +1,43 @@
+// Calls to the API. Every one carries the token in the Authorization header (never in a
+// URL); a 401 signs the tab out, any other refusal is thrown with its status and code.
+import { signOut, SignedOut, token } from "./session.js";
+
+export const API = "/api/v1";
+
+export function headers(extra) {
+  return { Authorization: `Bearer ${token()}`, ...extra };
+}
+
+export async function api(method, path, extra) {
+  const response = await fetch(API + path, {
+    method, headers: headers({ Accept: "application/json", ...extra }), cache: "no-store",
+  });
+  let body = null;
+  try { body = await response.json(); } catch { /* an empty or non-JSON body */ }
+  if (response.status === 401) throw signOut("The API refused the token (401): sign in again.");
+  if (!response.ok) {
+    const message = body && body.error ? body.error.message : response.statusText;
+    throw Object.assign(new Error(`${method} ${path}: ${response.status} ${message}`),
+                        { status: response.status, code: body && body.error && body.error.code });
+  }
+  return body;
+}
+
+// Runs a batch: one Idempotency-Key for the click, its retries included, so an answer lost
+// on the way back (the batch had started) brings back that batch's id, not an error while
+// it runs (and a second batch from the obvious second click). Retried: no answer, a 5xx
+// (the key was released) and 409 in_progress (the first attempt is still on its way).
+export async function runBatch(path) {
+  const key = [...crypto.getRandomValues(new Uint8Array(16))]
+    .map((b) => b.toString(16).padStart(2, "0")).join("");  // randomUUID needs https
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api("POST", path, { "Idempotency-Key": key });
+    } catch (err) {
+      const again = !(err instanceof SignedOut) && attempt < 4 &&
+        (err.status === undefined || err.status >= 500 || err.code === "in_progress");
+      if (!again) throw err;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1000 * 2 ** attempt));
+  }
+}
