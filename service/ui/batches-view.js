@@ -36,6 +36,10 @@ export function batchesView(pipelineId) {
   const stamps = new Map();
   let reading = 0;
   let syncs = 0;  // a newer resync (the stream reconnected again) makes an older one moot
+  // Bumped whenever the rows' oldest end moves for another reason than "older" (a resync
+  // applied, the oldest rows let go): an "older" page read before then follows rows that
+  // are no longer the ones shown, and added, it would leave a gap above itself.
+  let continuity = 0;
 
   const shown = new Map();  // batch id -> its row: the tr, its cells, what each one shows
   const olderButton = el("button", { type: "button", id: "older", hidden: true,
@@ -97,14 +101,15 @@ export function batchesView(pipelineId) {
   const redraw = () => { if (!scheduled) { scheduled = true; requestAnimationFrame(draw); } };
 
   // One read of the list, pages followed from `from` (null: the newest) until `count`
-  // batches or the last page. Answers the batches, the next token and the event number it
-  // began at (what the stream said after that is newer than these answers).
-  const read = async (from, count) => {
+  // batches or the last page, handed to `apply(seen, next, newer)`: the batches, the next
+  // token, and whether the stream spoke of an id after the read began (then the stream's is
+  // newer). `apply` runs in the same step as the last answer arrives, before the stamps go:
+  // a stream event handled between the two would be neither stamped nor compared.
+  const read = async (from, count, apply) => {
     reading += 1;
     redraw();
     const began = events;
     const seen = new Map();
-    const told = new Set();  // ids the stream spoke of since the read began
     let next = from;
     try {
       do {
@@ -114,14 +119,14 @@ export function batchesView(pipelineId) {
         for (const [id, batch] of Object.entries(page.items || {})) seen.set(id, batch);
         next = page.token;
       } while (next && seen.size < count && !closed);
-    } finally {
-      // Taken before the stamps go (once no read is left): after, none would be newer.
+      const told = new Set();
       for (const [id, n] of stamps) if (n > began) told.add(id);
+      apply(seen, next, (id) => told.has(id));
+    } finally {
       reading -= 1;
       if (!reading) stamps.clear();
       redraw();
     }
-    return { seen, next, newer: (id) => told.has(id) };
   };
 
   // After each (re)connection: the stream starts with the newest page again but says
@@ -130,37 +135,38 @@ export function batchesView(pipelineId) {
   // (the header says reconnecting): clearing them showed an empty list, "No batch yet".
   const resync = async () => {
     const mine = ++syncs;
-    let answer;
     try {
-      answer = await read(null, Math.max(depth, LIST_LIMIT));
+      await read(null, Math.max(depth, LIST_LIMIT), (seen, next, newer) => {
+        if (closed || mine !== syncs) return;
+        for (const id of [...batches.keys()]) {
+          // Not in the read and nothing said of it since: gone, or older than what was read.
+          if (!seen.has(id) && !newer(id)) batches.delete(id);
+        }
+        for (const [id, batch] of seen) if (!newer(id)) batches.set(id, batch);
+        olderToken = next;
+        loaded = true;
+        continuity += 1;
+      });
     } catch (err) {
       if (!closed && mine === syncs) {
         failed(err);
         setTimeout(() => { if (!closed && mine === syncs) resync(); }, 3000);
       }
-      return;
     }
-    if (closed || mine !== syncs) return;
-    const { seen, next, newer } = answer;
-    for (const id of [...batches.keys()]) {
-      // Not in the read and nothing said of it since: gone, or older than what was read.
-      if (!seen.has(id) && !newer(id)) batches.delete(id);
-    }
-    for (const [id, batch] of seen) if (!newer(id)) batches.set(id, batch);
-    olderToken = next;
-    loaded = true;
-    redraw();
   };
 
   const older = async () => {
     if (reading) return;
     if (olderToken) {
-      const { seen, next, newer } = await read(olderToken, LIST_LIMIT);
-      if (closed) return;
-      for (const [id, batch] of seen) if (!newer(id) && !batches.has(id)) batches.set(id, batch);
-      depth += LIST_LIMIT;
-      olderToken = next;
-      redraw();
+      const from = continuity;
+      await read(olderToken, LIST_LIMIT, (seen, next, newer) => {
+        // A resync or a trim since it began: the page no longer follows the rows shown
+        // (added, it left a gap above itself); the button reads from the new end.
+        if (closed || from !== continuity) return;
+        for (const [id, batch] of seen) if (!newer(id) && !batches.has(id)) batches.set(id, batch);
+        depth += LIST_LIMIT;
+        olderToken = next;
+      });
     } else if (olderToken === undefined) {  // the newest rows are not a known page: read all
       depth = batches.size + LIST_LIMIT;
       await resync();
@@ -208,6 +214,7 @@ export function batchesView(pipelineId) {
           batches.delete(oldest.id);
           // The rows no longer end at a page the token follows: "older" reads afresh.
           olderToken = undefined;
+          continuity += 1;
         }
       } else if (event === "deleted") {
         batches.delete(data.id);

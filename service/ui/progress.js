@@ -4,9 +4,13 @@ import { num } from "./dom.js";
 
 // A step's records over its partitions, as "1,234 records". Each offset is at most
 // 2**53 - 1 (exact as a number), their sum need not be: summed as a BigInt.
+// A value that is no finite number counts as 0: BigInt() throws on NaN and Infinity.
+const whole = (n) => {
+  const x = Math.trunc(Number(n));
+  return Number.isFinite(x) ? x : 0;
+};
 export const records = (offsets) => {
-  const done = Object.values(offsets || {}).reduce((sum, n) =>
-    sum + BigInt(Number.isInteger(n) ? n : Math.trunc(Number(n)) || 0), 0n);  // never throws
+  const done = Object.values(offsets || {}).reduce((sum, n) => sum + BigInt(whole(n)), 0n);
   return `${num(done)} ${done === 1n ? "record" : "records"}`;
 };
 
