@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
-from consumers.plumbing.command_effects import CommandEffects, of_an_earlier_batch
+from consumers.plumbing.command_effects import CommandEffects
 from consumers.plumbing.creation import Creations, Refused
 from consumers.plumbing.deployments import Deployments, EnsureFn, default_ensure
 from consumers.plumbing.dlq import DeadLetters
@@ -217,17 +217,17 @@ class CommandsConsumer(Part):
         try:
             async with asyncio.timeout(self.options.prefect_timeout_s):
                 fields = await self.store.fields(command.pipeline_id, command.batch_id)
-                runs = await self.prefect.of_batch(command.pipeline_id, command.batch_id)
+                # Without an earlier batch's run of this id (published again after it
+                # expired): it did not run this batch.
+                runs = await self.prefect.of_batch(
+                    command.pipeline_id, command.batch_id,
+                    created_at=(fields or {}).get("created_at", ""))
         except Exception as exc:
             log.warning("%s %s: its batch or its flow runs not read before giving up (%s)",
                         command.type, command.batch_id, describe(exc))
             return None
-        # Found by the id's tags: an earlier batch's run of this id (published again after
-        # it expired) did not run this batch.
-        created_at = (fields or {}).get("created_at", "")
         ended = [(r.since, r.state_type, r.state_id, r) for r in runs
-                 if r.final and r.state_type and r.state_id and r.since is not None
-                 and not of_an_earlier_batch(r, created_at)]
+                 if r.final and r.state_type and r.state_id and r.since is not None]
         if not ended:
             return None
         since, state_type, state_id, run = max(ended, key=lambda row: row[0])

@@ -21,7 +21,6 @@ from typing import Final
 from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
-from consumers.plumbing.command_effects import of_an_earlier_batch
 from consumers.plumbing.emit import Emitter
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
@@ -150,8 +149,7 @@ class Reconciler(Part):
         assert self.prefect is not None
         found: dict[str, RunState] = {}
         for pipeline_id, batch_id, state, created_at in unrecorded[:UNRECORDED_PER_ROUND]:
-            runs = [run for run in await self.prefect.of_batch(pipeline_id, batch_id)
-                    if not of_an_earlier_batch(run, created_at)]
+            runs = await self.prefect.of_batch(pipeline_id, batch_id, created_at=created_at)
             if not runs:
                 continue
             run = next((r for r in runs if not r.final), runs[0])

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
 from consumers.plumbing.active import ActiveRuns
-from consumers.plumbing.command_effects import EARLIER_BATCH_S
+from consumers.plumbing.prefect_api import EARLIER_BATCH_S
 from core import keys
 from core.codec import Command, Event, decode_event
 from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, flow_run_tags, new_batch_id
@@ -37,7 +37,7 @@ from pipelines.publisher import EventPublisher
 from tests.conftest import eventually
 from tests.helpers import spec
 from tests.test_consumers_support import options, running, send, send_command
-from tests.test_reconciler_support import idle_pool, reconciler_without_sweep
+from tests.test_reconciler_support import IdlePool, idle_pool, reconciler_without_sweep
 
 DATA = orjson.loads((Path(__file__).parent / "data" / "prefect_events.json").read_bytes())
 P = "bridge-truth"
@@ -280,6 +280,20 @@ async def test_a_stop_does_not_report_an_earlier_batchs_run_of_the_same_id(
         assert (batch["state"]["state"], batch.get("outcome")) == ("running", None)
 
 
+async def batch_of_a_reused_id(pool: IdlePool, redis: Redis) -> str:
+    """A batch whose id's earlier batch left a Completed run, made well before it (its
+    `created_at` moved past that run's creation instead of the test waiting)."""
+    batch_id = await pool.batch()
+    earlier = await pool.run(batch_id)
+    await pool.client.set_flow_run_state(UUID(earlier), Completed(), force=True)
+    [run] = await pool.client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        id=FlowRunFilterId(any_=[UUID(earlier)])))
+    assert run.created is not None
+    created_at = (run.created + timedelta(seconds=2 * EARLIER_BATCH_S)).isoformat()
+    await redis.hset(keys.batch(pool.pipeline_id, batch_id), "created_at", created_at)
+    return batch_id
+
+
 @pytest.mark.timeout(90)
 async def test_the_reconciler_does_not_take_an_earlier_batchs_run_for_this_ones(
         topics: Settings, redis: Redis) -> None:
@@ -288,14 +302,7 @@ async def test_the_reconciler_does_not_take_an_earlier_batchs_run_for_this_ones(
     reconciler took that batch's Completed run for this one's, and a batch whose run had not
     run yet said stop/completed (and its run command then skipped it as stopped)."""
     async with idle_pool(topics, redis) as pool:
-        batch_id = await pool.batch()
-        earlier = await pool.run(batch_id)
-        await pool.client.set_flow_run_state(UUID(earlier), Completed(), force=True)
-        [run] = await pool.client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[UUID(earlier)])))
-        assert run.created is not None
-        created_at = (run.created + timedelta(seconds=2 * EARLIER_BATCH_S)).isoformat()
-        await redis.hset(keys.batch(pool.pipeline_id, batch_id), "created_at", created_at)
+        batch_id = await batch_of_a_reused_id(pool, redis)
         await ActiveRuns(redis).add(pool.pipeline_id, batch_id)
         async with reconciler_without_sweep(topics, zombie_after_s=0) as reconciler:
             events = await reconciler.reconcile()
@@ -364,14 +371,7 @@ async def test_a_given_up_run_does_not_take_an_earlier_batchs_end_for_its_own(
     found the earlier batch's Completed run, and the batch that never ran said
     stop/completed instead of failed."""
     async with idle_pool(topics, redis) as pool:
-        batch_id = await pool.batch()
-        earlier = await pool.run(batch_id)
-        await pool.client.set_flow_run_state(UUID(earlier), Completed(), force=True)
-        [run] = await pool.client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[UUID(earlier)])))
-        assert run.created is not None
-        created_at = (run.created + timedelta(seconds=2 * EARLIER_BATCH_S)).isoformat()
-        await redis.hset(keys.batch(pool.pipeline_id, batch_id), "created_at", created_at)
+        batch_id = await batch_of_a_reused_id(pool, redis)
         consumer = CommandsConsumer(topics, options())
         await consumer.start()
         try:

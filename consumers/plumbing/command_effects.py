@@ -6,15 +6,18 @@ docstring says how), so a command delivered again has no second effect."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
-from typing import Final
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
 from consumers.plumbing.creation import Creations
 from consumers.plumbing.deployments import Deployments
 from consumers.plumbing.emit import Emitter
-from consumers.plumbing.prefect_api import PrefectGateway, RunState, not_found
+from consumers.plumbing.prefect_api import (
+    PrefectGateway,
+    RunState,
+    not_found,
+    of_an_earlier_batch,
+)
 from core.codec import Command, Event, Run, derived_id
 from core.layout import is_visible
 from core.models import PipelineSpec
@@ -26,21 +29,6 @@ from core.store import BatchStore
 
 log = logging.getLogger(__name__)
 STOP_MESSAGE = "stopped through the batches API"
-
-
-# How much older than its batch a flow run of the same id must be to be an earlier batch's:
-# far above any clock skew between the API and Prefect, far below a retention period.
-EARLIER_BATCH_S: Final = 3600.0
-
-
-def of_an_earlier_batch(run: RunState, created_at: str) -> bool:
-    """Whether Prefect handed back, for the idempotency key that is the batch id, a flow run
-    it made for an earlier batch of the same id (published again after its batch and claim
-    expired): one made well before this batch was created."""
-    if run.created is None or not created_at:
-        return False
-    born = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
-    return run.created < born - timedelta(seconds=EARLIER_BATCH_S)
 
 
 class CommandEffects:
@@ -143,13 +131,9 @@ class CommandEffects:
         fields = await self._fields(command)
         if fields is None or fields.get("state") == "stop":
             return
-        # Found by the id's tags: a run of an earlier batch of this id (published again
-        # after it expired) is not this batch's, and its end must not be reported as this
-        # batch's.
-        created_at = fields.get("created_at", "")
-        runs = [run for run in await self.prefect.of_batch(
-                    command.pipeline_id, command.batch_id, fields.get("flow_run_id"))
-                if not of_an_earlier_batch(run, created_at)]
+        runs = await self.prefect.of_batch(command.pipeline_id, command.batch_id,
+                                           fields.get("flow_run_id"),
+                                           created_at=fields.get("created_at", ""))
         events: list[Event] = []
         if not runs:
             events.append(Event(

@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 from uuid import UUID
 
@@ -90,6 +90,21 @@ class RunState:
         )
 
 
+# How much older than its batch a flow run of the same id must be to be an earlier batch's:
+# far above any clock skew between the API and Prefect, far below a retention period.
+EARLIER_BATCH_S: Final = 3600.0
+
+
+def of_an_earlier_batch(run: RunState, created_at: str) -> bool:
+    """Whether Prefect handed back, for the idempotency key that is the batch id, a flow run
+    it made for an earlier batch of the same id (published again after its batch and claim
+    expired): one made well before this batch was created."""
+    if run.created is None or not created_at:
+        return False
+    born = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    return run.created < born - timedelta(seconds=EARLIER_BATCH_S)
+
+
 class PrefectGateway:
     def __init__(self, settings: Settings, timeout: float) -> None:
         auth = get_current_settings().api.auth_string
@@ -164,12 +179,14 @@ class PrefectGateway:
                 ends[run.name] = (mapped, str(state.id), entered)
         return ends
 
-    async def of_batch(self, pipeline_id: str, batch_id: str,
-                       known: str | None = None) -> list[RunState]:
+    async def of_batch(self, pipeline_id: str, batch_id: str, known: str | None = None,
+                       created_at: str = "") -> list[RunState]:
         """Every flow run of the batch: the one Redis knows plus any found by its tags (a run
         created by a command whose effect was not recorded yet). By the pipeline's tag too: a
         command naming the wrong pipeline must not reach the runs of another pipeline's batch
-        of that id."""
+        of that id. Given the batch's `created_at`, without the runs of an earlier batch of
+        the same id (published again after it expired), which share its tags: their ends
+        are not this batch's."""
         tags = [TAG_BATCH_PREFIX + batch_id, TAG_PIPELINE_PREFIX + pipeline_id]
         runs = await self._bounded("read_runs", self.client.read_flow_runs(
             flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=tags)), limit=50,
@@ -177,7 +194,7 @@ class PrefectGateway:
         found = {str(r.id): RunState.of(r) for r in runs}
         if known and known not in found:
             found.update(await self.read([known]))
-        return list(found.values())
+        return [run for run in found.values() if not of_an_earlier_batch(run, created_at)]
 
     async def cancel(self, run: RunState, message: str) -> RunState:
         """Asks Prefect to cancel: proposed, never forced, so its orchestration decides on the
