@@ -1,33 +1,48 @@
-"""The reconciler above Prefect's page limits: one round over 250 live batches, and an
-orphan sweep over them, on the real Prefect, Redis and Kafka of the stack."""
+"""The reconciler above Prefect's page limits: one round over more live batches than a page
+holds, and an orphan sweep over them, on the real Prefect, Redis and Kafka of the stack.
+
+The pages are made smaller here (PAGE, not the server's 200) so that three of them take 100
+flow runs, not 600: creating runs is what this test's time goes on. That the server takes a
+page of FLOW_RUNS_PAGE and refuses a larger one is checked on its own, without runs."""
 
 from __future__ import annotations
 
 from typing import cast
 
+import httpx
 import pytest
 from prefect.states import Crashed, Running
 from redis.asyncio import Redis
 
 from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
-from consumers.plumbing.prefect_api import PrefectGateway
+from consumers.plumbing.prefect_api import FLOW_RUNS_PAGE, PrefectGateway
 from core import keys
 from core.codec import Event, decode_event
 from core.packing import unpacked
 from core.settings import Settings
 from tests.helpers import read_topic
-from tests.test_consumers_support import store_for
+from tests.test_consumers_support import prefect, store_for
 from tests.test_reconciler_support import idle_pool, reconciler_without_sweep
 
-LIVE = 250  # above the flow-run filter's 200
+PAGE = 40  # the page size the reads are chunked to in this test
+LIVE = 100  # two and a half pages
 UNRECORDED = 10  # indexed, but the event carrying their run id was lost
 
 
-# Creating 250 flow runs takes ~40 s on the shared two-core stack under load.
-@pytest.mark.timeout(240)
+async def test_the_server_takes_a_page_of_flow_runs_and_refuses_a_larger_one(
+        topics: Settings) -> None:
+    async with prefect(topics) as client:
+        assert isinstance(await client.read_flow_runs(limit=FLOW_RUNS_PAGE), list)
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            await client.read_flow_runs(limit=FLOW_RUNS_PAGE + 1)
+    assert refused.value.response.status_code == 422
 
-async def test_a_round_over_250_live_batches_reconciles_each_one(topics: Settings,
-                                                                 redis: Redis) -> None:
+
+@pytest.mark.timeout(240)
+async def test_a_round_over_more_live_batches_than_a_page_reconciles_each_one(
+        topics: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("consumers.plumbing.prefect_api.FLOW_RUNS_PAGE", PAGE)
+    monkeypatch.setattr("consumers.plumbing.orphans.FLOW_RUNS_PAGE", PAGE)
     async with idle_pool(topics, redis) as pool:
         recorded = await pool.many(LIVE - UNRECORDED)
         unrecorded = await pool.many(UNRECORDED, record=False)
@@ -65,8 +80,8 @@ async def test_a_round_over_250_live_batches_reconciles_each_one(topics: Setting
         # Every batch was checked this round; none was dropped from the index.
         assert await redis.zcard(keys.ACTIVE_RUNS) == LIVE
 
-        # The orphan sweep pages through all 246 non-final runs (two pages of 200) and finds
-        # the three orphans wherever they sort.
+        # The orphan sweep pages through all 96 non-final runs (three pages) and finds the
+        # three orphans wherever they sort.
         store = store_for(redis, topics)
         (gone, gone_run), (hidden, hidden_run), (stopped, stopped_run) = recorded[:3]
         await redis.delete(keys.batch(pool.pipeline_id, gone))

@@ -32,7 +32,7 @@ async def test_a_completed_run_repaired_by_the_reconciler_leaves_no_running_step
 
                 async def transform_running() -> bool:
                     return (await ctx.fields(batch_id)).get("step:transform") == "running"
-                await eventually(transform_running, timeout=60, interval=0.1)
+                await eventually(transform_running, timeout=120, interval=0.1)
             flow_run_id = uuid.UUID((await ctx.fields(batch_id))["flow_run_id"])
             async with prefect(ctx.settings) as client:
                 async def completed_in_prefect() -> bool:
