@@ -10,6 +10,7 @@ The live refresh runs on rich's thread and the updates on the caller's: a lock g
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -70,8 +71,12 @@ def figures(step: Step, offsets: dict[str, int], totals: dict[str, int] | None,
     total = sum(totals.values()) if totals else None
     progress = step.get("progress", {}) if use_progress else {}
     percent = progress.get("percent")
-    if percent is None and total:
-        percent = min(100.0, 100.0 * done / total)
+    if percent is None and totals and total:
+        # As the API counts: each partition up to its own total (one past its total does not
+        # make up for one short of it), in whole numbers (a float's 100 * 29 / 100 is
+        # 28.999..., which a rounding down would show as 28).
+        counted = sum(min(offsets.get(part, 0), of) for part, of in totals.items())
+        percent = float(min(100, counted * 100 // total))
     rate = progress.get("records_per_s")
     if rate is None and step["state"] == "running":
         rate = measured
@@ -81,6 +86,14 @@ def figures(step: Step, offsets: dict[str, int], totals: dict[str, int] | None,
     if step["state"] != "running":
         eta = None
     return Figures(done, total, percent, rate, eta)
+
+
+def _whole(percent: float | None) -> str:
+    """A percent in whole numbers, rounded down: the API's 99.9 (9,996 of 10,000 records) must
+    not be drawn as 100%, which means every record (the API rounds down for the same reason)."""
+    if percent is None or not math.isfinite(percent):
+        return ""
+    return f"{math.floor(percent)}%"
 
 
 def _count(n: float) -> str:
@@ -204,7 +217,7 @@ class BatchView:
             Text(state + (" stalled" if stalled else ""), style="bold red" if stalled else style),
             bar,
             done,
-            f"{fig.percent:.0f}%" if fig.percent is not None else "",
+            _whole(fig.percent),
             f"{_count(fig.rate)}/s" if fig.rate else "",
             f"eta {_duration(fig.eta_s)}" if fig.eta_s is not None else "",
         )

@@ -1,0 +1,85 @@
+"""What `dhub` prints must be so when it prints it (the CLI truth review): the view's percents,
+what `dhub stop` and `dhub run` say happened, the times `dhub ls` shows, the URL it is given.
+Scripted HTTP answers (httpx.MockTransport) through `dhub.cli.main`, no stack needed."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from rich.console import Console
+
+import dhub.cli
+from dhub import DhubClient
+from dhub.models import Batch
+from dhub.view import BatchView
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def batch(state: str = "running", outcome: str | None = None, **steps: Any) -> Batch:
+    body: dict[str, Any] = {"id": "b", "name": "p", "deployment": "run-pipeline/p",
+                            "created_at": "2026-12-03T07:55:00.000Z",
+                            "updated_at": "2026-12-03T07:56:00.000Z",
+                            "state": {"state": state, "steps": steps or {
+                                "extract": {"state": "running", "offsets": {"partition_0": 5}}}}}
+    if outcome is not None:
+        body["outcome"] = outcome
+    return body  # type: ignore[return-value]
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+            handler: Handler, *argv: str) -> tuple[int, str, str]:
+    """`dhub argv` against `handler`: its exit code, stdout and stderr."""
+    monkeypatch.setattr(dhub.cli, "DhubClient", lambda url: DhubClient(
+        "http://api.test", "t", transport=httpx.MockTransport(handler)))
+    code = dhub.cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def render(view: BatchView) -> str:
+    console = Console(width=140, record=True, color_system=None, file=io.StringIO())
+    console.print(view.render(0.0))
+    return console.export_text()
+
+
+# -- percent -------------------------------------------------------------------------------
+def test_a_step_short_of_its_total_never_reads_100_percent() -> None:
+    """The API rounds a step's percent down (99.9 for 9,996 of 10,000 records) so that 100.0
+    means every record; `dhub watch`/`get` formatted it with no decimals and drew "100%" with
+    four records left, and a partition's percent computed here from its total did the same."""
+    view = BatchView("p", verbose=True)
+    view.update(batch(extract={"state": "running",
+                               "offsets": {"partition_0": 4_996, "partition_1": 5_000},
+                               "totals": {"partition_0": 5_000, "partition_1": 5_000},
+                               "progress": {"percent": 99.9}}))
+    rows = {row.split()[0]: row for row in render(view).splitlines()[1:]}
+    assert "99%" in rows["extract"] and "100%" not in rows["extract"], rows
+    assert "99%" in rows["partition_0"] and "100%" not in rows["partition_0"], rows
+    assert "100%" in rows["partition_1"], rows  # every record of it: 100
+
+
+def test_a_percent_computed_here_is_not_rounded_down_below_what_is_done() -> None:
+    """Rounding down must not take a whole percent from an exact one (29/100 as a float is
+    28.999...)."""
+    view = BatchView("p", verbose=True)
+    view.update(batch(extract={"state": "running", "offsets": {"partition_0": 29},
+                               "totals": {"partition_0": 100}}))
+    rows = {row.split()[0]: row for row in render(view).splitlines()[1:]}
+    assert "29%" in rows["extract"] and "29%" in rows["partition_0"], rows
+
+
+def test_a_partition_past_its_total_does_not_make_up_for_one_short_of_it() -> None:
+    """Without the API's percent (a server that sends none), the step's was computed from all
+    its offsets over all its totals: 1,500 of 1,000 records in one partition and 500 of 1,000
+    in the other read 100% (the API counts each partition up to its total: 75)."""
+    view = BatchView("p")
+    view.update(batch(extract={"state": "running",
+                               "offsets": {"partition_0": 1_500, "partition_1": 500},
+                               "totals": {"partition_0": 1_000, "partition_1": 1_000}}))
+    row = render(view).splitlines()[1]
+    assert "75%" in row and "100%" not in row, row
