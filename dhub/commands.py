@@ -16,7 +16,8 @@ from rich.live import Live
 from rich.table import Table
 
 from dhub.client import DhubClient
-from dhub.models import EXIT_COMPLETED, EXIT_STOPPED, Batch, exit_code
+from dhub.errors import DhubError
+from dhub.models import EXIT_COMPLETED, EXIT_STOPPED, Batch, exit_code, is_final
 from dhub.view import BatchView
 from dhub.watch import WatchEvent
 
@@ -168,11 +169,25 @@ def cmd_ls(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
 
 # -- changing --------------------------------------------------------------------------------
 def cmd_stop(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
+    # The API answers "Batch stopped successfully" once the stop is queued (and again for a
+    # batch that had ended by itself): the batch runs on until the engine cancels its run, and
+    # may complete first. So the batch is read after the stop, and what it is now is said.
     message = api.stop(args.pipeline, args.batch)
+    try:
+        batch: Batch | None = api.get(args.pipeline, args.batch)
+    except DhubError:
+        batch = None  # a token that may stop but not read, a batch deleted since: unknown
+    state = batch["state"]["state"] if batch is not None else None
+    outcome = batch.get("outcome") if batch is not None else None
     if args.json:
-        emit({"message": message})
+        emit({"message": message, "state": state, "outcome": outcome})
+    elif batch is None:
+        console.print(f"stop requested for {args.batch}", highlight=False)
+    elif is_final(batch):
+        console.print(f"{args.batch} is stopped: {outcome or 'stopped'}", highlight=False)
     else:
-        console.print(message, highlight=False)
+        console.print(f"stop requested: {args.batch} is {state} until its run is cancelled "
+                      f"(dhub watch {args.pipeline} {args.batch})", highlight=False)
     return EXIT_COMPLETED
 
 

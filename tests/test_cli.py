@@ -127,13 +127,13 @@ def _watch_until_running(cli: Cli, pipeline_id: str) -> Iterator[tuple[Lines, st
 def test_a_stopped_batch_exits_2_and_rm_deletes_it(cli: Cli, tmp_path: Path) -> None:
     pipeline_id = cli.register(tmp_path, rows=20_000, partitions=2, throttle=500)
     with _watch_until_running(cli, pipeline_id) as (lines, batch_id):
-        assert cli.json("stop", pipeline_id, batch_id) == {"message": "Batch stopped successfully"}
+        assert cli.json("stop", pipeline_id, batch_id)["message"] == "Batch stopped successfully"
         end = lines.until(lambda line: line["event"] == "end", timeout=30)
         assert end["exit_code"] == 2 and end["batch"]["outcome"] == "cancelled"
         assert lines.next(time.monotonic() + 10) is None
         assert lines.proc.wait(10) == 2
     out = cli("stop", pipeline_id, batch_id)  # stopping a stopped batch is fine again
-    assert (out.returncode, out.stdout.strip()) == (0, "Batch stopped successfully")
+    assert (out.returncode, out.stdout.strip()) == (0, f"{batch_id} is stopped: cancelled")
 
     out = cli("rm", pipeline_id, batch_id)
     assert (out.returncode, out.stdout.strip()) == (0, "Batch deleted successfully")

@@ -5,6 +5,7 @@ Scripted HTTP answers (httpx.MockTransport) through `dhub.cli.main`, no stack ne
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -83,3 +84,46 @@ def test_a_partition_past_its_total_does_not_make_up_for_one_short_of_it() -> No
                                "totals": {"partition_0": 1_000, "partition_1": 1_000}}))
     row = render(view).splitlines()[1]
     assert "75%" in row and "100%" not in row, row
+
+
+# -- stop ----------------------------------------------------------------------------------
+def _stop_api(now: Batch) -> tuple[Handler, list[str]]:
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if request.method == "PUT":
+            assert request.url.path == "/api/v1/batches/p/b/stop"
+            return httpx.Response(200, json={"message": "Batch stopped successfully"})
+        assert request.url.path == "/api/v1/batches/p/b"
+        return httpx.Response(200, json=now)
+
+    return handler, calls
+
+
+def test_dhub_stop_of_a_running_batch_does_not_say_it_stopped(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The API answers the stop once it is queued, "Batch stopped successfully", while the
+    batch runs on until the engine cancels its run (and may even complete first): `dhub stop`
+    printed that sentence, so `dhub stop p b; dhub get p b` showed a batch still running."""
+    handler, calls = _stop_api(batch("running"))
+    code, out, err = run_cli(monkeypatch, capsys, handler, "stop", "p", "b")
+    assert code == 0, err
+    assert calls[0] == "PUT"
+    assert "stopped successfully" not in out.lower()
+    assert "stop requested" in out and "running" in out, out
+
+
+def test_dhub_stop_of_a_finished_batch_says_how_it_ended(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch that had completed: `dhub stop` said it was "stopped successfully", as if the
+    stop had cut it short."""
+    handler, _ = _stop_api(batch("stop", "completed"))
+    code, out, err = run_cli(monkeypatch, capsys, handler, "stop", "p", "b")
+    assert code == 0, err
+    assert "stopped successfully" not in out.lower()
+    assert "completed" in out, out
+    code, out, err = run_cli(monkeypatch, capsys, handler, "stop", "p", "b", "--json")
+    line = json.loads(out)
+    assert line["message"] == "Batch stopped successfully"  # the API's answer, as it came
+    assert line["state"] == "stop" and line["outcome"] == "completed"
