@@ -7,10 +7,10 @@ service's own packages, so upstream services can use the client without the serv
 
 from __future__ import annotations
 
-from dhub.client import DhubClient
+from dhub.client import DhubClient, RunUnsettled
 from dhub.errors import ApiError, AuthError, ConnectionFailed, DhubError, NotFound
 from dhub.models import Batch, Page, Pipeline, Step, exit_code
 from dhub.watch import WatchEvent
 
 __all__ = ["ApiError", "AuthError", "Batch", "ConnectionFailed", "DhubClient", "DhubError", "NotFound",
-           "Page", "Pipeline", "Step", "WatchEvent", "exit_code"]
+           "Page", "Pipeline", "RunUnsettled", "Step", "WatchEvent", "exit_code"]

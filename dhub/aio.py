@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
@@ -22,7 +21,7 @@ from typing import Any, cast
 import httpx
 
 from dhub import config
-from dhub.client import TIMEOUT, USER_AGENT, run_retry, seg, waiting
+from dhub.client import TIMEOUT, USER_AGENT, RunAttempts, seg
 from dhub.errors import ApiError, ConnectionFailed, raise_for
 from dhub.models import Batch, Page, Pipeline
 from dhub.watch import RETRIED, Follower, WatchEvent, is_stream
@@ -67,18 +66,14 @@ class AsyncDhubClient:
         """Starts a batch; its id (retried like `DhubClient.run`, with one Idempotency-Key)."""
         key = idempotency_key or uuid.uuid4().hex
         params = {"pipeline_version": version} if version is not None else None
-        started, failures = time.monotonic(), 0
+        attempts = RunAttempts(pipeline_id, key)
         while True:
             try:
                 body = await self._json("POST", f"/api/v1/batches/{seg(pipeline_id)}", params=params,
                                         headers={"Idempotency-Key": key})
                 return str(body["item"])
             except (ConnectionFailed, ApiError) as exc:
-                delay = run_retry(exc, failures, started)
-                if delay is None:
-                    raise
-                failures += 0 if waiting(exc) else 1
-                await asyncio.sleep(delay)
+                await asyncio.sleep(attempts.after(exc))
 
     async def get(self, pipeline_id: str, batch_id: str) -> Batch:
         return cast(Batch, await self._json("GET", f"/api/v1/batches/{seg(pipeline_id)}/{seg(batch_id)}"))

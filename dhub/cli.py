@@ -1,6 +1,7 @@
 """`dhub`: the Batches API on the command line.
 
-    dhub run PIPELINE [--version V] [--watch]    dhub watch PIPELINE [BATCH]
+    dhub run PIPELINE [--version V] [--idempotency-key KEY] [--watch]
+    dhub watch PIPELINE [BATCH]
     dhub ls PIPELINE [--limit N]                 dhub get PIPELINE [BATCH]
     dhub stop PIPELINE BATCH                     dhub rm PIPELINE BATCH
     dhub pipelines ls | show PIPELINE | register FILE [--id ID]
@@ -24,7 +25,7 @@ from typing import Any, NoReturn
 
 from rich.console import Console
 
-from dhub.client import DhubClient
+from dhub.client import DhubClient, RunUnsettled
 from dhub.commands import (
     EXIT_INTERRUPTED,
     UsageError,
@@ -76,6 +77,9 @@ def build_parser() -> Parser:
     run = add("run", cmd_run, "start a batch of PIPELINE (prints its id)")
     run.add_argument("pipeline", metavar="PIPELINE")
     run.add_argument("--version", help="the pipeline version (default: the latest)")
+    run.add_argument("--idempotency-key", metavar="KEY",
+                     help="the POST's Idempotency-Key (default: a new one): the same key again "
+                          "answers the batch it started, never a second one")
     run.add_argument("--watch", action="store_true", help="then watch it; exit with its outcome")
     run.add_argument("--no-stream", action="store_true", help="long-poll instead of the push stream")
     run.add_argument("--reconnect-for", type=float, default=60.0, metavar="SECONDS",
@@ -144,6 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, "usage", str(exc))
     except ConfigError as exc:
         return _fail(args, "config", str(exc))
+    except RunUnsettled as exc:
+        return _fail(args, "unsettled", str(exc), idempotency_key=exc.idempotency_key)
     except ConnectionFailed as exc:
         return _fail(args, "connection", str(exc))
     except ApiError as exc:

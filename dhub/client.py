@@ -23,14 +23,21 @@ from urllib.parse import quote
 import httpx
 
 from dhub import config
-from dhub.errors import ApiError, ConnectionFailed, raise_for
+from dhub.errors import ApiError, AuthError, ConnectionFailed, DhubError, raise_for
 from dhub.models import Batch, Page, Pipeline
 from dhub.watch import WatchEvent, follow
 
 TIMEOUT: Final = httpx.Timeout(10.0, connect=5.0)
 # A POST is retried (same Idempotency-Key, so never two batches) on these many transport
-# errors or 5xx answers.
+# errors or 5xx answers, when no attempt may have reached the API.
 RUN_RETRIES: Final = 2
+RUN_PAUSE_S: Final = 0.5
+RUN_PAUSE_MAX_S: Final = 5.0
+# An attempt whose answer was lost (a read timeout, a cut connection, a gateway's 5xx, the
+# API's 500) may have started the batch: only the API's answer to the same key tells, so the
+# POST is asked again for this long, however many attempts that takes (an API restarting
+# under a POST is down for seconds). The key is remembered for a day (DHUB_IDEMPOTENCY_TTL_S).
+UNKNOWN_FOR_S: Final = 60.0
 # A retry that finds its key's first attempt still under way in the API (409 `in_progress`,
 # "retry later") waits for it, up to the API's pending-record lifetime: after that the key is
 # free again and a retry is a fresh attempt. Such answers do not count against RUN_RETRIES.
@@ -38,18 +45,65 @@ IN_PROGRESS: Final = "in_progress"
 IN_PROGRESS_FOR_S: Final = 60.0
 IN_PROGRESS_PAUSE_S: Final = 0.5
 USER_AGENT: Final = "dhub-cli/0.1"
+# The API's own 503: a dependency was down and the attempt released its key, nothing started.
+API_UNAVAILABLE: Final = "unavailable"
+# Transport errors of a request that never reached the API.
+NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
-def run_retry(exc: ConnectionFailed | ApiError, failures: int, started: float) -> float | None:
-    """How long to wait before a POST is sent again with its Idempotency-Key; None: give up."""
-    if isinstance(exc, ApiError) and exc.code == IN_PROGRESS:
-        return IN_PROGRESS_PAUSE_S if time.monotonic() - started < IN_PROGRESS_FOR_S else None
-    retry = isinstance(exc, ConnectionFailed) or exc.retryable
-    return 0.5 * (failures + 1) if retry and failures < RUN_RETRIES else None
+class RunUnsettled(DhubError):
+    """`run` gave up after an attempt that may have started the batch: asking again with
+    `idempotency_key` answers its id if it did (and starts it if it did not)."""
+
+    def __init__(self, pipeline_id: str, idempotency_key: str, cause: DhubError) -> None:
+        super().__init__(f"an attempt's answer was lost, and it may have started a batch; the "
+                         f"API has not said since ({cause}). Ask again with the same key, which "
+                         f"never starts a second batch: dhub run {pipeline_id} --idempotency-key "
+                         f"{idempotency_key}")
+        self.idempotency_key = idempotency_key
 
 
-def waiting(exc: ConnectionFailed | ApiError) -> bool:
-    return isinstance(exc, ApiError) and exc.code == IN_PROGRESS
+def maybe_started(exc: ConnectionFailed | ApiError) -> bool:
+    """Whether the attempt that failed so may have reached the API and started the batch."""
+    if isinstance(exc, ApiError):
+        return exc.status >= 500 and exc.code != API_UNAVAILABLE
+    return not isinstance(exc.__cause__, NOT_SENT)
+
+
+class RunAttempts:
+    """The retry decisions of one `run` (both clients): after each failed attempt, `after`
+    gives the pause before the next one or raises what ends the run."""
+
+    def __init__(self, pipeline_id: str, key: str) -> None:
+        self._pipeline_id, self._key = pipeline_id, key
+        self._started = time.monotonic()
+        self._failures = 0
+        self._unknown_since: float | None = None
+
+    def after(self, exc: ConnectionFailed | ApiError) -> float:
+        now = time.monotonic()
+        if isinstance(exc, ApiError) and exc.code == IN_PROGRESS:
+            # Its first attempt is still under way in the API: wait for its answer.
+            self._unknown_since = self._unknown_since or now
+            if now - self._started < IN_PROGRESS_FOR_S:
+                return IN_PROGRESS_PAUSE_S
+            raise RunUnsettled(self._pipeline_id, self._key, exc) from exc
+        if self._unknown_since is None and maybe_started(exc):
+            self._unknown_since = now
+        retry = isinstance(exc, ConnectionFailed) or exc.retryable
+        self._failures += 1
+        pause = min(RUN_PAUSE_S * self._failures, RUN_PAUSE_MAX_S)
+        if self._unknown_since is None:
+            if retry and self._failures <= RUN_RETRIES:
+                return pause
+            raise exc
+        # A replay answers the key's batch before the request's own checks: any other 4xx
+        # says no attempt committed one, but for 401/403 (the token is checked first).
+        if not retry and not isinstance(exc, AuthError):
+            raise exc
+        if retry and now - self._unknown_since < UNKNOWN_FOR_S:
+            return pause
+        raise RunUnsettled(self._pipeline_id, self._key, exc) from exc
 
 
 def seg(value: str) -> str:
@@ -103,21 +157,18 @@ class DhubClient:
             idempotency_key: str | None = None) -> str:
         """Starts a batch; its id. Retried on transport errors and 5xx with one
         Idempotency-Key, so a retry never starts a second batch, and while the API says the
-        key's first attempt is still in progress (`run_retry`)."""
+        key's first attempt is still in progress (`RunAttempts`); `RunUnsettled` when it
+        gives up after an attempt that may have started the batch."""
         key = idempotency_key or uuid.uuid4().hex
         params = {"pipeline_version": version} if version is not None else None
-        started, failures = time.monotonic(), 0
+        attempts = RunAttempts(pipeline_id, key)
         while True:
             try:
                 body = self._json("POST", f"/api/v1/batches/{seg(pipeline_id)}", params=params,
                                   headers={"Idempotency-Key": key})
                 return str(body["item"])
             except (ConnectionFailed, ApiError) as exc:
-                delay = run_retry(exc, failures, started)
-                if delay is None:
-                    raise
-                failures += 0 if waiting(exc) else 1
-                time.sleep(delay)
+                time.sleep(attempts.after(exc))
 
     def get(self, pipeline_id: str, batch_id: str) -> Batch:
         return cast(Batch, self._json("GET", f"/api/v1/batches/{seg(pipeline_id)}/{seg(batch_id)}"))

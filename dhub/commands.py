@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from typing import Any
 
 from rich.console import Console
@@ -123,7 +124,18 @@ def cmd_watch(args: argparse.Namespace, api: DhubClient, console: Console) -> in
 
 
 def cmd_run(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
-    batch_id = api.run(args.pipeline, args.version)
+    key = args.idempotency_key
+    if key is not None and not (0 < len(key) <= 256 and key.isascii() and key.isprintable()):
+        raise UsageError("--idempotency-key must be 1 to 256 printable ASCII characters")
+    key = key or uuid.uuid4().hex
+    try:
+        batch_id = api.run(args.pipeline, args.version, idempotency_key=key)
+    except KeyboardInterrupt:
+        # Ctrl-C while a POST was sent (or retried): the API may have started the batch.
+        sys.stderr.write(f"dhub: interrupted; a batch may have started. Ask again with the same "
+                         f"key, which never starts a second one: dhub run {args.pipeline} "
+                         f"--idempotency-key {key}\n")
+        return EXIT_INTERRUPTED
     if args.json:
         emit({"event": "created", "item": batch_id} if args.watch else {"item": batch_id})
     else:

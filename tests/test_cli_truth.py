@@ -4,6 +4,7 @@ Scripted HTTP answers (httpx.MockTransport) through `dhub.cli.main`, no stack ne
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Callable
@@ -14,7 +15,9 @@ import pytest
 from rich.console import Console
 
 import dhub.cli
+import dhub.client
 from dhub import DhubClient
+from dhub.aio import AsyncDhubClient
 from dhub.models import Batch
 from dhub.view import BatchView
 
@@ -127,3 +130,117 @@ def test_dhub_stop_of_a_finished_batch_says_how_it_ended(
     line = json.loads(out)
     assert line["message"] == "Batch stopped successfully"  # the API's answer, as it came
     assert line["state"] == "stop" and line["outcome"] == "completed"
+
+
+# -- run -----------------------------------------------------------------------------------
+@pytest.fixture
+def no_run_pauses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dhub.client, "RUN_PAUSE_S", 0.0)
+    monkeypatch.setattr(dhub.client, "IN_PROGRESS_PAUSE_S", 0.0)
+
+
+def _lost_then(*after: Callable[[httpx.Request], httpx.Response]) -> tuple[Handler, list[httpx.Request]]:
+    """A POST whose answer is lost (read timeout: the API may have created the batch), then
+    each of `after` in turn, the last one for good."""
+    posts: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        if len(posts) == 1:
+            raise httpx.ReadTimeout("timed out", request=request)
+        return after[min(len(posts) - 2, len(after) - 1)](request)
+
+    return handler, posts
+
+
+def _refused(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("connection refused", request=request)
+
+
+def _created(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(202, json={"item": "batch-1", "message": "accepted"})
+
+
+def test_a_run_whose_answer_was_lost_asks_again_while_the_api_restarts(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        no_run_pauses: None) -> None:
+    """The first POST's answer is lost (the API restarting under it, after it created the
+    batch); the retries with its Idempotency-Key meet the API down for a few seconds: `dhub
+    run` gave up after two of them (1.5 s), exited 3 "cannot reach the API", as if nothing had
+    started, while the batch ran (and the user's second `dhub run` started another). A run
+    whose first attempt may have reached the API asks again until the API answers."""
+    handler, posts = _lost_then(*[_refused] * 6, _created)
+    code, out, err = run_cli(monkeypatch, capsys, handler, "run", "p")
+    assert (code, out.strip()) == (0, "batch-1"), err
+    assert len(posts) == 8 and len({r.headers["Idempotency-Key"] for r in posts}) == 1
+
+
+def test_a_run_that_cannot_learn_its_fate_says_a_batch_may_have_started(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        no_run_pauses: None) -> None:
+    """When the API stays away, `dhub run` said only that the API was unavailable: a second
+    `dhub run` then started a second batch beside the one the lost attempt may have
+    started. It now says so, with the key that finds out (`--idempotency-key`)."""
+    monkeypatch.setattr(dhub.client, "UNKNOWN_FOR_S", 0.0)
+    unavailable = httpx.Response(503, json={"error": {"code": "unavailable",
+                                                      "message": "retry later"}})
+    handler, posts = _lost_then(lambda request: unavailable)
+    code, out, err = run_cli(monkeypatch, capsys, handler, "run", "p")
+    key = posts[0].headers["Idempotency-Key"]
+    assert code == 3 and out == ""
+    assert "may have started" in err and f"--idempotency-key {key}" in err, err
+
+    # Asking again with that key: the API answers the batch the lost attempt created.
+    code, out, err = run_cli(monkeypatch, capsys, _created_for(key), "run", "p",
+                             "--idempotency-key", key)
+    assert (code, out.strip()) == (0, "batch-1"), err
+
+
+def _created_for(key: str) -> Handler:
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["Idempotency-Key"] == key
+        return _created(request)
+
+    return handler
+
+
+def test_a_run_refused_outright_is_not_said_to_have_maybe_started(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        no_run_pauses: None) -> None:
+    """The API's own 503 (a dependency down) releases the key: nothing started, and `dhub run`
+    says only that, after its few retries."""
+    posts: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        return httpx.Response(503, json={"error": {"code": "unavailable", "message": "retry later"}})
+
+    code, _, err = run_cli(monkeypatch, capsys, handler, "run", "p")
+    assert code == 3 and "503 unavailable" in err and "may have started" not in err
+    assert len(posts) == 1 + dhub.client.RUN_RETRIES
+
+
+def test_ctrl_c_during_a_run_names_the_key_that_finds_its_batch(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C while `dhub run` waited for its POST's answer (or retried it) exited 130 without
+    a word, though the API may have started the batch."""
+    posts: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        raise KeyboardInterrupt
+
+    code, out, err = run_cli(monkeypatch, capsys, handler, "run", "p")
+    assert code == 130 and out == ""
+    assert f"--idempotency-key {posts[0].headers['Idempotency-Key']}" in err, err
+
+
+def test_the_asyncio_client_asks_again_as_long_too(no_run_pauses: None) -> None:
+    handler, posts = _lost_then(*[_refused] * 6, _created)
+
+    async def run() -> str:
+        async with AsyncDhubClient("http://api.test", "t",
+                                   transport=httpx.MockTransport(handler)) as api:
+            return await api.run("p")
+
+    assert asyncio.run(run()) == "batch-1" and len(posts) == 8
