@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -162,6 +163,18 @@ def _steps_summary(batch: Batch) -> str:
     return "".join(marks.get(step["state"], "?") for step in batch["state"]["steps"].values())
 
 
+def _utc(stamp: str | None) -> str:
+    """An API time to the second in UTC, as the column's header says: cutting the text kept
+    the clock of whatever offset it carried, and no zone at all (read as local time)."""
+    try:
+        when = datetime.fromisoformat(stamp or "")
+    except ValueError:
+        return stamp or ""
+    if when.tzinfo is None:
+        return stamp or ""  # no zone: not ours to guess
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
 def cmd_ls(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
@@ -170,11 +183,11 @@ def cmd_ls(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
         emit({"items": {b["id"]: b for b in batches}})
         return EXIT_COMPLETED
     table = Table(box=None, header_style="bold")
-    for column in ("BATCH", "STATE", "OUTCOME", "CREATED", "STEPS"):
+    for column in ("BATCH", "STATE", "OUTCOME", "CREATED (UTC)", "STEPS"):
         table.add_column(column, no_wrap=True)
     for b in batches:
-        created = b.get("created_at", "")[:19].replace("T", " ")
-        table.add_row(b["id"], b["state"]["state"], b.get("outcome", ""), created, _steps_summary(b))
+        table.add_row(b["id"], b["state"]["state"], b.get("outcome") or "",
+                      _utc(b.get("created_at")), _steps_summary(b))
     console.print(table)
     return EXIT_COMPLETED
 

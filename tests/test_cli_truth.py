@@ -244,3 +244,22 @@ def test_the_asyncio_client_asks_again_as_long_too(no_run_pauses: None) -> None:
             return await api.run("p")
 
     assert asyncio.run(run()) == "batch-1" and len(posts) == 8
+
+
+# -- ls ------------------------------------------------------------------------------------
+def test_dhub_ls_says_its_times_are_utc(monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`dhub ls` cut the API's `created_at` (UTC, `...Z`) to "2026-12-03 07:55:00" with no zone:
+    read in Seoul as 07:55 local, nine hours before the batch was created. A time with
+    another offset was cut the same way, its offset dropped."""
+    other = {**batch("stop", "completed"), "id": "b2", "created_at": "2026-12-03T16:55:00.000+09:00"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"items": {"b2": other, "b": batch()}, "token": None})
+
+    monkeypatch.setenv("TZ", "Asia/Seoul")
+    code, out, err = run_cli(monkeypatch, capsys, handler, "ls", "p")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines()}
+    assert "UTC" in rows["BATCH"], out
+    assert "2026-12-03 07:55:00" in rows["b"] and "2026-12-03 07:55:00" in rows["b2"], out
