@@ -224,16 +224,19 @@ def _sorted(by_partition: dict[str, int]) -> dict[str, int]:
 def progress(offsets: Mapping[str, int], totals: Mapping[str, int] | None,
              started: str | None, moved: str | None, before: int = 0
              ) -> dict[str, float | None]:
-    """A step's `progress`: percent of its totals done (when it reported totals), its rate
-    in records per second since it started running (not counting the `before` records it
-    had done when it started: a resumed step's), and the time left at that rate."""
+    """A step's `progress`: percent of its totals done (when it reported the total of
+    every partition it reported), its rate in records per second since it started running
+    (not counting the `before` records it had done when it started: a resumed step's), and
+    the time left at that rate."""
     done = sum(offsets.values())
     percent = eta = rate = None
     if started and moved:
         elapsed = (_when(moved) - _when(started)).total_seconds()
         if elapsed > 0:
             rate = round(max(done - before, 0) / elapsed, 1)
-    if totals:
+    # Only when every partition has its total: over the others alone, a step that gave
+    # some partitions none read 100.0 (eta 0) while it went on with them.
+    if totals and totals.keys() >= offsets.keys():
         total = sum(totals.values())
         counted = sum(min(offsets.get(part, 0), of) for part, of in totals.items())
         if total > 0:

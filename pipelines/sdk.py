@@ -117,7 +117,8 @@ class StepContext:
 
     @property
     def totals(self) -> dict[str, int]:
-        """The totals given to `report()` (published with the offsets: percent and ETA)."""
+        """The totals given to `report()` (published with the offsets: percent and ETA,
+        once every partition reported has its total)."""
         return self._book.totals()
 
 
