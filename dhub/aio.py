@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
@@ -36,7 +35,8 @@ class AsyncDhubClient:
             url, token = target.url, target.token
         else:
             config.check_token(token, "the token given")
-        self.url = (url or os.environ.get("DHUB_URL") or config.DEFAULT_URL).rstrip("/")
+            url = config.base_url(url, source="the URL given")
+        self.url = url
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport,
                                        headers={"Authorization": f"Bearer {token}",
                                                 "User-Agent": USER_AGENT})

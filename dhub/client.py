@@ -13,7 +13,6 @@ in a thread. Every failure is a `dhub.errors.DhubError`.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -121,7 +120,8 @@ class DhubClient:
             url, token = target.url, target.token
         else:
             config.check_token(token, "the token given")
-        self.url = (url or os.environ.get("DHUB_URL") or config.DEFAULT_URL).rstrip("/")
+            url = config.base_url(url, source="the URL given")
+        self.url = url
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                   headers={"Authorization": f"Bearer {token}",
                                            "User-Agent": USER_AGENT})

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
 TOKEN_FILE: Final = "api-token"  # noqa: S105 -- a file name, not a secret
@@ -41,6 +42,20 @@ def check_token(token: str, source: str) -> str:
     return token
 
 
+def check_url(url: str, source: str) -> str:
+    """`url` without its trailing slash, when `dhub` can use it: http(s), and no user or
+    password in it. httpx sends a URL's user and password as Basic auth in place of the
+    token (every request a 401 that blamed the token), and every connection error quoted
+    the URL, password and all. The refusal names where the URL came from, never its text."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{source} must be an http(s) URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{source} carries a user or password: dhub authenticates with its "
+                          "token (DHUB_TOKEN); give the URL without them")
+    return url.rstrip("/")
+
+
 def token_files(env: dict[str, str] | None = None) -> list[Path]:
     env = dict(os.environ) if env is None else env
     state = env.get("DHUB_STATE_DIR")
@@ -49,11 +64,20 @@ def token_files(env: dict[str, str] | None = None) -> list[Path]:
     return list(dict.fromkeys([CHECKOUT / ".dhub" / TOKEN_FILE, Path.cwd() / ".dhub" / TOKEN_FILE]))
 
 
+def base_url(url: str | None = None, env: dict[str, str] | None = None,
+             source: str = "--url") -> str:
+    """The API's base URL: `url` (`--url`), else `DHUB_URL`, else the local stack's."""
+    env = dict(os.environ) if env is None else env
+    if url:
+        return check_url(url, source)
+    if env.get("DHUB_URL"):
+        return check_url(env["DHUB_URL"], "DHUB_URL")
+    return DEFAULT_URL
+
+
 def resolve(url: str | None = None, env: dict[str, str] | None = None) -> Target:
     env = dict(os.environ) if env is None else env
-    base = (url or env.get("DHUB_URL") or DEFAULT_URL).rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise ConfigError(f"DHUB_URL must be an http(s) URL, not {base!r}")
+    base = base_url(url, env)
     token = env.get("DHUB_TOKEN", "").strip()
     if token:
         return Target(base, check_token(token, "DHUB_TOKEN"))

@@ -16,6 +16,7 @@ from rich.console import Console
 
 import dhub.cli
 import dhub.client
+import dhub.config
 from dhub import DhubClient
 from dhub.aio import AsyncDhubClient
 from dhub.models import Batch
@@ -263,3 +264,36 @@ def test_dhub_ls_says_its_times_are_utc(monkeypatch: pytest.MonkeyPatch,
     rows = {line.split()[0]: line for line in out.splitlines()}
     assert "UTC" in rows["BATCH"], out
     assert "2026-12-03 07:55:00" in rows["b"] and "2026-12-03 07:55:00" in rows["b2"], out
+
+
+# -- config --------------------------------------------------------------------------------
+def test_a_url_with_a_password_is_refused_without_echoing_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """DHUB_URL=http://ops:<password>@host: httpx sent the user and password as Basic auth in
+    place of the token (every request a 401, "invalid token", while DHUB_TOKEN was good), and
+    with the API down `dhub` printed "cannot reach the API at http://ops:<password>@...".
+    Refused at start, naming the variable, never the URL."""
+    monkeypatch.setenv("DHUB_TOKEN", "t")
+    for argv, env in ((["ls", "p"], "http://ops:s3cret-pw@127.0.0.1:9"),
+                      (["--url", "http://ops:s3cret-pw@127.0.0.1:9", "ls", "p"], None),
+                      (["--json", "ls", "p"], "127.0.0.1:s3cret-pw")):
+        if env is None:
+            monkeypatch.delenv("DHUB_URL", raising=False)
+        else:
+            monkeypatch.setenv("DHUB_URL", env)
+        code = dhub.cli.main(argv)
+        err = capsys.readouterr().err
+        assert code == 3 and "s3cret" not in err, err
+        assert ("--url" if env is None else "DHUB_URL") in err, err
+    sent: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("Authorization"))
+        return httpx.Response(200, json={"items": {}, "token": None})
+
+    with pytest.raises(dhub.config.ConfigError):
+        DhubClient("http://ops:s3cret-pw@api.test", "t", transport=httpx.MockTransport(handler))
+    assert sent == []
+    with DhubClient("http://api.test/", "t", transport=httpx.MockTransport(handler)) as api:
+        assert list(api.batches("p")) == [] and sent == ["Bearer t"]
+
