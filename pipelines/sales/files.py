@@ -10,15 +10,31 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def make_dirs(directory: Path) -> None:
+    """`directory` and its missing parents, each new one's name durable: a file's fsync
+    keeps its data, not its name (the directory holding it keeps that)."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        sync_path(new.parent)
+
+
 def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never a half-written one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Readers see the old file or the whole new one, never a half-written one; durable
+    when this returns, its name too (a step reports what it covers right after)."""
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    # Without it a power loss may bring the old file back (or none) under offsets the step
+    # reported over the new one.
+    sync_path(path.parent)
 
 
 def jsonl_lines(path: Path) -> Iterator[bytes]:
@@ -37,10 +53,12 @@ def count_lines(path: Path) -> int:
 def append_from(path: Path, size: int) -> BinaryIO:
     """`path` opened to append after its first `size` bytes (what a checkpoint said was
     durable; anything after them was written but never reported, and is written again)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     out = path.open("r+b" if size else "wb")
     out.truncate(size)
     out.seek(size)
+    # Its name durable before any checkpoint covers what is appended (`sync` keeps the data).
+    sync_path(path.parent)
     return out
 
 

@@ -27,7 +27,16 @@ import orjson
 from pydantic import ValidationError
 
 from dhub_wordcount.plugin import WordCountConfig
-from dhub_wordcount.text import CHUNK, Layout, keep_lines, lines_of, partition_name, write_atomically
+from dhub_wordcount.text import (
+    CHUNK,
+    Layout,
+    keep_lines,
+    lines_of,
+    make_dirs,
+    partition_name,
+    sync_dir,
+    write_atomically,
+)
 from pipelines.sdk import StepContext, StepFailed
 
 
@@ -83,10 +92,11 @@ def generate(ctx: StepContext) -> None:
         out: dict[str, BinaryIO] = {}
         for name in names:
             path = layout.text(name)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
             if written[name]:
                 keep_lines(path, written[name])
             out[name] = files.enter_context(path.open("ab" if written[name] else "wb"))
+            sync_dir(path.parent)  # the file's name durable before its lines are reported
             ctx.report(name, written[name], config.lines)
         # A chunk of each partition in turn, so every partition's offset grows together.
         while any(n < config.lines for n in written.values()):

@@ -36,16 +36,39 @@ def lines_of(seed: int, index: int, lines: int, words_per_line: int) -> Iterator
         yield " ".join(rng.choices(VOCABULARY, WEIGHTS, k=words_per_line)).encode() + b"\n"
 
 
+def make_dirs(directory: Path) -> None:
+    """`directory` and its missing parents, each new one's name durable: a file's fsync
+    keeps its data, not its name (the directory holding it keeps that)."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        sync_dir(new.parent)
+
+
+def sync_dir(directory: Path) -> None:
+    """The names in `directory` made durable (new files, renames)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: Path, body: bytes) -> None:
     """Readers see the old file or the whole new one, never a part; durable when this
-    returns (the steps report an offset right after: the SDK's offset rule)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    returns, its name too (the steps report an offset right after: the SDK's offset rule)."""
+    make_dirs(path.parent)
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as out:
         out.write(body)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
+    # Without it a power loss may take the new name away under the offset reported over it.
+    sync_dir(path.parent)
 
 
 def keep_lines(path: Path, lines: int) -> None:
@@ -79,9 +102,11 @@ class Layout:
             if old.is_dir():
                 # Copied aside, then renamed: a copy cut short is never taken for the files.
                 shutil.rmtree(layout.staging, ignore_errors=True)
+                make_dirs(layout.staging.parent)
                 shutil.copytree(old, layout.staging)
                 _sync_tree(layout.staging)  # on disk before it is taken for the files
                 os.replace(layout.staging, layout.root)
+                sync_dir(layout.root.parent)  # the rename too, before any offset over it
             elif any(ctx.start_offsets.values()):
                 raise StepFailed(f"{ctx.step}: the files of {ctx.resumed_from}, which this batch "
                                  "resumes, are gone")
