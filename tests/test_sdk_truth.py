@@ -8,14 +8,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from core import layout
 from core.settings import Settings
+from pipelines.checkpoints import Checkpoints
 from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID
 from pipelines.sales.steps import extract, transform
-from pipelines.sdk import StepContext
+from pipelines.sdk import StepAborted, StepContext
 from pipelines.steps import resolve
 
 BATCH = "batch-sdk-truth"
@@ -129,3 +131,120 @@ def test_the_example_plugin_makes_its_new_files_names_durable_before_reporting(
         resolve(f"wordcount.{step}")(_context(tmp_path, step, journal.book(), "wordcount",
                                               **config))
         journal.check(step, dirs)
+
+
+class _Stopping(StepContext):
+    """A step cancelled once `after` records are reported in all: its next report raises
+    `StepAborted`, as the SDK makes it when the step's task is cancelled."""
+
+    def __init__(self, *args: Any, after: int, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self._after = after
+
+    def report(self, partition: str, offset: int, total: int | None = None) -> None:
+        super().report(partition, offset, total)
+        if sum(self.offsets.values()) >= self._after:
+            self.abort()
+
+
+def _stopping(tmp_path: Path, step: str, after: int, pipeline: str = PIPELINE_ID,
+              **config: Any) -> _Stopping:
+    return _Stopping(batch_id=BATCH, pipeline_id=pipeline, step=step, config=config,
+                     settings=Settings(state_dir=tmp_path / "state", data_dir=tmp_path),
+                     book=OffsetBook(), on_change=lambda: None, after=after)
+
+
+def _highest(*runs: StepContext) -> dict[str, int]:
+    """What the batch shows after these runs' reports: per partition the highest."""
+    shown: dict[str, int] = {}
+    for ctx in runs:
+        for partition, offset in ctx.offsets.items():
+            shown[partition] = max(shown.get(partition, 0), offset)
+    return shown
+
+
+@pytest.fixture
+def every_record_saved(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints at every record instead of every 0.2 s: small runs stop mid-way."""
+    monkeypatch.setattr(Checkpoints, "_next_due",
+                        lambda self: 0.0 if self._every_s is not None else float("inf"))
+
+
+@pytest.mark.usefixtures("every_record_saved")
+def test_a_sales_rerun_planned_behind_its_reports_goes_on_from_its_checkpoint(
+        tmp_path: Path) -> None:
+    """The flow plans a step's start from the batch's record. A run of the same batch again
+    (a failed flow run retried in Prefect) planned while the events consumer had not yet
+    applied the first attempt's last reports started extract over from 0, truncating the
+    staging files it had saved; stopped earlier than the first attempt, it left the batch
+    showing the first attempt's higher offsets (they only grow) over data cut back below
+    them: the resume that goes on from them failed ("records would be lost"). A step now
+    goes on from its own checkpoint when it is ahead of its start offsets."""
+    config: dict[str, Any] = {"rows": 200, "partitions": 2}
+    first = _stopping(tmp_path, "extract", 150, **config)
+    with pytest.raises(StepAborted):
+        extract(first)
+    again = _stopping(tmp_path, "extract", 50, **config)  # planned from a record at 0
+    with pytest.raises(StepAborted):
+        extract(again)
+    shown = _highest(first, again)
+    assert sum(shown.values()) >= 150
+
+    resume = _context(tmp_path, "extract", OffsetBook(), start=shown, **config)
+    extract(resume)
+    root = tmp_path / BATCH
+    for partition in ("partition_0", "partition_1"):
+        source = (root / "source" / f"{partition}.jsonl").read_bytes().splitlines()
+        staged = (root / "staging" / f"{partition}.jsonl").read_bytes().splitlines()
+        rejected = (root / "rejects" / f"{partition}.jsonl").read_bytes().splitlines()
+        assert len(staged) + len(rejected) == len(source), "every record staged once"
+        assert resume.offsets[partition] == len(source)
+
+    # Transform alike: its sums go on from its checkpoint, never counted twice.
+    first = _stopping(tmp_path, "transform", 150, **config)
+    with pytest.raises(StepAborted):
+        transform(first)
+    again = _stopping(tmp_path, "transform", 50, **config)
+    with pytest.raises(StepAborted):
+        transform(again)
+    transform(_context(tmp_path, "transform", OffsetBook(), start=_highest(first, again),
+                       **config))
+    fresh = tmp_path / "fresh"
+    extract(StepContext(batch_id=BATCH, pipeline_id=PIPELINE_ID, step="extract", config=config,
+                        settings=Settings(state_dir=fresh / "state", data_dir=fresh),
+                        book=OffsetBook(), on_change=lambda: None))
+    transform(StepContext(batch_id=BATCH, pipeline_id=PIPELINE_ID, step="transform",
+                          config=config,
+                          settings=Settings(state_dir=fresh / "state", data_dir=fresh),
+                          book=OffsetBook(), on_change=lambda: None))
+    for partition in ("partition_0", "partition_1"):
+        got = orjson.loads((root / "partials" / f"{partition}.json").read_bytes())
+        want = orjson.loads((fresh / BATCH / "partials" / f"{partition}.json").read_bytes())
+        assert got == want
+
+
+@pytest.mark.usefixtures("every_record_saved")
+def test_a_word_count_rerun_planned_behind_its_reports_goes_on_from_its_files(
+        tmp_path: Path) -> None:
+    """The example plugin alike: a rerun planned at 0 after an attempt that reported more
+    rewrote its text from the first line (generate) and deleted every saved chunk (count);
+    stopped earlier, the batch showed lines its files no longer held, and its resume failed
+    ("holds fewer than the lines reported", "a gap at line ...")."""
+    config: dict[str, Any] = {"partitions": 2, "lines": 3_000, "words_per_line": 3}
+    for step, (ahead, behind) in {"generate": (4_000, 2_000), "count": (4_000, 2_000)}.items():
+        run = resolve(f"wordcount.{step}")
+        first = _stopping(tmp_path, step, ahead, "wordcount", **config)
+        with pytest.raises(StepAborted):
+            run(first)
+        again = _stopping(tmp_path, step, behind, "wordcount", **config)
+        with pytest.raises(StepAborted):
+            run(again)
+        shown = _highest(first, again)
+        assert sum(shown.values()) >= ahead
+        resume = _context(tmp_path, step, OffsetBook(), "wordcount", start=shown, **config)
+        run(resume)
+        assert resume.offsets == {"part-0": 3_000, "part-1": 3_000}
+    merge = _context(tmp_path, "merge", OffsetBook(), "wordcount", **config)
+    resolve("wordcount.merge")(merge)
+    result = orjson.loads((tmp_path / BATCH / "wordcount" / "result.json").read_bytes())
+    assert result["lines"] == 6_000 and result["words"] == 18_000

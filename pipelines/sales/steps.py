@@ -11,8 +11,9 @@ The SDK's offset rule (an offset is reported once the records up to it are durab
 through checkpoints (`Progress`): extract fsyncs its appended staging and rejects files and
 notes their sizes, transform writes its running sums, each with the positions they cover, in
 progress/<step>.json; only then are those positions reported. A resumed batch starts with
-the files of the batch it resumes (`files.inherit`) and each step goes on from its start
-offsets: extract cuts its files back to the sizes saved with them, transform takes the sums.
+the files of the batch it resumes (`files.inherit`) and each step goes on from its last
+checkpoint (at or past its start offsets): extract cuts its files back to the sizes saved
+with it, transform takes the sums.
 Load is one transaction: it reports when it commits, so it starts from zero or has nothing
 left (if it committed and stopped before `success`, the resumed batch loads its own rows).
 Each step notes in progress/<step>.json the records this run of it processed.
@@ -100,16 +101,22 @@ def _partitions(directory: Path, suffix: str, step: str) -> dict[str, Path]:
 
 
 def _saved(layout: Layout, ctx: StepContext) -> dict[str, dict[str, Any]]:
-    """Per partition, what the step saved at its last checkpoint, where the SDK says to go
-    on from it; empty where the partition starts afresh (start offset 0)."""
+    """Per partition, what the step saved at its last checkpoint: where it goes on from.
+
+    Also where the SDK says to start at 0, or below the checkpoint: the start offsets are
+    the batch's record when the flow was planned, and a run of the same batch again (a
+    flow run retried in Prefect) may be planned before the events consumer applied what an
+    earlier attempt reported. Started over below, the step cut back files the batch's
+    offsets (which only grow) still covered, and stopped early it left them ahead of the
+    data. A checkpoint holds only what was durable, so going on from it is always sound."""
     path = layout.root / "progress" / f"{ctx.step}.json"
-    if not any(ctx.start_offsets.values()):
-        return {}
     if not path.exists():
-        raise StepFailed(f"{ctx.step}: starts at {dict(ctx.start_offsets)} but saved no "
-                         f"checkpoint ({path}); the data of the batch it resumes is gone")
+        if any(ctx.start_offsets.values()):
+            raise StepFailed(f"{ctx.step}: starts at {dict(ctx.start_offsets)} but saved no "
+                             f"checkpoint ({path}); the data of the batch it resumes is gone")
+        return {}
     saved: dict[str, dict[str, Any]] = orjson.loads(path.read_bytes())["partitions"]
-    return {p: state for p, state in saved.items() if ctx.start_offset(p) > 0}
+    return saved
 
 
 def _save_state(layout: Layout, step: str, partitions: Mapping[str, Any],

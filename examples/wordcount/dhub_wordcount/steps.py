@@ -8,8 +8,9 @@
               partition cover its lines exactly once
 
 A resumed batch (`POST .../resume`) starts from a copy of the files of the batch it resumes and
-each step goes on from its start offsets (`ctx.start_offset`). Steps are sync (the SDK runs
-them in a thread), so plain file I/O and sleeps are fine.
+each step goes on from its start offsets (`ctx.start_offset`), or from further on where its
+files already hold more (written before reported, or reported after the flow was planned).
+Steps are sync (the SDK runs them in a thread), so plain file I/O and sleeps are fine.
 """
 
 from __future__ import annotations
@@ -70,6 +71,35 @@ def _line_count(path: Path, step: str) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
+def _whole_lines(path: Path) -> int:
+    """The complete lines `path` holds (0 when it is not there)."""
+    return _line_count(path, "generate") if path.exists() else 0
+
+
+def _bounds(chunk: Path) -> tuple[int, int]:
+    first, end = chunk.stem.split("-")
+    return int(first), int(end)
+
+
+def _go_on_from(chunks: Path, start: int) -> int:
+    """Where count goes on with a partition: after the saved chunks that cover its lines
+    from the first without a gap, when they reach its start offset (a chunk is saved before
+    its end is reported; the start offsets are the batch's record when the flow was planned,
+    which may not show yet what an earlier attempt of the batch reported); else its start
+    offset. Chunks past that line are removed: counted again."""
+    covered, chain = 0, set()
+    for chunk in sorted(chunks.glob("*.json"), key=_bounds):
+        first, end = _bounds(chunk)
+        if first == covered:
+            covered = end
+            chain.add(chunk)
+    go_on = covered if covered >= start else start
+    for chunk in chunks.glob("*.json"):
+        if _bounds(chunk)[1] > go_on or (covered >= start and chunk not in chain):
+            chunk.unlink()
+    return go_on
+
+
 def _fail_half_way(config: WordCountConfig, ctx: StepContext, done: Mapping[str, int],
                    totals: Mapping[str, int]) -> None:
     """`fail_at`: this step fails once half its lines are done (after reporting them)."""
@@ -82,8 +112,12 @@ def generate(ctx: StepContext) -> None:
     names = [partition_name(i) for i in range(config.partitions)]
     totals = dict.fromkeys(names, config.lines)
     # A resumed batch goes on from its start offsets: the text is the seed's, so the lines
-    # after them are the generator's lines after them.
-    written = {name: ctx.start_offset(name) for name in names}
+    # after them are the generator's lines after them. Lines a run of this batch wrote past
+    # them are kept (`_whole_lines`): the start offsets are the batch's record when the flow
+    # was planned, which may not show yet what an earlier attempt of it reported.
+    written = {name: max(ctx.start_offset(name),
+                         min(_whole_lines(layout.text(name)), config.lines))
+               for name in names}
     streams = {name: islice(lines_of(config.seed, i, config.lines, config.words_per_line),
                             written[name], None)
                for i, name in enumerate(names)}
@@ -96,7 +130,9 @@ def generate(ctx: StepContext) -> None:
             if written[name]:
                 keep_lines(path, written[name])
             out[name] = files.enter_context(path.open("ab" if written[name] else "wb"))
-            sync_dir(path.parent)  # the file's name durable before its lines are reported
+            # The lines kept, and the file's name, durable before they are reported.
+            os.fsync(out[name].fileno())
+            sync_dir(path.parent)
             ctx.report(name, written[name], config.lines)
         # A chunk of each partition in turn, so every partition's offset grows together.
         while any(n < config.lines for n in written.values()):
@@ -119,18 +155,13 @@ def count(ctx: StepContext) -> None:
     config, layout = _config(ctx.config), Layout.of(ctx)
     names = [partition_name(i) for i in range(config.partitions)]
     totals = {name: _line_count(layout.text(name), ctx.step) for name in names}
-    start = {name: ctx.start_offset(name) for name in names}
+    start = {name: _go_on_from(layout.chunks(name), ctx.start_offset(name)) for name in names}
     done = dict(start)
     pace = Pace(config.throttle)
     try:
         with ExitStack() as files:
             text: dict[str, BinaryIO] = {}
             for name in names:
-                # Chunks past the start offset were saved but never reported (or belong to
-                # an earlier run of this step): counted again.
-                for chunk in layout.chunks(name).glob("*.json"):
-                    if int(chunk.stem.split("-")[1]) > start[name]:
-                        chunk.unlink()
                 text[name] = files.enter_context(layout.text(name).open("rb"))
                 for _ in islice(text[name], start[name]):
                     pass
