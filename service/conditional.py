@@ -90,7 +90,7 @@ async def answer_pipeline(request: web.Request, pipeline_id: str,
         body, etag, _ = await tagged_read()
         return _answer_now(request, body, etag)
     waiters = request.app[WAITERS]
-    watch = waiters.watch(pipeline_id)
+    watch = waiters.watch(pipeline_id, long_poll=True)
     try:
         return await _held(request, wait, watch, tagged_read)
     finally:

@@ -88,8 +88,9 @@ class PipelineWatch:
     """The batches of one pipeline changed since the stream last looked (key -> its latest
     body, or READ / GONE), bounded."""
 
-    def __init__(self, max_pending: int | None = None) -> None:
+    def __init__(self, max_pending: int | None = None, *, long_poll: bool = False) -> None:
         self.wake = asyncio.Event()
+        self.long_poll = long_poll  # held by a GET of the latest batch, not a stream
         self._pending: dict[str, Version | object] = {}  # in the order they first changed
         self._max = max_pending if max_pending is not None else MAX_PENDING
         self.overflow = False  # fell too far behind: cut off
@@ -132,9 +133,11 @@ class ChangeWaiters:
     def counts(self) -> dict[str, int]:
         """Open waiters by kind: held long-polls, batch streams, pipeline streams."""
         polls = sum(feed.long_poll for feeds in self._feeds.values() for feed in feeds)
-        return {"long_poll": polls,
+        latest = sum(watch.long_poll for watches in self._watches.values() for watch in watches)
+        return {"long_poll": polls + latest,
                 "batch_stream": sum(len(feeds) for feeds in self._feeds.values()) - polls,
-                "pipeline_stream": sum(len(watches) for watches in self._watches.values())}
+                "pipeline_stream": sum(len(watches) for watches in self._watches.values())
+                - latest}
 
     def follow(self, key: str, *, long_poll: bool = False) -> BatchFeed:
         """Every later version of the batch under `key`; `unfollow` it when done."""
@@ -145,9 +148,9 @@ class ChangeWaiters:
     def unfollow(self, key: str, feed: BatchFeed) -> None:
         _remove(self._feeds, key, feed)
 
-    def watch(self, pipeline_id: str) -> PipelineWatch:
+    def watch(self, pipeline_id: str, *, long_poll: bool = False) -> PipelineWatch:
         """The changes of every batch of `pipeline_id`; `unwatch` it when done."""
-        watch = PipelineWatch()
+        watch = PipelineWatch(long_poll=long_poll)
         self._watches.setdefault(pipeline_id, set()).add(watch)
         return watch
 

@@ -1,0 +1,60 @@
+"""The edge telling the truth, third review: what `/metrics` says of held requests and of
+reads while the cache is off, how long a stream outlives its token, and a webhook secret
+that is empty."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from core.settings import Settings
+from service.appkeys import WAITERS
+from service.webhook import signature
+from tests.cache_support import PIPELINE, cached_api, direct_store, engines, new_batches
+from tests.conftest import eventually
+from tests.helpers import AUTH, api_client, api_settings, bearer, read_topic
+from tests.test_api_auth import hs_token
+from tests.test_api_webhook import CAPTURED
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Settings]:
+    yield from engines("redis", "kafka")
+
+
+async def scrape(api: Client) -> dict[str, Any]:
+    response = await api.get("/metrics", headers=AUTH)
+    assert response.status == 200
+    return {f.name: f for f in text_string_to_metric_families(await response.text())}
+
+
+async def test_a_held_long_poll_of_the_latest_batch_is_counted_as_a_long_poll(
+        test_settings: Settings, redis: Redis) -> None:
+    """`dhub_open_streams{kind}` is "open push streams and held long-poll GETs, by kind". A
+    long-poll of a pipeline's latest batch (`If-None-Match` + `?wait=`) waits on the same
+    kind of watch as a pipeline's stream, and was counted as one: 100 pollers of the latest
+    batch read as 100 open pipeline streams and no long-poll at all."""
+    store = direct_store(redis, test_settings)
+    await new_batches(store)
+    latest = f"/api/v1/batches/{PIPELINE}"
+    async with cached_api(test_settings) as api:
+        etag = (await api.get(latest, headers=AUTH)).headers["ETag"]
+        held = asyncio.create_task(api.get(latest + "?wait=3",
+                                           headers={**AUTH, "If-None-Match": etag}))
+        await eventually(lambda: len(api.app[WAITERS]) == 1, timeout=5)
+        families = await scrape(api)
+        assert (await held).status == 304
+    kinds = {s.labels["kind"]: s.value for s in families["dhub_open_streams"].samples}
+    assert kinds == {"long_poll": 1, "batch_stream": 0, "pipeline_stream": 0}, kinds
