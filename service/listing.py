@@ -76,7 +76,11 @@ async def list_batches(request: web.Request) -> web.StreamResponse:
     _refuse_unknown(request)
     limit = _limit(request)
     where = _filter(request)
-    token = _once(request, "token") or None
+    token = _once(request, "token")
+    if token == "":
+        # Not the first page: a client sending its last page's null token so would be given
+        # the first page again as the next one, and list for ever.
+        raise bad_request("empty token: leave token out for the first page")
     if streams.wants_stream(request):
         # The stream carries every change of the pipeline; filtering it is the client's.
         if where.active:

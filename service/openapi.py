@@ -75,7 +75,7 @@ def _batch_paths() -> dict[str, Any]:
                              "default": DEFAULT_LIMIT},
                   "description": "given more than once is a 400"},
                  {"name": "token", "in": "query", "required": False,
-                  "schema": {"type": "string"},
+                  "schema": {"type": "string", "minLength": 1},
                   "description": "opaque, from the previous page of the same filter; any other "
                                  "value, a token of another filter, or a token given more "
                                  "than once is a 400"},

@@ -90,6 +90,20 @@ async def test_tokens_are_bound_to_their_pipeline_and_signed(topics: Settings, r
         assert ok.status == 200 and len((await ok.json())["items"]) == 2
 
 
+async def test_an_empty_token_is_refused_not_taken_for_the_first_page(
+        topics: Settings, redis: Redis) -> None:
+    """A client that sends its null token as `token=` after the last page would otherwise
+    be given the first page again as if it were the next, and list the batches for ever."""
+    async with api_client(api_settings(topics)) as api:
+        await api.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+        await _post_many(api, "p", 2)
+        for headers in (AUTH, {**AUTH, "Accept": "text/event-stream"}):
+            empty = await api.get("/api/v1/batches/p/?limit=1&token=", headers=headers)
+            assert empty.status == 400, await empty.text()
+            error = (await empty.json())["error"]
+            assert error["code"] == "bad_request" and "token" in error["message"]
+
+
 async def test_the_list_of_an_unknown_pipeline_is_a_404(topics: Settings, redis: Redis) -> None:
     """As `latest` answers for it: the list, its filters and its push stream say 404 for a
     pipeline never registered and without a batch, and write nothing for it."""
