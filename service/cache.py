@@ -108,6 +108,7 @@ class BatchCache:
     def lookup(self, key: str) -> Entry | None:
         """The entry of `key` as (body, expiry, etag), or None on a miss."""
         if not self.live:
+            self.misses += 1  # the read goes to Redis: a miss as much as any other
             return None
         entry = self._entries.get(key)
         if entry is None or entry[1] < self.now:

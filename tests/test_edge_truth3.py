@@ -58,3 +58,20 @@ async def test_a_held_long_poll_of_the_latest_batch_is_counted_as_a_long_poll(
         assert (await held).status == 304
     kinds = {s.labels["kind"]: s.value for s in families["dhub_open_streams"].samples}
     assert kinds == {"long_poll": 1, "batch_stream": 0, "pipeline_stream": 0}, kinds
+
+
+async def test_reads_made_while_the_cache_is_off_count_as_misses(
+        test_settings: Settings, redis: Redis) -> None:
+    """`dhub_cache_misses` is "batch reads that read Redis". With the cache off (its feed
+    down, or DHUB_API_CACHE=false) every read goes to Redis, and none was counted: hits and
+    misses both stood still, as if the API served no batch at all."""
+    store = direct_store(redis, test_settings)
+    [batch_id] = await new_batches(store)
+    async with api_client(api_settings(test_settings, api_cache=False)) as api:
+        for _ in range(3):
+            response = await api.get(f"/api/v1/batches/{PIPELINE}/{batch_id}", headers=AUTH)
+            assert response.status == 200
+        families = await scrape(api)
+    [misses] = families["dhub_cache_misses"].samples
+    [hits] = families["dhub_cache_hits"].samples
+    assert (hits.value, misses.value) == (0, 3)
