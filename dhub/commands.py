@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,18 +38,31 @@ def emit(obj: Any) -> None:
 
 # -- watching ------------------------------------------------------------------------------
 def _watch(args: argparse.Namespace, api: DhubClient, console: Console, batch_id: str) -> int:
+    seen: list[Batch] = []  # the last version handed out, for what Ctrl-C says
     try:
-        return _follow(args, api, console, batch_id)
+        return _follow(args, console, _recorded(api.watch(
+            args.pipeline, batch_id, stream=not args.no_stream,
+            reconnect_for=args.reconnect_for), seen))
     except KeyboardInterrupt:
-        # Ctrl-C leaves the watch, not the batch: it keeps running (`dhub stop` stops it).
-        sys.stderr.write(f"dhub: stopped watching; {batch_id} is not stopped "
-                         f"(dhub stop {args.pipeline} {batch_id})\n")
+        # Ctrl-C leaves the watch, not the batch. One already `stop` (Ctrl-C while the watch
+        # waits out its settling, or a reconnect) is not said to run on.
+        if seen and is_final(seen[-1]):
+            outcome = seen[-1].get("outcome") or "stopped"
+            sys.stderr.write(f"dhub: stopped watching; {batch_id} had stopped: {outcome}\n")
+        else:
+            sys.stderr.write(f"dhub: stopped watching; {batch_id} is not stopped "
+                             f"(dhub stop {args.pipeline} {batch_id})\n")
         return EXIT_INTERRUPTED
 
 
-def _follow(args: argparse.Namespace, api: DhubClient, console: Console, batch_id: str) -> int:
-    events = api.watch(args.pipeline, batch_id, stream=not args.no_stream,
-                       reconnect_for=args.reconnect_for)
+def _recorded(events: Iterator[WatchEvent], seen: list[Batch]) -> Iterator[WatchEvent]:
+    for event in events:
+        if event.batch is not None:
+            seen[:] = [event.batch]
+        yield event
+
+
+def _follow(args: argparse.Namespace, console: Console, events: Iterator[WatchEvent]) -> int:
     if args.json:
         return _watch_json(args, events)
     view = BatchView(args.pipeline, verbose=args.verbose > 0)

@@ -17,6 +17,7 @@ from rich.console import Console
 import dhub.cli
 import dhub.client
 import dhub.config
+import dhub.watch
 from dhub import DhubClient
 from dhub.aio import AsyncDhubClient
 from dhub.models import Batch
@@ -297,3 +298,31 @@ def test_a_url_with_a_password_is_refused_without_echoing_it(
     with DhubClient("http://api.test/", "t", transport=httpx.MockTransport(handler)) as api:
         assert list(api.batches("p")) == [] and sent == ["Bearer t"]
 
+
+
+# -- watch ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("state", "said"), [("stop", "had stopped: completed"),
+                                              ("running", "is not stopped")])
+@pytest.mark.parametrize("json_out", [False, True])
+def test_ctrl_c_during_a_watch_says_whether_the_batch_runs_on(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        state: str, said: str, json_out: bool) -> None:
+    """Ctrl-C during a watch said "b is not stopped (dhub stop p b)" whatever the batch was:
+    also for one already `stop` (Ctrl-C while the watch waits out the 2 s its outcome may
+    still settle in, or while it reconnects), which had completed."""
+    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the version, then the link drops before `end`
+            version = batch(state, "completed" if state == "stop" else None)
+            return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                                  content=b'event: batch\nid: "v1"\ndata: '
+                                  + json.dumps(version).encode() + b"\n\n")
+        raise KeyboardInterrupt
+
+    argv = ["watch", "p", "b"] + (["--json"] if json_out else [])
+    code, _, err = run_cli(monkeypatch, capsys, handler, *argv)
+    assert code == 130 and f"b {said}" in err, err
