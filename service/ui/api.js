@@ -1,6 +1,6 @@
 // Calls to the API. Every one carries the token in the Authorization header (never in a
 // URL); a 401 signs the tab out, any other refusal is thrown with its status and code.
-import { signOut, SignedOut, token } from "./session.js";
+import { signOut, SignedOut, token, TOKEN_REFUSED } from "./session.js";
 
 export const API = "/api/v1";
 
@@ -14,7 +14,7 @@ export async function api(method, path, extra) {
   });
   let body = null;
   try { body = await response.json(); } catch { /* an empty or non-JSON body */ }
-  if (response.status === 401) throw signOut("The API refused the token (401): sign in again.");
+  if (response.status === 401) throw signOut(TOKEN_REFUSED);
   if (!response.ok) {
     const message = body && body.error ? body.error.message : response.statusText;
     throw Object.assign(new Error(`${method} ${path}: ${response.status} ${message}`),

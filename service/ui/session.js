@@ -39,6 +39,9 @@ export const MAY_NOT_READ = "This token may not read batches (it lacks the scope
 let shown = () => {};
 export const onSignOut = (render) => { shown = render; };
 
+// What a 401 says, from a call or a stream alike.
+export const TOKEN_REFUSED = "The API refused the token (401): sign in again.";
+
 export function signOut(message) {
   dropToken();
   shown(message);

@@ -2,7 +2,7 @@
 // cannot set headers, so the token goes in the Authorization header, never in a URL.
 import { API, headers } from "./api.js";
 import { flash, setLive } from "./header.js";
-import { MAY_NOT_READ, signOut } from "./session.js";
+import { MAY_NOT_READ, signOut, TOKEN_REFUSED } from "./session.js";
 
 // The server sends a keep-alive comment every 15 s: a stream silent for longer than two of
 // them is dead even if the connection looks open (a proxy or a sleeping laptop), so reopen it.
@@ -45,7 +45,7 @@ export function openStream(path, { onEvent, onOpen, onMissing, onRefused, final 
       return retry();
     }
     if (closed) return;
-    if (response.status === 401) { signOut("The API refused the token (401): sign in again."); return; }
+    if (response.status === 401) { signOut(TOKEN_REFUSED); return; }
     if (response.status === 404) { setLive("off"); if (onMissing) onMissing(); return; }
     if (response.status === 403) {  // retrying cannot help: the token lacks batches:read
       setLive("off");
