@@ -8,7 +8,9 @@ the local stack (`Settings.check_secure`).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -35,11 +37,22 @@ PUBLIC_PATHS: Final = frozenset({"/api/v1/openapi.json", "/api/v1/hooks/prefect"
 # The messages' JSON Schemas describe the wire format, like the OpenAPI document.
 PUBLIC_PREFIXES: Final = ("/api/v1/schemas/",)
 SCOPE_KEY: Final = web.RequestKey("scopes", frozenset[str])
+# When the request's token stops being valid (a JWT's `exp`, unix seconds); absent for a
+# static token, valid until it is removed from the settings.
+EXPIRES_KEY: Final = web.RequestKey("token_expires", float)
 REQUIRED_CLAIMS: Final = ("exp", "aud", "iss")
 
 
 class AuthConfigError(InsecureSettings):
     """JWTs are enabled without what a token is checked against."""
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a valid token allows, and until when (None: a static token)."""
+
+    scopes: frozenset[str]
+    expires: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +94,22 @@ class Authenticator:
 
     def scopes(self, token: str) -> frozenset[str]:
         """The token's scopes; raises 401 when the token is not valid."""
+        return self.grant(token).scopes
+
+    def grant(self, token: str) -> Grant:
+        """The token's scopes and expiry; raises 401 when the token is not valid."""
         candidate = token.encode()
         # Compare against every token so timing does not reveal which one nearly matched.
         matched = False
         for known in self.static_tokens:
             matched |= hmac.compare_digest(candidate, known)
         if matched:
-            return ALL_SCOPES
+            return Grant(ALL_SCOPES)
         if token.count(".") == 2 and (self.hs256_secret or self.rs256_public_key):
-            return self._jwt_scopes(token)
+            return self._jwt_grant(token)
         raise ApiError(401, "unauthorized", "invalid bearer token")
 
-    def _jwt_scopes(self, token: str) -> frozenset[str]:
+    def _jwt_grant(self, token: str) -> Grant:
         try:
             header = jwt.get_unverified_header(token)
             alg = header.get("alg")
@@ -111,7 +128,8 @@ class Authenticator:
         scopes = raw.split() if isinstance(raw, str) else raw
         if not isinstance(scopes, list):
             raise ApiError(401, "unauthorized", "invalid scope claim")
-        return frozenset(s for s in scopes if isinstance(s, str))
+        # `exp` is required, and PyJWT has checked it is a number in the future.
+        return Grant(frozenset(s for s in scopes if isinstance(s, str)), float(claims["exp"]))
 
 
 def authentication(authenticator: Authenticator) -> Callable[[web.Request], None]:
@@ -129,7 +147,10 @@ def authentication(authenticator: Authenticator) -> Callable[[web.Request], None
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "unauthorized", "missing bearer token")
-        request[SCOPE_KEY] = authenticator.scopes(token.strip())
+        grant = authenticator.grant(token.strip())
+        request[SCOPE_KEY] = grant.scopes
+        if grant.expires is not None:
+            request[EXPIRES_KEY] = grant.expires
 
     return authenticate
 
@@ -137,3 +158,13 @@ def authentication(authenticator: Authenticator) -> Callable[[web.Request], None
 def require(request: web.Request, scope: str) -> None:
     if scope not in request.get(SCOPE_KEY, frozenset()):
         raise ApiError(403, "forbidden", f"this token lacks the scope {scope}")
+
+
+def until_expiry(request: web.Request) -> asyncio.Timeout:
+    """Bounds a push stream by its token's life: a token is checked once, when the stream
+    opens, and a stream can stay open for hours (a pipeline's for ever), so an expired token
+    would go on reading every change. Raises TimeoutError at `exp`; the stream is then cut
+    (not ended: nothing happened to the batch) and the client's reconnect needs a valid
+    token."""
+    expires = request.get(EXPIRES_KEY)
+    return asyncio.timeout(None if expires is None else max(expires - time.time(), 0.0))

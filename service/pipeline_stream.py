@@ -28,6 +28,7 @@ from core import keys
 from core.paging import pipeline_known
 from core.store import BatchStore
 from service.appkeys import CACHE, STORE, WAITERS
+from service.auth import until_expiry
 from service.cache import etag_of
 from service.errors import not_found
 from service.fills import fills_of
@@ -98,66 +99,67 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
         # ids sent as `batch` (not since `deleted`) -> the rev sent: oldest first
         sent: dict[str, int] = {}
         try:
-            for batch_id, read in zip(page.items, first, strict=True):
-                if read is not None:  # else gone since the page's read: never sent
-                    await write(response, event("batch", read[0], etag_of(read[0])))
-                    _remember(sent, batch_id, read[1])
-            fresh_by = backstop_due(cache.ttl_s, pipeline_id)
-            # From the last keep-alive, not from each wake-up: the backstop's reads (every
-            # cache.ttl_s, shorter than KEEPALIVE_S) must not put the keep-alive off for ever.
-            keep_alive_at = loop.time() + KEEPALIVE_S
-            backstop_only = False
-            while True:
-                # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing:
-                # the page is read again at least every cache.ttl_s, as after a reset.
-                try:
-                    async with asyncio.timeout_at(min(keep_alive_at, fresh_by)):
-                        await watch.wake.wait()
-                except TimeoutError:
-                    if loop.time() >= keep_alive_at:
-                        await write(response, b": keep-alive\n\n")
-                        keep_alive_at = loop.time() + KEEPALIVE_S
-                    if loop.time() < fresh_by:
-                        continue
-                    fresh_by = backstop_due(cache.ttl_s, pipeline_id)
-                    backstop_only = not watch.everything  # else a real reset is pending too
-                    watch.add(None)
-                if watch.overflow:
-                    raise TimeoutError("the client fell too far behind")
-                if waiters.closing:
-                    break
-                if watch.everything:  # changes may have been missed: Redis says which
-                    depth = BACKSTOP_CHECKED if backstop_only else MAX_SENT
-                    changed = await _after_reset(store, pipeline_id, limit, sent, watch.take(),
-                                                 depth)
-                else:
-                    changed = watch.take()
+            async with until_expiry(request):  # its token's life
+                for batch_id, read in zip(page.items, first, strict=True):
+                    if read is not None:  # else gone since the page's read: never sent
+                        await write(response, event("batch", read[0], etag_of(read[0])))
+                        _remember(sent, batch_id, read[1])
+                fresh_by = backstop_due(cache.ttl_s, pipeline_id)
+                # From the last keep-alive, not from each wake-up: the backstop's reads (every
+                # cache.ttl_s, shorter than KEEPALIVE_S) must not put the keep-alive off for ever.
+                keep_alive_at = loop.time() + KEEPALIVE_S
                 backstop_only = False
-                for key, item in changed:
-                    ids = keys.batch_ids(key)
-                    if ids is None:
-                        continue
-                    fresh = item is READ  # read from Redis now: the truth, even of a
-                    if fresh:  # lower rev (a rebuild may restore one)
-                        read = await fills.read_version(*ids)
-                        if read is not None and 0 < read[1] == sent.get(ids[1]):
-                            continue  # sent already
-                        item = Version.of(read[0], rev=read[1]) if read is not None else GONE
-                    if item is GONE:
-                        sent.pop(ids[1], None)
-                        if ids[1] in gone:  # hidden, then purged: said once
+                while True:
+                    # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing:
+                    # the page is read again at least every cache.ttl_s, as after a reset.
+                    try:
+                        async with asyncio.timeout_at(min(keep_alive_at, fresh_by)):
+                            await watch.wake.wait()
+                    except TimeoutError:
+                        if loop.time() >= keep_alive_at:
+                            await write(response, b": keep-alive\n\n")
+                            keep_alive_at = loop.time() + KEEPALIVE_S
+                        if loop.time() < fresh_by:
                             continue
-                        if len(gone) >= MAX_GONE:
-                            gone.clear()
-                        gone.add(ids[1])
-                        await write(response, event("deleted", orjson.dumps({"id": ids[1]})))
+                        fresh_by = backstop_due(cache.ttl_s, pipeline_id)
+                        backstop_only = not watch.everything  # else a real reset is pending too
+                        watch.add(None)
+                    if watch.overflow:
+                        raise TimeoutError("the client fell too far behind")
+                    if waiters.closing:
+                        break
+                    if watch.everything:  # changes may have been missed: Redis says which
+                        depth = BACKSTOP_CHECKED if backstop_only else MAX_SENT
+                        changed = await _after_reset(store, pipeline_id, limit, sent, watch.take(),
+                                                     depth)
                     else:
-                        assert isinstance(item, Version)
-                        # A message can arrive after a read that saw a newer version.
-                        if not fresh and item.not_after(sent.get(ids[1], 0)):
+                        changed = watch.take()
+                    backstop_only = False
+                    for key, item in changed:
+                        ids = keys.batch_ids(key)
+                        if ids is None:
                             continue
-                        await write(response, event("batch", item.body, item.etag))
-                        _remember(sent, ids[1], item.rev)
+                        fresh = item is READ  # read from Redis now: the truth, even of a
+                        if fresh:  # lower rev (a rebuild may restore one)
+                            read = await fills.read_version(*ids)
+                            if read is not None and 0 < read[1] == sent.get(ids[1]):
+                                continue  # sent already
+                            item = Version.of(read[0], rev=read[1]) if read is not None else GONE
+                        if item is GONE:
+                            sent.pop(ids[1], None)
+                            if ids[1] in gone:  # hidden, then purged: said once
+                                continue
+                            if len(gone) >= MAX_GONE:
+                                gone.clear()
+                            gone.add(ids[1])
+                            await write(response, event("deleted", orjson.dumps({"id": ids[1]})))
+                        else:
+                            assert isinstance(item, Version)
+                            # A message can arrive after a read that saw a newer version.
+                            if not fresh and item.not_after(sent.get(ids[1], 0)):
+                                continue
+                            await write(response, event("batch", item.body, item.etag))
+                            _remember(sent, ids[1], item.rev)
         except (ConnectionError, TimeoutError):
             cut_off(request)
         except Exception as exc:  # Redis gone mid-stream, say: the 200 is sent already

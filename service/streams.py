@@ -39,6 +39,7 @@ from aiohttp import web
 
 from core.retry import describe
 from service.appkeys import CACHE, WAITERS
+from service.auth import until_expiry
 from service.conditional import VersionedRead, current
 from service.errors import ApiError
 from service.waiters import GONE, READ, BatchFeed, Version
@@ -113,9 +114,10 @@ async def stream_batch(request: web.Request, key: str,
         response = web.StreamResponse(headers=STREAM_HEADERS)
         await response.prepare(request)
         try:
-            await _send_versions(request, response, key, read, feed, first)
+            async with until_expiry(request):
+                await _send_versions(request, response, key, read, feed, first)
         except (ConnectionError, TimeoutError):
-            # Gone, or not taking writes (WRITE_TIMEOUT_S): cut off, nothing more to send.
+            # Gone, not taking writes (WRITE_TIMEOUT_S), or its token expired: cut off.
             cut_off(request)
             return response
         except Exception as exc:  # Redis gone mid-stream, say: the 200 is sent already

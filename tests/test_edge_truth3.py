@@ -75,3 +75,42 @@ async def test_reads_made_while_the_cache_is_off_count_as_misses(
     [misses] = families["dhub_cache_misses"].samples
     [hits] = families["dhub_cache_hits"].samples
     assert (hits.value, misses.value) == (0, 3)
+
+
+async def _read_until_closed(response: aiohttp.ClientResponse, within: float) -> bytes:
+    """The stream's bytes until the server ends it; raises TimeoutError if it is still open
+    after `within` seconds."""
+    body = b""
+    async with asyncio.timeout(within):
+        try:
+            while chunk := await response.content.readany():
+                body += chunk
+        except aiohttp.ClientPayloadError:  # cut: the connection closed mid-body
+            pass
+    return body
+
+
+@pytest.mark.parametrize("kind", ["batch", "pipeline"])
+async def test_a_stream_ends_when_its_token_expires(
+        test_settings: Settings, redis: Redis, kind: str) -> None:
+    """A JWT is refused once past its `exp`, but a stream opened with it went on sending for
+    as long as the client kept it open (a pipeline stream: for ever): a token expired, or
+    one whose holder should no longer read, still read every change. The stream now closes
+    at the token's `exp` (cut, not `end`: the batch did not end), and the client's reconnect
+    needs a valid token."""
+    store = direct_store(redis, test_settings)
+    [batch_id] = await new_batches(store)
+    path = (f"/api/v1/batches/{PIPELINE}/{batch_id}" if kind == "batch"
+            else f"/api/v1/batches/{PIPELINE}/")
+    ttl = 4
+    token = hs_token("batches:read", ttl=ttl)
+    headers = {**bearer(token), "Accept": "text/event-stream"}
+    async with cached_api(test_settings) as api:
+        opened = time.monotonic()
+        response = await api.get(path, headers=headers)
+        assert response.status == 200, await response.text()
+        body = await _read_until_closed(response, within=ttl + 6)
+        assert b"event: batch" in body and b"event: end" not in body, body
+        assert time.monotonic() - opened >= ttl - 1.5  # not cut at once
+        again = await api.get(path, headers=headers)
+        assert again.status == 401
