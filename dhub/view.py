@@ -110,12 +110,15 @@ def _duration(seconds: float) -> str:
 
 
 def _when(stamp: str | None) -> datetime | None:
+    """An API time, or None when it is missing, unreadable or without a zone (which cannot be
+    set against the clock: subtracting it raised TypeError, an internal error of `dhub get`)."""
     if not stamp:
         return None
     try:
-        return datetime.fromisoformat(stamp)
+        when = datetime.fromisoformat(stamp)
     except ValueError:
         return None
+    return when if when.tzinfo is not None else None
 
 
 class BatchView:
@@ -189,10 +192,11 @@ class BatchView:
         if batch.get("stalled") or batch["state"].get("stalled"):
             text.append("  stalled", style="bold red")
         started = _when(batch.get("created_at"))
-        if started is not None:
-            end = _when(batch.get("updated_at")) if is_final(batch) else None
-            elapsed = ((end or datetime.now(UTC)) - started).total_seconds()
-            text.append(f"  {_duration(elapsed)}", style="dim")
+        # A stopped batch's time ends at its last change: without one, none is shown (the
+        # time until now would grow for as long as it is looked at).
+        end = _when(batch.get("updated_at")) if is_final(batch) else datetime.now(UTC)
+        if started is not None and end is not None:
+            text.append(f"  {_duration((end - started).total_seconds())}", style="dim")
         return text
 
     def _row(self, table: Table, label: str, step: Step, offsets: dict[str, int],

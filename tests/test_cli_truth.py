@@ -91,6 +91,25 @@ def test_a_partition_past_its_total_does_not_make_up_for_one_short_of_it() -> No
     assert "75%" in row and "100%" not in row, row
 
 
+def test_a_time_without_a_zone_is_no_internal_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dhub get` of a batch whose `created_at` carries no zone (a server not this one, data
+    written by hand) raised TypeError subtracting it from the clock: "internal error", exit 3,
+    for a batch it could show. A stopped batch without `updated_at` showed its time as
+    growing until now."""
+    naive = {**batch("running"), "created_at": "2026-12-03T07:55:00"}
+    stopped: dict[str, Any] = {**batch("stop", "completed"), "created_at": "2020-01-01T00:00:00Z"}
+    del stopped["updated_at"]
+    for body in (naive, stopped):
+        def handler(request: httpx.Request, body: Any = body) -> httpx.Response:
+            return httpx.Response(200, json=body)
+
+        code, out, err = run_cli(monkeypatch, capsys, handler, "get", "p", "b")
+        assert code == 0 and "internal error" not in err, err
+        assert "p b" in out.splitlines()[0]
+        assert ":" not in out.splitlines()[0].split("b", 1)[1], out  # no elapsed time shown
+
+
 # -- stop ----------------------------------------------------------------------------------
 def _stop_api(now: Batch) -> tuple[Handler, list[str]]:
     calls: list[str] = []
