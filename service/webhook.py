@@ -41,7 +41,9 @@ def _fresh(timestamp: str) -> bool:
 
 def _verify(request: web.Request, body: bytes) -> None:
     secret = request.app[SETTINGS].webhook_secret
-    if secret is None:
+    # `DHUB_WEBHOOK_SECRET=` (how an env file often says "unset") reads as an empty secret,
+    # and an HMAC under an empty key is one anybody can compute: that is no secret at all.
+    if secret is None or not secret.get_secret_value():
         raise ApiError(401, "unauthorized", "webhooks are disabled (DHUB_WEBHOOK_SECRET unset)")
     timestamp = request.headers.get("X-Dhub-Timestamp", "")
     given = request.headers.get("X-Dhub-Signature", "")

@@ -114,3 +114,20 @@ async def test_a_stream_ends_when_its_token_expires(
         assert time.monotonic() - opened >= ttl - 1.5  # not cut at once
         again = await api.get(path, headers=headers)
         assert again.status == 401
+
+
+async def test_an_empty_webhook_secret_disables_the_webhook(topics: Settings,
+                                                            redis: Redis) -> None:
+    """`DHUB_WEBHOOK_SECRET=` (how an env file often writes "unset") reads as an empty
+    secret, not as none: the webhook was on, and a call signed with the empty key, which
+    anybody can compute, was accepted (202) and its event forwarded. In `local` nothing
+    refuses a short secret at start."""
+    body = orjson.dumps(CAPTURED["flow_run_completed"])
+    ts = str(int(time.time()))
+    headers = {"X-Dhub-Timestamp": ts, "X-Dhub-Signature": signature(b"", ts, body),
+               "Content-Type": "application/json"}
+    async with api_client(api_settings(topics, webhook_secret=SecretStr(""))) as api:
+        response = await api.post("/api/v1/hooks/prefect", data=body, headers=headers)
+        assert response.status == 401, await response.text()
+    with pytest.raises(TimeoutError):
+        await read_topic(topics, topics.topic_events, lambda rs: len(rs) >= 1, 1)
