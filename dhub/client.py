@@ -92,6 +92,8 @@ class RunAttempts:
         retry = isinstance(exc, ConnectionFailed) or exc.retryable
         self._failures += 1
         pause = min(RUN_PAUSE_S * self._failures, RUN_PAUSE_MAX_S)
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            pause = max(pause, exc.retry_after)  # "retry later" (429, 503) says how much later
         if self._unknown_since is None:
             if retry and self._failures <= RUN_RETRIES:
                 return pause

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
 
 import httpx
+
+# A Retry-After longer than this is waited this long (a watch's reconnect budget goes on).
+RETRY_AFTER_MAX_S: Final = 60.0
 
 
 class DhubError(Exception):
@@ -19,17 +24,20 @@ class ConnectionFailed(DhubError):
 class ApiError(DhubError):
     """The API answered with an error: `status`, and the body's stable `code` and `message`."""
 
-    def __init__(self, status: int, code: str, message: str, body: Any = None) -> None:
+    def __init__(self, status: int, code: str, message: str, body: Any = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.body = body
+        self.retry_after = retry_after  # seconds, from the answer's Retry-After
 
     @property
     def retryable(self) -> bool:
-        """A dependency of the API was down (503) or the API itself failed: try again later."""
-        return self.status >= 500
+        """A dependency of the API was down (503), the API itself failed, or it (or a gateway
+        in front of it) says too many requests (429): try again later."""
+        return self.status >= 500 or self.status == 429
 
 
 class AuthError(ApiError):
@@ -57,4 +65,21 @@ def raise_for(response: httpx.Response) -> None:
         message = error
     status = response.status_code
     kind = AuthError if status in (401, 403) else NotFound if status == 404 else ApiError
-    raise kind(status, code, message, body)
+    raise kind(status, code, message, body, retry_after(response.headers.get("Retry-After")))
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After's seconds (RFC 9110 10.2.3: a number of seconds or an HTTP date), at most
+    RETRY_AFTER_MAX_S; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), RETRY_AFTER_MAX_S)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(0.0, (when - datetime.now(UTC)).total_seconds()), RETRY_AFTER_MAX_S)

@@ -252,6 +252,8 @@ class Follower:
         if now - self._failing_since > self._reconnect_for:
             raise ConnectionFailed(f"lost the API for over {self._reconnect_for:g} s: {exc}") from exc
         delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_S)
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)  # "retry later" (429, 503) says how much later
         error = str(exc) or type(exc).__name__
         self._reconnecting = True
         return [WatchEvent("reconnecting", self.last, self.etag, error=error, via=self.mode)], delay

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import dhub.config
 import dhub.watch
 from dhub import DhubClient
 from dhub.aio import AsyncDhubClient
+from dhub.errors import RETRY_AFTER_MAX_S, retry_after
 from dhub.models import Batch
 from dhub.view import BatchView
 
@@ -345,3 +347,63 @@ def test_ctrl_c_during_a_watch_says_whether_the_batch_runs_on(
     argv = ["watch", "p", "b"] + (["--json"] if json_out else [])
     code, _, err = run_cli(monkeypatch, capsys, handler, *argv)
     assert code == 130 and f"b {said}" in err, err
+
+
+def _stream(*events: bytes) -> httpx.Response:
+    return httpx.Response(200, headers={"Content-Type": "text/event-stream"},
+                          content=b"".join(events))
+
+
+def _version(tag: str, body: Batch) -> bytes:
+    return f'event: batch\nid: "{tag}"\ndata: '.encode() + json.dumps(body).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_watch_told_to_retry_later_waits_and_goes_on(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], status: int) -> None:
+    """A gateway's 429 (Too Many Requests, Retry-After: 1) while a watch reconnected ended the
+    watch: exit 3 "429 http_error", while the batch ran on to complete. A 429 or 503 is
+    "retry later": the watch waits as long as Retry-After says (no less than its own
+    backoff) and goes on, within its reconnect budget."""
+    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return _stream(_version("v1", batch("running")))
+        if calls == 2:
+            return httpx.Response(status, headers={"Retry-After": "1"}, text="slow down")
+        return _stream(_version("v2", batch("stop", "completed")), b"event: end\ndata: {}\n\n")
+
+    code, out, err = run_cli(monkeypatch, capsys, handler, "watch", "p", "b", "--json")
+    assert code == 0, err
+    assert [json.loads(line)["event"] for line in out.splitlines()] == [
+        "batch", "reconnecting", "reconnecting", "connected", "batch", "end"]
+    assert 1.0 in slept, slept
+
+
+def test_a_run_told_to_retry_later_waits_as_long(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        no_run_pauses: None) -> None:
+    """A 429 to `dhub run` (nothing started: the request was refused) ended it at once with
+    exit 3, though the answer says to try again after Retry-After."""
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    posts: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        if len(posts) == 1:
+            return httpx.Response(429, headers={"Retry-After": "2"}, text="slow down")
+        return _created(request)
+
+    code, out, err = run_cli(monkeypatch, capsys, handler, "run", "p")
+    assert (code, out.strip()) == (0, "batch-1"), err
+    assert slept == [2.0]
+    # Seconds or an HTTP date; bounded; unreadable is none.
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert retry_after("86400") == RETRY_AFTER_MAX_S and retry_after("soon") is None
