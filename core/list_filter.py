@@ -18,6 +18,10 @@ from core.models import BATCH_STATES, OUTCOMES
 _SECONDS_FRACTION: Final = re.compile(r"\d\d(?::?\d\d){2}[.,](\d+)")
 
 
+# The query parameters that name a filter, as the list takes them.
+FILTERS: Final = ("state", "outcome", "created_after", "created_before")
+
+
 class BadFilter(ValueError):
     """A filter value the list does not take; the message says which and why."""
 

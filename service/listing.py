@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from core.list_filter import BadFilter, ListFilter
+from core.list_filter import FILTERS, BadFilter, ListFilter
 from core.paging import BadToken, pipeline_known
 from service import auth, pipeline_stream, streams
 from service.appkeys import STORE
@@ -20,7 +20,6 @@ from service.errors import bad_request, not_found
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-FILTERS = ("state", "outcome", "created_after", "created_before")
 PARAMETERS = ("limit", "token", *FILTERS)
 # How much of an unknown parameter's name the refusal quotes.
 _NAME_SHOWN = 64

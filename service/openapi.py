@@ -63,7 +63,11 @@ def _batch_paths() -> dict[str, Any]:
                     "no body runs with the registered config"),
             ),
             "get": operation("The pipeline's latest batch", "batches:read", batch_ok,
-                       [PIPELINE_ID], ("404",)),
+                       [PIPELINE_ID], ("404",),
+                       description="The newest batch, whatever its state: the list's filters "
+                                   "(state, outcome, created bounds), limit and token are a "
+                                   "400 here, not ignored; the list with limit=1 gives the "
+                                   "newest batch matching them."),
         },
         "/api/v1/batches/{pipeline_id}/": {
             "get": operation(

@@ -96,3 +96,23 @@ async def test_a_window_with_no_millisecond_in_it_is_empty_not_refused(
                                      f"&created_before={before}", headers=AUTH)
             assert response.status == 400, after
             assert "earlier" in (await response.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("query", ["state=running", "outcome=failed", "limit=1",
+                                   "created_before=2000-01-01T00:00:00Z", "token=x"])
+async def test_the_latest_batch_refuses_the_lists_filters_instead_of_ignoring_them(
+        topics: Settings, redis: Redis, query: str) -> None:
+    """`GET /batches/p?state=running` answered the newest batch, pending, as if it were the
+    newest running one."""
+    store = BatchStore.from_settings(redis, topics)
+    await make(store, 2)
+    async with api_client(api_settings(topics)) as api:
+        response = await api.get(f"/api/v1/batches/{P}?{query}", headers=AUTH)
+        assert response.status == 400, await response.text()
+        error = (await response.json())["error"]
+        assert error["code"] == "bad_request" and query.split("=")[0] in error["message"]
+        # What it takes: none of them, a cache-buster, a long-poll's wait.
+        for ok_query in ("", "?_=1733234", "?wait=1"):
+            ok = await api.get(f"/api/v1/batches/{P}{ok_query}", headers=AUTH)
+            assert ok.status == 200, ok_query
+            assert (await ok.json())["id"] == "b001"
