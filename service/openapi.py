@@ -64,7 +64,8 @@ def _batch_paths() -> dict[str, Any]:
             ),
             "get": operation("The pipeline's latest batch", "batches:read", batch_ok,
                        [PIPELINE_ID], ("404",),
-                       description="The newest batch, whatever its state: the list's filters "
+                       description="Needs the scope `batches:read`. The newest batch, "
+                                   "whatever its state: the list's filters "
                                    "(state, outcome, created bounds), limit and token are a "
                                    "400 here, not ignored; the list with limit=1 gives the "
                                    "newest batch matching them."),
