@@ -37,6 +37,7 @@ class AsyncDhubClient:
             config.check_token(token, "the token given")
             url = config.base_url(url, source="the URL given")
         self.url = url
+        self.answered = False  # any answer from the API yet (`dhub.watch.Follower`)
         self._http = httpx.AsyncClient(base_url=self.url, timeout=timeout, transport=transport,
                                        headers={"Authorization": f"Bearer {token}",
                                                 "User-Agent": USER_AGENT})
@@ -55,6 +56,7 @@ class AsyncDhubClient:
             response = await self._http.request(method, path, **kwargs)
         except httpx.RequestError as exc:
             raise ConnectionFailed(f"cannot reach the API at {self.url}: {exc}") from exc
+        self.answered = True
         raise_for(response)
         return response
 
@@ -127,7 +129,8 @@ class AsyncDhubClient:
     async def watch(self, pipeline_id: str, batch_id: str, *, reconnect_for: float = 60.0,
                     stream: bool = True) -> AsyncIterator[WatchEvent]:
         """Every version of the batch until it stops (`end`) or is deleted (`deleted`)."""
-        watch = Follower(pipeline_id, batch_id, reconnect_for=reconnect_for, stream=stream, url=self.url)
+        watch = Follower(pipeline_id, batch_id, reconnect_for=reconnect_for, stream=stream,
+                         url=self.url, reached=self.answered)
         while not watch.done:
             round_ = watch.next_round()
             try:

@@ -124,6 +124,7 @@ class DhubClient:
             config.check_token(token, "the token given")
             url = config.base_url(url, source="the URL given")
         self.url = url
+        self.answered = False  # any answer from the API yet (`dhub.watch.Follower`)
         self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
                                   headers={"Authorization": f"Bearer {token}",
                                            "User-Agent": USER_AGENT})
@@ -148,6 +149,7 @@ class DhubClient:
             response = self._http.request(method, path, **kwargs)
         except httpx.RequestError as exc:
             raise ConnectionFailed(f"cannot reach the API at {self.url}: {exc}") from exc
+        self.answered = True
         raise_for(response)
         return response
 

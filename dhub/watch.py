@@ -121,8 +121,11 @@ class Follower:
     events to hand out; stop once `done`, sleep `pause()` between rounds."""
 
     def __init__(self, pipeline_id: str, batch_id: str, *, reconnect_for: float, stream: bool,
-                 url: str = "") -> None:
+                 url: str = "", reached: bool = False) -> None:
         self._url = url
+        # The client has had an answer from the API before (`run --watch`'s POST, the latest
+        # batch's GET): a refused connection is then the link failing, not a wrong URL.
+        self._reached = reached
         self.path = f"/api/v1/batches/{quote(pipeline_id, safe='')}/{quote(batch_id, safe='')}"
         self._reconnect_for = reconnect_for
         self.mode: Literal["stream", "poll"] = "stream" if stream else "poll"
@@ -244,7 +247,7 @@ class Follower:
         if not isinstance(exc, RETRIED) or (isinstance(exc, ApiError) and not exc.retryable
                                             and not isinstance(exc, NotFound)):
             raise exc
-        if self.last is None and isinstance(exc, httpx.ConnectError):
+        if self.last is None and not self._reached and isinstance(exc, httpx.ConnectError):
             # Never reached: a wrong URL or a stopped API, not a link that dropped.
             raise ConnectionFailed(f"cannot reach the API at {self._url}: {exc}") from exc
         now = time.monotonic()
@@ -263,7 +266,8 @@ def follow(client: DhubClient, pipeline_id: str, batch_id: str, *, reconnect_for
            stream: bool = True) -> Iterator[WatchEvent]:
     """The batch's versions until it stops (`end`) or is deleted (`deleted`), blocking."""
     http = client.http
-    watch = Follower(pipeline_id, batch_id, reconnect_for=reconnect_for, stream=stream, url=client.url)
+    watch = Follower(pipeline_id, batch_id, reconnect_for=reconnect_for, stream=stream,
+                     url=client.url, reached=client.answered)
     while not watch.done:
         round_ = watch.next_round()
         try:

@@ -407,3 +407,28 @@ def test_a_run_told_to_retry_later_waits_as_long(
     # Seconds or an HTTP date; bounded; unreadable is none.
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert retry_after("86400") == RETRY_AFTER_MAX_S and retry_after("soon") is None
+
+
+def test_run_watch_reconnects_when_the_api_restarts_right_after_the_post(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`dhub run --watch`: the API answered the POST, then went down (a restart) before the
+    watch's first request: the watch took the refused connection for "never reached" (a
+    wrong URL) and exited 3 at once, "cannot reach the API", though --reconnect-for promises
+    60 s of reconnecting; the batch ran on to complete. Once this client had an answer from
+    the API, a refused connection is the link failing."""
+    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if request.method == "POST":
+            return _created(request)
+        if len(calls) <= 3:
+            raise httpx.ConnectError("connection refused", request=request)
+        done: Any = {**batch("stop", "completed"), "id": "batch-1"}
+        return _stream(_version("v1", done), b"event: end\ndata: {}\n\n")
+
+    code, out, err = run_cli(monkeypatch, capsys, handler, "run", "p", "--watch", "--json")
+    assert code == 0, err
+    assert [json.loads(line)["event"] for line in out.splitlines()] == [
+        "created", "reconnecting", "reconnecting", "connected", "batch", "end"]
