@@ -69,13 +69,17 @@ class ApiCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._requests.families()
         cache = self._app[CACHE]
-        # Every read of a batch through the cache counts: a GET, a long-poll's read, a
-        # stream's read of the version it sends.
+        # Every read of a batch through the cache counts: a GET, a long-poll's read, a batch
+        # stream's read of the version it sends. Not the reads that go to Redis on purpose: a
+        # stream's backstop read, a pipeline stream's and a list's reads.
         yield CounterMetricFamily("dhub_cache_hits",
-                                  "Batch reads (GETs, long-polls, streams) served from the cache",
+                                  "Batch reads through the cache (GETs by id, long-polls, batch "
+                                  "streams) it answered",
                                   value=cache.hits)
         yield CounterMetricFamily("dhub_cache_misses",
-                                  "Batch reads (GETs, long-polls, streams) that read Redis",
+                                  "Batch reads through the cache (GETs by id, long-polls, batch "
+                                  "streams) it could not answer (off, or not held): read from "
+                                  "Redis",
                                   value=cache.misses)
         yield CounterMetricFamily("dhub_cache_outages",
                                   "Times the cache turned off (its change feed lost or silent)",
