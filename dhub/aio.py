@@ -20,7 +20,7 @@ from typing import Any, cast
 import httpx
 
 from dhub import config
-from dhub.client import TIMEOUT, USER_AGENT, RunAttempts, seg
+from dhub.client import TIMEOUT, USER_AGENT, RunAttempts, answer_json, seg
 from dhub.errors import ApiError, ConnectionFailed, raise_for
 from dhub.models import Batch, Page, Pipeline
 from dhub.watch import RETRIED, Follower, WatchEvent, is_stream
@@ -61,7 +61,7 @@ class AsyncDhubClient:
         return response
 
     async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return (await self.request(method, path, **kwargs)).json()
+        return answer_json(await self.request(method, path, **kwargs), self.url)
 
     async def run(self, pipeline_id: str, version: str | None = None, *,
                   idempotency_key: str | None = None) -> str:

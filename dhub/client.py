@@ -107,6 +107,18 @@ class RunAttempts:
         raise RunUnsettled(self._pipeline_id, self._key, exc) from exc
 
 
+def answer_json(response: httpx.Response, url: str) -> Any:
+    """A successful answer's JSON. One that is not JSON (a captive portal, a gateway's sign-in
+    page, a --url that is not the API) is an `ApiError` of its status: it raised
+    JSONDecodeError, which `dhub` printed as an internal error, a bug of its own."""
+    try:
+        return response.json()
+    except (ValueError, UnicodeDecodeError):
+        kind = response.headers.get("Content-Type") or "no Content-Type"
+        raise ApiError(response.status_code, "not_json", f"the answer is not JSON ({kind}): "
+                       f"is {url} the Batches API?") from None
+
+
 def seg(value: str) -> str:
     """One path segment: ids are [A-Za-z0-9._-], quoted anyway so a typo cannot change the route."""
     return quote(value, safe="")
@@ -154,7 +166,7 @@ class DhubClient:
         return response
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.request(method, path, **kwargs).json()
+        return answer_json(self.request(method, path, **kwargs), self.url)
 
     # -- batches -------------------------------------------------------------------------
     def run(self, pipeline_id: str, version: str | None = None, *,

@@ -432,3 +432,20 @@ def test_run_watch_reconnects_when_the_api_restarts_right_after_the_post(
     assert code == 0, err
     assert [json.loads(line)["event"] for line in out.splitlines()] == [
         "created", "reconnecting", "reconnecting", "connected", "batch", "end"]
+
+
+# -- answers that are not the API's ----------------------------------------------------------
+def test_an_answer_that_is_not_json_is_not_called_a_bug_of_dhub(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 200 that is not JSON (a captive portal, a gateway's login page, a wrong --url):
+    `dhub get` printed a traceback and "internal error: JSONDecodeError(...)", a bug of dhub's
+    own by its words, when the answer was not the API's."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Type": "text/html"},
+                              content=b"<html>sign in</html>")
+
+    for argv in (["get", "p", "b"], ["ls", "p"], ["--json", "stop", "p", "b"]):
+        code, out, err = run_cli(monkeypatch, capsys, handler, *argv)
+        assert code == 3 and out == "", (argv, out)
+        assert "internal error" not in err and "Traceback" not in err, err
+        assert "not JSON" in err and "text/html" in err, err
