@@ -28,7 +28,7 @@ from dhub.watch import WatchEvent, follow
 
 TIMEOUT: Final = httpx.Timeout(10.0, connect=5.0)
 # A POST is retried (same Idempotency-Key, so never two batches) on these many transport
-# errors or 5xx answers, when no attempt may have reached the API.
+# errors or 5xx or 429 answers, when no attempt may have reached the API.
 RUN_RETRIES: Final = 2
 RUN_PAUSE_S: Final = 0.5
 RUN_PAUSE_MAX_S: Final = 5.0

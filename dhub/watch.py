@@ -7,8 +7,9 @@ reopened with `Last-Event-ID`, so nothing is repeated and the latest state is ne
 A server that answers the stream request with plain JSON has no streams: then each round is a
 long-poll (`If-None-Match` + `?wait=`), and if `wait` is refused too, a plain GET every
 `POLL_INTERVAL_S`; once a polled version is `stop`, one more round (a wait of `END_QUIET_S`)
-must bring no change before `end`, as the stream waits. Transport errors and 5xx answers are
-retried with backoff for `reconnect_for` seconds of continuous failure, then `ConnectionFailed`.
+must bring no change before `end`, as the stream waits. Transport errors, 5xx and 429 answers
+are retried with backoff (at least the answer's Retry-After) for `reconnect_for` seconds of
+continuous failure, then `ConnectionFailed`.
 
 `Follower` decides (which request next, what an answer means, whether to retry) without doing
 any I/O, so the blocking driver here (`follow`) and the asyncio one (`dhub.aio`) share it.
@@ -67,7 +68,7 @@ class Closed(Exception):
     """The stream ended without `end` or `deleted` (cut off, or the API restarted)."""
 
 
-# What a watch retries: the link (httpx), a 5xx, a cut stream, a body that is not a batch's
+# What a watch retries: the link (httpx), a 5xx or 429, a cut stream, a body that is not a batch's
 # JSON (a proxy's error page, a cut line). Other API errors (401, 400, ...) end it.
 RETRIED: Final = (httpx.RequestError, ApiError, Closed, ValueError)
 
