@@ -110,8 +110,11 @@ def _watch_json(args: argparse.Namespace, events: Any) -> int:
         elif event.kind == "connected":
             line = {"event": event.kind, "via": event.via}
         elif event.kind in ("end", "deleted"):
-            code = EXIT_STOPPED if event.kind == "deleted" or event.batch is None else (
-                exit_code(event.batch) or EXIT_COMPLETED)
+            # As `_final`: a version not `stop` has no outcome to exit with (`or 0` said
+            # completed for it).
+            outcome = None if event.kind == "deleted" or event.batch is None else (
+                exit_code(event.batch))
+            code = EXIT_STOPPED if outcome is None else outcome
             line["exit_code"] = code
         emit(line)
     return code

@@ -449,3 +449,21 @@ def test_an_answer_that_is_not_json_is_not_called_a_bug_of_dhub(
         assert code == 3 and out == "", (argv, out)
         assert "internal error" not in err and "Traceback" not in err, err
         assert "not JSON" in err and "text/html" in err, err
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_an_end_after_a_version_not_stopped_is_not_completed(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        json_out: bool) -> None:
+    """A stream whose `end` follows a version that is not `stop` (a server not keeping the
+    contract, a proxy replaying an old stream): `dhub watch --json` computed its exit code
+    as `exit_code(batch) or 0` and said `"exit_code": 0`, completed, for a running batch, while
+    the same watch without --json exited 2."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return _stream(_version("v1", batch("running")), b"event: end\ndata: {}\n\n")
+
+    argv = ["watch", "p", "b"] + (["--json"] if json_out else [])
+    code, out, err = run_cli(monkeypatch, capsys, handler, *argv)
+    assert code == 2, (out, err)
+    if json_out:
+        assert json.loads(out.splitlines()[-1])["exit_code"] == 2
