@@ -46,8 +46,10 @@ IN_PROGRESS_PAUSE_S: Final = 0.5
 USER_AGENT: Final = "dhub-cli/0.1"
 # The API's own 503: a dependency was down and the attempt released its key, nothing started.
 API_UNAVAILABLE: Final = "unavailable"
-# Transport errors of a request that never reached the API.
-NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Transport errors of a request that never reached the API (a proxy refusing the tunnel, a
+# request httpx could not form, too).
+NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError,
+                   httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
 class RunUnsettled(DhubError):

@@ -242,6 +242,18 @@ def test_a_run_refused_outright_is_not_said_to_have_maybe_started(
     assert code == 3 and "503 unavailable" in err and "may have started" not in err
     assert len(posts) == 1 + dhub.client.RUN_RETRIES
 
+    # Nor one that never left: the connection refused, a proxy refusing the tunnel.
+    for error in (httpx.ConnectError, httpx.ProxyError):
+        posts.clear()
+
+        def unsent(request: httpx.Request, error: type[httpx.TransportError] = error) -> httpx.Response:
+            posts.append(request)
+            raise error("refused", request=request)
+
+        code, _, err = run_cli(monkeypatch, capsys, unsent, "run", "p")
+        assert code == 3 and "may have started" not in err, err
+        assert len(posts) == 1 + dhub.client.RUN_RETRIES
+
 
 def test_ctrl_c_during_a_run_names_the_key_that_finds_its_batch(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
