@@ -68,7 +68,9 @@ class Figures:
 def figures(step: Step, offsets: dict[str, int], totals: dict[str, int] | None,
             measured: float | None, use_progress: bool) -> Figures:
     done = sum(offsets.values())
-    total = sum(totals.values()) if totals else None
+    # A total only when every partition reported has one, as the API gives its percent:
+    # over some partitions alone a step read 100% while it went on with the others.
+    total = sum(totals.values()) if totals and totals.keys() >= offsets.keys() else None
     progress = step.get("progress", {}) if use_progress else {}
     percent = progress.get("percent")
     if percent is None and totals and total:

@@ -479,3 +479,17 @@ def test_an_end_after_a_version_not_stopped_is_not_completed(
     assert code == 2, (out, err)
     if json_out:
         assert json.loads(out.splitlines()[-1])["exit_code"] == 2
+
+
+def test_a_step_with_totals_for_some_partitions_only_shows_no_percent() -> None:
+    """The API gives no percent for a step that reported totals for some of its partitions
+    (over those alone it read 100% while the others went on); `dhub` made one up from the
+    partitions with totals: 100%, a full bar over 1,000 of 1,000 records while 700 more
+    were done elsewhere."""
+    view = BatchView("p")
+    view.update(batch(extract={"state": "running",
+                               "offsets": {"partition_0": 1_000, "partition_1": 700},
+                               "totals": {"partition_0": 1_000},
+                               "progress": {"percent": None, "eta_s": None}}))
+    row = next(r for r in render(view).splitlines()[1:] if r.split()[0] == "extract")
+    assert "%" not in row and "1,700 rec" in row and "/1,000" not in row, row
