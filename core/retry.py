@@ -60,9 +60,10 @@ class GaveUp(Exception):
 
 
 # Redis error replies (first word) that say "not now", not "never": a replica after a
-# failover, a full server, a restart loading its data, a busy script, a cluster moving slots.
+# failover, a full server, a restart loading its data, a busy script, a cluster moving slots,
+# a server whose RDB save fails (a full disk: MISCONF refuses writes until a save succeeds).
 REDIS_TRANSIENT_PREFIXES: Final = ("READONLY", "OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN",
-                                   "CLUSTERDOWN", "NOREPLICAS", "NOTREADY")
+                                   "CLUSTERDOWN", "NOREPLICAS", "NOTREADY", "MISCONF")
 _REDIS_UNAVAILABLE: Final = (
     redis_errors.ConnectionError,  # BusyLoadingError is one
     redis_errors.TimeoutError,

@@ -1,0 +1,111 @@
+"""The events path told the truth under faults an earlier review left out (second look).
+
+Each test failed on the code before its fix. Tests on a broken Redis run their own
+redis-server (the shared one must never be broken).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+import pytest
+from redis.asyncio import Redis
+
+from consumers.events import EventsConsumer, _bad_script_data
+from core import keys
+from core.codec import Event
+from core.connections import open_redis
+from core.packing import unpacked
+from core.retry import Verdict, classify
+from core.settings import Settings
+from tests.conftest import PrivateRedis, eventually
+from tests.test_consumers_support import make_spec, new_batch, options, running
+from tests.test_events_faults import Stream, _parsed_error, dead_letters, wait_out
+
+MISCONF = ("MISCONF Redis is configured to save RDB snapshots, but it's currently unable to "
+           "persist to disk. Commands that may modify the data set are disabled, because this "
+           "instance is configured to report errors during writes if RDB snapshotting fails "
+           "(stop-writes-on-bgsave-error option). Please check the Redis logs for details "
+           "about the RDB error.")
+
+
+@pytest.mark.parametrize("reply", [MISCONF, f"{MISCONF} script: c1e43c3aa97ad5311d37ce7cb61"
+                                            "54c6836988fa3, on @user_script:1."])
+def test_a_redis_that_cannot_persist_is_waited_out_not_taken_for_bad_data(reply: str) -> None:
+    """Redis refuses writes with MISCONF while its RDB save fails (a full disk): the same
+    "not now" as OOM, never a batch's data (outside a script and inside one)."""
+    error = _parsed_error(reply)
+    assert classify(error) is Verdict.UNAVAILABLE
+    assert not _bad_script_data(error)
+
+
+async def _bgsave_fails(admin: Redis, directory: Path) -> None:
+    """The next save cannot rename its file into place: Redis refuses writes (MISCONF)."""
+    await admin.config_set("save", "3600 1")  # stop-writes-on-bgsave-error needs a save point
+    (directory / "dump.rdb" / "in-the-way").mkdir(parents=True)
+    await admin.bgsave()
+
+    async def refusing() -> bool:
+        return bool((await admin.info("persistence"))["rdb_last_bgsave_status"] == "err")
+    await eventually(refusing, timeout=10, interval=0.05)
+
+
+async def _bgsave_works(admin: Redis, directory: Path) -> None:
+    (directory / "dump.rdb" / "in-the-way").rmdir()
+    (directory / "dump.rdb").rmdir()
+
+    async def saved() -> bool:
+        info = await admin.info("persistence")
+        if info["rdb_bgsave_in_progress"]:
+            return False
+        if info["rdb_last_bgsave_status"] == "ok":
+            return True
+        await admin.bgsave()
+        return False
+    await eventually(saved, timeout=10, interval=0.1)
+
+
+async def test_events_met_by_a_redis_that_cannot_persist_are_applied_once_it_can(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    """A Redis whose RDB save fails (disk full) answers every write MISCONF. The events
+    consumer took that for the batches' own data: every batch of the poll went to the dead
+    letters as "could not apply" and the poll was committed, so the events were lost for
+    good although Redis took writes again minutes later. They are waited out like OOM."""
+    settings = topics.model_copy(update={"redis_url": private_redis.url})
+    admin = await open_redis(settings)
+    stream = Stream(settings, admin)
+    spec = make_spec(stream.pipeline_id)
+    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
+                        for _ in range(3)]
+    ev = stream.event
+
+    def flow_run(b: str) -> str:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, b))
+
+    def ends(b: str) -> list[Event]:
+        return [ev(b, "step.offsets", step="extract", offsets={"p0": 9}),
+                ev(b, "step.state", step="extract", state="success"),
+                ev(b, "batch.state", state="stop", outcome="completed")]
+
+    started: Callable[[str], list[Event]] = lambda b: [  # noqa: E731
+        ev(b, "batch.state", state="scheduled", flow_run_id=flow_run(b)),
+        ev(b, "batch.state", state="running"),
+        ev(b, "step.state", step="extract", state="running")]
+    consumer = EventsConsumer(settings, options())
+    try:
+        async with running(consumer):
+            await stream.publish(started)
+            await wait_out(consumer, stream, "MISCONF",
+                           lambda: _bgsave_fails(admin, private_redis.directory),
+                           lambda: _bgsave_works(admin, private_redis.directory), ends)
+        assert consumer.dead == 0 and await dead_letters(settings) == 0
+        for batch_id in stream.batch_ids:
+            fields = unpacked(cast(dict[str, str], await admin.hgetall(
+                keys.batch(stream.pipeline_id, batch_id))))
+            assert (fields["state"], fields["outcome"], fields["step:extract"],
+                    fields["off:extract:p0"]) == ("stop", "completed", "success", "9")
+    finally:
+        await admin.aclose()
