@@ -16,6 +16,7 @@ from core.settings import Settings
 from pipelines.checkpoints import Checkpoints
 from pipelines.offsets import OffsetBook
 from pipelines.sales import PIPELINE_ID
+from pipelines.sales.files import inherit
 from pipelines.sales.steps import extract, transform
 from pipelines.sdk import StepAborted, StepContext
 from pipelines.steps import resolve
@@ -248,3 +249,21 @@ def test_a_word_count_rerun_planned_behind_its_reports_goes_on_from_its_files(
     resolve("wordcount.merge")(merge)
     result = orjson.loads((tmp_path / BATCH / "wordcount" / "result.json").read_bytes())
     assert result["lines"] == 6_000 and result["words"] == 18_000
+
+
+def test_a_resumed_batchs_taken_over_files_have_durable_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`inherit` created the resumed batch's directories with a plain mkdir and fsynced only
+    the ones it copied into: the batch's own directory's name in the data root was never
+    made durable, so after a power loss all of its files could be gone while its reports
+    over them stood."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "staging").mkdir(parents=True)
+    (old / "staging" / "partition_0.jsonl").write_bytes(b"{}\n")
+    (old / "progress").mkdir()
+    (old / "progress" / "extract.json").write_bytes(b"{}")
+    journal = _Journal(monkeypatch)
+    inherit(old, new)
+    synced = {what for kind, what in journal.log if kind == "fsync"}
+    # Each new directory's name is in its parent: each parent is fsynced.
+    assert {str(tmp_path), str(new), str(new / "staging"), str(new / "progress")} <= synced

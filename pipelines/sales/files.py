@@ -96,7 +96,7 @@ def inherit(old_root: Path, new_root: Path) -> None:
             if not src.is_file() or rel.name.startswith((".", *_NOT_INHERITED)):
                 continue
             dst = new_root / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(dst.parent)  # the batch's own directory's name too, in the data root
             dst.unlink(missing_ok=True)
             touched.add(dst.parent)
             if rel.parts[0] == "source" or rel.suffix == ".json":
