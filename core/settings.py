@@ -144,6 +144,15 @@ class Settings(BaseSettings):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
 
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        # `DHUB_WEBHOOK_SECRET=` is how an env file often says "unset": the webhook is off,
+        # and outside `local` that must not read as a short secret refusing the start.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_database(cls, value: str) -> str:

@@ -41,8 +41,7 @@ def _fresh(timestamp: str) -> bool:
 
 def _verify(request: web.Request, body: bytes) -> None:
     secret = request.app[SETTINGS].webhook_secret
-    # `DHUB_WEBHOOK_SECRET=` (how an env file often says "unset") reads as an empty secret,
-    # and an HMAC under an empty key is one anybody can compute: that is no secret at all.
+    # An empty one is None (core.settings): an HMAC under an empty key anybody can compute.
     if secret is None or not secret.get_secret_value():
         raise ApiError(401, "unauthorized", "webhooks are disabled (DHUB_WEBHOOK_SECRET unset)")
     timestamp = request.headers.get("X-Dhub-Timestamp", "")

@@ -57,6 +57,20 @@ def test_outside_local_insecure_settings_are_refused(change: dict[str, Any], nam
             assert secret not in str(refused.value)
 
 
+def test_an_empty_webhook_secret_is_the_webhook_off_not_a_short_secret(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`DHUB_WEBHOOK_SECRET=` is how an env file often says "unset": the README says the
+    webhook is then off; outside `local` it was a secret shorter than 16 bytes, and the
+    API and the consumers refused to start."""
+    for key, value in SECURE.items():
+        if key != "webhook_secret":
+            monkeypatch.setenv(f"DHUB_{key.upper()}", value)
+    monkeypatch.setenv("DHUB_WEBHOOK_SECRET", "")
+    settings = Settings()
+    assert (settings.env, settings.webhook_secret, settings.insecure()) == (
+        "production", None, [])
+
+
 def test_the_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DHUB_ENV", "staging")
     with pytest.raises(InsecureSettings, match=r"DHUB_ENV='staging'.*DHUB_TOKEN_SECRET"):
