@@ -105,17 +105,22 @@ class BatchCache:
         entry = self.lookup(key)
         return entry[0] if entry is not None else None  # type: ignore[return-value]
 
-    def lookup(self, key: str) -> Entry | None:
-        """The entry of `key` as (body, expiry, etag), or None on a miss."""
+    def lookup(self, key: str, named: Callable[[str], bool] | None = None) -> Entry | None:
+        """The entry of `key` as (body, expiry, etag, rev), or None on a miss. With `named`
+        (a test of the entry's ETag), an entry failing it is a miss too: the caller reads
+        Redis instead."""
         if not self.live:
             self.misses += 1  # the read goes to Redis: a miss as much as any other
             return None
-        entry = self._entries.get(key)
+        entry: Entry | None = self._entries.get(key)
         if entry is None or entry[1] < self.now:
             self.misses += 1
             return None
         if entry[2] is None:
-            return self._render(key, entry)
+            entry = self._render(key, entry)
+        if entry is None or (named is not None and not named(entry[2])):  # type: ignore[arg-type]
+            self.misses += 1
+            return None
         self.hits += 1
         return entry
 
@@ -127,10 +132,8 @@ class BatchCache:
             body = None
         if body is None:
             self._entries.pop(key, None)
-            self.misses += 1
             return None
         entry = self._entries[key] = (body, entry[1], etag_of(body), entry[3])
-        self.hits += 1
         return entry
 
     def put(self, key: str, value: bytes, generation: int, rev: int = 0) -> None:

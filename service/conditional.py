@@ -8,6 +8,8 @@ the feed is down (the cache off) it re-reads once a second instead, so it can st
 A held request never answers a version older than the one it named: the change feed can
 deliver a change after a read that saw a newer one, and what the cache answers is ordered by
 the hash's `rev` (service.cache); a read of a rev not above the named one is no change.
+Nor older than the version it named when that came from another API process whose feed is
+ahead of this one's: a named ETag the cache does not hold is checked against Redis.
 """
 
 from __future__ import annotations
@@ -97,11 +99,18 @@ async def answer_pipeline(request: web.Request, pipeline_id: str,
         waiters.unwatch(pipeline_id, watch)
 
 
-async def current(request: web.Request, key: str,
-                  read: VersionedRead) -> tuple[bytes, str, int]:
+async def current(request: web.Request, key: str, read: VersionedRead,
+                  named: str | None = None) -> tuple[bytes, str, int]:
     """The batch cached under `key` with its ETag and rev, from the cache or else `read`
-    (which answers 404 when there is no such batch)."""
-    entry = request.app[CACHE].lookup(key)
+    (which answers 404 when there is no such batch).
+
+    `named`: the version the client holds (If-None-Match, Last-Event-ID). When the cache's
+    entry is not it, that version may be newer than the entry: another API process answered
+    it before this one's change feed delivered the change (each process has its own feed,
+    and nothing orders one process's feed with another's reads). An ETag is a hash, with no
+    order, so the batch is then read from Redis: never older than any process answered."""
+    test = None if not named else (lambda etag: matches(named, etag))
+    entry = request.app[CACHE].lookup(key, test)
     if entry is not None:
         return entry[0], entry[2], entry[3]  # type: ignore[return-value]
     body, rev = await read(request)
@@ -112,13 +121,24 @@ async def answer(request: web.Request, key: str, read: VersionedRead) -> web.Res
     """The answer to a GET of the batch cached under `key` carrying If-None-Match; `read`
     gives the current body (404 when there is none)."""
     wait = wait_s(request)
+    named = request.headers.get("If-None-Match", "")
     if wait is None:
-        body, etag, _ = await current(request, key, read)
+        body, etag, _ = await current(request, key, read, named)
         return _answer_now(request, body, etag)
     waiters = request.app[WAITERS]
     feed = waiters.follow(key, long_poll=True)
+    reads = 0
+
+    def held_read() -> Awaitable[tuple[bytes, str, int]]:
+        # Only the first read checks the named version against Redis: once a read matched
+        # it, its rev orders what the cache answers after (a lagging feed's older versions
+        # are no change), and a read that did not match is answered at once.
+        nonlocal reads
+        reads += 1
+        return current(request, key, read, named if reads == 1 else None)
+
     try:
-        return await _held(request, wait, feed, lambda: current(request, key, read))
+        return await _held(request, wait, feed, held_read)
     finally:
         waiters.unfollow(key, feed)
 

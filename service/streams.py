@@ -110,7 +110,10 @@ async def stream_batch(request: web.Request, key: str,
     waiters = request.app[WAITERS]
     feed = waiters.follow(key)  # before the first read: every later version reaches us
     try:
-        first = Version.of(*await current(request, key, read))  # 404 before any byte is sent
+        # A Last-Event-ID the cache does not hold may be newer than its entry (another API
+        # process sent it): then read from Redis (service.conditional.current).
+        first = Version.of(*await current(request, key, read,  # 404 before any byte is sent
+                                          request.headers.get("Last-Event-ID")))
         response = web.StreamResponse(headers=STREAM_HEADERS)
         await response.prepare(request)
         try:
