@@ -190,6 +190,11 @@ def render(fields: Mapping[str, str]) -> dict[str, Any]:
         moved = fields.get(MOVED_PREFIX + name)
         entry["progress"] = progress(entry["offsets"], step_totals, started, moved,
                                      int(fields.get(RESUMED_PREFIX + name, 0)))
+        if entry["state"] != "running" or fields["state"] == "stop":
+            # Time is left only to a step that runs: one that ended short of its totals
+            # (failed, cut by its batch's stop, a success that skipped records) never moves
+            # again, and a success has none left.
+            entry["progress"]["eta_s"] = 0.0 if entry["state"] == "success" else None
         if running and entry["state"] == "running" and _stalled(moved or started):
             entry["stalled"] = stalled_any = True
     out: dict[str, Any] = {

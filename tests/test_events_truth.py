@@ -11,11 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
 from consumers.events import EventsConsumer, _bad_script_data
-from core import keys
+from core import keys, layout
 from core.codec import Event
 from core.connections import open_redis
 from core.packing import unpacked
@@ -109,3 +110,40 @@ async def test_events_met_by_a_redis_that_cannot_persist_are_applied_once_it_can
                     fields["off:extract:p0"]) == ("stop", "completed", "success", "9")
     finally:
         await admin.aclose()
+
+
+def _batch(state: str, outcome: str | None, steps: dict[str, str]) -> dict[str, str]:
+    fields = {"id": "b", "name": "n", "deployment": "d", "state": state, "pipeline_id": "p",
+              "pipeline_version": "1", "created_at": "2026-12-01T09:59:00.000Z",
+              "updated_at": "2026-12-01T10:00:10.000Z", "rev": "9",
+              "steps": orjson.dumps(list(steps)).decode()}
+    if outcome is not None:
+        fields["outcome"] = outcome
+    for step, step_state in steps.items():
+        fields |= {layout.step_field(step): step_state,
+                   layout.offset_field(step, "p0"): "50",
+                   layout.total_field(step, "p0"): "100",
+                   f"{layout.STARTED_PREFIX}{step}": "2026-12-01T10:00:00.000Z",
+                   f"{layout.MOVED_PREFIX}{step}": "2026-12-01T10:00:10.000Z"}
+    return fields
+
+
+def test_a_step_that_ended_short_of_its_totals_has_no_time_left() -> None:
+    """GET gave a step that had ended (failed, cut short by its batch's stop, or a success
+    that skipped records) `eta_s` as if it were still running at its last rate: 50 s left
+    for a step that will never move again. Both clients hid it; the API said it. Only a
+    step running in a running batch has time left; a success has none (0)."""
+    def eta(fields: dict[str, str]) -> dict[str, float | None]:
+        steps = layout.render(fields)["state"]["steps"]
+        return {name: step["progress"]["eta_s"] for name, step in steps.items()}
+
+    assert eta(_batch("running", None, {"a": "success", "b": "failed", "c": "running"})) == {
+        "a": 0.0, "b": None, "c": 10.0}
+    # A step running when its batch stopped is shown failed (cancelled, crashed), and one
+    # still `running` in a completed batch is not running any more either.
+    assert eta(_batch("stop", "cancelled", {"a": "running", "b": "success"})) == {
+        "a": None, "b": 0.0}
+    assert eta(_batch("stop", "completed", {"a": "running"})) == {"a": None}
+    # The rate and percent stay: how fast it went and how far it got.
+    step = layout.render(_batch("stop", "failed", {"a": "failed"}))["state"]["steps"]["a"]
+    assert step["progress"] == {"percent": 50.0, "records_per_s": 5.0, "eta_s": None}
