@@ -18,7 +18,7 @@ from core.layout import is_visible
 from core.list_filter import FILTERS
 from core.models import PipelineSpec, new_batch_id, valid_id
 from core.retry import Verdict, classify, describe
-from service import auth, conditional, creates, idempotency, run_body, streams
+from service import auth, conditional, creates, idempotency, query_params, run_body, streams
 from service.appkeys import (
     ABANDONER,
     API_SCRIPTS,
@@ -219,6 +219,7 @@ async def latest_batch(request: web.Request) -> web.Response:
     if listed := [name for name in (*FILTERS, "limit", "token") if name in request.query]:
         raise bad_request(f"the latest batch takes no {', '.join(listed)}: the list "
                           f"/api/v1/batches/{pipeline_id}/ does (limit=1 for the newest match)")
+    query_params.refuse_unknown(request, ("wait",), "the latest batch")
 
     async def read(request: web.Request) -> bytes:
         batch = await request.app[STORE].latest(pipeline_id)

@@ -2,7 +2,7 @@
 first, optionally filtered (`state`, `outcome`, `created_after`, `created_before`: see
 `core.list_filter`), a signed token for the next page bound to the filter, or a push stream of the
 pipeline's changes (unfiltered: a filter with `Accept: text/event-stream` is refused). A query
-parameter it does not take is refused too (`_refuse_unknown`), but for a cache-buster.
+parameter it does not take is refused too (`service.query_params`), but for a cache-buster.
 
 A pipeline never registered and without a batch is a 404, as its latest batch is; an empty
 first page is what asks (`core.paging.pipeline_known`), so a listed pipeline pays nothing."""
@@ -13,7 +13,7 @@ from aiohttp import web
 
 from core.list_filter import FILTERS, BadFilter, ListFilter
 from core.paging import BadToken, pipeline_known
-from service import auth, pipeline_stream, streams
+from service import auth, pipeline_stream, query_params, streams
 from service.appkeys import STORE
 from service.batches import json_obj, path_id
 from service.errors import bad_request, not_found
@@ -21,22 +21,6 @@ from service.errors import bad_request, not_found
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 PARAMETERS = ("limit", "token", *FILTERS)
-# How much of an unknown parameter's name the refusal quotes.
-_NAME_SHOWN = 64
-
-
-def _refuse_unknown(request: web.Request) -> None:
-    """A parameter the list does not take is a 400: ignored, a misspelt filter
-    (`status=running`) or one it has not (`pipeline_version=1`, the POST's) listed every
-    batch as if filtered, and another API's token name gave the first page again. A name
-    starting with `_` is a cache-buster (`_=1733234`) and still ignored: one must not break
-    a call."""
-    unknown = sorted({name for name in request.query
-                      if name not in PARAMETERS and not name.startswith("_")})
-    if unknown:
-        names = ", ".join(repr(name[:_NAME_SHOWN]) for name in unknown)
-        raise bad_request(f"unknown query parameter {names}: the list takes "
-                          f"{', '.join(PARAMETERS)}")
 
 
 def _once(request: web.Request, name: str) -> str | None:
@@ -72,7 +56,7 @@ def _filter(request: web.Request) -> ListFilter:
 async def list_batches(request: web.Request) -> web.StreamResponse:
     auth.require(request, auth.READ)
     pipeline_id = path_id(request, "pipeline_id")
-    _refuse_unknown(request)
+    query_params.refuse_unknown(request, PARAMETERS, "the list")
     limit = _limit(request)
     where = _filter(request)
     token = _once(request, "token")

@@ -67,8 +67,9 @@ def _batch_paths() -> dict[str, Any]:
                        description="Needs the scope `batches:read`. The newest batch, "
                                    "whatever its state: the list's filters "
                                    "(state, outcome, created bounds), limit and token are a "
-                                   "400 here, not ignored; the list with limit=1 gives the "
-                                   "newest batch matching them."),
+                                   "400 here, not ignored (so is any parameter but `wait` "
+                                   "and `_`-prefixed cache-busters); the list with limit=1 "
+                                   "gives the newest batch matching them."),
         },
         "/api/v1/batches/{pipeline_id}/": {
             "get": operation(

@@ -99,11 +99,13 @@ async def test_a_window_with_no_millisecond_in_it_is_empty_not_refused(
 
 
 @pytest.mark.parametrize("query", ["state=running", "outcome=failed", "limit=1",
-                                   "created_before=2000-01-01T00:00:00Z", "token=x"])
+                                   "created_before=2000-01-01T00:00:00Z", "token=x",
+                                   "status=running", "pipeline_version=1"])
 async def test_the_latest_batch_refuses_the_lists_filters_instead_of_ignoring_them(
         topics: Settings, redis: Redis, query: str) -> None:
     """`GET /batches/p?state=running` answered the newest batch, pending, as if it were the
-    newest running one."""
+    newest running one; a misspelt filter (`status=`) or the POST's `pipeline_version=` as
+    if applied."""
     store = BatchStore.from_settings(redis, topics)
     await make(store, 2)
     async with api_client(api_settings(topics)) as api:
