@@ -141,10 +141,11 @@ async def test_a_revoke_hands_the_flush_in_flight_over_before_the_new_owner_star
             assert await committed_at(group.settings, moved_tp) == 1  # before B started
             await group.send(moved, 2)
             await eventually(lambda: group.offset_is(moved, 2), timeout=20)
-            # Counted once its script has answered, a moment after Redis shows its effect. A
-            # re-read event 1 (offset before event 2's) would be counted in the same poll
-            # or an earlier one.
-            await eventually(lambda: second.applied >= 1, timeout=5, interval=0.01)
+            # B's count is raised once the script has answered, a moment after Redis shows
+            # the effect: read it once B has committed past event 2 (all it read counted).
+            async def committed_past_event_2() -> bool:
+                return await committed_at(group.settings, moved_tp) == 2
+            await eventually(committed_past_event_2, timeout=20, interval=0.05)
             assert second.applied == 1  # the new event only: event 1 was A's, committed
     assert (await group.last_snapshot(moved)).fields["off:extract:partition_0"] == "2"
 
