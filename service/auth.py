@@ -128,8 +128,13 @@ class Authenticator:
         scopes = raw.split() if isinstance(raw, str) else raw
         if not isinstance(scopes, list):
             raise ApiError(401, "unauthorized", "invalid scope claim")
-        # `exp` is required, and PyJWT has checked it is a number in the future.
-        return Grant(frozenset(s for s in scopes if isinstance(s, str)), float(claims["exp"]))
+        # `exp` is required, and PyJWT has checked it is an integer in the future; one no
+        # float holds (10**400) would raise where a stream's cut reads it.
+        try:
+            expires = float(claims["exp"])
+        except (OverflowError, ValueError, TypeError):
+            raise ApiError(401, "unauthorized", "invalid token: exp out of range") from None
+        return Grant(frozenset(s for s in scopes if isinstance(s, str)), expires)
 
 
 def authentication(authenticator: Authenticator) -> Callable[[web.Request], None]:
