@@ -222,8 +222,8 @@ class StepState(Event, tag="step.state", kw_only=True):
 
 class StepOffsets(Event, tag="step.offsets", kw_only=True):
     """How far one step got: records processed per partition (they only grow), and, when
-    the step knows them, how many records each of those partitions holds (`totals`: the
-    batch then shows percent and ETA)."""
+    the step knows them, how many records each of those partitions holds (`totals`: with a
+    total for every partition it reported, the batch shows percent and ETA)."""
 
     type: ClassVar[str] = "step.offsets"
     step: Id

@@ -69,17 +69,18 @@ class ApiCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._requests.families()
         cache = self._app[CACHE]
-        # Every read of a batch through the cache counts: a GET, a long-poll's read, a batch
-        # stream's read of the version it sends. Not the reads that go to Redis on purpose: a
-        # stream's backstop read, a pipeline stream's and a list's reads.
+        # Every read of a batch through the cache counts: a GET, a batch long-poll's read, a
+        # batch stream's read of the version it sends. Not the reads that go to Redis on
+        # purpose: a stream's backstop read, a pipeline stream's, a list's and the latest
+        # batch's reads (its long-polls too).
         yield CounterMetricFamily("dhub_cache_hits",
-                                  "Batch reads through the cache (GETs by id, long-polls, batch "
-                                  "streams) it answered",
+                                  "Batch reads through the cache (GETs by id and their "
+                                  "long-polls, batch streams) it answered",
                                   value=cache.hits)
         yield CounterMetricFamily("dhub_cache_misses",
-                                  "Batch reads through the cache (GETs by id, long-polls, batch "
-                                  "streams) it could not answer (off, or not held): read from "
-                                  "Redis",
+                                  "Batch reads through the cache (GETs by id and their "
+                                  "long-polls, batch streams) it could not answer (off, or "
+                                  "not held): read from Redis",
                                   value=cache.misses)
         yield CounterMetricFamily("dhub_cache_outages",
                                   "Times the cache turned off (its change feed lost or silent)",
