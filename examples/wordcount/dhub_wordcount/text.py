@@ -36,6 +36,11 @@ def lines_of(seed: int, index: int, lines: int, words_per_line: int) -> Iterator
         yield " ".join(rng.choices(VOCABULARY, WEIGHTS, k=words_per_line)).encode() + b"\n"
 
 
+# The durable-write helpers below are the example's own, as a plugin's would be: it uses
+# only the step SDK's API, so it loads in cores that predate any helper offered there (the
+# sales pipeline has the same few lines in pipelines/sales/files.py).
+
+
 def make_dirs(directory: Path) -> None:
     """`directory` and its missing parents, each new one's name durable: a file's fsync
     keeps its data, not its name (the directory holding it keeps that)."""
