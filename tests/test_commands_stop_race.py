@@ -65,7 +65,7 @@ async def test_stops_right_after_creation_never_contradict_the_engine(
     try:
         batch_ids = [await ctx.batch(steps=("a", "b")) for _ in range(RUNS)]
         async with whole_loop(ctx):
-            hit: Counter[str] = Counter()  # the run's state when its stop was sent
+            hit: Counter[str] = Counter()  # the run's state read right after its stop was sent
 
             async def run_then_stop(n: int, batch_id: str) -> None:
                 await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
