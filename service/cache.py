@@ -4,12 +4,13 @@ Every script that changes a batch hash publishes the hash's key on `keys.CHANGES
 cache follows that channel and evicts. Three guards keep it honest:
 
 - The feed is health-checked. Its connection is the cache's own (TCP keepalive, socket
-  timeouts), and it is PINGed whenever it has been quiet for `ping_s` (on a subscribed RESP2
-  connection the answer arrives as a `pong` message, in order with the invalidations). Once
-  nothing at all has been heard for `silence_s`, a clock task independent of the feed's reads
-  turns the cache off (emptied, serving nothing) until a new subscription is confirmed. A
-  half-open connection (a NAT or load balancer that dropped the flow) therefore costs at
-  most `silence_s` (+ one `tick_s`) of staleness, never more.
+  timeouts), and it is PINGed every `ping_s` (on a subscribed RESP2 connection the answer
+  arrives as a `pong` message, in order with the invalidations). Once nothing at all has been
+  heard for `silence_s`, or a PING has waited that long for its answer (the feed lags: it
+  still delivers, late, what other API processes have already answered), a clock task
+  independent of the feed's reads turns the cache off (emptied, serving nothing) until a new
+  subscription is confirmed. A half-open connection (a NAT or load balancer that dropped the
+  flow) or a backlog therefore costs at most `silence_s` (+ one `tick_s`) of staleness.
 - Each entry carries a TTL (`ttl_s`): a backstop for changes made without a publish.
 - A change message that carries the batch's new hash (`keys.CHANGES_CHANNEL`) replaces a
   held entry instead of evicting it; the value is rendered on its first GET. Under steady

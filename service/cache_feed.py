@@ -1,7 +1,9 @@
 """The GET cache's change feed: its own subscription to `keys.CHANGES_CHANNEL`, health-checked.
 
 What it guarantees is written in `service.cache`: every message evicts or swaps an entry, the
-cache turns off once the feed has been silent for `silence_s`, and a resubscription resets it.
+cache turns off once the feed has been silent for `silence_s`, or has left a PING (sent every
+`ping_s`, traffic or not) unanswered that long: a feed that lags, still delivering, is as
+stale as a silent one. A resubscription resets it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import socket
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import ConnectionPool, Redis
@@ -44,6 +47,12 @@ class CacheFeed:
 
     def __init__(self, cache: BatchCache) -> None:
         self.cache = cache
+        # When each PING not yet answered was sent, oldest first. Hearing the feed is not
+        # enough: a feed that lags (a backlog behind a busy process or a slow link) goes on
+        # delivering, late, and would keep the cache live while it serves what other API
+        # processes (and this one's reads) have long seen change. A PING's answer comes in
+        # order with the messages, so its age is the feed's lag.
+        self._pings: deque[float] = deque()
 
     async def run(self, redis: Redis, channel: str) -> None:
         """Runs until cancelled: subscribes on its own connection, evicts on every message,
@@ -115,18 +124,23 @@ class CacheFeed:
         # cost several times more, and the feed carries one message per change of any batch.
         conn = pubsub.connection
         assert conn is not None
+        self._pings.clear()  # a new connection: nothing sent on it is awaited
         next_ping = 0.0
         while True:
             _cancelled_meanwhile()
             now = time.monotonic()
             if not self.cache.live:
-                raise FeedSilent("the cache's clock found the feed silent")
+                raise FeedSilent("the cache's clock found the feed silent or lagging")
             quiet = now - self.cache.heard
             if quiet > self.cache.silence_s:
                 raise FeedSilent(f"nothing heard for {quiet:.1f}s")
-            if quiet >= self.cache.ping_s and now >= next_ping:
+            if (lag := self.lag(now)) > self.cache.silence_s:
+                raise FeedSilent(f"the feed lags {lag:.1f}s behind")
+            # Every ping_s, traffic or not: the lag of a feed that is never quiet counts too.
+            if now >= next_ping:
                 async with asyncio.timeout(self.cache.ping_s):
                     await conn.send_command("PING", check_health=False)
+                self._pings.append(now)
                 next_ping = now + self.cache.ping_s
             slice_s = max(min(self.cache.ping_s, self.cache.heard + self.cache.silence_s - now), 0.001)
             with contextlib.suppress(TimeoutError):
@@ -150,17 +164,29 @@ class CacheFeed:
         elif kind == "subscribe":
             # The client library reconnected by itself: changes may have been missed.
             self.cache.reset(live=True)
-        elif kind != "pong":
+        elif kind == "pong":
+            if self._pings:
+                self._pings.popleft()
+        else:
             raise ConnectionError(f"unexpected reply on the invalidation feed: {reply!r:.100}")
 
+    def lag(self, now: float) -> float:
+        """How long the oldest PING not answered yet has waited (0 if none): at least how far
+        the feed is behind."""
+        return now - self._pings[0] if self._pings else 0.0
+
     async def _clock(self) -> None:
-        """Advances the entries' clock and enforces the silence bound, whatever the feed's
-        reads are doing."""
+        """Advances the entries' clock and enforces the silence bound (nothing heard, or a
+        PING unanswered, for silence_s), whatever the feed's reads are doing."""
         while True:
             now = self.cache.now = time.monotonic()
             if self.cache.live and now - self.cache.heard > self.cache.silence_s:
                 log.warning("cache invalidation feed silent for %.1fs; cache off until "
                             "resubscribed", now - self.cache.heard)
+                self.cache.reset(live=False)
+            elif self.cache.live and self.lag(now) > self.cache.silence_s:
+                log.warning("cache invalidation feed lags %.1fs behind; cache off until "
+                            "resubscribed", self.lag(now))
                 self.cache.reset(live=False)
             await asyncio.sleep(self.cache.tick_s)
 

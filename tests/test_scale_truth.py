@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -24,7 +25,7 @@ from core.settings import ROOT, Settings
 from tests.cache_support import PIPELINE, direct_store, engines, new_batches, set_offset
 from tests.conftest import free_port
 from tests.helpers import AUTH, STATIC_TOKEN
-from tests.lagging_feed import lagging_feed
+from tests.lagging_feed import LaggingFeedProxy, lagging_feed
 
 SSE = {**AUTH, "Accept": "text/event-stream"}
 LAG_S = 0.6
@@ -185,3 +186,78 @@ async def _batch_offsets(stream: aiohttp.ClientResponse, quiet_s: float) -> list
                     seen.append(offset_of(fields["data"]))
                 fields = {}
     return seen
+
+
+# -- a feed lagging longer than the silence bound, with traffic flowing ------------------
+SILENCE_S = 2.5  # the default DHUB_CACHE_SILENCE_S the processes run with
+LONG_LAG_S = 4.5
+
+
+@contextlib.asynccontextmanager
+async def lag_later(settings: Settings) -> AsyncIterator[tuple[LaggingFeedProxy, Settings]]:
+    """A LaggingFeedProxy with no lag yet (the process subscribes within its bound first)."""
+    url = urlsplit(settings.redis_url)
+    async with LaggingFeedProxy(url.hostname or "127.0.0.1", url.port or 6379, 0.0) as proxy:
+        yield proxy, settings.model_copy(
+            update={"redis_url": f"redis://127.0.0.1:{proxy.port}{url.path}"})
+
+
+async def _traffic(store: Any, other: str) -> None:
+    """Changes of another batch every 0.3 s: B's feed is never quiet, only late."""
+    offset = 0
+    while True:
+        offset += 1
+        await set_offset(store, other, offset)
+        await asyncio.sleep(0.3)
+
+
+async def _until_b_shows(session: aiohttp.ClientSession, url: str,
+                         shown: Callable[[int, bytes], bool], limit_s: float) -> float:
+    """Seconds until GET `url` on B answers as `shown` says (polled every 50 ms)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while loop.time() - start < limit_s:
+        async with session.get(url, headers=AUTH) as response:
+            if shown(response.status, await response.read()):
+                break
+        await asyncio.sleep(0.05)
+    return loop.time() - start
+
+
+async def test_process_b_whose_feed_lags_past_the_silence_bound_under_traffic_stops_serving_its_cache(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    target, gone, other = await new_batches(store, 3)
+    path = f"/api/v1/batches/{PIPELINE}/"
+    await set_offset(store, target, 1)
+    async with lag_later(test_settings) as (proxy, lagging), \
+            api_process(test_settings) as a, api_process(lagging) as b, \
+            aiohttp.ClientSession() as session:
+        await _b_caches(session, b, path + target, 1)
+        async with session.get(b + path + gone, headers=AUTH) as response:
+            assert response.status == 200
+        traffic = asyncio.create_task(_traffic(store, other))
+        try:
+            # The lag grows as a backlog does (a step at once would be a silence of its own).
+            while proxy.lag_s < LONG_LAG_S:
+                proxy.lag_s += 0.08
+                await asyncio.sleep(0.1)
+            await set_offset(store, target, 2)
+            await store.hide(PIPELINE, gone)
+            async with session.get(a + path + target, headers=AUTH) as response:
+                assert offset_of(await response.read()) == 2
+            async with session.get(a + path + gone, headers=AUTH) as response:
+                assert response.status == 404
+            changed, deleted = await asyncio.gather(
+                _until_b_shows(session, b + path + target,
+                               lambda status, body: status == 200 and offset_of(body) == 2,
+                               LONG_LAG_S + 2),
+                _until_b_shows(session, b + path + gone,
+                               lambda status, _: status == 404, LONG_LAG_S + 2))
+        finally:
+            traffic.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traffic
+    # The documented bound of a silent feed (silence_s + a tick), with room for a busy machine.
+    assert changed < SILENCE_S + 0.7, f"B answered offset 1 for {changed:.2f}s after A's 2"
+    assert deleted < SILENCE_S + 0.7, f"B answered a deleted batch for {deleted:.2f}s"
