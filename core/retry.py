@@ -61,9 +61,10 @@ class GaveUp(Exception):
 
 # Redis error replies (first word) that say "not now", not "never": a replica after a
 # failover, a full server, a restart loading its data, a busy script, a cluster moving slots,
-# a server whose RDB save fails (a full disk: MISCONF refuses writes until a save succeeds).
+# a server whose RDB save fails (a full disk: MISCONF refuses writes until a save succeeds), an
+# ACL denying this user a command (NOPERM: the server's configuration, never the data's).
 REDIS_TRANSIENT_PREFIXES: Final = ("READONLY", "OOM", "LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN",
-                                   "CLUSTERDOWN", "NOREPLICAS", "NOTREADY", "MISCONF")
+                                   "CLUSTERDOWN", "NOREPLICAS", "NOTREADY", "MISCONF", "NOPERM")
 _REDIS_UNAVAILABLE: Final = (
     redis_errors.ConnectionError,  # BusyLoadingError is one
     redis_errors.TimeoutError,
@@ -72,6 +73,7 @@ _REDIS_UNAVAILABLE: Final = (
     redis_errors.TryAgainError,
     redis_errors.ClusterDownError,  # MasterDownError is one
     redis_errors.MaxConnectionsError,
+    redis_errors.NoPermissionError,  # NOPERM, its code stripped from the text by redis-py
 )
 _NETWORK: Final = (
     httpx.TransportError,  # connect/read/write errors and timeouts

@@ -43,6 +43,17 @@ def test_a_redis_that_cannot_persist_is_waited_out_not_taken_for_bad_data(reply:
     assert not _bad_script_data(error)
 
 
+@pytest.mark.parametrize("reply", [
+    "NOPERM this user has no permissions to run the 'evalsha' command",
+    "NOPERM this user has no permissions to run the 'hset' command script: c1e43c3aa97ad5311d3"
+    "7ce7cb6154c6836988fa3, on @user_script:1.",
+])
+def test_an_acl_denying_a_command_is_waited_out_not_taken_for_bad_data(reply: str) -> None:
+    error = _parsed_error(reply)
+    assert classify(error) is Verdict.UNAVAILABLE
+    assert not _bad_script_data(error)
+
+
 async def _bgsave_fails(admin: Redis, directory: Path) -> None:
     """The next save cannot rename its file into place: Redis refuses writes (MISCONF)."""
     await admin.config_set("save", "3600 1")  # stop-writes-on-bgsave-error needs a save point
@@ -147,3 +158,42 @@ def test_a_step_that_ended_short_of_its_totals_has_no_time_left() -> None:
     # The rate and percent stay: how fast it went and how far it got.
     step = layout.render(_batch("stop", "failed", {"a": "failed"}))["state"]["steps"]["a"]
     assert step["progress"] == {"percent": 50.0, "records_per_s": 5.0, "eta_s": None}
+
+
+async def test_events_met_by_a_redis_user_denied_scripts_are_applied_once_allowed(
+        topics: Settings, private_redis: PrivateRedis) -> None:
+    """An ACL that denies the consumer's user its scripts for a while (NOPERM: an operator's
+    change, rolled back) was taken for the batches' own data: every event of the poll was
+    dead-lettered as "could not apply" and committed, lost for good once the ACL was fixed.
+    A refusal by the server's configuration is waited out, as a full or read-only Redis is."""
+    settings = topics.model_copy(update={"redis_url": private_redis.url})
+    admin = await open_redis(settings)
+    stream = Stream(settings, admin)
+    spec = make_spec(stream.pipeline_id)
+    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
+                        for _ in range(3)]
+    ev = stream.event
+
+    def ends(b: str) -> list[Event]:
+        return [ev(b, "step.offsets", step="extract", offsets={"p0": 9}),
+                ev(b, "step.state", step="extract", state="success"),
+                ev(b, "batch.state", state="stop", outcome="completed")]
+
+    consumer = EventsConsumer(settings, options())
+    try:
+        async with running(consumer):
+            await stream.publish(lambda b: [ev(b, "batch.state", state="running"),
+                                            ev(b, "step.state", step="extract", state="running")])
+            await wait_out(consumer, stream, "NOPERM",
+                           lambda: admin.acl_setuser("default", enabled=True, reset_keys=False,
+                                                     commands=["-evalsha", "-eval"]),
+                           lambda: admin.acl_setuser("default", enabled=True,
+                                                     commands=["+@all"]), ends)
+        assert consumer.dead == 0 and await dead_letters(settings) == 0
+        for batch_id in stream.batch_ids:
+            fields = unpacked(cast(dict[str, str], await admin.hgetall(
+                keys.batch(stream.pipeline_id, batch_id))))
+            assert (fields["state"], fields["outcome"], fields["step:extract"],
+                    fields["off:extract:p0"]) == ("stop", "completed", "success", "9")
+    finally:
+        await admin.aclose()
