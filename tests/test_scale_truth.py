@@ -136,6 +136,30 @@ async def test_a_long_poll_on_b_naming_a_newer_etag_from_a_never_answers_older(
         f"B answered {status} with offset {offset_of(body)} after A's offset 2"
 
 
+async def test_a_long_poll_on_b_holding_a_newer_etag_from_a_wakes_with_the_next_change(
+        test_settings: Settings, redis: Redis) -> None:
+    store = direct_store(redis, test_settings)
+    [target] = await new_batches(store)
+    path = f"/api/v1/batches/{PIPELINE}/{target}"
+    await set_offset(store, target, 1)
+    async with two_apis(test_settings) as (a, b), aiohttp.ClientSession() as session:
+        await _b_caches(session, b, path, 1)
+        etag = await _newer_on_a(session, a, path, store, target)
+
+        async def change_later() -> None:
+            await asyncio.sleep(0.5)
+            await set_offset(store, target, 3)
+
+        changer = asyncio.create_task(change_later())
+        async with session.get(b + path, params={"wait": "10"},
+                               headers={**AUTH, "If-None-Match": etag}) as held:
+            body = await held.read()
+            status = held.status
+        await changer
+    assert (status, offset_of(body) if status == 200 else None) == (200, 3), \
+        f"B's long-poll held on A's offset 2 answered {status} ({body[:60]!r})"
+
+
 async def test_a_conditional_get_on_b_naming_a_newer_etag_from_a_never_answers_older(
         test_settings: Settings, redis: Redis) -> None:
     store = direct_store(redis, test_settings)
