@@ -64,8 +64,15 @@ class _Poll:
 def _bad_script_data(exc: BaseException) -> bool:
     """A script error that is about a batch's data (no retry can fix it), as opposed to
     Redis not taking writes now (READONLY, OOM, BUSY...: `classify` says UNAVAILABLE and
-    `Backoff` waits those out, so they never reach the dead letters)."""
-    return isinstance(exc, ResponseError) and classify(exc) is Verdict.PERMANENT
+    `Backoff` waits those out, so they never reach the dead letters). Only what a script met
+    in a batch's keys is the batch's: its own runtime error (`user_script:`, in Redis 6's and
+    7's forms) or a key of another type. Any other permanent reply (EVALSHA renamed away, the
+    script cache flushed under the call) is the server's, the same for every batch: taken for
+    data, every poll went to the dead letters and was committed."""
+    if not isinstance(exc, ResponseError) or classify(exc) is not Verdict.PERMANENT:
+        return False
+    text = str(exc)
+    return text.startswith("WRONGTYPE") or "user_script" in text
 
 
 class EventsConsumer(Part):

@@ -197,3 +197,24 @@ async def test_events_met_by_a_redis_user_denied_scripts_are_applied_once_allowe
                     fields["off:extract:p0"]) == ("stop", "completed", "success", "9")
     finally:
         await admin.aclose()
+
+
+@pytest.mark.parametrize("reply", [
+    # EVALSHA renamed or disabled (`rename-command`, some managed Redis): no script runs at all.
+    "ERR unknown command 'evalsha', with args beginning with: ",
+    # The script cache flushed between the load and the call (SCRIPT FLUSH, a failover).
+    "NOSCRIPT No matching script. Please use EVAL.",
+])
+def test_a_server_that_runs_no_script_is_not_taken_for_every_batchs_bad_data(reply: str) -> None:
+    """Any permanent error reply was taken for the batch's data: on a Redis that runs no
+    script every poll went batch by batch to the dead letters and was committed, every event
+    lost while the consumer seemed to run. Only what a script met in a batch's keys (its own
+    runtime error, a key of another type) is the batch's; the rest ends the part (restarted,
+    the poll read again) instead."""
+    assert not _bad_script_data(_parsed_error(reply))
+    for data in ("WRONGTYPE Operation against a key holding the wrong kind of value",
+                 "ERR user_script:40: attempt to compare nil with number script: 1234, on "
+                 "@user_script:40.",
+                 "ERR Error running script (call to f_1): @user_script:1: user_script:1: "
+                 "attempt to perform arithmetic on a nil value"):
+        assert _bad_script_data(_parsed_error(data))
