@@ -162,7 +162,9 @@ class CacheFeed:
             else:
                 self.cache.evict(key)
         elif kind == "subscribe":
-            # The client library reconnected by itself: changes may have been missed.
+            # The client library reconnected by itself: changes may have been missed, and
+            # the PINGs sent on the old connection will never be answered.
+            self._pings.clear()
             self.cache.reset(live=True)
         elif kind == "pong":
             if self._pings:
