@@ -4,7 +4,8 @@ Every batch answer carries a strong ETag of its body (`service.cache.etag_of`). 
 `If-None-Match` naming the current one the answer is 304 without a body; adding `?wait=N`
 (1-60 s) holds the request until the batch changes (200 with the new body) or the wait ends
 (304). A held request waits on the cache's change feed (`service.waiters`), not on Redis; while
-the feed is down (the cache off) it re-reads once a second instead, so it can still answer.
+the feed is down (the cache off) it re-reads once a second instead, so it can still answer;
+and at least every `cache.ttl_s` while it is up, for a change made without a message.
 A held request never answers a version older than the one it named: the change feed can
 deliver a change after a read that saw a newer one, and what the cache answers is ordered by
 the hash's `rev` (service.cache); a read of a rev not above the named one is no change.
@@ -170,7 +171,10 @@ async def _held(request: web.Request, wait: float, signal: _Signal,
         remaining = deadline - loop.time()
         if remaining <= 0 or waiters.closing:
             return not_modified(named[0] if named is not None else etag)
-        timeout = remaining if cache.live else min(remaining, DEGRADED_POLL_S)
+        # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing: read
+        # again at least every cache.ttl_s (the cache's own backstop, as streams do), not
+        # only when the wait ends.
+        timeout = min(remaining, cache.ttl_s) if cache.live else min(remaining, DEGRADED_POLL_S)
         request[HELD] = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
