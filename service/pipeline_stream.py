@@ -139,8 +139,13 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         ids = keys.batch_ids(key)
                         if ids is None:
                             continue
-                        fresh = item is READ  # read from Redis now: the truth, even of a
-                        if fresh:  # lower rev (a rebuild may restore one)
+                        # Read from Redis now: the truth, even of a lower rev (a rebuild may
+                        # restore one). So is a batch this stream has not sent: nothing orders
+                        # the feed's (maybe late) version after what the client was shown by
+                        # another API process, whose feed is ahead of this one's.
+                        fresh = item is READ or (isinstance(item, Version)
+                                                 and ids[1] not in sent)
+                        if fresh:
                             read = await fills.read_version(*ids)
                             if read is not None and 0 < read[1] == sent.get(ids[1]):
                                 continue  # sent already

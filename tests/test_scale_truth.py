@@ -292,3 +292,42 @@ async def test_process_b_whose_feed_lags_past_the_silence_bound_under_traffic_st
     # The documented bound of a silent feed (silence_s + a tick), with room for a busy machine.
     assert changed < SILENCE_S + 0.7, f"B answered offset 1 for {changed:.2f}s after A's 2"
     assert deleted < SILENCE_S + 0.7, f"B answered a deleted batch for {deleted:.2f}s"
+
+
+async def test_a_pipeline_stream_opened_on_b_after_a_newer_answer_from_a_sends_no_older_batch(
+        test_settings: Settings, redis: Redis) -> None:
+    """A batch beyond the stream's first page: the stream has sent none of it, so only a read
+    of Redis can order the feed's (late) versions of it after what A answered."""
+    store = direct_store(redis, test_settings)
+    target, _newer = await new_batches(store, 2)  # the newer one alone on a page of 1
+    async with two_apis(test_settings) as (a, b), aiohttp.ClientSession() as session:
+        await set_offset(store, target, 1)
+        await set_offset(store, target, 2)  # both messages still on their way to B
+        async with session.get(f"{a}/api/v1/batches/{PIPELINE}/{target}",
+                               headers=AUTH) as response:
+            assert offset_of(await response.read()) == 2
+        async with session.get(f"{b}/api/v1/batches/{PIPELINE}/", params={"limit": "1"},
+                               headers=SSE) as stream:
+            assert stream.status == 200
+            seen = await _batch_ids_offsets(stream, LAG_S * 3)
+    assert [offset for batch_id, offset in seen if batch_id == target] in ([], [2]), \
+        f"B's pipeline stream, opened after A answered offset 2, sent {seen}"
+
+
+async def _batch_ids_offsets(stream: aiohttp.ClientResponse,
+                             quiet_s: float) -> list[tuple[str, int | None]]:
+    seen: list[tuple[str, int | None]] = []
+    fields: dict[str, str] = {}
+    with contextlib.suppress(TimeoutError):
+        while True:
+            async with asyncio.timeout(quiet_s):
+                line = (await stream.content.readline()).decode().rstrip("\n")
+            if line:
+                name, _, value = line.partition(":")
+                if name:
+                    fields[name] = value.removeprefix(" ")
+            elif fields:
+                if fields.get("event") == "batch":
+                    seen.append((orjson.loads(fields["data"])["id"], offset_of(fields["data"])))
+                fields = {}
+    return seen
