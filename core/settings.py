@@ -114,7 +114,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1 << 20, gt=0)
     # In-process cache of rendered batches, invalidated through Redis pub/sub.
     api_cache: bool = True
-    # The cache's staleness bound after a silent network fault is cache_silence_s + 0.1 s
+    # The cache's staleness bound after a silent network fault, or a feed lagging that far
+    # behind, is cache_silence_s + 0.1 s
     # (keep it under 5 s); cache_ttl_s bounds a change that was made without its notification.
     cache_silence_s: float = 2.5
     cache_ttl_s: float = 10.0
