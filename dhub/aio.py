@@ -68,7 +68,7 @@ class AsyncDhubClient:
         """Starts a batch; its id (retried like `DhubClient.run`, with one Idempotency-Key)."""
         key = idempotency_key or uuid.uuid4().hex
         params = {"pipeline_version": version} if version is not None else None
-        attempts = RunAttempts(pipeline_id, key)
+        attempts = RunAttempts(pipeline_id, key, version)
         while True:
             try:
                 body = await self._json("POST", f"/api/v1/batches/{seg(pipeline_id)}", params=params,

@@ -52,15 +52,22 @@ NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, 
                    httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 
 
+def run_again(pipeline_id: str, version: str | None, idempotency_key: str) -> str:
+    """The `dhub run` that asks again for the same batch: the same key and the same version
+    (the API answers a key's batch only to the request it was made for; without `--version`
+    a retry of a lost attempt would start the latest version instead)."""
+    asked = f" --version {version}" if version is not None else ""
+    return f"dhub run {pipeline_id}{asked} --idempotency-key {idempotency_key}"
+
+
 class RunUnsettled(DhubError):
     """`run` gave up after an attempt that may have started the batch: asking again with
     `idempotency_key` answers its id if it did (and starts it if it did not)."""
 
-    def __init__(self, pipeline_id: str, idempotency_key: str, cause: DhubError) -> None:
+    def __init__(self, again: str, idempotency_key: str, cause: DhubError) -> None:
         super().__init__(f"an attempt's answer was lost, and it may have started a batch; the "
                          f"API has not said since ({cause}). Ask again with the same key, which "
-                         f"never starts a second batch: dhub run {pipeline_id} --idempotency-key "
-                         f"{idempotency_key}")
+                         f"never starts a second batch: {again}")
         self.idempotency_key = idempotency_key
 
 
@@ -75,8 +82,8 @@ class RunAttempts:
     """The retry decisions of one `run` (both clients): after each failed attempt, `after`
     gives the pause before the next one or raises what ends the run."""
 
-    def __init__(self, pipeline_id: str, key: str) -> None:
-        self._pipeline_id, self._key = pipeline_id, key
+    def __init__(self, pipeline_id: str, key: str, version: str | None = None) -> None:
+        self._again, self._key = run_again(pipeline_id, version, key), key
         self._started = time.monotonic()
         self._failures = 0
         self._unknown_since: float | None = None
@@ -88,7 +95,7 @@ class RunAttempts:
             self._unknown_since = self._unknown_since or now
             if now - self._started < IN_PROGRESS_FOR_S:
                 return IN_PROGRESS_PAUSE_S
-            raise RunUnsettled(self._pipeline_id, self._key, exc) from exc
+            raise RunUnsettled(self._again, self._key, exc) from exc
         if self._unknown_since is None and maybe_started(exc):
             self._unknown_since = now
         retry = isinstance(exc, ConnectionFailed) or exc.retryable
@@ -106,7 +113,7 @@ class RunAttempts:
             raise exc
         if retry and now - self._unknown_since < UNKNOWN_FOR_S:
             return pause
-        raise RunUnsettled(self._pipeline_id, self._key, exc) from exc
+        raise RunUnsettled(self._again, self._key, exc) from exc
 
 
 def answer_json(response: httpx.Response, url: str) -> Any:
@@ -179,7 +186,7 @@ class DhubClient:
         gives up after an attempt that may have started the batch."""
         key = idempotency_key or uuid.uuid4().hex
         params = {"pipeline_version": version} if version is not None else None
-        attempts = RunAttempts(pipeline_id, key)
+        attempts = RunAttempts(pipeline_id, key, version)
         while True:
             try:
                 body = self._json("POST", f"/api/v1/batches/{seg(pipeline_id)}", params=params,

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from dhub.client import DhubClient
+from dhub.client import DhubClient, run_again
 from dhub.errors import DhubError
 from dhub.models import EXIT_COMPLETED, EXIT_STOPPED, Batch, exit_code, is_final
 from dhub.view import BatchView
@@ -151,8 +151,8 @@ def cmd_run(args: argparse.Namespace, api: DhubClient, console: Console) -> int:
     except KeyboardInterrupt:
         # Ctrl-C while a POST was sent (or retried): the API may have started the batch.
         sys.stderr.write(f"dhub: interrupted; a batch may have started. Ask again with the same "
-                         f"key, which never starts a second one: dhub run {args.pipeline} "
-                         f"--idempotency-key {key}\n")
+                         f"key, which never starts a second one: "
+                         f"{run_again(args.pipeline, args.version, key)}\n")
         return EXIT_INTERRUPTED
     if args.json:
         emit({"event": "created", "item": batch_id} if args.watch else {"item": batch_id})

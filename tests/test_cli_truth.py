@@ -493,3 +493,27 @@ def test_a_step_with_totals_for_some_partitions_only_shows_no_percent() -> None:
                                "progress": {"percent": None, "eta_s": None}}))
     row = next(r for r in render(view).splitlines()[1:] if r.split()[0] == "extract")
     assert "%" not in row and "1,700 rec" in row and "/1,000" not in row, row
+
+
+def test_the_run_to_ask_again_with_names_the_version_asked_for(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        no_run_pauses: None) -> None:
+    """`dhub run p --version 2` that lost its answer printed `dhub run p --idempotency-key K`:
+    the API answers a key's batch only to the request it was made for (a 409 then), and had
+    the lost attempt started nothing, that advice started the latest version, not 2."""
+    monkeypatch.setattr(dhub.client, "UNKNOWN_FOR_S", 0.0)
+    unavailable = httpx.Response(503, json={"error": {"code": "unavailable",
+                                                      "message": "retry later"}})
+    handler, posts = _lost_then(lambda request: unavailable)
+    code, _, err = run_cli(monkeypatch, capsys, handler, "run", "p", "--version", "2")
+    key = posts[0].headers["Idempotency-Key"]
+    assert code == 3 and f"dhub run p --version 2 --idempotency-key {key}" in err, err
+
+    def interrupted(request: httpx.Request) -> httpx.Response:
+        posts.append(request)
+        raise KeyboardInterrupt
+
+    posts.clear()
+    code, _, err = run_cli(monkeypatch, capsys, interrupted, "run", "p", "--version", "2")
+    key = posts[0].headers["Idempotency-Key"]
+    assert code == 130 and f"dhub run p --version 2 --idempotency-key {key}" in err, err
