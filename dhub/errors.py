@@ -74,7 +74,8 @@ def retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # ASCII digits only: "²" (a latin-1 byte 0xB2) is a digit to str.isdigit, not to float.
+    if value.isascii() and value.isdigit():
         return min(float(value), RETRY_AFTER_MAX_S)
     try:
         when = parsedate_to_datetime(value)

@@ -258,6 +258,9 @@ class Follower:
         delay, self._delay = self._delay, min(self._delay * 2, RECONNECT_MAX_S)
         if isinstance(exc, ApiError) and exc.retry_after is not None:
             delay = max(delay, exc.retry_after)  # "retry later" (429, 503) says how much later
+        # Never past the reconnect budget: a Retry-After of 60 s must not hold a watch given
+        # 5 s for that long before it gives up.
+        delay = min(delay, max(0.0, self._reconnect_for - (now - self._failing_since)) + 0.1)
         error = str(exc) or type(exc).__name__
         self._reconnecting = True
         return [WatchEvent("reconnecting", self.last, self.etag, error=error, via=self.mode)], delay

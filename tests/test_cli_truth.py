@@ -517,3 +517,31 @@ def test_the_run_to_ask_again_with_names_the_version_asked_for(
     code, _, err = run_cli(monkeypatch, capsys, interrupted, "run", "p", "--version", "2")
     key = posts[0].headers["Idempotency-Key"]
     assert code == 130 and f"dhub run p --version 2 --idempotency-key {key}" in err, err
+
+
+def test_a_retry_after_never_holds_a_watch_past_its_reconnect_budget(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 503 with Retry-After: 60 to a watch given `--reconnect-for 5` slept 60 s before it
+    could give up; and a Retry-After of "²" (a latin-1 byte 0xB2, a digit to str.isdigit)
+    raised ValueError: an internal error, exit 3."""
+    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return _stream(_version("v1", batch("running")))
+        if calls == 2:
+            return httpx.Response(503, headers={"Retry-After": "60"}, text="later")
+        if calls == 3:
+            return httpx.Response(503, headers={"Retry-After": "\u00b2"}, text="later")
+        return _stream(_version("v2", batch("stop", "completed")), b"event: end\ndata: {}\n\n")
+
+    code, _, err = run_cli(monkeypatch, capsys, handler, "watch", "p", "b", "--json",
+                           "--reconnect-for", "5")
+    assert code == 0, err
+    assert slept and max(slept) <= 5.1, slept
+    assert retry_after("\u00b2") is None
