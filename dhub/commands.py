@@ -188,7 +188,7 @@ def _utc(stamp: str | None) -> str:
     except ValueError:
         return stamp or ""
     if when.tzinfo is None:
-        return stamp or ""  # no zone: not ours to guess
+        return f"{stamp} (no zone)"  # not ours to guess, nor to show under UTC unmarked
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 

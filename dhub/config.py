@@ -47,8 +47,12 @@ def check_url(url: str, source: str) -> str:
     password in it. httpx sends a URL's user and password as Basic auth in place of the
     token (every request a 401 that blamed the token), and every connection error quoted
     the URL, password and all. The refusal names where the URL came from, never its text."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:  # "http://[bad": an unclosed IPv6 bracket, a bad port
+        raise ConfigError(f"{source} is not a URL dhub can read") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise ConfigError(f"{source} must be an http(s) URL with a host")
     if parts.username is not None or parts.password is not None:
         raise ConfigError(f"{source} carries a user or password: dhub authenticates with its "

@@ -73,18 +73,19 @@ def figures(step: Step, offsets: dict[str, int], totals: dict[str, int] | None,
     total = sum(totals.values()) if totals and totals.keys() >= offsets.keys() else None
     progress = step.get("progress", {}) if use_progress else {}
     percent = progress.get("percent")
+    # As the API counts: each partition up to its own total (one past its total does not
+    # make up for one short of it).
+    counted = sum(min(offsets.get(part, 0), of) for part, of in (totals or {}).items())
     if percent is None and totals and total:
-        # As the API counts: each partition up to its own total (one past its total does not
-        # make up for one short of it), in whole numbers (a float's 100 * 29 / 100 is
-        # 28.999..., which a rounding down would show as 28).
-        counted = sum(min(offsets.get(part, 0), of) for part, of in totals.items())
+        # In whole numbers (a float's 100 * 29 / 100 is 28.999..., which a rounding down
+        # would show as 28).
         percent = float(min(100, counted * 100 // total))
     rate = progress.get("records_per_s")
     if rate is None and step["state"] == "running":
         rate = measured
     eta = progress.get("eta_s")
     if eta is None and total is not None and rate:
-        eta = max(0.0, (total - done) / rate)
+        eta = max(0.0, (total - counted) / rate)
     if step["state"] != "running":
         eta = None
     return Figures(done, total, percent, rate, eta)

@@ -18,6 +18,7 @@ from rich.console import Console
 import dhub.cli
 import dhub.client
 import dhub.config
+import dhub.view
 import dhub.watch
 from dhub import DhubClient
 from dhub.aio import AsyncDhubClient
@@ -545,3 +546,28 @@ def test_a_retry_after_never_holds_a_watch_past_its_reconnect_budget(
     assert code == 0, err
     assert slept and max(slept) <= 5.1, slept
     assert retry_after("\u00b2") is None
+
+
+def test_small_ends_of_the_diff_review(monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Three: `dhub ls` showed a time without a zone under "CREATED (UTC)" as if UTC; a
+    DHUB_URL of "http://[bad" raised ValueError, an internal error instead of a config one;
+    without the API's ETA, `dhub` made one from all offsets, so a partition past its total
+    hid one short of it ("0s" left with 500 records to go)."""
+    naive = {**batch("stop", "completed"), "id": "b3", "created_at": "2026-12-03T07:55:00"}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"items": {"b3": naive}, "token": None})
+
+    code, out, _ = run_cli(monkeypatch, capsys, handler, "ls", "p")
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["b3"])
+    assert code == 0 and "(no zone)" in row, out
+
+    with pytest.raises(dhub.config.ConfigError, match="DHUB_URL"):
+        dhub.config.check_url("http://[bad", "DHUB_URL")
+
+    fig = dhub.view.figures({"state": "running", "offsets": {}},
+                            {"partition_0": 1_500, "partition_1": 500},
+                            {"partition_0": 1_000, "partition_1": 1_000}, 100.0,
+                            use_progress=False)
+    assert fig.eta_s == 5.0, fig  # 500 records left at 100/s
