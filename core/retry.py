@@ -81,6 +81,10 @@ _NETWORK: Final = (
     TimeoutError,
 )
 _HTTP_BOUNDED: Final = frozenset({408, 425, 429})
+# An ACL denial met inside a script has no NOPERM code: Redis 7.0 says "ERR The user executing
+# the script can't run this command or subcommand" (or "can't access at least one of the
+# keys"), 7.2 "ERR ACL failure in script: ...". The server's configuration, never the data's.
+_SCRIPT_ACL_DENIALS: Final = ("THE USER EXECUTING THE SCRIPT CAN'T", "ACL FAILURE IN SCRIPT")
 
 
 def _redis_reply_transient(exc: redis_errors.ResponseError) -> bool:
@@ -90,7 +94,8 @@ def _redis_reply_transient(exc: redis_errors.ResponseError) -> bool:
     text = str(exc).upper()
     first = text.lstrip("-").split(" ", 1)[0]
     return first.startswith(REDIS_TRANSIENT_PREFIXES) or any(
-        f"-{code}" in text for code in REDIS_TRANSIENT_PREFIXES)
+        f"-{code}" in text for code in REDIS_TRANSIENT_PREFIXES) or any(
+        denial in text for denial in _SCRIPT_ACL_DENIALS)
 
 
 def classify(exc: BaseException) -> Verdict:
