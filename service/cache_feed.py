@@ -51,8 +51,10 @@ class CacheFeed:
         # enough: a feed that lags (a backlog behind a busy process or a slow link) goes on
         # delivering, late, and would keep the cache live while it serves what other API
         # processes (and this one's reads) have long seen change. A PING's answer comes in
-        # order with the messages, so its age is the feed's lag.
+        # order with the messages: every change published before an answered PING was sent
+        # has been applied.
         self._pings: deque[float] = deque()
+        self._answered = 0.0  # when the last answered PING was sent (or the feed subscribed)
 
     async def run(self, redis: Redis, channel: str) -> None:
         """Runs until cancelled: subscribes on its own connection, evicts on every message,
@@ -125,6 +127,7 @@ class CacheFeed:
         conn = pubsub.connection
         assert conn is not None
         self._pings.clear()  # a new connection: nothing sent on it is awaited
+        self._answered = time.monotonic()  # subscribed (and the cache reset) since
         next_ping = 0.0
         while True:
             _cancelled_meanwhile()
@@ -165,17 +168,20 @@ class CacheFeed:
             # The client library reconnected by itself: changes may have been missed, and
             # the PINGs sent on the old connection will never be answered.
             self._pings.clear()
+            self._answered = time.monotonic()
             self.cache.reset(live=True)
         elif kind == "pong":
             if self._pings:
-                self._pings.popleft()
+                self._answered = self._pings.popleft()
         else:
             raise ConnectionError(f"unexpected reply on the invalidation feed: {reply!r:.100}")
 
     def lag(self, now: float) -> float:
-        """How long the oldest PING not answered yet has waited (0 if none): at least how far
-        the feed is behind."""
-        return now - self._pings[0] if self._pings else 0.0
+        """While a PING awaits its answer, how long ago the last answered one was sent (0
+        otherwise): the longest any change can have waited. Measured from the oldest
+        unanswered PING instead, a change published just after an answered one waited a
+        PING interval more before the cache turned off."""
+        return now - self._answered if self._pings else 0.0
 
     async def _clock(self) -> None:
         """Advances the entries' clock and enforces the silence bound (nothing heard, or a
