@@ -84,8 +84,8 @@ async def answer_pipeline(request: web.Request, pipeline_id: str,
     """As `answer`, for an answer that depends on every batch of a pipeline (its latest):
     held until any of them changes or a batch is created, then read again."""
 
-    async def tagged_read() -> tuple[bytes, str, int]:
-        body = await read(request)
+    async def tagged_read(fresh: bool = False) -> tuple[bytes, str, int]:
+        body = await read(request)  # from Redis always: `fresh` or not
         return body, etag_of(body), 0  # no order among versions of "the latest"
 
     wait = wait_s(request)
@@ -130,13 +130,18 @@ async def answer(request: web.Request, key: str, read: VersionedRead) -> web.Res
     feed = waiters.follow(key, long_poll=True)
     reads = 0
 
-    def held_read() -> Awaitable[tuple[bytes, str, int]]:
+    async def held_read(fresh: bool) -> tuple[bytes, str, int]:
         # Only the first read checks the named version against Redis: once a read matched
         # it, its rev orders what the cache answers after (a lagging feed's older versions
-        # are no change), and a read that did not match is answered at once.
+        # are no change), and a read that did not match is answered at once. A `fresh` read
+        # (the backstop, after a wait that nothing woke) is Redis's: the cache's entry may
+        # have been stored just before the wait and not have expired yet.
         nonlocal reads
         reads += 1
-        return current(request, key, read, named if reads == 1 else None)
+        if fresh:
+            body, rev = await read(request)
+            return body, etag_of(body), rev
+        return await current(request, key, read, named if reads == 1 else None)
 
     try:
         return await _held(request, wait, feed, held_read)
@@ -151,7 +156,7 @@ def _answer_now(request: web.Request, body: bytes, etag: str) -> web.Response:
 
 
 async def _held(request: web.Request, wait: float, signal: _Signal,
-                read: Callable[[], Awaitable[tuple[bytes, str, int]]]) -> web.Response:
+                read: Callable[[bool], Awaitable[tuple[bytes, str, int]]]) -> web.Response:
     """Reads, and while the answer still matches If-None-Match (or is of a rev not above
     the one that matched) waits on `signal` (registered by the caller before the first
     read, emptied before every read: a change during a read wakes the next wait) until a
@@ -161,9 +166,10 @@ async def _held(request: web.Request, wait: float, signal: _Signal,
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     named: tuple[str, int] | None = None  # the version named, once a read matched it
+    fresh = False  # the last wait ended on its timeout, not on a change
     while True:
         signal.take()
-        body, etag, rev = await read()
+        body, etag, rev = await read(fresh)
         if matches(if_none_match, etag):
             named = (etag, rev)
         elif named is None or not 0 < rev <= named[1]:
@@ -179,3 +185,4 @@ async def _held(request: web.Request, wait: float, signal: _Signal,
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await signal.wake.wait()
+        fresh = not signal.wake.is_set()
