@@ -55,6 +55,14 @@ async def _store_at(redis_url: str) -> AsyncIterator[BatchStore]:
         await redis.aclose()
 
 
+def _cache_outages(api: str, auth: dict[str, str]) -> float:
+    """`dhub_cache_outages` of the API process: a cache that turned itself off under the
+    load (its feed silent or lagging) would make the row a measure of Redis, not the cache."""
+    text = httpx.get(f"{api}/metrics", headers=auth, timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("dhub_cache_outages_total"))
+
+
 async def _flush(redis_url: str) -> None:
     async with _store_at(redis_url) as store:
         await store.redis.flushdb()
@@ -130,7 +138,7 @@ def main() -> None:
     spread_rows: list[tuple[str, Load]] = []
     pages: dict[int, Load] = {}
     filtered: list[tuple[str, Load]] = []
-    writer_rate = 0.0
+    writer_rate = outages = 0.0
     with stack(["redis", "kafka"]), tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_flush(redis_url))
         asyncio.run(_topics(True, topics))
@@ -197,8 +205,10 @@ def main() -> None:
                             spread_rows.append(("bare aiohttp handler, random path, under churn "
                                                 "(anchor)",
                                                 wrk(bare_at, script=spread, **on_bare)))
+                            before = _cache_outages(api, auth)
                             spread_rows.append((f"GET random of {n} under churn (cache on)",
                                                 wrk(api + "/", script=spread, **on_api)))
+                            outages = _cache_outages(api, auth) - before
                             spread_rows.append((f"GET random of {n} under churn, cache off",
                                                 wrk(plain_api + "/", script=spread, **on_plain)))
                         writer_rate = w.rate
@@ -245,7 +255,8 @@ def main() -> None:
                      f"{writer_rate:,.0f} changes/s (asked {args.churn_rate:,}/s) to random "
                      "batches through BatchStore.apply, one invalidation each. Anchor: the bare "
                      "handler under the same script while the same writer runs (it and Redis "
-                     "take their share of the cores from whichever server is measured)",
+                     "take their share of the cores from whichever server is measured). "
+                     f"The cache turned itself off {outages:g} times during its row",
                      spread_rows, spread_anchor)
         verdicts.append(_verdict("GET under churn / bare under churn",
                                  spread_rows[3][1].rps / spread_anchor, 0.70))
