@@ -125,8 +125,9 @@ async def _newer_on_a(session: aiohttp.ClientSession, a: str, path: str, store: 
         return response.headers["ETag"]
 
 
-async def test_a_long_poll_on_b_naming_a_newer_etag_from_a_never_answers_older(
-        test_settings: Settings, redis: Redis) -> None:
+@pytest.mark.parametrize("params", [{"wait": "2"}, {}], ids=["long-poll", "conditional-get"])
+async def test_a_request_on_b_naming_a_newer_etag_from_a_never_answers_older(
+        test_settings: Settings, redis: Redis, params: dict[str, str]) -> None:
     store = direct_store(redis, test_settings)
     [target] = await new_batches(store)
     path = f"/api/v1/batches/{PIPELINE}/{target}"
@@ -134,10 +135,10 @@ async def test_a_long_poll_on_b_naming_a_newer_etag_from_a_never_answers_older(
     async with two_apis(test_settings) as (a, b), aiohttp.ClientSession() as session:
         await _b_caches(session, b, path, 1)
         etag = await _newer_on_a(session, a, path, store, target)
-        async with session.get(b + path, params={"wait": "2"},
-                               headers={**AUTH, "If-None-Match": etag}) as held:
-            body = await held.read()
-            status = held.status
+        async with session.get(b + path, params=params,
+                               headers={**AUTH, "If-None-Match": etag}) as answer:
+            body = await answer.read()
+            status = answer.status
     assert status == 304 or offset_of(body) == 2, \
         f"B answered {status} with offset {offset_of(body)} after A's offset 2"
 
@@ -165,22 +166,6 @@ async def test_a_long_poll_on_b_holding_a_newer_etag_from_a_wakes_with_the_next_
         await changer
     assert (status, offset_of(body) if status == 200 else None) == (200, 3), \
         f"B's long-poll held on A's offset 2 answered {status} ({body[:60]!r})"
-
-
-async def test_a_conditional_get_on_b_naming_a_newer_etag_from_a_never_answers_older(
-        test_settings: Settings, redis: Redis) -> None:
-    store = direct_store(redis, test_settings)
-    [target] = await new_batches(store)
-    path = f"/api/v1/batches/{PIPELINE}/{target}"
-    await set_offset(store, target, 1)
-    async with two_apis(test_settings) as (a, b), aiohttp.ClientSession() as session:
-        await _b_caches(session, b, path, 1)
-        etag = await _newer_on_a(session, a, path, store, target)
-        async with session.get(b + path, headers={**AUTH, "If-None-Match": etag}) as answer:
-            body = await answer.read()
-            status = answer.status
-    assert status == 304 or offset_of(body) == 2, \
-        f"B answered {status} with offset {offset_of(body)} after A's offset 2"
 
 
 async def test_a_stream_resumed_on_b_with_a_last_event_id_from_a_sends_no_older_nor_a_repeat(
