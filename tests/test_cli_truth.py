@@ -371,6 +371,23 @@ def _version(tag: str, body: Batch) -> bytes:
     return f'event: batch\nid: "{tag}"\ndata: '.encode() + json.dumps(body).encode() + b"\n\n"
 
 
+def _watch_through(monkeypatch: pytest.MonkeyPatch, *middle: httpx.Response
+                   ) -> tuple[Handler, list[float]]:
+    """A watch's API: a running version, then the `middle` answers one per request, then the
+    completed version and `end`; and the pauses the watch took (not slept)."""
+    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    answers = [_stream(_version("v1", batch("running"))), *middle]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if answers:
+            return answers.pop(0)
+        return _stream(_version("v2", batch("stop", "completed")), b"event: end\ndata: {}\n\n")
+
+    return handler, slept
+
+
 @pytest.mark.parametrize("status", [429, 503])
 def test_a_watch_told_to_retry_later_waits_and_goes_on(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], status: int) -> None:
@@ -378,20 +395,8 @@ def test_a_watch_told_to_retry_later_waits_and_goes_on(
     watch: exit 3 "429 http_error", while the batch ran on to complete. A 429 or 503 is
     "retry later": the watch waits as long as Retry-After says (no less than its own
     backoff) and goes on, within its reconnect budget."""
-    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
-    slept: list[float] = []
-    monkeypatch.setattr(time, "sleep", slept.append)
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return _stream(_version("v1", batch("running")))
-        if calls == 2:
-            return httpx.Response(status, headers={"Retry-After": "1"}, text="slow down")
-        return _stream(_version("v2", batch("stop", "completed")), b"event: end\ndata: {}\n\n")
-
+    handler, slept = _watch_through(monkeypatch, httpx.Response(
+        status, headers={"Retry-After": "1"}, text="slow down"))
     code, out, err = run_cli(monkeypatch, capsys, handler, "watch", "p", "b", "--json")
     assert code == 0, err
     assert [json.loads(line)["event"] for line in out.splitlines()] == [
@@ -525,21 +530,9 @@ def test_a_retry_after_never_holds_a_watch_past_its_reconnect_budget(
     """A 503 with Retry-After: 60 to a watch given `--reconnect-for 5` slept 60 s before it
     could give up; and a Retry-After of "²" (a latin-1 byte 0xB2, a digit to str.isdigit)
     raised ValueError: an internal error, exit 3."""
-    monkeypatch.setattr(dhub.watch, "RECONNECT_MIN_S", 0.0)
-    slept: list[float] = []
-    monkeypatch.setattr(time, "sleep", slept.append)
-    calls = 0
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return _stream(_version("v1", batch("running")))
-        if calls == 2:
-            return httpx.Response(503, headers={"Retry-After": "60"}, text="later")
-        if calls == 3:
-            return httpx.Response(503, headers={"Retry-After": "\u00b2"}, text="later")
-        return _stream(_version("v2", batch("stop", "completed")), b"event: end\ndata: {}\n\n")
+    handler, slept = _watch_through(
+        monkeypatch, httpx.Response(503, headers={"Retry-After": "60"}, text="later"),
+        httpx.Response(503, headers=[(b"Retry-After", b"\xb2")], text="later"))  # "²"
 
     code, _, err = run_cli(monkeypatch, capsys, handler, "watch", "p", "b", "--json",
                            "--reconnect-for", "5")
