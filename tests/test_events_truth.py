@@ -84,6 +84,31 @@ async def _bgsave_works(admin: Redis, directory: Path) -> None:
     await eventually(saved, timeout=10, interval=0.1)
 
 
+async def _three_batches(settings: Settings, admin: Redis) -> Stream:
+    stream = Stream(settings, admin)
+    spec = make_spec(stream.pipeline_id)
+    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
+                        for _ in range(3)]
+    return stream
+
+
+def _ends(stream: Stream) -> Callable[[str], list[Event]]:
+    """What ends each batch: its step's last offsets and success, then its stop."""
+    ev = stream.event
+    return lambda b: [ev(b, "step.offsets", step="extract", offsets={"p0": 9}),
+                      ev(b, "step.state", step="extract", state="success"),
+                      ev(b, "batch.state", state="stop", outcome="completed")]
+
+
+async def _all_ended(admin: Redis, stream: Stream) -> None:
+    """Every batch shows what `_ends` sent: nothing of it was lost."""
+    for batch_id in stream.batch_ids:
+        fields = unpacked(cast(dict[str, str], await admin.hgetall(
+            keys.batch(stream.pipeline_id, batch_id))))
+        assert (fields["state"], fields["outcome"], fields["step:extract"],
+                fields["off:extract:p0"]) == ("stop", "completed", "success", "9")
+
+
 async def test_events_met_by_a_redis_that_cannot_persist_are_applied_once_it_can(
         topics: Settings, private_redis: PrivateRedis) -> None:
     """A Redis whose RDB save fails (disk full) answers every write MISCONF. The events
@@ -92,19 +117,11 @@ async def test_events_met_by_a_redis_that_cannot_persist_are_applied_once_it_can
     good although Redis took writes again minutes later. They are waited out like OOM."""
     settings = topics.model_copy(update={"redis_url": private_redis.url})
     admin = await open_redis(settings)
-    stream = Stream(settings, admin)
-    spec = make_spec(stream.pipeline_id)
-    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
-                        for _ in range(3)]
+    stream = await _three_batches(settings, admin)
     ev = stream.event
 
     def flow_run(b: str) -> str:
         return str(uuid.uuid5(uuid.NAMESPACE_URL, b))
-
-    def ends(b: str) -> list[Event]:
-        return [ev(b, "step.offsets", step="extract", offsets={"p0": 9}),
-                ev(b, "step.state", step="extract", state="success"),
-                ev(b, "batch.state", state="stop", outcome="completed")]
 
     started: Callable[[str], list[Event]] = lambda b: [  # noqa: E731
         ev(b, "batch.state", state="scheduled", flow_run_id=flow_run(b)),
@@ -116,13 +133,9 @@ async def test_events_met_by_a_redis_that_cannot_persist_are_applied_once_it_can
             await stream.publish(started)
             await wait_out(consumer, stream, "MISCONF",
                            lambda: _bgsave_fails(admin, private_redis.directory),
-                           lambda: _bgsave_works(admin, private_redis.directory), ends)
+                           lambda: _bgsave_works(admin, private_redis.directory), _ends(stream))
         assert consumer.dead == 0 and await dead_letters(settings) == 0
-        for batch_id in stream.batch_ids:
-            fields = unpacked(cast(dict[str, str], await admin.hgetall(
-                keys.batch(stream.pipeline_id, batch_id))))
-            assert (fields["state"], fields["outcome"], fields["step:extract"],
-                    fields["off:extract:p0"]) == ("stop", "completed", "success", "9")
+        await _all_ended(admin, stream)
     finally:
         await admin.aclose()
 
@@ -174,16 +187,8 @@ async def test_events_met_by_a_redis_user_denied_scripts_are_applied_once_allowe
     Denied a command the scripts call (`-hset`), the reply has no NOPERM code (diff review)."""
     settings = topics.model_copy(update={"redis_url": private_redis.url})
     admin = await open_redis(settings)
-    stream = Stream(settings, admin)
-    spec = make_spec(stream.pipeline_id)
-    stream.batch_ids = [await new_batch(admin, settings, stream.pipeline_id, spec)
-                        for _ in range(3)]
+    stream = await _three_batches(settings, admin)
     ev = stream.event
-
-    def ends(b: str) -> list[Event]:
-        return [ev(b, "step.offsets", step="extract", offsets={"p0": 9}),
-                ev(b, "step.state", step="extract", state="success"),
-                ev(b, "batch.state", state="stop", outcome="completed")]
 
     consumer = EventsConsumer(settings, options())
     try:
@@ -194,13 +199,9 @@ async def test_events_met_by_a_redis_user_denied_scripts_are_applied_once_allowe
                            lambda: admin.acl_setuser("default", enabled=True, reset_keys=False,
                                                      commands=denied),
                            lambda: admin.acl_setuser("default", enabled=True,
-                                                     commands=["+@all"]), ends)
+                                                     commands=["+@all"]), _ends(stream))
         assert consumer.dead == 0 and await dead_letters(settings) == 0
-        for batch_id in stream.batch_ids:
-            fields = unpacked(cast(dict[str, str], await admin.hgetall(
-                keys.batch(stream.pipeline_id, batch_id))))
-            assert (fields["state"], fields["outcome"], fields["step:extract"],
-                    fields["off:extract:p0"]) == ("stop", "completed", "success", "9")
+        await _all_ended(admin, stream)
     finally:
         await admin.aclose()
 
