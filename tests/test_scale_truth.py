@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -125,38 +125,46 @@ async def _newer_on_a(session: aiohttp.ClientSession, a: str, path: str, store: 
         return response.headers["ETag"]
 
 
-@pytest.mark.parametrize("params", [{"wait": "2"}, {}], ids=["long-poll", "conditional-get"])
-async def test_a_request_on_b_naming_a_newer_etag_from_a_never_answers_older(
-        test_settings: Settings, redis: Redis, params: dict[str, str]) -> None:
+@contextlib.asynccontextmanager
+async def _b_behind_a(test_settings: Settings, redis: Redis) -> AsyncIterator[
+        tuple[str, str, aiohttp.ClientSession, str, Callable[[int], Awaitable[None]]]]:
+    """A batch at offset 1 in B's cache, then offset 2 answered by A (B's feed has not
+    delivered it): B's address, the batch's path, a session, A's ETag of offset 2, and how
+    to write a later offset."""
     store = direct_store(redis, test_settings)
     [target] = await new_batches(store)
     path = f"/api/v1/batches/{PIPELINE}/{target}"
     await set_offset(store, target, 1)
+
+    async def bump(offset: int) -> None:
+        await set_offset(store, target, offset)
+
     async with two_apis(test_settings) as (a, b), aiohttp.ClientSession() as session:
         await _b_caches(session, b, path, 1)
-        etag = await _newer_on_a(session, a, path, store, target)
-        async with session.get(b + path, params=params,
-                               headers={**AUTH, "If-None-Match": etag}) as answer:
-            body = await answer.read()
-            status = answer.status
+        yield b, path, session, await _newer_on_a(session, a, path, store, target), bump
+
+
+@pytest.mark.parametrize("params", [{"wait": "2"}, {}], ids=["long-poll", "conditional-get"])
+async def test_a_request_on_b_naming_a_newer_etag_from_a_never_answers_older(
+        test_settings: Settings, redis: Redis, params: dict[str, str]) -> None:
+    async with _b_behind_a(test_settings, redis) as (b, path, session, etag, _):
+        answer = await session.get(b + path, params=params,
+                                   headers={**AUTH, "If-None-Match": etag})
+        body = await answer.read()
+        status = answer.status
+        answer.close()
     assert status == 304 or offset_of(body) == 2, \
         f"B answered {status} with offset {offset_of(body)} after A's offset 2"
 
 
 async def test_a_long_poll_on_b_holding_a_newer_etag_from_a_wakes_with_the_next_change(
         test_settings: Settings, redis: Redis) -> None:
-    store = direct_store(redis, test_settings)
-    [target] = await new_batches(store)
-    path = f"/api/v1/batches/{PIPELINE}/{target}"
-    await set_offset(store, target, 1)
-    async with two_apis(test_settings) as (a, b), aiohttp.ClientSession() as session:
-        await _b_caches(session, b, path, 1)
-        etag = await _newer_on_a(session, a, path, store, target)
+    async with _b_behind_a(test_settings, redis) as (b, path, session, etag, bump):
 
         async def change_later() -> None:
             with contextlib.suppress(AssertionError):  # not held: the answer says what
                 await eventually(lambda: _held_polls(session, b), timeout=5)
-            await set_offset(store, target, 3)
+            await bump(3)
 
         changer = asyncio.create_task(change_later())
         async with session.get(b + path, params={"wait": "10"},
@@ -170,18 +178,12 @@ async def test_a_long_poll_on_b_holding_a_newer_etag_from_a_wakes_with_the_next_
 
 async def test_a_stream_resumed_on_b_with_a_last_event_id_from_a_sends_no_older_nor_a_repeat(
         test_settings: Settings, redis: Redis) -> None:
-    store = direct_store(redis, test_settings)
-    [target] = await new_batches(store)
-    path = f"/api/v1/batches/{PIPELINE}/{target}"
-    await set_offset(store, target, 1)
-    async with two_apis(test_settings) as (a, b), aiohttp.ClientSession() as session:
-        await _b_caches(session, b, path, 1)
-        etag = await _newer_on_a(session, a, path, store, target)
-        async with session.get(b + path, headers={**SSE, "Last-Event-ID": etag}) as stream:
-            assert stream.status == 200
-            seen = await _batch_offsets(stream, LAG_S * 3)
-            await set_offset(store, target, 3)
-            seen += await _batch_offsets(stream, LAG_S * 3)
+    async with _b_behind_a(test_settings, redis) as (b, path, session, etag, bump), \
+            session.get(b + path, headers={**SSE, "Last-Event-ID": etag}) as stream:
+        assert stream.status == 200
+        seen = await _batch_offsets(stream, LAG_S * 3)
+        await bump(3)
+        seen += await _batch_offsets(stream, LAG_S * 3)
     assert seen == [3], f"B's stream, resumed after A's offset 2, sent offsets {seen}"
 
 
