@@ -187,9 +187,9 @@ async def test_a_stream_resumed_on_b_with_a_last_event_id_from_a_sends_no_older_
     assert seen == [3], f"B's stream, resumed after A's offset 2, sent offsets {seen}"
 
 
-async def _batch_offsets(stream: aiohttp.ClientResponse, quiet_s: float) -> list[int | None]:
-    """The offsets of the `batch` events the stream sends until it is quiet for `quiet_s`."""
-    seen: list[int | None] = []
+async def _batch_datas(stream: aiohttp.ClientResponse, quiet_s: float) -> list[str]:
+    """The data of the `batch` events the stream sends until it is quiet for `quiet_s`."""
+    datas: list[str] = []
     fields: dict[str, str] = {}
     with contextlib.suppress(TimeoutError):
         while True:
@@ -201,9 +201,13 @@ async def _batch_offsets(stream: aiohttp.ClientResponse, quiet_s: float) -> list
                     fields[name] = value.removeprefix(" ")
             elif fields:
                 if fields.get("event") == "batch":
-                    seen.append(offset_of(fields["data"]))
+                    datas.append(fields["data"])
                 fields = {}
-    return seen
+    return datas
+
+
+async def _batch_offsets(stream: aiohttp.ClientResponse, quiet_s: float) -> list[int | None]:
+    return [offset_of(data) for data in await _batch_datas(stream, quiet_s)]
 
 
 # -- a feed lagging longer than the silence bound, with traffic flowing ------------------
@@ -303,18 +307,5 @@ async def test_a_pipeline_stream_opened_on_b_after_a_newer_answer_from_a_sends_n
 
 async def _batch_ids_offsets(stream: aiohttp.ClientResponse,
                              quiet_s: float) -> list[tuple[str, int | None]]:
-    seen: list[tuple[str, int | None]] = []
-    fields: dict[str, str] = {}
-    with contextlib.suppress(TimeoutError):
-        while True:
-            async with asyncio.timeout(quiet_s):
-                line = (await stream.content.readline()).decode().rstrip("\n")
-            if line:
-                name, _, value = line.partition(":")
-                if name:
-                    fields[name] = value.removeprefix(" ")
-            elif fields:
-                if fields.get("event") == "batch":
-                    seen.append((orjson.loads(fields["data"])["id"], offset_of(fields["data"])))
-                fields = {}
-    return seen
+    return [(orjson.loads(data)["id"], offset_of(data))
+            for data in await _batch_datas(stream, quiet_s)]
