@@ -92,10 +92,6 @@ class Authenticator:
             issuer=settings.jwt_issuer,
         )
 
-    def scopes(self, token: str) -> frozenset[str]:
-        """The token's scopes; raises 401 when the token is not valid."""
-        return self.grant(token).scopes
-
     def grant(self, token: str) -> Grant:
         """The token's scopes and expiry; raises 401 when the token is not valid."""
         candidate = token.encode()
