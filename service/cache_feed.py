@@ -134,11 +134,8 @@ class CacheFeed:
             now = time.monotonic()
             if not self.cache.live:
                 raise FeedSilent("the cache's clock found the feed silent or lagging")
-            quiet = now - self.cache.heard
-            if quiet > self.cache.silence_s:
-                raise FeedSilent(f"nothing heard for {quiet:.1f}s")
-            if (lag := self.lag(now)) > self.cache.silence_s:
-                raise FeedSilent(f"the feed lags {lag:.1f}s behind")
+            if (stale := self.stale(now)) is not None:
+                raise FeedSilent(stale)
             # Every ping_s, traffic or not: the lag of a feed that is never quiet counts too.
             if now >= next_ping:
                 async with asyncio.timeout(self.cache.ping_s):
@@ -176,6 +173,15 @@ class CacheFeed:
         else:
             raise ConnectionError(f"unexpected reply on the invalidation feed: {reply!r:.100}")
 
+    def stale(self, now: float) -> str | None:
+        """Why the feed can no longer be trusted at `now` (nothing heard, or behind, for
+        longer than the silence bound), or None."""
+        if (quiet := now - self.cache.heard) > self.cache.silence_s:
+            return f"silent for {quiet:.1f}s"
+        if (lag := self.lag(now)) > self.cache.silence_s:
+            return f"{lag:.1f}s behind"
+        return None
+
     def lag(self, now: float) -> float:
         """While a PING awaits its answer, how long ago the last answered one was sent (0
         otherwise): the longest any change can have waited. Measured from the oldest
@@ -188,13 +194,8 @@ class CacheFeed:
         PING unanswered, for silence_s), whatever the feed's reads are doing."""
         while True:
             now = self.cache.now = time.monotonic()
-            if self.cache.live and now - self.cache.heard > self.cache.silence_s:
-                log.warning("cache invalidation feed silent for %.1fs; cache off until "
-                            "resubscribed", now - self.cache.heard)
-                self.cache.reset(live=False)
-            elif self.cache.live and self.lag(now) > self.cache.silence_s:
-                log.warning("cache invalidation feed lags %.1fs behind; cache off until "
-                            "resubscribed", self.lag(now))
+            if self.cache.live and (stale := self.stale(now)) is not None:
+                log.warning("cache invalidation feed %s; cache off until resubscribed", stale)
                 self.cache.reset(live=False)
             await asyncio.sleep(self.cache.tick_s)
 
