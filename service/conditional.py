@@ -101,19 +101,20 @@ async def answer_pipeline(request: web.Request, pipeline_id: str,
 
 
 async def current(request: web.Request, key: str, read: VersionedRead,
-                  named: str | None = None) -> tuple[bytes, str, int]:
+                  named: str | None = None, *, fresh: bool = False) -> tuple[bytes, str, int]:
     """The batch cached under `key` with its ETag and rev, from the cache or else `read`
-    (which answers 404 when there is no such batch).
+    (which answers 404 when there is no such batch); `fresh`: from `read` only.
 
     `named`: the version the client holds (If-None-Match, Last-Event-ID). When the cache's
     entry is not it, that version may be newer than the entry: another API process answered
     it before this one's change feed delivered the change (each process has its own feed,
     and nothing orders one process's feed with another's reads). An ETag is a hash, with no
     order, so the batch is then read from Redis: never older than any process answered."""
-    test = None if not named else (lambda etag: matches(named, etag))
-    entry = request.app[CACHE].lookup(key, test)
-    if entry is not None:
-        return entry[0], entry[2], entry[3]  # type: ignore[return-value]
+    if not fresh:
+        test = None if not named else (lambda etag: matches(named, etag))
+        entry = request.app[CACHE].lookup(key, test)
+        if entry is not None:
+            return entry[0], entry[2], entry[3]  # type: ignore[return-value]
     body, rev = await read(request)
     return body, etag_of(body), rev
 
@@ -138,10 +139,7 @@ async def answer(request: web.Request, key: str, read: VersionedRead) -> web.Res
         # have been stored just before the wait and not have expired yet.
         nonlocal reads
         reads += 1
-        if fresh:
-            body, rev = await read(request)
-            return body, etag_of(body), rev
-        return await current(request, key, read, named if reads == 1 else None)
+        return await current(request, key, read, named if reads == 1 else None, fresh=fresh)
 
     try:
         return await _held(request, wait, feed, held_read)
