@@ -15,7 +15,6 @@ from aiohttp import web
 from core import keys
 from core.codec import Command
 from core.layout import is_visible
-from core.list_filter import FILTERS
 from core.models import PipelineSpec, new_batch_id, valid_id
 from core.retry import Verdict, classify, describe
 from service import auth, conditional, creates, idempotency, query_params, run_body, streams
@@ -215,11 +214,10 @@ async def get_batch(request: web.Request) -> web.StreamResponse:
 async def latest_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.READ)
     pipeline_id = path_id(request, "pipeline_id")
-    # Ignored, `?state=running` answered the newest batch, running or not, as if filtered.
-    if listed := [name for name in (*FILTERS, "limit", "token") if name in request.query]:
-        raise bad_request(f"the latest batch takes no {', '.join(listed)}: the list "
-                          f"/api/v1/batches/{pipeline_id}/ does (limit=1 for the newest match)")
-    query_params.refuse_unknown(request, ("wait",), "the latest batch")
+    query_params.refuse_unknown(
+        request, ("wait",), "the latest batch",
+        hint=f" (filters, limit and token are the list's: /api/v1/batches/{pipeline_id}/, "
+             "limit=1 for the newest match)")
 
     async def read(request: web.Request) -> bytes:
         batch = await request.app[STORE].latest(pipeline_id)

@@ -10,14 +10,16 @@ from service.errors import bad_request
 _NAME_SHOWN = 64
 
 
-def refuse_unknown(request: web.Request, takes: tuple[str, ...], route: str) -> None:
-    """A query parameter the route does not take is a 400: ignored, a misspelt filter
-    (`status=running`) or one it has not (`pipeline_version=1`, the POST's) answered as if
-    it had been applied. A name starting with `_` is a cache-buster (`_=1733234`) and still
-    ignored: one must not break a call."""
+def refuse_unknown(request: web.Request, takes: tuple[str, ...], route: str,
+                   hint: str = "") -> None:
+    """A query parameter the route does not take is a 400 (with `hint` said after): ignored,
+    a misspelt filter (`status=running`) or one it has not (`pipeline_version=1`, the POST's;
+    the list's `state=running` on the latest batch) answered as if it had been applied. A
+    name starting with `_` is a cache-buster (`_=1733234`) and still ignored: one must not
+    break a call."""
     unknown = sorted({name for name in request.query
                       if name not in takes and not name.startswith("_")})
     if unknown:
         names = ", ".join(repr(name[:_NAME_SHOWN]) for name in unknown)
         raise bad_request(f"unknown query parameter {names}: {route} takes "
-                          f"{', '.join(takes) or 'none'}")
+                          f"{', '.join(takes) or 'none'}{hint}")
