@@ -35,7 +35,7 @@ from dhub_wordcount.text import (
     lines_of,
     make_dirs,
     partition_name,
-    sync_dir,
+    sync_path,
     write_atomically,
 )
 from pipelines.sdk import StepContext, StepFailed
@@ -132,7 +132,7 @@ def generate(ctx: StepContext) -> None:
             out[name] = files.enter_context(path.open("ab" if written[name] else "wb"))
             # The lines kept, and the file's name, durable before they are reported.
             os.fsync(out[name].fileno())
-            sync_dir(path.parent)
+            sync_path(path.parent)
             ctx.report(name, written[name], config.lines)
         # A chunk of each partition in turn, so every partition's offset grows together.
         while any(n < config.lines for n in written.values()):

@@ -50,12 +50,12 @@ def make_dirs(directory: Path) -> None:
         directory = directory.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
-        sync_dir(new.parent)
+        sync_path(new.parent)
 
 
-def sync_dir(directory: Path) -> None:
-    """The names in `directory` made durable (new files, renames)."""
-    fd = os.open(directory, os.O_RDONLY)
+def sync_path(path: Path) -> None:
+    """fsync of a file (its data) or a directory (its names: new files, renames)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -73,7 +73,7 @@ def write_atomically(path: Path, body: bytes) -> None:
         os.fsync(out.fileno())
     os.replace(tmp, path)
     # Without it a power loss may take the new name away under the offset reported over it.
-    sync_dir(path.parent)
+    sync_path(path.parent)
 
 
 def keep_lines(path: Path, lines: int) -> None:
@@ -111,7 +111,7 @@ class Layout:
                 shutil.copytree(old, layout.staging)
                 _sync_tree(layout.staging)  # on disk before it is taken for the files
                 os.replace(layout.staging, layout.root)
-                sync_dir(layout.root.parent)  # the rename too, before any offset over it
+                sync_path(layout.root.parent)  # the rename too, before any offset over it
             elif any(ctx.start_offsets.values()):
                 raise StepFailed(f"{ctx.step}: the files of {ctx.resumed_from}, which this batch "
                                  "resumes, are gone")
@@ -138,8 +138,4 @@ def _sync_tree(root: Path) -> None:
     """fsync of every file and directory under `root`, and of `root` itself."""
     # Files before their directories, `root` last.
     for path in [*sorted(root.rglob("*"), reverse=True), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_path(path)
