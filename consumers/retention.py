@@ -76,9 +76,12 @@ class RetentionSweeper(Part):
     async def _loop(self) -> None:
         while True:  # a round at start, then one per interval
             try:
-                # A round that hit its limit somewhere is followed at once by another.
-                while await self.sweep_once() and self._more and not self.stopping.is_set():
-                    pass
+                # A round that hit its limit somewhere is followed at once by another, even
+                # one that removed nothing: its limit may have gone on ids of batches deleted
+                # since (left in their buckets), with expired batches behind them.
+                await self.sweep_once()
+                while self._more and not self.stopping.is_set():
+                    await self.sweep_once()
             except Exception as exc:  # the next round tries again: every step is idempotent
                 log.warning("retention sweep failed: %s", describe(exc))
             if await self.sleep(self.options.retention_interval_s):
