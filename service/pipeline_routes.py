@@ -11,6 +11,7 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from core import layout
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered
@@ -21,7 +22,7 @@ from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
 from service.batches import json_obj, path_id
 from service.command_sender import UNAVAILABLE_MESSAGE, Ambiguous, Refused
 from service.errors import ApiError, bad_request, not_found
-from service.run_body import refuse_duplicate_keys
+from service.run_body import refuse_duplicate_keys, refuse_unsendable
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ async def put_pipeline(request: web.Request) -> web.Response:
                 for problem in config_problems(step.uses, step.config, f"steps.{i}.config")]
     if problems:
         raise bad_request("invalid step config", problems=problems)
+    # Every batch of the version carries its config in its run command: one Kafka could
+    # never take would make each POST of it a 503.
+    refuse_unsendable({layout.CONFIG: layout.registered_config(spec)}, "the definition's config")
     return await _register(request, pipeline_id, spec)
 
 

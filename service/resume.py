@@ -133,6 +133,7 @@ async def resume_batch(request: web.Request) -> web.Response:
                           "the config that data was made with", problems=problems)
     batch_id = new_batch_id()
     extra = resumed_fields(spec, old, holder_id, config)
+    run_body.refuse_unsendable(extra, "the resume's config and the offsets it goes on from")
 
     async def record() -> creates.Created:
         # After an Idempotency-Key's claim: a retry of a resume that succeeded answers its

@@ -9,17 +9,25 @@ invalid value behind a valid one."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from core import layout
 from core.models import PipelineSpec, RunRequest
 from core.run_config import ConfigRefused, effective_config
-from service.errors import bad_request
+from core.snapshots import RECORD_LIMIT
+from service.errors import ApiError, bad_request
 
 Overrides = dict[str, dict[str, Any]]
+
+# What a run command takes beside the fields it carries for a rebuild: ids and a version
+# (128 characters each at most), times, an Idempotency-Key's record (which shows a body of
+# 512 characters at most). Generous: a few KB at most are used.
+COMMAND_OVERHEAD: Final = 16 << 10
 
 
 async def overrides_of(request: web.Request) -> Overrides:
@@ -93,8 +101,23 @@ def canonical(overrides: Overrides) -> str:
 
 def checked_config(spec: PipelineSpec, overrides: Overrides,
                    base: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
-    """The effective config for `spec`; 400 with every problem (`problems`: loc, msg)."""
+    """The effective config for `spec`; 400 with every problem (`problems`: loc, msg), 413
+    when no run command could carry it."""
     try:
-        return effective_config(spec, overrides, base=base)
+        config = effective_config(spec, overrides, base=base)
     except ConfigRefused as exc:
         raise bad_request("invalid run config", problems=exc.problems) from None
+    refuse_unsendable({layout.CONFIG: orjson.dumps(config).decode()}, "the run's config")
+    return config
+
+
+def refuse_unsendable(fields: Mapping[str, str], what: str) -> None:
+    """413 when a batch's run command could not carry `fields` (its hash's fields beyond a
+    fresh batch's, which the command holds for a rebuild of Redis: JSON texts, quoted again,
+    so each quote mark of a config takes four bytes there) in one Kafka record. Kafka refuses
+    such a record on every try: sent, it would answer 503 "retry later" for ever."""
+    size = len(orjson.dumps(fields)) + COMMAND_OVERHEAD  # msgspec quotes a str as orjson does
+    if size > RECORD_LIMIT:
+        raise ApiError(413, "payload_too_large",
+                       f"{what} would make the batch's run command about {size:,} bytes; at "
+                       f"most {RECORD_LIMIT:,} fit in one Kafka record")

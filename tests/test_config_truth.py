@@ -1,0 +1,93 @@
+"""What a batch runs with, against what the API answered, on the real Redis and Kafka: a
+config that no run command can carry (its batch's record on the commands topic would pass
+one Kafka record's limit) is refused as too large (413) with nothing written, not answered
+"retry later" (503) on every try, for a POST's overrides, a resume's and a registered
+definition's own config."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from core import keys
+from core.codec import Event
+from core.scripts import Scripts
+from core.settings import Settings
+from core.store import BatchStore
+from tests.helpers import AUTH, api_client, api_settings
+
+Client = TestClient[Any, Any]
+P = "p"
+SPEC: dict[str, Any] = {"name": "sales-pipeline", "version": "1", "steps": [
+    {"name": "extract", "uses": "sales.extract", "config": {"rows": 100, "seed": 7}},
+    {"name": "transform", "uses": "sales.transform"},
+    {"name": "load", "uses": "sales.load"}]}
+JSON = {**AUTH, "Content-Type": "application/json"}
+# 800 KB of body (each `"` is sent as `\"`), under the 1 MiB body limit; the batch's `config`
+# field holds it as written, and the run command quotes that text again: 1.6 MB.
+QUOTES = '"' * 400_000
+
+
+@pytest.fixture
+async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
+    async with api_client(api_settings(topics)) as client:
+        response = await client.put(f"/api/v1/pipelines/{P}", json=SPEC, headers=AUTH)
+        assert response.status == 201
+        yield client
+
+
+async def batches(redis: Redis) -> int:
+    return int(await redis.zcard(keys.batch_index(P)))
+
+
+@pytest.mark.parametrize("headers", [JSON, {**JSON, "Idempotency-Key": "k-big"}])
+async def test_overrides_no_run_command_can_carry_are_a_413(
+        api: Client, redis: Redis, headers: dict[str, str]) -> None:
+    body = orjson.dumps({"config": {"transform": {"fail_at": QUOTES}}})
+    assert len(body) < 1 << 20
+    for _ in range(2):  # a retry is refused alike: nothing will ever make it fit
+        response = await api.post(f"/api/v1/batches/{P}", data=body, headers=headers)
+        answer = await response.json()
+        assert response.status == 413, answer
+        assert answer["error"]["code"] == "payload_too_large"
+    assert await batches(redis) == 0
+    # One that fits still runs, with that key's key free.
+    response = await api.post(f"/api/v1/batches/{P}", headers=headers,
+                              data=orjson.dumps({"config": {"transform": {"fail_at": "x"}}}))
+    assert response.status == 200, await response.text()
+
+
+async def test_a_definition_whose_runs_no_command_can_carry_is_a_413(
+        api: Client, redis: Redis) -> None:
+    # Its own record on the pipelines topic fits (the quotes written once, as `\"`); each
+    # batch's run command would carry the config quoted once more, and every POST of it
+    # would answer 503.
+    big = {**SPEC, "version": "2", "steps": [
+        {"name": "transform", "uses": "sales.transform", "config": {"fail_at": '"' * 300_000}}]}
+    response = await api.put(f"/api/v1/pipelines/{P}", json=big, headers=AUTH)
+    answer = await response.json()
+    assert response.status == 413, answer
+    shown = await (await api.get(f"/api/v1/pipelines/{P}", headers=AUTH)).json()
+    assert shown["latest"] == "1" and len(shown["versions"]) == 1
+    response = await api.post(f"/api/v1/batches/{P}", headers=AUTH)
+    assert response.status == 200, await response.text()
+
+
+async def test_a_resume_no_run_command_can_carry_is_a_413(api: Client, redis: Redis) -> None:
+    response = await api.post(f"/api/v1/batches/{P}", headers=AUTH)
+    assert response.status == 200
+    old: str = (await response.json())["item"]
+    store = BatchStore(redis, Scripts(redis), token_secret=b"t")
+    await store.apply([Event("batch.state", old, P, event_id=f"{old}-0", state="running"),
+                       Event("batch.state", old, P, event_id=f"{old}-1", state="stop",
+                             outcome="failed", reason="on purpose")])
+    body = orjson.dumps({"config": {"transform": {"fail_at": QUOTES}}})
+    response = await api.post(f"/api/v1/batches/{P}/{old}/resume", data=body, headers=JSON)
+    answer = await response.json()
+    assert response.status == 413, answer
+    assert await batches(redis) == 1
