@@ -32,7 +32,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 import orjson
-from pydantic import BaseModel, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic.config import JsonDict
 
 from core.models import valid_id
@@ -185,13 +185,26 @@ def config_problems(uses: str, config: Mapping[str, Any], loc: str = "config",
         return []
     problems = _type_problems(declared.config, config if given is None else given, loc)
     try:
-        declared.config.model_validate(dict(config))
+        _keeping_every_key(declared.config).model_validate(dict(config))
     except ValidationError as exc:
         named = {problem["loc"] for problem in problems}  # one problem a key is enough
         model_problems = [{"loc": ".".join([loc, *(str(p) for p in e["loc"])]), "msg": e["msg"]}
                           for e in exc.errors()]
         problems += [problem for problem in model_problems if problem["loc"] not in named]
     return problems
+
+
+@functools.cache
+def _keeping_every_key(model: type[BaseModel]) -> type[BaseModel]:
+    """`model`, refusing the keys it would drop. A model left at pydantic's `extra="ignore"`
+    (a plugin's, subclassing NoPaths as the README says) takes an unknown key and drops it:
+    the batch would show it in its `config` while its step, reading the config through the
+    model, never sees it. One that keeps extras (`"allow"`) or refuses them is as it is."""
+    if model.model_config.get("extra") in ("allow", "forbid"):
+        return model
+    return type(model.__name__, (model,), {"__module__": model.__module__,
+                                           "__doc__": model.__doc__,
+                                           "model_config": ConfigDict(extra="forbid")})
 
 
 def _type_problems(model: type[BaseModel], values: Mapping[str, Any], loc: str

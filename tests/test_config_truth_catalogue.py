@@ -1,0 +1,76 @@
+"""The step catalogue's check of a config, without a server: a key the step's config model
+would drop (a model left at pydantic's default `extra="ignore"`, as a plugin subclassing
+`NoPaths` per the README is) is refused like any unknown key. Accepted, it was shown in the
+batch's `config` while the step, reading the config through its model, never saw it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from importlib.metadata import EntryPoint
+
+import pytest
+from pydantic import BaseModel, ConfigDict, Field
+
+from core import step_catalogue
+from core.models import PipelineSpec, StepSpec
+from core.run_config import ConfigRefused, effective_config
+from core.step_catalogue import GROUP, NoPaths, StepDeclaration, config_problems, declarations
+
+
+class Loose(NoPaths):
+    """As the README has a plugin write its model: NoPaths, bounds, nothing about extras."""
+
+    rows: int = Field(default=10, ge=0)
+    fail_at: str | None = None
+
+
+class Aliased(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    rows: int = Field(default=10, alias="row_count")
+
+
+class Open(BaseModel):
+    """A model that keeps every key it is given: its step sees them all."""
+
+    model_config = ConfigDict(extra="allow")
+
+    rows: int = 10
+
+
+LOOSE = StepDeclaration(name="fake.loose", doc="Loose.", config=Loose, run="os:getcwd")
+ALIASED = StepDeclaration(name="fake.aliased", doc="Aliased.", config=Aliased, run="os:getcwd")
+OPEN = StepDeclaration(name="fake.open", doc="Open.", config=Open, run="os:getcwd")
+
+
+@pytest.fixture(autouse=True)
+def fake_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    points = [EntryPoint(name, f"{__name__}:{attr}", GROUP) for name, attr in
+              (("fake.loose", "LOOSE"), ("fake.aliased", "ALIASED"), ("fake.open", "OPEN"))]
+    monkeypatch.setattr(step_catalogue, "entry_points",
+                        lambda group: points if group == GROUP else [])
+    declarations.cache_clear()
+    yield
+    declarations.cache_clear()
+
+
+def test_a_key_the_model_would_drop_is_refused() -> None:
+    assert Loose.model_validate({"fail_att": "load"}).fail_at is None  # what the step reads
+    assert [p["loc"] for p in config_problems("fake.loose", {"fail_att": "load"})] == [
+        "config.fail_att"]
+    spec = PipelineSpec(name="p", version="1", steps=[StepSpec(name="s", uses="fake.loose")])
+    with pytest.raises(ConfigRefused) as refused:
+        effective_config(spec, {"s": {"rows": 5, "fail_att": "s"}})
+    assert [p["loc"] for p in refused.value.problems] == ["config.s.fail_att"]
+    assert effective_config(spec, {"s": {"rows": 5, "fail_at": "s"}}) == {
+        "s": {"rows": 5, "fail_at": "s"}}
+
+
+def test_names_the_model_takes_and_models_keeping_extras_are_not_refused() -> None:
+    assert config_problems("fake.aliased", {"row_count": 3}) == []
+    assert config_problems("fake.aliased", {"rows": 3}) == []
+    assert [p["loc"] for p in config_problems("fake.aliased", {"rowz": 3})] == ["config.rowz"]
+    assert config_problems("fake.open", {"anything": [1]}) == []
+    # The path keys keep their own reason.
+    problems = config_problems("fake.loose", {"data_dir": "/etc"})
+    assert len(problems) == 1 and "server settings" in problems[0]["msg"]
