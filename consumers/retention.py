@@ -9,8 +9,10 @@ ended the retention ago, so a batch is kept between the retention and the retent
 hour — and from each the ids at its head: those whose batch is still there, stopped, not
 hidden and created before the bucket's hour ended (a day's margin; not a later batch of a
 reused id) get the
-snapshot topic's tombstone, then are purged (`BatchStore.purge`: its hash,
-seen ids, every index entry, and the change message that evicts it from the API's caches);
+snapshot topic's tombstone, then are purged (as `BatchStore.purge`: its hash,
+seen ids, every index entry, and the change message that evicts it from the API's caches),
+in a script that checks again that the batch is still stopped and not hidden (`SWEEP_BATCH`:
+a DELETE between the check and the purge owns the batch, whose data its clean-up removes);
 the others are skipped (a hidden batch is the delete's clean-up to purge, a gone one was
 purged). Then the ids read leave the bucket (`TRIM_BUCKET`), and an emptied bucket's hour
 leaves the index. Hide and purge never touch a bucket. A round costs O(pipelines + log hours
@@ -36,7 +38,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Final, cast
 
 from redis.asyncio import Redis
 
@@ -44,6 +46,8 @@ from consumers.plumbing.creation import mark_deleted
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from core import keys
+from core.layout import RESUMED_FROM
+from core.list_scripts import PURGE_BATCH
 from core.paging import ensure_finished
 from core.retry import describe
 from core.settings import Settings
@@ -53,6 +57,15 @@ from core.store import BatchStore
 log = logging.getLogger(__name__)
 DAY_S = 86_400
 HOUR_S = 3_600
+
+# PURGE_BATCH's KEYS and ARGV, then ARGV[3] the created_at bound of the sweeper's check
+# (`_sweep`). PURGE_BATCH run only while the batch is as the sweeper checked it (stopped, not
+# hidden, created before the bound), in the same step: a DELETE may hide it between that
+# check and the purge. Returns 1 when purged, else 0.
+SWEEP_BATCH: Final = """
+local f = redis.call('HMGET', KEYS[1], 'state', 'deleted', 'created_at')
+if f[1] ~= 'stop' or f[2] or not ((f[3] or '') < ARGV[3]) then return 0 end
+""" + PURGE_BATCH
 
 
 class RetentionSweeper(Part):
@@ -70,6 +83,7 @@ class RetentionSweeper(Part):
     async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         self.redis: Redis = clients.redis
         self.store = BatchStore.from_settings(clients.redis, self.settings)
+        self._sweep_batch = clients.redis.register_script(SWEEP_BATCH)
         self.snapshots = SnapshotWriter(clients.producer, clients.redis,
                                         self.settings.topic_snapshots)
 
@@ -134,8 +148,7 @@ class RetentionSweeper(Part):
                     await self.snapshots.tombstone(pipeline_id, batch_id)
                     # A publisher's run sent again must not bring it back as new.
                     await mark_deleted(self.redis, pipeline_id, batch_id)
-                    await self.store.purge(pipeline_id, batch_id)
-                    removed += 1
+                    removed += await self._purge(pipeline_id, batch_id, ended)
             await self.store.scripts.trim_bucket(
                 keys=[bucket, keys.batch_finished_index(pipeline_id)],
                 args=[hour, len(ids), ids[-1] if ids else ""])
@@ -144,6 +157,24 @@ class RetentionSweeper(Part):
                 self._more = True
                 break
         return removed
+
+    async def _purge(self, pipeline_id: str, batch_id: str, ended: str) -> int:
+        """`BatchStore.purge`, only if the batch is still as checked (1; else 0): a DELETE
+        that hid it since owns it, and its clean-up must find the hash to remove the batch's
+        data (its steps are named there) before it purges it."""
+        fields = await self.store.fields(pipeline_id, batch_id)
+        if not await self._sweep_batch(
+                keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
+                      keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
+                      keys.batch_finished_index(pipeline_id)],
+                args=[batch_id, keys.CHANGES_CHANNEL, ended]):
+            return 0
+        # As BatchStore.purge: its resumes' note, and its own in the batch it went on from.
+        await self.redis.delete(keys.resumed_by(pipeline_id, batch_id))
+        holder = fields.get(RESUMED_FROM) if fields else None
+        if holder:
+            await self.redis.srem(keys.resumed_by(pipeline_id, holder), batch_id)
+        return 1
 
     async def backfill(self, pipeline_id: str) -> None:
         """Buckets the pipeline's stopped batches that predate the finished buckets, once."""

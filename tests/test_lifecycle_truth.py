@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 from redis.asyncio import Redis
 
 from consumers.plumbing.options import ConsumerOptions
 from consumers.retention import RetentionSweeper
 from core import keys
+from core.codec import Event
 from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
 from tests.conftest import eventually
-from tests.test_retention import NOW, P, batch
+from tests.test_consumers_support import new_batch, unique
+from tests.test_delete_cleans_data import delete_pass, mixed_spec, write_data
+from tests.test_retention import NOW, P, batch, iso
 
 
 async def test_a_full_round_of_batches_deleted_meanwhile_is_followed_at_once(
@@ -43,3 +47,36 @@ async def test_a_full_round_of_batches_deleted_meanwhile_is_followed_at_once(
     finally:
         await part.stop()
         await task
+
+
+async def test_a_delete_landing_while_retention_removes_its_batch_still_removes_its_data(
+        topics: Settings, redis: Redis, tmp_path: Path) -> None:
+    """The sweeper checked the batch (stopped, not hidden), then a DELETE hid it (200) and
+    queued its clean-up, then the sweeper purged it: the clean-up found no hash, so no step
+    names whose data to remove, and the batch's files stayed on the worker for good."""
+    retention = topics.model_copy(update={"batch_retention_days": 30})
+    pipeline_id = unique("test-r1")
+    spec = mixed_spec(pipeline_id)
+    store = BatchStore.from_settings(redis, retention)
+    batch_id = await new_batch(redis, retention, pipeline_id, spec)
+    await redis.hset(keys.batch(pipeline_id, batch_id), "created_at",
+                     iso(NOW - timedelta(days=41)))
+    await store.apply([Event("batch.state", batch_id, pipeline_id, state="stop",
+                             outcome="failed")], now=iso(NOW - timedelta(days=40)))
+    data = write_data(tmp_path, pipeline_id, batch_id, spec)
+    part = RetentionSweeper(retention, clock=NOW.timestamp)
+    await part.start()
+    real = part.snapshots.tombstone
+
+    async def delete_meanwhile(p: str, b: str) -> None:
+        await store.hide(p, b)  # the DELETE's own hide, after the sweeper's check
+        await real(p, b)
+
+    part.snapshots.tombstone = delete_meanwhile  # type: ignore[method-assign,assignment]
+    try:
+        await part.sweep_once()
+    finally:
+        await part.stop()
+    assert await delete_pass(redis, retention, tmp_path, pipeline_id, batch_id) is None
+    assert not data.exists(), "the deleted batch's data was left on the worker"
+    assert not await redis.exists(keys.batch(pipeline_id, batch_id))
