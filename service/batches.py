@@ -70,6 +70,28 @@ async def _resolve(request: web.Request, pipeline_id: str, version: str | None) 
     return spec
 
 
+async def _checked_against_latest(request: web.Request, pipeline_id: str,
+                                  requested: str | None, spec: PipelineSpec,
+                                  overrides: run_body.Overrides) -> PipelineSpec:
+    """`spec` (or the latest version read again), once the overrides are valid for it. The
+    latest version `_resolve` gives is this process's last-seen one: a version registered
+    since (by a PUT here or elsewhere) is learnt by a create, which a refusal comes before.
+    So a refusal of the guess is confirmed against the latest Redis holds."""
+    try:
+        run_body.checked_config(spec, overrides)
+        return spec
+    except ApiError:
+        if requested is not None:
+            raise
+        registry = request.app[REGISTRY]
+        latest = await creates.latest_spec(registry, pipeline_id,
+                                           await registry.latest_version(pipeline_id))
+        if latest.version == spec.version:
+            raise
+    run_body.checked_config(latest, overrides)
+    return latest
+
+
 async def run_batch(request: web.Request) -> web.Response:
     auth.require(request, auth.WRITE)
     pipeline_id = path_id(request, "pipeline_id")
@@ -88,7 +110,9 @@ async def run_batch(request: web.Request) -> web.Response:
         spec = await _resolve(request, pipeline_id, requested)
         config = None
         if overrides:
-            run_body.checked_config(spec, overrides)  # refused before anything is written
+            # Refused before anything is written.
+            spec = await _checked_against_latest(request, pipeline_id, requested, spec,
+                                                 overrides)
 
             def config(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
                 # For the version recorded: another may have become the latest meanwhile.

@@ -91,3 +91,37 @@ async def test_a_resume_no_run_command_can_carry_is_a_413(api: Client, redis: Re
     answer = await response.json()
     assert response.status == 413, answer
     assert await batches(redis) == 1
+
+
+V2 = {**SPEC, "version": "2", "steps": [*SPEC["steps"],
+                                        {"name": "reload", "uses": "sales.load"}]}
+
+
+async def post_run(api: Client, body: Any) -> tuple[int, Any]:
+    response = await api.post(f"/api/v1/batches/{P}", json=body, headers=AUTH)
+    return response.status, await response.json()
+
+
+@pytest.mark.parametrize("where", ["this API", "another API process"])
+async def test_overrides_for_a_step_only_the_new_latest_has_run_it(
+        api: Client, redis: Redis, where: str) -> None:
+    status, answer = await post_run(api, None)  # this process now knows 1 as the latest
+    assert status == 200, answer
+    if where == "this API":
+        response = await api.put(f"/api/v1/pipelines/{P}", json=V2, headers=AUTH)
+        assert response.status == 201
+    else:
+        from core.models import PipelineSpec
+        from core.registry import PipelineRegistry
+
+        await PipelineRegistry(redis, Scripts(redis)).register(
+            P, PipelineSpec.model_validate(V2))
+    # Refused against version 1 ("no step named reload"), which is not the latest any more.
+    status, answer = await post_run(api, {"config": {"reload": {"partitions": 2}}})
+    assert status == 200, answer
+    shown = await (await api.get(f"/api/v1/batches/{P}/{answer['item']}", headers=AUTH)).json()
+    assert shown["pipeline_version"] == "2"
+    assert shown["config"]["reload"] == {"partitions": 2}
+    # What only version 1 would take is refused now, naming version 2's steps.
+    status, answer = await post_run(api, {"config": {"nope": {"rows": 1}}})
+    assert status == 400 and "reload" in answer["error"]["details"]["problems"][0]["msg"]
