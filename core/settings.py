@@ -135,8 +135,11 @@ class Settings(BaseSettings):
     dedup_window: int = Field(default=1024, ge=1)
 
     # Finished (`stop`) batches are removed after this many days (Redis, its indexes and the
-    # snapshot topic: the consumers' retention sweeper); 0 keeps them forever.
-    batch_retention_days: float = Field(default=30, ge=0)
+    # snapshot topic: the consumers' retention sweeper); 0 keeps them forever. At most a
+    # century: a published batch's claim lasts the retention and more (SET ... EX), which
+    # `inf` (taken for "forever") or some 10**12 days cannot be, and the commands consumer
+    # then failed at every start while POSTs were answered.
+    batch_retention_days: float = Field(default=30, ge=0, le=36_500)
 
     @field_validator("api_tokens", mode="before")
     @classmethod

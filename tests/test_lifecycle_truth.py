@@ -7,8 +7,11 @@ import asyncio
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from consumers.plumbing.creation import claim_ttl_s
 from consumers.plumbing.options import ConsumerOptions
 from consumers.retention import RetentionSweeper
 from core import keys
@@ -80,3 +83,23 @@ async def test_a_delete_landing_while_retention_removes_its_batch_still_removes_
     assert await delete_pass(redis, retention, tmp_path, pipeline_id, batch_id) is None
     assert not data.exists(), "the deleted batch's data was left on the worker"
     assert not await redis.exists(keys.batch(pipeline_id, batch_id))
+
+
+@pytest.mark.parametrize("value", ["inf", "1e12"])
+def test_a_retention_no_claim_can_last_is_refused_at_start_naming_it(
+        monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """`inf` (read as "forever") was taken: the commands consumer's claim lifetime
+    (`claim_ttl_s`) raised OverflowError at every start, and 10**12 days made every published
+    run's claim a Redis error, while the API answered POSTs whose batches stayed pending."""
+    monkeypatch.setenv("DHUB_BATCH_RETENTION_DAYS", value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    assert "batch_retention_days" in str(info.value)
+
+
+async def test_the_longest_retention_taken_gives_claims_redis_keeps(
+        monkeypatch: pytest.MonkeyPatch, redis: Redis) -> None:
+    monkeypatch.setenv("DHUB_BATCH_RETENTION_DAYS", "36500")
+    days = Settings().batch_retention_days
+    assert await redis.set(keys.published("batch-r1-claim"), "{}", nx=True,
+                           ex=claim_ttl_s(days))
