@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from importlib.metadata import EntryPoint
+from typing import Any
 
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,3 +75,15 @@ def test_names_the_model_takes_and_models_keeping_extras_are_not_refused() -> No
     # The path keys keep their own reason.
     problems = config_problems("fake.loose", {"data_dir": "/etc"})
     assert len(problems) == 1 and "server settings" in problems[0]["msg"]
+
+
+def test_a_dropped_key_already_held_is_not_refused_again() -> None:
+    # A version registered (or a batch run) before such keys were refused: its overrides and
+    # resumes are judged on what they bring, as the JSON types are.
+    held: dict[str, Any] = {"fail_att": "s", "rows": 3}
+    assert config_problems("fake.loose", {**held, "rows": 4}, given={"rows": 4}) == []
+    assert [p["loc"] for p in config_problems("fake.loose", held, given={"fail_att": "t"})] == [
+        "config.fail_att"]
+    spec = PipelineSpec(name="p", version="1",
+                        steps=[StepSpec(name="s", uses="fake.loose", config=held)])
+    assert effective_config(spec, {"s": {"rows": 5}}) == {"s": {"fail_att": "s", "rows": 5}}
