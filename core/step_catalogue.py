@@ -213,6 +213,13 @@ def _keeping_every_key(model: type[BaseModel]) -> type[BaseModel]:
                                            "model_config": ConfigDict(extra="forbid")})
 
 
+def published_schema(config: type[BaseModel]) -> dict[str, Any]:
+    """The JSON Schema of a step's `config` as `config_problems` judges it: a key its model
+    would drop is refused, so the schema says no other key is taken."""
+    schema: dict[str, Any] = _keeping_every_key(config).model_json_schema()
+    return schema
+
+
 def _type_problems(model: type[BaseModel], values: Mapping[str, Any], loc: str
                    ) -> list[dict[str, str]]:
     properties = _properties(model)

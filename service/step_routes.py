@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from core.step_catalogue import declarations
+from core.step_catalogue import declarations, published_schema
 from service import auth
 
 
@@ -33,7 +33,7 @@ def _body() -> bytes:
     # Plugins are read once per process (core.step_catalogue), so the answer is fixed too.
     steps = StepList(items={
         name: StepImplementation(uses=name, doc=declared.doc.strip(),
-                                 config_schema=declared.config.model_json_schema())
+                                 config_schema=published_schema(declared.config))
         for name, declared in declarations().items()})
     return steps.model_dump_json().encode()
 

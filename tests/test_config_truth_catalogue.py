@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from typing import Any
 
+import orjson
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -87,3 +88,16 @@ def test_a_dropped_key_already_held_is_not_refused_again() -> None:
     spec = PipelineSpec(name="p", version="1",
                         steps=[StepSpec(name="s", uses="fake.loose", config=held)])
     assert effective_config(spec, {"s": {"rows": 5}}) == {"s": {"fail_att": "s", "rows": 5}}
+
+
+def test_the_published_schema_says_what_is_refused() -> None:
+    from service import step_routes
+
+    step_routes._body.cache_clear()
+    try:
+        items = orjson.loads(step_routes._body())["items"]
+    finally:
+        step_routes._body.cache_clear()
+    assert items["fake.loose"]["config_schema"]["additionalProperties"] is False
+    assert items["fake.loose"]["config_schema"]["title"] == "Loose"
+    assert items["fake.open"]["config_schema"]["additionalProperties"] is True
