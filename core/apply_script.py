@@ -26,6 +26,7 @@ from core.models import OUTCOMES
 #   ["b", id, state, outcome, reason, flow_run_id, ts]  batch.state; ts is read on stops
 #                    only ("<decimal seconds>"; absent counts as 0)
 #   ["s", id, step, state, ts]                          step.state; ts on final states
+#                    (decimal seconds) and on running (ISO-8601 in ARGV[1]'s form)
 #   ["o", step, partition, "<decimal offset>", ...]     step.offsets (any number of pairs)
 #   ["t", step, partition, "<decimal total>", ...]      the totals a step.offsets carried
 # Rules: batch state only moves forward (pending < scheduled < running < stop); among the
@@ -151,7 +152,14 @@ local function apply(hash, seen, events)
       if cur and new and new > (STEP_RANK[cur] or 0) then
         put(field, ev[4])
         if ev[4] == 'running' and not h['started:' .. ev[3]] then
-          put('started:' .. ev[3], now)  -- progress: the step's rate counts from here
+          -- Progress: the step's rate counts from when it began, by its event's clock (the
+          -- clock of its offsets too): applied late, as a backlog is, the time of the apply
+          -- would put all the step's work in the moment of catching up. Not later than now
+          -- (a clock ahead), not before the batch existed (a clock far behind, a ts of 0).
+          local began = text(ev[5])
+          if not began or began > now then began = now end
+          if h.created_at and began < h.created_at then began = h.created_at end
+          put('started:' .. ev[3], began)
         end
         if final then put('ended:' .. ev[3], ended_ms(ev[5])) end
         did = true

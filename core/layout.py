@@ -230,7 +230,8 @@ def progress(offsets: Mapping[str, int], totals: Mapping[str, int] | None,
              started: str | None, moved: str | None, before: int = 0
              ) -> dict[str, float | None]:
     """A step's `progress`: percent of its totals done (when it reported the total of
-    every partition it reported), its rate in records per second since it started running
+    every partition it reported), its rate in records per second since it began running
+    (`started:`, by its events' clock: right after a backlog too)
     (not counting the `before` records it had done when it started: a resumed step's), and
     the time left at that rate."""
     done = sum(offsets.values())

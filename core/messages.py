@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 
-from core.models import MAX_OFFSET, UUID_REGEX, BatchStateName, OutcomeName, StepStateName
+from core.models import (
+    MAX_OFFSET,
+    UUID_REGEX,
+    BatchStateName,
+    OutcomeName,
+    StepStateName,
+    iso_of,
+)
 
 SCHEMA: Final = 1
 MAX_REASON: Final = 2000
@@ -215,8 +222,13 @@ class StepState(Event, tag="step.state", kw_only=True):
         check_ts(self.ts)
 
     def to_script(self) -> list[Any]:
-        # A final state's ts goes along (APPLY_EVENTS: the later end of a step holds).
-        ts = repr(self.ts) if self.state in ("success", "failed") else None
+        # A final state's ts goes along (APPLY_EVENTS: the later end of a step holds), and
+        # a start's, in `now_iso`'s form: the step's rate counts from it.
+        ts: str | None = None
+        if self.state in ("success", "failed"):
+            ts = repr(self.ts)
+        elif self.state == "running":
+            ts = iso_of(self.ts)
         return ["s", self.event_id, self.step, self.state, ts]
 
 

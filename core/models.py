@@ -66,6 +66,12 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def iso_of(ts: float) -> str:
+    """Seconds since the epoch in `now_iso`'s form (such strings compare as their times)."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
 def new_batch_id() -> str:
     """`batch-` + 26 chars: 48-bit millisecond time then 80 random bits (sortable, URL-safe),
     in lower-case Crockford base 32."""
