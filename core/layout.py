@@ -231,9 +231,8 @@ def progress(offsets: Mapping[str, int], totals: Mapping[str, int] | None,
              ) -> dict[str, float | None]:
     """A step's `progress`: percent of its totals done (when it reported the total of
     every partition it reported), its rate in records per second since it began running
-    (`started:`, by its events' clock: right after a backlog too)
-    (not counting the `before` records it had done when it started: a resumed step's), and
-    the time left at that rate."""
+    (`started:`, the ts of its running event: see APPLY_EVENTS), not counting the `before`
+    records it had done when it started (a resumed step's), and the time left at that rate."""
     done = sum(offsets.values())
     percent = eta = rate = None
     if started and moved:
