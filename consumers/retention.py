@@ -8,14 +8,16 @@ global set to keep in step), only the expired hours — a bucket expires whole o
 ended the retention ago, so a batch is kept between the retention and the retention plus one
 hour — and from each the ids at its head: those whose batch is still there, stopped, not
 hidden and created before the bucket's hour ended (a day's margin; not a later batch of a
-reused id) get the
-snapshot topic's tombstone, then are purged (as `BatchStore.purge`: its hash,
-seen ids, every index entry, and the change message that evicts it from the API's caches),
-in a script that checks again that the batch is still stopped and not hidden (`SWEEP_BATCH`:
-a DELETE between the check and the purge owns the batch, whose data its clean-up removes);
-the others are skipped (a hidden batch is the delete's clean-up to purge, a gone one was
-purged). Then the ids read leave the bucket (`TRIM_BUCKET`), and an emptied bucket's hour
-leaves the index. Hide and purge never touch a bucket. A round costs O(pipelines + log hours
+reused id) get the snapshot topic's tombstone, then are purged (as `BatchStore.purge`: its
+hash, seen ids, every index entry, and the change message that evicts it from the API's
+caches), in a script that checks again that the batch is still stopped and not hidden
+(`SWEEP_BATCH`: a DELETE between the check and the purge owns the batch, whose data its
+clean-up removes); the others are skipped (a hidden batch is the delete's clean-up to
+purge, a gone one was purged). A batch whose data a kept resume still goes on from (one
+that ran no step yet, so never took the files over) is kept, and bucketed again in the
+current hour: its record is what tells that resume's own resume the data is there
+(`_data_held`). Then the ids read leave the bucket (`TRIM_BUCKET`), and an emptied bucket's
+hour leaves the index. Hide and purge never touch a bucket. A round costs O(pipelines + log hours
 + expired), whatever the history.
 
 Every step is idempotent (a tombstone again, a purge of a purged batch, a trim that finds the
@@ -46,13 +48,14 @@ from consumers.plumbing.creation import mark_deleted
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from core import keys
-from core.layout import RESUMED_FROM
-from core.list_scripts import PURGE_BATCH
+from core.layout import RESUMED_FROM, STARTED_PREFIX, is_visible
+from core.list_scripts import HOURS_LUA, PURGE_BATCH
+from core.models import batch_id_ms
 from core.paging import ensure_finished
 from core.retry import describe
 from core.settings import Settings
 from core.snapshots import SnapshotWriter
-from core.store import BatchStore
+from core.store import RESUME_CREATE_WINDOW_S, BatchStore
 
 log = logging.getLogger(__name__)
 DAY_S = 86_400
@@ -66,6 +69,12 @@ SWEEP_BATCH: Final = """
 local f = redis.call('HMGET', KEYS[1], 'state', 'deleted', 'created_at')
 if f[1] ~= 'stop' or f[2] or not ((f[3] or '') < ARGV[3]) then return 0 end
 """ + PURGE_BATCH
+# KEYS[1] the pipeline's finished index, ARGV[1] now (ISO-8601), ARGV[2..] batch ids: each
+# appended to the finished bucket of now's hour (a batch kept past its retention).
+BUCKET: Final = HOURS_LUA + """
+for i = 2, #ARGV do finish(KEYS[1], ARGV[i], ARGV[1]) end
+return #ARGV - 1
+"""
 
 
 class RetentionSweeper(Part):
@@ -84,6 +93,7 @@ class RetentionSweeper(Part):
         self.redis: Redis = clients.redis
         self.store = BatchStore.from_settings(clients.redis, self.settings)
         self._sweep_batch = clients.redis.register_script(SWEEP_BATCH)
+        self._bucket = clients.redis.register_script(BUCKET)
         self.snapshots = SnapshotWriter(clients.producer, clients.redis,
                                         self.settings.topic_snapshots)
 
@@ -140,15 +150,25 @@ class RetentionSweeper(Part):
                     pipe.hmget(keys.batch(pipeline_id, batch_id), "state", "deleted",
                                "created_at")
                 found = cast(list[list[str | None]], await pipe.execute())
+            kept: list[str] = []
             for batch_id, (state, deleted, created_at) in zip(unique, found, strict=True):
                 # A batch created after the bucket's hour is a later batch of a reused id
                 # (a published one, its claim expired): its own stop put it in its own
                 # bucket, which removes it in its turn.
                 if state == "stop" and deleted is None and (created_at or "") < ended:
+                    if await self._data_held(pipeline_id, batch_id):
+                        kept.append(batch_id)
+                        continue
                     await self.snapshots.tombstone(pipeline_id, batch_id)
                     # A publisher's run sent again must not bring it back as new.
                     await mark_deleted(self.redis, pipeline_id, batch_id)
                     removed += await self._purge(pipeline_id, batch_id, ended)
+            if kept:
+                # Looked at again a retention from now (before the trim: a sweeper dying
+                # between the two leaves them in both buckets, which is harmless).
+                now = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(self._clock()))
+                await self._bucket(keys=[keys.batch_finished_index(pipeline_id)],
+                                   args=[now, *kept])
             await self.store.scripts.trim_bucket(
                 keys=[bucket, keys.batch_finished_index(pipeline_id)],
                 args=[hour, len(ids), ids[-1] if ids else ""])
@@ -157,6 +177,24 @@ class RetentionSweeper(Part):
                 self._more = True
                 break
         return removed
+
+    async def _data_held(self, pipeline_id: str, batch_id: str) -> bool:
+        """Whether a kept batch still goes on from this one's data: a resume of it (noted in
+        its resumed-by set) that is visible and ran no step yet, so never took the files over
+        (its own resume would go on from this batch's data, and be refused as having nothing
+        to resume from once this batch's record is gone), or one noted whose create may still
+        be under way. The batch is then kept, and looked at again a retention later."""
+        members = cast(set[str], await self.redis.smembers(keys.resumed_by(pipeline_id,
+                                                                           batch_id)))
+        for member in sorted(members):
+            fields = await self.store.fields(pipeline_id, member)
+            if fields is None:
+                made_ms = batch_id_ms(member)
+                if made_ms is not None and time.time() - made_ms / 1000 < RESUME_CREATE_WINDOW_S:
+                    return True
+            elif is_visible(fields) and not any(f.startswith(STARTED_PREFIX) for f in fields):
+                return True
+        return False
 
     async def _purge(self, pipeline_id: str, batch_id: str, ended: str) -> int:
         """`BatchStore.purge`, only if the batch is still as checked (1; else 0): a DELETE

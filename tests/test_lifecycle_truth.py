@@ -4,7 +4,7 @@ deletes, resumes and its own limits, packed batches against late events (review 
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,8 +20,11 @@ from core.scripts import Scripts
 from core.settings import Settings
 from core.store import BatchStore
 from tests.conftest import eventually
+from tests.helpers import AUTH, api_client, api_settings, swept_at
 from tests.test_consumers_support import new_batch, unique
 from tests.test_delete_cleans_data import delete_pass, mixed_spec, write_data
+from tests.test_resume_truth import GO_ON, SPEC, failed_in, post
+from tests.test_resume_truth import P as RP
 from tests.test_retention import NOW, P, batch, iso
 
 
@@ -103,3 +106,32 @@ async def test_the_longest_retention_taken_gives_claims_redis_keeps(
     days = Settings().batch_retention_days
     assert await redis.set(keys.published("batch-r1-claim"), "{}", nx=True,
                            ex=claim_ttl_s(days))
+
+
+async def test_retention_keeps_the_data_holder_of_a_kept_resume_that_never_ran_a_step(
+        topics: Settings, redis: Redis, tmp_path: Path) -> None:
+    """A failed; B, its resume, stopped before any step ran (its data is still A's). A's
+    retention removed A: a resume of B then answered 409 "goes on from the data of batch A,
+    deleted since: there is nothing to resume from", though A was never deleted and its
+    files were all there (retention removes the record only)."""
+    retention = topics.model_copy(update={"batch_retention_days": 30})
+    async with api_client(api_settings(retention)) as api:
+        assert (await api.put(f"/api/v1/pipelines/{RP}", json=SPEC, headers=AUTH)).status == 201
+        a = await failed_in(api, redis, tmp_path, "transform")
+        status, body = await post(api, f"/api/v1/batches/{RP}/{a}/resume", json=GO_ON)
+        assert status == 200, body
+        b = body["item"]
+        later = datetime.now(UTC) + timedelta(days=29)
+        await BatchStore.from_settings(redis, retention).apply(
+            [Event("batch.state", b, RP, state="stop", outcome="cancelled")], now=iso(later))
+        assert await swept_at(retention, (later + timedelta(days=2)).timestamp) == 0
+        assert (await api.get(f"/api/v1/batches/{RP}/{a}", headers=AUTH)).status == 200
+        status, body = await post(api, f"/api/v1/batches/{RP}/{b}/resume")
+        assert status == 200, body
+        c = body["item"]  # goes on from A's data too
+        await BatchStore.from_settings(redis, retention).apply(
+            [Event("batch.state", c, RP, state="stop", outcome="cancelled")])
+        # Once no kept batch goes on from its data, A goes: the retention of B and C removes
+        # them, and the next look at A (a retention after it was kept) removes A.
+        assert await swept_at(retention, (later + timedelta(days=62)).timestamp) == 3
+        assert not await redis.exists(*(keys.batch(RP, x) for x in (a, b, c)))
