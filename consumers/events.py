@@ -36,6 +36,7 @@ from consumers.plumbing.dlq import DeadLetters
 from consumers.plumbing.kafka import Record, commit_retrying, open_consumer
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
+from consumers.plumbing.rekey import send_keyed
 from consumers.plumbing.snapshot_batch import Fenced, SnapshotBatches
 from consumers.plumbing.stages import Covered, Stages
 from core.codec import CodecError, Event, decode_event
@@ -57,6 +58,7 @@ class _Poll:
     batch: dict[TopicPartition, list[Record]]
     events: list[Event]
     bad: list[tuple[Record, str]]
+    rekey: list[tuple[bytes, bytes]]  # events keyed other than by their batch id, re-keyed
     duplicates: int
     epoch: int  # of the assignment it was fetched under
 
@@ -91,6 +93,7 @@ class EventsConsumer(Part):
         self.changed = 0
         self.dropped = 0
         self.dead = 0
+        self.rekeyed = 0
 
     async def _open(self, clients: Clients, scope: contextlib.AsyncExitStack) -> None:
         s = self.settings
@@ -99,6 +102,7 @@ class EventsConsumer(Part):
                                          admit=self.stages.admit)
         self.stages.quiet = self.snapshots.quiet
         self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
+        self.producer = clients.producer
         self._consumer = await open_consumer(
             s, self.name, s.topic_events, s.group_events, listener=self.stages,
             max_poll_records=self.options.events_max_records,
@@ -150,8 +154,8 @@ class EventsConsumer(Part):
                 if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
                     last_stats, last_applied = time.monotonic(), self.applied
                     log.info("events: %d applied (%d changed a batch), %d dropped, "
-                             "%d dead-lettered", self.applied, self.changed, self.dropped,
-                             self.dead)
+                             "%d dead-lettered, %d re-keyed", self.applied, self.changed,
+                             self.dropped, self.dead, self.rekeyed)
             await stages.settle()  # a graceful stop commits what was applied
         except Stopping:
             return  # Redis or Kafka down at shutdown: left uncommitted, read again later
@@ -175,6 +179,7 @@ class EventsConsumer(Part):
         value, state events de-duplicated by id), so it is counted and not decoded again."""
         events: list[Event] = []
         bad: list[tuple[Record, str]] = []
+        rekey: list[tuple[bytes, bytes]] = []
         append = events.append
         seen: set[bytes] = set()
         duplicates = 0
@@ -185,12 +190,17 @@ class EventsConsumer(Part):
                     duplicates += 1
                     continue
                 try:
-                    append(decode_event(value))
+                    event = decode_event(value)
                 except CodecError as exc:
                     bad.append((record, str(exc)))
+                    continue
+                seen.add(value)
+                key = event.batch_id.encode()
+                if record.key == key:
+                    append(event)
                 else:
-                    seen.add(value)
-        return _Poll(batch, events, bad, duplicates, self.stages.epoch)
+                    rekey.append((key, value))  # see consumers.plumbing.rekey
+        return _Poll(batch, events, bad, rekey, duplicates, self.stages.epoch)
 
     async def _effect(self, poll: _Poll) -> Covered:
         """Applies a poll's events and dead-letters its malformed records. Returns what a
@@ -227,6 +237,10 @@ class EventsConsumer(Part):
             reached = [batch for batch, n in results.items() if n >= 0]
         if bad:
             await self.backoff.call("dead-letter", lambda: self._dead_letter(bad))
+        if poll.rekey:
+            await self.backoff.call("re-key", lambda: send_keyed(
+                self.producer, self.settings.topic_events, poll.rekey))
+            self.rekeyed += len(poll.rekey)
         return Covered(poll.epoch, dict.fromkeys(reached),
                        {tp: recs[-1].offset + 1 for tp, recs in poll.batch.items()})
 
@@ -279,6 +293,8 @@ class EventsConsumer(Part):
                     event = decode_event(record.value)
                 except CodecError:
                     continue  # already in `bad`
+                if record.key != event.batch_id.encode():
+                    continue  # re-keyed, applied by its batch's owner
                 groups[(event.pipeline_id, event.batch_id)].append((record, event))
         results: dict[tuple[str, str], int] = {}
         for key, pairs in groups.items():

@@ -1,0 +1,56 @@
+"""Events keyed other than by their batch id (a producer outside this project keying by
+pipeline, or not at all) land on a partition another consumer may own, and two consumers
+would then apply and snapshot one batch each on their own: the later snapshot on the
+compacted topic could be the older one, and a rebuild would restore it. Such an event is
+sent again keyed by its batch id (to its batch's partition) and committed once Kafka has it;
+it is applied there, by the batch's one owner."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from consumers.events import EventsConsumer
+from core import keys
+from core.codec import Event
+from core.settings import Settings
+from tests.conftest import eventually
+from tests.helpers import read_topic
+from tests.test_consumers_support import (
+    committed,
+    make_spec,
+    new_batch,
+    options,
+    running,
+    send,
+    unique,
+)
+
+
+async def test_an_event_keyed_otherwise_goes_to_its_batchs_partition_and_is_applied(
+        topics: Settings, redis: Redis) -> None:
+    pipeline_id = unique("test-rekey")
+    batch_id = await new_batch(redis, topics, pipeline_id, make_spec(pipeline_id))
+    by_pipeline = Event("step.offsets", batch_id, pipeline_id, step="extract",
+                        offsets={"p0": 7}).encode()
+    unkeyed = Event("step.offsets", batch_id, pipeline_id, step="extract",
+                    offsets={"p1": 9}).encode()
+    consumer = EventsConsumer(topics, options())
+    async with running(consumer):
+        await send(topics, topics.topic_events, pipeline_id, by_pipeline)
+        await send(topics, topics.topic_events, None, unkeyed)
+        key = keys.batch(pipeline_id, batch_id)
+
+        async def applied() -> bool:
+            return await redis.hmget(key, ["off:extract:p0", "off:extract:p1"]) == ["7", "9"]
+
+        await eventually(applied)
+        # The two re-sent, keyed by the batch, and everything committed (four records).
+        await eventually(lambda: _committed_is(topics, 4), timeout=20)
+    records = await read_topic(topics, topics.topic_events, lambda rs: len(rs) >= 4)
+    resent = {r.value for r in records if r.key == batch_id.encode()}
+    assert resent == {by_pipeline, unkeyed}
+    assert consumer.dead == 0
+
+
+async def _committed_is(settings: Settings, n: int) -> bool:
+    return await committed(settings, settings.group_events, settings.topic_events) == n
