@@ -19,13 +19,20 @@ class Registered(enum.Enum):
     CONFLICT = -1
 
 
+def registered_body(spec: PipelineSpec) -> bytes:
+    """A version's definition as the registry holds and compares it: a version registered
+    again is unchanged only with this same text (`800` and `800.0`, equal to Python, are
+    two definitions here)."""
+    return orjson.dumps(spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
 class PipelineRegistry:
     def __init__(self, redis: Redis, scripts: Scripts) -> None:
         self.redis = redis
         self.scripts = scripts
 
     async def register(self, pipeline_id: str, spec: PipelineSpec) -> Registered:
-        body = orjson.dumps(spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        body = registered_body(spec)
         outcome = Registered(
             int(
                 await self.scripts.register_pipeline(

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from core import layout
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
-from core.registry import Registered
+from core.registry import Registered, registered_body
 from core.snapshots import RECORD_LIMIT, pipeline_key, pipeline_record
 from core.step_catalogue import config_problems, known_steps
 from service import auth
@@ -85,7 +85,8 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
     request.app[COMMANDS].check()  # Kafka known down: 503 at once, as for a command
     held = await registry.versions(pipeline_id)
     order = next((n for n, v in enumerate(held) if v.version == spec.version), len(held))
-    if order < len(held) and held[order] != spec:
+    # Compared as the registration script compares them: by the registered text.
+    if order < len(held) and registered_body(held[order]) != registered_body(spec):
         # The held definition's record again: a PUT that lost a race to register this
         # version may have written its own record after the winner's and failed to write
         # the winner's again (a 503); its retry, refused here, repairs the topic.
