@@ -5,7 +5,8 @@ For a deployment whose pipelines and batches predate the durable records (`core.
 run once after the API and the consumers that write the records are started, and Redis can
 be rebuilt from Kafka (`make rebuild`) from then on. Safe beside the running stack and safe to
 run again: a version's record is the same bytes each time, a batch's snapshot is its current
-hash (a rebuild keeps the highest `rev` of a batch's snapshots still on the topic). A batch
+hash, written again while the batch changed around the write (`write_settled`: compaction
+keeps a key's last record, which must not be older than the events consumer's). A batch
 deleted but not yet purged is not exported: its delete is under way.
 """
 
@@ -19,6 +20,8 @@ import sys
 import time
 from typing import cast
 
+from redis.asyncio import Redis
+
 from consumers.plumbing.part import Clients, open_clients
 from core import keys
 from core.registry import PipelineRegistry
@@ -28,6 +31,9 @@ from core.snapshots import SnapshotWriter, pipeline_key, pipeline_record
 
 # Batches read and sent per round: a few MB of hashes at most.
 CHUNK = 1000
+# Writes of a batch at most while it keeps changing between the reads around them.
+SETTLE_ROUNDS = 10
+log = logging.getLogger(__name__)
 
 
 async def export(clients: Clients, settings: Settings) -> tuple[int, int]:
@@ -47,9 +53,46 @@ async def export(clients: Clients, settings: Settings) -> tuple[int, int]:
             ids = cast(list[str], await redis.zrange(index, start, start + CHUNK - 1))
             if not ids:
                 break
-            batches += await writer.write_current((pipeline_id, b) for b in ids)
+            batches += await write_settled(writer, pipeline_id, ids)
             start += CHUNK
     return versions, batches
+
+
+async def write_settled(writer: SnapshotWriter, pipeline_id: str, ids: list[str]) -> int:
+    """Snapshots of the batches, each written again until its hash did not change between a
+    read before the write and one after the broker took it; returns how many were written
+    (once each). A batch that changed meanwhile may have had its newer snapshot written by
+    the events consumer before this older one landed, and compaction keeps a key's last
+    record: a rebuild would bring back the older version, its change's events committed.
+    Unchanged through the write, any later change's snapshot comes after this one. One gone
+    meanwhile (purged) gets a tombstone again: its purge's may have landed first."""
+    written = 0
+    todo = ids
+    for round_ in range(SETTLE_ROUNDS):
+        before = await _versions(writer.redis, pipeline_id, todo)
+        count = await writer.write_current((pipeline_id, b) for b in todo)
+        written += count if round_ == 0 else 0
+        after = await _versions(writer.redis, pipeline_id, todo)
+        for batch_id, was, now in zip(todo, before, after, strict=True):
+            if was is not None and now is None:
+                await writer.tombstone(pipeline_id, batch_id)
+        todo = [b for b, was, now in zip(todo, before, after, strict=True)
+                if now is not None and now != was]
+        if not todo:
+            return written
+    # Batches changing at every look: each change is snapshotted by the events consumer.
+    log.warning("export: %d batches of %s changed under each of %d writes", len(todo),
+                pipeline_id, SETTLE_ROUNDS)
+    return written
+
+
+async def _versions(redis: Redis, pipeline_id: str, ids: list[str]) -> list[str | None]:
+    """Each batch's `rev` as Redis holds it ('' without one), None when its hash is gone."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for batch_id in ids:
+            pipe.hmget(keys.batch(pipeline_id, batch_id), "rev", "id")
+        rows = cast(list[list[str | None]], await pipe.execute())
+    return [None if rev is None and ident is None else rev or "" for rev, ident in rows]
 
 
 async def _main(settings: Settings) -> tuple[int, int]:

@@ -4,23 +4,29 @@ deletes, resumes and its own limits, packed batches against late events (review 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from consumers.export_state import export
 from consumers.plumbing.creation import claim_ttl_s
 from consumers.plumbing.options import ConsumerOptions
+from consumers.plumbing.part import Clients, open_clients
 from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event
 from core.scripts import Scripts
 from core.settings import Settings
+from core.snapshots import Snapshot, SnapshotWriter, snapshot_key
 from core.store import BatchStore
 from tests.conftest import eventually
-from tests.helpers import AUTH, api_client, api_settings, swept_at
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec, swept_at
 from tests.test_consumers_support import new_batch, unique
 from tests.test_delete_cleans_data import delete_pass, mixed_spec, write_data
 from tests.test_resume_truth import GO_ON, SPEC, failed_in, post
@@ -135,3 +141,51 @@ async def test_retention_keeps_the_data_holder_of_a_kept_resume_that_never_ran_a
         # them, and the next look at A (a retention after it was kept) removes A.
         assert await swept_at(retention, (later + timedelta(days=62)).timestamp) == 3
         assert not await redis.exists(*(keys.batch(RP, x) for x in (a, b, c)))
+
+
+class _ChangedDuringSend:
+    """The export's producer: before its record of `batch_id` goes, the batch stops and the
+    events consumer's snapshot of that (later) version reaches the topic first, as a poll's
+    flush can between the export's read of the hash and its send."""
+
+    def __init__(self, producer: AIOKafkaProducer, redis: Redis, topics: Settings,
+                 pipeline_id: str, batch_id: str) -> None:
+        self._producer, self._redis, self._topics = producer, redis, topics
+        self._key = snapshot_key(pipeline_id, batch_id)
+        self._batch = (pipeline_id, batch_id)
+        self.raced = False
+
+    async def send_and_wait(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._producer.send_and_wait(*args, **kwargs)
+
+    async def send(self, topic: str, value: bytes | None, key: bytes | None = None) -> Any:
+        if key == self._key and not self.raced:
+            self.raced = True
+            pipeline_id, batch_id = self._batch
+            await BatchStore.from_settings(self._redis, self._topics).apply(
+                [Event("batch.state", batch_id, pipeline_id, state="stop", outcome="failed")])
+            await SnapshotWriter(self._producer, self._redis, topic).write_current([self._batch])
+        return await self._producer.send(topic, value, key=key)
+
+
+async def test_an_export_racing_a_batchs_change_leaves_the_newer_snapshot_last(
+        topics: Settings, redis: Redis) -> None:
+    """The export read a running batch, the batch stopped and the events consumer wrote that
+    snapshot, then the export's older one landed after it: compaction keeps the last record
+    of a key, so a rebuild brought the batch back running (the stop's event committed)."""
+    pipeline_id = unique("test-r1x")
+    batch_id = await new_batch(redis, topics, pipeline_id, spec(name=pipeline_id))
+    store = BatchStore.from_settings(redis, topics)
+    await store.apply([Event("batch.state", batch_id, pipeline_id, state="running")])
+    async with contextlib.AsyncExitStack() as scope:
+        clients = await open_clients(scope, topics)
+        racing = _ChangedDuringSend(clients.producer, redis, topics, pipeline_id, batch_id)
+        assert await export(Clients(redis, cast(AIOKafkaProducer, racing)), topics) == (1, 1)
+    assert racing.raced
+    key = snapshot_key(pipeline_id, batch_id)
+
+    def last_is_current(records: list[Any]) -> bool:
+        ours = [r for r in records if r.key == key]
+        return len(ours) >= 2 and Snapshot.decode(ours[-1].value).fields["state"] == "stop"
+
+    await read_topic(topics, topics.topic_snapshots, last_is_current, timeout=10)
