@@ -10,6 +10,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from consumers.events import EventsConsumer
+from consumers.plumbing.metrics import ConsumersCollector
 from core import keys
 from core.codec import Event
 from core.settings import Settings
@@ -49,7 +50,10 @@ async def test_an_event_keyed_otherwise_goes_to_its_batchs_partition_and_is_appl
     records = await read_topic(topics, topics.topic_events, lambda rs: len(rs) >= 4)
     resent = {r.value for r in records if r.key == batch_id.encode()}
     assert resent == {by_pipeline, unkeyed}
-    assert consumer.dead == 0
+    assert (consumer.dead, consumer.rekeyed) == (0, 2)
+    metrics = ConsumersCollector([consumer])
+    found = {m.name: m.samples[0].value for m in metrics.collect() if m.samples}
+    assert found["dhub_events_rekeyed"] == 2
 
 
 async def _committed_is(settings: Settings, n: int) -> bool:

@@ -107,7 +107,9 @@ class ConsumersCollector(Collector):
             for what, doc in (("applied", "Events applied to Redis (duplicates included)"),
                               ("changed", "Changes the applied events made to batches"),
                               ("dropped", "Batches whose events were dropped (deleted or "
-                                          "unknown batch)")):
+                                          "unknown batch)"),
+                              ("rekeyed", "Events keyed other than by their batch id, sent "
+                                          "again keyed by it")):
                 yield CounterMetricFamily(f"dhub_events_{what}", doc,
                                           value=getattr(events, what))
         dead: list[tuple[list[str], float]] = [
