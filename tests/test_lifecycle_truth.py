@@ -149,8 +149,9 @@ class _ChangedDuringSend:
     flush can between the export's read of the hash and its send."""
 
     def __init__(self, producer: AIOKafkaProducer, redis: Redis, topics: Settings,
-                 pipeline_id: str, batch_id: str) -> None:
+                 pipeline_id: str, batch_id: str, purge: bool = False) -> None:
         self._producer, self._redis, self._topics = producer, redis, topics
+        self._purge = purge
         self._key = snapshot_key(pipeline_id, batch_id)
         self._batch = (pipeline_id, batch_id)
         self.raced = False
@@ -162,9 +163,15 @@ class _ChangedDuringSend:
         if key == self._key and not self.raced:
             self.raced = True
             pipeline_id, batch_id = self._batch
-            await BatchStore.from_settings(self._redis, self._topics).apply(
-                [Event("batch.state", batch_id, pipeline_id, state="stop", outcome="failed")])
-            await SnapshotWriter(self._producer, self._redis, topic).write_current([self._batch])
+            store = BatchStore.from_settings(self._redis, self._topics)
+            writer = SnapshotWriter(self._producer, self._redis, topic)
+            if self._purge:  # a delete's clean-up (or retention): purge, then tombstone
+                await store.purge(pipeline_id, batch_id)
+                await writer.tombstone(pipeline_id, batch_id)
+            else:
+                await store.apply([Event("batch.state", batch_id, pipeline_id, state="stop",
+                                         outcome="failed")])
+                await writer.write_current([self._batch])
         return await self._producer.send(topic, value, key=key)
 
 
@@ -189,3 +196,24 @@ async def test_an_export_racing_a_batchs_change_leaves_the_newer_snapshot_last(
         return len(ours) >= 2 and Snapshot.decode(ours[-1].value).fields["state"] == "stop"
 
     await read_topic(topics, topics.topic_snapshots, last_is_current, timeout=10)
+
+
+async def test_an_export_racing_a_batchs_purge_leaves_its_tombstone_last(
+        topics: Settings, redis: Redis) -> None:
+    """The export read a batch, the batch was purged and tombstoned, then the export's
+    snapshot landed after the tombstone: a rebuild brought a removed batch back."""
+    pipeline_id = unique("test-r1p")
+    batch_id = await new_batch(redis, topics, pipeline_id, spec(name=pipeline_id))
+    async with contextlib.AsyncExitStack() as scope:
+        clients = await open_clients(scope, topics)
+        racing = _ChangedDuringSend(clients.producer, redis, topics, pipeline_id, batch_id,
+                                    purge=True)
+        await export(Clients(redis, cast(AIOKafkaProducer, racing)), topics)
+    assert racing.raced
+    key = snapshot_key(pipeline_id, batch_id)
+
+    def last_is_tombstone(records: list[Any]) -> bool:
+        ours = [r for r in records if r.key == key]
+        return len(ours) >= 2 and ours[-1].value is None and ours[-2].value is not None
+
+    await read_topic(topics, topics.topic_snapshots, last_is_tombstone, timeout=10)
