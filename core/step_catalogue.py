@@ -126,8 +126,9 @@ def declarations() -> Mapping[str, StepDeclaration]:
     """Every installed step implementation by name, loaded once per process (a newly
     installed plugin is seen by processes started after it; each flow run is one).
 
-    A plugin that fails to load, or a name two distributions declare, is left out and
-    logged: it cannot be registered or run, and the other plugins still work."""
+    A plugin that fails to load, whose config model has no JSON Schema, or a name two
+    distributions declare, is left out and logged: it cannot be registered or run, and the
+    other plugins still work."""
     found: dict[str, StepDeclaration] = {}
     owners: dict[str, list[str]] = {}
     for point in entry_points(group=GROUP):
@@ -140,6 +141,14 @@ def declarations() -> Mapping[str, StepDeclaration]:
         if not isinstance(declared, StepDeclaration) or declared.name != point.name:
             log.error("step plugin %s (from %s) is not a StepDeclaration named %s; left out",
                       point.name, owner, point.name)
+            continue
+        try:
+            # What GET /api/v1/steps publishes and a config's JSON types are checked by:
+            # a model without one would fail the whole list and each definition naming it.
+            _properties(declared.config)
+        except Exception:
+            log.exception("step plugin %s (from %s): its config model has no JSON Schema; "
+                          "left out", point.name, owner)
             continue
         owners.setdefault(point.name, []).append(owner)
         found[point.name] = declared
@@ -235,7 +244,7 @@ def _type_problems(model: type[BaseModel], values: Mapping[str, Any], loc: str
 
 @functools.cache
 def _properties(model: type[BaseModel]) -> dict[str, Any]:
-    properties: dict[str, Any] = model.model_json_schema().get("properties", {})
+    properties: dict[str, Any] = published_schema(model).get("properties", {})
     return properties
 
 
