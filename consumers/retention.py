@@ -24,9 +24,10 @@ Every step is idempotent (a tombstone again, a purge of a purged batch, a trim t
 bucket's head changed does nothing), so any number of sweepers may run, one per events
 process, with no lock. The tombstone goes first and the trim last: a sweeper dying between
 them leaves the ids in their bucket, and the next round does it all again; the other order
-could leave a snapshot nothing would ever tombstone. A late event's snapshot racing the
-tombstone could still bring the batch back in a rebuild: it comes back stopped and old, and
-is swept again (a rebuild buckets the restored stopped batches: `core.paging.ensure_finished`).
+could leave a snapshot nothing would ever tombstone. A late event's snapshot read before the
+purge and sent after the tombstone is followed by a tombstone of its writer's own: the events
+consumer's flush tombstones again each batch it wrote that is gone once its records are sent
+(`consumers.plumbing.snapshot_batch`), so a rebuild does not bring the batch back.
 
 Stopped batches in no bucket (from before the buckets, or restored by a rebuild that did not
 bucket them) are bucketed once per pipeline by the hour of their `updated_at` (their last

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -18,6 +19,8 @@ from consumers.export_state import export
 from consumers.plumbing.creation import claim_ttl_s
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, open_clients
+from consumers.plumbing.snapshot_batch import SnapshotBatches
+from consumers.rebuild import read_snapshots
 from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event
@@ -217,3 +220,45 @@ async def test_an_export_racing_a_batchs_purge_leaves_its_tombstone_last(
         return len(ours) >= 2 and ours[-1].value is None and ours[-2].value is not None
 
     await read_topic(topics, topics.topic_snapshots, last_is_tombstone, timeout=10)
+
+
+class _PurgedBeforeSend(SnapshotBatches):
+    """The events consumer's flush whose records were read just before retention's tombstone
+    and purge of one of them, and sent after both."""
+
+    purged: tuple[str, str] | None = None
+
+    async def _send(self, batches: Sequence[tuple[str, str]],
+                    records: list[str | None]) -> int:
+        if self.purged is not None:
+            writer = SnapshotWriter(self.producer, self.redis, self.topic)
+            await writer.tombstone(*self.purged)
+            await BatchStore.from_settings(self.redis, Settings()).purge(*self.purged)
+        return await super()._send(batches, records)
+
+
+async def test_a_flush_racing_a_purge_leaves_the_tombstone_last(
+        topics: Settings, redis: Redis) -> None:
+    """A late event reached a batch retention was removing: the flush read the batch before
+    the purge and sent its snapshot after the tombstone, so compaction kept the snapshot and
+    a rebuild brought the removed batch back (for a retention more: bucketed by the late
+    event's `updated_at`)."""
+    pipeline_id = unique("test-r1f")
+    batch_id, kept_id = [await new_batch(redis, topics, pipeline_id, spec(name=pipeline_id))
+                         for _ in range(2)]
+    async with contextlib.AsyncExitStack() as scope:
+        clients = await open_clients(scope, topics)
+        flush = _PurgedBeforeSend(clients.producer, redis, topics.topic_snapshots)
+        flush.purged = (pipeline_id, batch_id)
+        await flush.write_current([(pipeline_id, batch_id), (pipeline_id, kept_id)])
+    key = snapshot_key(pipeline_id, batch_id)
+
+    def settled(records: list[Any]) -> bool:
+        return len([r for r in records if r.key == key]) >= 2 and any(
+            r.key == snapshot_key(pipeline_id, kept_id) for r in records)
+
+    records = await read_topic(topics, topics.topic_snapshots, settled, timeout=10)
+    last = [r for r in records if r.key == key][-1]
+    assert last.value is None, "the purged batch's snapshot landed after its tombstone"
+    assert [s.batch_id for s in await read_snapshots(topics)
+            if s.pipeline_id == pipeline_id] == [kept_id]

@@ -15,7 +15,10 @@ and a partitioner call per record). Here:
   and its tombstone share a partition, which compaction needs.
 
 The guarantee is `write_current`'s: returns once the broker acknowledged every record
-(acks=all, idempotent producer), or raises (the caller's retry writes them all again).
+(acks=all, idempotent producer), or raises (the caller's retry writes them all again). A
+batch purged between the read of its record and its send (retention, a delete's clean-up)
+may have its purge's tombstone land before that record: once sent, the batches written that
+are gone get a tombstone again (`GONE`), so the last record of a purged batch's key is one.
 
 `admit` fences a write whose records were read under a partition assignment that has
 since been revoked (`consumers.plumbing.stages`): checked right before the records go to
@@ -65,6 +68,14 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
+# KEYS: batch hashes of one pipeline. Returns the positions (1-based) of those that are gone.
+GONE: Final = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then out[#out + 1] = i end
+end
+return out
+"""
 CHUNK: Final = 200  # batches a script call: bounds the time Redis spends in one call
 # Bytes a partition's builder takes before another starts. One record batch per partition
 # per poll (the broker's max.message.bytes is 1 MB): 16 KB builders, the producer's default,
@@ -89,6 +100,7 @@ class SnapshotBatches:
         self.redis = redis
         self.topic = topic
         self._script = redis.register_script(RECORDS)
+        self._gone_script = redis.register_script(GONE)
         self._skip = sorted(NOT_SNAPSHOTTED)
         self._partition_of: dict[bytes, int] = {}
         self._partition_count = 0
@@ -101,7 +113,33 @@ class SnapshotBatches:
         if not batches:
             return 0
         records = await self._records(batches)
-        return await self._send(batches, records)
+        written = await self._send(batches, records)
+        await self._tombstone_purged(batches, records)
+        return written
+
+    async def _tombstone_purged(self, batches: Sequence[tuple[str, str]],
+                                records: list[str | None]) -> None:
+        """Tombstones again the batches written whose hash is gone now: purged (by retention,
+        or a delete's clean-up) after their records were read, their purge's tombstone may
+        have landed before those records, and compaction keeps a key's last record, so a
+        rebuild would bring them back. Purged after this look, their tombstone follows it."""
+        sent = [batch for batch, record in zip(batches, records, strict=True) if record]
+        if not sent:
+            return
+        by_pipeline: dict[str, list[tuple[str, str]]] = {}
+        for batch in sent:
+            by_pipeline.setdefault(batch[0], []).append(batch)
+        chunks = [mine[start : start + CHUNK] for mine in by_pipeline.values()
+                  for start in range(0, len(mine), CHUNK)]
+        replies = await run_all(self.redis, self._gone_script, [
+            [len(chunk), *(keys.batch(pipeline_id, batch_id) for pipeline_id, batch_id in chunk)]
+            for chunk in chunks])
+        gone = [chunk[i - 1] for chunk, reply in zip(chunks, replies, strict=True)
+                for i in reply]
+        if gone:
+            await asyncio.gather(*[self.producer.send_and_wait(
+                self.topic, None, key=snapshot_key(pipeline_id, batch_id))
+                for pipeline_id, batch_id in gone])
 
     async def _records(self, batches: Sequence[tuple[str, str]]) -> list[str | None]:
         by_pipeline: dict[str, list[int]] = {}
