@@ -98,9 +98,17 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
+class ReadyChecks(BaseModel):
+    redis: bool = Field(description="Redis takes a write")
+    kafka: bool = Field(description="the commands topic can be written")
+    topics: dict[str, bool] = Field(
+        description="each topic the API writes -> it exists and its leaders answer (only the "
+                    "commands topic decides readiness: the others fail every instance alike)")
+
+
 class Ready(BaseModel):
     status: Literal["ready", "unavailable"]
-    checks: dict[str, bool] = Field(description="dependency -> reachable")
+    checks: ReadyChecks
 
 
 class WebhookAccepted(BaseModel):

@@ -114,21 +114,26 @@ class CommandSender:
 
     async def probe(self) -> bool:
         """Kafka answers metadata and the commands topic's leaders accept a connection."""
+        return (await self.probe_topics([self._commands_topic]))[self._commands_topic]
+
+    async def probe_topics(self, topics: list[str]) -> dict[str, bool]:
+        """Per topic: it exists and its partitions' leaders accept a connection (one
+        metadata read for all; every topic False when Kafka does not answer in time)."""
         client = self._producer.client
+        out = dict.fromkeys(topics, False)
         try:
             async with asyncio.timeout(self._probe_timeout):
                 cluster = await client.fetch_all_metadata()
-                partitions = cluster.partitions_for_topic(self._commands_topic) or set()
-                leaders = {cluster.leader_for_partition(TopicPartition(self._commands_topic, p))
-                           for p in partitions}
-                if not partitions or None in leaders or -1 in leaders:
-                    return False
-                for node in leaders:
-                    if not await client.ready(node):
-                        return False
+                for topic in topics:
+                    partitions = cluster.partitions_for_topic(topic) or set()
+                    leaders = {cluster.leader_for_partition(TopicPartition(topic, p))
+                               for p in partitions}
+                    if not partitions or None in leaders or -1 in leaders:
+                        continue
+                    out[topic] = all([await client.ready(node) for node in leaders])
         except Exception:
-            return False
-        return True
+            return dict.fromkeys(topics, False)
+        return out
 
     async def close(self) -> None:
         if self._watcher is not None:

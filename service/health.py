@@ -8,7 +8,7 @@ from collections.abc import Awaitable
 from aiohttp import web
 
 from core import keys
-from service.appkeys import COMMANDS, REDIS
+from service.appkeys import COMMANDS, REDIS, SETTINGS
 from service.batches import json_obj
 
 READY_PROBE_TTL_MS = 10_000
@@ -31,11 +31,18 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when this process can take writes, not merely reach its dependencies: Redis
     takes a write (PING passes on a READONLY replica, under OOM, while LOADING), and the
     command sender can write the commands topic (metadata answers while the topic is gone)
-    and does not refuse writes at the moment."""
+    and does not refuse writes at the moment. `checks.topics` says the same of every topic
+    the API writes (the webhook's events, the PUT's pipelines): only the commands topic
+    decides readiness, since the others missing fail every instance alike, and taking them
+    all out of rotation would stop the reads and the batches' writes with them."""
     redis_ok = await _check(request.app[REDIS].set(keys.READY_PROBE, "1", px=READY_PROBE_TTL_MS))
     sender = request.app[COMMANDS]
-    kafka_ok = sender.available and await sender.probe()
+    settings = request.app[SETTINGS]
+    names = [settings.topic_commands, settings.topic_events, settings.topic_pipelines]
+    topics = await sender.probe_topics(names) if sender.available else dict.fromkeys(names,
+                                                                                      False)
+    kafka_ok = sender.available and topics[settings.topic_commands]
     ready = redis_ok and kafka_ok
     body = {"status": "ready" if ready else "unavailable",
-            "checks": {"redis": redis_ok, "kafka": kafka_ok}}
+            "checks": {"redis": redis_ok, "kafka": kafka_ok, "topics": topics}}
     return json_obj(body, status=200 if ready else 503)

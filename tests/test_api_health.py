@@ -51,3 +51,18 @@ async def test_readyz_is_not_ready_while_the_command_sender_refuses_every_write(
         assert post.status == 503, await post.text()
         ready = await api.get("/readyz")
         assert ready.status == 503, await ready.json()
+
+
+async def test_readyz_names_each_topic_the_api_writes_that_it_cannot_reach(
+        topics: Settings, redis: Redis) -> None:
+    """The webhook writes the events topic and a pipeline PUT the pipelines topic; with one
+    of them gone every such write answered 503 while /readyz showed nothing amiss. The
+    commands topic alone decides readiness (see service.health.readyz); each topic's check
+    is in the body."""
+    missing = f"{topics.topic_events}.missing"
+    async with api_client(api_settings(topics, topic_events=missing)) as api:
+        ready = await api.get("/readyz")
+        body = await ready.json()
+        assert ready.status == 200, body
+        assert body["checks"]["topics"] == {topics.topic_commands: True, missing: False,
+                                            topics.topic_pipelines: True}
