@@ -67,8 +67,9 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
     """What a resume's effective `config` changes that the batch it resumes already did with
     `base`: any key of a step that is `done` (it does not run again: its output is taken
     over as it is), and the keys that shape the data (`step_catalogue.SHAPES_DATA`) of the
-    step that `started` and goes on over its data. Values are compared as the step's model
-    reads them, so restating a value, or its default (`"fail_at": null`), changes nothing."""
+    step that `started` and goes on over its data (every key when its implementation is not
+    declared in this process). Values are compared as the step's model reads them, so
+    restating a value, or its default (`"fail_at": null`), changes nothing."""
     problems: Problems = []
     for step in spec.steps:
         if step.name not in done and step.name != started:
@@ -76,9 +77,11 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
         before = _as_read(step.uses, base.get(step.name, step.config))
         after = _as_read(step.uses, config.get(step.name, step.config))
         fixed = set(before) | set(after)
-        if step.name not in done:
-            declared = declarations().get(step.uses)
-            fixed &= shapes_data(declared.config) if declared is not None else set()
+        declared = declarations().get(step.uses)
+        if step.name not in done and declared is not None:
+            # Not declared here (uninstalled, or on the worker only): which keys shaped the
+            # data is unknown, so none may change.
+            fixed &= shapes_data(declared.config)
         problems += [
             {"loc": f"config.{step.name}.{key}",
              "msg": f"step {step.name} is done: it will not run again, so its config stays "

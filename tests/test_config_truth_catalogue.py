@@ -135,3 +135,23 @@ def test_a_plugin_whose_config_has_no_json_schema_is_left_out(
         assert set(orjson.loads(step_routes._body())["items"]) == {"fake.loose"}
     finally:
         step_routes._body.cache_clear()
+
+
+def test_a_resume_over_a_step_whose_plugin_is_not_installed_here_changes_no_key(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Which keys shaped a step's data is its declaration's to say: with the plugin not
+    installed in the API (uninstalled since, or only on the worker), a resume could change
+    any key of the step going on over its data (`partitions` of a half-done extract), and a
+    worker that has the plugin went on over data of another shape. Every key stays now."""
+    from core.run_config import resume_problems
+
+    monkeypatch.setattr(step_catalogue, "entry_points", lambda group: [])
+    declarations.cache_clear()
+    spec = PipelineSpec(name="p", version="1", steps=[
+        StepSpec(name="extract", uses="sales.extract", config={"partitions": 2}),
+        StepSpec(name="load", uses="sales.load")])
+    base = {"extract": {"partitions": 2}, "load": {}}
+    changed: dict[str, dict[str, Any]] = {"extract": {"partitions": 3},
+                                          "load": {"fail_at": "load"}}
+    problems = resume_problems(spec, base, changed, done=[], started="extract")
+    assert [p["loc"] for p in problems] == ["config.extract.partitions"]
