@@ -262,3 +262,21 @@ async def test_a_flush_racing_a_purge_leaves_the_tombstone_last(
     assert last.value is None, "the purged batch's snapshot landed after its tombstone"
     assert [s.batch_id for s in await read_snapshots(topics)
             if s.pipeline_id == pipeline_id] == [kept_id]
+
+
+@pytest.mark.parametrize(("variable", "value"), [
+    # ZRANGEBYSCORE ... LIMIT 0 0: no expired hour was ever read, and no finished batch
+    # removed, while the retention said 30 days.
+    ("DHUB_RETENTION_BATCH", "0"),
+    # LIMIT 0 -1 reads every hour, LRANGE 0 -2 all of a bucket but its last id, which stayed.
+    ("DHUB_RETENTION_BATCH", "-1"),
+    # A round at every turn of the loop: a core spent on rounds with nothing to do.
+    ("DHUB_RETENTION_INTERVAL_S", "0"),
+])
+def test_a_retention_option_that_removes_nothing_or_spins_is_refused_naming_it(
+        monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as info:
+        ConsumerOptions()
+    assert variable.removeprefix("DHUB_").lower() in str(info.value)
+

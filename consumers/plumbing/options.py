@@ -5,6 +5,7 @@ Kept beside `core.settings.Settings` rather than in it: the API never reads them
 
 from __future__ import annotations
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.retry import RetryPolicy
@@ -71,9 +72,11 @@ class ConsumerOptions(BaseSettings):
     reconcile_interval_s: float = 10.0
     reconcile_batch: int = 500
     # The retention sweeper (consumers.retention): how often, and how many expired batches
-    # per pipeline and round (the rest wait for the next round).
-    retention_interval_s: float = 60.0
-    retention_batch: int = 500
+    # per pipeline and round (the rest wait for the next round). A batch of 0 read no hour
+    # (LIMIT 0 0: nothing was ever removed), a negative one a bucket but its last id; an
+    # interval of 0 ran rounds back to back.
+    retention_interval_s: float = Field(default=60.0, gt=0)
+    retention_batch: int = Field(default=500, ge=1)
     # A running flow run without a heartbeat event for this long is declared Crashed
     # (0: never). Prefect's engine beats every PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by
     # default, 30 s at least): keep this a few beats long.
