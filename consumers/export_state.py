@@ -90,9 +90,11 @@ async def _versions(redis: Redis, pipeline_id: str, ids: list[str]) -> list[str 
     """Each batch's `rev` as Redis holds it ('' without one), None when its hash is gone."""
     async with redis.pipeline(transaction=False) as pipe:
         for batch_id in ids:
-            pipe.hmget(keys.batch(pipeline_id, batch_id), "rev", "id")
-        rows = cast(list[list[str | None]], await pipe.execute())
-    return [None if rev is None and ident is None else rev or "" for rev, ident in rows]
+            pipe.hget(keys.batch(pipeline_id, batch_id), "rev")
+            pipe.exists(keys.batch(pipeline_id, batch_id))
+        replies = await pipe.execute()
+    return [cast(str | None, rev) or "" if exists else None
+            for rev, exists in zip(replies[::2], replies[1::2], strict=True)]
 
 
 async def _main(settings: Settings) -> tuple[int, int]:
