@@ -38,13 +38,21 @@ CHUNK_BYTES: Final = 8 << 20
 
 # KEYS[1] the pipeline's batch index, KEYS[2..] batch hashes of that pipeline (one slot on
 # Redis Cluster: they share its hash tag)
-# ARGV[1] JSON array, per hash in the order of KEYS: [batch id, seq, [field, value, ...]]
+# ARGV[1] JSON array, per hash in the order of KEYS: [batch id, seq, [field, value, ...],
+# whether the batch keeps its de-duplication counter]
 # Writes each hash and its place in the batch index. A script rather than a pipeline of
 # HSETs because of the client: redis-py encodes every field of every command in Python,
 # which was two thirds of a rebuild's time; one JSON argument per call costs one encode.
+# The hash is the snapshot's alone: one already there (`rebuild --force` over older data) is
+# cleared first, else its fields the snapshot lacks stayed (a running batch's plain offsets
+# beside the packed ones, which they win over). Its `seen_n` is kept for a batch not stopped:
+# the snapshot does not carry it, and its seen-ids set stays.
 RESTORE_HASHES: Final = HSET_ALL_LUA + """
 for i, row in ipairs(cjson.decode(ARGV[1])) do
+  local seen_n = row[4] and redis.call('HGET', KEYS[i + 1], 'seen_n')
+  redis.call('DEL', KEYS[i + 1])
   hset_all(KEYS[i + 1], row[3])
+  if seen_n then redis.call('HSET', KEYS[i + 1], 'seen_n', seen_n) end
   redis.call('ZADD', KEYS[1], row[2], row[1])
 end
 return #KEYS - 1
@@ -89,7 +97,8 @@ def restore_calls(snaps: Iterable[Snapshot]) -> Iterator[tuple[list[str], bytes]
     size = 0
     for snap in snaps:
         row = orjson.dumps([snap.batch_id, str(snap.seq),
-                            [x for item in _stored(snap.fields).items() for x in item]])
+                            [x for item in _stored(snap.fields).items() for x in item],
+                            snap.fields.get("state") != "stop"])
         if ids and (len(ids) == CHUNK or size + len(row) > CHUNK_BYTES):
             yield ids, b"[" + b",".join(rows) + b"]"
             ids, rows, size = [], [], 0
