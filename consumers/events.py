@@ -58,7 +58,7 @@ class _Poll:
     batch: dict[TopicPartition, list[Record]]
     events: list[Event]
     bad: list[tuple[Record, str]]
-    rekey: list[tuple[bytes, bytes]]  # events keyed other than by their batch id, re-keyed
+    rekey: list[tuple[bytes, Record]]  # events keyed other than by their batch id, re-keyed
     duplicates: int
     epoch: int  # of the assignment it was fetched under
 
@@ -179,7 +179,7 @@ class EventsConsumer(Part):
         value, state events de-duplicated by id), so it is counted and not decoded again."""
         events: list[Event] = []
         bad: list[tuple[Record, str]] = []
-        rekey: list[tuple[bytes, bytes]] = []
+        rekey: list[tuple[bytes, Record]] = []
         append = events.append
         seen: set[bytes] = set()
         duplicates = 0
@@ -199,7 +199,7 @@ class EventsConsumer(Part):
                 if record.key == key:
                     append(event)
                 else:
-                    rekey.append((key, value))  # see consumers.plumbing.rekey
+                    rekey.append((key, record))  # see consumers.plumbing.rekey
         return _Poll(batch, events, bad, rekey, duplicates, self.stages.epoch)
 
     async def _effect(self, poll: _Poll) -> Covered:

@@ -13,6 +13,7 @@ from consumers.events import EventsConsumer
 from consumers.plumbing.metrics import ConsumersCollector
 from core import keys
 from core.codec import Event
+from core.connections import open_producer
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import read_topic
@@ -37,7 +38,12 @@ async def test_an_event_keyed_otherwise_goes_to_its_batchs_partition_and_is_appl
                     offsets={"p1": 9}).encode()
     consumer = EventsConsumer(topics, options())
     async with running(consumer):
-        await send(topics, topics.topic_events, pipeline_id, by_pipeline)
+        producer = await open_producer(topics)
+        try:  # with a header of the producer's own, which the copy keeps
+            await producer.send_and_wait(topics.topic_events, by_pipeline,
+                                         key=pipeline_id.encode(), headers=[("trace", b"t-1")])
+        finally:
+            await producer.stop()
         await send(topics, topics.topic_events, None, unkeyed)
         key = keys.batch(pipeline_id, batch_id)
 
@@ -48,8 +54,8 @@ async def test_an_event_keyed_otherwise_goes_to_its_batchs_partition_and_is_appl
         # The two re-sent, keyed by the batch, and everything committed (four records).
         await eventually(lambda: _committed_is(topics, 4), timeout=20)
     records = await read_topic(topics, topics.topic_events, lambda rs: len(rs) >= 4)
-    resent = {r.value for r in records if r.key == batch_id.encode()}
-    assert resent == {by_pipeline, unkeyed}
+    resent = {(r.value, tuple(r.headers)) for r in records if r.key == batch_id.encode()}
+    assert resent == {(by_pipeline, (("trace", b"t-1"),)), (unkeyed, ())}
     assert (consumer.dead, consumer.rekeyed) == (0, 2)
     metrics = ConsumersCollector([consumer])
     found = {m.name: m.samples[0].value for m in metrics.collect() if m.samples}
