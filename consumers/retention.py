@@ -10,15 +10,16 @@ hour — and from each the ids at its head: those whose batch is still there, st
 hidden and created before the bucket's hour ended (a day's margin; not a later batch of a
 reused id) get the snapshot topic's tombstone, then are purged (as `BatchStore.purge`: its
 hash, seen ids, every index entry, and the change message that evicts it from the API's
-caches), in a script that checks again that the batch is still stopped and not hidden
-(`SWEEP_BATCH`: a DELETE between the check and the purge owns the batch, whose data its
-clean-up removes); the others are skipped (a hidden batch is the delete's clean-up to
-purge, a gone one was purged). A batch whose data a kept resume still goes on from (one
-that ran no step yet, so never took the files over) is kept, and bucketed again in the
-current hour: its record is what tells that resume's own resume the data is there
-(`_data_held`). Then the ids read leave the bucket (`TRIM_BUCKET`), and an emptied bucket's
-hour leaves the index. Hide and purge never touch a bucket. A round costs O(pipelines + log hours
-+ expired), whatever the history.
+caches), in a script that checks again that the batch is still stopped, not hidden and
+without a resume noted since (`SWEEP_BATCH`: a DELETE between the check and the purge owns
+the batch, whose data its clean-up removes; a resume goes on from it, which is then kept,
+its snapshot written again after the tombstone); the others are skipped (a hidden batch is
+the delete's clean-up to purge, a gone one was purged). A batch whose data a kept resume
+still goes on from (one that ran no step yet, so never took the files over) is kept, and
+bucketed again in the current hour: its record is what tells that resume's own resume the
+data is there (`_resumes_holding`). Then the ids read leave the bucket (`TRIM_BUCKET`), and
+an emptied bucket's hour leaves the index. Hide and purge never touch a bucket. A round
+costs O(pipelines + log hours + expired), whatever the history.
 
 Every step is idempotent (a tombstone again, a purge of a purged batch, a trim that finds the
 bucket's head changed does nothing), so any number of sweepers may run, one per events
@@ -50,7 +51,7 @@ from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from core import keys
 from core.layout import RESUMED_FROM, STARTED_PREFIX, is_visible
-from core.list_scripts import HOURS_LUA, PURGE_BATCH
+from core.list_scripts import HOURS_LUA, UNLIST_LUA
 from core.models import batch_id_ms
 from core.paging import ensure_finished
 from core.retry import describe
@@ -62,14 +63,23 @@ log = logging.getLogger(__name__)
 DAY_S = 86_400
 HOUR_S = 3_600
 
-# PURGE_BATCH's KEYS and ARGV, then ARGV[3] the created_at bound of the sweeper's check
-# (`_sweep`). PURGE_BATCH run only while the batch is as the sweeper checked it (stopped, not
-# hidden, created before the bound), in the same step: a DELETE may hide it between that
-# check and the purge. Returns 1 when purged, else 0.
-SWEEP_BATCH: Final = """
+# KEYS as PURGE_BATCH's (batch hash, seen ids, batch index, filter indexes, finished index),
+# then the batch's resumed-by set; ARGV as PURGE_BATCH's, then ARGV[3] the created_at bound of
+# the sweeper's check (`_sweep`), ARGV[4] how many resumes the set held at that check.
+# PURGE_BATCH's removal (and the resumed-by set's), only while the batch is as the sweeper
+# checked it (stopped, not hidden, created before the bound, no resume noted since), in one
+# step: a DELETE may hide it, or a resume note itself (then check it is visible), between
+# that check and the purge. Returns 1 when purged, else 0.
+SWEEP_BATCH: Final = UNLIST_LUA + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'deleted', 'created_at')
 if f[1] ~= 'stop' or f[2] or not ((f[3] or '') < ARGV[3]) then return 0 end
-""" + PURGE_BATCH
+if redis.call('SCARD', KEYS[#KEYS]) ~= tonumber(ARGV[4]) then return 0 end
+unlist(ARGV[1], 4, #KEYS - 2)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[#KEYS])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+return 1
+"""
 # KEYS[1] the pipeline's finished index, ARGV[1] now (ISO-8601), ARGV[2..] batch ids: each
 # appended to the finished bucket of now's hour (a batch kept past its retention).
 BUCKET: Final = HOURS_LUA + """
@@ -157,13 +167,17 @@ class RetentionSweeper(Part):
                 # (a published one, its claim expired): its own stop put it in its own
                 # bucket, which removes it in its turn.
                 if state == "stop" and deleted is None and (created_at or "") < ended:
-                    if await self._data_held(pipeline_id, batch_id):
+                    resumes = await self._resumes_holding(pipeline_id, batch_id)
+                    if resumes is None:
                         kept.append(batch_id)
                         continue
                     await self.snapshots.tombstone(pipeline_id, batch_id)
                     # A publisher's run sent again must not bring it back as new.
                     await mark_deleted(self.redis, pipeline_id, batch_id)
-                    removed += await self._purge(pipeline_id, batch_id, ended)
+                    if await self._purge(pipeline_id, batch_id, ended, resumes):
+                        removed += 1
+                    elif await self._visible_again(pipeline_id, batch_id):
+                        kept.append(batch_id)
             if kept:
                 # Looked at again a retention from now (before the trim: a sweeper dying
                 # between the two leaves them in both buckets, which is harmless).
@@ -179,12 +193,13 @@ class RetentionSweeper(Part):
                 break
         return removed
 
-    async def _data_held(self, pipeline_id: str, batch_id: str) -> bool:
-        """Whether a kept batch still goes on from this one's data: a resume of it (noted in
-        its resumed-by set) that is visible and ran no step yet, so never took the files over
-        (its own resume would go on from this batch's data, and be refused as having nothing
-        to resume from once this batch's record is gone), or one noted whose create may still
-        be under way. The batch is then kept, and looked at again a retention later."""
+    async def _resumes_holding(self, pipeline_id: str, batch_id: str) -> int | None:
+        """None when a kept batch still goes on from this one's data: a resume of it (noted
+        in its resumed-by set) that is visible and ran no step yet, so never took the files
+        over (its own resume would go on from this batch's data, and be refused as having
+        nothing to resume from once this batch's record is gone), or one noted whose create
+        may still be under way; the batch is then kept, and looked at again a retention
+        later. Else how many resumes the set holds (the purge checks none came since)."""
         members = cast(set[str], await self.redis.smembers(keys.resumed_by(pipeline_id,
                                                                            batch_id)))
         for member in sorted(members):
@@ -192,28 +207,40 @@ class RetentionSweeper(Part):
             if fields is None:
                 made_ms = batch_id_ms(member)
                 if made_ms is not None and time.time() - made_ms / 1000 < RESUME_CREATE_WINDOW_S:
-                    return True
+                    return None
             elif is_visible(fields) and not any(f.startswith(STARTED_PREFIX) for f in fields):
-                return True
-        return False
+                return None
+        return len(members)
 
-    async def _purge(self, pipeline_id: str, batch_id: str, ended: str) -> int:
-        """`BatchStore.purge`, only if the batch is still as checked (1; else 0): a DELETE
+    async def _purge(self, pipeline_id: str, batch_id: str, ended: str, resumes: int) -> bool:
+        """`BatchStore.purge`, only if the batch is still as checked (`SWEEP_BATCH`): a DELETE
         that hid it since owns it, and its clean-up must find the hash to remove the batch's
-        data (its steps are named there) before it purges it."""
+        data (its steps are named there) before it purges it; a resume noted since goes on
+        from it."""
         fields = await self.store.fields(pipeline_id, batch_id)
         if not await self._sweep_batch(
                 keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
                       keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
-                      keys.batch_finished_index(pipeline_id)],
-                args=[batch_id, keys.CHANGES_CHANNEL, ended]):
-            return 0
-        # As BatchStore.purge: its resumes' note, and its own in the batch it went on from.
-        await self.redis.delete(keys.resumed_by(pipeline_id, batch_id))
+                      keys.batch_finished_index(pipeline_id),
+                      keys.resumed_by(pipeline_id, batch_id)],
+                args=[batch_id, keys.CHANGES_CHANNEL, ended, resumes]):
+            return False
+        # As BatchStore.purge: its own note in the batch it went on from.
         holder = fields.get(RESUMED_FROM) if fields else None
         if holder:
             await self.redis.srem(keys.resumed_by(pipeline_id, holder), batch_id)
-        return 1
+        return True
+
+    async def _visible_again(self, pipeline_id: str, batch_id: str) -> bool:
+        """After a purge refused: a visible batch of the id (a resume of it noted since, or a
+        later batch of a reused id) has its snapshot written again, since its tombstone went
+        first; True when it is stopped, so kept in the current hour's bucket."""
+        state, deleted = await self.redis.hmget(keys.batch(pipeline_id, batch_id), "state",
+                                                "deleted")
+        if state is None or deleted is not None:
+            return False  # gone, or hidden: its delete's clean-up purges and tombstones it
+        await self.snapshots.write_current([(pipeline_id, batch_id)])
+        return bool(state == "stop")
 
     async def backfill(self, pipeline_id: str) -> None:
         """Buckets the pipeline's stopped batches that predate the finished buckets, once."""

@@ -24,6 +24,7 @@ from consumers.rebuild import read_snapshots
 from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event
+from core.models import new_batch_id
 from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import Snapshot, SnapshotWriter, snapshot_key
@@ -280,3 +281,41 @@ def test_a_retention_option_that_removes_nothing_or_spins_is_refused_naming_it(
         ConsumerOptions()
     assert variable.removeprefix("DHUB_").lower() in str(info.value)
 
+
+
+async def test_a_resume_noted_while_retention_removes_its_holder_keeps_the_holder(
+        topics: Settings, redis: Redis, scripts: Scripts) -> None:
+    """The sweeper found no resume of A, then a resume of A noted itself and saw A visible
+    (its create goes on), then the sweeper purged A: the resume went on from a batch whose
+    record was gone (its own resume refused as having nothing to go on from)."""
+    retention = topics.model_copy(update={"batch_retention_days": 30})
+    store = BatchStore.from_settings(redis, retention, scripts)
+    await redis.sadd(keys.PIPELINES, P)
+    a = await batch(store, stopped_at=NOW - timedelta(days=40))
+    resume = new_batch_id()
+    part = RetentionSweeper(retention, clock=NOW.timestamp)
+    await part.start()
+    real = part.snapshots.tombstone
+
+    async def resumed_meanwhile(p: str, b: str) -> None:
+        await real(p, b)
+        await store.note_resume(p, b, resume)
+        assert await store.resume_may_go_on(p, b, resume)
+
+    part.snapshots.tombstone = resumed_meanwhile  # type: ignore[method-assign,assignment]
+    try:
+        assert await part.sweep_once() == 0
+    finally:
+        await part.stop()
+    assert await store.get(P, a) is not None, "the holder of a resume going on was removed"
+    key = snapshot_key(P, a)
+
+    def snapshot_last(records: list[Any]) -> bool:
+        ours = [r for r in records if r.key == key]
+        return len(ours) >= 2 and ours[-2].value is None and ours[-1].value is not None
+
+    # Its tombstone had gone first: its snapshot is written again after it.
+    await read_topic(retention, retention.topic_snapshots, snapshot_last, timeout=10)
+    # Kept, it is looked at again a retention later (its resume gone by then).
+    await redis.srem(keys.resumed_by(P, a), resume)
+    assert await swept_at(retention, (NOW + timedelta(days=31)).timestamp) == 1
