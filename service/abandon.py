@@ -14,6 +14,10 @@ A create whose answer never came (Redis ran it, or not, and then went away) is t
 batch given up on: no run command was sent for it, so it is purged (`undo`), at once if
 Redis answers, else by the same loop once it does. Those wait in this process only: Redis
 is what is missing.
+
+A stop whose send was ambiguous may be written too, so it will happen and is answered as
+accepted: it waits in an outbox of its own (`STOPS`) and is sent again once Kafka takes it
+(a stop twice is harmless: the second finds the batch stopping or stopped).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ from service.command_sender import CommandSender
 log = logging.getLogger(__name__)
 ABANDONED_TTL_S = 24 * 3600
 UNDO_TIMEOUT_S = 2.0  # the failed request's answer waits this long for its undo
+# Not members of `keys.ABANDONED`: an API process of an earlier release drains that one and
+# takes each member for a delete.
+STOPS = f"{keys.ABANDONED}:stops"
 Purge = Callable[[str, str], Awaitable[None]]
 
 
@@ -75,6 +82,15 @@ class Abandoner:
         log.warning("batch %s/%s abandoned: %s", pipeline_id, batch_id, reason)
         self._wake.set()
 
+    async def resend_stop(self, pipeline_id: str, batch_id: str, version: str) -> None:
+        """Records a stop Kafka did not confirm, to be sent again until it does: the first
+        may be written already, so the stop is under way either way."""
+        member = orjson.dumps([pipeline_id, batch_id, version]).decode()
+        await self._redis.zadd(STOPS, {member: time.time()})
+        log.warning("batch %s/%s: its stop was not confirmed by Kafka; sent again once Kafka "
+                    "takes it", pipeline_id, batch_id)
+        self._wake.set()
+
     async def undo(self, pipeline_id: str, batch_id: str) -> None:
         """Purges a batch whose create may have run though its request failed (no run
         command was sent for it): now if Redis answers within the bound, else later."""
@@ -103,9 +119,16 @@ class Abandoner:
             log.info("batch %s/%s: its failed create undone", pipeline_id, batch_id)
 
     async def drain_once(self) -> int:
-        """Queues the outstanding deletes Kafka takes now. Returns how many were queued."""
-        members = cast(list[str], await self._redis.zrange(keys.ABANDONED, 0, 99))
+        """Queues the outstanding deletes and stops Kafka takes now. Returns how many were
+        queued."""
         done = 0
+        for member in cast(list[str], await self._redis.zrange(STOPS, 0, 99)):
+            pipeline_id, batch_id, version = orjson.loads(member)
+            await self._sender.command(Command("stop", batch_id, pipeline_id,
+                                               pipeline_version=version))
+            await self._redis.zrem(STOPS, member)
+            done += 1
+        members = cast(list[str], await self._redis.zrange(keys.ABANDONED, 0, 99))
         for member in members:
             # Entries written before `released` was recorded were all marked.
             pipeline_id, batch_id, version, *rest = orjson.loads(member)

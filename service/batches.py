@@ -267,9 +267,14 @@ async def stop_batch(request: web.Request) -> web.Response:
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
     # Stopping a stopped batch answers 200 again without queueing anything new.
     if fields["state"] != "stop":
-        await request.app[COMMANDS].command(
-            Command("stop", batch_id, pipeline_id, pipeline_version=fields["pipeline_version"])
-        )
+        version = fields["pipeline_version"]
+        try:
+            await request.app[COMMANDS].command(
+                Command("stop", batch_id, pipeline_id, pipeline_version=version))
+        except Ambiguous:
+            # The stop may be written already, so it may happen: a 503 would say the batch
+            # runs on. Sent again from the outbox until Kafka confirms one, it happens.
+            await request.app[ABANDONER].resend_stop(pipeline_id, batch_id, version)
     return json_obj({"message": "Batch stopped successfully"})
 
 
