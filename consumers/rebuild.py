@@ -25,8 +25,10 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.rebuild_commands import CommandsRead, requeue, restore_claims
@@ -61,15 +63,18 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPar
     return [TopicPartition(topic, p) for p in sorted(partitions)]
 
 
-async def read_whole(settings: Settings, topic: str) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
+async def read_whole(settings: Settings, topic: str, found: list[int] | None = None
+                     ) -> AsyncIterator[ConsumerRecord[bytes, bytes]]:
     """Every record of `topic` from its start up to its end as of the call (no group, so
-    no committed offset anywhere moves)."""
+    no committed offset anywhere moves). `found`, when given, gets the topic's partitions."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
     await consumer.start()
     try:
         tps = await partitions_of(consumer, topic)
+        if found is not None:
+            found[:] = [tp.partition for tp in tps]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -101,23 +106,66 @@ async def read_pipelines(settings: Settings) -> list[PipelineVersion]:
     return list(latest.values())
 
 
+def current_partition(key: bytes, count: int) -> int:
+    """The partition the producers send `key`'s records to now (their default partitioner,
+    which `consumers.plumbing.snapshot_batch` calls too)."""
+    partitions = list(range(count))
+    return int(DefaultPartitioner()(key, partitions, partitions))
+
+
+@dataclass(slots=True)
+class SnapshotsRead:
+    """Each batch's latest snapshot or tombstone, per partition of the snapshots topic.
+
+    A batch's records share a partition until partitions are added to the topic: its later
+    ones then go to another (`current_partition`), and its last record before the raise
+    stays on the old one (compaction keeps it), possibly with a higher `rev` than a reused
+    id's new batch, or behind a tombstone that has none. So the partition the key goes to now
+    holds its newest record whenever it holds any; a key on none but older ones goes by its
+    records' timestamps (the producers' clocks)."""
+
+    # key -> partition -> (its latest snapshot there, None for a tombstone; the timestamp of
+    # the key's last record there)
+    held: dict[bytes, dict[int, tuple[Snapshot | None, int]]] = field(default_factory=dict)
+
+    def take(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        if record.key is None:
+            return
+        mine = self.held.setdefault(record.key, {})
+        if record.value is None:
+            mine[record.partition] = (None, record.timestamp)
+            return
+        snap = Snapshot.decode(record.value)
+        kept = mine.get(record.partition)
+        # Of two snapshots on a partition the higher `rev` wins whatever their order (two
+        # writers can race by a few ms: a run command's creation record and the events
+        # consumer's first change); one after a tombstone is a batch of that id again.
+        if kept is None or kept[0] is None or snap.rev >= kept[0].rev:
+            mine[record.partition] = (snap, record.timestamp)
+        else:
+            mine[record.partition] = (kept[0], max(kept[1], record.timestamp))
+
+    def latest(self, partitions: int) -> dict[bytes, Snapshot | None]:
+        """Per key, its newest snapshot, or None when that is its tombstone."""
+        out: dict[bytes, Snapshot | None] = {}
+        for key, mine in self.held.items():
+            if len(mine) == 1:
+                out[key] = next(iter(mine.values()))[0]
+                continue
+            now = mine.get(current_partition(key, partitions))
+            out[key] = (now if now is not None else max(mine.values(), key=lambda h: h[1]))[0]
+        return out
+
+
 async def read_snapshots(settings: Settings,
                          purged: set[tuple[str, str]] | None = None) -> list[Snapshot]:
-    """The latest snapshot per batch, tombstoned ones left out (and added to `purged` when
-    given). Of two snapshots of a batch the higher `rev` wins whatever their order (two
-    writers can race by a few ms: a run command's creation record and the events consumer's
-    first change)."""
-    latest: dict[bytes, Snapshot | None] = {}
-    async for record in read_whole(settings, settings.topic_snapshots):
-        if record.key is None:
-            continue
-        if record.value is None:
-            latest[record.key] = None
-            continue
-        snap = Snapshot.decode(record.value)
-        held = latest.get(record.key)
-        if held is None or snap.rev >= held.rev:
-            latest[record.key] = snap
+    """The latest snapshot per batch (`SnapshotsRead`), tombstoned ones left out (and added
+    to `purged` when given)."""
+    read = SnapshotsRead()
+    found: list[int] = []
+    async for record in read_whole(settings, settings.topic_snapshots, found):
+        read.take(record)
+    latest = read.latest(len(found))
     if purged is not None:
         for key, kept in latest.items():
             if kept is None:

@@ -5,14 +5,21 @@ written into hold."""
 from __future__ import annotations
 
 import pytest
+from aiokafka import ConsumerRecord
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
+from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
+from consumers.rebuild import SnapshotsRead, current_partition, read_snapshots
+from core.connections import open_producer
 from core.paging import Pager
 from core.restore import Restored, restore_batches
 from core.scripts import Scripts
-from core.snapshots import Snapshot
+from core.settings import Settings
+from core.snapshots import Snapshot, snapshot_key, snapshot_record
 from core.store import BatchStore
 from tests.helpers import spec
+from tests.test_consumers_support import unique
 from tests.test_store_packing import PARTS, P, ev, lifecycle, raw
 
 
@@ -44,3 +51,105 @@ async def test_a_forced_restore_over_an_older_hash_answers_the_snapshot_alone(
     await restore_batches(redis, store, pager, [Snapshot(P, batch_id, older)], set(), Restored())
     await restore_batches(redis, store, pager, [Snapshot(P, batch_id, newer)], set(), Restored())
     assert await store.get(P, batch_id) == answered
+
+
+def _moved_ids(pipeline_id: str, prefix: str) -> list[str]:
+    """Two batch ids whose snapshot keys move when the topic grows from 2 partitions to 3: one
+    to a lower partition, one to a higher (whatever order the partitions are read in, one of
+    them has its record from after the raise read before its older one)."""
+    out: dict[bool, str] = {}
+    for n in range(10_000):
+        batch_id = f"{prefix}-{n}"
+        key = snapshot_key(pipeline_id, batch_id)
+        old = DefaultPartitioner()(key, [0, 1], [0, 1])
+        new = DefaultPartitioner()(key, [0, 1, 2], [0, 1, 2])
+        if old != new:
+            out.setdefault(new < old, batch_id)
+        if len(out) == 2:
+            return list(out.values())
+    raise AssertionError("no such ids")
+
+
+async def test_a_batch_purged_after_the_snapshots_topic_grew_stays_purged(
+        topics: Settings) -> None:
+    """Partitions added to the snapshots topic move keys: a batch's snapshots before the raise
+    stay on its old partition (compaction keeps their last there), its tombstone and later
+    snapshots go to its new one. Of one key's records on two partitions the rebuild kept the
+    higher `rev` whatever came after it, or the last one read: the purged batch came back
+    (its tombstone has no rev), and an id reused after its purge (a published id, its claim
+    expired) was restored as its earlier batch, listed with its old state and sequence."""
+    p = unique("test-grown")
+    purged_ids, reused_ids = _moved_ids(p, "purged"), _moved_ids(p, "reused")
+    before = await open_producer(topics)
+    try:
+        for batch_id in purged_ids + reused_ids:
+            await before.send_and_wait(topics.topic_snapshots, snapshot_record(
+                p, batch_id, {"id": batch_id, "state": "running", "rev": "9", "seq": "1"}),
+                key=snapshot_key(p, batch_id))
+    finally:
+        await before.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=topics.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions({topics.topic_snapshots: NewPartitions(3)})
+    finally:
+        await admin.close()
+    after = await open_producer(topics)
+    try:
+        for batch_id in purged_ids + reused_ids:
+            await after.send_and_wait(topics.topic_snapshots, None,
+                                      key=snapshot_key(p, batch_id))
+        for batch_id in reused_ids:
+            await after.send_and_wait(topics.topic_snapshots, snapshot_record(
+                p, batch_id, {"id": batch_id, "state": "pending", "rev": "1", "seq": "2"}),
+                key=snapshot_key(p, batch_id))
+    finally:
+        await after.stop()
+    purged: set[tuple[str, str]] = set()
+    held = {s.batch_id: s.fields for s in await read_snapshots(topics, purged)}
+    assert [b for b in purged_ids if b in held] == [], "a purged batch was restored"
+    assert {(p, b) for b in purged_ids} <= purged
+    assert [held.get(b, {}).get("seq") for b in reused_ids] == ["2", "2"], (
+        "a reused id restored as its earlier batch")
+
+
+def _record(partition: int, offset: int, key: bytes, value: bytes | None,
+            timestamp: int) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("snapshots", partition, offset, timestamp, 0, key, value, None,
+                          len(key), len(value or b""), [])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_keys_records_on_several_partitions_go_by_where_it_goes_now(reverse: bool) -> None:
+    """The same without Kafka, in either order of the partitions' reading."""
+    p = "p"
+    purged_id, reused_id = _moved_ids(p, "purged")[0], _moved_ids(p, "reused")[0]
+    purged_key, reused_key = snapshot_key(p, purged_id), snapshot_key(p, reused_id)
+    old, new = (DefaultPartitioner()(purged_key, [0, 1], [0, 1]),
+                DefaultPartitioner()(purged_key, [0, 1, 2], [0, 1, 2]))
+    # A clock behind the old partition's producer's: timestamps alone would not do.
+    old_records = [_record(old, 0, purged_key, snapshot_record(p, purged_id, {"rev": "9"}), 9)]
+    new_records = [_record(new, 0, purged_key, None, 5)]
+    old_r, new_r = (DefaultPartitioner()(reused_key, [0, 1], [0, 1]),
+                    DefaultPartitioner()(reused_key, [0, 1, 2], [0, 1, 2]))
+    old_records.append(_record(old_r, 1, reused_key,
+                               snapshot_record(p, reused_id, {"rev": "9", "seq": "1"}), 9))
+    new_records += [_record(new_r, 1, reused_key, None, 5),
+                    _record(new_r, 2, reused_key,
+                            snapshot_record(p, reused_id, {"rev": "1", "seq": "2"}), 6)]
+    read = SnapshotsRead()
+    for record in (new_records + old_records if reverse else old_records + new_records):
+        read.take(record)
+    latest = read.latest(3)
+    assert latest[purged_key] is None
+    reused = latest[reused_key]
+    assert reused is not None and reused.seq == 2
+    # A key on none of the partitions it goes to now (partitions added twice): its newest
+    # record by the producers' timestamps.
+    count = next(n for n in range(3, 100) if current_partition(purged_key, n) > 1)
+    for tombstone_ts, snapshot_ts, restored in ((10, 9, False), (9, 10, True)):
+        read = SnapshotsRead()
+        read.take(_record(0, 0, purged_key, snapshot_record(p, purged_id, {"rev": "9"}),
+                          snapshot_ts))
+        read.take(_record(1, 0, purged_key, None, tombstone_ts))
+        assert (read.latest(count)[purged_key] is not None) is restored
