@@ -319,3 +319,38 @@ async def test_a_resume_noted_while_retention_removes_its_holder_keeps_the_holde
     # Kept, it is looked at again a retention later (its resume gone by then).
     await redis.srem(keys.resumed_by(P, a), resume)
     assert await swept_at(retention, (NOW + timedelta(days=31)).timestamp) == 1
+
+
+async def test_a_later_batch_of_the_id_created_during_the_sweep_is_left_with_its_snapshot(
+        topics: Settings, redis: Redis, scripts: Scripts) -> None:
+    """The id's batch was removed and a later batch of the id (a published id whose claim
+    had expired) created between the sweeper's check and its purge: the purge removed the
+    new batch, whose snapshot the tombstone had already replaced."""
+    retention = topics.model_copy(update={"batch_retention_days": 30})
+    store = BatchStore.from_settings(redis, retention, scripts)
+    await redis.sadd(keys.PIPELINES, P)
+    a = await batch(store, stopped_at=NOW - timedelta(days=40))
+    part = RetentionSweeper(retention, clock=NOW.timestamp)
+    await part.start()
+    real = part.snapshots.tombstone
+
+    async def created_again(p: str, b: str) -> None:
+        await real(p, b)
+        await store.purge(p, b)  # as another sweeper's, or a delete's
+        await store.create(p, b, spec())
+
+    part.snapshots.tombstone = created_again  # type: ignore[method-assign,assignment]
+    try:
+        assert await part.sweep_once() == 0
+    finally:
+        await part.stop()
+    later = await store.get(P, a)
+    assert later is not None and later["state"]["state"] == "pending"
+    key = snapshot_key(P, a)
+
+    def snapshot_last(records: list[Any]) -> bool:
+        ours = [r for r in records if r.key == key]
+        return bool(ours) and ours[-1].value is not None and \
+            Snapshot.decode(ours[-1].value).fields["state"] == "pending"
+
+    await read_topic(retention, retention.topic_snapshots, snapshot_last, timeout=10)
