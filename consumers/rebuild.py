@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
+from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.rebuild_commands import CommandsRead, requeue, restore_claims
@@ -208,6 +209,10 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
         # paging token from before the loss continues below them (`core.paging`).
         await restore_batches(redis, store, pager, snapshots, deletes, restored,
                               seqs=highest_seqs(commands.recorded.values()))
+        if force:
+            # Over older data (a backup), a batch removed since is still there: its
+            # tombstone says it is gone, as it was before the loss.
+            await _purge_held(redis, store, sorted(purged))
         # The reconciler's walk: every batch that may still have a live flow run.
         active = ActiveRuns(redis)
         stops = commands.stops
@@ -236,6 +241,17 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
         await redis.aclose()
 
 
+async def _purge_held(redis: Redis, store: BatchStore, batches: list[tuple[str, str]]) -> None:
+    """Purges those of `batches` whose hash the database holds."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for pipeline_id, batch_id in batches:
+            pipe.exists(keys.batch(pipeline_id, batch_id))
+        held = await pipe.execute()
+    for (pipeline_id, batch_id), exists in zip(batches, held, strict=True):
+        if exists:
+            await store.purge(pipeline_id, batch_id)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its per-topic chatter
@@ -252,7 +268,8 @@ async def run(argv: list[str] | None = None, settings: Settings | None = None) -
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", help="the database to rebuild (default DHUB_REDIS_URL)")
     parser.add_argument("--force", action="store_true",
-                        help="write into a database that is not empty")
+                        help="write into a database that is not empty (the batches the "
+                             "topics hold replace its copies; those removed since are purged)")
     parser.add_argument("--compare-with", metavar="URL",
                         help="after the rebuild, compare it with this database (the live one: "
                              "a dry run); exit code 1 when they differ")

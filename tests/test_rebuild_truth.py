@@ -10,7 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
-from consumers.rebuild import SnapshotsRead, current_partition, read_snapshots
+from consumers.rebuild import SnapshotsRead, current_partition, read_snapshots, rebuild
 from core.connections import open_producer
 from core.paging import Pager
 from core.restore import Restored, restore_batches
@@ -153,3 +153,26 @@ def test_a_keys_records_on_several_partitions_go_by_where_it_goes_now(reverse: b
                           snapshot_ts))
         read.take(_record(1, 0, purged_key, None, tombstone_ts))
         assert (read.latest(count)[purged_key] is not None) is restored
+
+
+async def test_a_forced_rebuild_over_older_data_leaves_a_purged_batch_purged(
+        topics: Settings, redis: Redis, store: BatchStore) -> None:
+    """`rebuild --force` over older data (a backup from before a batch was deleted and purged,
+    or removed by the retention): the rebuild read the batch's tombstone, and left the older
+    copy where it was: GET answered the removed batch again, and the list showed it."""
+    p = unique("test-force-purged")
+    await store.create(p, "gone", spec())
+    await store.create(p, "kept", spec())
+    kept = dict(await raw(redis, "kept", p))
+    producer = await open_producer(topics)
+    try:
+        await producer.send_and_wait(topics.topic_snapshots, snapshot_record(
+            p, "gone", dict(await raw(redis, "gone", p))), key=snapshot_key(p, "gone"))
+        await producer.send_and_wait(topics.topic_snapshots, None, key=snapshot_key(p, "gone"))
+        await producer.send_and_wait(topics.topic_snapshots, snapshot_record(p, "kept", kept),
+                                     key=snapshot_key(p, "kept"))
+    finally:
+        await producer.stop()
+    await rebuild(topics, force=True)
+    assert await store.get(p, "gone") is None
+    assert list((await store.page(p, 10, None)).items) == ["kept"]
