@@ -4,11 +4,12 @@ A key's record (`core.api_scripts`) is `pending` from the moment an attempt clai
 that attempt's run command is durably queued, then `committed` (kept `idempotency_ttl_s`).
 A duplicate that finds it committed gets the same batch id; one that finds it pending waits
 a bounded time for the first attempt and then answers `409 in_progress`; a failed attempt
-releases the key, so the next retry starts afresh. The request is compared as the client
-sent it — the route (a run, or a resume of which batch), pipeline id, the version asked for
-(or `latest`, not the version it resolved to) and the body's meaning (the config overrides,
-whatever their spacing or key order) — and the same key with another request is a 409 that
-says what differs.
+releases the key, so the next retry starts afresh. A commit or release Redis does not take
+is tried again while the pending record lives: it would answer `in_progress` meanwhile.
+The request is compared as the client sent it — the route (a run, or a resume of which
+batch), pipeline id, the version asked for (or `latest`, not the version it resolved to) and
+the body's meaning (the config overrides, whatever their spacing or key order) — and the
+same key with another request is a 409 that says what differs.
 A pending record expires on its own, so an attempt whose process died frees the key.
 """
 
@@ -18,7 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,9 @@ from redis.asyncio import Redis
 
 from core import keys, layout
 from core.api_scripts import ApiScripts
+from core.retry import RetryPolicy, describe
 from service.errors import ApiError, bad_request
+from service.request_log import detached
 
 log = logging.getLogger(__name__)
 MAX_KEY_LENGTH = 256
@@ -103,6 +106,7 @@ class IdempotencyKeys:
         self._pending_ttl_ms = int(pending_ttl_s * 1000)
         self._wait_s = wait_s
         self._poll_s = poll_s
+        self._again: set[asyncio.Task[None]] = set()  # transitions Redis did not take yet
 
     async def claim(self, key: str, sent: Sent, batch_id: str) -> str | None:
         """None when this attempt now owns the key (pending); the earlier batch id when the key
@@ -160,21 +164,51 @@ class IdempotencyKeys:
     async def commit(self, key: str, committed: str, batch_id: str) -> None:
         """pending -> committed (`committed`: `Sent.record("committed", batch_id)`, the value
         the run command carries too), once the run command is durably queued. The batch will run
-        whatever happens here, so a failure is logged, not answered: the pending record
-        expires and the key frees, the one outcome a client can still live with."""
-        try:
-            done = await self._scripts.commit_key(
-                keys=[key], args=[batch_id, committed, self._ttl_s])
-        except Exception:
-            log.exception("Idempotency-Key of batch %s not committed", batch_id)
-            return
-        if not done:
-            log.warning("Idempotency-Key of batch %s expired before its commit", batch_id)
+        whatever happens here, so a failure is not answered: the commit is tried again while
+        the pending record lives (should it expire first, the key frees)."""
+        async def commit() -> None:
+            if not await self._scripts.commit_key(keys=[key],
+                                                  args=[batch_id, committed, self._ttl_s]):
+                log.warning("Idempotency-Key of batch %s expired before its commit", batch_id)
+
+        await self._until_taken("committed", batch_id, commit)
 
     async def release(self, key: str, batch_id: str) -> None:
         """Frees the key after a failed attempt (best effort: the pending record expires)."""
-        try:
+        async def release() -> None:
             await self._scripts.release_key(keys=[key], args=[batch_id])
-        except Exception:
-            log.warning("Idempotency-Key of batch %s not released; it expires on its own",
-                        batch_id)
+
+        await self._until_taken("released", batch_id, release)
+
+    async def _until_taken(self, what: str, batch_id: str,
+                           call: Callable[[], Awaitable[None]]) -> None:
+        """Runs `call` now and, when Redis does not take it, again in the background for as
+        long as the pending record lives: left pending, the key answers every retry 409
+        `in_progress` though nothing is (a committed batch's retry, a failed attempt's),
+        and once it expires a retry of the committed batch runs a second one. Both scripts
+        check the record is still this attempt's, so a late call changes no other's."""
+        try:
+            await call()
+            return
+        except Exception as exc:
+            log.warning("Idempotency-Key of batch %s not %s yet (%s); tried again while its "
+                        "pending record lives", batch_id, what, describe(exc))
+        deadline = time.monotonic() + self._pending_ttl_ms / 1000
+
+        async def again() -> None:
+            delays = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
+            last = ""
+            while time.monotonic() < deadline:
+                await asyncio.sleep(delays())
+                try:
+                    await call()
+                except Exception as exc:
+                    last = describe(exc)
+                else:
+                    return
+            log.warning("Idempotency-Key of batch %s never %s (%s); its pending record expired",
+                        batch_id, what, last)
+
+        task = detached(again(), f"Idempotency-Key {what}")
+        self._again.add(task)
+        task.add_done_callback(self._again.discard)

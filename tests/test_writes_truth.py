@@ -1,22 +1,25 @@
-"""The API's writes under faults: each answer says what then happens.
-
-The API's producer talks to the shared broker through a proxy this test mutes (the broker
-writes what it is sent, its answers are lost: tests/write_faults_proxy.py)."""
+"""The API's writes under faults: each answer says what then happens, and an Idempotency-Key
+is answered by what its first attempt did."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from core import keys
+from core.api_scripts import COMMIT_KEY, CREATE_LATEST_BATCH, RELEASE_KEY
 from core.codec import decode_command
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+from tests.reply_loss_proxy import ReplyLossProxy
 from tests.write_faults_proxy import KafkaProxy
 
 Client = TestClient[Any, Any]
@@ -46,6 +49,11 @@ def _of(records: list[Any], batch_id: str) -> list[str]:
             if c.batch_id == batch_id]
 
 
+# -- Kafka writes a command and its answer is lost ------------------------------------------
+# The API's producer talks to the shared broker through a proxy the test mutes (the broker
+# writes what it is sent, its answers are lost: tests/write_faults_proxy.py).
+
+
 async def test_a_stop_kafka_did_not_confirm_is_answered_as_what_happens(
         api: Client, proxy: KafkaProxy, redis: Redis, topics: Settings) -> None:
     posted = await api.post("/api/v1/batches/p", headers=AUTH)
@@ -70,3 +78,75 @@ async def test_a_stop_kafka_did_not_confirm_is_answered_as_what_happens(
             f"{keys.ABANDONED}*")
 
     await eventually(sent_out, timeout=15)
+
+
+# -- Idempotency-Key transitions Redis did not take ------------------------------------------
+# A proxy in front of the shared Redis makes it unreachable from a chosen command on
+# (tests/reply_loss_proxy.py).
+
+
+@pytest.fixture
+async def redis_proxy(test_settings: Settings) -> AsyncIterator[ReplyLossProxy]:
+    url = urlsplit(test_settings.redis_url)
+    async with ReplyLossProxy(url.hostname or "127.0.0.1", url.port or 6379) as p:
+        yield p
+
+
+@pytest.fixture
+async def api_via_proxy(topics: Settings, redis: Redis,
+                        redis_proxy: ReplyLossProxy) -> AsyncIterator[Client]:
+    db = urlsplit(topics.redis_url).path
+    settings = api_settings(topics, redis_url=f"redis://127.0.0.1:{redis_proxy.port}{db}")
+    async with api_client(settings) as client:
+        response = await client.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+        assert response.status == 201
+        yield client
+
+
+def _sha(script: str) -> bytes:
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
+async def test_a_post_answered_503_frees_its_key_once_redis_is_back(
+        api_via_proxy: Client, redis: Redis, redis_proxy: ReplyLossProxy,
+        topics: Settings) -> None:
+    await redis.script_load(CREATE_LATEST_BATCH)
+    await redis.script_load(RELEASE_KEY)
+    # Redis goes away as the create is sent, after the key's claim: nothing was created, and
+    # the release of the key fails as well.
+    redis_proxy.arm(_sha(CREATE_LATEST_BATCH), outage=True)
+    headers = {**AUTH, "Idempotency-Key": "k-503"}
+    first = await api_via_proxy.post("/api/v1/batches/p", headers=headers)
+    assert first.status == 503, await first.text()
+    redis_proxy.restore()
+
+    async def released() -> bool:
+        return await redis.get(keys.idempotency(hashlib.sha256(b"k-503").hexdigest())) is None
+
+    # Nothing is in progress: the retry runs the batch. It answered 409 `in_progress` ("retry
+    # later") until the pending record expired, 60 s on.
+    await eventually(released, timeout=15)
+    again = await api_via_proxy.post("/api/v1/batches/p", headers=headers)
+    assert again.status == 200, await again.json()
+
+
+async def test_a_post_answered_200_keeps_its_key_though_redis_missed_the_commit(
+        api_via_proxy: Client, redis: Redis, redis_proxy: ReplyLossProxy,
+        topics: Settings) -> None:
+    await redis.script_load(COMMIT_KEY)
+    redis_proxy.arm(_sha(COMMIT_KEY), outage=True)  # the run command is queued by then
+    headers = {**AUTH, "Idempotency-Key": "k-200"}
+    first = await api_via_proxy.post("/api/v1/batches/p", headers=headers)
+    assert first.status == 200, await first.text()
+    batch_id = (await first.json())["item"]
+    redis_proxy.restore()
+
+    async def committed() -> bool:
+        raw = await redis.get(keys.idempotency(hashlib.sha256(b"k-200").hexdigest()))
+        return raw is not None and orjson.loads(raw)["s"] == "committed"
+
+    # A retry (its answer lost) is the same batch: it answered 409 `in_progress` for 60 s,
+    # then, the pending record expired, ran a second batch.
+    await eventually(committed, timeout=15)
+    again = await api_via_proxy.post("/api/v1/batches/p", headers=headers)
+    assert (again.status, await again.json()) == (200, {"item": batch_id})
