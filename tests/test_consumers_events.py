@@ -17,6 +17,7 @@ from consumers.plumbing import dlq
 from core import keys
 from core.codec import Event
 from core.connections import open_producer
+from core.models import iso_of
 from core.packing import unpacked
 from core.settings import Settings
 from core.store import script_entries
@@ -327,7 +328,7 @@ def test_a_poll_merges_the_highest_offset_per_partition_and_keeps_every_other_ev
     given = [e.to_dict() for e in events]
     stop_ts = repr(events[-1].ts)
     assert script_entries(events) == {"p": {
-        "b1": [["s", "b", "s", "running", None],
+        "b1": [["s", "b", "s", "running", iso_of(events[1].ts)],
                ["b", "f", "stop", None, None, None, stop_ts],
                ["o", "s", "p0", "5", "p1", "7"],
                ["o", "t", "p0", "2"]],
