@@ -43,16 +43,27 @@ CHUNK_BYTES: Final = 8 << 20
 # Writes each hash and its place in the batch index. A script rather than a pipeline of
 # HSETs because of the client: redis-py encodes every field of every command in Python,
 # which was two thirds of a rebuild's time; one JSON argument per call costs one encode.
-# The hash is the snapshot's alone: one already there (`rebuild --force` over older data) is
-# cleared first, else its fields the snapshot lacks stayed (a running batch's plain offsets
-# beside the packed ones, which they win over). Its `seen_n` is kept for a batch not stopped:
-# the snapshot does not carry it, and its seen-ids set stays.
+# The hash is the snapshot's alone: of one already there (`rebuild --force` over older data)
+# the fields the snapshot lacks are removed, else they stayed (a running batch's plain
+# offsets beside the packed ones, which they win over); after the snapshot's are written,
+# not by a DEL first (a script's writes before an error stay, as UNPACK's reasoning goes).
+# Its `seen_n` is kept for a batch not stopped: the snapshot does not carry it, and its
+# seen-ids set stays.
 RESTORE_HASHES: Final = HSET_ALL_LUA + """
 for i, row in ipairs(cjson.decode(ARGV[1])) do
-  local seen_n = row[4] and redis.call('HGET', KEYS[i + 1], 'seen_n')
-  redis.call('DEL', KEYS[i + 1])
-  hset_all(KEYS[i + 1], row[3])
-  if seen_n then redis.call('HSET', KEYS[i + 1], 'seen_n', seen_n) end
+  local key, flat, stale = KEYS[i + 1], row[3], {}
+  if redis.call('EXISTS', key) == 1 then
+    local kept = {}
+    for j = 1, #flat, 2 do kept[flat[j]] = true end
+    if row[4] then kept['seen_n'] = true end
+    for _, name in ipairs(redis.call('HKEYS', key)) do
+      if not kept[name] then stale[#stale + 1] = name end
+    end
+  end
+  hset_all(key, flat)
+  for j = 1, #stale, 1000 do
+    redis.call('HDEL', key, unpack(stale, j, math.min(j + 999, #stale)))
+  end
   redis.call('ZADD', KEYS[1], row[2], row[1])
 end
 return #KEYS - 1

@@ -16,7 +16,7 @@ from core.paging import Pager
 from core.restore import Restored, restore_batches
 from core.scripts import Scripts
 from core.settings import Settings
-from core.snapshots import Snapshot, snapshot_key, snapshot_record
+from core.snapshots import NOT_SNAPSHOTTED, Snapshot, snapshot_key, snapshot_record
 from core.store import BatchStore
 from tests.helpers import spec
 from tests.test_consumers_support import unique
@@ -51,6 +51,15 @@ async def test_a_forced_restore_over_an_older_hash_answers_the_snapshot_alone(
     await restore_batches(redis, store, pager, [Snapshot(P, batch_id, older)], set(), Restored())
     await restore_batches(redis, store, pager, [Snapshot(P, batch_id, newer)], set(), Restored())
     assert await store.get(P, batch_id) == answered
+    # A running batch's de-duplication counter (not snapshotted) stays beside its seen ids.
+    await redis.flushdb()
+    await store.create(P, batch_id, spec())
+    await store.apply(running)
+    seen_n = (await raw(redis, batch_id))["seen_n"]
+    snapshotted = {k: v for k, v in older.items() if k not in NOT_SNAPSHOTTED}
+    await restore_batches(redis, store, pager, [Snapshot(P, batch_id, snapshotted)], set(),
+                          Restored())
+    assert (await raw(redis, batch_id)).get("seen_n") == seen_n
 
 
 def _moved_ids(pipeline_id: str, prefix: str) -> list[str]:
