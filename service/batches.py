@@ -166,7 +166,6 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     once Redis answers). When the send fails the batch must not run: refused, it is purged;
     ambiguous (the command may be written and even be running), it is abandoned (hidden as
     `stop`/`failed`, its delete queued behind the run)."""
-    store = request.app[STORE]
     try:
         created = await record()
     except (ApiError, creates.NotThisRequests):
@@ -188,7 +187,9 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     try:
         await request.app[COMMANDS].command(command)
     except Refused:
-        await store.purge(pipeline_id, batch_id)
+        # Purged now, or once Redis answers: a batch left `pending` with no run command
+        # behind it would never run.
+        await request.app[ABANDONER].undo(pipeline_id, batch_id)
         raise
     except BaseException as exc:  # Ambiguous, or cancelled while Kafka held the record
         cause = exc.cause if isinstance(exc, Ambiguous) else type(exc).__name__

@@ -15,8 +15,11 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.api_scripts import COMMIT_KEY, CREATE_LATEST_BATCH, RELEASE_KEY
-from core.codec import decode_command
+from core.codec import Command, decode_command
+from core.list_scripts import PURGE_BATCH
 from core.settings import Settings
+from service.appkeys import COMMANDS
+from service.command_sender import Refused
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 from tests.reply_loss_proxy import ReplyLossProxy
@@ -150,3 +153,32 @@ async def test_a_post_answered_200_keeps_its_key_though_redis_missed_the_commit(
     await eventually(committed, timeout=15)
     again = await api_via_proxy.post("/api/v1/batches/p", headers=headers)
     assert (again.status, await again.json()) == (200, {"item": batch_id})
+
+
+async def test_a_post_kafka_refused_leaves_no_pending_batch_though_redis_missed_the_purge(
+        api_via_proxy: Client, redis: Redis, redis_proxy: ReplyLossProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sender = api_via_proxy.app[COMMANDS]
+
+    async def refused(command: Command) -> None:
+        # Kafka refuses the run command (not written) and Redis goes away as the batch
+        # is purged.
+        redis_proxy.arm(_sha(PURGE_BATCH), outage=True)
+        raise Refused()
+
+    await redis.script_load(PURGE_BATCH)
+    monkeypatch.setattr(sender, "command", refused)
+    first = await api_via_proxy.post("/api/v1/batches/p", headers=AUTH)
+    monkeypatch.undo()
+    assert first.status == 503, await first.text()
+    assert redis_proxy.fired == 1
+    redis_proxy.restore()
+
+    # No run command was written, so the batch never runs: GET showed it `pending` ("the run
+    # command is queued") for good, listed, in the pending index.
+    async def gone() -> bool:
+        return await redis.zcard(keys.batch_index("p")) == 0
+    await eventually(gone, timeout=15)
+    assert await redis.keys(keys.batch("p", "*")) == []
+    page = await (await api_via_proxy.get("/api/v1/batches/p/", headers=AUTH)).json()
+    assert page["items"] == {}
