@@ -200,6 +200,11 @@ async def committed(settings: Settings, group: str, topic: str) -> int:
     return sum(offset for tp, offset in offsets.items() if tp.topic == topic and offset > 0)
 
 
+async def events_committed_is(settings: Settings, n: int) -> bool:
+    """The events group has committed exactly `n` records of the events topic."""
+    return await committed(settings, settings.group_events, settings.topic_events) == n
+
+
 def options(**overrides: Any) -> ConsumerOptions:
     return FAST.model_copy(update=overrides)
 

@@ -22,6 +22,7 @@ from core.settings import Settings
 from tests.conftest import eventually
 from tests.test_consumers_support import (
     committed,
+    events_committed_is,
     make_spec,
     new_batch,
     options,
@@ -94,9 +95,6 @@ async def _hold_first_commit(topics: Settings, redis: Redis, monkeypatch: pytest
         finally:
             release.set()  # so the consumer can stop whatever happened
         await eventually(lambda: offset_is(3))
-        await eventually(lambda: _committed_is(topics, 3), timeout=20)
+        await eventually(lambda: events_committed_is(topics, 3), timeout=20)
     return commits, applied_at_commit
 
-
-async def _committed_is(settings: Settings, n: int) -> bool:
-    return await committed(settings, settings.group_events, settings.topic_events) == n

@@ -18,7 +18,7 @@ from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import read_topic
 from tests.test_consumers_support import (
-    committed,
+    events_committed_is,
     make_spec,
     new_batch,
     options,
@@ -52,7 +52,7 @@ async def test_an_event_keyed_otherwise_goes_to_its_batchs_partition_and_is_appl
 
         await eventually(applied)
         # The two re-sent, keyed by the batch, and everything committed (four records).
-        await eventually(lambda: _committed_is(topics, 4), timeout=20)
+        await eventually(lambda: events_committed_is(topics, 4), timeout=20)
     records = await read_topic(topics, topics.topic_events, lambda rs: len(rs) >= 4)
     resent = {(r.value, tuple(r.headers)) for r in records if r.key == batch_id.encode()}
     assert resent == {(by_pipeline, (("trace", b"t-1"),)), (unkeyed, ())}
@@ -61,6 +61,3 @@ async def test_an_event_keyed_otherwise_goes_to_its_batchs_partition_and_is_appl
     found = {m.name: m.samples[0].value for m in metrics.collect() if m.samples}
     assert found["dhub_events_rekeyed"] == 2
 
-
-async def _committed_is(settings: Settings, n: int) -> bool:
-    return await committed(settings, settings.group_events, settings.topic_events) == n
