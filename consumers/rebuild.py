@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
@@ -185,6 +186,19 @@ async def read_commands(settings: Settings) -> CommandsRead:
     return read
 
 
+async def committed_offsets(settings: Settings) -> dict[int, int]:
+    """The commands group's committed offset (the next it reads) per partition of the
+    commands topic; none for a group that never committed."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.group_commands)
+    finally:
+        await admin.close()
+    return {tp.partition: int(meta.offset) for tp, meta in offsets.items()
+            if tp.topic == settings.topic_commands and meta.offset >= 0}
+
+
 async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
     redis = await open_redis(settings)
     try:
@@ -196,7 +210,9 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
             read_pipelines(settings), read_snapshots(settings, purged), read_commands(settings))
         deletes = commands.deletes
         # Batches whose run command was not taken yet: restored from what it recorded.
-        snapshots += from_run_commands(commands.recorded, versions, snapshots, purged)
+        runs = commands.to_restore(await committed_offsets(settings),
+                                   settings.batch_retention_days * 86400, time.time())
+        snapshots += from_run_commands(runs, versions, snapshots, purged)
         scripts = Scripts(redis)
         # No change notifications: nothing is listening during a rebuild.
         store = BatchStore(redis, scripts,

@@ -12,7 +12,7 @@ every command of that key still on it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -89,6 +89,25 @@ class CommandsRead:
         """The batches deleted since their last creation."""
         return {batch for batch, at in self.delete_at.items()
                 if at.after(self.created_at.get(batch))}
+
+    def to_restore(self, committed: Mapping[int, int], retention_s: float,
+                   now: float) -> dict[Batch, Run]:
+        """The API's runs whose batch a snapshot may not hold because its run command was
+        not taken yet (`core.restore_runs`). One the commands group took (`committed`: its
+        next offset per partition) had its creation snapshotted then; with no record of it
+        left on the snapshots topic and created longer than the retention (`retention_s`,
+        0: forever) ago, it was removed by the retention, its tombstone since compacted away
+        (a day on), while its run command stays on its topic for a week: it is not brought
+        back. A deleted one is (hidden: its delete's clean-up is queued again)."""
+        deletes = self.deletes
+        out: dict[Batch, Run] = {}
+        for batch, run in self.recorded.items():
+            at = self.created_at[batch]
+            if (retention_s > 0 and at.offset < committed.get(at.partition, 0)
+                    and run.ts < now - retention_s and batch not in deletes):
+                continue
+            out[batch] = run
+        return out
 
     @property
     def stops(self) -> set[Batch]:

@@ -4,22 +4,32 @@ written into hold."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
-from aiokafka import ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
-from consumers.rebuild import SnapshotsRead, current_partition, read_snapshots, rebuild
+from consumers.rebuild import SnapshotsRead, current_partition, read_snapshots, read_whole, rebuild
+from core.command_messages import Command, Recorded
 from core.connections import open_producer
 from core.paging import Pager
 from core.restore import Restored, restore_batches
 from core.scripts import Scripts
 from core.settings import Settings
-from core.snapshots import NOT_SNAPSHOTTED, Snapshot, snapshot_key, snapshot_record
+from core.snapshots import (
+    NOT_SNAPSHOTTED,
+    Snapshot,
+    pipeline_key,
+    pipeline_record,
+    snapshot_key,
+    snapshot_record,
+)
 from core.store import BatchStore
 from tests.helpers import spec
-from tests.test_consumers_support import unique
+from tests.test_consumers_support import send, unique
 from tests.test_store_packing import PARTS, P, ev, lifecycle, raw
 
 
@@ -185,3 +195,56 @@ async def test_a_forced_rebuild_over_older_data_leaves_a_purged_batch_purged(
     await rebuild(topics, force=True)
     assert await store.get(p, "gone") is None
     assert list((await store.page(p, 10, None)).items) == ["kept"]
+
+
+async def test_a_batch_removed_by_the_retention_stays_removed_once_its_tombstone_is_compacted(
+        topics: Settings, redis: Redis, store: BatchStore) -> None:
+    """A retention shorter than the commands topic's (a week): the batch is purged and
+    tombstoned, compaction then removes its snapshots and, a day on (delete.retention.ms), its
+    tombstone, while its run command is still on the commands topic. The rebuild took that
+    command for one not taken yet and restored the batch from it: a batch removed days ago was
+    back, pending, its run never to come (the commands group is past it). A run command the
+    group committed was taken, and its batch snapshotted then: no record left means purged."""
+    topics = topics.model_copy(update={"batch_retention_days": 1})
+    p = unique("test-compacted")
+    await send(topics, topics.topic_pipelines, pipeline_key(p, "1").decode(),
+               pipeline_record(p, spec(version="1"), 0))
+    now = time.time()
+    # Taken two days ago; taken a minute ago (the batch gone when its run was taken: not one
+    # the retention removed, restored as before); not taken yet.
+    runs = {"b-removed": (now - 2 * 86400, True), "b-recent": (now - 60, True),
+            "b-waiting": (now - 2 * 86400, False)}
+    for seq, (batch_id, (ts, _)) in enumerate(runs.items(), start=1):
+        run = Command("run", batch_id, p, pipeline_version="1", ts=ts,
+                      recorded=Recorded(seq=seq, created_at="2026-12-01T00:00:00.000Z"))
+        await send(topics, topics.topic_commands, batch_id, run.encode())
+    records = {r.key: r async for r in read_whole(topics, topics.topic_commands)}
+    ends: dict[TopicPartition, int] = {}
+    for batch_id, (_, taken) in runs.items():
+        record = records[batch_id.encode()]
+        tp = TopicPartition(topics.topic_commands, record.partition)
+        if taken:
+            ends[tp] = max(ends.get(tp, 0), record.offset + 1)
+        else:
+            ends[tp] = min(ends.get(tp, record.offset), record.offset)
+    # The commands group committed past the taken ones, not the other (two partitions: the
+    # ids' keys decide where each went; where one partition holds both kinds, the test
+    # cannot tell them apart).
+    assert all(records[b.encode()].offset < ends[TopicPartition(
+        topics.topic_commands, records[b.encode()].partition)] for b, (_, t) in runs.items() if t)
+    assert all(records[b.encode()].offset >= ends[TopicPartition(
+        topics.topic_commands, records[b.encode()].partition)] for b, (_, t) in runs.items()
+        if not t)
+    group = AIOKafkaConsumer(bootstrap_servers=topics.kafka_bootstrap,
+                             group_id=topics.group_commands, enable_auto_commit=False)
+    await group.start()
+    try:
+        group.assign(list(ends))
+        await group.commit(ends)
+    finally:
+        await group.stop()
+    await rebuild(topics)
+    assert await store.get(p, "b-removed") is None, "a batch removed by the retention came back"
+    for batch_id in ("b-recent", "b-waiting"):
+        batch = await store.get(p, batch_id)
+        assert batch is not None and batch["state"]["state"] == "pending"
