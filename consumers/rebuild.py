@@ -202,8 +202,13 @@ async def committed_offsets(settings: Settings) -> dict[int, int]:
 async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
     redis = await open_redis(settings)
     try:
-        if not force and (await redis.dbsize() or await redis.exists(keys.HEARTBEAT_CONSUMERS)):
-            raise NotEmpty(f"{scrub(settings.redis_url)} is not empty (or consumers are running): "
+        # Refused under --force too: a consumer writing meanwhile (its event applied, its
+        # snapshot not read yet, then its commit) has its change overwritten for good.
+        if await redis.exists(keys.HEARTBEAT_CONSUMERS):
+            raise NotEmpty(f"consumers are running on {scrub(settings.redis_url)}: "
+                           "stop them (and the API) first")
+        if not force and await redis.dbsize():
+            raise NotEmpty(f"{scrub(settings.redis_url)} is not empty: "
                            "stop the API and the consumers and flush it, or pass --force")
         purged: set[tuple[str, str]] = set()
         versions, snapshots, commands = await asyncio.gather(
@@ -284,8 +289,9 @@ async def run(argv: list[str] | None = None, settings: Settings | None = None) -
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", help="the database to rebuild (default DHUB_REDIS_URL)")
     parser.add_argument("--force", action="store_true",
-                        help="write into a database that is not empty (the batches the "
-                             "topics hold replace its copies; those removed since are purged)")
+                        help="write into a database that is not empty, the consumers "
+                             "stopped (the batches the topics hold replace its copies; those "
+                             "removed since are purged)")
     parser.add_argument("--compare-with", metavar="URL",
                         help="after the rebuild, compare it with this database (the live one: "
                              "a dry run); exit code 1 when they differ")

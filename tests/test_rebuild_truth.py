@@ -12,7 +12,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
-from consumers.rebuild import SnapshotsRead, current_partition, read_snapshots, read_whole, rebuild
+from consumers.rebuild import (
+    NotEmpty,
+    SnapshotsRead,
+    current_partition,
+    read_snapshots,
+    read_whole,
+    rebuild,
+)
+from core import keys
 from core.command_messages import Command, Recorded
 from core.connections import open_producer
 from core.paging import Pager
@@ -248,3 +256,22 @@ async def test_a_batch_removed_by_the_retention_stays_removed_once_its_tombstone
     for batch_id in ("b-recent", "b-waiting"):
         batch = await store.get(p, batch_id)
         assert batch is not None and batch["state"]["state"] == "pending"
+
+
+async def test_a_forced_rebuild_is_refused_while_the_consumers_run(
+        topics: Settings, redis: Redis, store: BatchStore) -> None:
+    """`--force` is for a database that holds data, and it skipped the live consumers' check
+    too: the events consumer applies an event, then snapshots, then commits, so a rebuild
+    reading the snapshots between its apply and its snapshot wrote the older hash back over
+    the newer one, its event committed: GET said running, for good, of a stopped batch."""
+    p = unique("test-force-live")
+    await store.create(p, "b", spec())
+    older = {k: v for k, v in (await raw(redis, "b", p)).items() if k not in NOT_SNAPSHOTTED}
+    await send(topics, topics.topic_snapshots, snapshot_key(p, "b").decode(),
+               snapshot_record(p, "b", older))
+    await store.apply([ev("b", "batch.state", p, state="stop", outcome="failed")])
+    await redis.set(keys.HEARTBEAT_CONSUMERS, "{}", ex=60)  # the consumers are running
+    with pytest.raises(NotEmpty):
+        await rebuild(topics, force=True)
+    batch = await store.get(p, "b")
+    assert batch is not None and batch["outcome"] == "failed"
