@@ -31,7 +31,8 @@ def from_run_commands(runs: Mapping[tuple[str, str], Run], versions: Iterable[Pi
                       snapshots: Iterable[Snapshot], purged: set[tuple[str, str]]
                       ) -> list[Snapshot]:
     """The creation snapshots of the batches a run command recorded that the snapshots topic
-    does not hold (neither a snapshot nor a tombstone: a purged batch stays purged)."""
+    does not hold (neither a snapshot nor a tombstone: a purged batch stays purged). The
+    sequences of `snapshots` and of those are made unique again (`resequence`)."""
     specs = {(v.pipeline_id, v.spec.version): v.spec for v in versions}
     held = list(snapshots)
     known = {(s.pipeline_id, s.batch_id) for s in held} | purged
@@ -50,8 +51,37 @@ def from_run_commands(runs: Mapping[tuple[str, str], Run], versions: Iterable[Pi
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
         fields["seq"] = str(recorded.seq)
         out.append(Snapshot(pipeline_id, batch_id, fields))
+    resequence([*held, *out])
     _raise_created_at(held, out)
     return out
+
+
+def resequence(snapshots: Iterable[Snapshot]) -> None:
+    """Where two batches of a pipeline hold one sequence, Redis's counter went back between
+    their creations (an AOF that lost its last second: the batches created in it are gone
+    from Redis, not from the topics, and the next batches took their sequences again), and a
+    list continuing strictly below one of them would never show the other. Those batches
+    are walked in creation order (`created_at`, then sequence): each whose sequence is not
+    above every one before it is given the next past them all, and so is each after it. The
+    batches before the counter went back keep theirs (a paging token from before still
+    continues as it did); a pipeline with no sequence twice is left as it is."""
+    by_pipeline: dict[str, list[Snapshot]] = defaultdict(list)
+    for snap in snapshots:
+        by_pipeline[snap.pipeline_id].append(snap)
+    for rows in by_pipeline.values():
+        seqs = [snap.seq for snap in rows]
+        if len(set(seqs)) == len(seqs):
+            continue
+        top = 0
+        for snap in sorted(rows, key=lambda s: (s.fields.get("created_at", ""), s.seq)):
+            if snap.seq > top:
+                top = snap.seq
+            else:
+                top += 1
+                log.warning("batch %s/%s: sequence %d held by an earlier batch too (Redis's "
+                            "counter went back): restored as %d", snap.pipeline_id,
+                            snap.batch_id, snap.seq, top)
+                snap.fields["seq"] = str(top)
 
 
 def idempotency_records(runs: Iterable[Run], now: float, ttl_s: int

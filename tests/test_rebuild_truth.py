@@ -25,6 +25,7 @@ from core.command_messages import Command, Recorded
 from core.connections import open_producer
 from core.paging import Pager
 from core.restore import Restored, restore_batches
+from core.restore_runs import from_run_commands
 from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import (
@@ -275,3 +276,41 @@ async def test_a_forced_rebuild_is_refused_while_the_consumers_run(
         await rebuild(topics, force=True)
     batch = await store.get(p, "b")
     assert batch is not None and batch["outcome"] == "failed"
+
+
+async def test_batches_made_after_the_sequence_went_back_are_listed_after_the_older_ones(
+        store: BatchStore, redis: Redis, scripts: Scripts) -> None:
+    """Redis restarted from an AOF that lost its last second: the batches created in it (L1,
+    L2) are gone, with the sequence counter's last two steps, and the next ones (N1, N2, N3)
+    took those sequences again. `rebuild --force` brings L1 and L2 back from their snapshots:
+    two batches of each of those sequences. A page ending on one of them continued strictly
+    below its sequence, so the other was never listed, and the list put L2 between N2 and
+    N3."""
+    p = unique("test-seq-back")
+    for batch_id in ("old", "L1", "L2"):
+        await store.create(p, batch_id, spec())
+    lost = [Snapshot(p, b, dict(await raw(redis, b, p))) for b in ("old", "L1", "L2")]
+    await redis.delete(*(keys.batch(p, b) for b in ("L1", "L2")))
+    await redis.zrem(keys.batch_index(p), "L1", "L2")
+    await redis.set(keys.batch_seq(p), 1)  # the AOF's counter, before its last second
+    for batch_id in ("N1", "N2", "N3"):
+        await store.create(p, batch_id, spec())
+    made = [Snapshot(p, b, dict(await raw(redis, b, p))) for b in ("N1", "N2", "N3")]
+    for n, snap in enumerate([*lost, *made]):  # each a millisecond after the one before
+        snap.fields["created_at"] = snap.fields["updated_at"] = f"2026-12-01T00:00:00.00{n}Z"
+    assert [s.seq for s in made] == [2, 3, 4] and [s.seq for s in lost] == [1, 2, 3]
+    snapshots = [*lost, *made]
+    snapshots += from_run_commands({}, [], snapshots, set())
+    await restore_batches(redis, store, Pager(redis, scripts, b"secret"), snapshots, set(),
+                          Restored())
+    listed: list[str] = []
+    token: str | None = None
+    for _ in range(10):
+        page = await store.page(p, 1, token)
+        listed += list(page.items)
+        token = page.token
+        if not token:
+            break
+    assert listed == ["N3", "N2", "N1", "L2", "L1", "old"]
+    latest = await store.latest(p)
+    assert latest is not None and latest["id"] == "N3"
