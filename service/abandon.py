@@ -12,8 +12,9 @@ API process does not lose them; any API process drains it (a delete sent twice i
 
 A create whose answer never came (Redis ran it, or not, and then went away) is the other
 batch given up on: no run command was sent for it, so it is purged (`undo`), at once if
-Redis answers, else by the same loop once it does. Those wait in this process only: Redis
-is what is missing.
+Redis answers, else by the same loop once it does; so is the abandon of a POST's batch that
+Redis did not take (its run command may be on the topic). Those wait in this process only:
+Redis is what is missing.
 
 A stop whose send was ambiguous may be written too, so it will happen and is answered as
 accepted: it waits in an outbox of its own (`STOPS`) and is sent again once Kafka takes it
@@ -56,6 +57,8 @@ class Abandoner:
         self._purge = purge
         self._undo_timeout_s = undo_timeout_s
         self._undone: set[tuple[str, str]] = set()  # creates to purge once Redis answers
+        # POSTs' batches to abandon once Redis answers: (pipeline, batch) -> (version, reason)
+        self._unhidden: dict[tuple[str, str], tuple[str, str]] = {}
         self._redis = redis
         self._scripts = scripts
         self._sender = sender
@@ -69,7 +72,23 @@ class Abandoner:
         """Hides the batch as `stop`/`failed` and records that its delete must be queued.
         `released`: the request that made the batch released its Idempotency-Key (a POST
         answered 503); its delete says so, so a rebuild does not restore the key's record
-        (a DELETE answered 200 released nothing: its batch's key stays taken)."""
+        (a DELETE answered 200 released nothing: its batch's key stays taken).
+        A POST's batch Redis did not take the abandon of is abandoned once Redis answers
+        (the error is raised still): its run command may be on the topic, and the POST is
+        answered 503, after which a retry makes another batch."""
+        try:
+            await self._abandon(pipeline_id, batch_id, version, reason, released)
+        except Exception as exc:
+            if not released:
+                raise
+            log.warning("batch %s/%s: not abandoned yet (%s); abandoned once Redis answers",
+                        pipeline_id, batch_id, describe(exc))
+            self._unhidden[(pipeline_id, batch_id)] = (version, reason)
+            self._wake.set()
+            raise
+
+    async def _abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str,
+                       released: bool) -> None:
         # The outbox entry first: should the process die between the two, a delete of a
         # batch that was never hidden is harmless, a hidden batch nobody deletes is not.
         member = orjson.dumps([pipeline_id, batch_id, version, released]).decode()
@@ -106,10 +125,13 @@ class Abandoner:
             self._wake.set()
 
     def undoing(self) -> int:
-        """Creates still to undo."""
-        return len(self._undone)
+        """Creates still to undo, and POSTs' batches still to abandon."""
+        return len(self._undone) + len(self._unhidden)
 
     async def _undo_pending(self) -> None:
+        for (pipeline_id, batch_id), (version, reason) in sorted(self._unhidden.items()):
+            await self._abandon(pipeline_id, batch_id, version, reason, True)
+            del self._unhidden[(pipeline_id, batch_id)]
         purge = self._purge
         if purge is None:
             return

@@ -182,3 +182,43 @@ async def test_a_post_kafka_refused_leaves_no_pending_batch_though_redis_missed_
     assert await redis.keys(keys.batch("p", "*")) == []
     page = await (await api_via_proxy.get("/api/v1/batches/p/", headers=AUTH)).json()
     assert page["items"] == {}
+
+
+@pytest.fixture
+async def api_via_both(topics: Settings, redis: Redis, proxy: KafkaProxy,
+                       redis_proxy: ReplyLossProxy) -> AsyncIterator[Client]:
+    db = urlsplit(topics.redis_url).path
+    settings = api_settings(topics, kafka_bootstrap=proxy.address,
+                            redis_url=f"redis://127.0.0.1:{redis_proxy.port}{db}")
+    async with api_client(settings) as client:
+        response = await client.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+        assert response.status == 201
+        yield client
+
+
+async def test_a_post_answered_503_leaves_no_runnable_batch_though_redis_missed_the_abandon(
+        api_via_both: Client, redis: Redis, proxy: KafkaProxy, redis_proxy: ReplyLossProxy,
+        topics: Settings) -> None:
+    # The API's links both fail (its host's network): Kafka writes the run command and its
+    # answer is lost, and Redis is away as the batch is abandoned.
+    proxy.mute()
+    redis_proxy.arm(keys.ABANDONED.encode(), outage=True)
+    first = await api_via_both.post("/api/v1/batches/p", headers=AUTH)
+    assert first.status == 503, await first.text()
+    assert redis_proxy.fired == 1
+    redis_proxy.restore()
+    proxy.restore()
+
+    def runs(records: list[Any]) -> list[str]:
+        return [c.batch_id for c in map(decode_command, (r.value for r in records))
+                if c.type == "run"]
+
+    [batch_id] = runs(await read_topic(topics, topics.topic_commands, lambda rs: bool(runs(rs))))
+    # The run command is on the topic: the batch stayed visible, `pending`, and the commands
+    # consumer would run it, after a 503 that a retry answers with a second batch.
+    async def hidden() -> bool:
+        return await redis.hget(keys.batch("p", batch_id), "deleted") is not None
+    await eventually(hidden, timeout=15)
+    records = await read_topic(topics, topics.topic_commands,
+                               lambda rs: "delete" in _of(rs, batch_id), timeout=30)
+    assert _of(records, batch_id) == ["run", "delete"]
