@@ -175,6 +175,11 @@ class RetentionSweeper(Part):
                     # A publisher's run sent again must not bring it back as new.
                     await mark_deleted(self.redis, pipeline_id, batch_id)
                     if await self._purge(pipeline_id, batch_id, ended, resumes):
+                        # Again after the purge: a snapshot read between the first and the
+                        # purge (a late event's flush, an export) may have landed after the
+                        # first, its writer's look finding the hash still there. Compaction
+                        # keeps a key's last record, which must be a tombstone.
+                        await self.snapshots.tombstone(pipeline_id, batch_id)
                         removed += 1
                     elif await self._visible_again(pipeline_id, batch_id):
                         kept.append(batch_id)

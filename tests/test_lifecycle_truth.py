@@ -354,3 +354,44 @@ async def test_a_later_batch_of_the_id_created_during_the_sweep_is_left_with_its
             Snapshot.decode(ours[-1].value).fields["state"] == "pending"
 
     await read_topic(retention, retention.topic_snapshots, snapshot_last, timeout=10)
+
+
+async def test_a_late_snapshot_between_retentions_tombstone_and_purge_is_not_left_last(
+        topics: Settings, redis: Redis, scripts: Scripts) -> None:
+    """Retention tombstones a batch, then purges it. A late event's flush that read the batch
+    between the two (its hash still there, so its own look after the send found nothing
+    gone) landed its snapshot after the tombstone: compaction kept the snapshot, and a
+    rebuild brought the removed batch back (diff review)."""
+    retention = topics.model_copy(update={"batch_retention_days": 30})
+    store = BatchStore.from_settings(redis, retention, scripts)
+    await redis.sadd(keys.PIPELINES, P)
+    a = await batch(store, stopped_at=NOW - timedelta(days=40))
+    part = RetentionSweeper(retention, clock=NOW.timestamp)
+    await part.start()
+    real = part.snapshots.tombstone
+
+    flushed: list[str] = []
+
+    async def late_flush_meanwhile(p: str, b: str) -> None:
+        await real(p, b)
+        if flushed:
+            return
+        flushed.append(b)
+        async with contextlib.AsyncExitStack() as scope:
+            clients = await open_clients(scope, retention)
+            flush = SnapshotBatches(clients.producer, redis, retention.topic_snapshots)
+            assert await flush.write_current([(p, b)]) == 1
+
+    part.snapshots.tombstone = late_flush_meanwhile  # type: ignore[method-assign,assignment]
+    try:
+        assert await part.sweep_once() == 1
+    finally:
+        await part.stop()
+    key = snapshot_key(P, a)
+
+    def settled(records: list[Any]) -> bool:
+        return len([r for r in records if r.key == key]) >= 3
+
+    records = await read_topic(retention, retention.topic_snapshots, settled, timeout=10)
+    assert [r for r in records if r.key == key][-1].value is None
+    assert a not in {s.batch_id for s in await read_snapshots(retention)}
