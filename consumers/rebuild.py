@@ -40,7 +40,7 @@ from core.layout import RESUMED_FROM, is_visible
 from core.logs import scrub
 from core.paging import Pager
 from core.registry import PipelineRegistry
-from core.restore import Restored, restore_batches, restore_pipelines
+from core.restore import Restored, highest, raise_seqs, restore_batches, restore_pipelines
 from core.restore_runs import from_run_commands, highest_seqs
 from core.scripts import Scripts
 from core.settings import BadSetting, Settings, checked_redis_url, get_settings
@@ -225,11 +225,14 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
                            changes_channel="", dedup_window=settings.dedup_window)
         pager = Pager(redis, scripts, settings.token_secret.get_secret_value().encode())
         restored = Restored()
-        await restore_pipelines(PipelineRegistry(redis, scripts), versions, restored)
         # The sequence counters past every batch the runs recorded, purged ones included: a
-        # paging token from before the loss continues below them (`core.paging`).
-        await restore_batches(redis, store, pager, snapshots, deletes, restored,
-                              seqs=highest_seqs(commands.recorded.values()))
+        # paging token from before the loss continues below them (`core.paging`). Raised
+        # before any pipeline is registered: a POST an API takes meanwhile (one left
+        # running) makes the newest batch, not one below the batches restored after it.
+        seqs = highest(snapshots, highest_seqs(commands.recorded.values()))
+        await raise_seqs(redis, seqs)
+        await restore_pipelines(PipelineRegistry(redis, scripts), versions, restored)
+        await restore_batches(redis, store, pager, snapshots, deletes, restored, seqs=seqs)
         if force:
             # Over older data (a backup), a batch removed since is still there: its
             # tombstone says it is gone, as it was before the loss.

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import Final
 
 import orjson
 from redis.asyncio import Redis
@@ -138,7 +138,7 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
         index = keys.batch_index(pipeline_id)
         for ids, rows in restore_calls(snaps):
             await script(keys=[index, *(keys.batch(pipeline_id, b) for b in ids)], args=[rows])
-        await _raise_seq(redis, pipeline_id, max(snap.seq for snap in snaps))
+        await raise_seqs(redis, {pipeline_id: max(snap.seq for snap in snaps)})
         for snap in snaps:
             if (pipeline_id, snap.batch_id) in hidden:
                 await store.hide(pipeline_id, snap.batch_id)
@@ -153,11 +153,29 @@ async def restore_batches(redis: Redis, store: BatchStore, pager: Pager,
         await pager.ensure_indexes(pipeline_id)
         await ensure_finished(redis, store.scripts, pipeline_id)
         restored.batches += len(snaps)
-    for pipeline_id, seq in sorted((seqs or {}).items()):  # all its batches purged, too
-        await _raise_seq(redis, pipeline_id, seq)
+    await raise_seqs(redis, seqs or {})  # a pipeline whose batches were all purged, too
 
 
-async def _raise_seq(redis: Redis, pipeline_id: str, seq: int) -> None:
-    current = int(cast(str | None, await redis.get(keys.batch_seq(pipeline_id))) or 0)
-    if seq > current:
-        await redis.set(keys.batch_seq(pipeline_id), seq)
+# KEYS[1] a pipeline's sequence counter, ARGV[1] a sequence: the counter raised to it, in one
+# step (an API's create taking the counter between a read and a write would be undone).
+RAISE_SEQ: Final = """
+if (tonumber(redis.call('GET', KEYS[1])) or 0) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def highest(snapshots: Iterable[Snapshot], seqs: Mapping[str, int]) -> dict[str, int]:
+    """Per pipeline, the highest sequence of `snapshots` and `seqs`."""
+    out = dict(seqs)
+    for snap in snapshots:
+        out[snap.pipeline_id] = max(out.get(snap.pipeline_id, 0), snap.seq)
+    return out
+
+
+async def raise_seqs(redis: Redis, seqs: Mapping[str, int]) -> None:
+    """Each pipeline's sequence counter raised to at least its `seqs` entry."""
+    script = redis.register_script(RAISE_SEQ)
+    for pipeline_id, seq in sorted(seqs.items()):
+        await script(keys=[keys.batch_seq(pipeline_id)], args=[seq])

@@ -5,6 +5,7 @@ written into hold."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -314,3 +315,32 @@ async def test_batches_made_after_the_sequence_went_back_are_listed_after_the_ol
     assert listed == ["N3", "N2", "N1", "L2", "L1", "old"]
     latest = await store.latest(p)
     assert latest is not None and latest["id"] == "N3"
+
+
+async def test_a_post_taken_during_a_rebuild_is_the_newest_batch(
+        topics: Settings, redis: Redis, store: BatchStore,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API left running during a rebuild (or started before it ended) takes a POST once
+    the pipeline is registered again: its create took the sequence counter as the rebuild
+    had not raised it yet (1), below the restored batches'. GET's latest answered an older
+    batch, the list put the new one last, and a page ending on the restored batch of its
+    sequence never listed it."""
+    p = unique("test-post-during")
+    await send(topics, topics.topic_pipelines, pipeline_key(p, "1").decode(),
+               pipeline_record(p, spec(version="1"), 0))
+    await store.create(p, "restored", spec(version="1"))
+    fields = {**await raw(redis, "restored", p), "seq": "5"}  # four before it purged
+    await redis.flushdb()
+    await send(topics, topics.topic_snapshots, snapshot_key(p, "restored").decode(),
+               snapshot_record(p, "restored", fields))
+    real = restore_batches
+
+    async def with_a_post(*args: Any, **kwargs: Any) -> None:
+        await store.create(p, "posted", spec(version="1"))  # the API's POST, meanwhile
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr("consumers.rebuild.restore_batches", with_a_post)
+    await rebuild(topics)
+    latest = await store.latest(p)
+    assert latest is not None and latest["id"] == "posted"
+    assert list((await store.page(p, 10, None)).items) == ["posted", "restored"]
