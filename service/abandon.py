@@ -12,9 +12,9 @@ API process does not lose them; any API process drains it (a delete sent twice i
 
 A create whose answer never came (Redis ran it, or not, and then went away) is the other
 batch given up on: no run command was sent for it, so it is purged (`undo`), at once if
-Redis answers, else by the same loop once it does; so is the abandon of a POST's batch that
-Redis did not take (its run command may be on the topic). Those wait in this process only:
-Redis is what is missing.
+Redis answers, else by the same loop once it does; so is an abandon Redis did not take
+(its command may be on the topic). Those wait in this process only: Redis is what is
+missing.
 
 A stop whose send was ambiguous may be written too, so it will happen and is answered as
 accepted: it waits in an outbox of its own (`STOPS`) and is sent again once Kafka takes it
@@ -37,7 +37,7 @@ from core import keys
 from core.api_scripts import ApiScripts
 from core.codec import Command
 from core.models import now_iso
-from core.retry import RetryPolicy, describe
+from core.retry import RetryPolicy, Verdict, classify, describe
 from service.command_sender import CommandSender
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,8 @@ class Abandoner:
         self._purge = purge
         self._undo_timeout_s = undo_timeout_s
         self._undone: set[tuple[str, str]] = set()  # creates to purge once Redis answers
-        # POSTs' batches to abandon once Redis answers: (pipeline, batch) -> (version, reason)
-        self._unhidden: dict[tuple[str, str], tuple[str, str]] = {}
+        # Batches to abandon once Redis answers: (pipeline, batch) -> (version, reason, released)
+        self._unhidden: dict[tuple[str, str], tuple[str, str, bool]] = {}
         self._redis = redis
         self._scripts = scripts
         self._sender = sender
@@ -73,19 +73,20 @@ class Abandoner:
         `released`: the request that made the batch released its Idempotency-Key (a POST
         answered 503); its delete says so, so a rebuild does not restore the key's record
         (a DELETE answered 200 released nothing: its batch's key stays taken).
-        A POST's batch Redis did not take the abandon of is abandoned once Redis answers
-        (the error is raised still): its run command may be on the topic, and the POST is
-        answered 503, after which a retry makes another batch."""
+        With Redis away, the batch is abandoned once it answers: its command (a POST's run,
+        a DELETE's delete) may be on the topic. A POST's error is raised still (answered
+        503: its batch will not run); a DELETE's is not (its delete happens either way)."""
         try:
             await self._abandon(pipeline_id, batch_id, version, reason, released)
         except Exception as exc:
-            if not released:
+            if classify(exc) is not Verdict.UNAVAILABLE:
                 raise
             log.warning("batch %s/%s: not abandoned yet (%s); abandoned once Redis answers",
                         pipeline_id, batch_id, describe(exc))
-            self._unhidden[(pipeline_id, batch_id)] = (version, reason)
+            self._unhidden[(pipeline_id, batch_id)] = (version, reason, released)
             self._wake.set()
-            raise
+            if released:
+                raise
 
     async def _abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str,
                        released: bool) -> None:
@@ -129,8 +130,9 @@ class Abandoner:
         return len(self._undone) + len(self._unhidden)
 
     async def _undo_pending(self) -> None:
-        for (pipeline_id, batch_id), (version, reason) in sorted(self._unhidden.items()):
-            await self._abandon(pipeline_id, batch_id, version, reason, True)
+        for (pipeline_id, batch_id), (version, reason, released) in sorted(
+                self._unhidden.items()):
+            await self._abandon(pipeline_id, batch_id, version, reason, released)
             del self._unhidden[(pipeline_id, batch_id)]
         purge = self._purge
         if purge is None:

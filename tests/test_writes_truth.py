@@ -222,3 +222,28 @@ async def test_a_post_answered_503_leaves_no_runnable_batch_though_redis_missed_
     records = await read_topic(topics, topics.topic_commands,
                                lambda rs: "delete" in _of(rs, batch_id), timeout=30)
     assert _of(records, batch_id) == ["run", "delete"]
+
+
+async def test_a_delete_kafka_did_not_confirm_happens_though_redis_missed_the_abandon(
+        api_via_both: Client, redis: Redis, proxy: KafkaProxy, redis_proxy: ReplyLossProxy,
+        topics: Settings) -> None:
+    posted = await api_via_both.post("/api/v1/batches/p", headers=AUTH)
+    assert posted.status == 200
+    batch_id = (await posted.json())["item"]
+    # Both links fail as the delete is sent: Kafka writes it, its answer is lost, and Redis
+    # is away as the batch is hidden and its delete recorded in the outbox.
+    proxy.mute()
+    redis_proxy.arm(keys.ABANDONED.encode(), outage=True)
+    deleted = await api_via_both.delete(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
+    assert redis_proxy.fired == 1
+    redis_proxy.restore()
+    proxy.restore()
+    # The delete is on the topic: the batch goes. A 503 told the client nothing changed.
+    assert _of(await read_topic(topics, topics.topic_commands,
+                                lambda rs: "delete" in _of(rs, batch_id)), batch_id) == [
+        "run", "delete"]
+    assert deleted.status == 200, await deleted.text()
+
+    async def hidden() -> bool:
+        return await redis.hget(keys.batch("p", batch_id), "deleted") is not None
+    await eventually(hidden, timeout=15)
