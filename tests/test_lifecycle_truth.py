@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from consumers.export_state import export
+from consumers.plumbing import snapshot_batch
 from consumers.plumbing.creation import claim_ttl_s
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, open_clients
@@ -395,3 +396,37 @@ async def test_a_late_snapshot_between_retentions_tombstone_and_purge_is_not_lef
     records = await read_topic(retention, retention.topic_snapshots, settled, timeout=10)
     assert [r for r in records if r.key == key][-1].value is None
     assert a not in {s.batch_id for s in await read_snapshots(retention)}
+
+
+async def test_a_flush_retried_after_its_look_failed_still_tombstones_the_purged_batch(
+        topics: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flush's look for batches purged under it failed (a Redis blip) after its records
+    were sent; its retry read the purged batch as gone, sent nothing for it, and so looked
+    only at the others: the snapshot sent after the purge's tombstone stayed last (diff
+    review)."""
+    pipeline_id = unique("test-r1g")
+    batch_id = await new_batch(redis, topics, pipeline_id, spec(name=pipeline_id))
+    async with contextlib.AsyncExitStack() as scope:
+        clients = await open_clients(scope, topics)
+        flush = _PurgedBeforeSend(clients.producer, redis, topics.topic_snapshots)
+        flush.purged = (pipeline_id, batch_id)
+        real = snapshot_batch.run_all
+
+        async def blip(redis: Redis, script: Any, calls: list[list[Any]]) -> list[Any]:
+            if script is flush._gone_script:
+                raise ConnectionError("redis blip")
+            return await real(redis, script, calls)
+
+        monkeypatch.setattr(snapshot_batch, "run_all", blip)
+        with pytest.raises(ConnectionError):
+            await flush.write_current([(pipeline_id, batch_id)])
+        monkeypatch.setattr(snapshot_batch, "run_all", real)
+        flush.purged = None
+        await flush.write_current([(pipeline_id, batch_id)])  # the caller's retry
+    key = snapshot_key(pipeline_id, batch_id)
+
+    def settled(records: list[Any]) -> bool:
+        return len([r for r in records if r.key == key]) >= 3
+
+    records = await read_topic(topics, topics.topic_snapshots, settled, timeout=10)
+    assert [r for r in records if r.key == key][-1].value is None

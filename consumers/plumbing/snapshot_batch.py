@@ -114,20 +114,19 @@ class SnapshotBatches:
             return 0
         records = await self._records(batches)
         written = await self._send(batches, records)
-        await self._tombstone_purged(batches, records)
+        await self._tombstone_purged(batches)
         return written
 
-    async def _tombstone_purged(self, batches: Sequence[tuple[str, str]],
-                                records: list[str | None]) -> None:
-        """Tombstones again the batches written whose hash is gone now: purged (by retention,
-        or a delete's clean-up) after their records were read, their purge's tombstone may
-        have landed before those records, and compaction keeps a key's last record, so a
-        rebuild would bring them back. Purged after this look, their tombstone follows it."""
-        sent = [batch for batch, record in zip(batches, records, strict=True) if record]
-        if not sent:
-            return
+    async def _tombstone_purged(self, batches: Sequence[tuple[str, str]]) -> None:
+        """Tombstones again the batches whose hash is gone now: purged (by retention, or a
+        delete's clean-up) after their records were read, their purge's tombstone may have
+        landed before those records, and compaction keeps a key's last record, so a rebuild
+        would bring them back. Purged after this look, their tombstone follows it. Every
+        batch asked for, not only those this attempt sent: a retry after this look failed
+        reads a batch purged meanwhile as gone, and sends nothing for it, while the record
+        an earlier attempt sent may be its last."""
         by_pipeline: dict[str, list[tuple[str, str]]] = {}
-        for batch in sent:
+        for batch in batches:
             by_pipeline.setdefault(batch[0], []).append(batch)
         chunks = [mine[start : start + CHUNK] for mine in by_pipeline.values()
                   for start in range(0, len(mine), CHUNK)]
