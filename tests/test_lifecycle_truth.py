@@ -410,7 +410,7 @@ async def test_a_flush_retried_after_its_look_failed_still_tombstones_the_purged
         clients = await open_clients(scope, topics)
         flush = _PurgedBeforeSend(clients.producer, redis, topics.topic_snapshots)
         flush.purged = (pipeline_id, batch_id)
-        real = snapshot_batch.run_all
+        real = snapshot_batch.run_all  # type: ignore[attr-defined]
 
         async def blip(redis: Redis, script: Any, calls: list[list[Any]]) -> list[Any]:
             if script is flush._gone_script:
