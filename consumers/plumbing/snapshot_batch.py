@@ -23,7 +23,8 @@ are gone get a tombstone again (`GONE`), so the last record of a purged batch's 
 `admit` fences a write whose records were read under a partition assignment that has
 since been revoked (`consumers.plumbing.stages`): checked right before the records go to
 the producer, it raises `Fenced` instead of letting an older snapshot land after the new
-owner's. A write past that check is awaited by the revoke (`quiet`).
+owner's. A write past that check is awaited by the revoke (`quiet`), but not the tombstones
+sent again after it: they only go to batches that are gone, whoever owns them.
 """
 
 from __future__ import annotations
