@@ -17,12 +17,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 from typing_extensions import TypeIs
 
-from core.models import BATCH_STATES, STEP_STATES, PipelineSpec, deployment_name
+from core.models import (
+    BATCH_STATES,
+    FINAL_STEP_STATES,
+    STEP_STATES,
+    PipelineSpec,
+    deployment_name,
+)
 from core.settings import get_settings
 
 DELETED: Final = "deleted"
@@ -188,8 +194,10 @@ def render(fields: Mapping[str, str]) -> dict[str, Any]:
             entry["totals"] = _sorted(step_totals)
         started = fields.get(STARTED_PREFIX + name)
         moved = fields.get(MOVED_PREFIX + name)
+        end = fields.get(ENDED_PREFIX + name) if entry["state"] in FINAL_STEP_STATES else None
         entry["progress"] = progress(entry["offsets"], step_totals, started, moved,
-                                     int(fields.get(RESUMED_PREFIX + name, 0)))
+                                     int(fields.get(RESUMED_PREFIX + name, 0)),
+                                     int(end) if end else None)
         if entry["state"] != "running" or fields["state"] == "stop":
             # Time is left only to a step that runs: one that ended short of its totals
             # (failed, cut by its batch's stop, a success that skipped records) never moves
@@ -227,16 +235,22 @@ def _sorted(by_partition: dict[str, int]) -> dict[str, int]:
 
 
 def progress(offsets: Mapping[str, int], totals: Mapping[str, int] | None,
-             started: str | None, moved: str | None, before: int = 0
-             ) -> dict[str, float | None]:
+             started: str | None, moved: str | None, before: int = 0,
+             ended_ms: int | None = None) -> dict[str, float | None]:
     """A step's `progress`: percent of its totals done (when it reported the total of
-    every partition it reported), its rate in records per second since it began running
-    (`started:`, the ts of its running event: see APPLY_EVENTS), not counting the `before`
-    records it had done when it started (a resumed step's), and the time left at that rate."""
+    every partition it reported), its rate in records per second, and the time left at that
+    rate. The rate counts the records done since the step began running (`started`, the ts
+    of its running event: see APPLY_EVENTS), not the `before` it had done then (a resumed
+    step's), up to its end (`ended_ms`, the ts of its final state: the same clock, so a
+    backlog applied long after tells the rate it ran at) or, while it runs, its last move
+    (`moved`, when applied)."""
     done = sum(offsets.values())
     percent = eta = rate = None
-    if started and moved:
-        elapsed = (_when(moved) - _when(started)).total_seconds()
+    if started and (moved or ended_ms):
+        if ended_ms:  # a guess of the reconciler's has 0: no end known
+            elapsed = ended_ms / 1000 - _when(started).timestamp()
+        else:
+            elapsed = (_when(cast(str, moved)) - _when(started)).total_seconds()
         if elapsed > 0:
             rate = round(max(done - before, 0) / elapsed, 1)
     # Only when every partition has its total: over the others alone, a step that gave

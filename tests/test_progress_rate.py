@@ -1,6 +1,7 @@
-"""A step's rate counts from when it began running, on the clock of the events that report
-its progress: a consumer that applies a backlog at once must not show a step that made
-100,000 records in 100 s as doing millions a second."""
+"""A step's rate counts from when it began running by its running event's `ts`, up to its
+end by its final state's `ts` (while it runs, up to its last move as applied): a consumer
+that applies a backlog at once must not show a step that made 100,000 records in 100 s as
+doing millions a second, nor, the backlog an hour late, 27 a second."""
 
 from __future__ import annotations
 
@@ -50,6 +51,19 @@ async def test_a_backlog_applied_at_once_shows_the_rate_the_step_ran_at(
                              ts=began + 100)])
     rate = await _rate(store, b)
     assert rate is not None and 900 <= rate <= 1_100, rate
+
+
+async def test_a_step_that_ended_an_hour_before_its_backlog_shows_the_rate_it_ran_at(
+        store: BatchStore, redis: Redis) -> None:
+    b = await _running_batch(store)
+    await redis.hset(keys.batch(P, b), "created_at", iso_of(time.time() - 7_200))
+    began = time.time() - 3_700  # ran 100 s, an hour ago; its events arrive only now
+    await store.apply([Event("step.state", b, P, step=STEP, state="running", ts=began),
+                       Event("step.offsets", b, P, step=STEP, offsets={"p0": 100_000},
+                             ts=began + 100),
+                       Event("step.state", b, P, step=STEP, state="success", ts=began + 100)])
+    rate = await _rate(store, b)
+    assert rate is not None and 990 <= rate <= 1_010, rate
 
 
 async def test_a_start_stamped_ahead_of_now_counts_from_now(
