@@ -13,8 +13,8 @@ API process does not lose them; any API process drains it (a delete sent twice i
 A create whose answer never came (Redis ran it, or not, and then went away) is the other
 batch given up on: no run command was sent for it, so it is purged (`undo`), at once if
 Redis answers, else by the same loop once it does; so is an abandon Redis did not take
-(its command may be on the topic). Those wait in this process only: Redis is what is
-missing.
+(its command may be on the topic), and a stop's outbox entry. Those wait in this process
+only: Redis is what is missing.
 
 A stop whose send was ambiguous may be written too, so it will happen and is answered as
 accepted: it waits in an outbox of its own (`STOPS`) and is sent again once Kafka takes it
@@ -59,6 +59,7 @@ class Abandoner:
         self._undone: set[tuple[str, str]] = set()  # creates to purge once Redis answers
         # Batches to abandon once Redis answers: (pipeline, batch) -> (version, reason, released)
         self._unhidden: dict[tuple[str, str], tuple[str, str, bool]] = {}
+        self._stops: set[str] = set()  # `STOPS` members to record once Redis answers
         self._redis = redis
         self._scripts = scripts
         self._sender = sender
@@ -106,7 +107,13 @@ class Abandoner:
         """Records a stop Kafka did not confirm, to be sent again until it does: the first
         may be written already, so the stop is under way either way."""
         member = orjson.dumps([pipeline_id, batch_id, version]).decode()
-        await self._redis.zadd(STOPS, {member: time.time()})
+        try:
+            await self._redis.zadd(STOPS, {member: time.time()})
+        except Exception as exc:
+            if classify(exc) is not Verdict.UNAVAILABLE:
+                raise
+            # Not answered: the stop may be written, so it happens either way.
+            self._stops.add(member)
         log.warning("batch %s/%s: its stop was not confirmed by Kafka; sent again once Kafka "
                     "takes it", pipeline_id, batch_id)
         self._wake.set()
@@ -126,10 +133,13 @@ class Abandoner:
             self._wake.set()
 
     def undoing(self) -> int:
-        """Creates still to undo, and POSTs' batches still to abandon."""
-        return len(self._undone) + len(self._unhidden)
+        """Creates still to undo, batches still to abandon and stops still to record."""
+        return len(self._undone) + len(self._unhidden) + len(self._stops)
 
     async def _undo_pending(self) -> None:
+        for member in sorted(self._stops):
+            await self._redis.zadd(STOPS, {member: time.time()})
+            self._stops.discard(member)
         for (pipeline_id, batch_id), (version, reason, released) in sorted(
                 self._unhidden.items()):
             await self._abandon(pipeline_id, batch_id, version, reason, released)

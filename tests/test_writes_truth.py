@@ -18,6 +18,7 @@ from core.api_scripts import COMMIT_KEY, CREATE_LATEST_BATCH, RELEASE_KEY
 from core.codec import Command, decode_command
 from core.list_scripts import PURGE_BATCH
 from core.settings import Settings
+from service.abandon import STOPS
 from service.appkeys import COMMANDS
 from service.command_sender import Refused
 from tests.conftest import eventually
@@ -247,3 +248,22 @@ async def test_a_delete_kafka_did_not_confirm_happens_though_redis_missed_the_ab
     async def hidden() -> bool:
         return await redis.hget(keys.batch("p", batch_id), "deleted") is not None
     await eventually(hidden, timeout=15)
+
+
+async def test_a_stop_kafka_did_not_confirm_happens_though_redis_missed_its_outbox(
+        api_via_both: Client, redis: Redis, proxy: KafkaProxy, redis_proxy: ReplyLossProxy,
+        topics: Settings) -> None:
+    posted = await api_via_both.post("/api/v1/batches/p", headers=AUTH)
+    assert posted.status == 200
+    batch_id = (await posted.json())["item"]
+    proxy.mute()
+    redis_proxy.arm(STOPS.encode(), outage=True)
+    stopped = await api_via_both.put(f"/api/v1/batches/p/{batch_id}/stop", headers=AUTH)
+    assert redis_proxy.fired == 1
+    redis_proxy.restore()
+    proxy.restore()
+    # The stop is on the topic: it happens, and the answer says so (it is sent again too).
+    await read_topic(topics, topics.topic_commands, lambda rs: "stop" in _of(rs, batch_id))
+    assert stopped.status == 200, await stopped.text()
+    await read_topic(topics, topics.topic_commands,
+                     lambda rs: _of(rs, batch_id).count("stop") >= 2, timeout=30)
