@@ -215,9 +215,12 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
             read_pipelines(settings), read_snapshots(settings, purged), read_commands(settings))
         deletes = commands.deletes
         # Batches whose run command was not taken yet: restored from what it recorded.
-        runs = commands.to_restore(await committed_offsets(settings),
-                                   settings.batch_retention_days * 86400, time.time())
+        committed, retention_s, now = (await committed_offsets(settings),
+                                       settings.batch_retention_days * 86400, time.time())
+        runs = commands.to_restore(committed, retention_s, now)
         snapshots += from_run_commands(runs, versions, snapshots, purged)
+        removed = commands.removed_published(
+            committed, retention_s, now, {(s.pipeline_id, s.batch_id) for s in snapshots} | purged)
         scripts = Scripts(redis)
         # No change notifications: nothing is listening during a rebuild.
         store = BatchStore(redis, scripts,
@@ -259,7 +262,7 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
                                         for s in snapshots
                                         if (s.pipeline_id, s.batch_id) in deletes])
         await requeue(redis, "stop", stopping)
-        await restore_claims(redis, commands, purged, settings.idempotency_ttl_s)
+        await restore_claims(redis, commands, purged, settings.idempotency_ttl_s, removed)
         return restored
     finally:
         await redis.aclose()

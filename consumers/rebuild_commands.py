@@ -90,24 +90,33 @@ class CommandsRead:
         return {batch for batch, at in self.delete_at.items()
                 if at.after(self.created_at.get(batch))}
 
+    def _removed_since(self, batch: Batch, committed: Mapping[int, int], retention_s: float,
+                       now: float) -> bool:
+        """Whether the batch's creation was taken by the commands group (`committed`: its next
+        offset per partition) longer than the retention ago: its creation was snapshotted
+        then, so with no record of it left on the snapshots topic, the retention removed it
+        and compaction dropped its tombstone since (a day on, while the commands topic keeps
+        a week)."""
+        at = self.created_at[batch]
+        return (retention_s > 0 and at.offset < committed.get(at.partition, 0)
+                and at.ts < now - retention_s)
+
+    def removed_published(self, committed: Mapping[int, int], retention_s: float,
+                          now: float, held: set[Batch]) -> set[Batch]:
+        """The published batches (not in `held`: no record on the snapshots topic) removed by
+        the retention since (`_removed_since`): their ids' claims are restored as deleted."""
+        return {batch for batch in self.published - held
+                if self._removed_since(batch, committed, retention_s, now)}
+
     def to_restore(self, committed: Mapping[int, int], retention_s: float,
                    now: float) -> dict[Batch, Run]:
         """The API's runs whose batch a snapshot may not hold because its run command was
-        not taken yet (`core.restore_runs`). One the commands group took (`committed`: its
-        next offset per partition) had its creation snapshotted then; with no record of it
-        left on the snapshots topic and created longer than the retention (`retention_s`,
-        0: forever) ago, it was removed by the retention, its tombstone since compacted away
-        (a day on), while its run command stays on its topic for a week: it is not brought
-        back. A deleted one is (hidden: its delete's clean-up is queued again)."""
+        not taken yet (`core.restore_runs`): not one removed by the retention since
+        (`_removed_since`, `retention_s` 0: forever), its run command still on the topic. A
+        deleted one is (hidden: its delete's clean-up is queued again)."""
         deletes = self.deletes
-        out: dict[Batch, Run] = {}
-        for batch, run in self.recorded.items():
-            at = self.created_at[batch]
-            if (retention_s > 0 and at.offset < committed.get(at.partition, 0)
-                    and run.ts < now - retention_s and batch not in deletes):
-                continue
-            out[batch] = run
-        return out
+        return {batch: run for batch, run in self.recorded.items()
+                if batch in deletes or not self._removed_since(batch, committed, retention_s, now)}
 
     @property
     def stops(self) -> set[Batch]:
@@ -132,11 +141,12 @@ async def requeue(redis: Redis, kind: str, jobs: Iterable[tuple[Batch, float]]) 
 
 
 async def restore_claims(redis: Redis, commands: CommandsRead, purged: set[Batch],
-                         idempotency_ttl_s: int) -> None:
+                         idempotency_ttl_s: int, removed: set[Batch] | None = None) -> None:
     """The records that keep a request from making a second batch: each Idempotency-Key
     committed by the API's runs still on the topic, for what is left of its TTL (not one an
     abandoned batch's API released), and each published batch id deleted or purged
-    (tombstoned: by its delete's clean-up or by the retention) since, claimed as deleted (its
+    (tombstoned: by its delete's clean-up or by the retention; or `removed` by the retention,
+    its tombstone compacted away since) since, claimed as deleted (its
     version and config are not known again: a command published again is compared by
     pipeline only, then left deleted). The claims of published batches that still exist are
     taken again from the batches themselves when their ids are published again
@@ -146,7 +156,8 @@ async def restore_claims(redis: Redis, commands: CommandsRead, purged: set[Batch
     async with redis.pipeline(transaction=False) as pipe:
         for key, value, ttl_s in idempotency_records(runs, now, idempotency_ttl_s):
             pipe.set(key, value, ex=ttl_s, nx=True)
-        for pipeline_id, batch_id in commands.published & (commands.deletes | purged):
+        gone = commands.deletes | purged | (removed or set())
+        for pipeline_id, batch_id in commands.published & gone:
             pipe.set(keys.published(batch_id), Claim(pipeline_id, "", {}, True).encode(),
                      ex=RECORD_TTL_S, nx=True)
         await pipe.execute()

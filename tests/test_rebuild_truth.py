@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
@@ -39,6 +40,7 @@ from core.snapshots import (
 )
 from core.store import BatchStore
 from tests.helpers import spec
+from tests.test_commands_published import command as published_command
 from tests.test_consumers_support import send, unique
 from tests.test_store_packing import PARTS, P, ev, lifecycle, raw
 
@@ -344,3 +346,44 @@ async def test_a_post_taken_during_a_rebuild_is_the_newest_batch(
     latest = await store.latest(p)
     assert latest is not None and latest["id"] == "posted"
     assert list((await store.page(p, 10, None)).items) == ["posted", "restored"]
+
+
+async def _commit_past(settings: Settings, key: bytes) -> None:
+    """The commands group committed past the record of `key` (it took it)."""
+    record = next(r for r in [r async for r in read_whole(settings, settings.topic_commands)]
+                  if r.key == key)
+    tp = TopicPartition(settings.topic_commands, record.partition)
+    group = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                             group_id=settings.group_commands, enable_auto_commit=False)
+    await group.start()
+    try:
+        group.assign([tp])
+        await group.commit({tp: record.offset + 1})
+    finally:
+        await group.stop()
+
+
+async def test_a_published_id_removed_by_the_retention_stays_claimed_once_its_tombstone_is_gone(
+        topics: Settings, redis: Redis) -> None:
+    """A published batch removed by the retention keeps its id's claim in Redis (a publisher's
+    retry of that id then makes nothing). The rebuild claimed again only the ids whose
+    tombstone it read or whose delete is on the commands topic: once compaction dropped the
+    tombstone (a day on) while the create command stayed (a week), the claim was not
+    restored, and a retry of the publish ran the removed batch again. A create the commands
+    group took made its batch, snapshotted then: no record of it left means removed."""
+    topics = topics.model_copy(update={"batch_retention_days": 1})
+    p = unique("test-pub-gone")
+    batch_id = unique("batch-pub")
+    await send(topics, topics.topic_commands, batch_id,
+               published_command("run", p, batch_id, create={}, ts=time.time() - 2 * 86400))
+    # One taken a minute ago, whose batch was never made (refused: its pipeline unknown then):
+    # its retry, once the pipeline is there, runs.
+    refused_id = unique("batch-pub")
+    await send(topics, topics.topic_commands, refused_id,
+               published_command("run", p, refused_id, create={}))
+    await _commit_past(topics, batch_id.encode())
+    await _commit_past(topics, refused_id.encode())
+    await rebuild(topics)
+    claim = await redis.get(keys.published(batch_id))
+    assert claim is not None and orjson.loads(claim)["deleted"] is True
+    assert await redis.get(keys.published(refused_id)) is None
