@@ -101,9 +101,11 @@ class Health(BaseModel):
 class ReadyChecks(BaseModel):
     redis: bool = Field(description="Redis takes a write")
     kafka: bool = Field(description="the commands topic can be written")
-    topics: dict[str, bool] = Field(
-        description="each topic the API writes -> it exists and its leaders answer (only the "
-                    "commands topic decides readiness: the others fail every instance alike)")
+    topics: dict[str, bool | None] = Field(
+        description="each topic the API writes -> it exists with a leader for every partition "
+                    "(the commands topic's leaders also answer a connection; null: Kafka known "
+                    "unreachable, not probed). Only the commands topic decides readiness: the "
+                    "others fail every instance alike")
 
 
 class Ready(BaseModel):

@@ -22,6 +22,7 @@ import logging
 import time
 
 from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.cluster import ClusterMetadata
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from core.codec import Command, Event
@@ -58,6 +59,17 @@ def _ambiguous_error(exc: BaseException) -> bool:
 
 # topic, key, value, and the future its sender awaits
 _Record = tuple[str, bytes, bytes, "asyncio.Future[None]"]
+
+
+def _leaders(cluster: ClusterMetadata, topic: str) -> set[int | None]:
+    partitions = cluster.partitions_for_topic(topic) or set()
+    return {cluster.leader_for_partition(TopicPartition(topic, p)) for p in partitions}
+
+
+def _led(cluster: ClusterMetadata, topic: str) -> bool:
+    """The topic exists and every partition has a leader."""
+    leaders = _leaders(cluster, topic)
+    return bool(leaders) and None not in leaders and -1 not in leaders
 
 
 def _retrieve(future: asyncio.Future[object]) -> None:
@@ -114,25 +126,27 @@ class CommandSender:
 
     async def probe(self) -> bool:
         """Kafka answers metadata and the commands topic's leaders accept a connection."""
-        return (await self.probe_topics([self._commands_topic]))[self._commands_topic]
+        return (await self.probe_topics([]))[self._commands_topic]
 
-    async def probe_topics(self, topics: list[str]) -> dict[str, bool]:
-        """Per topic: it exists and its partitions' leaders accept a connection (one
-        metadata read for all; every topic False when Kafka does not answer in time)."""
+    async def probe_topics(self, others: list[str]) -> dict[str, bool]:
+        """`probe()` for the commands topic, and for each of `others` whether it exists with
+        a leader for every partition, from the same metadata (no connection of their own:
+        their leaders' answers must not hold up or fail the commands topic's). All False
+        when Kafka does not answer."""
         client = self._producer.client
-        out = dict.fromkeys(topics, False)
+        out = dict.fromkeys([self._commands_topic, *others], False)
         try:
             async with asyncio.timeout(self._probe_timeout):
                 cluster = await client.fetch_all_metadata()
-                for topic in topics:
-                    partitions = cluster.partitions_for_topic(topic) or set()
-                    leaders = {cluster.leader_for_partition(TopicPartition(topic, p))
-                               for p in partitions}
-                    if not partitions or None in leaders or -1 in leaders:
-                        continue
-                    out[topic] = all([await client.ready(node) for node in leaders])
+                for topic in out:
+                    out[topic] = _led(cluster, topic)
+                if out[self._commands_topic]:
+                    for node in _leaders(cluster, self._commands_topic):
+                        if not await client.ready(node):
+                            out[self._commands_topic] = False
+                            break
         except Exception:
-            return dict.fromkeys(topics, False)
+            return dict.fromkeys(out, False)
         return out
 
     async def close(self) -> None:

@@ -31,17 +31,22 @@ async def readyz(request: web.Request) -> web.Response:
     """Ready when this process can take writes, not merely reach its dependencies: Redis
     takes a write (PING passes on a READONLY replica, under OOM, while LOADING), and the
     command sender can write the commands topic (metadata answers while the topic is gone)
-    and does not refuse writes at the moment. `checks.topics` says the same of every topic
-    the API writes (the webhook's events, the PUT's pipelines): only the commands topic
-    decides readiness, since the others missing fail every instance alike, and taking them
-    all out of rotation would stop the reads and the batches' writes with them."""
+    and does not refuse writes at the moment. `checks.topics` also says, from the same
+    metadata, whether each other topic the API writes (the webhook's events, the PUT's
+    pipelines) exists with its leaders (null: Kafka known unreachable, nothing probed). Only
+    the commands topic decides readiness: the others missing fail every instance alike, and
+    taking them all out of rotation would stop the reads and the batches' writes with them."""
     redis_ok = await _check(request.app[REDIS].set(keys.READY_PROBE, "1", px=READY_PROBE_TTL_MS))
     sender = request.app[COMMANDS]
     settings = request.app[SETTINGS]
-    names = [settings.topic_commands, settings.topic_events, settings.topic_pipelines]
-    topics = await sender.probe_topics(names) if sender.available else dict.fromkeys(names,
-                                                                                      False)
-    kafka_ok = sender.available and topics[settings.topic_commands]
+    topics: dict[str, bool | None]
+    if sender.available:
+        topics = dict(await sender.probe_topics([settings.topic_events,
+                                                 settings.topic_pipelines]))
+    else:  # Kafka known unreachable: nothing probed, nothing known
+        topics = dict.fromkeys([settings.topic_commands, settings.topic_events,
+                                settings.topic_pipelines])
+    kafka_ok = bool(topics[settings.topic_commands])
     ready = redis_ok and kafka_ok
     body = {"status": "ready" if ready else "unavailable",
             "checks": {"redis": redis_ok, "kafka": kafka_ok, "topics": topics}}

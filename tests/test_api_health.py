@@ -6,6 +6,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from core.settings import Settings
+from service.appkeys import COMMANDS
 from tests.conftest import PrivateRedis, free_port
 from tests.helpers import AUTH, api_client, api_settings, spec_body
 
@@ -66,3 +67,11 @@ async def test_readyz_names_each_topic_the_api_writes_that_it_cannot_reach(
         assert ready.status == 200, body
         assert body["checks"]["topics"] == {topics.topic_commands: True, missing: False,
                                             topics.topic_pipelines: True}
+        # Kafka known unreachable: nothing is probed, so no topic is said missing (diff
+        # review: every topic read False, as if each had been looked at).
+        api.app[COMMANDS].available = False
+        ready = await api.get("/readyz")
+        body = await ready.json()
+        assert ready.status == 503, body
+        assert body["checks"]["topics"] == {topics.topic_commands: None, missing: None,
+                                            topics.topic_pipelines: None}
