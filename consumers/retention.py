@@ -65,7 +65,8 @@ HOUR_S = 3_600
 
 # KEYS as PURGE_BATCH's (batch hash, seen ids, batch index, filter indexes, finished index),
 # then the batch's resumed-by set; ARGV as PURGE_BATCH's, then ARGV[3] the created_at bound of
-# the sweeper's check (`_sweep`), ARGV[4] how many resumes the set held at that check.
+# the sweeper's check (`_sweep`), ARGV[4] how many resumes the set held at that check, ARGV[5..]
+# those resumes (the same count with other members is a resume noted since, another gone).
 # PURGE_BATCH's removal (and the resumed-by set's), only while the batch is as the sweeper
 # checked it (stopped, not hidden, created before the bound, no resume noted since), in one
 # step: a DELETE may hide it, or a resume note itself (then check it is visible), between
@@ -74,6 +75,9 @@ SWEEP_BATCH: Final = UNLIST_LUA + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'deleted', 'created_at')
 if f[1] ~= 'stop' or f[2] or not ((f[3] or '') < ARGV[3]) then return 0 end
 if redis.call('SCARD', KEYS[#KEYS]) ~= tonumber(ARGV[4]) then return 0 end
+for i = 5, #ARGV do
+  if redis.call('SISMEMBER', KEYS[#KEYS], ARGV[i]) == 0 then return 0 end
+end
 unlist(ARGV[1], 4, #KEYS - 2)
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[#KEYS])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -198,13 +202,13 @@ class RetentionSweeper(Part):
                 break
         return removed
 
-    async def _resumes_holding(self, pipeline_id: str, batch_id: str) -> int | None:
+    async def _resumes_holding(self, pipeline_id: str, batch_id: str) -> list[str] | None:
         """None when a kept batch still goes on from this one's data: a resume of it (noted
         in its resumed-by set) that is visible and ran no step yet, so never took the files
         over (its own resume would go on from this batch's data, and be refused as having
         nothing to resume from once this batch's record is gone), or one noted whose create
         may still be under way; the batch is then kept, and looked at again a retention
-        later. Else how many resumes the set holds (the purge checks none came since)."""
+        later. Else the resumes the set holds (the purge checks it holds them alone still)."""
         members = cast(set[str], await self.redis.smembers(keys.resumed_by(pipeline_id,
                                                                            batch_id)))
         for member in sorted(members):
@@ -215,9 +219,10 @@ class RetentionSweeper(Part):
                     return None
             elif is_visible(fields) and not any(f.startswith(STARTED_PREFIX) for f in fields):
                 return None
-        return len(members)
+        return sorted(members)
 
-    async def _purge(self, pipeline_id: str, batch_id: str, ended: str, resumes: int) -> bool:
+    async def _purge(self, pipeline_id: str, batch_id: str, ended: str,
+                     resumes: list[str]) -> bool:
         """`BatchStore.purge`, only if the batch is still as checked (`SWEEP_BATCH`): a DELETE
         that hid it since owns it, and its clean-up must find the hash to remove the batch's
         data (its steps are named there) before it purges it; a resume noted since goes on
@@ -228,7 +233,7 @@ class RetentionSweeper(Part):
                       keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
                       keys.batch_finished_index(pipeline_id),
                       keys.resumed_by(pipeline_id, batch_id)],
-                args=[batch_id, keys.CHANGES_CHANNEL, ended, resumes]):
+                args=[batch_id, keys.CHANGES_CHANNEL, ended, len(resumes), *resumes]):
             return False
         # As BatchStore.purge: its own note in the batch it went on from.
         holder = fields.get(RESUMED_FROM) if fields else None

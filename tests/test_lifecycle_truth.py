@@ -430,3 +430,32 @@ async def test_a_flush_retried_after_its_look_failed_still_tombstones_the_purged
 
     records = await read_topic(topics, topics.topic_snapshots, settled, timeout=10)
     assert [r for r in records if r.key == key][-1].value is None
+
+
+async def test_a_resume_noted_while_another_leaves_the_set_keeps_the_holder(
+        topics: Settings, redis: Redis, scripts: Scripts) -> None:
+    """The purge checked only how many resumes the holder's set held: a resume noting itself
+    while another left the set (its purge by another sweeper, or a DELETE's clean-up) kept
+    the count, and the holder was removed under the new resume (diff review)."""
+    retention = topics.model_copy(update={"batch_retention_days": 30})
+    store = BatchStore.from_settings(redis, retention, scripts)
+    await redis.sadd(keys.PIPELINES, P)
+    a = await batch(store, stopped_at=NOW - timedelta(days=40))
+    await redis.sadd(keys.resumed_by(P, a), "resume-long-gone")  # no batch, not recent
+    resume = new_batch_id()
+    part = RetentionSweeper(retention, clock=NOW.timestamp)
+    await part.start()
+    real = part.snapshots.tombstone
+
+    async def swapped_meanwhile(p: str, b: str) -> None:
+        await real(p, b)
+        if await redis.srem(keys.resumed_by(p, b), "resume-long-gone"):
+            await store.note_resume(p, b, resume)
+            assert await store.resume_may_go_on(p, b, resume)
+
+    part.snapshots.tombstone = swapped_meanwhile  # type: ignore[method-assign,assignment]
+    try:
+        assert await part.sweep_once() == 0
+    finally:
+        await part.stop()
+    assert await store.get(P, a) is not None, "the holder of a resume going on was removed"
