@@ -126,34 +126,45 @@ class SnapshotsRead:
     holds its newest record whenever it holds any; a key on none but older ones goes by its
     records' timestamps (the producers' clocks)."""
 
-    # key -> partition -> (its latest snapshot there, None for a tombstone; the timestamp of
-    # the key's last record there)
-    held: dict[bytes, dict[int, tuple[Snapshot | None, int]]] = field(default_factory=dict)
+    # key -> (partition, its latest snapshot there or None for a tombstone, the timestamp of
+    # the key's last record there): the key's records on one partition, the usual case.
+    held: dict[bytes, tuple[int, Snapshot | None, int]] = field(default_factory=dict)
+    # key -> partition -> (snapshot or None, timestamp): the keys met on several partitions.
+    spread: dict[bytes, dict[int, tuple[Snapshot | None, int]]] = field(default_factory=dict)
 
     def take(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        if record.key is None:
+        key = record.key
+        if key is None:
             return
-        mine = self.held.setdefault(record.key, {})
-        if record.value is None:
-            mine[record.partition] = (None, record.timestamp)
-            return
-        snap = Snapshot.decode(record.value)
-        kept = mine.get(record.partition)
-        # Of two snapshots on a partition the higher `rev` wins whatever their order (two
-        # writers can race by a few ms: a run command's creation record and the events
-        # consumer's first change); one after a tombstone is a batch of that id again.
-        if kept is None or kept[0] is None or snap.rev >= kept[0].rev:
-            mine[record.partition] = (snap, record.timestamp)
+        snap = None if record.value is None else Snapshot.decode(record.value)
+        one = self.held.get(key)
+        if one is not None and one[0] != record.partition:
+            self.spread[key] = {one[0]: (one[1], one[2])}
+            del self.held[key]
+            one = None
+        mine = self.spread.get(key)
+        if mine is None:
+            kept = None if one is None else (one[1], one[2])
+            self.held[key] = (record.partition, *self._after(kept, snap, record.timestamp))
         else:
-            mine[record.partition] = (kept[0], max(kept[1], record.timestamp))
+            mine[record.partition] = self._after(mine.get(record.partition), snap,
+                                                 record.timestamp)
+
+    @staticmethod
+    def _after(kept: tuple[Snapshot | None, int] | None, snap: Snapshot | None,
+               ts: int) -> tuple[Snapshot | None, int]:
+        """A partition's latest state of a key once `snap` (None: a tombstone) is read after
+        `kept`. Of two snapshots the higher `rev` wins whatever their order (two writers can
+        race by a few ms: a run command's creation record and the events consumer's first
+        change); one after a tombstone is a batch of that id again."""
+        if snap is None or kept is None or kept[0] is None or snap.rev >= kept[0].rev:
+            return snap, ts
+        return kept[0], max(kept[1], ts)
 
     def latest(self, partitions: int) -> dict[bytes, Snapshot | None]:
         """Per key, its newest snapshot, or None when that is its tombstone."""
-        out: dict[bytes, Snapshot | None] = {}
-        for key, mine in self.held.items():
-            if len(mine) == 1:
-                out[key] = next(iter(mine.values()))[0]
-                continue
+        out = {key: snap for key, (_, snap, _) in self.held.items()}
+        for key, mine in self.spread.items():
             now = mine.get(current_partition(key, partitions))
             out[key] = (now if now is not None else max(mine.values(), key=lambda h: h[1]))[0]
         return out
