@@ -82,21 +82,23 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
             # Not declared here (uninstalled, or on the worker only): which keys shaped the
             # data is unknown, so none may change.
             fixed &= shapes_data(declared.config)
+        # An absent key reads as null: a declared model fills every key in, and a config
+        # compared as written (its step not declared here) restates a default that way.
         problems += [
             {"loc": f"config.{step.name}.{key}",
              "msg": f"step {step.name} is done: it will not run again, so its config stays "
-                    f"as it ran ({key} {_json(before.get(key))})" if step.name in done else
-                    f"step {step.name} goes on over the data it wrote with {key} "
-                    f"{_json(before.get(key))}: a resume cannot change it (run a new batch)"}
-            for key in sorted(fixed) if before.get(key, _UNSET) != after.get(key, _UNSET)]
+                    f"as it ran ({_as_ran(before, key)})" if step.name in done else
+                    f"step {step.name} goes on over the data it wrote "
+                    f"{_as_ran(before, key)}: a resume cannot change it (run a new batch)"}
+            for key in sorted(fixed) if before.get(key) != after.get(key)]
     return problems
 
 
-_UNSET = object()
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value).decode()  # as the client wrote it: null, not None
+def _as_ran(config: Mapping[str, Any], key: str) -> str:
+    """`key` as the batch ran with it, as the client wrote it (null, not None)."""
+    if key not in config:
+        return f"without {key}"
+    return f"with {key} {orjson.dumps(config[key]).decode()}"
 
 
 def _as_read(uses: str, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -155,3 +155,25 @@ def test_a_resume_over_a_step_whose_plugin_is_not_installed_here_changes_no_key(
                                           "load": {"fail_at": "load"}}
     problems = resume_problems(spec, base, changed, done=[], started="extract")
     assert [p["loc"] for p in problems] == ["config.extract.partitions"]
+
+
+def test_a_resume_restating_a_null_over_an_undeclared_step_changes_nothing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the plugin not installed here, the config is compared as written: a key absent
+    on one side and null on the other counted as a change, so a resume restating
+    `"fail_at": null` (the default the docstring calls no change) was refused 400 "goes on
+    over the data it wrote with fail_at null", a key the batch never had (diff review)."""
+    from core.run_config import resume_problems
+
+    monkeypatch.setattr(step_catalogue, "entry_points", lambda group: [])
+    declarations.cache_clear()
+    spec = PipelineSpec(name="p", version="1", steps=[
+        StepSpec(name="extract", uses="sales.extract", config={"partitions": 2})])
+    base = {"extract": {"partitions": 2}}
+    restated: dict[str, dict[str, Any]] = {"extract": {"partitions": 2, "fail_at": None}}
+    assert resume_problems(spec, base, restated, done=[], started="extract") == []
+    assert resume_problems(spec, base, restated, done=["extract"], started=None) == []
+    # A value the batch never had still changes it: said so, not as a null it ran with.
+    changed: dict[str, dict[str, Any]] = {"extract": {"partitions": 2, "fail_at": "extract"}}
+    [problem] = resume_problems(spec, base, changed, done=[], started="extract")
+    assert "without fail_at" in problem["msg"], problem
