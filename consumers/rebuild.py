@@ -124,19 +124,24 @@ class SnapshotsRead:
     stays on the old one (compaction keeps it), possibly with a higher `rev` than a reused
     id's new batch, or behind a tombstone that has none. So the partition the key goes to now
     holds its newest record whenever it holds any; a key on none but older ones goes by its
-    records' timestamps (the producers' clocks)."""
+    records' timestamps (the producers' clocks). A key never tombstoned is one batch's life,
+    whose highest `rev` is its latest wherever it went."""
 
     # key -> (partition, its latest snapshot there or None for a tombstone, the timestamp of
     # the key's last record there): the key's records on one partition, the usual case.
     held: dict[bytes, tuple[int, Snapshot | None, int]] = field(default_factory=dict)
     # key -> partition -> (snapshot or None, timestamp): the keys met on several partitions.
     spread: dict[bytes, dict[int, tuple[Snapshot | None, int]]] = field(default_factory=dict)
+    # The keys met with a tombstone (anywhere).
+    tombstoned: set[bytes] = field(default_factory=set)
 
     def take(self, record: ConsumerRecord[bytes, bytes]) -> None:
         key = record.key
         if key is None:
             return
         snap = None if record.value is None else Snapshot.decode(record.value)
+        if snap is None:
+            self.tombstoned.add(key)
         one = self.held.get(key)
         if one is not None and one[0] != record.partition:
             self.spread[key] = {one[0]: (one[1], one[2])}
@@ -165,6 +170,14 @@ class SnapshotsRead:
         """Per key, its newest snapshot, or None when that is its tombstone."""
         out = {key: snap for key, (_, snap, _) in self.held.items()}
         for key, mine in self.spread.items():
+            if key not in self.tombstoned:
+                # One batch's life (an id is used again only after a purge): its highest
+                # `rev`, whichever partition a producer's metadata sent it to (one that has
+                # not learnt of the raise yet, for up to its metadata.max.age.ms, still
+                # sends to the old one).
+                out[key] = max((snap for snap, _ in mine.values() if snap is not None),
+                               key=lambda snap: snap.rev)
+                continue
             now = mine.get(current_partition(key, partitions))
             out[key] = (now if now is not None else max(mine.values(), key=lambda h: h[1]))[0]
         return out
