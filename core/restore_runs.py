@@ -67,7 +67,8 @@ def resequence(snapshots: Iterable[Snapshot]) -> None:
     continues as it did); a pipeline with no sequence twice is left as it is."""
     by_pipeline: dict[str, list[Snapshot]] = defaultdict(list)
     for snap in snapshots:
-        by_pipeline[snap.pipeline_id].append(snap)
+        if snap.seq > 0:  # a hash with no sequence is listed as it was (at 0)
+            by_pipeline[snap.pipeline_id].append(snap)
     for rows in by_pipeline.values():
         seqs = [snap.seq for snap in rows]
         if len(set(seqs)) == len(seqs):
