@@ -51,7 +51,7 @@ from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
 from core import keys
 from core.layout import RESUMED_FROM, STARTED_PREFIX, is_visible
-from core.list_scripts import HOURS_LUA, UNLIST_LUA
+from core.list_scripts import HOURS_LUA, PURGE_LUA
 from core.models import batch_id_ms
 from core.paging import ensure_finished
 from core.retry import describe
@@ -71,17 +71,14 @@ HOUR_S = 3_600
 # checked it (stopped, not hidden, created before the bound, no resume noted since), in one
 # step: a DELETE may hide it, or a resume note itself (then check it is visible), between
 # that check and the purge. Returns 1 when purged, else 0.
-SWEEP_BATCH: Final = UNLIST_LUA + """
+SWEEP_BATCH: Final = PURGE_LUA + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'deleted', 'created_at')
 if f[1] ~= 'stop' or f[2] or not ((f[3] or '') < ARGV[3]) then return 0 end
 if redis.call('SCARD', KEYS[#KEYS]) ~= tonumber(ARGV[4]) then return 0 end
 for i = 5, #ARGV do
   if redis.call('SISMEMBER', KEYS[#KEYS], ARGV[i]) == 0 then return 0 end
 end
-unlist(ARGV[1], 4, #KEYS - 2)
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[#KEYS])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+purge(#KEYS - 2, KEYS[#KEYS])
 return 1
 """
 # KEYS[1] the pipeline's finished index, ARGV[1] now (ISO-8601), ARGV[2..] batch ids: each

@@ -98,11 +98,19 @@ return 1
 # ARGV[1] batch id, ARGV[2] change channel ('' for none)
 # Removes every key and index entry of the batch (after delete, or to undo a create that
 # failed), its finished bucket's id excepted.
-PURGE_BATCH: Final = UNLIST_LUA + """
-unlist(ARGV[1], 4, #KEYS - 1)
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+# PURGE_LUA's `purge(last, ...)` (KEYS[last] the last filter index; `...` more keys to
+# delete with the batch's) is the whole of it; the retention's SWEEP_BATCH calls it after its
+# own checks.
+PURGE_LUA: Final = UNLIST_LUA + """
+local function purge(last, ...)
+  unlist(ARGV[1], 4, last)
+  redis.call('DEL', KEYS[1], KEYS[2], ...)
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+end
+"""
+PURGE_BATCH: Final = PURGE_LUA + """
+purge(#KEYS - 1)
 return 1
 """
 
