@@ -25,7 +25,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
@@ -97,15 +97,46 @@ async def read_whole(settings: Settings, topic: str, found: list[int] | None = N
 
 
 async def read_pipelines(settings: Settings) -> list[PipelineVersion]:
-    latest: dict[bytes, PipelineVersion] = {}
-    async for record in read_whole(settings, settings.topic_pipelines):
+    latest: dict[bytes, tuple[PipelineVersion, tuple[int, int]]] = {}
+    found: list[int] = []
+    async for record in read_whole(settings, settings.topic_pipelines, found):
         if record.key is None:
             continue
         if record.value is None:  # a tombstone: until compaction, the records before it stay
             latest.pop(record.key, None)
         else:
-            latest[record.key] = PipelineVersion.decode(record.value)
-    return list(latest.values())
+            # Where the record is, for `reordered`: its offset on the one partition the
+            # topic has; on several, the producers' timestamps.
+            at = (0, record.offset) if len(found) == 1 else (record.timestamp, record.offset)
+            latest[record.key] = (PipelineVersion.decode(record.value), at)
+    return reordered(list(latest.values()))
+
+
+def reordered(versions: list[tuple[PipelineVersion, tuple[int, int]]]) -> list[PipelineVersion]:
+    """Each version's place in its pipeline's registration order (`order`), its record's
+    own unless two versions of a pipeline hold one place: the registry went back between
+    their records (Redis lost, the pipeline PUT again before the rebuild, each PUT's place
+    taken in the registry it saw). Then the records are walked in the order written (`at`),
+    and each whose place is not past every one before it takes the next place past them (a
+    version PUT again unchanged keeps its place: it is no other version's)."""
+    by_pipeline: dict[str, list[tuple[PipelineVersion, tuple[int, int]]]] = {}
+    for row in versions:
+        by_pipeline.setdefault(row[0].pipeline_id, []).append(row)
+    out: list[PipelineVersion] = []
+    for rows in by_pipeline.values():
+        orders = [version.order for version, _ in rows]
+        if len(set(orders)) == len(orders):
+            out += [version for version, _ in rows]
+            continue
+        top = -1
+        for version, _ in sorted(rows, key=lambda row: row[1]):
+            if version.order > top:
+                top = version.order
+                out.append(version)
+            else:
+                top += 1
+                out.append(replace(version, order=top))
+    return out
 
 
 def current_partition(key: bytes, count: int) -> int:

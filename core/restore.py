@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -81,16 +81,28 @@ class Restored:
 
 async def restore_pipelines(registry: PipelineRegistry, versions: Iterable[PipelineVersion],
                             restored: Restored) -> None:
-    """Registers each version in its pipeline's registration order (the last is latest)."""
+    """Registers each version in its pipeline's registration order (the last is latest).
+    Over a registry that holds versions already (`rebuild --force`: the pipeline PUT again
+    after a loss), registering appends, so the order is then written as the records say
+    (versions only the registry holds after them)."""
     by_pipeline: dict[str, list[PipelineVersion]] = defaultdict(list)
     for version in versions:
         by_pipeline[version.pipeline_id].append(version)
     for pipeline_id, found in sorted(by_pipeline.items()):
+        wanted = [v.spec.version for v in sorted(found, key=lambda v: v.order)]
         for version in sorted(found, key=lambda v: v.order):
             outcome = await registry.register(pipeline_id, version.spec)
             if outcome is Registered.CONFLICT:  # the database was not empty
                 restored.conflicts.append(f"{pipeline_id}/{version.spec.version}")
             restored.versions += 1
+        held = cast(list[str], await registry.redis.lrange(keys.pipeline_order(pipeline_id),
+                                                           0, -1))
+        order = wanted + [v for v in held if v not in set(wanted)]
+        if held != order:
+            async with registry.redis.pipeline(transaction=True) as tx:
+                tx.delete(keys.pipeline_order(pipeline_id))
+                tx.rpush(keys.pipeline_order(pipeline_id), *order)
+                await tx.execute()
         restored.pipelines += 1
 
 

@@ -21,17 +21,20 @@ from consumers.rebuild import (
     read_snapshots,
     read_whole,
     rebuild,
+    reordered,
 )
 from core import keys
 from core.command_messages import Command, Recorded
 from core.connections import open_producer
 from core.paging import Pager
+from core.registry import PipelineRegistry
 from core.restore import Restored, restore_batches
 from core.restore_runs import from_run_commands
 from core.scripts import Scripts
 from core.settings import Settings
 from core.snapshots import (
     NOT_SNAPSHOTTED,
+    PipelineVersion,
     Snapshot,
     pipeline_key,
     pipeline_record,
@@ -394,3 +397,42 @@ async def test_a_published_id_removed_by_the_retention_stays_claimed_once_its_to
     claim = await redis.get(keys.published(batch_id))
     assert claim is not None and orjson.loads(claim)["deleted"] is True
     assert await redis.get(keys.published(refused_id)) is None
+
+
+async def test_a_version_put_after_a_loss_stays_the_latest(
+        topics: Settings, redis: Redis) -> None:
+    """Redis lost, the pipeline PUT again before the rebuild (its POSTs answered 404 till
+    then): the API gave each record its place in the registry it saw, empty, so the topic
+    holds two versions at place 0. The rebuild sorted them by that place alone, and over the
+    live registry (`--force`) appended the versions it lacked after the ones there: GET's
+    latest (and a POST's version) went back to an older version than the API last named."""
+    registry = PipelineRegistry(redis, Scripts(redis))
+    p, q = unique("test-put-after"), unique("test-put-after")
+    records = [(p, "1", 0), (p, "2", 1), (p, "2", 0),  # p: its latest PUT again
+               (q, "1", 0), (q, "2", 1), (q, "3", 0)]  # q: a new version PUT
+    for pipeline_id, version, order in records:
+        await send(topics, topics.topic_pipelines, pipeline_key(pipeline_id, version).decode(),
+                   pipeline_record(pipeline_id, spec(version=version), order))
+    await rebuild(topics)
+    assert (await registry.latest_version(p), await registry.latest_version(q)) == ("2", "3")
+    # Over the live registry, which holds what was PUT after the loss.
+    await redis.flushdb()
+    await registry.register(p, spec(version="2"))
+    await registry.register(q, spec(version="3"))
+    await rebuild(topics, force=True)
+    assert [s.version for s in await registry.versions(p)] == ["1", "2"]
+    assert [s.version for s in await registry.versions(q)] == ["1", "2", "3"]
+
+
+def test_the_registration_order_is_each_records_own_unless_two_share_a_place() -> None:
+    def v(version: str, order: int) -> PipelineVersion:
+        return PipelineVersion("p", order, spec(version=version))
+
+    def placed(rows: list[tuple[PipelineVersion, tuple[int, int]]]) -> list[str]:
+        return [x.spec.version for x in sorted(reordered(rows), key=lambda x: x.order)]
+
+    # Version 1 PUT again (unchanged) after 2: its record is the last written, at its place.
+    assert placed([(v("2", 1), (0, 1)), (v("1", 0), (0, 2))]) == ["1", "2"]
+    # After a loss, 3 then 1 PUT again (the registry the API saw: [3], then [3, 1]).
+    assert placed([(v("2", 1), (0, 1)), (v("3", 0), (0, 2)), (v("1", 1), (0, 3))]) == [
+        "2", "3", "1"]
