@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Final, cast
+from typing import Final
 
 import orjson
 from redis.asyncio import Redis
@@ -70,6 +70,26 @@ return #KEYS - 1
 """
 
 
+# KEYS[1] a pipeline's registration order (keys.pipeline_order), ARGV the versions in the
+# order the topic's records say. The list becomes ARGV, then the versions only it held (in
+# its order), in one step: a version a PUT registers meanwhile is not lost from it.
+REORDER_VERSIONS: Final = """
+local held = redis.call('LRANGE', KEYS[1], 0, -1)
+local wanted, order = {}, {}
+for _, v in ipairs(ARGV) do wanted[v] = true; order[#order + 1] = v end
+for _, v in ipairs(held) do if not wanted[v] then order[#order + 1] = v end end
+local same = #order == #held
+for i = 1, #order do if order[i] ~= held[i] then same = false end end
+if not same then
+  redis.call('DEL', KEYS[1])
+  for i = 1, #order, 1000 do
+    redis.call('RPUSH', KEYS[1], unpack(order, i, math.min(i + 999, #order)))
+  end
+end
+return same and 0 or 1
+"""
+
+
 @dataclass(slots=True)
 class Restored:
     pipelines: int = 0
@@ -95,14 +115,8 @@ async def restore_pipelines(registry: PipelineRegistry, versions: Iterable[Pipel
             if outcome is Registered.CONFLICT:  # the database was not empty
                 restored.conflicts.append(f"{pipeline_id}/{version.spec.version}")
             restored.versions += 1
-        held = cast(list[str], await registry.redis.lrange(keys.pipeline_order(pipeline_id),
-                                                           0, -1))
-        order = wanted + [v for v in held if v not in set(wanted)]
-        if held != order:
-            async with registry.redis.pipeline(transaction=True) as tx:
-                tx.delete(keys.pipeline_order(pipeline_id))
-                tx.rpush(keys.pipeline_order(pipeline_id), *order)
-                await tx.execute()
+        await registry.redis.eval(REORDER_VERSIONS, 1, keys.pipeline_order(pipeline_id),
+                                  *wanted)
         restored.pipelines += 1
 
 
