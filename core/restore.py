@@ -47,24 +47,27 @@ CHUNK_BYTES: Final = 8 << 20
 # the fields the snapshot lacks are removed, else they stayed (a running batch's plain
 # offsets beside the packed ones, which they win over); after the snapshot's are written,
 # not by a DEL first (a script's writes before an error stay, as UNPACK's reasoning goes).
-# Its `seen_n` is kept for a batch not stopped: the snapshot does not carry it, and its
-# seen-ids set stays.
+# Two fields the snapshot never carries are kept: `seen_n` for a batch not stopped (its
+# seen-ids set stays), and `deleted` (a snapshot is never taken of a hidden batch: the
+# DELETE was answered, by a live API during `rebuild --force` or before the older data was
+# saved), which keeps the batch out of the index as HIDE_BATCH left it.
 RESTORE_HASHES: Final = HSET_ALL_LUA + """
 for i, row in ipairs(cjson.decode(ARGV[1])) do
-  local key, flat, stale = KEYS[i + 1], row[3], {}
+  local key, flat, stale, hidden = KEYS[i + 1], row[3], {}, false
   if redis.call('EXISTS', key) == 1 then
-    local kept = {}
+    local kept = {deleted = true}
     for j = 1, #flat, 2 do kept[flat[j]] = true end
     if row[4] then kept['seen_n'] = true end
     for _, name in ipairs(redis.call('HKEYS', key)) do
       if not kept[name] then stale[#stale + 1] = name end
     end
+    hidden = redis.call('HEXISTS', key, 'deleted') == 1
   end
   hset_all(key, flat)
   for j = 1, #stale, 1000 do
     redis.call('HDEL', key, unpack(stale, j, math.min(j + 999, #stale)))
   end
-  redis.call('ZADD', KEYS[1], row[2], row[1])
+  if not hidden then redis.call('ZADD', KEYS[1], row[2], row[1]) end
 end
 return #KEYS - 1
 """

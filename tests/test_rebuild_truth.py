@@ -87,6 +87,22 @@ async def test_a_forced_restore_over_an_older_hash_answers_the_snapshot_alone(
     assert (await raw(redis, batch_id)).get("seen_n") == seen_n
 
 
+
+async def test_a_batch_deleted_during_a_forced_restore_stays_deleted(
+        store: BatchStore, redis: Redis, scripts: Scripts) -> None:
+    """`rebuild --force` with the API still answering: a DELETE hides the batch (no snapshot
+    is ever taken of a hidden one), then the restore writes its snapshot over the hash. The
+    restored hash is the snapshot's, and `deleted` is not in it: the deleted batch was back
+    in GET and in the list until its clean-up purged it."""
+    await store.create(P, "b", spec())
+    fields = {k: v for k, v in (await raw(redis, "b")).items() if k not in NOT_SNAPSHOTTED}
+    assert await store.hide(P, "b")
+    await restore_batches(redis, store, Pager(redis, scripts, b"secret"),
+                          [Snapshot(P, "b", fields)], set(), Restored())
+    assert await store.get(P, "b") is None
+    assert list((await store.page(P, 10, None)).items) == []
+    assert await redis.zscore(keys.batch_index(P), "b") is None
+
 def _moved_ids(pipeline_id: str, prefix: str) -> list[str]:
     """Two batch ids whose snapshot keys move when the topic grows from 2 partitions to 3: one
     to a lower partition, one to a higher (whatever order the partitions are read in, one of
