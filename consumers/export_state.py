@@ -65,7 +65,8 @@ async def write_settled(writer: SnapshotWriter, pipeline_id: str, ids: list[str]
     the events consumer before this older one landed, and compaction keeps a key's last
     record: a rebuild would bring back the older version, its change's events committed.
     Unchanged through the write, any later change's snapshot comes after this one. One gone
-    meanwhile (purged) gets a tombstone again: its purge's may have landed first."""
+    meanwhile (purged) gets a tombstone again from `write_current`: its purge's may have
+    landed first."""
     written = 0
     todo = ids
     for round_ in range(SETTLE_ROUNDS):
@@ -73,9 +74,6 @@ async def write_settled(writer: SnapshotWriter, pipeline_id: str, ids: list[str]
         count = await writer.write_current((pipeline_id, b) for b in todo)
         written += count if round_ == 0 else 0
         after = await _versions(writer.redis, pipeline_id, todo)
-        for batch_id, was, now in zip(todo, before, after, strict=True):
-            if was is not None and now is None:
-                await writer.tombstone(pipeline_id, batch_id)
         todo = [b for b, was, now in zip(todo, before, after, strict=True)
                 if now is not None and now != was]
         if not todo:

@@ -152,7 +152,10 @@ class SnapshotWriter:
         """Snapshots of the batches as Redis holds them now (one pipelined read of their
         hashes, then every record sent before any is awaited). A batch gone meanwhile (purged)
         is skipped: its purge writes its tombstone; so is one too large for a record even
-        compressed (`fit_record`). Returns how many were written."""
+        compressed (`fit_record`). One purged between the read and the send may have its
+        purge's tombstone land before the record: once sent, each batch whose hash is gone
+        gets a tombstone again, so its key's last record is one. Returns how many were
+        written."""
         pairs = list(batches)
         if not pairs:
             return 0
@@ -174,6 +177,13 @@ class SnapshotWriter:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for pipeline_id, batch_id in pairs:
+                pipe.exists(keys.batch(pipeline_id, batch_id))
+            there = cast(list[int], await pipe.execute())
+        for (pipeline_id, batch_id), exists in zip(pairs, there, strict=True):
+            if not exists:
+                await self.tombstone(pipeline_id, batch_id)
         return len(sends)
 
     async def tombstone(self, pipeline_id: str, batch_id: str) -> None:
