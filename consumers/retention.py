@@ -63,8 +63,8 @@ log = logging.getLogger(__name__)
 DAY_S = 86_400
 HOUR_S = 3_600
 
-# KEYS as PURGE_BATCH's (batch hash, seen ids, batch index, filter indexes, finished index),
-# then the batch's resumed-by set; ARGV as PURGE_BATCH's, then ARGV[3] the created_at bound of
+# KEYS as PURGE_BATCH's (batch hash, seen ids, batch index, filter indexes, finished index,
+# purge mark), then the batch's resumed-by set; ARGV as PURGE_BATCH's, then ARGV[3] the created_at bound of
 # the sweeper's check (`_sweep`), ARGV[4] how many resumes the set held at that check, ARGV[5..]
 # those resumes (the same count with other members is a resume noted since, another gone).
 # PURGE_BATCH's removal (and the resumed-by set's), only while the batch is as the sweeper
@@ -74,11 +74,12 @@ HOUR_S = 3_600
 SWEEP_BATCH: Final = PURGE_LUA + """
 local f = redis.call('HMGET', KEYS[1], 'state', 'deleted', 'created_at')
 if f[1] ~= 'stop' or f[2] or not ((f[3] or '') < ARGV[3]) then return 0 end
-if redis.call('SCARD', KEYS[#KEYS]) ~= tonumber(ARGV[4]) then return 0 end
+local resumes = KEYS[#KEYS]
+if redis.call('SCARD', resumes) ~= tonumber(ARGV[4]) then return 0 end
 for i = 5, #ARGV do
-  if redis.call('SISMEMBER', KEYS[#KEYS], ARGV[i]) == 0 then return 0 end
+  if redis.call('SISMEMBER', resumes, ARGV[i]) == 0 then return 0 end
 end
-purge(#KEYS - 2, KEYS[#KEYS])
+purge(#KEYS - 3, KEYS[#KEYS - 1], resumes)
 return 1
 """
 # KEYS[1] the pipeline's finished index, ARGV[1] now (ISO-8601), ARGV[2..] batch ids: each
@@ -229,6 +230,7 @@ class RetentionSweeper(Part):
                 keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
                       keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
                       keys.batch_finished_index(pipeline_id),
+                      keys.batch_purged(pipeline_id, batch_id),
                       keys.resumed_by(pipeline_id, batch_id)],
                 args=[batch_id, keys.CHANGES_CHANNEL, ended, len(resumes), *resumes]):
             return False

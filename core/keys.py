@@ -44,6 +44,17 @@ def batch_ids(key: str) -> tuple[str, str] | None:
     return (pipeline_id, batch_id) if sep and pipeline_id and batch_id else None
 
 
+def batch_purged(pipeline_id: str, batch_id: str) -> str:
+    """String, for `PURGED_MARK_S` after the batch's purge: a snapshot's writer that finds
+    the hash gone once its record is sent tombstones the batch again only with this mark
+    there, since a hash gone without one is Redis having lost it, and the batch's snapshot is
+    what a rebuild restores it from."""
+    return f"{_tag(pipeline_id)}:purged:{batch_id}"
+
+
+PURGED_MARK_S = 3_600
+
+
 def batch_seen(pipeline_id: str, batch_id: str) -> str:
     """Sorted set of the batch's most recent event ids, for de-duplication."""
     return f"{_tag(pipeline_id)}:seen:{batch_id}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from core.keys import INDEXED_STATES
+from core.keys import INDEXED_STATES, PURGED_MARK_S
 from core.models import OUTCOMES
 
 # The only form of `created_at` CREATE_BATCH takes (what `core.models.now_iso` writes):
@@ -94,23 +94,24 @@ return 1
 # KEYS[1] batch hash, KEYS[2] batch's seen-event-ids zset, KEYS[3] pipeline's batch index,
 # KEYS[4..] its filter indexes
 # (keys.batch_filter_indexes), then its finished index (unused: an id left in its bucket is
-# skipped by the sweeper)
+# skipped by the sweeper), then its purge mark (keys.batch_purged)
 # ARGV[1] batch id, ARGV[2] change channel ('' for none)
 # Removes every key and index entry of the batch (after delete, or to undo a create that
-# failed), its finished bucket's id excepted.
-# PURGE_LUA's `purge(last, ...)` (KEYS[last] the last filter index; `...` more keys to
-# delete with the batch's) is the whole of it; the retention's SWEEP_BATCH calls it after its
-# own checks.
-PURGE_LUA: Final = UNLIST_LUA + """
-local function purge(last, ...)
+# failed), its finished bucket's id excepted, and marks it purged for keys.PURGED_MARK_S.
+# PURGE_LUA's `purge(last, mark, ...)` (KEYS[last] the last filter index, `mark` the purge
+# mark's key, `...` more keys to delete with the batch's) is the whole of it; the retention's
+# SWEEP_BATCH calls it after its own checks.
+PURGE_LUA: Final = UNLIST_LUA + f"""
+local function purge(last, mark, ...)
   unlist(ARGV[1], 4, last)
   redis.call('DEL', KEYS[1], KEYS[2], ...)
+  redis.call('SET', mark, '1', 'EX', {PURGED_MARK_S})
   redis.call('ZREM', KEYS[3], ARGV[1])
   if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
 end
 """
 PURGE_BATCH: Final = PURGE_LUA + """
-purge(#KEYS - 1)
+purge(#KEYS - 2, KEYS[#KEYS])
 return 1
 """
 

@@ -153,9 +153,9 @@ class SnapshotWriter:
         hashes, then every record sent before any is awaited). A batch gone meanwhile (purged)
         is skipped: its purge writes its tombstone; so is one too large for a record even
         compressed (`fit_record`). One purged between the read and the send may have its
-        purge's tombstone land before the record: once sent, each batch whose hash is gone
-        gets a tombstone again, so its key's last record is one. Returns how many were
-        written."""
+        purge's tombstone land before the record: once sent, each batch purged (its hash gone,
+        its purge mark there: `keys.batch_purged`) gets a tombstone again, so its key's last
+        record is one. Returns how many were written."""
         pairs = list(batches)
         if not pairs:
             return 0
@@ -180,9 +180,11 @@ class SnapshotWriter:
         async with self.redis.pipeline(transaction=False) as pipe:
             for pipeline_id, batch_id in pairs:
                 pipe.exists(keys.batch(pipeline_id, batch_id))
+                pipe.exists(keys.batch_purged(pipeline_id, batch_id))
             there = cast(list[int], await pipe.execute())
-        for (pipeline_id, batch_id), exists in zip(pairs, there, strict=True):
-            if not exists:
+        for (pipeline_id, batch_id), exists, purged in zip(pairs, there[::2], there[1::2],
+                                                           strict=True):
+            if purged and not exists:
                 await self.tombstone(pipeline_id, batch_id)
         return len(sends)
 

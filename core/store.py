@@ -163,7 +163,8 @@ class BatchStore:
         await self.scripts.purge_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_seen(pipeline_id, batch_id),
                   keys.batch_index(pipeline_id), *keys.batch_filter_indexes(pipeline_id),
-                  keys.batch_finished_index(pipeline_id)],
+                  keys.batch_finished_index(pipeline_id),
+                  keys.batch_purged(pipeline_id, batch_id)],
             args=[batch_id, self._channel])
         # The resumes that went on from its data matter no more; nor does this one, gone,
         # to the batch whose data it went on from (a resume undone after its create).

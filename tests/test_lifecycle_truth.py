@@ -499,3 +499,63 @@ async def test_a_snapshot_written_as_its_batch_is_purged_is_followed_by_its_tomb
 
     records = await read_topic(topics, topics.topic_snapshots, settled, timeout=10)
     assert [r for r in records if r.key == key][-1].value is None
+
+
+@pytest.mark.parametrize("writer_kind", ["flush", "writer"])
+async def test_a_hash_lost_without_a_purge_keeps_its_snapshot_for_the_rebuild(
+        topics: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch,
+        writer_kind: str) -> None:
+    """A snapshot's writer tombstones again a batch gone once its record is sent, for a purge
+    that raced it. A hash gone without a purge is Redis losing its data (a restart without
+    persistence, a FLUSHALL): the very case a rebuild from the topic is for. Tombstoned, the
+    batch's last snapshot went, and the rebuild could not restore an accepted batch."""
+    pipeline_id = unique("test-r1l")
+    batch_id = await new_batch(redis, topics, pipeline_id, spec(name=pipeline_id))
+    async with contextlib.AsyncExitStack() as scope:
+        clients = await open_clients(scope, topics)
+        real_send = clients.producer.send
+        lost: list[bool] = []
+
+        async def lost_after_send(topic: str, value: Any = None, key: Any = None,
+                                  *args: Any, **kwargs: Any) -> Any:
+            sent = await real_send(topic, value, key, *args, **kwargs)
+            if value is not None and not lost:
+                lost.append(True)
+                await redis.delete(keys.batch(pipeline_id, batch_id))  # Redis lost it
+            return sent
+
+        monkeypatch.setattr(clients.producer, "send", lost_after_send)
+        if writer_kind == "flush":
+            flush = SnapshotBatches(clients.producer, redis, topics.topic_snapshots)
+            monkeypatch.setattr(flush.producer, "send_batch", _sending_batch(lost, redis,
+                                keys.batch(pipeline_id, batch_id), flush.producer))
+            await flush.write_current([(pipeline_id, batch_id)])
+        else:
+            writer = SnapshotWriter(clients.producer, redis, topics.topic_snapshots)
+            assert await writer.write_current([(pipeline_id, batch_id)]) == 1
+        assert lost
+        # A marker after the writer's records: the topic holds everything written before it.
+        await clients.producer.send_and_wait(topics.topic_snapshots, b"{}", key=b"marker")
+    key = snapshot_key(pipeline_id, batch_id)
+
+    def settled(records: list[Any]) -> bool:
+        return any(r.key == b"marker" for r in records)
+
+    records = await read_topic(topics, topics.topic_snapshots, settled, timeout=10)
+    ours = [r.value for r in records if r.key == key]
+    assert ours and ours[-1] is not None, "the lost batch's snapshot was tombstoned"
+
+
+def _sending_batch(lost: list[bool], redis: Redis, hash_key: str,
+                   producer: AIOKafkaProducer) -> Any:
+    """The flush's `send_batch`, with the hash lost once the batch is handed over."""
+    real = producer.send_batch
+
+    async def send_batch(*args: Any, **kwargs: Any) -> Any:
+        future = await real(*args, **kwargs)
+        if not lost:
+            lost.append(True)
+            await redis.delete(hash_key)
+        return future
+
+    return send_batch

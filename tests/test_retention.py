@@ -307,10 +307,10 @@ async def test_a_round_costs_what_its_expired_batches_do_whatever_the_history(
         # its script runs are counted too: LINDEX, LTRIM, LLEN, the hour's ZREM); a purge
         # per expired batch (a read of its hash, for the batch a resume goes on from; the
         # script's check that it is still as read and no resume came, each filter index's
-        # ZREM, the batch index's, the DEL of its keys, the change message), after a read of
-        # its resumes (none here: none goes on from its data) and of its published claim
-        # (marked deleted if any). None grows with the 1,000 batches kept.
-        per_purge = {"hgetall": 1, "evalsha": 1, "hmget": 1, "scard": 1, "del": 1,
+        # ZREM, the batch index's, the DEL of its keys, its purge mark, the change message),
+        # after a read of its resumes (none here: none goes on from its data) and of its
+        # published claim (marked deleted if any). None grows with the 1,000 batches kept.
+        per_purge = {"hgetall": 1, "evalsha": 1, "hmget": 1, "scard": 1, "del": 1, "set": 1,
                      "publish": 1, "get": 1, "smembers": 1,
                      "zrem": 1 + len(keys.batch_filter_indexes(P))}
         per_bucket = {"lrange": 1, "evalsha": 1, "lindex": 1, "ltrim": 1, "llen": 1, "zrem": 1}

@@ -17,8 +17,10 @@ and a partitioner call per record). Here:
 The guarantee is `write_current`'s: returns once the broker acknowledged every record
 (acks=all, idempotent producer), or raises (the caller's retry writes them all again). A
 batch purged between the read of its record and its send (retention, a delete's clean-up)
-may have its purge's tombstone land before that record: once sent, the batches written that
-are gone get a tombstone again (`GONE`), so the last record of a purged batch's key is one.
+may have its purge's tombstone land before that record: once sent, the batches asked for that
+were purged (hash gone, purge mark there) get a tombstone again (`GONE`), so the last record
+of a purged batch's key is one. A hash gone without the mark is Redis having lost it: its
+snapshot stays, for a rebuild to restore it.
 
 `admit` fences a write whose records were read under a partition assignment that has
 since been revoked (`consumers.plumbing.stages`): checked right before the records go to
@@ -69,11 +71,15 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-# KEYS: batch hashes of one pipeline. Returns the positions (1-based) of those that are gone.
+# KEYS: per batch of one pipeline its hash and its purge mark (keys.batch_purged). Returns the
+# positions (1-based, of the batches) of those purged: the hash gone and the mark there (a
+# hash gone without it is Redis having lost it: its snapshot is what a rebuild restores).
 GONE: Final = """
 local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 0 then out[#out + 1] = i end
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    out[#out + 1] = (i + 1) / 2
+  end
 end
 return out
 """
@@ -119,7 +125,7 @@ class SnapshotBatches:
         return written
 
     async def _tombstone_purged(self, batches: Sequence[tuple[str, str]]) -> None:
-        """Tombstones again the batches whose hash is gone now: purged (by retention, or a
+        """Tombstones again the batches purged now (see `GONE`): purged (by retention, or a
         delete's clean-up) after their records were read, their purge's tombstone may have
         landed before those records, and compaction keeps a key's last record, so a rebuild
         would bring them back. Purged after this look, their tombstone follows it. Every
@@ -132,7 +138,8 @@ class SnapshotBatches:
         chunks = [mine[start : start + CHUNK] for mine in by_pipeline.values()
                   for start in range(0, len(mine), CHUNK)]
         replies = await run_all(self.redis, self._gone_script, [
-            [len(chunk), *(keys.batch(pipeline_id, batch_id) for pipeline_id, batch_id in chunk)]
+            [2 * len(chunk), *(key for pipeline_id, batch_id in chunk for key in (
+                keys.batch(pipeline_id, batch_id), keys.batch_purged(pipeline_id, batch_id)))]
             for chunk in chunks])
         gone = [chunk[i - 1] for chunk, reply in zip(chunks, replies, strict=True)
                 for i in reply]
