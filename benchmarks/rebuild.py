@@ -23,7 +23,8 @@ from redis.asyncio import Redis
 
 from benchmarks.harness import machine_anchors
 from benchmarks.own_redis import own_redis
-from consumers.rebuild import read_commands, read_pipelines, read_snapshots, read_whole, rebuild
+from consumers.rebuild import rebuild
+from consumers.rebuild_read import read_commands, read_pipelines, read_snapshots, read_whole
 from core import keys
 from core.codec import Command
 from core.connections import open_producer

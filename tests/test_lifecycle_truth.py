@@ -21,7 +21,7 @@ from consumers.plumbing.creation import claim_ttl_s
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, open_clients
 from consumers.plumbing.snapshot_batch import SnapshotBatches
-from consumers.rebuild import read_snapshots
+from consumers.rebuild_read import read_snapshots
 from consumers.retention import RetentionSweeper
 from core import keys
 from core.codec import Event

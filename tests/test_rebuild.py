@@ -15,7 +15,8 @@ from consumers.export_state import export
 from consumers.plumbing.cleanup import member
 from consumers.plumbing.part import open_clients
 from consumers.plumbing.scope import serving
-from consumers.rebuild import NotEmpty, partitions_of, rebuild, run
+from consumers.rebuild import NotEmpty, rebuild, run
+from consumers.rebuild_read import partitions_of
 from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis

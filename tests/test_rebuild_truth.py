@@ -14,15 +14,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
-from consumers.rebuild import (
-    NotEmpty,
-    SnapshotsRead,
-    current_partition,
-    read_snapshots,
-    read_whole,
-    rebuild,
-    reordered,
-)
+from consumers.rebuild import NotEmpty, rebuild
+from consumers.rebuild_read import SnapshotsRead, current_partition, read_snapshots, read_whole, reordered
 from core import keys
 from core.command_messages import Command, Recorded
 from core.connections import open_producer

@@ -18,7 +18,7 @@ from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
 from consumers.plumbing.prefect_api import PrefectGateway
 from consumers.plumbing.snapshot_batch import SnapshotBatches
-from consumers.rebuild import read_snapshots
+from consumers.rebuild_read import read_snapshots
 from core import keys
 from core.codec import Event
 from core.connections import open_producer

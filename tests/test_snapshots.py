@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
 from consumers.plumbing.scope import serving
-from consumers.rebuild import read_pipelines, read_snapshots
+from consumers.rebuild_read import read_pipelines, read_snapshots
 from core import keys
 from core.codec import Event
 from core.connections import open_producer
