@@ -74,9 +74,10 @@ class Abandoner:
         `released`: the request that made the batch released its Idempotency-Key (a POST
         answered 503); its delete says so, so a rebuild does not restore the key's record
         (a DELETE answered 200 released nothing: its batch's key stays taken).
-        With Redis away, the batch is abandoned once it answers: its command (a POST's run,
-        a DELETE's delete) may be on the topic. A POST's error is raised still (answered
-        503: its batch will not run); a DELETE's is not (its delete happens either way)."""
+        With Redis away, the batch is abandoned once it answers, by this process (its
+        command, a POST's run or a DELETE's delete, may be on the topic), and the error is
+        raised still: answered 503, since only this process's memory holds what is left to
+        do (a POST's batch will not run; a DELETE may still happen, and its retry is safe)."""
         try:
             await self._abandon(pipeline_id, batch_id, version, reason, released)
         except Exception as exc:
@@ -86,8 +87,7 @@ class Abandoner:
                         pipeline_id, batch_id, describe(exc))
             self._unhidden[(pipeline_id, batch_id)] = (version, reason, released)
             self._wake.set()
-            if released:
-                raise
+            raise
 
     async def _abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str,
                        released: bool) -> None:
@@ -105,15 +105,18 @@ class Abandoner:
 
     async def resend_stop(self, pipeline_id: str, batch_id: str, version: str) -> None:
         """Records a stop Kafka did not confirm, to be sent again until it does: the first
-        may be written already, so the stop is under way either way."""
+        may be written already, so the stop is under way either way. With Redis away it is
+        recorded once Redis answers, by this process, and the error is raised (answered 503:
+        only this process's memory holds it; a stop's retry is safe)."""
         member = orjson.dumps([pipeline_id, batch_id, version]).decode()
         try:
             await self._redis.zadd(STOPS, {member: time.time()})
         except Exception as exc:
             if classify(exc) is not Verdict.UNAVAILABLE:
                 raise
-            # Not answered: the stop may be written, so it happens either way.
             self._stops.add(member)
+            self._wake.set()
+            raise
         log.warning("batch %s/%s: its stop was not confirmed by Kafka; sent again once Kafka "
                     "takes it", pipeline_id, batch_id)
         self._wake.set()

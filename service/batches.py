@@ -274,7 +274,8 @@ async def stop_batch(request: web.Request) -> web.Response:
                 Command("stop", batch_id, pipeline_id, pipeline_version=version))
         except Ambiguous:
             # The stop may be written already, so it may happen: a 503 would say the batch
-            # runs on. Sent again from the outbox until Kafka confirms one, it happens.
+            # runs on. Sent again from the outbox until Kafka confirms one, it happens (with
+            # Redis away too, no outbox holds it: 503, and the client's retry is safe).
             await request.app[ABANDONER].resend_stop(pipeline_id, batch_id, version)
     return json_obj({"message": "Batch stopped successfully"})
 
@@ -300,7 +301,8 @@ async def delete_batch(request: web.Request) -> web.Response:
                                                     pipeline_version=version))
     except Ambiguous:
         # The delete may be written already: the batch is hidden in any case and its delete
-        # queued again from the outbox, so the answer is the one a retry would get.
+        # queued again from the outbox, so the answer is the one a retry would get (with
+        # Redis away too, no outbox holds it: 503, and the client's retry is safe).
         await request.app[ABANDONER].abandon(pipeline_id, batch_id, version,
                                              "deleted through the batches API", released=False)
     except Refused:
