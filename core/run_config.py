@@ -69,7 +69,9 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
     over as it is), and the keys that shape the data (`step_catalogue.SHAPES_DATA`) of the
     step that `started` and goes on over its data (every key when its implementation is not
     declared in this process). Values are compared as the step's model reads them, so
-    restating a value, or its default (`"fail_at": null`), changes nothing."""
+    restating a value, or its default (`"fail_at": null`), changes nothing; a step not
+    declared here is compared as written (its defaults unknown: a key given that the batch
+    ran without changes it, even as null)."""
     problems: Problems = []
     for step in spec.steps:
         if step.name not in done and step.name != started:
@@ -82,16 +84,17 @@ def resume_problems(spec: PipelineSpec, base: Mapping[str, Mapping[str, Any]],
             # Not declared here (uninstalled, or on the worker only): which keys shaped the
             # data is unknown, so none may change.
             fixed &= shapes_data(declared.config)
-        # An absent key reads as null: a declared model fills every key in, and a config
-        # compared as written (its step not declared here) restates a default that way.
         problems += [
             {"loc": f"config.{step.name}.{key}",
              "msg": f"step {step.name} is done: it will not run again, so its config stays "
                     f"as it ran ({_as_ran(before, key)})" if step.name in done else
                     f"step {step.name} goes on over the data it wrote "
                     f"{_as_ran(before, key)}: a resume cannot change it (run a new batch)"}
-            for key in sorted(fixed) if before.get(key) != after.get(key)]
+            for key in sorted(fixed) if before.get(key, _UNSET) != after.get(key, _UNSET)]
     return problems
+
+
+_UNSET = object()
 
 
 def _as_ran(config: Mapping[str, Any], key: str) -> str:

@@ -157,12 +157,12 @@ def test_a_resume_over_a_step_whose_plugin_is_not_installed_here_changes_no_key(
     assert [p["loc"] for p in problems] == ["config.extract.partitions"]
 
 
-def test_a_resume_restating_a_null_over_an_undeclared_step_changes_nothing(
+def test_a_refused_resume_over_an_undeclared_step_names_a_key_it_ran_without(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the plugin not installed here, the config is compared as written: a key absent
-    on one side and null on the other counted as a change, so a resume restating
-    `"fail_at": null` (the default the docstring calls no change) was refused 400 "goes on
-    over the data it wrote with fail_at null", a key the batch never had (diff review)."""
+    """With the plugin not installed here, the config is compared as written, its defaults
+    unknown: a key the batch ran without, given now (even as null: the worker's default may
+    be another), is a change. The refusal said the batch "wrote with fail_at null", a value
+    it never had (diff reviews)."""
     from core.run_config import resume_problems
 
     monkeypatch.setattr(step_catalogue, "entry_points", lambda group: [])
@@ -170,10 +170,9 @@ def test_a_resume_restating_a_null_over_an_undeclared_step_changes_nothing(
     spec = PipelineSpec(name="p", version="1", steps=[
         StepSpec(name="extract", uses="sales.extract", config={"partitions": 2})])
     base = {"extract": {"partitions": 2}}
-    restated: dict[str, dict[str, Any]] = {"extract": {"partitions": 2, "fail_at": None}}
-    assert resume_problems(spec, base, restated, done=[], started="extract") == []
-    assert resume_problems(spec, base, restated, done=["extract"], started=None) == []
-    # A value the batch never had still changes it: said so, not as a null it ran with.
-    changed: dict[str, dict[str, Any]] = {"extract": {"partitions": 2, "fail_at": "extract"}}
-    [problem] = resume_problems(spec, base, changed, done=[], started="extract")
-    assert "without fail_at" in problem["msg"], problem
+    for given in (None, "extract"):
+        changed: dict[str, dict[str, Any]] = {"extract": {"partitions": 2, "fail_at": given}}
+        [problem] = resume_problems(spec, base, changed, done=[], started="extract")
+        assert "wrote without fail_at" in problem["msg"], problem
+    assert resume_problems(spec, base, {"extract": {"partitions": 2}}, done=["extract"],
+                           started=None) == []
