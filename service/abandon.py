@@ -135,6 +135,18 @@ class Abandoner:
             self._undone.add((pipeline_id, batch_id))
             self._wake.set()
 
+    def left_at_shutdown(self) -> None:
+        """Says what this process alone still held to do (Redis away when it was asked):
+        given up with the process, so each is logged for an operator to redo."""
+        for pipeline_id, batch_id in sorted(self._undone):
+            log.error("shutdown: batch %s/%s's failed create was never undone (purge it)",
+                      pipeline_id, batch_id)
+        for (pipeline_id, batch_id), _ in sorted(self._unhidden.items()):
+            log.error("shutdown: batch %s/%s was never abandoned: its POST or DELETE was "
+                      "answered 503 (delete it)", pipeline_id, batch_id)
+        for member in sorted(self._stops):
+            log.error("shutdown: stop %s was never recorded: its PUT was answered 503", member)
+
     def undoing(self) -> int:
         """Creates still to undo, batches still to abandon and stops still to record."""
         return len(self._undone) + len(self._unhidden) + len(self._stops)

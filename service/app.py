@@ -50,6 +50,7 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[API_SCRIPTS] = ApiScripts(redis)
     app[IDEMPOTENCY] = IdempotencyKeys(redis, app[API_SCRIPTS], ttl_s=settings.idempotency_ttl_s)
     yield
+    await app[IDEMPOTENCY].close()
     await redis.aclose()
 
 
@@ -68,6 +69,7 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     drainer.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await drainer
+    abandoner.left_at_shutdown()
     await sender.close()
     await producer.stop()
 

@@ -212,3 +212,14 @@ class IdempotencyKeys:
         task = detached(again(), f"Idempotency-Key {what}")
         self._again.add(task)
         task.add_done_callback(self._again.discard)
+
+    async def close(self) -> None:
+        """Stops the transitions still being tried (before the Redis client closes), saying
+        how many: their keys stay pending until their records expire."""
+        if self._again:
+            log.error("%d Idempotency-Key transitions Redis did not take are given up at "
+                      "shutdown: those keys answer 409 until their pending records expire",
+                      len(self._again))
+        for task in list(self._again):
+            task.cancel()
+        await asyncio.gather(*self._again, return_exceptions=True)

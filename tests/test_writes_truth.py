@@ -4,24 +4,27 @@ is answered by what its first attempt did."""
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core import keys
-from core.api_scripts import COMMIT_KEY, CREATE_LATEST_BATCH, RELEASE_KEY
+from core.api_scripts import COMMIT_KEY, CREATE_LATEST_BATCH, RELEASE_KEY, ApiScripts
 from core.codec import Command, decode_command
 from core.list_scripts import PURGE_BATCH
 from core.settings import Settings
-from service.abandon import STOPS
+from service.abandon import STOPS, Abandoner
 from service.appkeys import COMMANDS
-from service.command_sender import Refused
-from tests.conftest import eventually
+from service.command_sender import CommandSender, Refused
+from service.idempotency import IdempotencyKeys
+from tests.conftest import eventually, free_port
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 from tests.reply_loss_proxy import ReplyLossProxy
 from tests.write_faults_proxy import KafkaProxy
@@ -270,3 +273,37 @@ async def test_a_stop_kafka_did_not_confirm_happens_though_redis_missed_its_outb
     assert stopped.status == 503, await stopped.text()
     await read_topic(topics, topics.topic_commands,
                      lambda rs: _of(rs, batch_id).count("stop") >= 2, timeout=30)
+
+
+async def test_transitions_redis_did_not_take_are_stopped_and_named_at_shutdown(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An Idempotency-Key's commit Redis did not take is tried again in the background; at
+    shutdown those tries went on against a closed client until aiohttp cancelled whatever was
+    left, and nothing said which keys stayed pending (diff review)."""
+    unreachable = Redis(port=free_port(), socket_connect_timeout=0.2)
+    keys_ = IdempotencyKeys(unreachable, ApiScripts(unreachable), ttl_s=60)
+    await keys_.commit("dhub:idem:x", "committed", "batch-x")  # not taken: tried again
+    assert len(keys_._again) == 1
+    task = next(iter(keys_._again))
+    with caplog.at_level(logging.ERROR, logger="service.idempotency"):
+        await keys_.close()
+    assert task.cancelled() and not keys_._again
+    assert "1 Idempotency-Key transitions" in caplog.text
+    await unreachable.aclose()
+
+
+async def test_what_only_the_process_held_is_named_at_shutdown(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A DELETE's abandon and a stop's outbox entry that met Redis away are held in the API
+    process's memory (answered 503); a shutdown dropped them without a word (diff review)."""
+    unreachable = Redis(port=free_port(), socket_connect_timeout=0.2)
+    abandoner = Abandoner(unreachable, ApiScripts(unreachable), cast(CommandSender, None))
+    with pytest.raises(RedisConnectionError):
+        await abandoner.abandon("p", "batch-a", "1", "deleted", released=False)
+    with pytest.raises(RedisConnectionError):
+        await abandoner.resend_stop("p", "batch-s", "1")
+    with caplog.at_level(logging.ERROR, logger="service.abandon"):
+        abandoner.left_at_shutdown()
+    assert "p/batch-a was never abandoned" in caplog.text
+    assert "batch-s" in caplog.text and "never recorded" in caplog.text
+    await unreachable.aclose()
