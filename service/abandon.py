@@ -153,19 +153,35 @@ class Abandoner:
 
     async def _undo_pending(self) -> None:
         for member in sorted(self._stops):
-            await self._redis.zadd(STOPS, {member: time.time()})
-            self._stops.discard(member)
+            if await self._tried(f"stop {member}", self._redis.zadd(STOPS,
+                                                                     {member: time.time()})):
+                self._stops.discard(member)
         for (pipeline_id, batch_id), (version, reason, released) in sorted(
                 self._unhidden.items()):
-            await self._abandon(pipeline_id, batch_id, version, reason, released)
-            del self._unhidden[(pipeline_id, batch_id)]
+            if await self._tried(f"abandon of {pipeline_id}/{batch_id}", self._abandon(
+                    pipeline_id, batch_id, version, reason, released)):
+                del self._unhidden[(pipeline_id, batch_id)]
         purge = self._purge
         if purge is None:
             return
         for pipeline_id, batch_id in sorted(self._undone):
-            await purge(pipeline_id, batch_id)
-            self._undone.discard((pipeline_id, batch_id))
-            log.info("batch %s/%s: its failed create undone", pipeline_id, batch_id)
+            if await self._tried(f"undo of {pipeline_id}/{batch_id}",
+                                 purge(pipeline_id, batch_id)):
+                self._undone.discard((pipeline_id, batch_id))
+                log.info("batch %s/%s: its failed create undone", pipeline_id, batch_id)
+
+    @staticmethod
+    async def _tried(what: str, call: Awaitable[object]) -> bool:
+        """True once `call` went through, or failed for good (logged and given up: kept, it
+        would stop every entry after it at each round). Raises while Redis is away: the
+        round ends, and the next tries again."""
+        try:
+            await call
+        except Exception as exc:
+            if classify(exc) is Verdict.UNAVAILABLE:
+                raise
+            log.error("%s failed and is given up: %s", what, describe(exc))
+        return True
 
     async def drain_once(self) -> int:
         """Queues the outstanding deletes and stops Kafka takes now. Returns how many were

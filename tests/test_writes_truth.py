@@ -19,13 +19,15 @@ from core import keys
 from core.api_scripts import COMMIT_KEY, CREATE_LATEST_BATCH, RELEASE_KEY, ApiScripts
 from core.codec import Command, decode_command
 from core.list_scripts import PURGE_BATCH
+from core.models import new_batch_id
 from core.settings import Settings
+from core.store import BatchStore
 from service.abandon import STOPS, Abandoner
 from service.appkeys import COMMANDS
 from service.command_sender import CommandSender, Refused
 from service.idempotency import IdempotencyKeys
 from tests.conftest import eventually, free_port
-from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec, spec_body
 from tests.reply_loss_proxy import ReplyLossProxy
 from tests.write_faults_proxy import KafkaProxy
 
@@ -307,3 +309,22 @@ async def test_what_only_the_process_held_is_named_at_shutdown(
     assert "p/batch-a was never abandoned" in caplog.text
     assert "batch-s" in caplog.text and "never recorded" in caplog.text
     await unreachable.aclose()
+
+
+async def test_an_entry_failing_for_good_does_not_hold_up_the_others(
+        redis: Redis, caplog: pytest.LogCaptureFixture) -> None:
+    """Of the abandons left for Redis to come back, one failing for good (its key of another
+    type) raised at every round, and the entries after it were never done: their batches
+    stayed visible and pending (diff review)."""
+    store = BatchStore.from_settings(redis, Settings())
+    ok = new_batch_id()
+    await store.create("p-undo", ok, spec())
+    broken = new_batch_id()
+    await redis.set(keys.batch("p-undo", broken), "not a hash")
+    abandoner = Abandoner(redis, ApiScripts(redis), cast(CommandSender, None))
+    abandoner._unhidden = {("p-undo", broken): ("1", "test", False),
+                           ("p-undo", ok): ("1", "test", False)}
+    with caplog.at_level(logging.ERROR, logger="service.abandon"):
+        await abandoner._undo_pending()
+    assert await redis.hget(keys.batch("p-undo", ok), "deleted") is not None
+    assert not abandoner._unhidden and "given up" in caplog.text
