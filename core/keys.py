@@ -52,7 +52,10 @@ def batch_purged(pipeline_id: str, batch_id: str) -> str:
     return f"{_tag(pipeline_id)}:purged:{batch_id}"
 
 
-PURGED_MARK_S = 3_600
+# A day: the snapshots topic's delete.retention.ms, past which the purge's tombstone itself
+# may be compacted away; a snapshot write held up longer (Kafka away a day) is past saving.
+# ~100 bytes a purged batch meanwhile.
+PURGED_MARK_S = 86_400
 
 
 def batch_seen(pipeline_id: str, batch_id: str) -> str:
