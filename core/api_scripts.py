@@ -30,10 +30,16 @@ return false
 # ARGV[1] batch id of the attempt, ARGV[2] the committed record (JSON), ARGV[3] TTL in seconds
 # pending -> committed, only by the attempt that owns the record. Returns 1 when committed
 # (or already committed by this attempt: a call retried after its reply was lost), 0 when the
-# record is not this attempt's (expired, released, or another's).
+# record is another attempt's. A record gone (its pending TTL passed while Redis did not take
+# the commit) is committed all the same: the batch runs, and a retry of its request must
+# get it, not a second batch. (A released record is gone too, but only a failed attempt
+# releases, and it never commits.)
 COMMIT_KEY: Final = """
 local existing = redis.call('GET', KEYS[1])
-if not existing then return 0 end
+if not existing then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
 local record = cjson.decode(existing)
 if record.b ~= ARGV[1] then return 0 end
 if record.s == 'committed' then return 1 end

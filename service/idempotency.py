@@ -165,11 +165,13 @@ class IdempotencyKeys:
         """pending -> committed (`committed`: `Sent.record("committed", batch_id)`, the value
         the run command carries too), once the run command is durably queued. The batch will run
         whatever happens here, so a failure is not answered: the commit is tried again while
-        the pending record lives (should it expire first, the key frees)."""
+        the pending record lives (one expired meanwhile is committed all the same, unless
+        another attempt claimed the key since)."""
         async def commit() -> None:
             if not await self._scripts.commit_key(keys=[key],
                                                   args=[batch_id, committed, self._ttl_s]):
-                log.warning("Idempotency-Key of batch %s expired before its commit", batch_id)
+                log.warning("Idempotency-Key of batch %s taken by another attempt before its "
+                            "commit (its pending record expired)", batch_id)
 
         await self._until_taken("committed", batch_id, commit)
 

@@ -284,14 +284,17 @@ async def test_transitions_redis_did_not_take_are_stopped_and_named_at_shutdown(
     left, and nothing said which keys stayed pending (diff review)."""
     unreachable = Redis(port=free_port(), socket_connect_timeout=0.2)
     keys_ = IdempotencyKeys(unreachable, ApiScripts(unreachable), ttl_s=60)
-    await keys_.commit("dhub:idem:x", "committed", "batch-x")  # not taken: tried again
-    assert len(keys_._again) == 1
-    task = next(iter(keys_._again))
-    with caplog.at_level(logging.ERROR, logger="service.idempotency"):
+    try:
+        await keys_.commit("dhub:idem:x", "committed", "batch-x")  # not taken: tried again
+        assert len(keys_._again) == 1
+        task = next(iter(keys_._again))
+        with caplog.at_level(logging.ERROR, logger="service.idempotency"):
+            await keys_.close()
+        assert task.cancelled() and not keys_._again
+        assert "1 Idempotency-Key transitions" in caplog.text
+    finally:
         await keys_.close()
-    assert task.cancelled() and not keys_._again
-    assert "1 Idempotency-Key transitions" in caplog.text
-    await unreachable.aclose()
+        await unreachable.aclose()
 
 
 async def test_what_only_the_process_held_is_named_at_shutdown(
@@ -300,15 +303,17 @@ async def test_what_only_the_process_held_is_named_at_shutdown(
     process's memory (answered 503); a shutdown dropped them without a word (diff review)."""
     unreachable = Redis(port=free_port(), socket_connect_timeout=0.2)
     abandoner = Abandoner(unreachable, ApiScripts(unreachable), cast(CommandSender, None))
-    with pytest.raises(RedisConnectionError):
-        await abandoner.abandon("p", "batch-a", "1", "deleted", released=False)
-    with pytest.raises(RedisConnectionError):
-        await abandoner.resend_stop("p", "batch-s", "1")
-    with caplog.at_level(logging.ERROR, logger="service.abandon"):
-        abandoner.left_at_shutdown()
-    assert "p/batch-a was never abandoned" in caplog.text
-    assert "batch-s" in caplog.text and "never recorded" in caplog.text
-    await unreachable.aclose()
+    try:
+        with pytest.raises(RedisConnectionError):
+            await abandoner.abandon("p", "batch-a", "1", "deleted", released=False)
+        with pytest.raises(RedisConnectionError):
+            await abandoner.resend_stop("p", "batch-s", "1")
+        with caplog.at_level(logging.ERROR, logger="service.abandon"):
+            abandoner.left_at_shutdown()
+        assert "p/batch-a was never abandoned" in caplog.text
+        assert "batch-s" in caplog.text and "never recorded" in caplog.text
+    finally:
+        await unreachable.aclose()
 
 
 async def test_an_entry_failing_for_good_does_not_hold_up_the_others(
