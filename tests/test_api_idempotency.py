@@ -26,16 +26,6 @@ KEY = {**AUTH, "Idempotency-Key": "order-42"}
 
 
 @pytest.fixture
-async def proxy(topics: Settings) -> AsyncIterator[KafkaProxy]:
-    kafka = KafkaProxy(topics.kafka_bootstrap.split(",")[0])
-    await kafka.start()
-    try:
-        yield kafka
-    finally:
-        await kafka.close()
-
-
-@pytest.fixture
 async def api(topics: Settings, redis: Redis, proxy: KafkaProxy) -> AsyncIterator[Client]:
     async with api_client(api_settings(topics, kafka_bootstrap=proxy.address)) as client:
         for pipeline in ("p", "other"):

@@ -29,16 +29,6 @@ Client = TestClient[Any, Any]
 
 
 @pytest.fixture
-async def proxy(topics: Settings) -> AsyncIterator[KafkaProxy]:
-    kafka = KafkaProxy(topics.kafka_bootstrap.split(",")[0])
-    await kafka.start()
-    try:
-        yield kafka
-    finally:
-        await kafka.close()
-
-
-@pytest.fixture
 async def api(topics: Settings, redis: Redis, proxy: KafkaProxy) -> AsyncIterator[Client]:
     settings = api_settings(topics, kafka_bootstrap=proxy.address)
     async with api_client(settings) as client:
