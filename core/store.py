@@ -130,9 +130,12 @@ class BatchStore:
     # -- writes from the API -------------------------------------------------------------
 
     async def create(self, pipeline_id: str, batch_id: str, spec: PipelineSpec,
-                     extra: Mapping[str, str] | None = None) -> int:
-        """`extra`: more fields of the batch's hash, recorded with its creation."""
-        fields = creation_fields(pipeline_id, batch_id, spec, now_iso(), extra)
+                     extra: Mapping[str, str] | None = None,
+                     created_at: str | None = None) -> int:
+        """`extra`: more fields of the batch's hash, recorded with its creation;
+        `created_at`: when it was created (now unless given: a batch restored). Returns its
+        sequence, 0 when a batch of the id exists already (nothing written)."""
+        fields = creation_fields(pipeline_id, batch_id, spec, created_at or now_iso(), extra)
         state = (extra or {}).get("state", "pending")  # the hash's, for its state's index
         seq = await self.scripts.create_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),

@@ -6,6 +6,7 @@ docstring says how), so a command delivered again has no second effect."""
 from __future__ import annotations
 
 import logging
+import time
 
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
@@ -18,11 +19,13 @@ from consumers.plumbing.prefect_api import (
     not_found,
     of_an_earlier_batch,
 )
+from core import keys
 from core.codec import Command, Event, Run, derived_id
 from core.layout import is_visible
 from core.models import PipelineSpec
 from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
+from core.restore_runs import recorded_of
 from core.retry import Permanent
 from core.snapshots import SnapshotWriter
 from core.store import BatchStore
@@ -75,6 +78,8 @@ class CommandEffects:
                 and not await self.creations.ensure(command)):
             return  # its batch was deleted: the same id stays deleted
         fields = await self._fields(command)
+        if fields is None and isinstance(command, Run):
+            fields = await self._restored(command)
         if fields is not None and fields.get("state") == "pending":
             # Its creation's durable record, before its flow run exists: every later change
             # comes from an event, snapshotted by the events consumer after this one.
@@ -99,6 +104,32 @@ class CommandEffects:
             # existed): the clean-up removes it, so no flow run outlives its batch.
             log.info("run %s: batch deleted meanwhile, flow run cleaned up", command.batch_id)
             await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
+
+    async def _restored(self, command: Run) -> dict[str, str] | None:
+        """The batch of an API's run command that Redis lost (an AOF that lost its last
+        second, a restart without persistence) written again from what the command recorded
+        (`Recorded`), as a rebuild would: the API answered its POST, so it must run, not be
+        skipped as gone. Lost is no hash and no purge mark (`keys.batch_purged`: a batch
+        deleted, undone or removed by retention leaves one for a day); a hidden batch's hash
+        is there. A command older than that day is left alone: a batch gone on purpose may
+        have outlived its mark (an abandoned POST's hidden hash expires after a day too).
+        Its sequence is a new one (the lost counter may have handed out its old one again),
+        and its run goes on as any other's."""
+        recorded = recorded_of(command)
+        if recorded is None or time.time() - command.ts > keys.PURGED_MARK_S:
+            return None
+        pipeline_id, batch_id = command.pipeline_id, command.batch_id
+        if await self.store.redis.exists(keys.batch(pipeline_id, batch_id),
+                                         keys.batch_purged(pipeline_id, batch_id)):
+            return None
+        spec = await self.registry.get(pipeline_id, command.pipeline_version)
+        if spec is None or not await self.store.create(
+                pipeline_id, batch_id, spec, extra=recorded.extra,
+                created_at=recorded.created_at):
+            return None
+        log.warning("run %s: its batch was missing from Redis with no purge behind it (Redis "
+                    "lost it): written again from its run command", batch_id)
+        return await self._fields(command)
 
     async def _create_run(self, command: Command, version: str, spec: PipelineSpec,
                           created_at: str) -> RunState:
