@@ -26,9 +26,10 @@ bucket's head changed does nothing), so any number of sweepers may run, one per 
 process, with no lock. The tombstone goes first and the trim last: a sweeper dying between
 them leaves the ids in their bucket, and the next round does it all again; the other order
 could leave a snapshot nothing would ever tombstone. A late event's snapshot read before the
-purge and sent after the tombstone is followed by a tombstone of its writer's own: the events
-consumer's flush tombstones again each batch it wrote that is gone once its records are sent
-(`consumers.plumbing.snapshot_batch`), so a rebuild does not bring the batch back.
+purge and sent after the tombstone is followed by a tombstone of its writer's own (every
+snapshot writer tombstones again, once its records are sent, each batch purged meanwhile:
+`core.snapshots.SnapshotWriter.tombstone_purged`), and the sweeper tombstones again after its
+purge, so a rebuild does not bring the batch back.
 
 Stopped batches in no bucket (from before the buckets, or restored by a rebuild that did not
 bucket them) are bucketed once per pipeline by the hour of their `updated_at` (their last
@@ -64,9 +65,10 @@ DAY_S = 86_400
 HOUR_S = 3_600
 
 # KEYS as PURGE_BATCH's (batch hash, seen ids, batch index, filter indexes, finished index,
-# purge mark), then the batch's resumed-by set; ARGV as PURGE_BATCH's, then ARGV[3] the created_at bound of
-# the sweeper's check (`_sweep`), ARGV[4] how many resumes the set held at that check, ARGV[5..]
-# those resumes (the same count with other members is a resume noted since, another gone).
+# purge mark), then the batch's resumed-by set; ARGV as PURGE_BATCH's, then ARGV[3] the
+# created_at bound of the sweeper's check (`_sweep`), ARGV[4] how many resumes the set held at
+# that check, ARGV[5..] those resumes (the same count with other members is a resume noted
+# since, another gone).
 # PURGE_BATCH's removal (and the resumed-by set's), only while the batch is as the sweeper
 # checked it (stopped, not hidden, created before the bound, no resume noted since), in one
 # step: a DELETE may hide it, or a resume note itself (then check it is visible), between

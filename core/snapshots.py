@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.models import PipelineSpec
+from core.script_calls import run_all
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,21 @@ class Snapshot:
                    cast(dict[str, str], data["fields"]))
 
 
+# KEYS: per batch of one pipeline its hash and its purge mark (keys.batch_purged). Returns the
+# positions (1-based, of the batches) of those purged: the hash gone and the mark there (a
+# hash gone without it is Redis having lost it: its snapshot is what a rebuild restores).
+PURGED: Final = """
+local out = {}
+for i = 1, #KEYS, 2 do
+  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('EXISTS', KEYS[i + 1]) == 1 then
+    out[#out + 1] = (i + 1) / 2
+  end
+end
+return out
+"""
+PURGED_CHUNK: Final = 200  # batches a PURGED call: bounds the time Redis spends in one
+
+
 class SnapshotWriter:
     """Writes snapshots and tombstones; each call returns once the broker has every record
     (the producers of this project are acks=all and idempotent), or raises."""
@@ -135,6 +151,7 @@ class SnapshotWriter:
         self.redis = redis
         self.topic = topic
         self.too_large = 0  # snapshots not written: over RECORD_LIMIT even compressed
+        self._purged = redis.register_script(PURGED)
 
     async def write(self, pipeline_id: str, batch_id: str, fields: Mapping[str, str]) -> None:
         value = self._fit(pipeline_id, batch_id, fields)
@@ -177,16 +194,29 @@ class SnapshotWriter:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for pipeline_id, batch_id in pairs:
-                pipe.exists(keys.batch(pipeline_id, batch_id))
-                pipe.exists(keys.batch_purged(pipeline_id, batch_id))
-            there = cast(list[int], await pipe.execute())
-        for (pipeline_id, batch_id), exists, purged in zip(pairs, there[::2], there[1::2],
-                                                           strict=True):
-            if purged and not exists:
-                await self.tombstone(pipeline_id, batch_id)
+        await self.tombstone_purged(pairs)
         return len(sends)
+
+    async def tombstone_purged(self, batches: Sequence[tuple[str, str]]) -> None:
+        """Tombstones again, after a write of theirs was sent, the batches purged now (by
+        retention, or a delete's clean-up: `PURGED`): purged after their records were read,
+        their purge's tombstone may have landed before those records, and compaction keeps
+        a key's last record, so a rebuild would bring them back. Purged after this look,
+        their tombstone follows it. Pass every batch the write was asked for, not only those
+        it sent: a retry after this look failed reads a batch purged meanwhile as gone and
+        sends nothing for it, while the record an earlier attempt sent may be its last."""
+        by_pipeline: dict[str, list[tuple[str, str]]] = {}
+        for batch in batches:
+            by_pipeline.setdefault(batch[0], []).append(batch)
+        chunks = [mine[start : start + PURGED_CHUNK] for mine in by_pipeline.values()
+                  for start in range(0, len(mine), PURGED_CHUNK)]
+        replies = await run_all(self.redis, self._purged, [
+            [2 * len(chunk), *(key for pipeline_id, batch_id in chunk for key in (
+                keys.batch(pipeline_id, batch_id), keys.batch_purged(pipeline_id, batch_id)))]
+            for chunk in chunks])
+        await asyncio.gather(*[self.tombstone(*chunk[i - 1])
+                               for chunk, reply in zip(chunks, replies, strict=True)
+                               for i in reply])
 
     async def tombstone(self, pipeline_id: str, batch_id: str) -> None:
         """The batch is purged: a rebuild must not bring it back. Call it after the purge."""

@@ -16,7 +16,6 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from consumers.export_state import export
-from consumers.plumbing import snapshot_batch
 from consumers.plumbing.creation import claim_ttl_s
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, open_clients
@@ -24,6 +23,7 @@ from consumers.plumbing.snapshot_batch import SnapshotBatches
 from consumers.rebuild_read import read_snapshots
 from consumers.retention import RetentionSweeper
 from core import keys
+from core import snapshots as snapshots_module
 from core.codec import Event
 from core.models import new_batch_id
 from core.scripts import Scripts
@@ -410,17 +410,17 @@ async def test_a_flush_retried_after_its_look_failed_still_tombstones_the_purged
         clients = await open_clients(scope, topics)
         flush = _PurgedBeforeSend(clients.producer, redis, topics.topic_snapshots)
         flush.purged = (pipeline_id, batch_id)
-        real = snapshot_batch.run_all  # type: ignore[attr-defined]
+        real = snapshots_module.run_all  # type: ignore[attr-defined]
 
         async def blip(redis: Redis, script: Any, calls: list[list[Any]]) -> list[Any]:
-            if script is flush._gone_script:
+            if script is flush._writer._purged:
                 raise ConnectionError("redis blip")
             return await real(redis, script, calls)
 
-        monkeypatch.setattr(snapshot_batch, "run_all", blip)
+        monkeypatch.setattr(snapshots_module, "run_all", blip)
         with pytest.raises(ConnectionError):
             await flush.write_current([(pipeline_id, batch_id)])
-        monkeypatch.setattr(snapshot_batch, "run_all", real)
+        monkeypatch.setattr(snapshots_module, "run_all", real)
         flush.purged = None
         await flush.write_current([(pipeline_id, batch_id)])  # the caller's retry
     key = snapshot_key(pipeline_id, batch_id)

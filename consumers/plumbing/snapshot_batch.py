@@ -18,9 +18,8 @@ The guarantee is `write_current`'s: returns once the broker acknowledged every r
 (acks=all, idempotent producer), or raises (the caller's retry writes them all again). A
 batch purged between the read of its record and its send (retention, a delete's clean-up)
 may have its purge's tombstone land before that record: once sent, the batches asked for that
-were purged (hash gone, purge mark there) get a tombstone again (`GONE`), so the last record
-of a purged batch's key is one. A hash gone without the mark is Redis having lost it: its
-snapshot stays, for a rebuild to restore it.
+were purged get a tombstone again (`SnapshotWriter.tombstone_purged`, as every snapshot
+writer does), so the last record of a purged batch's key is one.
 
 `admit` fences a write whose records were read under a partition assignment that has
 since been revoked (`consumers.plumbing.stages`): checked right before the records go to
@@ -41,7 +40,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.script_calls import run_all
-from core.snapshots import NOT_SNAPSHOTTED, fit_record, snapshot_key
+from core.snapshots import NOT_SNAPSHOTTED, SnapshotWriter, fit_record, snapshot_key
 
 # KEYS: batch hashes of one pipeline. ARGV[1] the pipeline id, ARGV[2] each KEY's batch id,
 # space-separated (ids hold no space: core.models.ID_PATTERN; one argument, not one per
@@ -71,18 +70,6 @@ for i, key in ipairs(KEYS) do
 end
 return out
 """
-# KEYS: per batch of one pipeline its hash and its purge mark (keys.batch_purged). Returns the
-# positions (1-based, of the batches) of those purged: the hash gone and the mark there (a
-# hash gone without it is Redis having lost it: its snapshot is what a rebuild restores).
-GONE: Final = """
-local out = {}
-for i = 1, #KEYS, 2 do
-  if redis.call('EXISTS', KEYS[i]) == 0 and redis.call('EXISTS', KEYS[i + 1]) == 1 then
-    out[#out + 1] = (i + 1) / 2
-  end
-end
-return out
-"""
 CHUNK: Final = 200  # batches a script call: bounds the time Redis spends in one call
 # Bytes a partition's builder takes before another starts. One record batch per partition
 # per poll (the broker's max.message.bytes is 1 MB): 16 KB builders, the producer's default,
@@ -107,7 +94,7 @@ class SnapshotBatches:
         self.redis = redis
         self.topic = topic
         self._script = redis.register_script(RECORDS)
-        self._gone_script = redis.register_script(GONE)
+        self._writer = SnapshotWriter(producer, redis, topic)  # its purged batches' check
         self._skip = sorted(NOT_SNAPSHOTTED)
         self._partition_of: dict[bytes, int] = {}
         self._partition_count = 0
@@ -121,32 +108,8 @@ class SnapshotBatches:
             return 0
         records = await self._records(batches)
         written = await self._send(batches, records)
-        await self._tombstone_purged(batches)
+        await self._writer.tombstone_purged(batches)
         return written
-
-    async def _tombstone_purged(self, batches: Sequence[tuple[str, str]]) -> None:
-        """Tombstones again the batches purged now (see `GONE`): purged (by retention, or a
-        delete's clean-up) after their records were read, their purge's tombstone may have
-        landed before those records, and compaction keeps a key's last record, so a rebuild
-        would bring them back. Purged after this look, their tombstone follows it. Every
-        batch asked for, not only those this attempt sent: a retry after this look failed
-        reads a batch purged meanwhile as gone, and sends nothing for it, while the record
-        an earlier attempt sent may be its last."""
-        by_pipeline: dict[str, list[tuple[str, str]]] = {}
-        for batch in batches:
-            by_pipeline.setdefault(batch[0], []).append(batch)
-        chunks = [mine[start : start + CHUNK] for mine in by_pipeline.values()
-                  for start in range(0, len(mine), CHUNK)]
-        replies = await run_all(self.redis, self._gone_script, [
-            [2 * len(chunk), *(key for pipeline_id, batch_id in chunk for key in (
-                keys.batch(pipeline_id, batch_id), keys.batch_purged(pipeline_id, batch_id)))]
-            for chunk in chunks])
-        gone = [chunk[i - 1] for chunk, reply in zip(chunks, replies, strict=True)
-                for i in reply]
-        if gone:
-            await asyncio.gather(*[self.producer.send_and_wait(
-                self.topic, None, key=snapshot_key(pipeline_id, batch_id))
-                for pipeline_id, batch_id in gone])
 
     async def _records(self, batches: Sequence[tuple[str, str]]) -> list[str | None]:
         by_pipeline: dict[str, list[int]] = {}
