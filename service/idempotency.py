@@ -186,9 +186,9 @@ class IdempotencyKeys:
                            call: Callable[[], Awaitable[None]]) -> None:
         """Runs `call` now and, when Redis does not take it, again in the background for as
         long as the pending record lives: left pending, the key answers every retry 409
-        `in_progress` though nothing is (a committed batch's retry, a failed attempt's),
-        and once it expires a retry of the committed batch runs a second one. Both scripts
-        check the record is still this attempt's, so a late call changes no other's."""
+        `in_progress` though nothing is (a committed batch's retry, a failed attempt's).
+        Both scripts check the record is still this attempt's, so a late call changes no
+        other's (a commit finding the record expired takes the key: COMMIT_KEY)."""
         try:
             await call()
             return
