@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -284,30 +285,59 @@ def test_a_retention_option_that_removes_nothing_or_spins_is_refused_naming_it(
 
 
 
+Meanwhile = Callable[[str, str], Awaitable[None]]
+
+
+@dataclass
+class _Expired:
+    """A batch stopped 40 days ago under a 30-day retention, and its sweeper."""
+
+    retention: Settings
+    store: BatchStore
+    batch_id: str
+    part: RetentionSweeper
+
+    async def swept(self, meanwhile: Meanwhile) -> int:
+        """One round, `meanwhile` run after each tombstone of the sweeper's (the first comes
+        between its check of the batch and its purge)."""
+        real = self.part.snapshots.tombstone
+
+        async def tombstone(p: str, b: str) -> None:
+            await real(p, b)
+            await meanwhile(p, b)
+
+        self.part.snapshots.tombstone = tombstone  # type: ignore[method-assign,assignment]
+        return await self.part.sweep_once()
+
+
+@contextlib.asynccontextmanager
+async def _expired(topics: Settings, redis: Redis, scripts: Scripts) -> AsyncIterator[_Expired]:
+    retention = topics.model_copy(update={"batch_retention_days": 30})
+    store = BatchStore.from_settings(redis, retention, scripts)
+    await redis.sadd(keys.PIPELINES, P)
+    batch_id = await batch(store, stopped_at=NOW - timedelta(days=40))
+    part = RetentionSweeper(retention, clock=NOW.timestamp)
+    await part.start()
+    try:
+        yield _Expired(retention, store, batch_id, part)
+    finally:
+        await part.stop()
+
+
 async def test_a_resume_noted_while_retention_removes_its_holder_keeps_the_holder(
         topics: Settings, redis: Redis, scripts: Scripts) -> None:
     """The sweeper found no resume of A, then a resume of A noted itself and saw A visible
     (its create goes on), then the sweeper purged A: the resume went on from a batch whose
     record was gone (its own resume refused as having nothing to go on from)."""
-    retention = topics.model_copy(update={"batch_retention_days": 30})
-    store = BatchStore.from_settings(redis, retention, scripts)
-    await redis.sadd(keys.PIPELINES, P)
-    a = await batch(store, stopped_at=NOW - timedelta(days=40))
     resume = new_batch_id()
-    part = RetentionSweeper(retention, clock=NOW.timestamp)
-    await part.start()
-    real = part.snapshots.tombstone
+    async with _expired(topics, redis, scripts) as expired:
+        retention, store, a = expired.retention, expired.store, expired.batch_id
 
-    async def resumed_meanwhile(p: str, b: str) -> None:
-        await real(p, b)
-        await store.note_resume(p, b, resume)
-        assert await store.resume_may_go_on(p, b, resume)
+        async def resumed_meanwhile(p: str, b: str) -> None:
+            await store.note_resume(p, b, resume)
+            assert await store.resume_may_go_on(p, b, resume)
 
-    part.snapshots.tombstone = resumed_meanwhile  # type: ignore[method-assign,assignment]
-    try:
-        assert await part.sweep_once() == 0
-    finally:
-        await part.stop()
+        assert await expired.swept(resumed_meanwhile) == 0
     assert await store.get(P, a) is not None, "the holder of a resume going on was removed"
     key = snapshot_key(P, a)
 
@@ -327,24 +357,14 @@ async def test_a_later_batch_of_the_id_created_during_the_sweep_is_left_with_its
     """The id's batch was removed and a later batch of the id (a published id whose claim
     had expired) created between the sweeper's check and its purge: the purge removed the
     new batch, whose snapshot the tombstone had already replaced."""
-    retention = topics.model_copy(update={"batch_retention_days": 30})
-    store = BatchStore.from_settings(redis, retention, scripts)
-    await redis.sadd(keys.PIPELINES, P)
-    a = await batch(store, stopped_at=NOW - timedelta(days=40))
-    part = RetentionSweeper(retention, clock=NOW.timestamp)
-    await part.start()
-    real = part.snapshots.tombstone
+    async with _expired(topics, redis, scripts) as expired:
+        retention, store, a = expired.retention, expired.store, expired.batch_id
 
-    async def created_again(p: str, b: str) -> None:
-        await real(p, b)
-        await store.purge(p, b)  # as another sweeper's, or a delete's
-        await store.create(p, b, spec())
+        async def created_again(p: str, b: str) -> None:
+            await store.purge(p, b)  # as another sweeper's, or a delete's
+            await store.create(p, b, spec())
 
-    part.snapshots.tombstone = created_again  # type: ignore[method-assign,assignment]
-    try:
-        assert await part.sweep_once() == 0
-    finally:
-        await part.stop()
+        assert await expired.swept(created_again) == 0
     later = await store.get(P, a)
     assert later is not None and later["state"]["state"] == "pending"
     key = snapshot_key(P, a)
@@ -363,31 +383,20 @@ async def test_a_late_snapshot_between_retentions_tombstone_and_purge_is_not_lef
     between the two (its hash still there, so its own look after the send found nothing
     gone) landed its snapshot after the tombstone: compaction kept the snapshot, and a
     rebuild brought the removed batch back (diff review)."""
-    retention = topics.model_copy(update={"batch_retention_days": 30})
-    store = BatchStore.from_settings(redis, retention, scripts)
-    await redis.sadd(keys.PIPELINES, P)
-    a = await batch(store, stopped_at=NOW - timedelta(days=40))
-    part = RetentionSweeper(retention, clock=NOW.timestamp)
-    await part.start()
-    real = part.snapshots.tombstone
-
     flushed: list[str] = []
+    async with _expired(topics, redis, scripts) as expired:
+        retention, a = expired.retention, expired.batch_id
 
-    async def late_flush_meanwhile(p: str, b: str) -> None:
-        await real(p, b)
-        if flushed:
-            return
-        flushed.append(b)
-        async with contextlib.AsyncExitStack() as scope:
-            clients = await open_clients(scope, retention)
-            flush = SnapshotBatches(clients.producer, redis, retention.topic_snapshots)
-            assert await flush.write_current([(p, b)]) == 1
+        async def late_flush_meanwhile(p: str, b: str) -> None:
+            if flushed:  # the sweeper's second tombstone, after its purge
+                return
+            flushed.append(b)
+            async with contextlib.AsyncExitStack() as scope:
+                clients = await open_clients(scope, retention)
+                flush = SnapshotBatches(clients.producer, redis, retention.topic_snapshots)
+                assert await flush.write_current([(p, b)]) == 1
 
-    part.snapshots.tombstone = late_flush_meanwhile  # type: ignore[method-assign,assignment]
-    try:
-        assert await part.sweep_once() == 1
-    finally:
-        await part.stop()
+        assert await expired.swept(late_flush_meanwhile) == 1
     key = snapshot_key(P, a)
 
     def settled(records: list[Any]) -> bool:
@@ -437,27 +446,17 @@ async def test_a_resume_noted_while_another_leaves_the_set_keeps_the_holder(
     """The purge checked only how many resumes the holder's set held: a resume noting itself
     while another left the set (its purge by another sweeper, or a DELETE's clean-up) kept
     the count, and the holder was removed under the new resume (diff review)."""
-    retention = topics.model_copy(update={"batch_retention_days": 30})
-    store = BatchStore.from_settings(redis, retention, scripts)
-    await redis.sadd(keys.PIPELINES, P)
-    a = await batch(store, stopped_at=NOW - timedelta(days=40))
-    await redis.sadd(keys.resumed_by(P, a), "resume-long-gone")  # no batch, not recent
     resume = new_batch_id()
-    part = RetentionSweeper(retention, clock=NOW.timestamp)
-    await part.start()
-    real = part.snapshots.tombstone
+    async with _expired(topics, redis, scripts) as expired:
+        store, a = expired.store, expired.batch_id
+        await redis.sadd(keys.resumed_by(P, a), "resume-long-gone")  # no batch, not recent
 
-    async def swapped_meanwhile(p: str, b: str) -> None:
-        await real(p, b)
-        if await redis.srem(keys.resumed_by(p, b), "resume-long-gone"):
-            await store.note_resume(p, b, resume)
-            assert await store.resume_may_go_on(p, b, resume)
+        async def swapped_meanwhile(p: str, b: str) -> None:
+            if await redis.srem(keys.resumed_by(p, b), "resume-long-gone"):
+                await store.note_resume(p, b, resume)
+                assert await store.resume_may_go_on(p, b, resume)
 
-    part.snapshots.tombstone = swapped_meanwhile  # type: ignore[method-assign,assignment]
-    try:
-        assert await part.sweep_once() == 0
-    finally:
-        await part.stop()
+        assert await expired.swept(swapped_meanwhile) == 0
     assert await store.get(P, a) is not None, "the holder of a resume going on was removed"
 
 
