@@ -136,7 +136,9 @@ async def test_many_streams_share_the_one_subscription(
         for response in responses:
             assert (await next_event(response))["event"] == "batch"
         [(_, during)] = await redis.pubsub_numsub(keys.CHANGES_CHANNEL)
-        assert during == before
+        # The count is server-wide: the other test workers' APIs subscribe and leave meanwhile
+        # (a few at most). A subscription per stream would add 50.
+        assert during - before < len(responses) // 2
         await set_offset(store, target, 11)
         for response in responses:
             event = await next_event(response)
