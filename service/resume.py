@@ -32,8 +32,9 @@ from core.models import PipelineSpec, new_batch_id
 from core.run_config import resume_problems
 from service import auth, creates, idempotency, run_body
 from service.appkeys import COMMANDS, IDEMPOTENCY, REGISTRY, STORE
-from service.batches import json_obj, once, path_id
+from service.batches import json_obj, path_id
 from service.errors import ApiError, bad_request, not_found
+from service.runs import once
 
 
 def data_holder(spec: PipelineSpec, old: Mapping[str, str], old_id: str) -> str:

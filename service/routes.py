@@ -18,6 +18,7 @@ from service import (
     metrics,
     pipeline_routes,
     resume,
+    runs,
     schemas,
     step_routes,
     ui,
@@ -26,7 +27,7 @@ from service import (
 
 ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
-    ("POST", "/api/v1/batches/{pipeline_id}", batches.run_batch, "run_batch"),
+    ("POST", "/api/v1/batches/{pipeline_id}", runs.run_batch, "run_batch"),
     ("GET", "/api/v1/batches/{pipeline_id}", batches.latest_batch, "latest_batch"),
     ("GET", "/api/v1/batches/{pipeline_id}/", listing.list_batches, "list_batches"),
     ("PUT", "/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, "stop_batch"),

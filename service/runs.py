@@ -1,0 +1,172 @@
+"""`POST /api/v1/batches/{pipeline_id}`: a new batch of the pipeline's latest version, or of
+the one `pipeline_version` names, with the body's config overrides. It is recorded in Redis
+(`service.creates`), then its run command is queued on Kafka; a send that fails undoes or
+abandons it. An Idempotency-Key makes it one batch per key and request (`once`, which a
+resume shares: `service.resume`)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from core import keys
+from core.codec import Command
+from core.models import PipelineSpec, new_batch_id, valid_id
+from service import auth, creates, idempotency, run_body
+from service.appkeys import ABANDONER, API_SCRIPTS, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
+from service.batches import json_obj, path_id
+from service.command_sender import Ambiguous, Refused
+from service.errors import ApiError, bad_request, not_found
+from service.turns import turn_reads
+
+
+async def _resolve(request: web.Request, pipeline_id: str, version: str | None) -> PipelineSpec:
+    registry = request.app[REGISTRY]
+    if version is None:
+        known = creates.known_latest(registry, pipeline_id)
+        if known is None:
+            # Which version is latest: read with the other POSTs of this loop turn (service.turns).
+            known = await turn_reads(registry.redis).read(
+                "LINDEX", keys.pipeline_order(pipeline_id), "-1")
+        # Only a guess from here: the create checks it is still the latest (service.creates).
+        return await creates.latest_spec(registry, pipeline_id, known)
+    # A version asked for by name is read each time: that read is what says it exists.
+    spec = await registry.get(pipeline_id, version)
+    if spec is None:
+        if await registry.latest_version(pipeline_id) is None:
+            raise not_found(f"unknown pipeline {pipeline_id}")
+        raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
+    return spec
+
+
+async def _checked_against_latest(request: web.Request, pipeline_id: str,
+                                  requested: str | None, spec: PipelineSpec,
+                                  overrides: run_body.Overrides) -> PipelineSpec:
+    """`spec` (or the latest version read again), once the overrides are valid for it. The
+    latest version `_resolve` gives is this process's last-seen one: a version registered
+    since (by a PUT here or elsewhere) is learnt by a create, which a refusal comes before.
+    So a refusal of the guess is confirmed against the latest Redis holds."""
+    try:
+        run_body.checked_config(spec, overrides)
+        return spec
+    except ApiError:
+        if requested is not None:
+            raise
+        registry = request.app[REGISTRY]
+        latest = await creates.latest_spec(registry, pipeline_id,
+                                           await registry.latest_version(pipeline_id))
+        if latest.version == spec.version:
+            raise
+    run_body.checked_config(latest, overrides)
+    return latest
+
+
+async def run_batch(request: web.Request) -> web.Response:
+    auth.require(request, auth.WRITE)
+    pipeline_id = path_id(request, "pipeline_id")
+    given = request.query.getall("pipeline_version", [])
+    if len(given) > 1:  # which one was meant is anybody's guess, as in the list's filters
+        raise bad_request("pipeline_version is given more than once")
+    requested = given[0] if given else None
+    if requested is not None and not valid_id(requested):
+        raise bad_request("pipeline_version must match [A-Za-z0-9._-]{1,128}")
+    header = request.headers.get("Idempotency-Key")
+    idem_key = idempotency.record_key(header) if header is not None else None
+    overrides = await run_body.overrides_of(request)
+    sent = (idempotency.Sent.of(pipeline_id, requested, run_body.canonical(overrides))
+            if idem_key is not None else None)
+    try:
+        spec = await _resolve(request, pipeline_id, requested)
+        config = None
+        if overrides:
+            # Refused before anything is written.
+            spec = await _checked_against_latest(request, pipeline_id, requested, spec,
+                                                 overrides)
+
+            def config(spec: PipelineSpec) -> dict[str, dict[str, Any]]:
+                # For the version recorded: another may have become the latest meanwhile.
+                return run_body.checked_config(spec, overrides)
+        request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
+    except ApiError:
+        # What changes (the latest version, Kafka's health) can refuse a retry of a request
+        # that succeeded: the key's batch is the answer then.
+        if idem_key is not None and sent is not None:
+            replayed = await request.app[IDEMPOTENCY].replayed(idem_key, lambda _: sent)
+            if replayed is not None:
+                return json_obj({"item": replayed})
+        raise
+    batch_id = new_batch_id()
+
+    async def record() -> creates.Created:
+        return await creates.record(request.app[STORE], request.app[API_SCRIPTS],
+                                    request.app[REGISTRY], pipeline_id, batch_id, spec,
+                                    requested is None, config)
+
+    return await once(request, idem_key, sent, pipeline_id, batch_id, record)
+
+
+async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sent | None,
+               pipeline_id: str, batch_id: str,
+               record: Callable[[], Awaitable[creates.Created]]) -> web.Response:
+    """Creates and queues the batch, once per Idempotency-Key when one is given."""
+    if idem_key is None or sent is None:
+        await _create_and_queue(request, pipeline_id, batch_id, record)
+        return json_obj({"item": batch_id})
+    keys_ = request.app[IDEMPOTENCY]
+    earlier = await keys_.claim(idem_key, sent, batch_id)
+    if earlier is not None:
+        return json_obj({"item": earlier})
+    committed = sent.record("committed", batch_id)
+    try:
+        # The run command carries the committed record too, for a rebuild of Redis.
+        await _create_and_queue(request, pipeline_id, batch_id, record, (idem_key, committed))
+    except BaseException:
+        await keys_.release(idem_key, batch_id)
+        raise
+    await keys_.commit(idem_key, committed, batch_id)
+    return json_obj({"item": batch_id})
+
+
+async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
+                            record: Callable[[], Awaitable[creates.Created]],
+                            idempotency: tuple[str, str] | None = None) -> None:
+    """Records the batch (`record` says how), then queues its run command, which carries
+    the record for a rebuild of Redis. A record that failed midway is undone (purged, now or
+    once Redis answers). When the send fails the batch must not run: refused, it is purged;
+    ambiguous (the command may be written and even be running), it is abandoned (hidden as
+    `stop`/`failed`, its delete queued behind the run)."""
+    try:
+        created = await record()
+    except (ApiError, creates.NotThisRequests):
+        raise  # refused before the create, or not a create of this request's
+    except BaseException:
+        # Redis may have run the create and its answer was lost: no run command will be
+        # sent, so a `pending` batch left behind would never run.
+        await request.app[ABANDONER].undo(pipeline_id, batch_id)
+        raise
+    spec = created.spec
+    recorded = created.recorded
+    if idempotency is not None:
+        recorded = msgspec.structs.replace(recorded, idempotency_key=idempotency[0],
+                                           idempotency_record=idempotency[1])
+    # Its id from the batch's (one run command per batch, as `stop-<batch id>` is the
+    # consumers' stop event): unique without a uuid4, whose urandom call costs a few µs.
+    command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version,
+                      event_id="run-" + batch_id, recorded=recorded)
+    try:
+        await request.app[COMMANDS].command(command)
+    except Refused:
+        # Purged now, or once Redis answers: a batch left `pending` with no run command
+        # behind it would never run.
+        await request.app[ABANDONER].undo(pipeline_id, batch_id)
+        raise
+    except BaseException as exc:  # Ambiguous, or cancelled while Kafka held the record
+        cause = exc.cause if isinstance(exc, Ambiguous) else type(exc).__name__
+        reason = f"the run command was not confirmed by Kafka ({cause}); the batch will not run"
+        await request.app[ABANDONER].abandon(pipeline_id, batch_id, spec.version, reason,
+                                             released=True)
+        request.app[CACHE].evict(keys.batch(pipeline_id, batch_id))
+        raise
