@@ -15,8 +15,8 @@ Errors follow `core.retry`: Redis or Kafka unavailable (down, READONLY after a f
 OOM, LOADING, BUSY, ...) is waited out with backoff, and the poll is neither dead-lettered
 nor committed meanwhile. Only what no retry can fix goes to the dead letters: malformed
 records, and the events of a batch whose data makes the script fail (found by applying
-batch by batch after a permanent script error). Events of deleted or unknown batches are
-dropped by the script.
+batch by batch after a permanent script error: `consumers/plumbing/polls.py`). Events of
+deleted or unknown batches are dropped by the script.
 """
 
 from __future__ import annotations
@@ -25,56 +25,29 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from redis.exceptions import ResponseError
 
 from consumers.plumbing.dlq import DeadLetters
 from consumers.plumbing.kafka import Record, commit_retrying, open_consumer
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Clients, Part
+from consumers.plumbing.polls import UNAPPLICABLE, Poll, apply_by_batch, bad_script_data, decode
 from consumers.plumbing.rekey import send_keyed
 from consumers.plumbing.snapshot_batch import Fenced, SnapshotBatches
 from consumers.plumbing.stages import Covered, Stages
-from core.codec import CodecError, Event, decode_event
-from core.retry import Backoff, Stopping, Verdict, classify
+from core.codec import Event
+from core.retry import Backoff, Stopping
 from core.settings import Settings
 from core.store import BatchStore
 
 log = logging.getLogger(__name__)
 STATS_EVERY_S = 10.0
-UNAPPLICABLE = "could not apply: "
 # A flush starts early once this many batches wait for their snapshot, and applies wait for a
 # lagging flush past it: it bounds one flush's Redis work, the memory of what waits and what
 # a crash re-reads.
 FLUSH_BATCHES = 10_000
-
-
-@dataclass(slots=True)
-class _Poll:
-    batch: dict[TopicPartition, list[Record]]
-    events: list[Event]
-    bad: list[tuple[Record, str]]
-    rekey: list[tuple[bytes, Record]]  # events keyed other than by their batch id, re-keyed
-    duplicates: int
-    epoch: int  # of the assignment it was fetched under
-
-
-def _bad_script_data(exc: BaseException) -> bool:
-    """A script error that is about a batch's data (no retry can fix it), as opposed to
-    Redis not taking writes now (READONLY, OOM, BUSY...: `classify` says UNAVAILABLE and
-    `Backoff` waits those out, so they never reach the dead letters). Only what a script met
-    in a batch's keys is the batch's: its own runtime error (`user_script:`, in Redis 6's and
-    7's forms) or a key of another type. Any other permanent reply (EVALSHA renamed away, the
-    script cache flushed under the call) is the server's, the same for every batch: taken for
-    data, every poll went to the dead letters and was committed."""
-    if not isinstance(exc, ResponseError) or classify(exc) is not Verdict.PERMANENT:
-        return False
-    text = str(exc)
-    return text.startswith("WRONGTYPE") or "user_script" in text
 
 
 class EventsConsumer(Part):
@@ -172,37 +145,11 @@ class EventsConsumer(Part):
         dependency is down) or `GaveUp`; either way nothing past the last commit is lost."""
         await self._flush(await self._effect(self._prepare(batch)))
 
-    def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> _Poll:
-        """Decodes a poll: its events, its malformed records, and how many records repeated
-        one already decoded. A record whose bytes equal an earlier one of the poll is the same
-        event (same id) delivered again: applying it once more changes nothing (offsets by
-        value, state events de-duplicated by id), so it is counted and not decoded again."""
-        events: list[Event] = []
-        bad: list[tuple[Record, str]] = []
-        rekey: list[tuple[bytes, Record]] = []
-        append = events.append
-        seen: set[bytes] = set()
-        duplicates = 0
-        for records in batch.values():
-            for record in records:
-                value = record.value
-                if value in seen:
-                    duplicates += 1
-                    continue
-                try:
-                    event = decode_event(value)
-                except CodecError as exc:
-                    bad.append((record, str(exc)))
-                    continue
-                seen.add(value)
-                key = event.batch_id.encode()
-                if record.key == key:
-                    append(event)
-                else:
-                    rekey.append((key, record))  # see consumers.plumbing.rekey
-        return _Poll(batch, events, bad, rekey, duplicates, self.stages.epoch)
+    def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> Poll:
+        """Decodes a poll (`consumers.plumbing.polls.decode`) under the current assignment."""
+        return decode(batch, self.stages.epoch)
 
-    async def _effect(self, poll: _Poll) -> Covered:
+    async def _effect(self, poll: Poll) -> Covered:
         """Applies a poll's events and dead-letters its malformed records. Returns what a
         flush owes the poll: the batches it reached (to snapshot) and its offsets (to
         commit)."""
@@ -213,7 +160,7 @@ class EventsConsumer(Part):
             try:
                 results = await self._apply(events)
             except Exception as exc:
-                if not _bad_script_data(exc):
+                if not bad_script_data(exc):
                     # Stopping; or GaveUp: an error that is neither Redis unavailable nor a
                     # batch's data (say an OSError) outlasted its retries. The part ends and
                     # the process restarts (runner) with the poll uncommitted: re-read, not
@@ -223,7 +170,7 @@ class EventsConsumer(Part):
                 # only the batches that fail.
                 log.error("apply failed (%s); retrying batch by batch", exc)
                 before = len(bad)
-                results = await self._apply_one_by_one(poll.batch, bad)
+                results = await apply_by_batch(poll.batch, bad, self._apply)
                 unapplied = len(bad) - before  # dead-lettered: counted there, not applied
             self.applied += len(events) + poll.duplicates - unapplied
             for n in results.values():
@@ -283,26 +230,3 @@ class EventsConsumer(Part):
             if isinstance(outcome, BaseException):
                 raise outcome
         self.dead += len(bad)
-
-    async def _apply_one_by_one(self, batch: dict[TopicPartition, list[Record]],
-                                bad: list[tuple[Record, str]]) -> dict[tuple[str, str], int]:
-        groups: dict[tuple[str, str], list[tuple[Record, Event]]] = defaultdict(list)
-        for records in batch.values():
-            for record in records:
-                try:
-                    event = decode_event(record.value)
-                except CodecError:
-                    continue  # already in `bad`
-                if record.key != event.batch_id.encode():
-                    continue  # re-keyed, applied by its batch's owner
-                groups[(event.pipeline_id, event.batch_id)].append((record, event))
-        results: dict[tuple[str, str], int] = {}
-        for key, pairs in groups.items():
-            try:
-                results.update(await self._apply([e for _, e in pairs]))
-            except Exception as exc:
-                if not _bad_script_data(exc):
-                    raise
-                bad.extend((record, f"{UNAPPLICABLE}{exc}") for record, _ in pairs)
-                results[key] = 0
-        return results

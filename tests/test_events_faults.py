@@ -20,8 +20,9 @@ from redis._parsers import _AsyncRESP2Parser
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from consumers.events import EventsConsumer, _bad_script_data
+from consumers.events import EventsConsumer
 from consumers.plumbing import dlq
+from consumers.plumbing.polls import bad_script_data
 from core import keys
 from core.codec import Event
 from core.connections import open_producer, open_redis
@@ -247,7 +248,7 @@ async def test_only_a_batch_whose_data_breaks_the_script_is_dead_lettered(
 def test_redis_not_taking_writes_is_never_taken_for_bad_data(reply: str) -> None:
     """The replies the servers above sent, as redis-py raises them: none may reach the dead
     letters (they are `UNAVAILABLE`, waited out by `Backoff`)."""
-    assert not _bad_script_data(_parsed_error(reply))
+    assert not bad_script_data(_parsed_error(reply))
 
 
 @pytest.mark.parametrize("reply", [
@@ -255,7 +256,7 @@ def test_redis_not_taking_writes_is_never_taken_for_bad_data(reply: str) -> None
     "ERR user_script:40: attempt to compare nil with number script: 1234, on @user_script:40.",
 ])
 def test_a_script_error_about_the_data_goes_batch_by_batch(reply: str) -> None:
-    assert _bad_script_data(_parsed_error(reply))
+    assert bad_script_data(_parsed_error(reply))
 
 
 def _parsed_error(reply: str) -> ResponseError:

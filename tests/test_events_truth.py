@@ -15,7 +15,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from consumers.events import EventsConsumer, _bad_script_data
+from consumers.events import EventsConsumer
+from consumers.plumbing.polls import bad_script_data
 from core import keys, layout
 from core.codec import Event
 from core.connections import open_redis
@@ -40,7 +41,7 @@ def test_a_redis_that_cannot_persist_is_waited_out_not_taken_for_bad_data(reply:
     "not now" as OOM, never a batch's data (outside a script and inside one)."""
     error = _parsed_error(reply)
     assert classify(error) is Verdict.UNAVAILABLE
-    assert not _bad_script_data(error)
+    assert not bad_script_data(error)
 
 
 @pytest.mark.parametrize("reply", [
@@ -55,7 +56,7 @@ def test_a_redis_that_cannot_persist_is_waited_out_not_taken_for_bad_data(reply:
 def test_an_acl_denying_a_command_is_waited_out_not_taken_for_bad_data(reply: str) -> None:
     error = _parsed_error(reply)
     assert classify(error) is Verdict.UNAVAILABLE
-    assert not _bad_script_data(error)
+    assert not bad_script_data(error)
 
 
 async def _bgsave_fails(admin: Redis, directory: Path) -> None:
@@ -218,10 +219,10 @@ def test_a_server_that_runs_no_script_is_not_taken_for_every_batchs_bad_data(rep
     lost while the consumer seemed to run. Only what a script met in a batch's keys (its own
     runtime error, a key of another type) is the batch's; the rest ends the part (restarted,
     the poll read again) instead."""
-    assert not _bad_script_data(_parsed_error(reply))
+    assert not bad_script_data(_parsed_error(reply))
     for data in ("WRONGTYPE Operation against a key holding the wrong kind of value",
                  "ERR user_script:40: attempt to compare nil with number script: 1234, on "
                  "@user_script:40.",
                  "ERR Error running script (call to f_1): @user_script:1: user_script:1: "
                  "attempt to perform arithmetic on a nil value"):
-        assert _bad_script_data(_parsed_error(data))
+        assert bad_script_data(_parsed_error(data))

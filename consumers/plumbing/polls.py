@@ -1,0 +1,107 @@
+"""A poll of the events topic as the events consumer takes it (`consumers/events.py`): its
+records decoded, each once (`decode`), and, when a permanent script error stops the poll's
+apply, its events applied batch by batch (`apply_by_batch`), so that only the batches whose
+data breaks the script go to the dead letters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiokafka import TopicPartition
+from redis.exceptions import ResponseError
+
+from consumers.plumbing.kafka import Record
+from core.codec import CodecError, Event, decode_event
+from core.retry import Verdict, classify
+
+# The reason a dead letter gives for the events of a batch its data kept from applying.
+UNAPPLICABLE = "could not apply: "
+
+Apply = Callable[[list[Event]], Awaitable[dict[tuple[str, str], int]]]
+
+
+@dataclass(slots=True)
+class Poll:
+    batch: dict[TopicPartition, list[Record]]
+    events: list[Event]
+    bad: list[tuple[Record, str]]
+    rekey: list[tuple[bytes, Record]]  # events keyed other than by their batch id, re-keyed
+    duplicates: int
+    epoch: int  # of the assignment it was fetched under
+
+
+def decode(batch: dict[TopicPartition, list[Record]], epoch: int) -> Poll:
+    """Decodes a poll: its events, its malformed records, and how many records repeated
+    one already decoded. A record whose bytes equal an earlier one of the poll is the same
+    event (same id) delivered again: applying it once more changes nothing (offsets by
+    value, state events de-duplicated by id), so it is counted and not decoded again."""
+    events: list[Event] = []
+    bad: list[tuple[Record, str]] = []
+    rekey: list[tuple[bytes, Record]] = []
+    append = events.append
+    seen: set[bytes] = set()
+    duplicates = 0
+    for records in batch.values():
+        for record in records:
+            value = record.value
+            if value in seen:
+                duplicates += 1
+                continue
+            try:
+                event = decode_event(value)
+            except CodecError as exc:
+                bad.append((record, str(exc)))
+                continue
+            seen.add(value)
+            key = event.batch_id.encode()
+            if record.key == key:
+                append(event)
+            else:
+                rekey.append((key, record))  # see consumers.plumbing.rekey
+    return Poll(batch, events, bad, rekey, duplicates, epoch)
+
+
+def bad_script_data(exc: BaseException) -> bool:
+    """A script error that is about a batch's data (no retry can fix it), as opposed to
+    Redis not taking writes now (READONLY, OOM, BUSY...: `classify` says UNAVAILABLE and
+    `Backoff` waits those out, so they never reach the dead letters). Only what a script met
+    in a batch's keys is the batch's: its own runtime error (`user_script:`, in Redis 6's and
+    7's forms) or a key of another type. Any other permanent reply (EVALSHA renamed away, the
+    script cache flushed under the call) is the server's, the same for every batch: taken for
+    data, every poll went to the dead letters and was committed."""
+    if not isinstance(exc, ResponseError) or classify(exc) is not Verdict.PERMANENT:
+        return False
+    text = str(exc)
+    return text.startswith("WRONGTYPE") or "user_script" in text
+
+
+async def apply_by_batch(batch: dict[TopicPartition, list[Record]],
+                         bad: list[tuple[Record, str]], apply: Apply
+                         ) -> dict[tuple[str, str], int]:
+    """The poll's events applied with `apply` one batch at a time, after the whole poll's
+    apply failed on some batch's data (`bad_script_data`): the records of each batch whose
+    apply fails on its data are added to `bad` (the batch's result: 0); any other error is
+    raised."""
+    groups: dict[tuple[str, str], list[tuple[Record, Event]]] = defaultdict(list)
+    for records in batch.values():
+        for record in records:
+            try:
+                event = decode_event(record.value)
+            except CodecError:
+                continue  # already in `bad`
+            if record.key != event.batch_id.encode():
+                continue  # re-keyed, applied by its batch's owner
+            groups[(event.pipeline_id, event.batch_id)].append((record, event))
+    results: dict[tuple[str, str], int] = {}
+    for key, pairs in groups.items():
+        try:
+            results.update(await apply([e for _, e in pairs]))
+        except Exception as exc:
+            if not bad_script_data(exc):
+                raise
+            bad.extend((record, f"{UNAPPLICABLE}{exc}") for record, _ in pairs)
+            results[key] = 0
+    return results
