@@ -3,7 +3,9 @@ abandoning of a batch whose run command may or may not have reached Kafka.
 
 Each names its KEYS and ARGV first. An Idempotency-Key record (`core.keys.idempotency`) is a
 JSON object: `s` state (`pending` until the run command is durably queued, then
-`committed`), `b` batch id (the attempt that owns it), `p` pipeline id, `v` the requested
+`committed`), `b` batch id (chosen by the attempt that claimed it), `a` the attempt that
+took a pending record over (its own new batch id; absent: `b`'s), `l` the pending record's
+lease (ms, Redis's clock), `p` pipeline id, `v` the requested
 version as sent (or `latest`), `h` digest of the request body ('' for none).
 """
 
@@ -17,18 +19,50 @@ from core.list_scripts import UNLIST_LUA
 from core.scripts import CREATE_BATCH
 
 # KEYS[1] idempotency record
-# ARGV[1] the new pending record (JSON), ARGV[2] its TTL in milliseconds
-# Claims the key when free. Returns nil when claimed now, else the existing record.
+# ARGV[1] the new pending record (JSON), ARGV[2] its lease in milliseconds, ARGV[3] the
+# record's TTL in seconds (the committed record's: a retry after the attempt died must find
+# the batch id it chose)
+# Claims the key when free: the record gets `l`, its lease's end (Redis's clock, ms), after
+# which a retry may take it over (TAKE_KEY). Returns nil when claimed now, else the existing
+# record.
 CLAIM_KEY: Final = """
 local existing = redis.call('GET', KEYS[1])
 if existing then return existing end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local t = redis.call('TIME')
+local lease = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+local record = string.sub(ARGV[1], 1, -2) .. ',"l":' .. string.format('%d', lease) .. '}'
+redis.call('SET', KEYS[1], record, 'EX', ARGV[3])
 return false
 """
 
 # KEYS[1] idempotency record
-# ARGV[1] batch id of the attempt, ARGV[2] the committed record (JSON), ARGV[3] TTL in seconds
-# pending -> committed, only by the attempt that owns the record. Returns 1 when committed
+# ARGV[1] the attempt that owns it as last read (`a`, else `b`), ARGV[2] the attempt taking
+# it over, ARGV[3] its lease in milliseconds
+# A pending record whose lease passed (its attempt's process died, most likely) taken over by
+# a retry of the same request: the batch id stays, so whatever the dead attempt got done (the
+# batch created, its run command queued) is the retry's to finish, and the key never gets a
+# second batch. Returns 1 when taken over, 0 when the record changed, is committed or its
+# lease still runs.
+TAKE_KEY: Final = """
+local existing = redis.call('GET', KEYS[1])
+if not existing then return 0 end
+local record = cjson.decode(existing)
+if record.s ~= 'pending' or (record.a or record.b) ~= ARGV[1] or not record.l then
+  return 0
+end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if now < record.l then return 0 end
+record.a = ARGV[2]
+record.l = now + tonumber(ARGV[3])
+redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+return 1
+"""
+
+# KEYS[1] idempotency record
+# ARGV[1] the batch id, ARGV[2] the committed record (JSON), ARGV[3] TTL in seconds
+# pending -> committed, only for the batch the record holds (by the attempt that chose it, or
+# one that took the record over: either queued its run command). Returns 1 when committed
 # (or already committed by this attempt: a call retried after its reply was lost), 0 when the
 # record is another attempt's. A record gone (its pending TTL passed while Redis did not take
 # the commit) is committed all the same: the batch runs, and a retry of its request must
@@ -49,14 +83,14 @@ return 1
 """
 
 # KEYS[1] idempotency record
-# ARGV[1] batch id of the attempt
+# ARGV[1] the attempt (its own new batch id: `a` of a record taken over, else `b`)
 # A failed attempt frees its pending record, so a retry starts afresh. A committed record
-# or another attempt's is left alone. Returns 1 when released, else 0.
+# or another attempt's (one that took it over) is left alone. Returns 1 when released, else 0.
 RELEASE_KEY: Final = """
 local existing = redis.call('GET', KEYS[1])
 if not existing then return 0 end
 local record = cjson.decode(existing)
-if record.s ~= 'pending' or record.b ~= ARGV[1] then return 0 end
+if record.s ~= 'pending' or (record.a or record.b) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
 """
@@ -118,6 +152,7 @@ class ApiScripts:
 
     def __init__(self, redis: Redis) -> None:
         self.claim_key = redis.register_script(CLAIM_KEY)
+        self.take_key = redis.register_script(TAKE_KEY)
         self.commit_key = redis.register_script(COMMIT_KEY)
         self.release_key = redis.register_script(RELEASE_KEY)
         self.abandon_batch = redis.register_script(ABANDON_BATCH)

@@ -15,13 +15,13 @@ import re
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import orjson
 
 from core import keys, layout
 from core.api_scripts import ApiScripts
-from core.command_messages import Recorded
+from core.command_messages import _RECORDED_FIELDS, _RECORDED_PREFIXES, Recorded
 from core.models import PipelineSpec, now_iso
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
@@ -222,3 +222,36 @@ async def _created_earlier(store: BatchStore, pipeline_id: str, batch_id: str,
         return None
     return int(seq)
 
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LeftBehind:
+    """The batch of an attempt whose lease passed, as its attempt left it (`service.runs`
+    finishes it): `missing`, never created; `gone`, hidden or purged since (abandoned,
+    deleted); `started`, its run command was taken (it is the consumers' now); `pending`, its
+    run command may never have been sent, and `created` is what a send needs."""
+
+    state: Literal["missing", "gone", "started", "pending"]
+    created: Created | None = None
+
+
+async def left_behind(store: BatchStore, registry: PipelineRegistry, pipeline_id: str,
+                      batch_id: str) -> LeftBehind:
+    fields = await store.fields(pipeline_id, batch_id)
+    if fields is None:
+        # A purge mark: deleted or undone on purpose, not to be written again.
+        purged = await store.redis.exists(keys.batch_purged(pipeline_id, batch_id))
+        return LeftBehind("gone" if purged else "missing")
+    if not layout.is_visible(fields):
+        return LeftBehind("gone")
+    if fields.get("state") != "pending":
+        return LeftBehind("started")
+    version = fields.get("pipeline_version", "")
+    spec = await spec_of(registry, pipeline_id, version)
+    if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
+        raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
+    # The fields its create added to a fresh batch's, as its own run command recorded them.
+    extra = {name: value for name, value in fields.items()
+             if name in _RECORDED_FIELDS or name.startswith(_RECORDED_PREFIXES)}
+    return LeftBehind("pending", Created(spec, Recorded(
+        seq=int(fields["seq"]), created_at=fields.get("created_at", ""), extra=extra)))

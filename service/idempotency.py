@@ -5,12 +5,19 @@ that attempt's run command is durably queued, then `committed` (kept `idempotenc
 A duplicate that finds it committed gets the same batch id; one that finds it pending waits
 a bounded time for the first attempt and then answers `409 in_progress`; a failed attempt
 releases the key, so the next retry starts afresh. A commit or release Redis does not take
-is tried again while the pending record lives: it would answer `in_progress` meanwhile.
+is tried again while its lease runs: it would answer `in_progress` meanwhile.
 The request is compared as the client sent it — the route (a run, or a resume of which
 batch), pipeline id, the version asked for (or `latest`, not the version it resolved to) and
 the body's meaning (the config overrides, whatever their spacing or key order) — and the
 same key with another request is a 409 that says what differs.
-A pending record expires on its own, so an attempt whose process died frees the key.
+An attempt holds its pending record for a lease (`pending_ttl_s`); the record itself lives as
+long as a committed one. A retry that finds the lease passed (the attempt's process died:
+SIGKILL, OOM) takes the record over with the same batch id and finishes what the dead attempt
+left (`service.runs`): the batch created if it is missing, its run command sent again if it
+is still pending (a run command twice runs one flow run: Prefect's idempotency key is the
+batch id), then the commit. So whatever the dead attempt got done, the key ends with that one
+batch, and it runs; a new id would have run a second batch beside a first one whose command
+Kafka had already acked, or left the first `pending` for ever.
 """
 
 from __future__ import annotations
@@ -96,33 +103,48 @@ def _shown(body: str | None, digest: str) -> str:
     return f"sha256:{digest}" if digest else ""
 
 
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What a claim found: `owned`, this attempt now finishes `batch_id` (its own new id, or,
+    `taken_over`, the id of an attempt whose lease passed); else `batch_id` is the committed
+    batch of the same request, to answer as it is."""
+
+    batch_id: str
+    owned: bool
+    taken_over: bool = False
+
+
 class IdempotencyKeys:
     def __init__(self, redis: Redis, scripts: ApiScripts, *, ttl_s: int,
                  pending_ttl_s: float = 60.0, wait_s: float = 2.0, poll_s: float = 0.05) -> None:
         self._redis = redis
         self._scripts = scripts
         self._ttl_s = ttl_s
-        # Longer than any attempt (resolve, create, a send's timeout, the undo).
+        # The lease: longer than any attempt (resolve, create, a send's timeout, the undo).
         self._pending_ttl_ms = int(pending_ttl_s * 1000)
         self._wait_s = wait_s
         self._poll_s = poll_s
         self._again: set[asyncio.Task[None]] = set()  # transitions Redis did not take yet
 
-    async def claim(self, key: str, sent: Sent, batch_id: str) -> str | None:
-        """None when this attempt now owns the key (pending); the earlier batch id when the key
-        was committed for the same request. 409 `conflict` for another request, 409
-        `in_progress` when the first attempt is still under way after the wait."""
+    async def claim(self, key: str, sent: Sent, attempt: str) -> Claimed:
+        """Owned when this attempt now holds the key (pending) with its new id `attempt`, or
+        took over an attempt's whose lease passed (its batch id); not owned, the earlier
+        batch id when the key was committed for the same request. 409 `conflict` for another
+        request, 409 `in_progress` when the first attempt's lease still runs after the wait."""
         deadline = time.monotonic() + self._wait_s
         while True:
             existing = await self._scripts.claim_key(
-                keys=[key], args=[sent.record("pending", batch_id), self._pending_ttl_ms])
+                keys=[key], args=[sent.record("pending", attempt), self._pending_ttl_ms,
+                                  self._ttl_s])
             if existing is None:
-                return None
+                return Claimed(attempt, owned=True)
             earlier: dict[str, Any] = orjson.loads(existing)
-            if earlier.get("s") == "pending" and earlier.get("b") == batch_id:
-                # This attempt's own claim (its batch id is new): the client retried the
-                # script after a connection broke before its reply, and Redis had run it.
-                return None
+            owner = str(earlier.get("a") or earlier.get("b"))
+            if earlier.get("s") == "pending" and owner == attempt:
+                # This attempt's own claim or take-over (its id is new): the client retried
+                # the script after a connection broke before its reply, and Redis had run it.
+                return Claimed(str(earlier["b"]), owned=True,
+                               taken_over=earlier["b"] != attempt)
             differs = sent.differences(earlier)
             if differs:
                 what = ", ".join(f"{name} (earlier {d['earlier']!r}, now {d['now']!r})"
@@ -131,7 +153,13 @@ class IdempotencyKeys:
                                f"Idempotency-Key was already used for another request: {what}",
                                differs=differs)
             if earlier.get("s", "committed") == "committed":
-                return await self._still_there(sent.pipeline_id, str(earlier["b"]))
+                return Claimed(await self.still_there(sent.pipeline_id, str(earlier["b"])),
+                               owned=False)
+            if "l" in earlier and await self._scripts.take_key(
+                    keys=[key], args=[owner, attempt, self._pending_ttl_ms]):
+                log.warning("Idempotency-Key of batch %s taken over: its attempt's lease "
+                            "passed unfinished", earlier["b"])
+                return Claimed(str(earlier["b"]), owned=True, taken_over=True)
             if time.monotonic() >= deadline:
                 raise ApiError(409, "in_progress",
                                "a request with this Idempotency-Key is still in progress; "
@@ -148,9 +176,9 @@ class IdempotencyKeys:
         earlier: dict[str, Any] = orjson.loads(raw)
         if earlier.get("s") != "committed" or sent(earlier).differences(earlier):
             return None
-        return await self._still_there(str(earlier.get("p")), str(earlier["b"]))
+        return await self.still_there(str(earlier.get("p")), str(earlier["b"]))
 
-    async def _still_there(self, pipeline_id: str, batch_id: str) -> str:
+    async def still_there(self, pipeline_id: str, batch_id: str) -> str:
         """The earlier batch id, unless that batch was deleted since: answering an id whose
         every GET is a 404 would look like success and be none."""
         found, deleted = await self._redis.hmget(keys.batch(pipeline_id, batch_id), "id",
@@ -165,8 +193,8 @@ class IdempotencyKeys:
         """pending -> committed (`committed`: `Sent.record("committed", batch_id)`, the value
         the run command carries too), once the run command is durably queued. The batch will run
         whatever happens here, so a failure is not answered: the commit is tried again while
-        the pending record lives (one expired meanwhile is committed all the same, unless
-        another attempt claimed the key since)."""
+        its lease runs (a record gone meanwhile is committed all the same, and so is one a
+        retry took over: the batch id is the same)."""
         async def commit() -> None:
             if not await self._scripts.commit_key(keys=[key],
                                                   args=[batch_id, committed, self._ttl_s]):
@@ -175,26 +203,27 @@ class IdempotencyKeys:
 
         await self._until_taken("committed", batch_id, commit)
 
-    async def release(self, key: str, batch_id: str) -> None:
-        """Frees the key after a failed attempt (best effort: the pending record expires)."""
+    async def release(self, key: str, attempt: str) -> None:
+        """Frees the key after a failed attempt (`attempt`: its own new id); best effort:
+        a retry takes the record over once its lease passes."""
         async def release() -> None:
-            await self._scripts.release_key(keys=[key], args=[batch_id])
+            await self._scripts.release_key(keys=[key], args=[attempt])
 
-        await self._until_taken("released", batch_id, release)
+        await self._until_taken("released", attempt, release)
 
     async def _until_taken(self, what: str, batch_id: str,
                            call: Callable[[], Awaitable[None]]) -> None:
         """Runs `call` now and, when Redis does not take it, again in the background for as
-        long as the pending record lives: left pending, the key answers every retry 409
-        `in_progress` though nothing is (a committed batch's retry, a failed attempt's).
-        Both scripts check the record is still this attempt's, so a late call changes no
-        other's (a commit finding the record expired takes the key: COMMIT_KEY)."""
+        long as its lease runs: left pending, the key answers every retry 409 `in_progress`
+        (a committed batch's retry, a failed attempt's) until a retry takes it over. Both
+        scripts check the record is still this attempt's or its batch's, so a late call
+        changes no other's (a commit finding the record gone takes the key: COMMIT_KEY)."""
         try:
             await call()
             return
         except Exception as exc:
             log.warning("Idempotency-Key of batch %s not %s yet (%s); tried again while its "
-                        "pending record lives", batch_id, what, describe(exc))
+                        "lease runs", batch_id, what, describe(exc))
         deadline = time.monotonic() + self._pending_ttl_ms / 1000
 
         async def again() -> None:
@@ -208,7 +237,7 @@ class IdempotencyKeys:
                     last = describe(exc)
                 else:
                     return
-            log.warning("Idempotency-Key of batch %s never %s (%s); its pending record expired",
+            log.warning("Idempotency-Key of batch %s never %s (%s); its lease passed",
                         batch_id, what, last)
 
         task = detached(again(), f"Idempotency-Key {what}")
@@ -217,10 +246,10 @@ class IdempotencyKeys:
 
     async def close(self) -> None:
         """Stops the transitions still being tried (before the Redis client closes), saying
-        how many: their keys stay pending until their records expire."""
+        how many: their keys stay pending until a retry takes them over (their leases passed)."""
         if self._again:
             log.error("%d Idempotency-Key transitions Redis did not take are given up at "
-                      "shutdown: those keys answer 409 until their pending records expire",
+                      "shutdown: those keys answer 409 until their leases pass",
                       len(self._again))
         for task in list(self._again):
             task.cancel()

@@ -136,7 +136,7 @@ async def resume_batch(request: web.Request) -> web.Response:
     extra = resumed_fields(spec, old, holder_id, config)
     run_body.refuse_unsendable(extra, "the resume's config and the offsets it goes on from")
 
-    async def record() -> creates.Created:
+    async def record(batch_id: str) -> creates.Created:
         # After an Idempotency-Key's claim: a retry of a resume that succeeded answers its
         # batch while Kafka is down.
         request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write

@@ -100,7 +100,7 @@ async def run_batch(request: web.Request) -> web.Response:
         raise
     batch_id = new_batch_id()
 
-    async def record() -> creates.Created:
+    async def record(batch_id: str) -> creates.Created:
         return await creates.record(request.app[STORE], request.app[API_SCRIPTS],
                                     request.app[REGISTRY], pipeline_id, batch_id, spec,
                                     requested is None, config)
@@ -110,28 +110,51 @@ async def run_batch(request: web.Request) -> web.Response:
 
 async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sent | None,
                pipeline_id: str, batch_id: str,
-               record: Callable[[], Awaitable[creates.Created]]) -> web.Response:
-    """Creates and queues the batch, once per Idempotency-Key when one is given."""
+               record: Callable[[str], Awaitable[creates.Created]]) -> web.Response:
+    """Creates and queues the batch, once per Idempotency-Key when one is given. `batch_id`
+    is this attempt's new id; a retry that takes over a dead attempt's key finishes that
+    attempt's batch instead (`service.idempotency`)."""
     if idem_key is None or sent is None:
         await _create_and_queue(request, pipeline_id, batch_id, record)
         return json_obj({"item": batch_id})
     keys_ = request.app[IDEMPOTENCY]
-    earlier = await keys_.claim(idem_key, sent, batch_id)
-    if earlier is not None:
-        return json_obj({"item": earlier})
+    claimed = await keys_.claim(idem_key, sent, batch_id)
+    if not claimed.owned:
+        return json_obj({"item": claimed.batch_id})
+    attempt, batch_id = batch_id, claimed.batch_id
     committed = sent.record("committed", batch_id)
     try:
         # The run command carries the committed record too, for a rebuild of Redis.
-        await _create_and_queue(request, pipeline_id, batch_id, record, (idem_key, committed))
+        if claimed.taken_over:
+            await _finish(request, pipeline_id, batch_id, record, (idem_key, committed))
+        else:
+            await _create_and_queue(request, pipeline_id, batch_id, record,
+                                    (idem_key, committed))
     except BaseException:
-        await keys_.release(idem_key, batch_id)
+        await keys_.release(idem_key, attempt)
         raise
     await keys_.commit(idem_key, committed, batch_id)
+    if claimed.taken_over:
+        await keys_.still_there(pipeline_id, batch_id)  # 409 when abandoned or deleted since
     return json_obj({"item": batch_id})
 
 
+async def _finish(request: web.Request, pipeline_id: str, batch_id: str,
+                  record: Callable[[str], Awaitable[creates.Created]],
+                  idempotency: tuple[str, str]) -> None:
+    """What a dead attempt left of its batch, finished: created if it never was, its run
+    command sent again while it is pending (a run command twice runs one flow run), nothing
+    once its run was taken or it is gone."""
+    left = await creates.left_behind(request.app[STORE], request.app[REGISTRY], pipeline_id,
+                                     batch_id)
+    if left.state == "missing":
+        await _create_and_queue(request, pipeline_id, batch_id, record, idempotency)
+    elif left.created is not None:
+        await _queue(request, pipeline_id, batch_id, left.created, idempotency)
+
+
 async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
-                            record: Callable[[], Awaitable[creates.Created]],
+                            record: Callable[[str], Awaitable[creates.Created]],
                             idempotency: tuple[str, str] | None = None) -> None:
     """Records the batch (`record` says how), then queues its run command, which carries
     the record for a rebuild of Redis. A record that failed midway is undone (purged, now or
@@ -139,7 +162,7 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     ambiguous (the command may be written and even be running), it is abandoned (hidden as
     `stop`/`failed`, its delete queued behind the run)."""
     try:
-        created = await record()
+        created = await record(batch_id)
     except (ApiError, creates.NotThisRequests):
         raise  # refused before the create, or not a create of this request's
     except BaseException:
@@ -147,6 +170,11 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
         # sent, so a `pending` batch left behind would never run.
         await request.app[ABANDONER].undo(pipeline_id, batch_id)
         raise
+    await _queue(request, pipeline_id, batch_id, created, idempotency)
+
+
+async def _queue(request: web.Request, pipeline_id: str, batch_id: str,
+                 created: creates.Created, idempotency: tuple[str, str] | None) -> None:
     spec = created.spec
     recorded = created.recorded
     if idempotency is not None:

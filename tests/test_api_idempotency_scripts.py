@@ -23,11 +23,12 @@ KEY = keys.idempotency("k")
 async def test_claim_commit_and_release_are_owned_transitions(redis: Redis) -> None:
     s = ApiScripts(redis)
     sent = Sent.of("p", None, "")
-    assert await s.claim_key(keys=[KEY], args=[sent.record("pending", "b1"), 60_000]) is None
+    assert await s.claim_key(keys=[KEY], args=[sent.record("pending", "b1"), 60_000, 600]) is None
     # A second attempt only reads the first's record.
-    existing = await s.claim_key(keys=[KEY], args=[sent.record("pending", "b2"), 60_000])
+    existing = await s.claim_key(keys=[KEY], args=[sent.record("pending", "b2"), 60_000, 600])
     assert orjson.loads(existing)["b"] == "b1"
-    assert 0 < await redis.pttl(KEY) <= 60_000
+    # The record outlives its lease (60 s): a retry after its attempt died finds its batch id.
+    assert 60_000 < await redis.pttl(KEY) <= 600_000
     # Only the owner commits or releases.
     assert await s.commit_key(keys=[KEY], args=["b2", sent.record("committed", "b2"), 100]) == 0
     assert await s.release_key(keys=[KEY], args=["b2"]) == 0
@@ -43,12 +44,12 @@ async def test_claim_commit_and_release_are_owned_transitions(redis: Redis) -> N
     # A committed record is never released.
     assert await s.release_key(keys=[KEY], args=["b1"]) == 0
     await redis.delete(KEY)
-    assert await s.claim_key(keys=[KEY], args=[sent.record("pending", "b3"), 60_000]) is None
+    assert await s.claim_key(keys=[KEY], args=[sent.record("pending", "b3"), 60_000, 600]) is None
     assert await s.release_key(keys=[KEY], args=["b3"]) == 1
     assert await redis.exists(KEY) == 0
     # A pending record that expired before its commit went through (Redis away meanwhile):
     # the batch runs, so the commit takes the key, and a retry gets that batch (diff review).
-    assert await s.claim_key(keys=[KEY], args=[sent.record("pending", "b4"), 60_000]) is None
+    assert await s.claim_key(keys=[KEY], args=[sent.record("pending", "b4"), 60_000, 600]) is None
     await redis.delete(KEY)  # its TTL passed
     assert await s.commit_key(keys=[KEY], args=["b4", sent.record("committed", "b4"), 100]) == 1
     assert orjson.loads(cast(str, await redis.get(KEY)))["b"] == "b4"

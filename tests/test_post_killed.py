@@ -1,0 +1,156 @@
+"""A POST with an Idempotency-Key whose API process died midway (SIGKILL, OOM), then the
+client's retry with the same key once the first attempt's lease has passed: the key ends with
+exactly one batch, the first attempt's, and it runs (its run command is on the topic).
+
+The death is simulated in process: the first attempt's next step (its send, its commit, its
+create) never returns, as a dead process's would not, so nothing of its own failure handling
+runs; the retry comes through the same API (the pending record is all a new process would
+see). That a run command sent again for a batch whose run was already created runs no second
+flow run is the consumer's own test (test_consumers_commands.py:
+test_run_creates_one_flow_run_even_when_delivered_twice)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from core import keys
+from core.codec import decode_command
+from core.settings import Settings
+from service import creates
+from service.appkeys import COMMANDS, IDEMPOTENCY
+from tests.conftest import eventually
+from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+
+Client = TestClient[Any, Any]
+KEY = {**AUTH, "Idempotency-Key": "killed-1"}
+LEASE_MS = 300
+
+
+@pytest.fixture
+async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
+    async with api_client(api_settings(topics)) as client:  # (redis: a flushed DB)
+        response = await client.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
+        assert response.status == 201
+        # A short lease, so the retry need not wait a minute for the dead attempt's.
+        client.app[IDEMPOTENCY]._pending_ttl_ms = LEASE_MS
+        yield client
+
+
+class Dies:
+    """Wraps a step so that its first call never returns (the process died there); the
+    calls after it (the retry's) go through."""
+
+    def __init__(self, step: Callable[..., Awaitable[Any]], *, after: bool) -> None:
+        self._step = step
+        self._after = after  # the step itself happens before the death
+        self.reached = asyncio.Event()
+        self._buried = asyncio.Event()
+        self._died = False
+
+    def bury(self) -> None:
+        """Lets the dead call end at the test's end (the server's shutdown waits for it): its
+        step is done late, as a stalled process's would be."""
+        self._buried.set()
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._died:
+            return await self._step(*args, **kwargs)
+        self._died = True
+        if self._after:
+            await self._step(*args, **kwargs)
+        self.reached.set()
+        await self._buried.wait()  # the process is gone: nothing after this is its
+        return await self._step(*args, **kwargs)
+
+
+async def batch_ids(redis: Redis) -> list[str]:
+    return sorted(str(b) for b in await redis.zrange(keys.batch_index("p"), 0, -1))
+
+
+async def run_commands(settings: Settings, batch_id: str) -> set[str]:
+    def have(records: list[Any]) -> bool:
+        return any(decode_command(r.value).batch_id == batch_id for r in records)
+
+    records = await read_topic(settings, settings.topic_commands, have)
+    return {decode_command(r.value).batch_id for r in records
+            if decode_command(r.value).type == "run"}
+
+
+async def first_dies(api: Client, dies: Dies) -> asyncio.Task[Any]:
+    first = asyncio.create_task(api.post("/api/v1/batches/p", headers=KEY))
+    await asyncio.wait_for(dies.reached.wait(), 10)
+    return first
+
+
+async def retried(api: Client) -> str:
+    """The retry, once the dead attempt's lease has passed (until then: 409 in_progress)."""
+    async def accepted() -> str | None:
+        response = await api.post("/api/v1/batches/p", headers=KEY)
+        body = await response.json()
+        if response.status == 409 and body["error"]["code"] == "in_progress":
+            return None
+        assert response.status == 200, body
+        return str(body["item"])
+
+    return str(await eventually(accepted, timeout=15, interval=0.1))
+
+
+async def test_killed_after_the_run_command_was_acked_the_retry_gets_that_batch(
+        api: Client, redis: Redis, topics: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    keys_ = api.app[IDEMPOTENCY]
+    dies = Dies(keys_.commit, after=False)
+    monkeypatch.setattr(keys_, "commit", dies)
+    first = await first_dies(api, dies)
+    [first_id] = await batch_ids(redis)
+    assert first_id in await run_commands(topics, first_id)  # acked: it will run
+    try:
+        again = await retried(api)
+        assert again == first_id, "the key's one batch is the one whose run was queued"
+        assert await batch_ids(redis) == [first_id]
+        response = await api.post("/api/v1/batches/p", headers=KEY)
+        assert (await response.json())["item"] == first_id
+    finally:
+        dies.bury()
+        await first
+
+
+async def test_killed_before_the_send_the_retry_runs_that_batch(
+        api: Client, redis: Redis, topics: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    sender = api.app[COMMANDS]
+    dies = Dies(sender.command, after=False)
+    monkeypatch.setattr(sender, "command", dies)
+    first = await first_dies(api, dies)
+    [first_id] = await batch_ids(redis)  # created, pending, and no run command behind it
+    try:
+        again = await retried(api)
+        assert again == first_id, "the pending batch is the key's, and now runs"
+        assert await batch_ids(redis) == [first_id]
+        assert first_id in await run_commands(topics, first_id)
+        response = await api.get(f"/api/v1/batches/p/{first_id}", headers=AUTH)
+        assert response.status == 200
+    finally:
+        dies.bury()
+        await first
+
+
+async def test_killed_before_the_create_the_retry_creates_and_runs_one_batch(
+        api: Client, redis: Redis, topics: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    dies = Dies(creates.record, after=False)
+    monkeypatch.setattr(creates, "record", dies)
+    first = await first_dies(api, dies)
+    assert await batch_ids(redis) == []
+    try:
+        again = await retried(api)
+        assert await batch_ids(redis) == [again]
+        assert again in await run_commands(topics, again)
+        response = await api.post("/api/v1/batches/p", headers=KEY)
+        assert (await response.json())["item"] == again
+    finally:
+        dies.bury()
+        await first
