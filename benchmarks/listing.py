@@ -49,8 +49,9 @@ async def _seed(redis_url: str, steps: tuple[str, ...]) -> tuple[str, str]:
                 for n in range(0, len(chunk), 50):
                     await asyncio.gather(*(store.create(PIPELINE, b, spec)
                                            for b in chunk[n : n + 50]))
+                outcome = "completed" if state == "stop" else None
                 await store.apply([Event("batch.state", b, PIPELINE, state=state,
-                                         outcome="completed", ts=1.0) for b in chunk])
+                                         outcome=outcome, ts=1.0) for b in chunk])
                 ids += chunk
         # A window of about the oldest 500 batches (the running ones and 300 stopped above
         # them; creates run 50 at a time, so their order is the sequence's within ~50).

@@ -40,18 +40,31 @@ def _with_run_rules(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def _with_stop_rules(schema: dict[str, Any]) -> dict[str, Any]:
+    """Adds what msgspec cannot say of a batch.state event, as `BatchState.__post_init__`
+    checks: a `stop` carries an outcome, and no other state carries an outcome or a reason."""
+    state = schema.get("$defs", {}).get("BatchState")
+    if state is not None:
+        state["if"] = {"properties": {"state": {"const": "stop"}}}
+        state["then"] = {"required": ["outcome"],
+                         "properties": {"outcome": {"not": {"type": "null"}}}}
+        state["else"] = {"properties": {"outcome": {"type": "null"},
+                                        "reason": {"type": "null"}}}
+    return schema
+
+
 def generate() -> dict[str, dict[str, Any]]:
     """Every schema by name: `events` and `commands` (any kind, chosen by `type`), and one
     per kind (`event.step.offsets`, `command.run`, ...)."""
     out = {
         "events": _document("events", "Any event of the batches.events topic",
-                            msgspec.json.schema(AnyEvent)),
+                            _with_stop_rules(msgspec.json.schema(AnyEvent))),
         "commands": _document("commands", "Any command of the batches.commands topic",
                               _with_run_rules(msgspec.json.schema(AnyCommand))),
     }
     for tag, event in EVENT_KINDS.items():
         out[f"event.{tag}"] = _document(f"event.{tag}", f"The {tag} event",
-                                        msgspec.json.schema(event))
+                                        _with_stop_rules(msgspec.json.schema(event)))
     for tag, command in COMMAND_KINDS.items():
         out[f"command.{tag}"] = _document(f"command.{tag}", f"The {tag} command",
                                           _with_run_rules(msgspec.json.schema(command)))

@@ -24,6 +24,7 @@ import msgspec
 
 from core.models import (
     MAX_OFFSET,
+    OUTCOMES,
     UUID_REGEX,
     BatchStateName,
     OutcomeName,
@@ -201,6 +202,17 @@ class BatchState(Event, tag="batch.state", kw_only=True):
     outcome: Outcome | None = None
     reason: Reason | None = None
     flow_run_id: FlowRunId | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # A stop without its outcome would read `completed` (nothing says otherwise), and an
+        # outcome on any other state would be dropped without a word: both are refused.
+        if self.state == "stop":
+            if self.outcome is None:
+                raise CodecError("a batch.state stop carries its outcome: one of "
+                                 + ", ".join(OUTCOMES))
+        elif self.outcome is not None or self.reason is not None:
+            raise CodecError(f"outcome and reason belong to a stop, not to {self.state!r}")
 
     def to_script(self) -> list[Any]:
         # The latest stop decides the outcome (APPLY_EVENTS): its ts goes along, as repr to

@@ -40,8 +40,8 @@ async def make(store: BatchStore, n: int, start: int = 0) -> list[str]:
 
 
 async def to(store: BatchStore, ids: list[str], state: str, outcome: str = "completed") -> None:
-    await store.apply([Event("batch.state", b, P, state=state, outcome=outcome, ts=T0)
-                       for b in ids])
+    await store.apply([Event("batch.state", b, P, state=state, ts=T0,
+                             outcome=outcome if state == "stop" else None) for b in ids])
 
 
 async def get(api: Client, **params: str) -> tuple[int, dict[str, Any]]:

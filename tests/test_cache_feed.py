@@ -111,7 +111,8 @@ async def test_stopped_and_hidden_batch_is_404_within_bound_while_every_subscrip
         for _ in range(3):
             assert _running(await get(api, other))
         assert not cache.live
-        await store.apply([Event("batch.state", other, PIPELINE, state="stop")])
+        await store.apply([Event("batch.state", other, PIPELINE, state="stop",
+                                 outcome="completed")])
         status, body = await get(api, other)
         assert status == 200 and body["state"]["state"] == "stop"
 

@@ -111,6 +111,12 @@ MALFORMED_EVENTS = [
     (_event(ts=True), r"got `bool` - at `\$.ts`"),
     (_event(state="done"), r"'done' - at `\$.state`"),
     (_event(state="stop", outcome="exploded"), r"`\$.outcome`"),
+    # A stop without its outcome read `completed`; an outcome elsewhere was dropped unsaid.
+    (_event(state="stop"), "a batch.state stop carries its outcome: one of completed, "),
+    (_event(state="stop").replace(b"}", b',"outcome":null}'), "carries its outcome"),
+    (_event(state="running", outcome="failed"), "outcome and reason belong to a stop, not "
+                                                "to 'running'"),
+    (_event(state="scheduled", reason="why"), "belong to a stop, not to 'scheduled'"),
     (_event(state="stop", outcome="failed", reason="x" * 2001), r"`\$.reason`"),
     (_event(flow_run_id="x" * 257), r"`\$.flow_run_id`"),
     # Not a UUID: every Prefect call made with it failed (a reconciler round, a stop).

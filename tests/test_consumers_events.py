@@ -323,13 +323,13 @@ def test_a_poll_merges_the_highest_offset_per_partition_and_keeps_every_other_ev
         ev("b1", "step.offsets", step="s", offsets={"p0": 3, "p1": 7}, event_id="c"),
         ev("b2", "step.offsets", step="s", offsets={"p0": 1}, event_id="d"),
         ev("b1", "step.offsets", step="t", offsets={"p0": 2}, event_id="e"),
-        ev("b1", "batch.state", state="stop", event_id="f"),
+        ev("b1", "batch.state", state="stop", outcome="failed", event_id="f"),
     ]
     given = [e.to_dict() for e in events]
     stop_ts = repr(events[-1].ts)
     assert script_entries(events) == {"p": {
         "b1": [["s", "b", "s", "running", iso_of(events[1].ts)],
-               ["b", "f", "stop", None, None, None, stop_ts],
+               ["b", "f", "stop", "failed", None, None, stop_ts],
                ["o", "s", "p0", "5", "p1", "7"],
                ["o", "t", "p0", "2"]],
         "b2": [["o", "s", "p0", "1"]],

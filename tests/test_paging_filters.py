@@ -50,8 +50,9 @@ async def history(store: BatchStore, redis: Redis, n: int) -> list[str]:
     for batch_id in ids:
         state = rng.choice(BATCH_STATES)
         if state != "pending":
-            events.append(Event("batch.state", batch_id, P, state=state,
-                                outcome=rng.choice(OUTCOMES), ts=1.0))
+            outcome = rng.choice(OUTCOMES)  # drawn for every state: the later draws stay put
+            events.append(Event("batch.state", batch_id, P, state=state, ts=1.0,
+                                outcome=outcome if state == "stop" else None))
     await store.apply(events)
     for batch_id in rng.sample(ids, 6):
         await store.hide(P, batch_id)
