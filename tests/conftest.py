@@ -33,7 +33,7 @@ from core.connections import open_redis
 from core.scripts import Scripts
 from core.settings import ROOT, Settings, get_settings
 
-pytest_plugins = ["tests.kafka_proxy_fixture"]
+pytest_plugins = ["tests.kafka_proxy_fixture", "tests.hang_dump"]
 
 STACK = [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")]
 ENGINE_PARTS = ("redis", "kafka", "postgres", "prefect", "worker")
