@@ -17,7 +17,6 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.applier import APPLY_CHUNK, Applier
-from core.applier import script_entries as script_entries  # where callers found it
 from core.codec import Event
 from core.layout import RESUMED_FROM, creation_fields, is_visible, render
 from core.list_filter import NO_FILTER, ListFilter

@@ -8,6 +8,7 @@ import time
 import orjson
 import pytest
 
+from core.applier import script_entries
 from core.codec import (
     BatchState,
     CodecError,
@@ -22,7 +23,6 @@ from core.codec import (
     decode_event,
     derived_id,
 )
-from core.store import script_entries
 
 
 def test_command_round_trip() -> None:

@@ -15,12 +15,12 @@ from redis.asyncio import Redis
 from consumers.events import EventsConsumer
 from consumers.plumbing import dlq
 from core import keys
+from core.applier import script_entries
 from core.codec import Event
 from core.connections import open_producer
 from core.models import iso_of
 from core.packing import unpacked
 from core.settings import Settings
-from core.store import script_entries
 from tests.conftest import eventually
 from tests.helpers import read_topic
 from tests.test_consumers_support import (

@@ -40,7 +40,8 @@ async def test_events_dead_lettered_are_not_counted_applied(topics: Settings, re
     """A poll in which one batch's data breaks the apply script (here WRONGTYPE: its dedup
     key is not a zset) is applied batch by batch and that batch's 3 events go to the dead
     letters; `dhub_events_applied` still counted them applied (12 for 9). Root cause:
-    consumers/events.py `_effect` adds `len(events)` after `_apply_one_by_one`, which moved
+    consumers/events.py `_effect` added `len(events)` after `_apply_one_by_one` (now
+    consumers/plumbing/polls.py `apply_by_batch`), which moved
     the failing batch's events to `bad`."""
     pipeline_id = unique("edge")
     spec = make_spec(pipeline_id)

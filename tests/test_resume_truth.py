@@ -322,7 +322,7 @@ async def test_a_resume_needing_no_data_is_not_refused_because_its_holder_was_de
 async def test_a_resume_refused_by_kafka_does_not_block_the_delete_of_its_holder(
         api: Client, redis: Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A resume whose run command Kafka refused answered 503 and its batch was purged
-    (service/batches.py `_create_and_queue`), but its note in A's resumed-by set stays; a
+    (service/runs.py `_create_and_queue`), but its note in A's resumed-by set stays; a
     noted member with no batch counts as live for 30 s by its id's time
     (core/store.py `live_resumes`). So DELETE A answers 409 'still needed by its resume C,
     not stopped yet: ... stop it first' -- a C that GET answers 404 and nobody can stop."""
