@@ -106,6 +106,11 @@ _RECORDED_PREFIXES: Final = (layout.STEP_PREFIX, layout.OFFSET_PREFIX, layout.TO
                              layout.RESUMED_PREFIX)
 
 
+def recordable(name: str) -> bool:
+    """Whether a batch's field is one a create adds to a fresh batch's (`Recorded.extra`)."""
+    return name in _RECORDED_FIELDS or name.startswith(_RECORDED_PREFIXES)
+
+
 class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What the API recorded in Redis for the batch it asks to run: its place in the
     pipeline's order, its creation time and its fields beyond a fresh batch's (effective
@@ -126,7 +131,7 @@ class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise CodecError(f"invalid recorded.seq {self.seq}: a batch's sequence starts at 1")
         # Only what a create adds to a fresh batch: a rebuild writes these fields as they are.
         for name in self.extra:
-            if name not in _RECORDED_FIELDS and not name.startswith(_RECORDED_PREFIXES):
+            if not recordable(name):
                 raise CodecError(f"invalid recorded.extra field {name[:140]!r}")
 
 

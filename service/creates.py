@@ -21,7 +21,7 @@ import orjson
 
 from core import keys, layout
 from core.api_scripts import ApiScripts
-from core.command_messages import _RECORDED_FIELDS, _RECORDED_PREFIXES, Recorded
+from core.command_messages import Recorded, recordable
 from core.models import PipelineSpec, now_iso
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
@@ -223,7 +223,6 @@ async def _created_earlier(store: BatchStore, pipeline_id: str, batch_id: str,
     return int(seq)
 
 
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class LeftBehind:
     """The batch of an attempt whose lease passed, as its attempt left it (`service.runs`
@@ -251,7 +250,6 @@ async def left_behind(store: BatchStore, registry: PipelineRegistry, pipeline_id
     if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
         raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
     # The fields its create added to a fresh batch's, as its own run command recorded them.
-    extra = {name: value for name, value in fields.items()
-             if name in _RECORDED_FIELDS or name.startswith(_RECORDED_PREFIXES)}
+    extra = {name: value for name, value in fields.items() if recordable(name)}
     return LeftBehind("pending", Created(spec, Recorded(
         seq=int(fields["seq"]), created_at=fields.get("created_at", ""), extra=extra)))
