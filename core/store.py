@@ -55,7 +55,6 @@ class BatchStore:
                  apply_chunk: int = APPLY_CHUNK) -> None:
         self.redis = redis
         self.scripts = scripts
-        self._token_secret = token_secret
         self._channel = changes_channel
         self._pager = Pager(redis, scripts, token_secret)
         self._applier = Applier(redis, scripts, changes_channel=changes_channel,
