@@ -210,7 +210,12 @@ class Abandoner:
     async def run(self) -> None:
         """Runs until cancelled: drains the outbox whenever Kafka is reachable."""
         next_delay = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
+        me = asyncio.current_task()
         while True:
+            # A cancel a library swallowed on the way (seen: the API's shutdown waited on
+            # this loop for ever) still ends it: the task stays marked as cancelling.
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError
             try:
                 await self._undo_pending()
                 if self._sender.available:

@@ -4,10 +4,13 @@ restore the key's record), including entries written before that was recorded.""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from typing import Any, cast
 
 import orjson
+import pytest
 from redis.asyncio import Redis
 
 from core import keys
@@ -46,3 +49,28 @@ async def test_only_a_delete_after_a_released_key_is_marked_abandoned(redis: Red
     assert (marked["batch-post"], marked["batch-old"]) == (True, True)
     assert marked["batch-delete"] is not True
     assert await redis.zcard(keys.ABANDONED) == 0
+
+
+async def test_a_cancel_swallowed_inside_a_round_still_ends_the_loop(redis: Redis) -> None:
+    # The API's shutdown cancels the loop and awaits it: a cancel swallowed on the way (by a
+    # client library mid-call) left the loop running, and the shutdown waiting, for ever.
+    in_purge = asyncio.Event()
+    calls = 0
+
+    async def purge(pipeline_id: str, batch_id: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("Redis away")  # the undo is left for the loop
+        in_purge.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()
+
+    abandoner = Abandoner(redis, ApiScripts(redis), cast(CommandSender, _Sent()), purge=purge,
+                          idle_s=0.05)
+    await abandoner.undo("p", "batch-1")
+    task = asyncio.create_task(abandoner.run())
+    await asyncio.wait_for(in_purge.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=5)
