@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     # Where pipeline steps keep batch data on a worker, each batch under <data_dir>/<batch_id>.
     # A server-side setting only: no value a client sends chooses a path. Unset: state_dir/data.
     data_dir: Path | None = None
+    # The engine fork server's socket (pipelines/engine_forks.py), which flow runs started by
+    # `pipelines.engine_command` ask for a Prefect engine already imported. Unset: the stack
+    # puts it at state_dir/run/engine-forks.sock; nobody listening there: flow runs import
+    # Prefect themselves, as `python -m prefect.engine` does.
+    engine_forks_socket: Path | None = None
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     topic_commands: str = "batches.commands"

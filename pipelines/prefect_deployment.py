@@ -10,7 +10,9 @@ process that prepares the workspace and then execs the engine: two Python interp
 importing Prefect (about 1 s each here) before the run is `Running`. The job variables
 below give the engine command and working directory directly, so the worker starts the
 engine at once (measured here: Scheduled -> Running about 2 s instead of about 5 s), and
-cancellation hooks run inside the worker instead of yet another process.
+cancellation hooks run inside the worker instead of yet another process. The command is
+`pipelines.engine_command`, which takes a fork of an engine already imported from the
+stack's fork server, or becomes `python -m prefect.engine` when there is none.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ async def prefect_client(settings: Settings) -> AsyncIterator[PrefectClient]:
 
 
 def local_job_variables() -> dict[str, Any]:
-    """For a `process` pool on this machine: this interpreter, in this checkout."""
-    return {"command": shlex.join([sys.executable, "-m", "prefect.engine"]),
+    """For a `process` pool on this machine: this interpreter, in this checkout; the engine
+    forked from one already imported when the engine fork server is up (`engine_command`)."""
+    return {"command": shlex.join([sys.executable, "-m", "pipelines.engine_command"]),
             "working_dir": str(ROOT)}
 
 

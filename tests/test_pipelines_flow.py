@@ -269,12 +269,14 @@ async def test_cancelling_a_run_fails_its_running_step_and_stops_cancelled(harne
 
 
 def engine_pid(flow_run_id: UUID) -> int | None:
-    """The flow run's engine process, found by the flow run id in its environment (Linux)."""
+    """The flow run's process as the worker started it, found by the flow run id in its
+    environment (Linux): the engine itself, or `engine_command` standing in for its fork."""
     needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
     for entry in Path("/proc").iterdir():
         try:
             if (entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0")
-                    and b"prefect.engine" in (entry / "cmdline").read_bytes()):
+                    and any(name in (entry / "cmdline").read_bytes()
+                            for name in (b"prefect.engine", b"pipelines.engine_command"))):
                 return int(entry.name)
         except OSError:
             continue

@@ -42,6 +42,11 @@ class StackConfig:
         return self.state / "logs" / f"{part}.log"
 
     @property
+    def engine_forks_socket(self) -> Path:
+        """Where the engine fork server listens; the worker's flow runs find it there."""
+        return self.settings.engine_forks_socket or self.state / "run" / "engine-forks.sock"
+
+    @property
     def redis_port(self) -> int:
         return hostport(self.settings.redis_url, 6379)[1]
 

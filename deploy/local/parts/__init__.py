@@ -15,6 +15,7 @@ from deploy.local.parts import kafka, postgres, prefect, project, redis
 # Start order (`down` stops in reverse); a part of a later wave never comes before one of an
 # earlier wave. Kafka's JVM start-up overlaps PostgreSQL's and then Prefect's (seconds each).
 PARTS: tuple[Part, ...] = (redis.PART, kafka.PART, postgres.PART, prefect.SERVER, prefect.WORKER,
+                           prefect.ENGINE_FORKS,
                            project.API, project.CONSUMERS)
 NAMES = tuple(p.name for p in PARTS)
 BY_NAME = {p.name: p for p in PARTS}
@@ -29,7 +30,8 @@ def waves(parts: Iterable[Part]) -> list[list[Part]]:
 
 def environment(part: Part, c: StackConfig) -> dict[str, str]:
     env = dict(os.environ)  # passes every DHUB_* on: flow runs in the worker read them too
-    env.update(prefect.prefect_env(c), DHUB_STATE_DIR=str(c.state))
+    env.update(prefect.prefect_env(c), DHUB_STATE_DIR=str(c.state),
+               DHUB_ENGINE_FORKS_SOCKET=str(c.engine_forks_socket))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(c.root), env.get("PYTHONPATH")]))
     env.update(part.env)
     for key, value in part.env_defaults.items():

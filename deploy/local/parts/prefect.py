@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import sys
 from datetime import datetime
 
 from deploy.local.config import BIN, StackConfig
@@ -74,19 +76,37 @@ def worker_ready(c: StackConfig) -> bool:
 SERVER = Part("prefect", wave=1, command=server_command, timeout_s=120, after=ensure_work_pool,
               ready=lambda c: http(f"{c.settings.prefect_api_url}/health") == (200, b"true"),
               url=lambda c: f"http://{c.prefect[0]}:{c.prefect[1]}")
+
+
+def engine_forks_ready(c: StackConfig) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.connect(str(c.engine_forks_socket))  # raises while nobody listens
+    return True
+
+
+# The worker and the fork server must agree on Prefect's settings: a flow run whose PREFECT_*
+# environment differs from the server's reads them again (~0.2 s of its start).
+WORKER_ENV = {"PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+WORKER_ENV_DEFAULTS = {
+    # Flow runs' logs go to the worker's log file rather than into Prefect's database,
+    # where their writes stalled the next run's start by ~2 s (measured).
+    "PREFECT_LOGGING_TO_API_ENABLED": "false",
+    # How often the worker asks for scheduled runs: a run waits half of it on average
+    # before it is picked up. 0.2 s instead of 0.5 s: POST -> running p50 1.86 -> 1.71 s,
+    # p95 2.17 -> 1.83 s (benchmarks.e2e --parts start --batches 40, one run each), for
+    # +5% of a core on the idle Prefect server (7.7% -> 12.9%). Set it in the
+    # environment to trade back.
+    "PREFECT_WORKER_QUERY_SECONDS": "0.2",
+}
 WORKER = Part(
     "worker", wave=2, command=worker_command, ready=worker_ready, timeout_s=60,
     url=lambda c: f"work pool {c.settings.work_pool}",
-    env={"PREFECT_WORKER_PREFETCH_SECONDS": "5"},
-    env_defaults={
-        # Flow runs' logs go to the worker's log file rather than into Prefect's database,
-        # where their writes stalled the next run's start by ~2 s (measured).
-        "PREFECT_LOGGING_TO_API_ENABLED": "false",
-        # How often the worker asks for scheduled runs: a run waits half of it on average
-        # before it is picked up. 0.2 s instead of 0.5 s: POST -> running p50 1.86 -> 1.71 s,
-        # p95 2.17 -> 1.83 s (benchmarks.e2e --parts start --batches 40, one run each), for
-        # +5% of a core on the idle Prefect server (7.7% -> 12.9%). Set it in the
-        # environment to trade back.
-        "PREFECT_WORKER_QUERY_SECONDS": "0.2",
-    },
+    env=WORKER_ENV, env_defaults=WORKER_ENV_DEFAULTS,
+)
+# Prefect's engine imported once; each flow run of the worker is a fork of it
+# (pipelines/engine_forks.py). Without it flow runs start as before, importing Prefect.
+ENGINE_FORKS = Part(
+    "engine-forks", wave=2, command=lambda c: [sys.executable, "-m", "pipelines.engine_forks"],
+    ready=engine_forks_ready, timeout_s=30, url=lambda c: str(c.engine_forks_socket),
+    env=WORKER_ENV, env_defaults=WORKER_ENV_DEFAULTS,
 )

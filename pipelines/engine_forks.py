@@ -1,0 +1,310 @@
+"""The engine fork server: Prefect's engine imported once, a fork of it per flow run.
+
+`python -m pipelines.engine_forks [--socket PATH] [--preload MODULE ...]` imports the
+preloaded modules, listens on a Unix socket (mode 0600: whoever connects runs code as this
+user) and serves `pipelines.engine_command`: for each request it forks a child that takes the
+requester's stdin/stdout/stderr, environment, working directory and arguments, and runs the
+requested module as `__main__`, as `python -m <module>` would in a fresh interpreter, minus
+the imports. The requester gets `pid <n>` at once and `exit <code>` when the child ends
+(negative: killed by that signal); if the requester goes away first, the child is killed.
+
+Only third-party libraries are preloaded, never this repository's own modules: a flow run
+imports the project's and the pipelines' code afresh, so a changed step is run as it is on
+disk, as without the server. Prefect's settings are read again from the child's environment.
+
+The server stays single-threaded (forking a process with threads is unsafe) and handles one
+request at a time: a fork takes a few milliseconds. On SIGTERM/SIGINT it stops listening,
+passes SIGTERM to its children, and kills those still running after `--grace` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import runpy
+import selectors
+import signal
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.engine_command import HEADER, MAGIC, SOCKET_ENV
+
+log = logging.getLogger("dhub.engine_forks")
+PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect._internal.metrics",
+           "pydantic_settings", "redis.asyncio", "aiokafka", "orjson", "msgspec")
+REQUEST_TIMEOUT_S = 5.0  # a requester that stalls mid-request cannot hold the server longer
+MAX_REQUEST_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class Job:
+    module: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+
+
+class BadRequest(Exception):
+    pass
+
+
+class Probed(Exception):
+    """Connected and closed without a word: a readiness probe."""
+
+
+def read_request(conn: socket.socket) -> tuple[Job, list[int]]:
+    conn.settimeout(REQUEST_TIMEOUT_S)
+    head, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, 3)
+    if not head and not fds:
+        raise Probed
+    try:
+        while len(head) < HEADER.size:
+            more = conn.recv(HEADER.size - len(head))
+            if not more:
+                raise BadRequest("closed within the header")
+            head += more
+        magic, length = HEADER.unpack(head)
+        if magic != MAGIC or length > MAX_REQUEST_BYTES or len(fds) != 3:
+            raise BadRequest("not an engine_command request")
+        body = bytearray()
+        while len(body) < length:
+            chunk = conn.recv(min(length - len(body), 1 << 16))
+            if not chunk:
+                raise BadRequest("closed within the body")
+            body += chunk
+        raw = json.loads(body)
+        return Job(str(raw["module"]), [str(a) for a in raw["argv"]],
+                   {str(k): str(v) for k, v in raw["env"].items()}, str(raw["cwd"])), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+class ForkServer:
+    def __init__(self, path: Path, grace_s: float = 10.0) -> None:
+        self._path = path
+        self._grace_s = grace_s
+        self._sel = selectors.DefaultSelector()
+        self._children: dict[int, socket.socket | None] = {}  # pid -> its requester, if there
+        self._stopping = False
+        self._server_pid = os.getpid()  # a forked child runs serve's `finally` too
+
+    def serve(self) -> Job | None:
+        """Runs until SIGTERM/SIGINT (then None); in a forked child, returns its job."""
+        listener = self._listen()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self._sel.register(listener, selectors.EVENT_READ, "accept")
+        self._sel.register(wake_r, selectors.EVENT_READ, "wake")
+        log.info("engine fork server ready on %s", self._path)
+        try:
+            while not self._stopping:
+                for key, _ in self._sel.select():
+                    if key.data == "accept":
+                        job = self._accept(listener)
+                        if job is not None:  # the forked child
+                            os.close(wake_r)
+                            os.close(wake_w)
+                            return job
+                    elif key.data == "wake":
+                        os.read(wake_r, 4096)
+                        self._reap()
+                    else:
+                        self._requester_spoke(key.fileobj, key.data)  # type: ignore[arg-type]
+        finally:
+            if os.getpid() == self._server_pid:
+                self._sel.unregister(listener)
+                listener.close()
+                self._path.unlink(missing_ok=True)
+        self._stop_children()
+        return None
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if signum != signal.SIGCHLD:
+            self._stopping = True
+
+    def _listen(self) -> socket.socket:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self._path))
+        except OSError:
+            self._path.unlink(missing_ok=True)  # left by a server that died
+        else:
+            raise SystemExit(f"another engine fork server is listening on {self._path}")
+        finally:
+            probe.close()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_mask = os.umask(0o177)  # created 0600: no window where others may connect
+        try:
+            listener.bind(str(self._path))
+        finally:
+            os.umask(old_mask)
+        listener.listen(64)
+        return listener
+
+    def _accept(self, listener: socket.socket) -> Job | None:
+        conn, _ = listener.accept()
+        try:
+            job, fds = read_request(conn)
+        except Probed:
+            conn.close()
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, BadRequest) as e:
+            log.warning("refused a request: %s", e)
+            conn.close()
+            return None
+        sys.stdout.flush()  # or the child would write the server's buffered output again
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._become_child(conn, fds)
+            return job
+        for fd in fds:
+            os.close(fd)
+        try:
+            conn.settimeout(None)
+            conn.sendall(b"pid %d\n" % pid)
+        except OSError:  # the requester is gone already: so must its child be
+            os.kill(pid, signal.SIGKILL)
+            conn.close()
+            self._children[pid] = None
+            return None
+        self._children[pid] = conn
+        self._sel.register(conn, selectors.EVENT_READ, pid)
+        log.info("started %s as pid %d", job.module, pid)
+        return None
+
+    def _become_child(self, conn: socket.socket, fds: list[int]) -> None:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for key in list(self._sel.get_map().values()):
+            if isinstance(key.fileobj, socket.socket):
+                key.fileobj.close()
+        self._sel.close()
+        conn.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+
+    def _requester_spoke(self, conn: socket.socket, pid: int) -> None:
+        try:
+            data = conn.recv(64)
+        except OSError:
+            data = b""
+        if data:
+            return  # the protocol has nothing for it to say; ignored
+        # The requester ended (SIGKILL, most likely): the worker no longer watches the child.
+        self._sel.unregister(conn)
+        conn.close()
+        self._children[pid] = None
+        signal_quietly(pid, signal.SIGKILL)
+        log.warning("the requester of pid %d went away: killed it", pid)
+
+    def _reap(self) -> None:
+        while self._children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self._children.pop(pid, None)
+            code = os.waitstatus_to_exitcode(status)
+            log.info("pid %d ended: %d", pid, code)
+            if conn is not None:
+                self._sel.unregister(conn)
+                with contextlib.suppress(OSError):  # its requester is gone: nobody to tell
+                    conn.sendall(b"exit %d\n" % code)
+                conn.close()
+
+    def _stop_children(self) -> None:
+        for pid in list(self._children):
+            signal_quietly(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self._grace_s
+        while self._children and time.monotonic() < deadline:
+            self._reap()
+            time.sleep(0.05)
+        for pid in list(self._children):
+            signal_quietly(pid, signal.SIGKILL)
+        while self._children:
+            self._reap()
+            time.sleep(0.01)
+
+
+def signal_quietly(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # ended already
+        os.kill(pid, sig)
+
+
+def reread_prefect_settings() -> None:
+    """Prefect read its settings and set up logging at import, from the server's environment
+    and working directory (a `.env` or `prefect.toml` there counts too): read them again from
+    the child's. Logging is set up again only if its settings differ: that is ~0.15 s."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.logging.configuration import setup_logging
+    from prefect.settings import get_current_settings
+
+    before = get_current_settings().logging
+    refresh_global_settings_context()
+    if get_current_settings().logging != before:
+        setup_logging(incremental=False)
+
+
+def run(job: Job) -> None:
+    """In the child: as `python -m job.module` started in the requester's place would."""
+    os.chdir(job.cwd)
+    os.environ.clear()
+    os.environ.update(job.env)
+    sys.path[0] = job.cwd  # `python -m` puts the working directory first
+    sys.argv = [job.module, *job.argv]
+    log.handlers.clear()
+    if "prefect.context" in sys.modules:
+        reread_prefect_settings()
+    with warnings.catch_warnings():
+        # runpy warns that the module was imported already: here that is the point.
+        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+        runpy.run_module(job.module, run_name="__main__", alter_sys=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.engine_forks",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV),
+                        help=f"where to listen (default: ${SOCKET_ENV})")
+    parser.add_argument("--preload", nargs="*", default=list(PRELOAD),
+                        help="modules imported once, before any fork")
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds from SIGTERM to SIGKILL for running children on stop")
+    args = parser.parse_args(argv)
+    if not args.socket:
+        parser.error(f"--socket or {SOCKET_ENV} is required")
+    # Its own handler, not the root logger's: the children keep Prefect's logging as is.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for module in args.preload:
+        importlib.import_module(module)
+    job = ForkServer(Path(args.socket), grace_s=args.grace).serve()
+    if job is not None:
+        run(job)  # then this child exits as the interpreter does: atexit hooks, flushes
+
+
+if __name__ == "__main__":
+    main()
