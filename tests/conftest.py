@@ -36,7 +36,7 @@ from core.settings import ROOT, Settings, get_settings
 pytest_plugins = ["tests.kafka_proxy_fixture", "tests.hang_dump"]
 
 STACK = [sys.executable, str(ROOT / "deploy" / "local" / "stack.py")]
-ENGINE_PARTS = ("redis", "kafka", "postgres", "prefect", "worker")
+ENGINE_PARTS = ("redis", "kafka", "postgres", "prefect", "worker", "engine-forks")
 
 # Under `pytest -n N` (xdist, as `make test` runs) each worker flushes a Redis database of its
 # own: the first worker the given one, the next the one below it, and so on.

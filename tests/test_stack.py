@@ -20,7 +20,7 @@ from deploy.local.parts import BY_NAME, PARTS, environment, kafka, waves
 
 def test_every_engine_answers_its_readiness_check(stack: Settings) -> None:
     config = StackConfig(stack)
-    for part in ("redis", "kafka", "prefect", "worker"):
+    for part in ("redis", "kafka", "prefect", "worker", "engine-forks"):
         assert BY_NAME[part].is_ready(config), part
 
 
@@ -34,7 +34,8 @@ def test_stack_runs_as_a_file_and_as_a_module(stack: Settings, how: list[str]) -
 
 def test_parts_start_in_waves() -> None:
     assert [[p.name for p in wave] for wave in waves(PARTS)] == [
-        ["redis", "kafka", "postgres"], ["prefect", "api"], ["worker"], ["consumers"]]
+        ["redis", "kafka", "postgres"], ["prefect", "api"], ["worker", "engine-forks"],
+        ["consumers"]]
     assert [[p.name for p in wave] for wave in waves([BY_NAME["consumers"], BY_NAME["redis"]])] == [
         ["redis"], ["consumers"]]
 
@@ -80,7 +81,13 @@ def test_every_part_gets_prefects_settings_and_the_worker_polls_fast(
         assert env["PREFECT_API_URL"] == "http://127.0.0.1:4491/api", part.name
         assert env["DHUB_STATE_DIR"] == str(private.state), part.name
         assert env["PYTHONPATH"].split(":")[0] == str(ROOT), part.name
+        # The worker's flow runs find the engine fork server where the stack starts it.
+        assert env["DHUB_ENGINE_FORKS_SOCKET"] == str(private.engine_forks_socket), part.name
     worker = environment(BY_NAME["worker"], private)
+    # A fork whose Prefect settings differ from its server's must read them again (slower).
+    prefect_of = {name: {k: v for k, v in environment(BY_NAME[name], private).items()
+                         if k.startswith("PREFECT_")} for name in ("worker", "engine-forks")}
+    assert prefect_of["worker"] == prefect_of["engine-forks"]
     assert worker["PREFECT_WORKER_QUERY_SECONDS"] == "0.2"
     assert worker["PREFECT_LOGGING_TO_API_ENABLED"] == "false"
     assert "PREFECT_WORKER_QUERY_SECONDS" not in environment(BY_NAME["api"], private)
