@@ -1,5 +1,6 @@
-"""Lua scripts of the API's write path: the Idempotency-Key record's transitions and the
-abandoning of a batch whose run command may or may not have reached Kafka.
+"""Lua scripts of the API's write path: the Idempotency-Key record's transitions, the
+abandoning of a batch whose run command may or may not have reached Kafka, a POST's create
+and the sweep of the creates whose run command was never seen taken.
 
 Each names its KEYS and ARGV first. An Idempotency-Key record (`core.keys.idempotency`) is a
 JSON object: `s` state (`pending` until the run command is durably queued, then
@@ -120,7 +121,8 @@ return 1
 """
 
 # KEYS[1..4] as CREATE_BATCH (batch hash, pipeline's batch index, sequence, initial state's
-# index), KEYS[5] (the last) the pipeline's version order (list, latest last)
+# index), KEYS[5] the pipeline's version order (list, latest last), optionally KEYS[6] the
+# pipeline's unsent runs (`keys.unsent_runs`)
 # ARGV[1] the version the batch records when it must be the latest ('' for no check),
 # ARGV[2] JSON array: CREATE_BATCH's ARGV (batch id, then the hash's fields and values),
 # ARGV[3] change channel ('' or absent for none): a new batch publishes its key, so a
@@ -128,22 +130,55 @@ return 1
 # A POST's create: CREATE_BATCH's own text, run only while ARGV[1] is still the latest
 # version, so "which version is latest" needs no round trip of its own and cannot change
 # between that read and the create. The fields travel as one JSON string: packing ~30
-# arguments is most of the client's CPU for this call. Returns CREATE_BATCH's reply (the
-# sequence, 0 when the batch exists, or its error), or {latest} (nil: the pipeline has no
-# version) when ARGV[1] is not the latest.
+# arguments is most of the client's CPU for this call. A batch created now is entered in
+# KEYS[6] at Redis's time: should the POST's process die before Kafka took its run command,
+# SWEEP_UNSENT finds it there (the entry is written with the batch, so no death falls
+# between the two). Returns CREATE_BATCH's reply (the sequence, 0 when the batch exists, or
+# its error), or {latest} (nil: the pipeline has no version) when ARGV[1] is not the latest.
 CREATE_LATEST_BATCH: Final = f"""
 local function create(KEYS, ARGV)
 {CREATE_BATCH}
 end
 if ARGV[1] ~= '' then
-  local latest = redis.call('LINDEX', KEYS[#KEYS], -1)
+  local latest = redis.call('LINDEX', KEYS[5], -1)
   if latest ~= ARGV[1] then return {{latest}} end
 end
-local seq = create(KEYS, cjson.decode(ARGV[2]))
-if type(seq) == 'number' and seq ~= 0 and ARGV[3] and ARGV[3] ~= '' then
-  redis.call('PUBLISH', ARGV[3], KEYS[1])
+local args = cjson.decode(ARGV[2])
+local seq = create(KEYS, args)
+if type(seq) == 'number' and seq ~= 0 then
+  if KEYS[6] then
+    local t = redis.call('TIME')
+    redis.call('ZADD', KEYS[6], t[1] * 1000 + math.floor(t[2] / 1000), args[1])
+  end
+  if ARGV[3] and ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
 end
 return seq
+"""
+
+# KEYS[1] the pipeline's unsent runs (`keys.unsent_runs`)
+# ARGV[1] the prefix of its batches' hash keys (`keys.batch(pipeline, '')`), ARGV[2] the lease
+# in milliseconds, ARGV[3] how many entries at most
+# The entries older than the lease (Redis's clock), each decided by its batch: one still
+# `pending` and visible is claimed (its time set to now, so no other API process sends it
+# again before another lease) and returned, its run command to be sent again; any other
+# (purged, hidden by a delete or an abandon, or taken by the commands consumer: scheduled,
+# running, stopped) needs no send and leaves the set. Returns the batch ids claimed.
+SWEEP_UNSENT: Final = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]),
+                       'LIMIT', 0, tonumber(ARGV[3]))
+local claimed = {}
+for _, id in ipairs(due) do
+  local fields = redis.call('HMGET', ARGV[1] .. id, 'state', 'deleted')
+  if fields[1] == 'pending' and not fields[2] then
+    redis.call('ZADD', KEYS[1], now, id)
+    claimed[#claimed + 1] = id
+  else
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return claimed
 """
 
 
@@ -157,3 +192,4 @@ class ApiScripts:
         self.release_key = redis.register_script(RELEASE_KEY)
         self.abandon_batch = redis.register_script(ABANDON_BATCH)
         self.create_latest_batch = redis.register_script(CREATE_LATEST_BATCH)
+        self.sweep_unsent = redis.register_script(SWEEP_UNSENT)

@@ -156,6 +156,13 @@ def deletes(pipeline_id: str, batch_id: str) -> str:
     return f"{_tag(pipeline_id)}:deletes:{batch_id}"
 
 
+def unsent_runs(pipeline_id: str) -> str:
+    """Sorted set batch id -> when its create ran (ms, Redis's clock): the POSTs' batches whose
+    run command Kafka has not been seen to take yet (`service.abandon` sends it again after
+    a lease, should the POST's process have died before its send)."""
+    return f"{_tag(pipeline_id)}:unsent-runs"
+
+
 def batch_seq(pipeline_id: str) -> str:
     """Counter giving each new batch of the pipeline its creation sequence."""
     return f"{_tag(pipeline_id)}:seq"

@@ -19,11 +19,22 @@ only: Redis is what is missing.
 A stop whose send was ambiguous may be written too, so it will happen and is answered as
 accepted: it waits in an outbox of its own (`STOPS`) and is sent again once Kafka takes it
 (a stop twice is harmless: the second finds the batch stopping or stopped).
+
+A POST's create enters its batch among the pipeline's unsent runs (`keys.unsent_runs`, in
+the create's own script call); once Kafka took the run command, the entry is removed by this
+loop (`sent`: gathered in memory, one ZREM per pipeline a round, no round trip of the POST's
+own). An entry older than the lease (Redis's clock) is a batch whose POST's process died
+between its create and its send, or one whose removal a dead process never made: any API
+process's sweep sends its run command again while it is still `pending` and visible (a run
+command twice runs one flow run: Prefect's idempotency key is the batch id, and a run after
+a stop or delete is skipped, the consumer having applied those to Redis at once), then
+removes it. Else it would read `pending` for ever with nothing to run it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,11 +44,13 @@ import msgspec
 import orjson
 from redis.asyncio import Redis
 
-from core import keys
+from core import keys, layout
 from core.api_scripts import ApiScripts
-from core.codec import Command
+from core.codec import CodecError, Command
+from core.layout import is_visible
 from core.models import now_iso
 from core.retry import RetryPolicy, Verdict, classify, describe
+from service import creates
 from service.command_sender import CommandSender
 
 log = logging.getLogger(__name__)
@@ -46,6 +59,11 @@ UNDO_TIMEOUT_S = 2.0  # the failed request's answer waits this long for its undo
 # Not members of `keys.ABANDONED`: an API process of an earlier release drains that one and
 # takes each member for a delete.
 STOPS = f"{keys.ABANDONED}:stops"
+# As the Idempotency-Key's: longer than any live attempt (its create, a send's timeout, the
+# undo), so a sweep never races a POST still under way.
+UNSENT_LEASE_S = 60.0
+SWEEP_LIMIT = 100  # unsent runs a pipeline's sweep claims at most per round
+REMOVE_CHUNK = 1000  # acked entries per ZREM
 Purge = Callable[[str, str], Awaitable[None]]
 
 
@@ -53,8 +71,14 @@ class Abandoner:
     def __init__(self, redis: Redis, scripts: ApiScripts, sender: CommandSender, *,
                  purge: Purge | None = None, ttl_s: int = ABANDONED_TTL_S,
                  channel: str = keys.CHANGES_CHANNEL, idle_s: float = 5.0,
-                 undo_timeout_s: float = UNDO_TIMEOUT_S) -> None:
+                 undo_timeout_s: float = UNDO_TIMEOUT_S,
+                 lease_s: float = UNSENT_LEASE_S) -> None:
         self._purge = purge
+        self._lease_ms = int(lease_s * 1000)
+        self._next_sweep = 0.0  # monotonic
+        # Run commands Kafka took, their unsent-runs entries still to remove: pipeline -> ids.
+        self._acked: dict[str, set[str]] = {}
+        self._acked_count = 0
         self._undo_timeout_s = undo_timeout_s
         self._undone: set[tuple[str, str]] = set()  # creates to purge once Redis answers
         # Batches to abandon once Redis answers: (pipeline, batch) -> (version, reason, released)
@@ -100,6 +124,8 @@ class Abandoner:
                   keys.batch_seen(pipeline_id, batch_id), *keys.batch_filter_indexes(pipeline_id)],
             args=[batch_id, now_iso(), reason, self._ttl_s, self._channel],
         )
+        # Hidden, it needs no run command: no sweep is to look at it again.
+        await self._redis.zrem(keys.unsent_runs(pipeline_id), batch_id)
         log.warning("batch %s/%s abandoned: %s", pipeline_id, batch_id, reason)
         self._wake.set()
 
@@ -128,12 +154,99 @@ class Abandoner:
             return
         try:
             async with asyncio.timeout(self._undo_timeout_s):
-                await self._purge(pipeline_id, batch_id)
+                await self._purged(pipeline_id, batch_id)
         except Exception as exc:
             log.warning("batch %s/%s: its create failed and is not undone yet (%s); purged "
                         "once Redis answers", pipeline_id, batch_id, describe(exc))
             self._undone.add((pipeline_id, batch_id))
             self._wake.set()
+
+    def sent(self, pipeline_id: str, batch_id: str) -> None:
+        """Kafka took the batch's run command: its unsent-runs entry goes at the next round
+        (a process that dies first leaves it to a sweep, which finds the batch taken or sends
+        a harmless second run command)."""
+        ids = self._acked.get(pipeline_id)
+        if ids is None:
+            ids = self._acked[pipeline_id] = set()
+        ids.add(batch_id)
+        self._acked_count += 1
+        if self._acked_count >= REMOVE_CHUNK:
+            self._wake.set()
+
+    async def _remove_acked(self) -> None:
+        acked, self._acked, self._acked_count = self._acked, {}, 0
+        try:
+            while acked:
+                pipeline_id, ids = next(iter(acked.items()))
+                members = sorted(ids)
+                for at in range(0, len(members), REMOVE_CHUNK):
+                    chunk = members[at:at + REMOVE_CHUNK]
+                    await self._redis.zrem(keys.unsent_runs(pipeline_id), *chunk)
+                    ids.difference_update(chunk)
+                del acked[pipeline_id]
+        finally:
+            for pipeline_id, ids in acked.items():  # Redis away: kept for the next round
+                for batch_id in ids:
+                    self.sent(pipeline_id, batch_id)
+
+    async def sweep_once(self) -> int:
+        """Sends again the run commands of the batches still `pending` whose unsent-runs
+        entry outlived the lease. Returns how many were sent. Raises while Redis or Kafka is
+        away: what is left stays in the sets for a later round."""
+        await self._remove_acked()
+        done = 0
+        for pipeline_id in sorted(cast(set[str], await self._redis.smembers(keys.PIPELINES))):
+            claimed = cast(list[str], await self._scripts.sweep_unsent(
+                keys=[keys.unsent_runs(pipeline_id)],
+                args=[keys.batch(pipeline_id, ""), self._lease_ms, SWEEP_LIMIT]))
+            for batch_id in claimed:
+                done += await self._resend(pipeline_id, batch_id)
+        return done
+
+    async def _resend(self, pipeline_id: str, batch_id: str) -> int:
+        unsent = keys.unsent_runs(pipeline_id)
+        fields = cast(dict[str, str], await self._redis.hgetall(keys.batch(pipeline_id,
+                                                                           batch_id)))
+        if not is_visible(fields) or fields.get("state") != "pending":
+            await self._redis.zrem(unsent, batch_id)  # taken, hidden or purged since the claim
+            return 0
+        version = fields.get("pipeline_version", "")
+        try:
+            command = Command("run", batch_id, pipeline_id, pipeline_version=version,
+                              event_id="run-" + batch_id, recorded=creates.recorded(fields))
+        except (CodecError, KeyError, ValueError) as exc:
+            # No run command can be made of it: ended, so it does not read `pending` for ever.
+            await self.abandon(pipeline_id, batch_id, version,
+                               f"its API process stopped before queueing its run, and the "
+                               f"run could not be queued again ({describe(exc)})",
+                               released=False)
+            await self._redis.zrem(unsent, batch_id)
+            return 0
+        try:
+            await self._sender.command(command)
+        except Exception:
+            # Kafka did not take it: due again at the next sweep (its claim given back).
+            with contextlib.suppress(Exception):
+                await self._redis.zadd(unsent, {batch_id: 0}, xx=True)
+            raise
+        log.warning("batch %s/%s: its run command was never seen queued (its API process "
+                    "stopped after its create); queued now", pipeline_id, batch_id)
+        state, deleted = cast(list[str | None], await self._redis.hmget(
+            keys.batch(pipeline_id, batch_id), "state", layout.DELETED))
+        if state is None or deleted is not None:
+            # Deleted while this was sent: its delete may be on the topic before this run.
+            # The consumer skips the run either way, but a rebuild of Redis takes the last
+            # creation after the last delete for a live batch: a delete goes behind it.
+            member = orjson.dumps([pipeline_id, batch_id, version, False]).decode()
+            await self._redis.zadd(keys.ABANDONED, {member: time.time()})
+        await self._redis.zrem(unsent, batch_id)
+        return 1
+
+    async def _purged(self, pipeline_id: str, batch_id: str) -> None:
+        assert self._purge is not None
+        await self._purge(pipeline_id, batch_id)
+        # Purged, it needs no run command: no sweep is to look at it again.
+        await self._redis.zrem(keys.unsent_runs(pipeline_id), batch_id)
 
     def left_at_shutdown(self) -> None:
         """Says what this process alone still held to do (Redis away when it was asked):
@@ -161,12 +274,11 @@ class Abandoner:
             if await self._tried(f"abandon of {pipeline_id}/{batch_id}", self._abandon(
                     pipeline_id, batch_id, version, reason, released)):
                 del self._unhidden[(pipeline_id, batch_id)]
-        purge = self._purge
-        if purge is None:
+        if self._purge is None:
             return
         for pipeline_id, batch_id in sorted(self._undone):
             if await self._tried(f"undo of {pipeline_id}/{batch_id}",
-                                 purge(pipeline_id, batch_id)):
+                                 self._purged(pipeline_id, batch_id)):
                 self._undone.discard((pipeline_id, batch_id))
                 log.info("batch %s/%s: its failed create undone", pipeline_id, batch_id)
 
@@ -218,8 +330,14 @@ class Abandoner:
                 raise asyncio.CancelledError
             try:
                 await self._undo_pending()
+                await self._remove_acked()
                 if self._sender.available:
                     await self.drain_once()
+                    if time.monotonic() >= self._next_sweep:
+                        await self.sweep_once()
+                        # A few sweeps a lease: an entry waits at most a quarter more.
+                        self._next_sweep = time.monotonic() + min(self._lease_ms / 4000,
+                                                                  self._idle_s * 3)
                     next_delay = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
                     delay = self._idle_s
                 else:

@@ -185,7 +185,9 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
     """Records the batch as `BatchStore.create` would; with `latest`, of the pipeline's latest
     version at that moment (`spec` is a guess: when another version is latest, the batch is
     recorded with that one's definition). `config`: the run's effective config for a
-    definition (the run's overrides applied to it; may raise), None for the registered one."""
+    definition (the run's overrides applied to it; may raise), None for the registered one.
+    The same script call enters the batch among its pipeline's unsent runs, which it leaves
+    once Kafka took its run command (`service.abandon`: sent again should nobody send it)."""
     turns = turn_reads(store.redis)
     order = keys.pipeline_order(pipeline_id)
     while True:
@@ -195,7 +197,8 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
         now = now_iso()
         reply = await turns.script(
             scripts.create_latest_batch,
-            [keys.batch(pipeline_id, batch_id), *template.other_keys, order],
+            [keys.batch(pipeline_id, batch_id), *template.other_keys, order,
+             keys.unsent_runs(pipeline_id)],
             [spec.version if latest else "", template.args(batch_id, now, extra),
              keys.CHANGES_CHANNEL])
         seq = (int(reply) or await _created_earlier(store, pipeline_id, batch_id, now)
@@ -249,7 +252,13 @@ async def left_behind(store: BatchStore, registry: PipelineRegistry, pipeline_id
     spec = await spec_of(registry, pipeline_id, version)
     if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
         raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
-    # The fields its create added to a fresh batch's, as its own run command recorded them.
+    return LeftBehind("pending", Created(spec, recorded(fields)))
+
+
+def recorded(fields: Mapping[str, str]) -> Recorded:
+    """What a batch's run command records of it (for a rebuild), read back from its hash: the
+    fields its create added to a fresh batch's, as its own run command recorded them. Raises
+    (ValueError, KeyError, CodecError) for a hash no create of this release wrote."""
     extra = {name: value for name, value in fields.items() if recordable(name)}
-    return LeftBehind("pending", Created(spec, Recorded(
-        seq=int(fields["seq"]), created_at=fields.get("created_at", ""), extra=extra)))
+    return Recorded(seq=int(fields["seq"]), created_at=fields.get("created_at", ""),
+                    extra=extra)

@@ -1,8 +1,9 @@
 """`POST /api/v1/batches/{pipeline_id}`: a new batch of the pipeline's latest version, or of
 the one `pipeline_version` names, with the body's config overrides. It is recorded in Redis
 (`service.creates`), then its run command is queued on Kafka; a send that fails undoes or
-abandons it. An Idempotency-Key makes it one batch per key and request (`once`, which a
-resume shares: `service.resume`)."""
+abandons it, and one its process died before is made by any API process's sweep once the
+create's lease passed (`service.abandon`). An Idempotency-Key makes it one batch per key and
+request (`once`, which a resume shares: `service.resume`)."""
 
 from __future__ import annotations
 
@@ -184,17 +185,19 @@ async def _queue(request: web.Request, pipeline_id: str, batch_id: str,
     # consumers' stop event): unique without a uuid4, whose urandom call costs a few µs.
     command = Command("run", batch_id, pipeline_id, pipeline_version=spec.version,
                       event_id="run-" + batch_id, recorded=recorded)
+    abandoner = request.app[ABANDONER]
     try:
         await request.app[COMMANDS].command(command)
     except Refused:
         # Purged now, or once Redis answers: a batch left `pending` with no run command
         # behind it would never run.
-        await request.app[ABANDONER].undo(pipeline_id, batch_id)
+        await abandoner.undo(pipeline_id, batch_id)
         raise
     except BaseException as exc:  # Ambiguous, or cancelled while Kafka held the record
         cause = exc.cause if isinstance(exc, Ambiguous) else type(exc).__name__
         reason = f"the run command was not confirmed by Kafka ({cause}); the batch will not run"
-        await request.app[ABANDONER].abandon(pipeline_id, batch_id, spec.version, reason,
-                                             released=True)
+        await abandoner.abandon(pipeline_id, batch_id, spec.version, reason, released=True)
         request.app[CACHE].evict(keys.batch(pipeline_id, batch_id))
         raise
+    # Its create's unsent-runs entry goes (in the background: no round trip of this POST's).
+    abandoner.sent(pipeline_id, batch_id)
