@@ -156,6 +156,16 @@ return seq
 """
 
 # KEYS[1] the pipeline's unsent runs (`keys.unsent_runs`)
+# ARGV[1] a batch id about to be created
+# The entry CREATE_LATEST_BATCH writes, for a create that is not its (a resume's
+# `BatchStore.create`), written before it: an entry whose batch never came is dropped by the
+# sweep. Returns 1 when entered.
+ENTER_UNSENT: Final = """
+local t = redis.call('TIME')
+return redis.call('ZADD', KEYS[1], 'NX', t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])
+"""
+
+# KEYS[1] the pipeline's unsent runs (`keys.unsent_runs`)
 # ARGV[1] the prefix of its batches' hash keys (`keys.batch(pipeline, '')`), ARGV[2] the lease
 # in milliseconds, ARGV[3] how many entries at most
 # The entries older than the lease (Redis's clock), each decided by its batch: one still
@@ -192,4 +202,5 @@ class ApiScripts:
         self.release_key = redis.register_script(RELEASE_KEY)
         self.abandon_batch = redis.register_script(ABANDON_BATCH)
         self.create_latest_batch = redis.register_script(CREATE_LATEST_BATCH)
+        self.enter_unsent = redis.register_script(ENTER_UNSENT)
         self.sweep_unsent = redis.register_script(SWEEP_UNSENT)

@@ -26,12 +26,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from core import layout
+from core import keys, layout
 from core.command_messages import Recorded
 from core.models import PipelineSpec, new_batch_id
 from core.run_config import resume_problems
 from service import auth, creates, idempotency, run_body
-from service.appkeys import COMMANDS, IDEMPOTENCY, REGISTRY, STORE
+from service.appkeys import API_SCRIPTS, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, path_id
 from service.errors import ApiError, bad_request, not_found
 from service.runs import once
@@ -149,6 +149,9 @@ async def resume_batch(request: web.Request) -> web.Response:
                 raise ApiError(409, "conflict", f"batch {holder_id}, whose data batch "
                                f"{old_id} goes on from, is being deleted: there is nothing "
                                "to resume from", resumed_from=holder_id)
+        # Should this process die before its run command is sent, a sweep sends it.
+        await request.app[API_SCRIPTS].enter_unsent(keys=[keys.unsent_runs(pipeline_id)],
+                                                    args=[batch_id])
         seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
         # Read back for its run command (a rebuild's record): the time Redis recorded. A
         # resume is rare; the POST's hot path sends the time it gave its create script,

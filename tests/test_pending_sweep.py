@@ -19,8 +19,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from core import keys
-from core.codec import Command, decode_command
+from core import keys, layout
+from core.codec import Command, Run, decode_command
+from core.command_messages import Recorded
 from core.settings import Settings
 from service.abandon import Abandoner
 from service.appkeys import ABANDONER, COMMANDS
@@ -131,3 +132,25 @@ async def test_a_batch_deleted_before_the_sweep_is_not_sent(
         dies.bury()
         await first
 
+
+async def test_a_resume_whose_process_died_before_the_send_is_run_after_the_lease(
+        api: Client, redis: Redis, topics: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    response = await api.post("/api/v1/batches/p", headers=AUTH)
+    old = str((await response.json())["item"])
+    # It failed, as the events consumer records it.
+    await redis.hset(keys.batch("p", old), mapping={"state": "stop", "outcome": "failed"})
+    lease(api.app[ABANDONER], LEASE_MS)
+    sender = api.app[COMMANDS]
+    dies = Dies(sender.command, after=False)
+    monkeypatch.setattr(sender, "command", dies)
+    first = asyncio.create_task(api.post(f"/api/v1/batches/p/{old}/resume", headers=AUTH))
+    await asyncio.wait_for(dies.reached.wait(), 10)
+    [resumed] = [b for b in await batch_ids(redis) if b != old]
+    try:
+        [run] = await commands_of(topics, resumed, "run")
+        # Sent as the resume would have: what a rebuild restores it from included.
+        assert isinstance(run, Run) and isinstance(run.recorded, Recorded)
+        assert run.recorded.extra[layout.RESUMED_FROM] == old
+    finally:
+        dies.bury()
+        await first

@@ -83,6 +83,17 @@ async def test_the_create_enters_its_batch_and_the_sweep_waits_for_the_lease(
     assert await redis.zscore(UNSENT, "batch-b") is not None
 
 
+async def test_a_create_not_the_posts_is_entered_before_it(redis: Redis) -> None:
+    s = ApiScripts(redis)
+    assert await s.enter_unsent(keys=[UNSENT], args=["batch-r"]) == 1
+    entered = await redis.zscore(UNSENT, "batch-r")
+    assert await s.enter_unsent(keys=[UNSENT], args=["batch-r"]) == 0
+    assert await redis.zscore(UNSENT, "batch-r") == entered  # not pushed back
+    # Its create never came (refused, or the process died first): dropped, nothing sent.
+    assert await _sweep(s, 0) == []
+    assert await redis.zcard(UNSENT) == 0
+
+
 async def test_the_sweep_drops_batches_taken_hidden_or_purged(redis: Redis) -> None:
     s = ApiScripts(redis)
     for batch_id in ("batch-run", "batch-hidden", "batch-gone", "batch-stopped", "batch-new"):
