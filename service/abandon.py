@@ -244,6 +244,16 @@ class Abandoner:
 
     async def _purged(self, pipeline_id: str, batch_id: str) -> None:
         assert self._purge is not None
+        fields = cast(dict[str, str], await self._redis.hgetall(keys.batch(pipeline_id,
+                                                                           batch_id)))
+        if is_visible(fields) and fields.get("state") != "pending":
+            # This undo waited for Redis past the lease, and a sweep sent the run command
+            # meanwhile, which a consumer took: purged, its flow run would run on with no
+            # batch; abandoned, its delete cancels it.
+            await self._abandon(pipeline_id, batch_id, fields.get("pipeline_version", ""),
+                                "its request failed, and its run was queued by another API "
+                                "process before this one could undo it", True)
+            return
         await self._purge(pipeline_id, batch_id)
         # Purged, it needs no run command: no sweep is to look at it again.
         await self._redis.zrem(keys.unsent_runs(pipeline_id), batch_id)

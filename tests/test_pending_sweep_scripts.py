@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -207,3 +208,20 @@ async def test_a_batch_deleted_while_its_run_was_sent_again_gets_a_delete_behind
                                                               ("delete", "batch-a")]
     [delete] = [c for c in kafka.commands if isinstance(c, Delete)]
     assert delete.abandoned is not True  # the DELETE's: no Idempotency-Key was released
+
+
+async def test_an_undo_that_waited_past_a_sweep_abandons_the_batch_a_consumer_took(
+        redis: Redis) -> None:
+    # Kafka refused the POST's run command and Redis was away for the undo (a partition of
+    # that API process): the undo waits in its memory, while another process's sweep sent
+    # the run command after the lease and a consumer took it.
+    await _created(redis, "batch-a")
+    abandoner = _abandoner(redis, _Kafka(), lease_s=3600)
+    abandoner._undone.add(("p", "batch-a"))
+    await redis.hset(keys.batch("p", "batch-a"), "state", "scheduled")
+    await abandoner._undo_pending()
+    # Purged, its flow run would run on with no batch; hidden and deleted, it is cancelled.
+    assert await redis.hget(keys.batch("p", "batch-a"), "deleted") == "1"
+    [member] = cast(list[str], await redis.zrange(keys.ABANDONED, 0, -1))
+    assert orjson.loads(member)[:2] == ["p", "batch-a"]
+    assert abandoner.undoing() == 0
