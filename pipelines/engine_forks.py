@@ -36,10 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.engine_command import HEADER, MAGIC, SOCKET_ENV
+from pipelines.fork_preload import PRELOAD, prepare
 
 log = logging.getLogger("dhub.engine_forks")
-PRELOAD = ("prefect.engine", "prefect.flow_engine", "prefect._internal.metrics",
-           "pydantic_settings", "redis.asyncio", "aiokafka", "orjson", "msgspec")
 REQUEST_TIMEOUT_S = 5.0  # a requester that stalls mid-request cannot hold the server longer
 MAX_REQUEST_BYTES = 16 << 20
 
@@ -301,6 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     log.propagate = False
     for module in args.preload:
         importlib.import_module(module)
+    prepare()
     job = ForkServer(Path(args.socket), grace_s=args.grace).serve()
     if job is not None:
         run(job)  # then this child exits as the interpreter does: atexit hooks, flushes
