@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from consumers.commands import CommandsConsumer
 from core import keys, layout
 from core.codec import Command, Run, decode_command
 from core.command_messages import Recorded
@@ -27,6 +28,7 @@ from service.abandon import Abandoner
 from service.appkeys import ABANDONER, COMMANDS
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
+from tests.test_consumers_support import Deployer, options, running, unique
 from tests.test_post_killed import Dies, batch_ids
 
 Client = TestClient[Any, Any]
@@ -154,3 +156,36 @@ async def test_a_resume_whose_process_died_before_the_send_is_run_after_the_leas
     finally:
         dies.bury()
         await first
+
+
+async def test_the_consumer_takes_the_swept_run_and_the_batch_leaves_pending(
+        topics: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    deployer = Deployer(topics)  # runs on a pool no worker polls: they stay Scheduled
+    batches: list[str] = []
+    try:
+        async with api_client(api_settings(topics)) as api:
+            body = spec_body(name=unique("pending-sweep"))
+            assert (await api.put("/api/v1/pipelines/p", json=body, headers=AUTH)).status == 201
+            lease(api.app[ABANDONER], LEASE_MS)
+            api.app[ABANDONER]._idle_s = 0.1
+            sender = api.app[COMMANDS]
+            dies = Dies(sender.command, after=False)
+            monkeypatch.setattr(sender, "command", dies)
+            first = asyncio.create_task(api.post("/api/v1/batches/p", headers=AUTH))
+            await asyncio.wait_for(dies.reached.wait(), 10)
+            batches += await batch_ids(redis)
+            try:
+                consumer = CommandsConsumer(topics, options(), ensure=deployer.ensure)
+                async with running(consumer):
+                    async def left_pending() -> str | None:
+                        response = await api.get(f"/api/v1/batches/p/{batches[0]}",
+                                                 headers=AUTH)
+                        state = str((await response.json())["state"]["state"])
+                        return state if state != "pending" else None
+
+                    assert await eventually(left_pending, timeout=30) == "scheduled"
+            finally:
+                dies.bury()
+                await first
+    finally:
+        await deployer.cleanup(batches)
