@@ -7,8 +7,9 @@ the pipelines' own code is imported afresh by each run (see `engine_forks`).
 Prefect's TLS contexts: each Prefect API client builds an `ssl` context that loads certifi's
 whole CA bundle (~60 ms here), and a flow run makes about eight clients, four of them before
 it is Running. Within Prefect's client module only, a verifying context for the same CA file
-is made once and shared. A context is meant to serve many connections; Prefect neither adds
-client certificates to it nor changes it, and a forked child gets its own copy.
+is made once and shared (the stack's worker does the same: `prefect_worker`). A context is
+meant to serve many connections; Prefect neither adds client certificates to
+it nor changes it, and a forked child gets its own copy.
 """
 
 from __future__ import annotations
@@ -64,12 +65,19 @@ def share_verifying_contexts(module: ModuleType) -> SharedVerifyingContexts:
     return shared
 
 
-def prepare() -> None:
-    """Once, in the server, after the preloads; its children inherit the result."""
+def share_prefect_client_tls() -> SharedVerifyingContexts | None:
+    """Installs the sharing in Prefect's client module if it is imported and still uses the
+    `ssl` module as this expects; None if not (then nothing changes)."""
     client_module = sys.modules.get(PREFECT_CLIENT_MODULE)
     if client_module is None or getattr(client_module, "ssl", None) is not ssl:
-        return  # not preloaded, or Prefect no longer uses `ssl` this way: nothing to share
-    shared = share_verifying_contexts(client_module)
-    import certifi
+        return None
+    return share_verifying_contexts(client_module)
 
-    shared.create_default_context(cafile=certifi.where())  # made before any fork
+
+def prepare() -> None:
+    """Once, in the server, after the preloads; its children inherit the result."""
+    shared = share_prefect_client_tls()
+    if shared is not None:
+        import certifi
+
+        shared.create_default_context(cafile=certifi.where())  # made before any fork

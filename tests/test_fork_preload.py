@@ -60,3 +60,12 @@ def test_the_server_prepares_prefects_client_before_forking() -> None:
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, check=True)
     assert out.stdout.split() == ["SharedVerifyingContexts", "True", "True"]
+
+
+def test_the_stack_runs_prefects_own_cli_for_its_worker() -> None:
+    import prefect
+
+    out = subprocess.run([sys.executable, "-m", "pipelines.prefect_worker", "version"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert prefect.__version__ in out.stdout

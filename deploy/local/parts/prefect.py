@@ -54,7 +54,9 @@ def ensure_work_pool(c: StackConfig) -> None:
 
 
 def worker_command(c: StackConfig) -> list[str]:
-    argv = [str(BIN / "prefect"), "worker", "start", "--pool", c.settings.work_pool]
+    # Prefect's CLI with its clients sharing TLS contexts (pipelines/prefect_worker.py).
+    argv = [sys.executable, "-m", "pipelines.prefect_worker", "worker", "start", "--pool",
+            c.settings.work_pool]
     return [*argv, "--type", "process", "--name", WORKER_NAME]
 
 

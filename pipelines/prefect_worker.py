@@ -1,0 +1,25 @@
+"""Prefect's CLI, as the stack runs its worker: `python -m pipelines.prefect_worker worker start ...`.
+
+The same as the `prefect` command, except that Prefect's API clients share one verifying TLS
+context per CA file (`fork_preload`): the process worker makes several clients for every flow
+run it starts, and each loaded certifi's CA bundle on the worker's event loop (~60 ms here)
+between picking the run up and starting its process.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import prefect.client.orchestration  # noqa: F401 -- what the sharing is installed in
+from prefect.cli import app
+
+from pipelines.fork_preload import share_prefect_client_tls
+
+
+def main() -> None:
+    share_prefect_client_tls()
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()
