@@ -20,21 +20,13 @@ A stop whose send was ambiguous may be written too, so it will happen and is ans
 accepted: it waits in an outbox of its own (`STOPS`) and is sent again once Kafka takes it
 (a stop twice is harmless: the second finds the batch stopping or stopped).
 
-A POST's create enters its batch among the pipeline's unsent runs (`keys.unsent_runs`, in
-the create's own script call); once Kafka took the run command, the entry is removed by this
-loop (`sent`: gathered in memory, one ZREM per pipeline a round, no round trip of the POST's
-own). An entry older than the lease (Redis's clock) is a batch whose POST's process died
-between its create and its send, or one whose removal a dead process never made: any API
-process's sweep sends its run command again while it is still `pending` and visible (a run
-command twice runs one flow run: Prefect's idempotency key is the batch id, and a run after
-a stop or delete is skipped, the consumer having applied those to Redis at once), then
-removes it. Else it would read `pending` for ever with nothing to run it.
+The same loop removes the unsent-runs entries of run commands Kafka took and sweeps those
+left behind by a process that died between a create and its send (`service/unsent.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -44,14 +36,14 @@ import msgspec
 import orjson
 from redis.asyncio import Redis
 
-from core import keys, layout
+from core import keys
 from core.api_scripts import ApiScripts
-from core.codec import CodecError, Command
+from core.codec import Command
 from core.layout import is_visible
 from core.models import now_iso
 from core.retry import RetryPolicy, Verdict, classify, describe
-from service import creates
 from service.command_sender import CommandSender
+from service.unsent import UNSENT_LEASE_S, UnsentRuns
 
 log = logging.getLogger(__name__)
 ABANDONED_TTL_S = 24 * 3600
@@ -59,11 +51,6 @@ UNDO_TIMEOUT_S = 2.0  # the failed request's answer waits this long for its undo
 # Not members of `keys.ABANDONED`: an API process of an earlier release drains that one and
 # takes each member for a delete.
 STOPS = f"{keys.ABANDONED}:stops"
-# As the Idempotency-Key's: longer than any live attempt (its create, a send's timeout, the
-# undo), so a sweep never races a POST still under way.
-UNSENT_LEASE_S = 60.0
-SWEEP_LIMIT = 100  # unsent runs a pipeline's sweep claims at most per round
-REMOVE_CHUNK = 1000  # acked entries per ZREM
 Purge = Callable[[str, str], Awaitable[None]]
 
 
@@ -74,11 +61,7 @@ class Abandoner:
                  undo_timeout_s: float = UNDO_TIMEOUT_S,
                  lease_s: float = UNSENT_LEASE_S) -> None:
         self._purge = purge
-        self._lease_ms = int(lease_s * 1000)
         self._next_sweep = 0.0  # monotonic
-        # Run commands Kafka took, their unsent-runs entries still to remove: pipeline -> ids.
-        self._acked: dict[str, set[str]] = {}
-        self._acked_count = 0
         self._undo_timeout_s = undo_timeout_s
         self._undone: set[tuple[str, str]] = set()  # creates to purge once Redis answers
         # Batches to abandon once Redis answers: (pipeline, batch) -> (version, reason, released)
@@ -91,6 +74,15 @@ class Abandoner:
         self._channel = channel
         self._idle_s = idle_s
         self._wake = asyncio.Event()
+        self.unsent = UnsentRuns(redis, scripts, sender, lease_s=lease_s, wake=self._wake.set,
+                                 abandon=lambda p, b, v, why: self.abandon(p, b, v, why,
+                                                                           released=False))
+
+    def sent(self, pipeline_id: str, batch_id: str) -> None:
+        self.unsent.sent(pipeline_id, batch_id)
+
+    async def sweep_once(self) -> int:
+        return await self.unsent.sweep_once()
 
     async def abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str, *,
                       released: bool) -> None:
@@ -160,87 +152,6 @@ class Abandoner:
                         "once Redis answers", pipeline_id, batch_id, describe(exc))
             self._undone.add((pipeline_id, batch_id))
             self._wake.set()
-
-    def sent(self, pipeline_id: str, batch_id: str) -> None:
-        """Kafka took the batch's run command: its unsent-runs entry goes at the next round
-        (a process that dies first leaves it to a sweep, which finds the batch taken or sends
-        a harmless second run command)."""
-        ids = self._acked.get(pipeline_id)
-        if ids is None:
-            ids = self._acked[pipeline_id] = set()
-        ids.add(batch_id)
-        self._acked_count += 1
-        if self._acked_count >= REMOVE_CHUNK:
-            self._wake.set()
-
-    async def _remove_acked(self) -> None:
-        acked, self._acked, self._acked_count = self._acked, {}, 0
-        try:
-            while acked:
-                pipeline_id, ids = next(iter(acked.items()))
-                members = sorted(ids)
-                for at in range(0, len(members), REMOVE_CHUNK):
-                    chunk = members[at:at + REMOVE_CHUNK]
-                    await self._redis.zrem(keys.unsent_runs(pipeline_id), *chunk)
-                    ids.difference_update(chunk)
-                del acked[pipeline_id]
-        finally:
-            for pipeline_id, ids in acked.items():  # Redis away: kept for the next round
-                for batch_id in ids:
-                    self.sent(pipeline_id, batch_id)
-
-    async def sweep_once(self) -> int:
-        """Sends again the run commands of the batches still `pending` whose unsent-runs
-        entry outlived the lease. Returns how many were sent. Raises while Redis or Kafka is
-        away: what is left stays in the sets for a later round."""
-        await self._remove_acked()
-        done = 0
-        for pipeline_id in sorted(cast(set[str], await self._redis.smembers(keys.PIPELINES))):
-            claimed = cast(list[str], await self._scripts.sweep_unsent(
-                keys=[keys.unsent_runs(pipeline_id)],
-                args=[keys.batch(pipeline_id, ""), self._lease_ms, SWEEP_LIMIT]))
-            for batch_id in claimed:
-                done += await self._resend(pipeline_id, batch_id)
-        return done
-
-    async def _resend(self, pipeline_id: str, batch_id: str) -> int:
-        unsent = keys.unsent_runs(pipeline_id)
-        fields = cast(dict[str, str], await self._redis.hgetall(keys.batch(pipeline_id,
-                                                                           batch_id)))
-        if not is_visible(fields) or fields.get("state") != "pending":
-            await self._redis.zrem(unsent, batch_id)  # taken, hidden or purged since the claim
-            return 0
-        version = fields.get("pipeline_version", "")
-        try:
-            command = Command("run", batch_id, pipeline_id, pipeline_version=version,
-                              event_id="run-" + batch_id, recorded=creates.recorded(fields))
-        except (CodecError, KeyError, ValueError) as exc:
-            # No run command can be made of it: ended, so it does not read `pending` for ever.
-            await self.abandon(pipeline_id, batch_id, version,
-                               f"its API process stopped before queueing its run, and the "
-                               f"run could not be queued again ({describe(exc)})",
-                               released=False)
-            await self._redis.zrem(unsent, batch_id)
-            return 0
-        try:
-            await self._sender.command(command)
-        except Exception:
-            # Kafka did not take it: due again at the next sweep (its claim given back).
-            with contextlib.suppress(Exception):
-                await self._redis.zadd(unsent, {batch_id: 0}, xx=True)
-            raise
-        log.warning("batch %s/%s: its run command was never seen queued (its API process "
-                    "stopped after its create); queued now", pipeline_id, batch_id)
-        state, deleted = cast(list[str | None], await self._redis.hmget(
-            keys.batch(pipeline_id, batch_id), "state", layout.DELETED))
-        if state is None or deleted is not None:
-            # Deleted while this was sent: its delete may be on the topic before this run.
-            # The consumer skips the run either way, but a rebuild of Redis takes the last
-            # creation after the last delete for a live batch: a delete goes behind it.
-            member = orjson.dumps([pipeline_id, batch_id, version, False]).decode()
-            await self._redis.zadd(keys.ABANDONED, {member: time.time()})
-        await self._redis.zrem(unsent, batch_id)
-        return 1
 
     async def _purged(self, pipeline_id: str, batch_id: str) -> None:
         assert self._purge is not None
@@ -340,13 +251,13 @@ class Abandoner:
                 raise asyncio.CancelledError
             try:
                 await self._undo_pending()
-                await self._remove_acked()
+                await self.unsent.remove_acked()
                 if self._sender.available:
                     await self.drain_once()
                     if time.monotonic() >= self._next_sweep:
                         await self.sweep_once()
                         # A few sweeps a lease: an entry waits at most a quarter more.
-                        self._next_sweep = time.monotonic() + min(self._lease_ms / 4000,
+                        self._next_sweep = time.monotonic() + min(self.unsent.lease_s / 4,
                                                                   self._idle_s * 3)
                     next_delay = RetryPolicy(initial_s=0.2, cap_s=2.0).delays()
                     delay = self._idle_s

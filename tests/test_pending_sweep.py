@@ -47,7 +47,7 @@ async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
 
 
 def lease(abandoner: Abandoner, ms: int) -> None:
-    abandoner._lease_ms = ms
+    abandoner.unsent.lease_s = ms / 1000
     abandoner._next_sweep = 0.0
     abandoner._wake.set()
 

@@ -156,7 +156,7 @@ async def test_kafka_or_redis_away_during_the_sweep_loses_nothing(redis: Redis) 
             await away.sweep_once()
     finally:
         await unreachable.aclose()
-    away._redis = redis
+    away._redis = away.unsent._redis = redis
     assert await away.sweep_once() == 0
     assert await redis.zcard(UNSENT) == 0
 
