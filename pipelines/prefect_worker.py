@@ -8,8 +8,6 @@ between picking the run up and starting its process.
 
 from __future__ import annotations
 
-import sys
-
 import prefect.client.orchestration  # noqa: F401 -- what the sharing is installed in
 from prefect.cli import app
 
@@ -18,7 +16,7 @@ from pipelines.fork_preload import share_prefect_client_tls
 
 def main() -> None:
     share_prefect_client_tls()
-    sys.exit(app())
+    app()  # exits through SystemExit with the command's own code
 
 
 if __name__ == "__main__":
