@@ -40,7 +40,7 @@ from core.scripts import Scripts
 from core.settings import ROOT, Settings, get_settings
 from core.store import BatchStore
 
-ALL_PARTS = ["redis", "kafka", "prefect", "worker", "api", "consumers"]
+ALL_PARTS = ["redis", "kafka", "prefect", "worker", "engine-forks", "api", "consumers"]
 # The three measurements (see the module's docstring), each runnable alone (--parts).
 PARTS = ("start", "visible", "apply")
 
