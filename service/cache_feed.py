@@ -203,7 +203,7 @@ class CacheFeed:
     async def _close(pubsub: PubSub) -> None:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
 
 
 def _cancelled_meanwhile() -> None:

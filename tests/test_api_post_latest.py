@@ -128,7 +128,7 @@ async def test_the_script_creates_as_the_stores_own_and_refuses_a_version_not_la
                 mine.append(message["data"])
         assert mine == new_keys
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
 
 
 async def test_a_posted_batch_is_recorded_as_the_stores_create_records_one(

@@ -184,7 +184,7 @@ async def test_a_round_removes_only_batches_finished_before_the_retention(
                     or not str(message["data"]).startswith(ours):
                 message = await feed.get_message(timeout=1)
         assert message["data"] == keys.batch(P, old)  # the caches evict it, as after a purge
-        await feed.aclose()  # type: ignore[no-untyped-call]
+        await feed.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
         for key in every_key(old):
             assert not await redis.exists(key)
         assert await listed_in(redis, old) == []

@@ -276,7 +276,7 @@ async def test_packing_publishes_nothing_and_a_late_change_publishes_the_full_ha
         assert PACKED not in fields
         assert render(fields) == render(unpacked(await raw(redis, batch_id)))
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
 
 
 # -- through the API -------------------------------------------------------------------------
