@@ -205,13 +205,25 @@ class Reconciler(Part):
 
     async def _crash_zombies(self, runs: dict[str, RunState]) -> None:
         """A run Prefect still calls running whose engine stopped sending heartbeats (its
-        machine or worker died with it, so nobody reported the crash) is set Crashed in
-        `runs` and in Prefect, which announces it like any crash."""
+        machine or worker died with it, so nobody reported the crash), or one a worker
+        claimed and never started, is set Crashed in `runs` and in Prefect, which announces
+        it like any crash."""
         assert self.prefect is not None
+        now = datetime.now(UTC)
+        claimed = self.options.pending_after_s
+        if claimed > 0:
+            for run in list(runs.values()):
+                if (run.state_type == "PENDING" and run.since is not None
+                        and run.since < now - timedelta(seconds=claimed)):
+                    log.warning("reconciler: flow run %s claimed by a worker %.0fs ago and "
+                                "never started; crashed", run.flow_run_id, claimed)
+                    runs[run.flow_run_id] = await self.prefect.crash(
+                        run, f"a worker claimed the flow run and did not start it within "
+                             f"{claimed:.0f}s (the worker stopped?)")
         window = self.options.zombie_after_s
         if window <= 0:
             return
-        since = datetime.now(UTC) - timedelta(seconds=window)
+        since = now - timedelta(seconds=window)
         suspects = [r.flow_run_id for r in runs.values()
                     if r.state_type in ("RUNNING", "CANCELLING")
                     and r.since is not None and r.since < since]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prefect.states import Crashed, Running
+from prefect.states import Crashed, Pending, Running
 from redis.asyncio import Redis
 
 from consumers.bridge import PrefectBridge
@@ -213,6 +213,35 @@ async def test_reconciler_crashes_a_run_whose_heartbeats_stopped(topics: Setting
         # The step that was running when the run died is failed; the others are untouched.
         assert (fields["step:extract"], fields["step:transform"], fields["step:load"]) == (
             "none", "failed", "none")
+        async with prefect(ctx.settings) as client:
+            run = await client.read_flow_run(uuid.UUID(flow_run_id))
+        assert run.state is not None and run.state.type.value == "CRASHED"
+    finally:
+        await ctx.deployer.cleanup(ctx.batches)
+
+
+async def test_reconciler_crashes_a_run_a_worker_claimed_and_never_started(
+        topics: Settings, redis: Redis) -> None:
+    ctx = make_ctx(topics, redis, None)
+    try:
+        batch_id = await ctx.batch()
+        async with ctx.loop(bridge=False):
+            await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+            flow_run_id = (await ctx.reaches(batch_id, "scheduled"))["flow_run_id"]
+            # Claimed by a worker that then stopped: Prefect keeps it Pending for ever.
+            async with prefect(ctx.settings) as client:
+                await client.set_flow_run_state(flow_run_id, Pending(), force=True)
+            # Within its start window a claimed run is left alone, round after round.
+            patient = Reconciler(ctx.settings, options(reconcile_interval_s=0.1,
+                                                       pending_after_s=3600))
+            async with running(patient):
+                await eventually(lambda: patient.rounds >= 3, timeout=20)
+            assert (await ctx.fields(batch_id))["state"] == "scheduled"
+            async with running(Reconciler(ctx.settings, options(
+                    reconcile_interval_s=0.2, pending_after_s=1.0))):
+                fields = await ctx.reaches(batch_id, "stop", timeout=20)
+        assert fields["outcome"] == "crashed"
+        assert "did not start it" in fields["reason"]
         async with prefect(ctx.settings) as client:
             run = await client.read_flow_run(uuid.UUID(flow_run_id))
         assert run.state is not None and run.state.type.value == "CRASHED"

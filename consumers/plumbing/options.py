@@ -81,6 +81,11 @@ class ConsumerOptions(BaseSettings):
     # (0: never). Prefect's engine beats every PREFECT_FLOWS_HEARTBEAT_FREQUENCY (180 s by
     # default, 30 s at least): keep this a few beats long.
     zombie_after_s: float = 600.0
+    # A flow run a worker claimed (Pending) and has not started for this long is declared
+    # Crashed (0: never): its worker stopped between the two, and Prefect has no lease on
+    # Pending, so the batch would read `scheduled` for ever. A process worker starts a run
+    # in seconds; keep this above the slowest infrastructure's start (image pulls...).
+    pending_after_s: float = 600.0
     # The bridge asks Prefect to replay from its last checkpoint minus this margin (Prefect
     # serves at most 15 min of backfill), since task-run events may arrive out of order.
     bridge_replay_margin_s: float = 60.0
