@@ -16,6 +16,7 @@ replaces. It imports only the standard library: its own start is part of the lat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -31,11 +32,21 @@ MAGIC = b"DHUB1"
 HEADER = struct.Struct("!5sI")  # MAGIC, then the JSON request's length
 PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 UNKNOWN_EXIT = 70  # EX_SOFTWARE: the server died before it could say how the child ended
+# Connect, request and the pid's answer: a server stuck longer is not waited for (the
+# fallback starts a fresh engine; a child forked meanwhile never runs: it waits for a go the
+# server sends only once this process has read its pid).
+ANSWER_TIMEOUT_S = 10.0
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def request_bytes(module: str, args: list[str]) -> bytes:
     body = json.dumps({"module": module, "argv": args, "env": dict(os.environ),
-                       "cwd": os.getcwd()}).encode()
+                       "cwd": os.getcwd(), "umask": current_umask()}).encode()
     return HEADER.pack(MAGIC, len(body)) + body
 
 
@@ -44,10 +55,18 @@ def exec_engine(module: str, args: list[str]) -> NoReturn:
 
 
 def connect(path: str) -> socket.socket | None:
+    """A connection to a server run by this user, or None (no server, or another user's: it
+    would be handed this process's environment, secrets included)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(ANSWER_TIMEOUT_S)
     try:
         sock.connect(path)
-    except OSError:  # no server: missing file, nothing listening, no permission
+        _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:  # no server: missing file, nothing listening, no permission, stuck
+        sock.close()
+        return None
+    if uid != os.getuid():
         sock.close()
         return None
     return sock
@@ -60,10 +79,11 @@ def ask_for_child(sock: socket.socket, module: str, args: list[str]) -> int | No
         socket.send_fds(sock, [data[:HEADER.size]], [0, 1, 2])
         sock.sendall(data[HEADER.size:])
         line = read_line(sock)
-    except OSError:
+    except OSError:  # includes the timeout
         return None
     if not line.startswith(b"pid "):
         return None
+    sock.settimeout(None)  # the child runs as long as it runs
     return int(line[4:])
 
 
@@ -93,7 +113,8 @@ def end_like(code: int) -> NoReturn:
     """Exit as the child did: by its code, or by the signal that killed it."""
     sys.stdout.flush()
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+        with contextlib.suppress(OSError):  # SIGKILL and SIGSTOP have no handler to reset
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     sys.exit(code)
 
@@ -105,8 +126,12 @@ def main() -> NoReturn:
     pid = ask_for_child(sock, module, args) if sock is not None else None
     if sock is None or pid is None:
         exec_engine(module, args)
+    def pass_on(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):  # ended: its exit is on the way
+            os.kill(pid, signum)
+
     for sig in PASSED_SIGNALS:
-        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))
+        signal.signal(sig, pass_on)
     try:
         line = read_line(sock)
     except OSError:

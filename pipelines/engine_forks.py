@@ -8,9 +8,9 @@ requested module as `__main__`, as `python -m <module>` would in a fresh interpr
 the imports. The requester gets `pid <n>` at once and `exit <code>` when the child ends
 (negative: killed by that signal); if the requester goes away first, the child is killed.
 
-Only third-party libraries are preloaded, never this repository's own modules: a flow run
-imports the project's and the pipelines' code afresh, so a changed step is run as it is on
-disk, as without the server. Prefect's settings are read again from the child's environment.
+Only libraries are preloaded (and this server's own three small modules): a flow run imports
+the project's and the pipelines' code afresh, so a changed step is run as it is on disk, as
+without the server. What a child does after the fork is `fork_child`'s.
 
 The server stays single-threaded (forking a process with threads is unsafe) and handles one
 request at a time: a fork takes a few milliseconds. On SIGTERM/SIGINT it stops listening,
@@ -25,30 +25,23 @@ import importlib
 import json
 import logging
 import os
-import runpy
 import selectors
 import signal
 import socket
+import stat
 import sys
+import threading
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines import fork_child
 from pipelines.engine_command import HEADER, MAGIC, SOCKET_ENV
+from pipelines.fork_child import FORWARDED, Job
 from pipelines.fork_preload import PRELOAD, prepare
 
 log = logging.getLogger("dhub.engine_forks")
 REQUEST_TIMEOUT_S = 5.0  # a requester that stalls mid-request cannot hold the server longer
 MAX_REQUEST_BYTES = 16 << 20
-
-
-@dataclass(frozen=True)
-class Job:
-    module: str
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
 
 
 class BadRequest(Exception):
@@ -60,13 +53,24 @@ class Probed(Exception):
 
 
 def read_request(conn: socket.socket) -> tuple[Job, list[int]]:
+    """The request and the requester's three stdio fds; BadRequest after REQUEST_TIMEOUT_S in
+    all (a requester sending a byte now and then cannot hold the server longer)."""
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+
+    def recv(size: int) -> bytes:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BadRequest(f"not whole within {REQUEST_TIMEOUT_S:.0f} s")
+        conn.settimeout(left)
+        return conn.recv(size)
+
     conn.settimeout(REQUEST_TIMEOUT_S)
     head, fds, _flags, _addr = socket.recv_fds(conn, HEADER.size, 3)
     if not head and not fds:
         raise Probed
     try:
         while len(head) < HEADER.size:
-            more = conn.recv(HEADER.size - len(head))
+            more = recv(HEADER.size - len(head))
             if not more:
                 raise BadRequest("closed within the header")
             head += more
@@ -75,13 +79,14 @@ def read_request(conn: socket.socket) -> tuple[Job, list[int]]:
             raise BadRequest("not an engine_command request")
         body = bytearray()
         while len(body) < length:
-            chunk = conn.recv(min(length - len(body), 1 << 16))
+            chunk = recv(min(length - len(body), 1 << 16))
             if not chunk:
                 raise BadRequest("closed within the body")
             body += chunk
         raw = json.loads(body)
         return Job(str(raw["module"]), [str(a) for a in raw["argv"]],
-                   {str(k): str(v) for k, v in raw["env"].items()}, str(raw["cwd"])), fds
+                   {str(k): str(v) for k, v in raw["env"].items()}, str(raw["cwd"]),
+                   int(raw.get("umask", 0o022))), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -140,7 +145,10 @@ class ForkServer:
         try:
             probe.connect(str(self._path))
         except OSError:
-            self._path.unlink(missing_ok=True)  # left by a server that died
+            with contextlib.suppress(FileNotFoundError):
+                if not stat.S_ISSOCK(self._path.lstat().st_mode):
+                    raise SystemExit(f"{self._path} exists and is not a socket") from None
+                self._path.unlink()  # left by a server that died
         else:
             raise SystemExit(f"another engine fork server is listening on {self._path}")
         finally:
@@ -155,50 +163,80 @@ class ForkServer:
         return listener
 
     def _accept(self, listener: socket.socket) -> Job | None:
-        conn, _ = listener.accept()
+        """Serves one request; in the forked child, returns its job. Whatever fails, the
+        server goes on; a requester that gets no pid starts a fresh interpreter instead."""
+        try:
+            conn, _ = listener.accept()
+        except OSError as e:  # EMFILE, ECONNABORTED...: the next one may do
+            log.warning("accept failed: %s", e)
+            return None
+        fds: list[int] = []
         try:
             job, fds = read_request(conn)
+            if self._stopping:
+                raise BadRequest("stopping")
+            if (why := fork_child.start_differs(job)) is not None:
+                raise BadRequest(why)
+            return self._fork(conn, job, fds)
         except Probed:
-            conn.close()
-            return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, BadRequest) as e:
-            log.warning("refused a request: %s", e)
-            conn.close()
-            return None
+            pass
+        except Exception as e:  # one request's failure is not the server's
+            log.warning("refused a request (its requester starts a fresh engine): %s", e)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        conn.close()
+        return None
+
+    def _fork(self, conn: socket.socket, job: Job, fds: list[int]) -> Job | None:
         sys.stdout.flush()  # or the child would write the server's buffered output again
         sys.stderr.flush()
-        pid = os.fork()
+        go_r, go_w = os.pipe()
+        # Blocked across the fork: a SIGTERM meant for the child that arrives before it
+        # reset its handlers is delivered after, by the default action, not lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
+        try:
+            pid = os.fork()
+        finally:
+            if os.getpid() == self._server_pid:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {*FORWARDED, signal.SIGCHLD})
         if pid == 0:
-            self._become_child(conn, fds)
+            os.close(go_w)
+            self._leave_server(conn)
+            fork_child.enter(fds)
+            # Runs only once the requester has its pid: else (the server died or the
+            # requester left first) it would run beside the fresh engine the requester starts.
+            if os.read(go_r, 1) != b"g":
+                os._exit(1)
+            os.close(go_r)
             return job
+        os.close(go_r)
         for fd in fds:
             os.close(fd)
+        fds.clear()
+        self._children[pid] = None
         try:
-            conn.settimeout(None)
+            conn.settimeout(REQUEST_TIMEOUT_S)
             conn.sendall(b"pid %d\n" % pid)
-        except OSError:  # the requester is gone already: so must its child be
-            os.kill(pid, signal.SIGKILL)
+        except OSError:  # the requester is gone already: its child never starts
+            os.close(go_w)
             conn.close()
-            self._children[pid] = None
             return None
+        os.write(go_w, b"g")
+        os.close(go_w)
+        conn.settimeout(None)
         self._children[pid] = conn
         self._sel.register(conn, selectors.EVENT_READ, pid)
         log.info("started %s as pid %d", job.module, pid)
         return None
 
-    def _become_child(self, conn: socket.socket, fds: list[int]) -> None:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def _leave_server(self, conn: socket.socket) -> None:
+        """In the child: no socket of the server's stays open in it."""
         for key in list(self._sel.get_map().values()):
             if isinstance(key.fileobj, socket.socket):
                 key.fileobj.close()
         self._sel.close()
         conn.close()
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-            os.close(fd)
 
     def _requester_spoke(self, conn: socket.socket, pid: int) -> None:
         try:
@@ -250,36 +288,6 @@ def signal_quietly(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
-def reread_prefect_settings() -> None:
-    """Prefect read its settings and set up logging at import, from the server's environment
-    and working directory (a `.env` or `prefect.toml` there counts too): read them again from
-    the child's. Logging is set up again only if its settings differ: that is ~0.15 s."""
-    from prefect.context import refresh_global_settings_context
-    from prefect.logging.configuration import setup_logging
-    from prefect.settings import get_current_settings
-
-    before = get_current_settings().logging
-    refresh_global_settings_context()
-    if get_current_settings().logging != before:
-        setup_logging(incremental=False)
-
-
-def run(job: Job) -> None:
-    """In the child: as `python -m job.module` started in the requester's place would."""
-    os.chdir(job.cwd)
-    os.environ.clear()
-    os.environ.update(job.env)
-    sys.path[0] = job.cwd  # `python -m` puts the working directory first
-    sys.argv = [job.module, *job.argv]
-    log.handlers.clear()
-    if "prefect.context" in sys.modules:
-        reread_prefect_settings()
-    with warnings.catch_warnings():
-        # runpy warns that the module was imported already: here that is the point.
-        warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
-        runpy.run_module(job.module, run_name="__main__", alter_sys=True)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.engine_forks",
                                      description=__doc__.split("\n\n")[0])
@@ -301,9 +309,13 @@ def main(argv: list[str] | None = None) -> None:
     for module in args.preload:
         importlib.import_module(module)
     prepare()
+    if threading.active_count() != 1:  # forking a process with threads is unsafe
+        raise SystemExit(f"a preload started threads: {threading.enumerate()}")
+    server_env = dict(os.environ)
     job = ForkServer(Path(args.socket), grace_s=args.grace).serve()
     if job is not None:
-        run(job)  # then this child exits as the interpreter does: atexit hooks, flushes
+        # Then this child exits as the interpreter does: atexit hooks, flushes.
+        fork_child.run(job, server_env)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,11 @@ the pipelines' own code is imported afresh by each run (see `engine_forks`).
 Prefect's TLS contexts: each Prefect API client builds an `ssl` context that loads certifi's
 whole CA bundle (~60 ms here), and a flow run makes about eight clients, four of them before
 it is Running. Within Prefect's client module only, a verifying context for the same CA file
-is made once and shared (the stack's worker does the same: `prefect_worker`). A context is
-meant to serve many connections; Prefect neither adds client certificates to
-it nor changes it, and a forked child gets its own copy.
+is made once per thread and shared by that thread's clients (the stack's worker does the
+same: `prefect_worker`). Per thread, because httpcore sets the context's ALPN protocols on
+each TLS connect, which must not race another thread's; Prefect's clients all use one
+`http2` setting and add no client certificate (none of its settings makes httpx load one),
+and a forked child gets its own copy.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import ssl
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -37,11 +40,11 @@ PREFECT_CLIENT_MODULE = "prefect.client.orchestration"
 
 class SharedVerifyingContexts:
     """Stands in for the `ssl` module where it is installed: `create_default_context` for a
-    server's certificate against a CA file answers one context per (file, its mtime);
-    anything else is the `ssl` module's own."""
+    server's certificate against a CA file answers one context per (file, its mtime, the
+    calling thread); anything else is the `ssl` module's own."""
 
     def __init__(self) -> None:
-        self._made: dict[tuple[str, int], ssl.SSLContext] = {}
+        self._made: dict[tuple[str, int, int], ssl.SSLContext] = {}
 
     def create_default_context(self, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH, *,
                                cafile: str | None = None, capath: str | None = None,
@@ -49,7 +52,8 @@ class SharedVerifyingContexts:
         if purpose != ssl.Purpose.SERVER_AUTH or cafile is None or capath or cadata:
             return ssl.create_default_context(purpose, cafile=cafile, capath=capath,
                                               cadata=cadata)
-        key = (os.path.abspath(cafile), os.stat(cafile).st_mtime_ns)  # a changed file: anew
+        # A changed file: made anew. A thread's own: see the module's docstring.
+        key = (os.path.abspath(cafile), os.stat(cafile).st_mtime_ns, threading.get_ident())
         made = self._made.get(key)
         if made is None:
             made = self._made[key] = ssl.create_default_context(purpose, cafile=cafile)

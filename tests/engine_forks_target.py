@@ -12,7 +12,9 @@ import time
 
 def main() -> None:
     report = {"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(), "argv": sys.argv[1:],
-              "marker": os.environ.get("ENGINE_FORKS_MARKER"), "name": __name__}
+              "marker": os.environ.get("ENGINE_FORKS_MARKER"), "name": __name__,
+              "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd")),
+              "umask": os.umask(0o022)}
     if "prefect.context" in sys.modules:
         from prefect.settings import get_current_settings
 
@@ -24,6 +26,8 @@ def main() -> None:
         signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(7)))
         print("ready", flush=True)
         signal.pause()
+    elif action == "kill9":
+        os.kill(os.getpid(), signal.SIGKILL)
     elif action == "hang":
         print("ready", flush=True)
         while True:

@@ -78,14 +78,15 @@ def server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
         proc.wait(timeout=30)
 
 
-def command(socket_path: Path | None, action: str, cwd: Path,
+def command(socket_path: Path | None, action: str, cwd: Path, umask: int = 0o022,
             **env: str) -> subprocess.Popen[bytes]:
     extra = {"ENGINE_FORKS_MARKER": "from-the-requester", **env}
     if socket_path is not None:
         extra["DHUB_ENGINE_FORKS_SOCKET"] = str(socket_path)
     return subprocess.Popen(
         [sys.executable, "-m", "pipelines.engine_command", TARGET, action],
-        env=base_env(**extra), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        env=base_env(**extra), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        umask=umask)
 
 
 def first_report(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -96,7 +97,8 @@ def first_report(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 def test_the_child_runs_in_the_requesters_place(server: tuple[subprocess.Popen[bytes], Path],
                                                 tmp_path: Path) -> None:
     srv, path = server
-    proc = command(path, "exit3", tmp_path, PREFECT_API_URL="http://requester.invalid/api")
+    proc = command(path, "exit3", tmp_path, PREFECT_API_URL="http://requester.invalid/api",
+                   umask=0o027)
     out, err = proc.communicate(timeout=60)
     report = json.loads(out.splitlines()[0])
     assert proc.returncode == 3  # the child's exit code is the command's
@@ -106,6 +108,8 @@ def test_the_child_runs_in_the_requesters_place(server: tuple[subprocess.Popen[b
     assert report["argv"] == ["exit3"]
     assert report["name"] == "__main__"
     assert report["marker"] == "from-the-requester"
+    assert report["umask"] == 0o027  # the requester's
+    assert report["fds"] == [0, 1, 2, 3]  # stdio, and the listing's own: none of the server's
     # Prefect read its settings at import in the server; the child reads the requester's.
     assert report["prefect_api_url"] == "http://requester.invalid/api"
     assert b"to stderr" in err  # the requester's own stderr, passed over the socket
@@ -178,3 +182,21 @@ def test_stopping_the_server_stops_its_children(server: tuple[subprocess.Popen[b
     assert b"got SIGTERM" in out and trapping.returncode == 7
     assert srv.wait(timeout=30) == 0
     assert not path.exists()
+
+
+def test_a_child_killed_by_sigkill_ends_the_command_by_sigkill(
+        server: tuple[subprocess.Popen[bytes], Path], tmp_path: Path) -> None:
+    _, path = server
+    proc = command(path, "kill9", tmp_path)  # as the kernel's OOM killer would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err  # what Prefect reads as "out of memory?"
+
+
+def test_a_requester_started_unlike_the_server_gets_a_fresh_interpreter(
+        server: tuple[subprocess.Popen[bytes], Path], tmp_path: Path) -> None:
+    _, path = server
+    # Fixed when an interpreter starts: a fork of the server could not honour it.
+    proc = command(path, "exit0", tmp_path, PYTHONHASHSEED="7")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert json.loads(out.splitlines()[0])["pid"] == proc.pid  # exec'd, not forked

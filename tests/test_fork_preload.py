@@ -30,6 +30,20 @@ def test_one_context_per_ca_file_and_a_new_one_when_the_file_changes(tmp_path: P
     assert shared.create_default_context(cafile=str(bundle)) is not own
 
 
+def test_each_thread_has_its_own(tmp_path: Path) -> None:
+    import threading
+
+    shared = SharedVerifyingContexts()
+    mine = shared.create_default_context(cafile=certifi.where())
+    theirs: list[ssl.SSLContext] = []
+    other = threading.Thread(
+        target=lambda: theirs.append(shared.create_default_context(cafile=certifi.where())))
+    other.start()
+    other.join()
+    assert theirs[0] is not mine  # httpcore sets ALPN on it per connect: no cross-thread race
+    assert shared.create_default_context(cafile=certifi.where()) is mine
+
+
 def test_contexts_that_are_changed_after_creation_are_never_shared() -> None:
     shared = SharedVerifyingContexts()
     # Prefect's skip-verify path turns verification off on what it gets: always a new one.
