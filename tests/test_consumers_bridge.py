@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.schemas.objects import State
 from prefect.states import Crashed, Pending, Running
 from redis.asyncio import Redis
 
@@ -187,17 +188,24 @@ async def test_reconciler_publishes_a_final_state_nobody_reported(topics: Settin
         await ctx.deployer.cleanup(ctx.batches)
 
 
+async def forced_run(ctx: Ctx, batch_id: str, state: State[Any]) -> str:
+    """The batch's flow run, once the running loop made it (no worker polls this pool), forced
+    into `state` as if a worker or an engine had moved it there."""
+    await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+    flow_run_id: str = (await ctx.reaches(batch_id, "scheduled"))["flow_run_id"]
+    async with prefect(ctx.settings) as client:
+        await client.set_flow_run_state(flow_run_id, state, force=True)
+    return flow_run_id
+
+
 async def test_reconciler_crashes_a_run_whose_heartbeats_stopped(topics: Settings,
                                                                  redis: Redis) -> None:
     ctx = make_ctx(topics, redis, None)
     try:
         batch_id = await ctx.batch()
         async with ctx.loop(bridge=False):
-            await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
-            flow_run_id = (await ctx.reaches(batch_id, "scheduled"))["flow_run_id"]
             # Running as far as Prefect knows, but no engine process sends heartbeats.
-            async with prefect(ctx.settings) as client:
-                await client.set_flow_run_state(flow_run_id, Running(), force=True)
+            flow_run_id = await forced_run(ctx, batch_id, Running())
             step = Event(type="step.state", batch_id=batch_id, pipeline_id=ctx.pipeline_id,
                          step="transform", state="running")
             await send(ctx.settings, ctx.settings.topic_events, batch_id, step.encode())
@@ -226,11 +234,8 @@ async def test_reconciler_crashes_a_run_a_worker_claimed_and_never_started(
     try:
         batch_id = await ctx.batch()
         async with ctx.loop(bridge=False):
-            await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
-            flow_run_id = (await ctx.reaches(batch_id, "scheduled"))["flow_run_id"]
             # Claimed by a worker that then stopped: Prefect keeps it Pending for ever.
-            async with prefect(ctx.settings) as client:
-                await client.set_flow_run_state(flow_run_id, Pending(), force=True)
+            flow_run_id = await forced_run(ctx, batch_id, Pending())
             # Within its start window a claimed run is left alone, round after round.
             patient = Reconciler(ctx.settings, options(reconcile_interval_s=0.1,
                                                        pending_after_s=3600))

@@ -94,6 +94,14 @@ def first_report(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
     return dict(json.loads(proc.stdout.readline()))
 
 
+def trapping_command(socket_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """The command, once its child has its SIGTERM handler in place."""
+    proc = command(socket_path, "trap", cwd)
+    first_report(proc)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    return proc
+
+
 def test_the_child_runs_in_the_requesters_place(server: tuple[subprocess.Popen[bytes], Path],
                                                 tmp_path: Path) -> None:
     srv, path = server
@@ -126,9 +134,7 @@ def test_without_a_server_the_command_becomes_the_module_itself(tmp_path: Path) 
 def test_sigterm_to_the_command_reaches_the_child(server: tuple[subprocess.Popen[bytes], Path],
                                                   tmp_path: Path) -> None:
     _, path = server
-    trapping = command(path, "trap", tmp_path)
-    first_report(trapping)
-    assert trapping.stdout is not None and trapping.stdout.readline() == b"ready\n"
+    trapping = trapping_command(path, tmp_path)
     trapping.send_signal(signal.SIGTERM)
     out, _ = trapping.communicate(timeout=30)
     assert b"got SIGTERM" in out
@@ -174,9 +180,7 @@ def test_a_bad_request_is_refused_and_the_server_goes_on(
 def test_stopping_the_server_stops_its_children(server: tuple[subprocess.Popen[bytes], Path],
                                                 tmp_path: Path) -> None:
     srv, path = server
-    trapping = command(path, "trap", tmp_path)
-    first_report(trapping)
-    assert trapping.stdout is not None and trapping.stdout.readline() == b"ready\n"
+    trapping = trapping_command(path, tmp_path)
     srv.terminate()
     out, _ = trapping.communicate(timeout=30)
     assert b"got SIGTERM" in out and trapping.returncode == 7
