@@ -109,6 +109,11 @@ def wait_gone(pid: int) -> None:
         os.close(fd)
 
 
+def signal_quietly(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # ended already
+        os.kill(pid, sig)
+
+
 def end_like(code: int) -> NoReturn:
     """Exit as the child did: by its code, or by the signal that killed it."""
     sys.stdout.flush()
@@ -126,12 +131,8 @@ def main() -> NoReturn:
     pid = ask_for_child(sock, module, args) if sock is not None else None
     if sock is None or pid is None:
         exec_engine(module, args)
-    def pass_on(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):  # ended: its exit is on the way
-            os.kill(pid, signum)
-
-    for sig in PASSED_SIGNALS:
-        signal.signal(sig, pass_on)
+    for sig in PASSED_SIGNALS:  # a child ended meanwhile: its exit is on the way
+        signal.signal(sig, lambda signum, _frame: signal_quietly(pid, signum))
     try:
         line = read_line(sock)
     except OSError:

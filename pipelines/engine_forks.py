@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 from pipelines import fork_child
-from pipelines.engine_command import HEADER, MAGIC, SOCKET_ENV
-from pipelines.fork_child import FORWARDED, Job
+from pipelines.engine_command import HEADER, MAGIC, PASSED_SIGNALS, SOCKET_ENV, signal_quietly
+from pipelines.fork_child import Job
 from pipelines.fork_preload import PRELOAD, prepare
 
 log = logging.getLogger("dhub.engine_forks")
@@ -194,12 +194,12 @@ class ForkServer:
         go_r, go_w = os.pipe()
         # Blocked across the fork: a SIGTERM meant for the child that arrives before it
         # reset its handlers is delivered after, by the default action, not lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED, signal.SIGCHLD})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*PASSED_SIGNALS, signal.SIGCHLD})
         try:
             pid = os.fork()
         finally:
             if os.getpid() == self._server_pid:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {*FORWARDED, signal.SIGCHLD})
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {*PASSED_SIGNALS, signal.SIGCHLD})
         if pid == 0:
             os.close(go_w)
             self._leave_server(conn)
@@ -281,11 +281,6 @@ class ForkServer:
         while self._children:
             self._reap()
             time.sleep(0.01)
-
-
-def signal_quietly(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):  # ended already
-        os.kill(pid, sig)
 
 
 def main(argv: list[str] | None = None) -> None:

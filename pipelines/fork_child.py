@@ -21,7 +21,8 @@ import time
 import warnings
 from dataclasses import dataclass
 
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+from pipelines.engine_command import PASSED_SIGNALS
+
 # What a fork server passes on to a child it cannot change once its interpreter runs.
 FIXED_AT_START = ("PYTHON", "LANG", "LC_", "TZ", "SSLKEYLOGFILE", "OPENSSL_")
 
@@ -62,7 +63,7 @@ def enter(fds: list[int]) -> None:
         os.dup2(fd, target)
         if fd != target:
             os.close(fd)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*FORWARDED, signal.SIGCHLD})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {*PASSED_SIGNALS, signal.SIGCHLD})
 
 
 def reread_prefect_settings(server_env: dict[str, str]) -> None:

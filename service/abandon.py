@@ -76,7 +76,8 @@ class Abandoner:
         self._wake = asyncio.Event()
         self.unsent = UnsentRuns(redis, scripts, sender, lease_s=lease_s, wake=self._wake.set,
                                  abandon=lambda p, b, v, why: self.abandon(p, b, v, why,
-                                                                           released=False))
+                                                                           released=False),
+                                 queue_delete=lambda p, b, v: self.queue_delete(p, b, v, False))
 
     def sent(self, pipeline_id: str, batch_id: str) -> None:
         self.unsent.sent(pipeline_id, batch_id)
@@ -109,8 +110,7 @@ class Abandoner:
                        released: bool) -> None:
         # The outbox entry first: should the process die between the two, a delete of a
         # batch that was never hidden is harmless, a hidden batch nobody deletes is not.
-        member = orjson.dumps([pipeline_id, batch_id, version, released]).decode()
-        await self._redis.zadd(keys.ABANDONED, {member: time.time()})
+        await self.queue_delete(pipeline_id, batch_id, version, released)
         await self._scripts.abandon_batch(
             keys=[keys.batch(pipeline_id, batch_id), keys.batch_index(pipeline_id),
                   keys.batch_seen(pipeline_id, batch_id), *keys.batch_filter_indexes(pipeline_id)],
@@ -120,6 +120,13 @@ class Abandoner:
         await self._redis.zrem(keys.unsent_runs(pipeline_id), batch_id)
         log.warning("batch %s/%s abandoned: %s", pipeline_id, batch_id, reason)
         self._wake.set()
+
+    async def queue_delete(self, pipeline_id: str, batch_id: str, version: str,
+                           released: bool) -> None:
+        """Enters the batch's delete command in the outbox (`keys.ABANDONED`), which this loop
+        sends once Kafka takes it (`drain_once`)."""
+        member = orjson.dumps([pipeline_id, batch_id, version, released]).decode()
+        await self._redis.zadd(keys.ABANDONED, {member: time.time()})
 
     async def resend_stop(self, pipeline_id: str, batch_id: str, version: str) -> None:
         """Records a stop Kafka did not confirm, to be sent again until it does: the first

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-import orjson
 from redis.asyncio import Redis
 
 from core import keys, layout
@@ -38,16 +36,19 @@ REMOVE_CHUNK = 1000  # acked entries per ZREM
 
 # (pipeline, batch, version, reason): ends a batch no run command can be made of.
 Abandon = Callable[[str, str, str, str], Awaitable[None]]
+# (pipeline, batch, version): enters its delete command in the Abandoner's outbox.
+QueueDelete = Callable[[str, str, str], Awaitable[None]]
 
 
 class UnsentRuns:
     def __init__(self, redis: Redis, scripts: ApiScripts, sender: CommandSender, *,
-                 abandon: Abandon, wake: Callable[[], None],
+                 abandon: Abandon, queue_delete: QueueDelete, wake: Callable[[], None],
                  lease_s: float = UNSENT_LEASE_S) -> None:
         self._redis = redis
         self._scripts = scripts
         self._sender = sender
         self._abandon = abandon
+        self._queue_delete = queue_delete
         self._wake = wake  # the loop's: removes acked entries early when many wait
         self.lease_s = lease_s
         # Run commands Kafka took, their unsent-runs entries still to remove: pipeline -> ids.
@@ -129,7 +130,6 @@ class UnsentRuns:
             # Deleted while this was sent: its delete may be on the topic before this run.
             # The consumer skips the run either way, but a rebuild of Redis takes the last
             # creation after the last delete for a live batch: a delete goes behind it.
-            member = orjson.dumps([pipeline_id, batch_id, version, False]).decode()
-            await self._redis.zadd(keys.ABANDONED, {member: time.time()})
+            await self._queue_delete(pipeline_id, batch_id, version)
         await self._redis.zrem(unsent, batch_id)
         return 1

@@ -86,8 +86,9 @@ def engine_forks_ready(c: StackConfig) -> bool:
     return True
 
 
-# The worker and the fork server must agree on Prefect's settings: a flow run whose PREFECT_*
-# environment differs from the server's reads them again (~0.2 s of its start).
+# The worker and the fork server share one environment: a fork whose logging settings differ
+# from the server's sets logging up again (~0.15 s of its start), and a run whose PYTHON*,
+# LANG/LC_* or TZ differ is not forked at all (pipelines/fork_child.py).
 WORKER_ENV = {"PREFECT_WORKER_PREFETCH_SECONDS": "5"}
 WORKER_ENV_DEFAULTS = {
     # Flow runs' logs go to the worker's log file rather than into Prefect's database,
