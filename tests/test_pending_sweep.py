@@ -29,7 +29,7 @@ from service.appkeys import ABANDONER, COMMANDS
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 from tests.test_consumers_support import Deployer, options, running, unique
-from tests.test_post_killed import Dies, batch_ids
+from tests.test_post_killed import Dies, batch_ids, registered_api
 
 Client = TestClient[Any, Any]
 LEASE_MS = 300
@@ -37,9 +37,7 @@ LEASE_MS = 300
 
 @pytest.fixture
 async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
-    async with api_client(api_settings(topics)) as client:  # (redis: a flushed DB)
-        response = await client.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
-        assert response.status == 201
+    async with registered_api(topics) as client:  # (redis: a flushed DB)
         abandoner = client.app[ABANDONER]
         abandoner._idle_s = 0.1  # rounds often, so a test need not wait 5 s for one
         abandoner._wake.set()

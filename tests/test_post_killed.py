@@ -12,6 +12,7 @@ test_run_creates_one_flow_run_even_when_delivered_twice)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -32,11 +33,18 @@ KEY = {**AUTH, "Idempotency-Key": "killed-1"}
 LEASE_MS = 300
 
 
-@pytest.fixture
-async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
-    async with api_client(api_settings(topics)) as client:  # (redis: a flushed DB)
+@contextlib.asynccontextmanager
+async def registered_api(topics: Settings) -> AsyncIterator[Client]:
+    """An in-process API on `topics` with pipeline `p` registered."""
+    async with api_client(api_settings(topics)) as client:
         response = await client.put("/api/v1/pipelines/p", json=spec_body(), headers=AUTH)
         assert response.status == 201
+        yield client
+
+
+@pytest.fixture
+async def api(topics: Settings, redis: Redis) -> AsyncIterator[Client]:
+    async with registered_api(topics) as client:  # (redis: a flushed DB)
         # A short lease, so the retry need not wait a minute for the dead attempt's.
         client.app[IDEMPOTENCY]._pending_ttl_ms = LEASE_MS
         yield client
