@@ -105,7 +105,7 @@ class EventsConsumer(Part):
                     timeout_ms=self.options.poll_timeout_ms,
                     max_records=self.options.events_max_records)
                 if batch:
-                    prepared = self._prepare(batch)
+                    prepared = await self._prepare(batch)
                     await stages.take_applied()
                     if stages.flushing is not None and len(stages.due.reached) >= FLUSH_BATCHES:
                         # Back-pressure: a flush that lags (Kafka slow to acknowledge) holds
@@ -143,11 +143,11 @@ class EventsConsumer(Part):
     async def process(self, batch: dict[TopicPartition, list[Record]]) -> None:
         """Applies one `getmany` result and commits it. Raises `Stopping` (shutdown while a
         dependency is down) or `GaveUp`; either way nothing past the last commit is lost."""
-        await self._flush(await self._effect(self._prepare(batch)))
+        await self._flush(await self._effect(await self._prepare(batch)))
 
-    def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> Poll:
+    async def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> Poll:
         """Decodes a poll (`consumers.plumbing.polls.decode`) under the current assignment."""
-        return decode(batch, self.stages.epoch)
+        return await decode(batch, self.stages.epoch)
 
     async def _effect(self, poll: Poll) -> Covered:
         """Applies a poll's events and dead-letters its malformed records. Returns what a

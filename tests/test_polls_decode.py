@@ -1,0 +1,66 @@
+"""The events consumer's decode of a poll (`consumers.plumbing.polls.decode`): what it makes
+of the records, and that a big poll does not hold the event loop from start to end."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiokafka import TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from consumers.plumbing.polls import DECODE_SLICE, decode
+from core.codec import Event
+
+
+def _record(offset: int, key: bytes, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("events", 0, offset, 0, 0, key, value, None, len(key), len(value), ())
+
+
+def _poll(n: int) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    records = []
+    for i in range(n):
+        event = Event("step.offsets", f"batch-{i % 7}", "pipe", step="load",
+                      offsets={"p0": i})
+        records.append(_record(i, event.batch_id.encode(), event.encode()))
+    return {TopicPartition("events", 0): records}
+
+
+async def test_a_poll_is_decoded_into_its_events_bad_records_repeats_and_rekeys() -> None:
+    poll = _poll(3)
+    records = poll[TopicPartition("events", 0)]
+    good = records[0]
+    records += [
+        _record(3, good.key, good.value),  # the same event again
+        _record(4, b"k", b"{not json"),
+        _record(5, b"batch-other", records[1].value),  # keyed other than by its batch
+    ]
+    decoded = await decode(poll, epoch=4)
+    assert [e.offsets for e in decoded.events] == [{"p0": 0}, {"p0": 1}, {"p0": 2}]
+    assert decoded.duplicates == 2  # the repeat, and the re-keyed record's bytes seen before
+    assert [r.offset for r, _ in decoded.bad] == [4]
+    assert decoded.rekey == []
+    assert decoded.epoch == 4
+
+
+async def test_a_record_keyed_other_than_its_batch_is_set_aside_for_rekeying() -> None:
+    event = Event("step.offsets", "batch-1", "pipe", step="load", offsets={"p0": 1})
+    poll = {TopicPartition("events", 0): [_record(0, b"batch-2", event.encode())]}
+    decoded = await decode(poll, epoch=0)
+    assert decoded.events == []
+    assert [(key, r.offset) for key, r in decoded.rekey] == [(b"batch-1", 0)]
+
+
+async def test_a_big_poll_lets_other_tasks_run_while_it_is_decoded() -> None:
+    # The previous poll's scripts must reach Redis and the next fetch be read meanwhile: a
+    # decode that never yields kept them waiting for the whole poll (~100 ms here).
+    order: list[str] = []
+
+    async def other() -> None:
+        order.append("other task")
+
+    task = asyncio.create_task(other())
+    decoded = await decode(_poll(3 * DECODE_SLICE), epoch=0)
+    order.append("decoded")
+    await task
+    assert len(decoded.events) == 3 * DECODE_SLICE
+    assert order == ["other task", "decoded"]
