@@ -83,10 +83,13 @@ end
 -- what changed is written at the end in one HSET (and the ids to remember in the zset).
 -- Reads before writes: an error (a batch's bad data) leaves that batch untouched.
 local function apply(hash, seen, events)
-  local flat = redis.call('HGETALL', hash)
-  if #flat == 0 then return -1 end
-  local h = {}
-  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  -- In RESP3 the hash comes as a map, which Redis turns into a Lua table in C: building it
+  -- from RESP2's flat array in Lua cost a third of a batch's apply (measured on Redis 7.0).
+  -- Only this call: every other reply keeps the RESP2 form the rules below read.
+  redis.setresp(3)
+  local h = redis.call('HGETALL', hash).map
+  redis.setresp(2)
+  if next(h) == nil then return -1 end
   if h.deleted then return -1 end
   -- A packed finished batch (core.packing): its caller unpacks it and applies again.
   if h.packed then return -2 end
@@ -237,14 +240,10 @@ local function apply(hash, seen, events)
     if outcome_index[h.outcome] then redis.call('ZADD', outcome_index[h.outcome], seq, id) end
   end
   if changed > 0 and channel ~= '' then
-    -- The hash after the change rides along (keys.CHANGES_CHANNEL): under steady traffic a
-    -- cache then keeps serving the batch instead of every change costing it a read.
-    local out = {}
-    for field, value in pairs(h) do
-      out[#out + 1] = field
-      out[#out + 1] = value
-    end
-    redis.call('PUBLISH', channel, hash .. '\\n' .. cjson.encode(out))
+    -- The hash after the change rides along (keys.CHANGES_CHANNEL), as a JSON object:
+    -- under steady traffic a cache then keeps serving the batch instead of every change
+    -- costing it a read.
+    redis.call('PUBLISH', channel, hash .. '\\n' .. cjson.encode(h))
   end
   return changed
 end

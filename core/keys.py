@@ -16,8 +16,9 @@ PREFIX = "dhub"
 PIPELINES = f"{PREFIX}:pipelines"
 # Pub/sub channel carrying the key of every batch hash that changed (cache invalidation). A
 # message is the key alone, or the key, a newline and the hash as it is after the change (a
-# JSON array field, value, field, value, ...: `core.layout.published_fields`), which lets a
-# cache that holds the batch take the new value without reading Redis.
+# JSON object; consumers before 2026-12-04 sent an array field, value, field, value, ...:
+# `core.layout.published_fields` reads both), which lets a cache that holds the batch take
+# the new value without reading Redis.
 CHANGES_CHANNEL = f"{PREFIX}:changes"
 # Set with a TTL by a running consumer process; its presence means "consumers alive".
 HEARTBEAT_CONSUMERS = f"{PREFIX}:heartbeat:consumers"

@@ -145,9 +145,12 @@ def running_steps(fields: Mapping[str, str]) -> set[str]:
 
 
 def published_fields(payload: str) -> dict[str, str]:
-    """The hash carried by a change message after its key (`keys.CHANGES_CHANNEL`)."""
-    flat = orjson.loads(payload)
-    return dict(zip(flat[::2], flat[1::2], strict=True))
+    """The hash carried by a change message after its key (`keys.CHANGES_CHANNEL`): an
+    object, or the flat array an older consumer publishes during a rolling upgrade."""
+    hash_: dict[str, str] | list[str] = orjson.loads(payload)
+    if isinstance(hash_, dict):
+        return hash_
+    return dict(zip(hash_[::2], hash_[1::2], strict=True))
 
 
 @lru_cache(maxsize=4096)

@@ -204,17 +204,19 @@ def etag_of(body: bytes) -> str:
 
 
 def published_rev(published: str) -> int:
-    """The `rev` of a published hash (a JSON array: field, value, ...), 0 if it has none;
-    found without parsing the array (the feed carries one per change of any batch). A
-    `"rev","<digits>"` pair can only be that field and its value: a quote inside a value is
-    escaped, and no field name is all digits."""
-    start = 0
-    while (at := published.find('"rev","', start)) > 0:
-        start = at + 7
-        end = published.find('"', start)
-        digits = published[start:end]
-        if published[at - 1] in "[," and digits.isascii() and digits.isdigit():
-            return int(digits)
+    """The `rev` of a published hash (`core.layout.published_fields`: a JSON object, or an
+    older consumer's array field, value, ...), 0 if it has none; found without parsing the
+    JSON (the feed carries one per change of any batch). A `"rev":"<digits>"` (or
+    `"rev","<digits>"`) after `{`, `[` or `,` can only be that field and its value: a quote
+    inside a value is escaped, and no field name is all digits."""
+    for pattern in ('"rev":"', '"rev","'):
+        start = 0
+        while (at := published.find(pattern, start)) > 0:
+            start = at + 7
+            end = published.find('"', start)
+            digits = published[start:end]
+            if published[at - 1] in "{[," and digits.isascii() and digits.isdigit():
+                return int(digits)
     return 0
 
 

@@ -3,14 +3,14 @@ batch keeps being served from the cache while events change it, and never a stal
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from core.codec import Event
-from core.layout import render
+from core.layout import published_fields, render
 from core.settings import Settings
 from service.cache import BatchCache, published_rev
 from tests.cache_support import PIPELINE, cache_of, cached_api, direct_store, engines, get, new_batches
@@ -110,10 +110,20 @@ def test_a_fill_that_saw_the_change_a_message_brought_meanwhile_is_kept() -> Non
     assert cache.get("k") is None
 
 
-def test_the_rev_of_a_published_hash_is_its_field_whatever_the_values_hold() -> None:
-    tricky = {**FIELDS, "reason": 'rev","9"', "name": "rev", "rev": "12", "flow_run_id": "rev"}
-    assert published_rev(_published(tricky)) == 12
-    assert published_rev(_published({k: v for k, v in FIELDS.items() if k != "rev"})) == 0
+def _published_object(fields: dict[str, str]) -> str:
+    return orjson.dumps(fields).decode()
+
+
+@pytest.mark.parametrize("form", [_published, _published_object], ids=["array", "object"])
+def test_the_rev_of_a_published_hash_is_its_field_whatever_the_values_hold(
+        form: Callable[[dict[str, str]], str]) -> None:
+    tricky = {**FIELDS, "reason": 'rev","9"', "name": "rev", "rev": "12", "flow_run_id": "rev",
+              "x": 'rev":"7', "y": '{"rev":"8"}'}
+    assert published_rev(form(tricky)) == 12
+    assert published_rev(form({k: v for k, v in FIELDS.items() if k != "rev"})) == 0
+    # Both forms of the feed are read alike: a consumer publishing the older array form can
+    # run beside an API reading the object form during a rolling upgrade.
+    assert published_fields(form(tricky)) == tricky
 
 
 async def test_a_watched_batch_stays_a_hit_while_events_change_it(

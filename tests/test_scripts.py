@@ -292,6 +292,11 @@ async def test_a_change_bumps_rev_and_publishes_the_key_and_new_hash(store: Batc
         # (Internal fields such as seen_n move without a message; the batch itself does not.)
         stored = cast(dict[str, str], await redis.hgetall(mine))
         assert render(published_fields(published)) == render(stored)
+        # As a JSON object of the hash's fields (read by the script as a RESP3 map).
+        published_hash = orjson.loads(published)
+        assert isinstance(published_hash, dict)
+        assert published_hash.pop("seen_n") == "1"  # the second event's id came after it
+        assert published_hash == {k: v for k, v in stored.items() if k != "seen_n"}
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
     assert await redis.hget(keys.batch(P, b), "rev") == "2"
