@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -78,6 +79,7 @@ def _load_process(settings: Settings, targets: list[tuple[str, str]], rate: int,
         started.set()
         per_tick = max(1, rate // 100)
         n, start = 0, time.perf_counter()
+        in_flight: collections.deque[asyncio.Future[Any]] = collections.deque()
         try:
             while time.perf_counter() - start < seconds:
                 batches: dict[int, Any] = {}
@@ -98,13 +100,19 @@ def _load_process(settings: Settings, targets: list[tuple[str, str]], rate: int,
                         builder = batches[where[i]] = producer.create_batch()
                         builder.append(key=key, value=value, timestamp=None)
                     n += 1
-                await asyncio.gather(*[
-                    await producer.send_batch(builder, topic, partition=partition)
-                    for partition, builder in [*full, *batches.items()]])
+                for partition, builder in [*full, *batches.items()]:
+                    in_flight.append(await producer.send_batch(builder, topic,
+                                                               partition=partition))
+                # Acknowledgements are awaited in the background (a failed send still ends
+                # the run): waiting for each tick's held every tick to the broker's round
+                # trip, and the rate with it. A tenth of a second of ticks may wait at once.
+                while in_flight and (in_flight[0].done() or len(in_flight) > 10 * len(partitions)):
+                    await in_flight.popleft()
                 # Pace to the rate: sleep until this tick's share of time is used up.
                 ahead = n / rate - (time.perf_counter() - start)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
+            await asyncio.gather(*in_flight)
         finally:
             await producer.stop()
         sent.value = n / (time.perf_counter() - start)
