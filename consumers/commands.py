@@ -91,7 +91,7 @@ class CommandsConsumer(Part):
                                self.stopping, data_root=s.data_root, snapshots=self.snapshots)
         self.effects = CommandEffects(self.store, self.registry, self.creations, self.active,
                                       self.deployments, prefect, self.emitter, self.snapshots,
-                                      self.cleanup)
+                                      self.cleanup, work_pool=s.work_pool)
         self._consumer = await open_consumer(
             s, self.name, s.topic_commands, s.group_commands, listener=self.lanes,
             max_poll_records=self.options.commands_max_records,

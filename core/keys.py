@@ -20,6 +20,10 @@ PIPELINES = f"{PREFIX}:pipelines"
 # `core.layout.published_fields` reads both), which lets a cache that holds the batch take
 # the new value without reading Redis.
 CHANGES_CHANNEL = f"{PREFIX}:changes"
+# Pub/sub channel: the commands consumer has just created a flow run in the work pool the
+# message names. A worker following it (pipelines/worker_nudges.py) looks for scheduled runs
+# at once instead of at its next poll; a message lost is a poll's wait, nothing more.
+WORKER_NUDGES_CHANNEL = f"{PREFIX}:worker-nudges"
 # Set with a TTL by a running consumer process; its presence means "consumers alive".
 HEARTBEAT_CONSUMERS = f"{PREFIX}:heartbeat:consumers"
 # Written (with a short TTL) by the API's readiness probe: a Redis that answers PING but

@@ -87,6 +87,27 @@ async def test_run_creates_one_flow_run_even_when_delivered_twice(ctx: Ctx) -> N
     assert all(r.key == batch_id.encode() for r in records)
 
 
+async def test_a_run_created_is_announced_to_its_work_pools_worker(ctx: Ctx,
+                                                                    redis: Redis) -> None:
+    # The stack's worker polls Prefect only every few seconds; the nudge is what starts a run
+    # at once (pipelines/worker_nudges.py).
+    batch_id = await ctx.batch()
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.WORKER_NUDGES_CHANNEL)
+        async with running(ctx.consumer()):
+            await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+            await ctx.processed(1)
+        nudges: list[str] = []
+
+        async def nudged() -> bool:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
+            if message is not None:
+                nudges.append(message["data"])
+            return ctx.settings.work_pool in nudges
+        await eventually(nudged, timeout=10)
+    assert (await ctx.fields(batch_id))["state"] == "scheduled"
+
+
 async def test_stop_before_running_cancels_and_a_later_run_does_nothing(ctx: Ctx) -> None:
     batch_id = await ctx.batch()
     async with running(ctx.consumer()):

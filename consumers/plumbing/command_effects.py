@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import time
 
+from redis.exceptions import RedisError
+
 from consumers.plumbing.active import ActiveRuns
 from consumers.plumbing.cleanup import Cleanup
 from consumers.plumbing.creation import Creations
@@ -37,8 +39,10 @@ STOP_MESSAGE = "stopped through the batches API"
 class CommandEffects:
     def __init__(self, store: BatchStore, registry: PipelineRegistry, creations: Creations,
                  active: ActiveRuns, deployments: Deployments, prefect: PrefectGateway,
-                 emitter: Emitter, snapshots: SnapshotWriter, cleanup: Cleanup) -> None:
+                 emitter: Emitter, snapshots: SnapshotWriter, cleanup: Cleanup, *,
+                 work_pool: str | None = None) -> None:
         self.store = store
+        self.work_pool = work_pool  # whose worker is told of each run created (None: none)
         self.registry = registry
         self.creations = creations
         self.active = active
@@ -93,6 +97,7 @@ class CommandEffects:
         if spec is None:
             raise Permanent(f"unknown pipeline version {command.pipeline_id!r} {version!r}")
         run = await self._create_run(command, spec.version, spec, fields.get("created_at", ""))
+        await self._nudge_worker()
         await self.active.add(command.pipeline_id, command.batch_id)
         await self.emitter.emit([Event(
             type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
@@ -104,6 +109,18 @@ class CommandEffects:
             # existed): the clean-up removes it, so no flow run outlives its batch.
             log.info("run %s: batch deleted meanwhile, flow run cleaned up", command.batch_id)
             await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
+
+    async def _nudge_worker(self) -> None:
+        """Tells the work pool's worker a run is waiting (`keys.WORKER_NUDGES_CHANNEL`), so it
+        starts it now, not up to a poll interval later. Best effort: a nudge lost (Redis
+        unavailable this instant) leaves the run to the worker's next poll, and must not
+        fail the command whose run exists."""
+        if self.work_pool is None:
+            return
+        try:
+            await self.store.redis.publish(keys.WORKER_NUDGES_CHANNEL, self.work_pool)
+        except RedisError as exc:
+            log.info("worker nudge not sent (%s): the run waits for the worker's poll", exc)
 
     async def _restored(self, command: Run) -> dict[str, str] | None:
         """The batch of an API's run command that Redis lost (an AOF that lost its last
