@@ -2,8 +2,11 @@
 Prefect's client, timed create -> Running.
 
 The two alternate, one run at a time (each waited to its end), so both meet the same worker,
-server and machine. For dhub's runs Prefect's own Running timestamp is read too, which splits
-dhub's time into "before Prefect had the run" and "after".
+server and machine. The floor's runs are announced to the worker as the commands consumer
+announces dhub's (`keys.WORKER_NUDGES_CHANNEL`): the stack's worker learns of a run that
+way, and polls Prefect only as a safety net (every PREFECT_WORKER_QUERY_SECONDS). For
+dhub's runs Prefect's own Running timestamp is read too, which splits dhub's time into
+"before Prefect had the run" and "after".
 """
 
 from __future__ import annotations
@@ -18,7 +21,10 @@ from typing import Any
 import aiohttp
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import StateType
+from redis.asyncio import Redis
 
+from core import keys
+from core.connections import open_redis
 from core.models import deployment_name
 from core.settings import Settings
 
@@ -77,14 +83,16 @@ async def dhub_run(api: str, session: aiohttp.ClientSession, client: PrefectClie
             out.dhub_prefect_running.append((running - posted_at).total_seconds())
 
 
-async def floor_run(client: PrefectClient, deployment_id: uuid.UUID, version: str,
-                    out: Starts) -> None:
-    """A flow run of the same deployment created straight through Prefect. Its batch id is
-    one no batch has, so the events it publishes are dropped and nothing in dhub changes."""
+async def floor_run(client: PrefectClient, redis: Redis, pool: str, deployment_id: uuid.UUID,
+                    version: str, out: Starts) -> None:
+    """A flow run of the same deployment created straight through Prefect, and the worker
+    told of it. Its batch id is one no batch has, so the events it publishes are dropped and
+    nothing in dhub changes."""
     t0 = time.perf_counter()
     run = await client.create_flow_run_from_deployment(
         deployment_id, parameters={"batch_id": f"floor-{uuid.uuid4().hex}",
                                    "pipeline_id": PIPELINE, "pipeline_version": version})
+    await redis.publish(keys.WORKER_NUDGES_CHANNEL, pool)
     running = None
     while time.perf_counter() < t0 + DEADLINE_S:
         state = (await client.read_flow_run(run.id)).state
@@ -106,11 +114,16 @@ async def start_latency(api: str, session: aiohttp.ClientSession, settings: Sett
     async with session.put(f"{api}/api/v1/pipelines/{PIPELINE}", json=spec) as response:
         response.raise_for_status()
     out = Starts()
-    async with PrefectClient(settings.prefect_api_url) as client:
-        # The first dhub run deploys the pipeline (its deploy command) and warms the worker.
-        await dhub_run(api, session, client, Starts())
-        deployment = await client.read_deployment_by_name(deployment_name(PIPELINE))
-        for _ in range(batches):
-            await dhub_run(api, session, client, out)
-            await floor_run(client, deployment.id, spec["version"], out)  # type: ignore[arg-type]
+    redis = await open_redis(settings)
+    try:
+        async with PrefectClient(settings.prefect_api_url) as client:
+            # The first dhub run deploys the pipeline (its deploy command), warms the worker.
+            await dhub_run(api, session, client, Starts())
+            deployment = await client.read_deployment_by_name(deployment_name(PIPELINE))
+            for _ in range(batches):
+                await dhub_run(api, session, client, out)
+                await floor_run(client, redis, settings.work_pool, deployment.id,
+                                spec["version"], out)  # type: ignore[arg-type]
+    finally:
+        await redis.aclose()
     return out

@@ -94,12 +94,12 @@ WORKER_ENV_DEFAULTS = {
     # Flow runs' logs go to the worker's log file rather than into Prefect's database,
     # where their writes stalled the next run's start by ~2 s (measured).
     "PREFECT_LOGGING_TO_API_ENABLED": "false",
-    # How often the worker asks for scheduled runs: a run waits half of it on average
-    # before it is picked up. 0.2 s instead of 0.5 s: POST -> running p50 1.86 -> 1.71 s,
-    # p95 2.17 -> 1.83 s (benchmarks.e2e --parts start --batches 40, one run each), for
-    # +5% of a core on the idle Prefect server (7.7% -> 12.9%). Set it in the
-    # environment to trade back.
-    "PREFECT_WORKER_QUERY_SECONDS": "0.2",
+    # How often the worker asks for scheduled runs. The commands consumer tells the worker
+    # of each run it creates (pipelines/worker_nudges.py), so this poll is only the safety
+    # net for a nudge lost (Redis down that instant) or a run created outside dhub. Each poll
+    # costs the Prefect server: at 0.2 s (the default before nudges) the idle server took
+    # 15% of a core here, at 5 s 5%.
+    "PREFECT_WORKER_QUERY_SECONDS": "2",
 }
 WORKER = Part(
     "worker", wave=2, command=worker_command, ready=worker_ready, timeout_s=60,
