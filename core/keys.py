@@ -18,7 +18,8 @@ PIPELINES = f"{PREFIX}:pipelines"
 # message is the key alone, or the key, a newline and the hash as it is after the change (a
 # JSON object; consumers before 2026-12-04 sent an array field, value, field, value, ...:
 # `core.layout.published_fields` reads both), which lets a cache that holds the batch take
-# the new value without reading Redis.
+# the new value without reading Redis. An API from before reads only the array: upgrade the
+# APIs before the consumers (the other order logs an error per change until it is done).
 CHANGES_CHANNEL = f"{PREFIX}:changes"
 # Pub/sub channel: the commands consumer has just created a flow run in the work pool the
 # message names. A worker following it (pipelines/worker_nudges.py) looks for scheduled runs

@@ -9,7 +9,9 @@ outage or a run created elsewhere leaves. A poll running beside the loop's is sa
 submits a run only once (it checks and marks the run's id with no await in between), and
 Prefect lets a Scheduled run become Pending only once.
 
-Nudges that arrive while a poll runs are folded into one more poll after it.
+Nudges that arrive while a poll runs are folded into one more poll after it, and polls for
+nudges start at least MIN_GAP_S apart. The subscription is PINGed, so a connection gone
+silently is noticed and made again.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -26,6 +29,15 @@ from core import keys
 
 log = logging.getLogger(__name__)
 RECONNECT_MAX_S = 30.0
+# The subscription is PINGed this often, and a connection that has answered nothing for
+# PING_S * 3 is dropped and made again: a peer gone silently would otherwise leave the worker
+# on its slow poll, unknown to anyone.
+PING_S = 5.0
+# Polls for nudges start at least this far apart: a burst of runs created is a burst of
+# nudges, and each poll costs the Prefect server a query and two updates.
+MIN_GAP_S = 0.1
+# How long a stopping worker waits for the follower to end.
+STOP_WAIT_S = 5.0
 
 
 class Polls(Protocol):
@@ -37,22 +49,36 @@ class Nudges:
         self.worker = worker
         self.pool = pool
         self.polls = 0  # polls run for nudges, for tests and logs
+        self.stopped = False  # set once the worker stops: later nudges poll nothing
         self._polling: asyncio.Task[None] | None = None
         self._again = False
+        self._last_start = float("-inf")  # when the last poll for a nudge started
 
     async def follow(self, redis_url: str) -> None:
         """Runs until cancelled. Redis unavailable is waited out (with backoff, logged
         once): the worker's own polls go on meanwhile."""
         wait = 0.5
         while True:
-            redis = Redis.from_url(redis_url, decode_responses=True)
+            redis = Redis.from_url(redis_url, decode_responses=True,
+                                   client_name=f"dhub-worker-nudges:{self.pool}")
             try:
                 async with redis.pubsub() as pubsub:
                     await pubsub.subscribe(keys.WORKER_NUDGES_CHANNEL)
-                    wait = 0.5
-                    async for message in pubsub.listen():
-                        if message["type"] == "message" and message["data"] == self.pool:
-                            self.nudge()
+                    heard = pinged = time.monotonic()
+                    while True:
+                        message = await pubsub.get_message(timeout=PING_S)
+                        now = time.monotonic()
+                        if message is not None:
+                            heard = now
+                            if message["type"] == "subscribe":
+                                wait = 0.5  # subscribed: a later failure is a new one
+                            elif message["type"] == "message" and message["data"] == self.pool:
+                                self.nudge()
+                        if now - heard > 3 * PING_S:
+                            raise ConnectionError(f"no answer from Redis in {now - heard:.0f} s")
+                        if now - pinged >= PING_S:
+                            await pubsub.ping()
+                            pinged = now
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -66,6 +92,8 @@ class Nudges:
                 await self._settle()
 
     def nudge(self) -> None:
+        if self.stopped:
+            return
         if self._polling is not None and not self._polling.done():
             self._again = True
             return
@@ -73,7 +101,12 @@ class Nudges:
 
     async def _poll(self) -> None:
         while True:
+            # Nudges meanwhile fold into this poll (the task is not done).
+            await asyncio.sleep(max(0.0, self._last_start + MIN_GAP_S - time.monotonic()))
+            if self.stopped:
+                return
             self._again = False
+            self._last_start = time.monotonic()
             self.polls += 1
             try:
                 await self.worker.get_and_submit_flow_runs()
@@ -98,12 +131,16 @@ def follow_nudges_in(worker_class: type[Any], redis_url: str, pool: str) -> None
     async def start_following(self: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "_work_pool_name", None) != pool:
             return await start(self, *args, **kwargs)
-        following = asyncio.create_task(Nudges(self, pool).follow(redis_url))
+        nudges = Nudges(self, pool)
+        following = asyncio.create_task(nudges.follow(redis_url))
         try:
             return await start(self, *args, **kwargs)
         finally:
+            nudges.stopped = True
             following.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await following
+            # Bounded: a cancellation swallowed inside redis-py's connection code (seen with
+            # asyncio.wait_for on Python 3.11) must not hold the worker's exit.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(following, STOP_WAIT_S)
 
     worker_class.start = start_following

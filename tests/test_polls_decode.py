@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -16,13 +17,15 @@ def _record(offset: int, key: bytes, value: bytes) -> ConsumerRecord[bytes, byte
     return ConsumerRecord("events", 0, offset, 0, 0, key, value, None, len(key), len(value), ())
 
 
-def _poll(n: int) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
-    records = []
+def _poll(n: int, partitions: int = 1
+          ) -> dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]:
+    poll: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]] = {}
     for i in range(n):
         event = Event("step.offsets", f"batch-{i % 7}", "pipe", step="load",
                       offsets={"p0": i})
-        records.append(_record(i, event.batch_id.encode(), event.encode()))
-    return {TopicPartition("events", 0): records}
+        tp = TopicPartition("events", i % partitions)
+        poll.setdefault(tp, []).append(_record(i, event.batch_id.encode(), event.encode()))
+    return poll
 
 
 async def test_a_poll_is_decoded_into_its_events_bad_records_repeats_and_rekeys() -> None:
@@ -50,7 +53,8 @@ async def test_a_record_keyed_other_than_its_batch_is_set_aside_for_rekeying() -
     assert [(key, r.offset) for key, r in decoded.rekey] == [(b"batch-1", 0)]
 
 
-async def test_a_big_poll_lets_other_tasks_run_while_it_is_decoded() -> None:
+@pytest.mark.parametrize("partitions", [1, 6], ids=["one partition", "six smaller than a slice"])
+async def test_a_big_poll_lets_other_tasks_run_while_it_is_decoded(partitions: int) -> None:
     # The previous poll's scripts must reach Redis and the next fetch be read meanwhile: a
     # decode that never yields kept them waiting for the whole poll (~100 ms here).
     order: list[str] = []
@@ -59,7 +63,7 @@ async def test_a_big_poll_lets_other_tasks_run_while_it_is_decoded() -> None:
         order.append("other task")
 
     task = asyncio.create_task(other())
-    decoded = await decode(_poll(3 * DECODE_SLICE), epoch=0)
+    decoded = await decode(_poll(3 * DECODE_SLICE, partitions), epoch=0)
     order.append("decoded")
     await task
     assert len(decoded.events) == 3 * DECODE_SLICE

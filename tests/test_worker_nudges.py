@@ -10,6 +10,7 @@ consumer's side is in test_consumers_commands.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +20,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.settings import Settings
-from pipelines.worker_nudges import Nudges, follow_nudges_in
+from pipelines.worker_nudges import MIN_GAP_S, Nudges, follow_nudges_in
 from tests.conftest import eventually
 
 
@@ -139,3 +140,37 @@ async def test_a_started_worker_of_the_pool_follows_the_nudges_while_it_runs(
 
 async def _subscribers_at_most(redis: Redis, count: int) -> bool:
     return await _subscribers(redis) <= count
+
+
+async def test_a_follower_whose_connection_is_killed_subscribes_again(
+        following: tuple[Nudges, str], redis: Redis) -> None:
+    nudges, pool = following
+    clients = await redis.client_list()
+    [mine] = [c["id"] for c in clients if c.get("name") == f"dhub-worker-nudges:{pool}"]
+    await redis.client_kill_filter(_id=mine)
+
+    async def nudged() -> bool:
+        await redis.publish(keys.WORKER_NUDGES_CHANNEL, pool)
+        return nudges.polls > 0
+    await eventually(nudged, timeout=15, interval=0.2)
+
+
+async def test_polls_for_a_stream_of_nudges_start_apart(following: tuple[Nudges, str]) -> None:
+    nudges, _ = following
+    worker: Worker = nudges.worker  # type: ignore[assignment]
+    starts: list[float] = []
+
+    async def poll() -> list[Any]:
+        starts.append(asyncio.get_running_loop().time())
+        return []
+
+    worker.get_and_submit_flow_runs = poll  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 0.5
+    while loop.time() < end:  # nudged far faster than polls may start
+        nudges.nudge()
+        await asyncio.sleep(0.005)
+    await eventually(lambda: nudges._polling is not None and nudges._polling.done())
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert len(starts) >= 3
+    assert min(gaps) >= MIN_GAP_S * 0.9  # the loop's clock granularity

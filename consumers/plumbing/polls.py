@@ -52,11 +52,17 @@ async def decode(batch: dict[TopicPartition, list[Record]], epoch: int) -> Poll:
     append = events.append
     seen: set[bytes] = set()
     duplicates = 0
+    since_yield = 0  # records decoded since the last yield, across partitions
     for records in batch.values():
-        for start in range(0, len(records), DECODE_SLICE):
-            if start:
+        start = 0
+        while start < len(records):
+            if since_yield >= DECODE_SLICE:
                 await asyncio.sleep(0)
-            for record in records[start : start + DECODE_SLICE]:
+                since_yield = 0
+            piece = records[start : start + DECODE_SLICE - since_yield]
+            start += len(piece)
+            since_yield += len(piece)
+            for record in piece:
                 value = record.value
                 if value in seen:
                     duplicates += 1

@@ -98,7 +98,7 @@ WORKER_ENV_DEFAULTS = {
     # of each run it creates (pipelines/worker_nudges.py), so this poll is only the safety
     # net for a nudge lost (Redis down that instant) or a run created outside dhub. Each poll
     # costs the Prefect server: at 0.2 s (the default before nudges) the idle server took
-    # 15% of a core here, at 5 s 5%.
+    # 15% of a core here, at 2 s 5%.
     "PREFECT_WORKER_QUERY_SECONDS": "2",
 }
 WORKER = Part(
