@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from redis.asyncio import Redis
 
+from benchmarks.harness import redis_cpu_seconds
 from consumers.events import EventsConsumer
 from core.codec import Event
 from core.connections import open_producer, open_redis
@@ -63,11 +63,6 @@ class Rates:
     # Redis's CPU per event over the same run (INFO cpu, all its clients: the machine's other
     # load too, so an upper bound): what the consumer asks of Redis, its scripts included.
     redis_cpu_us: float = 0.0
-
-
-async def _redis_cpu(redis: Redis) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def _settle_heap() -> None:
@@ -144,12 +139,12 @@ async def apply_rate(settings: Settings, total: int, redis_db: int) -> Rates:
                 task.result()
             if done and first is None:
                 first = (time.perf_counter(), done)
-                cpu0, redis_cpu0 = time.process_time(), await _redis_cpu(redis)
+                cpu0, redis_cpu0 = time.process_time(), await redis_cpu_seconds(redis)
             await asyncio.sleep(0.002)
         assert first is not None
         apply = (total - first[1]) / max(time.perf_counter() - first[0], 1e-6)
         apply_cpu = (time.process_time() - cpu0) * 1e6 / (total - first[1])
-        redis_cpu = (await _redis_cpu(redis) - redis_cpu0) * 1e6 / (total - first[1])
+        redis_cpu = (await redis_cpu_seconds(redis) - redis_cpu0) * 1e6 / (total - first[1])
         await consumer.stop()
         await task
     finally:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
-from benchmarks.harness import machine_anchors
+from benchmarks.harness import machine_anchors, redis_cpu_seconds
 from core import keys
 from core.codec import Event
 from core.models import PipelineSpec, StepSpec, new_batch_id
@@ -36,11 +36,6 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
-
-
-async def _cpu_s(redis: Redis) -> float:
-    info = await redis.info("cpu")
-    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 async def _batches(store: BatchStore, n: int, steps: list[str]) -> list[str]:
@@ -61,10 +56,10 @@ async def _batches(store: BatchStore, n: int, steps: list[str]) -> list[str]:
 async def _per_batch(redis: Redis, rounds: int, n: int,
                      call: Callable[[int], Awaitable[None]]) -> float:
     """µs of Redis CPU per batch over `rounds` calls of `call(round)`."""
-    before = await _cpu_s(redis)
+    before = await redis_cpu_seconds(redis)
     for r in range(rounds):
         await call(r)
-    return (await _cpu_s(redis) - before) * 1e6 / (rounds * n)
+    return (await redis_cpu_seconds(redis) - before) * 1e6 / (rounds * n)
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import httpx
 
-from benchmarks.harness import Load, machine_anchors, wrk
+from benchmarks.harness import Load, machine_anchors, redis_cpu_seconds, wrk
 from benchmarks.own_redis import own_redis
 from core import keys
 from core.codec import Event
@@ -100,12 +100,6 @@ async def _seed_direct(store: BatchStore, stopped: int) -> list[str]:
     return ids
 
 
-async def _usec(redis: Any) -> float:
-    """Redis's CPU so far, µs (a script's commands counted once, unlike commandstats)."""
-    cpu: dict[str, Any] = await redis.info("cpu")
-    return (float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])) * 1e6
-
-
 async def _direct(args: argparse.Namespace) -> None:
     async with own_redis(args.redis_port, prefix="dhub-bench-listing-") as url:
         redis = await open_redis(get_settings().model_copy(update={"redis_url": url}))
@@ -127,12 +121,12 @@ async def _direct(args: argparse.Namespace) -> None:
                 first = await store.page(PIPELINE, args.limit, None, where)
                 if first.token is None:
                     raise RuntimeError(f"{name}: no second page")
-                server = await _usec(redis)
+                server = await redis_cpu_seconds(redis) * 1e6
                 started = time.perf_counter()
                 for _ in range(args.pages):
                     page = await store.page(PIPELINE, args.limit, first.token, where)
                 took = time.perf_counter() - started
-                server = await _usec(redis) - server
+                server = await redis_cpu_seconds(redis) * 1e6 - server
                 rows.append((name, len(page.items), took / args.pages * 1e6,
                              server / args.pages))
         finally:
