@@ -48,7 +48,7 @@ class Nudges:
     def __init__(self, worker: Polls, pool: str) -> None:
         self.worker = worker
         self.pool = pool
-        self.polls = 0  # polls run for nudges, for tests and logs
+        self.polls = 0  # polls run for nudges (read by the tests)
         self.stopped = False  # set once the worker stops: later nudges poll nothing
         self._polling: asyncio.Task[None] | None = None
         self._again = False
