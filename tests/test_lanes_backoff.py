@@ -46,7 +46,8 @@ async def test_an_unexpected_failure_is_read_again_after_a_growing_pause(
 
     poller = asyncio.create_task(poll())
     try:
-        await eventually(lambda: lanes.handled == 1, timeout=20)
+        # handled counts the effect; the commit comes after it, within the lane's task
+        await eventually(lambda: lanes.handled == 1 and lanes.busy() == 0, timeout=20)
         committed = {tp.partition: await consumer.committed(tp)
                      for tp in consumer.assignment()}
     finally:
