@@ -1,4 +1,4 @@
-"""The application factory: one `cleanup_ctx` per client, typed app keys, middlewares."""
+"""The application factory: one `cleanup_ctx` per client, typed app keys, the routes behind the edge."""
 
 from __future__ import annotations
 
@@ -33,7 +33,6 @@ from service.appkeys import (
 from service.auth import Authenticator, authentication
 from service.cache import BatchCache
 from service.command_sender import CommandSender
-from service.errors import edge_middleware
 from service.idempotency import IdempotencyKeys
 from service.metrics import RequestStats, registry_for
 from service.routes import setup_routes
@@ -93,10 +92,7 @@ def init_app(settings: Settings | None = None) -> web.Application:
     settings = settings or get_settings()
     authenticator = Authenticator.from_settings(settings)
     requests = RequestStats()
-    app = web.Application(
-        middlewares=[edge_middleware(authentication(authenticator), requests.observe)],
-        client_max_size=settings.max_body_bytes,
-    )
+    app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[CACHE] = BatchCache(settings.cache_max_entries, silence_s=settings.cache_silence_s,
                             ttl_s=settings.cache_ttl_s)
@@ -109,5 +105,5 @@ def init_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(kafka_ctx)
     if settings.api_cache:
         app.cleanup_ctx.append(cache_ctx)
-    setup_routes(app)
+    setup_routes(app, authentication(authenticator), requests.observe)
     return app

@@ -1,4 +1,4 @@
-"""One JSON error shape for every failure, and the middleware that converts errors at the edge.
+"""One JSON error shape for every failure, and the edge that converts errors into it.
 
 `{"error": {"code": "...", "message": "...", "request_id": "..."}}` — no stack trace ever
 reaches a client; unexpected errors are logged with the request id and answered 500.
@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 from aiokafka.errors import KafkaError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -57,7 +57,7 @@ def code_for(status: int) -> str:
 
 
 class ApiError(Exception):
-    """A domain error with its HTTP status; raised anywhere, answered by the middleware."""
+    """A domain error with its HTTP status; raised anywhere, answered by the edge."""
 
     def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
         super().__init__(message)
@@ -93,19 +93,20 @@ def error_response(status: int, code: str, message: str, request_id: str,
     )
 
 
-# What the edge middleware reports for every request: route name, method, status, seconds.
+# What the edge reports for every request: route name, method, status, seconds.
 Observe = Callable[[str, str, int, float], None]
 
 
-def edge_middleware(authenticate: Callable[[web.Request], None],
-                    observe: Observe | None = None) -> Middleware:
-    """The API's one middleware: a request id (noted for the log lines: service.request_log),
-    then `authenticate` (service.auth), then the handler, with every error answered as JSON,
-    and each request reported to `observe` (service.metrics). One layer rather than one per
-    concern: aiohttp runs each middleware as its own coroutine on every request, and on a
-    cached GET that was a measurable share of the request's CPU."""
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], None],
+            observe: Observe | None = None) -> Handler:
+    """`handler` behind the API's edge: a request id (noted for the log lines:
+    service.request_log), then `authenticate` (service.auth), then the handler, with every
+    error answered as JSON, and each request reported to `observe` (service.metrics) under
+    `route`. A wrapper per route rather than an aiohttp middleware: the middleware chain
+    (a cached build, two partials, aiohttp's own current-app layer) cost a cached GET about
+    as much CPU as the edge's own work (BENCHMARKS.md); routing errors reach the edge
+    through service.routes' catch-all route."""
+    async def edge(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id")
         request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else new_request_id()
@@ -143,12 +144,12 @@ def edge_middleware(authenticate: Callable[[web.Request], None],
                 response = error_response(500, "internal",
                                           "unexpected error; quote the request id", request_id)
         if observe is not None:
-            route = request.match_info.route.name or "unmatched"
+            series = route
             if response.__class__ is web.StreamResponse:  # a push stream: its own series
-                route += ".stream"
+                series += ".stream"
             elif HELD in request:  # a long-poll that waited: so is it
-                route += ".held"
-            observe(route, request.method, response.status, time.perf_counter() - started)
+                series += ".held"
+            observe(series, request.method, response.status, time.perf_counter() - started)
         return response
 
-    return middleware
+    return edge

@@ -1,10 +1,13 @@
 """Every route of the API, one per line. `/{pipeline_id}` and `/{pipeline_id}/` differ on purpose:
 the first is the latest batch, the second (trailing slash) the paged list. The patterns do not
 overlap, so order only matters for speed: aiohttp tries them in turn, the hot GET comes first.
-The route names are the OpenAPI document's operation ids (service.openapi)."""
+The route names are the OpenAPI document's operation ids (service.openapi). Each handler is
+wrapped in the edge (request id, authentication, JSON errors, metrics) where it is registered;
+the app has no aiohttp middleware."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
@@ -24,6 +27,7 @@ from service import (
     ui,
     webhook,
 )
+from service.errors import Observe, at_edge
 
 ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
@@ -49,6 +53,8 @@ ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
     ("GET", "/ui/{name}", ui.page, "ui_file"),
     ("GET", "/ui", ui.page, "ui_bare"),
 )
+# The route of every request no route above matched, in /metrics too.
+UNMATCHED: Final = "unmatched"
 
 
 def operation_ids() -> dict[tuple[str, str], str]:
@@ -56,9 +62,30 @@ def operation_ids() -> dict[tuple[str, str], str]:
     return {(method.lower(), path): name for method, path, _, name in ROUTES}
 
 
-def setup_routes(app: web.Application) -> None:
+def setup_routes(app: web.Application, authenticate: Callable[[web.Request], None],
+                 observe: Observe | None = None) -> None:
+    """Every route behind the edge (service.errors.at_edge), then the catch-all that answers
+    what matched none of them."""
     for method, path, handler, name in ROUTES:
+        wrapped = at_edge(handler, name, authenticate, observe)
         if method == "GET":  # with HEAD, as aiohttp's add_get does
-            app.router.add_get(path, handler, name=name)
+            app.router.add_get(path, wrapped, name=name)
         else:
-            app.router.add_route(method, path, handler, name=name)
+            app.router.add_route(method, path, wrapped, name=name)
+    app.router.add_route("*", "/{unmatched:.*}",
+                         at_edge(unmatched, UNMATCHED, authenticate, observe), name=UNMATCHED)
+
+
+async def unmatched(request: web.Request) -> web.StreamResponse:
+    """A path no route has (404), or one that has routes for other methods only (405, with
+    their Allow): aiohttp's own answers, raised here so that the edge answers them as JSON.
+    The router tries this route last: its pattern is the shortest prefix of all."""
+    catch_all = request.match_info.route.resource
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not catch_all:
+            _, methods = await resource.resolve(request)
+            allowed |= methods
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise web.HTTPNotFound()

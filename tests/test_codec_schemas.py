@@ -19,7 +19,7 @@ from core.codec import CodecError, Command, Event, decode_command, decode_event
 from core.settings import Settings
 from service import schemas
 from service.auth import Authenticator, authentication
-from service.errors import edge_middleware
+from service.errors import at_edge
 from tests.test_codec import MALFORMED_EVENTS, _event
 
 SCHEMAS = jsonschemas.generate()
@@ -114,13 +114,14 @@ def test_schemas_and_decoder_agree_on_commands(raw: bytes) -> None:
 
 
 async def test_the_api_serves_the_schemas_without_a_token() -> None:
-    """Behind the API's own middleware (no engines needed)."""
+    """Behind the API's own edge (no engines needed)."""
     settings = Settings(api_tokens=[SecretStr("a-static-token-of-some-length")])
-    app = web.Application(middlewares=[
-        edge_middleware(authentication(Authenticator.from_settings(settings)))])
-    app.router.add_get("/api/v1/schemas", schemas.list_schemas)
-    app.router.add_get("/api/v1/schemas/{name}", schemas.get_schema)
-    app.router.add_get("/api/v1/batches/{pipeline_id}", schemas.list_schemas)
+    authenticate = authentication(Authenticator.from_settings(settings))
+    app = web.Application()
+    for path, handler in (("/api/v1/schemas", schemas.list_schemas),
+                          ("/api/v1/schemas/{name}", schemas.get_schema),
+                          ("/api/v1/batches/{pipeline_id}", schemas.list_schemas)):
+        app.router.add_get(path, at_edge(handler, "test", authenticate))
     async with TestClient(TestServer(app)) as client:
         index = await client.get("/api/v1/schemas")
         assert index.status == 200
