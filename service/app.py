@@ -30,7 +30,7 @@ from service.appkeys import (
     STORE,
     WAITERS,
 )
-from service.auth import Authenticator, authentication
+from service.auth import Authenticator
 from service.cache import BatchCache
 from service.command_sender import CommandSender
 from service.idempotency import IdempotencyKeys
@@ -105,5 +105,5 @@ def init_app(settings: Settings | None = None) -> web.Application:
     app.cleanup_ctx.append(kafka_ctx)
     if settings.api_cache:
         app.cleanup_ctx.append(cache_ctx)
-    setup_routes(app, authentication(authenticator), requests.observe)
+    setup_routes(app, authenticator, requests.observe)
     return app

@@ -9,10 +9,9 @@ the local stack (`Settings.check_secure`).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import jwt
@@ -62,6 +61,15 @@ class Authenticator:
     rs256_public_key: str | None
     audience: str | None
     issuer: str | None
+    # Each static token -> its grant (one object, shared by every request). A dict finds a
+    # token by its hash, keyed per process (PYTHONHASHSEED): a wrong token is compared with
+    # a known one only on a full 64-bit hash collision, so the time a lookup takes says
+    # nothing about how close a guess came; and it costs no more with many tokens.
+    _static: dict[str, Grant] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        grant = Grant(ALL_SCOPES)
+        object.__setattr__(self, "_static", {t.decode(): grant for t in self.static_tokens})
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
@@ -94,13 +102,9 @@ class Authenticator:
 
     def grant(self, token: str) -> Grant:
         """The token's scopes and expiry; raises 401 when the token is not valid."""
-        candidate = token.encode()
-        # Compare against every token so timing does not reveal which one nearly matched.
-        matched = False
-        for known in self.static_tokens:
-            matched |= hmac.compare_digest(candidate, known)
-        if matched:
-            return Grant(ALL_SCOPES)
+        static = self._static.get(token)
+        if static is not None:
+            return static
         if token.count(".") == 2 and (self.hs256_secret or self.rs256_public_key):
             return self._jwt_grant(token)
         raise ApiError(401, "unauthorized", "invalid bearer token")
@@ -133,25 +137,42 @@ class Authenticator:
         return Grant(frozenset(s for s in scopes if isinstance(s, str)), expires)
 
 
-def authentication(authenticator: Authenticator) -> Callable[[web.Request], None]:
-    """The check the edge middleware (service.errors) runs before every handler: a protected
-    path needs a valid bearer token, whose scopes the handlers then `require`."""
-    def authenticate(request: web.Request) -> None:
-        path = request.path
-        if (not path.startswith(PROTECTED_PREFIX) or path in PUBLIC_PATHS
-                or path.startswith(PUBLIC_PREFIXES)) and path not in PROTECTED_PATHS:
-            return
+def protected(path: str) -> bool:
+    """Whether a request for `path` needs a bearer token. A route's pattern answers for every
+    path it matches: no route has a variable part before the part of its path that decides
+    (tests/test_api_auth.py checks each route)."""
+    return ((path.startswith(PROTECTED_PREFIX) and path not in PUBLIC_PATHS
+             and not path.startswith(PUBLIC_PREFIXES)) or path in PROTECTED_PATHS)
+
+
+def bearer_check(authenticator: Authenticator) -> Callable[[web.Request], None]:
+    """What the edge (service.errors) runs before the handler of a protected route: a valid
+    bearer token, whose scopes the handler then `require`s."""
+    def check(request: web.Request) -> None:
         header = request.headers.get("Authorization", "")
         if not header.isascii():
             # Bytes that are not UTF-8 arrive as surrogates and break any encode() later.
             raise ApiError(401, "unauthorized", "the Authorization header must be ASCII")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "missing bearer token")
-        grant = authenticator.grant(token.strip())
+        grant = authenticator.grant(token)
         request[SCOPE_KEY] = grant.scopes
         if grant.expires is not None:
             request[EXPIRES_KEY] = grant.expires
+
+    return check
+
+
+def authentication(authenticator: Authenticator) -> Callable[[web.Request], None]:
+    """The check for a request whose route is not known in advance (service.routes'
+    catch-all): the bearer check where the path is `protected`."""
+    check = bearer_check(authenticator)
+
+    def authenticate(request: web.Request) -> None:
+        if protected(request.path):
+            check(request)
 
     return authenticate
 

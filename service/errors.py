@@ -97,10 +97,11 @@ def error_response(status: int, code: str, message: str, request_id: str,
 Observe = Callable[[str, str, int, float], None]
 
 
-def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], None],
+def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], None] | None,
             observe: Observe | None = None) -> Handler:
     """`handler` behind the API's edge: a request id (noted for the log lines:
-    service.request_log), then `authenticate` (service.auth), then the handler, with every
+    service.request_log), then `authenticate` (service.auth; None for a public route), then
+    the handler, with every
     error answered as JSON, and each request reported to `observe` (service.metrics) under
     `route`. A wrapper per route rather than an aiohttp middleware: the middleware chain
     (a cached build, two partials, aiohttp's own current-app layer) cost a cached GET about
@@ -114,7 +115,8 @@ def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], 
         CURRENT_REQUEST.set(request)
         response: web.StreamResponse
         try:
-            authenticate(request)
+            if authenticate is not None:
+                authenticate(request)
             response = await handler(request)
             if not response.prepared:  # a stream has sent its headers already
                 response.headers["X-Request-Id"] = request_id

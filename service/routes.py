@@ -7,7 +7,6 @@ the app has no aiohttp middleware."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Final
 
 from aiohttp import web
@@ -27,6 +26,7 @@ from service import (
     ui,
     webhook,
 )
+from service.auth import Authenticator, authentication, bearer_check, protected
 from service.errors import Observe, at_edge
 
 ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
@@ -62,18 +62,20 @@ def operation_ids() -> dict[tuple[str, str], str]:
     return {(method.lower(), path): name for method, path, _, name in ROUTES}
 
 
-def setup_routes(app: web.Application, authenticate: Callable[[web.Request], None],
+def setup_routes(app: web.Application, authenticator: Authenticator,
                  observe: Observe | None = None) -> None:
     """Every route behind the edge (service.errors.at_edge), then the catch-all that answers
-    what matched none of them."""
+    what matched none of them. Whether a route needs a token is decided here, once."""
+    check = bearer_check(authenticator)
     for method, path, handler, name in ROUTES:
-        wrapped = at_edge(handler, name, authenticate, observe)
+        wrapped = at_edge(handler, name, check if protected(path) else None, observe)
         if method == "GET":  # with HEAD, as aiohttp's add_get does
             app.router.add_get(path, wrapped, name=name)
         else:
             app.router.add_route(method, path, wrapped, name=name)
     app.router.add_route("*", "/{unmatched:.*}",
-                         at_edge(unmatched, UNMATCHED, authenticate, observe), name=UNMATCHED)
+                         at_edge(unmatched, UNMATCHED, authentication(authenticator), observe),
+                         name=UNMATCHED)
 
 
 async def unmatched(request: web.Request) -> web.StreamResponse:

@@ -170,3 +170,31 @@ async def test_tokens_are_checked_against_the_configured_audience_and_issuer(
             refused = await api.get("/api/v1/batches/p/", headers=local)
             assert refused.status == 401
             assert why in (await refused.json())["error"]["message"].lower()
+
+
+@pytest.mark.parametrize("filler", ["x", "schemas", "openapi.json", "hooks", "", "a/b"])
+def test_each_routes_pattern_says_whether_its_every_path_needs_a_token(filler: str) -> None:
+    """The edge decides once per route, from its pattern, whether a token is checked
+    (service.routes): any path the route matches must need a token exactly when the
+    pattern does, whatever fills its variable parts."""
+    import re
+
+    from service.auth import protected
+    from service.routes import ROUTES
+
+    for _, pattern, _, name in ROUTES:
+        path = re.sub(r"\{[^}]+\}", filler, pattern)
+        assert protected(path) is protected(pattern), (name, path)
+
+
+async def test_an_unmatched_path_under_the_api_needs_a_token_before_it_is_a_404(
+        api: Client) -> None:
+    """Paths no route matches are answered by the catch-all route: under /api/v1 without a
+    token that is a 401 (nothing about which paths exist), with one a 404 or a 405."""
+    assert (await api.get("/api/v1/nothing-here/at/all")).status == 401
+    assert (await api.get("/api/v1/nothing-here/at/all", headers=AUTH)).status == 404
+    assert (await api.put("/api/v1/steps")).status == 401
+    refused = await api.put("/api/v1/steps", headers=AUTH)
+    assert refused.status == 405 and "GET" in refused.headers["Allow"]
+    assert (await refused.json())["error"]["code"] == "method_not_allowed"
+    assert (await api.get("/not-the-api")).status == 404
