@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) deploy/local/stack.py
 
-.PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack bench-rebuild bench-storage clean-state chaos rebuild export-state
+.PHONY: setup run up down status test lint bench-api bench-e2e bench-live bench-stack bench-rebuild bench-storage clean-state chaos rebuild export-state constraints
 
 setup:  ## venv + dependencies, Kafka jars, redis-server, example step plugins (idempotent, fast when done)
 	@bash deploy/local/setup.sh
@@ -27,6 +27,11 @@ status:  ## each part, up or down
 TEST_WORKERS ?= 2
 test: setup  ## the whole suite on the real Kafka, Redis and Prefect (started if not running)
 	@$(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# What a fresh `pip install -e '.[dev]'` resolves today, in a throwaway venv of this Python:
+# run after changing pyproject.toml's dependencies (or to take new releases), then `make test`.
+constraints:  ## re-pin deploy/local/constraints-py<version>.txt to today's resolution
+	@bash deploy/local/pin.sh
 
 lint: setup  ## ruff + mypy strict + the layers' import contract ([tool.importlinter])
 	@$(VENV)/bin/ruff check .

@@ -27,10 +27,20 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     log "creating $VENV"
     "$py" -m venv "$VENV"
 fi
+# The versions the suite last passed with, for the venv's Python if it has a file of them: a
+# fresh machine then installs what was tested, not whatever was released since (a new redis-py
+# once broke `make lint`). Elsewhere pyproject.toml's ranges alone decide.
+pyver="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+pins="$ROOT/deploy/local/constraints-py$pyver.txt"
 stamp="$VENV/.dhub-installed"
-if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" ]]; then
-    log "installing the project into the venv (pyproject.toml changed)"
-    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e '.[dev]')
+if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" || ( -f "$pins" && "$pins" -nt "$stamp" ) ]]; then
+    if [[ -f "$pins" ]]; then
+        log "installing the project into the venv (pyproject.toml or its pinned versions changed)"
+        (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -c "$pins" -e '.[dev]')
+    else
+        log "installing the project into the venv from pyproject.toml's ranges (no pinned versions for Python $pyver)"
+        (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e '.[dev]')
+    fi
     touch "$stamp"
 fi
 
