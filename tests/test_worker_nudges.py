@@ -17,11 +17,14 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from yarl import URL
 
 from core import keys
 from core.settings import Settings
+from pipelines import worker_nudges
 from pipelines.worker_nudges import MIN_GAP_S, Nudges, follow_nudges_in
 from tests.conftest import eventually
+from tests.tcp_proxy import TcpProxy
 
 
 class Worker:
@@ -153,6 +156,39 @@ async def test_a_follower_whose_connection_is_killed_subscribes_again(
         await redis.publish(keys.WORKER_NUDGES_CHANNEL, pool)
         return nudges.polls > 0
     await eventually(nudged, timeout=15, interval=0.2)
+
+
+async def test_a_follower_whose_connection_goes_silent_subscribes_again(
+        test_settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that drops every byte without closing (a NAT or a load balancer that
+    forgot the flow) raises nothing on a subscriber: without its PINGs the follower would wait
+    on it for ever while the worker fell back to its slow poll. Through a proxy that goes
+    silent, it notices within three PING intervals and subscribes again."""
+    monkeypatch.setattr(worker_nudges, "PING_S", 0.3)
+    url = URL(test_settings.redis_url)
+    pool = f"test-pool-{uuid.uuid4().hex[:8]}"
+    nudges = Nudges(Worker(pool), pool)
+    async with TcpProxy(url.host or "127.0.0.1", url.port or 6379) as proxy:
+        task = asyncio.create_task(nudges.follow(str(url.with_port(proxy.port))))
+        try:
+            await eventually(lambda: len(proxy.links) == 1)
+
+            async def nudged() -> bool:
+                await redis.publish(keys.WORKER_NUDGES_CHANNEL, pool)
+                return nudges.polls > 0
+            await eventually(nudged, interval=0.1)
+            assert proxy.blackhole() == 1  # from now on, silence on the first connection
+            await asyncio.sleep(0.3)  # a nudge already on its way may still arrive
+            before = nudges.polls
+
+            async def nudged_again() -> bool:
+                await redis.publish(keys.WORKER_NUDGES_CHANNEL, pool)
+                return nudges.polls > before
+            await eventually(nudged_again, timeout=10, interval=0.2)
+            assert len(proxy.links) >= 2  # heard again only over a new connection
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_polls_for_a_stream_of_nudges_start_apart(following: tuple[Nudges, str]) -> None:
