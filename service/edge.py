@@ -1,8 +1,8 @@
 """Serving the app so that even errors found before routing are answered in the JSON shape.
 
 aiohttp's HTTP parser refuses an oversize request line, an oversize header or a malformed
-request before any middleware runs, and its protocol answers those (and errors escaping the
-middlewares) as plain text. `ApiRunner` serves the app with a protocol whose `handle_error`
+request before any handler runs, and its protocol answers those (and errors escaping the
+handlers' edge, service.errors) as plain text. `ApiRunner` serves the app with a protocol whose `handle_error`
 answers with `service.errors.error_response` instead. `python -m service` should serve with
 `serve()`; tests start an `ApiRunner` on a free port.
 """

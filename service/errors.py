@@ -102,10 +102,12 @@ def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], 
     """`handler` behind the API's edge: a request id (noted for the log lines:
     service.request_log), then `authenticate` (service.auth; None for a public route), then
     the handler, with every error answered as JSON, and each request reported to `observe`
-    (service.metrics) under `route`. A wrapper per route rather than an aiohttp middleware: the middleware chain
-    (a cached build, two partials, aiohttp's own current-app layer) cost a cached GET about
-    as much CPU as the edge's own work (BENCHMARKS.md); routing errors reach the edge
-    through service.routes' catch-all route."""
+    (service.metrics) under `route`. A wrapper per route rather than an aiohttp middleware:
+    the middleware chain (a cached build, two partials, aiohttp's own current-app layer)
+    cost a cached GET about as much CPU as the edge's own work (BENCHMARKS.md). Routing
+    errors reach the edge through service.routes' catch-all route; a request whose target
+    is not a path (`OPTIONS *`, `CONNECT host:port`) matches no route, and aiohttp answers
+    it itself (a plain-text 404)."""
     async def edge(request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id")

@@ -1,6 +1,6 @@
 """`GET /metrics`: the API's Prometheus metrics (every name starts with `dhub_`).
 
-Requests are counted on the hot path without prometheus-client: the edge middleware adds one
+Requests are counted on the hot path without prometheus-client: the edge (service.errors) adds one
 observation to a plain dict of counters (`RequestStats.observe`), and a collector turns those
 into metric families only when scraped. A prometheus-client Histogram per request costs a lock
 and a label lookup, a measurable share of a cached GET. Cache, stream and held-request figures

@@ -1,6 +1,6 @@
 """The request a log line was written for: its id, and the pipeline and batch it names.
 
-The edge middleware notes the request in a context variable (each request runs in its own
+The edge (service.errors) notes the request in a context variable (each request runs in its own
 task, so its own context); a filter on the log handler copies the ids onto every record written
 while the request is handled, and the JSON formatter (core.logs) prints them.
 """

@@ -172,11 +172,20 @@ async def test_tokens_are_checked_against_the_configured_audience_and_issuer(
             assert why in (await refused.json())["error"]["message"].lower()
 
 
-@pytest.mark.parametrize("filler", ["x", "schemas", "openapi.json", "hooks", "", "a/b"])
+def _fillers() -> set[str]:
+    """Every segment of the paths that decide whether a token is needed, and a plain one."""
+    from service.auth import PROTECTED_PATHS, PROTECTED_PREFIX, PUBLIC_PATHS, PUBLIC_PREFIXES
+
+    paths = (PROTECTED_PREFIX, *PROTECTED_PATHS, *PUBLIC_PATHS, *PUBLIC_PREFIXES)
+    return {segment for path in paths for segment in path.split("/") if segment} | {"x"}
+
+
+@pytest.mark.parametrize("filler", sorted(_fillers()))
 def test_each_routes_pattern_says_whether_its_every_path_needs_a_token(filler: str) -> None:
     """The edge decides once per route, from its pattern, whether a token is checked
     (service.routes): any path the route matches must need a token exactly when the
-    pattern does, whatever fills its variable parts."""
+    pattern does, whatever segment fills its variable parts (a route like
+    /api/{version}/batches/{id} would fail here on `v1`)."""
     import re
 
     from service.auth import protected
@@ -190,11 +199,19 @@ def test_each_routes_pattern_says_whether_its_every_path_needs_a_token(filler: s
 async def test_an_unmatched_path_under_the_api_needs_a_token_before_it_is_a_404(
         api: Client) -> None:
     """Paths no route matches are answered by the catch-all route: under /api/v1 without a
-    token that is a 401 (nothing about which paths exist), with one a 404 or a 405."""
-    assert (await api.get("/api/v1/nothing-here/at/all")).status == 401
-    assert (await api.get("/api/v1/nothing-here/at/all", headers=AUTH)).status == 404
-    assert (await api.put("/api/v1/steps")).status == 401
-    refused = await api.put("/api/v1/steps", headers=AUTH)
-    assert refused.status == 405 and "GET" in refused.headers["Allow"]
-    assert (await refused.json())["error"]["code"] == "method_not_allowed"
-    assert (await api.get("/not-the-api")).status == 404
+    token that is a 401 (nothing about which paths exist), with one a 404 or a 405, all in
+    the JSON shape; a percent-encoded newline in the path changes none of it."""
+    async def error(response: Any, status: int) -> str:
+        assert response.status == status, await response.text()
+        assert response.headers["X-Request-Id"]
+        return str((await response.json())["error"]["code"])
+
+    for path in ("/api/v1/nothing-here/at/all", "/api/v1/a%0Ab"):
+        assert await error(await api.get(path), 401) == "unauthorized"
+        assert await error(await api.get(path, headers=AUTH), 404) == "not_found"
+    for path in ("/api/v1/steps", "/api/v1/batches/p%0A"):
+        assert await error(await api.put(path), 401) == "unauthorized"
+        refused = await api.put(path, headers=AUTH)
+        assert await error(refused, 405) == "method_not_allowed"
+        assert "GET" in refused.headers["Allow"]
+    assert await error(await api.get("/not-the-api%0A"), 404) == "not_found"
