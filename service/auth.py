@@ -56,8 +56,9 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Authenticator:
-    static_tokens: tuple[bytes, ...]
-    hs256_secret: str | None
+    # Secrets: never in a repr (a log line or a traceback that shows the object).
+    static_tokens: tuple[bytes, ...] = field(repr=False)
+    hs256_secret: str | None = field(repr=False)
     rs256_public_key: str | None
     audience: str | None
     issuer: str | None

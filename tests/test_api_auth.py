@@ -215,3 +215,12 @@ async def test_an_unmatched_path_under_the_api_needs_a_token_before_it_is_a_404(
         assert await error(refused, 405) == "method_not_allowed"
         assert "GET" in refused.headers["Allow"]
     assert await error(await api.get("/not-the-api%0A"), 404) == "not_found"
+
+
+def test_the_authenticators_repr_shows_no_secret() -> None:
+    authenticator = Authenticator(static_tokens=(b"a-static-token-of-some-length",),
+                                  hs256_secret="an-hs256-secret-of-some-length",
+                                  rs256_public_key=None, audience="aud", issuer="iss")
+    shown = repr(authenticator)
+    assert "a-static-token" not in shown and "an-hs256-secret" not in shown
+    assert "aud" in shown  # the rest is still there to read
