@@ -34,13 +34,12 @@ pyver="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2]
 pins="$ROOT/deploy/local/constraints-py$pyver.txt"
 stamp="$VENV/.dhub-installed"
 if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" || ( -f "$pins" && "$pins" -nt "$stamp" ) ]]; then
+    pinned=() versions="pyproject.toml's ranges (no pinned versions for Python $pyver)"
     if [[ -f "$pins" ]]; then
-        log "installing the project into the venv (pyproject.toml or its pinned versions changed)"
-        (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -c "$pins" -e '.[dev]')
-    else
-        log "installing the project into the venv from pyproject.toml's ranges (no pinned versions for Python $pyver)"
-        (cd "$ROOT" && "$VENV/bin/python" -m pip install -q -e '.[dev]')
+        pinned=(-c "$pins") versions="the pinned versions"
     fi
+    log "installing the project into the venv at $versions (pyproject.toml or its pins changed)"
+    (cd "$ROOT" && "$VENV/bin/python" -m pip install -q "${pinned[@]}" -e '.[dev]')
     touch "$stamp"
 fi
 
