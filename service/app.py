@@ -1,4 +1,4 @@
-"""The application factory: one `cleanup_ctx` per client, typed app keys, the routes behind the edge."""
+"""The application factory: one `cleanup_ctx` per client, typed app keys, routes behind the edge."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 aiohttp's HTTP parser refuses an oversize request line, an oversize header or a malformed
 request before any handler runs, and its protocol answers those (and errors escaping the
-handlers' edge, service.errors) as plain text. `ApiRunner` serves the app with a protocol whose `handle_error`
-answers with `service.errors.error_response` instead. `python -m service` should serve with
-`serve()`; tests start an `ApiRunner` on a free port.
+handlers' edge, service.errors) as plain text. `ApiRunner` serves the app with a protocol
+whose `handle_error` answers with `service.errors.error_response` instead. `python -m service`
+should serve with `serve()`; tests start an `ApiRunner` on a free port.
 """
 
 from __future__ import annotations

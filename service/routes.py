@@ -74,8 +74,9 @@ def setup_routes(app: web.Application, authenticator: Authenticator,
         else:
             app.router.add_route(method, path, wrapped, name=name)
     # Registered last, and the shortest prefix of all (`/`): the router tries it after every
-    # other route, and a root-level route added after it would be hidden behind it. `[\s\S]`, not `.`:
-    # aiohttp matches the decoded path, and a `%0A` in it is a newline `.` does not match.
+    # other route, and a root-level route added after it would be hidden behind it.
+    # `[\s\S]`, not `.`: aiohttp matches the decoded path, and a `%0A` in it is a newline,
+    # which `.` does not match.
     app.router.add_route("*", r"/{unmatched:[\s\S]*}",
                          at_edge(unmatched, UNMATCHED, authentication(authenticator), observe),
                          name=UNMATCHED)
