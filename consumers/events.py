@@ -172,7 +172,7 @@ class EventsConsumer(Part):
                 before = len(bad)
                 results = await apply_by_batch(poll.batch, bad, self._apply)
                 unapplied = len(bad) - before  # dead-lettered: counted there, not applied
-            self.applied += len(events) + poll.duplicates - unapplied
+            self.applied += len(events) - unapplied
             for n in results.values():
                 if n < 0:
                     self.dropped += 1

@@ -48,8 +48,9 @@ def id_chars_only(text: str) -> bool:
 # search with `$`, which Python's `re` also matches before a final "\n".
 ID_REGEX: Final = r"^[A-Za-z0-9._-]{1,128}$(?!\n)"
 
-# Ids are checked in two parts: the length natively by msgspec, the characters by the
-# classes' __post_init__ (one regex match over all ids of a message joined). A regex per
+# Ids are checked in two parts: the length natively by msgspec, the characters after the
+# decode (`check_event`; `core.codec.decode_events`: one C-level pass over a poll's ids
+# joined). A regex per
 # id, as msgspec's `pattern` runs it, made decoding 3-5x slower on the consumer's hot path.
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID,
                                  extra_json_schema={"pattern": ID_REGEX})]
@@ -176,10 +177,10 @@ class Event(msgspec.Struct, metaclass=_EventMeta, kw_only=True, tag_field="type"
         offsets = _absent("offsets")
         totals = _absent("totals")
 
-    def __post_init__(self) -> None:
-        if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id):
-            refuse_ids(self, ("event_id", "batch_id", "pipeline_id"))
-        check_ts(self.ts)
+    # The fields holding ids, and those whose keys are ids (partition names): what
+    # `check_event` reads. Every one becomes part of a Redis key or a hash field.
+    id_fields: ClassVar[tuple[str, ...]] = ("event_id", "batch_id", "pipeline_id")
+    id_maps: ClassVar[tuple[str, ...]] = ()
 
     def encode(self) -> bytes:
         return ENCODER.encode(self)
@@ -204,7 +205,6 @@ class BatchState(Event, tag="batch.state", kw_only=True):
     flow_run_id: FlowRunId | None = None
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         # A stop without its outcome would read `completed` (nothing says otherwise), and an
         # outcome on any other state would be dropped without a word: both are refused.
         if self.state == "stop":
@@ -225,13 +225,9 @@ class StepState(Event, tag="step.state", kw_only=True):
     """One step of the batch entered `state`."""
 
     type: ClassVar[str] = "step.state"
+    id_fields: ClassVar[tuple[str, ...]] = ("event_id", "batch_id", "pipeline_id", "step")
     step: Id
     state: StepStateName
-
-    def __post_init__(self) -> None:
-        if not id_chars_only(self.event_id + self.batch_id + self.pipeline_id + self.step):
-            refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"))
-        check_ts(self.ts)
 
     def to_script(self) -> list[Any]:
         # A final state's ts goes along (APPLY_EVENTS: the later end of a step holds), and
@@ -253,15 +249,8 @@ class StepOffsets(Event, tag="step.offsets", kw_only=True):
     step: Id
     offsets: Offsets
     totals: Totals = msgspec.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        ids = "".join((self.event_id, self.batch_id, self.pipeline_id, self.step, *self.offsets))
-        # `id_chars_only` inlined: most of a fast stream is these events.
-        if not ids.isascii() or ids.encode().translate(None, _ID_CHARS):
-            refuse_ids(self, ("event_id", "batch_id", "pipeline_id", "step"), self.offsets)
-        if self.totals and not id_chars_only("".join(self.totals)):
-            refuse_ids(self, (), self.totals)
-        check_ts(self.ts)
+    id_fields: ClassVar[tuple[str, ...]] = ("event_id", "batch_id", "pipeline_id", "step")
+    id_maps: ClassVar[tuple[str, ...]] = ("offsets", "totals")
 
     def to_script(self) -> list[Any]:
         # No id: offsets apply by value, never de-duplicated by id.
@@ -277,6 +266,16 @@ EVENT_TYPES: Final = frozenset(EVENT_KINDS)
 AnyEvent = BatchState | StepState | StepOffsets
 
 
+def check_event(event: Event) -> None:
+    """Raises CodecError for an id with a character outside [A-Za-z0-9._-] or a `ts` more
+    than a day ahead: what msgspec's declarations cannot say. Every way to an `Event` runs
+    it (`Event(...)`, `core.codec`'s decodes, which check a poll's events at once)."""
+    maps = [name for field in event.id_maps for name in getattr(event, field)]
+    if not id_chars_only("".join([*(getattr(event, f) for f in event.id_fields), *maps])):
+        refuse_ids(event, event.id_fields, maps)
+    check_ts(event.ts)
+
+
 def _new_event(type: str, batch_id: str, pipeline_id: str, *,
                event_id: str | None = None, ts: float | None = None,
                **fields: Any) -> Event:
@@ -288,4 +287,5 @@ def _new_event(type: str, batch_id: str, pipeline_id: str, *,
     given = {k: v for k, v in fields.items() if v is not None}
     event: Event = kind(schema=SCHEMA, event_id=event_id or new_message_id(), batch_id=batch_id,
                         pipeline_id=pipeline_id, ts=time.time() if ts is None else ts, **given)
+    check_event(event)
     return event

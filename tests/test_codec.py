@@ -3,6 +3,7 @@ messages are refused (each reason names the field at fault: it becomes a dead-le
 
 from __future__ import annotations
 
+import re
 import time
 
 import orjson
@@ -21,6 +22,7 @@ from core.codec import (
     Stop,
     decode_command,
     decode_event,
+    decode_events,
     derived_id,
 )
 
@@ -75,6 +77,23 @@ def test_events_stay_mutable_for_the_callers_that_amend_them() -> None:
         Event("step.state", "b", "p", step="s", state="running", offsets={"a": 1})
     with pytest.raises(CodecError, match="unknown event type"):
         Event("batch.exploded", "b", "p")
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    ({"batch_id": "b/1"}, "invalid batch_id 'b/1'"),
+    ({"step": "s 1"}, "invalid step 's 1'"),
+    ({"offsets": {"p:0": 1}}, "invalid partition name 'p:0'"),
+    ({"totals": {"p\n": 1}}, "invalid partition name"),
+    ({"ts": time.time() + 2 * 86_400}, "ahead of now"),
+])
+def test_an_event_built_in_code_is_checked_as_a_decoded_one(fields: dict[str, object],
+                                                            reason: str) -> None:
+    """A publisher (a step, the bridge) builds its events with `Event(...)`: what the codec
+    would refuse is refused there too, before it reaches the topic."""
+    given: dict[str, object] = {"batch_id": "b", "step": "s", "offsets": {"p": 1}} | fields
+    batch_id = given.pop("batch_id")
+    with pytest.raises(CodecError, match=reason):
+        Event("step.offsets", batch_id, "p", **given)  # type: ignore[arg-type]
 
 
 def test_decoded_offsets_merge_into_one_script_entry() -> None:
@@ -156,6 +175,42 @@ MALFORMED_EVENTS = [
 def test_malformed_events_are_refused_with_a_reason(raw: bytes | None, reason: str) -> None:
     with pytest.raises(CodecError, match=reason):
         decode_event(raw)
+
+
+# Valid records of each kind, and one with a partition's total (also an id).
+GOOD_EVENTS = [
+    _event(),
+    _event(type="step.state", step="extract", state="running"),
+    _event(type="step.offsets", step="extract", offsets={"p-0": 5}, totals={"p-0": 9}),
+    _event(state="stop", outcome="failed", reason="no space left"),
+]
+REFUSALS = [(None, "empty"), (b"", "empty"), (b"{oops", "not JSON"), *MALFORMED_EVENTS,
+            (_event(type="step.offsets", step="extract", offsets={"p": 1}, totals={"p q": 1}),
+             "invalid partition name 'p q'")]
+
+
+@pytest.mark.parametrize(("raw", "reason"), REFUSALS)
+def test_a_poll_decoded_at_once_refuses_exactly_its_malformed_record(raw: bytes | None,
+                                                                     reason: str) -> None:
+    """`decode_events` checks the ids and times of all records in one pass: one bad record
+    among good ones must be refused with its own reason, the others decoded as alone."""
+    raws = [*GOOD_EVENTS[:2], raw, *GOOD_EVENTS[2:], raw]
+    decoded = decode_events(raws)
+    assert len(decoded) == len(raws)
+    for got, one in zip(decoded, raws, strict=True):
+        if one is raw:
+            assert isinstance(got, CodecError)
+            with pytest.raises(CodecError) as alone:
+                decode_event(one)
+            assert str(got) == str(alone.value)
+            assert re.search(reason, str(got))
+        else:
+            assert got == decode_event(one)
+
+
+def test_a_poll_of_good_records_decodes_as_each_alone() -> None:
+    assert decode_events(GOOD_EVENTS) == [decode_event(raw) for raw in GOOD_EVENTS]
+    assert decode_events([]) == []
 
 
 # 2 KB of JSON nested 1,000 deep: msgspec recurses per level (even through a field it

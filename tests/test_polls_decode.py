@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
@@ -28,21 +29,38 @@ def _poll(n: int, partitions: int = 1
     return poll
 
 
-async def test_a_poll_is_decoded_into_its_events_bad_records_repeats_and_rekeys() -> None:
+async def test_a_poll_is_decoded_into_its_events_bad_records_and_rekeys() -> None:
     poll = _poll(3)
     records = poll[TopicPartition("events", 0)]
     good = records[0]
     records += [
-        _record(3, good.key, good.value),  # the same event again
+        _record(3, good.key, good.value),  # the same event again: applied again, harmlessly
         _record(4, b"k", b"{not json"),
         _record(5, b"batch-other", records[1].value),  # keyed other than by its batch
+        _record(6, b"k", b"{not json"),  # each malformed record is dead-lettered
     ]
     decoded = await decode(poll, epoch=4)
-    assert [e.offsets for e in decoded.events] == [{"p0": 0}, {"p0": 1}, {"p0": 2}]
-    assert decoded.duplicates == 2  # the repeat, and the re-keyed record's bytes seen before
-    assert [r.offset for r, _ in decoded.bad] == [4]
-    assert decoded.rekey == []
+    assert [e.offsets for e in decoded.events] == [{"p0": 0}, {"p0": 1}, {"p0": 2}, {"p0": 0}]
+    assert [(r.offset, reason[:8]) for r, reason in decoded.bad] == [(4, "not JSON"),
+                                                                      (6, "not JSON")]
+    assert [(key, r.offset) for key, r in decoded.rekey] == [(b"batch-1", 5)]
     assert decoded.epoch == 4
+
+
+async def test_one_bad_id_refuses_only_its_own_record() -> None:
+    # A poll's ids are checked in one pass (core.codec.decode_events): the record at fault
+    # must still be the only one refused, wherever it sits in the poll.
+    poll = _poll(2 * DECODE_SLICE + 5)
+    records = poll[TopicPartition("events", 0)]
+    bad = Event("step.offsets", "batch-3", "pipe", step="load", offsets={"p0": 1}).to_dict()
+    bad["offsets"] = {"p 0": 1}
+    raw = orjson.dumps(bad)
+    records[DECODE_SLICE + 3] = _record(DECODE_SLICE + 3, b"batch-3", raw)
+    decoded = await decode(poll, epoch=0)
+    assert [(r.offset, reason) for r, reason in decoded.bad] == [
+        (DECODE_SLICE + 3, "invalid event: invalid partition name 'p 0': ids are "
+                           "[A-Za-z0-9._-]{1,128}")]
+    assert len(decoded.events) == 2 * DECODE_SLICE + 4
 
 
 async def test_a_record_keyed_other_than_its_batch_is_set_aside_for_rekeying() -> None:
