@@ -14,8 +14,9 @@ from consumers.plumbing.polls import DECODE_SLICE, decode
 from core.codec import Event
 
 
-def _record(offset: int, key: bytes, value: bytes) -> ConsumerRecord[bytes, bytes]:
-    return ConsumerRecord("events", 0, offset, 0, 0, key, value, None, len(key), len(value), ())
+def _record(offset: int, key: bytes | None, value: bytes) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("events", 0, offset, 0, 0, key, value, None,
+                          len(key or b""), len(value), ())
 
 
 def _poll(n: int, partitions: int = 1
@@ -69,6 +70,20 @@ async def test_a_record_keyed_other_than_its_batch_is_set_aside_for_rekeying() -
     decoded = await decode(poll, epoch=0)
     assert decoded.events == []
     assert [(key, r.offset) for key, r in decoded.rekey] == [(b"batch-1", 0)]
+
+
+@pytest.mark.parametrize("key", [None, b"", b"batch-1\nbatch-2", b"batch-1 ", "bätch".encode()])
+async def test_a_slice_with_one_record_keyed_otherwise_sets_aside_only_that_one(
+        key: bytes | None) -> None:
+    # One odd key among good ones: only its record is set aside, whatever the key is (none
+    # at all, empty, two ids, a near miss, not ASCII).
+    poll = _poll(5)
+    records = poll[TopicPartition("events", 0)]
+    odd = records[1]
+    records[1] = _record(1, key, odd.value)
+    decoded = await decode(poll, epoch=0)
+    assert [e.offsets for e in decoded.events] == [{"p0": n} for n in (0, 2, 3, 4)]
+    assert [(k, r.offset) for k, r in decoded.rekey] == [(b"batch-1", 1)]
 
 
 @pytest.mark.parametrize("partitions", [1, 6], ids=["one partition", "six smaller than a slice"])
