@@ -17,6 +17,8 @@ from redis.asyncio import Redis
 
 from benchmarks.harness import redis_cpu_seconds
 from consumers.events import EventsConsumer
+from consumers.plumbing import collector
+from consumers.plumbing.options import ConsumerOptions
 from core.codec import Event
 from core.connections import open_producer, open_redis
 from core.models import PipelineSpec, StepSpec, new_batch_id
@@ -117,6 +119,9 @@ async def apply_rate(settings: Settings, total: int, redis_db: int) -> Rates:
         del futures  # 200,000 record metadata nobody reads
     finally:
         await producer.stop()
+    # The consumers process's collector policy (`python -m consumers` sets it at start), for
+    # both phases: the raw read gains from it too, and the ratio compares like with like.
+    collector.settle(ConsumerOptions().gc_young_objects)
     try:
         rounds = []
         for n in range(ROUNDS):

@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from consumers.bridge import PrefectBridge
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
+from consumers.plumbing import collector
 from consumers.plumbing.metrics import serve
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.part import Part
@@ -119,4 +120,5 @@ class Runner:
 async def main(which: str = "all") -> int:
     settings = Settings()
     options = ConsumerOptions()
+    collector.settle(options.gc_young_objects)
     return await Runner(build(which, settings, options), settings, options).run()

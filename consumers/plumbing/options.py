@@ -14,6 +14,10 @@ from core.retry import RetryPolicy
 class ConsumerOptions(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DHUB_", extra="ignore")
 
+    # Allocations between two young collections of Python's cyclic garbage collector in the
+    # consumers process (Python's default: 700); 0 leaves Python's policy alone. See
+    # `consumers.plumbing.collector`.
+    gc_young_objects: int = Field(default=100_000, ge=0)
     # Retries of a command against an unavailable dependency: capped exponential backoff.
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
