@@ -50,8 +50,12 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie is dead too: only its parent has not collected it yet.
-    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    # A zombie is dead too: only its parent has not collected it yet. The parent may collect
+    # it between the two looks: then /proc has no entry left (seen once in CI).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def base_env(**extra: str) -> dict[str, str]:
