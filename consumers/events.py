@@ -152,7 +152,10 @@ class EventsConsumer(Part):
     async def _effect(self, poll: Poll) -> Covered:
         """Applies a poll's events and dead-letters its malformed records. Returns what a
         flush owes the poll: the batches it reached (to snapshot) and its offsets (to
-        commit)."""
+        commit). Of a poll fenced by a revoke (`_fenced`), what is not done yet is left
+        undone."""
+        if self._fenced(poll):
+            return Covered(poll.epoch)
         events, bad = poll.events, poll.bad
         reached: list[tuple[str, str]] = []
         if events:
@@ -182,14 +185,21 @@ class EventsConsumer(Part):
             # the apply and the snapshot the poll is applied again and changes nothing, yet
             # its snapshot is still owed.
             reached = [batch for batch, n in results.items() if n >= 0]
-        if bad:
+        if bad and not self._fenced(poll):
             await self.backoff.call("dead-letter", lambda: self._dead_letter(bad))
-        if poll.rekey:
+        if poll.rekey and not self._fenced(poll):
             await self.backoff.call("re-key", lambda: send_keyed(
                 self.producer, self.settings.topic_events, poll.rekey))
             self.rekeyed += len(poll.rekey)
         return Covered(poll.epoch, dict.fromkeys(reached),
                        {tp: recs[-1].offset + 1 for tp, recs in poll.batch.items()})
+
+    def _fenced(self, poll: Poll) -> bool:
+        """Whether the poll's assignment was revoked since it was fetched (a revoke can come
+        while it is decoded or applied). Such a poll is never committed here: its partitions'
+        owners read it again from the last commit and do all of it, its dead letters and
+        re-keyed records too, which sent from here as well would come twice."""
+        return poll.epoch != self.stages.epoch
 
     async def _flush(self, due: Covered) -> None:
         """Snapshots the batches the covered polls reached, as Redis holds them now, then
