@@ -76,7 +76,7 @@ class Rates:
 
 
 def _settle_heap() -> None:
-    """Before a timed phase: what the set-up left (the 200,000 events built and sent, the
+    """Before a timed phase: what the set-up left (the events built and sent, the
     raw read's records) collected and frozen out of the collector's reach. Otherwise every
     full collection walks it (~100 ms each, some 15 a run), and which phase one lands in
     decides the ratio: a long-lived consumer process has no such heap."""
@@ -116,7 +116,7 @@ async def apply_rate(settings: Settings, total: int, redis_db: int) -> Rates:
             futures.append(await producer.send(topic, record.encode(),
                                                key=record.batch_id.encode()))
         await asyncio.gather(*futures)
-        del futures  # 200,000 record metadata nobody reads
+        del futures  # a record metadata per event, which nobody reads
     finally:
         await producer.stop()
     # The consumers process's collector policy (`python -m consumers` sets it at start), for
