@@ -233,8 +233,11 @@ def test_batches_older_than_the_first_page_are_offered(
     assert len(everything) == 62
     signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
     until(browser, lambda d: len(listed(d)) == 50, what="the first page")
-    older = until(browser, lambda d: d.find_element(By.ID, "older"), what="an 'older' control")
-    assert older.is_displayed() and older.is_enabled()
+    # The control exists from the start, hidden until the page knows of older batches (and
+    # disabled during a read): awaited shown and enabled, not asserted at first sight.
+    older = until(browser, lambda d: next(
+        (b for b in d.find_elements(By.ID, "older") if b.is_displayed() and b.is_enabled()),
+        None), what="an 'older' control, shown and enabled")
     older.click()
     until(browser, lambda d: len(listed(d)) == 62, what="the older batches")
     assert listed(browser) == everything
