@@ -50,8 +50,8 @@ ID_REGEX: Final = r"^[A-Za-z0-9._-]{1,128}$(?!\n)"
 
 # Ids are checked in two parts: the length natively by msgspec, the characters after the
 # decode (`check_event`; `core.codec.decode_events`: one C-level pass over a poll's ids
-# joined). A regex per
-# id, as msgspec's `pattern` runs it, made decoding 3-5x slower on the consumer's hot path.
+# joined). A regex per id, as msgspec's `pattern` runs it, made decoding 3-5x slower on the
+# consumer's hot path.
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID,
                                  extra_json_schema={"pattern": ID_REGEX})]
 # A deploy concerns a pipeline version, not a batch: its batch_id is empty.
