@@ -13,7 +13,8 @@ cache follows that channel and evicts. Three guards keep it honest:
   flow) or a backlog therefore costs at most `silence_s` (+ one `tick_s`) of staleness.
 - Each entry carries a TTL (`ttl_s`): a backstop for changes made without a publish.
 - A change message that carries the batch's new hash (`keys.CHANGES_CHANNEL`) replaces a
-  held entry instead of evicting it; the value is rendered on its first GET. Under steady
+  held entry instead of evicting it; the value is rendered at once if the entry was read
+  since its previous change, else on its first GET. Under steady
   event traffic a batch that is being watched therefore stays a hit, instead of every change
   costing one request a read of Redis. It is as exact as a read: Redis sends the messages in
   the order it ran the changes, and the swap is recorded like an eviction, so a fill that
@@ -58,8 +59,8 @@ log = logging.getLogger(__name__)
 DEFAULT_SILENCE_S = 2.5
 DEFAULT_TTL_S = 10.0
 # (the rendered body or a published hash not rendered yet, expiry, the body's ETag or None,
-# the hash's rev or 0 if unknown)
-Entry = tuple[bytes | str, float, str | None, int]
+# the hash's rev or 0 if unknown, whether a read was served it since its last change)
+Entry = tuple[bytes | str, float, str | None, int, bool]
 
 
 class BatchCache:
@@ -107,9 +108,9 @@ class BatchCache:
         return entry[0] if entry is not None else None  # type: ignore[return-value]
 
     def lookup(self, key: str, named: Callable[[str], bool] | None = None) -> Entry | None:
-        """The entry of `key` as (body, expiry, etag, rev), or None on a miss. With `named`
-        (a test of the entry's ETag), an entry failing it is a miss too: the caller reads
-        Redis instead."""
+        """The entry of `key` as (body, expiry, etag, rev, read), or None on a miss. With
+        `named` (a test of the entry's ETag), an entry failing it is a miss too: the caller
+        reads Redis instead."""
         if not self.live:
             self.misses += 1  # the read goes to Redis: a miss as much as any other
             return None
@@ -122,6 +123,8 @@ class BatchCache:
         if entry is None or (named is not None and not named(entry[2])):  # type: ignore[arg-type]
             self.misses += 1
             return None
+        if not entry[4]:  # its first read since it changed: its next change is rendered at once
+            entry = self._entries[key] = (entry[0], entry[1], entry[2], entry[3], True)
         self.hits += 1
         return entry
 
@@ -134,7 +137,7 @@ class BatchCache:
         if body is None:
             self._entries.pop(key, None)
             return None
-        entry = self._entries[key] = (body, entry[1], etag_of(body), entry[3])
+        entry = self._entries[key] = (body, entry[1], etag_of(body), entry[3], entry[4])
         return entry
 
     def put(self, key: str, value: bytes, generation: int, rev: int = 0) -> None:
@@ -153,7 +156,7 @@ class BatchCache:
         # writes made without a message (a rebuild may restore a lower rev).
         if held is not None and rev < held[3] and held[1] >= self.now:
             return
-        self._entries[key] = (value, self.now + self.ttl_s, etag_of(value), rev)
+        self._entries[key] = (value, self.now + self.ttl_s, etag_of(value), rev, True)
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
@@ -168,7 +171,14 @@ class BatchCache:
         self._changed(key, published, rev)
         held = self._entries.get(key)
         if held is not None and not (rev and rev <= held[3]):
-            self._entries[key] = (published, self.now + self.ttl_s, None, rev)
+            entry = self._entries[key] = (published, self.now + self.ttl_s, None, rev, False)
+            if held[4]:
+                # Read since its previous change (or filled by a read): a batch being watched,
+                # rendered now rather than in its next GET. Renders back to back in the feed's
+                # loop cost less than one inside each GET (BENCHMARKS.md, seventeenth
+                # session), and there are no more of them than reads: an entry nobody read
+                # since its last change waits for its GET.
+                self._render(key, entry)
 
     def _changed(self, key: str, published: str | None, rev: int) -> None:
         if self.on_change is not None:

@@ -45,6 +45,51 @@ def test_an_update_replaces_a_held_entry_and_is_rendered_on_its_first_get() -> N
     assert cache.get("k") == orjson.dumps(render(FIELDS))  # rendered once, kept
 
 
+def _counted_renders(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import service.cache
+
+    rendered: list[str] = []
+    real = service.cache.published_body
+
+    def counting(published: str) -> bytes | None:
+        rendered.append(published)
+        return real(published)
+
+    monkeypatch.setattr(service.cache, "published_body", counting)
+    return rendered
+
+
+def test_an_entry_read_since_its_last_change_is_rendered_as_the_next_one_arrives(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    rendered = _counted_renders(monkeypatch)
+    cache = _live_cache()
+    cache.put("k", b"old", cache.generation)  # a read filled it
+    cache.update("k", _published(FIELDS))
+    assert len(rendered) == 1  # before any GET
+    assert cache.get("k") == orjson.dumps(render(FIELDS))
+    assert len(rendered) == 1  # the GET found it rendered
+    second = {**FIELDS, "off:extract:0": "8", "rev": "4"}
+    cache.update("k", _published(second))  # read since: rendered at once again
+    assert len(rendered) == 2 and cache.get("k") == orjson.dumps(render(second))
+
+
+def test_an_entry_not_read_since_its_last_change_waits_for_its_get(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Changes of a batch nobody reads between them are not rendered one by one: no more
+    renders than reads."""
+    rendered = _counted_renders(monkeypatch)
+    cache = _live_cache()
+    cache.put("k", b"old", cache.generation)
+    cache.update("k", _published(FIELDS))  # read (filled) since the last change: rendered
+    for n in range(4, 9):  # nobody reads between these
+        cache.update("k", _published({**FIELDS, "off:extract:0": str(n), "rev": str(n)}))
+    assert len(rendered) == 1
+    last = {**FIELDS, "off:extract:0": "8", "rev": "8"}
+    assert cache.get("k") == orjson.dumps(render(last))
+    assert len(rendered) == 2  # the GET rendered the latest, once
+    assert cache.get("k") == orjson.dumps(render(last)) and len(rendered) == 2
+
+
 def test_an_update_of_a_key_not_held_stores_nothing() -> None:
     cache = _live_cache()
     cache.update("k", _published(FIELDS))
