@@ -113,6 +113,9 @@ def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], 
         incoming = request.headers.get("X-Request-Id")
         request_id = incoming if incoming and _REQUEST_ID_RE.match(incoming) else new_request_id()
         request[REQUEST_ID] = request_id
+        # Set here and read below: a key absent from a request costs aiohttp a KeyError raised
+        # and caught (its Mapping's `in`), on every request.
+        request[HELD] = False
         CURRENT_REQUEST.set(request)
         response: web.StreamResponse
         try:
@@ -150,7 +153,7 @@ def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], 
             series = route
             if response.__class__ is web.StreamResponse:  # a push stream: its own series
                 series += ".stream"
-            elif HELD in request:  # a long-poll that waited: so is it
+            elif request[HELD]:  # a long-poll that waited: so is it
                 series += ".held"
             observe(series, request.method, response.status, time.perf_counter() - started)
         return response

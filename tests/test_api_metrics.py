@@ -50,6 +50,28 @@ async def test_metrics_need_their_scope_and_count_requests_by_route(
             "long_poll", "batch_stream", "pipeline_stream"}
 
 
+async def test_a_get_held_by_wait_is_timed_in_a_series_of_its_own(
+        test_settings: Settings, redis: Redis) -> None:
+    """A long-poll's latency is its wait: counted with the plain GETs, it would read as a
+    slow GET."""
+    store = direct_store(redis, test_settings)
+    [target] = await new_batches(store)
+    async with cached_api(test_settings) as api:
+        path = f"/api/v1/batches/{PIPELINE}/{target}"
+        etag = (await api.get(path, headers=AUTH)).headers["ETag"]
+        held = await api.get(path + "?wait=1", headers={**AUTH, "If-None-Match": etag})
+        assert held.status == 304
+        at_once = await api.get(path, headers={**AUTH, "If-None-Match": etag})
+        assert at_once.status == 304
+        response = await api.get("/metrics", headers=bearer(hs_token("metrics:read")))
+        families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+        counts = {(s.labels["route"], s.labels["status"]): s.value
+                  for s in families["dhub_http_request_duration_seconds"].samples
+                  if s.name.endswith("_count")}
+        assert counts[("get_batch.held", "304")] == 1
+        assert counts[("get_batch", "304")] == 1 and counts[("get_batch", "200")] == 1
+
+
 def test_a_log_line_written_for_a_request_names_it() -> None:
     out = io.StringIO()
     handler = logging.StreamHandler(out)
