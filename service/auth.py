@@ -35,7 +35,6 @@ PUBLIC_PATHS: Final = frozenset({"/api/v1/openapi.json", "/api/v1/hooks/prefect"
                                  "/api/v1/schemas"})
 # The messages' JSON Schemas describe the wire format, like the OpenAPI document.
 PUBLIC_PREFIXES: Final = ("/api/v1/schemas/",)
-SCOPE_KEY: Final = web.RequestKey("scopes", frozenset[str])
 # When the request's token stops being valid (a JWT's `exp`, unix seconds); absent for a
 # static token, valid until it is removed from the settings.
 EXPIRES_KEY: Final = web.RequestKey("token_expires", float)
@@ -146,9 +145,10 @@ def protected(path: str) -> bool:
              and not path.startswith(PUBLIC_PREFIXES)) or path in PROTECTED_PATHS)
 
 
-def bearer_check(authenticator: Authenticator) -> Callable[[web.Request], None]:
+def bearer_check(authenticator: Authenticator,
+                 scope: str | None = None) -> Callable[[web.Request], None]:
     """What the edge (service.errors) runs before the handler of a protected route: a valid
-    bearer token, whose scopes the handler then `require`s."""
+    bearer token (401), holding the route's `scope` (403; service.routes names each route's)."""
     def check(request: web.Request) -> None:
         header = request.headers.get("Authorization", "")
         if not header.isascii():
@@ -159,7 +159,8 @@ def bearer_check(authenticator: Authenticator) -> Callable[[web.Request], None]:
         if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "unauthorized", "missing bearer token")
         grant = authenticator.grant(token)
-        request[SCOPE_KEY] = grant.scopes
+        if scope is not None and scope not in grant.scopes:
+            raise ApiError(403, "forbidden", f"this token lacks the scope {scope}")
         if grant.expires is not None:
             request[EXPIRES_KEY] = grant.expires
 
@@ -176,11 +177,6 @@ def authentication(authenticator: Authenticator) -> Callable[[web.Request], None
             check(request)
 
     return authenticate
-
-
-def require(request: web.Request, scope: str) -> None:
-    if scope not in request.get(SCOPE_KEY, frozenset()):
-        raise ApiError(403, "forbidden", f"this token lacks the scope {scope}")
 
 
 def until_expiry(request: web.Request) -> asyncio.Timeout:

@@ -3,7 +3,8 @@ the first is the latest batch, the second (trailing slash) the paged list. The p
 overlap, so order only matters for speed: aiohttp tries them in turn, the hot GET comes first.
 The route names are the OpenAPI document's operation ids (service.openapi). Each handler is
 wrapped in the edge (request id, authentication, JSON errors, metrics) where it is registered;
-the app has no aiohttp middleware."""
+the app has no aiohttp middleware. A route names the scope its token needs, checked by the
+edge before the handler runs."""
 
 from __future__ import annotations
 
@@ -26,32 +27,42 @@ from service import (
     ui,
     webhook,
 )
-from service.auth import Authenticator, authentication, bearer_check, protected
+from service.auth import (
+    METRICS_READ,
+    PIPELINES_WRITE,
+    READ,
+    WRITE,
+    Authenticator,
+    authentication,
+    bearer_check,
+    protected,
+)
 from service.errors import Observe, at_edge
 
-ROUTES: Final[tuple[tuple[str, str, Handler, str], ...]] = (
-    ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch"),
-    ("POST", "/api/v1/batches/{pipeline_id}", runs.run_batch, "run_batch"),
-    ("GET", "/api/v1/batches/{pipeline_id}", batches.latest_batch, "latest_batch"),
-    ("GET", "/api/v1/batches/{pipeline_id}/", listing.list_batches, "list_batches"),
-    ("PUT", "/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, "stop_batch"),
-    ("POST", "/api/v1/batches/{pipeline_id}/{batch_id}/resume", resume.resume_batch, "resume_batch"),
-    ("DELETE", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.delete_batch, "delete_batch"),
-    ("PUT", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.put_pipeline, "put_pipeline"),
-    ("GET", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.get_pipeline, "get_pipeline"),
-    ("GET", "/api/v1/pipelines/", pipeline_routes.list_pipelines, "list_pipelines"),
-    ("GET", "/api/v1/steps", step_routes.list_steps, "list_steps"),
-    ("POST", "/api/v1/hooks/prefect", webhook.prefect_webhook, "prefect_webhook"),
-    ("GET", "/api/v1/openapi.json", docs.openapi_json, "openapi"),
-    ("GET", "/api/v1/schemas", schemas.list_schemas, "message_schemas"),
-    ("GET", "/api/v1/schemas/{name}", schemas.get_schema, "message_schema"),
-    ("GET", "/docs", docs.docs_page, "docs"),
-    ("GET", "/healthz", health.healthz, "healthz"),
-    ("GET", "/readyz", health.readyz, "readyz"),
-    ("GET", "/metrics", metrics.metrics, "metrics"),
-    ("GET", "/ui/", ui.page, "ui"),
-    ("GET", "/ui/{name}", ui.page, "ui_file"),
-    ("GET", "/ui", ui.page, "ui_bare"),
+# (method, path, handler, name, the scope its token needs: None for a public route)
+ROUTES: Final[tuple[tuple[str, str, Handler, str, str | None], ...]] = (
+    ("GET", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.get_batch, "get_batch", READ),
+    ("POST", "/api/v1/batches/{pipeline_id}", runs.run_batch, "run_batch", WRITE),
+    ("GET", "/api/v1/batches/{pipeline_id}", batches.latest_batch, "latest_batch", READ),
+    ("GET", "/api/v1/batches/{pipeline_id}/", listing.list_batches, "list_batches", READ),
+    ("PUT", "/api/v1/batches/{pipeline_id}/{batch_id}/stop", batches.stop_batch, "stop_batch", WRITE),
+    ("POST", "/api/v1/batches/{pipeline_id}/{batch_id}/resume", resume.resume_batch, "resume_batch", WRITE),
+    ("DELETE", "/api/v1/batches/{pipeline_id}/{batch_id}", batches.delete_batch, "delete_batch", WRITE),
+    ("PUT", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.put_pipeline, "put_pipeline", PIPELINES_WRITE),
+    ("GET", "/api/v1/pipelines/{pipeline_id}", pipeline_routes.get_pipeline, "get_pipeline", READ),
+    ("GET", "/api/v1/pipelines/", pipeline_routes.list_pipelines, "list_pipelines", READ),
+    ("GET", "/api/v1/steps", step_routes.list_steps, "list_steps", READ),
+    ("POST", "/api/v1/hooks/prefect", webhook.prefect_webhook, "prefect_webhook", None),
+    ("GET", "/api/v1/openapi.json", docs.openapi_json, "openapi", None),
+    ("GET", "/api/v1/schemas", schemas.list_schemas, "message_schemas", None),
+    ("GET", "/api/v1/schemas/{name}", schemas.get_schema, "message_schema", None),
+    ("GET", "/docs", docs.docs_page, "docs", None),
+    ("GET", "/healthz", health.healthz, "healthz", None),
+    ("GET", "/readyz", health.readyz, "readyz", None),
+    ("GET", "/metrics", metrics.metrics, "metrics", METRICS_READ),
+    ("GET", "/ui/", ui.page, "ui", None),
+    ("GET", "/ui/{name}", ui.page, "ui_file", None),
+    ("GET", "/ui", ui.page, "ui_bare", None),
 )
 # The route of every request no route above matched, in /metrics too.
 UNMATCHED: Final = "unmatched"
@@ -59,16 +70,16 @@ UNMATCHED: Final = "unmatched"
 
 def operation_ids() -> dict[tuple[str, str], str]:
     """(lower-case method, path) -> route name."""
-    return {(method.lower(), path): name for method, path, _, name in ROUTES}
+    return {(method.lower(), path): name for method, path, _, name, _ in ROUTES}
 
 
 def setup_routes(app: web.Application, authenticator: Authenticator,
                  observe: Observe | None = None) -> None:
     """Every route behind the edge (service.errors.at_edge), then the catch-all that answers
     what matched none of them. Whether a route needs a token is decided here, once."""
-    check = bearer_check(authenticator)
-    for method, path, handler, name in ROUTES:
-        wrapped = at_edge(handler, name, check if protected(path) else None, observe)
+    for method, path, handler, name, scope in ROUTES:
+        check = bearer_check(authenticator, scope) if protected(path) else None
+        wrapped = at_edge(handler, name, check, observe)
         if method == "GET":  # with HEAD, as aiohttp's add_get does
             app.router.add_get(path, wrapped, name=name)
         else:

@@ -191,9 +191,43 @@ def test_each_routes_pattern_says_whether_its_every_path_needs_a_token(filler: s
     from service.auth import protected
     from service.routes import ROUTES
 
-    for _, pattern, _, name in ROUTES:
+    for _, pattern, _, name, _ in ROUTES:
         path = re.sub(r"\{[^}]+\}", filler, pattern)
         assert protected(path) is protected(pattern), (name, path)
+
+
+def test_a_route_names_a_scope_exactly_when_it_needs_a_token_and_the_document_says_the_same(
+        ) -> None:
+    """The edge checks the scope the route table names (service.routes); the OpenAPI
+    document, written apart, must promise that same scope."""
+    from service.auth import protected
+    from service.openapi import build
+    from service.routes import ROUTES
+
+    paths = build()["paths"]
+    for method, pattern, _, name, scope in ROUTES:
+        assert (scope is not None) is protected(pattern), name
+        security = paths[pattern][method.lower()].get("security")
+        assert security == ([{"bearer": [scope]}] if scope is not None else None), name
+
+
+async def test_each_route_refuses_a_token_without_its_scope_and_takes_one_with_it(
+        api: Client) -> None:
+    """403 before the handler runs, from the route's scope alone; a token holding it passes
+    the edge (whatever the handler then answers)."""
+    from service.routes import ROUTES
+
+    for method, pattern, _, name, scope in ROUTES:
+        if scope is None:
+            continue
+        path = pattern.replace("{pipeline_id}", "p-scope").replace("{batch_id}", "batch-none")
+        others = [s for s in ("batches:read", "batches:write", "pipelines:write", "metrics:read")
+                  if s != scope]
+        response = await api.request(method, path, headers=bearer(hs_token(*others)))
+        assert response.status == 403, (name, response.status)
+        assert (await response.json())["error"]["message"] == f"this token lacks the scope {scope}"
+        response = await api.request(method, path, headers=bearer(hs_token(scope)))
+        assert response.status not in (401, 403), (name, response.status)
 
 
 async def test_an_unmatched_path_under_the_api_needs_a_token_before_it_is_a_404(
