@@ -215,14 +215,14 @@ async def test_each_route_refuses_a_token_without_its_scope_and_takes_one_with_i
         api: Client) -> None:
     """403 before the handler runs, from the route's scope alone; a token holding it passes
     the edge (whatever the handler then answers)."""
+    from service.auth import ALL_SCOPES
     from service.routes import ROUTES
 
     for method, pattern, _, name, scope in ROUTES:
         if scope is None:
             continue
         path = pattern.replace("{pipeline_id}", "p-scope").replace("{batch_id}", "batch-none")
-        others = [s for s in ("batches:read", "batches:write", "pipelines:write", "metrics:read")
-                  if s != scope]
+        others = sorted(ALL_SCOPES - {scope})
         response = await api.request(method, path, headers=bearer(hs_token(*others)))
         assert response.status == 403, (name, response.status)
         assert (await response.json())["error"]["message"] == f"this token lacks the scope {scope}"
