@@ -39,5 +39,6 @@ async def own_redis(port: int, config: Mapping[str, str] | None = None,
         yield url
     finally:
         proc.terminate()
-        await asyncio.wait_for(proc.wait(), 10)
+        async with asyncio.timeout(10):
+            await proc.wait()
         shutil.rmtree(directory, ignore_errors=True)

@@ -12,6 +12,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from core.redis_connection import connection_class
 from core.retry import retrying
 from core.settings import Settings
 
@@ -36,7 +37,8 @@ def redis_retry() -> Retry:
 async def open_redis(settings: Settings, tries: int = 5, *, pool_size: int = REDIS_POOL_SIZE,
                      pool_wait_s: float = REDIS_POOL_WAIT_S) -> Redis:
     pool = BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=pool_size, timeout=pool_wait_s,
+        settings.redis_url, connection_class=connection_class(settings.redis_url),
+        max_connections=pool_size, timeout=pool_wait_s,
         decode_responses=True, socket_connect_timeout=2, health_check_interval=30,
         retry=redis_retry(), retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )

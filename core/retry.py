@@ -198,7 +198,8 @@ class Backoff:
                 log.warning("%s: %s (%s), retry %d in %.1fs", what, verdict.value, describe(exc),
                             tries, delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
 
 
 async def retrying(what: str, attempt: Callable[[], Awaitable[T]], tries: int = 5,

@@ -152,7 +152,8 @@ class OffsetPump:
             await self._publish_changes(final=False)
             # The rate limit: reports arriving meanwhile wait for the next event (or the flush).
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._interval_s)
+                async with asyncio.timeout(self._interval_s):
+                    await self._closing.wait()
             if self._closing.is_set():
                 return
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from core import keys
+from core.redis_connection import connection_class
 
 log = logging.getLogger(__name__)
 RECONNECT_MAX_S = 30.0
@@ -59,7 +60,8 @@ class Nudges:
         once): the worker's own polls go on meanwhile."""
         wait = 0.5
         while True:
-            redis = Redis.from_url(redis_url, decode_responses=True,
+            redis = Redis.from_url(redis_url, connection_class=connection_class(redis_url),
+                                   decode_responses=True,
                                    client_name=f"dhub-worker-nudges:{self.pool}")
             try:
                 async with redis.pubsub() as pubsub:
@@ -138,9 +140,7 @@ def follow_nudges_in(worker_class: type[Any], redis_url: str, pool: str) -> None
         finally:
             nudges.stopped = True
             following.cancel()
-            # Bounded: a cancellation swallowed inside redis-py's connection code (seen with
-            # asyncio.wait_for on Python 3.11) must not hold the worker's exit.
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(following, STOP_WAIT_S)
+            # Bounded, and never cancelling it again: nothing in Redis holds the worker's exit.
+            await asyncio.wait([following], timeout=STOP_WAIT_S)
 
     worker_class.start = start_following

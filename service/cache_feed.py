@@ -92,8 +92,7 @@ class CacheFeed:
         keepalive and deadlines, without retries (a reconnect must go through a reset)."""
         pool = redis.connection_pool
         options = {k: v for k, v in pool.connection_kwargs.items() if k not in _NOT_COPIED}
-        # No socket_timeout: redis-py then sends through asyncio.wait_for, which on Python 3.11
-        # can swallow a cancellation (the app's shutdown). Every step has a deadline here.
+        # No socket_timeout: every step has a deadline of its own here.
         options.update(decode_responses=True, health_check_interval=0, protocol=2,
                        retry=Retry(NoBackoff(), 0), socket_timeout=None,
                        socket_connect_timeout=self.cache.silence_s)

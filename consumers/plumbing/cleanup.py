@@ -99,7 +99,8 @@ class Cleanup:
                 except Exception as exc:  # Redis down: the jobs wait in Redis
                     log.warning("clean-up: jobs not read: %s", describe(exc))
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), self._options.cleanup_poll_s)
+                    async with asyncio.timeout(self._options.cleanup_poll_s):
+                        await self._stopping.wait()
         finally:
             # A pass cut short is run again from the start, here or by another process.
             if self._inflight:

@@ -103,7 +103,8 @@ class Part(abc.ABC):
         self.request_stop()
         if self._running:
             try:
-                await asyncio.wait_for(asyncio.shield(self._finished.wait()), grace)
+                async with asyncio.timeout(grace):
+                    await self._finished.wait()
             except TimeoutError:
                 log.warning("%s did not finish within %.0fs", self.name, grace)
         await self.close()
@@ -111,7 +112,8 @@ class Part(abc.ABC):
     async def sleep(self, seconds: float) -> bool:
         """Sleeps unless stopping; True when the part should stop."""
         try:
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
         except TimeoutError:
             return False
         return True
