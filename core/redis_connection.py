@@ -1,12 +1,15 @@
-"""Redis connections whose write deadline lets a cancellation through.
+"""Redis connections that give back the cancel redis-py's write deadline drops.
 
 redis-py bounds a command's write with `asyncio.wait_for` when the connection has a
 `socket_timeout`. On Python 3.11, wait_for returns the write's result when a cancel lands as the
 write completes, and the cancel is lost: the task goes on talking to Redis (45% of random
 cancels, `tests/test_redis_cancellation.py`), and a shutdown or a test's cleanup waits on it
-forever. Python 3.12 rebuilt wait_for on `asyncio.timeout`, which tells its own cancel from
-anyone else's; these connections use that for the write. Reads keep redis-py's own deadline
-(`socket_timeout`, already an `asyncio.timeout`).
+forever. (Python 3.12 rebuilt wait_for on `asyncio.timeout`, which keeps it.)
+
+A cancel counts on its task whether delivered or not, and wait_for's own deadline cancels only
+the write it wraps: a task whose count rose during a write that returned was cancelled, and the
+cancel is raised here. Bounding the write with `asyncio.timeout` instead would also do, at 4 µs
+of CPU a command (measured); this costs a tenth of a microsecond.
 """
 
 from __future__ import annotations
@@ -21,31 +24,19 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class _CancellableWrites(AbstractConnection):
     async def send_packed_command(self, command: bytes | str | Iterable[bytes],
                                   check_health: bool = True) -> None:
-        deadline = self.socket_timeout
-        if not deadline:
-            await super().send_packed_command(command, check_health)
-            return
-        # With no socket_timeout redis-py writes without wait_for. The health check the
-        # write may start reads with none either: the deadline here covers both.
-        self.socket_timeout = None
-        scope = asyncio.timeout(deadline)
-        try:
-            async with scope:
-                await super().send_packed_command(command, check_health)
-        except TimeoutError as error:
-            if not scope.expired():
-                raise
-            # Part of the command may be on the wire: the connection cannot be reused.
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        await super().send_packed_command(command, check_health)
+        if task is not None and task.cancelling() > cancels:
+            # The command is on the wire and its reply unread: the connection cannot be
+            # reused, as redis-py drops it when a cancel reaches its write.
             await self.disconnect(nowait=True)
-            raise RedisTimeoutError("Timeout writing to socket") from error
-        finally:
-            self.socket_timeout = deadline
+            raise asyncio.CancelledError
 
 
 class TcpConnection(_CancellableWrites, Connection):
