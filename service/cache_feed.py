@@ -206,8 +206,9 @@ class CacheFeed:
 
 
 def _cancelled_meanwhile() -> None:
-    """Raises if this task was cancelled but a library swallowed the CancelledError (seen with
-    redis-py on Python 3.11), so shutdown cannot wait on the follower forever."""
+    """Raises if this task was cancelled but a library swallowed the CancelledError (redis-py
+    did on Python 3.11, before `core.redis_connection`), so shutdown cannot wait on the
+    follower forever."""
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
