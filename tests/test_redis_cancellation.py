@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from core.connections import open_redis
-from core.redis_connection import connection_class
+from core.redis_connection import TcpConnection, connection_class
 from core.settings import Settings
 
 ROUNDS = 150
@@ -110,3 +112,35 @@ async def test_a_server_that_stops_answering_fails_the_command_at_its_deadline(
         finally:
             await client.aclose()
     assert deadline_s <= took < deadline_s + 2.0, f"failed after {took:.2f}s"
+
+
+# -- the drop itself, made certain: the cancel lands as wait_for's step completes ----------
+@pytest.mark.parametrize("method", ["send_packed_command", "handle_pending_push_notifications"])
+@pytest.mark.parametrize("step_fails", [False, True], ids=["step-returns", "step-fails"])
+async def test_a_cancel_wait_for_drops_in_a_step_is_raised(
+        monkeypatch: pytest.MonkeyPatch, method: str, step_fails: bool) -> None:
+    """redis-py's step replaced by one whose wait_for drops the cancel every time: the cancel
+    and the step's end arrive in one turn of the loop. A failed step would be retried by
+    redis-py on a new connection, so it must end in the cancel too."""
+    loop = asyncio.get_running_loop()
+
+    async def dropping_step(self: AbstractConnection, *args: object) -> None:
+        inner: asyncio.Future[None] = loop.create_future()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def end_and_cancel() -> None:
+            if step_fails:
+                inner.set_exception(RedisConnectionError("closed by the server"))
+            else:
+                inner.set_result(None)
+            task.cancel()
+
+        loop.call_soon(end_and_cancel)
+        await asyncio.wait_for(inner, 5)  # the drop under test
+
+    monkeypatch.setattr(AbstractConnection, method, dropping_step)
+    connection = TcpConnection(host="127.0.0.1", port=1)  # never connected: the step is replaced
+    step = getattr(connection, method)
+    with pytest.raises(asyncio.CancelledError):
+        await (step(b"PING\r\n") if method == "send_packed_command" else step())
