@@ -141,6 +141,11 @@ def follow_nudges_in(worker_class: type[Any], redis_url: str, pool: str) -> None
             nudges.stopped = True
             following.cancel()
             # Bounded, and never cancelling it again: nothing in Redis holds the worker's exit.
-            await asyncio.wait([following], timeout=STOP_WAIT_S)
+            done, _ = await asyncio.wait([following], timeout=STOP_WAIT_S)
+            if not done:
+                log.warning("worker nudges: the follower did not stop within %.0f s; the "
+                            "worker exits without it", STOP_WAIT_S)
+            elif not following.cancelled() and (error := following.exception()) is not None:
+                log.warning("worker nudges: the follower failed: %r", error)
 
     worker_class.start = start_following
