@@ -96,6 +96,20 @@ class ChaosStack:
             time.sleep(0.02)
         return time.monotonic()
 
+    def terminate(self, part: str, within_s: float) -> float:
+        """SIGTERMs the part's process group; the seconds until none of it is left. A part
+        still there after `within_s` fails the scenario (and is SIGKILLed first)."""
+        leader = self.pid(part)
+        assert leader is not None, f"{part} of the chaos stack is not running"
+        t0 = time.monotonic()
+        os.killpg(leader, signal.SIGTERM)
+        while _group(leader):
+            if time.monotonic() - t0 > within_s:
+                os.killpg(leader, signal.SIGKILL)
+                raise AssertionError(f"{part} did not stop within {within_s:.0f}s of SIGTERM")
+            time.sleep(0.02)
+        return time.monotonic() - t0
+
     def up(self, *parts: str) -> float:
         """`stack.py up --parts ...` (waits for readiness); returns how long it took."""
         t0 = time.monotonic()
