@@ -147,7 +147,7 @@ class EventsConsumer(Part):
 
     async def _prepare(self, batch: dict[TopicPartition, list[Record]]) -> Poll:
         """Decodes a poll (`consumers.plumbing.polls.decode`) under the current assignment."""
-        return await decode(batch, self.stages.epoch)
+        return await decode(batch, self.stages.epoch, self.options.events_scan)
 
     async def _effect(self, poll: Poll) -> Covered:
         """Applies a poll's events and dead-letters its malformed records. Returns what a
@@ -156,7 +156,7 @@ class EventsConsumer(Part):
         undone."""
         if self._fenced(poll):
             return Covered(poll.epoch)
-        events, bad = poll.events, poll.bad
+        events, bad = poll.applied, poll.bad
         reached: list[tuple[str, str]] = []
         if events:
             unapplied = 0
@@ -175,7 +175,7 @@ class EventsConsumer(Part):
                 before = len(bad)
                 results = await apply_by_batch(poll.batch, bad, self._apply)
                 unapplied = len(bad) - before  # dead-lettered: counted there, not applied
-            self.applied += len(events) - unapplied
+            self.applied += poll.count - unapplied
             for n in results.values():
                 if n < 0:
                     self.dropped += 1

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiokafka import TopicPartition
 from redis.exceptions import ResponseError
 
 from consumers.plumbing.kafka import Record
-from core.codec import CodecError, Event, decode_event, decode_events
+from core.codec import CodecError, Event, StepOffsets, decode_event, decode_events
+from core.offsets_scan import new_scan
 from core.retry import Verdict, classify
 
 # The reason a dead letter gives for the events of a batch its data kept from applying.
@@ -33,14 +34,34 @@ class Poll:
     bad: list[tuple[Record, str]]
     rekey: list[tuple[bytes, Record]]  # events keyed other than by their batch id, re-keyed
     epoch: int  # of the assignment it was fetched under
+    # The offsets events the scanner took (`taken` records), merged (core.offsets_scan).
+    merged: list[StepOffsets] = field(default_factory=list)
+    taken: int = 0
+
+    @property
+    def applied(self) -> list[Event]:
+        """What the poll applies: its decoded events, then the scanner's merge."""
+        return [*self.events, *self.merged] if self.merged else self.events
+
+    @property
+    def count(self) -> int:
+        """The events the poll holds: decoded, and taken by the scanner."""
+        return len(self.events) + self.taken
 
 
-async def decode(batch: dict[TopicPartition, list[Record]], epoch: int) -> Poll:
+async def decode(batch: dict[TopicPartition, list[Record]], epoch: int,
+                 scan: bool = True) -> Poll:
     """Decodes a poll: its events, and its malformed records with their reasons. A record
     delivered again (a producer's retry, a replay) is decoded and applied like any other:
     applying it once more changes nothing (offsets by value, state events de-duplicated by
     id). Skipping repeated bytes cost more than it saved: hashing every record's bytes took
     ~0.2 µs a record, more than decoding the ~10% repeats of a real stream.
+
+    With `scan`, the offsets events the C scanner reads exactly (`core.offsets_scan`) are
+    taken by it and come merged (`Poll.merged`); the rest are decoded here. One case is
+    decoded whole instead: a total of some (pipeline, batch, step) both in a record the
+    scanner took and in one it left, since the merge would put the scanner's last whatever
+    the records' order (the latest total wins).
 
     Yields to the event loop every DECODE_SLICE records: a poll of 20,000 takes ~100 ms of
     CPU here, and meanwhile the previous poll's scripts must reach Redis (a megabyte the
@@ -50,6 +71,7 @@ async def decode(batch: dict[TopicPartition, list[Record]], epoch: int) -> Poll:
     bad: list[tuple[Record, str]] = []
     rekey: list[tuple[bytes, Record]] = []
     append = events.append
+    scanning = new_scan(scan)
     since_yield = 0  # records decoded since the last yield, across partitions
     for records in batch.values():
         start = 0
@@ -61,6 +83,13 @@ async def decode(batch: dict[TopicPartition, list[Record]], epoch: int) -> Poll:
             start += len(piece)
             since_yield += len(piece)
             values = [record.value for record in piece]
+            if scanning is not None:
+                left = scanning.feed(values, [record.key for record in piece])
+                if len(left) < len(piece):
+                    piece = [piece[n] for n in left]
+                    values = [values[n] for n in left]
+                    if not piece:
+                        continue
             for record, event in zip(piece, decode_events(values), strict=True):
                 if isinstance(event, CodecError):
                     bad.append((record, str(event)))
@@ -70,7 +99,20 @@ async def decode(batch: dict[TopicPartition, list[Record]], epoch: int) -> Poll:
                     append(event)
                 else:
                     rekey.append((key, record))  # see consumers.plumbing.rekey
-    return Poll(batch, events, bad, rekey, epoch)
+    if scanning is None or not scanning.taken:
+        return Poll(batch, events, bad, rekey, epoch)
+    merged = scanning.merged()
+    if _totals_of_both(events, merged):
+        return await decode(batch, epoch, scan=False)
+    return Poll(batch, events, bad, rekey, epoch, merged, scanning.taken)
+
+
+def _totals_of_both(events: list[Event], merged: list[StepOffsets]) -> bool:
+    """Whether a (pipeline, batch, step) has totals both among the events decoded here and
+    in the scanner's merge."""
+    decoded = {(e.pipeline_id, e.batch_id, e.step) for e in events if e.totals}
+    return bool(decoded) and any((e.pipeline_id, e.batch_id, e.step) in decoded
+                                 for e in merged if e.totals)
 
 
 def bad_script_data(exc: BaseException) -> bool:

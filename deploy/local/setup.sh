@@ -16,6 +16,8 @@ log() { echo "setup: $*"; }
 command -v java >/dev/null || die "java not found: install a JDK >= 17 (Debian: apt-get install -y openjdk-17-jre-headless)"
 java_major="$(java -version 2>&1 | sed -nE '1s/.*version "([0-9]+).*/\1/p')"
 [[ "${java_major:-0}" -ge 17 ]] || die "java ${java_major:-?} found, Kafka 4 needs >= 17"
+command -v cc >/dev/null || command -v gcc >/dev/null \
+    || die "no C compiler: install gcc (Debian: apt-get install -y gcc); it builds core/_offsets_scan.c"
 command -v mvn >/dev/null || die "mvn not found: install Maven (Debian: apt-get install -y maven); it fetches the Kafka jars"
 
 # --- venv ------------------------------------------------------------------------------------
@@ -33,12 +35,17 @@ fi
 pyver="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 pins="$ROOT/deploy/local/constraints-py$pyver.txt"
 stamp="$VENV/.dhub-installed"
-if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" || ( -f "$pins" && "$pins" -nt "$stamp" ) ]]; then
+# The install also builds the project's C extension in place (core/_offsets_scan.c, gcc):
+# again when its source changed, or its build is gone (a `git clean`).
+scan_src="$ROOT/core/_offsets_scan.c"
+scan_built="$(compgen -G "$ROOT/core/_offsets_scan.*.so" || true)"
+if [[ ! -f "$stamp" || "$ROOT/pyproject.toml" -nt "$stamp" || ( -f "$pins" && "$pins" -nt "$stamp" ) \
+      || -z "$scan_built" || "$scan_src" -nt "$stamp" ]]; then
     pinned=() versions="pyproject.toml's ranges (no pinned versions for Python $pyver)"
     if [[ -f "$pins" ]]; then
         pinned=(-c "$pins") versions="the pinned versions"
     fi
-    log "installing the project into the venv at $versions (pyproject.toml or its pins changed)"
+    log "installing the project into the venv at $versions (pyproject.toml, its pins or the C extension changed)"
     (cd "$ROOT" && "$VENV/bin/python" -m pip install -q "${pinned[@]}" -e '.[dev]')
     touch "$stamp"
 fi
