@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import time
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 import pytest
@@ -15,12 +15,13 @@ from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from consumers.plumbing.polls import DECODE_SLICE, Poll, decode
+from core._offsets_scan import Scanner
 from core.applier import script_entries
 from core.codec import Event
 from core.models import MAX_OFFSET
-from core.offsets_scan import Scanner, new_scan
+from core.offsets_scan import new_scan
 
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord[bytes, bytes]
 TP = TopicPartition("events", 0)
 
 
@@ -78,7 +79,6 @@ async def _both(records: dict[TopicPartition, list[Record]]) -> tuple[Poll, Poll
 
 def test_the_extension_is_built() -> None:
     # `make setup` builds it; without it the consumer decodes everything (a warning says so).
-    assert Scanner is not None
     assert new_scan(True) is not None
     assert new_scan(False) is None
 
@@ -92,7 +92,7 @@ async def test_well_formed_offsets_records_are_taken_and_merged() -> None:
         _raw(step="extract", offsets={"p0": MAX_OFFSET}, ts=0.0),
         _raw(batch="b2", offsets={"p9": 1}),
     ]
-    keys: list[bytes | None] = [b"b1"] * 5 + [b"b2"]
+    keys: list[bytes | None] = [b"b1", b"b1", b"b1", b"b1", b"b1", b"b2"]
     decoded, scanned = await _both(_poll(values, keys))
     assert scanned.taken == 6 and scanned.events == []
     assert {(e.batch_id, e.step): (e.offsets, e.totals) for e in scanned.merged} == {
@@ -163,7 +163,7 @@ ODD: dict[str, bytes | None] = {
 
 @pytest.mark.parametrize("name", list(ODD))
 async def test_an_odd_record_ends_as_the_decode_ends_it(name: str) -> None:
-    values = [_raw(offsets={"p0": 1}), ODD[name], _raw(offsets={"p1": 2})]
+    values: list[bytes | None] = [_raw(offsets={"p0": 1}), ODD[name], _raw(offsets={"p1": 2})]
     _, scanned = await _both(_poll(values))
     assert scanned.taken >= 2  # the well-formed ones around it
 
