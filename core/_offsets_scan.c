@@ -242,8 +242,8 @@ static int read_offset(Cursor *c, int64_t max, int64_t *out) {
     return 1;
 }
 
-/* A JSON number >= 0 in the strict grammar (no sign), parsed as a double. */
-static int read_ts(Cursor *c, double limit, double *out) {
+/* A JSON number in the strict grammar, without a sign, at most `limit` as a double. */
+static int read_ts(Cursor *c, double limit) {
     const char *start = c->s;
     const char *s = c->s;
     if (s < c->end && *s == '0') {
@@ -266,6 +266,21 @@ static int read_ts(Cursor *c, double limit, double *out) {
     }
     size_t n = (size_t)(s - start);
     if (n > MAX_NUMBER) return 0;
+    /* Most stamps are decided by their integer part (a plain decimal of at most 15 digits,
+     * so exact as a double): the value lies in [ip, ip + 1]. strtod only for the rest. */
+    size_t int_n = 0;
+    while (int_n < n && start[int_n] >= '0' && start[int_n] <= '9') int_n++;
+    if (int_n <= 15 && (int_n == n || (start[int_n] == '.' &&
+                                       memchr(start, 'e', n) == NULL &&
+                                       memchr(start, 'E', n) == NULL))) {
+        double ip = 0;
+        for (size_t i = 0; i < int_n; i++) ip = ip * 10 + (start[i] - '0');
+        if (ip + 1 <= limit) {
+            c->s = s;
+            return 1;
+        }
+        if (ip > limit) return 0;
+    }
     char buf[MAX_NUMBER + 1];
     memcpy(buf, start, n);
     buf[n] = '\0';
@@ -273,7 +288,6 @@ static int read_ts(Cursor *c, double limit, double *out) {
     double v = strtod(buf, &stop);
     if (stop != buf + n || !isfinite(v) || v < 0 || v > limit) return 0;
     c->s = s;
-    *out = v;
     return 1;
 }
 
@@ -326,7 +340,6 @@ static int read_record(const char *s, size_t n, double limit, int64_t max, Recor
     Cursor c = {s, s + n};
     unsigned seen = 0;
     Span id, tag;
-    double ts;
     r->n_totals = 0;
     if (c.s >= c.end || *c.s != '{') return 0;
     c.s++;
@@ -369,7 +382,7 @@ static int read_record(const char *s, size_t n, double limit, int64_t max, Recor
         case F_BATCH: ok = read_id(&c, &r->batch); break;
         case F_PIPELINE: ok = read_id(&c, &r->pipeline); break;
         case F_STEP: ok = read_id(&c, &r->step); break;
-        case F_TS: ok = read_ts(&c, limit, &ts); break;
+        case F_TS: ok = read_ts(&c, limit); break;
         case F_OFFSETS: ok = read_parts(&c, max, r->offsets, &r->n_offsets, 0); break;
         default: ok = read_parts(&c, max, r->totals, &r->n_totals, 1); break;
         }
