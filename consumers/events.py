@@ -63,6 +63,7 @@ class EventsConsumer(Part):
         self.stages = Stages(self.name, self._flush, self.options.revoke_wait_s)
         # Totals since start, logged every STATS_EVERY_S and read by tests and benchmarks.
         self.applied = 0
+        self.scanned = 0  # read by the scanner (core.offsets_scan), not decoded one by one
         self.changed = 0
         self.dropped = 0
         self.dead = 0
@@ -126,9 +127,9 @@ class EventsConsumer(Part):
                     flushed_at = time.monotonic()
                 if time.monotonic() - last_stats > STATS_EVERY_S and self.applied != last_applied:
                     last_stats, last_applied = time.monotonic(), self.applied
-                    log.info("events: %d applied (%d changed a batch), %d dropped, "
-                             "%d dead-lettered, %d re-keyed", self.applied, self.changed,
-                             self.dropped, self.dead, self.rekeyed)
+                    log.info("events: %d applied (%d read by the scanner, %d changed a "
+                             "batch), %d dropped, %d dead-lettered, %d re-keyed", self.applied,
+                             self.scanned, self.changed, self.dropped, self.dead, self.rekeyed)
             await stages.settle()  # a graceful stop commits what was applied
         except Stopping:
             return  # Redis or Kafka down at shutdown: left uncommitted, read again later
@@ -176,6 +177,7 @@ class EventsConsumer(Part):
                 results = await apply_by_batch(poll.batch, bad, self._apply)
                 unapplied = len(bad) - before  # dead-lettered: counted there, not applied
             self.applied += poll.count - unapplied
+            self.scanned += poll.taken
             for n in results.values():
                 if n < 0:
                     self.dropped += 1

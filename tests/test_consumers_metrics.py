@@ -51,7 +51,9 @@ async def test_events_dead_letters_and_lag_are_scraped(topics: Settings, redis: 
                               state="running")
         gone = Event(type="batch.state", batch_id="batch-never-created", pipeline_id=pipeline_id,
                      state="running")
-        for e in (running_event, running_event, gone):
+        progress = Event("step.offsets", batch_id, pipeline_id, step="load",
+                         offsets={"p0": 3})  # read by the scanner (core.offsets_scan)
+        for e in (running_event, running_event, gone, progress):
             await send(topics, topics.topic_events, e.batch_id, e.encode())
 
         async def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -61,10 +63,11 @@ async def test_events_dead_letters_and_lag_are_scraped(topics: Settings, redis: 
             return samples(await response.text())
 
         async def all_in() -> bool:
-            return await committed(topics, topics.group_events, topics.topic_events) >= 5
+            return await committed(topics, topics.group_events, topics.topic_events) >= 6
         await eventually(all_in, timeout=20)
         found = await scraped()
-    assert found[("dhub_events_applied_total", ())] == 3
+    assert found[("dhub_events_applied_total", ())] == 4
+    assert found[("dhub_events_scanned_total", ())] == 1
     assert found[("dhub_events_changed_total", ())] >= 1
     assert found[("dhub_events_dropped_total", ())] == 1
     assert found[("dhub_dead_letters_sent_total",

@@ -106,6 +106,9 @@ class ConsumersCollector(Collector):
         if events is not None:
             for what, doc in (("applied", "Events applied to Redis (duplicates included)"),
                               ("changed", "Changes the applied events made to batches"),
+                              ("scanned", "Events read by the C scanner of offsets records "
+                                          "(core.offsets_scan) rather than decoded one by "
+                                          "one"),
                               ("dropped", "Batches whose events were dropped (deleted or "
                                           "unknown batch)"),
                               ("rekeyed", "Events keyed other than by their batch id, sent "
