@@ -67,23 +67,45 @@ typedef struct {
     Value *values;
     size_t n_values, values_cap;
     Index group_index, value_index;
+    uint64_t k0, k1;    /* the hash key */
     int64_t max_offset;
     Py_ssize_t taken;
 } Scanner;
 
-static uint64_t hash_bytes(const char *s, size_t n, uint64_t h) {
-    while (n >= 8) {
-        uint64_t w;
-        memcpy(&w, s, 8);
-        h = (h ^ w) * 0x9E3779B97F4A7C15ULL;
-        h ^= h >> 29;
-        s += 8;
-        n -= 8;
+/* SipHash-1-3 (as CPython's str hash), keyed per process by the caller: the ids come from
+ * producers, and a hash anyone can invert would let crafted ones pile into one probe run
+ * (each insert then walks all the others: quadratic). Little-endian loads, as on x86. */
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                              \
+    do {                                                                                      \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                             \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                             \
+    } while (0)
+
+static uint64_t siphash13(uint64_t k0, uint64_t k1, const char *s, size_t n) {
+    uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+    uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+    uint64_t last = (uint64_t)n << 56;
+    for (; n >= 8; s += 8, n -= 8) {
+        uint64_t m;
+        memcpy(&m, s, 8);
+        v3 ^= m;
+        SIPROUND;
+        v0 ^= m;
     }
-    uint64_t w = 0;
-    memcpy(&w, s, n);
-    h = (h ^ w ^ ((uint64_t)n << 56)) * 0x9E3779B97F4A7C15ULL;
-    return h ^ (h >> 32);
+    uint64_t tail = 0;
+    memcpy(&tail, s, n);
+    last |= tail;
+    v3 ^= last;
+    SIPROUND;
+    v0 ^= last;
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
 }
 
 static int grow(void **items, size_t *cap, size_t need, size_t size) {
@@ -133,7 +155,7 @@ static int index_room(Index *index, size_t count, const void *items, size_t size
 static long group_of(Scanner *self, const char *key, size_t len) {
     if (index_room(&self->group_index, self->n_groups, self->groups, sizeof(Group)) < 0)
         return -1;
-    uint64_t h = hash_bytes(key, len, 0);
+    uint64_t h = siphash13(self->k0, self->k1, key, len);
     size_t mask = self->group_index.cap - 1;
     for (size_t j = h & mask;; j = (j + 1) & mask) {
         uint32_t at = self->group_index.slots[j];
@@ -157,7 +179,13 @@ static int value_put(Scanner *self, uint32_t group, char kind, const char *name,
                      int64_t value) {
     if (index_room(&self->value_index, self->n_values, self->values, sizeof(Value)) < 0)
         return -1;
-    uint64_t h = hash_bytes(name, len, ((uint64_t)group << 8) | (unsigned char)kind);
+    /* hashed as group, kind and name in a row: the group's number and the kind mixed in
+     * like the name's bytes, not folded into them */
+    char key[4 + 1 + MAX_ID];
+    memcpy(key, &group, 4);
+    key[4] = kind;
+    memcpy(key + 5, name, len);
+    uint64_t h = siphash13(self->k0, self->k1, key, 5 + len);
     size_t mask = self->value_index.cap - 1;
     for (size_t j = h & mask;; j = (j + 1) & mask) {
         uint32_t at = self->value_index.slots[j];
@@ -425,10 +453,19 @@ static int record_into_table(Scanner *self, const Record *r) {
 }
 
 static int Scanner_init(Scanner *self, PyObject *args, PyObject *kwds) {
-    static char *names[] = {"max_offset", NULL};
+    static char *names[] = {"max_offset", "key", NULL};
     long long max_offset;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "L", names, &max_offset)) return -1;
+    const char *key;
+    Py_ssize_t key_n;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Ly#", names, &max_offset, &key, &key_n))
+        return -1;
+    if (key_n != 16) {
+        PyErr_SetString(PyExc_ValueError, "key: 16 bytes");
+        return -1;
+    }
     tables_clear(self);
+    memcpy(&self->k0, key, 8);
+    memcpy(&self->k1, key + 8, 8);
     self->max_offset = max_offset;
     self->taken = 0;
     return 0;
@@ -453,7 +490,9 @@ static PyObject *Scanner_feed(Scanner *self, PyObject *args) {
     PyObject *left = PyList_New(0);
     if (left == NULL) return NULL;
     Record r;
-    for (Py_ssize_t i = 0; i < n; i++) {
+    /* The sizes read again each round: the allocations below may run other code. */
+    for (Py_ssize_t i = 0; i < n && i < PyList_GET_SIZE(values) && i < PyList_GET_SIZE(keys);
+         i++) {
         PyObject *value = PyList_GET_ITEM(values, i);
         PyObject *key = PyList_GET_ITEM(keys, i);
         int ok = PyBytes_CheckExact(value) && PyBytes_CheckExact(key) &&

@@ -22,6 +22,7 @@ says so once), and the consumer then decodes every record as before.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Final
 
@@ -41,6 +42,9 @@ MERGED_ID: Final = "merged-offsets"
 # The struct's own constructor (mypy reads Event's facade signature: core.messages). Direct
 # construction, as a decode makes them: what the scanner took passed every check already.
 _MERGED: Any = StepOffsets
+# The scanner's hash key, this process's own: ids come from producers, and a hash nobody can
+# predict keeps crafted ones from piling into one probe run of its tables (core/_offsets_scan.c).
+_HASH_KEY: Final = os.urandom(16)
 _warned = False
 
 
@@ -48,7 +52,7 @@ class Scan:
     """One poll's scan: `feed` each slice of its records, then `merged` once."""
 
     def __init__(self) -> None:
-        self._scanner = Scanner(MAX_OFFSET)
+        self._scanner = Scanner(MAX_OFFSET, _HASH_KEY)
 
     def feed(self, values: list[bytes | None], keys: list[bytes | None]) -> list[int]:
         """Takes the records it can read exactly; returns the places of the others."""

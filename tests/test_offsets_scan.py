@@ -242,9 +242,26 @@ async def test_a_poll_across_slices_merges_into_one_event_per_step() -> None:
 
 
 def test_a_scanner_is_empty_after_its_drain() -> None:
-    scanner = Scanner(MAX_OFFSET)
+    scanner = Scanner(MAX_OFFSET, bytes(16))
     limit = time.time() + 86_400
     assert scanner.feed([_raw(), b"{}"], [b"b1", b"b1"], limit) == [1]
     assert len(scanner.drain()) == 1
     assert scanner.drain() == []
     assert scanner.taken == 1
+
+
+def test_the_hash_key_changes_nothing_but_where_entries_sit() -> None:
+    # Each process hashes with a key of its own (a crafted set of ids must not pile into one
+    # probe run); what a scan keeps, and its order, must not depend on it.
+    values: list[bytes | None] = [
+        _raw(batch=f"b{n % 50}", step=f"s{n % 3}", offsets={f"p{n % 70}": n},
+             totals={f"p{n % 70}": 10_000 - n})
+        for n in range(3_000)]
+    keys: list[bytes | None] = [f"b{n % 50}".encode() for n in range(3_000)]
+    drains = []
+    for key in (bytes(16), b"\xff" * 16, b"0123456789abcdef"):
+        scanner = Scanner(MAX_OFFSET, key)
+        assert scanner.feed(values, keys, time.time() + 86_400) == []
+        drains.append(scanner.drain())
+    assert drains[0] == drains[1] == drains[2]
+    assert len(drains[0]) == 150
