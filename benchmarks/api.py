@@ -264,8 +264,9 @@ def main() -> None:
         single += filtered
     _print_table(f"GET {path} ({len(body)} bytes), {args.connections} connections, "
                  f"{args.seconds} s each, wrk on the same machine; anchor: the mean of two bare "
-                 "runs (the median GET round's, and one after the POST row); GET by id: the "
-                 f"median of {len(get_rounds)} rounds, each the bare handler then the API",
+                 "runs (the median GET round's, and one after the POST row)"
+                 + (f"; GET by id: the median of {len(get_rounds)} rounds, each the bare "
+                    "handler then the API" if get_rounds else ""),
                  [("bare aiohttp handler, same bytes (anchor)", bare), *single], anchor)
     verdicts = []
     found = dict(single)
