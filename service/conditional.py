@@ -155,8 +155,8 @@ def _answer_now(request: web.Request, body: bytes, etag: str) -> web.Response:
 
 async def _held(request: web.Request, wait: float, signal: _Signal,
                 read: Callable[[bool], Awaitable[tuple[bytes, str, int]]]) -> web.Response:
-    """Reads, and while the answer still matches If-None-Match (or is of a rev not above
-    the one that matched) waits on `signal` (registered by the caller before the first
+    """Reads, and while the answer still matches If-None-Match (or is a cached one of a rev
+    not above the one that matched) waits on `signal` (registered by the caller before the first
     read, emptied before every read: a change during a read wakes the next wait) until a
     change or the end of `wait` seconds."""
     if_none_match = request.headers.get("If-None-Match", "")
@@ -170,7 +170,10 @@ async def _held(request: web.Request, wait: float, signal: _Signal,
         body, etag, rev = await read(fresh)
         if matches(if_none_match, etag):
             named = (etag, rev)
-        elif named is None or not 0 < rev <= named[1]:
+        elif named is None or fresh or not 0 < rev <= named[1]:
+            # A read from Redis (`fresh`) is never older than the version named: another
+            # body is a change even at the same rev (one rendered otherwise: a step's
+            # `stalled`) or a lower one (a hash restored, then written again).
             return tagged(body, etag)
         remaining = deadline - loop.time()
         if remaining <= 0 or waiters.closing:
