@@ -131,3 +131,23 @@ async def test_the_stop_event_of_a_batch_with_a_128_character_id_is_one_the_code
     event = decode_event(record.value)
     assert (event.batch_id, event.state) == (batch_id, "stop")
     assert len(event.event_id) <= 128
+
+
+@pytest.mark.timeout(90)
+async def test_a_stop_leaves_alone_another_pipelines_run_that_its_hash_names(
+        topics: Settings, redis: Redis) -> None:
+    """A batch whose hash holds the run of its id's batch in another pipeline (recorded before
+    a created run's pipeline was checked: Prefect hands back a run by its idempotency key, the
+    batch id, across pipelines): its stop cancelled that other batch's run."""
+    async with idle_pool(topics, redis) as pool:
+        batch_id = await pool.batch()
+        run = await pool.scheduled(batch_id)
+        other = unique("other-pipeline")
+        spec = make_spec(other)
+        await PipelineRegistry(redis, Scripts(redis)).register(other, spec)
+        await store_for(redis, topics).create(other, batch_id, spec)
+        await redis.hset(keys.batch(other, batch_id), "flow_run_id", run)
+        async with _cleanup(topics, redis) as (cleanup, gateway):
+            await cleanup.one_pass("stop", other, batch_id, since=0.0)
+            assert await gateway.of_batch(other, batch_id, run) == []
+        assert await pool.state_of(run) == "SCHEDULED"

@@ -20,6 +20,7 @@ from consumers.plumbing.prefect_api import (
     RunState,
     not_found,
     of_an_earlier_batch,
+    of_another_pipeline,
 )
 from core import keys
 from core.codec import Command, Event, Run, derived_id
@@ -155,16 +156,21 @@ class CommandEffects:
             try:
                 run = await self.prefect.create_run(deployment_id, command.batch_id,
                                                     command.pipeline_id, version)
-                if not of_an_earlier_batch(run, created_at):
+                if of_another_pipeline(run, command.pipeline_id):
+                    # The id is another pipeline's batch's too (published to this one): its
+                    # run must not stand for this one, nor be stopped or deleted with it.
+                    why, key = "is another pipeline's", f"{command.pipeline_id}/{command.batch_id}"
+                elif of_an_earlier_batch(run, created_at):
+                    # The id was used before, by a batch long gone (its record and its
+                    # published claim expired): that batch's run must not stand for this one.
+                    why, key = "predates the batch", command.batch_id
+                else:
                     return run
-                # The id was used before, by a batch long gone (its record and its published
-                # claim expired): that batch's run must not stand for this one.
-                log.warning("run %s: Prefect's run %s of the same id predates the batch; a "
-                            "run of this batch's own is created", command.batch_id,
-                            run.flow_run_id)
+                log.warning("run %s: Prefect's run %s of the same id %s; a run of this "
+                            "batch's own is created", command.batch_id, run.flow_run_id, why)
                 return await self.prefect.create_run(
                     deployment_id, command.batch_id, command.pipeline_id, version,
-                    key=f"{command.batch_id}@{created_at}")
+                    key=f"{key}@{created_at}")
             except Exception as exc:
                 if not not_found(exc):
                     raise

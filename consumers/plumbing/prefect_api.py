@@ -67,6 +67,7 @@ class RunState:
     since: datetime | None = None  # when it entered this state
     ran: bool = False  # its engine started it (Prefect set a start time)
     created: datetime | None = None  # when Prefect made it
+    tags: tuple[str, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -87,6 +88,7 @@ class RunState:
             since=state.timestamp if state is not None else None,
             ran=run.start_time is not None,
             created=run.created,
+            tags=tuple(run.tags),
         )
 
 
@@ -103,6 +105,16 @@ def of_an_earlier_batch(run: RunState, created_at: str) -> bool:
         return False
     born = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
     return run.created < born - timedelta(seconds=EARLIER_BATCH_S)
+
+
+def of_another_pipeline(run: RunState, pipeline_id: str) -> bool:
+    """Whether the run is tagged as another pipeline's. Prefect keeps an idempotency key
+    unique per flow, and every pipeline's deployment is of the one flow: creating a run
+    keyed by a batch id hands back the run of that id's batch in another pipeline (an id
+    published to a second pipeline). A run with no pipeline tag is not judged."""
+    own = TAG_PIPELINE_PREFIX + pipeline_id
+    theirs = [tag for tag in run.tags if tag.startswith(TAG_PIPELINE_PREFIX)]
+    return bool(theirs) and own not in theirs
 
 
 class PrefectGateway:
@@ -194,7 +206,10 @@ class PrefectGateway:
         found = {str(r.id): RunState.of(r) for r in runs}
         if known and known not in found:
             found.update(await self.read([known]))
-        return [run for run in found.values() if not of_an_earlier_batch(run, created_at)]
+        # The known run is checked too: a hash may hold another pipeline's run (one handed
+        # back for the same batch id before `create_run`'s callers checked the pipeline).
+        return [run for run in found.values() if not of_an_earlier_batch(run, created_at)
+                and not of_another_pipeline(run, pipeline_id)]
 
     async def cancel(self, run: RunState, message: str) -> RunState:
         """Asks Prefect to cancel: proposed, never forced, so its orchestration decides on the
@@ -226,7 +241,7 @@ class PrefectGateway:
     @staticmethod
     def _with(run: RunState, new: Any) -> RunState:
         return RunState(run.flow_run_id, new.type.value, str(new.id), new.message, new.timestamp,
-                        run.ran)
+                        run.ran, run.created, run.tags)
 
     async def with_heartbeat(self, flow_run_ids: list[str], since: datetime) -> set[str]:
         """Which of these flow runs emitted a heartbeat event since `since` (their engine
