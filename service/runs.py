@@ -123,14 +123,21 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
         return json_obj({"item": claimed.batch_id})
     attempt, batch_id = batch_id, claimed.batch_id
     committed = sent.record("committed", batch_id)
+    # What a dead attempt left is read before anything can release the key: should the read
+    # fail, its batch's fate is unknown (its run command may be on the topic), so the key
+    # stays pending for the next retry to take over again. Released, a retry would run a
+    # second batch beside it.
+    left = (await creates.left_behind(request.app[STORE], request.app[REGISTRY], pipeline_id,
+                                      batch_id) if claimed.taken_over else None)
     try:
         # The run command carries the committed record too, for a rebuild of Redis.
-        if claimed.taken_over:
-            await _finish(request, pipeline_id, batch_id, record, (idem_key, committed))
+        if left is not None:
+            await _finish(request, pipeline_id, batch_id, record, left, (idem_key, committed))
         else:
             await _create_and_queue(request, pipeline_id, batch_id, record,
                                     (idem_key, committed))
     except BaseException:
+        # Nothing of this key's is left to run: never created, undone, or abandoned.
         await keys_.release(idem_key, attempt)
         raise
     await keys_.commit(idem_key, committed, batch_id)
@@ -141,12 +148,10 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
 
 async def _finish(request: web.Request, pipeline_id: str, batch_id: str,
                   record: Callable[[str], Awaitable[creates.Created]],
-                  idempotency: tuple[str, str]) -> None:
+                  left: creates.LeftBehind, idempotency: tuple[str, str]) -> None:
     """What a dead attempt left of its batch, finished: created if it never was, its run
     command sent again while it is pending (a run command twice runs one flow run), nothing
     once its run was taken or it is gone."""
-    left = await creates.left_behind(request.app[STORE], request.app[REGISTRY], pipeline_id,
-                                     batch_id)
     if left.state == "missing":
         await _create_and_queue(request, pipeline_id, batch_id, record, idempotency)
     elif left.created is not None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from core import keys
 from core.codec import decode_command
@@ -159,6 +160,39 @@ async def test_killed_before_the_create_the_retry_creates_and_runs_one_batch(
         assert again in await run_commands(topics, again)
         response = await api.post("/api/v1/batches/p", headers=KEY)
         assert (await response.json())["item"] == again
+    finally:
+        dies.bury()
+        await first
+
+
+async def test_a_retry_that_cannot_read_what_the_dead_attempt_left_keeps_the_key_pending(
+        api: Client, redis: Redis, topics: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry took the key over, then its read of the dead attempt's batch failed (a
+    failover). It released the key, though that batch's run command was on the topic: the
+    next retry created and ran a second batch for the key."""
+    keys_ = api.app[IDEMPOTENCY]
+    dies = Dies(keys_.commit, after=False)
+    monkeypatch.setattr(keys_, "commit", dies)
+    first = await first_dies(api, dies)
+    [first_id] = await batch_ids(redis)
+    real = creates.left_behind
+    failed = asyncio.Event()
+
+    async def fails_once(*args: Any) -> creates.LeftBehind:
+        if not failed.is_set():
+            failed.set()
+            raise RedisConnectionError("connection reset (a failover)")
+        return await real(*args)
+
+    monkeypatch.setattr(creates, "left_behind", fails_once)
+    try:
+        async def refused() -> bool:
+            response = await api.post("/api/v1/batches/p", headers=KEY)
+            return response.status == 503 and failed.is_set()
+        await eventually(refused, timeout=15, interval=0.1)  # once the lease has passed
+        again = await retried(api)
+        assert again == first_id, "the key's one batch is the one whose run was queued"
+        assert await batch_ids(redis) == [first_id]
     finally:
         dies.bury()
         await first
