@@ -3,10 +3,13 @@ the deletes and stops whose work may be unfinished, the API's runs with what the
 and the batches published with a creation request, each in its place on the topic.
 
 A batch's commands share its key, so its partition, and their offsets order them: a delete
-or a stop applies to the batch only when it follows the batch's last creation there (a
-delete of an id nobody created yet does nothing, README, and must not hide the batch that id
-names later). A creation that left the topic (retention by time, oldest first) came before
-every command of that key still on it.
+or a stop applies to the batch only when it follows the batch's last published creation there
+(a delete of an id nobody created yet does nothing, README, and must not hide the batch that
+id names later). An API's run command is no creation: the API recorded its batch before
+sending it, under an id of its own making, so a delete of that id can only be of that batch,
+even one that reached the topic first (a DELETE while the POST's send was slow; live, the
+consumer hides the batch, then skips its run). A creation that left the topic (retention by
+time, oldest first) came before every command of that key still on it.
 """
 
 from __future__ import annotations
@@ -46,11 +49,13 @@ class At(NamedTuple):
 
 @dataclass(slots=True)
 class CommandsRead:
-    """Each batch's last delete, stop and creation (a run with `create` or `recorded`)."""
+    """Each batch's last delete, stop, published creation (a run with `create`), and run
+    with `create` or `recorded`."""
 
     delete_at: dict[Batch, At] = field(default_factory=dict)
     stop_at: dict[Batch, At] = field(default_factory=dict)
     created_at: dict[Batch, At] = field(default_factory=dict)
+    run_at: dict[Batch, At] = field(default_factory=dict)
     # The API's runs, each carrying what its create recorded (`core.restore_runs`).
     recorded: dict[Batch, Run] = field(default_factory=dict)
     # The runs published with `create` (their batch ids are claimed: `keys.published`).
@@ -81,12 +86,13 @@ class CommandsRead:
                 self.recorded[batch] = command
             if command.creation is not None:
                 self.published.add(batch)
-            if recorded_of(command) is not None or command.creation is not None:
                 self.created_at[batch] = at
+            if recorded_of(command) is not None or command.creation is not None:
+                self.run_at[batch] = at
 
     @property
     def deletes(self) -> set[Batch]:
-        """The batches deleted since their last creation."""
+        """The batches deleted since their last published creation (an API's batch: at all)."""
         return {batch for batch, at in self.delete_at.items()
                 if at.after(self.created_at.get(batch))}
 
@@ -97,7 +103,7 @@ class CommandsRead:
         then, so with no record of it left on the snapshots topic, the retention removed it
         and compaction dropped its tombstone since (a day on, while the commands topic keeps
         a week)."""
-        at = self.created_at[batch]
+        at = self.run_at[batch]
         return (retention_s > 0 and at.offset < committed.get(at.partition, 0)
                 and at.ts < now - retention_s)
 
@@ -120,7 +126,7 @@ class CommandsRead:
 
     @property
     def stops(self) -> set[Batch]:
-        """The batches stopped since their last creation."""
+        """The batches stopped since their last published creation (an API's batch: at all)."""
         return {batch for batch, at in self.stop_at.items()
                 if at.after(self.created_at.get(batch))}
 

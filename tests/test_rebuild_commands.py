@@ -25,6 +25,7 @@ from consumers.rebuild import rebuild
 from consumers.rebuild_commands import CommandsRead
 from core import keys
 from core.codec import Command, decode_command
+from core.command_messages import Recorded
 from core.settings import Settings
 from core.snapshots import pipeline_key, pipeline_record
 from tests.conftest import eventually
@@ -291,3 +292,19 @@ def test_a_delete_or_stop_counts_only_after_the_batchs_last_creation() -> None:
     assert read.stops == {("p", "batch-b"), ("p", "batch-e")}
     assert read.published == {("p", "batch-a"), ("p", "batch-b"), ("p", "batch-d")}
     assert read.abandoned == {("p", "batch-b")}
+
+
+def test_an_api_runs_delete_counts_wherever_it_is_on_the_topic() -> None:
+    """A DELETE sent while the POST's send was slow reaches the topic before the run: live,
+    the consumer hides the batch and then skips its run. The run counted as a creation, so
+    a rebuild restored the batch live from what its run recorded, and ran it."""
+    read = CommandsRead()
+    recorded = Recorded(seq=1, created_at="2026-12-05T00:00:00.000Z", extra={})
+    for kind, batch_id, offset in (("delete", "batch-x", 1), ("run", "batch-x", 2),
+                                   ("stop", "batch-y", 3), ("run", "batch-y", 4)):
+        fields: dict[str, Any] = {"recorded": recorded} if kind == "run" else {}
+        value = Command(kind, batch_id, "p", ts=100.0 + offset, **fields).encode()
+        read.take(cast(Any, SimpleNamespace(partition=0, offset=offset, value=value)))
+    assert read.deletes == {("p", "batch-x")}
+    assert read.stops == {("p", "batch-y")}
+    assert set(read.recorded) == {("p", "batch-x"), ("p", "batch-y")}
