@@ -32,7 +32,15 @@ from service.auth import until_expiry
 from service.cache import etag_of
 from service.errors import not_found
 from service.fills import fills_of
-from service.streams import KEEPALIVE_S, STREAM_HEADERS, backstop_due, cut_off, event, write
+from service.streams import (
+    DEGRADED_POLL_S,
+    KEEPALIVE_S,
+    STREAM_HEADERS,
+    backstop_due,
+    cut_off,
+    event,
+    write,
+)
 from service.waiters import GONE, READ, Version
 
 # Deleted batches a pipeline stream remembers having announced (a delete publishes twice).
@@ -74,6 +82,9 @@ return {deleted, moved}
 """
 
 Changes = list[tuple[str, Version | object]]  # batch keys to send, each a body, READ or GONE
+# What a stream sent of a batch: its rev, and its ETag (a body can change at the same rev: a
+# step's `stalled` is decided when it is rendered).
+Sent = tuple[int, str]
 
 
 async def stream_pipeline(request: web.Request, pipeline_id: str,
@@ -96,14 +107,15 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
         response = web.StreamResponse(headers=STREAM_HEADERS)
         await response.prepare(request)
         gone: set[str] = set()
-        # ids sent as `batch` (not since `deleted`) -> the rev sent: oldest first
-        sent: dict[str, int] = {}
+        # ids sent as `batch` (not since `deleted`) -> what was sent: oldest first
+        sent: dict[str, Sent] = {}
         try:
             async with until_expiry(request):  # its token's life
                 for batch_id, read in zip(page.items, first, strict=True):
                     if read is not None:  # else gone since the page's read: never sent
-                        await write(response, event("batch", read[0], etag_of(read[0])))
-                        _remember(sent, batch_id, read[1])
+                        etag = etag_of(read[0])
+                        await write(response, event("batch", read[0], etag))
+                        _remember(sent, batch_id, read[1], etag)
                 fresh_by = backstop_due(cache.ttl_s, pipeline_id)
                 # From the last keep-alive, not from each wake-up: the backstop's reads (every
                 # cache.ttl_s, shorter than KEEPALIVE_S) must not put the keep-alive off for ever.
@@ -111,15 +123,18 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                 backstop_only = False
                 while True:
                     # A change made without a message (FLUSHDB, a forced rebuild) wakes nothing:
-                    # the page is read again at least every cache.ttl_s, as after a reset.
+                    # the page is read again at least every cache.ttl_s, as after a reset;
+                    # every DEGRADED_POLL_S while the feed is down (nothing wakes us then).
+                    due = fresh_by if cache.live else min(fresh_by,
+                                                          loop.time() + DEGRADED_POLL_S)
                     try:
-                        async with asyncio.timeout_at(min(keep_alive_at, fresh_by)):
+                        async with asyncio.timeout_at(min(keep_alive_at, due)):
                             await watch.wake.wait()
                     except TimeoutError:
                         if loop.time() >= keep_alive_at:
                             await write(response, b": keep-alive\n\n")
                             keep_alive_at = loop.time() + KEEPALIVE_S
-                        if loop.time() < fresh_by:
+                        if loop.time() < due:
                             continue
                         fresh_by = backstop_due(cache.ttl_s, pipeline_id)
                         backstop_only = not watch.everything  # else a real reset is pending too
@@ -147,9 +162,10 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                                                  and ids[1] not in sent)
                         if fresh:
                             read = await fills.read_version(*ids)
-                            if read is not None and 0 < read[1] == sent.get(ids[1]):
-                                continue  # sent already
                             item = Version.of(read[0], rev=read[1]) if read is not None else GONE
+                            if (isinstance(item, Version) and item.rev > 0
+                                    and (item.rev, item.etag) == sent.get(ids[1])):
+                                continue  # sent already
                         if item is GONE:
                             sent.pop(ids[1], None)
                             if ids[1] in gone:  # hidden, then purged: said once
@@ -161,10 +177,10 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
                         else:
                             assert isinstance(item, Version)
                             # A message can arrive after a read that saw a newer version.
-                            if not fresh and item.not_after(sent.get(ids[1], 0)):
+                            if not fresh and item.not_after(sent.get(ids[1], (0, ""))[0]):
                                 continue
                             await write(response, event("batch", item.body, item.etag))
-                            _remember(sent, ids[1], item.rev)
+                            _remember(sent, ids[1], item.rev, item.etag)
         except (ConnectionError, TimeoutError):
             cut_off(request)
         except Exception as exc:  # Redis gone mid-stream, say: the 200 is sent already
@@ -175,7 +191,7 @@ async def stream_pipeline(request: web.Request, pipeline_id: str,
 
 
 async def _after_reset(store: BatchStore, pipeline_id: str, limit: int,
-                       sent: Mapping[str, int], taken: Changes, depth: int = MAX_SENT
+                       sent: Mapping[str, Sent], taken: Changes, depth: int = MAX_SENT
                        ) -> Changes:
     """What to send after a reset, oldest first: `deleted` for the batches sent that left
     the index, the batches sent beyond the page whose rev moved, the page (each read now,
@@ -191,16 +207,16 @@ async def _after_reset(store: BatchStore, pipeline_id: str, limit: int,
     return changed + [(key, item) for key, item in taken if key not in listed]
 
 
-def _remember(sent: dict[str, int], batch_id: str, rev: int) -> None:
-    """`batch_id` was just sent at `rev`: the most recent of `sent`, which keeps MAX_SENT at
-    most."""
+def _remember(sent: dict[str, Sent], batch_id: str, rev: int, etag: str) -> None:
+    """`batch_id` was just sent at `rev` with `etag`: the most recent of `sent`, which keeps
+    MAX_SENT at most."""
     sent.pop(batch_id, None)
     if len(sent) >= MAX_SENT:
         del sent[next(iter(sent))]
-    sent[batch_id] = rev
+    sent[batch_id] = (rev, etag)
 
 
-async def _changed_meanwhile(redis: Redis, pipeline_id: str, sent: Mapping[str, int],
+async def _changed_meanwhile(redis: Redis, pipeline_id: str, sent: Mapping[str, Sent],
                              page: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """Among the batches sent that are not on the page just read: those out of the batch
     index, and those in it whose `rev` is not the one sent (CHANGED_MEANWHILE), CHECK_CHUNK
@@ -214,7 +230,7 @@ async def _changed_meanwhile(redis: Redis, pipeline_id: str, sent: Mapping[str, 
         chunk = off_page[at:at + CHECK_CHUNK]
         gone, changed = await script(
             keys=[keys.batch_index(pipeline_id), *(keys.batch(pipeline_id, b) for b in chunk)],
-            args=[x for batch_id in chunk for x in (batch_id, sent[batch_id])])
+            args=[x for batch_id in chunk for x in (batch_id, sent[batch_id][0])])
         deleted += gone
         moved += changed
     return deleted, moved

@@ -141,10 +141,11 @@ async def test_the_reset_check_finds_the_deleted_and_the_changed_in_chunks(
     ids = [new_batch_id() for _ in range(4)]
     for batch_id in ids:
         await store.create(pipeline, batch_id, spec())
-    sent = {b: int((await store.fields(pipeline, b) or {})["rev"]) for b in ids}
+    sent = {b: (int((await store.fields(pipeline, b) or {})["rev"]), "") for b in ids}
     await store.hide(pipeline, ids[0])
     await store.apply([Event("batch.state", ids[1], pipeline, state="running")])
-    sent[ids[2]] += 5  # a rebuild restored a lower rev than the one sent: Redis is the truth
+    # A rebuild restored a lower rev than the one sent: Redis is the truth.
+    sent[ids[2]] = (sent[ids[2]][0] + 5, "")
     monkeypatch.setattr(pipeline_stream, "CHECK_CHUNK", 2)  # two calls
     assert await pipeline_stream._changed_meanwhile(redis, pipeline, sent, {ids[3]: {}}) == (
         [ids[0]], [ids[1], ids[2]])
@@ -160,7 +161,8 @@ async def test_the_backstops_check_covers_the_most_recent_batches_a_reset_all(
     ids = [new_batch_id() for _ in range(3)]
     for batch_id in ids:
         await store.create(pipeline, batch_id, spec())
-    sent = {b: int((await store.fields(pipeline, b) or {})["rev"]) for b in ids}  # oldest first
+    # oldest first
+    sent = {b: (int((await store.fields(pipeline, b) or {})["rev"]), "") for b in ids}
     for batch_id in ids[:2]:
         await store.apply([Event("batch.state", batch_id, pipeline, state="running")])
 
