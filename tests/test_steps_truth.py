@@ -191,3 +191,24 @@ async def test_a_cancel_arriving_while_the_offsets_are_flushed_is_not_swallowed(
     ending.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(ending, timeout=5)
+
+
+def test_a_resume_of_a_resume_cut_short_while_taking_its_files_over_gets_them_all(
+        tmp_path: Path) -> None:
+    """B, a resume of A, stopped while copying A's files (a step had started: the API names
+    B as the holder of the data). C, a resume of B, took B's partial directory over and
+    marked it taken for good: it went on without the partitions B never got."""
+    names = ("source/partition_0.jsonl", "staging/partition_0.jsonl",
+             "staging/partition_1.jsonl")
+    a, b, c = (tmp_path / name for name in ("batch-a", "batch-b", "batch-c"))
+    for rel in names:
+        (a / rel).parent.mkdir(parents=True, exist_ok=True)
+        (a / rel).write_bytes(b'{"order": 1}\n' * 10)
+    # B's copy, cut short after its first file.
+    files.inherit(a, b)
+    (b / files.INHERITED_MARK).unlink()
+    (b / names[2]).unlink()
+    files.inherit(b, c)
+    for rel in names:
+        assert (c / rel).read_bytes() == (a / rel).read_bytes(), rel
+    assert files.inherited(b) and files.inherited(c)

@@ -73,6 +73,9 @@ def sync(out: BinaryIO) -> int:
 # whose rows are keyed by the batch that loaded them (a resumed `load` writes its own).
 _NOT_INHERITED = ("sales.db",)
 INHERITED_MARK = ".inherited"
+# Which batch's files a resumed batch is taking over, written before the first one: a copy
+# cut short (the batch stopped mid-copy, a disk error) leaves it without INHERITED_MARK.
+INHERITING_MARK = ".inheriting-from"
 
 
 def inherited(new_root: Path) -> bool:
@@ -89,6 +92,16 @@ def inherit(old_root: Path, new_root: Path) -> None:
     mark = new_root / INHERITED_MARK
     if mark.exists():
         return
+    # A resume of a resume that stopped while taking its files over (the API names it as
+    # the holder once one of its steps started): its copy is finished first, from the batch
+    # it went on from, so this one does not go on from part of the files.
+    source = old_root / INHERITING_MARK
+    if not inherited(old_root) and source.exists():
+        name = source.read_text()
+        if name and name not in (".", "..") and "/" not in name:
+            inherit(old_root.parent / name, old_root)
+    make_dirs(new_root)
+    write_atomically(new_root / INHERITING_MARK, old_root.name.encode())
     touched: set[Path] = set()
     if old_root.is_dir():
         for src in sorted(old_root.rglob("*")):
