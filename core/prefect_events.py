@@ -54,6 +54,12 @@ TASK_STATES: Final[dict[str, str]] = {
     "CRASHED": "failed",
     "CANCELLED": "failed",
 }
+# Task states the engine gives a task run after its step may have ended by itself: a cancel
+# or a kill landing after the step's SDK published `success` (its work durable, its offsets
+# acknowledged) and before Prefect recorded Completed makes the task run Crashed. Their
+# `failed` goes as a guess (ts 0), as the hooks' and the reconciler's do: it decides a step
+# that reported no end, and loses to the end the step reported itself.
+GUESSED_TASK_STATES: Final = frozenset({"CRASHED", "CANCELLED"})
 
 
 class TranslateError(ValueError):
@@ -221,7 +227,9 @@ def translate(
             type="step.state", batch_id=owner[1], pipeline_id=owner[0],
             event_id=event_id(prefect_id), step=step, state=step_state,
         )  # fmt: skip
-        if ts is not None:
+        if state_type in GUESSED_TASK_STATES:
+            step_event.ts = 0.0
+        elif ts is not None:
             step_event.ts = state_time(ts)
         return [step_event]
     return []

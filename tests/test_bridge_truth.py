@@ -406,3 +406,34 @@ async def test_a_task_state_stamped_out_of_range_does_not_blind_the_reconciler(
         ("step.state", "success"), ("batch.state", "stop")]
     for event in events:
         assert decode_event(event.encode()).to_dict() == event.to_dict()
+
+
+async def test_a_task_crashed_after_its_step_reported_success_leaves_the_success(
+        store: BatchStore) -> None:
+    """A cancel (or a kill) landing after the step's SDK published `success` and before
+    Prefect's task engine recorded Completed makes the task run Crashed, stamped later: the
+    bridge's `failed` replaced the success of a step whose work was done."""
+    batch_id = await scheduled_batch(store)
+    reported = time.time() - 2
+    await store.apply([
+        Event("step.state", batch_id, P, step="extract", state="running"),
+        Event("step.offsets", batch_id, P, step="extract", offsets={"partition_0": 100}),
+        Event("step.state", batch_id, P, step="extract", state="success", ts=reported)])
+    crashed = captured("task_run_crashed", batch_id)
+    crashed["resource"]["prefect.resource.name"] = "extract"
+    crashed["resource"]["prefect.state-timestamp"] = datetime.fromtimestamp(
+        reported + 0.05, UTC).isoformat()
+    await store.apply(translate(crashed))
+    batch = await store.get(P, batch_id)
+    assert batch is not None and batch["state"]["steps"]["extract"]["state"] == "success"
+
+
+async def test_a_task_crashed_without_an_end_of_its_steps_own_fails_the_step(
+        store: BatchStore) -> None:
+    batch_id = await scheduled_batch(store)
+    await store.apply([Event("step.state", batch_id, P, step="extract", state="running")])
+    crashed = captured("task_run_crashed", batch_id)
+    crashed["resource"]["prefect.resource.name"] = "extract"
+    await store.apply(translate(crashed))
+    batch = await store.get(P, batch_id)
+    assert batch is not None and batch["state"]["steps"]["extract"]["state"] == "failed"
