@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 from uuid import UUID
 
@@ -24,7 +25,8 @@ from redis.asyncio import Redis
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
 from consumers.plumbing.active import ActiveRuns
-from consumers.plumbing.prefect_api import EARLIER_BATCH_S
+from consumers.plumbing.metrics import Latencies
+from consumers.plumbing.prefect_api import EARLIER_BATCH_S, PrefectGateway
 from core import keys
 from core.codec import Command, Event, decode_event
 from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, flow_run_tags, new_batch_id
@@ -437,3 +439,29 @@ async def test_a_task_crashed_without_an_end_of_its_steps_own_fails_the_step(
     await store.apply(translate(crashed))
     batch = await store.get(P, batch_id)
     assert batch is not None and batch["state"]["steps"]["extract"]["state"] == "failed"
+
+
+async def test_the_reconcilers_step_ends_give_a_crashed_task_run_as_a_guess(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reconciler's repair path took a Crashed task run's time as the step's end, so it
+    failed a step whose own `success` came earlier, as the bridge did."""
+    now = datetime.now(UTC)
+
+    def task_run(name: str, kind: StateType, at: datetime) -> Any:
+        return SimpleNamespace(name=name, state=SimpleNamespace(
+            type=kind, timestamp=at, id=uuid.uuid4()))
+
+    runs = [task_run("extract", StateType.CRASHED, now),
+            task_run("load", StateType.COMPLETED, now - timedelta(seconds=1)),
+            task_run("load", StateType.CANCELLED, now - timedelta(seconds=2))]
+    gateway = PrefectGateway.__new__(PrefectGateway)
+    gateway._timeout = 5.0
+    gateway.latencies = Latencies()
+
+    async def read_task_runs(**_: Any) -> list[Any]:
+        return runs
+
+    gateway.client = cast(Any, SimpleNamespace(read_task_runs=read_task_runs))
+    ends = await gateway.step_ends(str(uuid.uuid4()))
+    assert ends["extract"][0::2] == ("failed", 0.0)
+    assert ends["load"][0::2] == ("success", (now - timedelta(seconds=1)).timestamp())

@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Cancelling, Crashed
 
 from consumers.plumbing.metrics import Latencies
 from core.models import TAG_BATCH_PREFIX, TAG_PIPELINE_PREFIX, flow_run_tags, is_uuid
-from core.prefect_events import TASK_STATES
+from core.prefect_events import GUESSED_TASK_STATES, TASK_STATES
 from core.settings import Settings
 
 T = TypeVar("T")
@@ -172,7 +172,9 @@ class PrefectGateway:
     async def step_ends(self, flow_run_id: str) -> dict[str, tuple[str, str, float]]:
         """The final state of each step of a flow run as its task runs hold it: step name ->
         (step state, Prefect state id, when it was entered), the latest task run of a step
-        deciding. A task run is named after its step once Running (pipelines/flow.py)."""
+        deciding. A task run is named after its step once Running (pipelines/flow.py). A
+        Crashed or Cancelled one's time is 0, a guess (`GUESSED_TASK_STATES`): the end its
+        step reported itself beats it."""
         if not is_uuid(flow_run_id):
             return {}
         runs = await self._bounded("read_task_runs", self.client.read_task_runs(
@@ -180,15 +182,17 @@ class PrefectGateway:
             limit=200,
         ))  # fmt: skip
         ends: dict[str, tuple[str, str, float]] = {}
+        latest: dict[str, float] = {}
         for run in runs:
             state = run.state
             mapped = TASK_STATES.get(state.type.value) if state is not None else None
             if state is None or mapped not in ("success", "failed"):
                 continue
-            held = ends.get(run.name)
             entered = state.timestamp.timestamp()
-            if held is None or entered > held[2]:
-                ends[run.name] = (mapped, str(state.id), entered)
+            if run.name not in latest or entered > latest[run.name]:
+                latest[run.name] = entered
+                guessed = state.type.value in GUESSED_TASK_STATES
+                ends[run.name] = (mapped, str(state.id), 0.0 if guessed else entered)
         return ends
 
     async def of_batch(self, pipeline_id: str, batch_id: str, known: str | None = None,
