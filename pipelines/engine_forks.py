@@ -146,6 +146,10 @@ class ForkServer:
         signal.pthread_sigmask(signal.SIG_BLOCK, {*PASSED_SIGNALS, signal.SIGCHLD})
         try:
             pid = os.fork()
+        except OSError:  # EAGAIN, ENOMEM: the request is refused, the pipe not kept
+            os.close(go_r)
+            os.close(go_w)
+            raise
         finally:
             if os.getpid() == self._server_pid:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {*PASSED_SIGNALS, signal.SIGCHLD})
@@ -188,6 +192,10 @@ class ForkServer:
         conn.close()
 
     def _requester_spoke(self, conn: socket.socket, pid: int) -> None:
+        if self._children.get(pid) is not conn:
+            # Reaped earlier in the same round of select (the child ended as its requester
+            # went away): its socket is unregistered and closed already.
+            return
         try:
             data = conn.recv(64)
         except OSError:

@@ -208,3 +208,24 @@ def test_a_requester_started_unlike_the_server_gets_a_fresh_interpreter(
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert json.loads(out.splitlines()[0])["pid"] == proc.pid  # exec'd, not forked
+
+
+def test_a_requester_gone_as_its_child_was_reaped_in_the_same_round_is_no_crash(
+        tmp_path: Path) -> None:
+    """A child's end (SIGCHLD) and its requester's going away in one round of select: the
+    reap closed and unregistered the requester's socket, then its turn in the round raised
+    ValueError from the selector, and the fork server died."""
+    from pipelines.engine_forks import ForkServer
+
+    fork_server = ForkServer(tmp_path / "forks.sock")
+    requester, server_end = socket.socketpair()
+    pid = 2**22 + 1  # no process: nothing to signal
+    fork_server._children[pid] = server_end
+    fork_server._sel.register(server_end, 1, pid)
+    requester.close()
+    # What the reap does with the child's entry and socket, earlier in the same round.
+    fork_server._children.pop(pid)
+    fork_server._sel.unregister(server_end)
+    server_end.close()
+    fork_server._requester_spoke(server_end, pid)
+    assert pid not in fork_server._children
