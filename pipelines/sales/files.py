@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from core.step_catalogue import batch_dir
+
 
 def make_dirs(directory: Path) -> None:
     """`directory` and its missing parents, each new one's name durable: a file's fsync
@@ -97,9 +99,7 @@ def inherit(old_root: Path, new_root: Path) -> None:
     # it went on from, so this one does not go on from part of the files.
     source = old_root / INHERITING_MARK
     if not inherited(old_root) and source.exists():
-        name = source.read_text()
-        if name and name not in (".", "..") and "/" not in name:
-            inherit(old_root.parent / name, old_root)
+        inherit(batch_dir(old_root.parent, source.read_text()), old_root)
     make_dirs(new_root)
     write_atomically(new_root / INHERITING_MARK, old_root.name.encode())
     touched: set[Path] = set()
