@@ -25,7 +25,6 @@ from redis.asyncio import Redis
 from consumers.commands import CommandsConsumer
 from consumers.events import EventsConsumer
 from consumers.plumbing.active import ActiveRuns
-from consumers.plumbing.metrics import Latencies
 from consumers.plumbing.prefect_api import EARLIER_BATCH_S, PrefectGateway
 from core import keys
 from core.codec import Command, Event, decode_event
@@ -442,7 +441,7 @@ async def test_a_task_crashed_without_an_end_of_its_steps_own_fails_the_step(
 
 
 async def test_the_reconcilers_step_ends_give_a_crashed_task_run_as_a_guess(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        test_settings: Settings) -> None:
     """The reconciler's repair path took a Crashed task run's time as the step's end, so it
     failed a step whose own `success` came earlier, as the bridge did."""
     now = datetime.now(UTC)
@@ -454,9 +453,7 @@ async def test_the_reconcilers_step_ends_give_a_crashed_task_run_as_a_guess(
     runs = [task_run("extract", StateType.CRASHED, now),
             task_run("load", StateType.COMPLETED, now - timedelta(seconds=1)),
             task_run("load", StateType.CANCELLED, now - timedelta(seconds=2))]
-    gateway = PrefectGateway.__new__(PrefectGateway)
-    gateway._timeout = 5.0
-    gateway.latencies = Latencies()
+    gateway = PrefectGateway(test_settings, 5.0)  # its client never opened: replaced below
 
     async def read_task_runs(**_: Any) -> list[Any]:
         return runs
