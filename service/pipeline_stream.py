@@ -9,9 +9,9 @@ one. A client that falls `waiters.MAX_PENDING` changed batches behind is cut off
 After a reset of the feed (changes may have been missed; the backstop, every `cache.ttl_s`,
 is one too) the stream reads Redis for what it has not been told: `deleted` for each batch it
 had sent (the last MAX_SENT) that left the index meanwhile, each one it had sent beyond the
-page whose `rev` moved meanwhile (CHANGED_MEANWHILE: one script answers both; the
-client's live list still shows them), then the page again, oldest first, each only if it
-changed since sent.
+page whose `rev` moved meanwhile or that is running (CHANGED_MEANWHILE: one script answers
+all three; the client's live list still shows them; a running one may have gone `stalled` at
+the same rev), then the page again, oldest first, each only if it changed since sent.
 """
 
 from __future__ import annotations
@@ -64,21 +64,26 @@ CHECK_CHUNK: Final = 1_000
 # KEYS[1] the pipeline's batch index, KEYS[2..] hashes of batches a stream sent (one slot on
 # Redis Cluster: they share the pipeline's hash tag)
 # ARGV: per hash (in the order of KEYS), its batch id and the rev the stream sent
-# Returns {ids out of the index, ids in it whose rev is not the one sent}. Out of the index:
-# hidden or purged (both leave it in the same script). A rev that moved is a change missed; a
-# lower one too (a rebuild may restore it: Redis is the truth); a hash without one reads as
-# 0. A script rather than a pipeline of HGETs: the client's per-command cost was 11 µs of
-# CPU a batch, this 2 µs (the ZMSCORE alone it replaces: 0.7 µs).
+# Returns {ids out of the index, ids in it whose rev is not the one sent, ids at that rev
+# whose batch is running}. Out of the index: hidden or purged (both leave it in the same
+# script). A rev that moved is a change missed; a lower one too (a rebuild may restore it:
+# Redis is the truth); a hash without one reads as 0. A running batch's body can change at
+# the same rev (a step's `stalled` is decided when rendered): the caller reads it and
+# compares ETags. A script rather than a pipeline of HGETs: the client's per-command cost was
+# 11 µs of CPU a batch, this 2 µs (the ZMSCORE alone it replaces: 0.7 µs).
 CHANGED_MEANWHILE: Final = """
-local deleted, moved = {}, {}
+local deleted, moved, running = {}, {}, {}
 for i = 2, #KEYS do
   local id = ARGV[2 * i - 3]
   if not redis.call('ZSCORE', KEYS[1], id) then deleted[#deleted + 1] = id
-  elseif (redis.call('HGET', KEYS[i], 'rev') or '0') ~= ARGV[2 * i - 2] then
-    moved[#moved + 1] = id
+  else
+    local f = redis.call('HMGET', KEYS[i], 'rev', 'state')
+    if (f[1] or '0') ~= ARGV[2 * i - 2] then moved[#moved + 1] = id
+    elseif f[2] == 'running' then running[#running + 1] = id
+    end
   end
 end
-return {deleted, moved}
+return {deleted, moved, running}
 """
 
 Changes = list[tuple[str, Version | object]]  # batch keys to send, each a body, READ or GONE
@@ -194,15 +199,16 @@ async def _after_reset(store: BatchStore, pipeline_id: str, limit: int,
                        sent: Mapping[str, Sent], taken: Changes, depth: int = MAX_SENT
                        ) -> Changes:
     """What to send after a reset, oldest first: `deleted` for the batches sent that left
-    the index, the batches sent beyond the page whose rev moved, the page (each read now,
-    sent only if changed), then what the feed delivered besides (`taken`: a change of a
+    the index, the batches sent beyond the page whose rev moved or that run, the page (each
+    read now, sent only if changed), then what the feed delivered besides (`taken`: a change of a
     batch never sent, beyond the page, must not be dropped with the reset). Of the batches
     sent, the `depth` most recent are checked."""
     page = (await store.page(pipeline_id, limit, None)).items
     recent = dict(list(sent.items())[-depth:]) if len(sent) > depth else sent
-    deleted, moved = await _changed_meanwhile(store.redis, pipeline_id, recent, page)
+    deleted, moved, running = await _changed_meanwhile(store.redis, pipeline_id, recent, page)
     changed: Changes = [(keys.batch(pipeline_id, b), GONE) for b in deleted]
-    changed += [(keys.batch(pipeline_id, b), READ) for b in [*moved, *reversed(page)]]
+    changed += [(keys.batch(pipeline_id, b), READ)
+                for b in [*moved, *running, *reversed(page)]]
     listed = {key for key, _ in changed}
     return changed + [(key, item) for key, item in taken if key not in listed]
 
@@ -217,20 +223,23 @@ def _remember(sent: dict[str, Sent], batch_id: str, rev: int, etag: str) -> None
 
 
 async def _changed_meanwhile(redis: Redis, pipeline_id: str, sent: Mapping[str, Sent],
-                             page: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+                             page: Mapping[str, Any]
+                             ) -> tuple[list[str], list[str], list[str]]:
     """Among the batches sent that are not on the page just read: those out of the batch
-    index, and those in it whose `rev` is not the one sent (CHANGED_MEANWHILE), CHECK_CHUNK
-    at a time; no call when the page holds them all. One only pushed off the page by newer
-    batches is still indexed, and unchanged."""
+    index, those in it whose `rev` is not the one sent, and those at that rev that run
+    (CHANGED_MEANWHILE), CHECK_CHUNK at a time; no call when the page holds them all. One
+    only pushed off the page by newer batches is still indexed, and unchanged."""
     off_page = [batch_id for batch_id in sent if batch_id not in page]
     script = redis.register_script(CHANGED_MEANWHILE)
     deleted: list[str] = []
     moved: list[str] = []
+    running: list[str] = []
     for at in range(0, len(off_page), CHECK_CHUNK):
         chunk = off_page[at:at + CHECK_CHUNK]
-        gone, changed = await script(
+        gone, changed, runs = await script(
             keys=[keys.batch_index(pipeline_id), *(keys.batch(pipeline_id, b) for b in chunk)],
             args=[x for batch_id in chunk for x in (batch_id, sent[batch_id][0])])
         deleted += gone
         moved += changed
-    return deleted, moved
+        running += runs
+    return deleted, moved, running

@@ -138,9 +138,11 @@ async def test_the_reset_check_finds_the_deleted_and_the_changed_in_chunks(
         test_settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline = f"streams-{uuid.uuid4().hex[:8]}"
     store = direct_store(redis, test_settings)
-    ids = [new_batch_id() for _ in range(4)]
+    ids = [new_batch_id() for _ in range(5)]
     for batch_id in ids:
         await store.create(pipeline, batch_id, spec())
+    # ids[4] was sent running: its rev is the one sent, but it may have gone stalled since.
+    await store.apply([Event("batch.state", ids[4], pipeline, state="running")])
     sent = {b: (int((await store.fields(pipeline, b) or {})["rev"]), "") for b in ids}
     await store.hide(pipeline, ids[0])
     await store.apply([Event("batch.state", ids[1], pipeline, state="running")])
@@ -148,7 +150,7 @@ async def test_the_reset_check_finds_the_deleted_and_the_changed_in_chunks(
     sent[ids[2]] = (sent[ids[2]][0] + 5, "")
     monkeypatch.setattr(pipeline_stream, "CHECK_CHUNK", 2)  # two calls
     assert await pipeline_stream._changed_meanwhile(redis, pipeline, sent, {ids[3]: {}}) == (
-        [ids[0]], [ids[1], ids[2]])
+        [ids[0]], [ids[1], ids[2]], [ids[4]])
 
 
 async def test_the_backstops_check_covers_the_most_recent_batches_a_reset_all(

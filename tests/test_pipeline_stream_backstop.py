@@ -3,6 +3,7 @@
 - A body can change at the same rev: a step's `stalled` is decided when the batch is
   rendered. The stream's backstop read skipped any batch whose rev was the one it had sent,
   so the pipeline's stream never showed `stalled`, while the batch's own stream and GET did.
+  A batch beyond the first page was checked by its rev alone, so it never showed it either.
 - While the cache's feed is down nothing wakes a stream: batch streams and long-polls read
   again every second (DEGRADED_POLL_S); the pipeline's stream waited for its backstop (the
   cache's TTL), and for ever with a TTL of 0."""
@@ -69,6 +70,31 @@ async def test_a_batch_going_stalled_is_sent_again_within_a_ttl(
         stalled = await _first_batch(stream, 4, lambda body: body.get("stalled") is True)
         stream.close()
     assert stalled is not None and stalled["id"] == batch_id
+
+
+async def test_a_batch_beyond_the_page_going_stalled_is_sent_again(
+        test_settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream sends the changes of batches beyond its first page too; one it sent
+    running, off the page, that goes stalled (same rev) is sent again as it is for one on
+    the page."""
+    monkeypatch.setattr(core.layout, "stall_after_s", lambda: 1.0)
+    pipeline = f"stall-{uuid.uuid4().hex[:8]}"
+    store = direct_store(redis, test_settings)
+    older, newest = new_batch_id(), new_batch_id()
+    await store.create(pipeline, older, spec())
+    await store.create(pipeline, newest, spec())
+    async with cached_api(test_settings, BatchCache(ttl_s=0.5, silence_s=2.5)) as api:
+        stream = await api.get(f"/api/v1/batches/{pipeline}/", headers=SSE,
+                               params={"limit": "1"})
+        assert orjson.loads((await next_event(stream))["data"])["id"] == newest
+        await store.apply([Event("batch.state", older, pipeline, state="running"),
+                           Event("step.state", older, pipeline, step="extract",
+                                 state="running")])
+        running = await _first_batch(stream, 4, lambda body: body["id"] == older)
+        assert running is not None and "stalled" not in running
+        stalled = await _first_batch(stream, 5, lambda body: body.get("stalled") is True)
+        stream.close()
+    assert stalled is not None and stalled["id"] == older
 
 
 @pytest.mark.parametrize("ttl_s", [10.0, 0.0])
