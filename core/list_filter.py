@@ -10,12 +10,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Final
 
 from core.models import BATCH_STATES, OUTCOMES
 
-# The seconds' fraction of an ISO-8601 time (extended or basic form): its first fraction.
-_SECONDS_FRACTION: Final = re.compile(r"\d\d(?::?\d\d){2}[.,](\d+)")
+# The seconds' fraction of an ISO-8601 time (extended or basic form), and of its offset.
+_TIME_FRACTION: Final = re.compile(r"(?<![+\-\d])\d\d(?::?\d\d){2}[.,](\d+)")
+_OFFSET_FRACTION: Final = re.compile(r"([+-])\d\d(?::?\d\d){2}[.,](\d+)")
 
 
 # The query parameters that name a filter, as the list takes them.
@@ -33,10 +35,12 @@ def created_bound(name: str, raw: str) -> str:
     return _rounded(name, *_instant(name, raw))
 
 
-def _instant(name: str, raw: str) -> tuple[datetime, str]:
-    """The time `raw` names, exactly: in UTC to the microsecond, and its seconds' fraction
-    past the microsecond (digits, no trailing zero: compared as text, they compare as the
-    fractions do). datetime keeps six digits of a fraction and drops the rest."""
+def _instant(name: str, raw: str) -> tuple[datetime, Fraction]:
+    """The time `raw` names, exactly: in UTC to the microsecond, and what is left of it
+    past the microsecond, in microseconds (within (-1, 1): the time's fraction and its
+    offset's both count). datetime keeps six digits of either fraction and drops the
+    rest; a positive offset's dropped digits put the instant earlier, a negative one's
+    later."""
     try:
         when = datetime.fromisoformat(raw)
     except ValueError:
@@ -44,18 +48,26 @@ def _instant(name: str, raw: str) -> tuple[datetime, str]:
                         "2026-01-31T23:59:59Z (a '+' in an offset travels as %2B)") from None
     if when.tzinfo is None:
         raise BadFilter(f"{name} must include a timezone (Z or an offset such as +02:00)")
-    fraction = _SECONDS_FRACTION.search(raw)
-    finer = fraction.group(1)[6:].rstrip("0") if fraction is not None else ""
+    finer = Fraction(0)
+    if (fraction := _TIME_FRACTION.search(raw)) is not None:
+        finer += _past_microsecond(fraction.group(1))
+    if (offset := _OFFSET_FRACTION.search(raw)) is not None:
+        finer += _past_microsecond(offset.group(2)) * (-1 if offset.group(1) == "+" else 1)
     try:
         return when.astimezone(UTC), finer
     except OverflowError:
         raise BadFilter(f"{name} is out of range") from None
 
 
-def _rounded(name: str, when: datetime, finer: str) -> str:
+def _past_microsecond(digits: str) -> Fraction:
+    """A seconds' fraction's digits past the sixth, as a part of a microsecond."""
+    return Fraction(int(digits[6:] or "0"), 10 ** max(len(digits) - 6, 0))
+
+
+def _rounded(name: str, when: datetime, finer: Fraction) -> str:
     """`_instant`'s time up to the next millisecond, in `created_at`'s form."""
     try:
-        if when.microsecond % 1000 or finer:
+        if when.microsecond % 1000 or finer > 0:
             when += timedelta(microseconds=1000 - when.microsecond % 1000)
     except OverflowError:
         raise BadFilter(f"{name} is out of range") from None

@@ -59,7 +59,9 @@ async def test_a_created_bound_finer_than_a_microsecond_is_not_cut_short(
         topics: Settings, redis: Redis) -> None:
     """Python reads six digits of a fraction and drops the rest: `created_after=...00.0000009Z`
     listed a batch created at `...00.000Z` (before it), `created_before` the same time left it
-    out (it is before it)."""
+    out (it is before it). An offset's fraction counts too, the other way for a `+` offset:
+    `...00+00:00:00.0000007` is just before `...00.000Z`; its fraction was taken for the
+    time's, and the bound rounded a millisecond up."""
     store = BatchStore.from_settings(redis, topics)
     await make(store, 1)
     await redis.hset(keys.batch(P, "b000"), mapping={"created_at": "2030-01-01T00:00:00.000Z"})
@@ -69,7 +71,13 @@ async def test_a_created_bound_finer_than_a_microsecond_is_not_cut_short(
                               ("created_after=2030-01-01T00:00:00.000000000Z", ["b000"]),
                               ("created_before=2030-01-01T00:00:00.000000000%2B00:00", []),
                               ("created_after=2029-12-31T23:59:59.9999999999Z", ["b000"]),
-                              ("created_before=2029-12-31T23:59:59.9999999999Z", [])):
+                              ("created_before=2029-12-31T23:59:59.9999999999Z", []),
+                              ("created_after=2030-01-01T00:00:00%2B00:00:00.0000007", ["b000"]),
+                              ("created_before=2030-01-01T00:00:00%2B00:00:00.0000007", []),
+                              ("created_after=2030-01-01T00:00:00-00:00:00.0000007", []),
+                              ("created_before=2030-01-01T00:00:00-00:00:00.0000007", ["b000"]),
+                              ("created_after=2030-01-01T00:00:00.0000007%2B00:00:00.0000007",
+                               ["b000"])):
             response = await api.get(f"/api/v1/batches/{P}/?{query}", headers=AUTH)
             assert response.status == 200, (query, await response.text())
             assert list((await response.json())["items"]) == listed, query
