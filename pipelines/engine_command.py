@@ -33,8 +33,9 @@ HEADER = struct.Struct("!5sI")  # MAGIC, then the JSON request's length
 PASSED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 UNKNOWN_EXIT = 70  # EX_SOFTWARE: the server died before it could say how the child ended
 # Connect, request and the pid's answer: a server stuck longer is not waited for (the
-# fallback starts a fresh engine; a child forked meanwhile never runs: it waits for a go the
-# server sends only once this process has read its pid).
+# fallback starts a fresh engine; a child forked meanwhile never runs: it waits for the go
+# this process answers once it has read its pid, and the server kills it when this process
+# goes).
 ANSWER_TIMEOUT_S = 10.0
 
 
@@ -79,9 +80,10 @@ def ask_for_child(sock: socket.socket, module: str, args: list[str]) -> int | No
         socket.send_fds(sock, [data[:HEADER.size]], [0, 1, 2])
         sock.sendall(data[HEADER.size:])
         line = read_line(sock)
+        if not line.startswith(b"pid "):
+            return None
+        sock.sendall(b"go\n")  # from here on the child is this command's, whatever comes
     except OSError:  # includes the timeout
-        return None
-    if not line.startswith(b"pid "):
         return None
     sock.settimeout(None)  # the child runs as long as it runs
     return int(line[4:])

@@ -5,8 +5,10 @@ preloaded modules, listens on a Unix socket (mode 0600: whoever connects runs co
 user) and serves `pipelines.engine_command`: for each request it forks a child that takes the
 requester's stdin/stdout/stderr, environment, working directory and arguments, and runs the
 requested module as `__main__`, as `python -m <module>` would in a fresh interpreter, minus
-the imports. The requester gets `pid <n>` at once and `exit <code>` when the child ends
-(negative: killed by that signal); if the requester goes away first, the child is killed.
+the imports. The requester gets `pid <n>` at once and answers `go`: only then does the
+child run (a requester that gave up waiting for its pid starts a fresh engine instead, and
+the two must not both run the flow). It gets `exit <code>` when the child ends (negative:
+killed by that signal); if the requester goes away first, the child is killed.
 
 Only libraries are preloaded (and this server's own small modules): a flow run imports
 the project's and the pipelines' code afresh, so a changed step is run as it is on disk, as
@@ -48,6 +50,7 @@ class ForkServer:
         self._grace_s = grace_s
         self._sel = selectors.DefaultSelector()
         self._children: dict[int, socket.socket | None] = {}  # pid -> its requester, if there
+        self._go: dict[int, int] = {}  # pid -> the write end of its go pipe, until its `go`
         self._stopping = False
         self._server_pid = os.getpid()  # a forked child runs serve's `finally` too
 
@@ -157,8 +160,9 @@ class ForkServer:
             os.close(go_w)
             self._leave_server(conn)
             fork_child.enter(fds)
-            # Runs only once the requester has its pid: else (the server died or the
-            # requester left first) it would run beside the fresh engine the requester starts.
+            # Runs only once the requester said it has its pid: else (the server died, or
+            # the requester gave up waiting) it would run beside the fresh engine the
+            # requester starts.
             if os.read(go_r, 1) != b"g":
                 os._exit(1)
             os.close(go_r)
@@ -175,21 +179,34 @@ class ForkServer:
             os.close(go_w)
             conn.close()
             return None
-        os.write(go_w, b"g")
-        os.close(go_w)
+        self._go[pid] = go_w  # written once the requester answers `go`
         conn.settimeout(None)
         self._children[pid] = conn
         self._sel.register(conn, selectors.EVENT_READ, pid)
-        log.info("started %s as pid %d", job.module, pid)
+        log.info("forked pid %d for %s", pid, job.module)
         return None
 
     def _leave_server(self, conn: socket.socket) -> None:
-        """In the child: no socket of the server's stays open in it."""
+        """In the child: no socket of the server's stays open in it, nor another child's go
+        pipe (held open here, that child would not see the server close it)."""
         for key in list(self._sel.get_map().values()):
             if isinstance(key.fileobj, socket.socket):
                 key.fileobj.close()
         self._sel.close()
         conn.close()
+        for go_w in self._go.values():
+            os.close(go_w)
+        self._go.clear()
+
+    def _let_go(self, pid: int, run: bool) -> None:
+        """Ends `pid`'s wait for its go: it runs, or (the pipe closed) it exits."""
+        go_w = self._go.pop(pid, None)
+        if go_w is None:
+            return
+        with contextlib.suppress(OSError):  # it is gone already
+            if run:
+                os.write(go_w, b"g")
+        os.close(go_w)
 
     def _requester_spoke(self, conn: socket.socket, pid: int) -> None:
         if self._children.get(pid) is not conn:
@@ -201,8 +218,13 @@ class ForkServer:
         except OSError:
             data = b""
         if data:
-            return  # the protocol has nothing for it to say; ignored
-        # The requester ended (SIGKILL, most likely): the worker no longer watches the child.
+            if data.startswith(b"g") and pid in self._go:
+                self._let_go(pid, run=True)
+                log.info("started pid %d", pid)
+            return  # else the protocol has nothing for it to say; ignored
+        # The requester ended (SIGKILL, most likely, or it gave up before its `go`): the
+        # worker no longer watches the child.
+        self._let_go(pid, run=False)
         self._sel.unregister(conn)
         conn.close()
         self._children[pid] = None
@@ -218,6 +240,7 @@ class ForkServer:
             if pid == 0:
                 return
             conn = self._children.pop(pid, None)
+            self._let_go(pid, run=False)
             code = os.waitstatus_to_exitcode(status)
             log.info("pid %d ended: %d", pid, code)
             if conn is not None:
@@ -227,6 +250,8 @@ class ForkServer:
                 conn.close()
 
     def _stop_children(self) -> None:
+        for pid in list(self._go):  # not started: they exit
+            self._let_go(pid, run=False)
         for pid in list(self._children):
             signal_quietly(pid, signal.SIGTERM)
         deadline = time.monotonic() + self._grace_s

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -229,3 +230,54 @@ def test_a_requester_gone_as_its_child_was_reaped_in_the_same_round_is_no_crash(
     server_end.close()
     fork_server._requester_spoke(server_end, pid)
     assert pid not in fork_server._children
+
+
+def _ask(path: Path, stdout_w: int) -> tuple[socket.socket, int]:
+    """A requester by hand: the request of `engine_command`, its pid read, no `go` yet."""
+    from pipelines.engine_command import HEADER, MAGIC, read_line
+
+    body = json.dumps({"module": TARGET, "argv": ["exit0"], "env": base_env(),
+                       "cwd": str(ROOT), "umask": 0o022}).encode()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(str(path))
+    socket.send_fds(sock, [HEADER.pack(MAGIC, len(body))], [0, stdout_w, 2])
+    sock.sendall(body)
+    line = read_line(sock)
+    assert line.startswith(b"pid "), line
+    return sock, int(line[4:])
+
+
+def _reported(stdout_r: int, within_s: float) -> bytes:
+    """What the child wrote to its stdout within `within_s` (b"" at its end)."""
+    ready, _, _ = select.select([stdout_r], [], [], within_s)
+    return os.read(stdout_r, 65536) if ready else b""
+
+
+def test_a_child_runs_only_once_its_requester_says_go(
+        server: tuple[subprocess.Popen[bytes], Path]) -> None:
+    """The child ran as soon as its pid was written to the requester's socket, read or not.
+    A requester that gave up waiting for it (10 s) starts a fresh engine: both ran the flow
+    until the server saw the requester's socket close. It now waits for the requester's
+    `go`, and one gone without it never runs."""
+    _, path = server
+    stdout_r, stdout_w = os.pipe()
+    try:
+        sock, pid = _ask(path, stdout_w)
+        # The child is forked and waits; the window is longer than its start (~50 ms).
+        assert _reported(stdout_r, 1.5) == b""
+        sock.sendall(b"go\n")
+        assert json.loads(_reported(stdout_r, 30).splitlines()[0])["pid"] == pid
+        assert sock.recv(64) == b"exit 0\n"
+        sock.close()
+        # Gone without its go: the child exits without running.
+        sock, pid = _ask(path, stdout_w)
+        sock.close()
+        wait_for(lambda: not alive(pid))
+        os.close(stdout_w)
+        stdout_w = -1
+        assert _reported(stdout_r, 30) == b""  # its end: nothing was written
+    finally:
+        os.close(stdout_r)
+        if stdout_w >= 0:
+            os.close(stdout_w)
