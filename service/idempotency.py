@@ -179,14 +179,17 @@ class IdempotencyKeys:
         return await self.still_there(str(earlier.get("p")), str(earlier["b"]))
 
     async def still_there(self, pipeline_id: str, batch_id: str) -> str:
-        """The earlier batch id, unless that batch was deleted since: answering an id whose
-        every GET is a 404 would look like success and be none."""
+        """The earlier batch id, unless that batch is gone since: answering an id whose
+        every GET is a 404 would look like success and be none. Gone: deleted, or undone or
+        abandoned by an attempt that failed but could not free the key (a retry took it
+        over once its lease passed)."""
         found, deleted = await self._redis.hmget(keys.batch(pipeline_id, batch_id), "id",
                                                  layout.DELETED)
         if found is None or deleted is not None:
             raise ApiError(409, "conflict",
-                           f"the batch {batch_id} created with this Idempotency-Key was deleted; "
-                           "use a new key to run the pipeline again", batch_id=batch_id)
+                           f"the batch {batch_id} of this Idempotency-Key is gone (deleted, "
+                           "or undone when a request with this key failed); use a new key to "
+                           "run the pipeline again", batch_id=batch_id)
         return batch_id
 
     async def commit(self, key: str, committed: str, batch_id: str) -> None:

@@ -25,7 +25,7 @@ from core import keys
 from core.codec import decode_command
 from core.settings import Settings
 from service import creates
-from service.appkeys import COMMANDS, IDEMPOTENCY
+from service.appkeys import ABANDONER, COMMANDS, IDEMPOTENCY
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 
@@ -193,6 +193,36 @@ async def test_a_retry_that_cannot_read_what_the_dead_attempt_left_keeps_the_key
         again = await retried(api)
         assert again == first_id, "the key's one batch is the one whose run was queued"
         assert await batch_ids(redis) == [first_id]
+    finally:
+        dies.bury()
+        await first
+
+
+async def test_a_retry_finding_the_dead_attempts_batch_undone_says_so(
+        api: Client, redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dead attempt's batch was undone before any answer (its create's reply lost, its
+    release never taken). The retry answered that the key's batch "was deleted": no one
+    deleted it, and the client was never told it existed."""
+    sender = api.app[COMMANDS]
+    dies = Dies(sender.command, after=False)
+    monkeypatch.setattr(sender, "command", dies)
+    first = await first_dies(api, dies)
+    [first_id] = await batch_ids(redis)
+    await api.app[ABANDONER].undo("p", first_id)
+    try:
+        async def answered() -> dict[str, Any] | None:
+            response = await api.post("/api/v1/batches/p", headers=KEY)
+            body: dict[str, Any] = await response.json()
+            if response.status == 409 and body["error"]["code"] == "in_progress":
+                return None
+            assert response.status == 409, body
+            return body["error"]
+
+        error = await eventually(answered, timeout=15, interval=0.1)
+        assert error["code"] == "conflict" and error["details"]["batch_id"] == first_id, error
+        assert "was deleted" not in error["message"], error
+        assert "undone" in error["message"] and "new key" in error["message"], error
+        assert await batch_ids(redis) == []
     finally:
         dies.bury()
         await first
