@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -216,9 +216,9 @@ async def test_a_retry_finding_the_dead_attempts_batch_undone_says_so(
             if response.status == 409 and body["error"]["code"] == "in_progress":
                 return None
             assert response.status == 409, body
-            return body["error"]
+            return dict(body["error"])
 
-        error = await eventually(answered, timeout=15, interval=0.1)
+        error = cast(dict[str, Any], await eventually(answered, timeout=15, interval=0.1))
         assert error["code"] == "conflict" and error["details"]["batch_id"] == first_id, error
         assert "was deleted" not in error["message"], error
         assert "undone" in error["message"] and "new key" in error["message"], error
