@@ -93,6 +93,15 @@ class CommandEffects:
             log.info("run %s skipped: batch %s", command.batch_id,
                      "gone" if fields is None else "already stopped")
             return
+        if fields.get("state") != "pending" and fields.get("flow_run_id"):
+            # Its flow run exists (redelivered after a rebalance, sent again by the API's
+            # unsent sweep or a key take-over). Created again, it would be the same run, but a
+            # Prefect answering 5xx meanwhile would have this command given up, and the
+            # give-up fail the batch and cancel the very run the first command made.
+            await self.active.add(command.pipeline_id, command.batch_id)
+            log.info("run %s skipped: its flow run %s exists", command.batch_id,
+                     fields["flow_run_id"])
+            return
         version = fields.get("pipeline_version") or command.pipeline_version
         spec = await self.registry.get(command.pipeline_id, version or None)
         if spec is None:
