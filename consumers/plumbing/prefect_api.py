@@ -269,13 +269,23 @@ class PrefectGateway:
     async def crash(self, run: RunState, message: str) -> RunState:
         """A zombie's verdict, proposed, never forced: it rests on a read made earlier in the
         round, and the run may have ended meanwhile (Prefect then refuses a Crashed over its
-        Completed, and the run as it is now is answered)."""
+        Completed, and the run as it is now is answered). A Cancelling one is ended
+        Cancelled: Prefect lets nothing else follow Cancelling, and refused, the run would
+        stay Cancelling, its batch `running`, for good."""
+        state: Any = (Cancelled(message=message) if run.state_type == "CANCELLING"
+                      else Crashed(message=message))
         result: OrchestrationResult[Any] = await self._bounded("set_state",
-            self.client.set_flow_run_state(run.flow_run_id, Crashed(message=message),
-                                           force=False))
+            self.client.set_flow_run_state(run.flow_run_id, state, force=False))
         if result.state is None:  # aborted: final meanwhile
             return (await self.read([run.flow_run_id])).get(run.flow_run_id, run)
         return self._with(run, result.state)
+
+    async def ended_once(self, flow_run_id: str) -> bool:
+        """Whether the run was ever in a final state (a run live again was retried or rerun
+        in Prefect after it ended)."""
+        states = await self._bounded("read_states",
+                                     self.client.read_flow_run_states(UUID(flow_run_id)))
+        return any(state.type.value in FINAL for state in states)
 
     async def delete(self, flow_run_id: str) -> bool:
         """False when it was already gone."""
