@@ -7,7 +7,9 @@ non-final runs tagged `dhub` and judges each by its batch in Redis:
 
 - batch missing (purged, or never recorded) -> cancelled, then deleted;
 - batch hidden (`deleted`: a delete is under way) -> cancelled, then deleted;
-- batch `stop` -> cancelled (the batch keeps showing its run).
+- batch `stop` -> cancelled (the batch keeps showing its run), unless the run ended once
+  and lives again: retried or rerun in Prefect after its end, its own events decide the
+  batch (a Cancelled -> Running race's run, too).
 
 Safe against work in progress: nothing is judged within `grace_s` of the run's creation
 (a POST may still be writing the batch hash) nor of the batch's last change (the commands
@@ -177,6 +179,14 @@ class OrphanSweep:
         longer a non-final run."""
         state = before = RunState.of(run)
         message = f"orphan flow run: {verdict.value}"
+        if verdict is Verdict.STOPPED:
+            if state.state_type == "CANCELLING":
+                # Its worker ends it, or the clean-up of the stop or give-up that cancelled
+                # it. Forced Cancelled here, it would reach the batch as its latest stop and
+                # replace the outcome and reason it has (a give-up's `failed`) with the sweep's.
+                return False
+            if await self._prefect.ended_once(str(run.id)):
+                return False
         if state.state_type == "CANCELLING":
             since = state.since or datetime.now(UTC)
             waited = datetime.now(UTC) - since >= timedelta(seconds=self.options.cancel_wait_s)
