@@ -88,7 +88,8 @@ class CommandsConsumer(Part):
         self.snapshots = SnapshotWriter(clients.producer, redis, s.topic_snapshots)
         self.dlq = DeadLetters(clients.producer, s.topic_dlq, self.name)
         self.cleanup = Cleanup(redis, prefect, self.store, self.active, self.options,
-                               self.stopping, data_root=s.data_root, snapshots=self.snapshots)
+                               self.stopping, data_root=s.data_root, snapshots=self.snapshots,
+                               emitter=self.emitter)
         self.effects = CommandEffects(self.store, self.registry, self.creations, self.active,
                                       self.deployments, prefect, self.emitter, self.snapshots,
                                       self.cleanup, work_pool=s.work_pool)

@@ -11,7 +11,9 @@ Jobs live in Redis, so a crash or a restart resumes them:
 Kinds: `delete` (cancel, then delete every flow run of the batch, then remove its data on
 the worker's disk through the clean-up each of its step implementations declares, then purge
 it from Redis, then tombstone its snapshot so a rebuild of Redis does not bring it back),
-`cancel` (cancel every flow run of a batch that stays, `stop`/`failed`) and `stop` (a stop's
+`cancel` (cancel every flow run of a batch that stays, `stop`/`failed`: a run it ended
+Cancelled has the failure said again just after, or that Cancelled, the batch's latest
+stop, would read as if someone had stopped the batch) and `stop` (a stop's
 follow-up: a run found Pending is cancelled once its engine runs it, and one left
 Cancelling with no engine to end it is ended; see `_settle`).
 
@@ -34,9 +36,11 @@ from typing import Final, cast
 from redis.asyncio import Redis
 
 from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.emit import Emitter
 from consumers.plumbing.options import ConsumerOptions
 from consumers.plumbing.prefect_api import PrefectGateway, RunState
 from core import keys
+from core.codec import Event, derived_id
 from core.layout import is_visible
 from core.registry import PipelineRegistry
 from core.retry import describe
@@ -55,6 +59,11 @@ MESSAGES: Final = {"delete": "deleted through the batches API",
                    "stop": "stopped through the batches API"}
 
 
+# Prefect's clock against this process's, when a run's state time is compared with a job's
+# start.
+CLOCK_SLACK_S: Final = 5.0
+
+
 def member(kind: str, pipeline_id: str, batch_id: str) -> str:
     return f"{kind}/{pipeline_id}/{batch_id}"  # ids never hold '/' (core.models.ID_PATTERN)
 
@@ -62,8 +71,10 @@ def member(kind: str, pipeline_id: str, batch_id: str) -> str:
 class Cleanup:
     def __init__(self, redis: Redis, prefect: PrefectGateway, store: BatchStore,
                  active: ActiveRuns, options: ConsumerOptions, stopping: asyncio.Event, *,
-                 data_root: Path | None = None, snapshots: SnapshotWriter | None = None) -> None:
+                 data_root: Path | None = None, snapshots: SnapshotWriter | None = None,
+                 emitter: Emitter | None = None) -> None:
         self._redis = redis
+        self._emitter = emitter  # a `cancel` job's failure said again
         self._snapshots = snapshots  # the purge's tombstone on the snapshots topic
         # Where the steps wrote the batch's data (DHUB_DATA_DIR): the worker's, on this host.
         self._data_root = data_root if data_root is not None else get_settings().data_root
@@ -183,7 +194,13 @@ class Cleanup:
         now = time.time()
         waiting = False
         for run in runs:
-            waiting |= not await self._settle(kind, run, now - since, now)
+            settled = await self._settle(kind, run, now - since, now)
+            waiting |= settled is None
+            if (kind == "cancel" and settled is not None and settled.state_type == "CANCELLED"
+                    and settled.since is not None
+                    and settled.since.timestamp() >= since - CLOCK_SLACK_S):
+                # Cancelled since the give-up: by this job (or the sweep), not a real end.
+                await self._fail_again(pipeline_id, batch_id, settled, fields)
         if waiting:
             return now + self._options.cleanup_poll_s
         # A stop's runs were all created before it (same partition, in order): no window.
@@ -229,18 +246,36 @@ class Cleanup:
             # File-system work: off the loop that drives the other jobs and the commands.
             await asyncio.to_thread(remove, self._data_root, batch_id)
 
-    async def _settle(self, kind: str, run: RunState, age: float, now: float) -> bool:
-        """One flow run one step further; True once nothing is left to do for it."""
+    async def _fail_again(self, pipeline_id: str, batch_id: str, run: RunState,
+                          fields: Mapping[str, str] | None) -> None:
+        """A given-up batch's failure, said again just after the Cancelled its clean-up
+        brought its run to: that Cancelled is the give-up's own doing, not a stop. The same
+        event on every pass (its id from the state's): applied once."""
+        if self._emitter is None or run.state_id is None or run.since is None:
+            return
+        reason = MESSAGES["cancel"]
+        if fields is not None and fields.get("outcome") == "failed" and fields.get("reason"):
+            reason = fields["reason"]  # the give-up's own, while the batch still shows it
+        await self._emitter.emit([Event(
+            type="batch.state", batch_id=batch_id, pipeline_id=pipeline_id,
+            event_id=derived_id("failed-after-", run.state_id), state="stop", outcome="failed",
+            reason=reason, flow_run_id=run.flow_run_id, ts=run.since.timestamp() + 0.001,
+        )])  # fmt: skip
+
+    async def _settle(self, kind: str, run: RunState, age: float,
+                      now: float) -> RunState | None:
+        """One flow run one step further; the run as it is once nothing is left to do for it,
+        else None."""
         message = MESSAGES[kind]
         if kind == "stop" and run.state_type == "PENDING" \
                 and age < self._options.stop_pending_wait_s:
             # Claimed by a worker, not started: cancelling now races the engine (the worker
             # would mark it Cancelled without a process to end, and the engine may then
             # still run it to Completed). Once Running, Cancelling is the engine's to end.
-            return False
+            return None
         if not run.final and run.state_type != "CANCELLING":
             run = await self._prefect.cancel(run, message)
-        if kind == "stop" and run.state_type == "CANCELLING":
+        if kind in ("stop", "cancel") and run.state_type == "CANCELLING":
             # The worker ends a Cancelling run within seconds. One that stays Cancelling
             # has no engine left: it finished meanwhile and Prefect refused its Completed
             # (only Cancelled may follow Cancelling), so nobody would ever end it. Ended
@@ -252,22 +287,22 @@ class Cleanup:
             wait = (self._options.stop_cancelling_wait_s if run.ran
                     else self._options.stop_unstarted_wait_s)
             if stuck < wait:
-                return False
+                return None
             run = await self._prefect.force_cancelled(run, message)
         if not run.final:
             if kind != "delete":
-                return True  # Cancelling: its worker ends it; the batch already says failed
+                return None  # Cancelling: its worker ends it, looked at again
             if age < self._options.delete_cancel_wait_s:
-                return False
+                return None
             # The worker did not end it in time: deleted anyway, Cancelled first so a
             # worker that still holds it stops it when it next looks.
             run = await self._prefect.force_cancelled(run, message)
         if kind != "delete":
-            return True
+            return run
         if run.ran and run.since is not None and \
                 now - run.since.timestamp() < self._options.delete_settle_s:
             # A run that executed has task-run events the server may not have stored yet;
             # deleting the run under them breaks Prefect's task-run recorder (foreign keys).
-            return False
+            return None
         await self._prefect.delete(run.flow_run_id)
-        return True
+        return run

@@ -45,8 +45,9 @@ class ConsumerOptions(BaseSettings):
     # A stop that finds its run Pending (a worker starting it) cancels it once it runs; if it
     # is still Pending after this long (a worker gone), it is cancelled as it is.
     stop_pending_wait_s: float = 60.0
-    # A run a stop left Cancelling that is still Cancelling after this long has no engine to
-    # end it (it finished meanwhile; Prefect refuses anything but Cancelled): ended Cancelled.
+    # A run a stop (or a give-up's clean-up) left Cancelling that is still Cancelling after
+    # this long has no engine to end it (it finished meanwhile; Prefect refuses anything but
+    # Cancelled): ended Cancelled.
     stop_cancelling_wait_s: float = 30.0
     # A run a stop left Cancelling before its engine ever started is the worker's to end; one
     # still Cancelling after this long has no worker coming (it died with the claim) and is
