@@ -1,14 +1,15 @@
 """A run command given up after Prefect created its flow run (a 500 after the effect) says
 `stop`/`failed` at once, and queues a clean-up that cancels that flow run so nothing runs
 for it. That cancellation is the give-up's own doing, yet its Cancelled state, stamped later
-than the give-up's `failed` (which carries the command's time), becomes the latest stop: once
-the bridge brings it in, the batch reads `stop`/`cancelled`, as if someone had stopped it,
-with the reason 'the batch failed: its command was given up'. Nobody stopped the batch; its
-run command failed."""
+than the give-up's `failed` (which carries the command's time), became the latest stop: once
+the bridge brought it in, the batch read `stop`/`cancelled`, as if someone had stopped it.
+Nobody stopped the batch; its run command failed. The clean-up now says the failure again
+just after that Cancelled."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -64,7 +65,7 @@ async def test_a_given_up_run_stays_failed_after_its_own_cleanup_cancels_the_run
             running(PrefectBridge(ctx.settings, options())):
         s = ctx.settings
 
-        def run_ended(records: list) -> bool:
+        def run_ended(records: list[Any]) -> bool:
             return any((e := decode_event(r.value)).flow_run_id == flow_run_id
                        and e.state == "stop" for r in records)
         records = await read_topic(s, s.topic_events, run_ended, timeout=90)
