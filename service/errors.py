@@ -12,7 +12,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -97,6 +97,15 @@ def error_response(status: int, code: str, message: str, request_id: str,
 Observe = Callable[[str, str, int, float], None]
 
 
+# What a request whose client hung up before its answer is counted as (nginx's status).
+CLIENT_CLOSED: Final = 499
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], None] | None,
             observe: Observe | None = None) -> Handler:
     """`handler` behind the API's edge: a request id (noted for the log lines:
@@ -138,7 +147,15 @@ def at_edge(handler: Handler, route: str, authenticate: Callable[[web.Request], 
             response = error_response(503, "unavailable",
                                       "a dependency is unavailable; retry later", request_id)
         except Exception as exc:
-            if classify(exc) is Verdict.UNAVAILABLE:
+            if isinstance(exc, ConnectionError) and _client_gone(request):
+                # The client hung up mid-request (its time-out, a crash): aiohttp fails the
+                # body's read with ConnectionResetError. Not a dependency's outage, and no one
+                # reads the answer; counted apart (nginx's 499), so an overload's time-outs do
+                # not read as Redis or Kafka down.
+                log.info("client closed the connection request_id=%s", request_id)
+                response = error_response(CLIENT_CLOSED, "client_closed",
+                                          "the client closed the connection", request_id)
+            elif classify(exc) is Verdict.UNAVAILABLE:
                 # Redis refusing for now (OOM, READONLY after a failover, LOADING...): the
                 # same answer as Redis unreachable, since nothing was written.
                 log.warning("dependency unavailable request_id=%s: %s", request_id,
