@@ -26,6 +26,7 @@ from service.appkeys import (
     PRODUCER,
     REDIS,
     REGISTRY,
+    REQUEST_STATS,
     SETTINGS,
     STORE,
     WAITERS,
@@ -94,6 +95,7 @@ def init_app(settings: Settings | None = None) -> web.Application:
     requests = RequestStats()
     app = web.Application(client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
+    app[REQUEST_STATS] = requests  # the edge's, and those the HTTP parser refuses
     app[CACHE] = BatchCache(settings.cache_max_entries, silence_s=settings.cache_silence_s,
                             ttl_s=settings.cache_ttl_s)
     # Long-poll GETs wait on the cache's change feed (a test may swap the cache: see

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
@@ -17,6 +19,9 @@ from service.command_sender import CommandSender
 from service.idempotency import IdempotencyKeys
 from service.waiters import ChangeWaiters
 
+if TYPE_CHECKING:
+    from service.metrics import RequestStats
+
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", Redis)
 REGISTRY = web.AppKey("registry", PipelineRegistry)
@@ -24,6 +29,8 @@ STORE = web.AppKey("store", BatchStore)
 CACHE = web.AppKey("cache", BatchCache)
 WAITERS = web.AppKey("waiters", ChangeWaiters)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+# Typed by annotation: service.metrics reads the keys above (an import here would be a cycle).
+REQUEST_STATS: web.AppKey[RequestStats] = web.AppKey("request_stats")
 PRODUCER = web.AppKey("producer", AIOKafkaProducer)
 COMMANDS = web.AppKey("commands", CommandSender)
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)

@@ -18,11 +18,16 @@ from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineToo
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from service.errors import code_for, error_response, new_request_id
+from service.appkeys import REQUEST_STATS
+from service.errors import Observe, code_for, error_response, new_request_id
 
 # What a request target can start with (origin, absolute or asterisk form); a header name cannot
 # start with '/' or a scheme followed by "://", so a too-long line starting so is the request line.
 _TARGET_STARTS = (b"/", b"http://", b"https://")
+# The request metrics' route and method for what the parser refused (its method may be
+# anything a client sent: not a label value).
+REFUSED_ROUTE = "refused"
+REFUSED_METHOD = "-"
 
 
 def _describe(status: int, exc: BaseException | None) -> tuple[int, str]:
@@ -57,10 +62,17 @@ class JsonErrorProtocol(RequestHandler):
         status, text = _describe(status, exc)
         response = error_response(status, code_for(status), text, new_request_id())
         response.force_close()
+        manager = self._manager
+        if isinstance(manager, _JsonErrorServer) and manager.observe is not None:
+            # Refused before any route: the edge never saw it, and a client failing on
+            # every request (a header over the limit) would show no request at all.
+            manager.observe(REFUSED_ROUTE, REFUSED_METHOD, status, 0.0)
         return response
 
 
 class _JsonErrorServer(web.Server):
+    observe: Observe | None = None
+
     def __call__(self) -> RequestHandler:
         return JsonErrorProtocol(self, loop=self._loop, **self._kwargs)
 
@@ -70,9 +82,12 @@ class ApiRunner(web.AppRunner):
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
-        return _JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
-                                handler_cancellation=plain.handler_cancellation,
-                                loop=plain._loop, **plain._kwargs)
+        server = _JsonErrorServer(plain.request_handler, request_factory=plain.request_factory,
+                                  handler_cancellation=plain.handler_cancellation,
+                                  loop=plain._loop, **plain._kwargs)
+        stats = self.app.get(REQUEST_STATS)
+        server.observe = stats.observe if stats is not None else None
+        return server
 
 
 async def serve(app: web.Application, host: str, port: int, **runner_args: Any) -> None:
