@@ -122,11 +122,14 @@ return 1
 
 # KEYS[1..4] as CREATE_BATCH (batch hash, pipeline's batch index, sequence, initial state's
 # index), KEYS[5] the pipeline's version order (list, latest last), optionally KEYS[6] the
-# pipeline's unsent runs (`keys.unsent_runs`)
+# pipeline's unsent runs (`keys.unsent_runs`) and KEYS[7] its versions (`keys.pipeline_versions`)
 # ARGV[1] the version the batch records when it must be the latest ('' for no check),
 # ARGV[2] JSON array: CREATE_BATCH's ARGV (batch id, then the hash's fields and values),
 # ARGV[3] change channel ('' or absent for none): a new batch publishes its key, so a
-# pipeline's push streams see it at once (service.streams)
+# pipeline's push streams see it at once (service.streams), ARGV[4] (with ARGV[1] and
+# KEYS[7]; '' or absent for no check) the SHA-1 of the definition the batch records, as the
+# registry held it when read: a version is immutable while Redis keeps it, but registered
+# again after Redis lost it, it may hold another definition under the same name
 # A POST's create: CREATE_BATCH's own text, run only while ARGV[1] is still the latest
 # version, so "which version is latest" needs no round trip of its own and cannot change
 # between that read and the create. The fields travel as one JSON string: packing ~30
@@ -134,7 +137,8 @@ return 1
 # KEYS[6] at Redis's time: should the POST's process die before Kafka took its run command,
 # SWEEP_UNSENT finds it there (the entry is written with the batch, so no death falls
 # between the two). Returns CREATE_BATCH's reply (the sequence, 0 when the batch exists, or
-# its error), or {latest} (nil: the pipeline has no version) when ARGV[1] is not the latest.
+# its error), or {latest} (nil: the pipeline has no version) when ARGV[1] is not the latest,
+# or {latest, 'changed'} when its definition is not the one ARGV[4] names.
 CREATE_LATEST_BATCH: Final = f"""
 local function create(KEYS, ARGV)
 {CREATE_BATCH}
@@ -142,6 +146,10 @@ end
 if ARGV[1] ~= '' then
   local latest = redis.call('LINDEX', KEYS[5], -1)
   if latest ~= ARGV[1] then return {{latest}} end
+  if ARGV[4] and ARGV[4] ~= '' and
+      redis.sha1hex(redis.call('HGET', KEYS[7], latest) or '') ~= ARGV[4] then
+    return {{latest, 'changed'}}
+  end
 end
 local args = cjson.decode(ARGV[2])
 local seq = create(KEYS, args)

@@ -60,6 +60,11 @@ class PipelineRegistry:
         body = cast(str | None, await self.redis.hget(keys.pipeline_versions(pipeline_id), version))
         return PipelineSpec.model_validate_json(body) if body else None
 
+    async def get_text(self, pipeline_id: str, version: str) -> str | None:
+        """One version's definition as the registry holds it (`registered_body`'s text)."""
+        return cast(str | None,
+                    await self.redis.hget(keys.pipeline_versions(pipeline_id), version))
+
     async def versions(self, pipeline_id: str) -> list[PipelineSpec]:
         """Every version in registration order (the last is the latest)."""
         order = cast(list[str], await self.redis.lrange(keys.pipeline_order(pipeline_id), 0, -1))

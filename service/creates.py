@@ -11,6 +11,7 @@ encoding ~30 fields again (several µs of the request's CPU).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import uuid
 import weakref
@@ -31,10 +32,13 @@ from service.turns import turn_reads
 
 MAX_ENTRIES = 1024
 
-# Parsed definitions by (pipeline_id, version), per registry (per app). A version is immutable
-# (registering it again with another body is refused), so once read it need not be read and
-# validated again.
-_SPECS: weakref.WeakKeyDictionary[PipelineRegistry, dict[tuple[str, str], PipelineSpec]] = (
+# Parsed definitions by (pipeline_id, version), per registry (per app), each with the SHA-1 of
+# its text as read. A version is immutable (registering it again with another body is
+# refused), so once read it need not be read and validated again; but registered again after
+# Redis lost it, it may be another definition: a POST of the latest version has its create
+# check the digest (CREATE_LATEST_BATCH), and a definition found changed is read again.
+_SPECS: weakref.WeakKeyDictionary[PipelineRegistry,
+                                  dict[tuple[str, str], tuple[PipelineSpec, str]]] = (
     weakref.WeakKeyDictionary())
 # The latest version last seen of each pipeline, per registry: a POST of the latest version
 # creates its batch with it, and the create script checks that it is still the latest (a
@@ -57,12 +61,28 @@ async def spec_of(registry: PipelineRegistry, pipeline_id: str,
     specs = _SPECS.get(registry)
     if specs is None:
         specs = _SPECS[registry] = {}
-    spec = specs.get((pipeline_id, version))
-    if spec is None:
-        spec = await registry.get(pipeline_id, version)
-        if spec is not None:
-            _bounded(specs)[(pipeline_id, version)] = spec
+    known = specs.get((pipeline_id, version))
+    if known is not None:
+        return known[0]
+    text = await registry.get_text(pipeline_id, version)
+    if text is None:
+        return None
+    spec = PipelineSpec.model_validate_json(text)
+    _bounded(specs)[(pipeline_id, version)] = (
+        spec, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest())
     return spec
+
+
+def _digest(registry: PipelineRegistry, pipeline_id: str, spec: PipelineSpec) -> str:
+    """The digest of `spec`'s text as read, '' when `spec` is not the one kept (then no
+    check: its create goes as it did before the digests)."""
+    known = _SPECS.get(registry, {}).get((pipeline_id, spec.version))
+    return known[1] if known is not None and known[0] is spec else ""
+
+
+def _forget(registry: PipelineRegistry, pipeline_id: str, version: str) -> None:
+    """A definition found changed under its version's name: read again when next asked."""
+    _SPECS.get(registry, {}).pop((pipeline_id, version), None)
 
 
 def known_latest(registry: PipelineRegistry, pipeline_id: str) -> str | None:
@@ -198,9 +218,9 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
         reply = await turns.script(
             scripts.create_latest_batch,
             [keys.batch(pipeline_id, batch_id), *template.other_keys, order,
-             keys.unsent_runs(pipeline_id)],
+             keys.unsent_runs(pipeline_id), keys.pipeline_versions(pipeline_id)],
             [spec.version if latest else "", template.args(batch_id, now, extra),
-             keys.CHANGES_CHANNEL])
+             keys.CHANGES_CHANNEL, _digest(registry, pipeline_id, spec) if latest else ""])
         seq = (int(reply) or await _created_earlier(store, pipeline_id, batch_id, now)
                if not isinstance(reply, list) else 0)
         if seq is None:
@@ -210,6 +230,8 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
             config_json = overridden if overridden is not None else template.registered
             return Created(spec, Recorded(seq=seq, created_at=now,
                                           extra={layout.CONFIG: config_json}))
+        if len(reply) > 1:  # the definition changed under its name: Redis lost it meanwhile
+            _forget(registry, pipeline_id, str(reply[0]))
         spec = await latest_spec(registry, pipeline_id, reply[0])
 
 

@@ -6,6 +6,7 @@ process) is still the one the next POST runs."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -129,6 +130,33 @@ async def test_the_script_creates_as_the_stores_own_and_refuses_a_version_not_la
         assert mine == new_keys
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed since redis 8.2
+
+
+async def test_the_script_refuses_a_latest_whose_definition_is_not_the_one_read(
+        redis: Redis) -> None:
+    """ARGV[4]: the SHA-1 of the definition as read. Registered again after Redis lost it,
+    a version may hold another definition under the same name: the create answers
+    {latest, 'changed'} and creates nothing; '' checks nothing."""
+    api_scripts = ApiScripts(redis)
+    batch_keys, args = await create_call(redis, "p", "batch-d", spec())
+    versions = keys.pipeline_versions("p")
+    order = keys.pipeline_order("p")
+    await redis.rpush(order, "1")
+    await redis.hset(versions, "1", '{"read": "before"}')
+    read = hashlib.sha1(b'{"read": "before"}', usedforsecurity=False).hexdigest()
+
+    async def create(digest: str) -> Any:
+        return await api_scripts.create_latest_batch(
+            keys=[*batch_keys, order, keys.unsent_runs("p"), versions],
+            args=["1", orjson.dumps(args), "", digest])
+
+    await redis.hset(versions, "1", '{"registered": "again"}')
+    assert await create(read) == ["1", "changed"]
+    assert not await redis.exists(keys.batch("p", "batch-d"))
+    await redis.hset(versions, "1", '{"read": "before"}')
+    assert await create(read) == 1
+    await redis.hset(versions, "1", '{"registered": "again"}')
+    assert await create("") == 0  # no check: the create (the batch exists by now)
 
 
 async def test_a_posted_batch_is_recorded_as_the_stores_create_records_one(
