@@ -21,6 +21,7 @@ from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
 from service.batches import json_obj, path_id
 from service.command_sender import UNAVAILABLE_MESSAGE, Ambiguous, Refused
 from service.errors import ApiError, bad_request, not_found
+from service.request_log import detached
 from service.run_body import refuse_duplicate_keys, refuse_unsendable
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,10 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
     record Kafka then refused: registered, it still answers 503, since only its retry (which
     writes the record again) leaves the topic saying what Redis holds. A record written for
     a PUT that failed after it (Redis away) registers its version at the next rebuild, as
-    the client's retry would."""
+    the client's retry would. So does a record Kafka confirms after the 503 of its wait
+    (`_record`): then it is registered at once, or, another definition of the version held,
+    that one's record is written again after it (`_settle_late`), so the topic a rebuild
+    reads says what Redis says."""
     registry = request.app[REGISTRY]
     request.app[COMMANDS].check()  # Kafka known down: 503 at once, as for a command
     held = await registry.versions(pipeline_id)
@@ -99,16 +103,11 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
                        f"most {RECORD_LIMIT:,} fit in one Kafka record")
     # Written for an unchanged version too: a client retrying after a 503 writes the record
     # its first attempt may have missed.
-    await _record(request, pipeline_id, spec.version, record)
-    outcome = await registry.register(pipeline_id, spec)
-    versions = await registry.versions(pipeline_id)
-    registered = next(n for n, v in enumerate(versions) if v.version == spec.version)
-    if outcome is Registered.CONFLICT or registered != order:
-        # A concurrent PUT registered this version with another body, or another version in
-        # the place this one was to take, after our read: the topic's last record of this
-        # version must be what Redis holds.
-        await _record(request, pipeline_id, spec.version,
-                      pipeline_record(pipeline_id, versions[registered], registered))
+    await _record(request, pipeline_id, spec.version, record, (spec, order))
+    try:
+        outcome, versions = await _registered(request.app, pipeline_id, spec, order)
+    except (KafkaError, TimeoutError):  # the repair's record: registered, yet a 503
+        raise ApiError(503, "unavailable", UNAVAILABLE_MESSAGE) from None
     if outcome is Registered.CONFLICT:
         raise _conflict(pipeline_id, spec)
     # The commands consumer creates or updates the Prefect deployment `run-pipeline/<name>`.
@@ -130,16 +129,74 @@ def _conflict(pipeline_id: str, spec: PipelineSpec) -> ApiError:
                     f"version {spec.version} of {pipeline_id} exists with another definition")
 
 
-async def _record(request: web.Request, pipeline_id: str, version: str, record: bytes) -> None:
+async def _registered(app: web.Application, pipeline_id: str, spec: PipelineSpec,
+                      order: int) -> tuple[Registered, list[PipelineSpec]]:
+    """`spec` registered, its record (at `order`) on the topic already; the registry's
+    versions after. A concurrent PUT that registered this version with another body, or
+    another version in the place this one was to take, after our read: the topic's last
+    record of this version is written again as Redis holds it."""
+    registry = app[REGISTRY]
+    outcome = await registry.register(pipeline_id, spec)
+    versions = await registry.versions(pipeline_id)
+    registered = next(n for n, v in enumerate(versions) if v.version == spec.version)
+    if outcome is Registered.CONFLICT or registered != order:
+        await _send(app, pipeline_id, spec.version,
+                    pipeline_record(pipeline_id, versions[registered], registered))
+    return outcome, versions
+
+
+async def _record(request: web.Request, pipeline_id: str, version: str, record: bytes,
+                  new: tuple[PipelineSpec, int] | None = None) -> None:
     """Writes a version's record (`pipeline_record`, acks=all); a 503 when Kafka does not
-    confirm it."""
-    topic = request.app[SETTINGS].topic_pipelines
+    confirm it in RECORD_TIMEOUT_S. `new`: the definition and order the record is of, when
+    it is not one Redis holds already (its late confirmation registers it)."""
     try:
-        async with asyncio.timeout(RECORD_TIMEOUT_S):
-            await request.app[PRODUCER].send_and_wait(
-                topic, record, key=pipeline_key(pipeline_id, version))
+        await _send(request.app, pipeline_id, version, record, new)
     except (KafkaError, TimeoutError):
         raise ApiError(503, "unavailable", UNAVAILABLE_MESSAGE) from None
+
+
+async def _send(app: web.Application, pipeline_id: str, version: str, record: bytes,
+                new: tuple[PipelineSpec, int] | None = None) -> None:
+    delivery: asyncio.Future[Any] | None = None
+    try:
+        async with asyncio.timeout(RECORD_TIMEOUT_S):
+            delivery = await app[PRODUCER].send(app[SETTINGS].topic_pipelines, record,
+                                                key=pipeline_key(pipeline_id, version))
+            await asyncio.shield(delivery)
+    except TimeoutError:
+        # Queued, the record is still delivered: a wait that ran out withdraws nothing.
+        if delivery is not None and new is not None:
+            task = detached(_settle_late(app, pipeline_id, *new, delivery),
+                            f"late record of {pipeline_id} {version}")
+            _LATE.add(task)
+            task.add_done_callback(_LATE.discard)
+        raise
+
+
+# Records confirmed after their PUT's 503, being settled (kept from the garbage collector).
+_LATE: set[asyncio.Task[None]] = set()
+
+
+async def _settle_late(app: web.Application, pipeline_id: str, spec: PipelineSpec, order: int,
+                       delivery: asyncio.Future[Any]) -> None:
+    """A record whose PUT answered 503, once Kafka confirms it after all: a rebuild would
+    register its version from it, so Redis registers it now; should another definition of
+    the version be held (a rival PUT won meanwhile), that one's record goes after it."""
+    try:
+        await delivery
+    except Exception:
+        return  # not written: nothing to settle
+    try:
+        await _registered(app, pipeline_id, spec, order)
+    except Exception as exc:
+        # Left as a PUT that failed after its record (Redis away): the next rebuild, or the
+        # client's retry, registers it.
+        log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503 "
+                    "and is not registered yet (%s)", pipeline_id, spec.version, exc)
+        return
+    log.info("pipeline %s version %s: its record was confirmed after its PUT's 503; "
+             "registered as the topic says", pipeline_id, spec.version)
 
 
 async def get_pipeline(request: web.Request) -> web.Response:

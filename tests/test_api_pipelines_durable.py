@@ -37,20 +37,20 @@ async def test_a_put_answered_503_registers_nothing_so_no_batch_runs_a_version_a
         resp = await api.put("/api/v1/pipelines/p", json=spec_body(version="1"), headers=AUTH)
         assert resp.status == 201
         producer = api.app[PRODUCER]
-        real_send = producer.send_and_wait
+        real_send = producer.send
 
         async def unconfirmed(topic: str, *args: Any, **kwargs: Any) -> Any:
             if topic == settings.topic_pipelines:
                 raise KafkaTimeoutError()  # the broker did not confirm the record in time
             return await real_send(topic, *args, **kwargs)
 
-        producer.send_and_wait = unconfirmed
+        producer.send = unconfirmed
         try:
             resp = await api.put("/api/v1/pipelines/p", json=spec_body(version="2"),
                                  headers=AUTH)
             assert resp.status == 503
         finally:
-            del producer.send_and_wait  # the class's method again
+            del producer.send  # the class's method again
         pipeline_before = await (await api.get("/api/v1/pipelines/p", headers=AUTH)).json()
         resp = await api.post("/api/v1/batches/p", headers=AUTH)
         assert resp.status == 200, await resp.text()
@@ -216,7 +216,7 @@ async def test_a_lost_race_whose_rewrite_failed_is_repaired_by_the_losers_retry(
         assert (await api.put("/api/v1/pipelines/r", json=_spec_with(700), headers=AUTH)
                 ).status == 201
         producer = api.app[PRODUCER]
-        real_send = producer.send_and_wait
+        real_send = producer.send
         state = {"n": 0}
 
         async def send(topic: str, value: bytes, *args: Any, **kwargs: Any) -> Any:
@@ -232,11 +232,11 @@ async def test_a_lost_race_whose_rewrite_failed_is_repaired_by_the_losers_retry(
                 raise KafkaTimeoutError()  # Y's repairing re-write of X: not confirmed
             return await real_send(topic, value, *args, **kwargs)
 
-        producer.send_and_wait = send
+        producer.send = send
         try:
             resp = await api.put("/api/v1/pipelines/r", json=y, headers=AUTH)
         finally:
-            del producer.send_and_wait
+            del producer.send
         assert state["n"] == 3 and resp.status == 503, (state, resp.status)
         # Y's client retries: told 409 (X holds v2), and that retry should leave the topic
         # agreeing with Redis.
