@@ -7,8 +7,11 @@ Every round takes the least recently checked batches of the active-runs index, r
 flow runs (chunked to Prefect's page limit) and publishes whatever state Prefect has that
 Redis lacks. A terminal state is named after Prefect's state id, like the bridge names it,
 so both arriving is harmless. A batch indexed before its run id was recorded is looked up by
-its tag. After each round, a bounded orphan sweep (`consumers.plumbing.orphans`) cancels the runs
-whose batch is gone, hidden or stopped.
+its tag. A batch that reads `stop` leaves the index once its run is final no later than the
+stop it shows: Prefect lets a Cancelled run go Running and then Completed (a stop's
+cancel that lost the race to a starting engine), and a later end whose events were lost is
+published as any missed state. After each round, a bounded orphan sweep
+(`consumers.plumbing.orphans`) cancels the runs whose batch is gone, hidden or stopped.
 """
 
 from __future__ import annotations
@@ -93,15 +96,20 @@ class Reconciler(Part):
             rows: list[list[str | None]] = await pipe.execute()
         live: dict[str, tuple[str, str, str]] = {}  # flow run id -> (pipeline, batch, state)
         unrecorded: list[tuple[str, str, str, str]] = []
+        stopped: list[tuple[str, str]] = []
         for (pipeline_id, batch_id), (state, flow_run_id, deleted, created_at) in zip(
                 due, rows, strict=True):
-            if state is None or deleted is not None or state == "stop":
+            if state is None or deleted is not None:
                 await self.active.remove(pipeline_id, batch_id)
+            elif state == "stop":
+                stopped.append((pipeline_id, batch_id))
             elif flow_run_id is None:
                 unrecorded.append((pipeline_id, batch_id, state, created_at or ""))
             else:
                 live[flow_run_id] = (pipeline_id, batch_id, state)
-        runs = await self.prefect.read(list(live))
+        ended = await self._stopped_runs(stopped)
+        runs = await self.prefect.read([*live, *ended])
+        late = await self._settle_stopped(ended, runs)
         runs.update(await self._find_unrecorded(unrecorded, live))
         await self._crash_zombies(runs)
         events: list[Event] = []
@@ -131,12 +139,56 @@ class Reconciler(Part):
                 )
             if event is not None:
                 events.append(event)
-        events = await self._with_unfinished_steps(events)
+        events = await self._with_unfinished_steps(events) + late
         if events:
             await self.emitter.publish(events)
             self.published += len(events)
             log.info("reconciler: published %d missed state(s): %s", len(events),
                      ", ".join(f"{e.batch_id} {e.state}" for e in events))
+        return events
+
+    async def _stopped_runs(self, stopped: list[tuple[str, str]]
+                            ) -> dict[str, tuple[str, str, float]]:
+        """The flow runs of batches that read `stop`: run id -> (pipeline, batch, the stop's
+        ts). One without a recorded run leaves the index (nothing to check it against). Read
+        whole: a stopped batch's hash may be packed (its run id inside)."""
+        assert self._redis is not None
+        if not stopped:
+            return {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for pipeline_id, batch_id in stopped:
+                pipe.hgetall(keys.batch(pipeline_id, batch_id))
+            hashes: list[dict[str, str]] = await pipe.execute()
+        ended: dict[str, tuple[str, str, float]] = {}
+        for (pipeline_id, batch_id), raw in zip(stopped, hashes, strict=True):
+            fields = unpacked(raw) if raw else {}
+            flow_run_id = fields.get("flow_run_id")
+            if flow_run_id:
+                ended[flow_run_id] = (pipeline_id, batch_id, float(fields.get("stop_ts") or 0))
+            else:
+                await self.active.remove(pipeline_id, batch_id)
+        return ended
+
+    async def _settle_stopped(self, ended: dict[str, tuple[str, str, float]],
+                              runs: dict[str, RunState]) -> list[Event]:
+        """Stopped batches leave the index once their run is final (or gone) at or before the
+        stop they show; a later final state (its events lost) is returned to publish, and
+        the batch is then done too. One whose run is live again stays."""
+        assert self.active is not None
+        events: list[Event] = []
+        for flow_run_id, (pipeline_id, batch_id, stop_ts) in ended.items():
+            run = runs.get(flow_run_id)
+            if run is not None and not run.final:
+                continue  # live again (a Cancelled that lost the race): looked at again
+            if (run is not None and run.since is not None and run.state_type is not None
+                    and run.state_id is not None and run.since.timestamp() > stop_ts + 0.001):
+                event = flow_state_event(
+                    pipeline_id=pipeline_id, batch_id=batch_id, flow_run_id=flow_run_id,
+                    state_type=run.state_type, state_id=run.state_id, message=run.message,
+                    ts=run.since.timestamp(), started=run.ran)
+                if event is not None:
+                    events.append(event)
+            await self.active.remove(pipeline_id, batch_id)
         return events
 
     async def _find_unrecorded(self, unrecorded: list[tuple[str, str, str, str]],
