@@ -271,7 +271,7 @@ async def left_behind(store: BatchStore, registry: PipelineRegistry, pipeline_id
     if fields.get("state") != "pending":
         return LeftBehind("started")
     version = fields.get("pipeline_version", "")
-    spec = await spec_of(registry, pipeline_id, version)
+    spec = await registry.get(pipeline_id, version)  # read: see service.resume
     if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
         raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
     return LeftBehind("pending", Created(spec, recorded(fields)))

@@ -114,7 +114,9 @@ async def resume_batch(request: web.Request) -> web.Response:
         raise ApiError(409, "conflict", f"batch {old_id} completed: there is nothing left to "
                        "resume", outcome="completed")
     version = old["pipeline_version"]
-    spec = await creates.spec_of(request.app[REGISTRY], pipeline_id, version)
+    # Read, not the POSTs' cached definition: a version registered again after Redis lost
+    # it may hold another one (only a POST of the latest has its create check that).
+    spec = await request.app[REGISTRY].get(pipeline_id, version)
     if spec is None:  # versions are never removed; a pipeline removed from Redis by hand
         raise not_found(f"unknown version {version} of pipeline {pipeline_id}")
     base = layout.config_of(old)

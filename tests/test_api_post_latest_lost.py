@@ -13,7 +13,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core import keys
+from core.codec import Event
+from core.models import PipelineSpec
+from core.registry import registered_body
+from core.scripts import Scripts
 from core.settings import Settings
+from core.store import BatchStore
 from tests.helpers import AUTH, api_client, api_settings, spec_body
 
 
@@ -45,3 +51,27 @@ async def test_a_post_records_the_definition_get_shows(topics: Settings, redis: 
     assert recorded == expected, (
         f"GET /pipelines/p shows v1 = {expected}; the batch POSTed after it was recorded as "
         f"{recorded}")
+
+
+async def test_a_resume_records_the_definition_the_registry_holds(topics: Settings,
+                                                                  redis: Redis) -> None:
+    """The resume of a batch took its version's definition from the same cache: after the
+    registry changed under the version's name it recorded the old steps (its config is the
+    batch's own, as any resume's)."""
+    settings = api_settings(topics)
+    async with api_client(settings) as api:
+        resp = await api.put("/api/v1/pipelines/p", json=spec_body(version="1"), headers=AUTH)
+        assert resp.status == 201
+        resp = await api.post("/api/v1/batches/p", headers=AUTH)  # the process caches v1
+        batch_id = (await resp.json())["item"]
+        store = BatchStore(redis, Scripts(redis), token_secret=b"t")
+        await store.apply([Event("batch.state", batch_id, "p", state="stop", outcome="failed",
+                                 event_id="failed-1", ts=1.0)])
+        # What a registration again after a loss leaves (as the test above): v1, another body.
+        new = PipelineSpec.model_validate(spec_body(version="1", steps=("extract", "load")))
+        await redis.hset(keys.pipeline_versions("p"), "1", registered_body(new))
+        resp = await api.post(f"/api/v1/batches/p/{batch_id}/resume", headers=AUTH)
+        assert resp.status == 200, await resp.text()
+        resumed = (await resp.json())["item"]
+        batch = await (await api.get(f"/api/v1/batches/p/{resumed}", headers=AUTH)).json()
+    assert list(batch["state"]["steps"]) == ["extract", "load"]
