@@ -91,13 +91,21 @@ def _setup(ctx: StepContext) -> tuple[SalesConfig, Layout]:
     return read_config(ctx.config), layout
 
 
-def _partitions(directory: Path, suffix: str, step: str) -> dict[str, Path]:
-    """The partition files a previous step left, by partition name, in numeric order."""
+def _partitions(directory: Path, suffix: str, ctx: StepContext) -> dict[str, Path]:
+    """The partition files a previous step left, by partition name, in numeric order. Every
+    partition the step goes on from (its start offsets) must be there: one missing (a resume
+    whose copy of the data it goes on from was cut short, that data removed since) would
+    have the step end `success` over the others alone."""
     files = sorted(directory.glob(f"partition_*{suffix}"),
                    key=lambda p: int(p.name[len("partition_"):-len(suffix)]))
     if not files:
-        raise StepFailed(f"{step}: no partitions in {directory}; did the previous step run?")
-    return {p.name[: -len(suffix)]: p for p in files}
+        raise StepFailed(f"{ctx.step}: no partitions in {directory}; did the previous step run?")
+    found = {p.name[: -len(suffix)]: p for p in files}
+    missing = sorted(set(ctx.start_offsets) - found.keys())
+    if missing:
+        raise StepFailed(f"{ctx.step}: goes on from {', '.join(missing)}, missing in "
+                         f"{directory}: the data it goes on from is incomplete")
+    return found
 
 
 def _saved(layout: Layout, ctx: StepContext) -> dict[str, dict[str, Any]]:
@@ -196,7 +204,7 @@ def _sums(rows: list[list[Any]]) -> Sums:
 
 def transform(ctx: StepContext) -> None:
     config, layout = _setup(ctx)
-    staging = _partitions(layout.staging, ".jsonl", ctx.step)
+    staging = _partitions(layout.staging, ".jsonl", ctx)
     saved = _saved(layout, ctx)
     sums = {p: _sums(saved[p]["sums"] if p in saved else []) for p in staging}
     start = {p: int(saved[p]["offset"]) if p in saved else 0 for p in staging}
@@ -228,7 +236,7 @@ def transform(ctx: StepContext) -> None:
 def load(ctx: StepContext) -> None:
     config, layout = _setup(ctx)
     partials = {p: orjson.loads(path.read_bytes())
-                for p, path in _partitions(layout.partials, ".json", ctx.step).items()}
+                for p, path in _partitions(layout.partials, ".json", ctx).items()}
     layout.db.parent.mkdir(parents=True, exist_ok=True)
     # timeout: a batch's steps rerun (a retry) wait for each other's transaction.
     with closing(sqlite3.connect(layout.db, timeout=30, isolation_level=None)) as db:
