@@ -109,7 +109,7 @@ class Reconciler(Part):
                 live[flow_run_id] = (pipeline_id, batch_id, state)
         ended = await self._stopped_runs(stopped)
         runs = await self.prefect.read([*live, *ended])
-        late = await self._settle_stopped(ended, runs)
+        late, settled = self._settle_stopped(ended, runs)
         runs.update(await self._find_unrecorded(unrecorded, live))
         await self._crash_zombies(runs)
         events: list[Event] = []
@@ -139,12 +139,16 @@ class Reconciler(Part):
                 )
             if event is not None:
                 events.append(event)
-        events = await self._with_unfinished_steps(events) + late
+        events = await self._with_unfinished_steps(events + late)
         if events:
             await self.emitter.publish(events)
             self.published += len(events)
             log.info("reconciler: published %d missed state(s): %s", len(events),
                      ", ".join(f"{e.batch_id} {e.state}" for e in events))
+        # Only once what they owe is published: a round that fails before leaves them
+        # indexed for the next.
+        for pipeline_id, batch_id in settled:
+            await self.active.remove(pipeline_id, batch_id)
         return events
 
     async def _stopped_runs(self, stopped: list[tuple[str, str]]
@@ -169,13 +173,14 @@ class Reconciler(Part):
                 await self.active.remove(pipeline_id, batch_id)
         return ended
 
-    async def _settle_stopped(self, ended: dict[str, tuple[str, str, float]],
-                              runs: dict[str, RunState]) -> list[Event]:
-        """Stopped batches leave the index once their run is final (or gone) at or before the
-        stop they show; a later final state (its events lost) is returned to publish, and
-        the batch is then done too. One whose run is live again stays."""
-        assert self.active is not None
+    @staticmethod
+    def _settle_stopped(ended: dict[str, tuple[str, str, float]], runs: dict[str, RunState]
+                        ) -> tuple[list[Event], list[tuple[str, str]]]:
+        """Stopped batches done with: their run final (or gone) at or before the stop they
+        show, or final later (that end's events lost: returned to publish). One whose run is
+        live again stays indexed."""
         events: list[Event] = []
+        settled: list[tuple[str, str]] = []
         for flow_run_id, (pipeline_id, batch_id, stop_ts) in ended.items():
             run = runs.get(flow_run_id)
             if run is not None and not run.final:
@@ -188,8 +193,8 @@ class Reconciler(Part):
                     ts=run.since.timestamp(), started=run.ran)
                 if event is not None:
                     events.append(event)
-            await self.active.remove(pipeline_id, batch_id)
-        return events
+            settled.append((pipeline_id, batch_id))
+        return events, settled
 
     async def _find_unrecorded(self, unrecorded: list[tuple[str, str, str, str]],
                                live: dict[str, tuple[str, str, str]]) -> dict[str, RunState]:
