@@ -32,14 +32,17 @@ from service.turns import turn_reads
 
 MAX_ENTRIES = 1024
 
-# Parsed definitions by (pipeline_id, version), per registry (per app), each with the SHA-1 of
-# its text as read. A version is immutable (registering it again with another body is
-# refused), so once read it need not be read and validated again; but registered again after
-# Redis lost it, it may be another definition: a POST of the latest version has its create
-# check the digest (CREATE_LATEST_BATCH), and a definition found changed is read again.
-_SPECS: weakref.WeakKeyDictionary[PipelineRegistry,
-                                  dict[tuple[str, str], tuple[PipelineSpec, str]]] = (
+# Parsed definitions by (pipeline_id, version), per registry (per app). A version is immutable
+# (registering it again with another body is refused), so once read it need not be read and
+# validated again; but registered again after Redis lost it, it may be another definition: a
+# POST of the latest version has its create check the SHA-1 of the text its definition was
+# parsed from (CREATE_LATEST_BATCH), and a definition found changed is read again.
+_SPECS: weakref.WeakKeyDictionary[PipelineRegistry, dict[tuple[str, str], PipelineSpec]] = (
     weakref.WeakKeyDictionary())
+# The digest of each definition `spec_of` parsed, by the definition object (its id, the object
+# kept beside it so an id reused by another object never matches): a request holding one
+# that was found changed and forgotten meanwhile is still checked.
+_DIGESTS: dict[int, tuple[PipelineSpec, str]] = {}
 # The latest version last seen of each pipeline, per registry: a POST of the latest version
 # creates its batch with it, and the create script checks that it is still the latest (a
 # pipeline's versions only grow), so the POST needs no read of its own.
@@ -61,23 +64,24 @@ async def spec_of(registry: PipelineRegistry, pipeline_id: str,
     specs = _SPECS.get(registry)
     if specs is None:
         specs = _SPECS[registry] = {}
-    known = specs.get((pipeline_id, version))
-    if known is not None:
-        return known[0]
+    spec = specs.get((pipeline_id, version))
+    if spec is not None:
+        return spec
     text = await registry.get_text(pipeline_id, version)
     if text is None:
         return None
     spec = PipelineSpec.model_validate_json(text)
-    _bounded(specs)[(pipeline_id, version)] = (
+    _bounded(_DIGESTS)[id(spec)] = (
         spec, hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest())
+    _bounded(specs)[(pipeline_id, version)] = spec
     return spec
 
 
-def _digest(registry: PipelineRegistry, pipeline_id: str, spec: PipelineSpec) -> str:
-    """The digest of `spec`'s text as read, '' when `spec` is not the one kept (then no
-    check: its create goes as it did before the digests)."""
-    known = _SPECS.get(registry, {}).get((pipeline_id, spec.version))
-    return known[1] if known is not None and known[0] is spec else ""
+def _digest(spec: PipelineSpec) -> str | None:
+    """The digest of the text `spec` was parsed from, None when not known (not one
+    `spec_of` read, or dropped by the bound)."""
+    known = _DIGESTS.get(id(spec))
+    return known[1] if known is not None and known[0] is spec else None
 
 
 def _forget(registry: PipelineRegistry, pipeline_id: str, version: str) -> None:
@@ -211,6 +215,11 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
     turns = turn_reads(store.redis)
     order = keys.pipeline_order(pipeline_id)
     while True:
+        digest = _digest(spec) if latest else ""
+        if digest is None:  # a definition whose text is not known: read again, then checked
+            _forget(registry, pipeline_id, spec.version)
+            spec = await latest_spec(registry, pipeline_id, spec.version)
+            continue
         template = await _template(store, pipeline_id, spec)
         overridden = orjson.dumps(config(spec)).decode() if config is not None else None
         extra = config_pair(overridden) if overridden is not None else b""
@@ -220,7 +229,7 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
             [keys.batch(pipeline_id, batch_id), *template.other_keys, order,
              keys.unsent_runs(pipeline_id), keys.pipeline_versions(pipeline_id)],
             [spec.version if latest else "", template.args(batch_id, now, extra),
-             keys.CHANGES_CHANNEL, _digest(registry, pipeline_id, spec) if latest else ""])
+             keys.CHANGES_CHANNEL, digest])
         seq = (int(reply) or await _created_earlier(store, pipeline_id, batch_id, now)
                if not isinstance(reply, list) else 0)
         if seq is None:
