@@ -211,3 +211,6 @@ ABANDONED = f"{PREFIX}:api:abandoned"
 # same members -> when the clean-up began. Global, single-key commands only.
 CLEANUP_DUE = f"{PREFIX}:cleanup"
 CLEANUP_SINCE = f"{PREFIX}:cleanup:since"
+# Hash of the same members (`cancel` jobs only) -> the ids of the flow runs the job cancelled
+# itself, space-separated: the Cancelled of those alone is the give-up's doing.
+CLEANUP_CANCELLED = f"{PREFIX}:cleanup:cancelled"

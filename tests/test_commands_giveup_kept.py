@@ -20,7 +20,7 @@ from core.codec import decode_event
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import read_topic
-from tests.test_commands_support import CREATE_RUN, CommandsCtx, proxy_for
+from tests.test_commands_support import CREATE_RUN, SET_STATE, CommandsCtx, proxy_for
 from tests.test_consumers_support import (
     Deployer,
     committed,
@@ -75,3 +75,41 @@ async def test_a_given_up_run_stays_failed_after_its_own_cleanup_cancels_the_run
         await eventually(all_applied, timeout=30, interval=0.2)
     fields = await ctx.fields(batch_id)
     assert (fields["state"], fields.get("outcome")) == ("stop", "failed"), fields.get("reason")
+
+
+async def test_a_given_up_stop_whose_cancel_landed_stays_cancelled(ctx: CommandsCtx) -> None:
+    """A stop given up after Prefect did cancel its run (a 500 after the effect): the
+    give-up records that Cancelled, the user's stop. The clean-up said the failure again
+    over it for any run Cancelled since the job began; only the runs the job cancelled
+    itself count now."""
+    batch_id = await ctx.batch()
+    mode = {"stop": False, "reads": 0}
+
+    def rule(method: str, path: str) -> str:
+        if not mode["stop"]:
+            return "pass"
+        if path == "/api/flow_runs/filter":
+            mode["reads"] += 1
+            return "500" if mode["reads"] == 1 else "pass"  # a brown-out's first read
+        if SET_STATE.match(path):
+            return "done-500"  # Prefect did it, the answer was lost to a 500
+        return "pass"
+
+    proxy = proxy_for(ctx.settings, rule)
+    async with proxy.serving():
+        broken = ctx.settings.model_copy(update={"prefect_api_url": proxy.url})
+        async with running(ctx.consumer(broken, retry_max_attempts=2, cleanup_recheck_s=2)):
+            await send_command(ctx.settings, "run", ctx.pipeline_id, batch_id)
+            await ctx.processed(1)
+
+            async def scheduled() -> bool:
+                return bool((await ctx.fields(batch_id)).get("flow_run_id"))
+            await eventually(scheduled, timeout=30)
+            mode["stop"] = True
+            await send_command(ctx.settings, "stop", ctx.pipeline_id, batch_id)
+            await ctx.processed(2)
+            given_up = await ctx.fields(batch_id)
+            await ctx.no_cleanup_left(timeout=60)
+    fields = await ctx.fields(batch_id)
+    assert (given_up["state"], given_up.get("outcome")) == ("stop", "cancelled")
+    assert (fields["state"], fields.get("outcome")) == ("stop", "cancelled"), fields.get("reason")

@@ -11,9 +11,10 @@ Jobs live in Redis, so a crash or a restart resumes them:
 Kinds: `delete` (cancel, then delete every flow run of the batch, then remove its data on
 the worker's disk through the clean-up each of its step implementations declares, then purge
 it from Redis, then tombstone its snapshot so a rebuild of Redis does not bring it back),
-`cancel` (cancel every flow run of a batch that stays, `stop`/`failed`: a run it ended
-Cancelled has the failure said again just after, or that Cancelled, the batch's latest
-stop, would read as if someone had stopped the batch) and `stop` (a stop's
+`cancel` (cancel every flow run of a batch that stays, `stop`/`failed`: a run it cancelled
+itself (`keys.CLEANUP_CANCELLED`) has the failure said again just after its Cancelled, or
+that Cancelled, the batch's latest stop, would read as if someone had stopped the batch)
+and `stop` (a stop's
 follow-up: a run found Pending is cancelled once its engine runs it, and one left
 Cancelling with no engine to end it is ended; see `_settle`).
 
@@ -57,11 +58,6 @@ KINDS: Final = ("delete", "cancel", "stop")
 MESSAGES: Final = {"delete": "deleted through the batches API",
                    "cancel": "the batch failed: its command was given up",
                    "stop": "stopped through the batches API"}
-
-
-# Prefect's clock against this process's, when a run's state time is compared with a job's
-# start.
-CLOCK_SLACK_S: Final = 5.0
 
 
 def member(kind: str, pipeline_id: str, batch_id: str) -> str:
@@ -156,6 +152,7 @@ class Cleanup:
                     tx.zrem(keys.CLEANUP_DUE, job)
                     tx.hdel(keys.CLEANUP_SINCE, job)
                     await tx.execute()
+                await self._redis.hdel(keys.CLEANUP_CANCELLED, job)
                 log.info("clean-up %s: done", job)
             else:
                 await self._redis.zadd(keys.CLEANUP_DUE, {job: next_due}, xx=True)
@@ -193,13 +190,24 @@ class Cleanup:
         runs = await self._prefect.of_batch(pipeline_id, batch_id, known)
         now = time.time()
         waiting = False
+        job = member(kind, pipeline_id, batch_id)
+        noted = cast(str | None, await self._redis.hget(keys.CLEANUP_CANCELLED, job)) \
+            if kind == "cancel" else None
+        ours: set[str] = set(noted.split()) if noted else set()
+        if kind == "cancel":
+            # Noted before they are cancelled (a pass cut short in between must not leave a
+            # Cancelled of ours unknown). One found Cancelling already was someone else's (a
+            # given-up stop's that reached Prefect): its Cancelled is a real stop.
+            to_cancel = {r.flow_run_id for r in runs
+                          if not r.final and r.state_type != "CANCELLING"}
+            if not to_cancel <= ours:
+                ours |= to_cancel
+                await self._redis.hset(keys.CLEANUP_CANCELLED, job, " ".join(sorted(ours)))
         for run in runs:
             settled = await self._settle(kind, run, now - since, now)
             waiting |= settled is None
-            if (kind == "cancel" and settled is not None and settled.state_type == "CANCELLED"
-                    and settled.since is not None
-                    and settled.since.timestamp() >= since - CLOCK_SLACK_S):
-                # Cancelled since the give-up: by this job (or the sweep), not a real end.
+            if (settled is not None and settled.state_type == "CANCELLED"
+                    and settled.flow_run_id in ours):
                 await self._fail_again(pipeline_id, batch_id, settled, fields)
         if waiting:
             return now + self._options.cleanup_poll_s
