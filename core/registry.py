@@ -17,6 +17,7 @@ class Registered(enum.Enum):
     CREATED = 1
     UNCHANGED = 0
     CONFLICT = -1
+    MOVED = -2  # not added: not at the place asked for (`register`'s `at`)
 
 
 def registered_body(spec: PipelineSpec) -> bytes:
@@ -31,17 +32,20 @@ class PipelineRegistry:
         self.redis = redis
         self.scripts = scripts
 
-    async def register(self, pipeline_id: str, spec: PipelineSpec) -> Registered:
+    async def register(self, pipeline_id: str, spec: PipelineSpec,
+                       at: int | None = None) -> Registered:
+        """`at`: added only as the pipeline's version number `at` (0-based), so a version
+        recorded when it would have been the latest never comes after ones registered since."""
         body = registered_body(spec)
         outcome = Registered(
             int(
                 await self.scripts.register_pipeline(
                     keys=[keys.pipeline_versions(pipeline_id), keys.pipeline_order(pipeline_id)],
-                    args=[spec.version, body],
+                    args=[spec.version, body, *([] if at is None else [at])],
                 )
             )
         )
-        if outcome is not Registered.CONFLICT:
+        if outcome in (Registered.CREATED, Registered.UNCHANGED):
             # Outside the script: the global set lives in another cluster slot. On an
             # unchanged version too: a retry adds what a first attempt that lost its
             # connection after the script did not (idempotent).

@@ -67,15 +67,18 @@ return seq
 """
 
 # KEYS[1] pipeline's versions hash, KEYS[2] pipeline's version order list
-# ARGV[1] version, ARGV[2] canonical JSON of the definition
+# ARGV[1] version, ARGV[2] canonical JSON of the definition, ARGV[3] (optional) the place it
+# must take: added only while the order holds that many versions
 # Returns 1 when added, 0 when that version exists with the same body, -1 when it exists with
-# another body (a conflict: versions are immutable).
+# another body (a conflict: versions are immutable), -2 when it is new and ARGV[3] is not its
+# place (versions were registered after it was recorded: it would come after them, latest).
 REGISTER_PIPELINE: Final = """
 local existing = redis.call('HGET', KEYS[1], ARGV[1])
 if existing then
   if existing == ARGV[2] then return 0 end
   return -1
 end
+if ARGV[3] and redis.call('LLEN', KEYS[2]) ~= tonumber(ARGV[3]) then return -2 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('RPUSH', KEYS[2], ARGV[1])
 return 1

@@ -130,13 +130,17 @@ def _conflict(pipeline_id: str, spec: PipelineSpec) -> ApiError:
 
 
 async def _registered(app: web.Application, pipeline_id: str, spec: PipelineSpec,
-                      order: int) -> tuple[Registered, list[PipelineSpec]]:
+                      order: int, late: bool = False) -> tuple[Registered, list[PipelineSpec]]:
     """`spec` registered, its record (at `order`) on the topic already; the registry's
     versions after. A concurrent PUT that registered this version with another body, or
     another version in the place this one was to take, after our read: the topic's last
-    record of this version is written again as Redis holds it."""
+    record of this version is written again as Redis holds it. `late` (a record confirmed
+    after its PUT's 503): registered only at its recorded place, never after versions
+    accepted since (MOVED: left to the client's retry, a rebuild puts it at its place)."""
     registry = app[REGISTRY]
-    outcome = await registry.register(pipeline_id, spec)
+    outcome = await registry.register(pipeline_id, spec, at=order if late else None)
+    if outcome is Registered.MOVED:
+        return outcome, []
     versions = await registry.versions(pipeline_id)
     registered = next(n for n, v in enumerate(versions) if v.version == spec.version)
     if outcome is Registered.CONFLICT or registered != order:
@@ -188,12 +192,17 @@ async def _settle_late(app: web.Application, pipeline_id: str, spec: PipelineSpe
     except Exception:
         return  # not written: nothing to settle
     try:
-        await _registered(app, pipeline_id, spec, order)
+        outcome, _ = await _registered(app, pipeline_id, spec, order, late=True)
     except Exception as exc:
         # Left as a PUT that failed after its record (Redis away): the next rebuild, or the
         # client's retry, registers it.
         log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503 "
                     "and is not registered yet (%s)", pipeline_id, spec.version, exc)
+        return
+    if outcome is Registered.MOVED:
+        log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503, "
+                    "and versions were registered since: not registered here (the client's "
+                    "retry does; a rebuild puts it at its place)", pipeline_id, spec.version)
         return
     log.info("pipeline %s version %s: its record was confirmed after its PUT's 503; "
              "registered as the topic says", pipeline_id, spec.version)

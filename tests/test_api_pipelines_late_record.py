@@ -104,3 +104,28 @@ async def test_an_accepted_put_is_not_replaced_by_a_503_puts_late_record(
     await rebuild(topics, force=True)
     async with api_client(settings) as api:
         assert (await _versions(api))["2"] == {"rows": 800}
+
+
+async def test_a_late_record_never_makes_its_version_latest_over_one_accepted_since(
+        topics: Settings, redis: Redis, monkeypatch: Any) -> None:
+    """PUT v2 answered 503 on A; PUT v3 answered 201 on B. A's late confirmation appended
+    v2 after v3: latest v2, and POSTs ran the version whose PUT had failed. It is registered
+    only at its recorded place now."""
+    monkeypatch.setattr(pipeline_routes, "RECORD_TIMEOUT_S", 0.3)
+    settings = api_settings(topics)
+    release = asyncio.Event()
+    async with api_client(settings) as a, api_client(settings) as b:
+        resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="1"), headers=AUTH)
+        assert resp.status == 201
+        _late(a, settings, release)
+        resp = await a.put("/api/v1/pipelines/p", json=spec_body(version="2"), headers=AUTH)
+        assert resp.status == 503, await resp.text()
+        resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="3"), headers=AUTH)
+        assert resp.status == 201, await resp.text()
+        release.set()
+        await eventually(lambda: not pipeline_routes._LATE, timeout=20)
+        assert list(await _versions(b)) == ["1", "3"]
+        run = await b.post("/api/v1/batches/p", headers=AUTH)
+        batch = await (await b.get(f"/api/v1/batches/p/{(await run.json())['item']}",
+                                   headers=AUTH)).json()
+    assert batch["pipeline_version"] == "3"

@@ -315,6 +315,12 @@ async def test_register_pipeline_adds_versions_immutably(redis: Redis, scripts: 
     assert await registry.ids() == [P]
     stored = await redis.hget(keys.pipeline_versions(P), "1")
     assert stored is not None and orjson.loads(stored)["name"] == "sales-pipeline"
+    # At a place: added only as the version of that number (a late record's, never after
+    # versions registered since); an existing version answers as without one.
+    assert await registry.register(P, spec(version="3"), at=1) is Registered.MOVED
+    assert await registry.register(P, spec(version="2"), at=0) is Registered.UNCHANGED
+    assert await registry.register(P, spec(version="3"), at=2) is Registered.CREATED
+    assert [s.version for s in await registry.versions(P)] == ["1", "2", "3"]
 
 
 async def test_offsets_apply_by_value_whatever_their_event_id(store: BatchStore, redis: Redis) -> None:
