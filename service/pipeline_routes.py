@@ -80,9 +80,10 @@ async def _register(request: web.Request, pipeline_id: str, spec: PipelineSpec) 
     writes the record again) leaves the topic saying what Redis holds. A record written for
     a PUT that failed after it (Redis away) registers its version at the next rebuild, as
     the client's retry would. So does a record Kafka confirms after the 503 of its wait
-    (`_record`): then it is registered at once, or, another definition of the version held,
-    that one's record is written again after it (`_settle_late`), so the topic a rebuild
-    reads says what Redis says."""
+    (`_record`): then it is registered at once if still at its place (never after versions
+    accepted since), or, another definition of the version held, that one's record is
+    written again after it (`_settle_late`), so the topic a rebuild reads says what Redis
+    says."""
     registry = request.app[REGISTRY]
     request.app[COMMANDS].check()  # Kafka known down: 503 at once, as for a command
     held = await registry.versions(pipeline_id)
