@@ -154,12 +154,14 @@ def published_fields(payload: str) -> dict[str, str]:
 
 
 @lru_cache(maxsize=4096)
-def _natural(name: str) -> tuple[str, int]:
+def _natural(name: str) -> tuple[str, int, str]:
     """`partition_10` sorts after `partition_9`. Memoised: the same few partition names come
-    back in every render, and the key was a third of a batch's render time."""
+    back in every render, and the key was a third of a batch's render time. The name last:
+    `p1` and `p01` tie on the rest, and left to the hash's order (Redis's insertion order,
+    the packed form's, a published hash's) one body would render in two ETags."""
     head = name.rstrip("0123456789")
     tail = name[len(head) :]
-    return head, int(tail) if tail else -1
+    return head, int(tail) if tail else -1, name
 
 
 def render(fields: Mapping[str, str]) -> dict[str, Any]:

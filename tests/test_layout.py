@@ -95,6 +95,21 @@ def test_render_orders_partitions_naturally_and_keeps_only_the_batch_steps() -> 
         "percent": None, "records_per_s": None, "eta_s": None}}
 
 
+def test_partitions_whose_numbers_tie_render_alike_whatever_the_hashs_order() -> None:
+    """`p1` and `p01` tie on their natural key; sorted by it alone they kept the hash's
+    order, which differs between Redis's insertion order, a packed hash's and a published
+    one's: the same batch rendered in two ETags (a long-poll woken for nothing)."""
+    base = _running_batch("2026-12-01T10:00:10.000Z")
+    orders = [("p1", 5), ("p01", 3)], [("p01", 3), ("p1", 5)]
+    rendered = []
+    for order in orders:
+        fields = dict(base)
+        for part, offset in order:
+            fields[layout.offset_field("extract", part)] = str(offset)
+        rendered.append(list(layout.render(fields)["state"]["steps"]["extract"]["offsets"]))
+    assert rendered[0] == rendered[1] == ["p0", "p01", "p1"]
+
+
 def test_a_step_left_running_in_a_batch_that_stopped_unsuccessfully_shows_failed() -> None:
     # Its process went with the flow (a cancel, a crash) and nothing will end it; the hash
     # keeps `running` (the highest state sent, whatever the events' order).
