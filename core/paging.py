@@ -174,6 +174,10 @@ class Pager:
         try:
             encoded, signature = token.split(".", 1)
             body = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            # The decoder skips characters it does not know, extra padding and a last
+            # character's unused bits: only the text this service wrote is the token.
+            if base64.urlsafe_b64encode(body).rstrip(b"=").decode() != encoded:
+                raise ValueError("not the token's own text")
             data = orjson.loads(body)
         except (ValueError, orjson.JSONDecodeError):
             raise BadToken("malformed token") from None

@@ -126,3 +126,29 @@ async def test_the_latest_batch_refuses_the_lists_filters_instead_of_ignoring_th
             ok = await api.get(f"/api/v1/batches/{P}{ok_query}", headers=AUTH)
             assert ok.status == 200, ok_query
             assert (await ok.json())["id"] == "b001"
+
+
+async def test_a_token_altered_outside_its_signature_is_refused(
+        topics: Settings, redis: Redis) -> None:
+    """The token's body was decoded by a decoder that skips characters it does not know,
+    extra padding and unused bits, and the signature checked over the decoded bytes: altered
+    copies of a token were taken as it (a token is opaque; any other value is a 400)."""
+    store = BatchStore.from_settings(redis, topics)
+    await make(store, 3)
+    async with api_client(api_settings(topics)) as api:
+        first = await api.get(f"/api/v1/batches/{P}/", params={"limit": "1"}, headers=AUTH)
+        token = (await first.json())["token"]
+        body, signature = token.split(".", 1)
+        altered = [
+            body[:2] + "!" + body[2:] + "." + signature,        # a character base64 drops
+            body[:5] + " \t" + body[5:] + "." + signature,      # whitespace inside
+            body + "===." + signature,                          # padding the issuer never writes
+        ]
+        answers = {}
+        for other in altered:
+            assert other != token
+            response = await api.get(f"/api/v1/batches/{P}/",
+                                     params={"limit": "1", "token": other}, headers=AUTH)
+            answers[other] = (response.status, list((await response.json()).get("items", {})))
+        # Each is "any other value": a 400, as a forged signature is.
+        assert all(status == 400 for status, _ in answers.values()), answers
