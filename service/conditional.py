@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Final, Protocol
 
 from aiohttp import web
 
 from service.appkeys import CACHE, WAITERS
+from service.auth import EXPIRES_KEY
 from service.cache import etag_of
-from service.errors import bad_request
+from service.errors import ApiError, bad_request
 from service.request_log import HELD
 
 MAX_WAIT_S: Final = 60.0
@@ -163,9 +165,16 @@ async def _held(request: web.Request, wait: float, signal: _Signal,
     cache, waiters = request.app[CACHE], request.app[WAITERS]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    # A token is checked once, when the request comes: held, the request reads nothing
+    # after the token's `exp` (as a push stream is cut then: service.auth.until_expiry).
+    expires = request.get(EXPIRES_KEY)
+    expiry = None if expires is None else loop.time() + max(expires - time.time(), 0.0)
     named: tuple[str, int] | None = None  # the version named, once a read matched it
     fresh = False  # the last wait ended on its timeout, not on a change
     while True:
+        if expiry is not None and loop.time() >= expiry:
+            raise ApiError(401, "unauthorized", "the bearer token expired while the request "
+                           "was held; send it again with a valid token")
         signal.take()
         body, etag, rev = await read(fresh)
         if matches(if_none_match, etag):
@@ -182,6 +191,8 @@ async def _held(request: web.Request, wait: float, signal: _Signal,
         # again at least every cache.ttl_s (the cache's own backstop, as streams do), not
         # only when the wait ends.
         timeout = min(remaining, cache.ttl_s) if cache.live else min(remaining, DEGRADED_POLL_S)
+        if expiry is not None:
+            timeout = min(timeout, max(expiry - loop.time(), 0.0))
         request[HELD] = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
