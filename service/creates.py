@@ -84,7 +84,7 @@ def _digest(spec: PipelineSpec) -> str | None:
     return known[1] if known is not None and known[0] is spec else None
 
 
-def _forget(registry: PipelineRegistry, pipeline_id: str, version: str) -> None:
+def forget(registry: PipelineRegistry, pipeline_id: str, version: str) -> None:
     """A definition found changed under its version's name: read again when next asked."""
     _SPECS.get(registry, {}).pop((pipeline_id, version), None)
 
@@ -217,7 +217,7 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
     while True:
         digest = _digest(spec) if latest else ""
         if digest is None:  # a definition whose text is not known: read again, then checked
-            _forget(registry, pipeline_id, spec.version)
+            forget(registry, pipeline_id, spec.version)
             spec = await latest_spec(registry, pipeline_id, spec.version)
             continue
         template = await _template(store, pipeline_id, spec)
@@ -240,7 +240,7 @@ async def record(store: BatchStore, scripts: ApiScripts, registry: PipelineRegis
             return Created(spec, Recorded(seq=seq, created_at=now,
                                           extra={layout.CONFIG: config_json}))
         if len(reply) > 1:  # the definition changed under its name: Redis lost it meanwhile
-            _forget(registry, pipeline_id, str(reply[0]))
+            forget(registry, pipeline_id, str(reply[0]))
         spec = await latest_spec(registry, pipeline_id, reply[0])
 
 

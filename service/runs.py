@@ -16,6 +16,7 @@ from aiohttp import web
 from core import keys
 from core.codec import Command
 from core.models import PipelineSpec, new_batch_id, valid_id
+from core.registry import registered_body
 from service import creates, idempotency, run_body
 from service.appkeys import ABANDONER, API_SCRIPTS, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, path_id
@@ -57,9 +58,13 @@ async def _checked_against_latest(request: web.Request, pipeline_id: str,
         if requested is not None:
             raise
         registry = request.app[REGISTRY]
-        latest = await creates.latest_spec(registry, pipeline_id,
-                                           await registry.latest_version(pipeline_id))
-        if latest.version == spec.version:
+        version = await registry.latest_version(pipeline_id)
+        if version is not None:
+            # Read, not cached: registered again after Redis lost it, a version may hold
+            # another definition, and no create comes to check it for a refused request.
+            creates.forget(registry, pipeline_id, version)
+        latest = await creates.latest_spec(registry, pipeline_id, version)
+        if registered_body(latest) == registered_body(spec):
             raise
     run_body.checked_config(latest, overrides)
     return latest

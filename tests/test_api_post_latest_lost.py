@@ -135,3 +135,25 @@ async def test_concurrent_posts_after_the_registry_changed(topics: Settings, red
             shown[name] = list(batch["state"]["steps"])
     assert shown == {"A (key)": ["extract"], "B": ["extract"]}, (
         f"GET /pipelines/p shows v1 with steps ['extract']; the batches were recorded as {shown}")
+
+
+async def test_a_post_with_overrides_is_judged_against_the_registrys_definition(
+        topics: Settings, redis: Redis) -> None:
+    """A POST whose overrides the cached definition refuses had the refusal "confirmed"
+    against the same cached object: a 400 though the registry's definition takes them (no
+    create comes to check a refused request's definition)."""
+    settings = api_settings(topics)
+    old = spec_body(version="1", steps=("extract",))
+    new = spec_body(version="1")  # extract, transform, load
+    body = {"config": {"load": {"rows": 500}}}
+    async with api_client(settings) as api:
+        assert (await api.put("/api/v1/pipelines/p", json=old, headers=AUTH)).status == 201
+        assert (await api.post("/api/v1/batches/p", headers=AUTH)).status == 200  # caches v1
+        await redis.flushdb()  # Redis lost; v1 PUT again with another definition
+        assert (await api.put("/api/v1/pipelines/p", json=new, headers=AUTH)).status == 201
+        shown = await (await api.get("/api/v1/pipelines/p", headers=AUTH)).json()
+        assert [s["name"] for s in shown["versions"][0]["steps"]] == ["extract", "transform",
+                                                                     "load"]
+        resp = await api.post("/api/v1/batches/p", json=body, headers=AUTH)
+        text = await resp.text()
+    assert resp.status == 200, f"{resp.status}: {text}"
