@@ -184,6 +184,13 @@ def pipeline_order(pipeline_id: str) -> str:
     return f"{_tag(pipeline_id)}:pipeline:order"
 
 
+def cleanup_cancelled(job: str) -> str:
+    """Set of the flow runs a `cancel` clean-up job (its CLEANUP_DUE member) cancelled
+    itself: the Cancelled of those alone is the give-up's doing. Added to, never rewritten
+    (two processes may run the same pass)."""
+    return f"{PREFIX}:cleanup:cancelled:{job}"
+
+
 def idempotency(key_digest: str) -> str:
     """Idempotency-Key record; global (own slot) so a key reused on another pipeline is seen."""
     return f"{PREFIX}:idem:{{{key_digest}}}"
@@ -211,6 +218,3 @@ ABANDONED = f"{PREFIX}:api:abandoned"
 # same members -> when the clean-up began. Global, single-key commands only.
 CLEANUP_DUE = f"{PREFIX}:cleanup"
 CLEANUP_SINCE = f"{PREFIX}:cleanup:since"
-# Hash of the same members (`cancel` jobs only) -> the ids of the flow runs the job cancelled
-# itself, space-separated: the Cancelled of those alone is the give-up's doing.
-CLEANUP_CANCELLED = f"{PREFIX}:cleanup:cancelled"

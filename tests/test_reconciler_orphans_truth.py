@@ -9,19 +9,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
 from prefect.states import AwaitingRetry, Cancelling, Failed, Pending, Running
 from redis.asyncio import Redis
 
-from consumers.plumbing.cleanup import MESSAGES
+from consumers.plumbing.active import ActiveRuns
+from consumers.plumbing.cleanup import MESSAGES, Cleanup
 from consumers.plumbing.orphans import OrphanOptions, OrphanSweep
 from consumers.plumbing.prefect_api import PrefectGateway
 from core.codec import Event, derived_id
 from core.prefect_events import flow_state_event
 from core.settings import Settings
-from tests.test_consumers_support import store_for
+from tests.test_consumers_support import options, store_for
 from tests.test_reconciler_support import idle_pool
 
 GAVE_UP = "prefect unavailable: retries exhausted"
@@ -110,3 +114,60 @@ async def test_a_given_up_batchs_stuck_run_keeps_the_batchs_outcome(
         after = await store.get(pool.pipeline_id, batch_id)
         assert after is not None
         assert (after["outcome"], after.get("reason")) == ("failed", GAVE_UP)
+
+
+class _Applying:
+    """An emitter whose events the store applies at once (as the events consumer would)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.sent: list[Event] = []
+
+    async def emit(self, events: Sequence[Event]) -> None:
+        self.sent += events
+        await self.store.apply(list(events))
+
+
+async def test_a_given_up_batchs_run_is_left_to_its_queued_clean_up(
+        redis: Redis, test_settings: Settings) -> None:
+    """The give-up's `cancel` job says the failure again only over the runs it cancelled
+    itself. When the sweep got to the run first (the job lagging past the sweep's grace, as
+    in the Prefect brown-out that gives commands up), its Cancelled became the batch's
+    latest stop, unknown to the job: the batch read `cancelled`. A stopped batch whose
+    clean-up is queued is the job's."""
+    async with idle_pool(test_settings, redis) as pool:
+        store = store_for(redis, test_settings)
+        batch_id, run_id = (await pool.many(1))[0]
+        # commands._reject: stop/failed as of the command's time, the `cancel` job queued.
+        await store.apply([Event(
+            type="batch.state", batch_id=batch_id, pipeline_id=pool.pipeline_id,
+            event_id=derived_id("fail-", "cmd-1"), state="stop", outcome="failed",
+            reason=GAVE_UP, ts=time.time())])
+        emitter = _Applying(store)
+        gateway = PrefectGateway(test_settings, 10.0)
+        await gateway.open()
+        try:
+            cleanup = Cleanup(redis, gateway, store, ActiveRuns(redis),
+                              options(cleanup_recheck_s=0.0), asyncio.Event(),
+                              emitter=emitter)  # type: ignore[arg-type]
+            await cleanup.enqueue("cancel", pool.pipeline_id, batch_id)
+            # grace_s=0 stands for "the job lagged past the sweep's 120 s grace".
+            sweep = OrphanSweep(redis, gateway, OrphanOptions(grace_s=0), scope=pool.scope)
+            assert (await sweep.sweep()).cancelled == []
+            since = time.time()
+            for _ in range(3):
+                if await cleanup.one_pass("cancel", pool.pipeline_id, batch_id, since) is None:
+                    break
+            run = await pool.client.read_flow_run(UUID(run_id))
+            assert run.state is not None and run.state.type.value == "CANCELLED"
+            # What the bridge then applies for it: older than the failure said again.
+            event = flow_state_event(
+                pipeline_id=pool.pipeline_id, batch_id=batch_id, flow_run_id=run_id,
+                state_type=run.state.type.value, state_id=str(run.state.id),
+                message=run.state.message, ts=run.state.timestamp.timestamp())
+            assert event is not None
+            await store.apply([event])
+        finally:
+            await gateway.close()
+        after = await store.fields(pool.pipeline_id, batch_id)
+    assert after is not None and (after["state"], after["outcome"]) == ("stop", "failed")

@@ -12,7 +12,7 @@ Kinds: `delete` (cancel, then delete every flow run of the batch, then remove it
 the worker's disk through the clean-up each of its step implementations declares, then purge
 it from Redis, then tombstone its snapshot so a rebuild of Redis does not bring it back),
 `cancel` (cancel every flow run of a batch that stays, `stop`/`failed`: a run it cancelled
-itself (`keys.CLEANUP_CANCELLED`) has the failure said again just after its Cancelled, or
+itself (`keys.cleanup_cancelled`) has the failure said again just after its Cancelled, or
 that Cancelled, the batch's latest stop, would read as if someone had stopped the batch)
 and `stop` (a stop's
 follow-up: a run found Pending is cancelled once its engine runs it, and one left
@@ -151,8 +151,8 @@ class Cleanup:
                 async with self._redis.pipeline(transaction=True) as tx:
                     tx.zrem(keys.CLEANUP_DUE, job)
                     tx.hdel(keys.CLEANUP_SINCE, job)
+                    tx.delete(keys.cleanup_cancelled(job))
                     await tx.execute()
-                await self._redis.hdel(keys.CLEANUP_CANCELLED, job)
                 log.info("clean-up %s: done", job)
             else:
                 await self._redis.zadd(keys.CLEANUP_DUE, {job: next_due}, xx=True)
@@ -190,19 +190,17 @@ class Cleanup:
         runs = await self._prefect.of_batch(pipeline_id, batch_id, known)
         now = time.time()
         waiting = False
-        job = member(kind, pipeline_id, batch_id)
-        noted = cast(str | None, await self._redis.hget(keys.CLEANUP_CANCELLED, job)) \
-            if kind == "cancel" else None
-        ours: set[str] = set(noted.split()) if noted else set()
+        ours: set[str] = set()
         if kind == "cancel":
             # Noted before they are cancelled (a pass cut short in between must not leave a
             # Cancelled of ours unknown). One found Cancelling already was someone else's (a
             # given-up stop's that reached Prefect): its Cancelled is a real stop.
-            to_cancel = {r.flow_run_id for r in runs
-                          if not r.final and r.state_type != "CANCELLING"}
-            if not to_cancel <= ours:
-                ours |= to_cancel
-                await self._redis.hset(keys.CLEANUP_CANCELLED, job, " ".join(sorted(ours)))
+            noted = keys.cleanup_cancelled(member(kind, pipeline_id, batch_id))
+            to_cancel = [r.flow_run_id for r in runs
+                         if not r.final and r.state_type != "CANCELLING"]
+            if to_cancel:
+                await self._redis.sadd(noted, *to_cancel)
+            ours = cast(set[str], await self._redis.smembers(noted))
         for run in runs:
             settled = await self._settle(kind, run, now - since, now)
             waiting |= settled is None

@@ -8,8 +8,9 @@ non-final runs tagged `dhub` and judges each by its batch in Redis:
 - batch missing (purged, or never recorded) -> cancelled, then deleted;
 - batch hidden (`deleted`: a delete is under way) -> cancelled, then deleted;
 - batch `stop` -> cancelled (the batch keeps showing its run), unless the run ended once
-  and lives again: retried or rerun in Prefect after its end, its own events decide the
-  batch (a Cancelled -> Running race's run, too).
+  and lives again (retried or rerun in Prefect after its end, its own events decide the
+  batch; a Cancelled -> Running race's run, too), or the batch's clean-up job is queued
+  (the job cancels it, and knows its Cancelled for its own).
 
 Safe against work in progress: nothing is judged within `grace_s` of the run's creation
 (a POST may still be writing the batch hash) nor of the batch's last change (the commands
@@ -38,6 +39,7 @@ from prefect.client.schemas.sorting import FlowRunSort
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from redis.asyncio import Redis
 
+from consumers.plumbing.cleanup import member as cleanup_member
 from consumers.plumbing.prefect_api import FINAL, FLOW_RUNS_PAGE, PrefectGateway, RunState
 from core import keys
 from core.layout import DELETED
@@ -172,6 +174,26 @@ class OrphanSweep:
                 verdicts[run_id] = Verdict.HIDDEN
             elif state == "stop":
                 verdicts[run_id] = Verdict.STOPPED
+        return await self._without_cleanups(verdicts, owners)
+
+    async def _without_cleanups(self, verdicts: dict[str, Verdict],
+                                owners: dict[str, tuple[str, str]]) -> dict[str, Verdict]:
+        """A stopped batch whose clean-up is queued (a give-up's `cancel`, a stop's
+        follow-up) is that job's: cancelled by the sweep first, a given-up batch's run would
+        end Cancelled unknown to the job, which says the failure again only over the runs it
+        cancelled itself, and the batch would read `cancelled`."""
+        stopped = [run_id for run_id, verdict in verdicts.items()
+                   if verdict is Verdict.STOPPED]
+        if not stopped:
+            return verdicts
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for run_id in stopped:
+                for kind in ("cancel", "stop"):
+                    pipe.zscore(keys.CLEANUP_DUE, cleanup_member(kind, *owners[run_id]))
+            queued = await pipe.execute()
+        for n, run_id in enumerate(stopped):
+            if queued[2 * n] is not None or queued[2 * n + 1] is not None:
+                del verdicts[run_id]
         return verdicts
 
     async def _act(self, run: FlowRun, verdict: Verdict, report: SweepReport) -> bool:
