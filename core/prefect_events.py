@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from core.codec import MAX_REASON, Event
+from core.logs import scrub
 from core.messages import MAX_TS_AHEAD_S
 from core.models import batch_id_from_tags, is_uuid, valid_id
 
@@ -99,7 +100,9 @@ def flow_state_event(
     if ts is not None:
         event.ts = state_time(ts)
     if outcome is not None and message:
-        event.reason = message[:MAX_REASON]
+        # A run's message quotes its exception, which may quote a URL with its password
+        # (httpx's errors do): the reason is shown to every reader of the batch.
+        event.reason = scrub(message)[:MAX_REASON]
     return event
 
 

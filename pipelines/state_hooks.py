@@ -28,6 +28,7 @@ from core import keys
 from core.codec import MAX_REASON
 from core.connections import open_redis
 from core.layout import running_steps
+from core.logs import scrub
 from core.models import valid_id
 from core.packing import unpacked
 from core.prefect_events import state_time
@@ -45,7 +46,7 @@ Hook = FlowStateHook[..., Any]
 def _reason(state: State) -> str | None:
     """As the bridge reads the same state (`core.prefect_events`): the two stops of one end
     carry one time, so the first applied decides between them and they must agree."""
-    return state.message[:MAX_REASON] if state.message else None
+    return scrub(state.message)[:MAX_REASON] if state.message else None
 
 
 async def prefect_unfinished(flow_run: FlowRun) -> set[str]:
