@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
+from core.logs import scrub
 from deploy.local.config import StackConfig
 from deploy.local.part import Part
 from deploy.local.parts import BY_NAME, NAMES, PARTS, environment, waves
@@ -169,7 +170,7 @@ def status(c: StackConfig, parts: Iterable[Part] = PARTS) -> bool:
             word = "up" if pid else "up (external)"
         else:
             word, ok = ("starting/unhealthy" if pid else "down"), False
-        print(f"{part.name:<10} {word:<18} pid={pid or '-':<8} {part.url(c)}")
+        print(f"{part.name:<10} {word:<18} pid={pid or '-':<8} {scrub(part.url(c))}")
     return ok
 
 
@@ -187,11 +188,13 @@ def run(c: StackConfig, parts: tuple[Part, ...]) -> int:
         token, api = c.state / "api-token", BY_NAME["api"]
         print()
         if api in parts and api.present(c):
-            print(f"API         {api.url(c)}   (Authorization: Bearer $(cat {token}))")
+            print(f"API         {scrub(api.url(c))}   (Authorization: Bearer $(cat {token}))")
             if "api" in started and token.exists():
                 print(f"API token   {token.read_text().strip()}")
-        print(f"Prefect UI  {BY_NAME['prefect'].url(c)}\nKafka       {BY_NAME['kafka'].url(c)}")
-        print(f"Redis       {BY_NAME['redis'].url(c)}")
+        # Printed on purpose: through the one masking rule (an external Redis's password).
+        print(f"Prefect UI  {scrub(BY_NAME['prefect'].url(c))}\n"
+              f"Kafka       {scrub(BY_NAME['kafka'].url(c))}")
+        print(f"Redis       {scrub(BY_NAME['redis'].url(c))}")
         print(f"logs        {c.state / 'logs'}\nCtrl-C stops what this command started.")
         while True:
             time.sleep(1)
