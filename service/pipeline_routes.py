@@ -15,6 +15,7 @@ from core import layout
 from core.codec import Command
 from core.models import PipelineSpec, deployment_name
 from core.registry import Registered, registered_body
+from core.retry import describe
 from core.snapshots import RECORD_LIMIT, pipeline_key, pipeline_record
 from core.step_catalogue import config_problems, known_steps
 from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
@@ -179,6 +180,30 @@ async def _send(app: web.Application, pipeline_id: str, version: str, record: by
         raise
 
 
+async def _withdraw(app: web.Application, pipeline_id: str, version: str) -> None:
+    """A late record that lost its place: a rebuild would register its version after the
+    ones accepted since, the latest. Its record is withdrawn (a tombstone on the compacted
+    topic), then, should the client's retry have registered the version meanwhile, written
+    again as Redis holds it."""
+    try:
+        async with asyncio.timeout(RECORD_TIMEOUT_S):
+            await app[PRODUCER].send_and_wait(app[SETTINGS].topic_pipelines, None,
+                                              key=pipeline_key(pipeline_id, version))
+        versions = await app[REGISTRY].versions(pipeline_id)
+        held = next((n for n, v in enumerate(versions) if v.version == version), None)
+        if held is not None:
+            await _send(app, pipeline_id, version,
+                        pipeline_record(pipeline_id, versions[held], held))
+    except Exception as exc:
+        log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503 and "
+                    "lost its place, and was not withdrawn (%s): a rebuild registers it "
+                    "after the versions accepted since", pipeline_id, version, describe(exc))
+        return
+    log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503 and "
+                "versions were registered since: withdrawn (the client's retry registers it)",
+                pipeline_id, version)
+
+
 # Records confirmed after their PUT's 503, being settled (kept from the garbage collector).
 _LATE: set[asyncio.Task[None]] = set()
 
@@ -201,9 +226,7 @@ async def _settle_late(app: web.Application, pipeline_id: str, spec: PipelineSpe
                     "and is not registered yet (%s)", pipeline_id, spec.version, exc)
         return
     if outcome is Registered.MOVED:
-        log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503, "
-                    "and versions were registered since: not registered here (the client's "
-                    "retry does; a rebuild puts it at its place)", pipeline_id, spec.version)
+        await _withdraw(app, pipeline_id, spec.version)
         return
     log.info("pipeline %s version %s: its record was confirmed after its PUT's 503; "
              "registered as the topic says", pipeline_id, spec.version)
