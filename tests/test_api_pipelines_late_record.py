@@ -106,6 +106,21 @@ async def test_an_accepted_put_is_not_replaced_by_a_503_puts_late_record(
         assert (await _versions(api))["2"] == {"rows": 800}
 
 
+async def _v2_late_after_v3(a: Any, b: Any, settings: Settings) -> None:
+    """PUT v2 answered 503 on A (its record held back); PUT v3 answered 201 on B; then A's
+    record is confirmed and settled."""
+    release = asyncio.Event()
+    resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="1"), headers=AUTH)
+    assert resp.status == 201
+    _late(a, settings, release)
+    resp = await a.put("/api/v1/pipelines/p", json=spec_body(version="2"), headers=AUTH)
+    assert resp.status == 503, await resp.text()
+    resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="3"), headers=AUTH)
+    assert resp.status == 201, await resp.text()
+    release.set()
+    await eventually(lambda: not pipeline_routes._LATE, timeout=20)
+
+
 async def test_a_late_record_never_makes_its_version_latest_over_one_accepted_since(
         topics: Settings, redis: Redis, monkeypatch: Any) -> None:
     """PUT v2 answered 503 on A; PUT v3 answered 201 on B. A's late confirmation appended
@@ -113,17 +128,8 @@ async def test_a_late_record_never_makes_its_version_latest_over_one_accepted_si
     only at its recorded place now."""
     monkeypatch.setattr(pipeline_routes, "RECORD_TIMEOUT_S", 0.3)
     settings = api_settings(topics)
-    release = asyncio.Event()
     async with api_client(settings) as a, api_client(settings) as b:
-        resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="1"), headers=AUTH)
-        assert resp.status == 201
-        _late(a, settings, release)
-        resp = await a.put("/api/v1/pipelines/p", json=spec_body(version="2"), headers=AUTH)
-        assert resp.status == 503, await resp.text()
-        resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="3"), headers=AUTH)
-        assert resp.status == 201, await resp.text()
-        release.set()
-        await eventually(lambda: not pipeline_routes._LATE, timeout=20)
+        await _v2_late_after_v3(a, b, settings)
         assert list(await _versions(b)) == ["1", "3"]
         run = await b.post("/api/v1/batches/p", headers=AUTH)
         batch = await (await b.get(f"/api/v1/batches/p/{(await run.json())['item']}",
@@ -138,17 +144,8 @@ async def test_a_late_record_that_lost_its_place_does_not_come_back_latest_at_a_
     record is withdrawn (a tombstone)."""
     monkeypatch.setattr(pipeline_routes, "RECORD_TIMEOUT_S", 0.3)
     settings = api_settings(topics)
-    release = asyncio.Event()
     async with api_client(settings) as a, api_client(settings) as b:
-        resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="1"), headers=AUTH)
-        assert resp.status == 201
-        _late(a, settings, release)
-        resp = await a.put("/api/v1/pipelines/p", json=spec_body(version="2"), headers=AUTH)
-        assert resp.status == 503, await resp.text()
-        resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="3"), headers=AUTH)
-        assert resp.status == 201, await resp.text()
-        release.set()
-        await eventually(lambda: not pipeline_routes._LATE, timeout=20)
+        await _v2_late_after_v3(a, b, settings)
         before = list(await _versions(b))
         assert before == ["1", "3"]
 

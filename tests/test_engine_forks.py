@@ -270,6 +270,8 @@ def test_a_child_runs_only_once_its_requester_says_go(
         assert json.loads(_reported(stdout_r, 30).splitlines()[0])["pid"] == pid
         assert sock.recv(64) == b"exit 0\n"
         sock.close()
+        while _reported(stdout_r, 0):  # the rest of what it wrote (a write may come in two)
+            pass
         # Gone without its go: the child exits without running.
         sock, pid = _ask(path, stdout_w)
         sock.close()

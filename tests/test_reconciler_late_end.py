@@ -23,7 +23,19 @@ from core.codec import Event
 from core.prefect_events import flow_state_event
 from core.settings import Settings
 from tests.test_consumers_support import store_for
-from tests.test_reconciler_support import idle_pool, reconciler_without_sweep
+from tests.test_reconciler_support import IdlePool, idle_pool, reconciler_without_sweep
+
+
+async def _stopped_by_a_cancel(pool: IdlePool, store: Any, batch_id: str, run_id: str) -> None:
+    """The clean-up of a stop forced Cancelled on the unstarted run; the batch says so."""
+    cancelled: Any = (await pool.client.set_flow_run_state(
+        run_id, Cancelled(message="stopped through the batches API"), force=True)).state
+    event = flow_state_event(
+        pipeline_id=pool.pipeline_id, batch_id=batch_id, flow_run_id=run_id,
+        state_type="CANCELLED", state_id=str(cancelled.id), message=cancelled.message,
+        ts=cancelled.timestamp.timestamp())
+    assert event is not None
+    await store.apply([event])
 
 
 async def test_a_stopped_batchs_later_completion_is_repaired(topics: Settings,
@@ -32,15 +44,7 @@ async def test_a_stopped_batchs_later_completion_is_repaired(topics: Settings,
         store = store_for(redis, topics)
         (batch_id, run_id), (done_id, done_run) = await pool.many(2)
         for batch, run in ((batch_id, run_id), (done_id, done_run)):
-            # The clean-up of a stop forced Cancelled on the unstarted run; the batch says so.
-            cancelled: Any = (await pool.client.set_flow_run_state(
-                run, Cancelled(message="stopped through the batches API"), force=True)).state
-            event = flow_state_event(
-                pipeline_id=pool.pipeline_id, batch_id=batch, flow_run_id=run,
-                state_type="CANCELLED", state_id=str(cancelled.id), message=cancelled.message,
-                ts=cancelled.timestamp.timestamp())
-            assert event is not None
-            await store.apply([event])
+            await _stopped_by_a_cancel(pool, store, batch, run)
         # One run's engine started it after all and it completed (Prefect takes both
         # proposals); the events of that end were lost.
         steps: list[tuple[Any, str]] = [(Running(), "RUNNING"), (Completed(), "COMPLETED")]
@@ -61,14 +65,7 @@ async def test_a_late_end_survives_a_failed_publish(topics: Settings, redis: Red
     async with idle_pool(topics, redis) as pool:
         store = store_for(redis, topics)
         [(batch_id, run_id)] = await pool.many(1)
-        cancelled: Any = (await pool.client.set_flow_run_state(
-            run_id, Cancelled(message="stopped through the batches API"), force=True)).state
-        event = flow_state_event(
-            pipeline_id=pool.pipeline_id, batch_id=batch_id, flow_run_id=run_id,
-            state_type="CANCELLED", state_id=str(cancelled.id), message=cancelled.message,
-            ts=cancelled.timestamp.timestamp())
-        assert event is not None
-        await store.apply([event])
+        await _stopped_by_a_cancel(pool, store, batch_id, run_id)
         ran: list[Any] = [Running(), Completed()]  # the engine ran it after all; events lost
         for state in ran:
             await pool.client.set_flow_run_state(run_id, state)
@@ -100,14 +97,7 @@ async def test_a_late_failed_end_leaves_no_running_step(topics: Settings, redis:
     async with idle_pool(topics, redis) as pool:
         store = store_for(redis, topics)
         [(batch_id, run_id)] = await pool.many(1)
-        cancelled: Any = (await pool.client.set_flow_run_state(
-            run_id, Cancelled(message="stopped through the batches API"), force=True)).state
-        event = flow_state_event(
-            pipeline_id=pool.pipeline_id, batch_id=batch_id, flow_run_id=run_id,
-            state_type="CANCELLED", state_id=str(cancelled.id), message=cancelled.message,
-            ts=cancelled.timestamp.timestamp())
-        assert event is not None
-        await store.apply([event])
+        await _stopped_by_a_cancel(pool, store, batch_id, run_id)
         # Its engine started it after all; `extract` started; then its events were lost.
         started: Any = (await pool.client.set_flow_run_state(run_id, Running())).state
         assert started.type.value == "RUNNING"
