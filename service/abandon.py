@@ -27,6 +27,7 @@ left behind by a process that died between a create and its send (`service/unsen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -175,6 +176,15 @@ class Abandoner:
         await self._purge(pipeline_id, batch_id)
         # Purged, it needs no run command: no sweep is to look at it again.
         await self._redis.zrem(keys.unsent_runs(pipeline_id), batch_id)
+
+    async def finish(self, within_s: float) -> None:
+        """At shutdown, once the loop is stopped: one more try of what this process alone
+        holds (Redis may be back since its last round, up to its back-off ago). Left, an
+        undo would let the unsent sweep run a batch whose POST was answered 503."""
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(within_s):
+                await self._undo_pending()
+        self.left_at_shutdown()
 
     def left_at_shutdown(self) -> None:
         """Says what this process alone still held to do (Redis away when it was asked):

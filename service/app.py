@@ -36,6 +36,7 @@ from service.cache import BatchCache
 from service.command_sender import CommandSender
 from service.idempotency import IdempotencyKeys
 from service.metrics import RequestStats, registry_for
+from service.pipeline_routes import settle_late_records
 from service.routes import setup_routes
 from service.waiters import ChangeWaiters
 
@@ -54,6 +55,11 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await redis.aclose()
 
 
+# At shutdown, how long what this process alone still holds (undos, late pipeline records)
+# may take before it is given up and logged.
+SHUTDOWN_WORK_S = 10.0
+
+
 async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     producer = await open_producer(settings)
@@ -69,7 +75,10 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     drainer.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await drainer
-    abandoner.left_at_shutdown()
+    # Redis is still open (redis_ctx ends after this): what this process alone holds is
+    # tried once more before it is given up.
+    await abandoner.finish(SHUTDOWN_WORK_S)
+    await settle_late_records(producer, SHUTDOWN_WORK_S)
     await sender.close()
     await producer.stop()
 

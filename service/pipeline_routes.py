@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
@@ -202,6 +204,21 @@ async def _withdraw(app: web.Application, pipeline_id: str, version: str) -> Non
     log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503 and "
                 "versions were registered since: withdrawn (the client's retry registers it)",
                 pipeline_id, version)
+
+
+async def settle_late_records(producer: AIOKafkaProducer, within_s: float) -> None:
+    """At shutdown, before the producer stops: the late records sent and settled (a record
+    the producer's stop still delivers, its settlement dropped, would stay on the topic
+    unregistered, or not withdrawn, for a rebuild to find)."""
+    if not _LATE:
+        return
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(within_s):
+            await producer.flush()
+            await asyncio.wait(set(_LATE))
+    for task in [task for task in _LATE if not task.done()]:
+        log.error("shutdown: %s left unsettled: Redis and the pipelines topic may disagree "
+                  "on that version (PUT it again)", task.get_name())
 
 
 # Records confirmed after their PUT's 503, being settled (kept from the garbage collector).

@@ -153,3 +153,76 @@ async def test_a_late_record_that_lost_its_place_does_not_come_back_latest_at_a_
     await rebuild(topics, force=True)
     async with api_client(settings) as api:
         assert list(await _versions(api)) == before
+
+
+def _held_until_flushed(api: Any, settings: Settings) -> None:
+    """The pipelines topic's records are delivered only when the producer is flushed or
+    stopped (both send what is queued), as a record queued while Kafka was slow."""
+    producer = api.app[PRODUCER]
+    real_send, real_stop, real_flush = producer.send, producer.stop, producer.flush
+    release = asyncio.Event()
+    held: list[asyncio.Task[None]] = []
+
+    async def slow(topic: str, *args: Any, **kwargs: Any) -> Any:
+        if topic != settings.topic_pipelines or release.is_set():
+            return await real_send(topic, *args, **kwargs)
+        confirmed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def later() -> None:
+            await release.wait()
+            try:
+                confirmed.set_result(await (await real_send(topic, *args, **kwargs)))
+            except Exception as exc:
+                confirmed.set_exception(exc)
+
+        held.append(asyncio.get_running_loop().create_task(later()))
+        return confirmed
+
+    async def flush() -> None:
+        release.set()
+        await asyncio.gather(*held)
+        await real_flush()
+
+    async def stop() -> None:
+        # aiokafka's stop() flushes what is queued: the held record is delivered now.
+        release.set()
+        await asyncio.gather(*held)
+        await real_stop()
+
+    producer.send = slow
+    producer.flush = flush
+    producer.stop = stop
+
+
+async def test_a_late_record_queued_at_shutdown_is_settled_before_the_producer_stops(
+        topics: Settings, redis: Redis, monkeypatch: Any) -> None:
+    """A SIGTERM while a 503'd PUT's record was still queued: the producer's stop delivered
+    it, and the task that would have withdrawn it (it lost its place to v3) found the
+    producer closed. A rebuild then made the refused v2 the latest. The app's Kafka clean-up
+    now flushes and waits for the late records' settlement first."""
+    monkeypatch.setattr(pipeline_routes, "RECORD_TIMEOUT_S", 0.3)
+    settings = api_settings(topics)
+    async with api_client(settings) as b:
+        resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="1"), headers=AUTH)
+        assert resp.status == 201
+        async with api_client(settings) as a:  # leaving = A's SIGTERM path (runner.cleanup)
+            _held_until_flushed(a, settings)
+            resp = await a.put("/api/v1/pipelines/p", json=spec_body(version="2"),
+                               headers=AUTH)
+            assert resp.status == 503, await resp.text()
+            resp = await b.put("/api/v1/pipelines/p", json=spec_body(version="3"),
+                               headers=AUTH)
+            assert resp.status == 201, await resp.text()
+            assert pipeline_routes._LATE, "the late record's settlement is pending"
+        # A has shut down; its record reached the topic during producer.stop().
+        before = list(await _versions(b))
+        assert before == ["1", "3"]
+        left = list(pipeline_routes._LATE)
+    for task in left:  # whatever the shutdown left behind
+        task.cancel()
+
+    await redis.flushdb()  # Redis lost; rebuilt from the topics
+    await rebuild(topics, force=True)
+    async with api_client(settings) as api:
+        assert list(await _versions(api)) == before, (
+            "v2, answered 503, came back from the topic at a rebuild")
