@@ -12,25 +12,17 @@ import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
-from tests.test_commands_support import CREATE_RUN, CommandsCtx, proxy_for
-from tests.test_consumers_support import Deployer, flow_runs, prefect, running, send_command, unique
+from tests.test_commands_support import CREATE_RUN, CommandsCtx, commands_ctx, proxy_for, states_of
+from tests.test_consumers_support import running, send_command
 
 pytestmark = pytest.mark.timeout(150)
 
 
 @pytest.fixture
 async def ctx(topics: Settings, redis: Redis) -> AsyncIterator[CommandsCtx]:
-    context = CommandsCtx(topics, redis, Deployer(topics), unique("duprun"))
-    try:
+    async with commands_ctx(topics, redis, "duprun") as context:
         yield context
-    finally:
-        await context.deployer.cleanup(context.batches)
 
-
-async def states_of(ctx: CommandsCtx, batch_id: str) -> list[str]:
-    async with prefect(ctx.settings) as client:
-        return [r.state.type.value if r.state is not None else "NONE"
-                for r in await flow_runs(client, batch_id)]
 
 
 async def test_a_redundant_run_command_given_up_does_not_kill_the_batchs_run(

@@ -19,15 +19,18 @@ from core import keys
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import read_topic
-from tests.test_commands_support import CREATE_RUN, SET_STATE, CommandsCtx, proxy_for
+from tests.test_commands_support import (
+    CREATE_RUN,
+    SET_STATE,
+    CommandsCtx,
+    commands_ctx,
+    proxy_for,
+    states_of,
+)
 from tests.test_consumers_support import (
-    Deployer,
-    flow_runs,
-    prefect,
     running,
     send_command,
     store_for,
-    unique,
 )
 
 pytestmark = pytest.mark.timeout(150)
@@ -35,18 +38,9 @@ pytestmark = pytest.mark.timeout(150)
 
 @pytest.fixture
 async def ctx(topics: Settings, redis: Redis) -> AsyncIterator[CommandsCtx]:
-    context = CommandsCtx(topics, redis, Deployer(topics), unique("test-giveup"))
-    try:
+    async with commands_ctx(topics, redis, "test-giveup") as context:
         yield context
-    finally:
-        await context.deployer.cleanup(context.batches)
 
-
-async def states_of(ctx: CommandsCtx, batch_id: str) -> list[str]:
-    async with prefect(ctx.settings) as client:
-        # A run Prefect is still creating or deleting can be read without a state yet.
-        return [r.state.type.value if r.state is not None else "NONE"
-                for r in await flow_runs(client, batch_id)]
 
 
 async def test_a_run_given_up_after_prefect_created_its_flow_run_cancels_it(

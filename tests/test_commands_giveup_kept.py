@@ -20,16 +20,14 @@ from core.codec import decode_event
 from core.settings import Settings
 from tests.conftest import eventually
 from tests.helpers import read_topic
-from tests.test_commands_support import CREATE_RUN, SET_STATE, CommandsCtx, proxy_for
+from tests.test_commands_support import CREATE_RUN, SET_STATE, CommandsCtx, commands_ctx, proxy_for
 from tests.test_consumers_support import (
-    Deployer,
     committed,
     flow_runs,
     options,
     prefect,
     running,
     send_command,
-    unique,
 )
 
 pytestmark = pytest.mark.timeout(240)
@@ -37,11 +35,8 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture
 async def ctx(topics: Settings, redis: Redis) -> AsyncIterator[CommandsCtx]:
-    context = CommandsCtx(topics, redis, Deployer(topics), unique("giveup-kept"))
-    try:
+    async with commands_ctx(topics, redis, "giveup-kept") as context:
         yield context
-    finally:
-        await context.deployer.cleanup(context.batches)
 
 
 async def test_a_given_up_run_stays_failed_after_its_own_cleanup_cancels_the_run(

@@ -15,15 +15,13 @@ from redis.asyncio import Redis
 
 from core.settings import Settings
 from tests.conftest import eventually
-from tests.test_commands_support import CommandsCtx
+from tests.test_commands_support import CommandsCtx, commands_ctx
 from tests.test_consumers_support import (
-    Deployer,
     flow_runs,
     prefect,
     running,
     send_command,
     store_for,
-    unique,
 )
 
 pytestmark = pytest.mark.timeout(150)
@@ -37,11 +35,8 @@ def test_settings(test_settings: Settings) -> Settings:
 
 @pytest.fixture
 async def ctx(topics: Settings, redis: Redis) -> AsyncIterator[CommandsCtx]:
-    context = CommandsCtx(topics, redis, Deployer(topics), unique("test-lanes"))
-    try:
+    async with commands_ctx(topics, redis, "test-lanes") as context:
         yield context
-    finally:
-        await context.deployer.cleanup(context.batches)
 
 
 async def scheduled(ctx: CommandsCtx, batch_id: str) -> bool:

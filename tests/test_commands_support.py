@@ -12,12 +12,21 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from redis.asyncio import Redis
 
 from consumers.commands import CommandsConsumer
 from core.keys import CLEANUP_DUE, CLEANUP_SINCE
 from core.settings import Settings
 from tests.conftest import eventually
-from tests.test_consumers_support import PipelineCtx, committed, options
+from tests.test_consumers_support import (
+    Deployer,
+    PipelineCtx,
+    committed,
+    flow_runs,
+    options,
+    prefect,
+    unique,
+)
 
 CREATE_RUN = re.compile(r"^/api/deployments/[^/]+/create_flow_run$")
 SET_STATE = re.compile(r"^/api/flow_runs/[^/]+/set_state$")
@@ -132,3 +141,22 @@ class CommandsCtx(PipelineCtx):
         async def empty() -> bool:
             return not await self.redis.exists(CLEANUP_DUE, CLEANUP_SINCE)
         await eventually(empty, timeout=timeout, interval=0.1)
+
+
+@contextlib.asynccontextmanager
+async def commands_ctx(topics: Settings, redis: Redis, prefix: str) -> AsyncIterator[CommandsCtx]:
+    """A test's pipeline (`prefix` and a unique tail) on `topics`; its flow runs and
+    deployments removed on leaving."""
+    context = CommandsCtx(topics, redis, Deployer(topics), unique(prefix))
+    try:
+        yield context
+    finally:
+        await context.deployer.cleanup(context.batches)
+
+
+async def states_of(ctx: CommandsCtx, batch_id: str) -> list[str]:
+    """The state types of the batch's flow runs; a run Prefect is still creating or
+    deleting can be read without a state yet ("NONE")."""
+    async with prefect(ctx.settings) as client:
+        return [r.state.type.value if r.state is not None else "NONE"
+                for r in await flow_runs(client, batch_id)]
