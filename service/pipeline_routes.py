@@ -164,8 +164,10 @@ async def _record(request: web.Request, pipeline_id: str, version: str, record: 
         raise ApiError(503, "unavailable", UNAVAILABLE_MESSAGE) from None
 
 
-async def _send(app: web.Application, pipeline_id: str, version: str, record: bytes,
+async def _send(app: web.Application, pipeline_id: str, version: str, record: bytes | None,
                 new: tuple[PipelineSpec, int] | None = None) -> None:
+    """The record (None: a tombstone) confirmed within RECORD_TIMEOUT_S, else TimeoutError
+    or KafkaError; a `new` one confirmed later is settled then (`_settle_late`)."""
     delivery: asyncio.Future[Any] | None = None
     try:
         async with asyncio.timeout(RECORD_TIMEOUT_S):
@@ -188,9 +190,7 @@ async def _withdraw(app: web.Application, pipeline_id: str, version: str) -> Non
     topic), then, should the client's retry have registered the version meanwhile, written
     again as Redis holds it."""
     try:
-        async with asyncio.timeout(RECORD_TIMEOUT_S):
-            await app[PRODUCER].send_and_wait(app[SETTINGS].topic_pipelines, None,
-                                              key=pipeline_key(pipeline_id, version))
+        await _send(app, pipeline_id, version, None)
         versions = await app[REGISTRY].versions(pipeline_id)
         held = next((n for n, v in enumerate(versions) if v.version == version), None)
         if held is not None:
@@ -240,7 +240,7 @@ async def _settle_late(app: web.Application, pipeline_id: str, spec: PipelineSpe
         # Left as a PUT that failed after its record (Redis away): the next rebuild, or the
         # client's retry, registers it.
         log.warning("pipeline %s version %s: its record was confirmed after its PUT's 503 "
-                    "and is not registered yet (%s)", pipeline_id, spec.version, exc)
+                    "and is not registered yet (%s)", pipeline_id, spec.version, describe(exc))
         return
     if outcome is Registered.MOVED:
         await _withdraw(app, pipeline_id, spec.version)

@@ -25,14 +25,15 @@ from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, spec_body
 
 
-def _late(api: Any, settings: Settings, release: asyncio.Event) -> None:
+def _late(api: Any, settings: Settings, release: asyncio.Event) -> list[asyncio.Task[None]]:
     """The app's producer confirms pipelines-topic records only once `release` is set (the
-    record queued, or in flight, while the route's wait runs out)."""
+    record queued, or in flight, while the route's wait runs out); the tasks holding them."""
     producer = api.app[PRODUCER]
     real_send = producer.send
+    held: list[asyncio.Task[None]] = []
 
     async def slow(topic: str, *args: Any, **kwargs: Any) -> Any:
-        if topic != settings.topic_pipelines:
+        if topic != settings.topic_pipelines or release.is_set():
             return await real_send(topic, *args, **kwargs)
         confirmed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
@@ -43,10 +44,11 @@ def _late(api: Any, settings: Settings, release: asyncio.Event) -> None:
             except Exception as exc:  # as a real delivery's failure
                 confirmed.set_exception(exc)
 
-        asyncio.get_running_loop().create_task(later())
+        held.append(asyncio.get_running_loop().create_task(later()))
         return confirmed
 
     producer.send = slow
+    return held
 
 
 async def _versions(api: Any) -> dict[str, Any]:
@@ -159,24 +161,9 @@ def _held_until_flushed(api: Any, settings: Settings) -> None:
     """The pipelines topic's records are delivered only when the producer is flushed or
     stopped (both send what is queued), as a record queued while Kafka was slow."""
     producer = api.app[PRODUCER]
-    real_send, real_stop, real_flush = producer.send, producer.stop, producer.flush
+    real_stop, real_flush = producer.stop, producer.flush
     release = asyncio.Event()
-    held: list[asyncio.Task[None]] = []
-
-    async def slow(topic: str, *args: Any, **kwargs: Any) -> Any:
-        if topic != settings.topic_pipelines or release.is_set():
-            return await real_send(topic, *args, **kwargs)
-        confirmed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        async def later() -> None:
-            await release.wait()
-            try:
-                confirmed.set_result(await (await real_send(topic, *args, **kwargs)))
-            except Exception as exc:
-                confirmed.set_exception(exc)
-
-        held.append(asyncio.get_running_loop().create_task(later()))
-        return confirmed
+    held = _late(api, settings, release)
 
     async def flush() -> None:
         release.set()
@@ -189,7 +176,6 @@ def _held_until_flushed(api: Any, settings: Settings) -> None:
         await asyncio.gather(*held)
         await real_stop()
 
-    producer.send = slow
     producer.flush = flush
     producer.stop = stop
 
