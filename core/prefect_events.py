@@ -99,11 +99,17 @@ def flow_state_event(
     )
     if ts is not None:
         event.ts = state_time(ts)
-    if outcome is not None and message:
-        # A run's message quotes its exception, which may quote a URL with its password
-        # (httpx's errors do): the reason is shown to every reader of the batch.
-        event.reason = scrub(message)[:MAX_REASON]
+    if outcome is not None:
+        event.reason = state_reason(message)
     return event
+
+
+def state_reason(message: str | None) -> str | None:
+    """A flow run state's message as its batch's `reason` (the flow's state hooks give the
+    same for the same state: the two stops of one end must agree). A run's message quotes
+    its exception, which may quote a URL with its password (httpx's errors do): the reason
+    is shown to every reader of the batch."""
+    return scrub(message)[:MAX_REASON] if message else None
 
 
 def state_time(ts: float) -> float:

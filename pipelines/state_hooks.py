@@ -25,13 +25,11 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.flows import FlowStateHook
 
 from core import keys
-from core.codec import MAX_REASON
 from core.connections import open_redis
 from core.layout import running_steps
-from core.logs import scrub
 from core.models import valid_id
 from core.packing import unpacked
-from core.prefect_events import state_time
+from core.prefect_events import state_reason, state_time
 from core.settings import Settings, get_settings
 from pipelines.publisher import open_publisher
 
@@ -41,12 +39,6 @@ log = logging.getLogger(__name__)
 SWEPT: Final = frozenset({"cancelled", "crashed"})
 
 Hook = FlowStateHook[..., Any]
-
-
-def _reason(state: State) -> str | None:
-    """As the bridge reads the same state (`core.prefect_events`): the two stops of one end
-    carry one time, so the first applied decides between them and they must agree."""
-    return scrub(state.message)[:MAX_REASON] if state.message else None
 
 
 async def prefect_unfinished(flow_run: FlowRun) -> set[str]:
@@ -121,7 +113,7 @@ def stop_hook(outcome: str) -> Hook:
         # Through the bridge's range: a worker's clock far off must not make the stop fail.
         entered = (state_time(state.timestamp.timestamp()) if state.timestamp is not None
                    else None)
-        await publish_stop(flow_run, outcome, _reason(state), entered)
+        await publish_stop(flow_run, outcome, state_reason(state.message), entered)
 
     # Prefect logs hooks by name ("Running hook 'publish_stop_failed' ...").
     hook.__name__ = hook.__qualname__ = f"publish_stop_{outcome}"

@@ -56,9 +56,11 @@ async def test_the_webhook_keeps_the_password_off_the_events_topic(topics: Setti
 
 
 def test_the_flow_hooks_reason_is_masked() -> None:
+    """The flow's state hooks give their stop the reason `state_reason` makes of the state's
+    message (pipelines.state_hooks), as the bridge's translation does."""
     from prefect.states import Failed
 
-    from pipelines.state_hooks import _reason
+    from core.prefect_events import state_reason
 
-    reason = _reason(Failed(message=MESSAGE))
+    reason = state_reason(Failed(message=MESSAGE).message)
     assert reason is not None and PASSWORD not in reason and "***" in reason
