@@ -56,7 +56,7 @@ async def test_a_failed_batchs_run_retried_in_prefect_is_not_cancelled_by_the_sw
             entered: Any = (await pool.client.set_flow_run_state(run_id, state)).state
             assert entered is not None and entered.type.value == name
 
-        gateway = PrefectGateway(test_settings, 10.0)
+        gateway = _HistoryReads(test_settings, 10.0)
         await gateway.open()
         try:
             # grace_s=0 stands for "the retry came more than grace_s (120 s) after the
@@ -64,15 +64,26 @@ async def test_a_failed_batchs_run_retried_in_prefect_is_not_cancelled_by_the_sw
             # failure (the retry's `running` and its steps' `running` rank below what the
             # batch holds, so they change nothing).
             sweep = OrphanSweep(redis, gateway, OrphanOptions(grace_s=0), scope=pool.scope)
-            report = await sweep.sweep()
+            reports = [await sweep.sweep() for _ in range(3)]
         finally:
             await gateway.close()
         after = await pool.client.read_flow_run(UUID(run_id))
         assert after.state is not None
-        assert report.cancelled == [], (
+        assert [r.cancelled for r in reports] == [[], [], []], (
             f"the sweep cancelled the retried run: {after.state.type.value} "
             f"({after.state.message!r})")
         assert after.state.type.value == "RUNNING"
+        # Ended once is for good: its state history is read on the first round alone.
+        assert [r.complete for r in reports] == [True, True, True]
+        assert gateway.history_reads == 1
+
+
+class _HistoryReads(PrefectGateway):
+    history_reads = 0
+
+    async def ended_once(self, flow_run_id: str) -> bool:
+        self.history_reads += 1
+        return await super().ended_once(flow_run_id)
 
 
 async def test_a_given_up_batchs_stuck_run_keeps_the_batchs_outcome(

@@ -26,7 +26,7 @@ import enum
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import cast
+from typing import Final, cast
 
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -46,6 +46,8 @@ from core.layout import DELETED
 from core.models import TAG_DHUB, batch_id_from_tags
 
 log = logging.getLogger(__name__)
+# How many runs known to have ended once the sweep keeps (a few hundred KB at most).
+ENDED_KEPT: Final = 10_000
 
 
 class OrphanOptions(BaseSettings):
@@ -96,6 +98,9 @@ class OrphanSweep:
         # Tags every swept run carries (tests narrow it to their own pipeline).
         self.scope = scope or [TAG_DHUB]
         self._offset = 0
+        # Runs seen to have ended once. That never stops being true, and each one found
+        # so costs a read of its state history: a retried run would cost it every round.
+        self._ended: dict[str, None] = {}
 
     def _filter(self) -> FlowRunFilter:
         return FlowRunFilter(
@@ -196,6 +201,16 @@ class OrphanSweep:
                 del verdicts[run_id]
         return verdicts
 
+    async def _ended_once(self, run_id: str) -> bool:
+        if run_id in self._ended:
+            return True
+        if not await self._prefect.ended_once(run_id):
+            return False
+        if len(self._ended) >= ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]  # the oldest: read again if still live
+        self._ended[run_id] = None
+        return True
+
     async def _act(self, run: FlowRun, verdict: Verdict, report: SweepReport) -> bool:
         """Cancels (and, for a batch gone or hidden, deletes) the run; True when it is no
         longer a non-final run."""
@@ -207,7 +222,7 @@ class OrphanSweep:
                 # it. Forced Cancelled here, it would reach the batch as its latest stop and
                 # replace the outcome and reason it has (a give-up's `failed`) with the sweep's.
                 return False
-            if await self._prefect.ended_once(str(run.id)):
+            if await self._ended_once(str(run.id)):
                 return False
         if state.state_type == "CANCELLING":
             since = state.since or datetime.now(UTC)
