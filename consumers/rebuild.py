@@ -39,6 +39,7 @@ from core import keys
 from core.connections import open_redis
 from core.layout import RESUMED_FROM, is_visible
 from core.logs import scrub
+from core.packing import unpacked
 from core.paging import Pager
 from core.registry import PipelineRegistry
 from core.restore import Restored, highest, raise_seqs, restore_batches, restore_pipelines
@@ -102,14 +103,17 @@ async def rebuild(settings: Settings, *, force: bool = False) -> Restored:
         stopping: list[tuple[tuple[str, str], float]] = []
         for snap in snapshots:
             batch = (snap.pipeline_id, snap.batch_id)
-            if (is_visible(snap.fields) and snap.fields.get("state") != "stop"
-                    and batch not in deletes):
+            if not is_visible(snap.fields) or batch in deletes:
+                continue
+            # Read inside a packed hash too: a finished batch's snapshot may be packed.
+            holder = unpacked(snap.fields).get(RESUMED_FROM)
+            if holder is not None:
+                # A resume keeps the data it goes on from (service.resume): its record was in
+                # Redis alone. A stopped one too: one that never ran a step goes on from
+                # there if resumed in turn, so the retention keeps that batch for it.
+                await store.note_resume(snap.pipeline_id, holder, snap.batch_id)
+            if snap.fields.get("state") != "stop":
                 await active.add(snap.pipeline_id, snap.batch_id)
-                holder = snap.fields.get(RESUMED_FROM)
-                if holder is not None:
-                    # A live resume keeps the data it goes on from from being deleted
-                    # (service.resume): its record was in Redis alone.
-                    await store.note_resume(snap.pipeline_id, holder, snap.batch_id)
                 if batch in stops:
                     # A stop that found its flow run Pending left a follow-up job, and the
                     # run is cancelled by it only (the batch is not `stop` till then).
