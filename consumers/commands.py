@@ -194,14 +194,16 @@ class CommandsConsumer(Part):
             # Its Redis side is all this command does; the clean-up job does the rest.
             await self.cleanup.enqueue("delete", command.pipeline_id, command.batch_id)
         else:
-            # Failed as of the command's own time, so the final state of any flow run it
-            # created (later by construction) beats it when that run's event comes in late;
-            # and when Prefect already holds one, that is the batch's outcome at once.
+            # A run's failure is as of the command's own time, so the final state of any
+            # flow run it created (later by construction) beats it when that run's event
+            # comes in late. A stop's is a guess any real end beats: its run was there
+            # before it, and may have ended before the stop was even sent (the batch not yet
+            # showing it). When Prefect already holds an end, that is the outcome at once.
             ended = await self._ended_run(command)
             await self.emitter.emit([ended or Event(
                 type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
                 event_id=derived_id("fail-", command.event_id), state="stop", outcome="failed",
-                reason=reason, ts=command.ts,
+                reason=reason, ts=command.ts if command.type == "run" else 0.0,
             )])  # fmt: skip
             # Given up, so nothing may run for it: a flow run created before the failure, or
             # whose create is still in flight inside Prefect, is cancelled by the clean-up.
