@@ -188,6 +188,7 @@ class CommandsConsumer(Part):
 
     async def _reject(self, record: Record, command: Command, reason: str,
                       refused: bool = False) -> None:
+        failure: Event | None = None
         if command.type == "deploy" or refused:
             pass  # no batch waits on it (or not on this one); the dead letter says why
         elif command.type == "delete":
@@ -199,16 +200,21 @@ class CommandsConsumer(Part):
             # comes in late. A stop's is a guess any real end beats: its run was there
             # before it, and may have ended before the stop was even sent (the batch not yet
             # showing it). When Prefect already holds an end, that is the outcome at once.
-            ended = await self._ended_run(command)
-            await self.emitter.emit([ended or Event(
+            failure = await self._ended_run(command) or Event(
                 type="batch.state", batch_id=command.batch_id, pipeline_id=command.pipeline_id,
                 event_id=derived_id("fail-", command.event_id), state="stop", outcome="failed",
                 reason=reason, ts=command.ts if command.type == "run" else 0.0,
-            )])  # fmt: skip
+            )  # fmt: skip
             # Given up, so nothing may run for it: a flow run created before the failure, or
             # whose create is still in flight inside Prefect, is cancelled by the clean-up.
             await self.active.remove(command.pipeline_id, command.batch_id)
             await self.cleanup.enqueue("cancel", command.pipeline_id, command.batch_id)
+        if failure is not None:
+            # Shown after the clean-up is queued: a redelivered command finding its batch
+            # stopped is skipped, so nothing it owes may come after the failure but the
+            # dead letter (a script that cannot record the failure dead-letters the command
+            # with both reasons instead: `_give_up`).
+            await self.emitter.emit([failure])
         await self.dlq.send_and_wait(record, reason, "gave_up")
 
     async def _ended_run(self, command: Command) -> Event | None:
