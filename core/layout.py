@@ -139,6 +139,15 @@ def is_visible(fields: dict[str, str] | None) -> TypeIs[dict[str, str]]:
     return fields is not None and bool(fields) and DELETED not in fields
 
 
+def created_before(first: Mapping[str, str], then: Mapping[str, str]) -> bool:
+    """Whether batch `first` was created before batch `then`, of the same pipeline. By
+    `created_at` first: a create raises it to the newest listed batch's (CREATE_BATCH), so a
+    batch is never shown created before one that was listed when it was made, whatever the
+    API hosts' clocks; then by `seq` (Redis's counter), for two in the same millisecond."""
+    return ((first.get("created_at", ""), int(first.get("seq") or 0))
+            < (then.get("created_at", ""), int(then.get("seq") or 0)))
+
+
 def running_steps(fields: Mapping[str, str]) -> set[str]:
     return {name[len(STEP_PREFIX):] for name, state in fields.items()
             if name.startswith(STEP_PREFIX) and state == "running"}

@@ -7,7 +7,8 @@ batch achieved, so the flow knows where to go on from (`pipelines.flow`) and GET
 the start: every step that was `success` is `success` with its offsets (and totals); the
 first step that was not carries the old offsets, which it starts each partition from; the
 steps after it start from zero. `resumed_from` names the batch whose data the steps take
-over: the old one, or, when none of its steps ever ran, the batch it went on from itself.
+over: the old one, or, when none of its steps ever ran, the batch it went on from itself
+(that batch, not one of its id created later: a published id may run again once deleted).
 
 The overrides cannot make the new batch show a config its data was not made with (400): a
 `success` step's config stays as it ran (it does not run again), and the step that goes on
@@ -15,12 +16,14 @@ over data it wrote keeps the keys that shaped that data (`step_catalogue.SHAPES_
 the sales steps rows, partitions, seed, invalid_rate); how it runs (`fail_at`, `throttle`)
 may change. The batch holding the data cannot be deleted (409) until its resumes stopped
 (`BatchStore.live_resumes`): they take the files over only when their first step starts.
-An Idempotency-Key works as for a run: one new batch per key and request.
+An Idempotency-Key works as for a run: one new batch per key and request, which a retry
+refused by what changed since (the old batch or the data holder deleted) still answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -30,6 +33,7 @@ from core import keys, layout
 from core.command_messages import Recorded
 from core.models import PipelineSpec, new_batch_id
 from core.run_config import resume_problems
+from core.store import BatchStore
 from service import creates, idempotency, run_body
 from service.appkeys import API_SCRIPTS, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, path_id
@@ -87,25 +91,81 @@ def resumed_fields(spec: PipelineSpec, old: dict[str, str], holder_id: str,
     return fields
 
 
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A resume that passed its checks: what `record` creates."""
+
+    spec: PipelineSpec
+    holder_id: str  # the batch whose data it goes on with (`data_holder`)
+    taking_data: bool  # whether it takes any (`needs_data`)
+    extra: dict[str, str]  # its fields beyond a fresh batch's (`resumed_fields`)
+
+
 async def resume_batch(request: web.Request) -> web.Response:
     pipeline_id = path_id(request, "pipeline_id")
     old_id = path_id(request, "batch_id")
     header = request.headers.get("Idempotency-Key")
     idem_key = idempotency.record_key(header) if header is not None else None
     overrides = await run_body.overrides_of(request)
-    store = request.app[STORE]
-    old = await store.fields(pipeline_id, old_id)
     target = f"resume {old_id}"
     canonical = run_body.canonical(overrides)
-    if not layout.is_visible(old):
+    try:
+        plan = await _checked(request, pipeline_id, old_id, overrides)
+    except ApiError:
+        # What changes after a resume succeeded (the old batch or its data holder deleted,
+        # the old id run again) refuses its retry: the key's batch is the answer then. The
+        # version compared is the record's: a resume's is not the client's to send, but the
+        # old batch's, which a batch of its id made later may not share.
         if idem_key is not None:
-            # A retry whose first attempt succeeded answers its batch, though the old one
-            # has been deleted since (its version, which the record holds, never changes).
             replayed = await request.app[IDEMPOTENCY].replayed(
                 idem_key, lambda earlier: idempotency.Sent.of(
                     pipeline_id, str(earlier.get("v")), canonical, target=target))
             if replayed is not None:
                 return json_obj({"item": replayed})
+        raise
+    store = request.app[STORE]
+    batch_id = new_batch_id()
+    holder_id, extra = plan.holder_id, plan.extra
+
+    async def record(batch_id: str) -> creates.Created:
+        # After an Idempotency-Key's claim: a retry of a resume that succeeded answers its
+        # batch while Kafka is down.
+        request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
+        # Noted before the batch exists, so a delete of the holder never misses it (one
+        # noted recently counts as being created when a delete looks). A resume taking no
+        # data over needs no note, and no holder.
+        if plan.taking_data:
+            await store.note_resume(pipeline_id, holder_id, batch_id)
+            if not await store.resume_may_go_on(pipeline_id, holder_id, batch_id):
+                raise ApiError(409, "conflict", f"batch {holder_id}, whose data batch "
+                               f"{old_id} goes on from, is being deleted: there is nothing "
+                               "to resume from", resumed_from=holder_id)
+        # Should this process die before its run command is sent, a sweep sends it.
+        await request.app[API_SCRIPTS].enter_unsent(keys=[keys.unsent_runs(pipeline_id)],
+                                                    args=[batch_id])
+        seq = await store.create(pipeline_id, batch_id, plan.spec, extra=extra)
+        # Read back for its run command (a rebuild's record): the time Redis recorded. A
+        # resume is rare; the POST's hot path sends the time it gave its create script,
+        # and the rebuild raises it as that script would.
+        fields = await store.fields(pipeline_id, batch_id) or {}
+        # 0: the batch existed, so the create ran on a try whose reply was lost (its id is
+        # new to this request).
+        seq = seq or int(fields["seq"])
+        return creates.Created(plan.spec, Recorded(
+            seq=seq, created_at=fields.get("created_at", ""), extra=extra))
+
+    sent = (idempotency.Sent.of(pipeline_id, plan.spec.version, canonical, target=target)
+            if idem_key is not None else None)
+    return await once(request, idem_key, sent, pipeline_id, batch_id, record)
+
+
+async def _checked(request: web.Request, pipeline_id: str, old_id: str,
+                   overrides: run_body.Overrides) -> _Plan:
+    """The resume of `old_id` with `overrides`, or the ApiError that refuses it (nothing
+    written either way)."""
+    store = request.app[STORE]
+    old = await store.fields(pipeline_id, old_id)
+    if not layout.is_visible(old):
         raise not_found(f"unknown batch {old_id} of pipeline {pipeline_id}")
     if old["state"] != "stop":
         raise ApiError(409, "conflict", f"batch {old_id} is {old['state']}: only a stopped "
@@ -122,9 +182,10 @@ async def resume_batch(request: web.Request) -> web.Response:
     base = layout.config_of(old)
     config = run_body.checked_config(spec, overrides, base=base)
     holder_id = data_holder(spec, old, old_id)
-    holder = old if holder_id == old_id else await store.fields(pipeline_id, holder_id)
+    holder = old if holder_id == old_id else await _made_from(store, pipeline_id, holder_id,
+                                                              old)
     taking_data = needs_data(spec, old)
-    if not layout.is_visible(holder) and taking_data:
+    if holder is None and taking_data:
         raise ApiError(409, "conflict", f"batch {old_id} goes on from the data of batch "
                        f"{holder_id}, deleted since: there is nothing to resume from",
                        resumed_from=holder_id)
@@ -133,40 +194,19 @@ async def resume_batch(request: web.Request) -> web.Response:
     if problems:
         raise bad_request("a resume goes on with the data its batch made: it cannot change "
                           "the config that data was made with", problems=problems)
-    batch_id = new_batch_id()
     extra = resumed_fields(spec, old, holder_id, config)
     run_body.refuse_unsendable(extra, "the resume's config and the offsets it goes on from")
+    return _Plan(spec, holder_id, taking_data, extra)
 
-    async def record(batch_id: str) -> creates.Created:
-        # After an Idempotency-Key's claim: a retry of a resume that succeeded answers its
-        # batch while Kafka is down.
-        request.app[COMMANDS].check()  # Kafka known down: 503 at once, before any write
-        # Noted before the batch exists, so a delete of the holder never misses it (one
-        # noted recently counts as being created when a delete looks). A resume taking no
-        # data over needs no note, and no holder.
-        if taking_data:
-            await store.note_resume(pipeline_id, holder_id, batch_id)
-            if not await store.resume_may_go_on(pipeline_id, holder_id, batch_id):
-                raise ApiError(409, "conflict", f"batch {holder_id}, whose data batch "
-                               f"{old_id} goes on from, is being deleted: there is nothing "
-                               "to resume from", resumed_from=holder_id)
-        # Should this process die before its run command is sent, a sweep sends it.
-        await request.app[API_SCRIPTS].enter_unsent(keys=[keys.unsent_runs(pipeline_id)],
-                                                    args=[batch_id])
-        seq = await store.create(pipeline_id, batch_id, spec, extra=extra)
-        # Read back for its run command (a rebuild's record): the time Redis recorded. A
-        # resume is rare; the POST's hot path sends the time it gave its create script,
-        # and the rebuild raises it as that script would.
-        fields = await store.fields(pipeline_id, batch_id) or {}
-        # 0: the batch existed, so the create ran on a try whose reply was lost (its id is
-        # new to this request).
-        seq = seq or int(fields["seq"])
-        return creates.Created(spec, Recorded(seq=seq, created_at=fields.get("created_at", ""),
-                                              extra=extra))
 
-    sent = (idempotency.Sent.of(pipeline_id, version, canonical, target=target)
-            if idem_key is not None else None)
-    return await once(request, idem_key, sent, pipeline_id, batch_id, record)
+async def _made_from(store: BatchStore, pipeline_id: str, holder_id: str,
+                     old: Mapping[str, str]) -> dict[str, str] | None:
+    """The fields of the batch `holder_id` when it is the one whose data `old` was made to
+    go on with: visible, and created before `old`. A batch of its id created later is
+    another (a published id run again once the deleted one's claim expired): it holds none
+    of that data, and a resume noted in its resumed-by set would keep it from its delete."""
+    holder = await store.fields(pipeline_id, holder_id)
+    return holder if layout.is_visible(holder) and layout.created_before(holder, old) else None
 
 
 def needs_data(spec: PipelineSpec, old: Mapping[str, str]) -> bool:
