@@ -173,6 +173,10 @@ class RetentionSweeper(Part):
                 if state == "stop" and deleted is None and (created_at or "") < ended:
                     resumes = await self._resumes_holding(pipeline_id, batch_id)
                     if resumes is None:
+                        # Its snapshot again: a round cut short after its tombstone (this
+                        # process killed, say) left that tombstone last on the topic, and a
+                        # rebuild would lose a batch kept for its resume.
+                        await self.snapshots.write_current([(pipeline_id, batch_id)])
                         kept.append(batch_id)
                         continue
                     await self.snapshots.tombstone(pipeline_id, batch_id)
