@@ -40,6 +40,7 @@ from core.messages import (
     StepState,
     check_event,
     check_ts,
+    clock_guesses,
     derived_id,
     id_chars_only,
 )
@@ -78,6 +79,7 @@ def decode_event(raw: bytes | None) -> Event:
         raise CodecError("empty message")
     try:
         event: Event = _EVENTS.decode(raw)
+        clock_guesses([event], event.ts)
         check_event(event)
     except _UNDECODABLE as exc:
         raise _reason("event", exc) from None
@@ -122,6 +124,7 @@ def decode_events(raws: Sequence[bytes | None]) -> list[Event | CodecError]:
             continue  # refused already
         if event.ts > latest:
             latest = event.ts
+    latest = clock_guesses(out, latest)
     try:
         check_ts(latest)
         checked = id_chars_only("".join(ids))

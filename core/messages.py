@@ -17,7 +17,7 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
@@ -64,9 +64,12 @@ Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
 FlowRunId = Annotated[str, msgspec.Meta(pattern=UUID_REGEX)]
 # Seconds since the epoch. The latest stop decides a batch's outcome, so a `ts` far ahead
 # (milliseconds sent for seconds) would outrank every real end for ever: refused beyond a
-# day ahead of the decoding clock (clocks of producers may differ, by far less than that).
+# day ahead of the clock checking it (clocks of producers may differ, by far less than
+# that). A decode takes one a clock could have written as a guess instead (`clock_guesses`).
 Timestamp = Annotated[float, msgspec.Meta(ge=0)]
 MAX_TS_AHEAD_S: Final = 86_400.0
+# Past this (the year 2286) a `ts` is no clock's, however far off: milliseconds or worse.
+MAX_CLOCK_TS: Final = 10_000_000_000.0
 Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 # Offsets travel through Lua as doubles: above 2**53 they would lose precision.
 Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_OFFSET)]
@@ -91,6 +94,24 @@ def check_ts(ts: float) -> None:
     if ts > time.time() + MAX_TS_AHEAD_S:
         raise CodecError(f"ts {ts!r} is more than {MAX_TS_AHEAD_S:.0f} s ahead of now: ts is in "
                          "seconds since the epoch")
+
+
+def clock_guesses(events: Sequence[object], latest: float) -> float:
+    """A decoded event stamped more than a day ahead by a clock that is off (a worker's:
+    its run's states, its steps' states and offsets) gets `ts` 0, a guess any real time
+    beats, as the bridge's `state_time` does for the same run's Prefect states: refused, the
+    run's offsets were lost for good. One whose `ts` is no clock's (`MAX_CLOCK_TS`) is left
+    to be refused. Returns the events' latest `ts` afterwards."""
+    ahead = time.time() + MAX_TS_AHEAD_S
+    if latest <= ahead:
+        return latest
+    latest = 0.0
+    for event in events:
+        if isinstance(event, Event):
+            if ahead < event.ts <= MAX_CLOCK_TS:
+                event.ts = 0.0
+            latest = max(latest, event.ts)
+    return latest
 
 
 def derived_id(prefix: str, base: str) -> str:

@@ -58,7 +58,7 @@ async def scheduled_batch(store: BatchStore) -> str:
     return batch_id
 
 
-def captured(name: str, batch_id: str) -> dict[str, Any]:
+def captured(name: str, batch_id: str, pipeline_id: str = P) -> dict[str, Any]:
     """A captured Prefect event, its tags naming this test's batch."""
     event: dict[str, Any] = copy.deepcopy(DATA[name])
     for related in event["related"]:
@@ -66,7 +66,7 @@ def captured(name: str, batch_id: str) -> dict[str, Any]:
         if rid.startswith(TAG_PREFIX + TAG_BATCH_PREFIX):
             related["prefect.resource.id"] = TAG_PREFIX + TAG_BATCH_PREFIX + batch_id
         elif rid.startswith(TAG_PREFIX + TAG_PIPELINE_PREFIX):
-            related["prefect.resource.id"] = TAG_PREFIX + TAG_PIPELINE_PREFIX + P
+            related["prefect.resource.id"] = TAG_PREFIX + TAG_PIPELINE_PREFIX + pipeline_id
     return event
 
 

@@ -146,7 +146,7 @@ MALFORMED_EVENTS = [
     # same in each of `pytest -n`'s processes.)
     (_event(state="stop", outcome="cancelled", ts=MS_NOW), "ahead of now"),
     (_event(type="step.state", step="extract", state="running", ts=MS_NOW), "ahead of now"),
-    (_event(type="step.offsets", step="extract", offsets={"p": 1}, ts=YEAR_2100),
+    (_event(type="step.offsets", step="extract", offsets={"p": 1}, ts=MS_NOW * 1000),
      "ahead of now"),
     (_event(ts=-1.0), r">= 0.0 - at `\$.ts`"),
     (_event(type="step.state", state="running"), "missing required field `step`"),
@@ -260,6 +260,25 @@ def test_a_time_within_a_day_ahead_is_taken_as_clocks_differ() -> None:
         assert decode_event(_event(state="stop", outcome="completed", ts=ts)).ts == ts
     run = "0B5C3A8E-6F1D-4C2A-9E57-3D1F2A4B5C6D"
     assert decode_event(_event(flow_run_id=run)).flow_run_id == run
+
+
+@pytest.mark.parametrize("ahead", [2 * 86_400.0, YEAR_2100], ids=["two-days", "year-2100"])
+def test_a_time_more_than_a_day_ahead_from_a_clock_is_taken_as_a_guess(ahead: float) -> None:
+    """A worker whose clock is off stamps its run's own events (its steps' states and
+    offsets) ahead: refused, its steps' offsets were lost for good. Decoded alone or in a
+    poll, such an event keeps everything but its time, which reads 0 (a guess any real
+    time beats, as the bridge's for the same run's Prefect states)."""
+    ts = ahead if ahead == YEAR_2100 else time.time() + ahead
+    raws = [_event(type="step.offsets", step="extract", offsets={"p": 7}, ts=ts),
+            _event(type="step.state", step="extract", state="success", ts=ts),
+            _event(state="stop", outcome="completed", ts=ts)]
+    decoded = [decode_event(raw) for raw in raws]
+    polled = decode_events([*raws, _event(event_id="e2", ts=5.0)])
+    for event in [*decoded, *polled[:3]]:
+        assert isinstance(event, Event) and event.ts == 0.0, event
+    assert decoded[0].offsets == {"p": 7} and decoded[1].state == "success"
+    assert decoded[2].outcome == "completed"
+    assert isinstance(polled[3], Event) and polled[3].ts == 5.0  # its neighbours' untouched
 
 
 def test_derived_event_ids_stay_ids_of_at_most_128_characters() -> None:
