@@ -18,14 +18,17 @@ _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None
 
 # The password of a URL quoted in a message: httpx and Prefect's client put the request's URL in
 # their errors' text, so DHUB_PREFECT_API_URL's basic-auth credentials would reach the log. Up
-# to the userinfo's last `@`: a password may hold one left unencoded.
-_URL_PASSWORD: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@:'\"]*:)[^\s/?#'\"]+@")
+# to the userinfo's last `@`: a password may hold one left unencoded. Both patterns start at
+# a `://` and stop at the next one: a text quoting input (a refused config key) can be as long
+# as a Kafka record, and a pattern starting anywhere in a run of scheme letters took time
+# quadratic in it (a 120 KB key held a consumer's loop for 20 s).
+_URL_PASSWORD: Final = re.compile(r"(?<=[A-Za-z0-9+.-])(://[^\s/?#@:'\"]*:)[^\s/?#'\"]+@")
 # Query parameters that carry a secret: redis-py hands unknown query names to the connection,
 # so `redis://db/0?password=...` (or `ssl_password=`) is a working way to give a password.
 _SECRET_PARAM: Final = re.compile(
     r"(^|&)([^=&]*(?:pass|pwd|secret|token|key|auth)[^=&]*)=[^&]*", re.IGNORECASE)
 # A quoted URL's query, whose secret parameters (`_SECRET_PARAM`) are masked too.
-_URL_QUERY: Final = re.compile(r"(://[^\s?#'\"]*\?)([^\s#'\"]+)")
+_URL_QUERY: Final = re.compile(r"(://(?:(?!://)[^\s?#'\"])*\?)([^\s#'\"]+)")
 
 
 def scrub(text: str) -> str:

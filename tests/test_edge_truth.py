@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -119,6 +120,30 @@ def test_a_password_in_the_urls_query_is_redacted(url: str) -> None:
     assert redacted.startswith(url.split("?")[0].replace(":s3cret-in-query@", ":***@"))
     assert scrub("redis://db:6379/0?db=3&socket_timeout=2") == (
         "redis://db:6379/0?db=3&socket_timeout=2")
+
+
+@pytest.mark.parametrize("text", [
+    "a" * 60_000 + "://" + "b" * 60_000,  # a refused config key, quoted in its refusal
+    "1a" * 30_000 + "://x",
+    "x://" * 30_000 + " ?password=p",
+])
+def test_scrubbing_a_long_text_takes_time_linear_in_it(text: str) -> None:
+    """A refusal quoting a published command's config key (up to a Kafka record's size)
+    went through `scrub` on the commands consumer's loop, whose patterns took time quadratic
+    in a run of scheme-like text: ~20 s for a 120 KB key, every lane and heartbeat waiting.
+    A fifth of the text scrubbed must cost about a fifth of the time, not a 25th."""
+    def timed(sample: str) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            scrub(sample)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    small = text[: len(text) // 5]
+    # Linear: ~5x; quadratic: ~25x. Floors keep a fast machine's noise out of the ratio.
+    assert timed(text) < 12 * max(timed(small), 2e-4), "scrub is not linear in its text"
+    assert scrub("see 1http://u:pw@h/x") == "see 1http://u:***@h/x"  # the scheme's start
 
 
 def test_a_proxys_404_page_mid_watch_is_not_a_deleted_batch() -> None:
