@@ -8,14 +8,19 @@ run without one never creates anything (a batch deleted since stays deleted)."""
 
 from __future__ import annotations
 
+import re
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
+import orjson
 
-from core import layout
+from core import keys, layout
 from core.messages import (
     ENCODER,
+    MAX_ID,
+    MAX_TS_AHEAD_S,
     SCHEMA,
     CodecError,
     Id,
@@ -26,6 +31,7 @@ from core.messages import (
     new_message_id,
     refuse_ids,
 )
+from core.models import MAX_OFFSET, STEP_STATES
 
 # What a publisher's own batch ids look like: `batch-` and 1 to 122 id characters (the API's
 # ids have the same prefix, so one id space). The whole id stays an `Id` (at most 128).
@@ -118,8 +124,8 @@ class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     Redis does, for a batch whose run command was not taken yet when Redis was lost (taking
     it writes the batch's creation snapshot: `core.snapshots`)."""
 
-    seq: int
-    created_at: str
+    seq: Annotated[int, msgspec.Meta(ge=1, le=MAX_OFFSET)]
+    created_at: Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
     extra: dict[str, str] = msgspec.field(default_factory=dict)
     # The Idempotency-Key record the API commits once the command is queued
     # (`service.idempotency`): its Redis key and its committed value; '' without a key.
@@ -127,12 +133,65 @@ class Recorded(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     idempotency_record: str = ""
 
     def __post_init__(self) -> None:
-        if self.seq < 1:
-            raise CodecError(f"invalid recorded.seq {self.seq}: a batch's sequence starts at 1")
-        # Only what a create adds to a fresh batch: a rebuild writes these fields as they are.
-        for name in self.extra:
-            if not recordable(name):
-                raise CodecError(f"invalid recorded.extra field {name[:140]!r}")
+        # A rebuild raises the pipeline's counter to it: past Redis's integers (or a double's
+        # exact ones), every later POST's INCR fails.
+        if not 1 <= self.seq <= MAX_OFFSET:
+            raise CodecError(f"invalid recorded.seq {self.seq}: a batch's sequence is 1 to "
+                             f"{MAX_OFFSET}")
+        _check_created_at(self.created_at)
+        # Only what a create adds to a fresh batch, each in the form its readers parse: a
+        # rebuild (and the consumer, for a batch Redis lost) writes them as they are.
+        for name, value in self.extra.items():
+            problem = _extra_problem(name, value)
+            if problem:
+                raise CodecError(f"invalid recorded.extra field {name[:140]!r}: {problem}")
+        if self.idempotency_key and not _IDEMPOTENCY_KEY.fullmatch(self.idempotency_key):
+            raise CodecError("invalid recorded.idempotency_key: not an Idempotency-Key record's")
+
+
+# `core.models.now_iso`'s form: a later create's time is raised to the newest batch's, so one
+# far ahead would stand as every later batch's creation time.
+_ISO_MS: Final = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+_DECIMAL: Final = re.compile(r"0|[1-9][0-9]{0,15}")
+_IDEMPOTENCY_KEY: Final = re.compile(re.escape(keys.idempotency("@")).replace("@", "[0-9a-f]{64}"))
+
+
+def _check_created_at(created_at: str) -> None:
+    try:
+        when = datetime.fromisoformat(created_at).timestamp() if _ISO_MS.fullmatch(
+            created_at) else None
+    except ValueError:
+        when = None
+    if when is None:
+        raise CodecError(f"invalid recorded.created_at {created_at[:40]!r}: "
+                         "YYYY-MM-DDTHH:MM:SS.mmmZ")
+    if when > time.time() + MAX_TS_AHEAD_S:
+        raise CodecError(f"invalid recorded.created_at {created_at!r}: more than "
+                         f"{MAX_TS_AHEAD_S:.0f} s ahead of now")
+
+
+def _extra_problem(name: str, value: str) -> str | None:
+    """What is wrong with a recorded field's value, in the form `core.layout` reads it."""
+    if name.startswith((layout.OFFSET_PREFIX, layout.TOTAL_PREFIX, layout.RESUMED_PREFIX)):
+        if not _DECIMAL.fullmatch(value) or int(value) > MAX_OFFSET:
+            return f"not a count of records (0 to {MAX_OFFSET})"
+    elif name.startswith(layout.STEP_PREFIX):
+        if value not in STEP_STATES:
+            return f"not a step state ({', '.join(STEP_STATES)})"
+    elif name == layout.RESUMED_FROM:
+        if not (0 < len(value) <= MAX_ID and id_chars_only(value)):
+            return "not a batch id"
+    elif name == layout.CONFIG:
+        try:
+            config = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return "not JSON"
+        if not (isinstance(config, dict)
+                and all(isinstance(step, dict) for step in config.values())):
+            return "not a step name -> config object"
+    else:
+        return "not a field a create adds"
+    return None
 
 
 class Run(Command, tag="run", kw_only=True):

@@ -142,11 +142,40 @@ def _run(batch_id: str, version: str, seq: int, at: str) -> Run:
     return command
 
 
+AT = "2026-01-01T00:00:05.000Z"
+
+
 def test_a_recorded_run_names_only_the_fields_a_create_adds() -> None:
-    Recorded(seq=1, created_at="t", extra={"config": "{}", "off:load:p0": "3"})
+    Recorded(seq=1, created_at=AT, extra={"config": "{}", "off:load:p0": "3"})
     for bad in ({"state": "stop"}, {"id": "other"}, {"deleted": "1"}):
         with pytest.raises(CodecError, match=r"recorded\.extra"):
-            Recorded(seq=1, created_at="t", extra=bad)
+            Recorded(seq=1, created_at=AT, extra=bad)
+
+
+@pytest.mark.parametrize(("fields", "reason"), [
+    # A rebuild raised the pipeline's counter to it: every later POST's INCR failed (500).
+    ({"seq": 2**63}, "recorded.seq"),
+    # Raised every later batch's creation time to the year 9999, for good.
+    ({"created_at": "9999-12-31T23:59:59.999Z"}, "ahead of now"),
+    ({"created_at": "yesterday"}, "recorded.created_at"),
+    # GET of the batch, its pipeline's list and latest answered 500 while it existed.
+    ({"extra": {"off:extract:p0": "many"}}, "count of records"),
+    ({"extra": {"tot:extract:p0": "-1"}}, "count of records"),
+    ({"extra": {"step:extract": "zzz"}}, "step state"),
+    ({"extra": {"config": "[1]"}}, "config object"),
+    ({"extra": {"resumed_from": "../x"}}, "batch id"),
+    ({"idempotency_key": "dhub:batch:p:b"}, "idempotency_key"),
+])
+def test_a_recorded_run_is_refused_when_a_rebuild_could_not_write_it_as_the_api_did(
+        fields: dict[str, Any], reason: str) -> None:
+    """What a run command recorded is written as it is by a rebuild (and by the commands
+    consumer for a batch Redis lost): each field must be in the form its readers parse."""
+    given: dict[str, Any] = {"seq": 1, "created_at": AT, **fields}
+    with pytest.raises(CodecError, match=reason):
+        Recorded(**given)
+    Recorded(seq=2**53 - 1, created_at=AT, idempotency_key=keys.idempotency("ab" * 32),
+             extra={"step:extract": "success", "resumed_from": "batch-1",
+                    "config": '{"extract": {"rows": 4}}'})
 
 
 def test_a_restore_from_runs_skips_held_purged_and_unknown_and_keeps_created_at_ordered() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+import orjson
 from redis.exceptions import RedisError
 
 from consumers.plumbing.active import ActiveRuns
@@ -24,12 +25,13 @@ from consumers.plumbing.prefect_api import (
 )
 from core import keys
 from core.codec import Command, Event, Run, derived_id
-from core.layout import is_visible
+from core.layout import CONFIG, is_visible
 from core.models import PipelineSpec
 from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
 from core.restore_runs import recorded_of
 from core.retry import Permanent
+from core.run_config import ConfigRefused, effective_config
 from core.snapshots import SnapshotWriter
 from core.store import BatchStore
 
@@ -150,9 +152,18 @@ class CommandEffects:
                                          keys.batch_purged(pipeline_id, batch_id)):
             return None
         spec = await self.registry.get(pipeline_id, command.pipeline_version)
-        if spec is None or not await self.store.create(
-                pipeline_id, batch_id, spec, extra=recorded.extra,
-                created_at=recorded.created_at):
+        if spec is None:
+            return None
+        config = recorded.extra.get(CONFIG)
+        if config is not None:
+            # The API checked it against this version; a record published otherwise may
+            # name a config its steps refuse, which a `create` would have had refused.
+            try:
+                effective_config(spec, orjson.loads(config))
+            except ConfigRefused as exc:
+                raise Permanent(f"the recorded config is refused: {exc}") from None
+        if not await self.store.create(pipeline_id, batch_id, spec, extra=recorded.extra,
+                                       created_at=recorded.created_at):
             return None
         log.warning("run %s: its batch was missing from Redis with no purge behind it (Redis "
                     "lost it): written again from its run command", batch_id)
