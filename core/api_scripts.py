@@ -1,6 +1,7 @@
-"""Lua scripts of the API's write path: the Idempotency-Key record's transitions, the
-abandoning of a batch whose run command may or may not have reached Kafka, a POST's create
-and the sweep of the creates whose run command was never seen taken.
+"""Lua scripts of the API's write path: the Idempotency-Key record's transitions (and the
+check a failed attempt's undo makes on it), the abandoning of a batch whose run command may
+or may not have reached Kafka, a POST's create and the sweep of the creates whose run command
+was never seen taken.
 
 Each names its KEYS and ARGV first. An Idempotency-Key record (`core.keys.idempotency`) is a
 JSON object: `s` state (`pending` until the run command is durably queued, then
@@ -94,6 +95,30 @@ local record = cjson.decode(existing)
 if record.s ~= 'pending' or (record.a or record.b) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 return 1
+"""
+
+# KEYS[1] idempotency record
+# ARGV[1] the failed attempt (its own new batch id: `a` of a record it took over, else `b`),
+# ARGV[2] the batch it was to create
+# Asked before a failed attempt's undo or abandon of its batch, which may come late (Redis
+# away past the lease): whether the batch is still the attempt's to undo. Not when the record
+# holds it for another attempt (a retry took the key over: it finishes the batch and answers
+# with it) or committed with it: purged or hidden, the key's 200 would name a batch that is
+# gone or cancelled. A record still this attempt's own is released in this same call, so no
+# retry can take the batch over between this answer and the undo; one script cannot hold
+# both (the record and the batch are in different slots on Redis Cluster). Returns 1 when the
+# batch is the attempt's to undo (its record released now, or gone, or holding another
+# batch), 0 when it is the key's.
+DISOWN_KEY: Final = """
+local existing = redis.call('GET', KEYS[1])
+if not existing then return 1 end
+local record = cjson.decode(existing)
+if record.b ~= ARGV[2] then return 1 end
+if record.s == 'pending' and (record.a or record.b) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
 """
 
 # KEYS[1] batch hash, KEYS[2] pipeline's batch index (zset), KEYS[3] batch's seen-event-ids zset,
@@ -208,6 +233,7 @@ class ApiScripts:
         self.take_key = redis.register_script(TAKE_KEY)
         self.commit_key = redis.register_script(COMMIT_KEY)
         self.release_key = redis.register_script(RELEASE_KEY)
+        self.disown_key = redis.register_script(DISOWN_KEY)
         self.abandon_batch = redis.register_script(ABANDON_BATCH)
         self.create_latest_batch = redis.register_script(CREATE_LATEST_BATCH)
         self.enter_unsent = redis.register_script(ENTER_UNSENT)

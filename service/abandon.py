@@ -20,6 +20,13 @@ A stop whose send was ambiguous may be written too, so it will happen and is ans
 accepted: it waits in an outbox of its own (`STOPS`) and is sent again once Kafka takes it
 (a stop twice is harmless: the second finds the batch stopping or stopped).
 
+A POST with an Idempotency-Key names its attempt (`KeyHolder`) to its undo and abandon. Late,
+they could meet a batch that is no longer the attempt's: with Redis away past the key's
+lease, a retry on another API process takes the key over and finishes the batch (creates it
+or sends its run again), commits and answers 200 with it. So each first asks the key's
+record (`DISOWN_KEY`), which releases it in the same call while it is still the attempt's,
+and leaves the batch alone once the record holds it for another attempt or committed it.
+
 The same loop removes the unsent-runs entries of run commands Kafka took and sweeps those
 left behind by a process that died between a create and its send (`service/unsent.py`).
 """
@@ -31,6 +38,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import cast
 
 import msgspec
@@ -55,6 +63,15 @@ STOPS = f"{keys.ABANDONED}:stops"
 Purge = Callable[[str, str], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class KeyHolder:
+    """A POST attempt holding an Idempotency-Key (`service.idempotency`): the record's Redis
+    key, and the attempt's own new batch id (which a take-over's record keeps as `a`)."""
+
+    record_key: str
+    attempt: str
+
+
 class Abandoner:
     def __init__(self, redis: Redis, scripts: ApiScripts, sender: CommandSender, *,
                  purge: Purge | None = None, ttl_s: int = ABANDONED_TTL_S,
@@ -68,6 +85,9 @@ class Abandoner:
         # Batches to abandon once Redis answers: (pipeline, batch) -> (version, reason, released)
         self._unhidden: dict[tuple[str, str], tuple[str, str, bool]] = {}
         self._stops: set[str] = set()  # `STOPS` members to record once Redis answers
+        # The Idempotency-Key attempts of the undos and abandons above that have one.
+        self._undo_holders: dict[tuple[str, str], KeyHolder] = {}
+        self._unhidden_holders: dict[tuple[str, str], KeyHolder] = {}
         self._redis = redis
         self._scripts = scripts
         self._sender = sender
@@ -87,7 +107,7 @@ class Abandoner:
         return await self.unsent.sweep_once()
 
     async def abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str, *,
-                      released: bool) -> None:
+                      released: bool, holder: KeyHolder | None = None) -> None:
         """Hides the batch as `stop`/`failed` and records that its delete must be queued.
         `released`: the request that made the batch released its Idempotency-Key (a POST
         answered 503); its delete says so, so a rebuild does not restore the key's record
@@ -95,20 +115,45 @@ class Abandoner:
         With Redis away, the batch is abandoned once it answers, by this process (its
         command, a POST's run or a DELETE's delete, may be on the topic), and the error is
         raised still: answered 503, since only this process's memory holds what is left to
-        do (a POST's batch will not run; a DELETE may still happen, and its retry is safe)."""
+        do (a POST's batch will not run; a DELETE may still happen, and its retry is safe).
+        `holder`: the POST's Idempotency-Key attempt; the batch is left alone once the key
+        holds it for another attempt or committed it (`DISOWN_KEY`)."""
         try:
-            await self._abandon(pipeline_id, batch_id, version, reason, released)
+            await self._abandon(pipeline_id, batch_id, version, reason, released, holder)
         except Exception as exc:
             if classify(exc) is not Verdict.UNAVAILABLE:
                 raise
             log.warning("batch %s/%s: not abandoned yet (%s); abandoned once Redis answers",
                         pipeline_id, batch_id, describe(exc))
             self._unhidden[(pipeline_id, batch_id)] = (version, reason, released)
+            if holder is not None:
+                self._unhidden_holders[(pipeline_id, batch_id)] = holder
             self._wake.set()
             raise
 
     async def _abandon(self, pipeline_id: str, batch_id: str, version: str, reason: str,
-                       released: bool) -> None:
+                       released: bool, holder: KeyHolder | None = None) -> None:
+        if await self._ours(pipeline_id, batch_id, holder):
+            await self._hide(pipeline_id, batch_id, version, reason, released)
+
+    async def _ours(self, pipeline_id: str, batch_id: str, holder: KeyHolder | None) -> bool:
+        """Whether the batch is still its failed request's to undo or abandon: always without
+        an Idempotency-Key; with one, unless the key's record holds the batch for another
+        attempt or committed it (a retry took the key over while this process could not
+        reach Redis, and answered with the batch). Still the attempt's, the record is
+        released by the same script, so no take-over can come between."""
+        if holder is None:
+            return True
+        if await self._scripts.disown_key(keys=[holder.record_key],
+                                          args=[holder.attempt, batch_id]):
+            return True
+        log.warning("batch %s/%s: its request failed, but it is left as it is: a retry with "
+                    "its Idempotency-Key took the key over and answers with it",
+                    pipeline_id, batch_id)
+        return False
+
+    async def _hide(self, pipeline_id: str, batch_id: str, version: str, reason: str,
+                    released: bool) -> None:
         # The outbox entry first: should the process die between the two, a delete of a
         # batch that was never hidden is harmless, a hidden batch nobody deletes is not.
         await self.queue_delete(pipeline_id, batch_id, version, released)
@@ -147,11 +192,15 @@ class Abandoner:
                     "takes it", pipeline_id, batch_id)
         self._wake.set()
 
-    async def undo(self, pipeline_id: str, batch_id: str) -> None:
+    async def undo(self, pipeline_id: str, batch_id: str, *,
+                   holder: KeyHolder | None = None) -> None:
         """Purges a batch whose create may have run though its request failed (no run
-        command was sent for it): now if Redis answers within the bound, else later."""
+        command was sent for it): now if Redis answers within the bound, else later.
+        `holder`: the POST's Idempotency-Key attempt, as for `abandon`."""
         if self._purge is None:
             return
+        if holder is not None:
+            self._undo_holders[(pipeline_id, batch_id)] = holder
         try:
             async with asyncio.timeout(self._undo_timeout_s):
                 await self._purged(pipeline_id, batch_id)
@@ -160,18 +209,23 @@ class Abandoner:
                         "once Redis answers", pipeline_id, batch_id, describe(exc))
             self._undone.add((pipeline_id, batch_id))
             self._wake.set()
+        else:
+            self._undo_holders.pop((pipeline_id, batch_id), None)
 
     async def _purged(self, pipeline_id: str, batch_id: str) -> None:
         assert self._purge is not None
+        if not await self._ours(pipeline_id, batch_id,
+                                self._undo_holders.get((pipeline_id, batch_id))):
+            return
         fields = cast(dict[str, str], await self._redis.hgetall(keys.batch(pipeline_id,
                                                                            batch_id)))
         if is_visible(fields) and fields.get("state") != "pending":
             # This undo waited for Redis past the lease, and a sweep sent the run command
             # meanwhile, which a consumer took: purged, its flow run would run on with no
             # batch; abandoned, its delete cancels it.
-            await self._abandon(pipeline_id, batch_id, fields.get("pipeline_version", ""),
-                                "its request failed, and its run was queued by another API "
-                                "process before this one could undo it", True)
+            await self._hide(pipeline_id, batch_id, fields.get("pipeline_version", ""),
+                             "its request failed, and its run was queued by another API "
+                             "process before this one could undo it", True)
             return
         await self._purge(pipeline_id, batch_id)
         # Purged, it needs no run command: no sweep is to look at it again.
@@ -209,15 +263,18 @@ class Abandoner:
                 self._stops.discard(member)
         for (pipeline_id, batch_id), (version, reason, released) in sorted(
                 self._unhidden.items()):
+            holder = self._unhidden_holders.get((pipeline_id, batch_id))
             if await self._tried(f"abandon of {pipeline_id}/{batch_id}", self._abandon(
-                    pipeline_id, batch_id, version, reason, released)):
+                    pipeline_id, batch_id, version, reason, released, holder)):
                 del self._unhidden[(pipeline_id, batch_id)]
+                self._unhidden_holders.pop((pipeline_id, batch_id), None)
         if self._purge is None:
             return
         for pipeline_id, batch_id in sorted(self._undone):
             if await self._tried(f"undo of {pipeline_id}/{batch_id}",
                                  self._purged(pipeline_id, batch_id)):
                 self._undone.discard((pipeline_id, batch_id))
+                self._undo_holders.pop((pipeline_id, batch_id), None)
                 log.info("batch %s/%s: its failed create undone", pipeline_id, batch_id)
 
     @staticmethod

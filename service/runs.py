@@ -18,6 +18,7 @@ from core.codec import Command
 from core.models import PipelineSpec, new_batch_id, valid_id
 from core.registry import registered_body
 from service import creates, idempotency, run_body
+from service.abandon import KeyHolder
 from service.appkeys import ABANDONER, API_SCRIPTS, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, path_id
 from service.command_sender import Ambiguous, Refused
@@ -128,6 +129,9 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
         return json_obj({"item": claimed.batch_id})
     attempt, batch_id = batch_id, claimed.batch_id
     committed = sent.record("committed", batch_id)
+    # Its undo or abandon may come late (Redis away past the lease), when a retry elsewhere
+    # has taken the key over and answered with the batch: they ask the key first.
+    holder = KeyHolder(idem_key, attempt)
     # What a dead attempt left is read before anything can release the key: should the read
     # fail, its batch's fate is unknown (its run command may be on the topic), so the key
     # stays pending for the next retry to take over again. Released, a retry would run a
@@ -137,10 +141,11 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
     try:
         # The run command carries the committed record too, for a rebuild of Redis.
         if left is not None:
-            await _finish(request, pipeline_id, batch_id, record, left, (idem_key, committed))
+            await _finish(request, pipeline_id, batch_id, record, left, (idem_key, committed),
+                          holder)
         else:
             await _create_and_queue(request, pipeline_id, batch_id, record,
-                                    (idem_key, committed))
+                                    (idem_key, committed), holder)
     except BaseException:
         # Nothing of this key's is left to run: never created, undone, or abandoned.
         await keys_.release(idem_key, attempt)
@@ -153,24 +158,28 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
 
 async def _finish(request: web.Request, pipeline_id: str, batch_id: str,
                   record: Callable[[str], Awaitable[creates.Created]],
-                  left: creates.LeftBehind, idempotency: tuple[str, str]) -> None:
+                  left: creates.LeftBehind, idempotency: tuple[str, str],
+                  holder: KeyHolder) -> None:
     """What a dead attempt left of its batch, finished: created if it never was, its run
     command sent again while it is pending (a run command twice runs one flow run), nothing
     once its run was taken or it is gone."""
     if left.state == "missing":
-        await _create_and_queue(request, pipeline_id, batch_id, record, idempotency)
+        await _create_and_queue(request, pipeline_id, batch_id, record, idempotency, holder)
     elif left.created is not None:
-        await _queue(request, pipeline_id, batch_id, left.created, idempotency)
+        await _queue(request, pipeline_id, batch_id, left.created, idempotency, holder)
 
 
 async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: str,
                             record: Callable[[str], Awaitable[creates.Created]],
-                            idempotency: tuple[str, str] | None = None) -> None:
+                            idempotency: tuple[str, str] | None = None,
+                            holder: KeyHolder | None = None) -> None:
     """Records the batch (`record` says how), then queues its run command, which carries
-    the record for a rebuild of Redis. A record that failed midway is undone (purged, now or
-    once Redis answers). When the send fails the batch must not run: refused, it is purged;
-    ambiguous (the command may be written and even be running), it is abandoned (hidden as
-    `stop`/`failed`, its delete queued behind the run)."""
+    the record for a rebuild of Redis (`idempotency`: the key and its committed record;
+    `holder`: the attempt holding the key, which its undo or abandon checks). A record that
+    failed midway is undone (purged, now or once Redis answers). When the send fails the
+    batch must not run: refused, it is purged; ambiguous (the command may be written and
+    even be running), it is abandoned (hidden as `stop`/`failed`, its delete queued behind
+    the run)."""
     try:
         created = await record(batch_id)
     except (ApiError, creates.NotThisRequests):
@@ -178,13 +187,14 @@ async def _create_and_queue(request: web.Request, pipeline_id: str, batch_id: st
     except BaseException:
         # Redis may have run the create and its answer was lost: no run command will be
         # sent, so a `pending` batch left behind would never run.
-        await request.app[ABANDONER].undo(pipeline_id, batch_id)
+        await request.app[ABANDONER].undo(pipeline_id, batch_id, holder=holder)
         raise
-    await _queue(request, pipeline_id, batch_id, created, idempotency)
+    await _queue(request, pipeline_id, batch_id, created, idempotency, holder)
 
 
 async def _queue(request: web.Request, pipeline_id: str, batch_id: str,
-                 created: creates.Created, idempotency: tuple[str, str] | None) -> None:
+                 created: creates.Created, idempotency: tuple[str, str] | None,
+                 holder: KeyHolder | None) -> None:
     spec = created.spec
     recorded = created.recorded
     if idempotency is not None:
@@ -200,12 +210,13 @@ async def _queue(request: web.Request, pipeline_id: str, batch_id: str,
     except Refused:
         # Purged now, or once Redis answers: a batch left `pending` with no run command
         # behind it would never run.
-        await abandoner.undo(pipeline_id, batch_id)
+        await abandoner.undo(pipeline_id, batch_id, holder=holder)
         raise
     except BaseException as exc:  # Ambiguous, or cancelled while Kafka held the record
         cause = exc.cause if isinstance(exc, Ambiguous) else type(exc).__name__
         reason = f"the run command was not confirmed by Kafka ({cause}); the batch will not run"
-        await abandoner.abandon(pipeline_id, batch_id, spec.version, reason, released=True)
+        await abandoner.abandon(pipeline_id, batch_id, spec.version, reason, released=True,
+                                holder=holder)
         request.app[CACHE].evict(keys.batch(pipeline_id, batch_id))
         raise
     # Its create's unsent-runs entry goes (in the background: no round trip of this POST's).

@@ -8,17 +8,24 @@ which reconnects and sends the command again.
         proxy.arm(sha_of_the_script.encode())      # its next call runs, its reply is lost
         proxy.arm(needle, outage=True)             # or: Redis unreachable from that call on
         proxy.restore()
+
+With `cut_open`, an outage (`arm(..., outage=True)` or `cut()`) also resets the connections
+already open, as a host's link going down does: nothing of that client reaches Redis until
+`restore()`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 
 class ReplyLossProxy:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, cut_open: bool = False) -> None:
         self.target = (host, port)
+        self.cut_open = cut_open
+        self._resets: set[Callable[[], None]] = set()
         self.port = 0
         self.fired = 0  # commands whose reply was lost
         self._needle: bytes | None = None
@@ -35,6 +42,14 @@ class ReplyLossProxy:
 
     def restore(self) -> None:
         self.down = False
+
+    def cut(self) -> None:
+        """Redis unreachable from now on: new connections refused, and with `cut_open` the
+        open ones reset."""
+        self.down = True
+        if self.cut_open:
+            for reset in list(self._resets):
+                reset()
 
     async def __aenter__(self) -> ReplyLossProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -58,16 +73,24 @@ class ReplyLossProxy:
         def reset() -> None:
             writer.transport.abort()
             up_writer.transport.abort()
+            self._resets.discard(reset)
+
+        self._resets.add(reset)
+
+        def cut_off() -> bool:
+            return self.cut_open and self.down
 
         async def upstream() -> None:
             with contextlib.suppress(Exception):
                 while data := await reader.read(65536):
+                    if cut_off():
+                        break
                     if self._needle is not None and self._needle in data:
                         self._needle = None
                         self.fired += 1
                         lose.set()
                         if self._outage:
-                            self.down = True
+                            self.cut()
                             break
                     up_writer.write(data)
                     await up_writer.drain()
@@ -76,7 +99,7 @@ class ReplyLossProxy:
         async def downstream() -> None:
             with contextlib.suppress(Exception):
                 while data := await up_reader.read(65536):
-                    if lose.is_set():  # Redis ran it; the client never hears
+                    if lose.is_set() or cut_off():  # Redis ran it; the client never hears
                         break
                     writer.write(data)
                     await writer.drain()
