@@ -102,6 +102,7 @@ async def latest_batch(request: web.Request) -> web.Response:
 async def stop_batch(request: web.Request) -> web.Response:
     pipeline_id = path_id(request, "pipeline_id")
     batch_id = path_id(request, "batch_id")
+    query_params.refuse_unknown(request, (), "the stop")
     fields = await request.app[STORE].fields(pipeline_id, batch_id)
     if not is_visible(fields):
         raise not_found(f"unknown batch {batch_id} of pipeline {pipeline_id}")
@@ -122,6 +123,7 @@ async def stop_batch(request: web.Request) -> web.Response:
 async def delete_batch(request: web.Request) -> web.Response:
     pipeline_id = path_id(request, "pipeline_id")
     batch_id = path_id(request, "batch_id")
+    query_params.refuse_unknown(request, (), "the delete")
     store = request.app[STORE]
     fields = await store.fields(pipeline_id, batch_id)
     if not is_visible(fields):

@@ -20,6 +20,7 @@ from core.registry import Registered, registered_body
 from core.retry import describe
 from core.snapshots import RECORD_LIMIT, pipeline_key, pipeline_record
 from core.step_catalogue import config_problems, known_steps
+from service import query_params
 from service.appkeys import COMMANDS, PRODUCER, REGISTRY, SETTINGS
 from service.batches import json_obj, path_id
 from service.command_sender import UNAVAILABLE_MESSAGE, Ambiguous, Refused
@@ -48,6 +49,7 @@ def _describe(pipeline_id: str, versions: list[PipelineSpec]) -> dict[str, Any]:
 
 async def put_pipeline(request: web.Request) -> web.Response:
     pipeline_id = path_id(request, "pipeline_id")
+    query_params.refuse_unknown(request, (), "the pipeline's registration")
     raw = await request.read()
     refuse_duplicate_keys(raw, "invalid pipeline definition")
     try:

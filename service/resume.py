@@ -34,7 +34,7 @@ from core.command_messages import Recorded
 from core.models import PipelineSpec, new_batch_id
 from core.run_config import resume_problems
 from core.store import BatchStore
-from service import creates, idempotency, run_body
+from service import creates, idempotency, query_params, run_body
 from service.appkeys import API_SCRIPTS, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, path_id
 from service.errors import ApiError, bad_request, not_found
@@ -104,6 +104,7 @@ class _Plan:
 async def resume_batch(request: web.Request) -> web.Response:
     pipeline_id = path_id(request, "pipeline_id")
     old_id = path_id(request, "batch_id")
+    query_params.refuse_unknown(request, (), "the resume")
     header = request.headers.get("Idempotency-Key")
     idem_key = idempotency.record_key(header) if header is not None else None
     overrides = await run_body.overrides_of(request)

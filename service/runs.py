@@ -17,7 +17,7 @@ from core import keys
 from core.codec import Command
 from core.models import PipelineSpec, new_batch_id, valid_id
 from core.registry import registered_body
-from service import creates, idempotency, run_body
+from service import creates, idempotency, query_params, run_body
 from service.abandon import KeyHolder
 from service.appkeys import ABANDONER, API_SCRIPTS, CACHE, COMMANDS, IDEMPOTENCY, REGISTRY, STORE
 from service.batches import json_obj, path_id
@@ -73,6 +73,8 @@ async def _checked_against_latest(request: web.Request, pipeline_id: str,
 
 async def run_batch(request: web.Request) -> web.Response:
     pipeline_id = path_id(request, "pipeline_id")
+    # A misspelt `version=1` ignored would run the latest version, not the one asked for.
+    query_params.refuse_unknown(request, ("pipeline_version",), "the run")
     given = request.query.getall("pipeline_version", [])
     if len(given) > 1:  # which one was meant is anybody's guess, as in the list's filters
         raise bad_request("pipeline_version is given more than once")
