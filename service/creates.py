@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ import orjson
 from core import keys, layout
 from core.api_scripts import ApiScripts
 from core.command_messages import Recorded, recordable
-from core.models import PipelineSpec, now_iso
+from core.models import PipelineSpec, batch_id_ms, now_iso
 from core.registry import PipelineRegistry
 from core.scripts import Scripts
 from core.store import BatchStore
@@ -272,9 +273,13 @@ async def left_behind(store: BatchStore, registry: PipelineRegistry, pipeline_id
                       batch_id: str) -> LeftBehind:
     fields = await store.fields(pipeline_id, batch_id)
     if fields is None:
-        # A purge mark: deleted or undone on purpose, not to be written again.
+        # A purge mark: deleted or undone on purpose, not to be written again. The mark
+        # lives a day; a key may live longer (DHUB_IDEMPOTENCY_TTL_S): an attempt older than
+        # the mark may have had its batch removed by retention since, so it is not made again.
+        made_ms = batch_id_ms(batch_id)
+        expired = made_ms is not None and time.time() - made_ms / 1000 > keys.PURGED_MARK_S
         purged = await store.redis.exists(keys.batch_purged(pipeline_id, batch_id))
-        return LeftBehind("gone" if purged else "missing")
+        return LeftBehind("gone" if purged or expired else "missing")
     if not layout.is_visible(fields):
         return LeftBehind("gone")
     if fields.get("state") != "pending":
