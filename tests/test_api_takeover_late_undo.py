@@ -36,6 +36,7 @@ from service.appkeys import ABANDONER, IDEMPOTENCY
 from tests.conftest import eventually
 from tests.helpers import AUTH, api_client, api_settings, read_topic, spec_body
 from tests.reply_loss_proxy import ReplyLossProxy
+from tests.test_post_killed import retried
 from tests.write_faults_proxy import KafkaProxy
 
 Client = TestClient[Any, Any]
@@ -95,18 +96,12 @@ async def two_kafka(topics: Settings, redis: Redis, redis_proxy: ReplyLossProxy,
             redis_proxy.restore()
 
 
-async def _accepted(other: Client) -> str:
-    """The client's retry on process 2, again while the first attempt's lease runs: the
-    batch id it is answered once the lease passed."""
-    async def accepted() -> str | None:
-        response = await other.post("/api/v1/batches/p", headers=HEADERS)
-        body = await response.json()
-        if response.status == 409 and body["error"]["code"] == "in_progress":
-            return None
-        assert response.status == 200, body
-        return str(body["item"])
-
-    return str(await eventually(accepted, timeout=15, interval=0.1))
+async def _left_alone(one: Client, other: Client, redis: Redis, batch_id: str) -> None:
+    """Once process 1's late undo or abandon ran: the batch answered stays, no delete queued."""
+    await eventually(lambda: one.app[ABANDONER].undoing() == 0, timeout=15)
+    response = await other.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
+    assert response.status == 200, await _shown(redis, batch_id)
+    assert await redis.zcard(keys.ABANDONED) == 0  # no delete queued for it
 
 
 async def _shown(redis: Redis, batch_id: str) -> dict[str, Any]:
@@ -132,18 +127,15 @@ async def test_a_late_undo_leaves_the_batch_a_retry_on_another_process_took_over
     assert one.app[ABANDONER].undoing() == 1  # its undo waits for Redis, in its memory
     [(_, undone)] = one.app[ABANDONER]._undone
 
-    batch_id = await _accepted(other)
+    batch_id = await retried(other, HEADERS)
     assert batch_id == undone  # the retry took the key over
     assert batch_id in _runs(await read_topic(topics, topics.topic_commands,
                                               lambda rs: batch_id in _runs(rs)))
     assert (await other.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)).status == 200
 
     redis_proxy.restore()  # process 1's link comes back: its late undo runs
-    await eventually(lambda: one.app[ABANDONER].undoing() == 0, timeout=15)
-
     # The key answered 200 with this batch, its run command is queued: it is still there.
-    response = await other.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
-    assert response.status == 200, await _shown(redis, batch_id)
+    await _left_alone(one, other, redis, batch_id)
     again = await other.post("/api/v1/batches/p", headers=HEADERS)
     assert (again.status, await again.json()) == (200, {"item": batch_id})
 
@@ -160,17 +152,13 @@ async def test_a_late_undo_leaves_the_taken_over_batch_once_its_run_was_created(
     assert first.status == 503, await first.text()
     [(_, undone)] = one.app[ABANDONER]._undone
 
-    batch_id = await _accepted(other)
+    batch_id = await retried(other, HEADERS)
     assert batch_id == undone
     await redis.hset(keys.batch("p", batch_id), mapping={
         "state": "scheduled", "flow_run_id": "8c1bd0b5-1d9e-4a7e-9c55-0d7f3a7f2c11"})
 
     redis_proxy.restore()
-    await eventually(lambda: one.app[ABANDONER].undoing() == 0, timeout=15)
-
-    response = await other.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
-    assert response.status == 200, await _shown(redis, batch_id)
-    assert await redis.zcard(keys.ABANDONED) == 0  # no delete queued for it
+    await _left_alone(one, other, redis, batch_id)
 
 
 async def test_a_late_abandon_leaves_the_batch_a_retry_on_another_process_took_over(
@@ -192,17 +180,13 @@ async def test_a_late_abandon_leaves_the_batch_a_retry_on_another_process_took_o
     assert one.app[ABANDONER].undoing() == 1
     [(_, abandoned)] = one.app[ABANDONER]._unhidden
 
-    batch_id = await _accepted(other)
+    batch_id = await retried(other, HEADERS)
     assert batch_id == abandoned  # the retry took the key over
     assert (await other.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)).status == 200
 
     proxy.restore()
     redis_proxy.restore()
-    await eventually(lambda: one.app[ABANDONER].undoing() == 0, timeout=15)
-
-    response = await other.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)
-    assert response.status == 200, await _shown(redis, batch_id)
-    assert await redis.zcard(keys.ABANDONED) == 0  # no delete queued for it
+    await _left_alone(one, other, redis, batch_id)
 
 
 async def test_an_abandon_that_freed_the_key_still_hides_its_batch_once_redis_answers(
@@ -222,7 +206,7 @@ async def test_an_abandon_that_freed_the_key_still_hides_its_batch_once_redis_an
     assert one.app[ABANDONER].undoing() == 1
     [(_, abandoned)] = one.app[ABANDONER]._unhidden
 
-    batch_id = await _accepted(other)
+    batch_id = await retried(other, HEADERS)
     assert batch_id != abandoned  # the key was free: a new batch
 
     proxy.restore()

@@ -120,6 +120,21 @@ async def test_the_longest_retention_taken_gives_claims_redis_keeps(
                            ex=claim_ttl_s(days))
 
 
+async def stopped_resume(api: Any, redis: Redis, tmp_path: Path, retention: Settings
+                         ) -> tuple[str, str, datetime]:
+    """A failed half way; B, its resume, stopped before any step ran (its data is still A's),
+    29 days from now: A's id, B's, and that time."""
+    assert (await api.put(f"/api/v1/pipelines/{RP}", json=SPEC, headers=AUTH)).status == 201
+    a = await failed_in(api, redis, tmp_path, "transform")
+    status, body = await post(api, f"/api/v1/batches/{RP}/{a}/resume", json=GO_ON)
+    assert status == 200, body
+    b = str(body["item"])
+    later = datetime.now(UTC) + timedelta(days=29)
+    await BatchStore.from_settings(redis, retention).apply(
+        [Event("batch.state", b, RP, state="stop", outcome="cancelled")], now=iso(later))
+    return a, b, later
+
+
 async def test_retention_keeps_the_data_holder_of_a_kept_resume_that_never_ran_a_step(
         topics: Settings, redis: Redis, tmp_path: Path) -> None:
     """A failed; B, its resume, stopped before any step ran (its data is still A's). A's
@@ -128,14 +143,7 @@ async def test_retention_keeps_the_data_holder_of_a_kept_resume_that_never_ran_a
     files were all there (retention removes the record only)."""
     retention = topics.model_copy(update={"batch_retention_days": 30})
     async with api_client(api_settings(retention)) as api:
-        assert (await api.put(f"/api/v1/pipelines/{RP}", json=SPEC, headers=AUTH)).status == 201
-        a = await failed_in(api, redis, tmp_path, "transform")
-        status, body = await post(api, f"/api/v1/batches/{RP}/{a}/resume", json=GO_ON)
-        assert status == 200, body
-        b = body["item"]
-        later = datetime.now(UTC) + timedelta(days=29)
-        await BatchStore.from_settings(redis, retention).apply(
-            [Event("batch.state", b, RP, state="stop", outcome="cancelled")], now=iso(later))
+        a, b, later = await stopped_resume(api, redis, tmp_path, retention)
         assert await swept_at(retention, (later + timedelta(days=2)).timestamp) == 0
         assert (await api.get(f"/api/v1/batches/{RP}/{a}", headers=AUTH)).status == 200
         status, body = await post(api, f"/api/v1/batches/{RP}/{b}/resume")

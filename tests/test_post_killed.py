@@ -97,10 +97,10 @@ async def first_dies(api: Client, dies: Dies) -> asyncio.Task[Any]:
     return first
 
 
-async def retried(api: Client) -> str:
+async def retried(api: Client, headers: dict[str, str] = KEY) -> str:
     """The retry, once the dead attempt's lease has passed (until then: 409 in_progress)."""
     async def accepted() -> str | None:
-        response = await api.post("/api/v1/batches/p", headers=KEY)
+        response = await api.post("/api/v1/batches/p", headers=headers)
         body = await response.json()
         if response.status == 409 and body["error"]["code"] == "in_progress":
             return None

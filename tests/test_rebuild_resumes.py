@@ -5,7 +5,7 @@ a loss of Redis as before it (the rebuild noted only resumes not `stop`)."""
 from __future__ import annotations
 
 import contextlib
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -13,28 +13,19 @@ from redis.asyncio import Redis
 from consumers.plumbing.part import open_clients
 from consumers.rebuild import rebuild
 from core import keys
-from core.codec import Event
 from core.settings import Settings
 from core.snapshots import SnapshotWriter
-from core.store import BatchStore
 from tests.helpers import AUTH, api_client, api_settings, swept_at
-from tests.test_resume_truth import GO_ON, SPEC, failed_in, post
+from tests.test_lifecycle_truth import stopped_resume
 from tests.test_resume_truth import P as RP
-from tests.test_retention import iso
+from tests.test_resume_truth import post
 
 
 async def test_a_kept_resumes_holder_survives_a_rebuild_as_it_did_before(
         topics: Settings, redis: Redis, tmp_path: Path) -> None:
     retention = topics.model_copy(update={"batch_retention_days": 30})
     async with api_client(api_settings(retention)) as api:
-        assert (await api.put(f"/api/v1/pipelines/{RP}", json=SPEC, headers=AUTH)).status == 201
-        a = await failed_in(api, redis, tmp_path, "transform")
-        status, body = await post(api, f"/api/v1/batches/{RP}/{a}/resume", json=GO_ON)
-        assert status == 200, body
-        b = body["item"]
-        later = datetime.now(UTC) + timedelta(days=29)
-        await BatchStore.from_settings(redis, retention).apply(
-            [Event("batch.state", b, RP, state="stop", outcome="cancelled")], now=iso(later))
+        a, b, later = await stopped_resume(api, redis, tmp_path, retention)
         # The events consumer's flush: both batches' snapshots as Redis holds them.
         async with contextlib.AsyncExitStack() as scope:
             clients = await open_clients(scope, retention)
