@@ -99,23 +99,26 @@ return 1
 
 # KEYS[1] idempotency record
 # ARGV[1] the failed attempt (its own new batch id: `a` of a record it took over, else `b`),
-# ARGV[2] the batch it was to create
+# ARGV[2] the batch it was to create, ARGV[3] the lease in milliseconds
 # Asked before a failed attempt's undo or abandon of its batch, which may come late (Redis
 # away past the lease): whether the batch is still the attempt's to undo. Not when the record
 # holds it for another attempt (a retry took the key over: it finishes the batch and answers
 # with it) or committed with it: purged or hidden, the key's 200 would name a batch that is
-# gone or cancelled. A record still this attempt's own is released in this same call, so no
-# retry can take the batch over between this answer and the undo; one script cannot hold
-# both (the record and the batch are in different slots on Redis Cluster). Returns 1 when the
-# batch is the attempt's to undo (its record released now, or gone, or holding another
-# batch), 0 when it is the key's.
-DISOWN_KEY: Final = """
+# gone or cancelled. A record still this attempt's own gets a new lease, so no retry takes
+# the batch over before the undo is done; it is released only after (RELEASE_KEY): released
+# here, a process dying before its undo left a batch whose run command may be on the topic,
+# and a retry claiming afresh would run a second one. Returns 1 when the batch is the
+# attempt's to undo (its record held again, or gone, or holding another batch), 0 when it is
+# the key's.
+HOLD_FOR_UNDO: Final = """
 local existing = redis.call('GET', KEYS[1])
 if not existing then return 1 end
 local record = cjson.decode(existing)
 if record.b ~= ARGV[2] then return 1 end
 if record.s == 'pending' and (record.a or record.b) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  local t = redis.call('TIME')
+  record.l = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[3])
+  redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
   return 1
 end
 return 0
@@ -233,7 +236,7 @@ class ApiScripts:
         self.take_key = redis.register_script(TAKE_KEY)
         self.commit_key = redis.register_script(COMMIT_KEY)
         self.release_key = redis.register_script(RELEASE_KEY)
-        self.disown_key = redis.register_script(DISOWN_KEY)
+        self.hold_for_undo = redis.register_script(HOLD_FOR_UNDO)
         self.abandon_batch = redis.register_script(ABANDON_BATCH)
         self.create_latest_batch = redis.register_script(CREATE_LATEST_BATCH)
         self.enter_unsent = redis.register_script(ENTER_UNSENT)

@@ -24,8 +24,9 @@ A POST with an Idempotency-Key names its attempt (`KeyHolder`) to its undo and a
 they could meet a batch that is no longer the attempt's: with Redis away past the key's
 lease, a retry on another API process takes the key over and finishes the batch (creates it
 or sends its run again), commits and answers 200 with it. So each first asks the key's
-record (`DISOWN_KEY`), which releases it in the same call while it is still the attempt's,
-and leaves the batch alone once the record holds it for another attempt or committed it.
+record (`HOLD_FOR_UNDO`), which renews the attempt's lease while the record is still its own,
+and leaves the batch alone once the record holds it for another attempt or committed it; the
+key is released only once the undo or abandon is done.
 
 The same loop removes the unsent-runs entries of run commands Kafka took and sweeps those
 left behind by a process that died between a create and its send (`service/unsent.py`).
@@ -70,6 +71,7 @@ class KeyHolder:
 
     record_key: str
     attempt: str
+    lease_ms: int  # renewed while its undo runs (`IdempotencyKeys`'s pending lease)
 
 
 class Abandoner:
@@ -117,7 +119,7 @@ class Abandoner:
         raised still: answered 503, since only this process's memory holds what is left to
         do (a POST's batch will not run; a DELETE may still happen, and its retry is safe).
         `holder`: the POST's Idempotency-Key attempt; the batch is left alone once the key
-        holds it for another attempt or committed it (`DISOWN_KEY`)."""
+        holds it for another attempt or committed it (`HOLD_FOR_UNDO`)."""
         try:
             await self._abandon(pipeline_id, batch_id, version, reason, released, holder)
         except Exception as exc:
@@ -135,22 +137,29 @@ class Abandoner:
                        released: bool, holder: KeyHolder | None = None) -> None:
         if await self._ours(pipeline_id, batch_id, holder):
             await self._hide(pipeline_id, batch_id, version, reason, released)
+            await self._release(holder)
 
     async def _ours(self, pipeline_id: str, batch_id: str, holder: KeyHolder | None) -> bool:
         """Whether the batch is still its failed request's to undo or abandon: always without
         an Idempotency-Key; with one, unless the key's record holds the batch for another
         attempt or committed it (a retry took the key over while this process could not
-        reach Redis, and answered with the batch). Still the attempt's, the record is
-        released by the same script, so no take-over can come between."""
+        reach Redis, and answered with the batch). Still the attempt's, the record's lease is
+        renewed by the same script, so no take-over comes before `_release`."""
         if holder is None:
             return True
-        if await self._scripts.disown_key(keys=[holder.record_key],
-                                          args=[holder.attempt, batch_id]):
+        if await self._scripts.hold_for_undo(keys=[holder.record_key],
+                                             args=[holder.attempt, batch_id, holder.lease_ms]):
             return True
         log.warning("batch %s/%s: its request failed, but it is left as it is: a retry with "
                     "its Idempotency-Key took the key over and answers with it",
                     pipeline_id, batch_id)
         return False
+
+    async def _release(self, holder: KeyHolder | None) -> None:
+        """The key freed once its failed attempt's batch is undone or abandoned (a no-op when
+        the request itself already released it): a retry then starts afresh."""
+        if holder is not None:
+            await self._scripts.release_key(keys=[holder.record_key], args=[holder.attempt])
 
     async def _hide(self, pipeline_id: str, batch_id: str, version: str, reason: str,
                     released: bool) -> None:
@@ -213,10 +222,13 @@ class Abandoner:
             self._undo_holders.pop((pipeline_id, batch_id), None)
 
     async def _purged(self, pipeline_id: str, batch_id: str) -> None:
+        holder = self._undo_holders.get((pipeline_id, batch_id))
+        if await self._ours(pipeline_id, batch_id, holder):
+            await self._undo(pipeline_id, batch_id)
+            await self._release(holder)
+
+    async def _undo(self, pipeline_id: str, batch_id: str) -> None:
         assert self._purge is not None
-        if not await self._ours(pipeline_id, batch_id,
-                                self._undo_holders.get((pipeline_id, batch_id))):
-            return
         fields = cast(dict[str, str], await self._redis.hgetall(keys.batch(pipeline_id,
                                                                            batch_id)))
         if is_visible(fields) and fields.get("state") != "pending":
@@ -251,6 +263,10 @@ class Abandoner:
                       "answered 503 (delete it)", pipeline_id, batch_id)
         for member in sorted(self._stops):
             log.error("shutdown: stop %s was never recorded: its PUT was answered 503", member)
+
+    def holds(self, pipeline_id: str, batch_id: str) -> bool:
+        """Whether an undo or abandon of the batch waits for Redis in this process."""
+        return (pipeline_id, batch_id) in self._undone or (pipeline_id, batch_id) in self._unhidden
 
     def undoing(self) -> int:
         """Creates still to undo, batches still to abandon and stops still to record."""

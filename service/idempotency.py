@@ -126,6 +126,11 @@ class IdempotencyKeys:
         self._poll_s = poll_s
         self._again: set[asyncio.Task[None]] = set()  # transitions Redis did not take yet
 
+    @property
+    def lease_ms(self) -> int:
+        """How long an attempt holds its pending record (a failed one's undo renews it)."""
+        return self._pending_ttl_ms
+
     async def claim(self, key: str, sent: Sent, attempt: str) -> Claimed:
         """Owned when this attempt now holds the key (pending) with its new id `attempt`, or
         took over an attempt's whose lease passed (its batch id); not owned, the earlier

@@ -132,8 +132,9 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
     attempt, batch_id = batch_id, claimed.batch_id
     committed = sent.record("committed", batch_id)
     # Its undo or abandon may come late (Redis away past the lease), when a retry elsewhere
-    # has taken the key over and answered with the batch: they ask the key first.
-    holder = KeyHolder(idem_key, attempt)
+    # has taken the key over and answered with the batch: they ask the key first, and hold
+    # it until they are done.
+    holder = KeyHolder(idem_key, attempt, keys_.lease_ms)
     # What a dead attempt left is read before anything can release the key: should the read
     # fail, its batch's fate is unknown (its run command may be on the topic), so the key
     # stays pending for the next retry to take over again. Released, a retry would run a
@@ -149,8 +150,11 @@ async def once(request: web.Request, idem_key: str | None, sent: idempotency.Sen
             await _create_and_queue(request, pipeline_id, batch_id, record,
                                     (idem_key, committed), holder)
     except BaseException:
-        # Nothing of this key's is left to run: never created, undone, or abandoned.
-        await keys_.release(idem_key, attempt)
+        # Nothing of this key's is left to run: never created, undone, or abandoned. An undo
+        # or abandon left waiting for Redis releases the key itself once done: released now,
+        # a retry would claim afresh and run a second batch should this process die first.
+        if not request.app[ABANDONER].holds(pipeline_id, batch_id):
+            await keys_.release(idem_key, attempt)
         raise
     await keys_.commit(idem_key, committed, batch_id)
     if claimed.taken_over:
