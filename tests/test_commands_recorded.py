@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.asyncio import Redis
+
+from core import keys
+from core.models import PipelineSpec
+from core.registry import PipelineRegistry
+from core.scripts import Scripts
 from tests.conftest import eventually
 from tests.helpers import AUTH
-from tests.test_commands_published import Client, Ctx, api, ctx  # noqa: F401
+from tests.test_commands_published import Client, Ctx, api, ctx, get  # noqa: F401
 from tests.test_consumers_support import running
 
 
@@ -79,3 +85,37 @@ async def test_a_recorded_run_with_a_config_no_step_takes_is_run_unchecked(
     assert got.status == 404, (
         f"GET {got.status}: state {body['state']['state']}, flow run {body['flow_run_id']}, "
         f"config {body.get('config')}; dead-lettered: {bool(dead)}")
+
+
+# A diff review found the first version of the config check judging every recorded value as
+# if the request had sent it: the lost batch of a version registered before the strict
+# JSON-type check (held values, taken by the model alone, as the API takes them) was
+# dead-lettered instead of restored.
+def lax_spec(name: str, version: str) -> PipelineSpec:
+    # As the previous API's PUT left it (lax model_validate took "800" for an int).
+    return PipelineSpec.model_validate({"name": name, "version": version, "steps": [
+        {"name": "extract", "uses": "sales.extract", "config": {"rows": "800", "seed": 7}},
+        {"name": "load", "uses": "sales.load"}]})
+
+
+async def test_a_lost_batch_of_a_version_with_a_held_lax_value_is_restored(
+        ctx: Ctx, api: Client, redis: Redis) -> None:  # noqa: F811
+    await PipelineRegistry(redis, Scripts(redis)).register(
+        ctx.pipeline_id, lax_spec(ctx.pipeline_id, "2"))
+    ids = {}
+    for version in ("1", "2"):
+        response = await api.post(f"/api/v1/batches/{ctx.pipeline_id}?pipeline_version={version}",
+                                  headers=AUTH)
+        assert response.status == 200, await response.text()
+        ids[version] = (await response.json())["item"]
+        ctx.batches.append(ids[version])
+    # Redis loses both batches' hashes (no purge mark) before their run commands are taken.
+    for batch_id in ids.values():
+        await redis.delete(keys.batch(ctx.pipeline_id, batch_id))
+    consumer = ctx.consumer()
+    async with running(consumer):
+        await ctx.processed(2)
+    status = {v: (await get(api, ctx.pipeline_id, b))[0] for v, b in ids.items()}
+    dead = [k for k, outcome in consumer.handled if outcome == "dead_lettered"]
+    assert status == {"1": 200, "2": 200}, (
+        f"GET after the restore: {status}; dead-lettered: {dead}")

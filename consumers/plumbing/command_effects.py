@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -26,7 +27,8 @@ from consumers.plumbing.prefect_api import (
 from core import keys
 from core.codec import Command, Event, Run, derived_id
 from core.layout import CONFIG, is_visible
-from core.models import PipelineSpec
+from core.messages import MAX_TS_AHEAD_S
+from core.models import PipelineSpec, iso_of
 from core.prefect_events import flow_state_event
 from core.registry import PipelineRegistry
 from core.restore_runs import recorded_of
@@ -154,12 +156,23 @@ class CommandEffects:
         spec = await self.registry.get(pipeline_id, command.pipeline_version)
         if spec is None:
             return None
+        if recorded.created_at > iso_of(time.time() + MAX_TS_AHEAD_S):
+            # Written as it is, later creates would take it as the newest batch's time.
+            raise Permanent(f"the recorded created_at {recorded.created_at} is more than a "
+                            "day ahead")
         config = recorded.extra.get(CONFIG)
         if config is not None:
             # The API checked it against this version; a record published otherwise may
-            # name a config its steps refuse, which a `create` would have had refused.
+            # name a config its steps refuse, which a `create` would have had refused. Judged
+            # as held values are (a version registered before a step's model was tightened
+            # runs as it always did), for the version's steps only.
+            held: dict[str, Any] = orjson.loads(config)
+            unknown = sorted(set(held) - set(spec.step_names))
             try:
-                effective_config(spec, orjson.loads(config))
+                if unknown:
+                    raise ConfigRefused([{"loc": f"config.{name}", "msg": "no such step"}
+                                         for name in unknown])
+                effective_config(spec, None, base=held)
             except ConfigRefused as exc:
                 raise Permanent(f"the recorded config is refused: {exc}") from None
         if not await self.store.create(pipeline_id, batch_id, spec, extra=recorded.extra,
