@@ -8,7 +8,7 @@ finishes the first batch."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 
@@ -48,7 +48,7 @@ async def test_an_abandon_cut_short_leaves_the_key_to_its_batch(
     assert first_id in await run_commands(topics, first_id)  # its run command is on the topic
     try:
         again = await retried(api)
-        fields: dict[str, str] = await redis.hgetall(keys.batch("p", first_id))
+        fields = cast(dict[str, str], await redis.hgetall(keys.batch("p", first_id)))
         assert (again, await batch_ids(redis)) == (first_id, [first_id]), (
             f"retry got {again}; batches {await batch_ids(redis)}; first batch "
             f"state={fields.get('state')} deleted={fields.get('deleted')}; "
@@ -85,7 +85,7 @@ async def test_an_undo_cut_short_leaves_the_key_to_its_batch(
         again = await retried(api)
         abandoner.unsent.lease_s = 0.0  # the create's lease passed: any process's sweep
         await abandoner.unsent.sweep_once()
-        fields: dict[str, str] = await redis.hgetall(keys.batch("p", first_id))
+        fields = cast(dict[str, str], await redis.hgetall(keys.batch("p", first_id)))
         runs = await run_commands(topics, first_id)
         assert (again, await batch_ids(redis)) == (first_id, [first_id]), (
             f"retry got {again}; batches {await batch_ids(redis)}; first batch "
