@@ -95,6 +95,7 @@ class CommandsConsumer(Part):
                                       self.cleanup, work_pool=s.work_pool)
         self._consumer = await open_consumer(
             s, self.name, s.topic_commands, s.group_commands, listener=self.lanes,
+            revoke_wait_s=self.options.revoke_wait_s,
             max_poll_records=self.options.commands_max_records,
             max_poll_interval_ms=self.options.commands_max_poll_interval_ms)
         scope.push_async_callback(self._consumer.stop)

@@ -79,6 +79,7 @@ class EventsConsumer(Part):
         self.producer = clients.producer
         self._consumer = await open_consumer(
             s, self.name, s.topic_events, s.group_events, listener=self.stages,
+            revoke_wait_s=self.options.revoke_wait_s,
             max_poll_records=self.options.events_max_records,
             # Big fetches: throughput here is bounded by per-request overhead, not bytes.
             max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20,

@@ -35,7 +35,7 @@ async def test_an_unexpected_failure_is_read_again_after_a_growing_pause(
 
     lanes = Lanes("test", handle, RetryPolicy(initial_s=0.2, cap_s=0.8), revoke_wait_s=1.0)
     consumer = await open_consumer(topics, "test", topics.topic_commands,
-                                   topics.group_commands, listener=lanes)
+                                   topics.group_commands, listener=lanes, revoke_wait_s=1.0)
     lanes.consumer = consumer
 
     async def poll() -> None:

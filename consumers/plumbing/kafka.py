@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
@@ -13,6 +13,9 @@ from core.retry import Backoff, retrying
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
+# Beyond a revoke's wait: its fencing, and the sends already under way that it waits for
+# (bounded by the producer's own request timeout).
+REVOKE_FENCE_S: Final = 20.0
 # aiokafka.structs.ConsumerRecord: aiokafka ships no type hints, so this names it only.
 Record = Any
 
@@ -23,18 +26,25 @@ def names(partitions: list[TopicPartition]) -> str:
 
 
 async def open_consumer(settings: Settings, part: str, topic: str, group: str,
-                        listener: ConsumerRebalanceListener,
+                        listener: ConsumerRebalanceListener, *, revoke_wait_s: float,
                         **overrides: Any) -> AIOKafkaConsumer:
     """A group member that reads from the earliest uncommitted record and never commits
     on its own: the caller commits after the effect is durable (at-least-once). `listener`
     hands the caller's work in flight over on a revoke (each consumer pipelines its work,
-    so a revoke always has something to settle: `lanes`, `stages`)."""
+    so a revoke always has something to settle: `lanes`, `stages`), waiting up to
+    `revoke_wait_s` for it and then fencing what is left."""
     options: dict[str, Any] = {
         "bootstrap_servers": settings.kafka_bootstrap,
         "group_id": group,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "client_id": f"dhub-{part}",
+        # How long the broker waits for members to rejoin a rebalance; the client's default
+        # is the session timeout (10 s). Shorter than the revoke's wait, the broker gave the
+        # partitions to another member while this one still settled (a snapshot it sent
+        # then landed after the new owner's, which had committed past it), so it is the
+        # wait and a margin for the fencing after it.
+        "rebalance_timeout_ms": int((revoke_wait_s + REVOKE_FENCE_S) * 1000),
     }
     options.update(overrides)
 
