@@ -108,10 +108,13 @@ class RunAttempts:
                 return pause
             raise exc
         # A replay answers the key's batch before the request's own checks: any other 4xx
-        # says no attempt committed one, but for 401/403 (the token is checked first).
-        if not retry and not isinstance(exc, AuthError):
+        # of the API's says no attempt committed one, but for 401/403 (the token is checked
+        # first). One from a gateway in front of it (its 404 page mid-redeploy) says nothing
+        # of the batch: asked again, with the same key.
+        answered = isinstance(exc, ApiError) and exc.from_api
+        if answered and not retry and not isinstance(exc, AuthError):
             raise exc
-        if retry and now - self._unknown_since < UNKNOWN_FOR_S:
+        if (retry or not answered) and now - self._unknown_since < UNKNOWN_FOR_S:
             return pause
         raise RunUnsettled(self._again, self._key, exc) from exc
 

@@ -34,6 +34,12 @@ class ApiError(DhubError):
         self.retry_after = retry_after  # seconds, from the answer's Retry-After
 
     @property
+    def from_api(self) -> bool:
+        """Whether the API itself said this (its JSON error, with a code), not something in
+        front of it (a gateway's page while the API is redeployed, a proxy's 404)."""
+        return self.code not in ("http_error", "not_json")
+
+    @property
     def retryable(self) -> bool:
         """A dependency of the API was down (503), the API itself failed, or it (or a gateway
         in front of it) says too many requests (429): try again later."""
