@@ -9,6 +9,17 @@ import { MAY_NOT_READ, signOut, TOKEN_REFUSED } from "./session.js";
 const SILENT_MS = 40000;
 const RETRY_MAX_MS = 10000;
 
+// The API's own error (`{"error": {"code", "message"}}`) of an answer, or null for anything
+// else (a gateway's page, a body cut short).
+async function apiError(response) {
+  try {
+    const body = await response.json();
+    return body && body.error && typeof body.error.code === "string" ? body.error : null;
+  } catch {
+    return null;
+  }
+}
+
 // A Server-Sent Events stream read with fetch(), reopened whenever it drops. `final` names
 // the events after which the server closes the stream for good (no reconnect then).
 // Resuming with Last-Event-ID makes the server send only what is newer than the last id.
@@ -46,6 +57,15 @@ export function openStream(path, { onEvent, onOpen, onMissing, onRefused, final 
     }
     if (closed) return;
     if (response.status === 401) { signOut(TOKEN_REFUSED); return; }
+    // A 4xx is the API's word only in its own JSON error shape: a gateway in front answers
+    // with a page of its own while the API is redeployed ("default backend - 404"), which
+    // says nothing of the batch, so that is a link failure, retried.
+    const error = response.status >= 400 && response.status < 500 ? await apiError(response) : null;
+    if (closed) return;
+    if (response.status >= 400 && response.status < 500 && ![408, 429].includes(response.status)
+        && !error) {
+      return retry();
+    }
     if (response.status === 404) { setLive("off"); if (onMissing) onMissing(); return; }
     if (response.status === 403) {  // retrying cannot help: the token lacks batches:read
       setLive("off");
@@ -58,9 +78,7 @@ export function openStream(path, { onEvent, onOpen, onMissing, onRefused, final 
     // Any other refusal of the request itself (400: an id the API cannot take) is the same
     // on every retry: said, not retried as if the API were away ("reconnecting…" for ever).
     if (response.status >= 400 && response.status < 500 && ![408, 429].includes(response.status)) {
-      let message = response.statusText;
-      try { message = (await response.json()).error.message || message; } catch { /* not JSON */ }
-      if (closed) return;
+      const message = (error && error.message) || response.statusText;
       setLive("off");
       const why = `The API refused this view's request (${response.status}): ${message}`;
       if (onRefused) onRefused(why);
