@@ -7,6 +7,7 @@ from it and the committed offset would lose an event)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -100,6 +101,15 @@ class Group:
 
 @pytest.fixture
 async def group(topics: Settings, redis: Redis) -> AsyncIterator[Group]:
+    async with group_of(topics, redis, revoke_wait_s=2.0) as setup:
+        yield setup
+
+
+@contextlib.asynccontextmanager
+async def group_of(topics: Settings, redis: Redis, *, revoke_wait_s: float
+                   ) -> AsyncIterator[Group]:
+    """One batch per events partition, and consumer A (not started) waiting `revoke_wait_s`
+    at a revoke."""
     pipeline_id = unique("test-rebalance")
     spec = make_spec(pipeline_id)
     by_partition: dict[int, str] = {}
@@ -108,7 +118,7 @@ async def group(topics: Settings, redis: Redis) -> AsyncIterator[Group]:
         by_partition.setdefault(DefaultPartitioner()(batch_id.encode(), [0, 1], [0, 1]),
                                 batch_id)
     producer = await open_producer(topics)
-    first = EventsConsumer(topics, options(revoke_wait_s=2.0))
+    first = EventsConsumer(topics, options(revoke_wait_s=revoke_wait_s))
     setup = Group(topics, redis, producer, pipeline_id, by_partition, first)
     try:
         yield setup

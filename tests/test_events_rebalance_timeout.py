@@ -14,37 +14,22 @@ from collections.abc import AsyncIterator
 
 import pytest
 from aiokafka import TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
 from redis.asyncio import Redis
 
 from consumers.events import EventsConsumer
-from core.connections import open_producer
 from core.settings import Settings
 from tests.conftest import eventually
-from tests.test_consumers_support import make_spec, new_batch, options, running, unique
-from tests.test_events_rebalance import Group, committed_at
+from tests.test_consumers_support import options, running
+from tests.test_events_rebalance import Group, committed_at, group_of
 
 pytestmark = pytest.mark.timeout(170)
 
 
 @pytest.fixture
 async def group(topics: Settings, redis: Redis) -> AsyncIterator[Group]:
-    pipeline_id = unique("test-rebalance-k")
-    spec = make_spec(pipeline_id)
-    by_partition: dict[int, str] = {}
-    while len(by_partition) < topics.events_partitions:
-        batch_id = await new_batch(redis, topics, pipeline_id, spec)
-        by_partition.setdefault(DefaultPartitioner()(batch_id.encode(), [0, 1], [0, 1]),
-                                batch_id)
-    producer = await open_producer(topics)
     # The production default of revoke_wait_s (ConsumerOptions: 20 s).
-    first = EventsConsumer(topics, options(revoke_wait_s=20.0))
-    setup = Group(topics, redis, producer, pipeline_id, by_partition, first)
-    try:
+    async with group_of(topics, redis, revoke_wait_s=20.0) as setup:
         yield setup
-    finally:
-        setup.gate.set()
-        await producer.stop()
 
 
 async def test_a_slow_revoke_ends_before_the_new_owner_writes_over_it(
