@@ -20,7 +20,7 @@ from core.messages import Event
 from core.settings import Settings
 from core.store import BatchStore
 from pipelines.sales import demo_spec
-from tests.test_ui import api, base_url, browser, token, until
+from tests.test_ui import api, base_url, browser, register, token, until
 from tests.test_ui_truth2 import signed_in
 
 __all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
@@ -150,3 +150,51 @@ def test_a_gateway_404_during_a_redeploy_does_not_leave_a_pipeline_shown_unknown
             f"the API lists {batch_id} running, the page says {main!r} (header {live_text!r})")
     finally:
         purge(live, pipeline_id, batch_id)
+
+
+# The page's POSTs: the first reaches the API (which starts the batch) and its answer is lost;
+# the retry is answered by the gateway's own 404 page; the next reaches the API again.
+LOST_THEN_GATEWAY = """
+const realFetch = window.fetch.bind(window);
+window.__posts = 0;
+window.fetch = async (url, init) => {
+  if (!init || init.method !== 'POST') return realFetch(url, init);
+  window.__posts++;
+  if (window.__posts === 1) {
+    await realFetch(url, init);
+    throw new TypeError('network error');
+  }
+  if (window.__posts === 2) {
+    return new Response('<html><body>default backend - 404</body></html>',
+                        { status: 404, headers: { 'Content-Type': 'text/html' } });
+  }
+  return realFetch(url, init);
+};
+"""
+
+
+def test_run_batch_after_a_lost_answer_and_a_gateways_404_shows_the_batch_it_started(
+        browser: WebDriver, base_url: str, token: str) -> None:
+    """Run batch, its answer lost (the batch had started) and its retry answered by a
+    gateway's 404 page: the page said the run failed while the batch ran, and the obvious
+    second click started another. Only the API's own 4xx ends the retries now."""
+    pipeline_id = register(base_url, token)
+    auth = {"Authorization": f"Bearer {token}"}
+    signed_in(browser, base_url, token, f"#/p/{pipeline_id}")
+    until(browser, lambda d: d.find_element(By.ID, "live").text == "live", what="list stream")
+    browser.execute_script(LOST_THEN_GATEWAY)
+    browser.find_element(By.ID, "run").click()
+    flashed = until(browser, lambda d: (f := d.find_element(By.ID, "flash")).is_displayed()
+                    and f.text, timeout=30, what="the run's answer")
+    items = list(httpx.get(f"{base_url}/api/v1/batches/{pipeline_id}/", headers=auth,
+                           timeout=10).json()["items"])  # the batch ids
+    try:
+        assert len(items) == 1  # the first attempt started it
+        started = items[0]
+        assert flashed == f"Started {started}.", (
+            f"the page said {flashed!r} after {browser.execute_script('return window.__posts')}"
+            f" POSTs, while {started} runs")
+    finally:
+        for item in items:
+            httpx.put(f"{base_url}/api/v1/batches/{pipeline_id}/{item}/stop", headers=auth,
+                      timeout=10)
