@@ -60,10 +60,16 @@ async def test_cache_is_off_without_its_feed(topics: Settings, redis: Redis) -> 
     async with api_client(api_settings(topics)) as api:
         cache = api.app[CACHE]
         batch_id = await _batch_with_live_cache(api)
-        await (await api.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)).read()
-        # Cut the subscription's connection: the cache must drop out until it resubscribes.
         key = f"dhub:{{p}}:batch:{batch_id}"
-        assert cache.get(key) is not None
+
+        # Filled by a read, not necessarily the first (the create's change message may reach
+        # the cache after that read began, which then refuses its fill: a busy CI run did).
+        async def cached() -> bool:
+            await (await api.get(f"/api/v1/batches/p/{batch_id}", headers=AUTH)).read()
+            return cache.get(key) is not None
+
+        await eventually(cached, timeout=5)
+        # Cut the subscription's connection: the cache must drop out until it resubscribes.
         generation = cache.generation
         # Only this test's database's: the stack's API and the other tests running meanwhile
         # (`make test` runs two files at once, each on a database of its own) keep theirs.
