@@ -83,13 +83,13 @@ class Abandoner:
         self._purge = purge
         self._next_sweep = 0.0  # monotonic
         self._undo_timeout_s = undo_timeout_s
-        self._undone: set[tuple[str, str]] = set()  # creates to purge once Redis answers
-        # Batches to abandon once Redis answers: (pipeline, batch) -> (version, reason, released)
-        self._unhidden: dict[tuple[str, str], tuple[str, str, bool]] = {}
+        # Creates to purge once Redis answers: (pipeline, batch) -> the Idempotency-Key
+        # attempt that made it, if any.
+        self._undone: dict[tuple[str, str], KeyHolder | None] = {}
+        # Batches to abandon once Redis answers: (pipeline, batch) -> (version, reason,
+        # released, the Idempotency-Key attempt if any)
+        self._unhidden: dict[tuple[str, str], tuple[str, str, bool, KeyHolder | None]] = {}
         self._stops: set[str] = set()  # `STOPS` members to record once Redis answers
-        # The Idempotency-Key attempts of the undos and abandons above that have one.
-        self._undo_holders: dict[tuple[str, str], KeyHolder] = {}
-        self._unhidden_holders: dict[tuple[str, str], KeyHolder] = {}
         self._redis = redis
         self._scripts = scripts
         self._sender = sender
@@ -127,9 +127,7 @@ class Abandoner:
                 raise
             log.warning("batch %s/%s: not abandoned yet (%s); abandoned once Redis answers",
                         pipeline_id, batch_id, describe(exc))
-            self._unhidden[(pipeline_id, batch_id)] = (version, reason, released)
-            if holder is not None:
-                self._unhidden_holders[(pipeline_id, batch_id)] = holder
+            self._unhidden[(pipeline_id, batch_id)] = (version, reason, released, holder)
             self._wake.set()
             raise
 
@@ -208,21 +206,16 @@ class Abandoner:
         `holder`: the POST's Idempotency-Key attempt, as for `abandon`."""
         if self._purge is None:
             return
-        if holder is not None:
-            self._undo_holders[(pipeline_id, batch_id)] = holder
         try:
             async with asyncio.timeout(self._undo_timeout_s):
-                await self._purged(pipeline_id, batch_id)
+                await self._purged(pipeline_id, batch_id, holder)
         except Exception as exc:
             log.warning("batch %s/%s: its create failed and is not undone yet (%s); purged "
                         "once Redis answers", pipeline_id, batch_id, describe(exc))
-            self._undone.add((pipeline_id, batch_id))
+            self._undone[(pipeline_id, batch_id)] = holder
             self._wake.set()
-        else:
-            self._undo_holders.pop((pipeline_id, batch_id), None)
 
-    async def _purged(self, pipeline_id: str, batch_id: str) -> None:
-        holder = self._undo_holders.get((pipeline_id, batch_id))
+    async def _purged(self, pipeline_id: str, batch_id: str, holder: KeyHolder | None) -> None:
         if await self._ours(pipeline_id, batch_id, holder):
             await self._undo(pipeline_id, batch_id)
             await self._release(holder)
@@ -277,20 +270,18 @@ class Abandoner:
             if await self._tried(f"stop {member}", self._redis.zadd(STOPS,
                                                                      {member: time.time()})):
                 self._stops.discard(member)
-        for (pipeline_id, batch_id), (version, reason, released) in sorted(
-                self._unhidden.items()):
-            holder = self._unhidden_holders.get((pipeline_id, batch_id))
+        for (pipeline_id, batch_id), (version, reason, released, holder) in sorted(
+                self._unhidden.items(), key=lambda item: item[0]):
             if await self._tried(f"abandon of {pipeline_id}/{batch_id}", self._abandon(
                     pipeline_id, batch_id, version, reason, released, holder)):
                 del self._unhidden[(pipeline_id, batch_id)]
-                self._unhidden_holders.pop((pipeline_id, batch_id), None)
         if self._purge is None:
             return
-        for pipeline_id, batch_id in sorted(self._undone):
+        for (pipeline_id, batch_id), holder in sorted(self._undone.items(),
+                                                      key=lambda item: item[0]):
             if await self._tried(f"undo of {pipeline_id}/{batch_id}",
-                                 self._purged(pipeline_id, batch_id)):
-                self._undone.discard((pipeline_id, batch_id))
-                self._undo_holders.pop((pipeline_id, batch_id), None)
+                                 self._purged(pipeline_id, batch_id, holder)):
+                del self._undone[(pipeline_id, batch_id)]
                 log.info("batch %s/%s: its failed create undone", pipeline_id, batch_id)
 
     @staticmethod

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from core import keys
 from core.settings import Settings
+from service.abandon import KeyHolder
 from service.appkeys import ABANDONER, COMMANDS
 from service.command_sender import Refused
 from tests.helpers import AUTH, api_client, api_settings, spec_body
@@ -35,10 +36,10 @@ async def test_a_failed_creates_undo_is_not_dropped_at_shutdown(
         away = {"redis": True}
         real_purged = abandoner._purged
 
-        async def purged(pipeline_id: str, batch_id: str) -> None:
+        async def purged(pipeline_id: str, batch_id: str, holder: KeyHolder | None) -> None:
             if away["redis"]:
                 raise redis_errors.ConnectionError("Redis away (blip)")
-            await real_purged(pipeline_id, batch_id)
+            await real_purged(pipeline_id, batch_id, holder)
 
         async def refused(command: Any) -> None:
             raise Refused()

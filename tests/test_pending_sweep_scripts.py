@@ -217,7 +217,7 @@ async def test_an_undo_that_waited_past_a_sweep_abandons_the_batch_a_consumer_to
     # the run command after the lease and a consumer took it.
     await _created(redis, "batch-a")
     abandoner = _abandoner(redis, _Kafka(), lease_s=3600)
-    abandoner._undone.add(("p", "batch-a"))
+    abandoner._undone[("p", "batch-a")] = None
     await redis.hset(keys.batch("p", "batch-a"), "state", "scheduled")
     await abandoner._undo_pending()
     # Purged, its flow run would run on with no batch; hidden and deleted, it is cancelled.

@@ -317,8 +317,8 @@ async def test_an_entry_failing_for_good_does_not_hold_up_the_others(
     broken = new_batch_id()
     await redis.set(keys.batch("p-undo", broken), "not a hash")
     abandoner = Abandoner(redis, ApiScripts(redis), cast(CommandSender, None))
-    abandoner._unhidden = {("p-undo", broken): ("1", "test", False),
-                           ("p-undo", ok): ("1", "test", False)}
+    abandoner._unhidden = {("p-undo", broken): ("1", "test", False, None),
+                           ("p-undo", ok): ("1", "test", False, None)}
     with caplog.at_level(logging.ERROR, logger="service.abandon"):
         await abandoner._undo_pending()
     assert await redis.hget(keys.batch("p-undo", ok), "deleted") is not None
