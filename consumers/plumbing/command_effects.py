@@ -168,10 +168,10 @@ class CommandEffects:
             # runs as it always did), for the version's steps only.
             held: dict[str, Any] = orjson.loads(config)
             unknown = sorted(set(held) - set(spec.step_names))
+            if unknown:
+                raise Permanent("the recorded config is refused: " + "; ".join(
+                    f"config.{name}: no such step" for name in unknown))
             try:
-                if unknown:
-                    raise ConfigRefused([{"loc": f"config.{name}", "msg": "no such step"}
-                                         for name in unknown])
                 effective_config(spec, None, base=held)
             except ConfigRefused as exc:
                 raise Permanent(f"the recorded config is refused: {exc}") from None
