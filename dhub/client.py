@@ -22,7 +22,7 @@ from urllib.parse import quote
 import httpx
 
 from dhub import config
-from dhub.errors import ApiError, AuthError, ConnectionFailed, DhubError, raise_for
+from dhub.errors import NOT_JSON, ApiError, AuthError, ConnectionFailed, DhubError, raise_for
 from dhub.models import Batch, Page, Pipeline
 from dhub.watch import WatchEvent, follow
 
@@ -127,7 +127,7 @@ def answer_json(response: httpx.Response, url: str) -> Any:
         return response.json()
     except (ValueError, UnicodeDecodeError):
         kind = response.headers.get("Content-Type") or "no Content-Type"
-        raise ApiError(response.status_code, "not_json", f"the answer is not JSON ({kind}): "
+        raise ApiError(response.status_code, NOT_JSON, f"the answer is not JSON ({kind}): "
                        f"is {url} the Batches API?") from None
 
 

@@ -21,6 +21,12 @@ class ConnectionFailed(DhubError):
     """The API could not be reached (or stayed unreachable for the whole reconnect budget)."""
 
 
+# The codes of errors the API did not say itself: an answer without its JSON error, one that
+# is not JSON at all (`dhub.client.answer_json`).
+HTTP_ERROR: Final = "http_error"
+NOT_JSON: Final = "not_json"
+
+
 class ApiError(DhubError):
     """The API answered with an error: `status`, and the body's stable `code` and `message`."""
 
@@ -37,7 +43,7 @@ class ApiError(DhubError):
     def from_api(self) -> bool:
         """Whether the API itself said this (its JSON error, with a code), not something in
         front of it (a gateway's page while the API is redeployed, a proxy's 404)."""
-        return self.code not in ("http_error", "not_json")
+        return self.code not in (HTTP_ERROR, NOT_JSON)
 
     @property
     def retryable(self) -> bool:
@@ -58,7 +64,7 @@ def raise_for(response: httpx.Response) -> None:
     """The API's error answer as the matching `ApiError`."""
     if response.is_success or response.status_code == 304:
         return
-    code, message, body = "http_error", response.reason_phrase, None
+    code, message, body = HTTP_ERROR, response.reason_phrase, None
     with contextlib.suppress(ValueError, UnicodeDecodeError):
         body = response.json()
     error = body.get("error") if isinstance(body, dict) else None
