@@ -21,18 +21,15 @@ from core.settings import Settings
 from core.store import BatchStore
 from pipelines.sales import demo_spec
 from tests.test_ui import api, base_url, browser, register, token, until
-from tests.test_ui_truth2 import signed_in
+from tests.test_ui_truth2 import DROPPABLE_STREAMS, signed_in
 
 __all__ = ["api", "base_url", "browser", "token"]  # fixtures, re-used
 
 # Every push stream's fetch goes through here: `__drop()` cuts the open one (the API process
 # going away), and while `__gateway` is set a stream request gets the gateway's own 404 page.
-GATEWAY = """
-const realFetch = window.fetch.bind(window);
+GATEWAY = DROPPABLE_STREAMS + """
 window.__gateway = false;
 window.__gatewayHits = 0;
-let drop = null;
-window.__drop = () => drop && drop();
 window.fetch = async (url, init) => {
   const accept = (init && init.headers && init.headers.Accept) || '';
   if (!accept.includes('text/event-stream')) return realFetch(url, init);
@@ -41,17 +38,7 @@ window.fetch = async (url, init) => {
     return new Response('<html><body><h1>404 Not Found</h1><hr>nginx</body></html>',
                         { status: 404, headers: { 'Content-Type': 'text/html' } });
   }
-  const response = await realFetch(url, init);
-  const reader = response.body.getReader();
-  const body = new ReadableStream({
-    start(controller) { drop = () => controller.error(new TypeError('network error')); },
-    async pull(controller) {
-      const { value, done } = await reader.read();
-      if (done) controller.close(); else controller.enqueue(value);
-    },
-    cancel() { reader.cancel(); },
-  });
-  return new Response(body, { status: response.status, headers: response.headers });
+  return droppable(await realFetch(url, init));
 };
 """
 

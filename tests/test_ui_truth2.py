@@ -581,30 +581,36 @@ def test_a_resumed_batch_says_which_batch_it_goes_on_from(
           == f"#/p/{pipeline_id}/{old_id}", what="the earlier batch opened")
 
 
+# A page's fetch hook starts with this: `droppable(response)` is a push stream's answer that
+# `__drop()` cuts (the API process going away).
+DROPPABLE_STREAMS = """
+const realFetch = window.fetch.bind(window);
+let drop = null;
+window.__drop = () => drop && drop();
+const droppable = (response) => {
+  const reader = response.body.getReader();
+  const body = new ReadableStream({
+    start(controller) { drop = () => controller.error(new TypeError('dropped')); },
+    async pull(controller) {
+      const { value, done } = await reader.read();
+      if (done) controller.close(); else controller.enqueue(value);
+    },
+    cancel() { reader.cancel(); },
+  });
+  return new Response(body, { status: response.status, headers: response.headers });
+};
+"""
+
 # Push streams can be cut (`__drop()`); the list's JSON reads are answered by the API at once
 # but handed to the page only on `__answer()`: what the stream says meanwhile is newer.
-HELD_READS = """
-const realFetch = window.fetch.bind(window);
+HELD_READS = DROPPABLE_STREAMS + """
 window.__held = 0;
-let drop = null;
 const waiting = [];
-window.__drop = () => drop && drop();
 window.__answer = () => { while (waiting.length) waiting.shift()(); };
 window.fetch = async (url, init) => {
   const accept = (init && init.headers && init.headers.Accept) || '';
   const response = await realFetch(url, init);
-  if (accept.includes('text/event-stream')) {
-    const reader = response.body.getReader();
-    const body = new ReadableStream({
-      start(controller) { drop = () => controller.error(new TypeError('dropped')); },
-      async pull(controller) {
-        const { value, done } = await reader.read();
-        if (done) controller.close(); else controller.enqueue(value);
-      },
-      cancel() { reader.cancel(); },
-    });
-    return new Response(body, { status: response.status, headers: response.headers });
-  }
+  if (accept.includes('text/event-stream')) return droppable(response);
   if (String(url).includes('?limit=')) {
     window.__held += 1;
     await new Promise((resolve) => waiting.push(resolve));
